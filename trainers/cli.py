@@ -25,7 +25,7 @@ def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> N
     cfg = load_config(config)
     if epochs is not None:
         cfg = replace(cfg, training=replace(cfg.training, epochs=epochs))
-    path = train_from_config(cfg, output=output, progress=not quiet)
+    path = train_from_config(cfg, output=output, progress=not quiet).path
     manifest = json.loads((path / "manifest.json").read_text())
     click.echo(f"wrote {path} ({manifest['provenance']['epochs_run']} epochs, "
                f"{manifest['provenance']['train_seconds']:.0f} s)")

@@ -2,9 +2,8 @@
 
 All members run in one `baddbmm` per layer, so they train in parallel and export is a plain copy.
 The forward pass is DESIGN.md's numerics: dropout on hidden activations only (never the input), a
-head with K means then K raw variances, `var = softplus(raw) + var_eps`, standardised units. Also
-holds the Monte-Carlo prediction (M x S passes, first layer shared by the S samples) with torch's
-own dropout masks; the deployed masks come from the kernels' counter-based RNG instead.
+head with K means then K raw variances, `var = softplus(raw) + var_eps`, standardised units.
+Monte-Carlo prediction with the deployed dropout masks is the kernels' job (`kernels.reference`).
 """
 
 from __future__ import annotations
@@ -77,29 +76,3 @@ def gaussian_nll(mu: torch.Tensor, var: torch.Tensor, y: torch.Tensor, beta: flo
     the variance head cannot starve the mean of gradient on hard examples."""
     nll = 0.5 * (torch.log(var) + (y - mu) ** 2 / var)
     return nll * var.detach() ** beta if beta > 0 else nll
-
-
-@torch.no_grad()
-def mc_stats(model: EnsembleMLP, x: torch.Tensor, *, samples: int, seed: int = 0,
-             batch_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Predictive (mean, aleatoric var, epistemic var), each [B, K] in standardised units, from
-    M x S passes with MC dropout (torch masks from `seed`); h1 computed once per member. float64
-    accumulation: epistemic = avg(mu^2) - mean^2 (DESIGN.md, "The numerics")."""
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    p = model.dropout
-    outs = []
-    for start in range(0, x.shape[0], batch_rows):
-        h1 = model.first_layer(x[start:start + batch_rows])
-        s_mu = s_mu2 = s_var = 0.0
-        for _ in range(samples if p > 0 else 1):
-            masks = None
-            if p > 0:
-                masks = [(torch.rand((*h1.shape[:2], w.shape[1]), generator=g) >= p).float()
-                         for w in model.weights[1:]]
-            mu, var = (t.double() for t in model.rest(h1, masks))
-            s_mu, s_mu2, s_var = s_mu + mu.sum(0), s_mu2 + (mu * mu).sum(0), s_var + var.sum(0)
-        n = model.members * (samples if p > 0 else 1)
-        mean = s_mu / n
-        outs.append((mean, s_var / n, (s_mu2 / n - mean * mean).clamp_min(0.0)))
-    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
