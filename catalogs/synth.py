@@ -161,14 +161,27 @@ def _mix(x):
 
 @numba.njit(cache=True)
 def _bin_average(lam, cum, g, a, b):
-    # Mean of the piecewise-linear g over [a, b] from its running integral `cum` (exact).
+    # Mean of the piecewise-linear g over [a, b] from its running integral `cum` (exact). `lam` is
+    # log-uniform, so the cell holding x is found by arithmetic rather than by search.
+    h = math.log(lam[1] / lam[0])
     total = 0.0
     for sign, x in ((-1.0, a), (1.0, b)):
-        k = min(max(np.searchsorted(lam, x) - 1, 0), lam.shape[0] - 2)
+        k = min(max(int(math.log(x / lam[0]) / h), 0), lam.shape[0] - 2)
         t = x - lam[k]
         slope = (g[k + 1] - g[k]) / (lam[k + 1] - lam[k])
         total += sign * (cum[k] + g[k] * t + 0.5 * slope * t * t)
     return total / (b - a)
+
+
+@numba.njit(cache=True, fastmath=True)
+def _convolve(f, kern, g):
+    # g[k] = sum_m kern[m] f[k - half + m] away from the ends (float32; fastmath lets it vectorise).
+    half = kern.shape[0] // 2
+    for k in range(half, f.shape[0] - half):
+        acc = np.float32(0.0)
+        for m in range(kern.shape[0]):
+            acc += kern[m] * f[k - half + m]
+        g[k] = acc
 
 
 @numba.njit(cache=True, parallel=True)
@@ -180,15 +193,9 @@ def _synth_kernel(lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, se
     for b in numba.prange(teff.shape[0]):
         tau = np.zeros(n_int)
         physics.add_line_opacity(lam, teff[b], logg[b], micro, tau)
-        f = np.exp(-tau)
-        kern = physics.velocity_kernel(dv, vsini[b], epsilon, sigma_v)
-        half = kern.shape[0] // 2
+        f = np.exp(-tau).astype(np.float32)
         g = f.copy()
-        for k in range(half, n_int - half):
-            s = 0.0
-            for m in range(kern.shape[0]):
-                s += kern[m] * f[k - half + m]
-            g[k] = s
+        _convolve(f, physics.velocity_kernel(dv, vsini[b], epsilon, sigma_v).astype(np.float32), g)
         cum = np.zeros(n_int)
         for k in range(n_int - 1):
             cum[k + 1] = cum[k] + 0.5 * (g[k] + g[k + 1]) * (lam[k + 1] - lam[k])
