@@ -33,7 +33,7 @@ def logg_min(teff):
 
     A linear stand-in for the Eddington-limit envelope of B-star model grids: on every kept node the
     electron-scattering Eddington factor sigma_e sigma_SB Teff^4 / (c g) (sigma_e = 0.34 cm^2/g) is
-    below 0.76. On the seed grid it keeps 163 of the 208 (Teff, log g) pairs, 24 450 spectra.
+    below 0.85. On the seed grid it keeps 163 of the 208 (Teff, log g) pairs, 24 450 spectra.
     """
     return 1.6 + 1e-4 * (np.asarray(teff, dtype=np.float64) - 15000.0)
 
