@@ -98,14 +98,17 @@ def _evaluate(basis, coef, out):
 
 
 @njit(cache=True)
-def fit_continuum(y, sigma, good, basis, clip_low, clip_high, window, max_iter, min_keep_fraction, out):
+def fit_continuum(y, sigma, good, basis, params, out):
     """Fit the continuum of `y` (flux on the grid of `basis`) into `out`; returns False on failure.
 
-    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `window` the
-    width in pixels of the running mean used for the broad-feature test. Iterates until the kept set
-    stops changing, at most `max_iter` times, and never keeps fewer than `min_keep_fraction` of the
-    good pixels (it stops clipping instead).
+    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `params` the
+    tuple (clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction). A pixel is
+    rejected below `clip_low` sigma of its own, or when the mean residual over `window` pixels around
+    it is below `clip_window_low` times that mean's sigma, or above its window mean by `clip_high`
+    sigma. Iterates until the kept set stops changing, at most `max_iter` times, and never keeps
+    fewer than `min_keep_fraction` of the good pixels (it stops clipping instead).
     """
+    clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
     d, k = basis.shape
     keep = good.copy()
     new_keep = np.empty(d, np.bool_)
@@ -123,10 +126,10 @@ def fit_continuum(y, sigma, good, basis, clip_low, clip_high, window, max_iter, 
             return False
         _evaluate(basis, coef, out)
         for i in range(d):  # running sums of residual, variance and count over the good pixels
-            g = 1.0 if good[i] else 0.0
-            cum_r[i + 1] = cum_r[i] + g * (y[i] - out[i])
-            cum_v[i + 1] = cum_v[i] + g * sigma[i] * sigma[i]
-            cum_n[i + 1] = cum_n[i] + g
+            good_i = good[i]
+            cum_r[i + 1] = cum_r[i] + (y[i] - out[i] if good_i else 0.0)
+            cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good_i else 0.0)
+            cum_n[i + 1] = cum_n[i] + (1.0 if good_i else 0.0)
         n_keep = 0
         changed = False
         for i in range(d):
@@ -137,7 +140,7 @@ def fit_continuum(y, sigma, good, basis, clip_low, clip_high, window, max_iter, 
                 mean_r = (cum_r[hi] - cum_r[lo]) / n
                 sigma_mean = math.sqrt(cum_v[hi] - cum_v[lo]) / n
                 r = y[i] - out[i]
-                ok = (r > -clip_low * sigma[i] and mean_r > -clip_low * sigma_mean
+                ok = (r > -clip_low * sigma[i] and mean_r > -clip_window_low * sigma_mean
                       and r - mean_r < clip_high * sigma[i])
             new_keep[i] = ok
             n_keep += ok

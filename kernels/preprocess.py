@@ -43,7 +43,8 @@ class PreprocessSettings:
     method: str = "flux"  # resampling: "flux" (flux-conserving rebinning) or "linear" (interpolation)
     continuum: str = "chebyshev"  # "chebyshev" (fit and divide) or "none" (resample only)
     continuum_degree: int = 3  # Chebyshev degree over the model grid's range
-    clip_low: float = 2.0  # reject pixels (or window means) this many sigma below the fit
+    clip_low: float = 2.0  # reject pixels this many sigma below the fit
+    clip_window_low: float = 2.0  # reject pixels whose window mean is this many (mean's) sigma below it
     clip_high: float = 3.0  # reject pixels this many sigma above their window mean
     clip_window: int = 25  # pixels in the running mean that catches broad, shallow wings
     max_iter: int = 20  # clipping iterations at most
@@ -123,11 +124,10 @@ def _fill_gaps(x, ivar, state, max_gap):
 
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, grid, grid_edges, basis, flux_conserving, normalise, clip_low, clip_high, window, max_iter,
-            min_keep_fraction, sigma_floor, max_gap, min_good, status, x, ivar, nonfinite, coverage,
-            bad_fraction, n_good):
+            rv, grid, grid_edges, basis, flux_conserving, normalise, fit_params, sigma_floor, max_gap,
+            min_good, status, x, ivar, nonfinite, coverage, bad_fraction, n_good):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
-    0 none, 1 flux_err, 2 ivar. Writes row i of every output and nothing else."""
+    0 none, 1 flux_err, 2 ivar; `fit_params` as `fit_continuum`'s. Writes row r of every output only."""
     n_rows, d = x.shape
     for r in prange(n_rows):
         x[r, :] = 1.0
@@ -197,8 +197,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             sigma[j] = max(s, floor) if floor > 0.0 else max(s, 1e-30)
         cont = np.ones(d)
         if normalise:
-            if not fit_continuum(y, sigma, good, basis, clip_low, clip_high, window, max_iter,
-                                 min_keep_fraction, cont):
+            if not fit_continuum(y, sigma, good, basis, fit_params, cont):
                 status[r] = _SINGULAR
                 continue
             positive = True
@@ -331,12 +330,13 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     n_good = np.zeros(n_rows, np.int64)
     edges = np.empty(d + 1)
     bin_edges(grid, edges)
+    fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
+                  int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
     _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], errors[0], errors[1],
             err_kind, mask[0], mask[1], rv, grid, edges, continuum_basis(grid, settings.continuum_degree),
-            settings.method == "flux", settings.continuum == "chebyshev", settings.clip_low,
-            settings.clip_high, settings.clip_window, settings.max_iter, settings.min_keep_fraction,
-            settings.sigma_floor, settings.max_gap, settings.min_good_pixels, status, x, ivar, nonfinite,
-            coverage, bad_fraction, n_good)
+            settings.method == "flux", settings.continuum == "chebyshev", fit_params,
+            float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels), status, x,
+            ivar, nonfinite, coverage, bad_fraction, n_good)
 
     flags = np.where(nonfinite, int(Flag.NON_FINITE), 0)
     flags |= np.where(bad_fraction > settings.max_bad_fraction, int(Flag.MASKED), 0)
