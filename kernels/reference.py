@@ -1,6 +1,7 @@
 """The numerics of DESIGN.md in torch: `ensemble_stats_reference` (plain loops, float64 by default — what
 every other backend is compared against), `ensemble_stats_cpu` (the fast CPU path: first layer once
-per member and shared by all S samples, batched matmuls over M x S, masks generated vectorised) and
+per member and shared by all S samples, batched matmuls over M x S, masks generated in a fused
+parallel pass) and
 `ensemble_samples` (all M x S raw samples of a few spectra). Masks come from `rng`, bit for bit.
 
 Weights: `layers = [(W, b), ...]`, W [M, in, out], b [M, out]; hidden layers first, the head last with
@@ -122,7 +123,8 @@ def ensemble_stats_cpu(x, keys, layers: Layers, *, p: float, samples: int, seed:
     The first layer is one GEMM [B, D] x [D, M*H1] shared by all samples; each later layer is one
     batched matmul over members of [rows*S, H] x [H, H']; the 1/(1-p) scale is folded into the next
     layer's weights. With p = 0 the S samples are identical, so one is computed. Rows are processed
-    in chunks that keep each activation near 16 MB, so a row's result never depends on its batch.
+    in fixed-size chunks (the last one zero-padded) that keep each activation near 16 MB: every GEMM has
+    the same shape whatever the batch, so a row's result is bit-identical alone or in any batch.
     """
     x, keys, members, k = check_inputs(x, keys, layers, p, samples, activation)
     act, x = ACTIVATIONS[activation], x.to(dtype)
@@ -132,34 +134,40 @@ def ensemble_stats_cpu(x, keys, layers: Layers, *, p: float, samples: int, seed:
     b1 = b1.to(dtype).reshape(-1)
     scale = rng.dropout_scale(p)
     rest = [((w * scale).to(dtype), b.to(dtype)[:, None, :]) for w, b in layers[1:]]
+    w, b = rest[-1]  # zero-pad the head to 16 columns: BLAS takes its regular, position-blind path
+    rest[-1] = (F.pad(w, (0, -w.shape[2] % 16)), F.pad(b, (0, -b.shape[2] % 16)))
     rows_all = rng.row_keys(seed, keys)
-    widest = max(w.shape[2] for w, _ in layers)
-    chunk = max(1, _CHUNK_ELEMENTS // (members * s_eff * widest))
+    chunk = _chunk_rows(members * s_eff * max(w.shape[2] for w, _ in layers))
+    n = x.shape[0]
+    x = torch.cat((x, x.new_zeros((-n % chunk, x.shape[1]))))  # pad: every chunk has the same shape
+    rows_all = torch.cat((rows_all, rows_all.new_zeros(-n % chunk)))
     outs = [torch.empty((x.shape[0], k), dtype=dtype) for _ in range(3)]
     for start in range(0, x.shape[0], chunk):
         sl = slice(start, start + chunk)
         stats = _cpu_chunk(x[sl], rows_all[sl], w1, b1, rest, members, s_eff, p, act, var_eps, k)
         for out, stat in zip(outs, stats, strict=True):
             out[sl] = stat
-    return finish(*outs, label_mean, label_std, calibration)
+    return finish(*(out[:n] for out in outs), label_mean, label_std, calibration)
+
+
+def _chunk_rows(elements_per_row: int) -> int:
+    """Rows per chunk: a power of two, at most 256, keeping one activation near _CHUNK_ELEMENTS."""
+    return 1 << max(0, min(8, (_CHUNK_ELEMENTS // elements_per_row).bit_length() - 1))
 
 
 def _cpu_chunk(x, rows, w1, b1, rest, members, s_eff, p, act, var_eps, k):
     n = x.shape[0]
     h = act(torch.addmm(b1, x, w1)).view(n, members, -1).transpose(0, 1)  # [M, n, H1]
     h = h[:, :, None, :]  # [M, n, 1, H1], broadcast over samples
-    if p > 0:
-        threshold = rng.mask_threshold(p)
-        streams = [rng.streams(rows, range(members), range(s_eff), layer).permute(1, 0, 2)
-                   for layer in range(1, len(rest) + 1)]  # each [M, n, S]
     for layer, (w, b) in enumerate(rest, start=1):
-        if p > 0:
-            h = h * (rng.uniform16(streams[layer - 1], h.shape[-1]) >= threshold)
+        if p > 0:  # masks generated and applied in one fused pass (Numba form of the RNG)
+            h = rng.apply_masks(h, rng.streams(rows, range(members), range(s_eff), layer).permute(1, 0, 2), p)
         h = h.expand(members, n, s_eff, -1).reshape(members, n * s_eff, -1)
         out = torch.baddbmm(b, h, w)  # [M, n*S, out]
         h = act(out).view(members, n, s_eff, -1)
-    out = out.view(members, n, s_eff, -1)
-    mu, var = out[..., :k], F.softplus(out[..., k:]) + var_eps
-    mean = mu.mean(dim=(0, 2))
-    epistemic = ((mu - mean[None, :, None]) ** 2).mean(dim=(0, 2))  # two-pass: never negative
-    return mean, var.mean(dim=(0, 2)), epistemic
+    # [n, 2K, M*S] contiguous: each row reduces its own contiguous run, in an order set by index alone
+    out = out.view(members, n, s_eff, -1)[..., :2 * k].permute(1, 3, 0, 2).reshape(n, 2 * k, -1)
+    mu, var = out[:, :k], F.softplus(out[:, k:]) + var_eps
+    mean = mu.mean(dim=-1)
+    epistemic = ((mu - mean[..., None]) ** 2).mean(dim=-1)  # two-pass: never negative
+    return mean, var.mean(dim=-1), epistemic

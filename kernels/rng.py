@@ -17,8 +17,12 @@ so p is quantised to 1/65536: `effective_p(p)` is the dropout rate actually appl
 Signedness: torch has no uint32 arithmetic on every op, so the host form keeps each word in an int64
 lane in [0, 2**32) and masks after every step. The multipliers are written as signed 32-bit values
 (congruent mod 2**32), so a product of a word and a multiplier stays below 2**63: no int64 overflow.
+
+A third form, Numba (uint64 lanes masked to 32 bits), applies the masks on the CPU path in one fused,
+parallel pass instead of a chain of torch integer ops.
 """
 
+import numba
 import numpy as np
 import pyarrow as pa
 import torch
@@ -161,6 +165,57 @@ def uniform16_triton(rows: torch.Tensor, member: int, sample: int, layer: int, w
     block_h = triton.next_power_of_2(max(width, 2))
     _uniform16_kernel[(triton.cdiv(n, 16),)](rows32, out, n, member, sample, layer, width,
                                              BLOCK_B=16, BLOCK_H=block_h)
+    return out
+
+
+# ---- CPU form: Numba, fused with applying the mask ------------------------------------------------
+
+_U16, _U15, _U32 = np.uint64(16), np.uint64(15), np.uint64(_M32)
+_UMUL1, _UMUL2, _UGOLDEN = np.uint64(_MUL1), np.uint64(_MUL2), np.uint64(_GOLDEN)
+_UHALF = np.uint64(0xFFFF)
+
+
+@numba.njit(inline="always")
+def _lowbias32_nb(x):
+    x ^= x >> _U16
+    x = (x * _UMUL1) & _U32
+    x ^= x >> _U15
+    x = (x * _UMUL2) & _U32
+    return x ^ (x >> _U16)
+
+
+@numba.njit(inline="always")
+def _mix_nb(h, v):
+    return _lowbias32_nb(((h ^ v) + _UGOLDEN) & _U32)
+
+
+@numba.njit(parallel=True, cache=True)
+def _masked_nb(src, streams, threshold, out):
+    """out[m, b, s, j] = src[m, b, s or 0, j] * keep(streams[m, b, s], j) for src with S or 1 samples."""
+    members, rows, samples, width = out.shape
+    src_samples = src.shape[2]
+    t = np.uint64(threshold)
+    for flat in numba.prange(members * rows):
+        m, b = np.int64(flat) // rows, np.int64(flat) % rows
+        for s in range(samples):
+            s_src = s if src_samples == samples else 0
+            stream = np.uint64(streams[m, b, s])
+            for pair in range((width + 1) // 2):
+                draw = _mix_nb(stream, np.uint64(pair))
+                j = 2 * pair
+                out[m, b, s, j] = src[m, b, s_src, j] if (draw & _UHALF) >= t else 0.0
+                if j + 1 < width:
+                    out[m, b, s, j + 1] = src[m, b, s_src, j + 1] if (draw >> _U16) >= t else 0.0
+
+
+def apply_masks(h: torch.Tensor, streams: torch.Tensor, p: float) -> torch.Tensor:
+    """h [M, n, S or 1, H] times the keep masks of `streams` [M, n, S] -> [M, n, S, H] (no 1/(1-p)).
+
+    Bit-identical to `h * (uniform16(streams, H) >= mask_threshold(p))`, in one parallel pass.
+    """
+    members, rows, samples = streams.shape
+    out = torch.empty((members, rows, samples, h.shape[-1]), dtype=h.dtype)
+    _masked_nb(h.contiguous().numpy(), streams.contiguous().numpy(), mask_threshold(p), out.numpy())
     return out
 
 

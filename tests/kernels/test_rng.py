@@ -67,6 +67,15 @@ def test_triton_rng_is_bit_identical_to_host(member, sample, layer, width):
     assert torch.equal(host, device.to(torch.int64))
 
 
+@pytest.mark.parametrize("src_samples, width", [(1, 16), (5, 16), (1, 33), (5, 7)])
+def test_numba_fused_masks_are_bit_identical_to_host(src_samples, width):
+    rows = rng.row_keys(5, torch.arange(9, dtype=torch.int64) - 4)
+    streams = rng.streams(rows, range(3), range(5), 2).permute(1, 0, 2)  # [M, B, S]
+    h = torch.randn(3, 9, src_samples, width)
+    expected = h * (rng.uniform16(streams, width) >= rng.mask_threshold(0.3))
+    assert torch.equal(rng.apply_masks(h, streams, 0.3), expected)
+
+
 def test_masks_are_a_pure_function_of_coordinates():
     keys = torch.arange(50, dtype=torch.int64) * 7919
     rows = rng.row_keys(3, keys)
