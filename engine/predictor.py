@@ -24,9 +24,6 @@ from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
-# Rows per kernel call: bounds the memory of the CPU paths (B x M x S x hidden activations); the
-# results do not depend on it, because every row's dropout masks are keyed by its id.
-CHUNK_ROWS = {"triton": 65536, "cpu": 1024, "reference": 256}
 
 # Keys of the results' Arrow/Parquet metadata (UTF-8 strings).
 META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"
@@ -96,13 +93,11 @@ class Model:
         mean = np.full((table.num_rows, len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
         rows = np.flatnonzero(ok)
-        step = CHUNK_ROWS[backend]
-        for lo in range(0, len(rows), step):
-            idx = rows[lo:lo + step]
-            stats = self._kernel(backend)(*self._inputs(backend, x[idx], keys[idx]),
+        if len(rows):  # the kernels bound their own memory (row chunks / tiles)
+            stats = self._kernel(backend)(*self._inputs(backend, x[rows], keys[rows]),
                                           **self._kernel_args(samples, seed))
             for out, value in zip((mean, var_a, var_e), stats, strict=True):
-                out[idx] = value.detach().cpu().double().numpy()
+                out[rows] = value.detach().cpu().double().numpy()
         return self._results(table, ok, mean, var_a, var_e, flags, errors, samples, seed, backend)
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
@@ -142,9 +137,11 @@ class Model:
         through the network; the others carry PREPROCESS_FAILED and a message in `errors`."""
         if ID not in table.column_names:
             raise CatalogError("the catalog has no 'id' column", column=ID)
-        keys = np.asarray(id_keys(table.column(ID).to_numpy(zero_copy_only=False)), dtype=np.int64)
-        src = None if source_grid is None else source_grid.values()
-        pre = preprocess(table, self._grid_values, self.settings, source_grid=src)
+        try:
+            keys = id_keys(table.column(ID))
+        except ValueError as exc:
+            raise CatalogError(str(exc), column=ID) from exc
+        pre = preprocess(table, self._grid_values, self.settings, source_grid=source_grid)
         x = np.ascontiguousarray(pre.x, dtype=np.float32)
         flags = np.asarray(pre.flags, dtype=np.int32).copy()
         errors = list(pre.errors)
@@ -220,8 +217,8 @@ def resolve_backend(backend: str) -> str:
 
 
 def _as_table(data, source_grid: WavelengthGrid | None) -> tuple[pa.Table, WavelengthGrid | None]:
-    """Accept a pa.Table, pa.RecordBatch, polars DataFrame or dict of columns; take the shared grid
-    from the schema metadata (`starcast.wavelength`) when none is given."""
+    """Accept a pa.Table, pa.RecordBatch, polars DataFrame or dict of columns. (A shared grid in the
+    schema metadata, `starcast.wavelength`, is read by `preprocess` when `source_grid` is None.)"""
     if isinstance(data, pa.RecordBatch):
         data = pa.Table.from_batches([data])
     elif hasattr(data, "to_arrow") and not isinstance(data, pa.Table):
@@ -231,9 +228,6 @@ def _as_table(data, source_grid: WavelengthGrid | None) -> tuple[pa.Table, Wavel
     if not isinstance(data, pa.Table):
         raise StarcastError(f"cannot predict from a {type(data).__name__}; pass a pyarrow Table or "
                             "RecordBatch, a polars DataFrame, or a dict of columns")
-    meta = data.schema.metadata or {}
-    if source_grid is None and META_WAVELENGTH.encode() in meta:
-        source_grid = WavelengthGrid.from_json(meta[META_WAVELENGTH.encode()])
     return data, source_grid
 
 
