@@ -17,7 +17,7 @@ import torch
 import starcast
 
 from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, Flag, WavelengthGrid
-from ..errors import CatalogError, StarcastError
+from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
@@ -59,7 +59,10 @@ class Model:
         self.bundle = bundle
         self.targets = bundle.targets
         self.grid = bundle.grid
-        self.settings = PreprocessSettings.from_dict(bundle.preprocess)
+        try:
+            self.settings = PreprocessSettings.from_dict(bundle.preprocess)
+        except StarcastError as exc:
+            raise ModelError(f"model bundle {bundle.path}: manifest 'preprocess': {exc}") from exc
         self.samples, self.seed, self.backend = samples, seed, backend
         self._grid_values = self.grid.values()
         self._layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}

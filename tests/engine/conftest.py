@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from starcast.catalogs.schema import WavelengthGrid
 from starcast.engine.bundle import save_bundle
+from starcast.kernels.preprocess import PreprocessSettings
 
 # OB-star label statistics: mean/std for de-standardisation, [min, max] the training range.
 TARGETS = (
@@ -38,7 +39,7 @@ def make_bundle(path: Path, *, grid: WavelengthGrid = TINY_GRID, hidden=(32, 32)
         "name": "tiny-test",
         "targets": [{**t, "calibration": 1.0} for t in targets],
         "grid": grid,
-        "preprocess": preprocess or {},
+        "preprocess": preprocess or PreprocessSettings().to_dict(),
         "architecture": {"input_dim": grid.n, "hidden": list(hidden), "activation": "relu",
                          "dropout": dropout, "members": members, "samples": samples, "var_eps": 1e-6},
         "ood": ood or {},

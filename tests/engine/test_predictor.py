@@ -214,6 +214,14 @@ def test_bundle_with_wrong_hash_is_refused_at_load(tiny_bundle):
         load_model(tiny_bundle)
 
 
+def test_unknown_preprocess_setting_is_refused_at_load(tiny_bundle):
+    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    manifest["preprocess"]["telluric_model"] = "tapas"
+    (tiny_bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="telluric_model"):
+        load_model(tiny_bundle)
+
+
 def test_backend_choice(monkeypatch):
     with pytest.raises(StarcastError, match="unknown backend"):
         predictor.resolve_backend("gpu")
