@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from .config import UNITS  # noqa: E402
 from .metrics import binned_bias, calibration_curve  # noqa: E402
@@ -42,6 +43,13 @@ def _subset(n: int, seed: int = 0) -> np.ndarray:
     if n <= MAX_POINTS:
         return np.arange(n)
     return np.random.default_rng(seed).choice(n, MAX_POINTS, replace=False)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Label a log axis 20, 50, 100, ... instead of overlapping 2x10^1 minor labels."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, path: Path) -> Path:
@@ -130,6 +138,7 @@ def sigma_vs_snr(a: EvalArrays, path: Path) -> Path | None:
             ax.scatter(a.snr[idx], sig[idx, j], s=2, alpha=0.3, color=colour, label=label, rasterized=True)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log_ticks(ax.xaxis)
         ax.set_xlabel("SNR")
         ax.set_ylabel(f"sigma {_label(name)}")
         ax.legend(fontsize=7, markerscale=4)

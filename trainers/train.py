@@ -27,11 +27,10 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 @dataclass(frozen=True)
 class Standardiser:
     """Input: subtract the per-pixel training mean, then project onto `projection` ([D, r]: the
-    first r principal components of the training spectra, scaled so the projected inputs have unit
-    mean variance), or without a projection divide by one global scale (so pure-noise pixels are
-    not blown up to unit variance). The projection makes the first layer low rank (W1 = P W1'), so
-    training costs r instead of D inputs per member while the exported model stays DESIGN.md's MLP
-    on x. Labels: per-target mean and std (the manifest's mean/std)."""
+    first r principal components of the training spectra, or the identity), scaled either to unit
+    variance per input (`whiten`) or by one global scale. The projection makes the first layer low
+    rank (W1 = P W1'), so training costs r instead of D inputs per member while the exported model
+    stays DESIGN.md's MLP on x. Labels: per-target mean and std (the manifest's mean/std)."""
 
     x_mean: np.ndarray  # (D,) float64
     projection: np.ndarray  # (D, r) float64; (D, D) diagonal 1/scale when no projection is asked for
@@ -39,18 +38,23 @@ class Standardiser:
     y_std: np.ndarray  # (K,) float64
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, rank: int = 0, seed: int = 0) -> Standardiser:
+    def fit(cls, x: np.ndarray, y: np.ndarray, rank: int = 0, seed: int = 0,
+            whiten: bool = False) -> Standardiser:
         x_mean = x.mean(axis=0, dtype=np.float64)
         xc = torch.from_numpy(x) - torch.from_numpy(x_mean.astype(np.float32))
         if rank and rank < x.shape[1]:
             torch.manual_seed(seed)
             _, _, v = torch.svd_lowrank(xc, q=rank + 10, niter=3)
-            basis = v[:, :rank].double().numpy()
-            scale = float(torch.sqrt(torch.mean((xc @ v[:, :rank]) ** 2)))
+            v = v[:, :rank]
+            spread = torch.sqrt(torch.mean((xc @ v) ** 2, dim=0))  # (r,) per component
+            basis = v.double().numpy()
         else:
             basis = np.eye(x.shape[1])
-            scale = float(torch.sqrt(torch.mean(xc**2)))
-        return cls(x_mean, basis / max(scale, 1e-6), y.mean(axis=0, dtype=np.float64),
+            spread = torch.sqrt(torch.mean(xc**2, dim=0))  # (D,) per pixel
+        # whiten: unit variance per input (noise-dominated components stay visible, so the variance
+        # head can read the noise level); else one global scale for all inputs
+        scale = spread.double().numpy() if whiten else float(torch.sqrt(torch.mean(spread**2)))
+        return cls(x_mean, basis / np.maximum(scale, 1e-6), y.mean(axis=0, dtype=np.float64),
                    np.maximum(y.std(axis=0, dtype=np.float64), 1e-12))
 
     def x(self, x: np.ndarray, batch_rows: int = 8192) -> torch.Tensor:
@@ -149,7 +153,7 @@ def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
 
 def _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress) -> TrainResult:
     start = time.perf_counter()
-    std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]))
+    std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]), arch.input_whiten)
     xs, ys, xv, yv = std.x(x_train), std.y(y_train), std.x(x_val), std.y(y_val)
     augment = snr_train is not None and cfg.augment_prob > 0
     noise_per_snr = estimate_noise_per_snr(x_train, snr_train) if augment else 0.0

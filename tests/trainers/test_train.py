@@ -47,10 +47,10 @@ def _numpy_forward(layers, x, masks, p):
     return h[..., :k], np.logaddexp(0, h[..., k:]) + ARCH.var_eps
 
 
-@pytest.mark.parametrize("rank", [0, 8])
-def test_export_folds_standardisation_into_first_layer(toy, rank):
+@pytest.mark.parametrize(("rank", "whiten"), [(0, False), (8, False), (8, True)])
+def test_export_folds_standardisation_into_first_layer(toy, rank, whiten):
     x, y, _ = toy
-    std = Standardiser.fit(x, y, rank)
+    std = Standardiser.fit(x, y, rank, whiten=whiten)
     model = EnsembleMLP(std.projection.shape[1], ARCH.hidden, 3, (0, 1, 2), dropout=ARCH.dropout)
     with torch.no_grad():  # non-trivial biases, so the fold of b1 is exercised
         for b in model.biases:
@@ -68,3 +68,10 @@ def test_export_folds_standardisation_into_first_layer(toy, rank):
 def test_noise_estimate_recovers_injected_noise(make_toy):
     x, _, snr = make_toy(400, d=400)
     assert abs(estimate_noise_per_snr(x, snr) - 1.0) < 0.1
+
+
+def test_whitened_projection_gives_unit_variance_inputs(toy):
+    x, y, _ = toy
+    xs = Standardiser.fit(x, y, 8, whiten=True).x(x).double()
+    np.testing.assert_allclose(xs.pow(2).mean(0).numpy(), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(xs.mean(0).numpy(), 0.0, atol=1e-3)
