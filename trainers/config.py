@@ -57,8 +57,9 @@ class TrainingConfig:
     beta: float = 0.5  # beta-NLL exponent (Seitzer et al. 2022); 0 is the plain Gaussian NLL
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # one per member: initialisation and shuffle order
     bootstrap: bool = False  # resample the training set with replacement per member
-    augment_prob: float = 0.5  # fraction of training samples that get extra noise
-    augment_snr_min: float = 20.0  # lowest SNR the noise augmentation degrades to
+    augment_copies: int = 2  # noisier copies of the training set (raw flux + noise, then preprocessed)
+    augment_prob: float = 0.5  # chance that a training sample is drawn from a noisier copy
+    augment_snr_min: float = 20.0  # lowest SNR a copy degrades a spectrum to
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
 

@@ -3,7 +3,9 @@ engine preprocesses it, split into train/val/test.
 
 The split comes from the catalog's `split` column when there is one (the generator's `seed` mode),
 else from a seeded random permutation with the configured fractions. Rows the preprocessing flags
-(non-finite, masked, short coverage, failed) are dropped and counted.
+(non-finite, masked, short coverage, failed) are dropped and counted. For augmentation, noisier
+copies of the training rows are made on the raw flux (the noise the survey would have had at a
+lower SNR, so its correlations after resampling are the real ones) and preprocessed the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..catalogs.schema import ID, META_WAVELENGTH, SNR, SPLIT, WAVELENGTH, WavelengthGrid
+from ..catalogs.schema import FLUX, FLUX_ERR, ID, META_WAVELENGTH, SNR, SPLIT, WAVELENGTH, WavelengthGrid
 from ..errors import CatalogError
 from .config import TrainConfig
 
@@ -29,6 +31,7 @@ class Dataset:
     ids: np.ndarray  # (N,)
     split: np.ndarray  # (N,) "train" | "val" | "test"
     dropped: int  # rows removed because preprocessing flagged them
+    x_noisy: np.ndarray | None = None  # (C, N_train, D): noisier copies of the training rows' x
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         sel = self.split == name
@@ -87,6 +90,53 @@ def assign_split(table: pa.Table, cfg: TrainConfig) -> np.ndarray:
     return split
 
 
+def _list_values(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    arr = column.combine_chunks()
+    return arr.values.to_numpy(zero_copy_only=False).astype(np.float32), arr
+
+
+def _like(arr: pa.Array, values: np.ndarray) -> pa.Array:
+    """A list array with `arr`'s offsets (or fixed size) and new float32 values."""
+    flat = pa.array(values, pa.float32())
+    if pa.types.is_fixed_size_list(arr.type):
+        return pa.FixedSizeListArray.from_arrays(flat, arr.type.list_size)
+    return pa.ListArray.from_arrays(arr.offsets, flat)
+
+
+def noisier(table: pa.Table, snr_min: float, rng: np.random.Generator) -> pa.Table:
+    """The same spectra at a lower SNR s1 ~ log-uniform[snr_min, s0] (s0: the `snr` column): Gaussian
+    noise of sigma flux_err sqrt((s0/s1)^2 - 1) is added (variances of independent noise add), and
+    flux_err and snr become those at s1. Needs `flux_err` and `snr`; rows below snr_min are kept."""
+    s0 = table.column(SNR).to_numpy().astype(np.float64)
+    lo = np.log(snr_min)
+    s1 = np.exp(lo + rng.random(len(s0)) * np.maximum(np.log(s0) - lo, 0.0))
+    s1 = np.minimum(s1, s0)
+    flux, flux_arr = _list_values(table.column(FLUX))
+    err, err_arr = _list_values(table.column(FLUX_ERR))
+    lengths = np.diff(flux_arr.offsets.to_numpy()) if not pa.types.is_fixed_size_list(flux_arr.type) \
+        else np.full(len(s0), flux_arr.type.list_size)
+    ratio = np.repeat(s0 / s1, lengths).astype(np.float32)
+    noise = rng.standard_normal(flux.shape, dtype=np.float32) * err * np.sqrt(ratio**2 - 1.0)
+    table = table.set_column(table.schema.get_field_index(FLUX), FLUX, _like(flux_arr, flux + noise))
+    table = table.set_column(table.schema.get_field_index(FLUX_ERR), FLUX_ERR, _like(err_arr, err * ratio))
+    return table.set_column(table.schema.get_field_index(SNR), SNR, pa.array(s1.astype(np.float32)))
+
+
+def noisy_copies(table: pa.Table, x: np.ndarray, cfg: TrainConfig, progress: bool) -> np.ndarray | None:
+    """(C, N, D) preprocessed noisier copies of `table`'s rows; a row the preprocessing flags in a
+    copy keeps its original `x`. None when augmentation is off or the catalog lacks flux_err/snr."""
+    t = cfg.training
+    if t.augment_copies < 1 or t.augment_prob <= 0 or not {FLUX_ERR, SNR} <= set(table.column_names):
+        return None
+    copies = []
+    for c in range(t.augment_copies):
+        rng = np.random.default_rng([int(t.seeds[0]), c])
+        xc, flags = preprocess_table(noisier(table, t.augment_snr_min, rng), cfg, progress=progress)
+        xc[flags != 0] = x[flags != 0]
+        copies.append(xc)
+    return np.stack(copies)
+
+
 def load_dataset(cfg: TrainConfig, *, progress: bool = True) -> Dataset:
     """Read or synthesise the catalog, preprocess it on the model grid and split it."""
     table = source_table(cfg)
@@ -100,5 +150,7 @@ def load_dataset(cfg: TrainConfig, *, progress: bool = True) -> Dataset:
     snr = table.column(SNR).to_numpy().astype(np.float64) if SNR in table.column_names else None
     ids = table.column(ID).to_numpy()
     split = assign_split(table, cfg)
+    train = keep & (split == "train")
+    x_noisy = noisy_copies(table.filter(pa.array(train)), x[train], cfg, progress)
     return Dataset(x=x[keep], y=y[keep], snr=None if snr is None else snr[keep], ids=ids[keep],
-                   split=split[keep], dropped=int((~keep).sum()))
+                   split=split[keep], dropped=int((~keep).sum()), x_noisy=x_noisy)

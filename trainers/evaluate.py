@@ -50,8 +50,8 @@ def result_targets(results: pa.Table) -> list[str]:
     return [c for c in names if f"{c}_err" in names and f"{c}_err_epistemic" in names]
 
 
-def _arrays(results: pa.Table, truth: pa.Table | None, names: list[str]) -> dict[str, np.ndarray]:
-    """Columns as float arrays after joining on id (inner join; order of the results)."""
+def _arrays(results: pa.Table, truth: pa.Table | None) -> dict[str, np.ndarray]:
+    """Numeric columns as float arrays, after an inner join with `truth` on id when given."""
     table = results if truth is None else results.join(truth, keys=ID, join_type="inner",
                                                        right_suffix="_true")
     out = {}
@@ -59,7 +59,6 @@ def _arrays(results: pa.Table, truth: pa.Table | None, names: list[str]) -> dict
         if col == ID or pa.types.is_string(table.column(col).type):
             continue
         out[col] = table.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
-    out["_n"] = np.array(table.num_rows)
     return out
 
 
@@ -83,7 +82,7 @@ def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[floa
     keep = [ID, *names, *(c for c in (SNR,) if c in truth.column_names)]
     truth = truth.select(keep).rename_columns([c if c in (ID, SNR) else f"{c}_true" for c in keep])
     results = results.drop_columns([c for c in (SNR,) if c in results.column_names])
-    cols = _arrays(results, truth, names)
+    cols = _arrays(results, truth)
     ok = _finite(cols, names, truth=True)
     y = np.stack([cols[f"{n}_true"] for n in names], 1)
     in_range = np.ones(len(y), bool)
@@ -97,7 +96,7 @@ def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[floa
         sigma_aleatoric=np.stack([cols[f"{n}_err_aleatoric"][sel] for n in names], 1),
         sigma_epistemic=np.stack([cols[f"{n}_err_epistemic"][sel] for n in names], 1),
         snr=cols[SNR][sel] if SNR in cols else None)
-    report = {"rows": {"results": results.num_rows, "matched": int(cols["_n"]), "scored": int(sel.sum()),
+    report = {"rows": {"results": results.num_rows, "matched": len(y), "scored": int(sel.sum()),
                        "not_finite": int((~ok).sum()), "truth_out_of_range": int((ok & ~in_range).sum())},
               "targets": {}}
     for k, n in enumerate(names):
@@ -127,7 +126,7 @@ def _ood_sigma(cols: dict, out_rows: np.ndarray, names: list[str], ood_results: 
     if out_rows.any():
         parts.append(np.stack([cols[f"{n}_err_epistemic"][out_rows] for n in names], 1))
     if ood_results is not None:
-        ood = _arrays(ood_results, None, names)
+        ood = _arrays(ood_results, None)
         fin = _finite(ood, names, truth=False)
         parts.append(np.stack([ood[f"{n}_err_epistemic"][fin] for n in names], 1))
     return np.concatenate(parts) if parts else None

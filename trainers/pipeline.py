@@ -70,11 +70,12 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
     """Train, recalibrate and export the bundle described by `cfg` (to `output`, default the
     config's), optionally on an already loaded `dataset`."""
     data = dataset if dataset is not None else load_dataset(cfg, progress=progress)
-    x_tr, y_tr, snr_tr, _ = data.part("train")
+    x_tr, y_tr, _, _ = data.part("train")
     x_va, y_va, _, id_va = data.part("val")
     x_te, y_te, _, id_te = data.part("test")
     arch, cal = cfg.architecture, cfg.calibration
-    result = train_ensemble(x_tr, y_tr, x_va, y_va, arch, cfg.training, snr_train=snr_tr, progress=progress)
+    result = train_ensemble(x_tr, y_tr, x_va, y_va, arch, cfg.training, x_noisy=data.x_noisy,
+                            progress=progress)
     layers, std = export_layers(result.model, result.standardiser), result.standardiser
     mean, ale, epi = predict_physical(layers, arch, std, x_va, id_va, samples=cal.samples, seed=cal.seed)
     factors = calibration_factors(y_va, mean, np.hypot(ale, epi), cal.method)
@@ -104,7 +105,8 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
             "torch": torch.__version__, "python": platform.python_version(),
             "epochs_run": len(result.history), "best_epoch_per_member": result.best_epochs,
             "train_seconds": round(result.seconds, 1),
-            "augmentation_noise_per_snr": result.noise_per_snr,
+            "augmentation": {"noisier_copies": 0 if data.x_noisy is None else len(data.x_noisy),
+                             "prob": cfg.training.augment_prob, "snr_min": cfg.training.augment_snr_min},
             "calibration": {"method": cal.method, "samples": cal.samples, "seed": cal.seed,
                             "split": "val"},
             "losses": [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}

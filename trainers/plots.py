@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from .config import UNITS  # noqa: E402
 from .metrics import binned_bias, calibration_curve  # noqa: E402
@@ -54,7 +54,7 @@ def _plain_log_ticks(axis) -> None:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -68,6 +68,7 @@ def pred_vs_true(a: EvalArrays, path: Path) -> Path:
         ax.errorbar(a.y[idx, j], a.mean[idx, j], yerr=a.sigma[idx, j], fmt=".", ms=2, lw=0.4,
                     alpha=0.4, color="tab:blue", ecolor="tab:gray")
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_xlabel(f"true {_label(name)}")
         ax.set_ylabel(f"predicted {_label(name)}")
     return _save(fig, path)
@@ -88,6 +89,7 @@ def residuals(a: EvalArrays, path: Path) -> Path:
             ax.fill_between(centres, [-b["median_sigma"] for b in bins], [b["median_sigma"] for b in bins],
                             color="tab:orange", alpha=0.2, label="median sigma")
             ax.axhline(0, color="k", lw=0.8)
+            ax.xaxis.set_major_locator(MaxNLocator(5))
             ax.set_xlabel(f"true {_label(param)}")
             if j == 0:
                 ax.set_ylabel(f"residual {_label(name)}")
@@ -156,6 +158,7 @@ def ood_histograms(a: EvalArrays, path: Path) -> Path | None:
         ax.hist(a.sigma_epistemic[:, j], bins=bins, alpha=0.6, density=True, label="in distribution")
         ax.hist(a.ood_sigma_epistemic[:, j], bins=bins, alpha=0.6, density=True, label="out of distribution")
         ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
         ax.set_xlabel(f"epistemic sigma {_label(name)}")
         ax.legend(fontsize=7)
     return _save(fig, path)

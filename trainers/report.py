@@ -11,6 +11,7 @@ should single them out of the random survey (AUROC).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import click
@@ -70,6 +71,7 @@ def make_report(bundle: str | Path, work: str | Path) -> dict:
         _, res_o = _predict(bundle, name, SETS[name], work)
         reports[name] = run_eval(res_r, cat_r, work / "eval" / name, ranges=ranges, ood_path=res_o)
         reports["random"].setdefault("ood_sets", {})[name] = reports[name]["ood"]
+        shutil.copy(work / "eval" / name / "ood_epistemic.png", bundle / "report" / "random" / f"{name}.png")
     (bundle / "report" / "random" / "report.json").write_text(json.dumps(reports["random"], indent=1) + "\n")
     (bundle / "report" / "summary.md").write_text(summary_markdown(reports) + "\n")
     return reports

@@ -3,9 +3,9 @@
 
 Members train in parallel (one batched module), each with its own seed, shuffle order (optionally a
 bootstrap resample) and best-epoch snapshot (early stopping on its validation NLL). Augmentation is
-physics only: extra Gaussian noise that lowers a spectrum's SNR to a random value (no RV-error
-augmentation: errors of a few km/s shift lines by < 0.1 pixel on the model grid). Reading catalogs,
-calibration and export live elsewhere (`pipeline.py`, `calibrate.py`, `export.py`).
+physics only: each batch draws some spectra from noisier copies of the training set (made by
+`data.py` on the raw flux, then preprocessed like the rest). Reading catalogs, calibration and
+export live elsewhere (`pipeline.py`, `calibrate.py`, `export.py`).
 """
 
 from __future__ import annotations
@@ -62,10 +62,6 @@ class Standardiser:
         return torch.cat([(torch.from_numpy(x[s:s + batch_rows]).double() - mu).float() @ p
                           for s in range(0, x.shape[0], batch_rows)])
 
-    def noise_scale(self) -> torch.Tensor:
-        """Per input, the sigma that unit white noise in x has after standardisation (r,)."""
-        return torch.from_numpy(np.sqrt((self.projection**2).sum(axis=0)).astype(np.float32))
-
     def y(self, y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((y - self.y_mean) / self.y_std).astype(np.float32))
 
@@ -76,30 +72,7 @@ class TrainResult:
     standardiser: Standardiser
     history: list[dict] = field(default_factory=list)  # one dict per epoch (the CSV log's rows)
     best_epochs: list[int] = field(default_factory=list)  # per member, 1-based
-    noise_per_snr: float = 0.0  # per-pixel noise sigma of x times SNR, used by the augmentation
     seconds: float = 0.0
-
-
-def estimate_noise_per_snr(x: np.ndarray, snr: np.ndarray) -> float:
-    """Median over rows of (per-pixel noise sigma of x) x SNR. The noise is measured from second
-    differences d = x_i - (x_{i-1} + x_{i+1})/2 (var(d) = 1.5 sigma^2 for white noise) with the
-    robust MAD estimate, so the broad stellar lines hardly contribute."""
-    d = x[:, 1:-1] - 0.5 * (x[:, :-2] + x[:, 2:])
-    sigma = 1.4826 * np.median(np.abs(d), axis=1) / math.sqrt(1.5)
-    return float(np.median(sigma * snr))
-
-
-def _augment(xb: torch.Tensor, snr: torch.Tensor, cfg: TrainingConfig, noise_per_snr: float,
-             noise_scale: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Add white noise that takes a spectrum from its SNR s0 to s1 ~ log-uniform[snr_min, s0]:
-    extra sigma = k sqrt(1/s1^2 - 1/s0^2) (variances of independent noise add). White noise in x
-    stays white in the standardised inputs (orthonormal basis), with sigma `noise_scale` per input."""
-    u = torch.rand(snr.shape, generator=g)
-    lo = math.log(cfg.augment_snr_min)
-    s1 = torch.exp(lo + u * (torch.log(snr) - lo).clamp_min(0.0))
-    extra = noise_per_snr * torch.sqrt((1.0 / s1**2 - 1.0 / snr**2).clamp_min(0.0))
-    apply = (torch.rand(snr.shape, generator=g) < cfg.augment_prob).float()
-    return xb + torch.randn(xb.shape, generator=g) * (extra * apply).unsqueeze(-1) * noise_scale
 
 
 def _schedule(opt: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int):
@@ -135,10 +108,11 @@ def validation_nll(model: EnsembleMLP, x: torch.Tensor, y: torch.Tensor,
 
 
 def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                   arch: ArchitectureConfig, cfg: TrainingConfig, *, snr_train: np.ndarray | None = None,
+                   arch: ArchitectureConfig, cfg: TrainingConfig, *, x_noisy: np.ndarray | None = None,
                    progress: bool = True) -> TrainResult:
     """Train M members on (x_train, y_train) with early stopping on (x_val, y_val). x: preprocessed
-    spectra [N, D] float32; y: labels [N, K] in physical units; snr_train (N,) enables augmentation.
+    spectra [N, D] float32; y: labels [N, K] in physical units; x_noisy [C, N, D]: noisier copies of
+    x_train (same rows), drawn instead of x_train with probability `cfg.augment_prob` per sample.
     Reproducible: dropout draws from torch's global RNG, seeded here inside a forked RNG state."""
     threads = torch.get_num_threads()
     try:
@@ -146,30 +120,28 @@ def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
             torch.manual_seed(int(cfg.seeds[0]))
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
-            return _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress)
+            return _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress) -> TrainResult:
+def _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, progress) -> TrainResult:
     start = time.perf_counter()
     std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]), arch.input_whiten)
-    xs, ys, xv, yv = std.x(x_train), std.y(y_train), std.x(x_val), std.y(y_val)
-    augment = snr_train is not None and cfg.augment_prob > 0
-    noise_per_snr = estimate_noise_per_snr(x_train, snr_train) if augment else 0.0
-    snr = torch.from_numpy(np.asarray(snr_train, np.float32)) if augment else None
-    noise_scale = std.noise_scale()
-    model = EnsembleMLP(xs.shape[1], arch.hidden, ys.shape[1], cfg.seeds, dropout=arch.dropout,
+    variants = [x_train, *([] if x_noisy is None else list(x_noisy))]
+    xs = torch.stack([std.x(v) for v in variants])  # [C+1, N, r]: the data, then its noisier copies
+    ys, xv, yv = std.y(y_train), std.x(x_val), std.y(y_val)
+    model = EnsembleMLP(xs.shape[2], arch.hidden, ys.shape[1], cfg.seeds, dropout=arch.dropout,
                         activation=arch.activation, var_eps=arch.var_eps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n, m = xs.shape[0], model.members
+    n, m = xs.shape[1], model.members
     steps = math.ceil(n / cfg.batch_size)
     sched = _schedule(opt, cfg, steps)
     rngs = [np.random.default_rng(seed) for seed in cfg.seeds]
     g = torch.Generator().manual_seed(int(cfg.seeds[0]) + 7919)
     best = [p.detach().clone() for p in model.parameters()]
     best_nll, best_epoch = np.full(m, np.inf), [0] * m
-    result = TrainResult(model, std, noise_per_snr=noise_per_snr)
+    result = TrainResult(model, std)
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -179,9 +151,12 @@ def _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress) -> Tr
         total = 0.0
         for b in range(steps):
             idx = order[:, b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            xb, yb = xs[idx], ys[idx]
-            if augment:
-                xb = _augment(xb, snr[idx], cfg, noise_per_snr, noise_scale, g)
+            variant = torch.zeros_like(idx)
+            if len(variants) > 1:
+                noisy = torch.rand(idx.shape, generator=g) < cfg.augment_prob
+                pick = torch.randint(1, len(variants), idx.shape, generator=g)
+                variant = torch.where(noisy, pick, variant)
+            xb, yb = xs[variant, idx], ys[idx]
             mu, var = model(xb)
             loss = gaussian_nll(mu, var, yb, cfg.beta).mean(dim=(1, 2)).sum()
             opt.zero_grad(set_to_none=True)
