@@ -79,7 +79,8 @@ class PreprocessSettings:
 @dataclass
 class Preprocessed:
     """Result of `preprocess` for B rows on a D-pixel grid. `coverage`/`bad_fraction` are NaN where a
-    row failed before they could be measured; `ivar` (inverse variance of `x`) is 0 on filled pixels."""
+    row failed before they could be measured (`bad_fraction` also when nothing is covered); `ivar`
+    (inverse variance of `x`) is 0 on filled pixels."""
 
     x: np.ndarray  # (B, D) float32, continuum-normalised, rest frame, bad pixels filled
     flags: np.ndarray  # (B,) int32 Flag bits
@@ -180,7 +181,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             n_cov += state[j] != UNCOVERED
             n_bad += state[j] == BAD
         coverage[r] = n_cov / d
-        bad_fraction[r] = n_bad / n_cov if n_cov > 0 else 1.0
+        bad_fraction[r] = n_bad / n_cov if n_cov > 0 else np.nan
         n_good[r] = n_cov - n_bad
         if n_cov == 0:
             status[r] = _NO_OVERLAP
@@ -242,7 +243,8 @@ def _list_parts(col: pa.Array, name: str) -> tuple[np.ndarray, pa.Array, np.ndar
 def _float_values(values: pa.Array, name: str) -> np.ndarray:
     if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
         raise CatalogError(f"expected a list of numbers, got list<{values.type}>", column=name)
-    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls -> NaN
+    # nulls -> NaN; writable, so that every batch hits the same compiled kernel (read-only is a new type)
+    return np.require(values.to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
 
 
 def _bool_values(values: pa.Array, name: str) -> np.ndarray:
@@ -255,7 +257,7 @@ def _grid_values(grid, what: str) -> np.ndarray:
     values = grid.values() if isinstance(grid, WavelengthGrid) else np.asarray(grid, dtype=np.float64)
     if values.ndim != 1 or len(values) < 2 or not np.all(np.diff(values) > 0):
         raise StarcastError(f"{what} must be a strictly increasing 1-D wavelength array of >= 2 values")
-    return np.ascontiguousarray(values, dtype=np.float64)
+    return np.require(values, np.float64, ["C", "W"])
 
 
 def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
@@ -317,8 +319,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
     mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
     rv_col = _as_array(batch, RV)
-    rv = np.zeros(n_rows) if rv_col is None else np.asarray(
-        pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), dtype=np.float64)
+    rv = np.zeros(n_rows) if rv_col is None else np.require(
+        pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
 
     status = np.zeros(n_rows, np.int32)
     status[list(failures)] = _INPUT
