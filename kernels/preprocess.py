@@ -49,7 +49,7 @@ class PreprocessSettings:
     clip_window: int = 25  # pixels in the running mean that catches broad, shallow wings
     max_iter: int = 20  # clipping iterations at most
     min_keep_fraction: float = 0.1  # never clip below this fraction of the good pixels
-    sigma_floor: float = 1e-3  # noise floor as a fraction of the median flux (noise-free input)
+    sigma_floor: float = 1e-3  # noise floor as a fraction of the mean flux (noise-free input)
     max_gap: int = 5  # gaps up to this many pixels are interpolated; longer ones are set to 1.0
     min_good_pixels: int = 50  # fewer good pixels on the grid -> PREPROCESS_FAILED
     max_bad_fraction: float = 0.1  # more bad pixels among the covered ones -> MASKED
@@ -192,7 +192,10 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         good = state == GOOD
         sigma = np.empty(d)
         global_sigma = noise_sigma(y, good) if err_start[r] < 0 else 0.0
-        floor = sigma_floor * abs(np.median(y[good]))
+        mean_flux = 0.0
+        for j in range(d):
+            mean_flux += y[j] if good[j] else 0.0
+        floor = sigma_floor * abs(mean_flux) / n_good[r]
         for j in range(d):
             s = math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma
             sigma[j] = max(s, floor) if floor > 0.0 else max(s, 1e-30)
