@@ -160,3 +160,17 @@ def test_settings_round_trip_through_a_dict_and_reject_unknown_keys():
         PreprocessSettings.from_dict({**s.to_dict(), "smoothing": 3})
     with pytest.raises(StarcastError, match="method"):
         PreprocessSettings(method="cubic")
+
+
+def test_null_rv_means_no_shift_and_a_non_finite_rv_fails_only_its_row():
+    flux = np.repeat(spectra(1), 3, axis=0)
+    table = pa.table({"flux": list_column(flux), "rv": pa.array([None, np.nan, 0.0])})
+    out = preprocess(table, GRID, PreprocessSettings(), source_grid=SOURCE)
+    np.testing.assert_array_equal(out.x[0], out.x[2])
+    assert out.flags.tolist() == [0, Flag.PREPROCESS_FAILED, 0] and "rv" in out.errors[1]
+
+
+def test_an_empty_batch_gives_empty_results():
+    table = pa.table({"flux": pa.array([], pa.list_(pa.float32()))})
+    out = preprocess(table, GRID, PreprocessSettings(), source_grid=SOURCE)
+    assert out.x.shape == (0, len(GRID)) and out.flags.shape == (0,) and out.errors == []
