@@ -38,7 +38,14 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 @dataclass(frozen=True)
 class PreprocessSettings:
     """How spectra are put on the model grid; stored in the model manifest (`to_dict`) so that training
-    and inference normalise identically. Pixel counts refer to the model grid."""
+    and inference normalise identically. Pixel counts refer to the model grid.
+
+    The continuum is fitted on the model grid, in the rest frame, after the one resampling, rather than
+    over the input's full coverage: every spectrum, synthetic or observed and whatever the instrument's
+    range, is then normalised over the same wavelengths with the same lines (Balmer wings included) at
+    the same places, so a survey and the training set get the same normalisation, systematics and all;
+    the basis is fixed per grid. The cost: no leverage from input pixels beyond the grid's edges.
+    """
 
     method: str = "flux"  # resampling: "flux" (flux-conserving rebinning) or "linear" (interpolation)
     continuum: str = "chebyshev"  # "chebyshev" (fit and divide) or "none" (resample only)
@@ -56,6 +63,10 @@ class PreprocessSettings:
     min_coverage: float = 0.95  # less of the grid covered by the input -> COVERAGE
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), {"str": str, "int": int, "float": (int, float)}[f.type]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise StarcastError(f"preprocess setting {f.name} must be of type {f.type}, got {value!r}")
         if self.method not in ("flux", "linear"):
             raise StarcastError(f"preprocess method must be 'flux' or 'linear', got {self.method!r}")
         if self.continuum not in ("chebyshev", "none"):

@@ -160,6 +160,8 @@ def test_settings_round_trip_through_a_dict_and_reject_unknown_keys():
         PreprocessSettings.from_dict({**s.to_dict(), "smoothing": 3})
     with pytest.raises(StarcastError, match="method"):
         PreprocessSettings(method="cubic")
+    with pytest.raises(StarcastError, match="continuum_degree must be of type int"):
+        PreprocessSettings.from_dict({"continuum_degree": "3"})
 
 
 def test_null_rv_means_no_shift_and_a_non_finite_rv_fails_only_its_row():
