@@ -20,10 +20,13 @@ _SINGULAR = 1e-12
 CONVERGED = 1e-2
 
 
-def continuum_basis(grid: np.ndarray, degree: int) -> np.ndarray:
-    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (D, degree + 1)."""
+def continuum_basis(grid: np.ndarray, degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (D, degree + 1), and
+    their Gram matrix over the whole grid (the normal matrix when every pixel is kept), computed once
+    per batch so that a fit only corrects it for the pixels it leaves out."""
     x = 2.0 * (grid - grid[0]) / (grid[-1] - grid[0]) - 1.0
-    return np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree))
+    basis = np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree))
+    return basis, np.ascontiguousarray(basis.T @ basis)
 
 
 @njit(cache=True)
@@ -53,6 +56,14 @@ def _accumulate(basis, y, i, sign, a, b):
         b[p] += bp * y[i]
         for q in range(p + 1):
             a[p, q] += bp * basis[i, q]
+
+
+@njit(cache=True)
+def _remove_from_gram(basis, i, a):
+    """Take pixel i's term out of the normal matrix `a` (lower triangle)."""
+    for p in range(basis.shape[1]):
+        for q in range(p + 1):
+            a[p, q] -= basis[i, p] * basis[i, q]
 
 
 @njit(cache=True)
@@ -99,11 +110,12 @@ def _evaluate(basis, coef, out):
 
 
 @njit(cache=True)
-def fit_continuum(y, sigma, good, basis, params, out):
+def fit_continuum(y, sigma, good, basis, gram, params, out):
     """Fit the continuum of `y` (flux on the grid of `basis`) into `out`; returns False on failure.
 
-    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `params` the
-    tuple (clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction). A pixel is
+    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `basis` and
+    `gram` from `continuum_basis`, `params` the tuple (clip_low, clip_window_low, clip_high, window,
+    max_iter, min_keep_fraction). A pixel is
     rejected below `clip_low` sigma of its own, or when the mean residual over `window` pixels around
     it is below `clip_window_low` times that mean's sigma, or above its window mean by `clip_high`
     sigma. Iterates until the kept set, or the fit to within 1e-2 of the rms noise, stops changing,
@@ -115,51 +127,57 @@ def fit_continuum(y, sigma, good, basis, params, out):
     d, k = basis.shape
     half = window // 2
     keep = good.copy()
-    a, b = np.zeros((k, k)), np.zeros(k)
+    a, b = gram.copy(), np.zeros(k)
     coef, work = np.empty(k), np.zeros((k, k))
     n_good = 0
     for i in range(d):
         if good[i]:
             n_good += 1
-            _accumulate(basis, y, i, 1.0, a, b)
+            for p in range(k):
+                b[p] += basis[i, p] * y[i]
+        else:
+            _remove_from_gram(basis, i, a)
     min_keep = max(k + 1, int(min_keep_fraction * n_good))
-    # Window statistics that do not change between iterations: good-pixel count and sigma of the mean.
+    # Running sums of the noise variance and of the good-pixel count, for the window statistics.
     cum_v, cum_n = np.zeros(d + 1), np.zeros(d + 1)
     for i in range(d):
         cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good[i] else 0.0)
         cum_n[i + 1] = cum_n[i] + (1.0 if good[i] else 0.0)
+    # Per-pixel thresholds, fixed across iterations: own residual, window mean (a sigma of the mean).
     lo, hi = np.empty(d, np.int64), np.empty(d, np.int64)
-    sigma_mean, count = np.zeros(d), np.zeros(d)
+    below, above, window_below, inv_count = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)
     for i in range(d):
         lo[i], hi[i] = max(0, i - half), min(d, i + half + 1)
-        count[i] = cum_n[hi[i]] - cum_n[lo[i]]
-        if count[i] > 0:
-            sigma_mean[i] = math.sqrt(cum_v[hi[i]] - cum_v[lo[i]]) / count[i]
+        count = cum_n[hi[i]] - cum_n[lo[i]]
+        if good[i]:
+            below[i], above[i] = -clip_low * sigma[i], clip_high * sigma[i]
+            window_below[i] = -clip_window_low * math.sqrt(cum_v[hi[i]] - cum_v[lo[i]]) / count
+            inv_count[i] = 1.0 / count
     tolerance = CONVERGED * math.sqrt(cum_v[d] / max(n_good, 1))  # of the rms noise
-    cum_r, previous = np.zeros(d + 1), np.full(d, np.inf)
+    cum_r, residual, previous = np.zeros(d + 1), np.zeros(d), np.full(d, np.inf)
     new_keep = np.empty(d, np.bool_)
     n_keep = n_good
     for _ in range(max_iter):
         if not _solve(a, b, coef, work):
             return False
-        _evaluate(basis, coef, out)
         moved = 0.0
-        for i in range(d):
-            moved = max(moved, abs(out[i] - previous[i]))
-            previous[i] = out[i]
+        for i in range(d):  # evaluate the fit, its change, and the running sum of good residuals
+            c = 0.0
+            for p in range(k):
+                c += basis[i, p] * coef[p]
+            out[i] = c
+            moved = max(moved, abs(c - previous[i]))
+            previous[i] = c
+            residual[i] = y[i] - c if good[i] else 0.0
+            cum_r[i + 1] = cum_r[i] + residual[i]
         if moved < tolerance:
             return True
-        for i in range(d):
-            cum_r[i + 1] = cum_r[i] + (y[i] - out[i] if good[i] else 0.0)
         n_new = 0
         changed = False
         for i in range(d):
-            ok = False
-            if good[i]:
-                mean_r = (cum_r[hi[i]] - cum_r[lo[i]]) / count[i]
-                r = y[i] - out[i]
-                ok = (r > -clip_low * sigma[i] and mean_r > -clip_window_low * sigma_mean[i]
-                      and r - mean_r < clip_high * sigma[i])
+            mean_r = (cum_r[hi[i]] - cum_r[lo[i]]) * inv_count[i]
+            r = residual[i]
+            ok = good[i] and r > below[i] and mean_r > window_below[i] and r - mean_r < above[i]
             new_keep[i] = ok
             n_new += ok
             changed |= ok != keep[i]

@@ -136,7 +136,7 @@ def _fill_gaps(x, ivar, state, max_gap):
 
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, grid, grid_edges, basis, flux_conserving, normalise, fit_params, sigma_floor, max_gap,
+            rv, grid, grid_edges, basis, gram, flux_conserving, normalise, fit_params, sigma_floor, max_gap,
             min_good, status, x, ivar, nonfinite, coverage, bad_fraction, n_good):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
     0 none, 1 flux_err, 2 ivar; `fit_params` as `fit_continuum`'s. Writes row r of every output only."""
@@ -212,7 +212,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             sigma[j] = max(s, floor) if floor > 0.0 else max(s, 1e-30)
         cont = np.ones(d)
         if normalise:
-            if not fit_continuum(y, sigma, good, basis, fit_params, cont):
+            if not fit_continuum(y, sigma, good, basis, gram, fit_params, cont):
                 status[r] = _SINGULAR
                 continue
             positive = True
@@ -349,7 +349,7 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
     _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], errors[0], errors[1],
-            err_kind, mask[0], mask[1], rv, grid, edges, continuum_basis(grid, settings.continuum_degree),
+            err_kind, mask[0], mask[1], rv, grid, edges, *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels), status, x,
             ivar, nonfinite, coverage, bad_fraction, n_good)

@@ -61,7 +61,7 @@ def test_a_polynomial_continuum_without_lines_is_fitted_to_the_noise_limit():
     y = cont * (1 + rng.normal(0, 0.01, 4000))
     out = np.empty(4000)
     good = np.ones(4000, bool)
-    assert fit_continuum(y, np.full(4000, 0.01) * cont, good, continuum_basis(GRID, 3),
+    assert fit_continuum(y, np.full(4000, 0.01) * cont, good, *continuum_basis(GRID, 3),
                          (2.0, 2.0, 3.0, 25, 20, 0.1), out)
     assert np.max(np.abs(out / cont - 1)) < 0.002  # noise limit ~ 0.01 * sqrt(4 / 4000) = 3e-4
 
@@ -70,7 +70,7 @@ def test_continuum_fit_reports_failure_when_singular():
     good = np.zeros(4000, bool)
     good[:2] = True
     out = np.empty(4000)
-    assert not fit_continuum(np.ones(4000), np.ones(4000), good, continuum_basis(GRID, 3),
+    assert not fit_continuum(np.ones(4000), np.ones(4000), good, *continuum_basis(GRID, 3),
                              (2.0, 2.0, 3.0, 25, 20, 0.1), out)
 
 
