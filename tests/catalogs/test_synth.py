@@ -1,6 +1,7 @@
 """The survey generator: determinism, the seed grid and its split, noise, Doppler shift, sampling."""
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -134,10 +135,10 @@ def test_rv_shifts_lines_by_the_relativistic_doppler_factor():
 
 
 def test_internal_oversampling_has_converged():
-    base = SynthConfig(n=4, seed=9, vsini=(0, 30), **SMALL)
+    base = SynthConfig(n=6, seed=9, vsini=(0, 30))  # sharp lines are the hardest case
     coarse = synth_arrays(base)
-    fine = synth_arrays(SynthConfig(**{**base.__dict__, "oversample": 12}))
-    assert np.max(np.abs(coarse.normalised - fine.normalised)) < 2e-3
+    fine = synth_arrays(replace(base, oversample=16))
+    assert np.max(np.abs(coarse.normalised - fine.normalised)) < 1.5e-3
 
 
 def test_synth_table_holds_noise_free_truth_consistent_with_flux():
