@@ -67,8 +67,10 @@ LINES: tuple[Line, ...] = (
     Line("C II 4267", 4267.260, 12.011, 0.25, GAUSS, 18000.0, 4000.0, -0.10, 0.03, 6.0),
 )
 
-# The same table as float64 columns, for the compiled kernels.
-_LINE_TABLE = np.array([[ln.wavelength, ln.mass, ln.w0, ln.shape, ln.p1, ln.p2, ln.g_exp, ln.gamma0,
+# The same table as float64 columns, passed to the compiled kernels as an argument: Numba's on-disk
+# cache does not notice edits to globals or to functions in other files, so data must not be baked in
+# (after editing a compiled function here, delete catalogs/__pycache__ to refresh synth's kernel).
+LINE_TABLE = np.array([[ln.wavelength, ln.mass, ln.w0, ln.shape, ln.p1, ln.p2, ln.g_exp, ln.gamma0,
                          ln.window] for ln in LINES], dtype=np.float64)
 
 
@@ -96,7 +98,7 @@ def _strength(row, teff, logg):
 
 def line_strengths(teff: float, logg: float) -> np.ndarray:
     """Optically thin strengths W (A) of every line in `LINES` at (Teff [K], log g [cgs dex])."""
-    return np.array([_strength(_LINE_TABLE[i], float(teff), float(logg)) for i in range(len(LINES))])
+    return np.array([_strength(LINE_TABLE[i], float(teff), float(logg)) for i in range(len(LINES))])
 
 
 @numba.njit(cache=True)
@@ -133,15 +135,15 @@ def voigt(dl, sigma, gamma):
 
 
 @numba.njit(cache=True)
-def add_line_opacity(lam, teff, logg, micro_kms, tau):
-    """Add the optical depth of every line in `LINES` at rest wavelengths `lam` (A, increasing) to `tau`.
+def add_line_opacity(lines, lam, teff, logg, micro_kms, tau):
+    """Add the optical depth of every line of `lines` (`LINE_TABLE`) at rest wavelengths `lam` (A) to `tau`.
 
     Each line is computed within its window and its value at the window edge subtracted, so that the
     truncated wings join the continuum without a step.
     """
     n = lam.shape[0]
-    for i in range(_LINE_TABLE.shape[0]):
-        row = _LINE_TABLE[i]
+    for i in range(lines.shape[0]):
+        row = lines[i]
         lam0, mass, window = row[0], row[1], row[8]
         w = _strength(row, teff, logg)
         # Doppler width b = sqrt(2kT/m + xi^2); Gaussian sigma = lam0 * b / (c sqrt 2) (Gray, ch. 11).

@@ -199,14 +199,14 @@ def _convolve(f, kern, g):
 
 
 @numba.njit(cache=True, parallel=True)
-def _synth_kernel(lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, seed, micro, epsilon,
+def _synth_kernel(lines, lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, seed, micro, epsilon,
                   sigma_v, flux, flux_err, normalised, continuum):
     n_int, npix, deg = lam.shape[0], xleg.shape[0], coeffs.shape[1]
     dv = physics.C_KMS * math.log(lam[1] / lam[0])
     seed_key = _mix(np.uint64(seed))
     for b in numba.prange(teff.shape[0]):
         tau = np.zeros(n_int)
-        physics.add_line_opacity(lam, teff[b], logg[b], micro, tau)
+        physics.add_line_opacity(lines, lam, teff[b], logg[b], micro, tau)
         f = np.exp(-tau).astype(np.float32)
         g = f.copy()
         _convolve(f, physics.velocity_kernel(dv, vsini[b], epsilon, sigma_v).astype(np.float32), g)
@@ -260,8 +260,8 @@ def compute_spectra(config: SynthConfig, labels: dict[str, np.ndarray], rows: sl
     xleg = 2.0 * (wavelength - wavelength[0]) / (wavelength[-1] - wavelength[0]) - 1.0
     out = {k: np.empty((b, d), dtype=np.float32) for k in ("flux", "flux_err", "normalised", "continuum")}
     sigma_v = _sigma_instrument(config)
-    _synth_kernel(_internal_grid(config, wavelength), edges, xleg, lab["teff"], lab["logg"],
-                  lab["vsini"], doppler_factor(lab["rv"]), lab["snr"].astype(np.float64),
+    _synth_kernel(physics.LINE_TABLE, _internal_grid(config, wavelength), edges, xleg, lab["teff"],
+                  lab["logg"], lab["vsini"], doppler_factor(lab["rv"]), lab["snr"].astype(np.float64),
                   np.ascontiguousarray(lab["coeffs"]), lab["ids"], np.uint64(config.seed),
                   float(config.microturbulence), float(config.epsilon), sigma_v,
                   out["flux"], out["flux_err"], out["normalised"], out["continuum"])
