@@ -18,6 +18,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from ..errors import StarcastError
 from . import physics
 from .schema import FLUX, FLUX_ERR, ID, META_GENERATOR, META_WAVELENGTH, RV, SNR, SPLIT, WavelengthGrid
 
@@ -68,6 +69,27 @@ class SynthConfig:
     microturbulence: float = physics.MICROTURBULENCE_KMS
     oversample: int = 3  # converged to < 1.5e-3 of the continuum (tests/catalogs/test_synth.py)
     id_start: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in ("random", "seed"):
+            problems.append(f"mode must be 'random' or 'seed', got {self.mode!r}")
+        if self.n is None and self.mode == "random":
+            problems.append("n is required in random mode")
+        if self.n is not None and self.n < 1:
+            problems.append(f"n must be at least 1, got {self.n}")
+        if self.npix < 2 or self.step <= 0 or self.start <= 0:
+            problems.append("the grid needs npix >= 2, step > 0 and start > 0 (Angstrom)")
+        for name in ("teff", "logg", "vsini", "snr", "rv"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                problems.append(f"{name} range must be (low, high), got {(lo, hi)}")
+        if self.snr[0] <= 0 or self.vsini[0] < 0 or max(abs(v) for v in self.rv) >= 0.1 * physics.C_KMS:
+            problems.append("need snr > 0, vsini >= 0 and |rv| < 0.1 c")
+        if self.resolving_power <= 0 or self.oversample < 1 or not 0 <= self.epsilon <= 1:
+            problems.append("need resolving_power > 0, oversample >= 1 and 0 <= epsilon <= 1")
+        if problems:
+            raise StarcastError("bad synth configuration: " + "; ".join(problems))
 
     def grid(self) -> WavelengthGrid:
         return WavelengthGrid.linear(self.start, self.step, self.npix, medium="air")
@@ -127,8 +149,8 @@ def draw_labels(config: SynthConfig) -> dict[str, np.ndarray]:
             pick = np.arange(n) % len(nodes)
         teff, logg, vsini = nodes[pick].T.copy()
         split = np.array([split_of(*node) for node in nodes[pick]], dtype=object)
-    elif config.mode == "random":
-        n = int(config.n or 0)
+    else:  # random
+        n = int(config.n)
         teff, logg = np.empty(0), np.empty(0)
         while teff.size < n:  # rejection sampling below the Eddington envelope
             t = rng.uniform(*config.teff, size=max(n, 16))
@@ -138,8 +160,6 @@ def draw_labels(config: SynthConfig) -> dict[str, np.ndarray]:
         teff, logg = teff[:n], logg[:n]
         vsini = rng.uniform(*config.vsini, size=n)
         split = None
-    else:
-        raise ValueError(f"unknown synth mode {config.mode!r} (expected 'random' or 'seed')")
     return {
         "teff": teff, "logg": logg, "vsini": vsini, "split": split,
         "snr": rng.uniform(*config.snr, size=n).astype(np.float32),

@@ -23,6 +23,8 @@ from starcast.catalogs.synth import (
     synth_table,
 )
 
+from starcast.errors import StarcastError
+
 SMALL = dict(start=4300.0, step=0.2, npix=400)  # 4300-4380 A: H gamma and its wings
 
 
@@ -180,3 +182,10 @@ def test_generator_matches_an_independent_numpy_scipy_rebuild():
     ours = synth_arrays(cfg).normalised
     for i in range(4):
         assert np.max(np.abs(ours[i] - reference_normalised(cfg, lab, i))) < 2e-3
+
+
+@pytest.mark.parametrize("bad", [dict(mode="grid"), dict(n=0), dict(n=None), dict(snr=(300, 50)),
+                                 dict(rv=(-1e5, 0)), dict(npix=1), dict(epsilon=1.5)])
+def test_bad_configurations_are_refused_with_a_message(bad):
+    with pytest.raises(StarcastError, match="bad synth configuration"):
+        SynthConfig(**bad)
