@@ -71,6 +71,8 @@ class SynthConfig:
     id_start: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("teff", "logg", "vsini", "snr", "rv"):  # TOML and JSON give lists
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         problems = []
         if self.mode not in ("random", "seed"):
             problems.append(f"mode must be 'random' or 'seed', got {self.mode!r}")
@@ -321,9 +323,17 @@ def arrays_to_table(arrays: SynthArrays, config: SynthConfig) -> pa.Table:
     return table.replace_schema_metadata(generator_metadata(config))
 
 
-def synth_table(config: SynthConfig) -> pa.Table:
-    """The survey of `config` as one catalog table (grid and provenance in the schema metadata)."""
-    return arrays_to_table(synth_arrays(config), config)
+def synth_table(config: SynthConfig, chunk_rows: int = 4096) -> pa.Table:
+    """The survey of `config` as one catalog table (grid and provenance in the schema metadata).
+
+    Computed `chunk_rows` spectra at a time, so the truth arrays (`normalised`, `continuum`) of only
+    one chunk are ever in memory beside the table.
+    """
+    labels = draw_labels(config)
+    total = labels["ids"].shape[0]
+    chunks = [arrays_to_table(compute_spectra(config, labels, slice(s, min(s + chunk_rows, total))), config)
+              for s in range(0, total, chunk_rows)]
+    return pa.concat_tables(chunks)
 
 
 def synth(n: int | None, out: str | Path, *, mode: str = "random", seed: int = 0, shard_rows: int = 5000,

@@ -149,6 +149,8 @@ def test_synth_table_holds_noise_free_truth_consistent_with_flux():
     flux = np.stack(table.column("flux").to_numpy(zero_copy_only=False))
     assert np.allclose(flux, a.continuum * a.normalised, atol=1e-5)
     assert np.all(a.normalised <= 1.0 + 1e-6) and np.all(a.normalised > 0)
+    chunked = synth_table(SynthConfig(n=3, seed=4, snr=(1e7, 1e7), rv=(0, 0), **SMALL), chunk_rows=2)
+    assert chunked.equals(table, check_metadata=True)
 
 
 def reference_normalised(cfg, lab, i):
