@@ -44,14 +44,15 @@ def write_catalog(table: pa.Table, path: str | Path, *, grid: WavelengthGrid | N
 
 def _encodings(schema: pa.Schema) -> dict:
     # Byte-stream split for float list columns (their Parquet leaf is `name.list.element`), dictionary
-    # encoding only for non-id string columns (e.g. `split`); zstd for everything.
+    # encoding only for non-id string columns (e.g. `split`); zstd for everything; CRC32 page checksums
+    # so that a corrupted page is an error on reading, not silently wrong flux.
     floats = [f"{f.name}.list.element" for f in schema
               if (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
                   or pa.types.is_large_list(f.type)) and pa.types.is_floating(f.type.value_type)]
     strings = [f.name for f in schema if f.name != ID and (pa.types.is_string(f.type)
                                                            or pa.types.is_large_string(f.type))]
     return {"compression": "zstd", "use_dictionary": strings or False,
-            "use_byte_stream_split": floats or False}
+            "use_byte_stream_split": floats or False, "write_page_checksum": True}
 
 
 def list_inputs(spec: str | Path) -> list[Path]:
@@ -77,7 +78,7 @@ def _open(path: str | Path) -> pq.ParquetFile:
     if path.stat().st_size == 0:
         raise CatalogError("empty file (0 bytes), not a Parquet catalog", file=str(path))
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CatalogError(f"not a readable Parquet file ({exc})", file=str(path)) from exc
 

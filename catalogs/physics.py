@@ -163,7 +163,7 @@ def rotation_profile(dl: np.ndarray, dl_max: float, epsilon: float = 0.6) -> np.
     """Gray's rotation profile G(dl) (1/A) for half width `dl_max = lam vsini / c` and linear limb darkening.
 
     G = [2 (1-eps) sqrt(1-x^2) + (pi eps / 2) (1-x^2)] / [pi dl_max (1 - eps/3)], x = dl/dl_max
-    (Gray, "The Observation and Analysis of Stellar Photospheres", eq. 18.14); zero for |x| >= 1.
+    (Gray, "The Observation and Analysis of Stellar Photospheres", ch. 18); zero for |x| >= 1.
     """
     x = np.asarray(dl, dtype=np.float64) / dl_max
     inside = np.clip(1.0 - x * x, 0.0, None)

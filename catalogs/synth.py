@@ -154,11 +154,16 @@ def draw_labels(config: SynthConfig) -> dict[str, np.ndarray]:
     else:  # random
         n = int(config.n)
         teff, logg = np.empty(0), np.empty(0)
-        while teff.size < n:  # rejection sampling below the Eddington envelope
+        for _ in range(10_000):  # rejection sampling below the Eddington envelope
+            if teff.size >= n:
+                break
             t = rng.uniform(*config.teff, size=max(n, 16))
             g = rng.uniform(*config.logg, size=max(n, 16))
             keep = g >= logg_min(t)
             teff, logg = np.concatenate([teff, t[keep]]), np.concatenate([logg, g[keep]])
+        if teff.size < n:
+            raise StarcastError(f"teff {config.teff} and logg {config.logg} lie (almost) entirely below the "
+                                "Eddington envelope log g >= 1.6 + 0.1 (Teff - 15000 K) / 1000 K")
         teff, logg = teff[:n], logg[:n]
         vsini = rng.uniform(*config.vsini, size=n)
         split = None

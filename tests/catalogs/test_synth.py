@@ -191,3 +191,8 @@ def test_generator_matches_an_independent_numpy_scipy_rebuild():
 def test_bad_configurations_are_refused_with_a_message(bad):
     with pytest.raises(StarcastError, match="bad synth configuration"):
         SynthConfig(**bad)
+
+
+def test_random_ranges_beyond_the_eddington_envelope_are_an_error():
+    with pytest.raises(StarcastError, match="Eddington"):
+        draw_labels(SynthConfig(n=5, teff=(29000, 30000), logg=(1.75, 2.0)))
