@@ -20,7 +20,18 @@ import pyarrow as pa
 
 from ..errors import StarcastError
 from . import physics
-from .schema import FLUX, FLUX_ERR, ID, META_GENERATOR, META_WAVELENGTH, RV, SNR, SPLIT, WavelengthGrid
+from .schema import (
+    FLUX,
+    FLUX_ERR,
+    ID,
+    META_GENERATOR,
+    META_WAVELENGTH,
+    RV,
+    SNR,
+    SPLIT,
+    WavelengthGrid,
+    spectrum_array,
+)
 
 # The grid of the reference study (mode "seed"): Teff in K, log g in dex (cgs), v sin i in km/s.
 SEED_TEFF = np.arange(15000.0, 30000.0 + 1.0, 1000.0)
@@ -314,12 +325,8 @@ def generator_metadata(config: SynthConfig) -> dict[str, str]:
 def arrays_to_table(arrays: SynthArrays, config: SynthConfig) -> pa.Table:
     """A catalog table (DESIGN.md schema) from synthetic arrays; the grid goes into schema metadata."""
     d = arrays.wavelength.shape[0]
-
-    def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
-        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa.float32()), d)
-
-    cols = {ID: pa.array(arrays.ids, pa.int64()), FLUX: fixed(arrays.flux),
-            FLUX_ERR: fixed(arrays.flux_err), RV: pa.array(arrays.rv, pa.float64()),
+    cols = {ID: pa.array(arrays.ids, pa.int64()), FLUX: spectrum_array(arrays.flux, d),
+            FLUX_ERR: spectrum_array(arrays.flux_err, d), RV: pa.array(arrays.rv, pa.float64()),
             SNR: pa.array(arrays.snr, pa.float32()), "teff": pa.array(arrays.teff, pa.float64()),
             "logg": pa.array(arrays.logg, pa.float64()), "vsini": pa.array(arrays.vsini, pa.float64())}
     if arrays.split is not None:

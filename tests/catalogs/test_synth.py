@@ -7,8 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starcast.catalogs import physics
-from starcast.catalogs.io import read_catalog, read_metadata
+from starcast.catalogs.io import read_catalog, read_metadata, write_catalog
 from starcast.catalogs.schema import META_GENERATOR, WavelengthGrid, validate
 from starcast.catalogs.synth import (
     SynthConfig,
@@ -196,3 +198,16 @@ def test_bad_configurations_are_refused_with_a_message(bad):
 def test_random_ranges_beyond_the_eddington_envelope_are_an_error():
     with pytest.raises(StarcastError, match="Eddington"):
         draw_labels(SynthConfig(n=5, teff=(29000, 30000), logg=(1.75, 2.0)))
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 6), npix=st.integers(2, 300), start=st.floats(4000.0, 4500.0),
+       seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(["random", "seed"]))
+def test_any_small_survey_validates_and_round_trips_through_parquet(tmp_path_factory, n, npix, start, seed,
+                                                                    mode):
+    cfg = SynthConfig(n=n, npix=npix, start=start, seed=seed, mode=mode)
+    table = synth_table(cfg)
+    validate(table)
+    assert np.all(np.isfinite(np.stack(table.column("flux").to_numpy(zero_copy_only=False))))
+    path = write_catalog(table, tmp_path_factory.mktemp("rt") / "s.parquet")
+    assert read_catalog(path).equals(table, check_metadata=True)
