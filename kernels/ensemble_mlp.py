@@ -52,7 +52,7 @@ def _act(v, ACT: tl.constexpr):
     if ACT == "silu":
         return v / (1.0 + tl.exp(-v))
     else:
-        return tl.maximum(v, 0.0)
+        return tl.where(v < 0.0, 0.0, v)  # not tl.maximum: it would turn a NaN row into zeros
 
 
 @triton.jit
