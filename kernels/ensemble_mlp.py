@@ -222,6 +222,12 @@ class PackedWeights:
     hp: int
     kp: int
     num_hidden: int
+    shapes: tuple  # the original ((W shape, b shape), ...), for argument checks
+    precision: str
+
+    def shape_only(self):
+        """Meta tensors with the original layer shapes (what `check_inputs` validates against)."""
+        return [(torch.empty(w, device="meta"), torch.empty(b, device="meta")) for w, b in self.shapes]
 
 
 def padded_width(width: int) -> int:
@@ -256,7 +262,8 @@ def pack_weights(layers, precision: str = "bf16", device=None) -> PackedWeights:
     bo_p = torch.cat((pad(bo[..., :k], kp), pad(bo[..., k:], kp)), dim=1)
     return PackedWeights(pad(w1, w1.shape[1], hp).to(dtype), pad(b1, hp), wh.to(dtype).contiguous(),
                          bh.contiguous(), wo_p.to(dtype).contiguous(), bo_p.contiguous(), hp, kp,
-                         len(layers) - 1)
+                         len(layers) - 1, tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers),
+                         precision)
 
 
 # ---- launcher ----------------------------------------------------------------------------------
@@ -266,6 +273,8 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
                           precision: str = "bf16", partials=None, config: dict | None = None):
     """Same arguments and result as `ensemble_stats_reference` (float32 [B, K] tensors on x's device).
 
+    `layers` may also be `pack_weights(layers, precision)`, packed once for many batches.
+
     `precision`: "bf16" (default) or "fp16" weights/activations with fp32 accumulation, or "tf32" /
     "fp32" (replaces the reference's `dtype`). `partials`: optional per-member output buffers
     (mean, M2, sum var), each float32 [M, B, K] (tests poison them). `config`: fixed tile shapes
@@ -273,7 +282,10 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    x, keys, members, k = check_inputs(x, keys, layers, p, samples, activation)
+    if isinstance(layers, PackedWeights) and layers.precision != precision:
+        raise ValueError(f"weights were packed for {layers.precision!r}, not {precision!r}")
+    shapes = layers.shape_only() if isinstance(layers, PackedWeights) else layers
+    x, keys, members, k = check_inputs(x, keys, shapes, p, samples, activation)
     device = x.device
     packed = layers if isinstance(layers, PackedWeights) else pack_weights(layers, precision, device)
     x = x.to(device=device, dtype=torch.float32).contiguous()

@@ -6,7 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starcast.kernels.ensemble_mlp import INTERPRETER_CONFIG, ensemble_stats_triton, padded_width
+from starcast.kernels.ensemble_mlp import (
+    INTERPRETER_CONFIG,
+    ensemble_stats_triton,
+    pack_weights,
+    padded_width,
+)
 from starcast.kernels.reference import ensemble_stats_reference
 
 TOLERANCE = {"fp32": 1e-5, "tf32": 1e-5, "fp16": 0.01, "bf16": 0.01}  # fraction of the reference sigma
@@ -111,6 +116,17 @@ def test_nan_row_stays_nan_and_does_not_contaminate_its_neighbours(activation):
     for a, b in zip(clean, dirty, strict=True):
         assert torch.equal(a[[0, 2, 3, 4]], b[[0, 2, 3, 4]])
         assert b[1].isnan().all()
+
+
+def test_weights_packed_once_give_the_same_result():
+    layers = make_layers(2, [12, 16, 16, 2], seed=6)
+    x, keys = torch.randn(3, 12), torch.arange(3)
+    kw = dict(p=0.1, samples=2, seed=0, precision="fp16")
+    direct = ensemble_stats_triton(x, keys, layers, **kw)
+    packed = ensemble_stats_triton(x, keys, pack_weights(layers, "fp16"), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(direct, packed, strict=True))
+    with pytest.raises(ValueError, match="packed"):
+        ensemble_stats_triton(x, keys, pack_weights(layers, "bf16"), **kw)
 
 
 def test_bad_arguments_are_refused():
