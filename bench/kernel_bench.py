@@ -272,7 +272,7 @@ def main():
     (RESULTS / f"kernel_{tag}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"kernel_{tag}.md").write_text(
         f"# kernel_bench on {result['machine'].get('gpu', result['machine']['cpu'])}\n\n"
-        f"{args.note}\n\nmeasured {peak_dtype} matmul peak {peak:.2f} TFLOP/s; p = {P}; "
+        f"{args.note}\n\nmeasured {peak_dtype} matmul peak {peak:.4f} TFLOP/s; p = {P}; "
         f"'ours vs it' = its time / our time.\n\n{table}\n")
     print(table)
 
