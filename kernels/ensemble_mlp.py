@@ -10,14 +10,16 @@ sum of variances in registers. Per (member, spectrum, target) it writes those th
 second stage (a few torch ops on [M, B, K]) merges members — equal counts, fixed order — then
 de-standardises and calibrates. Members sit in the grid rather than a loop so that a 1k-spectrum
 batch already fills an H100 (32 tiles x 8 members >= 132 SMs) at no cost but 3*K floats per member.
+p = 0 runs one sample (all S are identical), so S = 1, p = 0 is a plain deep ensemble.
 
 What stays where: weights stream from L2/HBM once per (tile, member, sample chunk), so the
 arithmetic intensity on weights is R flops/byte (bf16); accumulators, masks, RNG state and the
 running statistics live in registers. Triton exposes no addressable shared memory, and an [R, 512]
 activation does not fit registers, so each program keeps h1 and two ping-pong activations of its
-tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements; the grid is persistent, about two
-programs per SM, so all slabs together are ~20-40 MB and stay L2-resident): activations go to L2,
-not to the output. `tl.debug_barrier()` orders a layer's writes before the next layer's reads.
+tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements). This is a deviation from "activations
+never touch device memory": the grid is persistent, one program per SM, so on `survey` (R = 128,
+bf16) all slabs together are ~37 MB, of the order of the H100's 50 MB L2 — mostly L2 traffic, part
+may spill to HBM (unmeasured). `tl.debug_barrier()` orders a layer's writes before the next reads.
 
 Not measured: there was no GPU where this was written. Correctness is tested under TRITON_INTERPRET=1
 at small shapes; speed, the autotune configs and register/shared-memory fit on an H100 are untested
@@ -300,8 +302,8 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
         config = INTERPRETER_CONFIG
     candidates = [config] if config is not None else [c.kwargs for c in CONFIGS if _fits(c.kwargs, packed.hp)]
     max_tiles = max(triton.cdiv(n, c["BLOCK_B"]) for c in candidates)
-    programs = max_tiles if _interpreting() or device.type != "cuda" else min(
-        max_tiles, max(1, 2 * torch.cuda.get_device_properties(device).multi_processor_count // members))
+    programs = max_tiles if _interpreting() or device.type != "cuda" else min(  # persistent: ~1 per SM
+        max_tiles, max(1, torch.cuda.get_device_properties(device).multi_processor_count // members))
     stride = max(c["BLOCK_B"] * packed.hp * (1 + 2 * c["SB"]) for c in candidates)
     scratch = torch.empty(programs * members * stride, dtype=packed.w1.dtype, device=device)
     args = (x, rows, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo, *partials, scratch,
