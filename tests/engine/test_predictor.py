@@ -136,6 +136,30 @@ def test_same_numbers_alone_in_a_batch_and_shuffled(model, order, seed):
                                                         backend="cpu"))[0], batch[first])
 
 
+def test_prepare_then_infer_across_an_arrow_round_trip_equals_predict(model):
+    flux = spectra(5, seed=11)
+    flux[2] = np.nan
+    table = catalog(flux, teff=[1.0, 2e4, 2e4, 2e4, 2e4])
+    prepared = model.prepare(table)
+    assert prepared.num_rows == 5 and np.isfinite(prepared.column("x").flatten().to_numpy()).all()
+    assert prepared.column("error")[2].as_py() and prepared.schema.field("key").type == pa.int64()
+    sink = pa.BufferOutputStream()  # what a Ray object store hop does to the batch
+    with pa.ipc.new_stream(sink, prepared.schema) as writer:
+        writer.write_batch(prepared)
+    hopped = pa.ipc.open_stream(sink.getvalue()).read_all()
+    pieces = pa.concat_tables([hopped.slice(0, 2), hopped.slice(2)])  # a chunked table works too
+    direct = model.predict(table, backend="cpu")
+    via = model.infer(pieces, backend="cpu")
+    assert via.equals(direct) and via.schema.metadata == direct.schema.metadata
+    assert via.column("flags")[0].as_py() & Flag.OUT_OF_RANGE  # labels travel with the prepared rows
+
+
+def test_infer_refuses_a_batch_prepared_for_another_grid(model, bundle_factory, tmp_path):
+    other = load_model(bundle_factory(tmp_path / "wide", grid=WavelengthGrid.linear(4000.0, 2.0, 100)))
+    with pytest.raises(StarcastError, match="another model"):
+        model.infer(other.prepare(catalog(spectra(1))))
+
+
 def test_seed_and_id_change_the_dropout_samples(model):
     table = catalog(spectra(1, seed=6))
     base = numbers(model.predict(table, seed=0, backend="cpu"))
