@@ -16,7 +16,7 @@ import torch
 
 import starcast
 
-from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, Flag, WavelengthGrid
+from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, Flag, WavelengthGrid, results_schema
 from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
 from ..kernels.preprocess import PreprocessSettings, preprocess
@@ -228,15 +228,17 @@ class Model:
                     out_of_range |= (truth < lo[k]) | (truth > hi[k])
         flags |= np.where(out_of_range, int(Flag.OUT_OF_RANGE), 0).astype(np.int32)
         flags |= np.where(high, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
-        columns = {ID: _array(prepared.column(ID))}
+        ids = _array(prepared.column(ID))
+        columns = {ID: ids}
         for k, t in enumerate(self.targets):
             for suffix, values in (("", mean), ("_err", err), ("_err_aleatoric", err_a),
                                    ("_err_epistemic", err_e)):
                 columns[t.name + suffix] = pa.array(values[:, k], pa.float64(), mask=~ok)
         columns[FLAGS] = pa.array(flags, pa.int32())
         columns[ERROR] = _array(prepared.column(ERROR))
+        schema = results_schema([t.name for t in self.targets], id_type=ids.type)
         meta = self.metadata(samples=samples, seed=seed, backend=backend)
-        return pa.table(columns).replace_schema_metadata(meta)
+        return pa.Table.from_pydict(columns, schema=schema.with_metadata(meta))
 
 
 def resolve_backend(backend: str) -> str:
