@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid
+from starcast.catalogs.synth import SynthConfig, synth_table
 from starcast.engine import predictor
 from starcast.engine.bundle import MANIFEST_FILE
 from starcast.engine.predictor import Model, load_model
@@ -177,6 +178,20 @@ def test_string_ids_and_a_shared_grid_from_file_metadata(model):
     a, b = model.predict(per_row, backend="cpu"), model.predict(shared, backend="cpu")
     assert b.column("id").to_pylist() == ["a", "b", "c"] and b.schema.field("id").type == pa.string()
     np.testing.assert_allclose(numbers(a), numbers(b), rtol=1e-12)
+
+
+def test_synthetic_survey_with_a_file_level_grid_is_predicted_and_labels_checked(model):
+    table = synth_table(SynthConfig(n=12, npix=1200, seed=1))  # 4000-4240 A, grid in schema metadata
+    out = model.predict(table, backend="cpu")
+    assert out.column("id").equals(table.column("id")) and out.column("error").null_count == 12
+    assert np.isfinite(numbers(out)).all()
+    logg = table.column("logg").to_numpy()  # the tiny model was "trained" on 2.5 <= logg <= 4.75
+    labels_outside = (logg < 2.5) | (logg > 4.75)
+    predicted_outside = (numbers(out)[:, 0::4] < [10000.0, 2.5, 0.0]).any(axis=1) | (
+        numbers(out)[:, 0::4] > [50000.0, 4.75, 450.0]).any(axis=1)
+    flagged = (out.column("flags").to_numpy() & Flag.OUT_OF_RANGE) > 0
+    np.testing.assert_array_equal(flagged, labels_outside | predicted_outside)
+    assert labels_outside.any() and not labels_outside.all()
 
 
 def test_out_of_range_from_prediction_or_from_true_labels(bundle_factory, tmp_path):
