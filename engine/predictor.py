@@ -66,7 +66,7 @@ class Model:
             raise ModelError(f"model bundle {bundle.path}: manifest 'preprocess': {exc}") from exc
         self.samples, self.seed, self.backend = samples, seed, backend
         self._grid_values = self.grid.values()
-        self._layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._weights: dict[str, object] = {}  # per backend: layers on its device, or packed
 
     @property
     def name(self) -> str:
@@ -189,11 +189,17 @@ class Model:
         return ok, x, keys
 
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):
+        """(x, keys, weights) on the backend's device; weights are moved (and for Triton packed
+        into its padded low-precision layout) once per model, not per batch."""
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-        if backend not in self._layers:
-            self._layers[backend] = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
-        return (torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device),
-                self._layers[backend])
+        if backend not in self._weights:
+            layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
+            if backend == "triton":
+                from ..kernels.ensemble_mlp import pack_weights
+
+                layers = pack_weights(layers, device=device)
+            self._weights[backend] = layers
+        return torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device), self._weights[backend]
 
     def _kernel_args(self, samples: int, seed: int) -> dict:
         arch = self.bundle.architecture
