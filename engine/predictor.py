@@ -1,8 +1,9 @@
 """The predictor: a loaded model bundle that turns catalog rows into the results columns of DESIGN.md.
 
-`Model.predict` (and `Model.__call__`, the one code path the local and Ray pipelines share) runs
-ids -> RNG keys, preprocessing onto the model grid, the ensemble x MC-dropout kernel of the chosen
-backend, and the quality flags. It knows nothing of files, Ray or progress bars.
+`Model.predict` is `infer(prepare(batch))`: `prepare` (CPU) turns ids into RNG keys and preprocesses
+onto the model grid, `infer` runs the ensemble x MC-dropout kernel of the chosen backend and sets the
+quality flags. The local and Ray pipelines call these same two methods (or `__call__`), so their
+numbers cannot differ. Nothing here knows of files, Ray or progress bars.
 """
 
 from __future__ import annotations

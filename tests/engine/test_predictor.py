@@ -217,6 +217,14 @@ def test_synthetic_survey_with_a_file_level_grid_is_predicted_and_labels_checked
     assert labels_outside.any() and not labels_outside.all()
 
 
+def test_a_dict_of_numpy_columns_is_a_catalog(model):
+    flux = spectra(3, seed=13)
+    from_dict = model.predict({"id": np.array([5, 6, 7]), "flux": flux, "wavelength": WAVELENGTH},
+                              backend="cpu")
+    np.testing.assert_array_equal(numbers(from_dict),
+                                  numbers(model.predict(catalog(flux, ids=[5, 6, 7]), backend="cpu")))
+
+
 def test_out_of_range_from_prediction_or_from_true_labels(bundle_factory, tmp_path):
     table = catalog(spectra(4, seed=8))
     wide = load_model(bundle_factory(tmp_path / "wide"))
