@@ -96,8 +96,9 @@ class FileReport:
 class ResultsWriter:
     """Streams one input file's results to a hidden temporary file; `commit` makes it visible."""
 
-    def __init__(self, out: Path, input_file: Path, identity: RunIdentity):
-        self.input_file, self.identity = input_file, identity
+    def __init__(self, out: Path, input_file: Path, identity: RunIdentity, empty: pa.Table):
+        """`empty`: the zero-row results table written when the input has no rows."""
+        self.input_file, self.identity, self.empty = input_file, identity, empty
         self.final = results_path(out, input_file)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = self.final.with_name(f".{self.final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
@@ -114,10 +115,10 @@ class ResultsWriter:
             table = table.select(self._schema.names).cast(self._schema)
         self._writer.write_table(table)
 
-    def commit(self, report: FileReport, empty: pa.Table) -> None:
+    def commit(self, report: FileReport) -> None:
         """Close, fsync and rename the results file, then write the marker (last)."""
         if self._writer is None:
-            self.write(empty)
+            self.write(self.empty)
         self._writer.close()
         _fsync(self.temp)
         os.replace(self.temp, self.final)

@@ -204,7 +204,6 @@ class LocalPipeline:
 
     def _write(self, files, reports, in_q: queue.Queue, writers: dict, bar: tqdm) -> None:
         targets = target_names(self.model)
-        id_types: dict[int, pa.DataType] = {}
         while (msg := in_q.get()) is not None:
             kind, i, payload = msg
             t0 = time.perf_counter()
@@ -213,7 +212,8 @@ class LocalPipeline:
             report = reports[i]
             if kind == "start":
                 clear_outputs(self.out, files[i])
-                writers[i], id_types[i] = ResultsWriter(self.out, files[i], self.identity), payload
+                empty = failed_results(pa.array([], payload), targets, 0, None)
+                writers[i] = ResultsWriter(self.out, files[i], self.identity, empty)
             elif kind == "rows":
                 writers[i].write(payload)
                 report.count(payload)
@@ -222,8 +222,7 @@ class LocalPipeline:
                 report.rows_in = payload
                 if report.rows_out != payload:  # the exactly-once invariant, checked before commit
                     raise RuntimeError(f"{files[i]}: {payload} rows read but {report.rows_out} written")
-                empty = failed_results(pa.array([], id_types[i]), targets, 0, None)
-                writers.pop(i).commit(report, empty)
+                writers.pop(i).commit(report)
                 report.status = "done"
             elif kind == "fail":
                 if i in writers:

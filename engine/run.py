@@ -73,7 +73,7 @@ def run_job(spec: JobSpec) -> dict:
         from .distributed import run_ray  # imports ray only when asked for
 
         done, stage_seconds = run_ray(todo, out, spec.model or DEFAULT_MODEL, identity, address=spec.ray,
-                                      **options)
+                                      model=model, **options)
     else:
         pipeline = LocalPipeline(model, identity, out, **options)
         done = pipeline.run(todo)
