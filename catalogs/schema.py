@@ -12,6 +12,10 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import CatalogError
 
 # Input columns. Wavelengths are in Angstrom; `rv` in km/s (positive = receding).
 ID, FLUX, WAVELENGTH, FLUX_ERR, IVAR, MASK, RV, SNR, SPLIT = (
@@ -85,3 +89,145 @@ class WavelengthGrid:
         if kind not in ("linear", "log"):
             raise ValueError(f"unknown wavelength grid kind {kind!r} (expected linear, log or explicit)")
         return cls(kind, float(d["start"]), float(d["step"]), int(d["n"]), None, d.get("medium", "vacuum"))
+
+
+# --- Building and validating tables -------------------------------------------------------------
+
+_LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+
+
+def catalog_schema(npix: int | None = None, *, id_type: pa.DataType | None = None,
+                   labels: tuple[str, ...] = LABELS, flux_err: bool = True, wavelength: bool = False,
+                   rv: bool = True, snr: bool = True, split: bool = False,
+                   grid: WavelengthGrid | None = None, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The Arrow schema of a spectrum catalog (DESIGN.md, "Catalog").
+
+    `npix` gives `flux` (and `flux_err`) a fixed_size_list type, for catalogs that share one grid;
+    `grid` is stored in the schema metadata under `starcast.wavelength`.
+    """
+    id_type = pa.int64() if id_type is None else id_type
+    spectrum = pa.list_(pa.float32(), npix) if npix is not None else pa.list_(pa.float32())
+    fields = [pa.field(ID, id_type, nullable=False), pa.field(FLUX, spectrum)]
+    if wavelength:
+        fields.append(pa.field(WAVELENGTH, pa.list_(pa.float64())))
+    if flux_err:
+        fields.append(pa.field(FLUX_ERR, spectrum))
+    if rv:
+        fields.append(pa.field(RV, pa.float64()))
+    if snr:
+        fields.append(pa.field(SNR, pa.float32()))
+    fields += [pa.field(name, pa.float64()) for name in labels]
+    if split:
+        fields.append(pa.field(SPLIT, pa.string()))
+    meta = dict(metadata or {})
+    if grid is not None:
+        meta[META_WAVELENGTH] = grid.to_json()
+    return pa.schema(fields, metadata=meta or None)
+
+
+def results_schema(targets, *, id_type: pa.DataType | None = None) -> pa.Schema:
+    """The Arrow schema of a results catalog (DESIGN.md, "Output") for the given target names."""
+    fields = [pa.field(ID, pa.int64() if id_type is None else id_type)]
+    for t in targets:
+        fields += [pa.field(name, pa.float64())
+                   for name in (t, f"{t}_err", f"{t}_err_aleatoric", f"{t}_err_epistemic")]
+    return pa.schema(fields + [pa.field(FLAGS, pa.int32()), pa.field(ERROR, pa.string())])
+
+
+def table_grid(schema: pa.Schema) -> WavelengthGrid | None:
+    """The shared wavelength grid stored in a schema's metadata, or None."""
+    meta = schema.metadata or {}
+    raw = meta.get(META_WAVELENGTH.encode())
+    return WavelengthGrid.from_json(raw) if raw is not None else None
+
+
+def _check_type(table: pa.Table, name: str, ok, expected: str, file) -> None:
+    if name in table.column_names and not ok(table.schema.field(name).type):
+        raise CatalogError(f"expected {expected}, got {table.schema.field(name).type}", file=file,
+                           column=name)
+
+
+def _is_float_list(t: pa.DataType) -> bool:
+    return any(f(t) for f in _LIST_TYPES) and pa.types.is_floating(t.value_type)
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def validate(table: pa.Table, file=None) -> None:
+    """Check `table` against the catalog schema; raise `CatalogError` naming file, column, row, reason.
+
+    Checks: `id` present, non-null, unique, int or string; `flux` a list of floats whose rows all have
+    one length unless a `wavelength` column gives each row its own grid (then lengths must match) or a
+    grid is in the metadata (then lengths must equal it); types of the optional columns. Null or
+    all-NaN spectra pass: they are flagged downstream, one output row per input row.
+    """
+    names = table.column_names
+    for required in (ID, FLUX):
+        if required not in names:
+            raise CatalogError(f"required column missing (columns present: {names})", file=file,
+                               column=required)
+    id_type = table.schema.field(ID).type
+    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        raise CatalogError(f"expected int64 or string ids, got {id_type}", file=file, column=ID)
+    ids = table.column(ID)
+    if ids.null_count:
+        raise CatalogError("missing id", file=file, column=ID, row=_first_row(ids.is_null().to_numpy(
+            zero_copy_only=False)))
+    _check_type(table, FLUX, _is_float_list, "a list of float32", file)
+    for name in (FLUX_ERR, IVAR):
+        _check_type(table, name, _is_float_list, "a list of float32", file)
+    _check_type(table, WAVELENGTH, _is_float_list, "a list of float64 (Angstrom)", file)
+    _check_type(table, MASK, lambda t: any(f(t) for f in _LIST_TYPES) and pa.types.is_boolean(t.value_type),
+                "a list of bool", file)
+    for name in (RV, SNR, *LABELS):
+        _check_type(table, name, lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
+                    "a number (float64)", file)
+    _check_type(table, SPLIT, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+                "a string", file)
+    _check_unique(ids, file)
+    _check_lengths(table, file)
+
+
+def _check_unique(ids: pa.ChunkedArray, file) -> None:
+    counts = pc.value_counts(ids)
+    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        first = dup[0].as_py()
+        rows = np.flatnonzero(pc.equal(ids, first).to_numpy(zero_copy_only=False))
+        raise CatalogError(f"duplicate id {first!r} (also at row {int(rows[0])})", file=file, column=ID,
+                           row=int(rows[1]))
+
+
+def _check_lengths(table: pa.Table, file) -> None:
+    flux = table.column(FLUX)
+    if pa.types.is_fixed_size_list(flux.type) and WAVELENGTH not in table.column_names:
+        lengths = None
+    else:
+        lengths = pc.list_value_length(flux).to_numpy(zero_copy_only=False)
+    grid = table_grid(table.schema)
+    valid = ~flux.is_null().to_numpy(zero_copy_only=False)
+    if WAVELENGTH in table.column_names:
+        wl = pc.list_value_length(table.column(WAVELENGTH)).to_numpy(zero_copy_only=False)
+        bad = valid & (wl != lengths)
+        if bad.any():
+            row = _first_row(bad)
+            raise CatalogError(f"flux has {lengths[row]} pixels but wavelength has {wl[row]}", file=file,
+                               column=FLUX, row=row)
+        return
+    n = grid.n if grid is not None else None
+    if lengths is None:
+        lengths = np.full(len(flux), flux.type.list_size)
+    if n is None:
+        if not valid.any():
+            return
+        n = int(lengths[valid][0])
+        reason = "ragged flux: rows differ in length and there is no wavelength column or file grid"
+    else:
+        reason = f"flux length differs from the file's wavelength grid ({n} pixels)"
+    bad = valid & (lengths != n)
+    if bad.any():
+        row = _first_row(bad)
+        raise CatalogError(f"{reason} (this row has {lengths[row]}, expected {n})", file=file,
+                           column=FLUX, row=row)

@@ -1,0 +1,91 @@
+"""Command-line front of the catalogs sub-package: `starcast synth` and `starcast import-csv`.
+
+Thin click wrappers over `synth.synth` and `csv_import.import_csv`; they parse options, show a
+progress bar and print a one-screen summary. Errors are `StarcastError`s, printed by the main CLI.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import StarcastError
+
+
+def _parse_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected A:B (two numbers), got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise click.BadParameter(f"expected 0 < A <= B, got {text!r}")
+    return lo, hi
+
+
+def _summary(out: Path, paths: list[Path], seconds: float) -> str:
+    # Reads only the scalar columns, batch by batch, so it stays cheap for a million spectra.
+    import numpy as np
+    import pyarrow as pa
+
+    from .io import iter_batches, read_grid
+
+    wanted = ["teff", "logg", "vsini", "rv", "snr", "split"]
+    names = [n for n in wanted if n in next(iter_batches(paths[0], batch_rows=1)).schema.names]
+    table = pa.Table.from_batches(list(iter_batches(out, columns=names)))
+    grid = read_grid(paths[0])
+    lines = [f"wrote {table.num_rows} spectra in {len(paths)} shard(s) to {out} "
+             f"({table.num_rows / max(seconds, 1e-9):.0f} spectra/s including compilation)",
+             f"grid: {grid.n} pixels, {grid.values()[0]:.1f}-{grid.values()[-1]:.1f} A ({grid.medium})"]
+    for name, unit in (("teff", "K"), ("logg", "dex"), ("vsini", "km/s"), ("rv", "km/s"), ("snr", "")):
+        if name in names:
+            v = table.column(name).to_numpy()
+            lines.append(f"{name:>6}: {v.min():10.2f} .. {v.max():10.2f} {unit}")
+    if "split" in names:
+        values, counts = np.unique(table.column("split").to_numpy(zero_copy_only=False), return_counts=True)
+        lines.append("split: " + ", ".join(f"{v} {c}" for v, c in zip(values, counts, strict=True)))
+    return "\n".join(lines)
+
+
+@click.command("synth")
+@click.option("--n", "n", type=int, default=None,
+              help="Number of spectra (required in random mode; seed mode defaults to the whole grid).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory for the Parquet shards part-00000.parquet, ...")
+@click.option("--mode", type=click.Choice(["random", "seed"]), default="random", show_default=True,
+              help="random: uniform draws of Teff, log g, v sin i; seed: the reference grid with a "
+                   "train/val/test split column.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--shard-rows", type=int, default=5000, show_default=True, help="Spectra per shard file.")
+@click.option("--snr", "snr", default="50:300", show_default=True,
+              help="Range A:B of the per-pixel signal-to-noise on the continuum (uniform draws).")
+def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str) -> None:
+    """Synthesise a survey of OB-star spectra (4000-4800 A, R = 20000) as Parquet shards."""
+    from .synth import synth as run_synth
+
+    if mode == "random" and n is None:
+        raise click.UsageError("--n is required in random mode")
+    if n is not None and n < 1:
+        raise click.BadParameter("--n must be at least 1")
+    start = time.perf_counter()
+    paths = run_synth(n, out, mode=mode, seed=seed, shard_rows=shard_rows, snr=_parse_range(snr),
+                      progress=True)
+    click.echo(_summary(out, paths, time.perf_counter() - start))
+
+
+@click.command("import-csv")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory for the Parquet shards.")
+@click.option("--medium", type=click.Choice(["vacuum", "air"]), default="vacuum", show_default=True,
+              help="Whether the header wavelengths are vacuum or air wavelengths.")
+@click.option("--shard-rows", type=int, default=10000, show_default=True, help="Spectra per shard file.")
+def import_csv(file: Path, out: Path, medium: str, shard_rows: int) -> None:
+    """Import a wide CSV (one row per spectrum, one column per wavelength in A) as a catalog."""
+    from .csv_import import import_csv as run_import
+
+    paths = run_import(file, out, shard_rows=shard_rows, medium=medium)
+    if not paths:
+        raise StarcastError(f"file {file}: nothing imported")
+    click.echo(f"imported {file} into {len(paths)} shard(s) in {out}")

@@ -1,0 +1,103 @@
+"""Importer for the wide CSV layout spectroscopists pass around: one row per spectrum.
+
+Every column whose header is a number is a pixel at that wavelength (Angstrom), e.g. `4460.1,
+4460.2, ...`; the other headers must be known catalog columns (`id`, `rv`, `snr`, `split` and the
+labels `teff`, `logg`, `vsini`). Empty cells become NaN flux. Anything else is a `CatalogError`
+naming the file and the column (or row), never a parser traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from ..errors import CatalogError
+from .io import write_catalog
+from .schema import FLUX, ID, LABELS, META_WAVELENGTH, RV, SNR, SPLIT, WavelengthGrid, validate
+
+KNOWN_COLUMNS = {ID: None, RV: pa.float64(), SNR: pa.float32(), SPLIT: pa.string(),
+                 **{name: pa.float64() for name in LABELS}}
+
+
+def _header(path: Path) -> list[str]:
+    if not path.is_file():
+        raise CatalogError("no such file", file=str(path))
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        try:
+            header = next(csv.reader(fh), None)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise CatalogError(f"not a readable CSV file ({exc})", file=str(path)) from exc
+    if not header:
+        raise CatalogError("empty file: no header row", file=str(path))
+    return [h.strip() for h in header]
+
+
+def _classify(path: Path, header: list[str]) -> dict[str, float]:
+    # Header -> wavelength (A) for the pixel columns; known columns are skipped, anything else fails.
+    wavelengths, seen = {}, set()
+    for name in header:
+        if name in seen:
+            raise CatalogError("duplicate column header", file=str(path), column=name)
+        seen.add(name)
+        if name in KNOWN_COLUMNS:
+            continue
+        try:
+            value = float(name)
+        except ValueError:
+            raise CatalogError(
+                f"header is neither a wavelength (a number, Angstrom) nor a known column "
+                f"({', '.join(sorted(KNOWN_COLUMNS))})", file=str(path), column=name) from None
+        if not np.isfinite(value) or value <= 0:
+            raise CatalogError("wavelength header must be a positive number", file=str(path), column=name)
+        wavelengths[name] = value
+    if not wavelengths:
+        raise CatalogError("no wavelength columns (headers that are numbers)", file=str(path))
+    return wavelengths
+
+
+def _grid(values: np.ndarray, medium: str) -> WavelengthGrid:
+    steps = np.diff(values)
+    if values.size > 1 and np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9 * values[-1]):
+        return WavelengthGrid.linear(values[0], (values[-1] - values[0]) / (values.size - 1), values.size,
+                                     medium=medium)
+    return WavelengthGrid.explicit(values, medium=medium)
+
+
+def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
+    """Read a wide CSV into a catalog table; the (sorted) wavelength grid goes into schema metadata."""
+    path = Path(file)
+    header = _header(path)
+    wavelengths = _classify(path, header)
+    types = {name: pa.float32() for name in wavelengths}
+    types.update({n: t for n, t in KNOWN_COLUMNS.items() if n in header and t is not None})
+    try:
+        raw = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CatalogError(f"cannot parse CSV ({exc})", file=str(path)) from exc
+    if raw.num_rows == 0:
+        raise CatalogError("no data rows", file=str(path))
+    order = sorted(wavelengths, key=wavelengths.get)
+    flux = np.column_stack([raw.column(n).to_numpy(zero_copy_only=False) for n in order]).astype(np.float32)
+    ids = raw.column(ID) if ID in header else pa.array(np.arange(raw.num_rows, dtype=np.int64))
+    cols = {ID: ids, FLUX: pa.FixedSizeListArray.from_arrays(pa.array(flux.reshape(-1)), len(order))}
+    cols.update({n: raw.column(n) for n in KNOWN_COLUMNS if n in header and n != ID})
+    grid = _grid(np.array([wavelengths[n] for n in order]), medium)
+    meta = {META_WAVELENGTH: grid.to_json(), "starcast.source": json.dumps({"csv": str(path)})}
+    table = pa.table(cols).replace_schema_metadata(meta)
+    validate(table, file=str(path))
+    return table
+
+
+def import_csv(file: str | Path, out: str | Path, *, shard_rows: int = 10000,
+               medium: str = "vacuum") -> list[Path]:
+    """Import a wide CSV as Parquet shards `out/part-00000.parquet`, ...; returns their paths."""
+    table = csv_to_table(file, medium=medium)
+    out = Path(out)
+    step = max(int(shard_rows), 1)
+    return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")
+            for i, start in enumerate(range(0, table.num_rows, step))]

@@ -1,0 +1,126 @@
+"""Parquet I/O for spectrum catalogs: write one shard, list shards, stream row groups, read metadata.
+
+Every failure to read a file (missing, empty, corrupt, not Parquet) becomes a `CatalogError` naming
+the file, never a traceback from inside pyarrow. Reading streams by row group, so memory is bounded
+by `batch_rows` whatever the catalog size. Schema checks live in `schema.validate`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import CatalogError
+from .schema import META_WAVELENGTH, WavelengthGrid, validate
+
+DEFAULT_ROW_GROUP_ROWS = 1024
+
+
+def write_catalog(table: pa.Table, path: str | Path, *, grid: WavelengthGrid | None = None,
+                  metadata: dict[str, str] | None = None,
+                  row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> Path:
+    """Validate `table` and write it to the Parquet file `path` (parents created); returns the path.
+
+    `grid` (stored as `starcast.wavelength`) and `metadata` (str -> str) are merged over the table's
+    own schema metadata.
+    """
+    path = Path(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    meta.update(metadata or {})
+    if grid is not None:
+        meta[META_WAVELENGTH] = grid.to_json()
+    table = table.replace_schema_metadata(meta)
+    validate(table, file=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=max(int(row_group_rows), 1))
+    return path
+
+
+def list_inputs(spec: str | Path) -> list[Path]:
+    """The Parquet files of a catalog: a file, a directory of `*.parquet` shards, or a glob; sorted."""
+    p = Path(spec)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+        if not files:
+            raise CatalogError("directory holds no *.parquet files", file=str(p))
+        return files
+    files = sorted(Path(f) for f in glob.glob(str(spec)) if Path(f).is_file())
+    if not files:
+        raise CatalogError("no such file, directory or matching glob", file=str(spec))
+    return files
+
+
+def _open(path: str | Path) -> pq.ParquetFile:
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError("no such file", file=str(path))
+    if path.stat().st_size == 0:
+        raise CatalogError("empty file (0 bytes), not a Parquet catalog", file=str(path))
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CatalogError(f"not a readable Parquet file ({exc})", file=str(path)) from exc
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The key-value metadata of one Parquet file, decoded to str -> str."""
+    raw = _open(path).schema_arrow.metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def read_grid(path: str | Path) -> WavelengthGrid | None:
+    """The shared wavelength grid of a file (`starcast.wavelength`), or None when it has none."""
+    text = read_metadata(path).get(META_WAVELENGTH)
+    if text is None:
+        return None
+    try:
+        return WavelengthGrid.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CatalogError(f"bad {META_WAVELENGTH} metadata ({exc})", file=str(path)) from exc
+
+
+def iter_batches(path: str | Path, batch_rows: int = 4096,
+                 columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream a catalog (file, directory or glob) as record batches of at most `batch_rows` rows."""
+    for file in list_inputs(path):
+        pf = _open(file)
+        if columns is not None:
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise CatalogError(f"requested columns not in file: {missing}", file=str(file))
+        try:
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise CatalogError(f"corrupt Parquet data ({exc})", file=str(file)) from exc
+
+
+def read_catalog(spec: str | Path) -> pa.Table:
+    """A whole catalog in memory, its shards concatenated; the first shard's metadata is kept.
+
+    Raises `CatalogError` when the shards disagree on the wavelength grid.
+    """
+    files = list_inputs(spec)
+    tables, grids = [], set()
+    for file in files:
+        pf = _open(file)
+        try:
+            tables.append(pf.read())
+        except (pa.ArrowException, OSError) as exc:
+            raise CatalogError(f"corrupt Parquet data ({exc})", file=str(file)) from exc
+        grid = (pf.schema_arrow.metadata or {}).get(META_WAVELENGTH.encode())
+        grids.add(json.dumps(json.loads(grid), sort_keys=True) if grid else None)
+    if len(grids) > 1:
+        raise CatalogError("shards have different wavelength grids", file=str(spec))
+    meta = tables[0].schema.metadata
+    try:
+        table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    except pa.ArrowInvalid as exc:
+        raise CatalogError(f"shards have different schemas ({exc})", file=str(spec)) from exc
+    return table.replace_schema_metadata(meta)

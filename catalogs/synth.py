@@ -1,0 +1,318 @@
+"""Synthetic OB-star survey: draw labels, compute spectra in parallel (Numba), write Parquet shards.
+
+Per spectrum: line opacities (`physics.LINES`) on a fine rest-frame log-lambda grid, rotation and
+instrument as one velocity kernel, pixel-integrated sampling on the observed grid both in the rest
+frame (`normalised`) and Doppler-shifted by `rv`, a smooth multiplicative continuum, and Gaussian
+noise at the spectrum's SNR. An approximation for training and testing, not a model atmosphere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numba
+import numpy as np
+import pyarrow as pa
+
+from . import physics
+from .schema import FLUX, FLUX_ERR, ID, META_GENERATOR, META_WAVELENGTH, RV, SNR, SPLIT, WavelengthGrid
+
+# The grid of the reference study (mode "seed"): Teff in K, log g in dex (cgs), v sin i in km/s.
+SEED_TEFF = np.arange(15000.0, 30000.0 + 1.0, 1000.0)
+SEED_LOGG = np.arange(1.75, 4.75 + 1e-9, 0.25)
+SEED_VSINI = np.arange(3.0, 450.0 + 1e-9, 3.0)
+SPLIT_FRACTIONS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+
+
+def logg_min(teff):
+    """Lowest log g kept at `teff` (K): 1.6 dex at 15 kK, rising 0.1 dex per kK (3.1 dex at 30 kK).
+
+    A linear stand-in for the Eddington-limit envelope of B-star model grids: on every kept node the
+    electron-scattering Eddington factor sigma_e sigma_SB Teff^4 / (c g) (sigma_e = 0.34 cm^2/g) is
+    below 0.85. On the seed grid it keeps 163 of the 208 (Teff, log g) pairs, 24 450 spectra.
+    """
+    return 1.6 + 1e-4 * (np.asarray(teff, dtype=np.float64) - 15000.0)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Everything that determines a synthetic survey; the same config gives the same bytes.
+
+    Wavelengths in Angstrom (air), velocities in km/s. `n=None` in seed mode means the whole grid
+    (24 450 spectra); a smaller n takes a seeded subset of it, a larger one repeats it with new noise.
+    The continuum is `1 + sum_k a_k P_k(x)` (Legendre, k = 1..continuum_degree, x in [-1, 1] over the
+    grid) with `a_k` uniform in [-continuum_amplitude, continuum_amplitude]. SNR is per pixel on the
+    continuum (`flux_err = continuum / snr`). The resolving power R sets a Gaussian instrumental
+    profile of FWHM lambda / R; spectra are computed on a rest-frame grid `oversample` times finer.
+    """
+
+    n: int | None = 1000
+    mode: str = "random"  # "random" | "seed"
+    seed: int = 0
+    start: float = 4000.0  # first pixel centre, A
+    step: float = 0.2  # A
+    npix: int = 4000
+    resolving_power: float = 20000.0
+    teff: tuple[float, float] = (15000.0, 30000.0)  # random mode ranges (uniform)
+    logg: tuple[float, float] = (1.75, 4.75)
+    vsini: tuple[float, float] = (0.0, 450.0)
+    snr: tuple[float, float] = (50.0, 300.0)  # both modes
+    rv: tuple[float, float] = (-150.0, 150.0)  # both modes
+    continuum_degree: int = 3
+    continuum_amplitude: float = 0.1
+    epsilon: float = 0.6  # linear limb darkening of the rotation profile
+    microturbulence: float = physics.MICROTURBULENCE_KMS
+    oversample: int = 4
+    id_start: int = 0
+
+    def grid(self) -> WavelengthGrid:
+        return WavelengthGrid.linear(self.start, self.step, self.npix, medium="air")
+
+
+@dataclass
+class SynthArrays:
+    """A synthetic batch: observed `flux` and its truth (`normalised`, `continuum`, labels)."""
+
+    wavelength: np.ndarray  # (D,) float64, A
+    flux: np.ndarray  # (B, D) float32, observed
+    flux_err: np.ndarray  # (B, D) float32, 1 sigma
+    normalised: np.ndarray  # (B, D) float32, noise-free, rest frame, continuum 1
+    continuum: np.ndarray  # (B, D) float32, the multiplicative continuum applied
+    ids: np.ndarray  # (B,) int64
+    teff: np.ndarray  # (B,) float64, K
+    logg: np.ndarray  # (B,) float64, dex
+    vsini: np.ndarray  # (B,) float64, km/s
+    rv: np.ndarray  # (B,) float64, km/s, positive = receding
+    snr: np.ndarray  # (B,) float32
+    split: np.ndarray | None  # (B,) str in seed mode, else None
+
+
+def doppler_factor(rv_kms):
+    """lambda_obs / lambda_rest for radial velocity `rv_kms` (relativistic, positive = receding)."""
+    beta = np.asarray(rv_kms, dtype=np.float64) / physics.C_KMS
+    return np.sqrt((1.0 + beta) / (1.0 - beta))
+
+
+def seed_nodes() -> np.ndarray:
+    """The (Teff, log g, v sin i) nodes of the seed grid, (N, 3) float64, Teff-major order."""
+    t, g, v = np.meshgrid(SEED_TEFF, SEED_LOGG, SEED_VSINI, indexing="ij")
+    nodes = np.stack([t.ravel(), g.ravel(), v.ravel()], axis=1)
+    return nodes[nodes[:, 1] >= logg_min(nodes[:, 0]) - 1e-9]
+
+
+def split_of(teff: float, logg: float, vsini: float) -> str:
+    """Deterministic train/val/test assignment (60/20/20) from a hash of the grid node."""
+    digest = hashlib.blake2b(f"{teff:.1f}/{logg:.3f}/{vsini:.1f}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2.0**64
+    for name, frac in SPLIT_FRACTIONS:
+        if u < frac:
+            return name
+        u -= frac
+    return SPLIT_FRACTIONS[-1][0]
+
+
+def draw_labels(config: SynthConfig) -> dict[str, np.ndarray]:
+    """All per-spectrum random quantities of a survey, drawn once from `config.seed`."""
+    rng = np.random.Generator(np.random.PCG64(config.seed))
+    if config.mode == "seed":
+        nodes = seed_nodes()
+        n = len(nodes) if config.n is None else int(config.n)
+        if n <= len(nodes):
+            pick = np.sort(rng.choice(len(nodes), size=n, replace=False))
+        else:
+            pick = np.arange(n) % len(nodes)
+        teff, logg, vsini = nodes[pick].T.copy()
+        split = np.array([split_of(*node) for node in nodes[pick]], dtype=object)
+    elif config.mode == "random":
+        n = int(config.n or 0)
+        teff, logg = np.empty(0), np.empty(0)
+        while teff.size < n:  # rejection sampling below the Eddington envelope
+            t = rng.uniform(*config.teff, size=max(n, 16))
+            g = rng.uniform(*config.logg, size=max(n, 16))
+            keep = g >= logg_min(t)
+            teff, logg = np.concatenate([teff, t[keep]]), np.concatenate([logg, g[keep]])
+        teff, logg = teff[:n], logg[:n]
+        vsini = rng.uniform(*config.vsini, size=n)
+        split = None
+    else:
+        raise ValueError(f"unknown synth mode {config.mode!r} (expected 'random' or 'seed')")
+    return {
+        "teff": teff, "logg": logg, "vsini": vsini, "split": split,
+        "snr": rng.uniform(*config.snr, size=n).astype(np.float32),
+        "rv": rng.uniform(*config.rv, size=n),
+        "coeffs": rng.uniform(-config.continuum_amplitude, config.continuum_amplitude,
+                              size=(n, config.continuum_degree)),
+        "ids": config.id_start + np.arange(n, dtype=np.int64),
+    }
+
+
+@numba.njit(cache=True, inline="always")
+def _mix(x):
+    # splitmix64 finaliser (Steele, Lea & Flood 2014): a counter-based, stateless random stream.
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def _bin_average(lam, cum, g, a, b):
+    # Mean of the piecewise-linear g over [a, b] from its running integral `cum` (exact). `lam` is
+    # log-uniform, so the cell holding x is found by arithmetic rather than by search.
+    h = math.log(lam[1] / lam[0])
+    total = 0.0
+    for sign, x in ((-1.0, a), (1.0, b)):
+        k = min(max(int(math.log(x / lam[0]) / h), 0), lam.shape[0] - 2)
+        t = x - lam[k]
+        slope = (g[k + 1] - g[k]) / (lam[k + 1] - lam[k])
+        total += sign * (cum[k] + g[k] * t + 0.5 * slope * t * t)
+    return total / (b - a)
+
+
+@numba.njit(cache=True, fastmath=True)
+def _convolve(f, kern, g):
+    # g[k] = sum_m kern[m] f[k - half + m] away from the ends (float32; fastmath lets it vectorise).
+    half = kern.shape[0] // 2
+    for k in range(half, f.shape[0] - half):
+        acc = np.float32(0.0)
+        for m in range(kern.shape[0]):
+            acc += kern[m] * f[k - half + m]
+        g[k] = acc
+
+
+@numba.njit(cache=True, parallel=True)
+def _synth_kernel(lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, seed, micro, epsilon,
+                  sigma_v, flux, flux_err, normalised, continuum):
+    n_int, npix, deg = lam.shape[0], xleg.shape[0], coeffs.shape[1]
+    dv = physics.C_KMS * math.log(lam[1] / lam[0])
+    seed_key = _mix(np.uint64(seed))
+    for b in numba.prange(teff.shape[0]):
+        tau = np.zeros(n_int)
+        physics.add_line_opacity(lam, teff[b], logg[b], micro, tau)
+        f = np.exp(-tau).astype(np.float32)
+        g = f.copy()
+        _convolve(f, physics.velocity_kernel(dv, vsini[b], epsilon, sigma_v).astype(np.float32), g)
+        cum = np.zeros(n_int)
+        for k in range(n_int - 1):
+            cum[k + 1] = cum[k] + 0.5 * (g[k] + g[k + 1]) * (lam[k + 1] - lam[k])
+        key = _mix(seed_key ^ np.uint64(ids[b]))
+        for j in range(npix):
+            normalised[b, j] = _bin_average(lam, cum, g, edges[j], edges[j + 1])
+            shifted = _bin_average(lam, cum, g, edges[j] / dop[b], edges[j + 1] / dop[b])
+            # Legendre recurrence (n+1) P_{n+1} = (2n+1) x P_n - n P_{n-1} (Abramowitz & Stegun 22.7.10)
+            x, p_prev, p, c = xleg[j], 1.0, xleg[j], 1.0
+            for q in range(deg):
+                c += coeffs[b, q] * p
+                p_prev, p = p, ((2 * q + 3) * x * p - (q + 1) * p_prev) / (q + 2)
+            # Gaussian deviate by Box-Muller from two counter-based uniforms in (0, 1].
+            u1 = ((_mix(key + np.uint64(2 * j)) >> np.uint64(11)) + np.uint64(1)) * 2.0**-53
+            u2 = (_mix(key + np.uint64(2 * j + 1)) >> np.uint64(11)) * 2.0**-53
+            z = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+            continuum[b, j] = c
+            flux_err[b, j] = c / snr[b]
+            flux[b, j] = c * shifted + c / snr[b] * z
+
+
+def _sigma_instrument(config: SynthConfig) -> float:
+    # Gaussian sigma (km/s) of an instrumental profile of FWHM lambda / R.
+    return physics.C_KMS / (config.resolving_power * 2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def _internal_grid(config: SynthConfig, wavelength: np.ndarray) -> np.ndarray:
+    # Rest-frame log-lambda grid covering the observed pixels at any rv, plus the widest kernel.
+    h = config.step / (wavelength[-1] * config.oversample)  # d ln(lambda), finer than every pixel
+    vmax = max(abs(config.rv[0]), abs(config.rv[1]))
+    vsini_max = max(config.vsini[1], SEED_VSINI[-1])
+    margin = (vsini_max + 6.0 * _sigma_instrument(config)) / physics.C_KMS + 4 * h
+    lo = math.log((wavelength[0] - config.step) / doppler_factor(vmax)) - margin
+    hi = math.log((wavelength[-1] + config.step) * doppler_factor(vmax)) + margin
+    return np.exp(lo + h * np.arange(int(math.ceil((hi - lo) / h)) + 1))
+
+
+def compute_spectra(config: SynthConfig, labels: dict[str, np.ndarray], rows: slice) -> SynthArrays:
+    """Spectra for `labels[rows]` (from `draw_labels`); parallel over spectra (Numba prange)."""
+    wavelength = config.grid().values()
+    lab = {k: (v[rows] if v is not None else None) for k, v in labels.items()}
+    b, d = lab["ids"].shape[0], wavelength.shape[0]
+    edges = np.concatenate([[wavelength[0] - 0.5 * config.step], wavelength + 0.5 * config.step])
+    xleg = 2.0 * (wavelength - wavelength[0]) / (wavelength[-1] - wavelength[0]) - 1.0
+    out = {k: np.empty((b, d), dtype=np.float32) for k in ("flux", "flux_err", "normalised", "continuum")}
+    sigma_v = _sigma_instrument(config)
+    _synth_kernel(_internal_grid(config, wavelength), edges, xleg, lab["teff"], lab["logg"],
+                  lab["vsini"], doppler_factor(lab["rv"]), lab["snr"].astype(np.float64),
+                  np.ascontiguousarray(lab["coeffs"]), lab["ids"], np.uint64(config.seed),
+                  float(config.microturbulence), float(config.epsilon), sigma_v,
+                  out["flux"], out["flux_err"], out["normalised"], out["continuum"])
+    return SynthArrays(wavelength=wavelength, ids=lab["ids"], teff=lab["teff"], logg=lab["logg"],
+                       vsini=lab["vsini"], rv=lab["rv"], snr=lab["snr"], split=lab["split"], **out)
+
+
+def synth_arrays(config: SynthConfig) -> SynthArrays:
+    """The whole survey of `config` in memory (use `synth` to stream large ones to disk)."""
+    labels = draw_labels(config)
+    return compute_spectra(config, labels, slice(0, labels["ids"].shape[0]))
+
+
+def generator_metadata(config: SynthConfig) -> dict[str, str]:
+    """Parquet key-value metadata: the wavelength grid and the provenance of the generator."""
+    from .. import __version__
+
+    prov = {"generator": "starcast.catalogs.synth", "version": __version__, "seed": config.seed,
+            "config": asdict(config)}
+    return {META_WAVELENGTH: config.grid().to_json(), META_GENERATOR: json.dumps(prov, sort_keys=True)}
+
+
+def arrays_to_table(arrays: SynthArrays, config: SynthConfig) -> pa.Table:
+    """A catalog table (DESIGN.md schema) from synthetic arrays; the grid goes into schema metadata."""
+    d = arrays.wavelength.shape[0]
+
+    def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa.float32()), d)
+
+    cols = {ID: pa.array(arrays.ids, pa.int64()), FLUX: fixed(arrays.flux),
+            FLUX_ERR: fixed(arrays.flux_err), RV: pa.array(arrays.rv, pa.float64()),
+            SNR: pa.array(arrays.snr, pa.float32()), "teff": pa.array(arrays.teff, pa.float64()),
+            "logg": pa.array(arrays.logg, pa.float64()), "vsini": pa.array(arrays.vsini, pa.float64())}
+    if arrays.split is not None:
+        cols[SPLIT] = pa.array(list(arrays.split), pa.string())
+    table = pa.table(cols)
+    return table.replace_schema_metadata(generator_metadata(config))
+
+
+def synth_table(config: SynthConfig) -> pa.Table:
+    """The survey of `config` as one catalog table (grid and provenance in the schema metadata)."""
+    return arrays_to_table(synth_arrays(config), config)
+
+
+def synth(n: int | None, out: str | Path, *, mode: str = "random", seed: int = 0, shard_rows: int = 5000,
+          snr: tuple[float, float] = (50.0, 300.0), progress: bool = False, **config) -> list[Path]:
+    """Write a synthetic survey of `n` spectra as Parquet shards `out/part-00000.parquet`, ...
+
+    `config` takes any other `SynthConfig` field (e.g. `npix=400`, `rv=(0, 0)`). Returns the paths.
+    """
+    from .io import write_catalog
+
+    cfg = replace(SynthConfig(), n=n, mode=mode, seed=seed, snr=tuple(snr), **config)
+    labels = draw_labels(cfg)
+    total = labels["ids"].shape[0]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    starts = range(0, total, max(int(shard_rows), 1))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="spectra", desc="synth")
+    paths = []
+    for i, start in enumerate(starts):
+        arrays = compute_spectra(cfg, labels, slice(start, min(start + shard_rows, total)))
+        paths.append(write_catalog(arrays_to_table(arrays, cfg), out / f"part-{i:05d}.parquet"))
+        if bar is not None:
+            bar.update(arrays.ids.shape[0])
+    if bar is not None:
+        bar.close()
+    return paths

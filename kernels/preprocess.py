@@ -1,0 +1,351 @@
+"""Batch preprocessing: catalog rows (Arrow) -> rest-frame, continuum-normalised spectra on the model grid.
+
+`preprocess` reads list columns as offsets + flat values (no per-row Python) and runs one Numba kernel,
+parallel over spectra: Doppler-correct the wavelengths, resample once (`starcast.kernels.resample`),
+fit and divide the continuum on the model grid (`starcast.kernels.continuum`), fill bad pixels, and
+set the quality flags. A row that cannot be processed is flagged and filled with 1.0; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from numba import njit, prange
+
+from ..catalogs.schema import (
+    FLUX,
+    FLUX_ERR,
+    IVAR,
+    MASK,
+    META_WAVELENGTH,
+    RV,
+    WAVELENGTH,
+    Flag,
+    WavelengthGrid,
+)
+from ..errors import CatalogError, StarcastError
+from .continuum import continuum_basis, fit_continuum, noise_sigma
+from .resample import BAD, GOOD, UNCOVERED, bin_edges, interp_linear, rebin_flux, resample, rest_frame_factor
+
+__all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """How spectra are put on the model grid; stored in the model manifest (`to_dict`) so that training
+    and inference normalise identically. Pixel counts refer to the model grid."""
+
+    method: str = "flux"  # resampling: "flux" (flux-conserving rebinning) or "linear" (interpolation)
+    continuum: str = "chebyshev"  # "chebyshev" (fit and divide) or "none" (resample only)
+    continuum_degree: int = 3  # Chebyshev degree over the model grid's range
+    clip_low: float = 2.0  # reject pixels this many sigma below the fit
+    clip_window_low: float = 2.0  # reject pixels whose window mean is this many (mean's) sigma below it
+    clip_high: float = 3.0  # reject pixels this many sigma above their window mean
+    clip_window: int = 25  # pixels in the running mean that catches broad, shallow wings
+    max_iter: int = 20  # clipping iterations at most
+    min_keep_fraction: float = 0.1  # never clip below this fraction of the good pixels
+    sigma_floor: float = 1e-3  # noise floor as a fraction of the median flux (noise-free input)
+    max_gap: int = 5  # gaps up to this many pixels are interpolated; longer ones are set to 1.0
+    min_good_pixels: int = 50  # fewer good pixels on the grid -> PREPROCESS_FAILED
+    max_bad_fraction: float = 0.1  # more bad pixels among the covered ones -> MASKED
+    min_coverage: float = 0.95  # less of the grid covered by the input -> COVERAGE
+
+    def __post_init__(self):
+        if self.method not in ("flux", "linear"):
+            raise StarcastError(f"preprocess method must be 'flux' or 'linear', got {self.method!r}")
+        if self.continuum not in ("chebyshev", "none"):
+            raise StarcastError(f"preprocess continuum must be 'chebyshev' or 'none', got {self.continuum!r}")
+        if self.continuum_degree < 0 or self.clip_window < 1 or self.max_iter < 1 or self.max_gap < 0:
+            raise StarcastError("preprocess continuum_degree, clip_window, max_iter, max_gap must be >= 0/1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise StarcastError(f"unknown preprocess settings {unknown} (known: {sorted(known)}); "
+                                "was the model made by a newer starcast?")
+        return cls(**data)
+
+
+@dataclass
+class Preprocessed:
+    """Result of `preprocess` for B rows on a D-pixel grid. `coverage`/`bad_fraction` are NaN where a
+    row failed before they could be measured; `ivar` (inverse variance of `x`) is 0 on filled pixels."""
+
+    x: np.ndarray  # (B, D) float32, continuum-normalised, rest frame, bad pixels filled
+    flags: np.ndarray  # (B,) int32 Flag bits
+    coverage: np.ndarray  # (B,) float32, fraction of the model grid covered after the rv shift
+    bad_fraction: np.ndarray  # (B,) float32, fraction of the covered grid pixels that are bad
+    errors: list[str | None]  # None, or why the row failed
+    ivar: np.ndarray  # (B, D) float32
+
+
+# Row status codes set by the kernel (0 = processed).
+(_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _SINGULAR, _NEGATIVE, _INPUT) = range(9)
+_REASONS = {
+    _SHORT: "fewer than 2 pixels",
+    _WAVELENGTH: "wavelength is not finite and strictly increasing",
+    _RV: "rv is not finite or not slower than light",
+    _NO_OVERLAP: "the spectrum does not overlap the model grid after the rv shift",
+    _FEW_GOOD: "only {n_good} good pixels on the model grid (need {need})",
+    _SINGULAR: "the continuum fit is singular",
+    _NEGATIVE: "the fitted continuum is not positive everywhere",
+}
+
+
+@njit(cache=True)
+def _fill_gaps(x, ivar, state, max_gap):
+    """Interpolate runs of non-GOOD pixels up to `max_gap` long between good neighbours; set the rest,
+    and runs touching an edge, to 1.0. Filled pixels get ivar = 0."""
+    d = state.shape[0]
+    i = 0
+    while i < d:
+        if state[i] == GOOD:
+            i += 1
+            continue
+        j = i
+        while j < d and state[j] != GOOD:
+            j += 1
+        interpolate = i > 0 and j < d and j - i <= max_gap
+        for p in range(i, j):
+            x[p] = x[i - 1] + (x[j] - x[i - 1]) * (p - i + 1) / (j - i + 1) if interpolate else 1.0
+            ivar[p] = 0.0
+        i = j
+
+
+@njit(parallel=True, cache=True)
+def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
+            rv, grid, grid_edges, basis, flux_conserving, normalise, fit_params, sigma_floor, max_gap,
+            min_good, status, x, ivar, nonfinite, coverage, bad_fraction, n_good):
+    """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
+    0 none, 1 flux_err, 2 ivar; `fit_params` as `fit_continuum`'s. Writes row r of every output only."""
+    n_rows, d = x.shape
+    for r in prange(n_rows):
+        x[r, :] = 1.0
+        ivar[r, :] = 0.0
+        if status[r] != _OK:
+            continue
+        f0, n = flux_off[r], flux_off[r + 1] - flux_off[r]
+        if n < 2:
+            status[r] = _SHORT
+            continue
+        if not (abs(rv[r]) < 0.999 * 299792.458):  # also rejects NaN
+            status[r] = _RV
+            continue
+        factor = rest_frame_factor(rv[r])
+        wl, flux, var = np.empty(n), np.empty(n), np.empty(n)
+        bad = np.zeros(n, np.bool_)
+        monotonic = True
+        for p in range(n):
+            wl[p] = wl_vals[wl_start[r] + p] * factor
+            monotonic &= np.isfinite(wl[p]) and (p == 0 or wl[p] > wl[p - 1])
+            flux[p] = flux_vals[f0 + p]
+            if not (flux[p] >= 0.0 and flux[p] < np.inf):
+                bad[p] = True
+                nonfinite[r] = True
+            var[p] = 0.0
+            if err_start[r] >= 0:
+                e = err_vals[err_start[r] + p]
+                if err_kind == 1 and e > 0.0 and e < np.inf:
+                    var[p] = e * e
+                elif err_kind == 2 and e > 0.0 and e < np.inf:
+                    var[p] = 1.0 / e
+                else:
+                    bad[p] = True
+                    nonfinite[r] |= not (err_kind == 2 and e == 0.0)  # ivar = 0 is a mask, not an error
+            if mask_start[r] >= 0 and mask_vals[mask_start[r] + p]:
+                bad[p] = True
+        if not monotonic:
+            status[r] = _WAVELENGTH
+            continue
+        y, yvar = np.empty(d), np.empty(d)
+        state = np.empty(d, np.uint8)
+        if flux_conserving:
+            edges = np.empty(n + 1)
+            bin_edges(wl, edges)
+            rebin_flux(edges, flux, var, bad, grid_edges, y, yvar, state)
+        else:
+            interp_linear(wl, flux, var, bad, grid, y, yvar, state)
+        n_cov, n_bad = 0, 0
+        for j in range(d):
+            n_cov += state[j] != UNCOVERED
+            n_bad += state[j] == BAD
+        coverage[r] = n_cov / d
+        bad_fraction[r] = n_bad / n_cov if n_cov > 0 else 1.0
+        n_good[r] = n_cov - n_bad
+        if n_cov == 0:
+            status[r] = _NO_OVERLAP
+            continue
+        if n_good[r] < min_good:
+            status[r] = _FEW_GOOD
+            continue
+        good = state == GOOD
+        sigma = np.empty(d)
+        global_sigma = noise_sigma(y, good) if err_start[r] < 0 else 0.0
+        floor = sigma_floor * abs(np.median(y[good]))
+        for j in range(d):
+            s = math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma
+            sigma[j] = max(s, floor) if floor > 0.0 else max(s, 1e-30)
+        cont = np.ones(d)
+        if normalise:
+            if not fit_continuum(y, sigma, good, basis, fit_params, cont):
+                status[r] = _SINGULAR
+                continue
+            positive = True
+            for j in range(d):
+                positive &= not (state[j] != UNCOVERED and not cont[j] > 0.0)
+            if not positive:
+                status[r] = _NEGATIVE
+                continue
+        for j in range(d):
+            if good[j]:
+                x[r, j] = y[j] / cont[j]
+                ivar[r, j] = (cont[j] / sigma[j]) ** 2
+        _fill_gaps(x[r], ivar[r], state, max_gap)
+
+
+def _as_array(batch, name: str) -> pa.Array | None:
+    if name not in batch.schema.names:
+        return None
+    col = batch.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
+def _list_parts(col: pa.Array, name: str) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """(offsets (B+1,) int64 into the returned values, flat values, valid rows) of a list column.
+
+    Handles list, large_list and fixed_size_list, sliced or not; values are cut to the rows' span."""
+    t = col.type
+    if pa.types.is_fixed_size_list(t):
+        offsets = (col.offset + np.arange(len(col) + 1, dtype=np.int64)) * t.list_size
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        offsets = col.offsets.to_numpy().astype(np.int64)
+    else:
+        raise CatalogError(f"expected a list column, got {t}", column=name)
+    first = int(offsets[0]) if len(offsets) else 0
+    values = col.values.slice(first, int(offsets[-1]) - first if len(offsets) else 0)
+    valid = np.ones(len(col), bool) if col.null_count == 0 else col.is_valid().to_numpy(zero_copy_only=False)
+    return offsets - first, values, valid
+
+
+def _float_values(values: pa.Array, name: str) -> np.ndarray:
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise CatalogError(f"expected a list of numbers, got list<{values.type}>", column=name)
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls -> NaN
+
+
+def _bool_values(values: pa.Array, name: str) -> np.ndarray:
+    if not pa.types.is_boolean(values.type):
+        raise CatalogError(f"expected a list of booleans, got list<{values.type}>", column=name)
+    return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=np.bool_)
+
+
+def _grid_values(grid, what: str) -> np.ndarray:
+    values = grid.values() if isinstance(grid, WavelengthGrid) else np.asarray(grid, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2 or not np.all(np.diff(values) > 0):
+        raise StarcastError(f"{what} must be a strictly increasing 1-D wavelength array of >= 2 values")
+    return np.ascontiguousarray(values, dtype=np.float64)
+
+
+def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
+    """Flat values and per-row start (-1 for a null row) of an optional list column, or None if absent.
+    Rows whose length differs from the flux row are recorded in `failures`."""
+    col = _as_array(batch, name)
+    if col is None:
+        return None
+    offsets, values, valid = _list_parts(col, name)
+    lengths = np.diff(offsets)
+    for r in np.flatnonzero(flux_valid & valid & (lengths != n_pixels)):
+        failures.setdefault(int(r), f"{name} has {lengths[r]} values but flux has {n_pixels[r]}")
+    return to_numpy(values, name), np.where(valid, offsets[:-1], -1)
+
+
+def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSettings | None = None, *,
+               source_grid=None) -> Preprocessed:
+    """Put every row of `batch` (catalog schema) on `grid` (model wavelengths, Angstrom, rest frame).
+
+    Per row: remove `rv` (km/s, relativistic, see `rest_frame_factor`; null = 0), resample once with
+    `settings.method`, fit and divide the continuum on the model grid, interpolate short gaps and set
+    long ones and uncovered pixels to 1.0. Bad input pixels: non-finite or negative flux, errors that
+    are not positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
+    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata.
+    """
+    settings = settings or PreprocessSettings()
+    grid = _grid_values(grid, "grid")
+    n_rows, d = batch.num_rows, len(grid)
+    flux_col = _as_array(batch, FLUX)
+    if flux_col is None:
+        raise CatalogError("no flux column", column=FLUX)
+    flux_off, flux_values, flux_valid = _list_parts(flux_col, FLUX)
+    n_pixels = np.diff(flux_off)
+    failures = {int(r): "flux is null or empty" for r in np.flatnonzero(~flux_valid | (n_pixels == 0))}
+
+    wavelength = _optional_column(batch, WAVELENGTH, n_pixels, flux_valid, failures, _float_values)
+    if wavelength is None:
+        metadata = batch.schema.metadata or {}
+        if source_grid is None and META_WAVELENGTH.encode() in metadata:
+            source_grid = WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()])
+        if source_grid is None:
+            raise CatalogError("no wavelength column and no file-level wavelength grid (pass source_grid "
+                               f"or set the {META_WAVELENGTH!r} metadata)", column=WAVELENGTH)
+        shared = _grid_values(source_grid, "source_grid")
+        for r in np.flatnonzero(flux_valid & (n_pixels != len(shared)) & (n_pixels > 0)):
+            failures.setdefault(int(r), f"flux has {n_pixels[r]} values, the file's grid {len(shared)}")
+        wavelength = (shared, np.zeros(n_rows, np.int64))
+    else:
+        for r in np.flatnonzero(wavelength[1] < 0):
+            failures.setdefault(int(r), "wavelength is null")
+
+    err_kind, errors = 0, None
+    for kind, name in ((1, FLUX_ERR), (2, IVAR)):
+        errors = _optional_column(batch, name, n_pixels, flux_valid, failures, _float_values)
+        if errors is not None:
+            err_kind = kind
+            break
+    errors = errors or (np.zeros(0), np.full(n_rows, -1, np.int64))
+    mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
+    mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
+    rv_col = _as_array(batch, RV)
+    rv = np.zeros(n_rows) if rv_col is None else np.asarray(
+        pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+    status = np.zeros(n_rows, np.int32)
+    status[list(failures)] = _INPUT
+    x = np.empty((n_rows, d), np.float32)
+    ivar = np.empty((n_rows, d), np.float32)
+    nonfinite = np.zeros(n_rows, np.bool_)
+    coverage = np.full(n_rows, np.nan)
+    bad_fraction = np.full(n_rows, np.nan)
+    n_good = np.zeros(n_rows, np.int64)
+    edges = np.empty(d + 1)
+    bin_edges(grid, edges)
+    fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
+                  int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
+    _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], errors[0], errors[1],
+            err_kind, mask[0], mask[1], rv, grid, edges, continuum_basis(grid, settings.continuum_degree),
+            settings.method == "flux", settings.continuum == "chebyshev", fit_params,
+            float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels), status, x,
+            ivar, nonfinite, coverage, bad_fraction, n_good)
+
+    flags = np.where(nonfinite, int(Flag.NON_FINITE), 0)
+    flags |= np.where(bad_fraction > settings.max_bad_fraction, int(Flag.MASKED), 0)
+    flags |= np.where(coverage < settings.min_coverage, int(Flag.COVERAGE), 0)
+    flags |= np.where(status != _OK, int(Flag.PREPROCESS_FAILED), 0)
+    messages: list[str | None] = [None] * n_rows
+    for r in np.flatnonzero(status != _OK):
+        reason = failures.get(int(r)) or _REASONS[int(status[r])].format(
+            n_good=n_good[r], need=settings.min_good_pixels)
+        messages[r] = f"row {r}: {reason}"
+    return Preprocessed(x=x, flags=flags.astype(np.int32), coverage=coverage.astype(np.float32),
+                        bad_fraction=bad_fraction.astype(np.float32), errors=messages, ivar=ivar)

@@ -1,0 +1,90 @@
+"""Wide-CSV import (one row per spectrum, wavelength headers) and the catalogs CLI commands."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from starcast.catalogs.cli import import_csv as import_csv_command
+from starcast.catalogs.cli import synth as synth_command
+from starcast.catalogs.csv_import import csv_to_table, import_csv
+from starcast.catalogs.io import read_catalog, read_grid
+
+from starcast.errors import CatalogError
+
+
+def write_csv(path, header, rows):
+    path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
+    return path
+
+
+def test_wide_csv_becomes_a_catalog_with_a_linear_grid(tmp_path):
+    wl = [f"{4460.0 + 0.1 * i:.1f}" for i in range(6)]
+    rows = [[10 + i, 20000 + i, 4.0, 100.0] + list(np.linspace(1, 0.5 + 0.1 * i, 6)) for i in range(3)]
+    csv = write_csv(tmp_path / "s.csv", ["id", "teff", "logg", "vsini"] + wl, rows)
+    paths = import_csv(csv, tmp_path / "out", shard_rows=2)
+    assert [p.name for p in paths] == ["part-00000.parquet", "part-00001.parquet"]
+    table = read_catalog(tmp_path / "out")
+    assert table.column("id").to_pylist() == [10, 11, 12]
+    assert table.column("teff").to_pylist() == [20000.0, 20001.0, 20002.0]
+    flux = np.stack(table.column("flux").to_numpy(zero_copy_only=False))
+    assert np.allclose(flux, np.array(rows)[:, 4:])
+    grid = read_grid(paths[0])
+    assert grid.kind == "linear" and grid.n == 6 and np.allclose(grid.values(), [float(w) for w in wl])
+
+
+def test_unsorted_uneven_headers_give_a_sorted_explicit_grid_and_row_ids(tmp_path):
+    csv = write_csv(tmp_path / "u.csv", ["4001.5", "4000.0", "4000.5"], [[3, 1, 2], [6, 4, ""]])
+    table = csv_to_table(csv, medium="air")
+    flux = np.stack(table.column("flux").to_numpy(zero_copy_only=False))
+    assert np.array_equal(flux[0], [1, 2, 3]) and np.isnan(flux[1, 1])  # empty cell -> NaN
+    assert table.column("id").to_pylist() == [0, 1]
+    grid = read_grid(import_csv(csv, tmp_path / "o", medium="air")[0])
+    assert grid.kind == "explicit" and grid.medium == "air"
+    assert np.array_equal(grid.values(), [4000.0, 4000.5, 4001.5])
+
+
+@pytest.mark.parametrize("header,rows,match,column", [
+    (["id", "name", "4000.0"], [[1, "x", 1.0]], "neither a wavelength", "name"),
+    (["4000.0", "4000.0"], [[1, 2]], "duplicate column", "4000.0"),
+    (["id", "4000.0", "4000.1"], [[1, 1.0, "abc"]], "cannot parse", None),
+    (["id", "teff"], [[1, 20000]], "no wavelength columns", None),
+    (["id", "4000.0"], [], "no data rows", None),
+])
+def test_bad_csv_raises_catalog_error_naming_file_and_column(tmp_path, header, rows, match, column):
+    csv = write_csv(tmp_path / "bad.csv", header, rows)
+    with pytest.raises(CatalogError, match=match) as exc:
+        csv_to_table(csv)
+    assert str(csv) in str(exc.value) and exc.value.column == column
+
+
+def test_empty_csv_file_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(CatalogError, match="empty file"):
+        csv_to_table(empty)
+
+
+def test_duplicate_ids_in_csv_are_rejected(tmp_path):
+    csv = write_csv(tmp_path / "d.csv", ["id", "4000.0"], [[1, 1.0], [1, 2.0]])
+    with pytest.raises(CatalogError, match="duplicate id"):
+        csv_to_table(csv)
+
+
+def test_import_csv_command_writes_shards(tmp_path):
+    csv = write_csv(tmp_path / "c.csv", ["4000.0", "4000.2"], [[1, 2], [3, 4]])
+    result = CliRunner().invoke(import_csv_command, [str(csv), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert read_catalog(tmp_path / "o").num_rows == 2
+
+
+def test_synth_command_writes_a_seed_survey_and_summarises_it(tmp_path):
+    result = CliRunner().invoke(synth_command, ["--n", "12", "--out", str(tmp_path), "--mode", "seed",
+                                                "--shard-rows", "5", "--snr", "40:60", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 12 spectra in 3 shard(s)" in result.output and "split:" in result.output
+    snr = read_catalog(tmp_path).column("snr").to_numpy()
+    assert np.all((snr >= 40) & (snr <= 60))
+
+
+def test_synth_command_rejects_a_bad_snr_range(tmp_path):
+    result = CliRunner().invoke(synth_command, ["--n", "2", "--out", str(tmp_path), "--snr", "60"])
+    assert result.exit_code != 0 and "A:B" in result.output

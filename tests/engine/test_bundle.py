@@ -1,0 +1,118 @@
+"""The model-bundle format: round trip, and refusal of tampered, mismatched or unknown bundles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from starcast.catalogs.schema import WavelengthGrid
+from starcast.engine import bundle as bundle_mod
+from starcast.engine.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, save_bundle
+
+from starcast.errors import ModelError
+
+
+def _edit_manifest(path, **changes):
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest.update(changes)
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_round_trip_preserves_weights_and_manifest(tmp_path):
+    rng = np.random.default_rng(1)
+    layers = [(rng.normal(size=(2, 5, 16)), rng.normal(size=(2, 16))),
+              (rng.normal(size=(2, 16, 4)), rng.normal(size=(2, 4)))]
+    grid = WavelengthGrid("log", 4000.0, 1e-4, 5)
+    targets = [{"name": n, "unit": "u", "mean": 1.0, "std": 2.0, "min": 0.0, "max": 3.0,
+                "calibration": 1.5} for n in ("teff", "logg")]
+    manifest = {"name": "rt", "targets": targets, "grid": grid, "preprocess": {"continuum": "poly"},
+                "architecture": {"input_dim": 5, "hidden": [16], "activation": "relu", "dropout": 0.2,
+                                 "members": 2, "samples": 8, "var_eps": 1e-6},
+                "ood": {"epistemic_sigma_threshold": {"teff": 3.0}}, "provenance": {"seed": 3}}
+    path = save_bundle(tmp_path / "rt", layers, manifest)
+
+    b = load_bundle(path)
+    assert b.path == path and b.name == "rt"
+    for (w, bias), (w0, b0) in zip(b.layers, layers, strict=True):
+        assert w.dtype == torch.float32
+        np.testing.assert_array_equal(w.numpy(), w0.astype(np.float32))
+        np.testing.assert_array_equal(bias.numpy(), b0.astype(np.float32))
+    assert b.grid == grid
+    assert b.target_names == ["teff", "logg"] and b.targets[0].calibration == 1.5
+    assert b.preprocess == {"continuum": "poly"} and b.architecture["samples"] == 8
+    assert b.epistemic_thresholds == {"teff": 3.0}
+    assert b.manifest["schema_version"] == 1
+    assert b.weights_sha256 == bundle_mod.sha256_file(path / WEIGHTS_FILE)
+
+
+def test_weights_file_holds_no_pickle(tiny_bundle):
+    header_len = int.from_bytes((tiny_bundle / WEIGHTS_FILE).read_bytes()[:8], "little")
+    header = json.loads((tiny_bundle / WEIGHTS_FILE).read_bytes()[8:8 + header_len])
+    assert {k for k in header if k != "__metadata__"} == {
+        f"layers.{i}.{kind}" for i in range(3) for kind in ("weight", "bias")}
+    assert header["layers.0.weight"]["shape"] == [3, 200, 32]
+
+
+def test_tampered_weights_are_refused(tiny_bundle):
+    data = bytearray((tiny_bundle / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (tiny_bundle / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        load_bundle(tiny_bundle)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_unknown_schema_version_is_refused(tiny_bundle, version):
+    _edit_manifest(tiny_bundle, schema_version=version)
+    with pytest.raises(ModelError, match="schema_version"):
+        load_bundle(tiny_bundle)
+
+
+@pytest.mark.parametrize("missing", [WEIGHTS_FILE, MANIFEST_FILE])
+def test_missing_file_is_refused(tiny_bundle, missing):
+    (tiny_bundle / missing).unlink()
+    with pytest.raises(ModelError, match=f"{missing} is missing"):
+        load_bundle(tiny_bundle)
+
+
+def test_architecture_inconsistent_with_weights_is_refused(tiny_bundle):
+    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    manifest["architecture"]["hidden"] = [32, 64]
+    (tiny_bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="layer 1"):
+        load_bundle(tiny_bundle)
+
+
+def test_grid_inconsistent_with_input_dim_is_refused(tiny_bundle):
+    _edit_manifest(tiny_bundle, grid=json.loads(WavelengthGrid.linear(4000.0, 1.0, 100).to_json()))
+    with pytest.raises(ModelError, match="input_dim"):
+        load_bundle(tiny_bundle)
+
+
+def test_save_refuses_layers_that_disagree_with_architecture(tiny_bundle, tmp_path):
+    good = load_bundle(tiny_bundle)
+    with pytest.raises(ModelError, match="members=3"):
+        save_bundle(tmp_path / "bad", [(w[:2], b[:2]) for w, b in good.layers], good.manifest)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_names_resolve_to_the_package_models_folder(tmp_path, monkeypatch, bundle_factory):
+    monkeypatch.setattr(bundle_mod, "models_dir", lambda: tmp_path)
+    bundle_factory(tmp_path / "ob-test")
+    assert load_bundle("ob-test").path == tmp_path / "ob-test"
+
+
+def test_unknown_name_lists_available_models(tmp_path, monkeypatch, bundle_factory):
+    monkeypatch.setattr(bundle_mod, "models_dir", lambda: tmp_path)
+    bundle_factory(tmp_path / "ob-alpha")
+    bundle_factory(tmp_path / "ob-beta")
+    with pytest.raises(ModelError, match="ob-alpha, ob-beta"):
+        load_bundle("ob-gamma")
+
+
+def test_models_dir_is_inside_the_installed_package():
+    import starcast
+
+    assert bundle_mod.models_dir().parent == bundle_mod.Path(starcast.__file__).parent

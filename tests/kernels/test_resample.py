@@ -1,0 +1,123 @@
+"""Resampling and the Doppler convention against independent references: `spectres`, `numpy.interp`,
+exact integrals of piecewise-constant spectra, and the first-order Doppler formula."""
+
+import numpy as np
+import pytest
+import spectres
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starcast.kernels.resample import C_KMS, resample, rest_frame_factor
+
+
+@st.composite
+def grids(draw):
+    """An input grid (non-uniform) and a target grid that may be shorter, longer or shifted."""
+    n = draw(st.integers(3, 120))
+    m = draw(st.integers(3, 120))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    src = 4000.0 + np.cumsum(rng.uniform(0.05, 1.0, n))
+    span = src[-1] - src[0]
+    start = src[0] + draw(st.floats(-0.5, 0.5)) * span
+    length = draw(st.floats(0.05, 2.0)) * span
+    steps = rng.uniform(0.2, 1.0, m)
+    dst = start + np.cumsum(steps) / steps.sum() * length
+    flux = rng.uniform(0.1, 2.0, n)
+    err = rng.uniform(0.01, 0.1, n)
+    return src, dst, flux, err
+
+
+@settings(max_examples=200, deadline=None)
+@given(grids())
+def test_flux_rebinning_matches_spectres_on_random_grids(case):
+    src, dst, flux, err = case
+    ours, ours_err = resample(src, flux, dst, "flux", flux_err=err)
+    ref, ref_err = spectres.spectres(dst, src, flux, spec_errs=err, fill=np.nan, verbose=False)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, equal_nan=True)
+    np.testing.assert_allclose(ours_err, ref_err, rtol=1e-10, equal_nan=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(grids())
+def test_linear_resampling_matches_numpy_interp_inside_coverage(case):
+    src, dst, flux, _ = case
+    ours = resample(src, flux, dst, "linear")
+    inside = (dst >= src[0]) & (dst <= src[-1])
+    np.testing.assert_array_equal(np.isnan(ours), ~inside)
+    np.testing.assert_allclose(ours[inside], np.interp(dst[inside], src, flux), rtol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(grids())
+def test_flux_rebinning_preserves_the_integral_where_the_grids_overlap(case):
+    src, dst, flux, _ = case
+    ours = resample(src, flux, dst, "flux")
+    src_edges = np.concatenate([[1.5 * src[0] - 0.5 * src[1]], 0.5 * (src[1:] + src[:-1]),
+                                [1.5 * src[-1] - 0.5 * src[-2]]])
+    dst_edges = np.concatenate([[1.5 * dst[0] - 0.5 * dst[1]], 0.5 * (dst[1:] + dst[:-1]),
+                                [1.5 * dst[-1] - 0.5 * dst[-2]]])
+    covered = np.flatnonzero(~np.isnan(ours))
+    if covered.size == 0:
+        return
+    lo, hi = dst_edges[covered[0]], dst_edges[covered[-1] + 1]
+    # The input is piecewise constant, so its running integral is exactly piecewise linear in the edges.
+    running = np.concatenate([[0.0], np.cumsum(flux * np.diff(src_edges))])
+    expected = np.interp(hi, src_edges, running) - np.interp(lo, src_edges, running)
+    got = np.sum(ours[covered] * np.diff(dst_edges)[covered])
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["flux", "linear"])
+def test_constant_spectrum_stays_constant(method):
+    rng = np.random.default_rng(1)
+    src = np.sort(rng.uniform(4000, 4800, 500))
+    dst = np.linspace(4010, 4790, 3000)
+    out = resample(src, np.full(500, 3.25), dst, method)
+    np.testing.assert_allclose(out, 3.25, rtol=1e-12)
+
+
+def test_outside_coverage_is_nan_never_extrapolated():
+    src = np.linspace(4100, 4200, 101)
+    dst = np.linspace(4000, 4300, 301)
+    for method in ("flux", "linear"):
+        out = resample(src, np.ones(101), dst, method)
+        assert np.all(np.isnan(out[dst < 4099])) and np.all(np.isnan(out[dst > 4201]))
+        assert np.all(out[(dst > 4101) & (dst < 4199)] == 1.0)
+
+
+def test_non_finite_input_pixels_do_not_leak_into_neighbours():
+    src = np.linspace(4000, 4100, 101)
+    flux = np.ones(101)
+    flux[50] = np.nan
+    out = resample(src, flux, src + 0.25, "linear")
+    assert np.isnan(out[50]) and np.isnan(out[49]) and np.all(out[:49] == 1.0) and np.all(out[51:-1] == 1.0)
+
+
+def test_resample_rejects_unsorted_grids_and_unknown_methods():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        resample(np.array([3.0, 2.0, 1.0]), np.ones(3), np.array([1.5, 2.5]))
+    with pytest.raises(ValueError, match="method"):
+        resample(np.arange(3.0), np.ones(3), np.arange(3.0), method="cubic")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(-3000.0, 3000.0))
+def test_doppler_factor_inverts_and_matches_first_order_at_low_velocity(rv):
+    assert rest_frame_factor(rv) * rest_frame_factor(-rv) == pytest.approx(1.0, rel=1e-14)
+    beta = rv / C_KMS
+    assert rest_frame_factor(rv) == pytest.approx(1.0 - beta, abs=beta**2 + 1e-15)  # 1 - v/c + O(beta^2)
+    if abs(rv) > 1e-6:
+        assert (rest_frame_factor(rv) < 1.0) == (rv > 0)  # receding: the rest wavelength is bluer
+
+
+@pytest.mark.parametrize("method", ["flux", "linear"])
+def test_doppler_shift_then_unshift_is_the_identity_to_interpolation_error(method):
+    rest = np.linspace(4000, 4800, 8001)
+    spectrum = 1 - 0.4 * np.exp(-0.5 * ((rest - 4340) / 2.0) ** 2)
+    factor = rest_frame_factor(250.0)
+    observed = resample(rest / factor, spectrum, rest, method)  # what a receding source looks like
+    back = resample(rest * factor, observed, rest, method)  # un-shift its observed wavelengths
+    ok = ~np.isnan(back)
+    assert ok.mean() > 0.99
+    np.testing.assert_allclose(back[ok], spectrum[ok], atol=2e-3)

@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from starcast.catalogs.schema import Flag
+from starcast.trainers.cli import eval_
+from starcast.trainers.metrics import auroc
+
+NAMES = ("teff", "logg", "vsini")
+LO, HI = np.array([15000.0, 1.75, 3.0]), np.array([30000.0, 4.75, 450.0])
+
+
+def _tables(n=2000, n_out=200, seed=0):
+    """Truth with some out-of-range Teff rows, and results whose epistemic sigma is larger there."""
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(LO, HI, size=(n, 3))
+    y[:n_out, 0] = rng.uniform(32000, 40000, n_out)
+    ale = np.array([300.0, 0.08, 4.0]) * rng.uniform(0.5, 1.5, size=(n, 3))
+    epi = np.array([100.0, 0.03, 1.0]) * rng.uniform(0.5, 1.5, size=(n, 3))
+    epi[:n_out] *= 5
+    sigma = np.hypot(ale, epi)
+    mean = y + sigma * rng.normal(size=(n, 3))
+    ids = np.arange(n, dtype=np.int64)
+    truth = pa.table({"id": ids[::-1], **{t: y[::-1, k] for k, t in enumerate(NAMES)},
+                      "snr": rng.uniform(20, 300, n)[::-1],
+                      "split": np.where(ids % 5 == 0, "test", "train")[::-1]})
+    cols = {"id": ids}
+    for k, t in enumerate(NAMES):
+        cols.update({t: mean[:, k], f"{t}_err": sigma[:, k], f"{t}_err_aleatoric": ale[:, k],
+                     f"{t}_err_epistemic": epi[:, k]})
+    cols["flags"] = np.where(epi[:, 0] > 400, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
+    cols["error"] = pa.nulls(n, pa.string())
+    return truth, pa.table(cols), y, mean, sigma, epi
+
+
+def test_eval_cli_writes_report_and_plots_matching_direct_metrics(tmp_path):
+    truth, results, y, mean, sigma, epi = _tables()
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    pq.write_table(results, tmp_path / "results.parquet")
+    out = tmp_path / "report"
+    ranges = dict(zip(NAMES, zip(LO, HI, strict=True), strict=True))
+    from starcast.trainers.evaluate import run_eval
+
+    report = run_eval(tmp_path / "results.parquet", tmp_path / "truth.parquet", out, ranges=ranges,
+                      vsini_min=30.0)
+    inside = slice(200, None)  # rows 0..199 have out-of-range teff
+    r = mean[inside] - y[inside]
+    assert report["rows"]["scored"] == 1800 and report["rows"]["truth_out_of_range"] == 200
+    for k, t in enumerate(NAMES):
+        assert report["targets"][t]["rmse"] == pytest.approx(np.sqrt(np.mean(r[:, k] ** 2)))
+    assert report["ood"]["auroc_epistemic_sigma"]["teff"] == pytest.approx(
+        auroc(epi[inside, 0], epi[:200, 0]))
+    assert report["ood"]["auroc_combined"] > 0.9
+    assert {"pred_vs_true.png", "residuals.png", "calibration.png", "kiel.png",
+            "sigma_vs_snr.png", "ood_epistemic.png"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "report.json").read_text())["goals"]["teff"]["coverage_68_ok"]
+
+
+def test_eval_cli_split_selects_truth_rows(tmp_path):
+    truth, results, *_ = _tables(n=500, n_out=0)
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    pq.write_table(results, tmp_path / "results.parquet")
+    res = CliRunner().invoke(eval_, [str(tmp_path / "results.parquet"), "--truth",
+                                     str(tmp_path / "truth.parquet"), "--out", str(tmp_path / "r"),
+                                     "--split", "test"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["rows"]["scored"] == 100

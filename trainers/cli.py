@@ -1,0 +1,64 @@
+"""Sub-commands `starcast train CONFIG.toml` and `starcast eval RESULTS --truth CATALOG --out DIR`.
+
+Thin click wrappers: the work is in `pipeline.train_from_config` and `evaluate.run_eval`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", "output", default=None, help="Bundle directory (default: the config's `output`).")
+@click.option("--epochs", type=int, default=None, help="Override training.epochs (e.g. a quick try).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> None:
+    """Train, recalibrate and export a model bundle described by CONFIG (TOML)."""
+    from dataclasses import replace
+
+    from .config import load_config
+    from .pipeline import train_from_config
+
+    cfg = load_config(config)
+    if epochs is not None:
+        cfg = replace(cfg, training=replace(cfg.training, epochs=epochs))
+    path = train_from_config(cfg, output=output, progress=not quiet).path
+    manifest = json.loads((path / "manifest.json").read_text())
+    click.echo(f"wrote {path} ({manifest['provenance']['epochs_run']} epochs, "
+               f"{manifest['provenance']['train_seconds']:.0f} s)")
+    for name, m in manifest["metrics"].get("test", manifest["metrics"]["val"]).items():
+        click.echo(f"  {name}: rmse {m['rmse']:.4g}  bias {m['bias']:+.3g}  "
+                   f"coverage 68/95 {m['coverage_68']:.3f}/{m['coverage_95']:.3f}")
+
+
+@click.command("eval")
+@click.argument("results", type=click.Path(exists=True))
+@click.option("--truth", required=True, type=click.Path(exists=True), help="Catalog with the true labels.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--split", default=None, help="Score only truth rows of this split (e.g. test).")
+@click.option("--ood", "ood", default=None, type=click.Path(exists=True),
+              help="Results of an out-of-distribution set, for the AUROC of epistemic sigma.")
+@click.option("--model", default=None,
+              help="Bundle whose training range defines in-distribution truths (name or path).")
+@click.option("--vsini-min", type=float, default=None,
+              help="Instrumental resolution in km/s: v sin i accuracy is also given above it.")
+def eval_(results: str, truth: str, out: str, split: str | None, ood: str | None, model: str | None,
+          vsini_min: float | None) -> None:
+    """Metrics and plots of RESULTS (a results catalog) against true labels."""
+    from .evaluate import run_eval
+
+    ranges = None
+    if model is not None:
+        from ..engine.bundle import load_bundle
+
+        ranges = {t.name: (t.min, t.max) for t in load_bundle(model).targets}
+    report = run_eval(results, truth, out, split=split, ood_path=ood, ranges=ranges, vsini_min=vsini_min)
+    for name, m in report["targets"].items():
+        click.echo(f"{name}: rmse {m['rmse']:.4g}  bias {m['bias']:+.3g}  nll {m['nll']:.3f}  "
+                   f"coverage 68/95 {m['coverage_68']:.3f}/{m['coverage_95']:.3f}")
+    if "ood" in report:
+        click.echo(f"OOD AUROC (epistemic sigma, combined): {report['ood']['auroc_combined']:.3f}")
+    click.echo(f"wrote {out}/report.json and {len(report['plots'])} plots")

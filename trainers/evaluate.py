@@ -1,0 +1,174 @@
+"""`starcast eval`: a results catalog against the true labels, as a JSON report and PNG plots.
+
+Rows are matched by `id`; rows without a finite prediction are counted, not scored. Truths outside
+the model's training range (or a second, out-of-distribution results catalog) are scored only by
+how well the epistemic sigma singles them out (AUROC); accuracy and calibration use in-range rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from ..catalogs.schema import FLAGS, ID, SNR, SPLIT, Flag
+from ..errors import CatalogError
+from .metrics import auroc, binned_bias, summary
+from .plots import EvalArrays, write_plots
+
+GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.65, 0.71),
+         "coverage_95": (0.93, 0.97), "bias_over_median_sigma": 0.25}
+
+
+def read_columns(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Selected columns of a Parquet file or directory of shards (never the flux)."""
+    try:
+        ds = pads.dataset(str(path), format="parquet")
+        present = [c for c in (columns or ds.schema.names) if c in ds.schema.names]
+        return ds.to_table(columns=present)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CatalogError(f"cannot read Parquet ({exc})", file=str(path)) from exc
+
+
+def result_targets(results: pa.Table) -> list[str]:
+    names = results.column_names
+    return [c for c in names if f"{c}_err" in names and f"{c}_err_epistemic" in names]
+
+
+def _arrays(results: pa.Table, truth: pa.Table | None, names: list[str]) -> dict[str, np.ndarray]:
+    """Columns as float arrays after joining on id (inner join; order of the results)."""
+    table = results if truth is None else results.join(truth, keys=ID, join_type="inner",
+                                                       right_suffix="_true")
+    out = {}
+    for col in table.column_names:
+        if col == ID or pa.types.is_string(table.column(col).type):
+            continue
+        out[col] = table.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+    out["_n"] = np.array(table.num_rows)
+    return out
+
+
+def _finite(cols: dict, names: list[str], truth: bool) -> np.ndarray:
+    keys = [f"{n}{s}" for n in names for s in ("", "_err", "_err_epistemic")]
+    if truth:
+        keys += [f"{n}_true" for n in names]
+    return np.all([np.isfinite(cols[k]) for k in keys], axis=0) & np.all(
+        [cols[f"{n}_err"] > 0 for n in names], axis=0)
+
+
+def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[float, float]] | None = None,
+             ood_results: pa.Table | None = None, vsini_min: float | None = None, bins: int = 8
+             ) -> tuple[dict, EvalArrays]:
+    """The report (JSON-able dict) and the arrays behind it. `ranges`: training range per target;
+    truths outside it count as out of distribution. `vsini_min`: the instrumental resolution in km/s
+    (v sin i accuracy is also reported for true v sin i above it)."""
+    names = [n for n in result_targets(results) if n in truth.column_names]
+    if not names:
+        raise CatalogError("no target is both predicted in the results and present in the truth catalog")
+    keep = [ID, *names, *(c for c in (SNR,) if c in truth.column_names)]
+    truth = truth.select(keep).rename_columns([c if c in (ID, SNR) else f"{c}_true" for c in keep])
+    results = results.drop_columns([c for c in (SNR,) if c in results.column_names])
+    cols = _arrays(results, truth, names)
+    ok = _finite(cols, names, truth=True)
+    y = np.stack([cols[f"{n}_true"] for n in names], 1)
+    in_range = np.ones(len(y), bool)
+    for k, n in enumerate(names):
+        if ranges and n in ranges:
+            in_range &= (y[:, k] >= ranges[n][0]) & (y[:, k] <= ranges[n][1])
+    sel = ok & in_range
+    a = EvalArrays(
+        names=tuple(names), y=y[sel], mean=np.stack([cols[n][sel] for n in names], 1),
+        sigma=np.stack([cols[f"{n}_err"][sel] for n in names], 1),
+        sigma_aleatoric=np.stack([cols[f"{n}_err_aleatoric"][sel] for n in names], 1),
+        sigma_epistemic=np.stack([cols[f"{n}_err_epistemic"][sel] for n in names], 1),
+        snr=cols[SNR][sel] if SNR in cols else None)
+    report = {"rows": {"results": results.num_rows, "matched": int(cols["_n"]), "scored": int(sel.sum()),
+                       "not_finite": int((~ok).sum()), "truth_out_of_range": int((ok & ~in_range).sum())},
+              "targets": {}}
+    for k, n in enumerate(names):
+        r = a.mean[:, k] - a.y[:, k]
+        entry = summary(a.y[:, k], a.mean[:, k], a.sigma[:, k])
+        entry["bias_in_bins"] = {p: binned_bias(a.y[:, j], r, a.sigma[:, k], bins)
+                                 for j, p in enumerate(names)}
+        report["targets"][n] = entry
+    if vsini_min is not None and "vsini" in names:
+        k = names.index("vsini")
+        above = a.y[:, k] > vsini_min
+        report["vsini_above_resolution"] = {"vsini_min": vsini_min, **{
+            key: v for key, v in summary(a.y[above, k], a.mean[above, k], a.sigma[above, k]).items()
+            if key != "calibration_curve"}}
+    if FLAGS in cols:
+        report["rows"]["flagged_high_epistemic"] = int(
+            ((cols[FLAGS][sel].astype(np.int64) & int(Flag.HIGH_EPISTEMIC)) > 0).sum())
+    ood_epi = _ood_sigma(cols, ok & ~in_range, names, ood_results)
+    if ood_epi is not None and len(ood_epi):
+        report["ood"] = _ood_report(a.sigma_epistemic, ood_epi, names)
+    report["goals"] = check_goals(report)
+    return report, EvalArrays(**{**a.__dict__, "ood_sigma_epistemic": ood_epi})
+
+
+def _ood_sigma(cols: dict, out_rows: np.ndarray, names: list[str], ood_results: pa.Table | None):
+    parts = []
+    if out_rows.any():
+        parts.append(np.stack([cols[f"{n}_err_epistemic"][out_rows] for n in names], 1))
+    if ood_results is not None:
+        ood = _arrays(ood_results, None, names)
+        fin = _finite(ood, names, truth=False)
+        parts.append(np.stack([ood[f"{n}_err_epistemic"][fin] for n in names], 1))
+    return np.concatenate(parts) if parts else None
+
+
+def _ood_report(epi_in: np.ndarray, epi_out: np.ndarray, names: list[str]) -> dict:
+    """AUROC per target, and for the combined score max_k(sigma_epi_k / median in-distribution)."""
+    scale = np.median(epi_in, axis=0)
+    combined = auroc((epi_in / scale).max(1), (epi_out / scale).max(1))
+    return {"rows_in": len(epi_in), "rows_out": len(epi_out),
+            "auroc_epistemic_sigma": {n: auroc(epi_in[:, k], epi_out[:, k]) for k, n in enumerate(names)},
+            "auroc_combined": combined}
+
+
+def check_goals(report: dict) -> dict:
+    """Pass/fail of the issue's goals, with the measured values, per target."""
+    out = {}
+    for n, t in report["targets"].items():
+        rmse = report.get("vsini_above_resolution", t)["rmse"] if n == "vsini" else t["rmse"]
+        worst = max((abs(b["bias"]) / b["median_sigma"] for bins in t["bias_in_bins"].values()
+                     for b in bins), default=float("nan"))
+        g = {"coverage_68": t["coverage_68"], "coverage_68_ok": GOALS["coverage_68"][0] <= t["coverage_68"]
+             <= GOALS["coverage_68"][1], "coverage_95": t["coverage_95"],
+             "coverage_95_ok": GOALS["coverage_95"][0] <= t["coverage_95"] <= GOALS["coverage_95"][1],
+             "worst_bin_bias_over_median_sigma": worst,
+             "bias_ok": bool(worst < GOALS["bias_over_median_sigma"])}
+        if n in GOALS["rmse"]:
+            g.update(rmse=rmse, rmse_goal=GOALS["rmse"][n], rmse_ok=bool(rmse <= GOALS["rmse"][n]))
+        out[n] = g
+    if "ood" in report:
+        out["ood_auroc_ok"] = bool(report["ood"]["auroc_combined"] >= 0.9)
+    return out
+
+
+def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, *,
+             split: str | None = None, ood_path: str | Path | None = None,
+             ranges: dict[str, tuple[float, float]] | None = None,
+             vsini_min: float | None = None) -> dict:
+    """Read the files, evaluate, write `report.json` and the PNGs into `out`; returns the report."""
+    results = read_columns(results_path)
+    truth = read_columns(truth_path, [ID, SNR, SPLIT, *result_targets(results)])
+    if split is not None:
+        if SPLIT not in truth.column_names:
+            raise CatalogError(f"--split {split} given, but the truth catalog has no split column",
+                               file=str(truth_path))
+        truth = truth.filter(pa.compute.equal(truth.column(SPLIT), split))
+    truth = truth.drop_columns([c for c in (SPLIT,) if c in truth.column_names])
+    ood = read_columns(ood_path) if ood_path is not None else None
+    report, arrays = evaluate(results, truth, ranges=ranges, ood_results=ood, vsini_min=vsini_min)
+    report["inputs"] = {"results": str(results_path), "truth": str(truth_path), "split": split,
+                        "ood": None if ood_path is None else str(ood_path)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = [p.name for p in write_plots(arrays, out)]
+    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    return report

@@ -1,0 +1,77 @@
+"""Evaluation metrics for predictions with Gaussian uncertainties: accuracy (RMSE, MAE, bias), NLL,
+coverage of central intervals, the calibration curve and its mean absolute error, sharpness, bias
+in bins of a true parameter, and AUROC of a score that should single out out-of-distribution rows.
+
+Definitions follow uncertainty-toolbox (Chung et al. 2021) so the numbers can be checked against it:
+sharpness = sqrt(mean(sigma^2)); calibration curve over central intervals at 100 levels in [0, 1].
+Plain numpy on 1-D arrays of one target; `evaluate.py` loops over targets and writes the report.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import norm, rankdata
+
+CURVE_LEVELS = np.linspace(0.0, 1.0, 100)  # expected proportions, as uncertainty-toolbox
+
+
+def calibration_curve(y: np.ndarray, mean: np.ndarray, sigma: np.ndarray,
+                      levels: np.ndarray = CURVE_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """(expected, observed): observed fraction of rows inside the central interval of each level."""
+    z = np.abs(y - mean) / sigma
+    half_width = norm.ppf(0.5 + levels / 2.0)
+    return levels, (z[:, None] <= half_width[None, :]).mean(axis=0)
+
+
+def coverage(y: np.ndarray, mean: np.ndarray, sigma: np.ndarray, level: float) -> float:
+    """Fraction of rows whose truth lies inside the central `level` interval mean +- z sigma."""
+    return float(np.mean(np.abs(y - mean) <= norm.ppf(0.5 + level / 2.0) * sigma))
+
+
+def summary(y: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> dict:
+    """Accuracy, Gaussian NLL (mean per row, natural log), coverage and calibration of one target."""
+    r = mean - y
+    expected, observed = calibration_curve(y, mean, sigma)
+    nll = 0.5 * np.log(2 * math.pi * sigma**2) + 0.5 * (r / sigma) ** 2
+    return {
+        "n": int(y.size),
+        "rmse": float(np.sqrt(np.mean(r**2))),
+        "mae": float(np.mean(np.abs(r))),
+        "bias": float(np.mean(r)),
+        "nll": float(np.mean(nll)),
+        "coverage_68": coverage(y, mean, sigma, 0.68),
+        "coverage_95": coverage(y, mean, sigma, 0.95),
+        "sharpness": float(np.sqrt(np.mean(sigma**2))),
+        "median_sigma": float(np.median(sigma)),
+        "calibration_error": float(np.mean(np.abs(observed - expected))),
+        "calibration_curve": {"expected": expected.round(4).tolist(), "observed": observed.round(4).tolist()},
+    }
+
+
+def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins: int = 8,
+                min_rows: int = 10) -> list[dict]:
+    """Mean residual in equal-width bins of a true parameter, with the bin's median sigma and
+    whether |bias| < median sigma / 4 (the goal). Bins with fewer than `min_rows` rows are skipped."""
+    edges = np.linspace(param.min(), param.max(), bins + 1)
+    which = np.clip(np.searchsorted(edges, param, side="right") - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        sel = which == b
+        if sel.sum() < min_rows:
+            continue
+        bias, med = float(residual[sel].mean()), float(np.median(sigma[sel]))
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
+                    "bias": bias, "median_sigma": med, "ok": bool(abs(bias) < 0.25 * med)})
+    return out
+
+
+def auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
+    """Area under the ROC curve for telling `score_out` (positives) from `score_in` by a high score:
+    the Mann-Whitney U statistic / (n_in n_out), ties counted half."""
+    scores = np.concatenate([score_in, score_out])
+    ranks = rankdata(scores)
+    n_in, n_out = len(score_in), len(score_out)
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
+    return float(u / (n_in * n_out))

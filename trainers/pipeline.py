@@ -1,0 +1,123 @@
+"""`starcast train CONFIG.toml` end to end: data -> training -> recalibration -> bundle.
+
+Recalibration and the OOD thresholds are fitted on the validation split from the full M x S
+Monte-Carlo prediction of the exported weights (the deployed CPU kernel, masks and default S).
+Validation and test metrics, the epoch log and the provenance go into the manifest; the epoch log
+also to `report/training_log.csv` in the bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.bundle import save_bundle
+from ..kernels.reference import ensemble_stats_cpu
+from ..kernels.rng import id_keys
+from .calibrate import calibration_factors, epistemic_thresholds
+from .config import UNITS, ArchitectureConfig, TrainConfig
+from .data import Dataset, load_dataset
+from .export import code_version, export_layers, target_entries
+from .metrics import summary
+from .train import Standardiser, TrainResult, train_ensemble
+
+
+def predict_physical(layers: list, arch: ArchitectureConfig, std: Standardiser, x: np.ndarray,
+                     ids: np.ndarray, *, samples: int, seed: int, calibration: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, sigma_aleatoric, sigma_epistemic), [N, K] in physical units, calibrated if given: the
+    exported weights through the engine's CPU kernel with the deployed dropout masks (keyed by id),
+    i.e. the numbers `starcast run` gives these rows with the same seed and S."""
+    mean, var_a, var_e = ensemble_stats_cpu(
+        torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(id_keys(ids)), layers,
+        p=arch.dropout, samples=samples, seed=seed, activation=arch.activation, var_eps=arch.var_eps,
+        label_mean=std.y_mean.tolist(), label_std=std.y_std.tolist(),
+        calibration=None if calibration is None else calibration.tolist(), dtype=torch.float64)
+    return mean.numpy(), np.sqrt(var_a.numpy()), np.sqrt(np.maximum(var_e.numpy(), 0.0))
+
+
+def split_metrics(names: tuple[str, ...], y: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> dict:
+    out = {}
+    for k, name in enumerate(names):
+        m = summary(y[:, k], mean[:, k], sigma[:, k])
+        m.pop("calibration_curve")
+        out[name] = m
+    return out
+
+
+def write_log(history: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+@dataclass(frozen=True)
+class Trained:
+    path: Path  # the bundle directory
+    result: TrainResult  # the in-memory ensemble, its standardisation and history
+    dataset: Dataset
+
+
+def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, progress: bool = True,
+                      dataset: Dataset | None = None) -> Trained:
+    """Train, recalibrate and export the bundle described by `cfg` (to `output`, default the
+    config's), optionally on an already loaded `dataset`."""
+    data = dataset if dataset is not None else load_dataset(cfg, progress=progress)
+    x_tr, y_tr, snr_tr, _ = data.part("train")
+    x_va, y_va, _, id_va = data.part("val")
+    x_te, y_te, _, id_te = data.part("test")
+    arch, cal = cfg.architecture, cfg.calibration
+    result = train_ensemble(x_tr, y_tr, x_va, y_va, arch, cfg.training, snr_train=snr_tr, progress=progress)
+    layers, std = export_layers(result.model, result.standardiser), result.standardiser
+    mean, ale, epi = predict_physical(layers, arch, std, x_va, id_va, samples=cal.samples, seed=cal.seed)
+    factors = calibration_factors(y_va, mean, np.hypot(ale, epi), cal.method)
+    thresholds = epistemic_thresholds(epi * factors, cal.ood_quantile)
+    names = cfg.data.targets
+    metrics = {"val_uncalibrated": split_metrics(names, y_va, mean, np.hypot(ale, epi)),
+               "val": split_metrics(names, y_va, mean, np.hypot(ale, epi) * factors)}
+    if len(y_te):
+        mean_te, ale_te, epi_te = predict_physical(layers, arch, std, x_te, id_te, samples=cal.samples,
+                                                   seed=cal.seed, calibration=factors)
+        metrics["test"] = split_metrics(names, y_te, mean_te, np.hypot(ale_te, epi_te))
+    manifest = {
+        "name": cfg.name,
+        "targets": target_entries(names, UNITS, std, y_tr, factors),
+        "grid": cfg.grid,
+        "preprocess": _preprocess_dict(cfg),
+        "architecture": {"input_dim": int(x_tr.shape[1]), "hidden": list(arch.hidden),
+                         "activation": arch.activation, "dropout": arch.dropout,
+                         "members": arch.members, "samples": arch.samples, "var_eps": arch.var_eps},
+        "ood": {"epistemic_sigma_threshold": {n: float(t) for n, t in zip(names, thresholds, strict=True)},
+                "quantile": cal.ood_quantile},
+        "provenance": {
+            "config": cfg.to_dict(), "config_file": cfg.source, "data_sha256": cfg.data_hash(),
+            "rows": {s: int((data.split == s).sum()) for s in ("train", "val", "test")},
+            "rows_dropped_by_preprocessing": data.dropped,
+            "seeds": list(cfg.training.seeds), "code_version": code_version(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "epochs_run": len(result.history), "best_epoch_per_member": result.best_epochs,
+            "train_seconds": round(result.seconds, 1),
+            "augmentation_noise_per_snr": result.noise_per_snr,
+            "calibration": {"method": cal.method, "samples": cal.samples, "seed": cal.seed,
+                            "split": "val"},
+            "losses": [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+                       for row in result.history],
+        },
+        "metrics": metrics,
+    }
+    path = save_bundle(Path(output or cfg.output), layers, manifest)
+    write_log(result.history, path / "report" / "training_log.csv")
+    return Trained(path, result, data)
+
+
+def _preprocess_dict(cfg: TrainConfig) -> dict:
+    from ..kernels.preprocess import PreprocessSettings
+
+    return PreprocessSettings.from_dict(cfg.preprocess).to_dict()
