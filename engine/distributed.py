@@ -28,7 +28,7 @@ from ..catalogs.io import read_grid
 from ..catalogs.schema import ID, WavelengthGrid
 from ..errors import CatalogError, StarcastError
 from .manifest import FileReport, ResultsWriter, RunIdentity, clear_outputs
-from .pipeline import as_batch, failed_results, infer_rows, prepare_rows, target_names, with_grid
+from .pipeline import as_batch, failed_results, infer_rows, prepare_rows
 from .predictor import load_model
 
 PATH = "path"  # the column Ray's include_paths adds; carried through both stages
@@ -56,8 +56,7 @@ def prepare_task(batch: pa.Table, *, model_ref: str, grids: dict[str, str | None
     pieces = []
     for path, rows in _runs(batch):
         grid = grids[path] and WavelengthGrid.from_json(grids[path])
-        prepared = pa.Table.from_batches([prepare_rows(model, with_grid(as_batch(rows.drop_columns([PATH])),
-                                                                        grid))])
+        prepared = pa.Table.from_batches([prepare_rows(model, as_batch(rows.drop_columns([PATH])), grid)])
         pieces.append(prepared.append_column(PATH, pa.array([path] * rows.num_rows, pa.string())))
     return pa.concat_tables(pieces, promote_options="permissive")
 
@@ -149,7 +148,8 @@ def _open_writer(file: Path, rows_in: int, out: Path, identity: RunIdentity, rep
     report = reports[str(file)]
     report.rows_in, report.rows_out, report.rows_flagged, report.rows_failed = rows_in, 0, 0, 0
     clear_outputs(out, file)
-    empty = failed_results(pa.array([], pq.read_schema(file).field(ID).type), target_names(model), 0, None)
+    empty = failed_results(pa.array([], pq.read_schema(file).field(ID).type), model.bundle.target_names, 0,
+                           None)
     writer = ResultsWriter(out, file, identity, empty)
     return _commit_if_complete(writer, report), report
 

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..catalogs.io import iter_batches, read_grid
-from ..catalogs.schema import ERROR, FLAGS, ID, LABELS, META_WAVELENGTH, Flag, WavelengthGrid
-from ..errors import CatalogError
+from ..catalogs.schema import ERROR, FLAGS, ID, Flag, WavelengthGrid, results_schema
+from ..errors import CatalogError, StarcastError
 from .manifest import FileReport, ResultsWriter, RunIdentity, clear_outputs
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
@@ -36,43 +36,33 @@ _POLL_S = 0.1  # how often blocked threads look at the stop flag
 
 # --- the per-batch steps, shared with the Ray pipeline -------------------------------------------
 
-def with_grid(batch: pa.RecordBatch | pa.Table, grid: WavelengthGrid | None):
-    """Attach the file-level wavelength grid to a batch's schema metadata, where `Model.prepare`
-    finds it when the catalog has no `wavelength` column."""
-    if grid is None:
-        return batch
-    return batch.replace_schema_metadata({**(batch.schema.metadata or {}),
-                                          META_WAVELENGTH.encode(): grid.to_json().encode()})
-
-
-def prepare_rows(model, batch: pa.RecordBatch) -> pa.RecordBatch:
+def prepare_rows(model, batch: pa.RecordBatch, grid: WavelengthGrid | None) -> pa.RecordBatch:
     """`model.prepare(batch)`, one prepared row per input row whatever happens: if the batch raises,
-    each row is retried alone and a row that still fails gets PREPROCESS_FAILED and its error."""
+    each row is retried alone and a row that still fails gets PREPROCESS_FAILED and its error.
+    A `StarcastError` (e.g. no grid for the file) concerns the whole file and is raised."""
     try:
-        return as_batch(model.prepare(batch))
+        return as_batch(model.prepare(batch, source_grid=grid))
+    except StarcastError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure becomes a flagged row, never a lost one
         if batch.num_rows == 1:
             return _failed_prepared(model, batch, f"preprocessing failed: {type(exc).__name__}: {exc}")
-    pieces = [pa.Table.from_batches([prepare_rows(model, batch.slice(i, 1))]) for i in range(batch.num_rows)]
+    pieces = [pa.Table.from_batches([prepare_rows(model, batch.slice(i, 1), grid)])
+              for i in range(batch.num_rows)]
     return as_batch(pa.concat_tables(pieces, promote_options="permissive"))
 
 
 def infer_rows(model, prepared: pa.RecordBatch, *, samples: int | None, seed: int, backend: str) -> pa.Table:
     """`model.infer(prepared)`; if inference raises, every row of the batch is kept with its error."""
     try:
-        out = model.infer(prepared, samples=samples, seed=seed, backend=backend)
-        return pa.Table.from_batches([out]) if isinstance(out, pa.RecordBatch) else out
+        return model.infer(prepared, samples=samples, seed=seed, backend=backend)
     except Exception as exc:  # noqa: BLE001
         flags = np.asarray(prepared[FLAGS].to_numpy(zero_copy_only=False), np.int32)
-        return failed_results(prepared[ID], target_names(model), flags | int(Flag.PREPROCESS_FAILED),
+        return failed_results(prepared[ID], model.bundle.target_names, flags | int(Flag.PREPROCESS_FAILED),
                               f"inference failed: {type(exc).__name__}: {exc}")
 
 
-def target_names(model) -> list[str]:
-    return [t["name"] for t in model.bundle.manifest["targets"]]
-
-
-def failed_results(ids, targets: list[str], flags, error: str | None) -> pa.Table:
+def failed_results(ids: pa.Array, targets: list[str], flags, error: str | None) -> pa.Table:
     """Results rows with no numbers (null statistics), the given flags and error."""
     n = len(ids)
     cols = {ID: ids}
@@ -81,7 +71,7 @@ def failed_results(ids, targets: list[str], flags, error: str | None) -> pa.Tabl
             cols[t + suffix] = pa.nulls(n, pa.float64())
     cols[FLAGS] = pa.array(np.broadcast_to(np.asarray(flags, np.int32), (n,)), pa.int32())
     cols[ERROR] = pa.array([error] * n, pa.string())
-    return pa.table(cols)
+    return pa.Table.from_pydict(cols, schema=results_schema(targets, id_type=ids.type))
 
 
 def as_batch(obj: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
@@ -93,13 +83,14 @@ def as_batch(obj: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
 
 
 def _failed_prepared(model, batch: pa.RecordBatch, error: str) -> pa.RecordBatch:
-    n, dim = batch.num_rows, int(model.bundle.manifest["architecture"]["input_dim"])
+    n, dim = batch.num_rows, int(model.bundle.architecture["input_dim"])
     cols = {ID: batch.column(ID),
             "x": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * dim, np.float32)), dim),
             "key": pa.array(np.zeros(n, np.int64)),
             FLAGS: pa.array(np.full(n, int(Flag.PREPROCESS_FAILED), np.int32)),
             ERROR: pa.array([error] * n, pa.string())}
-    cols.update({k: batch.column(k) for k in LABELS if k in batch.schema.names})
+    cols.update({k: batch.column(k).cast(pa.float64()) for k in model.bundle.target_names
+                 if k in batch.schema.names})
     return pa.RecordBatch.from_pydict(cols)
 
 
@@ -176,18 +167,21 @@ class LocalPipeline:
                 for batch in iter_batches(path, batch_rows=self.batch_size):
                     self._add("read", time.perf_counter() - t0)
                     rows += batch.num_rows
-                    self._put(out_q, pool.submit(self._prepare, i, with_grid(batch, grid)))
+                    self._put(out_q, pool.submit(self._prepare, i, batch, grid))
                     t0 = time.perf_counter()
                 self._put(out_q, _done(("end", i, rows)))
             except (CatalogError, OSError, pa.ArrowException) as exc:
                 self._put(out_q, _done(("fail", i, _reason(exc))))
         self._put(out_q, _done(None))
 
-    def _prepare(self, i: int, batch: pa.RecordBatch):
+    def _prepare(self, i: int, batch: pa.RecordBatch, grid: WavelengthGrid | None):
         t0 = time.perf_counter()
-        prepared = prepare_rows(self.model, batch)
+        try:
+            msg = ("rows", i, prepare_rows(self.model, batch, grid))
+        except StarcastError as exc:
+            msg = ("fail", i, _reason(exc))
         self._add("prepare", time.perf_counter() - t0)
-        return ("rows", i, prepared)
+        return msg
 
     def _infer(self, in_q: queue.Queue, out_q: queue.Queue) -> None:
         while True:
@@ -203,13 +197,15 @@ class LocalPipeline:
                 return
 
     def _write(self, files, reports, in_q: queue.Queue, writers: dict, bar: tqdm) -> None:
-        targets = target_names(self.model)
+        targets, failed = self.model.bundle.target_names, set()
         while (msg := in_q.get()) is not None:
             kind, i, payload = msg
             t0 = time.perf_counter()
             if kind == "crash":
                 raise payload
             report = reports[i]
+            if i in failed:
+                continue  # the rest of a file that failed
             if kind == "start":
                 clear_outputs(self.out, files[i])
                 empty = failed_results(pa.array([], payload), targets, 0, None)
@@ -225,6 +221,7 @@ class LocalPipeline:
                 writers.pop(i).commit(report)
                 report.status = "done"
             elif kind == "fail":
+                failed.add(i)
                 if i in writers:
                     writers.pop(i).abort()
                 report.status, report.error = "failed", payload

@@ -18,7 +18,7 @@ from ..errors import EXIT_OK, EXIT_PARTIAL, StarcastError
 from .jobs import JobSpec
 from .manifest import FileReport, RunIdentity, RunManifest, check_marker, read_marker, remove_stale_partials
 from .pipeline import LocalPipeline
-from .predictor import load_model
+from .predictor import load_model, resolve_backend
 
 DEFAULT_MODEL = "ob-default"
 
@@ -48,10 +48,10 @@ def run_job(spec: JobSpec) -> dict:
     _check_unique_stems(files)
     model = load_model(spec.model or DEFAULT_MODEL)
     bundle = model.bundle
-    identity = RunIdentity(model=bundle.manifest["name"], model_sha256=bundle.manifest["weights_sha256"],
+    identity = RunIdentity(model=bundle.name, model_sha256=bundle.weights_sha256,
                            seed=spec.seed,
-                           samples=spec.samples or int(bundle.manifest["architecture"]["samples"]),
-                           version=__version__, backend=spec.backend)
+                           samples=spec.samples or int(bundle.architecture["samples"]),
+                           version=__version__, backend=resolve_backend(spec.backend))
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
