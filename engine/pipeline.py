@@ -2,9 +2,10 @@
 
     reader --(futures, bounded)--> prepare pool (threads) --> infer thread --(bounded)--> writer (caller)
 
-Reading streams row groups (`iter_batches`), preprocessing runs in a thread pool (the Numba kernels
-release the GIL), inference in one thread (torch or Triton use all cores or the GPU themselves) and
-writing in the calling thread, which also drives the progress bar. Order is kept: futures are queued
+Reading streams row groups (`iter_batches`), preprocessing runs in a pool of `workers` threads (one
+by default: the Numba kernels are `parallel=True`, so one call already uses every core, and they do
+not release the GIL), inference in one thread (torch or Triton use all cores or the GPU themselves)
+and writing in the calling thread, which also drives the progress bar. Order is kept: futures are queued
 in input order. Memory is bounded by the queue sizes (a few batches), whatever the catalog size.
 The per-batch steps (`prepare_rows`, `infer_rows`) are shared with the Ray pipeline: both call the
 same `Model` object, so the two paths give the same numbers.
@@ -12,7 +13,6 @@ same `Model` object, so the two paths give the same numbers.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -104,11 +104,11 @@ class LocalPipeline:
     """Runs `files` through `model`, writing each file's results with the marker protocol."""
 
     def __init__(self, model, identity: RunIdentity, out: Path, *, samples: int | None, seed: int,
-                 backend: str, batch_size: int, progress: bool, workers: int | None = None):
+                 backend: str, batch_size: int, progress: bool, workers: int = 1):
         self.model, self.identity, self.out = model, identity, out
         self.samples, self.seed, self.backend, self.batch_size = samples, seed, backend, batch_size
         self.progress = progress
-        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self.workers = workers
         self.stage_seconds: dict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
         self._stop = threading.Event()
