@@ -6,7 +6,8 @@ none; the model is loaded once per actor) -> streamed back in input order to the
 splits rows by their `path` and writes each file with the local pipeline's temp + fsync + rename +
 marker protocol; a file is committed when its rows out equal the row count of its footer. Ray
 retries the tasks of a killed actor or a lost node. If the dataset fails (a corrupt page), the files
-not yet committed are run again one dataset each, so the bad file fails alone and the rest go on.
+not yet committed are read once on the driver to find the bad ones, which fail alone, and the rest
+run again in one more dataset.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ..catalogs.io import read_grid
+from ..catalogs.io import iter_batches, read_grid
 from ..catalogs.schema import ID, WavelengthGrid
 from ..errors import CatalogError, StarcastError
 from .manifest import FileReport, ResultsWriter, RunIdentity, clear_outputs
@@ -88,13 +89,20 @@ def run_ray(files: list[Path], out: Path, model_ref, identity: RunIdentity, *, a
             batch_size, reports, stage_seconds)
     try:
         _run_dataset(readable, *args)
-    except Exception:  # noqa: BLE001 - find the culprit: one dataset per file not yet done
-        for key, entry in readable.items():
-            if reports[str(entry[0])].status != "done":
-                try:
-                    _run_dataset({key: entry}, *args)
-                except Exception as exc:  # noqa: BLE001 - this file fails; the others go on
-                    _fail(reports[str(entry[0])], _reason(exc))
+    except Exception as exc:  # noqa: BLE001 - find the unreadable files, then run the rest once more
+        remaining = {k: e for k, e in readable.items() if reports[str(e[0])].status != "done"}
+        for key, (file, _, _) in list(remaining.items()):
+            problem = _scan(file)
+            if problem is not None:
+                _fail(reports[str(file)], problem)
+                del remaining[key]
+        if remaining:
+            try:
+                _run_dataset(remaining, *args)
+            except Exception:  # noqa: BLE001 - not a bad file: report the first error on each
+                for file, _, _ in remaining.values():
+                    if reports[str(file)].status != "done":
+                        _fail(reports[str(file)], _reason(exc))
     return list(reports.values()), dict(stage_seconds)
 
 
@@ -193,6 +201,16 @@ def _open(path: Path):
     if ID not in meta.schema.names:
         raise CatalogError(f"no {ID!r} column", file=str(path))
     return meta.num_rows, grid
+
+
+def _scan(path: Path) -> str | None:
+    """Read a whole file on the driver: the reason it cannot be read, or None."""
+    try:
+        for _ in iter_batches(path):
+            pass
+    except CatalogError as exc:
+        return exc.reason
+    return None
 
 
 def _fail(report: FileReport, reason: str) -> None:
