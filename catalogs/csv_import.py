@@ -18,7 +18,18 @@ import pyarrow.csv as pacsv
 
 from ..errors import CatalogError
 from .io import write_catalog
-from .schema import FLUX, ID, LABELS, META_WAVELENGTH, RV, SNR, SPLIT, WavelengthGrid, validate
+from .schema import (
+    FLUX,
+    ID,
+    LABELS,
+    META_WAVELENGTH,
+    RV,
+    SNR,
+    SPLIT,
+    WavelengthGrid,
+    spectrum_array,
+    validate,
+)
 
 KNOWN_COLUMNS = {ID: None, RV: pa.float64(), SNR: pa.float32(), SPLIT: pa.string(),
                  **{name: pa.float64() for name in LABELS}}
@@ -84,7 +95,7 @@ def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
     order = sorted(wavelengths, key=wavelengths.get)
     flux = np.column_stack([raw.column(n).to_numpy(zero_copy_only=False) for n in order]).astype(np.float32)
     ids = raw.column(ID) if ID in header else pa.array(np.arange(raw.num_rows, dtype=np.int64))
-    cols = {ID: ids, FLUX: pa.FixedSizeListArray.from_arrays(pa.array(flux.reshape(-1)), len(order))}
+    cols = {ID: ids, FLUX: spectrum_array(flux, len(order))}
     cols.update({n: raw.column(n) for n in KNOWN_COLUMNS if n in header and n != ID})
     grid = _grid(np.array([wavelengths[n] for n in order]), medium)
     meta = {META_WAVELENGTH: grid.to_json(), "starcast.source": json.dumps({"csv": str(path)})}

@@ -157,10 +157,15 @@ def _uniform16_kernel(rows_ptr, out_ptr, n_rows, member, sample, layer, width,
     tl.store(out_ptr + offs_b[:, None] * width + offs_h[None, :], u, mask=ok)
 
 
+def int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """uint32 words held in int64 lanes -> int32 with the same 32 bits (what Triton loads as uint32)."""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
 def uniform16_triton(rows: torch.Tensor, member: int, sample: int, layer: int, width: int) -> torch.Tensor:
     """The device form of `uniform16(streams(rows, [member], [sample], layer), width)`: int32 [B, width]."""
     n = rows.shape[0]
-    rows32 = rows.to(torch.int64).to(torch.int32)  # same bits, reinterpreted as signed 32-bit
+    rows32 = int32_bits(rows)
     out = torch.empty((n, width), dtype=torch.int32, device=rows.device)
     block_h = triton.next_power_of_2(max(width, 2))
     _uniform16_kernel[(triton.cdiv(n, 16),)](rows32, out, n, member, sample, layer, width,
