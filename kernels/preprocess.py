@@ -97,7 +97,7 @@ class Preprocessed:
     flags: np.ndarray  # (B,) int32 Flag bits
     coverage: np.ndarray  # (B,) float32, fraction of the model grid covered after the rv shift
     bad_fraction: np.ndarray  # (B,) float32, fraction of the covered grid pixels that are bad
-    errors: list[str | None]  # None, or why the row failed
+    errors: list[str | None]  # None, or "row <index in the batch>: <why it failed>"
     ivar: np.ndarray  # (B, D) float32
 
 

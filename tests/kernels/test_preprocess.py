@@ -176,3 +176,25 @@ def test_an_empty_batch_gives_empty_results():
     table = pa.table({"flux": pa.array([], pa.list_(pa.float32()))})
     out = preprocess(table, GRID, PreprocessSettings(), source_grid=SOURCE)
     assert out.x.shape == (0, len(GRID)) and out.flags.shape == (0,) and out.errors == []
+
+
+@pytest.mark.parametrize("scale", [1e-17, 1e6])
+def test_normalised_output_does_not_depend_on_flux_units(scale):
+    flux = spectra(3, seed=6)
+    err = np.full_like(flux, 0.01)
+
+    def run(k):
+        table = pa.table({"flux": list_column(flux * k), "flux_err": list_column(err * k)})
+        return preprocess(table, GRID, PreprocessSettings(), source_grid=SOURCE)
+    a, b = run(1.0), run(scale)
+    np.testing.assert_allclose(b.x, a.x, rtol=1e-5)
+    np.testing.assert_allclose(b.ivar, a.ivar, rtol=1e-4)
+    assert b.flags.tolist() == a.flags.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("method", ["flux", "linear"])
+def test_a_constant_spectrum_normalises_to_one(method):
+    table = pa.table({"flux": list_column(np.full((2, len(SOURCE)), 7.5, np.float32))})
+    out = preprocess(table, GRID, PreprocessSettings(method=method), source_grid=SOURCE)
+    np.testing.assert_allclose(out.x, 1.0, rtol=1e-6)
+    assert np.all(out.flags == 0)
