@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
+from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numba  # noqa: E402
@@ -112,7 +113,8 @@ def main() -> None:
     grid, settings = arrays.wavelength, PreprocessSettings()
     info = {"machine": machine(), "versions": {
         "numpy": np.__version__, "numba": numba.__version__, "scipy": scipy.__version__,
-        "pyarrow": pa.__version__, "spectres": getattr(spectres, "__version__", "?"),
+        "pyarrow": pa.__version__, "spectres": metadata.version("spectres"),
+        "starcast": metadata.version("starcast"),
         "numba_threading_layer": None},
         "config": {"rows": args.rows, "baseline_rows": args.baseline_rows, "pixels": len(grid),
                    "settings": settings.to_dict(), "input": "fixed_size_list<float32> flux + flux_err, rv"},
