@@ -323,13 +323,13 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
         for r in np.flatnonzero(wavelength[1] < 0):
             failures.setdefault(int(r), "wavelength is null")
 
-    err_kind, errors = 0, None
+    err_kind, uncertainty = 0, None  # flux_err wins over ivar when a catalog has both
     for kind, name in ((1, FLUX_ERR), (2, IVAR)):
-        errors = _optional_column(batch, name, n_pixels, flux_valid, failures, _float_values)
-        if errors is not None:
+        uncertainty = _optional_column(batch, name, n_pixels, flux_valid, failures, _float_values)
+        if uncertainty is not None:
             err_kind = kind
             break
-    errors = errors or (np.zeros(0), np.full(n_rows, -1, np.int64))
+    uncertainty = uncertainty or (np.zeros(0), np.full(n_rows, -1, np.int64))
     mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
     mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
     rv_col = _as_array(batch, RV)
@@ -348,8 +348,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     bin_edges(grid, edges)
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
-    _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], errors[0], errors[1],
-            err_kind, mask[0], mask[1], rv, grid, edges, *continuum_basis(grid, settings.continuum_degree),
+    _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], *uncertainty,
+            err_kind, *mask, rv, grid, edges, *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels), status, x,
             ivar, nonfinite, coverage, bad_fraction, n_good)
