@@ -239,6 +239,8 @@ def _convolve(f, kern, g):
 @numba.njit(cache=True, parallel=True)
 def _synth_kernel(lines, lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, seed, micro, epsilon,
                   sigma_v, flux, flux_err, normalised, continuum):
+    # One spectrum per prange iteration: opacities on the rest-frame grid `lam`, exp, broadening, pixel
+    # means at rest (`normalised`) and shifted by `dop`, continuum, noise keyed on (seed, id, pixel).
     n_int, npix, deg = lam.shape[0], xleg.shape[0], coeffs.shape[1]
     dv = physics.C_KMS * math.log(lam[1] / lam[0])
     seed_key = _mix(np.uint64(seed))
