@@ -35,8 +35,7 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
     names = [n for n in wanted if n in next(iter_batches(paths[0], batch_rows=1)).schema.names]
     table = pa.Table.from_batches(list(iter_batches(out, columns=names)))
     grid = read_grid(paths[0])
-    lines = [f"wrote {table.num_rows} spectra in {len(paths)} shard(s) to {out} "
-             f"({table.num_rows / max(seconds, 1e-9):.0f} spectra/s including compilation)",
+    lines = [f"wrote {table.num_rows} spectra in {len(paths)} shard(s) to {out} in {seconds:.1f} s",
              f"grid: {grid.n} pixels, {grid.values()[0]:.1f}-{grid.values()[-1]:.1f} A ({grid.medium})"]
     for name, unit in (("teff", "K"), ("logg", "dex"), ("vsini", "km/s"), ("rv", "km/s"), ("snr", "")):
         if name in names:
