@@ -36,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def numpy_preprocess(wavelength, flux, err, rv, grid, s: PreprocessSettings, rebin=spectres.spectres):
     """The same steps as the kernel, one spectrum at a time with NumPy/SciPy (`spectres` rebinning)."""
-    basis = continuum_basis(grid, s.continuum_degree)[0]
+    basis = continuum_basis(grid, s.continuum_degree)[0].T  # (D, K)
     d, half = len(grid), s.clip_window // 2
     idx = np.arange(d)
     lo, hi = np.clip(idx - half, 0, d), np.clip(idx + half + 1, 0, d)
@@ -54,10 +54,11 @@ def numpy_preprocess(wavelength, flux, err, rv, grid, s: PreprocessSettings, reb
         tolerance = CONVERGED * np.sqrt(np.mean(sigma[good] ** 2))
         keep, previous = good.copy(), np.inf
         for _ in range(s.max_iter):
-            cont = basis @ np.linalg.lstsq(basis[keep], y[keep], rcond=None)[0]
-            if np.max(np.abs(cont - previous)) < tolerance:
+            coef = np.linalg.lstsq(basis[keep], y[keep], rcond=None)[0]
+            cont = basis @ coef
+            if np.sum(np.abs(coef - previous)) < tolerance:  # bounds the change of the fit, |T_p| <= 1
                 break
-            previous = cont
+            previous = coef
             r = np.where(good, y - cont, 0.0)
             sums = [np.concatenate([[0.0], np.cumsum(a)]) for a in (r, np.where(good, sigma**2, 0), good)]
             n = sums[2][hi] - sums[2][lo]

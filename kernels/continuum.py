@@ -21,12 +21,13 @@ CONVERGED = 1e-2
 
 
 def continuum_basis(grid: np.ndarray, degree: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (D, degree + 1), and
-    their Gram matrix over the whole grid (the normal matrix when every pixel is kept), computed once
-    per batch so that a fit only corrects it for the pixels it leaves out."""
+    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (degree + 1, D) (one
+    row per polynomial, so that evaluating a fit streams through memory), and their Gram matrix over
+    the whole grid (the normal matrix when every pixel is kept), computed once per batch so that a
+    fit only corrects it for the pixels it leaves out."""
     x = 2.0 * (grid - grid[0]) / (grid[-1] - grid[0]) - 1.0
-    basis = np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree))
-    return basis, np.ascontiguousarray(basis.T @ basis)
+    basis = np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree).T)
+    return basis, np.ascontiguousarray(basis @ basis.T)
 
 
 @njit(cache=True)
@@ -51,19 +52,19 @@ def noise_sigma(y, good):
 @njit(cache=True)
 def _accumulate(basis, y, i, sign, a, b):
     """Add (sign = 1) or remove (sign = -1) pixel i's term in the normal equations a c = b (lower a)."""
-    for p in range(basis.shape[1]):
-        bp = sign * basis[i, p]
+    for p in range(basis.shape[0]):
+        bp = sign * basis[p, i]
         b[p] += bp * y[i]
         for q in range(p + 1):
-            a[p, q] += bp * basis[i, q]
+            a[p, q] += bp * basis[q, i]
 
 
 @njit(cache=True)
 def _remove_from_gram(basis, i, a):
     """Take pixel i's term out of the normal matrix `a` (lower triangle)."""
-    for p in range(basis.shape[1]):
+    for p in range(basis.shape[0]):
         for q in range(p + 1):
-            a[p, q] -= basis[i, p] * basis[i, q]
+            a[p, q] -= basis[p, i] * basis[q, i]
 
 
 @njit(cache=True)
@@ -101,12 +102,13 @@ def _solve(a, b, coef, work):
 
 @njit(cache=True)
 def _evaluate(basis, coef, out):
-    d, k = basis.shape
+    k, d = basis.shape
     for i in range(d):
-        s = 0.0
-        for p in range(k):
-            s += basis[i, p] * coef[p]
-        out[i] = s
+        out[i] = coef[0] * basis[0, i]
+    for p in range(1, k):
+        c = coef[p]
+        for i in range(d):
+            out[i] += c * basis[p, i]
 
 
 @njit(cache=True)
@@ -124,7 +126,7 @@ def fit_continuum(y, sigma, good, basis, gram, params, out):
     pixels whose status changed.
     """
     clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
-    d, k = basis.shape
+    k, d = basis.shape
     half = window // 2
     keep = good.copy()
     a, b = gram.copy(), np.zeros(k)
@@ -134,7 +136,7 @@ def fit_continuum(y, sigma, good, basis, gram, params, out):
         if good[i]:
             n_good += 1
             for p in range(k):
-                b[p] += basis[i, p] * y[i]
+                b[p] += basis[p, i] * y[i]
         else:
             _remove_from_gram(basis, i, a)
     min_keep = max(k + 1, int(min_keep_fraction * n_good))
@@ -154,34 +156,32 @@ def fit_continuum(y, sigma, good, basis, gram, params, out):
             window_below[i] = -clip_window_low * math.sqrt(cum_v[hi[i]] - cum_v[lo[i]]) / count
             inv_count[i] = 1.0 / count
     tolerance = CONVERGED * math.sqrt(cum_v[d] / max(n_good, 1))  # of the rms noise
-    cum_r, residual, previous = np.zeros(d + 1), np.zeros(d), np.full(d, np.inf)
+    cum_r, residual, previous = np.zeros(d + 1), np.zeros(d), np.full(k, np.inf)
     new_keep = np.empty(d, np.bool_)
     n_keep = n_good
     for _ in range(max_iter):
         if not _solve(a, b, coef, work):
             return False
-        moved = 0.0
-        for i in range(d):  # evaluate the fit, its change, and the running sum of good residuals
-            c = 0.0
-            for p in range(k):
-                c += basis[i, p] * coef[p]
-            out[i] = c
-            moved = max(moved, abs(c - previous[i]))
-            previous[i] = c
-            residual[i] = y[i] - c if good[i] else 0.0
-            cum_r[i + 1] = cum_r[i] + residual[i]
+        _evaluate(basis, coef, out)
+        moved = 0.0  # bounds the fit's change at every pixel, as |T_p| <= 1 on the grid
+        for p in range(k):
+            moved += abs(coef[p] - previous[p])
+            previous[p] = coef[p]
         if moved < tolerance:
             return True
-        n_new = 0
-        changed = False
         for i in range(d):
+            residual[i] = y[i] - out[i] if good[i] else 0.0
+        for i in range(d):
+            cum_r[i + 1] = cum_r[i] + residual[i]
+        n_new, n_changed = 0, 0
+        for i in range(d):  # branch-free: the tests sit at the noise level and would mispredict
             mean_r = (cum_r[hi[i]] - cum_r[lo[i]]) * inv_count[i]
             r = residual[i]
-            ok = good[i] and r > below[i] and mean_r > window_below[i] and r - mean_r < above[i]
+            ok = good[i] & (r > below[i]) & (mean_r > window_below[i]) & (r - mean_r < above[i])
             new_keep[i] = ok
             n_new += ok
-            changed |= ok != keep[i]
-        if not changed or n_new < min_keep:
+            n_changed += ok != keep[i]
+        if n_changed == 0 or n_new < min_keep:
             return True  # `out` is the fit to the current kept set
         for i in range(d):
             if new_keep[i] != keep[i]:

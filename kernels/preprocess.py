@@ -34,6 +34,11 @@ from .resample import BAD, GOOD, UNCOVERED, bin_edges, interp_linear, rebin_flux
 
 __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 
+# Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
+# content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
+# digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
+DEPENDENCY_FINGERPRINT = "cf3b2467e5e41b58"
+
 
 @dataclass(frozen=True)
 class PreprocessSettings:

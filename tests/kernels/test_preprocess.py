@@ -198,3 +198,17 @@ def test_a_constant_spectrum_normalises_to_one(method):
     out = preprocess(table, GRID, PreprocessSettings(method=method), source_grid=SOURCE)
     np.testing.assert_allclose(out.x, 1.0, rtol=1e-6)
     assert np.all(out.flags == 0)
+
+
+def test_the_kernel_cache_key_tracks_the_resample_and_continuum_sources():
+    import hashlib
+    from pathlib import Path
+
+    import starcast.kernels.preprocess as module
+
+    digest = hashlib.sha256()
+    for name in ("resample.py", "continuum.py"):
+        digest.update((Path(module.__file__).parent / name).read_bytes())
+    assert module.DEPENDENCY_FINGERPRINT == digest.hexdigest()[:16], (
+        "kernels/resample.py or continuum.py changed: set DEPENDENCY_FINGERPRINT in kernels/preprocess.py "
+        f"to {digest.hexdigest()[:16]!r} so that Numba recompiles the cached batch kernel")
