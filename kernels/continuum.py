@@ -16,7 +16,7 @@ from numba import njit
 
 # Normal-equation pivots below this fraction of the largest diagonal entry mean a singular fit.
 _SINGULAR = 1e-12
-# The clipping has converged when no continuum pixel moves by more than this fraction of the rms noise.
+# The clipping has converged when the fit moves by less than this fraction of the rms noise anywhere.
 CONVERGED = 1e-2
 
 
@@ -117,13 +117,12 @@ def fit_continuum(y, sigma, good, basis, gram, params, out):
 
     `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `basis` and
     `gram` from `continuum_basis`, `params` the tuple (clip_low, clip_window_low, clip_high, window,
-    max_iter, min_keep_fraction). A pixel is
-    rejected below `clip_low` sigma of its own, or when the mean residual over `window` pixels around
-    it is below `clip_window_low` times that mean's sigma, or above its window mean by `clip_high`
-    sigma. Iterates until the kept set, or the fit to within 1e-2 of the rms noise, stops changing,
-    at most `max_iter` times, and never keeps fewer than `min_keep_fraction` of the good pixels (it
-    stops clipping instead). Unweighted least squares; the normal equations are updated only for the
-    pixels whose status changed.
+    max_iter, min_keep_fraction). A pixel is rejected below `clip_low` sigma of its own, or when the
+    mean residual over `window` pixels around it is below `clip_window_low` times that mean's sigma,
+    or above its window mean by `clip_high` sigma. Iterates until the kept set stops changing or the
+    fit moves by less than CONVERGED of the rms noise, at most `max_iter` times, and never keeps
+    fewer than `min_keep_fraction` of the good pixels (it stops clipping instead). Unweighted least
+    squares; the normal equations are updated only for the pixels whose status changed.
     """
     clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
     k, d = basis.shape
