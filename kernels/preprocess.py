@@ -78,6 +78,10 @@ class PreprocessSettings:
             raise StarcastError(f"preprocess continuum must be 'chebyshev' or 'none', got {self.continuum!r}")
         if self.continuum_degree < 0 or self.clip_window < 1 or self.max_iter < 1 or self.max_gap < 0:
             raise StarcastError("preprocess continuum_degree, clip_window, max_iter, max_gap must be >= 0/1")
+        if not (self.sigma_floor > 0 and 0 <= self.min_keep_fraction <= 1 and 0 <= self.max_bad_fraction <= 1
+                and 0 <= self.min_coverage <= 1):
+            raise StarcastError("preprocess sigma_floor must be > 0 and min_keep_fraction, max_bad_fraction, "
+                                "min_coverage within [0, 1]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,13 +111,14 @@ class Preprocessed:
 
 
 # Row status codes set by the kernel (0 = processed).
-(_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _SINGULAR, _NEGATIVE, _INPUT) = range(9)
+(_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _ZERO, _SINGULAR, _NEGATIVE, _INPUT) = range(10)
 _REASONS = {
     _SHORT: "fewer than 2 pixels",
     _WAVELENGTH: "wavelength is not finite and strictly increasing",
     _RV: "rv is not finite or not slower than light",
     _NO_OVERLAP: "the spectrum does not overlap the model grid after the rv shift",
     _FEW_GOOD: "only {n_good} good pixels on the model grid (need {need})",
+    _ZERO: "the flux is zero on every good pixel",
     _SINGULAR: "the continuum fit is singular",
     _NEGATIVE: "the fitted continuum is not positive everywhere",
 }
@@ -211,10 +216,12 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         mean_flux = 0.0
         for j in range(d):
             mean_flux += y[j] if good[j] else 0.0
-        floor = sigma_floor * abs(mean_flux) / n_good[r]
+        if not mean_flux > 0.0:
+            status[r] = _ZERO
+            continue
+        floor = sigma_floor * mean_flux / n_good[r]
         for j in range(d):
-            s = math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma
-            sigma[j] = max(s, floor) if floor > 0.0 else max(s, 1e-30)
+            sigma[j] = max(math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma, floor)
         cont = np.ones(d)
         if normalise:
             if not fit_continuum(y, sigma, good, basis, gram, fit_params, cont):

@@ -212,3 +212,33 @@ def test_the_kernel_cache_key_tracks_the_resample_and_continuum_sources():
     assert module.DEPENDENCY_FINGERPRINT == digest.hexdigest()[:16], (
         "kernels/resample.py or continuum.py changed: set DEPENDENCY_FINGERPRINT in kernels/preprocess.py "
         f"to {digest.hexdigest()[:16]!r} so that Numba recompiles the cached batch kernel")
+
+
+@st.composite
+def messy_rows(draw):
+    """A row of random length, values from a palette of bad ones, maybe a shifted or reversed grid."""
+    n = draw(st.integers(0, 300))
+    palette = st.sampled_from([1.0, 0.5, 2.0, 0.0, -1.0, np.nan, np.inf, -np.inf])
+    flux = [draw(palette) if draw(st.booleans()) else 1.0 for _ in range(n)]
+    start = draw(st.sampled_from([3990.0, 4500.0, 6000.0]))
+    wl = list(start + 0.4 * np.arange(n))
+    if draw(st.booleans()):
+        wl = wl[::-1]
+    return None if draw(st.integers(0, 9)) == 0 else flux, wl, draw(st.sampled_from([0.0, 100.0, np.nan]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(messy_rows(), min_size=1, max_size=6))
+def test_messy_batches_never_raise_and_failed_rows_are_neutral(rows):
+    table = pa.table({"flux": pa.array([r[0] for r in rows], pa.list_(pa.float32())),
+                      "wavelength": pa.array([r[1] for r in rows], pa.list_(pa.float64())),
+                      "rv": pa.array([r[2] for r in rows])})
+    for settings_ in (PreprocessSettings(min_good_pixels=20), PreprocessSettings(continuum="none")):
+        check_neutral_failures(preprocess(table, GRID, settings_))
+
+
+def check_neutral_failures(out):
+    assert np.all(np.isfinite(out.x)) and np.all(np.isfinite(out.ivar)) and np.all(out.ivar >= 0)
+    failed = (out.flags & Flag.PREPROCESS_FAILED) != 0
+    assert [e is not None for e in out.errors] == failed.tolist()
+    assert np.all(out.x[failed] == 1.0) and np.all(out.ivar[failed] == 0.0)
