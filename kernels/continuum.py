@@ -145,14 +145,13 @@ def fit_continuum(y, sigma, good, basis, gram, params, out):
         cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good[i] else 0.0)
         cum_n[i + 1] = cum_n[i] + (1.0 if good[i] else 0.0)
     # Per-pixel thresholds, fixed across iterations: own residual, window mean (a sigma of the mean).
-    lo, hi = np.empty(d, np.int64), np.empty(d, np.int64)
     below, above, window_below, inv_count = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)
     for i in range(d):
-        lo[i], hi[i] = max(0, i - half), min(d, i + half + 1)
-        count = cum_n[hi[i]] - cum_n[lo[i]]
+        lo, hi = max(0, i - half), min(d, i + half + 1)
+        count = cum_n[hi] - cum_n[lo]
         if good[i]:
             below[i], above[i] = -clip_low * sigma[i], clip_high * sigma[i]
-            window_below[i] = -clip_window_low * math.sqrt(cum_v[hi[i]] - cum_v[lo[i]]) / count
+            window_below[i] = -clip_window_low * math.sqrt(cum_v[hi] - cum_v[lo]) / count
             inv_count[i] = 1.0 / count
     tolerance = CONVERGED * math.sqrt(cum_v[d] / max(n_good, 1))  # of the rms noise
     cum_r, residual, previous = np.zeros(d + 1), np.zeros(d), np.full(k, np.inf)
@@ -174,7 +173,7 @@ def fit_continuum(y, sigma, good, basis, gram, params, out):
             cum_r[i + 1] = cum_r[i] + residual[i]
         n_new, n_changed = 0, 0
         for i in range(d):  # branch-free: the tests sit at the noise level and would mispredict
-            mean_r = (cum_r[hi[i]] - cum_r[lo[i]]) * inv_count[i]
+            mean_r = (cum_r[min(d, i + half + 1)] - cum_r[max(0, i - half)]) * inv_count[i]
             r = residual[i]
             ok = good[i] & (r > below[i]) & (mean_r > window_below[i]) & (r - mean_r < above[i])
             new_keep[i] = ok
