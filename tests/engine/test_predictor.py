@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid
 from starcast.catalogs.synth import SynthConfig, synth_table
 from starcast.engine import predictor
-from starcast.engine.bundle import MANIFEST_FILE
+from starcast.engine.bundle import MANIFEST_FILE, available_models
 from starcast.engine.predictor import Model, load_model
 
 import starcast
@@ -274,6 +274,18 @@ def test_root_api_load_model_predicts(tiny_bundle):
     model = starcast.load_model(tiny_bundle)
     assert isinstance(model, Model)
     assert model.predict(catalog(spectra(2)), backend="cpu").num_rows == 2
+
+
+@pytest.mark.skipif("ob-default" not in available_models(), reason="ob-default is not shipped here")
+def test_default_model_predicts_a_synthetic_survey_it_was_not_trained_on():
+    model = starcast.load_model()
+    table = synth_table(SynthConfig(n=48, seed=2026, snr=(100.0, 300.0)))  # random mode, fresh noise
+    out = model.predict(table, backend="cpu")
+    assert out.schema.metadata[b"starcast.model"] == b"ob-default" and out.num_rows == 48
+    assert out.column("error").null_count == 48
+    for t in ("teff", "logg"):
+        truth, pred = table.column(t).to_numpy(), out.column(t).to_numpy()
+        assert np.corrcoef(truth, pred)[0, 1] > 0.8, t
 
 
 def test_bundle_with_wrong_hash_is_refused_at_load(tiny_bundle):
