@@ -1,5 +1,5 @@
-"""Ensemble x MC-dropout inference, side by side in one process: the fused Triton kernel (GPU) or the
-CPU path (CPU) against the usual ways of running it in torch.
+"""Ensemble x MC-dropout inference, side by side in one process: the fused Triton kernel (GPU, fp16 by
+default and bf16) or the CPU path (CPU) against the usual ways of running it in torch (bf16 on a GPU).
 
     python bench/kernel_bench.py                   # CPU: small batches, writes bench/results/kernel_cpu.*
     python bench/kernel_bench.py --device cuda     # GPU: batches 1k-64k, writes bench/results/kernel_<gpu>.*
@@ -177,11 +177,16 @@ def bench_config(name, cfg, device, batches, budget_s, max_call_s, compile_best)
     einsum_block = baseline_einsum(layers, s, k)
     methods = {"loop": baseline_loop(nets, s, k), "vmap": baseline_vmap(nets, s, k),
                "einsum": chunked(einsum_block, chunk)}
+    extra = {}
     if device.type == "cuda":
         from starcast.kernels.ensemble_mlp import ensemble_stats_triton, pack_weights
-        packed = pack_weights(layers32, "bf16", device)
-        ours = ("fused_triton_bf16", lambda x, keys: ensemble_stats_triton(
-            x, keys, packed, p=P, samples=s, seed=0, precision="bf16"))
+
+        def fused(precision):
+            packed = pack_weights(layers32, precision, device)
+            return lambda x, keys: ensemble_stats_triton(x, keys, packed, p=P, samples=s, seed=0,
+                                                         precision=precision)
+        ours = ("fused_triton_fp16", fused("fp16"))  # the default precision
+        extra["fused_triton_bf16"] = fused("bf16")
     else:
         ours = ("cpu_path", lambda x, keys: ensemble_stats_cpu(x, keys, layers32, p=P, samples=s, seed=0))
     rows, estimate = [], {}
@@ -189,6 +194,8 @@ def bench_config(name, cfg, device, batches, budget_s, max_call_s, compile_best)
         x32 = torch.randn(batch, cfg["d"], device=device)
         x, keys = x32.to(dtype), torch.arange(batch, device=device)
         timings = {ours[0]: measure(lambda x_, keys=keys: ours[1](x_, keys), x32, device, budget_s)}
+        for ename, efn in extra.items():
+            timings[ename] = measure(lambda x_, keys=keys, efn=efn: efn(x_, keys), x32, device, budget_s)
         for mname, fn in methods.items():
             guess = estimate.get(mname, 0.0) * batch
             if guess > max_call_s:

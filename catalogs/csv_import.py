@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from ..errors import CatalogError
-from .io import write_catalog
+from .io import new_output_dir, write_catalog
 from .schema import (
     FLUX,
     ID,
@@ -106,9 +106,10 @@ def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
 
 def import_csv(file: str | Path, out: str | Path, *, shard_rows: int = 10000,
                medium: str = "vacuum") -> list[Path]:
-    """Import a wide CSV as Parquet shards `out/part-00000.parquet`, ...; returns their paths."""
+    """Import a wide CSV as Parquet shards `out/part-00000.parquet`, ... (`out` new or without Parquet
+    files); returns their paths."""
     table = csv_to_table(file, medium=medium)
-    out = Path(out)
+    out = new_output_dir(out)
     step = max(int(shard_rows), 1)
     return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")
             for i, start in enumerate(range(0, table.num_rows, step))]

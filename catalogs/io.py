@@ -55,6 +55,18 @@ def _encodings(schema: pa.Schema) -> dict:
             "use_byte_stream_split": floats or False, "write_page_checksum": True}
 
 
+def new_output_dir(out: str | Path) -> Path:
+    """Create `out` for a new catalog; refuse one that already holds Parquet shards (they would mix)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CatalogError("output path exists and is not a directory", file=str(out))
+    if out.is_dir() and any(out.glob("*.parquet")):
+        raise CatalogError("output directory already holds *.parquet files; choose a new or empty one",
+                           file=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def list_inputs(spec: str | Path) -> list[Path]:
     """The Parquet files of a catalog: a file, a directory of `*.parquet` shards, or a glob; sorted."""
     p = Path(spec)

@@ -239,6 +239,8 @@ def _convolve(f, kern, g):
 @numba.njit(cache=True, parallel=True)
 def _synth_kernel(lines, lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, seed, micro, epsilon,
                   sigma_v, flux, flux_err, normalised, continuum):
+    # One spectrum per prange iteration: opacities on the rest-frame grid `lam`, exp, broadening, pixel
+    # means at rest (`normalised`) and shifted by `dop`, continuum, noise keyed on (seed, id, pixel).
     n_int, npix, deg = lam.shape[0], xleg.shape[0], coeffs.shape[1]
     dv = physics.C_KMS * math.log(lam[1] / lam[0])
     seed_key = _mix(np.uint64(seed))
@@ -352,15 +354,15 @@ def synth(n: int | None, out: str | Path, *, mode: str = "random", seed: int = 0
           snr: tuple[float, float] = (50.0, 300.0), progress: bool = False, **config) -> list[Path]:
     """Write a synthetic survey of `n` spectra as Parquet shards `out/part-00000.parquet`, ...
 
+    `out` must be new or hold no Parquet files.
     `config` takes any other `SynthConfig` field (e.g. `npix=400`, `rv=(0, 0)`). Returns the paths.
     """
-    from .io import write_catalog
+    from .io import new_output_dir, write_catalog
 
     cfg = replace(SynthConfig(), n=n, mode=mode, seed=seed, snr=tuple(snr), **config)
     labels = draw_labels(cfg)
     total = labels["ids"].shape[0]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_output_dir(out)
     starts = range(0, total, max(int(shard_rows), 1))
     bar = None
     if progress:

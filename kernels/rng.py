@@ -262,7 +262,8 @@ def id_keys(ids) -> np.ndarray:
 
     Integer ids are their own key (uint64 ids keep their bits). String (or bytes) ids are keyed by
     FNV-1a 64 of their UTF-8 bytes, read as int64. Accepts a NumPy array, a sequence, or a pyarrow
-    (Chunked)Array of integers or strings; nulls are refused.
+    (Chunked)Array of integers or strings; nulls are refused. (A NumPy "U"/"S" array has already
+    lost trailing NUL characters; lists, object arrays and Arrow arrays keep them.)
     """
     if isinstance(ids, pa.ChunkedArray):
         parts = [id_keys(chunk) for chunk in ids.chunks]
@@ -278,6 +279,10 @@ def id_keys(ids) -> np.ndarray:
         raise ValueError(f"spectrum ids must be integers or strings, got arrow type {ids.type}")
     if torch.is_tensor(ids):
         ids = ids.cpu().numpy()
+    if isinstance(ids, list | tuple) and any(isinstance(v, str | bytes) for v in ids):
+        if any(v is None for v in ids):
+            raise ValueError("spectrum ids must not be None")
+        return _string_keys(ids)  # not via np.asarray: NumPy strings drop trailing NUL characters
     arr = np.asarray(ids)
     if arr.dtype.kind in "iu":
         return _int_keys(arr)
