@@ -17,15 +17,30 @@ arithmetic intensity on weights is R flops/byte (bf16); accumulators, masks, RNG
 running statistics live in registers. Triton exposes no addressable shared memory, and an [R, 512]
 activation does not fit registers, so each program keeps h1 and two ping-pong activations of its
 tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements). This is a deviation from "activations
-never touch device memory": the grid is persistent, one program per SM, so on `survey` (R = 128,
-bf16) all slabs together are ~37 MB, of the order of the H100's 50 MB L2 — mostly L2 traffic, part
-may spill to HBM (unmeasured). `tl.debug_barrier()` orders a layer's writes before the next reads.
+never touch device memory": the grid is persistent, one program per SM, so on `survey` (fp16/bf16,
+128 slabs on an H100) the slabs in use total 36-50 MB for the R = 128 configs and up to 75 MB for
+R = 256 (computed from the shapes, not measured), of the order of the H100's 50 MB L2 — mostly L2
+traffic, part may spill to HBM. `tl.debug_barrier()` orders a layer's writes before the next reads.
 
 Not measured: there was no GPU where this was written. Correctness is tested under TRITON_INTERPRET=1
-at small shapes; speed, the autotune configs and register/shared-memory fit on an H100 are untested
-(run `python bench/kernel_bench.py --device cuda`). Autotuning ignores the batch size, so within one
-process a spectrum's result does not depend on its batch; a different autotune pick (another run or
-device) can change results by rounding only.
+at small shapes; speed is untested (run `python bench/kernel_bench.py --device cuda`). Autotuning
+ignores the batch size, so within one process a spectrum's result does not depend on its batch; a
+different autotune pick (another run or device) can change results by rounding only.
+
+Unverified on hardware (the interpreter runs each program as one thread, checks no resource limits
+and cannot show races; run tests/kernels/test_ensemble_mlp.py with TRITON_INTERPRET=0 on a GPU):
+- Scratch visibility: activations written by some threads of a program are read by others after
+  `tl.debug_barrier()` (bar.sync, which CUDA defines to make global writes visible block-wide),
+  including through the software-pipelined loads of `_dense`; a stale read would show as a mismatch
+  with the reference.
+- Resource fit: 128 x 128 fp32 accumulators plus a [R, BLOCK_N / 2] RNG tile at num_warps = 8 may
+  spill registers; the pipelined dot operands of the 16-bit configs need <= ~120 KB of shared memory
+  (of 228 KB), but 4-byte ("tf32"/"fp32") ones such as (64, 4, 128, 64, 64) at 3 stages exceed it and
+  rely on the autotuner discarding configs that raise OutOfResources (a fixed `config` has no fallback).
+- Lowering of `tl.join`/`tl.reshape` on boolean masks and of the [R, KP] -> [BLOCK_B, SB, KP] reshape.
+- Batch independence: Triton specialises integer arguments equal to 1 or divisible by 16 (B, D, S),
+  which changes alignment and vectorisation of loads, not the order of the arithmetic; expected
+  bit-identical across batch sizes, shown only under the interpreter.
 """
 
 import functools
