@@ -185,7 +185,7 @@ def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo
             m2 += tl.sum(dev * dev, axis=1) + delta * delta * (seen * count / (seen + count))
             var_sum += tl.sum(tl.where(valid, tl.reshape(var, (BLOCK_B, SB, KP)), 0.0), axis=1)
             tl.debug_barrier()  # the next chunk overwrites the scratch activations
-        out = (m * B + offs_b)[:, None] * K + offs_k[None, :]
+        out = (m.to(tl.int64) * B + offs_b)[:, None] * K + offs_k[None, :]  # M*B*K may pass 2**31
         ok = valid_b[:, None] & (offs_k < K)[None, :]
         tl.store(mean_ptr + out, mean, mask=ok)
         tl.store(m2_ptr + out, m2, mask=ok)
@@ -212,6 +212,25 @@ INTERPRETER_CONFIG = dict(BLOCK_B=16, SB=2, BLOCK_D=32, BLOCK_K=16, BLOCK_N=16)
 
 def _fits(meta: dict, hp: int) -> bool:
     return hp % meta["BLOCK_K"] == 0 and hp % meta["BLOCK_N"] == 0
+
+
+def _check_config(config: dict, hp: int) -> None:
+    """Refuse fixed tile shapes the kernel would read or write out of bounds with (no GPU-side check)."""
+    names = ("BLOCK_B", "SB", "BLOCK_D", "BLOCK_K", "BLOCK_N")
+    if sorted(config) != sorted(names):
+        raise ValueError(f"config must give exactly {names}, got {sorted(config)}")
+    if any(v < 1 or v & (v - 1) for v in config.values()) or min(config[n] for n in names if n != "SB") < 16:
+        raise ValueError(f"config values must be powers of two, >= 16 except SB, got {config}")
+    if not _fits(config, hp):
+        raise ValueError(f"BLOCK_K and BLOCK_N must divide the padded hidden width {hp}, got {config}")
+
+
+def _persistent_programs(device: torch.device, members: int, max_tiles: int) -> int:
+    """Programs per member: about one per SM over all members on a GPU, one per tile otherwise."""
+    if _interpreting() or device.type != "cuda":
+        return max_tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(max_tiles, max(1, sms // members))
 
 
 @functools.cache
@@ -308,21 +327,29 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
     shapes = layers.shape_only() if isinstance(layers, PackedWeights) else layers
     x, keys, members, k = check_inputs(x, keys, shapes, p, samples, activation)
     device = x.device
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton kernel needs x on a CUDA device (or TRITON_INTERPRET=1), got {device}")
     packed = layers if isinstance(layers, PackedWeights) else pack_weights(layers, precision, device)
+    if packed.w1.device != device:
+        raise ValueError(f"weights were packed on {packed.w1.device}, but x is on {device}")
     x = x.to(device=device, dtype=torch.float32).contiguous()
     rows = rng.int32_bits(rng.row_keys(seed, keys.to(device)))
     n, d = x.shape
     s_eff = samples if p > 0 else 1  # p = 0: all samples identical, one suffices
     if partials is None:
         partials = tuple(torch.empty((members, n, k), dtype=torch.float32, device=device) for _ in range(3))
+    if len(partials) != 3 or any(t.shape != (members, n, k) or t.dtype != torch.float32 or t.device != device
+                                 or not t.is_contiguous() for t in partials):
+        raise ValueError(f"partials must be three contiguous float32 [{members}, {n}, {k}] tensors on {device}")
     if n == 0:
         return finish(*(t.sum(0) for t in partials), label_mean, label_std, calibration)
     if config is None and _interpreting():
         config = INTERPRETER_CONFIG
+    if config is not None:
+        _check_config(config, packed.hp)
     candidates = [config] if config is not None else [c.kwargs for c in CONFIGS if _fits(c.kwargs, packed.hp)]
     max_tiles = max(triton.cdiv(n, c["BLOCK_B"]) for c in candidates)
-    programs = max_tiles if _interpreting() or device.type != "cuda" else min(  # persistent: ~1 per SM
-        max_tiles, max(1, torch.cuda.get_device_properties(device).multi_processor_count // members))
+    programs = _persistent_programs(device, members, max_tiles)
     stride = max(c["BLOCK_B"] * packed.hp * (1 + 2 * c["SB"]) for c in candidates)
     scratch = torch.empty(programs * members * stride, dtype=packed.w1.dtype, device=device)
     args = (x, rows, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo, *partials, scratch,
