@@ -340,7 +340,8 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
         partials = tuple(torch.empty((members, n, k), dtype=torch.float32, device=device) for _ in range(3))
     if len(partials) != 3 or any(t.shape != (members, n, k) or t.dtype != torch.float32 or t.device != device
                                  or not t.is_contiguous() for t in partials):
-        raise ValueError(f"partials must be three contiguous float32 [{members}, {n}, {k}] tensors on {device}")
+        raise ValueError(f"partials must be three contiguous float32 [{members}, {n}, {k}] tensors "
+                         f"on {device}")
     if n == 0:
         return finish(*(t.sum(0) for t in partials), label_mean, label_std, calibration)
     if config is None and _interpreting():
