@@ -116,3 +116,10 @@ def test_headers_with_spaces_after_the_commas_are_read(tmp_path):
     table = csv_to_table(csv)
     assert table.column("id").to_pylist() == [7] and table.column("teff").to_pylist() == [20000.0]
     assert table.column("flux").to_pylist() == [[1.0, 0.5]]
+
+
+def test_commands_refuse_a_shard_size_below_one(tmp_path):
+    csv = write_csv(tmp_path / "c.csv", ["4000.0", "4000.2"], [[1, 2]])
+    for command, args in ((import_csv_command, [str(csv)]), (synth_command, ["--n", "2"])):
+        result = CliRunner().invoke(command, [*args, "--out", str(tmp_path / "o"), "--shard-rows", "0"])
+        assert result.exit_code != 0 and "--shard-rows" in result.output
