@@ -15,9 +15,11 @@ from starcast.kernels.ensemble_mlp import (
 )
 from starcast.kernels.reference import ensemble_stats_reference
 
-# fraction of the reference sigma. DESIGN.md's budget is 1%; fp16 (the default) uses ~0.06% of it on
-# these models, bf16 up to 1.4% under the interpreter (which truncates to bf16): it gets 2%.
-TOLERANCE = {"fp32": 1e-5, "tf32": 1e-5, "fp16": 0.002, "bf16": 0.02}
+# fraction of the reference sigma. DESIGN.md's budget is 1%; fp16 (the default) uses ~0.04-0.06% of it
+# on these models, bf16 up to 1.4% under the interpreter (which truncates to bf16): it gets 2%. tf32
+# gets fp16's bound: the interpreter computes a tf32 dot in full fp32, but a GPU rounds its inputs to
+# a 10-bit mantissa, as fp16 does, so 1e-5 would only pass on the CPU.
+TOLERANCE = {"fp32": 1e-5, "tf32": 0.002, "fp16": 0.002, "bf16": 0.02}
 
 
 def make_layers(members, dims, seed=0):
