@@ -17,8 +17,19 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from ..errors import CatalogError
-from .io import write_catalog
-from .schema import FLUX, ID, LABELS, META_WAVELENGTH, RV, SNR, SPLIT, WavelengthGrid, validate
+from .io import new_output_dir, write_catalog
+from .schema import (
+    FLUX,
+    ID,
+    LABELS,
+    META_WAVELENGTH,
+    RV,
+    SNR,
+    SPLIT,
+    WavelengthGrid,
+    spectrum_array,
+    validate,
+)
 
 KNOWN_COLUMNS = {ID: None, RV: pa.float64(), SNR: pa.float32(), SPLIT: pa.string(),
                  **{name: pa.float64() for name in LABELS}}
@@ -84,7 +95,7 @@ def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
     order = sorted(wavelengths, key=wavelengths.get)
     flux = np.column_stack([raw.column(n).to_numpy(zero_copy_only=False) for n in order]).astype(np.float32)
     ids = raw.column(ID) if ID in header else pa.array(np.arange(raw.num_rows, dtype=np.int64))
-    cols = {ID: ids, FLUX: pa.FixedSizeListArray.from_arrays(pa.array(flux.reshape(-1)), len(order))}
+    cols = {ID: ids, FLUX: spectrum_array(flux, len(order))}
     cols.update({n: raw.column(n) for n in KNOWN_COLUMNS if n in header and n != ID})
     grid = _grid(np.array([wavelengths[n] for n in order]), medium)
     meta = {META_WAVELENGTH: grid.to_json(), "starcast.source": json.dumps({"csv": str(path)})}
@@ -95,9 +106,10 @@ def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
 
 def import_csv(file: str | Path, out: str | Path, *, shard_rows: int = 10000,
                medium: str = "vacuum") -> list[Path]:
-    """Import a wide CSV as Parquet shards `out/part-00000.parquet`, ...; returns their paths."""
+    """Import a wide CSV as Parquet shards `out/part-00000.parquet`, ... (`out` new or without Parquet
+    files); returns their paths."""
     table = csv_to_table(file, medium=medium)
-    out = Path(out)
+    out = new_output_dir(out)
     step = max(int(shard_rows), 1)
     return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")
             for i, start in enumerate(range(0, table.num_rows, step))]

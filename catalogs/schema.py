@@ -96,6 +96,22 @@ class WavelengthGrid:
 _LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
 
 
+def spectrum_type(npix: int | None = None, value: pa.DataType | None = None) -> pa.DataType:
+    """The list type of a spectrum column: fixed_size_list when `npix` is given, else list.
+
+    The child is named `element`, as Parquet's nested-type convention names it on reading, so that a
+    table built here equals the same table read back from a file.
+    """
+    item = pa.field("element", pa.float32() if value is None else value)
+    return pa.list_(item, npix) if npix is not None else pa.list_(item)
+
+
+def spectrum_array(values, npix: int) -> pa.FixedSizeListArray:
+    """A (B, npix) float32 array as a fixed_size_list column of `spectrum_type(npix)`."""
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, type=spectrum_type(npix))
+
+
 def catalog_schema(npix: int | None = None, *, id_type: pa.DataType | None = None,
                    labels: tuple[str, ...] = LABELS, flux_err: bool = True, wavelength: bool = False,
                    rv: bool = True, snr: bool = True, split: bool = False,
@@ -106,10 +122,10 @@ def catalog_schema(npix: int | None = None, *, id_type: pa.DataType | None = Non
     `grid` is stored in the schema metadata under `starcast.wavelength`.
     """
     id_type = pa.int64() if id_type is None else id_type
-    spectrum = pa.list_(pa.float32(), npix) if npix is not None else pa.list_(pa.float32())
+    spectrum = spectrum_type(npix)
     fields = [pa.field(ID, id_type, nullable=False), pa.field(FLUX, spectrum)]
     if wavelength:
-        fields.append(pa.field(WAVELENGTH, pa.list_(pa.float64())))
+        fields.append(pa.field(WAVELENGTH, spectrum_type(None, pa.float64())))
     if flux_err:
         fields.append(pa.field(FLUX_ERR, spectrum))
     if rv:

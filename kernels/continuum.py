@@ -16,6 +16,8 @@ from numba import njit
 
 # Normal-equation pivots below this fraction of the largest diagonal entry mean a singular fit.
 _SINGULAR = 1e-12
+# The clipping has converged when no continuum pixel moves by more than this fraction of the rms noise.
+CONVERGED = 1e-2
 
 
 def continuum_basis(grid: np.ndarray, degree: int) -> np.ndarray:
@@ -44,46 +46,45 @@ def noise_sigma(y, good):
 
 
 @njit(cache=True)
-def _least_squares(basis, y, keep, coef):
-    """Unweighted least squares on the kept pixels by Cholesky of the normal equations (float64).
+def _accumulate(basis, y, i, sign, a, b):
+    """Add (sign = 1) or remove (sign = -1) pixel i's term in the normal equations a c = b (lower a)."""
+    for p in range(basis.shape[1]):
+        bp = sign * basis[i, p]
+        b[p] += bp * y[i]
+        for q in range(p + 1):
+            a[p, q] += bp * basis[i, q]
 
-    Returns False when the system is singular (too few or degenerate kept pixels).
-    """
-    d, k = basis.shape
-    a = np.zeros((k, k))
-    b = np.zeros(k)
-    for i in range(d):
-        if keep[i]:
-            for p in range(k):
-                bp = basis[i, p]
-                b[p] += bp * y[i]
-                for q in range(p + 1):
-                    a[p, q] += bp * basis[i, q]
+
+@njit(cache=True)
+def _solve(a, b, coef, work):
+    """Solve a c = b (symmetric, lower triangle given) by Cholesky into `coef`, in float64; `work` is
+    (k, k) scratch. Returns False when a pivot is below _SINGULAR of the largest diagonal entry."""
+    k = b.shape[0]
     scale = 0.0
     for p in range(k):
         scale = max(scale, a[p, p])
-    for p in range(k):  # in-place Cholesky, lower triangle
+    for p in range(k):
         s = a[p, p]
         for q in range(p):
-            s -= a[p, q] * a[p, q]
+            s -= work[p, q] * work[p, q]
         if not s > _SINGULAR * scale:
             return False
-        a[p, p] = math.sqrt(s)
+        work[p, p] = math.sqrt(s)
         for r in range(p + 1, k):
             t = a[r, p]
             for q in range(p):
-                t -= a[r, q] * a[p, q]
-            a[r, p] = t / a[p, p]
+                t -= work[r, q] * work[p, q]
+            work[r, p] = t / work[p, p]
     for p in range(k):  # forward substitution L z = b
         t = b[p]
         for q in range(p):
-            t -= a[p, q] * coef[q]
-        coef[p] = t / a[p, p]
+            t -= work[p, q] * coef[q]
+        coef[p] = t / work[p, p]
     for p in range(k - 1, -1, -1):  # back substitution L^T c = z
         t = coef[p]
         for q in range(p + 1, k):
-            t -= a[q, p] * coef[q]
-        coef[p] = t / a[p, p]
+            t -= work[q, p] * coef[q]
+        coef[p] = t / work[p, p]
     return True
 
 
@@ -105,50 +106,71 @@ def fit_continuum(y, sigma, good, basis, params, out):
     tuple (clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction). A pixel is
     rejected below `clip_low` sigma of its own, or when the mean residual over `window` pixels around
     it is below `clip_window_low` times that mean's sigma, or above its window mean by `clip_high`
-    sigma. Iterates until the kept set stops changing, at most `max_iter` times, and never keeps
-    fewer than `min_keep_fraction` of the good pixels (it stops clipping instead).
+    sigma. Iterates until the kept set, or the fit to within 1e-2 of the rms noise, stops changing,
+    at most `max_iter` times, and never keeps fewer than `min_keep_fraction` of the good pixels (it
+    stops clipping instead). Unweighted least squares; the normal equations are updated only for the
+    pixels whose status changed.
     """
     clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
     d, k = basis.shape
+    half = window // 2
     keep = good.copy()
-    new_keep = np.empty(d, np.bool_)
+    a, b = np.zeros((k, k)), np.zeros(k)
+    coef, work = np.empty(k), np.zeros((k, k))
     n_good = 0
     for i in range(d):
-        n_good += good[i]
+        if good[i]:
+            n_good += 1
+            _accumulate(basis, y, i, 1.0, a, b)
     min_keep = max(k + 1, int(min_keep_fraction * n_good))
-    coef = np.empty(k)
-    cum_r = np.zeros(d + 1)
-    cum_v = np.zeros(d + 1)
-    cum_n = np.zeros(d + 1)
-    half = window // 2
+    # Window statistics that do not change between iterations: good-pixel count and sigma of the mean.
+    cum_v, cum_n = np.zeros(d + 1), np.zeros(d + 1)
+    for i in range(d):
+        cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good[i] else 0.0)
+        cum_n[i + 1] = cum_n[i] + (1.0 if good[i] else 0.0)
+    lo, hi = np.empty(d, np.int64), np.empty(d, np.int64)
+    sigma_mean, count = np.zeros(d), np.zeros(d)
+    for i in range(d):
+        lo[i], hi[i] = max(0, i - half), min(d, i + half + 1)
+        count[i] = cum_n[hi[i]] - cum_n[lo[i]]
+        if count[i] > 0:
+            sigma_mean[i] = math.sqrt(cum_v[hi[i]] - cum_v[lo[i]]) / count[i]
+    tolerance = CONVERGED * math.sqrt(cum_v[d] / max(n_good, 1))  # of the rms noise
+    cum_r, previous = np.zeros(d + 1), np.full(d, np.inf)
+    new_keep = np.empty(d, np.bool_)
+    n_keep = n_good
     for _ in range(max_iter):
-        if not _least_squares(basis, y, keep, coef):
+        if not _solve(a, b, coef, work):
             return False
         _evaluate(basis, coef, out)
-        for i in range(d):  # running sums of residual, variance and count over the good pixels
-            good_i = good[i]
-            cum_r[i + 1] = cum_r[i] + (y[i] - out[i] if good_i else 0.0)
-            cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good_i else 0.0)
-            cum_n[i + 1] = cum_n[i] + (1.0 if good_i else 0.0)
-        n_keep = 0
+        moved = 0.0
+        for i in range(d):
+            moved = max(moved, abs(out[i] - previous[i]))
+            previous[i] = out[i]
+        if moved < tolerance:
+            return True
+        for i in range(d):
+            cum_r[i + 1] = cum_r[i] + (y[i] - out[i] if good[i] else 0.0)
+        n_new = 0
         changed = False
         for i in range(d):
             ok = False
             if good[i]:
-                lo, hi = max(0, i - half), min(d, i + half + 1)
-                n = cum_n[hi] - cum_n[lo]
-                mean_r = (cum_r[hi] - cum_r[lo]) / n
-                sigma_mean = math.sqrt(cum_v[hi] - cum_v[lo]) / n
+                mean_r = (cum_r[hi[i]] - cum_r[lo[i]]) / count[i]
                 r = y[i] - out[i]
-                ok = (r > -clip_low * sigma[i] and mean_r > -clip_window_low * sigma_mean
+                ok = (r > -clip_low * sigma[i] and mean_r > -clip_window_low * sigma_mean[i]
                       and r - mean_r < clip_high * sigma[i])
             new_keep[i] = ok
-            n_keep += ok
+            n_new += ok
             changed |= ok != keep[i]
-        if not changed or n_keep < min_keep:
-            break
-        keep[:] = new_keep
-    if not _least_squares(basis, y, keep, coef):
+        if not changed or n_new < min_keep:
+            return True  # `out` is the fit to the current kept set
+        for i in range(d):
+            if new_keep[i] != keep[i]:
+                _accumulate(basis, y, i, 1.0 if new_keep[i] else -1.0, a, b)
+                keep[i] = new_keep[i]
+        n_keep = n_new
+    if n_keep < k or not _solve(a, b, coef, work):
         return False
     _evaluate(basis, coef, out)
     return True

@@ -38,7 +38,14 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 @dataclass(frozen=True)
 class PreprocessSettings:
     """How spectra are put on the model grid; stored in the model manifest (`to_dict`) so that training
-    and inference normalise identically. Pixel counts refer to the model grid."""
+    and inference normalise identically. Pixel counts refer to the model grid.
+
+    The continuum is fitted on the model grid, in the rest frame, after the one resampling, rather than
+    over the input's full coverage: every spectrum, synthetic or observed and whatever the instrument's
+    range, is then normalised over the same wavelengths with the same lines (Balmer wings included) at
+    the same places, so a survey and the training set get the same normalisation, systematics and all;
+    the basis is fixed per grid. The cost: no leverage from input pixels beyond the grid's edges.
+    """
 
     method: str = "flux"  # resampling: "flux" (flux-conserving rebinning) or "linear" (interpolation)
     continuum: str = "chebyshev"  # "chebyshev" (fit and divide) or "none" (resample only)
@@ -49,13 +56,17 @@ class PreprocessSettings:
     clip_window: int = 25  # pixels in the running mean that catches broad, shallow wings
     max_iter: int = 20  # clipping iterations at most
     min_keep_fraction: float = 0.1  # never clip below this fraction of the good pixels
-    sigma_floor: float = 1e-3  # noise floor as a fraction of the median flux (noise-free input)
+    sigma_floor: float = 1e-3  # noise floor as a fraction of the mean flux (noise-free input)
     max_gap: int = 5  # gaps up to this many pixels are interpolated; longer ones are set to 1.0
     min_good_pixels: int = 50  # fewer good pixels on the grid -> PREPROCESS_FAILED
     max_bad_fraction: float = 0.1  # more bad pixels among the covered ones -> MASKED
     min_coverage: float = 0.95  # less of the grid covered by the input -> COVERAGE
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), {"str": str, "int": int, "float": (int, float)}[f.type]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise StarcastError(f"preprocess setting {f.name} must be of type {f.type}, got {value!r}")
         if self.method not in ("flux", "linear"):
             raise StarcastError(f"preprocess method must be 'flux' or 'linear', got {self.method!r}")
         if self.continuum not in ("chebyshev", "none"):
@@ -79,7 +90,8 @@ class PreprocessSettings:
 @dataclass
 class Preprocessed:
     """Result of `preprocess` for B rows on a D-pixel grid. `coverage`/`bad_fraction` are NaN where a
-    row failed before they could be measured; `ivar` (inverse variance of `x`) is 0 on filled pixels."""
+    row failed before they could be measured (`bad_fraction` also when nothing is covered); `ivar`
+    (inverse variance of `x`) is 0 on filled pixels."""
 
     x: np.ndarray  # (B, D) float32, continuum-normalised, rest frame, bad pixels filled
     flags: np.ndarray  # (B,) int32 Flag bits
@@ -180,7 +192,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             n_cov += state[j] != UNCOVERED
             n_bad += state[j] == BAD
         coverage[r] = n_cov / d
-        bad_fraction[r] = n_bad / n_cov if n_cov > 0 else 1.0
+        bad_fraction[r] = n_bad / n_cov if n_cov > 0 else np.nan
         n_good[r] = n_cov - n_bad
         if n_cov == 0:
             status[r] = _NO_OVERLAP
@@ -191,7 +203,10 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         good = state == GOOD
         sigma = np.empty(d)
         global_sigma = noise_sigma(y, good) if err_start[r] < 0 else 0.0
-        floor = sigma_floor * abs(np.median(y[good]))
+        mean_flux = 0.0
+        for j in range(d):
+            mean_flux += y[j] if good[j] else 0.0
+        floor = sigma_floor * abs(mean_flux) / n_good[r]
         for j in range(d):
             s = math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma
             sigma[j] = max(s, floor) if floor > 0.0 else max(s, 1e-30)
@@ -242,7 +257,8 @@ def _list_parts(col: pa.Array, name: str) -> tuple[np.ndarray, pa.Array, np.ndar
 def _float_values(values: pa.Array, name: str) -> np.ndarray:
     if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
         raise CatalogError(f"expected a list of numbers, got list<{values.type}>", column=name)
-    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls -> NaN
+    # nulls -> NaN; writable, so that every batch hits the same compiled kernel (read-only is a new type)
+    return np.require(values.to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
 
 
 def _bool_values(values: pa.Array, name: str) -> np.ndarray:
@@ -255,7 +271,7 @@ def _grid_values(grid, what: str) -> np.ndarray:
     values = grid.values() if isinstance(grid, WavelengthGrid) else np.asarray(grid, dtype=np.float64)
     if values.ndim != 1 or len(values) < 2 or not np.all(np.diff(values) > 0):
         raise StarcastError(f"{what} must be a strictly increasing 1-D wavelength array of >= 2 values")
-    return np.ascontiguousarray(values, dtype=np.float64)
+    return np.require(values, np.float64, ["C", "W"])
 
 
 def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
@@ -317,8 +333,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
     mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
     rv_col = _as_array(batch, RV)
-    rv = np.zeros(n_rows) if rv_col is None else np.asarray(
-        pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), dtype=np.float64)
+    rv = np.zeros(n_rows) if rv_col is None else np.require(
+        pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
 
     status = np.zeros(n_rows, np.int32)
     status[list(failures)] = _INPUT

@@ -44,7 +44,8 @@ def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> N
 @click.option("--model", default=None,
               help="Bundle whose training range defines in-distribution truths (name or path).")
 @click.option("--vsini-min", type=float, default=None,
-              help="Instrumental resolution in km/s: v sin i accuracy is also given above it.")
+              help="Instrumental resolution in km/s: v sin i accuracy is also given above it "
+                   "[default: c/R from a synthetic truth catalog's metadata].")
 def eval_(results: str, truth: str, out: str, split: str | None, ood: str | None, model: str | None,
           vsini_min: float | None) -> None:
     """Metrics and plots of RESULTS (a results catalog) against true labels."""

@@ -41,6 +41,7 @@ class ArchitectureConfig:
     members: int = 5  # M
     samples: int = 32  # default S at inference
     var_eps: float = 1e-6  # var = softplus(raw) + var_eps (standardised units)
+    input_rank: int = 0  # train the first layer in the span of this many principal components (0: full)
 
 
 @dataclass(frozen=True)

@@ -14,23 +14,37 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from ..catalogs.schema import FLAGS, ID, SNR, SPLIT, Flag
+from ..catalogs.io import list_inputs
+from ..catalogs.schema import FLAGS, ID, META_GENERATOR, SNR, SPLIT, Flag
 from ..errors import CatalogError
 from .metrics import auroc, binned_bias, summary
 from .plots import EvalArrays, write_plots
 
+C_KMS = 299792.458  # speed of light, km/s (CODATA 2018, exact)
 GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.65, 0.71),
          "coverage_95": (0.93, 0.97), "bias_over_median_sigma": 0.25}
 
 
 def read_columns(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Selected columns of a Parquet file or directory of shards (never the flux)."""
+    """Selected columns of a Parquet file, directory of shards or glob (never the flux)."""
+    files = [str(f) for f in list_inputs(path)]  # only *.parquet: a results folder also holds markers
     try:
-        ds = pads.dataset(str(path), format="parquet")
+        ds = pads.dataset(files, format="parquet")
         present = [c for c in (columns or ds.schema.names) if c in ds.schema.names]
         return ds.to_table(columns=present)
     except (OSError, pa.ArrowInvalid) as exc:
         raise CatalogError(f"cannot read Parquet ({exc})", file=str(path)) from exc
+
+
+def instrumental_resolution_kms(path: str | Path) -> float | None:
+    """c / R (km/s, the FWHM of the instrumental profile) from a synthetic catalog's generator
+    metadata, or None when the catalog does not say."""
+    meta = pads.dataset(str(path), format="parquet").schema.metadata or {}
+    try:
+        power = json.loads(meta[META_GENERATOR.encode()])["config"]["resolving_power"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return C_KMS / float(power)
 
 
 def result_targets(results: pa.Table) -> list[str]:
@@ -164,6 +178,8 @@ def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, 
         truth = truth.filter(pa.compute.equal(truth.column(SPLIT), split))
     truth = truth.drop_columns([c for c in (SPLIT,) if c in truth.column_names])
     ood = read_columns(ood_path) if ood_path is not None else None
+    if vsini_min is None:
+        vsini_min = instrumental_resolution_kms(truth_path)
     report, arrays = evaluate(results, truth, ranges=ranges, ood_results=ood, vsini_min=vsini_min)
     report["inputs"] = {"results": str(results_path), "truth": str(truth_path), "split": split,
                         "ood": None if ood_path is None else str(ood_path)}

@@ -1,8 +1,8 @@
 """Export of a trained ensemble to a model bundle (DESIGN.md, "Model bundle").
 
-The input standardisation is folded into the first layer, so the exported weights compute exactly
-DESIGN.md's numerics on the preprocessed spectrum x: with x_s = (x - mu) / s,
-x_s W1 + b1 = x (W1 / s) + (b1 - (mu / s) W1). Folding is done in float64, stored as float32.
+The input standardisation (and projection) is folded into the first layer, so the exported weights
+compute exactly DESIGN.md's numerics on the preprocessed spectrum x: with x_s = (x - mu) P,
+x_s W1 + b1 = x (P W1) + (b1 - (mu P) W1). Folding is done in float64, stored as float32.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ def export_layers(model: EnsembleMLP, std: Standardiser) -> list[tuple[torch.Ten
     layers = [(w.detach().double().clone(), b.detach().double().clone())
               for w, b in zip(model.weights, model.biases, strict=True)]
     w1, b1 = layers[0]
-    shift = torch.from_numpy(std.x_mean / std.x_scale)
-    layers[0] = (w1 / std.x_scale, b1 - torch.einsum("d,mdh->mh", shift, w1))
+    proj = torch.from_numpy(std.projection)
+    shift = torch.from_numpy(std.x_mean) @ proj
+    layers[0] = (torch.einsum("dr,mrh->mdh", proj, w1), b1 - torch.einsum("r,mrh->mh", shift, w1))
     return [(w.float().contiguous(), b.float().contiguous()) for w, b in layers]
 
 

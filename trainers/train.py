@@ -26,23 +26,41 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 @dataclass(frozen=True)
 class Standardiser:
-    """Input: subtract the per-pixel training mean, divide by one global scale (so pure-noise pixels
-    are not blown up to unit variance). Labels: per-target mean and std (the manifest's mean/std)."""
+    """Input: subtract the per-pixel training mean, then project onto `projection` ([D, r]: the
+    first r principal components of the training spectra, scaled so the projected inputs have unit
+    mean variance), or without a projection divide by one global scale (so pure-noise pixels are
+    not blown up to unit variance). The projection makes the first layer low rank (W1 = P W1'), so
+    training costs r instead of D inputs per member while the exported model stays DESIGN.md's MLP
+    on x. Labels: per-target mean and std (the manifest's mean/std)."""
 
     x_mean: np.ndarray  # (D,) float64
-    x_scale: float
+    projection: np.ndarray  # (D, r) float64; (D, D) diagonal 1/scale when no projection is asked for
     y_mean: np.ndarray  # (K,) float64
     y_std: np.ndarray  # (K,) float64
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray) -> Standardiser:
+    def fit(cls, x: np.ndarray, y: np.ndarray, rank: int = 0, seed: int = 0) -> Standardiser:
         x_mean = x.mean(axis=0, dtype=np.float64)
-        x_scale = float(np.sqrt(np.mean((x - x_mean) ** 2, dtype=np.float64)))
-        return cls(x_mean, max(x_scale, 1e-6), y.mean(axis=0, dtype=np.float64),
+        xc = torch.from_numpy(x) - torch.from_numpy(x_mean.astype(np.float32))
+        if rank and rank < x.shape[1]:
+            torch.manual_seed(seed)
+            _, _, v = torch.svd_lowrank(xc, q=rank + 10, niter=3)
+            basis = v[:, :rank].double().numpy()
+            scale = float(torch.sqrt(torch.mean((xc @ v[:, :rank]) ** 2)))
+        else:
+            basis = np.eye(x.shape[1])
+            scale = float(torch.sqrt(torch.mean(xc**2)))
+        return cls(x_mean, basis / max(scale, 1e-6), y.mean(axis=0, dtype=np.float64),
                    np.maximum(y.std(axis=0, dtype=np.float64), 1e-12))
 
-    def x(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(((x - self.x_mean) / self.x_scale).astype(np.float32))
+    def x(self, x: np.ndarray, batch_rows: int = 8192) -> torch.Tensor:
+        p, mu = torch.from_numpy(self.projection.astype(np.float32)), torch.from_numpy(self.x_mean)
+        return torch.cat([(torch.from_numpy(x[s:s + batch_rows]).double() - mu).float() @ p
+                          for s in range(0, x.shape[0], batch_rows)])
+
+    def noise_scale(self) -> torch.Tensor:
+        """Per input, the sigma that unit white noise in x has after standardisation (r,)."""
+        return torch.from_numpy(np.sqrt((self.projection**2).sum(axis=0)).astype(np.float32))
 
     def y(self, y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((y - self.y_mean) / self.y_std).astype(np.float32))
@@ -68,15 +86,16 @@ def estimate_noise_per_snr(x: np.ndarray, snr: np.ndarray) -> float:
 
 
 def _augment(xb: torch.Tensor, snr: torch.Tensor, cfg: TrainingConfig, noise_per_snr: float,
-             x_scale: float, g: torch.Generator) -> torch.Tensor:
+             noise_scale: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Add white noise that takes a spectrum from its SNR s0 to s1 ~ log-uniform[snr_min, s0]:
-    extra sigma = k sqrt(1/s1^2 - 1/s0^2) (variances of independent noise add)."""
+    extra sigma = k sqrt(1/s1^2 - 1/s0^2) (variances of independent noise add). White noise in x
+    stays white in the standardised inputs (orthonormal basis), with sigma `noise_scale` per input."""
     u = torch.rand(snr.shape, generator=g)
     lo = math.log(cfg.augment_snr_min)
     s1 = torch.exp(lo + u * (torch.log(snr) - lo).clamp_min(0.0))
-    extra = noise_per_snr * torch.sqrt((1.0 / s1**2 - 1.0 / snr**2).clamp_min(0.0)) / x_scale
+    extra = noise_per_snr * torch.sqrt((1.0 / s1**2 - 1.0 / snr**2).clamp_min(0.0))
     apply = (torch.rand(snr.shape, generator=g) < cfg.augment_prob).float()
-    return xb + torch.randn(xb.shape, generator=g) * (extra * apply).unsqueeze(-1)
+    return xb + torch.randn(xb.shape, generator=g) * (extra * apply).unsqueeze(-1) * noise_scale
 
 
 def _schedule(opt: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int):
@@ -126,11 +145,12 @@ def _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress) -> Tr
     start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    std = Standardiser.fit(x_train, y_train)
+    std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]))
     xs, ys, xv, yv = std.x(x_train), std.y(y_train), std.x(x_val), std.y(y_val)
     augment = snr_train is not None and cfg.augment_prob > 0
     noise_per_snr = estimate_noise_per_snr(x_train, snr_train) if augment else 0.0
     snr = torch.from_numpy(np.asarray(snr_train, np.float32)) if augment else None
+    noise_scale = std.noise_scale()
     model = EnsembleMLP(xs.shape[1], arch.hidden, ys.shape[1], cfg.seeds, dropout=arch.dropout,
                         activation=arch.activation, var_eps=arch.var_eps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,7 +173,7 @@ def _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress) -> Tr
             idx = order[:, b * cfg.batch_size:(b + 1) * cfg.batch_size]
             xb, yb = xs[idx], ys[idx]
             if augment:
-                xb = _augment(xb, snr[idx], cfg, noise_per_snr, std.x_scale, g)
+                xb = _augment(xb, snr[idx], cfg, noise_per_snr, noise_scale, g)
             mu, var = model(xb)
             loss = gaussian_nll(mu, var, yb, cfg.beta).mean(dim=(1, 2)).sum()
             opt.zero_grad(set_to_none=True)

@@ -88,3 +88,10 @@ def test_synth_command_writes_a_seed_survey_and_summarises_it(tmp_path):
 def test_synth_command_rejects_a_bad_snr_range(tmp_path):
     result = CliRunner().invoke(synth_command, ["--n", "2", "--out", str(tmp_path), "--snr", "60"])
     assert result.exit_code != 0 and "A:B" in result.output
+
+
+def test_an_output_directory_holding_shards_is_refused(tmp_path):
+    csv = write_csv(tmp_path / "c.csv", ["4000.0", "4000.2"], [[1, 2], [3, 4]])
+    import_csv(csv, tmp_path / "o")
+    with pytest.raises(CatalogError, match="already holds"):
+        import_csv(csv, tmp_path / "o")

@@ -168,3 +168,16 @@ def test_iter_batches_streams_every_row_once_in_bounded_batches(tmp_path_factory
 def test_wavelength_grid_json_round_trips(grid):
     back = WavelengthGrid.from_json(grid.to_json())
     assert back == grid and np.array_equal(back.values(), grid.values())
+
+
+@pytest.mark.parametrize("where", [0.125, 0.25, 0.5, 0.75, 0.875])
+def test_a_corrupted_data_page_is_an_error_not_silently_wrong_flux(tmp_path, where):
+    path = write_catalog(table(n=200, d=64), tmp_path / "c.parquet")
+    data = bytearray(path.read_bytes())
+    offset = int(len(data) * where)
+    data[offset:offset + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CatalogError, match="c.parquet"):
+        read_catalog(path)
+    with pytest.raises(CatalogError, match="c.parquet"):
+        list(iter_batches(path))

@@ -32,7 +32,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    from conftest import make_bundle  # the tiny random bundle of tests/engine/conftest.py
+    from tests.engine.conftest import make_bundle  # the tiny random bundle of tests/engine/conftest.py
 
     return make_bundle(tmp_path_factory.mktemp("bundle") / "tiny-test")
 

@@ -70,7 +70,7 @@ def reference(tmp_path_factory, bundle_dir) -> tuple[Path, pa.Table]:
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
-    from conftest import make_bundle  # the tiny random bundle of tests/engine/conftest.py
+    from tests.engine.conftest import make_bundle  # the tiny random bundle of tests/engine/conftest.py
 
     return make_bundle(tmp_path_factory.mktemp("bundle") / "tiny-test")
 

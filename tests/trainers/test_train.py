@@ -1,4 +1,7 @@
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 from starcast.trainers.config import ArchitectureConfig, TrainingConfig
 from starcast.trainers.ensemble import EnsembleMLP
@@ -8,16 +11,17 @@ from starcast.trainers.train import Standardiser, estimate_noise_per_snr, train_
 ARCH = ArchitectureConfig(hidden=(32, 32), dropout=0.1, members=3, samples=4)
 
 
-def _train(toy, epochs):
+def _train(toy, epochs, arch=ARCH):
     x, y, snr = toy
     cfg = TrainingConfig(epochs=epochs, batch_size=64, lr=3e-3, seeds=(0, 1, 2), patience=100,
                          warmup_epochs=1)
-    return train_ensemble(x[:800], y[:800], x[800:], y[800:], ARCH, cfg, snr_train=snr[:800],
+    return train_ensemble(x[:800], y[:800], x[800:], y[800:], arch, cfg, snr_train=snr[:800],
                           progress=False)
 
 
-def test_tiny_training_lowers_validation_nll(toy):
-    result = _train(toy, epochs=8)
+@pytest.mark.parametrize("rank", [0, 16])
+def test_tiny_training_lowers_validation_nll(toy, rank):
+    result = _train(toy, epochs=8, arch=replace(ARCH, input_rank=rank))
     nll = [row["val_nll"] for row in result.history]
     assert nll[-1] < nll[0] - 0.5
     assert len(result.best_epochs) == 3 and all(1 <= e <= 8 for e in result.best_epochs)
@@ -43,10 +47,11 @@ def _numpy_forward(layers, x, masks, p):
     return h[..., :k], np.logaddexp(0, h[..., k:]) + ARCH.var_eps
 
 
-def test_export_folds_standardisation_into_first_layer(toy):
+@pytest.mark.parametrize("rank", [0, 8])
+def test_export_folds_standardisation_into_first_layer(toy, rank):
     x, y, _ = toy
-    std = Standardiser.fit(x, y)
-    model = EnsembleMLP(x.shape[1], ARCH.hidden, 3, (0, 1, 2), dropout=ARCH.dropout)
+    std = Standardiser.fit(x, y, rank)
+    model = EnsembleMLP(std.projection.shape[1], ARCH.hidden, 3, (0, 1, 2), dropout=ARCH.dropout)
     with torch.no_grad():  # non-trivial biases, so the fold of b1 is exercised
         for b in model.biases:
             b.normal_(0, 0.3)
