@@ -13,6 +13,7 @@ run again in one more dataset.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -219,6 +220,15 @@ def _fail(report: FileReport, reason: str) -> None:
     tqdm.write(f"starcast: skipping {report.input}: {reason}", file=sys.stderr)
 
 
+def _avoid_http_import_race() -> None:
+    """Ray Data 2.60 probes fsspec's HTTP filesystem from several threads while resolving paths and
+    catches only ModuleNotFoundError; without aiohttp, a thread that meets the half-imported module
+    gets a plain ImportError and the whole dataset fails (seen intermittently here). Marking the
+    module absent makes every probe fail the same, caught, way. HTTP needs aiohttp anyway."""
+    if importlib.util.find_spec("aiohttp") is None:
+        sys.modules.setdefault("fsspec.implementations.http", None)
+
+
 def _reason(exc: BaseException) -> str:
     """One line naming the original error (a Ray task error wraps it in a remote traceback)."""
     exc = getattr(exc, "cause", None) or exc
@@ -229,6 +239,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _connect(ray, address: str, progress: bool) -> None:
+    _avoid_http_import_race()
     if not ray.is_initialized():
         kwargs = {} if address == "local" else {"address": address}
         try:
