@@ -63,7 +63,7 @@ class PreprocessSettings:
     min_keep_fraction: float = 0.1  # never clip below this fraction of the good pixels
     sigma_floor: float = 1e-3  # noise floor as a fraction of the mean flux (noise-free input)
     max_gap: int = 5  # gaps up to this many pixels are interpolated; longer ones are set to 1.0
-    min_good_pixels: int = 50  # fewer good pixels on the grid -> PREPROCESS_FAILED
+    min_good_pixels: int = 50  # fewer good pixels on the grid, or input pixels in its range -> FAILED
     max_bad_fraction: float = 0.1  # more bad pixels among the covered ones -> MASKED
     min_coverage: float = 0.95  # less of the grid covered by the input -> COVERAGE
 
@@ -189,6 +189,9 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if not monotonic:
             status[r] = _WAVELENGTH
             continue
+        n_inside = 0  # good input pixels within the model grid's range
+        for p in range(n):
+            n_inside += not bad[p] and wl[p] >= grid_edges[0] and wl[p] <= grid_edges[d]
         y, yvar = np.empty(d), np.empty(d)
         state = np.empty(d, np.uint8)
         if flux_conserving:
@@ -203,7 +206,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             n_bad += state[j] == BAD
         coverage[r] = n_cov / d
         bad_fraction[r] = n_bad / n_cov if n_cov > 0 else np.nan
-        n_good[r] = n_cov - n_bad
+        n_good[r] = min(n_cov - n_bad, n_inside)  # a few input pixels stretched over the grid are few
         if n_cov == 0:
             status[r] = _NO_OVERLAP
             continue
@@ -219,7 +222,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if not mean_flux > 0.0:
             status[r] = _ZERO
             continue
-        floor = sigma_floor * mean_flux / n_good[r]
+        floor = sigma_floor * mean_flux / (n_cov - n_bad)
         for j in range(d):
             sigma[j] = max(math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma, floor)
         cont = np.ones(d)

@@ -153,6 +153,20 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
         np.testing.assert_array_equal(out.x[i], alone.x[0])
 
 
+@pytest.mark.parametrize("method", ["flux", "linear"])
+def test_a_few_input_pixels_stretched_over_the_grid_are_too_few_good_pixels(method):
+    # 2, 5 or 49 pixels across the model grid rebin/interpolate to hundreds of "good" grid pixels.
+    lengths = (2, 5, 49, 60)
+    table = pa.table({"flux": pa.array([np.full(n, 2.0).tolist() for n in lengths], pa.list_(pa.float32())),
+                      "wavelength": pa.array([np.linspace(4010.0, 4790.0, n).tolist() for n in lengths],
+                                             pa.list_(pa.float64()))})
+    out = preprocess(table, GRID, PreprocessSettings(method=method, min_good_pixels=50))
+    failed = (out.flags & Flag.PREPROCESS_FAILED) != 0
+    assert failed.tolist() == [True, True, True, False]
+    assert "only 2 good pixels" in out.errors[0] and "only 49 good pixels" in out.errors[2]
+    check_neutral_failures(out)
+
+
 def test_settings_round_trip_through_a_dict_and_reject_unknown_keys():
     s = PreprocessSettings(method="linear", continuum_degree=2, clip_low=2.5)
     assert PreprocessSettings.from_dict(s.to_dict()) == s
