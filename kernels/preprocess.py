@@ -37,7 +37,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "97d2679d6bc195b1"
+DEPENDENCY_FINGERPRINT = "846ae33fa88e372a"
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,14 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if not monotonic:
             status[r] = _WAVELENGTH
             continue
-        n_inside = 0  # good input pixels within the model grid's range
+        inside = np.empty(n, np.bool_)  # good input pixels within the model grid's range
+        n_inside = 0
         for p in range(n):
-            n_inside += not bad[p] and wl[p] >= grid_edges[0] and wl[p] <= grid_edges[d]
+            inside[p] = not bad[p] and wl[p] >= grid_edges[0] and wl[p] <= grid_edges[d]
+            n_inside += inside[p]
+        if err_start[r] < 0:  # no errors: DER_SNR of the input pixels, propagated like given errors
+            noise = noise_sigma(flux, inside)
+            var[:] = noise * noise
         y, yvar = np.empty(d), np.empty(d)
         state = np.empty(d, np.uint8)
         if flux_conserving:
@@ -215,7 +220,6 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             continue
         good = state == GOOD
         sigma = np.empty(d)
-        global_sigma = noise_sigma(y, good) if err_start[r] < 0 else 0.0
         mean_flux = 0.0
         for j in range(d):
             mean_flux += y[j] if good[j] else 0.0
@@ -224,10 +228,12 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             continue
         floor = sigma_floor * mean_flux / (n_cov - n_bad)
         for j in range(d):
-            sigma[j] = max(math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma, floor)
+            sigma[j] = max(math.sqrt(yvar[j]), floor)
         cont = np.ones(d)
         if normalise:
-            if not fit_continuum(y, sigma, good, basis, gram, fit_params, cont):
+            # grid pixels per input pixel: > 1 when the input is coarser, its noise then correlated
+            correlation = max(1.0, (n_cov - n_bad) / n_inside)
+            if not fit_continuum(y, sigma, good, basis, gram, fit_params, cont, correlation):
                 status[r] = _SINGULAR
                 continue
             positive = True
@@ -310,7 +316,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     `settings.method`, fit and divide the continuum on the model grid, interpolate short gaps and set
     long ones and uncovered pixels to 1.0. Bad input pixels: non-finite or negative flux, errors that
     are not positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
-    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata.
+    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata. Rows without
+    `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels, propagated as errors would be.
     """
     settings = settings or PreprocessSettings()
     grid = _grid_values(grid, "grid")
