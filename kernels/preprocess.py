@@ -333,7 +333,11 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     if wavelength is None:
         metadata = batch.schema.metadata or {}
         if source_grid is None and META_WAVELENGTH.encode() in metadata:
-            source_grid = WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()])
+            try:
+                source_grid = WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()])
+            except ValueError as exc:  # json.JSONDecodeError is one
+                raise CatalogError(f"malformed {META_WAVELENGTH!r} metadata: {exc}",
+                                   column=WAVELENGTH) from exc
         if source_grid is None:
             raise CatalogError("no wavelength column and no file-level wavelength grid (pass source_grid "
                                f"or set the {META_WAVELENGTH!r} metadata)", column=WAVELENGTH)

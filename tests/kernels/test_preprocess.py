@@ -95,6 +95,14 @@ def test_wavelengths_come_from_source_grid_or_the_schema_metadata():
     np.testing.assert_array_equal(via_metadata.x, via_argument.x)
 
 
+@pytest.mark.parametrize("meta", ['{"kind": "linear"}', "not json",
+                                  '{"kind": "linear", "start": 4000, "step": -1, "n": 5}'])
+def test_malformed_grid_metadata_is_a_catalog_error(meta):
+    table = pa.table({"flux": list_column(spectra(1))}).replace_schema_metadata({META_WAVELENGTH: meta})
+    with pytest.raises(CatalogError, match="malformed 'starcast.wavelength' metadata"):
+        preprocess(table, GRID, PreprocessSettings())
+
+
 def test_short_gaps_are_interpolated_and_long_gaps_set_to_one():
     flux = np.ones((1, len(GRID)), np.float32) * np.linspace(1.0, 2.0, len(GRID), dtype=np.float32)
     flux[0, 500:503] = np.nan
