@@ -51,6 +51,9 @@ def numpy_preprocess(wavelength, flux, err, rv, grid, s: PreprocessSettings, reb
                       fill=np.nan, verbose=False)
         good = np.isfinite(y)
         sigma = np.maximum(np.where(good, ye, 1.0), s.sigma_floor * abs(np.mean(y[good])))
+        edges = np.concatenate([[1.5 * grid[0] - 0.5 * grid[1]], [1.5 * grid[-1] - 0.5 * grid[-2]]])
+        inside = np.sum(~bad & (rest >= edges[0]) & (rest <= edges[1]))
+        correlation = max(1.0, good.sum() / inside)  # grid pixels per input pixel
         tolerance = CONVERGED * np.sqrt(np.mean(sigma[good] ** 2))
         keep, previous = good.copy(), np.inf
         for _ in range(s.max_iter):
@@ -63,7 +66,7 @@ def numpy_preprocess(wavelength, flux, err, rv, grid, s: PreprocessSettings, reb
             sums = [np.concatenate([[0.0], np.cumsum(a)]) for a in (r, np.where(good, sigma**2, 0), good)]
             n = sums[2][hi] - sums[2][lo]
             mean_r = (sums[0][hi] - sums[0][lo]) / n
-            sigma_mean = np.sqrt(sums[1][hi] - sums[1][lo]) / n
+            sigma_mean = np.sqrt(np.minimum(correlation, n) * (sums[1][hi] - sums[1][lo])) / n
             new = good & (r > -s.clip_low * sigma) & (mean_r > -s.clip_window_low * sigma_mean) & (
                 r - mean_r < s.clip_high * sigma)
             min_keep = max(basis.shape[1] + 1, int(s.min_keep_fraction * good.sum()))

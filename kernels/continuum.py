@@ -112,17 +112,20 @@ def _evaluate(basis, coef, out):
 
 
 @njit(cache=True)
-def fit_continuum(y, sigma, good, basis, gram, params, out):
+def fit_continuum(y, sigma, good, basis, gram, params, out, correlation=1.0):
     """Fit the continuum of `y` (flux on the grid of `basis`) into `out`; returns False on failure.
 
     `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `basis` and
     `gram` from `continuum_basis`, `params` the tuple (clip_low, clip_window_low, clip_high, window,
     max_iter, min_keep_fraction). A pixel is rejected below `clip_low` sigma of its own, or when the
     mean residual over `window` pixels around it is below `clip_window_low` times that mean's sigma,
-    or above its window mean by `clip_high` sigma. Iterates until the kept set stops changing or the
-    fit moves by less than CONVERGED of the rms noise, at most `max_iter` times, and never keeps
-    fewer than `min_keep_fraction` of the good pixels (it stops clipping instead). Unweighted least
-    squares; the normal equations are updated only for the pixels whose status changed.
+    or above its window mean by `clip_high` sigma. `correlation` is the number of consecutive pixels
+    that share their noise (an input coarser than the grid): the window mean then averages fewer
+    independent pixels, and its sigma grows by sqrt(correlation) (at most to a pixel's sigma).
+    Iterates until the kept set stops changing or the fit moves by less than CONVERGED of the rms
+    noise, at most `max_iter` times, and never keeps fewer than `min_keep_fraction` of the good pixels
+    (it stops clipping instead). Unweighted least squares; the normal equations are updated only for
+    the pixels whose status changed.
     """
     clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
     k, d = basis.shape
@@ -151,7 +154,8 @@ def fit_continuum(y, sigma, good, basis, gram, params, out):
         count = cum_n[hi] - cum_n[lo]
         if good[i]:
             below[i], above[i] = -clip_low * sigma[i], clip_high * sigma[i]
-            window_below[i] = -clip_window_low * math.sqrt(cum_v[hi] - cum_v[lo]) / count
+            shared = min(correlation, count)  # pixels per independent noise sample in the window
+            window_below[i] = -clip_window_low * math.sqrt(shared * (cum_v[hi] - cum_v[lo])) / count
             inv_count[i] = 1.0 / count
     tolerance = CONVERGED * math.sqrt(cum_v[d] / max(n_good, 1))  # of the rms noise
     cum_r, residual, previous = np.zeros(d + 1), np.zeros(d), np.full(k, np.inf)

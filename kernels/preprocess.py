@@ -37,7 +37,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "97d2679d6bc195b1"
+DEPENDENCY_FINGERPRINT = "846ae33fa88e372a"
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class PreprocessSettings:
     min_keep_fraction: float = 0.1  # never clip below this fraction of the good pixels
     sigma_floor: float = 1e-3  # noise floor as a fraction of the mean flux (noise-free input)
     max_gap: int = 5  # gaps up to this many pixels are interpolated; longer ones are set to 1.0
-    min_good_pixels: int = 50  # fewer good pixels on the grid -> PREPROCESS_FAILED
+    min_good_pixels: int = 50  # fewer good pixels on the grid, or input pixels in its range -> FAILED
     max_bad_fraction: float = 0.1  # more bad pixels among the covered ones -> MASKED
     min_coverage: float = 0.95  # less of the grid covered by the input -> COVERAGE
 
@@ -189,6 +189,14 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if not monotonic:
             status[r] = _WAVELENGTH
             continue
+        inside = np.empty(n, np.bool_)  # good input pixels within the model grid's range
+        n_inside = 0
+        for p in range(n):
+            inside[p] = not bad[p] and wl[p] >= grid_edges[0] and wl[p] <= grid_edges[d]
+            n_inside += inside[p]
+        if err_start[r] < 0:  # no errors: DER_SNR of the input pixels, propagated like given errors
+            noise = noise_sigma(flux, inside)
+            var[:] = noise * noise
         y, yvar = np.empty(d), np.empty(d)
         state = np.empty(d, np.uint8)
         if flux_conserving:
@@ -203,7 +211,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             n_bad += state[j] == BAD
         coverage[r] = n_cov / d
         bad_fraction[r] = n_bad / n_cov if n_cov > 0 else np.nan
-        n_good[r] = n_cov - n_bad
+        n_good[r] = min(n_cov - n_bad, n_inside)  # a few input pixels stretched over the grid are few
         if n_cov == 0:
             status[r] = _NO_OVERLAP
             continue
@@ -212,19 +220,20 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             continue
         good = state == GOOD
         sigma = np.empty(d)
-        global_sigma = noise_sigma(y, good) if err_start[r] < 0 else 0.0
         mean_flux = 0.0
         for j in range(d):
             mean_flux += y[j] if good[j] else 0.0
         if not mean_flux > 0.0:
             status[r] = _ZERO
             continue
-        floor = sigma_floor * mean_flux / n_good[r]
+        floor = sigma_floor * mean_flux / (n_cov - n_bad)
         for j in range(d):
-            sigma[j] = max(math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma, floor)
+            sigma[j] = max(math.sqrt(yvar[j]), floor)
         cont = np.ones(d)
         if normalise:
-            if not fit_continuum(y, sigma, good, basis, gram, fit_params, cont):
+            # grid pixels per input pixel: > 1 when the input is coarser, its noise then correlated
+            correlation = max(1.0, (n_cov - n_bad) / n_inside)
+            if not fit_continuum(y, sigma, good, basis, gram, fit_params, cont, correlation):
                 status[r] = _SINGULAR
                 continue
             positive = True
@@ -307,7 +316,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     `settings.method`, fit and divide the continuum on the model grid, interpolate short gaps and set
     long ones and uncovered pixels to 1.0. Bad input pixels: non-finite or negative flux, errors that
     are not positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
-    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata.
+    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata. Rows without
+    `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels, propagated as errors would be.
     """
     settings = settings or PreprocessSettings()
     grid = _grid_values(grid, "grid")
@@ -323,7 +333,11 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     if wavelength is None:
         metadata = batch.schema.metadata or {}
         if source_grid is None and META_WAVELENGTH.encode() in metadata:
-            source_grid = WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()])
+            try:
+                source_grid = WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()])
+            except ValueError as exc:  # json.JSONDecodeError is one
+                raise CatalogError(f"malformed {META_WAVELENGTH!r} metadata: {exc}",
+                                   column=WAVELENGTH) from exc
         if source_grid is None:
             raise CatalogError("no wavelength column and no file-level wavelength grid (pass source_grid "
                                f"or set the {META_WAVELENGTH!r} metadata)", column=WAVELENGTH)

@@ -95,6 +95,14 @@ def test_wavelengths_come_from_source_grid_or_the_schema_metadata():
     np.testing.assert_array_equal(via_metadata.x, via_argument.x)
 
 
+@pytest.mark.parametrize("meta", ['{"kind": "linear"}', "not json",
+                                  '{"kind": "linear", "start": 4000, "step": -1, "n": 5}'])
+def test_malformed_grid_metadata_is_a_catalog_error(meta):
+    table = pa.table({"flux": list_column(spectra(1))}).replace_schema_metadata({META_WAVELENGTH: meta})
+    with pytest.raises(CatalogError, match="malformed 'starcast.wavelength' metadata"):
+        preprocess(table, GRID, PreprocessSettings())
+
+
 def test_short_gaps_are_interpolated_and_long_gaps_set_to_one():
     flux = np.ones((1, len(GRID)), np.float32) * np.linspace(1.0, 2.0, len(GRID), dtype=np.float32)
     flux[0, 500:503] = np.nan
@@ -151,6 +159,20 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
     for i in (0, 1, 3, 4, 5):  # the good and the flagged-but-processed rows are untouched by the others
         alone = preprocess(table.slice(i, 1), GRID, PreprocessSettings())
         np.testing.assert_array_equal(out.x[i], alone.x[0])
+
+
+@pytest.mark.parametrize("method", ["flux", "linear"])
+def test_a_few_input_pixels_stretched_over_the_grid_are_too_few_good_pixels(method):
+    # 2, 5 or 49 pixels across the model grid rebin/interpolate to hundreds of "good" grid pixels.
+    lengths = (2, 5, 49, 60)
+    table = pa.table({"flux": pa.array([np.full(n, 2.0).tolist() for n in lengths], pa.list_(pa.float32())),
+                      "wavelength": pa.array([np.linspace(4010.0, 4790.0, n).tolist() for n in lengths],
+                                             pa.list_(pa.float64()))})
+    out = preprocess(table, GRID, PreprocessSettings(method=method, min_good_pixels=50))
+    failed = (out.flags & Flag.PREPROCESS_FAILED) != 0
+    assert failed.tolist() == [True, True, True, False]
+    assert "only 2 good pixels" in out.errors[0] and "only 49 good pixels" in out.errors[2]
+    check_neutral_failures(out)
 
 
 def test_settings_round_trip_through_a_dict_and_reject_unknown_keys():

@@ -41,6 +41,7 @@ def test_preprocessed_generator_spectra_match_the_noise_free_rest_frame_spectrum
         z = (out.x[i] - a.normalised[i])[good] * np.sqrt(out.ivar[i][good])
         assert good.mean() > 0.99
         assert np.mean(z**2) < 1.25, (i, a.teff[i], a.logg[i], a.vsini[i])  # chi^2 / dof
+        assert np.mean(z**2) > 0.8  # nor is ivar too small (the noise overstated)
         assert abs(np.mean(z)) < 0.25  # continuum bias well under the noise
 
 
