@@ -35,8 +35,7 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
     names = [n for n in wanted if n in next(iter_batches(paths[0], batch_rows=1)).schema.names]
     table = pa.Table.from_batches(list(iter_batches(out, columns=names)))
     grid = read_grid(paths[0])
-    lines = [f"wrote {table.num_rows} spectra in {len(paths)} shard(s) to {out} "
-             f"({table.num_rows / max(seconds, 1e-9):.0f} spectra/s including compilation)",
+    lines = [f"wrote {table.num_rows} spectra in {len(paths)} shard(s) to {out} in {seconds:.1f} s",
              f"grid: {grid.n} pixels, {grid.values()[0]:.1f}-{grid.values()[-1]:.1f} A ({grid.medium})"]
     for name, unit in (("teff", "K"), ("logg", "dex"), ("vsini", "km/s"), ("rv", "km/s"), ("snr", "")):
         if name in names:
@@ -57,11 +56,18 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
               help="random: uniform draws of Teff, log g, v sin i; seed: the reference grid with a "
                    "train/val/test split column.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
-@click.option("--shard-rows", type=int, default=5000, show_default=True, help="Spectra per shard file.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Spectra per shard file.")
 @click.option("--snr", "snr", default="50:300", show_default=True,
               help="Range A:B of the per-pixel signal-to-noise on the continuum (uniform draws).")
 def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str) -> None:
-    """Synthesise a survey of OB-star spectra (4000-4800 A, R = 20000) as Parquet shards."""
+    """Synthesise a survey of OB-star spectra (4000-4800 A, R = 20000) as Parquet shards.
+
+    \b
+    Examples:
+      starcast synth --n 1000 --out survey/
+      starcast synth --mode seed --out seed-grid/     # the 24 450-spectrum training grid
+    """
     from .synth import synth as run_synth
 
     if mode == "random" and n is None:
@@ -80,9 +86,14 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
               help="Output directory for the Parquet shards.")
 @click.option("--medium", type=click.Choice(["vacuum", "air"]), default="vacuum", show_default=True,
               help="Whether the header wavelengths are vacuum or air wavelengths.")
-@click.option("--shard-rows", type=int, default=10000, show_default=True, help="Spectra per shard file.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Spectra per shard file.")
 def import_csv(file: Path, out: Path, medium: str, shard_rows: int) -> None:
-    """Import a wide CSV (one row per spectrum, one column per wavelength in A) as a catalog."""
+    """Import a wide CSV (one row per spectrum, one column per wavelength in A) as a catalog.
+
+    Headers are wavelengths (e.g. 4460.1,4460.2,...) or the optional columns id, teff, logg, vsini,
+    rv, snr, split. Example: starcast import-csv spectra.csv --out catalog/
+    """
     from .csv_import import import_csv as run_import
 
     paths = run_import(file, out, shard_rows=shard_rows, medium=medium)

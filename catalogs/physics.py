@@ -49,8 +49,8 @@ class Line:
 # Strengths are tuned by eye to published OB-star equivalent widths (e.g. Didelon 1982, A&AS 50, 199;
 # Walborn & Fitzpatrick 1990, PASP 102, 379 for which lines dominate at which spectral type).
 LINES: tuple[Line, ...] = (
-    Line("H delta", 4101.734, 1.008, 6.0, POWER, 1.5, 0.0, 0.25, 2.0, 120.0),
-    Line("H gamma", 4340.462, 1.008, 6.5, POWER, 1.5, 0.0, 0.25, 2.0, 120.0),
+    Line("H delta", 4101.734, 1.008, 6.0, POWER, 1.5, 0.0, 0.25, 3.5, 120.0),
+    Line("H gamma", 4340.462, 1.008, 6.5, POWER, 1.5, 0.0, 0.25, 3.5, 120.0),
     Line("He I 4026", 4026.191, 4.003, 0.90, GAUSS, 22000.0, 5500.0, 0.10, 0.15, 12.0),
     Line("He I 4144", 4143.761, 4.003, 0.45, GAUSS, 22000.0, 5500.0, 0.10, 0.10, 10.0),
     Line("He I 4388", 4387.929, 4.003, 0.65, GAUSS, 22000.0, 5500.0, 0.10, 0.15, 12.0),
@@ -67,8 +67,10 @@ LINES: tuple[Line, ...] = (
     Line("C II 4267", 4267.260, 12.011, 0.25, GAUSS, 18000.0, 4000.0, -0.10, 0.03, 6.0),
 )
 
-# The same table as float64 columns, for the compiled kernels.
-_LINE_TABLE = np.array([[ln.wavelength, ln.mass, ln.w0, ln.shape, ln.p1, ln.p2, ln.g_exp, ln.gamma0,
+# The same table as float64 columns, passed to the compiled kernels as an argument: Numba's on-disk
+# cache does not notice edits to globals or to functions in other files, so data must not be baked in
+# (after editing a compiled function here, delete catalogs/__pycache__ to refresh synth's kernel).
+LINE_TABLE = np.array([[ln.wavelength, ln.mass, ln.w0, ln.shape, ln.p1, ln.p2, ln.g_exp, ln.gamma0,
                          ln.window] for ln in LINES], dtype=np.float64)
 
 
@@ -96,7 +98,7 @@ def _strength(row, teff, logg):
 
 def line_strengths(teff: float, logg: float) -> np.ndarray:
     """Optically thin strengths W (A) of every line in `LINES` at (Teff [K], log g [cgs dex])."""
-    return np.array([_strength(_LINE_TABLE[i], float(teff), float(logg)) for i in range(len(LINES))])
+    return np.array([_strength(LINE_TABLE[i], float(teff), float(logg)) for i in range(len(LINES))])
 
 
 @numba.njit(cache=True)
@@ -133,15 +135,15 @@ def voigt(dl, sigma, gamma):
 
 
 @numba.njit(cache=True)
-def add_line_opacity(lam, teff, logg, micro_kms, tau):
-    """Add the optical depth of every line in `LINES` at rest wavelengths `lam` (A, increasing) to `tau`.
+def add_line_opacity(lines, lam, teff, logg, micro_kms, tau):
+    """Add the optical depth of every line of `lines` (`LINE_TABLE`) at rest wavelengths `lam` (A) to `tau`.
 
     Each line is computed within its window and its value at the window edge subtracted, so that the
     truncated wings join the continuum without a step.
     """
     n = lam.shape[0]
-    for i in range(_LINE_TABLE.shape[0]):
-        row = _LINE_TABLE[i]
+    for i in range(lines.shape[0]):
+        row = lines[i]
         lam0, mass, window = row[0], row[1], row[8]
         w = _strength(row, teff, logg)
         # Doppler width b = sqrt(2kT/m + xi^2); Gaussian sigma = lam0 * b / (c sqrt 2) (Gray, ch. 11).
@@ -161,7 +163,7 @@ def rotation_profile(dl: np.ndarray, dl_max: float, epsilon: float = 0.6) -> np.
     """Gray's rotation profile G(dl) (1/A) for half width `dl_max = lam vsini / c` and linear limb darkening.
 
     G = [2 (1-eps) sqrt(1-x^2) + (pi eps / 2) (1-x^2)] / [pi dl_max (1 - eps/3)], x = dl/dl_max
-    (Gray, "The Observation and Analysis of Stellar Photospheres", eq. 18.14); zero for |x| >= 1.
+    (Gray, "The Observation and Analysis of Stellar Photospheres", ch. 18); zero for |x| >= 1.
     """
     x = np.asarray(dl, dtype=np.float64) / dl_max
     inside = np.clip(1.0 - x * x, 0.0, None)
@@ -180,31 +182,36 @@ def _rotation_cdf(x, epsilon):
 
 @numba.njit(cache=True)
 def velocity_kernel(dv, vsini, epsilon, sigma_v):
-    """Rotation (Gray) convolved with a Gaussian of sigma `sigma_v` (km/s), on pixels of `dv` km/s.
+    """Rotation (Gray) convolved with a Gaussian of sigma `sigma_v` (km/s), as weights on pixels of `dv`.
 
-    Both parts are integrated over each pixel (the rotation part exactly, from its CDF; the Gaussian
-    from erf), so the kernel sums to one for any vsini, however small. Returns odd-length weights.
+    The rotation profile is binned exactly (from its CDF) on a sub-grid 8 times finer than `dv`, then
+    convolved with the point-sampled Gaussian, and the smooth result is sampled at the pixel centres:
+    no pixel-binning blur, and no aliasing however small vsini is. Without an instrumental profile the
+    rotation profile is binned on the pixels themselves. Odd length, sums to one.
     """
-    half_r = int(math.ceil(vsini / dv + 0.5))
+    sub = 8 if sigma_v > 0.0 else 1
+    du = dv / sub
+    half_r = int(math.ceil(vsini / du + 0.5))
     rot = np.empty(2 * half_r + 1)
     for k in range(-half_r, half_r + 1):
         if vsini > 0.0:
-            rot[k + half_r] = (_rotation_cdf((k + 0.5) * dv / vsini, epsilon)
-                               - _rotation_cdf((k - 0.5) * dv / vsini, epsilon))
+            rot[k + half_r] = (_rotation_cdf((k + 0.5) * du / vsini, epsilon)
+                               - _rotation_cdf((k - 0.5) * du / vsini, epsilon))
         else:
             rot[k + half_r] = 1.0 if k == 0 else 0.0
     if sigma_v <= 0.0:
         return rot
-    half_g = int(math.ceil(5.0 * sigma_v / dv + 0.5))
+    half_g = int(math.ceil(5.0 * sigma_v / du))
     gau = np.empty(2 * half_g + 1)
-    s = sigma_v * math.sqrt(2.0)
-    for k in range(-half_g, half_g + 1):
-        gau[k + half_g] = 0.5 * (math.erf((k + 0.5) * dv / s) - math.erf((k - 0.5) * dv / s))
-    gau /= gau.sum()
-    out = np.zeros(rot.shape[0] + gau.shape[0] - 1)
-    for i in range(rot.shape[0]):
-        for j in range(gau.shape[0]):
-            out[i + j] += rot[i] * gau[j]
+    for j in range(-half_g, half_g + 1):
+        gau[j + half_g] = math.exp(-0.5 * (j * du / sigma_v) ** 2)
+    half = (half_r + half_g) // sub + 1
+    out = np.zeros(2 * half + 1)
+    for m in range(-half, half + 1):
+        acc = 0.0
+        for k in range(max(-half_r, m * sub - half_g), min(half_r, m * sub + half_g) + 1):
+            acc += rot[k + half_r] * gau[m * sub - k + half_g]
+        out[m + half] = acc
     return out / out.sum()
 
 

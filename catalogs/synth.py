@@ -18,8 +18,20 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from ..errors import StarcastError
 from . import physics
-from .schema import FLUX, FLUX_ERR, ID, META_GENERATOR, META_WAVELENGTH, RV, SNR, SPLIT, WavelengthGrid
+from .schema import (
+    FLUX,
+    FLUX_ERR,
+    ID,
+    META_GENERATOR,
+    META_WAVELENGTH,
+    RV,
+    SNR,
+    SPLIT,
+    WavelengthGrid,
+    spectrum_array,
+)
 
 # The grid of the reference study (mode "seed"): Teff in K, log g in dex (cgs), v sin i in km/s.
 SEED_TEFF = np.arange(15000.0, 30000.0 + 1.0, 1000.0)
@@ -66,8 +78,31 @@ class SynthConfig:
     continuum_amplitude: float = 0.1
     epsilon: float = 0.6  # linear limb darkening of the rotation profile
     microturbulence: float = physics.MICROTURBULENCE_KMS
-    oversample: int = 4
+    oversample: int = 3  # converged to < 1.5e-3 of the continuum (tests/catalogs/test_synth.py)
     id_start: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("teff", "logg", "vsini", "snr", "rv"):  # TOML and JSON give lists
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        problems = []
+        if self.mode not in ("random", "seed"):
+            problems.append(f"mode must be 'random' or 'seed', got {self.mode!r}")
+        if self.n is None and self.mode == "random":
+            problems.append("n is required in random mode")
+        if self.n is not None and self.n < 1:
+            problems.append(f"n must be at least 1, got {self.n}")
+        if self.npix < 2 or self.step <= 0 or self.start <= 0:
+            problems.append("the grid needs npix >= 2, step > 0 and start > 0 (Angstrom)")
+        for name in ("teff", "logg", "vsini", "snr", "rv"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                problems.append(f"{name} range must be (low, high), got {(lo, hi)}")
+        if self.snr[0] <= 0 or self.vsini[0] < 0 or max(abs(v) for v in self.rv) >= 0.1 * physics.C_KMS:
+            problems.append("need snr > 0, vsini >= 0 and |rv| < 0.1 c")
+        if self.resolving_power <= 0 or self.oversample < 1 or not 0 <= self.epsilon <= 1:
+            problems.append("need resolving_power > 0, oversample >= 1 and 0 <= epsilon <= 1")
+        if problems:
+            raise StarcastError("bad synth configuration: " + "; ".join(problems))
 
     def grid(self) -> WavelengthGrid:
         return WavelengthGrid.linear(self.start, self.step, self.npix, medium="air")
@@ -127,19 +162,22 @@ def draw_labels(config: SynthConfig) -> dict[str, np.ndarray]:
             pick = np.arange(n) % len(nodes)
         teff, logg, vsini = nodes[pick].T.copy()
         split = np.array([split_of(*node) for node in nodes[pick]], dtype=object)
-    elif config.mode == "random":
-        n = int(config.n or 0)
+    else:  # random
+        n = int(config.n)
         teff, logg = np.empty(0), np.empty(0)
-        while teff.size < n:  # rejection sampling below the Eddington envelope
+        for _ in range(10_000):  # rejection sampling below the Eddington envelope
+            if teff.size >= n:
+                break
             t = rng.uniform(*config.teff, size=max(n, 16))
             g = rng.uniform(*config.logg, size=max(n, 16))
             keep = g >= logg_min(t)
             teff, logg = np.concatenate([teff, t[keep]]), np.concatenate([logg, g[keep]])
+        if teff.size < n:
+            raise StarcastError(f"teff {config.teff} and logg {config.logg} lie (almost) entirely below the "
+                                "Eddington envelope log g >= 1.6 + 0.1 (Teff - 15000 K) / 1000 K")
         teff, logg = teff[:n], logg[:n]
         vsini = rng.uniform(*config.vsini, size=n)
         split = None
-    else:
-        raise ValueError(f"unknown synth mode {config.mode!r} (expected 'random' or 'seed')")
     return {
         "teff": teff, "logg": logg, "vsini": vsini, "split": split,
         "snr": rng.uniform(*config.snr, size=n).astype(np.float32),
@@ -160,17 +198,31 @@ def _mix(x):
 
 
 @numba.njit(cache=True)
-def _bin_average(lam, cum, g, a, b):
-    # Mean of the piecewise-linear g over [a, b] from its running integral `cum` (exact). `lam` is
-    # log-uniform, so the cell holding x is found by arithmetic rather than by search.
-    h = math.log(lam[1] / lam[0])
-    total = 0.0
-    for sign, x in ((-1.0, a), (1.0, b)):
-        k = min(max(int(math.log(x / lam[0]) / h), 0), lam.shape[0] - 2)
-        t = x - lam[k]
-        slope = (g[k + 1] - g[k]) / (lam[k + 1] - lam[k])
-        total += sign * (cum[k] + g[k] * t + 0.5 * slope * t * t)
-    return total / (b - a)
+def _running_integral(lam, g, slope, cum):
+    # cum[k] = integral of g from lam[0] to lam[k] with cubic Hermite cells (Euler-Maclaurin corrected
+    # trapezoid, exact for cubics); slope = dg/dlam from central differences.
+    n = lam.shape[0]
+    for k in range(n):
+        slope[k] = (g[min(k + 1, n - 1)] - g[max(k - 1, 0)]) / (lam[min(k + 1, n - 1)] - lam[max(k - 1, 0)])
+    cum[0] = 0.0
+    for k in range(n - 1):
+        h = lam[k + 1] - lam[k]
+        cum[k + 1] = cum[k] + 0.5 * h * (g[k] + g[k + 1]) + h * h * (slope[k] - slope[k + 1]) / 12.0
+
+
+@numba.njit(cache=True)
+def _edge_integrals(lam, g, slope, cum, edges, scale, out):
+    # out[j] = integral of g from lam[0] to edges[j] / scale through the cubic Hermite cell holding it,
+    # so a pixel's mean is a difference of neighbours. `lam` is log-uniform: cells found by arithmetic.
+    h0 = math.log(lam[1] / lam[0])
+    for j in range(edges.shape[0]):
+        x = edges[j] / scale
+        k = min(max(int(math.log(x / lam[0]) / h0), 0), lam.shape[0] - 2)
+        h, t = lam[k + 1] - lam[k], x - lam[k]
+        g0, g1, m0, m1 = g[k], g[k + 1], slope[k], slope[k + 1]
+        c2 = 3.0 * (g1 - g0) / (h * h) - (2.0 * m0 + m1) / h
+        c3 = 2.0 * (g0 - g1) / (h * h * h) + (m0 + m1) / (h * h)
+        out[j] = cum[k] + t * (g0 + t * (0.5 * m0 + t * (c2 / 3.0 + t * c3 / 4.0)))
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -185,24 +237,30 @@ def _convolve(f, kern, g):
 
 
 @numba.njit(cache=True, parallel=True)
-def _synth_kernel(lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, seed, micro, epsilon,
+def _synth_kernel(lines, lam, edges, xleg, teff, logg, vsini, dop, snr, coeffs, ids, seed, micro, epsilon,
                   sigma_v, flux, flux_err, normalised, continuum):
+    # One spectrum per prange iteration: opacities on the rest-frame grid `lam`, exp, broadening, pixel
+    # means at rest (`normalised`) and shifted by `dop`, continuum, noise keyed on (seed, id, pixel).
     n_int, npix, deg = lam.shape[0], xleg.shape[0], coeffs.shape[1]
     dv = physics.C_KMS * math.log(lam[1] / lam[0])
     seed_key = _mix(np.uint64(seed))
     for b in numba.prange(teff.shape[0]):
         tau = np.zeros(n_int)
-        physics.add_line_opacity(lam, teff[b], logg[b], micro, tau)
+        physics.add_line_opacity(lines, lam, teff[b], logg[b], micro, tau)
         f = np.exp(-tau).astype(np.float32)
         g = f.copy()
         _convolve(f, physics.velocity_kernel(dv, vsini[b], epsilon, sigma_v).astype(np.float32), g)
-        cum = np.zeros(n_int)
-        for k in range(n_int - 1):
-            cum[k + 1] = cum[k] + 0.5 * (g[k] + g[k + 1]) * (lam[k + 1] - lam[k])
+        gd = g.astype(np.float64)
+        slope, cum = np.empty(n_int), np.empty(n_int)
+        _running_integral(lam, gd, slope, cum)
+        rest, obs = np.empty(npix + 1), np.empty(npix + 1)
+        _edge_integrals(lam, gd, slope, cum, edges, 1.0, rest)
+        _edge_integrals(lam, gd, slope, cum, edges, dop[b], obs)
         key = _mix(seed_key ^ np.uint64(ids[b]))
         for j in range(npix):
-            normalised[b, j] = _bin_average(lam, cum, g, edges[j], edges[j + 1])
-            shifted = _bin_average(lam, cum, g, edges[j] / dop[b], edges[j + 1] / dop[b])
+            width = edges[j + 1] - edges[j]
+            normalised[b, j] = (rest[j + 1] - rest[j]) / width
+            shifted = (obs[j + 1] - obs[j]) / (width / dop[b])
             # Legendre recurrence (n+1) P_{n+1} = (2n+1) x P_n - n P_{n-1} (Abramowitz & Stegun 22.7.10)
             x, p_prev, p, c = xleg[j], 1.0, xleg[j], 1.0
             for q in range(deg):
@@ -242,8 +300,8 @@ def compute_spectra(config: SynthConfig, labels: dict[str, np.ndarray], rows: sl
     xleg = 2.0 * (wavelength - wavelength[0]) / (wavelength[-1] - wavelength[0]) - 1.0
     out = {k: np.empty((b, d), dtype=np.float32) for k in ("flux", "flux_err", "normalised", "continuum")}
     sigma_v = _sigma_instrument(config)
-    _synth_kernel(_internal_grid(config, wavelength), edges, xleg, lab["teff"], lab["logg"],
-                  lab["vsini"], doppler_factor(lab["rv"]), lab["snr"].astype(np.float64),
+    _synth_kernel(physics.LINE_TABLE, _internal_grid(config, wavelength), edges, xleg, lab["teff"],
+                  lab["logg"], lab["vsini"], doppler_factor(lab["rv"]), lab["snr"].astype(np.float64),
                   np.ascontiguousarray(lab["coeffs"]), lab["ids"], np.uint64(config.seed),
                   float(config.microturbulence), float(config.epsilon), sigma_v,
                   out["flux"], out["flux_err"], out["normalised"], out["continuum"])
@@ -269,12 +327,8 @@ def generator_metadata(config: SynthConfig) -> dict[str, str]:
 def arrays_to_table(arrays: SynthArrays, config: SynthConfig) -> pa.Table:
     """A catalog table (DESIGN.md schema) from synthetic arrays; the grid goes into schema metadata."""
     d = arrays.wavelength.shape[0]
-
-    def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
-        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa.float32()), d)
-
-    cols = {ID: pa.array(arrays.ids, pa.int64()), FLUX: fixed(arrays.flux),
-            FLUX_ERR: fixed(arrays.flux_err), RV: pa.array(arrays.rv, pa.float64()),
+    cols = {ID: pa.array(arrays.ids, pa.int64()), FLUX: spectrum_array(arrays.flux, d),
+            FLUX_ERR: spectrum_array(arrays.flux_err, d), RV: pa.array(arrays.rv, pa.float64()),
             SNR: pa.array(arrays.snr, pa.float32()), "teff": pa.array(arrays.teff, pa.float64()),
             "logg": pa.array(arrays.logg, pa.float64()), "vsini": pa.array(arrays.vsini, pa.float64())}
     if arrays.split is not None:
@@ -283,25 +337,35 @@ def arrays_to_table(arrays: SynthArrays, config: SynthConfig) -> pa.Table:
     return table.replace_schema_metadata(generator_metadata(config))
 
 
-def synth_table(config: SynthConfig) -> pa.Table:
-    """The survey of `config` as one catalog table (grid and provenance in the schema metadata)."""
-    return arrays_to_table(synth_arrays(config), config)
+def synth_table(config: SynthConfig, chunk_rows: int = 4096) -> pa.Table:
+    """The survey of `config` as one catalog table (grid and provenance in the schema metadata).
+
+    Computed `chunk_rows` spectra at a time, so the truth arrays (`normalised`, `continuum`) of only
+    one chunk are ever in memory beside the table.
+    """
+    labels = draw_labels(config)
+    total = labels["ids"].shape[0]
+    chunks = [arrays_to_table(compute_spectra(config, labels, slice(s, min(s + chunk_rows, total))), config)
+              for s in range(0, total, chunk_rows)]
+    return pa.concat_tables(chunks)
 
 
 def synth(n: int | None, out: str | Path, *, mode: str = "random", seed: int = 0, shard_rows: int = 5000,
           snr: tuple[float, float] = (50.0, 300.0), progress: bool = False, **config) -> list[Path]:
     """Write a synthetic survey of `n` spectra as Parquet shards `out/part-00000.parquet`, ...
 
+    `out` must be new or hold no Parquet files.
     `config` takes any other `SynthConfig` field (e.g. `npix=400`, `rv=(0, 0)`). Returns the paths.
     """
-    from .io import write_catalog
+    from .io import new_output_dir, write_catalog
 
+    if int(shard_rows) < 1:
+        raise StarcastError(f"shard_rows must be at least 1, got {shard_rows}")
     cfg = replace(SynthConfig(), n=n, mode=mode, seed=seed, snr=tuple(snr), **config)
     labels = draw_labels(cfg)
     total = labels["ids"].shape[0]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    starts = range(0, total, max(int(shard_rows), 1))
+    out = new_output_dir(out)
+    starts = range(0, total, int(shard_rows))
     bar = None
     if progress:
         from tqdm import tqdm

@@ -1,8 +1,9 @@
 """The predictor: a loaded model bundle that turns catalog rows into the results columns of DESIGN.md.
 
-`Model.predict` (and `Model.__call__`, the one code path the local and Ray pipelines share) runs
-ids -> RNG keys, preprocessing onto the model grid, the ensemble x MC-dropout kernel of the chosen
-backend, and the quality flags. It knows nothing of files, Ray or progress bars.
+`Model.predict` is `infer(prepare(batch))`: `prepare` (CPU) turns ids into RNG keys and preprocesses
+onto the model grid, `infer` runs the ensemble x MC-dropout kernel of the chosen backend and sets the
+quality flags. The local and Ray pipelines call these same two methods (or `__call__`), so their
+numbers cannot differ. Nothing here knows of files, Ray or progress bars.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 import starcast
 
-from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, Flag, WavelengthGrid
+from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, Flag, WavelengthGrid, results_schema
 from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
 from ..kernels.preprocess import PreprocessSettings, preprocess
@@ -24,6 +25,7 @@ from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error, labels
 
 # Keys of the results' Arrow/Parquet metadata (UTF-8 strings).
 META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"
@@ -65,7 +67,7 @@ class Model:
             raise ModelError(f"model bundle {bundle.path}: manifest 'preprocess': {exc}") from exc
         self.samples, self.seed, self.backend = samples, seed, backend
         self._grid_values = self.grid.values()
-        self._layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._weights: dict[str, object] = {}  # per backend: layers on its device, or packed
 
     @property
     def name(self) -> str:
@@ -88,12 +90,51 @@ class Model:
         """Predict every row of a catalog table or batch (or a dict of columns: `id`, 2-D `flux`, a
         shared 1-D `wavelength`). Returns one results row per input row, in order: `id`; per target
         `t`, `t_err` (total sigma), `t_err_aleatoric`, `t_err_epistemic` (float64, physical units,
-        null where the row could not be predicted); `flags` (int32, `Flag` bits); `error`."""
+        null where the row could not be predicted); `flags` (int32, `Flag` bits); `error`.
+        Exactly `infer(prepare(...))`, the two halves the pipelines run on different workers."""
         table, source_grid = _as_table(table_or_batch, source_grid)
-        samples = self._samples(samples)
-        backend = resolve_backend(backend)
-        ok, x, keys, flags, errors = self._prepare(table, source_grid)
-        mean = np.full((table.num_rows, len(self.targets)), np.nan)
+        return self.infer(self.prepare(table, source_grid=source_grid), samples=samples, seed=seed,
+                          backend=backend)
+
+    def prepare(self, batch: pa.RecordBatch | pa.Table, *,
+                source_grid: WavelengthGrid | None = None) -> pa.RecordBatch:
+        """The CPU half: RNG keys from ids and preprocessing onto the model grid. Returns one row per
+        input row with `id`, `x` (fixed_size_list<float32>[D]), `key` (int64), `flags` (int32),
+        `error` (null for rows that go through the network) and the target label columns present.
+        `source_grid`: the file's shared grid when there is no `wavelength` column (else it is read
+        from the schema metadata, `starcast.wavelength`)."""
+        table, source_grid = _as_table(batch, source_grid)
+        if ID not in table.column_names:
+            raise CatalogError("the catalog has no 'id' column", column=ID)
+        try:
+            keys = id_keys(table.column(ID))
+        except ValueError as exc:
+            raise CatalogError(str(exc), column=ID) from exc
+        pre = preprocess(table, self._grid_values, self.settings, source_grid=source_grid)
+        x = np.ascontiguousarray(pre.x, dtype=np.float32)
+        flags = np.asarray(pre.flags, dtype=np.int32).copy()
+        errors = list(pre.errors)
+        for i in np.flatnonzero(~np.isfinite(x).all(axis=1)):
+            errors[i] = errors[i] or f"row {i}: preprocessed flux is not finite"
+        failed = np.array([e is not None for e in errors], dtype=bool)
+        flags[failed] |= Flag.PREPROCESS_FAILED
+        x[failed] = 0.0  # never NaN in a prepared batch; these rows are not predicted
+        columns = {ID: _array(table.column(ID)),
+                   PREPARED_X: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+                   PREPARED_KEY: pa.array(keys, pa.int64()), FLAGS: pa.array(flags, pa.int32()),
+                   ERROR: pa.array(errors, pa.string())}
+        for t in self.targets:
+            if t.name in table.column_names:
+                columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
+        return pa.RecordBatch.from_pydict(columns)
+
+    def infer(self, prepared: pa.RecordBatch | pa.Table, *, samples: int | None = None, seed: int = 0,
+              backend: str = "auto") -> pa.Table:
+        """The accelerator half: the ensemble kernel on the prepared rows without an error, then the
+        statistics, flags and metadata of the results table (one row per prepared row, in order)."""
+        samples, backend = self._samples(samples), resolve_backend(backend)
+        ok, x, keys = self._unpack(prepared)
+        mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
         rows = np.flatnonzero(ok)
         if len(rows):  # the kernels bound their own memory (row chunks / tiles)
@@ -101,7 +142,7 @@ class Model:
                                           **self._kernel_args(samples, seed))
             for out, value in zip((mean, var_a, var_e), stats, strict=True):
                 out[rows] = value.detach().cpu().double().numpy()
-        return self._results(table, ok, mean, var_a, var_e, flags, errors, samples, seed, backend)
+        return self._results(prepared, ok, mean, var_a, var_e, samples, seed, backend)
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None) -> PredictiveSamples:
@@ -109,17 +150,18 @@ class Model:
         as `predict`: the full predictive distribution of a few spectra (memory grows as B x M x S)."""
         table, source_grid = _as_table(table_or_batch, source_grid)
         samples = self._samples(samples)
-        ok, x, keys, flags, errors = self._prepare(table, source_grid)
-        arch = self.bundle.architecture
-        shape = (table.num_rows, arch["members"], samples, len(self.targets))
+        prepared = self.prepare(table, source_grid=source_grid)
+        ok, x, keys = self._unpack(prepared)
+        shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)
         if len(rows):
             m, v = reference.ensemble_samples(*self._inputs("reference", x[rows], keys[rows]),
                                               **self._kernel_args(samples, seed))
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
-        return PredictiveSamples(ids=table.column(ID).to_pylist(), targets=[t.name for t in self.targets],
-                                 mu=mu, sigma=np.sqrt(var), flags=flags, errors=errors)
+        return PredictiveSamples(ids=prepared.column(ID).to_pylist(), targets=[t.name for t in self.targets],
+                                 mu=mu, sigma=np.sqrt(var), flags=prepared.column(FLAGS).to_numpy(),
+                                 errors=prepared.column(ERROR).to_pylist())
 
     def metadata(self, *, samples: int | None = None, seed: int = 0, backend: str = "auto") -> dict:
         """The results' file metadata: model name and weights hash, seed, S, code version, backend."""
@@ -135,32 +177,30 @@ class Model:
             raise StarcastError(f"samples must be a positive integer, got {samples!r}")
         return int(s)
 
-    def _prepare(self, table: pa.Table, source_grid: WavelengthGrid | None):
-        """Keys and preprocessing. Returns (ok, x, keys, flags, errors): `ok` marks the rows that go
-        through the network; the others carry PREPROCESS_FAILED and a message in `errors`."""
-        if ID not in table.column_names:
-            raise CatalogError("the catalog has no 'id' column", column=ID)
-        try:
-            keys = id_keys(table.column(ID))
-        except ValueError as exc:
-            raise CatalogError(str(exc), column=ID) from exc
-        pre = preprocess(table, self._grid_values, self.settings, source_grid=source_grid)
-        x = np.ascontiguousarray(pre.x, dtype=np.float32)
-        flags = np.asarray(pre.flags, dtype=np.int32).copy()
-        errors = list(pre.errors)
-        finite = np.isfinite(x).all(axis=1)
-        for i in np.flatnonzero(~finite):
-            errors[i] = errors[i] or "preprocessed flux is not finite"
-        ok = np.array([e is None for e in errors], dtype=bool) & finite
-        flags[~ok] |= Flag.PREPROCESS_FAILED
-        return ok, x, keys, flags, errors
+    def _unpack(self, prepared: pa.RecordBatch | pa.Table):
+        """(ok, x [B, D] float32, keys [B] int64) of a prepared batch; `ok`: rows without an error."""
+        xs = _array(prepared.column(PREPARED_X))
+        dim = self.bundle.architecture["input_dim"]
+        if not pa.types.is_fixed_size_list(xs.type) or xs.type.list_size != dim:
+            raise StarcastError(f"prepared column 'x' must be fixed_size_list<float32>[{dim}] for model "
+                                f"{self.name!r}, got {xs.type}; was it prepared by another model?")
+        x = xs.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+        keys = _array(prepared.column(PREPARED_KEY)).to_numpy(zero_copy_only=False).astype(np.int64)
+        ok = _array(prepared.column(ERROR)).is_null().to_numpy(zero_copy_only=False)
+        return ok, x, keys
 
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):
+        """(x, keys, weights) on the backend's device; weights are moved (and for Triton packed
+        into its padded low-precision layout) once per model, not per batch."""
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-        if backend not in self._layers:
-            self._layers[backend] = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
-        return (torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device),
-                self._layers[backend])
+        if backend not in self._weights:
+            layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
+            if backend == "triton":
+                from ..kernels.ensemble_mlp import pack_weights
+
+                layers = pack_weights(layers, device=device)
+            self._weights[backend] = layers
+        return torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device), self._weights[backend]
 
     def _kernel_args(self, samples: int, seed: int) -> dict:
         arch = self.bundle.architecture
@@ -177,34 +217,35 @@ class Model:
             return ensemble_stats_triton
         return {"cpu": reference.ensemble_stats_cpu, "reference": reference.ensemble_stats_reference}[backend]
 
-    def _results(self, table, ok, mean, var_a, var_e, flags, errors, samples, seed, backend) -> pa.Table:
+    def _results(self, prepared, ok, mean, var_a, var_e, samples, seed, backend) -> pa.Table:
         var_e = np.maximum(var_e, 0.0)  # avg(mu^2) - mean^2 can round to a tiny negative number
         err_a, err_e, err = np.sqrt(var_a), np.sqrt(var_e), np.sqrt(var_a + var_e)
         lo = np.array([t.min for t in self.targets])
         hi = np.array([t.max for t in self.targets])
-        with np.errstate(invalid="ignore"):
+        flags = _array(prepared.column(FLAGS)).to_numpy(zero_copy_only=False).astype(np.int32)
+        thresholds = self.bundle.epistemic_thresholds
+        with np.errstate(invalid="ignore"):  # NaN (rows not predicted, unknown labels) compares False
             out_of_range = ((mean < lo) | (mean > hi)).any(axis=1)
-            thresholds = self.bundle.epistemic_thresholds
             high = np.zeros(len(ok), dtype=bool)
             for k, t in enumerate(self.targets):
                 if t.name in thresholds:
                     high |= err_e[:, k] > thresholds[t.name]
-        for k, t in enumerate(self.targets):
-            if t.name in table.column_names:  # truth given: is it inside the training range?
-                truth = table.column(t.name).to_numpy(zero_copy_only=False).astype(np.float64)
-                with np.errstate(invalid="ignore"):
+                if t.name in prepared.schema.names:  # truth given: is it inside the training range?
+                    truth = _array(prepared.column(t.name)).to_numpy(zero_copy_only=False)
                     out_of_range |= (truth < lo[k]) | (truth > hi[k])
-        flags = flags | np.where(out_of_range, Flag.OUT_OF_RANGE, 0) | np.where(high, Flag.HIGH_EPISTEMIC, 0)
-        null = ~ok
-        columns = {ID: table.column(ID)}
+        flags |= np.where(out_of_range, int(Flag.OUT_OF_RANGE), 0).astype(np.int32)
+        flags |= np.where(high, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
+        ids = _array(prepared.column(ID))
+        columns = {ID: ids}
         for k, t in enumerate(self.targets):
             for suffix, values in (("", mean), ("_err", err), ("_err_aleatoric", err_a),
                                    ("_err_epistemic", err_e)):
-                columns[t.name + suffix] = pa.array(values[:, k], pa.float64(), mask=null)
-        columns[FLAGS] = pa.array(flags.astype(np.int32), pa.int32())
-        columns[ERROR] = pa.array(errors, pa.string())
+                columns[t.name + suffix] = pa.array(values[:, k], pa.float64(), mask=~ok)
+        columns[FLAGS] = pa.array(flags, pa.int32())
+        columns[ERROR] = _array(prepared.column(ERROR))
+        schema = results_schema([t.name for t in self.targets], id_type=ids.type)
         meta = self.metadata(samples=samples, seed=seed, backend=backend)
-        return pa.table(columns).replace_schema_metadata(meta)
+        return pa.Table.from_pydict(columns, schema=schema.with_metadata(meta))
 
 
 def resolve_backend(backend: str) -> str:
@@ -234,6 +275,10 @@ def _as_table(data, source_grid: WavelengthGrid | None) -> tuple[pa.Table, Wavel
     return data, source_grid
 
 
+def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
 def _table_from_arrays(columns: dict, source_grid):
     """A dict with 2-D `flux` (and `flux_err`, `mask`) and a 1-D shared `wavelength` (Angstrom)."""
     columns = dict(columns)
@@ -255,4 +300,5 @@ def _table_from_arrays(columns: dict, source_grid):
     return pa.table(out), source_grid
 
 
-__all__ = ["BACKENDS", "Model", "PredictiveSamples", "load_model", "resolve_backend"]
+__all__ = ["BACKENDS", "PREPARED_KEY", "PREPARED_X", "Model", "PredictiveSamples", "load_model",
+           "resolve_backend"]

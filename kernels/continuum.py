@@ -16,12 +16,18 @@ from numba import njit
 
 # Normal-equation pivots below this fraction of the largest diagonal entry mean a singular fit.
 _SINGULAR = 1e-12
+# The clipping has converged when the fit moves by less than this fraction of the rms noise anywhere.
+CONVERGED = 1e-2
 
 
-def continuum_basis(grid: np.ndarray, degree: int) -> np.ndarray:
-    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (D, degree + 1)."""
+def continuum_basis(grid: np.ndarray, degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (degree + 1, D) (one
+    row per polynomial, so that evaluating a fit streams through memory), and their Gram matrix over
+    the whole grid (the normal matrix when every pixel is kept), computed once per batch so that a
+    fit only corrects it for the pixels it leaves out."""
     x = 2.0 * (grid - grid[0]) / (grid[-1] - grid[0]) - 1.0
-    return np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree))
+    basis = np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree).T)
+    return basis, np.ascontiguousarray(basis @ basis.T)
 
 
 @njit(cache=True)
@@ -44,111 +50,147 @@ def noise_sigma(y, good):
 
 
 @njit(cache=True)
-def _least_squares(basis, y, keep, coef):
-    """Unweighted least squares on the kept pixels by Cholesky of the normal equations (float64).
+def _accumulate(basis, y, i, sign, a, b):
+    """Add (sign = 1) or remove (sign = -1) pixel i's term in the normal equations a c = b (lower a)."""
+    for p in range(basis.shape[0]):
+        bp = sign * basis[p, i]
+        b[p] += bp * y[i]
+        for q in range(p + 1):
+            a[p, q] += bp * basis[q, i]
 
-    Returns False when the system is singular (too few or degenerate kept pixels).
-    """
-    d, k = basis.shape
-    a = np.zeros((k, k))
-    b = np.zeros(k)
-    for i in range(d):
-        if keep[i]:
-            for p in range(k):
-                bp = basis[i, p]
-                b[p] += bp * y[i]
-                for q in range(p + 1):
-                    a[p, q] += bp * basis[i, q]
+
+@njit(cache=True)
+def _remove_from_gram(basis, i, a):
+    """Take pixel i's term out of the normal matrix `a` (lower triangle)."""
+    for p in range(basis.shape[0]):
+        for q in range(p + 1):
+            a[p, q] -= basis[p, i] * basis[q, i]
+
+
+@njit(cache=True)
+def _solve(a, b, coef, work):
+    """Solve a c = b (symmetric, lower triangle given) by Cholesky into `coef`, in float64; `work` is
+    (k, k) scratch. Returns False when a pivot is below _SINGULAR of the largest diagonal entry."""
+    k = b.shape[0]
     scale = 0.0
     for p in range(k):
         scale = max(scale, a[p, p])
-    for p in range(k):  # in-place Cholesky, lower triangle
+    for p in range(k):
         s = a[p, p]
         for q in range(p):
-            s -= a[p, q] * a[p, q]
+            s -= work[p, q] * work[p, q]
         if not s > _SINGULAR * scale:
             return False
-        a[p, p] = math.sqrt(s)
+        work[p, p] = math.sqrt(s)
         for r in range(p + 1, k):
             t = a[r, p]
             for q in range(p):
-                t -= a[r, q] * a[p, q]
-            a[r, p] = t / a[p, p]
+                t -= work[r, q] * work[p, q]
+            work[r, p] = t / work[p, p]
     for p in range(k):  # forward substitution L z = b
         t = b[p]
         for q in range(p):
-            t -= a[p, q] * coef[q]
-        coef[p] = t / a[p, p]
+            t -= work[p, q] * coef[q]
+        coef[p] = t / work[p, p]
     for p in range(k - 1, -1, -1):  # back substitution L^T c = z
         t = coef[p]
         for q in range(p + 1, k):
-            t -= a[q, p] * coef[q]
-        coef[p] = t / a[p, p]
+            t -= work[q, p] * coef[q]
+        coef[p] = t / work[p, p]
     return True
 
 
 @njit(cache=True)
 def _evaluate(basis, coef, out):
-    d, k = basis.shape
+    k, d = basis.shape
     for i in range(d):
-        s = 0.0
-        for p in range(k):
-            s += basis[i, p] * coef[p]
-        out[i] = s
+        out[i] = coef[0] * basis[0, i]
+    for p in range(1, k):
+        c = coef[p]
+        for i in range(d):
+            out[i] += c * basis[p, i]
 
 
 @njit(cache=True)
-def fit_continuum(y, sigma, good, basis, params, out):
+def fit_continuum(y, sigma, good, basis, gram, params, out, correlation=1.0):
     """Fit the continuum of `y` (flux on the grid of `basis`) into `out`; returns False on failure.
 
-    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `params` the
-    tuple (clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction). A pixel is
-    rejected below `clip_low` sigma of its own, or when the mean residual over `window` pixels around
-    it is below `clip_window_low` times that mean's sigma, or above its window mean by `clip_high`
-    sigma. Iterates until the kept set stops changing, at most `max_iter` times, and never keeps
-    fewer than `min_keep_fraction` of the good pixels (it stops clipping instead).
+    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `basis` and
+    `gram` from `continuum_basis`, `params` the tuple (clip_low, clip_window_low, clip_high, window,
+    max_iter, min_keep_fraction). A pixel is rejected below `clip_low` sigma of its own, or when the
+    mean residual over `window` pixels around it is below `clip_window_low` times that mean's sigma,
+    or above its window mean by `clip_high` sigma. `correlation` is the number of consecutive pixels
+    that share their noise (an input coarser than the grid): the window mean then averages fewer
+    independent pixels, and its sigma grows by sqrt(correlation) (at most to a pixel's sigma).
+    Iterates until the kept set stops changing or the fit moves by less than CONVERGED of the rms
+    noise, at most `max_iter` times, and never keeps fewer than `min_keep_fraction` of the good pixels
+    (it stops clipping instead). Unweighted least squares; the normal equations are updated only for
+    the pixels whose status changed.
     """
     clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
-    d, k = basis.shape
+    k, d = basis.shape
+    half = window // 2
     keep = good.copy()
-    new_keep = np.empty(d, np.bool_)
+    a, b = gram.copy(), np.zeros(k)
+    coef, work = np.empty(k), np.zeros((k, k))
     n_good = 0
     for i in range(d):
-        n_good += good[i]
+        if good[i]:
+            n_good += 1
+            for p in range(k):
+                b[p] += basis[p, i] * y[i]
+        else:
+            _remove_from_gram(basis, i, a)
     min_keep = max(k + 1, int(min_keep_fraction * n_good))
-    coef = np.empty(k)
-    cum_r = np.zeros(d + 1)
-    cum_v = np.zeros(d + 1)
-    cum_n = np.zeros(d + 1)
-    half = window // 2
+    # Running sums of the noise variance and of the good-pixel count, for the window statistics.
+    cum_v, cum_n = np.zeros(d + 1), np.zeros(d + 1)
+    for i in range(d):
+        cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good[i] else 0.0)
+        cum_n[i + 1] = cum_n[i] + (1.0 if good[i] else 0.0)
+    # Per-pixel thresholds, fixed across iterations: own residual, window mean (a sigma of the mean).
+    below, above, window_below, inv_count = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)
+    for i in range(d):
+        lo, hi = max(0, i - half), min(d, i + half + 1)
+        count = cum_n[hi] - cum_n[lo]
+        if good[i]:
+            below[i], above[i] = -clip_low * sigma[i], clip_high * sigma[i]
+            shared = min(correlation, count)  # pixels per independent noise sample in the window
+            window_below[i] = -clip_window_low * math.sqrt(shared * (cum_v[hi] - cum_v[lo])) / count
+            inv_count[i] = 1.0 / count
+    tolerance = CONVERGED * math.sqrt(cum_v[d] / max(n_good, 1))  # of the rms noise
+    cum_r, residual, previous = np.zeros(d + 1), np.zeros(d), np.full(k, np.inf)
+    new_keep = np.empty(d, np.bool_)
+    n_keep = n_good
     for _ in range(max_iter):
-        if not _least_squares(basis, y, keep, coef):
+        if not _solve(a, b, coef, work):
             return False
         _evaluate(basis, coef, out)
-        for i in range(d):  # running sums of residual, variance and count over the good pixels
-            good_i = good[i]
-            cum_r[i + 1] = cum_r[i] + (y[i] - out[i] if good_i else 0.0)
-            cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good_i else 0.0)
-            cum_n[i + 1] = cum_n[i] + (1.0 if good_i else 0.0)
-        n_keep = 0
-        changed = False
+        moved = 0.0  # bounds the fit's change at every pixel, as |T_p| <= 1 on the grid
+        for p in range(k):
+            moved += abs(coef[p] - previous[p])
+            previous[p] = coef[p]
+        if moved < tolerance:
+            return True
         for i in range(d):
-            ok = False
-            if good[i]:
-                lo, hi = max(0, i - half), min(d, i + half + 1)
-                n = cum_n[hi] - cum_n[lo]
-                mean_r = (cum_r[hi] - cum_r[lo]) / n
-                sigma_mean = math.sqrt(cum_v[hi] - cum_v[lo]) / n
-                r = y[i] - out[i]
-                ok = (r > -clip_low * sigma[i] and mean_r > -clip_window_low * sigma_mean
-                      and r - mean_r < clip_high * sigma[i])
+            residual[i] = y[i] - out[i] if good[i] else 0.0
+        for i in range(d):
+            cum_r[i + 1] = cum_r[i] + residual[i]
+        n_new, n_changed = 0, 0
+        for i in range(d):  # branch-free: the tests sit at the noise level and would mispredict
+            mean_r = (cum_r[min(d, i + half + 1)] - cum_r[max(0, i - half)]) * inv_count[i]
+            r = residual[i]
+            ok = good[i] & (r > below[i]) & (mean_r > window_below[i]) & (r - mean_r < above[i])
             new_keep[i] = ok
-            n_keep += ok
-            changed |= ok != keep[i]
-        if not changed or n_keep < min_keep:
-            break
-        keep[:] = new_keep
-    if not _least_squares(basis, y, keep, coef):
+            n_new += ok
+            n_changed += ok != keep[i]
+        if n_changed == 0 or n_new < min_keep:
+            return True  # `out` is the fit to the current kept set
+        for i in range(d):
+            if new_keep[i] != keep[i]:
+                _accumulate(basis, y, i, 1.0 if new_keep[i] else -1.0, a, b)
+                keep[i] = new_keep[i]
+        n_keep = n_new
+    if n_keep < k or not _solve(a, b, coef, work):
         return False
     _evaluate(basis, coef, out)
     return True

@@ -157,10 +157,15 @@ def _uniform16_kernel(rows_ptr, out_ptr, n_rows, member, sample, layer, width,
     tl.store(out_ptr + offs_b[:, None] * width + offs_h[None, :], u, mask=ok)
 
 
+def int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """uint32 words held in int64 lanes -> int32 with the same 32 bits (what Triton loads as uint32)."""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
 def uniform16_triton(rows: torch.Tensor, member: int, sample: int, layer: int, width: int) -> torch.Tensor:
     """The device form of `uniform16(streams(rows, [member], [sample], layer), width)`: int32 [B, width]."""
     n = rows.shape[0]
-    rows32 = rows.to(torch.int64).to(torch.int32)  # same bits, reinterpreted as signed 32-bit
+    rows32 = int32_bits(rows)
     out = torch.empty((n, width), dtype=torch.int32, device=rows.device)
     block_h = triton.next_power_of_2(max(width, 2))
     _uniform16_kernel[(triton.cdiv(n, 16),)](rows32, out, n, member, sample, layer, width,
@@ -257,7 +262,8 @@ def id_keys(ids) -> np.ndarray:
 
     Integer ids are their own key (uint64 ids keep their bits). String (or bytes) ids are keyed by
     FNV-1a 64 of their UTF-8 bytes, read as int64. Accepts a NumPy array, a sequence, or a pyarrow
-    (Chunked)Array of integers or strings; nulls are refused.
+    (Chunked)Array of integers or strings; nulls are refused. (A NumPy "U"/"S" array has already
+    lost trailing NUL characters; lists, object arrays and Arrow arrays keep them.)
     """
     if isinstance(ids, pa.ChunkedArray):
         parts = [id_keys(chunk) for chunk in ids.chunks]
@@ -273,14 +279,31 @@ def id_keys(ids) -> np.ndarray:
         raise ValueError(f"spectrum ids must be integers or strings, got arrow type {ids.type}")
     if torch.is_tensor(ids):
         ids = ids.cpu().numpy()
+    if isinstance(ids, list | tuple):
+        return _object_keys(list(ids))  # not via np.asarray: NumPy strings drop trailing NUL characters
     arr = np.asarray(ids)
     if arr.dtype.kind in "iu":
         return _int_keys(arr)
-    if arr.dtype.kind in "USO":
-        if arr.dtype.kind == "O" and any(v is None for v in arr.ravel()):
-            raise ValueError("spectrum ids must not be None")
+    if arr.dtype.kind in "US":
         return _string_keys(arr.ravel().tolist())
+    if arr.dtype.kind == "O":
+        return _object_keys(arr.ravel().tolist())
     raise ValueError(f"spectrum ids must be integers or strings, got dtype {arr.dtype}")
+
+
+def _object_keys(values: list) -> np.ndarray:
+    """Keys of Python objects, all strings/bytes or all integers (an object column of ints is ints)."""
+    if any(v is None for v in values):
+        raise ValueError("spectrum ids must not be None")
+    if all(isinstance(v, str | bytes) for v in values):
+        return _string_keys(values)
+    if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
+        arr = np.array(values)
+        if arr.dtype.kind not in "iu":
+            raise ValueError("integer spectrum ids must fit in 64 bits")
+        return _int_keys(arr)
+    raise ValueError("spectrum ids must be all integers or all strings, got "
+                     f"{sorted({type(v).__name__ for v in values})}")
 
 
 def _int_keys(arr: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from ..catalogs.io import list_inputs
 from ..catalogs.schema import FLAGS, ID, META_GENERATOR, SNR, SPLIT, Flag
 from ..errors import CatalogError
 from .metrics import auroc, binned_bias, summary
@@ -25,9 +26,10 @@ GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.
 
 
 def read_columns(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Selected columns of a Parquet file or directory of shards (never the flux)."""
+    """Selected columns of a Parquet file, directory of shards or glob (never the flux)."""
+    files = [str(f) for f in list_inputs(path)]  # only *.parquet: a results folder also holds markers
     try:
-        ds = pads.dataset(str(path), format="parquet")
+        ds = pads.dataset(files, format="parquet")
         present = [c for c in (columns or ds.schema.names) if c in ds.schema.names]
         return ds.to_table(columns=present)
     except (OSError, pa.ArrowInvalid) as exc:

@@ -1,0 +1,59 @@
+"""The `starcast run` and `starcast inspect` commands (loaded lazily by `starcast/cli.py`).
+
+Options left out fall back to the job spec given with `--config`, then to `starcast.run`'s defaults.
+The exit status is 0 on success, 3 when the run finished with failed rows or files, 2 on errors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .jobs import BACKENDS, JobSpec, load_job
+
+
+@click.command()
+@click.argument("input", required=False)
+@click.option("--out", help="Output directory (results/, run-manifest.json).")
+@click.option("--model", help="Shipped model name or bundle directory [default: ob-default].")
+@click.option("--samples", type=click.IntRange(min=1), help="MC-dropout samples S per member.")
+@click.option("--seed", type=int, help="Seed of the dropout masks [default: 0].")
+@click.option("--backend", type=click.Choice(BACKENDS), help="Inference backend [default: auto].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Spectra per batch [default: 4096].")
+@click.option("--ray", "ray_address", metavar="ADDRESS|auto", help="Run on a Ray cluster.")
+@click.option("--resume", is_flag=True, default=None, help="Skip inputs whose results are complete.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML job spec ([run] table).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run(input, out, model, samples, seed, backend, batch_size, ray_address, resume, config,
+        no_progress) -> None:
+    """Predict stellar parameters for INPUT (a Parquet file, a directory of shards, or a glob)."""
+    from .run import exit_code, run_job
+
+    given = {"input": input, "out": out, "model": model, "samples": samples, "seed": seed,
+             "backend": backend, "batch_size": batch_size, "ray": ray_address, "resume": resume,
+             "progress": False if no_progress else None}
+    if config is not None:
+        spec = load_job(config, **given)
+    else:
+        if input is None or out is None:
+            raise click.UsageError("give INPUT and --out (or a job spec with --config)")
+        spec = JobSpec(input=input, out=out).replace(**given)
+    manifest = run_job(spec)
+    t = manifest["totals"]
+    click.echo(f"{t['rows_out']} rows from {t['files'] - t['files_failed']} of {t['files']} files "
+               f"({t['rows_flagged']} flagged, {t['rows_failed']} failed, {t['files_failed']} files failed) "
+               f"-> {spec.out}/results/; manifest {spec.out}/run-manifest.json", err=True)
+    sys.exit(exit_code(manifest))
+
+
+@click.command()
+@click.argument("results")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(results, as_json) -> None:
+    """Summarise a results catalog (a results file or a directory of them)."""
+    from .inspect import format_summary, summarize
+
+    summary = summarize(results)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

@@ -1,0 +1,90 @@
+"""`starcast inspect`: a summary of a results catalog, computed with polars in one lazy scan.
+
+Counts (rows, rows with numbers, failed, flagged), rows per flag bit, the most common errors, and
+per target the distribution of the estimate (min, median, max) and quantiles (median, 90%, 99%) of
+its total, aleatoric and epistemic sigma. Units are those of the model's targets (K, dex, km/s).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from ..catalogs.schema import ERROR, FLAGS, Flag
+from ..errors import StarcastError
+from .manifest import RESULTS_DIR
+
+QUANTILES = (0.5, 0.9, 0.99)
+SIGMAS = ("_err", "_err_aleatoric", "_err_epistemic")
+
+
+def results_files(spec: str | os.PathLike) -> list[Path]:
+    """A results file, a folder of them, or a run's output folder (its `results/`)."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if (path / RESULTS_DIR).is_dir():
+        path = path / RESULTS_DIR
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+    if not files:
+        raise StarcastError(f"{spec}: no results file (expected a .parquet file or a folder holding them)")
+    return files
+
+
+def summarize(spec: str | os.PathLike) -> dict:
+    """The summary of the results at `spec` as a plain dict (see the module docstring)."""
+    files = results_files(spec)
+    lf = pl.scan_parquet(files)
+    names = lf.collect_schema().names()
+    targets = [n[: -len("_err_epistemic")] for n in names if n.endswith("_err_epistemic")]
+    exprs = [pl.len().alias("rows"), pl.col(ERROR).is_null().sum().alias("predicted"),
+             pl.col(ERROR).is_not_null().sum().alias("failed"), (pl.col(FLAGS) != 0).sum().alias("flagged")]
+    exprs += [((pl.col(FLAGS) & int(bit)) != 0).sum().alias(f"flag:{bit.name}") for bit in Flag]
+    for t in targets:
+        exprs += [pl.col(t).min().alias(f"{t}:min"), pl.col(t).median().alias(f"{t}:median"),
+                  pl.col(t).max().alias(f"{t}:max")]
+        exprs += [pl.col(t + s).quantile(q, interpolation="linear").alias(f"{t}{s}:q{q}")
+                  for s in SIGMAS for q in QUANTILES]
+    row = lf.select(exprs).collect().row(0, named=True)
+    errors = (lf.filter(pl.col(ERROR).is_not_null()).group_by(ERROR).len()
+              .sort(["len", ERROR], descending=[True, False]).head(5).collect())
+    return {
+        "files": [str(f) for f in files],
+        "files_without_marker": [str(f) for f in files if not f.with_suffix(".done").exists()],
+        "rows": row["rows"], "rows_predicted": row["predicted"], "rows_failed": row["failed"],
+        "rows_flagged": row["flagged"],
+        "flags": {bit.name: row[f"flag:{bit.name}"] for bit in Flag},
+        "top_errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
+        "targets": {t: {"min": row[f"{t}:min"], "median": row[f"{t}:median"], "max": row[f"{t}:max"],
+                        **{f"{t}{s}": {f"q{int(q * 100)}": row[f"{t}{s}:q{q}"] for q in QUANTILES}
+                           for s in SIGMAS}}
+                    for t in targets},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as text tables for the terminal."""
+    lines = [f"{len(summary['files'])} results file(s), {summary['rows']} rows: "
+             f"{summary['rows_predicted']} predicted, {summary['rows_failed']} failed, "
+             f"{summary['rows_flagged']} flagged"]
+    if summary["files_without_marker"]:
+        lines.append(f"warning: {len(summary['files_without_marker'])} file(s) without a completion marker")
+    lines += ["", "flag                 rows"]
+    lines += [f"{name:<20} {n:>5}" for name, n in summary["flags"].items()]
+    if summary["top_errors"]:
+        lines += ["", "most common errors"] + [f"{e['rows']:>7}  {e['error']}" for e in summary["top_errors"]]
+    head = f"{'target':<8}" + "".join(f" {h:>10}" for h in ("min", "median", "max"))
+    head += "".join(f" {name + '.' + q:>10}" for name in ("err", "alea", "epis")
+                    for q in ("q50", "q90", "q99"))
+    lines += ["", "sigmas: total (err), aleatoric (alea), epistemic (epis); quantiles over rows", head]
+    for t, d in summary["targets"].items():
+        cells = [d["min"], d["median"], d["max"]] + [d[f"{t}{s}"][q] for s in SIGMAS
+                                                     for q in ("q50", "q90", "q99")]
+        lines.append(f"{t:<8}" + "".join(_cell(v) for v in cells))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f" {'-':>10}" if value is None else f" {value:>10.5g}"

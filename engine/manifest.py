@@ -1,0 +1,213 @@
+"""What a run leaves on disk: results files, completion markers and the run manifest.
+
+The protocol that makes runs resumable and exactly-once, shared by the local and the Ray pipeline:
+a results file `OUT/results/<stem>.parquet` is written under a hidden temporary name, fsync'd and
+renamed into place, and only then is its completion marker `<stem>.done` (JSON: rows, model hash,
+seed, S) written, atomically too. A file without a marker is never trusted: `--resume` redoes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..catalogs.schema import ERROR, FLAGS
+from ..errors import StarcastError
+
+RESULTS_DIR = "results"
+MANIFEST_NAME = "run-manifest.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes two runs' outputs interchangeable: the model (by weights hash), seed and S."""
+
+    model: str
+    model_sha256: str
+    seed: int
+    samples: int
+    version: str
+    backend: str
+
+    def file_metadata(self, input_file: Path) -> dict[str, str]:
+        """Parquet key-value metadata of a results file (DESIGN.md "Output")."""
+        return {"starcast.model": self.model, "starcast.model_sha256": self.model_sha256,
+                "starcast.seed": str(self.seed), "starcast.samples": str(self.samples),
+                "starcast.version": self.version, "starcast.backend": self.backend,
+                "starcast.input": str(input_file)}
+
+
+def results_path(out: Path, input_file: Path) -> Path:
+    return out / RESULTS_DIR / f"{input_file.stem}.parquet"
+
+
+def marker_path(out: Path, input_file: Path) -> Path:
+    return out / RESULTS_DIR / f"{input_file.stem}.done"
+
+
+def read_marker(out: Path, input_file: Path) -> dict | None:
+    """The completion marker of `input_file`'s results, or None when the file is not complete."""
+    path = marker_path(out, input_file)
+    try:
+        marker = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn marker cannot happen (atomic write), but an edited one is not trusted
+    return marker if results_path(out, input_file).is_file() else None
+
+
+def check_marker(marker: dict, identity: RunIdentity, input_file: Path) -> None:
+    """Refuse to resume onto results made with another model, seed or S."""
+    mine = {"model_sha256": identity.model_sha256, "seed": identity.seed, "samples": identity.samples}
+    theirs = {k: marker.get(k) for k in mine}
+    if theirs != mine:
+        raise StarcastError(f"cannot resume: the results of {input_file} were made with {theirs}, this run "
+                            f"uses {mine}; write to a new --out directory or run without --resume")
+
+
+@dataclass
+class FileReport:
+    """Counts and outcome of one input file (one entry of the run manifest)."""
+
+    input: str
+    status: str = "pending"  # done | skipped (complete from an earlier run) | failed
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_flagged: int = 0  # rows with any flag bit set (they still have numbers unless failed)
+    rows_failed: int = 0  # rows with an error and no numbers
+    output: str | None = None
+    error: str | None = None
+
+    def count(self, table: pa.Table) -> None:
+        self.rows_out += table.num_rows
+        self.rows_flagged += int(pc.sum(pc.not_equal(table[FLAGS], 0)).as_py() or 0)
+        self.rows_failed += table.num_rows - table[ERROR].null_count
+
+
+class ResultsWriter:
+    """Streams one input file's results to a hidden temporary file; `commit` makes it visible."""
+
+    def __init__(self, out: Path, input_file: Path, identity: RunIdentity, empty: pa.Table):
+        """`empty`: the zero-row results table written when the input has no rows."""
+        self.input_file, self.identity, self.empty = input_file, identity, empty
+        self.final = results_path(out, input_file)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = self.final.with_name(f".{self.final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            ours = self.identity.file_metadata(self.input_file)
+            meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in ours.items()}}
+            self._schema = table.schema.with_metadata(meta)
+            self._writer = pq.ParquetWriter(self.temp, self._schema)
+        else:
+            table = table.select(self._schema.names).cast(self._schema)
+        self._writer.write_table(table)
+
+    def commit(self, report: FileReport) -> None:
+        """Close, fsync and rename the results file, then write the marker (last)."""
+        if self._writer is None:
+            self.write(self.empty)
+        self._writer.close()
+        _fsync(self.temp)
+        os.replace(self.temp, self.final)
+        _fsync(self.final.parent)
+        marker = {"input": str(self.input_file), "rows": report.rows_out, "flagged": report.rows_flagged,
+                  "failed": report.rows_failed, "model": self.identity.model,
+                  "model_sha256": self.identity.model_sha256, "seed": self.identity.seed,
+                  "samples": self.identity.samples, "version": self.identity.version,
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(marker_path(self.final.parent.parent, self.input_file), marker)
+        report.output = str(self.final)
+
+    def abort(self) -> None:
+        """Drop what was written; the input keeps no results and no marker."""
+        if self._writer is not None:
+            self._writer.close()
+        self.temp.unlink(missing_ok=True)
+
+
+def clear_outputs(out: Path, input_file: Path) -> None:
+    """Before (re)writing an input's results: marker first, so a crash never leaves a stale pair."""
+    marker_path(out, input_file).unlink(missing_ok=True)
+    results_path(out, input_file).unlink(missing_ok=True)
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Temporary files left by a killed run (they never look complete, but they take space)."""
+    for path in (out / RESULTS_DIR).glob(f".*{PARTIAL_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class RunManifest:
+    """The run manifest (`OUT/run-manifest.json`): what was run, what came out, how fast."""
+
+    identity: RunIdentity
+    input: str
+    out: str
+    pipeline: str  # "local" or "ray"
+    batch_size: int
+    files: list[FileReport] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    def totals(self) -> dict[str, int]:
+        done = [f for f in self.files if f.status != "failed"]
+        return {"files": len(self.files), "files_done": sum(f.status == "done" for f in self.files),
+                "files_skipped": sum(f.status == "skipped" for f in self.files),
+                "files_failed": len(self.files) - len(done),
+                **{k: sum(getattr(f, k) for f in self.files)
+                   for k in ("rows_in", "rows_out", "rows_flagged", "rows_failed")}}
+
+    def to_dict(self) -> dict:
+        totals = self.totals()
+        computed = sum(f.rows_out for f in self.files if f.status == "done")
+        return {
+            "starcast_version": self.identity.version, "model": self.identity.model,
+            "model_sha256": self.identity.model_sha256, "seed": self.identity.seed,
+            "samples": self.identity.samples, "backend": self.identity.backend,
+            "pipeline": self.pipeline, "batch_size": self.batch_size, "input": self.input, "out": self.out,
+            "totals": totals,
+            "files_failed": [{"input": f.input, "error": f.error}
+                             for f in self.files if f.status == "failed"],
+            "wall_seconds": round(self.wall_seconds, 3),
+            "throughput_spectra_per_s": round(computed / self.wall_seconds, 1) if self.wall_seconds else None,
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "files": [asdict(f) for f in self.files],
+        }
+
+    def write(self) -> dict:
+        d = self.to_dict()
+        write_json_atomic(Path(self.out) / MANIFEST_NAME, d)
+        return d
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    with open(temp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

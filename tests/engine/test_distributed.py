@@ -1,0 +1,144 @@
+"""The Ray Data path on a local Ray cluster: the same rows and numbers as the local pipeline, a
+corrupt file fails alone, and killing the inference actor mid-run still yields every id once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from starcast.catalogs.io import write_catalog
+from starcast.catalogs.schema import WavelengthGrid
+from starcast.engine.run import run
+
+ray = pytest.importorskip("ray")
+
+GRID = WavelengthGrid.linear(3990.0, 1.0, 220)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance (2 CPUs) for the module: Ray takes seconds to start."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from tests.engine.conftest import make_bundle  # the tiny random bundle of tests/engine/conftest.py
+
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "tiny-test")
+
+
+def shards(folder: Path, sizes: list[int]) -> Path:
+    folder.mkdir()
+    rng, start = np.random.default_rng(5), 0
+    for i, n in enumerate(sizes):
+        flux = (1.0 + rng.normal(0, 0.02, (n, GRID.n))).astype(np.float32)
+        table = pa.table({"id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+                          "flux": pa.FixedSizeListArray.from_arrays(pa.array(flux.ravel()), GRID.n),
+                          "teff": rng.uniform(5000, 40000, n)})  # some below the training range
+        write_catalog(table, folder / f"shard-{i:02d}.parquet", grid=GRID, row_group_rows=64)
+        start += n
+    return folder
+
+
+def corrupt_page(path: Path, rows: int = 1000) -> Path:
+    """A file whose footer is fine but whose data fails to decompress after 400 rows."""
+    table = pa.table({"id": pa.array(np.arange(10_000, 10_000 + rows)),
+                      "flux": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(rows * GRID.n, np.float32)),
+                                                                GRID.n)})
+    write_catalog(table, path, grid=GRID, row_group_rows=200)
+    pq.write_table(pq.read_table(path), path, row_group_size=200, compression="gzip")
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(blob))
+    return path
+
+
+def test_ray_path_equals_local_path_row_for_row(tmp_path: Path, local_ray, bundle: Path) -> None:
+    cat = shards(tmp_path / "cat", [150, 0, 333, 7])
+    corrupt_page(cat / "shard-98.parquet")
+    (cat / "shard-99.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    local = run(cat, tmp_path / "local", model=bundle, batch_size=50, seed=3, progress=False)
+    remote = run(cat, tmp_path / "ray", model=bundle, batch_size=50, seed=3, ray="auto", progress=False)
+
+    assert remote["pipeline"] == "ray" and local["pipeline"] == "local"
+    assert remote["totals"] == local["totals"]
+    assert remote["totals"]["files_failed"] == 2 and remote["totals"]["rows_out"] == 490
+    assert [Path(f["input"]).name for f in remote["files_failed"]] == ["shard-98.parquet", "shard-99.parquet"]
+    assert not list((tmp_path / "ray/results").glob("shard-9*"))
+    for f in sorted(cat.glob("shard-0*.parquet")):
+        a = pq.read_table(tmp_path / "local/results" / f"{f.stem}.parquet")
+        b = pq.read_table(tmp_path / "ray/results" / f"{f.stem}.parquet")
+        assert a["id"].to_pylist() == b["id"].to_pylist()  # same rows, same order
+        assert a.schema.metadata == b.schema.metadata
+        for name in a.column_names:
+            if pa.types.is_floating(a.schema.field(name).type):  # float32 kernels: batch shapes may differ
+                np.testing.assert_allclose(a[name].to_numpy(), b[name].to_numpy(), rtol=1e-5, err_msg=name)
+            else:
+                assert a[name].to_pylist() == b[name].to_pylist(), name
+        assert (tmp_path / "ray/results" / f"{f.stem}.done").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (from /proc): the raylet and workers of *this* test's Ray instance."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _inference_actor_pids() -> list[int]:
+    pids = []
+    for pid in _descendants(os.getpid()):
+        try:
+            title = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::MapWorker") and "Inference" in title:
+            pids.append(pid)
+    return pids
+
+
+def test_killing_the_inference_actor_mid_run_yields_every_id_once(tmp_path: Path, local_ray,
+                                                                   bundle: Path) -> None:
+    sizes = [200] * 12
+    cat = shards(tmp_path / "cat", sizes)
+    out = tmp_path / "out"
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(
+        run(cat, out, model=bundle, batch_size=10, ray="auto", progress=False)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not list((out / "results").glob("*.done")) and worker.is_alive():
+        assert time.monotonic() < deadline, "no file completed in 120 s"
+        time.sleep(0.01)
+    victims = _inference_actor_pids()
+    assert victims and worker.is_alive(), "the run ended before an actor could be killed"
+    done_before = len(list((out / "results").glob("*.done")))
+    os.kill(victims[0], signal.SIGKILL)
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+
+    assert done_before < len(sizes)
+    assert result["totals"]["files_failed"] == 0 and result["totals"]["rows_out"] == sum(sizes)
+    ids = pa.concat_tables(pq.read_table(p) for p in sorted((out / "results").glob("*.parquet")))["id"]
+    assert sorted(ids.to_pylist()) == list(range(sum(sizes)))

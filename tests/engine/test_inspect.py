@@ -1,0 +1,73 @@
+"""`starcast inspect`: counts, flag counts by bit name and per-target quantiles of a known results
+file, checked against numpy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from starcast.catalogs.schema import Flag, results_schema
+from starcast.engine.cli import inspect as inspect_command
+from starcast.engine.inspect import summarize
+
+from starcast.errors import StarcastError
+
+N = 101
+
+
+def known_results(path: Path) -> dict[str, np.ndarray]:
+    """Rows 0..100: teff = 10000 + 100 i, sigmas growing with i; rows 3 and 7 failed; every
+    10th row OUT_OF_RANGE; row 3 also NON_FINITE."""
+    i = np.arange(N, dtype=np.float64)
+    failed = np.isin(i, [3, 7])
+    cols = {"id": pa.array(i.astype(np.int64))}
+    values = {"teff": 10000 + 100 * i, "teff_err": 1 + i, "teff_err_aleatoric": 0.5 + i / 2,
+              "teff_err_epistemic": i ** 2}
+    for name, v in values.items():
+        cols[name] = pa.array(v, mask=failed)
+    flags = np.where(i % 10 == 0, int(Flag.OUT_OF_RANGE), 0)
+    flags |= np.where(failed, int(Flag.PREPROCESS_FAILED), 0)
+    flags[3] |= Flag.NON_FINITE
+    cols["flags"] = pa.array(flags.astype(np.int32))
+    cols["error"] = pa.array(["bad row" if f else None for f in failed], pa.string())
+    pq.write_table(pa.Table.from_pydict(cols, schema=results_schema(["teff"])), path)
+    return {k: v[~failed] for k, v in values.items()}
+
+
+def test_summary_of_a_known_results_file(tmp_path: Path) -> None:
+    values = known_results(tmp_path / "r.parquet")
+    s = summarize(tmp_path / "r.parquet")
+    assert (s["rows"], s["rows_predicted"], s["rows_failed"]) == (N, N - 2, 2)
+    assert s["rows_flagged"] == 11 + 2  # rows 0, 10, ..., 100 and the two failed rows
+    assert s["flags"] == {"NON_FINITE": 1, "MASKED": 0, "COVERAGE": 0, "OUT_OF_RANGE": 11,
+                          "HIGH_EPISTEMIC": 0, "PREPROCESS_FAILED": 2}
+    assert s["top_errors"] == [{"error": "bad row", "rows": 2}]
+    teff = s["targets"]["teff"]
+    assert (teff["min"], teff["max"]) == (10000.0, 20000.0)
+    assert teff["median"] == pytest.approx(np.median(values["teff"]))
+    for suffix in ("_err", "_err_aleatoric", "_err_epistemic"):
+        for q in (50, 90, 99):
+            expected = np.quantile(values["teff" + suffix], q / 100)  # numpy's linear interpolation
+            assert teff["teff" + suffix][f"q{q}"] == pytest.approx(expected), (suffix, q)
+    assert s["files_without_marker"] == [str(tmp_path / "r.parquet")]
+
+
+def test_inspect_command_reads_a_run_folder_and_prints_the_tables(tmp_path: Path) -> None:
+    (tmp_path / "out/results").mkdir(parents=True)
+    known_results(tmp_path / "out/results/a.parquet")
+    (tmp_path / "out/results/a.done").write_text("{}")
+    result = CliRunner().invoke(inspect_command, [str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "101 rows: 99 predicted, 2 failed, 13 flagged" in result.output
+    assert "OUT_OF_RANGE" in result.output and "without a completion marker" not in result.output
+    teff_line = next(line for line in result.output.splitlines() if line.startswith("teff"))
+    assert teff_line.split()[1:4] == ["10000", "15100", "20000"]
+
+
+def test_inspect_without_results_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StarcastError, match="no results file"):
+        summarize(tmp_path)
