@@ -56,7 +56,8 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
               help="random: uniform draws of Teff, log g, v sin i; seed: the reference grid with a "
                    "train/val/test split column.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
-@click.option("--shard-rows", type=int, default=5000, show_default=True, help="Spectra per shard file.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Spectra per shard file.")
 @click.option("--snr", "snr", default="50:300", show_default=True,
               help="Range A:B of the per-pixel signal-to-noise on the continuum (uniform draws).")
 def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str) -> None:
@@ -85,7 +86,8 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
               help="Output directory for the Parquet shards.")
 @click.option("--medium", type=click.Choice(["vacuum", "air"]), default="vacuum", show_default=True,
               help="Whether the header wavelengths are vacuum or air wavelengths.")
-@click.option("--shard-rows", type=int, default=10000, show_default=True, help="Spectra per shard file.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Spectra per shard file.")
 def import_csv(file: Path, out: Path, medium: str, shard_rows: int) -> None:
     """Import a wide CSV (one row per spectrum, one column per wavelength in A) as a catalog.
 

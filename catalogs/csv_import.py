@@ -68,7 +68,56 @@ def _classify(path: Path, header: list[str]) -> dict[str, float]:
         wavelengths[name] = value
     if not wavelengths:
         raise CatalogError("no wavelength columns (headers that are numbers)", file=str(path))
+    first = {}
+    for name, value in wavelengths.items():  # "4000.0" and "4000.00" are one wavelength
+        if value in first:
+            raise CatalogError(f"same wavelength as column {first[value]!r}", file=str(path), column=name)
+        first[value] = name
     return wavelengths
+
+
+def _read(path: Path, header: list[str], types: dict[str, pa.DataType]) -> pa.Table:
+    # The header is read by `_header` (names stripped of spaces, as "4000.0, 4000.2" is common), so
+    # pyarrow skips it and takes our names; a failure is located to its row and column.
+    read = pacsv.ReadOptions(column_names=header, skip_rows=1)
+    convert = pacsv.ConvertOptions(column_types=types)
+    try:
+        return pacsv.read_csv(path, read_options=read, convert_options=convert)
+    except (pa.ArrowInvalid, OSError) as exc:
+        located = _locate_error(path, header, types)
+        raise located or CatalogError(f"cannot parse CSV ({exc})", file=str(path)) from exc
+
+
+def _locate_error(path: Path, header: list[str], types: dict[str, pa.DataType]) -> CatalogError | None:
+    """Re-read every cell as text to find the first ragged row or non-numeric cell (rows from 0)."""
+    ragged = []
+
+    def on_invalid(row) -> str:
+        ragged.append(row)
+        return "skip"
+    try:
+        text = pacsv.read_csv(
+            path, read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, use_threads=False),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}))
+    except (pa.ArrowInvalid, OSError):
+        return None
+    if ragged:
+        row = ragged[0]
+        return CatalogError(f"line {row.number} has {row.actual_columns} fields, the header has "
+                            f"{row.expected_columns}", file=str(path),
+                            row=None if row.number is None else row.number - 2)
+    nulls = set(pacsv.ConvertOptions().null_values)  # what pyarrow reads as a missing number
+    for name in (n for n in header if pa.types.is_floating(types.get(n, pa.string()))):
+        for i, cell in enumerate(text.column(name).to_pylist()):
+            if cell.strip() in nulls:
+                continue
+            try:
+                float(cell)
+            except ValueError:
+                return CatalogError(f"{cell!r} is not a number (data rows count from 0)", file=str(path),
+                                    row=i, column=name)
+    return None
 
 
 def _grid(values: np.ndarray, medium: str) -> WavelengthGrid:
@@ -86,10 +135,7 @@ def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
     wavelengths = _classify(path, header)
     types = {name: pa.float32() for name in wavelengths}
     types.update({n: t for n, t in KNOWN_COLUMNS.items() if n in header and t is not None})
-    try:
-        raw = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CatalogError(f"cannot parse CSV ({exc})", file=str(path)) from exc
+    raw = _read(path, header, types)
     if raw.num_rows == 0:
         raise CatalogError("no data rows", file=str(path))
     order = sorted(wavelengths, key=wavelengths.get)

@@ -8,7 +8,6 @@ by `batch_rows` whatever the catalog size. Schema checks live in `schema.validat
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CatalogError
-from .schema import ID, META_WAVELENGTH, WavelengthGrid, validate
+from .schema import ID, META_WAVELENGTH, WavelengthGrid, table_grid, validate
 
 DEFAULT_ROW_GROUP_ROWS = 1024
 
@@ -103,13 +102,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_grid(path: str | Path) -> WavelengthGrid | None:
     """The shared wavelength grid of a file (`starcast.wavelength`), or None when it has none."""
-    text = read_metadata(path).get(META_WAVELENGTH)
-    if text is None:
-        return None
-    try:
-        return WavelengthGrid.from_json(text)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CatalogError(f"bad {META_WAVELENGTH} metadata ({exc})", file=str(path)) from exc
+    return table_grid(_open(path).schema_arrow, str(path))
 
 
 def iter_batches(path: str | Path, batch_rows: int = 4096,
@@ -140,8 +133,8 @@ def read_catalog(spec: str | Path) -> pa.Table:
             tables.append(pf.read())
         except (pa.ArrowException, OSError) as exc:
             raise CatalogError(f"corrupt Parquet data ({exc})", file=str(file)) from exc
-        grid = (pf.schema_arrow.metadata or {}).get(META_WAVELENGTH.encode())
-        grids.add(json.dumps(json.loads(grid), sort_keys=True) if grid else None)
+        grid = table_grid(pf.schema_arrow, str(file))
+        grids.add(grid.to_json() if grid is not None else None)
     if len(grids) > 1:
         raise CatalogError("shards have different wavelength grids", file=str(spec))
     meta = tables[0].schema.metadata

@@ -82,13 +82,21 @@ class WavelengthGrid:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> WavelengthGrid:
-        d = json.loads(text)
-        kind = d.get("kind", "linear")
-        if kind == "explicit":
-            return cls.explicit(d["values"], d.get("medium", "vacuum"))
-        if kind not in ("linear", "log"):
-            raise ValueError(f"unknown wavelength grid kind {kind!r} (expected linear, log or explicit)")
-        return cls(kind, float(d["start"]), float(d["step"]), int(d["n"]), None, d.get("medium", "vacuum"))
+        """Parse `to_json` output; anything else (bad JSON, missing keys, no pixels) is a ValueError."""
+        try:
+            d = json.loads(text)
+            kind, medium = d.get("kind", "linear"), d.get("medium", "vacuum")
+            if kind == "explicit":
+                grid = cls.explicit(d["values"], medium)
+            elif kind in ("linear", "log"):
+                grid = cls(kind, float(d["start"]), float(d["step"]), int(d["n"]), None, medium)
+            else:
+                raise ValueError(f"unknown wavelength grid kind {kind!r} (expected linear, log or explicit)")
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"not a wavelength grid ({type(exc).__name__}: {exc})") from exc
+        if grid.kind != "explicit" and not (grid.n >= 1 and grid.start > 0 and grid.step > 0):
+            raise ValueError(f"a {grid.kind} grid needs n >= 1, start > 0 and step > 0, got {grid}")
+        return grid
 
 
 # --- Building and validating tables -------------------------------------------------------------
@@ -150,11 +158,15 @@ def results_schema(targets, *, id_type: pa.DataType | None = None) -> pa.Schema:
     return pa.schema(fields + [pa.field(FLAGS, pa.int32()), pa.field(ERROR, pa.string())])
 
 
-def table_grid(schema: pa.Schema) -> WavelengthGrid | None:
-    """The shared wavelength grid stored in a schema's metadata, or None."""
-    meta = schema.metadata or {}
-    raw = meta.get(META_WAVELENGTH.encode())
-    return WavelengthGrid.from_json(raw) if raw is not None else None
+def table_grid(schema: pa.Schema, file=None) -> WavelengthGrid | None:
+    """The shared wavelength grid stored in a schema's metadata, or None; `CatalogError` if malformed."""
+    raw = (schema.metadata or {}).get(META_WAVELENGTH.encode())
+    if raw is None:
+        return None
+    try:
+        return WavelengthGrid.from_json(raw)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+        raise CatalogError(f"bad {META_WAVELENGTH} metadata ({exc})", file=file) from exc
 
 
 def _check_type(table: pa.Table, name: str, ok, expected: str, file) -> None:
@@ -185,6 +197,8 @@ def validate(table: pa.Table, file=None) -> None:
             raise CatalogError(f"required column missing (columns present: {names})", file=file,
                                column=required)
     id_type = table.schema.field(ID).type
+    if pa.types.is_null(id_type) and table.num_rows:  # e.g. a CSV whose id cells are all empty
+        raise CatalogError("missing id", file=file, column=ID, row=0)
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
         raise CatalogError(f"expected int64 or string ids, got {id_type}", file=file, column=ID)
     ids = table.column(ID)
@@ -222,10 +236,15 @@ def _check_lengths(table: pa.Table, file) -> None:
         lengths = None
     else:
         lengths = pc.list_value_length(flux).to_numpy(zero_copy_only=False)
-    grid = table_grid(table.schema)
+    grid = table_grid(table.schema, file)
     valid = ~flux.is_null().to_numpy(zero_copy_only=False)
     if WAVELENGTH in table.column_names:
-        wl = pc.list_value_length(table.column(WAVELENGTH)).to_numpy(zero_copy_only=False)
+        wavelength = table.column(WAVELENGTH)
+        missing = valid & wavelength.is_null().to_numpy(zero_copy_only=False)
+        if missing.any():
+            raise CatalogError("flux is given but its wavelength is null", file=file, column=WAVELENGTH,
+                               row=_first_row(missing))
+        wl = pc.list_value_length(wavelength).to_numpy(zero_copy_only=False)
         bad = valid & (wl != lengths)
         if bad.any():
             row = _first_row(bad)

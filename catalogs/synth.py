@@ -359,11 +359,13 @@ def synth(n: int | None, out: str | Path, *, mode: str = "random", seed: int = 0
     """
     from .io import new_output_dir, write_catalog
 
+    if int(shard_rows) < 1:
+        raise StarcastError(f"shard_rows must be at least 1, got {shard_rows}")
     cfg = replace(SynthConfig(), n=n, mode=mode, seed=seed, snr=tuple(snr), **config)
     labels = draw_labels(cfg)
     total = labels["ids"].shape[0]
     out = new_output_dir(out)
-    starts = range(0, total, max(int(shard_rows), 1))
+    starts = range(0, total, int(shard_rows))
     bar = None
     if progress:
         from tqdm import tqdm

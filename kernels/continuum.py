@@ -16,14 +16,18 @@ from numba import njit
 
 # Normal-equation pivots below this fraction of the largest diagonal entry mean a singular fit.
 _SINGULAR = 1e-12
-# The clipping has converged when no continuum pixel moves by more than this fraction of the rms noise.
+# The clipping has converged when the fit moves by less than this fraction of the rms noise anywhere.
 CONVERGED = 1e-2
 
 
-def continuum_basis(grid: np.ndarray, degree: int) -> np.ndarray:
-    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (D, degree + 1)."""
+def continuum_basis(grid: np.ndarray, degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chebyshev polynomials T_0..T_degree on `grid` mapped to [-1, 1], shape (degree + 1, D) (one
+    row per polynomial, so that evaluating a fit streams through memory), and their Gram matrix over
+    the whole grid (the normal matrix when every pixel is kept), computed once per batch so that a
+    fit only corrects it for the pixels it leaves out."""
     x = 2.0 * (grid - grid[0]) / (grid[-1] - grid[0]) - 1.0
-    return np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree))
+    basis = np.ascontiguousarray(np.polynomial.chebyshev.chebvander(x, degree).T)
+    return basis, np.ascontiguousarray(basis @ basis.T)
 
 
 @njit(cache=True)
@@ -48,11 +52,19 @@ def noise_sigma(y, good):
 @njit(cache=True)
 def _accumulate(basis, y, i, sign, a, b):
     """Add (sign = 1) or remove (sign = -1) pixel i's term in the normal equations a c = b (lower a)."""
-    for p in range(basis.shape[1]):
-        bp = sign * basis[i, p]
+    for p in range(basis.shape[0]):
+        bp = sign * basis[p, i]
         b[p] += bp * y[i]
         for q in range(p + 1):
-            a[p, q] += bp * basis[i, q]
+            a[p, q] += bp * basis[q, i]
+
+
+@njit(cache=True)
+def _remove_from_gram(basis, i, a):
+    """Take pixel i's term out of the normal matrix `a` (lower triangle)."""
+    for p in range(basis.shape[0]):
+        for q in range(p + 1):
+            a[p, q] -= basis[p, i] * basis[q, i]
 
 
 @njit(cache=True)
@@ -90,80 +102,88 @@ def _solve(a, b, coef, work):
 
 @njit(cache=True)
 def _evaluate(basis, coef, out):
-    d, k = basis.shape
+    k, d = basis.shape
     for i in range(d):
-        s = 0.0
-        for p in range(k):
-            s += basis[i, p] * coef[p]
-        out[i] = s
+        out[i] = coef[0] * basis[0, i]
+    for p in range(1, k):
+        c = coef[p]
+        for i in range(d):
+            out[i] += c * basis[p, i]
 
 
 @njit(cache=True)
-def fit_continuum(y, sigma, good, basis, params, out):
+def fit_continuum(y, sigma, good, basis, gram, params, out, correlation=1.0):
     """Fit the continuum of `y` (flux on the grid of `basis`) into `out`; returns False on failure.
 
-    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `params` the
-    tuple (clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction). A pixel is
-    rejected below `clip_low` sigma of its own, or when the mean residual over `window` pixels around
-    it is below `clip_window_low` times that mean's sigma, or above its window mean by `clip_high`
-    sigma. Iterates until the kept set, or the fit to within 1e-2 of the rms noise, stops changing,
-    at most `max_iter` times, and never keeps fewer than `min_keep_fraction` of the good pixels (it
-    stops clipping instead). Unweighted least squares; the normal equations are updated only for the
-    pixels whose status changed.
+    `sigma` is the per-pixel 1-sigma noise (> 0), `good` the pixels that may be used, `basis` and
+    `gram` from `continuum_basis`, `params` the tuple (clip_low, clip_window_low, clip_high, window,
+    max_iter, min_keep_fraction). A pixel is rejected below `clip_low` sigma of its own, or when the
+    mean residual over `window` pixels around it is below `clip_window_low` times that mean's sigma,
+    or above its window mean by `clip_high` sigma. `correlation` is the number of consecutive pixels
+    that share their noise (an input coarser than the grid): the window mean then averages fewer
+    independent pixels, and its sigma grows by sqrt(correlation) (at most to a pixel's sigma).
+    Iterates until the kept set stops changing or the fit moves by less than CONVERGED of the rms
+    noise, at most `max_iter` times, and never keeps fewer than `min_keep_fraction` of the good pixels
+    (it stops clipping instead). Unweighted least squares; the normal equations are updated only for
+    the pixels whose status changed.
     """
     clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
-    d, k = basis.shape
+    k, d = basis.shape
     half = window // 2
     keep = good.copy()
-    a, b = np.zeros((k, k)), np.zeros(k)
+    a, b = gram.copy(), np.zeros(k)
     coef, work = np.empty(k), np.zeros((k, k))
     n_good = 0
     for i in range(d):
         if good[i]:
             n_good += 1
-            _accumulate(basis, y, i, 1.0, a, b)
+            for p in range(k):
+                b[p] += basis[p, i] * y[i]
+        else:
+            _remove_from_gram(basis, i, a)
     min_keep = max(k + 1, int(min_keep_fraction * n_good))
-    # Window statistics that do not change between iterations: good-pixel count and sigma of the mean.
+    # Running sums of the noise variance and of the good-pixel count, for the window statistics.
     cum_v, cum_n = np.zeros(d + 1), np.zeros(d + 1)
     for i in range(d):
         cum_v[i + 1] = cum_v[i] + (sigma[i] * sigma[i] if good[i] else 0.0)
         cum_n[i + 1] = cum_n[i] + (1.0 if good[i] else 0.0)
-    lo, hi = np.empty(d, np.int64), np.empty(d, np.int64)
-    sigma_mean, count = np.zeros(d), np.zeros(d)
+    # Per-pixel thresholds, fixed across iterations: own residual, window mean (a sigma of the mean).
+    below, above, window_below, inv_count = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)
     for i in range(d):
-        lo[i], hi[i] = max(0, i - half), min(d, i + half + 1)
-        count[i] = cum_n[hi[i]] - cum_n[lo[i]]
-        if count[i] > 0:
-            sigma_mean[i] = math.sqrt(cum_v[hi[i]] - cum_v[lo[i]]) / count[i]
+        lo, hi = max(0, i - half), min(d, i + half + 1)
+        count = cum_n[hi] - cum_n[lo]
+        if good[i]:
+            below[i], above[i] = -clip_low * sigma[i], clip_high * sigma[i]
+            shared = min(correlation, count)  # pixels per independent noise sample in the window
+            window_below[i] = -clip_window_low * math.sqrt(shared * (cum_v[hi] - cum_v[lo])) / count
+            inv_count[i] = 1.0 / count
     tolerance = CONVERGED * math.sqrt(cum_v[d] / max(n_good, 1))  # of the rms noise
-    cum_r, previous = np.zeros(d + 1), np.full(d, np.inf)
+    cum_r, residual, previous = np.zeros(d + 1), np.zeros(d), np.full(k, np.inf)
     new_keep = np.empty(d, np.bool_)
     n_keep = n_good
     for _ in range(max_iter):
         if not _solve(a, b, coef, work):
             return False
         _evaluate(basis, coef, out)
-        moved = 0.0
-        for i in range(d):
-            moved = max(moved, abs(out[i] - previous[i]))
-            previous[i] = out[i]
+        moved = 0.0  # bounds the fit's change at every pixel, as |T_p| <= 1 on the grid
+        for p in range(k):
+            moved += abs(coef[p] - previous[p])
+            previous[p] = coef[p]
         if moved < tolerance:
             return True
         for i in range(d):
-            cum_r[i + 1] = cum_r[i] + (y[i] - out[i] if good[i] else 0.0)
-        n_new = 0
-        changed = False
+            residual[i] = y[i] - out[i] if good[i] else 0.0
         for i in range(d):
-            ok = False
-            if good[i]:
-                mean_r = (cum_r[hi[i]] - cum_r[lo[i]]) / count[i]
-                r = y[i] - out[i]
-                ok = (r > -clip_low * sigma[i] and mean_r > -clip_window_low * sigma_mean[i]
-                      and r - mean_r < clip_high * sigma[i])
+            cum_r[i + 1] = cum_r[i] + residual[i]
+        n_new, n_changed = 0, 0
+        for i in range(d):  # branch-free: the tests sit at the noise level and would mispredict
+            mean_r = (cum_r[min(d, i + half + 1)] - cum_r[max(0, i - half)]) * inv_count[i]
+            r = residual[i]
+            ok = good[i] & (r > below[i]) & (mean_r > window_below[i]) & (r - mean_r < above[i])
             new_keep[i] = ok
             n_new += ok
-            changed |= ok != keep[i]
-        if not changed or n_new < min_keep:
+            n_changed += ok != keep[i]
+        if n_changed == 0 or n_new < min_keep:
             return True  # `out` is the fit to the current kept set
         for i in range(d):
             if new_keep[i] != keep[i]:

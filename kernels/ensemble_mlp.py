@@ -17,15 +17,30 @@ arithmetic intensity on weights is R flops/byte (bf16); accumulators, masks, RNG
 running statistics live in registers. Triton exposes no addressable shared memory, and an [R, 512]
 activation does not fit registers, so each program keeps h1 and two ping-pong activations of its
 tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements). This is a deviation from "activations
-never touch device memory": the grid is persistent, one program per SM, so on `survey` (R = 128,
-bf16) all slabs together are ~37 MB, of the order of the H100's 50 MB L2 — mostly L2 traffic, part
-may spill to HBM (unmeasured). `tl.debug_barrier()` orders a layer's writes before the next reads.
+never touch device memory": the grid is persistent, one program per SM, so on `survey` (fp16/bf16,
+128 slabs on an H100) the slabs in use total 36-50 MB for the R = 128 configs and up to 75 MB for
+R = 256 (computed from the shapes, not measured), of the order of the H100's 50 MB L2 — mostly L2
+traffic, part may spill to HBM. `tl.debug_barrier()` orders a layer's writes before the next reads.
 
 Not measured: there was no GPU where this was written. Correctness is tested under TRITON_INTERPRET=1
-at small shapes; speed, the autotune configs and register/shared-memory fit on an H100 are untested
-(run `python bench/kernel_bench.py --device cuda`). Autotuning ignores the batch size, so within one
-process a spectrum's result does not depend on its batch; a different autotune pick (another run or
-device) can change results by rounding only.
+at small shapes; speed is untested (run `python bench/kernel_bench.py --device cuda`). Autotuning
+ignores the batch size, so within one process a spectrum's result does not depend on its batch; a
+different autotune pick (another run or device) can change results by rounding only.
+
+Unverified on hardware (the interpreter runs each program as one thread, checks no resource limits
+and cannot show races; run tests/kernels/test_ensemble_mlp.py with TRITON_INTERPRET=0 on a GPU):
+- Scratch visibility: activations written by some threads of a program are read by others after
+  `tl.debug_barrier()` (bar.sync, which CUDA defines to make global writes visible block-wide),
+  including through the software-pipelined loads of `_dense`; a stale read would show as a mismatch
+  with the reference.
+- Resource fit: 128 x 128 fp32 accumulators plus a [R, BLOCK_N / 2] RNG tile at num_warps = 8 may
+  spill registers; the pipelined dot operands of the 16-bit configs need <= ~120 KB of shared memory
+  (of 228 KB), but 4-byte ("tf32"/"fp32") ones such as (64, 4, 128, 64, 64) at 3 stages exceed it and
+  rely on the autotuner discarding configs that raise OutOfResources (a fixed `config` has no fallback).
+- Lowering of `tl.join`/`tl.reshape` on boolean masks and of the [R, KP] -> [BLOCK_B, SB, KP] reshape.
+- Batch independence: Triton specialises integer arguments equal to 1 or divisible by 16 (B, D, S),
+  which changes alignment and vectorisation of loads, not the order of the arithmetic; expected
+  bit-identical across batch sizes, shown only under the interpreter.
 """
 
 import functools
@@ -170,7 +185,7 @@ def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo
             m2 += tl.sum(dev * dev, axis=1) + delta * delta * (seen * count / (seen + count))
             var_sum += tl.sum(tl.where(valid, tl.reshape(var, (BLOCK_B, SB, KP)), 0.0), axis=1)
             tl.debug_barrier()  # the next chunk overwrites the scratch activations
-        out = (m * B + offs_b)[:, None] * K + offs_k[None, :]
+        out = (m.to(tl.int64) * B + offs_b)[:, None] * K + offs_k[None, :]  # M*B*K may pass 2**31
         ok = valid_b[:, None] & (offs_k < K)[None, :]
         tl.store(mean_ptr + out, mean, mask=ok)
         tl.store(m2_ptr + out, m2, mask=ok)
@@ -197,6 +212,25 @@ INTERPRETER_CONFIG = dict(BLOCK_B=16, SB=2, BLOCK_D=32, BLOCK_K=16, BLOCK_N=16)
 
 def _fits(meta: dict, hp: int) -> bool:
     return hp % meta["BLOCK_K"] == 0 and hp % meta["BLOCK_N"] == 0
+
+
+def _check_config(config: dict, hp: int) -> None:
+    """Refuse fixed tile shapes the kernel would read or write out of bounds with (no GPU-side check)."""
+    names = ("BLOCK_B", "SB", "BLOCK_D", "BLOCK_K", "BLOCK_N")
+    if sorted(config) != sorted(names):
+        raise ValueError(f"config must give exactly {names}, got {sorted(config)}")
+    if any(v < 1 or v & (v - 1) for v in config.values()) or min(config[n] for n in names if n != "SB") < 16:
+        raise ValueError(f"config values must be powers of two, >= 16 except SB, got {config}")
+    if not _fits(config, hp):
+        raise ValueError(f"BLOCK_K and BLOCK_N must divide the padded hidden width {hp}, got {config}")
+
+
+def _persistent_programs(device: torch.device, members: int, max_tiles: int) -> int:
+    """Programs per member: about one per SM over all members on a GPU, one per tile otherwise."""
+    if _interpreting() or device.type != "cuda":
+        return max_tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(max_tiles, max(1, sms // members))
 
 
 @functools.cache
@@ -293,21 +327,30 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
     shapes = layers.shape_only() if isinstance(layers, PackedWeights) else layers
     x, keys, members, k = check_inputs(x, keys, shapes, p, samples, activation)
     device = x.device
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton kernel needs x on a CUDA device (or TRITON_INTERPRET=1), got {device}")
     packed = layers if isinstance(layers, PackedWeights) else pack_weights(layers, precision, device)
+    if packed.w1.device != device:
+        raise ValueError(f"weights were packed on {packed.w1.device}, but x is on {device}")
     x = x.to(device=device, dtype=torch.float32).contiguous()
     rows = rng.int32_bits(rng.row_keys(seed, keys.to(device)))
     n, d = x.shape
     s_eff = samples if p > 0 else 1  # p = 0: all samples identical, one suffices
     if partials is None:
         partials = tuple(torch.empty((members, n, k), dtype=torch.float32, device=device) for _ in range(3))
+    if len(partials) != 3 or any(t.shape != (members, n, k) or t.dtype != torch.float32 or t.device != device
+                                 or not t.is_contiguous() for t in partials):
+        raise ValueError(f"partials must be three contiguous float32 [{members}, {n}, {k}] tensors "
+                         f"on {device}")
     if n == 0:
         return finish(*(t.sum(0) for t in partials), label_mean, label_std, calibration)
     if config is None and _interpreting():
         config = INTERPRETER_CONFIG
+    if config is not None:
+        _check_config(config, packed.hp)
     candidates = [config] if config is not None else [c.kwargs for c in CONFIGS if _fits(c.kwargs, packed.hp)]
     max_tiles = max(triton.cdiv(n, c["BLOCK_B"]) for c in candidates)
-    programs = max_tiles if _interpreting() or device.type != "cuda" else min(  # persistent: ~1 per SM
-        max_tiles, max(1, torch.cuda.get_device_properties(device).multi_processor_count // members))
+    programs = _persistent_programs(device, members, max_tiles)
     stride = max(c["BLOCK_B"] * packed.hp * (1 + 2 * c["SB"]) for c in candidates)
     scratch = torch.empty(programs * members * stride, dtype=packed.w1.dtype, device=device)
     args = (x, rows, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo, *partials, scratch,

@@ -34,6 +34,11 @@ from .resample import BAD, GOOD, UNCOVERED, bin_edges, interp_linear, rebin_flux
 
 __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 
+# Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
+# content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
+# digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
+DEPENDENCY_FINGERPRINT = "846ae33fa88e372a"
+
 
 @dataclass(frozen=True)
 class PreprocessSettings:
@@ -58,7 +63,7 @@ class PreprocessSettings:
     min_keep_fraction: float = 0.1  # never clip below this fraction of the good pixels
     sigma_floor: float = 1e-3  # noise floor as a fraction of the mean flux (noise-free input)
     max_gap: int = 5  # gaps up to this many pixels are interpolated; longer ones are set to 1.0
-    min_good_pixels: int = 50  # fewer good pixels on the grid -> PREPROCESS_FAILED
+    min_good_pixels: int = 50  # fewer good pixels on the grid, or input pixels in its range -> FAILED
     max_bad_fraction: float = 0.1  # more bad pixels among the covered ones -> MASKED
     min_coverage: float = 0.95  # less of the grid covered by the input -> COVERAGE
 
@@ -73,6 +78,10 @@ class PreprocessSettings:
             raise StarcastError(f"preprocess continuum must be 'chebyshev' or 'none', got {self.continuum!r}")
         if self.continuum_degree < 0 or self.clip_window < 1 or self.max_iter < 1 or self.max_gap < 0:
             raise StarcastError("preprocess continuum_degree, clip_window, max_iter, max_gap must be >= 0/1")
+        if not (self.sigma_floor > 0 and 0 <= self.min_keep_fraction <= 1 and 0 <= self.max_bad_fraction <= 1
+                and 0 <= self.min_coverage <= 1):
+            raise StarcastError("preprocess sigma_floor must be > 0 and min_keep_fraction, max_bad_fraction, "
+                                "min_coverage within [0, 1]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,18 +106,19 @@ class Preprocessed:
     flags: np.ndarray  # (B,) int32 Flag bits
     coverage: np.ndarray  # (B,) float32, fraction of the model grid covered after the rv shift
     bad_fraction: np.ndarray  # (B,) float32, fraction of the covered grid pixels that are bad
-    errors: list[str | None]  # None, or why the row failed
+    errors: list[str | None]  # None, or "row <index in the batch>: <why it failed>"
     ivar: np.ndarray  # (B, D) float32
 
 
 # Row status codes set by the kernel (0 = processed).
-(_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _SINGULAR, _NEGATIVE, _INPUT) = range(9)
+(_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _ZERO, _SINGULAR, _NEGATIVE, _INPUT) = range(10)
 _REASONS = {
     _SHORT: "fewer than 2 pixels",
     _WAVELENGTH: "wavelength is not finite and strictly increasing",
     _RV: "rv is not finite or not slower than light",
     _NO_OVERLAP: "the spectrum does not overlap the model grid after the rv shift",
     _FEW_GOOD: "only {n_good} good pixels on the model grid (need {need})",
+    _ZERO: "the flux is zero on every good pixel",
     _SINGULAR: "the continuum fit is singular",
     _NEGATIVE: "the fitted continuum is not positive everywhere",
 }
@@ -136,7 +146,7 @@ def _fill_gaps(x, ivar, state, max_gap):
 
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, grid, grid_edges, basis, flux_conserving, normalise, fit_params, sigma_floor, max_gap,
+            rv, grid, grid_edges, basis, gram, flux_conserving, normalise, fit_params, sigma_floor, max_gap,
             min_good, status, x, ivar, nonfinite, coverage, bad_fraction, n_good):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
     0 none, 1 flux_err, 2 ivar; `fit_params` as `fit_continuum`'s. Writes row r of every output only."""
@@ -179,6 +189,14 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if not monotonic:
             status[r] = _WAVELENGTH
             continue
+        inside = np.empty(n, np.bool_)  # good input pixels within the model grid's range
+        n_inside = 0
+        for p in range(n):
+            inside[p] = not bad[p] and wl[p] >= grid_edges[0] and wl[p] <= grid_edges[d]
+            n_inside += inside[p]
+        if err_start[r] < 0:  # no errors: DER_SNR of the input pixels, propagated like given errors
+            noise = noise_sigma(flux, inside)
+            var[:] = noise * noise
         y, yvar = np.empty(d), np.empty(d)
         state = np.empty(d, np.uint8)
         if flux_conserving:
@@ -193,7 +211,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             n_bad += state[j] == BAD
         coverage[r] = n_cov / d
         bad_fraction[r] = n_bad / n_cov if n_cov > 0 else np.nan
-        n_good[r] = n_cov - n_bad
+        n_good[r] = min(n_cov - n_bad, n_inside)  # a few input pixels stretched over the grid are few
         if n_cov == 0:
             status[r] = _NO_OVERLAP
             continue
@@ -202,17 +220,20 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             continue
         good = state == GOOD
         sigma = np.empty(d)
-        global_sigma = noise_sigma(y, good) if err_start[r] < 0 else 0.0
         mean_flux = 0.0
         for j in range(d):
             mean_flux += y[j] if good[j] else 0.0
-        floor = sigma_floor * abs(mean_flux) / n_good[r]
+        if not mean_flux > 0.0:
+            status[r] = _ZERO
+            continue
+        floor = sigma_floor * mean_flux / (n_cov - n_bad)
         for j in range(d):
-            s = math.sqrt(yvar[j]) if err_start[r] >= 0 else global_sigma
-            sigma[j] = max(s, floor) if floor > 0.0 else max(s, 1e-30)
+            sigma[j] = max(math.sqrt(yvar[j]), floor)
         cont = np.ones(d)
         if normalise:
-            if not fit_continuum(y, sigma, good, basis, fit_params, cont):
+            # grid pixels per input pixel: > 1 when the input is coarser, its noise then correlated
+            correlation = max(1.0, (n_cov - n_bad) / n_inside)
+            if not fit_continuum(y, sigma, good, basis, gram, fit_params, cont, correlation):
                 status[r] = _SINGULAR
                 continue
             positive = True
@@ -295,7 +316,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     `settings.method`, fit and divide the continuum on the model grid, interpolate short gaps and set
     long ones and uncovered pixels to 1.0. Bad input pixels: non-finite or negative flux, errors that
     are not positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
-    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata.
+    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata. Rows without
+    `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels, propagated as errors would be.
     """
     settings = settings or PreprocessSettings()
     grid = _grid_values(grid, "grid")
@@ -311,7 +333,11 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     if wavelength is None:
         metadata = batch.schema.metadata or {}
         if source_grid is None and META_WAVELENGTH.encode() in metadata:
-            source_grid = WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()])
+            try:
+                source_grid = WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()])
+            except ValueError as exc:  # json.JSONDecodeError is one
+                raise CatalogError(f"malformed {META_WAVELENGTH!r} metadata: {exc}",
+                                   column=WAVELENGTH) from exc
         if source_grid is None:
             raise CatalogError("no wavelength column and no file-level wavelength grid (pass source_grid "
                                f"or set the {META_WAVELENGTH!r} metadata)", column=WAVELENGTH)
@@ -323,13 +349,13 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
         for r in np.flatnonzero(wavelength[1] < 0):
             failures.setdefault(int(r), "wavelength is null")
 
-    err_kind, errors = 0, None
+    err_kind, uncertainty = 0, None  # flux_err wins over ivar when a catalog has both
     for kind, name in ((1, FLUX_ERR), (2, IVAR)):
-        errors = _optional_column(batch, name, n_pixels, flux_valid, failures, _float_values)
-        if errors is not None:
+        uncertainty = _optional_column(batch, name, n_pixels, flux_valid, failures, _float_values)
+        if uncertainty is not None:
             err_kind = kind
             break
-    errors = errors or (np.zeros(0), np.full(n_rows, -1, np.int64))
+    uncertainty = uncertainty or (np.zeros(0), np.full(n_rows, -1, np.int64))
     mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
     mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
     rv_col = _as_array(batch, RV)
@@ -348,8 +374,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     bin_edges(grid, edges)
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
-    _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], errors[0], errors[1],
-            err_kind, mask[0], mask[1], rv, grid, edges, continuum_basis(grid, settings.continuum_degree),
+    _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], *uncertainty,
+            err_kind, *mask, rv, grid, edges, *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels), status, x,
             ivar, nonfinite, coverage, bad_fraction, n_good)

@@ -279,18 +279,31 @@ def id_keys(ids) -> np.ndarray:
         raise ValueError(f"spectrum ids must be integers or strings, got arrow type {ids.type}")
     if torch.is_tensor(ids):
         ids = ids.cpu().numpy()
-    if isinstance(ids, list | tuple) and any(isinstance(v, str | bytes) for v in ids):
-        if any(v is None for v in ids):
-            raise ValueError("spectrum ids must not be None")
-        return _string_keys(ids)  # not via np.asarray: NumPy strings drop trailing NUL characters
+    if isinstance(ids, list | tuple):
+        return _object_keys(list(ids))  # not via np.asarray: NumPy strings drop trailing NUL characters
     arr = np.asarray(ids)
     if arr.dtype.kind in "iu":
         return _int_keys(arr)
-    if arr.dtype.kind in "USO":
-        if arr.dtype.kind == "O" and any(v is None for v in arr.ravel()):
-            raise ValueError("spectrum ids must not be None")
+    if arr.dtype.kind in "US":
         return _string_keys(arr.ravel().tolist())
+    if arr.dtype.kind == "O":
+        return _object_keys(arr.ravel().tolist())
     raise ValueError(f"spectrum ids must be integers or strings, got dtype {arr.dtype}")
+
+
+def _object_keys(values: list) -> np.ndarray:
+    """Keys of Python objects, all strings/bytes or all integers (an object column of ints is ints)."""
+    if any(v is None for v in values):
+        raise ValueError("spectrum ids must not be None")
+    if all(isinstance(v, str | bytes) for v in values):
+        return _string_keys(values)
+    if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
+        arr = np.array(values)
+        if arr.dtype.kind not in "iu":
+            raise ValueError("integer spectrum ids must fit in 64 bits")
+        return _int_keys(arr)
+    raise ValueError("spectrum ids must be all integers or all strings, got "
+                     f"{sorted({type(v).__name__ for v in values})}")
 
 
 def _int_keys(arr: np.ndarray) -> np.ndarray:

@@ -1,10 +1,11 @@
 """The evaluation report of a model bundle: `python -m starcast.trainers.report BUNDLE --work DIR`.
 
-Synthesises the evaluation catalogs, predicts them with the engine (`starcast.engine.run.run`, the
-same pipeline as `starcast run`), scores them with `evaluate.run_eval`, and writes one folder per
-set plus `summary.md` into `BUNDLE/report/`. Sets: the training config's `seed` grid, scored on its
-test split; a `random`-mode survey at SNR 20-300; and two out-of-distribution sets (Teff 32-40 kK,
-and SNR 5) whose epistemic sigma should single them out of the random survey (AUROC).
+Synthesises the evaluation catalogs, predicts them with the engine's predictor (`Model.predict`,
+the per-batch step of `starcast run`; CPU backend, seed 0, the bundle's default S), scores them
+with `evaluate.run_eval`, and writes one folder per set plus `summary.md` into `BUNDLE/report/`.
+Sets: the training config's `seed` grid, scored on its test split; a `random`-mode survey at
+SNR 20-300; and two out-of-distribution sets (Teff 32-40 kK, and SNR 5) whose epistemic sigma
+should single them out of the random survey (AUROC).
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import json
 from pathlib import Path
 
 import click
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
+from ..catalogs.io import iter_batches, list_inputs, read_grid
+from ..catalogs.schema import SPLIT
 from ..catalogs.synth import synth
 from ..engine.bundle import load_bundle
-from ..engine.run import run
+from ..engine.predictor import load_model
 from .evaluate import run_eval
 
 SETS = {  # name -> keyword arguments of catalogs.synth.synth (the catalog synthesised)
@@ -26,14 +33,25 @@ SETS = {  # name -> keyword arguments of catalogs.synth.synth (the catalog synth
 }
 
 
-def _predict(bundle: Path, name: str, kwargs: dict, work: Path) -> tuple[Path, Path]:
+def _predict(bundle: Path, name: str, kwargs: dict, work: Path, split: str | None = None
+             ) -> tuple[Path, Path]:
+    """Synthesise the catalog (unless already there) and predict it (only rows of `split` if given)."""
     catalog = work / "catalogs" / name
     if not catalog.exists():
         kwargs = dict(kwargs)
         synth(kwargs.pop("n"), catalog, **kwargs)
     results = work / "results" / name
-    run(catalog, results, model=bundle)
-    return catalog, results / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    model = load_model(bundle, backend="cpu")
+    for file in list_inputs(catalog):
+        grid = read_grid(file)
+        parts = []
+        for batch in tqdm(iter_batches(file), desc=f"{name}/{file.name}", unit="batch"):
+            if split is not None:
+                batch = batch.filter(pc.equal(batch.column(SPLIT), split))
+            parts.append(model.predict(batch, source_grid=grid, backend="cpu"))
+        pq.write_table(pa.concat_tables(parts), results / file.name)
+    return catalog, results
 
 
 def make_report(bundle: str | Path, work: str | Path) -> dict:
@@ -44,7 +62,7 @@ def make_report(bundle: str | Path, work: str | Path) -> dict:
     seed_set = {"n": synth_cfg.pop("n", None), **synth_cfg}
     seed_set["snr"] = tuple(seed_set.get("snr", (50.0, 300.0)))
     reports = {}
-    cat, res = _predict(bundle, "seed", seed_set, work)
+    cat, res = _predict(bundle, "seed", seed_set, work, split="test")
     reports["test"] = run_eval(res, cat, bundle / "report" / "test", split="test", ranges=ranges)
     cat_r, res_r = _predict(bundle, "random", SETS["random"], work)
     reports["random"] = run_eval(res_r, cat_r, bundle / "report" / "random", ranges=ranges)

@@ -136,15 +136,19 @@ def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
     """Train M members on (x_train, y_train) with early stopping on (x_val, y_val). x: preprocessed
     spectra [N, D] float32; y: labels [N, K] in physical units; snr_train (N,) enables augmentation.
     Reproducible: dropout draws from torch's global RNG, seeded here inside a forked RNG state."""
-    with torch.random.fork_rng():
-        torch.manual_seed(int(cfg.seeds[0]))
-        return _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress)
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(int(cfg.seeds[0]))
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            return _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(x_train, y_train, x_val, y_val, arch, cfg, snr_train, progress) -> TrainResult:
     start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]))
     xs, ys, xv, yv = std.x(x_train), std.y(y_train), std.x(x_val), std.y(y_val)
     augment = snr_train is not None and cfg.augment_prob > 0

@@ -45,7 +45,9 @@ def test_unsorted_uneven_headers_give_a_sorted_explicit_grid_and_row_ids(tmp_pat
 @pytest.mark.parametrize("header,rows,match,column", [
     (["id", "name", "4000.0"], [[1, "x", 1.0]], "neither a wavelength", "name"),
     (["4000.0", "4000.0"], [[1, 2]], "duplicate column", "4000.0"),
-    (["id", "4000.0", "4000.1"], [[1, 1.0, "abc"]], "cannot parse", None),
+    (["id", "4000.0", "4000.1"], [[1, 1.0, "abc"]], "'abc' is not a number", "4000.1"),
+    (["id", "teff", "4000.0"], [[1, 2e4, 1.0], [2, "hot", 1.0]], "'hot' is not a number", "teff"),
+    (["4000.0", "4000.00"], [[1, 2]], "same wavelength as column '4000.0'", "4000.00"),
     (["id", "teff"], [[1, 20000]], "no wavelength columns", None),
     (["id", "4000.0"], [], "no data rows", None),
 ])
@@ -95,3 +97,29 @@ def test_an_output_directory_holding_shards_is_refused(tmp_path):
     import_csv(csv, tmp_path / "o")
     with pytest.raises(CatalogError, match="already holds"):
         import_csv(csv, tmp_path / "o")
+
+
+def test_bad_cells_and_ragged_lines_name_their_row(tmp_path):
+    csv = write_csv(tmp_path / "c.csv", ["id", "4000.0", "4000.1"], [[1, 1.0, 2.0], [2, 1.0, "x"]])
+    with pytest.raises(CatalogError) as exc:
+        csv_to_table(csv)
+    assert exc.value.row == 1 and exc.value.column == "4000.1"
+    csv.write_text("id,4000.0,4000.1\n1,1.0,2.0\n2,1.0\n")
+    with pytest.raises(CatalogError, match="line 3 has 2 fields, the header has 3") as exc:
+        csv_to_table(csv)
+    assert exc.value.row == 1
+
+
+def test_headers_with_spaces_after_the_commas_are_read(tmp_path):
+    csv = tmp_path / "s.csv"
+    csv.write_text("id, teff, 4000.0, 4000.2\n7, 20000, 1.0, 0.5\n")
+    table = csv_to_table(csv)
+    assert table.column("id").to_pylist() == [7] and table.column("teff").to_pylist() == [20000.0]
+    assert table.column("flux").to_pylist() == [[1.0, 0.5]]
+
+
+def test_commands_refuse_a_shard_size_below_one(tmp_path):
+    csv = write_csv(tmp_path / "c.csv", ["4000.0", "4000.2"], [[1, 2]])
+    for command, args in ((import_csv_command, [str(csv)]), (synth_command, ["--n", "2"])):
+        result = CliRunner().invoke(command, [*args, "--out", str(tmp_path / "o"), "--shard-rows", "0"])
+        assert result.exit_code != 0 and "--shard-rows" in result.output

@@ -181,3 +181,32 @@ def test_a_corrupted_data_page_is_an_error_not_silently_wrong_flux(tmp_path, whe
         read_catalog(path)
     with pytest.raises(CatalogError, match="c.parquet"):
         list(iter_batches(path))
+
+
+@pytest.mark.parametrize("meta", ["garbage", '{"kind": "linear"}', '{"kind": "weird"}', "[1, 2]",
+                                  '{"kind": "explicit", "values": []}',
+                                  '{"kind": "linear", "start": 4000, "step": 0, "n": 5}'])
+def test_malformed_grid_metadata_is_a_catalog_error_everywhere(tmp_path, meta):
+    t = table().replace_schema_metadata({META_WAVELENGTH: meta})
+    path = tmp_path / "m.parquet"
+    pq.write_table(t, path)
+    for call in (read_catalog, read_grid, lambda p: validate(t, file=str(p)),
+                 lambda p: write_catalog(t, tmp_path / "w.parquet")):
+        with pytest.raises(CatalogError, match="starcast.wavelength") as exc:
+            call(path)
+        assert exc.value.file is not None
+
+
+def test_null_wavelength_of_a_present_spectrum_names_the_row():
+    wl = pa.array([[4000.0, 4001.0], None], pa.list_(pa.float64()))
+    t = pa.table({"id": [1, 2], "flux": pa.array([[1.0, 2.0], [1.0, 2.0]], pa.list_(pa.float32())),
+                  "wavelength": wl})
+    with pytest.raises(CatalogError, match="wavelength is null") as exc:
+        validate(t)
+    assert exc.value.row == 1 and exc.value.column == "wavelength"
+
+
+def test_an_id_column_with_no_values_at_all_is_a_missing_id():
+    with pytest.raises(CatalogError, match="missing id") as exc:
+        validate(table(n=2, ids=pa.nulls(2)))
+    assert exc.value.row == 0

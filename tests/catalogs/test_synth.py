@@ -211,3 +211,10 @@ def test_any_small_survey_validates_and_round_trips_through_parquet(tmp_path_fac
     assert np.all(np.isfinite(np.stack(table.column("flux").to_numpy(zero_copy_only=False))))
     path = write_catalog(table, tmp_path_factory.mktemp("rt") / "s.parquet")
     assert read_catalog(path).equals(table, check_metadata=True)
+
+
+def test_a_shard_size_below_one_is_refused_not_written_as_empty_shards(tmp_path):
+    for rows in (0, -3):
+        with pytest.raises(StarcastError, match="shard_rows"):
+            synth(3, tmp_path / f"s{rows}", shard_rows=rows, **SMALL)
+        assert not list(tmp_path.glob(f"s{rows}/*.parquet"))

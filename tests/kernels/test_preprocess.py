@@ -95,6 +95,14 @@ def test_wavelengths_come_from_source_grid_or_the_schema_metadata():
     np.testing.assert_array_equal(via_metadata.x, via_argument.x)
 
 
+@pytest.mark.parametrize("meta", ['{"kind": "linear"}', "not json",
+                                  '{"kind": "linear", "start": 4000, "step": -1, "n": 5}'])
+def test_malformed_grid_metadata_is_a_catalog_error(meta):
+    table = pa.table({"flux": list_column(spectra(1))}).replace_schema_metadata({META_WAVELENGTH: meta})
+    with pytest.raises(CatalogError, match="malformed 'starcast.wavelength' metadata"):
+        preprocess(table, GRID, PreprocessSettings())
+
+
 def test_short_gaps_are_interpolated_and_long_gaps_set_to_one():
     flux = np.ones((1, len(GRID)), np.float32) * np.linspace(1.0, 2.0, len(GRID), dtype=np.float32)
     flux[0, 500:503] = np.nan
@@ -153,6 +161,20 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
         np.testing.assert_array_equal(out.x[i], alone.x[0])
 
 
+@pytest.mark.parametrize("method", ["flux", "linear"])
+def test_a_few_input_pixels_stretched_over_the_grid_are_too_few_good_pixels(method):
+    # 2, 5 or 49 pixels across the model grid rebin/interpolate to hundreds of "good" grid pixels.
+    lengths = (2, 5, 49, 60)
+    table = pa.table({"flux": pa.array([np.full(n, 2.0).tolist() for n in lengths], pa.list_(pa.float32())),
+                      "wavelength": pa.array([np.linspace(4010.0, 4790.0, n).tolist() for n in lengths],
+                                             pa.list_(pa.float64()))})
+    out = preprocess(table, GRID, PreprocessSettings(method=method, min_good_pixels=50))
+    failed = (out.flags & Flag.PREPROCESS_FAILED) != 0
+    assert failed.tolist() == [True, True, True, False]
+    assert "only 2 good pixels" in out.errors[0] and "only 49 good pixels" in out.errors[2]
+    check_neutral_failures(out)
+
+
 def test_settings_round_trip_through_a_dict_and_reject_unknown_keys():
     s = PreprocessSettings(method="linear", continuum_degree=2, clip_low=2.5)
     assert PreprocessSettings.from_dict(s.to_dict()) == s
@@ -176,3 +198,69 @@ def test_an_empty_batch_gives_empty_results():
     table = pa.table({"flux": pa.array([], pa.list_(pa.float32()))})
     out = preprocess(table, GRID, PreprocessSettings(), source_grid=SOURCE)
     assert out.x.shape == (0, len(GRID)) and out.flags.shape == (0,) and out.errors == []
+
+
+@pytest.mark.parametrize("scale", [1e-17, 1e6])
+def test_normalised_output_does_not_depend_on_flux_units(scale):
+    flux = spectra(3, seed=6)
+    err = np.full_like(flux, 0.01)
+
+    def run(k):
+        table = pa.table({"flux": list_column(flux * k), "flux_err": list_column(err * k)})
+        return preprocess(table, GRID, PreprocessSettings(), source_grid=SOURCE)
+    a, b = run(1.0), run(scale)
+    np.testing.assert_allclose(b.x, a.x, rtol=1e-5)
+    np.testing.assert_allclose(b.ivar, a.ivar, rtol=1e-4)
+    assert b.flags.tolist() == a.flags.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("method", ["flux", "linear"])
+def test_a_constant_spectrum_normalises_to_one(method):
+    table = pa.table({"flux": list_column(np.full((2, len(SOURCE)), 7.5, np.float32))})
+    out = preprocess(table, GRID, PreprocessSettings(method=method), source_grid=SOURCE)
+    np.testing.assert_allclose(out.x, 1.0, rtol=1e-6)
+    assert np.all(out.flags == 0)
+
+
+def test_the_kernel_cache_key_tracks_the_resample_and_continuum_sources():
+    import hashlib
+    from pathlib import Path
+
+    import starcast.kernels.preprocess as module
+
+    digest = hashlib.sha256()
+    for name in ("resample.py", "continuum.py"):
+        digest.update((Path(module.__file__).parent / name).read_bytes())
+    assert module.DEPENDENCY_FINGERPRINT == digest.hexdigest()[:16], (
+        "kernels/resample.py or continuum.py changed: set DEPENDENCY_FINGERPRINT in kernels/preprocess.py "
+        f"to {digest.hexdigest()[:16]!r} so that Numba recompiles the cached batch kernel")
+
+
+@st.composite
+def messy_rows(draw):
+    """A row of random length, values from a palette of bad ones, maybe a shifted or reversed grid."""
+    n = draw(st.integers(0, 300))
+    palette = st.sampled_from([1.0, 0.5, 2.0, 0.0, -1.0, np.nan, np.inf, -np.inf])
+    flux = [draw(palette) if draw(st.booleans()) else 1.0 for _ in range(n)]
+    start = draw(st.sampled_from([3990.0, 4500.0, 6000.0]))
+    wl = list(start + 0.4 * np.arange(n))
+    if draw(st.booleans()):
+        wl = wl[::-1]
+    return None if draw(st.integers(0, 9)) == 0 else flux, wl, draw(st.sampled_from([0.0, 100.0, np.nan]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(messy_rows(), min_size=1, max_size=6))
+def test_messy_batches_never_raise_and_failed_rows_are_neutral(rows):
+    table = pa.table({"flux": pa.array([r[0] for r in rows], pa.list_(pa.float32())),
+                      "wavelength": pa.array([r[1] for r in rows], pa.list_(pa.float64())),
+                      "rv": pa.array([r[2] for r in rows])})
+    for settings_ in (PreprocessSettings(min_good_pixels=20), PreprocessSettings(continuum="none")):
+        check_neutral_failures(preprocess(table, GRID, settings_))
+
+
+def check_neutral_failures(out):
+    assert np.all(np.isfinite(out.x)) and np.all(np.isfinite(out.ivar)) and np.all(out.ivar >= 0)
+    failed = (out.flags & Flag.PREPROCESS_FAILED) != 0
+    assert [e is not None for e in out.errors] == failed.tolist()
+    assert np.all(out.x[failed] == 1.0) and np.all(out.ivar[failed] == 0.0)

@@ -94,6 +94,16 @@ def test_non_finite_input_pixels_do_not_leak_into_neighbours():
     assert np.isnan(out[50]) and np.isnan(out[49]) and np.all(out[:49] == 1.0) and np.all(out[51:-1] == 1.0)
 
 
+def test_flux_rebinning_averages_the_good_pixels_of_a_mostly_good_bin_and_drops_the_others():
+    src = np.arange(4000.0, 4012.0)  # 1 A pixels; target bins of 3 A hold 3 whole input pixels each
+    flux, err = np.arange(1.0, 13.0), np.full(12, 0.3)
+    flux[[4, 9, 10]] = np.nan  # bin 1 keeps 2 of 3 pixels, bin 3 only 1 of 3 (< MIN_GOOD_OVERLAP)
+    out, out_err = resample(src, flux, src[1::3], "flux", flux_err=err)
+    np.testing.assert_allclose(out[:3], [2.0, (4.0 + 6.0) / 2, 8.0], rtol=1e-12)
+    np.testing.assert_allclose(out_err[:3], 0.3 / np.sqrt([3, 2, 3]), rtol=1e-12)  # sigma of the mean
+    assert np.isnan(out[3]) and np.isnan(out_err[3])
+
+
 def test_resample_rejects_unsorted_grids_and_unknown_methods():
     with pytest.raises(ValueError, match="strictly increasing"):
         resample(np.array([3.0, 2.0, 1.0]), np.ones(3), np.array([1.5, 2.5]))

@@ -176,3 +176,14 @@ def test_null_ids_are_refused():
         rng.id_keys(pa.array(["a", None]))
     with pytest.raises(ValueError, match="None"):
         rng.id_keys(np.array(["a", None], dtype=object))
+
+
+def test_an_object_column_of_integers_is_keyed_as_integers_and_mixed_ids_are_refused():
+    ids = np.array([1, 2, -5, 1 << 62], dtype=object)  # e.g. a pandas object column
+    assert np.array_equal(rng.id_keys(ids), [1, 2, -5, 1 << 62])
+    assert np.array_equal(rng.id_keys([np.int32(7), 8]), [7, 8])
+    for mixed in (["a", 1], np.array(["a", 1], dtype=object), [1, 2.5], [True, False]):
+        with pytest.raises(ValueError, match="all integers or all strings"):
+            rng.id_keys(mixed)
+    with pytest.raises(ValueError, match="64 bits"):
+        rng.id_keys([1 << 70])

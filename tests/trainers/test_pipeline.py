@@ -21,7 +21,8 @@ RAW = {
     "data": {"synth": {"mode": "random", "n": 300, "seed": 3, "snr": [50.0, 300.0]}},
     "grid": {"kind": "linear", "start": 4010.0, "step": 2.0, "n": 391, "medium": "air"},
     "architecture": {"hidden": [32, 32], "dropout": 0.1, "members": 2, "samples": 4},
-    "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3, "seeds": [0, 1], "warmup_epochs": 1},
+    "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3, "seeds": [0, 1], "warmup_epochs": 1,
+                 "threads": 1},
     "calibration": {"samples": 4},
 }
 
@@ -93,7 +94,8 @@ def test_train_command_writes_a_loadable_bundle(tmp_path):
     lines = ['name = "cli"', f'output = "{out}"', "[data.synth]", 'mode = "random"', "n = 200",
              "seed = 4", "[grid]", 'kind = "linear"', "start = 4010.0", "step = 4.0", "n = 196",
              "[architecture]", "hidden = [16]", "members = 2", "samples = 2",
-             "[training]", "epochs = 2", "batch_size = 64", "seeds = [0, 1]", "[calibration]", "samples = 2"]
+             "[training]", "epochs = 2", "batch_size = 64", "seeds = [0, 1]", "threads = 1",
+             "[calibration]", "samples = 2"]
     (tmp_path / "c.toml").write_text("\n".join(lines) + "\n")
     res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet"])
     assert res.exit_code == 0, res.output

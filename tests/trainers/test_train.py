@@ -13,7 +13,7 @@ ARCH = ArchitectureConfig(hidden=(32, 32), dropout=0.1, members=3, samples=4)
 
 def _train(toy, epochs, arch=ARCH):
     x, y, snr = toy
-    cfg = TrainingConfig(epochs=epochs, batch_size=64, lr=3e-3, seeds=(0, 1, 2), patience=100,
+    cfg = TrainingConfig(epochs=epochs, batch_size=64, lr=3e-3, seeds=(0, 1, 2), patience=100, threads=1,
                          warmup_epochs=1)
     return train_ensemble(x[:800], y[:800], x[800:], y[800:], arch, cfg, snr_train=snr[:800],
                           progress=False)
