@@ -25,7 +25,10 @@ GRID = WavelengthGrid.linear(3990.0, 1.0, 220)
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance (2 CPUs) for the module: Ray takes seconds to start."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    from starcast.engine.distributed import RUNTIME_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env=RUNTIME_ENV)
     yield ray
     ray.shutdown()
 

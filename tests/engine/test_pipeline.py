@@ -169,3 +169,14 @@ def test_an_empty_input_file_gets_an_empty_results_file(tmp_path: Path, tiny_bun
     assert manifest["totals"]["files_done"] == 1
     assert pq.read_table(tmp_path / "out/results/empty.parquet").num_rows == 0
     assert (tmp_path / "out/results/empty.done").exists()
+
+
+def test_cli_runs_a_job_spec_and_options_override_it(tmp_path: Path, tiny_bundle: Path) -> None:
+    catalog(tmp_path / "cat.parquet", range(20))
+    job = tmp_path / "job.toml"
+    job.write_text(f'[run]\ninput = "cat.parquet"\nout = "out"\nmodel = "{tiny_bundle}"\nseed = 1\n'
+                   'batch_size = 8\nprogress = false\n')
+    result = CliRunner().invoke(run_command, ["--config", str(job), "--seed", "4"])
+    assert result.exit_code == EXIT_OK, result.output
+    manifest = json.loads((tmp_path / "out/run-manifest.json").read_text())
+    assert (manifest["seed"], manifest["batch_size"], manifest["totals"]["rows_out"]) == (4, 8, 20)
