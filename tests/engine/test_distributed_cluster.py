@@ -44,11 +44,11 @@ def test_removing_a_node_mid_run_yields_every_id_once(tmp_path: Path, two_nodes)
         run(cat, out, model=bundle, batch_size=10, ray="auto", progress=False)))
     runner.start()
     deadline = time.monotonic() + 120
-    while not list((out / "results").glob("*.done")) and runner.is_alive():
+    while not list((out / "markers").glob("*.done")) and runner.is_alive():
         assert time.monotonic() < deadline, "no file completed in 120 s"
         time.sleep(0.01)
     assert runner.is_alive(), "the run ended before the node could be removed"
-    done_before = len(list((out / "results").glob("*.done")))
+    done_before = len(list((out / "markers").glob("*.done")))
     cluster.remove_node(worker)
     runner.join(timeout=300)
     assert not runner.is_alive()
