@@ -49,8 +49,7 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores_visible": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "numpy": np.__version__, "numba": numba.__version__, "pyarrow": pa.__version__,
-            "scipy": scipy.__version__, "load_average_at_start": os.getloadavg(),
-            "note": "shared 2-core machine, other jobs running: timings are contended and noisy"}
+            "scipy": scipy.__version__, "load_average_at_start": os.getloadavg()}
 
 
 def timed(fn, repeats: int) -> float:
@@ -187,10 +186,10 @@ def markdown(res: dict) -> str:
             rows.append(f"| {key} | {val['spectra_per_s']:.0f} | {val['MB_per_s']:.0f} | {size} |")
     m = res["machine"]
     head = (f"# catalog_bench\n\n{m['cpu']}, {m['cores_visible']} cores visible, load average at start "
-            f"{m['load_average_at_start'][0]:.1f} ({m['note']}). D = {g['config']['npix']} pixels, "
+            f"{m['load_average_at_start'][0]:.1f} (above ~0.5, other jobs shared the cores). D = {g['config']['npix']} pixels, "
             f"{g['internal_pixels']} internal; the broadening convolution costs "
             f"{g['conv_flop_per_spectrum'] / 1e6:.1f} MFLOP per spectrum. A million spectra at 2 threads: "
-            f"~{g['extrapolated_minutes_per_million_2_threads']:.0f} min as measured here (contended), "
+            f"~{g['extrapolated_minutes_per_million_2_threads']:.0f} min as measured here, "
             f"~{g['extrapolated_minutes_per_million_2_idle_cores']:.0f} min on two idle cores (from the CPU "
             f"time per spectrum, assuming two threads scale perfectly); both extrapolated from "
             f"n = {g['config']['n']}. "

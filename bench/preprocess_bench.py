@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
+import sys  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -122,7 +123,7 @@ def main() -> None:
         "numba_threading_layer": None},
         "config": {"rows": args.rows, "baseline_rows": args.baseline_rows, "pixels": len(grid),
                    "settings": settings.to_dict(), "input": "fixed_size_list<float32> flux + flux_err, rv"},
-        "command": "python bench/preprocess_bench.py"}
+        "command": " ".join(["python", "bench/preprocess_bench.py", *sys.argv[1:]])}
 
     preprocess(table.slice(0, 8), grid, settings)  # compile (or load the cache) outside the timing
     info["versions"]["numba_threading_layer"] = numba.threading_layer()
@@ -165,7 +166,7 @@ def markdown(info: dict) -> str:
     m, results = info["machine"], info["results"]
     before, after = m["load_average_1m_before"], m["load_average_1m_after"]
     lines = [f"# Preprocessing, D = {info['config']['pixels']} pixels", "",
-             f"{m['cpu']}, {m['logical_cores']} logical cores, shared with other jobs (contended): load "
+             f"{m['cpu']}, {m['logical_cores']} logical cores; load "
              f"average (1 min) {before:.1f} before, {after:.1f} after. Command: `{info['command']}`.", "",
              "| implementation | threads | spectra/s (wall) | spectra per CPU-second | max abs diff of x |",
              "| --- | --- | --- | --- | --- |"]
