@@ -186,7 +186,8 @@ def markdown(res: dict) -> str:
             rows.append(f"| {key} | {val['spectra_per_s']:.0f} | {val['MB_per_s']:.0f} | {size} |")
     m = res["machine"]
     head = (f"# catalog_bench\n\n{m['cpu']}, {m['cores_visible']} cores visible, load average at start "
-            f"{m['load_average_at_start'][0]:.1f} (above ~0.5, other jobs shared the cores). D = {g['config']['npix']} pixels, "
+            f"{m['load_average_at_start'][0]:.1f} (above ~0.5, other jobs shared the cores). "
+            f"D = {g['config']['npix']} pixels, "
             f"{g['internal_pixels']} internal; the broadening convolution costs "
             f"{g['conv_flop_per_spectrum'] / 1e6:.1f} MFLOP per spectrum. A million spectra at 2 threads: "
             f"~{g['extrapolated_minutes_per_million_2_threads']:.0f} min as measured here, "

@@ -17,8 +17,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # the baseline's BLAS 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
