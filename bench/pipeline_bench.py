@@ -2,12 +2,13 @@
 
 Synthesises a catalog (`starcast.synth`, at a reduced pixel count D so it fits the machine), builds
 a small random model bundle on a grid inside it, then measures, in this order and on the same files:
-  1. each stage alone, in one serial loop: read (iter_batches), preprocess (Model.prepare),
-     infer (Model.infer), write (ParquetWriter); spectra/s of each = N / its summed time;
+  1. each stage alone, each in its own loop over the catalog: read (iter_batches), preprocess
+     (Model.prepare), infer (Model.infer), write (ParquetWriter); spectra/s = N / its time;
   2. the local pipeline end to end (`python -m starcast run`, a subprocess) at two catalog sizes,
      with its peak RSS (wait4), to show memory stays bounded;
   3. the Ray pipeline end to end (`--ray local`: a fresh local Ray instance; startup included).
-The goal: end-to-end >= 80% of the slowest stage alone (the stages overlap).
+The goal: end-to-end >= 80% of the slowest stage alone (the stages overlap). Stages and local runs
+are repeated (--repeat, interleaved) and the best trial is reported; all trials are in the JSON.
 Writes bench/results/pipeline_bench.json and .md.  Usage: python bench/pipeline_bench.py [--n 200000]
 """
 
@@ -55,33 +56,34 @@ def make_model(path: Path, grid: WavelengthGrid, hidden: list[int], members: int
 
 
 def stages_alone(catalog: Path, model_dir: Path, batch_size: int, scratch: Path) -> dict:
-    """One serial loop over the catalog, timing each stage separately (no overlap, no contention
-    between stages)."""
-    model = load_model(model_dir)
-    seconds = dict.fromkeys(("read", "preprocess", "infer", "write"), 0.0)
-    rows, writer = 0, None
-    for f in list_inputs(catalog):
-        grid, it = read_grid(f), iter(iter_batches(f, batch_rows=batch_size))
-        while True:
+    """Each stage in its own loop over the whole catalog (no overlap, and no other stage's threads
+    spinning between calls): read; preprocess (reading untimed); infer on the kept prepared batches
+    (D float32 per spectrum held in memory); write the kept results."""
+    model, files = load_model(model_dir), list_inputs(catalog)
+    seconds = {}
+
+    t0 = time.perf_counter()
+    rows = sum(b.num_rows for f in files for b in iter_batches(f, batch_rows=batch_size))
+    seconds["read"] = time.perf_counter() - t0
+
+    prepared, seconds["preprocess"] = [], 0.0
+    for f in files:
+        grid = read_grid(f)
+        for batch in iter_batches(f, batch_rows=batch_size):
             t0 = time.perf_counter()
-            batch = next(it, None)
-            t1 = time.perf_counter()
-            seconds["read"] += t1 - t0
-            if batch is None:
-                break
-            prepared = model.prepare(batch, source_grid=grid)
-            t2 = time.perf_counter()
-            table = model.infer(prepared)
-            t3 = time.perf_counter()
-            if writer is None:
-                writer = pq.ParquetWriter(scratch / "stage-write.parquet", table.schema)
+            prepared.append(model.prepare(batch, source_grid=grid))
+            seconds["preprocess"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results = [model.infer(p) for p in prepared]
+    seconds["infer"] = time.perf_counter() - t0
+    del prepared
+
+    t0 = time.perf_counter()
+    with pq.ParquetWriter(scratch / "stage-write.parquet", results[0].schema) as writer:
+        for table in results:
             writer.write_table(table)
-            t4 = time.perf_counter()
-            seconds["preprocess"] += t2 - t1
-            seconds["infer"] += t3 - t2
-            seconds["write"] += t4 - t3
-            rows += batch.num_rows
-    writer.close()
+    seconds["write"] = time.perf_counter() - t0
     return {"rows": rows, "seconds": seconds, "spectra_per_s": {k: rows / v for k, v in seconds.items()}}
 
 
@@ -97,12 +99,13 @@ def end_to_end(catalog: Path, model_dir: Path, out: Path, batch_size: int, ray: 
                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", launcher, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode not in (0, 3):  # 3: finished, some rows failed (counted in the manifest)
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     peak_kib = int(proc.stdout.split()[-1])
     manifest = json.loads((out / "run-manifest.json").read_text())
     rows = manifest["totals"]["rows_out"]
-    return {"rows": rows, "wall_s": wall, "spectra_per_s_wall": rows / wall,
+    return {"rows": rows, "rows_failed": manifest["totals"]["rows_failed"], "wall_s": wall,
+            "spectra_per_s_wall": rows / wall,
             "spectra_per_s_manifest": manifest["throughput_spectra_per_s"],
             "peak_rss_mib": peak_kib / 1024, "stage_seconds": manifest["stage_seconds"]}
 
@@ -133,6 +136,7 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2, help="trials of the stages and local runs (best kept)")
     ap.add_argument("--workdir", type=Path, help="keep catalogs here (reused when present)")
     args = ap.parse_args()
 
@@ -152,9 +156,20 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items() if k != "workdir"}
     config.update(grid=json.loads(grid.to_json()), model="random bundle (see hidden/members/samples)")
     report = {"machine": machine(), "config": config}
-    report["stages_alone"] = stages_alone(big, model_dir, args.batch_size, work)
-    report["local"] = {str(n): end_to_end(cat, model_dir, work / f"out-local-{n}", args.batch_size, False)
-                       for n, cat in ((args.small, small), (args.n, big))}
+    trials = {"stages_alone": [], **{f"local-{n}": [] for n in (args.small, args.n)}}
+    for _ in range(args.repeat):  # interleaved, best of `repeat`: the machine is shared and noisy
+        trials["stages_alone"].append(stages_alone(big, model_dir, args.batch_size, work))
+        for n, cat in ((args.small, small), (args.n, big)):
+            trials[f"local-{n}"].append(end_to_end(cat, model_dir, work / f"out-local-{n}-{_}",
+                                                   args.batch_size, False))
+    report["trials"] = trials
+    runs = trials["stages_alone"]
+    report["stages_alone"] = {"rows": runs[0]["rows"],
+                              "seconds": {k: min(r["seconds"][k] for r in runs) for k in runs[0]["seconds"]}}
+    report["stages_alone"]["spectra_per_s"] = {k: report["stages_alone"]["rows"] / v
+                                               for k, v in report["stages_alone"]["seconds"].items()}
+    report["local"] = {str(n): max(trials[f"local-{n}"], key=lambda e: e["spectra_per_s_manifest"])
+                       for n in (args.small, args.n)}
     if not args.no_ray:
         report["ray"] = end_to_end(big, model_dir, work / "out-ray", args.batch_size, True)
     stages = report["stages_alone"]
@@ -174,7 +189,8 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     m, c, s = r["machine"], r["config"], r["stages_alone"]
-    lines = [f"# pipeline_bench: {c['n']} spectra, D={c['npix']} (model grid {c['grid']['n']} px), "
+    lines = [f"# pipeline_bench (best of {c['repeat']}): {c['n']} spectra, D={c['npix']} "
+             f"(model grid {c['grid']['n']} px), "
              f"hidden {c['hidden']}, M={c['members']}, S={c['samples']}, batch {c['batch_size']}",
              "", f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; load average at start "
              f"{m['load_average_at_start'][0]:.1f} (machine shared with other jobs)", "",
@@ -193,7 +209,11 @@ def markdown(r: dict) -> str:
               "in run: rows / the run's own wall time (run-manifest.json). Peak RSS: the run's process "
               "(Ray: the driver only).",
               f"local in run / slowest stage alone = {b['local_in_run_fraction_of_slowest_stage']:.0%} "
-              f"(goal >= 80%); local in run / stages in series = {b['local_in_run_over_serial_sum']:.0%}."]
+              f"(goal >= 80%); local in run / stages in series = {b['local_in_run_over_serial_sum']:.0%}.",
+              "Without a GPU, preprocessing (Numba, parallel) and inference (torch) each use every core, so "
+              "on this machine they can only share the cores, not overlap: the bound is the stages in "
+              "series, not the slowest stage alone. The 80% goal needs inference on a GPU (not measured "
+              "here: no GPU was available to this task)."]
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ from .jobs import BACKENDS, JobSpec, load_job
 @click.option("--seed", type=int, help="Seed of the dropout masks [default: 0].")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Inference backend [default: auto].")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Spectra per batch [default: 4096].")
-@click.option("--ray", "ray_address", metavar="ADDRESS|auto", help="Run on a Ray cluster.")
+@click.option("--ray", "ray_address", metavar="ADDRESS|auto|local",
+              help="Run on a Ray cluster (auto: the running one; local: start one here).")
 @click.option("--resume", is_flag=True, default=None, help="Skip inputs whose results are complete.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML job spec ([run] table).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

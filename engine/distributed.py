@@ -220,11 +220,12 @@ def _fail(report: FileReport, reason: str) -> None:
     tqdm.write(f"starcast: skipping {report.input}: {reason}", file=sys.stderr)
 
 
-def _avoid_http_import_race() -> None:
-    """Ray Data 2.60 probes fsspec's HTTP filesystem from several threads while resolving paths and
-    catches only ModuleNotFoundError; without aiohttp, a thread that meets the half-imported module
-    gets a plain ImportError and the whole dataset fails (seen intermittently here). Marking the
-    module absent makes every probe fail the same, caught, way. HTTP needs aiohttp anyway."""
+def avoid_http_import_race() -> None:
+    """Ray Data 2.60 probes fsspec's HTTP filesystem for every path and catches only
+    ModuleNotFoundError; without aiohttp, a thread that meets the half-imported module gets a plain
+    ImportError and the dataset fails (seen intermittently here, in the ListFiles task's threaded
+    file listing). Marking the module absent makes every probe fail the same, caught, way (HTTP
+    needs aiohttp anyway). Runs on the driver and, through RUNTIME_ENV, in each worker."""
     if importlib.util.find_spec("aiohttp") is None:
         sys.modules.setdefault("fsspec.implementations.http", None)
 
@@ -238,13 +239,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
+#: `ray.init(runtime_env=RUNTIME_ENV)` runs `avoid_http_import_race` in every worker of the job.
+RUNTIME_ENV = {"worker_process_setup_hook": "starcast.engine.distributed.avoid_http_import_race"}
+
+
 def _connect(ray, address: str, progress: bool) -> None:
-    _avoid_http_import_race()
+    avoid_http_import_race()
     if not ray.is_initialized():
         kwargs = {} if address == "local" else {"address": address}
         try:
             ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False,
-                     **kwargs)
+                     runtime_env=RUNTIME_ENV, **kwargs)
         except ConnectionError as exc:
             raise StarcastError(f"cannot connect to a Ray cluster at {address!r} ({exc}); start one "
                                 f"with `ray start --head`, or use --ray local") from exc

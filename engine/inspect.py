@@ -14,7 +14,7 @@ import polars as pl
 
 from ..catalogs.schema import ERROR, FLAGS, Flag
 from ..errors import StarcastError
-from .manifest import RESULTS_DIR
+from .manifest import MARKERS_DIR, RESULTS_DIR
 
 QUANTILES = (0.5, 0.9, 0.99)
 SIGMAS = ("_err", "_err_aleatoric", "_err_epistemic")
@@ -52,7 +52,8 @@ def summarize(spec: str | os.PathLike) -> dict:
               .sort(["len", ERROR], descending=[True, False]).head(5).collect())
     return {
         "files": [str(f) for f in files],
-        "files_without_marker": [str(f) for f in files if not f.with_suffix(".done").exists()],
+        "files_without_marker": [str(f) for f in files
+                                 if not (f.parent.parent / MARKERS_DIR / f"{f.stem}.done").exists()],
         "rows": row["rows"], "rows_predicted": row["predicted"], "rows_failed": row["failed"],
         "rows_flagged": row["flagged"],
         "flags": {bit.name: row[f"flag:{bit.name}"] for bit in Flag},

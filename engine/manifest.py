@@ -2,8 +2,9 @@
 
 The protocol that makes runs resumable and exactly-once, shared by the local and the Ray pipeline:
 a results file `OUT/results/<stem>.parquet` is written under a hidden temporary name, fsync'd and
-renamed into place, and only then is its completion marker `<stem>.done` (JSON: rows, model hash,
-seed, S) written, atomically too. A file without a marker is never trusted: `--resume` redoes it.
+renamed into place, and only then is its completion marker `OUT/markers/<stem>.done` (JSON: rows,
+model hash, seed, S) written, atomically too. A file without a marker is never trusted: `--resume`
+redoes it. Markers live outside `results/` so that folder reads as a plain Parquet dataset.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..catalogs.schema import ERROR, FLAGS
 from ..errors import StarcastError
 
 RESULTS_DIR = "results"
+MARKERS_DIR = "markers"
 MANIFEST_NAME = "run-manifest.json"
 PARTIAL_SUFFIX = ".partial"
 
@@ -50,7 +52,7 @@ def results_path(out: Path, input_file: Path) -> Path:
 
 
 def marker_path(out: Path, input_file: Path) -> Path:
-    return out / RESULTS_DIR / f"{input_file.stem}.done"
+    return out / MARKERS_DIR / f"{input_file.stem}.done"
 
 
 def read_marker(out: Path, input_file: Path) -> dict | None:
@@ -128,7 +130,9 @@ class ResultsWriter:
                   "model_sha256": self.identity.model_sha256, "seed": self.identity.seed,
                   "samples": self.identity.samples, "version": self.identity.version,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(marker_path(self.final.parent.parent, self.input_file), marker)
+        path = marker_path(self.final.parent.parent, self.input_file)
+        path.parent.mkdir(exist_ok=True)
+        write_json_atomic(path, marker)
         report.output = str(self.final)
 
     def abort(self) -> None:

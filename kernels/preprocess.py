@@ -106,7 +106,7 @@ class Preprocessed:
     flags: np.ndarray  # (B,) int32 Flag bits
     coverage: np.ndarray  # (B,) float32, fraction of the model grid covered after the rv shift
     bad_fraction: np.ndarray  # (B,) float32, fraction of the covered grid pixels that are bad
-    errors: list[str | None]  # None, or "row <index in the batch>: <why it failed>"
+    errors: list[str | None]  # None, or why the row failed (it stays in its place, so no index)
     ivar: np.ndarray  # (B, D) float32
 
 
@@ -388,6 +388,6 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     for r in np.flatnonzero(status != _OK):
         reason = failures.get(int(r)) or _REASONS[int(status[r])].format(
             n_good=n_good[r], need=settings.min_good_pixels)
-        messages[r] = f"row {r}: {reason}"
+        messages[r] = reason
     return Preprocessed(x=x, flags=flags.astype(np.int32), coverage=coverage.astype(np.float32),
                         bad_fraction=bad_fraction.astype(np.float32), errors=messages, ivar=ivar)

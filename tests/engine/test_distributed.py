@@ -25,7 +25,10 @@ GRID = WavelengthGrid.linear(3990.0, 1.0, 220)
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance (2 CPUs) for the module: Ray takes seconds to start."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    from starcast.engine.distributed import RUNTIME_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env=RUNTIME_ENV)
     yield ray
     ray.shutdown()
 
@@ -85,7 +88,7 @@ def test_ray_path_equals_local_path_row_for_row(tmp_path: Path, local_ray, bundl
                 np.testing.assert_allclose(a[name].to_numpy(), b[name].to_numpy(), rtol=1e-5, err_msg=name)
             else:
                 assert a[name].to_pylist() == b[name].to_pylist(), name
-        assert (tmp_path / "ray/results" / f"{f.stem}.done").exists()
+        assert (tmp_path / "ray/markers" / f"{f.stem}.done").exists()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -128,12 +131,12 @@ def test_killing_the_inference_actor_mid_run_yields_every_id_once(tmp_path: Path
         run(cat, out, model=bundle, batch_size=10, ray="auto", progress=False)))
     worker.start()
     deadline = time.monotonic() + 120
-    while not list((out / "results").glob("*.done")) and worker.is_alive():
+    while not list((out / "markers").glob("*.done")) and worker.is_alive():
         assert time.monotonic() < deadline, "no file completed in 120 s"
         time.sleep(0.01)
     victims = _inference_actor_pids()
     assert victims and worker.is_alive(), "the run ended before an actor could be killed"
-    done_before = len(list((out / "results").glob("*.done")))
+    done_before = len(list((out / "markers").glob("*.done")))
     os.kill(victims[0], signal.SIGKILL)
     worker.join(timeout=300)
     assert not worker.is_alive()

@@ -59,7 +59,8 @@ def test_summary_of_a_known_results_file(tmp_path: Path) -> None:
 def test_inspect_command_reads_a_run_folder_and_prints_the_tables(tmp_path: Path) -> None:
     (tmp_path / "out/results").mkdir(parents=True)
     known_results(tmp_path / "out/results/a.parquet")
-    (tmp_path / "out/results/a.done").write_text("{}")
+    (tmp_path / "out/markers").mkdir()
+    (tmp_path / "out/markers/a.done").write_text("{}")
     result = CliRunner().invoke(inspect_command, [str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "101 rows: 99 predicted, 2 failed, 13 flagged" in result.output

@@ -83,7 +83,7 @@ def test_every_row_appears_once_with_its_numbers_and_metadata(tmp_path: Path, ti
     assert set(manifest["stage_seconds"]) == {"read", "prepare", "infer", "write"}
     assert exit_code(manifest) == EXIT_OK
     for stem in ("a", "b"):
-        marker = json.loads((tmp_path / f"out/results/{stem}.done").read_text())
+        marker = json.loads((tmp_path / f"out/markers/{stem}.done").read_text())
         assert marker["rows"] == {"a": 700, "b": 300}[stem]
     assert not list((tmp_path / "out/results").glob(".*"))  # no temporary files left
 
@@ -142,7 +142,7 @@ def test_bad_rows_are_flagged_and_a_corrupt_file_is_reported(tmp_path: Path, tin
     assert manifest["totals"]["rows_in"] == manifest["totals"]["rows_out"] == 59
     assert manifest["totals"]["files_failed"] == 1 and manifest["totals"]["rows_failed"] == 3
     assert not (tmp_path / "out/results/corrupt.parquet").exists()
-    assert not (tmp_path / "out/results/corrupt.done").exists()
+    assert not (tmp_path / "out/markers/corrupt.done").exists()
 
 
 def test_a_bundle_with_a_wrong_hash_is_refused_before_anything_is_written(tmp_path: Path,
@@ -168,4 +168,15 @@ def test_an_empty_input_file_gets_an_empty_results_file(tmp_path: Path, tiny_bun
     manifest = run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
     assert manifest["totals"]["files_done"] == 1
     assert pq.read_table(tmp_path / "out/results/empty.parquet").num_rows == 0
-    assert (tmp_path / "out/results/empty.done").exists()
+    assert (tmp_path / "out/markers/empty.done").exists()
+
+
+def test_cli_runs_a_job_spec_and_options_override_it(tmp_path: Path, tiny_bundle: Path) -> None:
+    catalog(tmp_path / "cat.parquet", range(20))
+    job = tmp_path / "job.toml"
+    job.write_text(f'[run]\ninput = "cat.parquet"\nout = "out"\nmodel = "{tiny_bundle}"\nseed = 1\n'
+                   'batch_size = 8\nprogress = false\n')
+    result = CliRunner().invoke(run_command, ["--config", str(job), "--seed", "4"])
+    assert result.exit_code == EXIT_OK, result.output
+    manifest = json.loads((tmp_path / "out/run-manifest.json").read_text())
+    assert (manifest["seed"], manifest["batch_size"], manifest["totals"]["rows_out"]) == (4, 8, 20)

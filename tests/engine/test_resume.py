@@ -49,11 +49,11 @@ def start_run(cat: Path, out: Path, bundle: Path, *extra: str) -> subprocess.Pop
 def stop_after_first_file(proc: subprocess.Popen, out: Path, sig: int) -> int:
     """Send `sig` as soon as the first completion marker appears; return how many markers existed."""
     deadline = time.monotonic() + 120
-    while not list((out / "results").glob("*.done")):
+    while not list((out / "markers").glob("*.done")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no file completed in 120 s"
         time.sleep(0.005)
-    done = len(list((out / "results").glob("*.done")))
+    done = len(list((out / "markers").glob("*.done")))
     proc.send_signal(sig)
     proc.communicate(timeout=60)
     return done
@@ -83,7 +83,7 @@ def test_resume_after_an_interrupted_run_yields_each_id_once(tmp_path: Path, ref
     proc = start_run(cat, out, bundle_dir)
     done_at_stop = stop_after_first_file(proc, out, sig)
     assert proc.returncode != 0
-    markers = {p.stem for p in (out / "results").glob("*.done")}
+    markers = {p.stem for p in (out / "markers").glob("*.done")}
     assert done_at_stop <= len(markers) < FILES, "the run finished before it was stopped"
     visible = {p.stem for p in (out / "results").glob("*.parquet")}
     assert visible == markers  # nothing half-written under a final name
@@ -103,7 +103,7 @@ def test_resume_rewrites_a_results_file_without_marker(tmp_path: Path, bundle_di
     cat = shards(tmp_path / "cat", files=2, rows=30)
     out = tmp_path / "out"
     run(cat, out, model=bundle_dir, progress=False)
-    (out / "results/shard-001.done").unlink()
+    (out / "markers/shard-001.done").unlink()
     pq.write_table(pa.table({"id": [1]}), out / "results/shard-001.parquet")  # a stale partial result
     manifest = run(cat, out, model=bundle_dir, resume=True, progress=False)
     assert [f["status"] for f in manifest["files"]] == ["skipped", "done"]
@@ -115,4 +115,4 @@ def test_resume_refuses_results_of_another_seed(tmp_path: Path, bundle_dir: Path
     run(cat, tmp_path / "out", model=bundle_dir, seed=1, progress=False)
     with pytest.raises(StarcastError, match="cannot resume"):
         run(cat, tmp_path / "out", model=bundle_dir, seed=2, resume=True, progress=False)
-    assert os.path.exists(tmp_path / "out/results/shard-000.done")
+    assert os.path.exists(tmp_path / "out/markers/shard-000.done")
