@@ -43,6 +43,7 @@ class ArchitectureConfig:
     var_eps: float = 1e-6  # var = softplus(raw) + var_eps (standardised units)
     input_rank: int = 0  # train the first layer in the span of this many principal components (0: full)
     input_whiten: bool = False  # standardise each input (component or pixel) to unit variance
+    input_noise_probes: int = 0  # extra inputs: random directions outside the components' span
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 class Standardiser:
     """Input: subtract the per-pixel training mean, then project onto `projection` ([D, r]: the
     first r principal components of the training spectra, or the identity), scaled either to unit
-    variance per input (`whiten`) or by one global scale. The projection makes the first layer low
-    rank (W1 = P W1'), so training costs r instead of D inputs per member while the exported model
-    stays DESIGN.md's MLP on x. Labels: per-target mean and std (the manifest's mean/std)."""
+    variance per input (`whiten`) or by one global scale, plus optional noise probes (below). The
+    projection makes the first layer low rank (W1 = P W1'), so training costs r instead of D inputs
+    per member while the exported model stays DESIGN.md's MLP on x. Labels: per-target mean and
+    std (the manifest's mean/std)."""
 
     x_mean: np.ndarray  # (D,) float64
     projection: np.ndarray  # (D, r) float64; (D, D) diagonal 1/scale when no projection is asked for
@@ -38,23 +39,25 @@ class Standardiser:
     y_std: np.ndarray  # (K,) float64
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, rank: int = 0, seed: int = 0,
-            whiten: bool = False) -> Standardiser:
+    def fit(cls, x: np.ndarray, y: np.ndarray, rank: int = 0, seed: int = 0, whiten: bool = False,
+            probes: int = 0) -> Standardiser:
         x_mean = x.mean(axis=0, dtype=np.float64)
         xc = torch.from_numpy(x) - torch.from_numpy(x_mean.astype(np.float32))
+        g = torch.Generator().manual_seed(seed)
         if rank and rank < x.shape[1]:
             torch.manual_seed(seed)
             _, _, v = torch.svd_lowrank(xc, q=rank + 10, niter=3)
             v = v[:, :rank]
-            spread = torch.sqrt(torch.mean((xc @ v) ** 2, dim=0))  # (r,) per component
-            basis = v.double().numpy()
         else:
-            basis = np.eye(x.shape[1])
-            spread = torch.sqrt(torch.mean(xc**2, dim=0))  # (D,) per pixel
+            v = torch.eye(x.shape[1])
+        spread = torch.sqrt(torch.mean((xc @ v) ** 2, dim=0))  # (r,) per input
         # whiten: unit variance per input (noise-dominated components stay visible, so the variance
         # head can read the noise level); else one global scale for all inputs
         scale = spread.double().numpy() if whiten else float(torch.sqrt(torch.mean(spread**2)))
-        return cls(x_mean, basis / np.maximum(scale, 1e-6), y.mean(axis=0, dtype=np.float64),
+        basis = v.double().numpy() / np.maximum(scale, 1e-6)
+        if probes and v.shape[1] < x.shape[1]:
+            basis = np.concatenate([basis, _noise_probes(xc, v, probes, g)], axis=1)
+        return cls(x_mean, basis, y.mean(axis=0, dtype=np.float64),
                    np.maximum(y.std(axis=0, dtype=np.float64), 1e-12))
 
     def x(self, x: np.ndarray, batch_rows: int = 8192) -> torch.Tensor:
@@ -64,6 +67,18 @@ class Standardiser:
 
     def y(self, y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((y - self.y_mean) / self.y_std).astype(np.float32))
+
+
+def _noise_probes(xc: torch.Tensor, v: torch.Tensor, n: int, g: torch.Generator) -> np.ndarray:
+    """n random orthonormal directions orthogonal to the span of `v`, each scaled to unit variance
+    over the training rows: what they see is mostly noise, so |probe| tells the network the noise
+    level (a projection onto the leading components alone hides it). (D, n) float64."""
+    r = torch.randn(xc.shape[1], n, generator=g, dtype=torch.float64)
+    vd = v.double()
+    r -= vd @ (vd.T @ r)
+    q, _ = torch.linalg.qr(r)
+    spread = torch.sqrt(torch.mean((xc.double() @ q) ** 2, dim=0))
+    return (q / spread.clamp_min(1e-12)).numpy()
 
 
 @dataclass
@@ -127,7 +142,8 @@ def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
 
 def _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, progress) -> TrainResult:
     start = time.perf_counter()
-    std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]), arch.input_whiten)
+    std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]), arch.input_whiten,
+                           arch.input_noise_probes)
     variants = [x_train, *([] if x_noisy is None else list(x_noisy))]
     xs = torch.stack([std.x(v) for v in variants])  # [C+1, N, r]: the data, then its noisier copies
     ys, xv, yv = std.y(y_train), std.x(x_val), std.y(y_val)

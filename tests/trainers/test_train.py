@@ -48,10 +48,11 @@ def _numpy_forward(layers, x, masks, p):
     return h[..., :k], np.logaddexp(0, h[..., k:]) + ARCH.var_eps
 
 
-@pytest.mark.parametrize(("rank", "whiten"), [(0, False), (8, False), (8, True)])
-def test_export_folds_standardisation_into_first_layer(toy, rank, whiten):
+@pytest.mark.parametrize(("rank", "whiten", "probes"), [(0, False, 0), (8, False, 0), (8, True, 0),
+                                                       (8, False, 4)])
+def test_export_folds_standardisation_into_first_layer(toy, rank, whiten, probes):
     x, y, _ = toy
-    std = Standardiser.fit(x, y, rank, whiten=whiten)
+    std = Standardiser.fit(x, y, rank, whiten=whiten, probes=probes)
     model = EnsembleMLP(std.projection.shape[1], ARCH.hidden, 3, (0, 1, 2), dropout=ARCH.dropout)
     with torch.no_grad():  # non-trivial biases, so the fold of b1 is exercised
         for b in model.biases:
@@ -71,3 +72,13 @@ def test_whitened_projection_gives_unit_variance_inputs(toy):
     xs = Standardiser.fit(x, y, 8, whiten=True).x(x).double()
     np.testing.assert_allclose(xs.pow(2).mean(0).numpy(), 1.0, rtol=1e-3)
     np.testing.assert_allclose(xs.mean(0).numpy(), 0.0, atol=1e-3)
+
+
+def test_noise_probes_are_orthogonal_to_the_components_and_track_the_noise(make_toy):
+    x, y, snr = make_toy(1000, d=200)
+    std = Standardiser.fit(x, y, 16, probes=8)
+    unit = std.projection / np.linalg.norm(std.projection, axis=0)
+    np.testing.assert_allclose(unit[:, :16].T @ unit[:, 16:], 0.0, atol=1e-5)
+    xs = std.x(x).double().numpy()
+    np.testing.assert_allclose((xs[:, 16:] ** 2).mean(0), 1.0, rtol=1e-3)
+    assert np.corrcoef(np.abs(xs[:, 16:]).mean(1), 1 / snr)[0, 1] > 0.7
