@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 from ..catalogs.io import list_inputs
 from ..catalogs.schema import FLAGS, ID, META_GENERATOR, SNR, SPLIT, Flag
 from ..errors import CatalogError
-from .metrics import auroc, binned_bias, summary
+from .metrics import auroc, binned_bias, coverage_by_snr, summary
 from .plots import EvalArrays, write_plots
 
 C_KMS = 299792.458  # speed of light, km/s (CODATA 2018, exact)
@@ -106,6 +106,8 @@ def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[floa
         entry = summary(a.y[:, k], a.mean[:, k], a.sigma[:, k])
         entry["bias_in_bins"] = {p: binned_bias(a.y[:, j], r, a.sigma[:, k], bins)
                                  for j, p in enumerate(names)}
+        if a.snr is not None:
+            entry["coverage_by_snr"] = coverage_by_snr(a.snr, a.y[:, k], a.mean[:, k], a.sigma[:, k])
         report["targets"][n] = entry
     if vsini_min is not None and "vsini" in names:
         k = names.index("vsini")

@@ -67,6 +67,23 @@ def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins
     return out
 
 
+SNR_EDGES = (0.0, 30.0, 50.0, 100.0, 200.0, np.inf)
+
+
+def coverage_by_snr(snr: np.ndarray, y: np.ndarray, mean: np.ndarray, sigma: np.ndarray,
+                    edges=SNR_EDGES) -> list[dict]:
+    """Coverage of the 68% and 95% intervals in bins of SNR: calibration on average can hide sigmas
+    that do not follow the noise (too narrow at low SNR, too wide at high SNR). Empty bins are skipped."""
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (snr >= lo) & (snr < hi)
+        if sel.any():
+            out.append({"snr_lo": float(lo), "snr_hi": float(hi), "n": int(sel.sum()),
+                        "coverage_68": coverage(y[sel], mean[sel], sigma[sel], 0.68),
+                        "coverage_95": coverage(y[sel], mean[sel], sigma[sel], 0.95)})
+    return out
+
+
 def auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
     """Area under the ROC curve for telling `score_out` (positives) from `score_in` by a high score:
     the Mann-Whitney U statistic / (n_in n_out), ties counted half."""

@@ -93,6 +93,13 @@ def summary_markdown(reports: dict) -> str:
             lines.append(f"| {name} | {t}{note} | {rmse:.4g} | {m['bias']:+.3g} | {m['median_sigma']:.3g} | "
                          f"{100 * m['coverage_68']:.1f}% | {100 * m['coverage_95']:.1f}% | "
                          f"{g['worst_bin_bias_over_median_sigma']:.2f} |")
+    lines += ["", "68% / 95% coverage in bins of SNR (`random` set):", "",
+              "| SNR | rows | " + " | ".join(reports["random"]["targets"]) + " |",
+              "| --- | --- |" + " --- |" * len(reports["random"]["targets"])]
+    by_snr = [m.get("coverage_by_snr", []) for m in reports["random"]["targets"].values()]
+    for bins in zip(*by_snr, strict=True):
+        cells = " | ".join(f"{100 * b['coverage_68']:.0f}% / {100 * b['coverage_95']:.0f}%" for b in bins)
+        lines.append(f"| {bins[0]['snr_lo']:.0f}-{bins[0]['snr_hi']:.0f} | {bins[0]['n']} | {cells} |")
     for name in ("ood_hot", "ood_snr5"):
         ood = reports[name]["ood"]
         per = ", ".join(f"{t} {v:.3f}" for t, v in ood["auroc_epistemic_sigma"].items())

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import uncertainty_toolbox as uct
 from sklearn.metrics import roc_auc_score
-from starcast.trainers.metrics import auroc, binned_bias, coverage, summary
+from starcast.trainers.metrics import auroc, binned_bias, coverage, coverage_by_snr, summary
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,15 @@ def test_coverage_hand_computed_case():
     sigma = np.ones(4)
     assert coverage(y, mean, sigma, 0.68) == 0.5  # |z| <= 0.994: the first two
     assert coverage(y, mean, sigma, 0.95) == 0.75  # |z| <= 1.960: all but the last
+
+
+def test_coverage_by_snr_separates_narrow_low_snr_sigmas_from_wide_high_snr_ones():
+    snr = np.array([20.0, 25.0, 250.0, 280.0])
+    y = np.zeros(4)
+    mean = np.array([2.0, -3.0, 0.1, -0.2])  # the low-SNR rows miss by 2-3 sigma, the others do not
+    bins = coverage_by_snr(snr, y, mean, np.ones(4))
+    assert [(b["snr_lo"], b["n"], b["coverage_68"], b["coverage_95"]) for b in bins] == [
+        (0.0, 2, 0.0, 0.0), (200.0, 2, 1.0, 1.0)]
 
 
 def test_binned_bias_hand_computed_case():
