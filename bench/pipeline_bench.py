@@ -193,7 +193,7 @@ def markdown(r: dict) -> str:
              f"(model grid {c['grid']['n']} px), "
              f"hidden {c['hidden']}, M={c['members']}, S={c['samples']}, batch {c['batch_size']}",
              "", f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; load average at start "
-             f"{m['load_average_at_start'][0]:.1f} (machine shared with other jobs)", "",
+             f"{m['load_average_at_start'][0]:.1f}", "",
              "| what | spectra/s (wall) | spectra/s (in run) | seconds (wall) | peak RSS MiB |",
              "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| stage alone: {k} | | {s['spectra_per_s'][k]:,.0f} | {s['seconds'][k]:.1f} | |"
