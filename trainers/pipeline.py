@@ -18,7 +18,7 @@ import torch
 
 from ..engine.bundle import save_bundle
 from ..kernels.reference import ensemble_stats_cpu
-from ..kernels.rng import id_keys
+from ..kernels.rng import MASK_BITS, effective_p, id_keys
 from .calibrate import calibration_factors, epistemic_thresholds
 from .config import UNITS, ArchitectureConfig, TrainConfig
 from .data import Dataset, load_dataset
@@ -94,6 +94,8 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
         "preprocess": _preprocess_dict(cfg),
         "architecture": {"input_dim": int(x_tr.shape[1]), "hidden": list(arch.hidden),
                          "activation": arch.activation, "dropout": arch.dropout,
+                         # the rate the masks apply: p quantised to the RNG's 16-bit resolution
+                         "dropout_effective": effective_p(arch.dropout), "mask_bits": MASK_BITS,
                          "members": arch.members, "samples": arch.samples, "var_eps": arch.var_eps},
         "ood": {"epistemic_sigma_threshold": {n: float(t) for n, t in zip(names, thresholds, strict=True)},
                 "quantile": cal.ood_quantile},

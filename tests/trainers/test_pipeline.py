@@ -100,3 +100,10 @@ def test_train_command_writes_a_loadable_bundle(tmp_path):
     res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet"])
     assert res.exit_code == 0, res.output
     assert load_bundle(out).manifest["name"] == "cli"
+
+
+def test_manifest_records_the_dropout_rate_the_masks_apply(trained):
+    cfg, out = trained
+    arch = load_bundle(out.path).architecture
+    assert arch["mask_bits"] == rng.MASK_BITS
+    assert arch["dropout_effective"] == rng.effective_p(cfg.architecture.dropout) != 0.1  # quantised
