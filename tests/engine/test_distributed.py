@@ -121,27 +121,41 @@ def _inference_actor_pids() -> list[int]:
     return pids
 
 
+def run_interrupted(cat: Path, out: Path, bundle: Path, interrupt) -> tuple[int, dict]:
+    """Run `cat` on Ray in a thread, call `interrupt()` once its first file is complete, wait for the
+    end. Returns how many files were complete at the interruption, and the run manifest."""
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(
+        run(cat, out, model=bundle, batch_size=10, ray="auto", progress=False)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not list((out / "markers").glob("*.done")) and runner.is_alive():
+        assert time.monotonic() < deadline, "no file completed in 120 s"
+        time.sleep(0.01)
+    assert runner.is_alive(), "the run ended before it could be interrupted"
+    done_before = len(list((out / "markers").glob("*.done")))
+    interrupt()
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    return done_before, result
+
+
+def assert_every_id_once(out: Path, result: dict, sizes: list[int]) -> None:
+    assert result["totals"]["files_failed"] == 0 and result["totals"]["rows_out"] == sum(sizes)
+    ids = pa.concat_tables(pq.read_table(p) for p in sorted((out / "results").glob("*.parquet")))["id"]
+    assert sorted(ids.to_pylist()) == list(range(sum(sizes)))
+
+
 def test_killing_the_inference_actor_mid_run_yields_every_id_once(tmp_path: Path, local_ray,
                                                                    bundle: Path) -> None:
     sizes = [200] * 12
     cat = shards(tmp_path / "cat", sizes)
-    out = tmp_path / "out"
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(
-        run(cat, out, model=bundle, batch_size=10, ray="auto", progress=False)))
-    worker.start()
-    deadline = time.monotonic() + 120
-    while not list((out / "markers").glob("*.done")) and worker.is_alive():
-        assert time.monotonic() < deadline, "no file completed in 120 s"
-        time.sleep(0.01)
-    victims = _inference_actor_pids()
-    assert victims and worker.is_alive(), "the run ended before an actor could be killed"
-    done_before = len(list((out / "markers").glob("*.done")))
-    os.kill(victims[0], signal.SIGKILL)
-    worker.join(timeout=300)
-    assert not worker.is_alive()
 
+    def kill_an_actor() -> None:
+        victims = _inference_actor_pids()
+        assert victims, "no inference actor to kill"
+        os.kill(victims[0], signal.SIGKILL)
+
+    done_before, result = run_interrupted(cat, tmp_path / "out", bundle, kill_an_actor)
     assert done_before < len(sizes)
-    assert result["totals"]["files_failed"] == 0 and result["totals"]["rows_out"] == sum(sizes)
-    ids = pa.concat_tables(pq.read_table(p) for p in sorted((out / "results").glob("*.parquet")))["id"]
-    assert sorted(ids.to_pylist()) == list(range(sum(sizes)))
+    assert_every_id_once(tmp_path / "out", result, sizes)
