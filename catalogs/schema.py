@@ -230,39 +230,52 @@ def _check_unique(ids: pa.ChunkedArray, file) -> None:
                            row=int(rows[1]))
 
 
+def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_fixed_size_list(column.type):
+        return np.full(len(column), column.type.list_size)
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False)  # null rows -> NaN
+
+
 def _check_lengths(table: pa.Table, file) -> None:
     flux = table.column(FLUX)
-    if pa.types.is_fixed_size_list(flux.type) and WAVELENGTH not in table.column_names:
-        lengths = None
-    else:
-        lengths = pc.list_value_length(flux).to_numpy(zero_copy_only=False)
-    grid = table_grid(table.schema, file)
-    valid = ~flux.is_null().to_numpy(zero_copy_only=False)
+    lengths, valid = _list_lengths(flux), ~flux.is_null().to_numpy(zero_copy_only=False)
     if WAVELENGTH in table.column_names:
         wavelength = table.column(WAVELENGTH)
         missing = valid & wavelength.is_null().to_numpy(zero_copy_only=False)
         if missing.any():
             raise CatalogError("flux is given but its wavelength is null", file=file, column=WAVELENGTH,
                                row=_first_row(missing))
-        wl = pc.list_value_length(wavelength).to_numpy(zero_copy_only=False)
-        bad = valid & (wl != lengths)
-        if bad.any():
-            row = _first_row(bad)
-            raise CatalogError(f"flux has {lengths[row]} pixels but wavelength has {wl[row]}", file=file,
-                               column=FLUX, row=row)
-        return
-    n = grid.n if grid is not None else None
-    if lengths is None:
-        lengths = np.full(len(flux), flux.type.list_size)
-    if n is None:
-        if not valid.any():
-            return
+        _check_same_lengths(table, WAVELENGTH, lengths, valid, file)
+    else:
+        _check_one_grid(table, lengths, valid, file)
+    for name in (FLUX_ERR, IVAR, MASK):
+        if name in table.column_names:
+            _check_same_lengths(table, name, lengths, valid, file)
+
+
+def _check_same_lengths(table: pa.Table, name: str, lengths: np.ndarray, valid: np.ndarray, file) -> None:
+    # A per-pixel column must have flux's length in every row where both are present.
+    column = table.column(name)
+    other = _list_lengths(column)
+    bad = valid & ~column.is_null().to_numpy(zero_copy_only=False) & (other != lengths)
+    if bad.any():
+        row = _first_row(bad)
+        raise CatalogError(f"flux has {lengths[row]:.0f} pixels but {name} has {other[row]:.0f}", file=file,
+                           column=FLUX if name == WAVELENGTH else name, row=row)
+
+
+def _check_one_grid(table: pa.Table, lengths: np.ndarray, valid: np.ndarray, file) -> None:
+    # Without a wavelength column every present flux row has the file grid's length, or one length.
+    grid = table_grid(table.schema, file)
+    if grid is not None:
+        n, reason = grid.n, f"flux length differs from the file's wavelength grid ({grid.n} pixels)"
+    elif valid.any():
         n = int(lengths[valid][0])
         reason = "ragged flux: rows differ in length and there is no wavelength column or file grid"
     else:
-        reason = f"flux length differs from the file's wavelength grid ({n} pixels)"
+        return
     bad = valid & (lengths != n)
     if bad.any():
         row = _first_row(bad)
-        raise CatalogError(f"{reason} (this row has {lengths[row]}, expected {n})", file=file,
+        raise CatalogError(f"{reason} (this row has {lengths[row]:.0f}, expected {n})", file=file,
                            column=FLUX, row=row)

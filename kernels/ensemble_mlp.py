@@ -9,7 +9,8 @@ mask), the 2K-wide head, softplus, and a Chan/Welford merge of the chunk's per-t
 sum of variances in registers. Per (member, spectrum, target) it writes those three numbers; a
 second stage (a few torch ops on [M, B, K]) merges members — equal counts, fixed order — then
 de-standardises and calibrates. Members sit in the grid rather than a loop so that a 1k-spectrum
-batch already fills an H100 (32 tiles x 8 members >= 132 SMs) at no cost but 3*K floats per member.
+batch already fills an H100 (at BLOCK_B = 32, its 32 tiles x 8 members are capped by the persistent
+grid to 16 x 8 = 128 programs for 132 SMs) at no cost but 3*K floats per member.
 p = 0 runs one sample (all S are identical), so S = 1, p = 0 is a plain deep ensemble.
 
 What stays where: weights stream from L2/HBM once per (tile, member, sample chunk), so the

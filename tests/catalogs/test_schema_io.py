@@ -210,3 +210,16 @@ def test_an_id_column_with_no_values_at_all_is_a_missing_id():
     with pytest.raises(CatalogError, match="missing id") as exc:
         validate(table(n=2, ids=pa.nulls(2)))
     assert exc.value.row == 0
+
+
+@pytest.mark.parametrize("name, values", [
+    ("flux_err", pa.array([[0.1, 0.1], [0.1]], pa.list_(pa.float32()))),
+    ("ivar", pa.array([[1.0, 1.0], [1.0, 1.0, 1.0]], pa.list_(pa.float32()))),
+    ("mask", pa.array([[False, False], [True]], pa.list_(pa.bool_()))),
+])
+def test_per_pixel_columns_must_match_the_flux_length(name, values):
+    t = pa.table({"id": [1, 2], "flux": pa.array([[1.0, 2.0], [1.0, 2.0]], pa.list_(pa.float32()))})
+    with pytest.raises(CatalogError, match=f"flux has 2 pixels but {name} has") as exc:
+        validate(t.append_column(name, values), file="p.parquet")
+    assert exc.value.row == 1 and exc.value.column == name
+    validate(t.append_column(name, pa.array([values[0].as_py(), None], values.type)))  # a null row is fine

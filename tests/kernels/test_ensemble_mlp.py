@@ -195,3 +195,11 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="CUDA"):
         ensemble_stats_triton(torch.randn(2, 8), torch.arange(2), make_layers(1, [8, 16, 2]), p=0.1,
                               samples=2, seed=0)
+
+
+def test_more_than_sixteen_targets_pad_the_head_to_the_next_power_of_two():
+    layers = make_layers(2, [21, 16, 16, 2 * 17], seed=9)  # K = 17: KP = 32
+    x, keys = torch.randn(3, 21), torch.arange(3)
+    got, ref = run_both(x, keys, layers)
+    assert all(g.shape == (3, 17) for g in got)
+    assert_close_to_reference(got, ref, 1e-5)
