@@ -1,0 +1,196 @@
+"""Grids of model spectra (TLUSTY/SYNSPEC and the like): the unbroadened, continuum-normalised flux of
+a set of model atmospheres on one wavelength array, with each model's parameters.
+
+`read_grid` takes an npz (the layout of `shared/data/tlusty-bstar2006`), a wide CSV (parameter columns
+and one column per wavelength), a Parquet catalog (a `flux` list column and parameter columns), or a
+directory of two-column text spectra (wavelength, flux; Synspec/Tlusty outputs) whose parameters come
+from a `params.csv` beside them or from their file names. Broadening and drawing stars from a grid
+live in `gridsynth.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CatalogError
+
+PARAMS = ("teff", "logg")  # K, dex (cgs): the axes a grid spans
+# BSTAR2006/OSTAR2002 model names (Lanz & Hubeny 2003, 2007): BG20000g350v2 = Teff 20 000 K,
+# log g 3.50, vturb 2 km/s.
+TLUSTY_NAME = r"(?P<teff>\d{5})g(?P<logg>\d{3})"
+TEXT_SUFFIXES = (".txt", ".dat", ".7", ".17", ".spec", ".norm", ".asc")
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """N model spectra on one wavelength array (Angstrom, `medium` air or vacuum), flux normalised to
+    the continuum and not broadened; `params[name]` holds each model's value (teff K, logg dex)."""
+
+    wavelength: np.ndarray  # (P,) float64, strictly increasing
+    flux: np.ndarray  # (N, P) float32
+    params: dict[str, np.ndarray]  # name -> (N,) float64
+    names: np.ndarray  # (N,) str
+    medium: str = "air"
+
+    def __post_init__(self):
+        n, p = self.flux.shape
+        if self.wavelength.shape != (p,) or not np.all(np.diff(self.wavelength) > 0):
+            raise CatalogError(f"a model grid needs one strictly increasing wavelength array of {p} values")
+        for name in PARAMS:
+            if name not in self.params or self.params[name].shape != (n,):
+                raise CatalogError(f"a model grid needs the parameter {name!r} for each of its {n} models")
+        if self.medium not in ("air", "vacuum"):
+            raise CatalogError(f"medium must be 'air' or 'vacuum', got {self.medium!r}")
+
+    def nodes(self) -> np.ndarray:
+        """(N, 2) Teff, log g of the models."""
+        return np.stack([self.params[name] for name in PARAMS], axis=1)
+
+    def crop(self, lo: float, hi: float) -> ModelGrid:
+        """The same models between `lo` and `hi` Angstrom."""
+        inside = (self.wavelength >= lo) & (self.wavelength <= hi)
+        return ModelGrid(self.wavelength[inside], self.flux[:, inside], self.params, self.names, self.medium)
+
+    def select(self, keep: np.ndarray) -> ModelGrid:
+        """The models where `keep` (bool or index array) holds."""
+        return ModelGrid(self.wavelength, self.flux[keep], {k: v[keep] for k, v in self.params.items()},
+                         self.names[keep], self.medium)
+
+
+def read_grid(path: str | Path, *, medium: str | None = None, name_pattern: str = TLUSTY_NAME,
+              quality_only: bool = True) -> ModelGrid:
+    """Read a model grid (see the module docstring for the formats). `medium` overrides what the
+    file says (npz: `wavelength_air` / `wavelength_vacuum`; otherwise air unless given).
+    `quality_only` drops models an npz marks `quality_ok = False`. `name_pattern`: a regex with named
+    groups `teff` and `logg` (log g as 3 digits, x100) for text spectra without a params.csv."""
+    path = Path(path)
+    if path.is_dir():
+        grid = _read_text_dir(path, name_pattern, medium or "air")
+    elif not path.is_file():
+        raise CatalogError("no such file or directory", file=str(path))
+    elif path.suffix == ".npz":
+        grid = _read_npz(path, medium, quality_only)
+    elif path.suffix == ".csv":
+        grid = _read_csv(path, medium or "air")
+    elif path.suffix == ".parquet":
+        grid = _read_parquet(path, medium)
+    else:
+        raise CatalogError("unknown model-grid format (expected .npz, .csv, .parquet or a directory of "
+                           "two-column text spectra)", file=str(path))
+    if not np.isfinite(grid.flux).all():
+        row = int(np.flatnonzero(~np.isfinite(grid.flux).all(axis=1))[0])
+        raise CatalogError(f"model {grid.names[row]} has non-finite flux", file=str(path), row=row)
+    return grid
+
+
+def _read_npz(path: Path, medium: str | None, quality_only: bool) -> ModelGrid:
+    with np.load(path, allow_pickle=False) as data:
+        keys = set(data.files)
+        wl_key = next((k for k in ("wavelength_air", "wavelength_vacuum", "wavelength") if k in keys), None)
+        missing = [k for k in ("flux", *PARAMS) if k not in keys] + ([] if wl_key else ["wavelength"])
+        if missing:
+            raise CatalogError(f"the npz lacks the arrays {missing}", file=str(path))
+        file_medium = {"wavelength_air": "air", "wavelength_vacuum": "vacuum"}.get(wl_key, "air")
+        n = data["flux"].shape[0]
+        names = data["model"].astype(str) if "model" in keys else np.array([f"model{i}" for i in range(n)])
+        grid = ModelGrid(np.asarray(data[wl_key], np.float64), np.asarray(data["flux"], np.float32),
+                         {k: np.asarray(data[k], np.float64) for k in PARAMS}, names,
+                         medium or file_medium)
+        if quality_only and "quality_ok" in keys:
+            grid = grid.select(np.asarray(data["quality_ok"], bool))
+    return grid
+
+
+def _read_csv(path: Path, medium: str) -> ModelGrid:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) < 2:
+        raise CatalogError("a grid CSV needs a header row and at least one model row", file=str(path))
+    header = [h.strip() for h in rows[0]]
+    pixels = [(i, _as_float(h)) for i, h in enumerate(header) if _as_float(h) is not None]
+    cols = {h: i for i, h in enumerate(header)}
+    missing = [p for p in PARAMS if p not in cols]
+    if missing or not pixels:
+        raise CatalogError(f"a grid CSV needs the columns {list(PARAMS)} and wavelength headers "
+                           f"(missing: {missing or 'wavelength columns'})", file=str(path))
+    flux = np.empty((len(rows) - 1, len(pixels)), np.float32)
+    params = {p: np.empty(len(rows) - 1) for p in PARAMS}
+    for r, row in enumerate(rows[1:]):
+        try:
+            flux[r] = [float(row[i]) for i, _ in pixels]
+            for p in PARAMS:
+                params[p][r] = float(row[cols[p]])
+        except (ValueError, IndexError) as exc:
+            raise CatalogError(f"not a number or a short row ({exc})", file=str(path), row=r) from exc
+    names = np.array([row[cols["model"]] if "model" in cols else f"row{r}" for r, row in enumerate(rows[1:])])
+    return ModelGrid(np.array([w for _, w in pixels]), flux, params, names, medium)
+
+
+def _read_parquet(path: Path, medium: str | None) -> ModelGrid:
+    from .io import read_catalog
+    from .schema import FLUX, table_grid
+
+    table = read_catalog(path)
+    grid = table_grid(table.schema, file=str(path))
+    missing = [p for p in PARAMS if p not in table.column_names]
+    if grid is None or missing:
+        raise CatalogError("a Parquet grid needs a file-level wavelength grid and the columns "
+                           f"{list(PARAMS)}", file=str(path))
+    flux = np.asarray(table.column(FLUX).combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                      np.float32).reshape(table.num_rows, -1)
+    names = (np.asarray(table.column("model").to_pylist(), str) if "model" in table.column_names
+             else np.array([f"row{r}" for r in range(table.num_rows)]))
+    return ModelGrid(grid.values(), flux, {p: table.column(p).to_numpy().astype(np.float64) for p in PARAMS},
+                     names, medium or grid.medium)
+
+
+def _read_text_dir(path: Path, pattern: str, medium: str) -> ModelGrid:
+    files = sorted(f for f in path.iterdir() if f.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise CatalogError(f"no text spectra ({', '.join(TEXT_SUFFIXES)}) in the directory", file=str(path))
+    table = _params_csv(path / "params.csv")
+    spectra, params = [], {p: [] for p in PARAMS}
+    for f in files:
+        if table is not None:
+            if f.name not in table:
+                raise CatalogError("not listed in params.csv", file=str(f))
+            values = table[f.name]
+        else:
+            match = re.search(pattern, f.name)
+            if match is None:
+                raise CatalogError(f"cannot read teff/logg from the file name (pattern {pattern!r}); "
+                                   "add a params.csv (file, teff, logg)", file=str(f))
+            values = {"teff": float(match["teff"]), "logg": float(match["logg"]) / 100.0}
+        try:
+            data = np.loadtxt(f, usecols=(0, 1), ndmin=2)
+        except ValueError as exc:
+            raise CatalogError(f"not a two-column text spectrum ({exc})", file=str(f)) from exc
+        spectra.append(data)
+        for p in PARAMS:
+            params[p].append(values[p])
+    wavelength = spectra[0][:, 0]
+    flux = np.stack([np.interp(wavelength, s[:, 0], s[:, 1]) for s in spectra]).astype(np.float32)
+    return ModelGrid(wavelength, flux, {p: np.asarray(v, np.float64) for p, v in params.items()},
+                     np.array([f.stem for f in files]), medium)
+
+
+def _params_csv(path: Path) -> dict[str, dict[str, float]] | None:
+    if not path.is_file():
+        return None
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"file", *PARAMS} <= set(reader.fieldnames or ()):
+            raise CatalogError(f"params.csv needs the columns file, {', '.join(PARAMS)}", file=str(path))
+        return {row["file"]: {p: float(row[p]) for p in PARAMS} for row in reader}
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

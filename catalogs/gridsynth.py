@@ -1,0 +1,283 @@
+"""Stars between the nodes of a model grid, observed as a survey observes them.
+
+The grid's spectra are broadened as Rotin does (Gray's rotation profile with linear limb darkening,
+then a Gaussian instrumental profile of FWHM lambda / R) on a ladder of v sin i, and binned on the
+observed wavelength grid once (`BroadenedLibrary`, cached on disk). A star at any (Teff, log g,
+v sin i) is then a weighted sum of library spectra: a cubic radial basis function over the 20 nearest
+nodes in (Teff / 1 kK, log g / 0.25 dex) and linear between the two nearest rungs of the ladder.
+`draw_survey` adds what real data has: continuum distortions (low order and ripple), noise, masked
+pixels and gaps, and wavelength-calibration errors. Used by the trainer (new draws every epoch), for
+test catalogs and for benchmarks; the physics comes from the grid, not from this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+import pyarrow as pa
+
+from . import physics
+from .grids import ModelGrid
+from .schema import (
+    FLUX,
+    FLUX_ERR,
+    ID,
+    MASK,
+    META_GENERATOR,
+    META_WAVELENGTH,
+    RV,
+    SNR,
+    WavelengthGrid,
+    spectrum_array,
+)
+
+VELOCITY_STEP_KMS = 0.5  # log-lambda step of the broadening grid, finer than SYNSPEC's 0.01 A (0.6 km/s)
+NEIGHBOURS = 20  # nodes in each local RBF interpolant (leave-one-out error within 3% of the global one)
+NODE_SCALE = np.array([1000.0, 0.25])  # K, dex: one grid step per unit
+
+
+def vsini_ladder(top: float = 460.0) -> np.ndarray:
+    """v sin i (km/s) at which the library is broadened: every 2 km/s up to 20 (below the
+    instrumental width, where profiles barely change), then steps of 4% (linear interpolation between
+    rungs then stays far below the noise; tests/catalogs/test_gridsynth.py measures it)."""
+    low = np.arange(0.0, 20.0 + 1e-9, 2.0)
+    high = 20.0 * 1.04 ** np.arange(1, int(math.ceil(math.log(top / 20.0) / math.log(1.04))) + 1)
+    return np.concatenate([low, high])
+
+
+@dataclass(frozen=True)
+class Observation:
+    """How the survey observes: its wavelength grid (Angstrom, linear), resolving power R and the
+    limb darkening of the rotation profile (0.6, the customary value)."""
+
+    start: float = 4000.0
+    step: float = 0.2
+    npix: int = 4001
+    resolving_power: float = 20000.0
+    epsilon: float = 0.6
+    medium: str = "air"
+
+    def grid(self) -> WavelengthGrid:
+        return WavelengthGrid.linear(self.start, self.step, self.npix, medium=self.medium)
+
+    def sigma_kms(self) -> float:
+        """Gaussian sigma (km/s) of the instrumental profile, FWHM = c / R."""
+        return physics.C_KMS / (self.resolving_power * 2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def broaden(wavelength: np.ndarray, flux: np.ndarray, vsini: np.ndarray, obs: Observation) -> np.ndarray:
+    """Unbroadened normalised `flux` on `wavelength` (A) -> (len(vsini), obs.npix) float32: rotation
+    (Gray, with obs.epsilon) and the instrument, pixel-averaged on the observed grid. The spectrum is
+    taken as continuum (1) beyond its ends."""
+    lo, hi = math.log(wavelength[0]), math.log(wavelength[-1])
+    h = VELOCITY_STEP_KMS / physics.C_KMS
+    lam = np.exp(lo + h * np.arange(int((hi - lo) / h) + 1))
+    g = np.interp(lam, wavelength, flux) - 1.0
+    kernels = [physics.velocity_kernel(VELOCITY_STEP_KMS, float(v), obs.epsilon, obs.sigma_kms())
+               for v in vsini]
+    half = max(len(k) for k in kernels) // 2
+    nfft = _fast_len(len(lam) + 2 * half + 1)
+    spectrum = np.fft.rfft(g, nfft)
+    edges = obs.grid().values()
+    edges = np.concatenate([edges - 0.5 * obs.step, edges[-1:] + 0.5 * obs.step])
+    out = np.empty((len(vsini), obs.npix), np.float32)
+    for j, k in enumerate(kernels):
+        kh = len(k) // 2
+        y = np.fft.irfft(spectrum * np.fft.rfft(k, nfft), nfft)[kh:kh + len(lam)]
+        cum = np.concatenate([[0.0], np.cumsum(0.5 * (y[1:] + y[:-1]) * np.diff(lam))])
+        out[j] = 1.0 + np.diff(np.interp(edges, lam, cum)) / np.diff(edges)
+    return out
+
+
+def _fast_len(n: int) -> int:
+    from scipy.fft import next_fast_len
+
+    return next_fast_len(n, real=True)
+
+
+@dataclass
+class BroadenedLibrary:
+    """Every node of a grid broadened at every rung of `vsini` and binned on `obs`'s grid."""
+
+    nodes: np.ndarray  # (N, 2) Teff K, log g dex
+    vsini: np.ndarray  # (V,) km/s
+    flux: np.ndarray  # (N, V, P) float32
+    obs: Observation
+    key: str  # sha256 of the grid's arrays, the ladder and the observation
+
+    @classmethod
+    def build(cls, grid: ModelGrid, obs: Observation, vsini: np.ndarray | None = None, *,
+              clip_emission: bool = True, cache: str | Path | None = None,
+              progress: bool = False) -> BroadenedLibrary:
+        """Broaden every model of `grid` (its flux clipped at 1 first when `clip_emission`: the LTE
+        source function gives some metal lines spurious emission, see the grid's README). With
+        `cache` (a folder), the library is stored there under its key and reused."""
+        vsini = vsini_ladder() if vsini is None else np.asarray(vsini, np.float64)
+        key = _library_key(grid, obs, vsini, clip_emission)
+        path = None if cache is None else Path(cache) / f"library-{key[:16]}.npy"
+        if path is not None and path.is_file():
+            return cls(grid.nodes(), vsini, np.load(path, mmap_mode="r"), obs, key)
+        from tqdm.auto import tqdm
+
+        flux = np.empty((len(grid.flux), len(vsini), obs.npix), np.float32)
+        for n in tqdm(range(len(grid.flux)), desc="broaden grid", unit="model", disable=not progress):
+            f = np.minimum(grid.flux[n], 1.0) if clip_emission else grid.flux[n]
+            flux[n] = broaden(grid.wavelength, f.astype(np.float64), vsini, obs)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, flux)
+            tmp.replace(path)
+        return cls(grid.nodes(), vsini, flux, obs, key)
+
+    def weights(self, teff: np.ndarray, logg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index (B, k), weight (B, k)) of the nodes that make up the spectra at (teff, logg): the
+        cardinal functions of a cubic RBF with a linear polynomial over the k nearest nodes."""
+        from scipy.interpolate import RBFInterpolator
+
+        k = min(NEIGHBOURS, len(self.nodes))
+        rbf = RBFInterpolator(self.nodes / NODE_SCALE, np.eye(len(self.nodes)), kernel="cubic", degree=1,
+                              neighbors=k)
+        w = rbf(np.stack([teff, logg], axis=1) / NODE_SCALE)
+        idx = np.argsort(-np.abs(w), axis=1)[:, :k]
+        return idx, np.take_along_axis(w, idx, axis=1)
+
+    def spectra(self, teff, logg, vsini) -> np.ndarray:
+        """(B, P) float32 noise-free normalised spectra at the given labels (K, dex, km/s)."""
+        teff, logg, vsini = (np.atleast_1d(np.asarray(a, np.float64)) for a in (teff, logg, vsini))
+        if vsini.min() < self.vsini[0] or vsini.max() > self.vsini[-1]:
+            raise ValueError(f"v sin i must lie in [{self.vsini[0]}, {self.vsini[-1]}] km/s")
+        idx, w = self.weights(teff, logg)
+        rung = np.clip(np.searchsorted(self.vsini, vsini, side="right") - 1, 0, len(self.vsini) - 2)
+        alpha = (vsini - self.vsini[rung]) / (self.vsini[rung + 1] - self.vsini[rung])
+        out = np.empty((len(teff), self.flux.shape[2]), np.float32)
+        _combine(np.asarray(self.flux), idx, w.astype(np.float32), rung, alpha.astype(np.float32), out)
+        return out
+
+    def inside(self, teff: np.ndarray, logg: np.ndarray) -> np.ndarray:
+        """True where (teff, logg) lies in the convex hull of the nodes (interpolation, not extrapolation)."""
+        from scipy.spatial import Delaunay
+
+        return Delaunay(self.nodes / NODE_SCALE).find_simplex(np.stack([teff, logg], 1) / NODE_SCALE) >= 0
+
+
+@numba.njit(parallel=True, cache=True)
+def _combine(lib, idx, w, rung, alpha, out):
+    # out[b] = sum_j w[b, j] ((1 - alpha[b]) lib[idx[b, j], rung[b]] + alpha[b] lib[idx[b, j], rung[b] + 1])
+    for b in numba.prange(out.shape[0]):
+        out[b, :] = 0.0
+        for j in range(idx.shape[1]):
+            lo = w[b, j] * (1.0 - alpha[b])
+            hi = w[b, j] * alpha[b]
+            n, v = idx[b, j], rung[b]
+            for p in range(out.shape[1]):
+                out[b, p] += lo * lib[n, v, p] + hi * lib[n, v + 1, p]
+
+
+def _library_key(grid: ModelGrid, obs: Observation, vsini: np.ndarray, clip: bool) -> str:
+    h = hashlib.sha256()
+    for a in (grid.wavelength, grid.flux, grid.nodes(), vsini):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps([asdict(obs), clip, VELOCITY_STEP_KMS]).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Perturbations:
+    """What a survey adds to a star's spectrum; each draw is independent per spectrum. SNR is per
+    observed pixel on the continuum, log-uniform; the continuum is `(1 + sum_k a_k P_k(x)) (1 + A sin(2 pi
+    lambda / period + phase))` (Legendre P_k, k = 1..degree, |a_k| <= continuum_amplitude; the ripple on
+    a fraction `ripple_prob` of spectra); `rv_error_kms` is the Gaussian sigma of the error of the
+    stated rv (wavelength calibration, rv measurement), applied by stating a wrong rv."""
+
+    teff: tuple[float, float] = (15000.0, 30000.0)
+    logg: tuple[float, float] = (1.75, 4.75)
+    vsini: tuple[float, float] = (0.0, 450.0)
+    snr: tuple[float, float] = (10.0, 500.0)
+    continuum_degree: int = 3
+    continuum_amplitude: float = 0.1
+    ripple_prob: float = 0.3
+    ripple_amplitude: float = 0.01
+    ripple_period: tuple[float, float] = (20.0, 100.0)  # Angstrom
+    rv_error_kms: float = 2.0
+    bad_pixel_fraction: float = 0.005  # at most, uniform per spectrum
+    gap_prob: float = 0.1
+    gap_width: tuple[float, float] = (5.0, 30.0)  # Angstrom
+
+
+@dataclass
+class Survey:
+    """A drawn survey: observed flux on `obs`'s grid with its truth."""
+
+    flux: np.ndarray  # (B, P) float32
+    flux_err: np.ndarray  # (B, P) float32
+    mask: np.ndarray  # (B, P) bool
+    labels: dict[str, np.ndarray]  # teff K, logg dex, vsini km/s: (B,) float64
+    snr: np.ndarray  # (B,) float32, per observed pixel
+    rv: np.ndarray  # (B,) float64 km/s: the stated rv (the error the engine will apply)
+    ids: np.ndarray  # (B,) int64
+
+    def table(self, obs: Observation, provenance: dict | None = None) -> pa.Table:
+        """The survey as a catalog table (DESIGN.md schema; grid in the schema metadata)."""
+        d = self.flux.shape[1]
+        cols = {ID: pa.array(self.ids, pa.int64()), FLUX: spectrum_array(self.flux, d),
+                FLUX_ERR: spectrum_array(self.flux_err, d),
+                MASK: pa.FixedSizeListArray.from_arrays(pa.array(self.mask.reshape(-1)), d),
+                RV: pa.array(self.rv, pa.float64()), SNR: pa.array(self.snr, pa.float32())}
+        cols.update({k: pa.array(v, pa.float64()) for k, v in self.labels.items()})
+        meta = {META_WAVELENGTH: obs.grid().to_json()}
+        if provenance is not None:
+            meta[META_GENERATOR] = json.dumps(provenance, sort_keys=True)
+        return pa.table(cols).replace_schema_metadata(meta)
+
+
+def draw_labels(lib: BroadenedLibrary, n: int, pert: Perturbations, rng: np.random.Generator) -> dict:
+    """n labels uniform in the box of `pert` and inside the hull of the library's nodes."""
+    teff, logg = np.empty(0), np.empty(0)
+    for _ in range(1000):
+        if len(teff) >= n:
+            break
+        t = rng.uniform(*pert.teff, 2 * n)
+        g = rng.uniform(*pert.logg, 2 * n)
+        ok = lib.inside(t, g)
+        teff, logg = np.concatenate([teff, t[ok]]), np.concatenate([logg, g[ok]])
+    if len(teff) < n:
+        raise ValueError("the label box does not overlap the grid's nodes")
+    return {"teff": teff[:n], "logg": logg[:n], "vsini": rng.uniform(*pert.vsini, n)}
+
+
+def draw_survey(lib: BroadenedLibrary, labels: dict, pert: Perturbations, rng: np.random.Generator,
+                id_start: int = 0) -> Survey:
+    """Observe the stars `labels` (teff, logg, vsini arrays) with the perturbations of `pert`."""
+    clean = lib.spectra(labels["teff"], labels["logg"], labels["vsini"])
+    b, p = clean.shape
+    wl = lib.obs.grid().values()
+    x = np.linspace(-1.0, 1.0, p)
+    cont = np.ones((b, p))
+    coeffs = rng.uniform(-pert.continuum_amplitude, pert.continuum_amplitude, (b, pert.continuum_degree))
+    for k in range(pert.continuum_degree):
+        cont += coeffs[:, k:k + 1] * np.polynomial.legendre.Legendre.basis(k + 1)(x)[None]
+    ripple = rng.random(b) < pert.ripple_prob
+    amp = np.where(ripple, rng.uniform(0, pert.ripple_amplitude, b), 0.0)
+    period = rng.uniform(*pert.ripple_period, b)
+    phase = rng.uniform(0, 2 * np.pi, b)
+    cont *= 1.0 + amp[:, None] * np.sin(2 * np.pi * wl[None] / period[:, None] + phase[:, None])
+    snr = np.exp(rng.uniform(*np.log(pert.snr), b))
+    err = cont / snr[:, None]
+    flux = cont * clean + err * rng.standard_normal((b, p))
+    mask = rng.random((b, p)) < rng.uniform(0, pert.bad_pixel_fraction, (b, 1))
+    gaps = np.flatnonzero(rng.random(b) < pert.gap_prob)
+    width = rng.uniform(*pert.gap_width, len(gaps))
+    start = rng.uniform(wl[0], wl[-1] - width)
+    for row, lo, w in zip(gaps, start, width, strict=True):
+        mask[row] |= (wl >= lo) & (wl < lo + w)
+    return Survey(flux=flux.astype(np.float32), flux_err=err.astype(np.float32), mask=mask,
+                  labels={k: np.asarray(v, np.float64) for k, v in labels.items()},
+                  snr=snr.astype(np.float32), rv=rng.normal(0.0, pert.rv_error_kms, b) if pert.rv_error_kms
+                  else np.zeros(b), ids=id_start + np.arange(b, dtype=np.int64))
