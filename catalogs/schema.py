@@ -36,9 +36,10 @@ class Flag(enum.IntFlag):
     NON_FINITE = 1  # NaN/inf/negative flux or non-positive errors in the input
     MASKED = 2  # too many masked or bad pixels
     COVERAGE = 4  # the input does not cover the model's wavelength grid
-    OUT_OF_RANGE = 8  # labels (truth) or predictions outside the training range
+    OUT_OF_RANGE = 8  # a prediction outside the training range
     HIGH_EPISTEMIC = 16  # epistemic uncertainty above the model's out-of-distribution threshold
     PREPROCESS_FAILED = 32  # preprocessing failed; see `error`
+    UPPER_LIMIT = 4096  # below what the resolution can measure (v sin i): the value is an upper limit
 
 
 @dataclass(frozen=True)

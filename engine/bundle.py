@@ -23,11 +23,13 @@ from safetensors.torch import save as save_safetensors
 
 from ..catalogs.schema import WavelengthGrid
 from ..errors import ModelError
+from .calibration import Calibration
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 TARGET_KEYS = ("name", "unit", "mean", "std", "min", "max", "calibration")
+OPTIONAL_TARGET_KEYS = ("physical_min", "upper_limit_below")
 ARCHITECTURE_KEYS = ("input_dim", "hidden", "activation", "dropout", "members", "samples", "var_eps")
 REQUIRED_KEYS = ("schema_version", "name", "targets", "grid", "preprocess", "architecture",
                  "weights_sha256")
@@ -47,6 +49,8 @@ class Target:
     min: float
     max: float
     calibration: float
+    physical_min: float | None = None  # means below it are reported as it (v sin i >= 0)
+    upper_limit_below: float | None = None  # means below it are upper limits (flag UPPER_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class Bundle:
 
     @property
     def targets(self) -> list[Target]:
-        return [Target(**{k: t[k] for k in TARGET_KEYS}) for t in self.manifest["targets"]]
+        return [Target(**{k: t[k] for k in TARGET_KEYS + OPTIONAL_TARGET_KEYS if k in t})
+                for t in self.manifest["targets"]]
 
     @property
     def target_names(self) -> list[str]:
@@ -85,6 +90,22 @@ class Bundle:
     @property
     def architecture(self) -> dict:
         return self.manifest["architecture"]
+
+    @property
+    def input(self) -> dict:
+        """What input the model needs: medium, resolving power, wavelength range, and the scalar
+        `features` (see `starcast.kernels.features`) appended to the spectrum, in order."""
+        return dict(self.manifest.get("input") or {})
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.input.get("features") or [])
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The SNR-conditional calibration applied after the kernel (None: the per-target factors only)."""
+        entry = self.manifest.get("calibration")
+        return None if entry is None else Calibration.from_manifest(entry, self.target_names)
 
     @property
     def epistemic_thresholds(self) -> dict[str, float]:
@@ -229,9 +250,12 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         n = len(WavelengthGrid.from_json(json.dumps(manifest["grid"])).values())
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{where}: 'grid' is not a wavelength grid ({exc})") from exc
-    if n != arch["input_dim"]:
-        raise ModelError(f"{where}: the grid has {n} pixels but architecture.input_dim is "
-                         f"{arch['input_dim']}")
+    features = (manifest.get("input") or {}).get("features") or []
+    if n + len(features) != arch["input_dim"]:
+        raise ModelError(f"{where}: the grid has {n} pixels and {len(features)} input features but "
+                         f"architecture.input_dim is {arch['input_dim']}")
+    if manifest.get("calibration") is not None:
+        Calibration.from_manifest(manifest["calibration"], [t["name"] for t in targets])
 
 
 def _check_shapes(layers: Layers, manifest: dict, path: Path) -> None:

@@ -20,6 +20,7 @@ import starcast
 from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, Flag, WavelengthGrid, results_schema
 from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
+from ..kernels.features import input_features
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
@@ -66,6 +67,11 @@ class Model:
         except StarcastError as exc:
             raise ModelError(f"model bundle {bundle.path}: manifest 'preprocess': {exc}") from exc
         self.samples, self.seed, self.backend = samples, seed, backend
+        self.features = bundle.features
+        self.calibration = bundle.calibration
+        if self.calibration is not None and "log10_snr" not in self.features:
+            raise ModelError(f"model bundle {bundle.path}: its calibration depends on the SNR, but "
+                             "'log10_snr' is not among its input features")
         self._grid_values = self.grid.values()
         self._weights: dict[str, object] = {}  # per backend: layers on its device, or packed
 
@@ -111,7 +117,8 @@ class Model:
         except ValueError as exc:
             raise CatalogError(str(exc), column=ID) from exc
         pre = preprocess(table, self._grid_values, self.settings, source_grid=source_grid)
-        x = np.ascontiguousarray(pre.x, dtype=np.float32)
+        x = np.ascontiguousarray(np.concatenate([pre.x, input_features(pre.ivar, self.features)], axis=1),
+                                 dtype=np.float32)
         flags = np.asarray(pre.flags, dtype=np.int32).copy()
         errors = list(pre.errors)
         for i in np.flatnonzero(~np.isfinite(x).all(axis=1)):
@@ -142,6 +149,9 @@ class Model:
                                           **self._kernel_args(samples, seed))
             for out, value in zip((mean, var_a, var_e), stats, strict=True):
                 out[rows] = value.detach().cpu().double().numpy()
+            if self.calibration is not None:
+                var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
+                                                                  np.maximum(var_e[rows], 0.0))
         return self._results(prepared, ok, mean, var_a, var_e, samples, seed, backend)
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
@@ -159,6 +169,10 @@ class Model:
             m, v = reference.ensemble_samples(*self._inputs("reference", x[rows], keys[rows]),
                                               **self._kernel_args(samples, seed))
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
+            if self.calibration is not None:  # the SNR-dependent scale; the floor is not per draw
+                scale2, _ = self.calibration.apply(self._log_snr(x[rows]), np.ones((len(rows), mu.shape[3])),
+                                                   np.zeros((len(rows), mu.shape[3])))
+                var[rows] *= scale2[:, None, None, :]
         return PredictiveSamples(ids=prepared.column(ID).to_pylist(), targets=[t.name for t in self.targets],
                                  mu=mu, sigma=np.sqrt(var), flags=prepared.column(FLAGS).to_numpy(),
                                  errors=prepared.column(ERROR).to_pylist())
@@ -176,6 +190,10 @@ class Model:
         if int(s) != s or s < 1:
             raise StarcastError(f"samples must be a positive integer, got {samples!r}")
         return int(s)
+
+    def _log_snr(self, x: np.ndarray) -> np.ndarray:
+        """The log10_snr input feature of prepared rows x [B, D + E]."""
+        return x[:, len(self._grid_values) + self.features.index("log10_snr")].astype(np.float64)
 
     def _unpack(self, prepared: pa.RecordBatch | pa.Table):
         """(ok, x [B, D] float32, keys [B] int64) of a prepared batch; `ok`: rows without an error."""
@@ -224,17 +242,21 @@ class Model:
         hi = np.array([t.max for t in self.targets])
         flags = _array(prepared.column(FLAGS)).to_numpy(zero_copy_only=False).astype(np.int32)
         thresholds = self.bundle.epistemic_thresholds
-        with np.errstate(invalid="ignore"):  # NaN (rows not predicted, unknown labels) compares False
+        # Flags come from the spectrum and the prediction only, never from label columns of the input.
+        with np.errstate(invalid="ignore"):  # NaN (rows not predicted) compares False
             out_of_range = ((mean < lo) | (mean > hi)).any(axis=1)
             high = np.zeros(len(ok), dtype=bool)
+            upper = np.zeros(len(ok), dtype=bool)
             for k, t in enumerate(self.targets):
                 if t.name in thresholds:
                     high |= err_e[:, k] > thresholds[t.name]
-                if t.name in prepared.schema.names:  # truth given: is it inside the training range?
-                    truth = _array(prepared.column(t.name)).to_numpy(zero_copy_only=False)
-                    out_of_range |= (truth < lo[k]) | (truth > hi[k])
+                if t.upper_limit_below is not None:
+                    upper |= mean[:, k] < t.upper_limit_below
+                if t.physical_min is not None:
+                    mean[:, k] = np.where(mean[:, k] < t.physical_min, t.physical_min, mean[:, k])
         flags |= np.where(out_of_range, int(Flag.OUT_OF_RANGE), 0).astype(np.int32)
         flags |= np.where(high, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
+        flags |= np.where(upper, int(Flag.UPPER_LIMIT), 0).astype(np.int32)
         ids = _array(prepared.column(ID))
         columns = {ID: ids}
         for k, t in enumerate(self.targets):

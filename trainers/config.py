@@ -28,6 +28,7 @@ class ConfigError(StarcastError):
 class DataConfig:
     synth: dict = field(default_factory=dict)  # keyword arguments of catalogs.synth.SynthConfig
     catalog: str = ""  # a catalog (Parquet file/dir) with label columns; used instead of `synth`
+    grid: dict = field(default_factory=dict)  # a model grid: fields of trainers.gridsource.GridData
     targets: tuple[str, ...] = ("teff", "logg", "vsini")
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train/val/test when there is no split column
     split_seed: int = 0
@@ -44,6 +45,7 @@ class ArchitectureConfig:
     input_rank: int = 0  # train the first layer in the span of this many principal components (0: full)
     input_whiten: bool = False  # standardise each input (component or pixel) to unit variance
     input_noise_probes: int = 0  # extra inputs: random directions outside the components' span
+    features: tuple[str, ...] = ()  # scalar inputs after the pixels (starcast.kernels.features)
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         (0 <= t.augment_prob <= 1, "training.augment_prob must be in [0, 1]"),
         (cfg.calibration.method in ("coverage", "nll"), "calibration.method must be coverage or nll"),
         (len(d.split) == 3 and abs(sum(d.split) - 1) < 1e-6, "data.split must be 3 fractions summing to 1"),
-        (bool(d.synth) != bool(d.catalog), "[data] needs exactly one of `catalog` (a path) or "
-                                           "a [data.synth] table"),
+        (bool(d.synth) + bool(d.catalog) + bool(d.grid) == 1,
+         "[data] needs exactly one of `catalog` (a path), a [data.synth] or a [data.grid] table"),
         (len(d.targets) >= 1, "data.targets must name at least one label column"),
     ]
     for ok, message in checks:

@@ -17,28 +17,41 @@ import numpy as np
 import torch
 
 from ..engine.bundle import save_bundle
+from ..engine.calibration import Calibration
 from ..kernels.reference import ensemble_stats_cpu
 from ..kernels.rng import MASK_BITS, effective_p, id_keys
-from .calibrate import calibration_factors, epistemic_thresholds
+from .calibrate import calibration_factors, epistemic_thresholds, fit_snr_calibration
 from .config import UNITS, ArchitectureConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .export import code_version, export_layers, target_entries
+from .gridsource import GridSource
 from .metrics import summary
 from .train import Standardiser, TrainResult, train_ensemble
 
 
 def predict_physical(layers: list, arch: ArchitectureConfig, std: Standardiser, x: np.ndarray,
-                     ids: np.ndarray, *, samples: int, seed: int, calibration: np.ndarray | None = None
+                     ids: np.ndarray, *, samples: int, seed: int,
+                     calibration: np.ndarray | Calibration | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, sigma_aleatoric, sigma_epistemic), [N, K] in physical units, calibrated if given: the
-    exported weights through the engine's CPU kernel with the deployed dropout masks (keyed by id),
-    i.e. the numbers `starcast run` gives these rows with the same seed and S."""
+    """(mean, sigma_aleatoric, sigma_epistemic), [N, K] in physical units, calibrated if given (one
+    factor per target, or the SNR-conditional `Calibration`): the exported weights through the
+    engine's CPU kernel with the deployed dropout masks (keyed by id), i.e. the numbers `starcast
+    run` gives these rows with the same seed and S."""
+    factors = calibration.tolist() if isinstance(calibration, np.ndarray) else None
     mean, var_a, var_e = ensemble_stats_cpu(
         torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(id_keys(ids)), layers,
         p=arch.dropout, samples=samples, seed=seed, activation=arch.activation, var_eps=arch.var_eps,
-        label_mean=std.y_mean.tolist(), label_std=std.y_std.tolist(),
-        calibration=None if calibration is None else calibration.tolist(), dtype=torch.float64)
-    return mean.numpy(), np.sqrt(var_a.numpy()), np.sqrt(np.maximum(var_e.numpy(), 0.0))
+        label_mean=std.y_mean.tolist(), label_std=std.y_std.tolist(), calibration=factors,
+        dtype=torch.float64)
+    var_a, var_e = var_a.numpy(), np.maximum(var_e.numpy(), 0.0)
+    if isinstance(calibration, Calibration):
+        var_a, var_e = calibration.apply(log_snr_of(x, arch), var_a, var_e)
+    return mean.numpy(), np.sqrt(var_a), np.sqrt(var_e)
+
+
+def log_snr_of(x: np.ndarray, arch: ArchitectureConfig) -> np.ndarray:
+    """The log10_snr feature column of model inputs x [N, D + E]."""
+    return x[:, x.shape[1] - len(arch.features) + list(arch.features).index("log10_snr")].astype(np.float64)
 
 
 def split_metrics(names: tuple[str, ...], y: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> dict:
@@ -69,29 +82,51 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
                       dataset: Dataset | None = None) -> Trained:
     """Train, recalibrate and export the bundle described by `cfg` (to `output`, default the
     config's), optionally on an already loaded `dataset`."""
-    data = dataset if dataset is not None else load_dataset(cfg, progress=progress)
+    source = GridSource(cfg, progress=progress) if cfg.data.grid else None
+    if dataset is not None:
+        data = dataset
+    elif source is not None:
+        data = source.dataset(source.epoch(1))
+    else:
+        data = load_dataset(cfg, progress=progress)
     x_tr, y_tr, _, _ = data.part("train")
     x_va, y_va, _, id_va = data.part("val")
     x_te, y_te, _, id_te = data.part("test")
     arch, cal = cfg.architecture, cfg.calibration
     result = train_ensemble(x_tr, y_tr, x_va, y_va, arch, cfg.training, x_noisy=data.x_noisy,
-                            progress=progress)
+                            epoch_data=None if source is None else source.epoch, progress=progress)
     layers, std = export_layers(result.model, result.standardiser), result.standardiser
     mean, ale, epi = predict_physical(layers, arch, std, x_va, id_va, samples=cal.samples, seed=cal.seed)
-    factors = calibration_factors(y_va, mean, np.hypot(ale, epi), cal.method)
-    thresholds = epistemic_thresholds(epi * factors, cal.ood_quantile)
     names = cfg.data.targets
+    if "log10_snr" in arch.features:
+        calibration = fit_snr_calibration(y_va, mean, ale**2, epi**2, log_snr_of(x_va, arch))
+        factors = np.ones(len(names))
+    else:
+        factors = calibration = calibration_factors(y_va, mean, np.hypot(ale, epi), cal.method)
+    mean_va, ale_va, epi_va = predict_physical(layers, arch, std, x_va, id_va, samples=cal.samples,
+                                               seed=cal.seed, calibration=calibration)
+    thresholds = epistemic_thresholds(epi_va, cal.ood_quantile)
     metrics = {"val_uncalibrated": split_metrics(names, y_va, mean, np.hypot(ale, epi)),
-               "val": split_metrics(names, y_va, mean, np.hypot(ale, epi) * factors)}
+               "val": split_metrics(names, y_va, mean_va, np.hypot(ale_va, epi_va))}
     if len(y_te):
         mean_te, ale_te, epi_te = predict_physical(layers, arch, std, x_te, id_te, samples=cal.samples,
-                                                   seed=cal.seed, calibration=factors)
+                                                   seed=cal.seed, calibration=calibration)
         metrics["test"] = split_metrics(names, y_te, mean_te, np.hypot(ale_te, epi_te))
+    targets = target_entries(names, UNITS, std, y_tr, factors)
+    if source is not None:
+        for t in targets:
+            t["min"], t["max"] = (float(v) for v in source.label_range(t["name"]))
+            if t["name"] == "vsini":  # never negative; below the instrument's FWHM an upper limit
+                t["physical_min"], t["upper_limit_below"] = 0.0, source.vsini_resolution_limit()
     manifest = {
         "name": cfg.name,
-        "targets": target_entries(names, UNITS, std, y_tr, factors),
+        "targets": targets,
         "grid": cfg.grid,
         "preprocess": _preprocess_dict(cfg),
+        "input": {"medium": cfg.grid.medium, "features": list(arch.features),
+                  **({} if source is None else source.input_requirements())},
+        **({"calibration": calibration.to_manifest(list(names))} if isinstance(calibration, Calibration)
+           else {}),
         "architecture": {"input_dim": int(x_tr.shape[1]), "hidden": list(arch.hidden),
                          "activation": arch.activation, "dropout": arch.dropout,
                          # the rate the masks apply: p quantised to the RNG's 16-bit resolution

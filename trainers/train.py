@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,18 @@ class Standardiser:
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, rank: int = 0, seed: int = 0, whiten: bool = False,
-            probes: int = 0) -> Standardiser:
+            probes: int = 0, features: int = 0) -> Standardiser:
+        """`features`: the last columns of x are scalar input features (`kernels.features`), each
+        standardised on its own and passed beside the projection of the pixels."""
+        if features:
+            pixels = cls.fit(x[:, :-features], y, rank, seed, whiten, probes)
+            f_mean = x[:, -features:].mean(axis=0, dtype=np.float64)
+            f_std = np.maximum(x[:, -features:].std(axis=0, dtype=np.float64), 1e-12)
+            d, r = pixels.projection.shape
+            projection = np.zeros((d + features, r + features))
+            projection[:d, :r] = pixels.projection
+            projection[d:, r:] = np.diag(1.0 / f_std)
+            return cls(np.concatenate([pixels.x_mean, f_mean]), projection, pixels.y_mean, pixels.y_std)
         x_mean = x.mean(axis=0, dtype=np.float64)
         xc = torch.from_numpy(x) - torch.from_numpy(x_mean.astype(np.float32))
         g = torch.Generator().manual_seed(seed)
@@ -124,10 +136,13 @@ def validation_nll(model: EnsembleMLP, x: torch.Tensor, y: torch.Tensor,
 
 def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                    arch: ArchitectureConfig, cfg: TrainingConfig, *, x_noisy: np.ndarray | None = None,
+                   epoch_data: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
                    progress: bool = True) -> TrainResult:
     """Train M members on (x_train, y_train) with early stopping on (x_val, y_val). x: preprocessed
-    spectra [N, D] float32; y: labels [N, K] in physical units; x_noisy [C, N, D]: noisier copies of
-    x_train (same rows), drawn instead of x_train with probability `cfg.augment_prob` per sample.
+    spectra [N, D] float32 (then the model's input features, `arch.features`); y: labels [N, K] in
+    physical units; x_noisy [C, N, D]: noisier copies of x_train (same rows), drawn instead of
+    x_train with probability `cfg.augment_prob` per sample; `epoch_data(epoch)`: a new training set
+    for every epoch after the first (fresh draws from a model grid), replacing x_train.
     Reproducible: dropout draws from torch's global RNG, seeded here inside a forked RNG state."""
     threads = torch.get_num_threads()
     try:
@@ -135,15 +150,15 @@ def train_ensemble(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
             torch.manual_seed(int(cfg.seeds[0]))
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
-            return _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, progress)
+            return _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, epoch_data, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, progress) -> TrainResult:
+def _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, epoch_data, progress) -> TrainResult:
     start = time.perf_counter()
     std = Standardiser.fit(x_train, y_train, arch.input_rank, int(cfg.seeds[0]), arch.input_whiten,
-                           arch.input_noise_probes)
+                           arch.input_noise_probes, len(arch.features))
     variants = [x_train, *([] if x_noisy is None else list(x_noisy))]
     xs = torch.stack([std.x(v) for v in variants])  # [C+1, N, r]: the data, then its noisier copies
     ys, xv, yv = std.y(y_train), std.x(x_val), std.y(y_val)
@@ -161,6 +176,10 @@ def _train(x_train, y_train, x_val, y_val, arch, cfg, x_noisy, progress) -> Trai
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
+        if epoch_data is not None and epoch > 1:
+            x_new, y_new = epoch_data(epoch)
+            xs, ys = std.x(x_new)[None], std.y(y_new)
+            n, steps = xs.shape[1], math.ceil(xs.shape[1] / cfg.batch_size)
         model.train()
         order = torch.from_numpy(np.stack([r.integers(0, n, n) if cfg.bootstrap else r.permutation(n)
                                            for r in rngs]))

@@ -26,10 +26,12 @@ TINY_GRID = WavelengthGrid.linear(4000.0, 1.0, 200)
 
 def make_bundle(path: Path, *, grid: WavelengthGrid = TINY_GRID, hidden=(32, 32), members: int = 3,
                 samples: int = 4, dropout: float = 0.1, targets=TARGETS, seed: int = 0,
-                preprocess: dict | None = None, ood: dict | None = None) -> Path:
-    """Write a random bundle to `path` and return it."""
+                preprocess: dict | None = None, ood: dict | None = None, features: tuple[str, ...] = (),
+                calibration: dict | None = None) -> Path:
+    """Write a random bundle to `path` and return it (`features`: input features after the pixels;
+    `calibration`: the manifest's SNR-conditional calibration)."""
     rng = np.random.default_rng(seed)
-    widths = [grid.n, *hidden, 2 * len(targets)]
+    widths = [grid.n + len(features), *hidden, 2 * len(targets)]
     layers = []
     for i in range(len(widths) - 1):
         w = rng.normal(0.0, 1.0 / np.sqrt(widths[i]), (members, widths[i], widths[i + 1]))
@@ -40,7 +42,9 @@ def make_bundle(path: Path, *, grid: WavelengthGrid = TINY_GRID, hidden=(32, 32)
         "targets": [{**t, "calibration": 1.0} for t in targets],
         "grid": grid,
         "preprocess": preprocess or PreprocessSettings().to_dict(),
-        "architecture": {"input_dim": grid.n, "hidden": list(hidden), "activation": "relu",
+        "input": {"features": list(features)},
+        **({"calibration": calibration} if calibration is not None else {}),
+        "architecture": {"input_dim": widths[0], "hidden": list(hidden), "activation": "relu",
                          "dropout": dropout, "members": members, "samples": samples, "var_eps": 1e-6},
         "ood": ood or {},
         "provenance": {"note": "random weights for tests", "seed": seed},

@@ -174,7 +174,7 @@ def test_prepare_then_infer_across_an_arrow_round_trip_equals_predict(model):
     direct = model.predict(table, backend="cpu")
     via = model.infer(pieces, backend="cpu")
     assert via.equals(direct) and via.schema.metadata == direct.schema.metadata
-    assert via.column("flags")[0].as_py() & Flag.OUT_OF_RANGE  # labels travel with the prepared rows
+    assert prepared.column("teff")[0].as_py() == 1.0  # labels travel with the prepared rows
 
 
 def test_infer_refuses_a_batch_prepared_for_another_grid(model, bundle_factory, tmp_path):
@@ -202,18 +202,17 @@ def test_string_ids_and_a_shared_grid_from_file_metadata(model):
     np.testing.assert_allclose(numbers(a), numbers(b), rtol=1e-12)
 
 
-def test_synthetic_survey_with_a_file_level_grid_is_predicted_and_labels_checked(model):
+def test_synthetic_survey_with_a_file_level_grid_is_predicted_and_flagged_from_predictions(model):
     table = synth_table(SynthConfig(n=12, npix=1200, seed=1))  # 4000-4240 A, grid in schema metadata
     out = model.predict(table, backend="cpu")
     assert out.column("id").equals(table.column("id")) and out.column("error").null_count == 12
     assert np.isfinite(numbers(out)).all()
-    logg = table.column("logg").to_numpy()  # the tiny model was "trained" on 2.5 <= logg <= 4.75
-    labels_outside = (logg < 2.5) | (logg > 4.75)
     predicted_outside = (numbers(out)[:, 0::4] < [10000.0, 2.5, 0.0]).any(axis=1) | (
         numbers(out)[:, 0::4] > [50000.0, 4.75, 450.0]).any(axis=1)
     flagged = (out.column("flags").to_numpy() & Flag.OUT_OF_RANGE) > 0
-    np.testing.assert_array_equal(flagged, labels_outside | predicted_outside)
-    assert labels_outside.any() and not labels_outside.all()
+    np.testing.assert_array_equal(flagged, predicted_outside)
+    unlabelled = model.predict(table.drop_columns(["teff", "logg", "vsini"]), backend="cpu")
+    assert unlabelled.column("flags").equals(out.column("flags"))  # labels never set a flag
 
 
 def test_a_dict_of_numpy_columns_is_a_catalog(model):
@@ -224,7 +223,7 @@ def test_a_dict_of_numpy_columns_is_a_catalog(model):
                                   numbers(model.predict(catalog(flux, ids=[5, 6, 7]), backend="cpu")))
 
 
-def test_out_of_range_from_prediction_or_from_true_labels(bundle_factory, tmp_path):
+def test_out_of_range_comes_from_the_prediction_never_from_true_labels(bundle_factory, tmp_path):
     table = catalog(spectra(4, seed=8))
     wide = load_model(bundle_factory(tmp_path / "wide"))
     plain = wide.predict(table, backend="cpu")
@@ -232,8 +231,7 @@ def test_out_of_range_from_prediction_or_from_true_labels(bundle_factory, tmp_pa
 
     labelled = wide.predict(catalog(spectra(4, seed=8), teff=[20000.0, 60000.0, np.nan, 30000.0],
                                     logg=[4.0, 4.0, 4.0, 1.0]), backend="cpu")
-    flagged = (labelled.column("flags").to_numpy() & Flag.OUT_OF_RANGE) > 0
-    assert flagged.tolist() == [False, True, False, True]
+    assert labelled.column("flags").equals(plain.column("flags"))
     np.testing.assert_array_equal(numbers(labelled), numbers(plain))
 
     teff = plain.column("teff").to_numpy()
@@ -317,3 +315,55 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert predictor.resolve_backend("triton") == "triton"
 
+
+
+def test_snr_feature_and_calibration_follow_the_manifest(bundle_factory, tmp_path):
+    """The network gets log10 SNR after the pixels, and sigma is scaled by the SNR-dependent factor
+    and floored exactly as the manifest says: var_a s^2, var_e s^2 + floor^2."""
+    flux = spectra(2, seed=11)
+    flux[1] = flux[1] + 0.2 * np.random.default_rng(1).normal(size=flux.shape[1]).astype(np.float32)
+    table = catalog(flux)
+    plain = load_model(bundle_factory(tmp_path / "plain", features=("log10_snr",)))
+    cal = {"kind": "snr", "feature": "log10_snr", "log10_snr_knots": [0.5, 2.0],
+           "scale": {"teff": [3.0, 1.5], "logg": [1.0, 1.0], "vsini": [2.0, 2.0]},
+           "floor": {"teff": 100.0, "logg": 0.0, "vsini": 1.0}}
+    calibrated = load_model(bundle_factory(tmp_path / "cal", features=("log10_snr",), calibration=cal))
+    x = calibrated.prepare(table).column("x").flatten().to_numpy().reshape(2, -1)
+    from starcast.kernels.preprocess import preprocess
+
+    ivar = preprocess(table, plain.grid.values(), plain.settings).ivar
+    np.testing.assert_allclose(x[:, -1], np.log10(np.median(np.sqrt(ivar), axis=1)), rtol=1e-6)
+    assert x[0, -1] > 1.5 and x[1, -1] < 1.0  # the noisier row has the lower SNR
+    a, b = plain.predict(table, backend="cpu"), calibrated.predict(table, backend="cpu")
+    for t in ("teff", "logg", "vsini"):
+        s = np.interp(x[:, -1], cal["log10_snr_knots"], cal["scale"][t])
+        np.testing.assert_allclose(b.column(t).to_numpy(), a.column(t).to_numpy())
+        np.testing.assert_allclose(b.column(f"{t}_err_aleatoric").to_numpy(),
+                                   s * a.column(f"{t}_err_aleatoric").to_numpy(), rtol=1e-9)
+        epistemic = a.column(f"{t}_err_epistemic").to_numpy()
+        np.testing.assert_allclose(b.column(f"{t}_err_epistemic").to_numpy() ** 2,
+                                   (s * epistemic) ** 2 + cal["floor"][t] ** 2, rtol=1e-9)
+
+
+def test_calibration_without_its_snr_feature_is_refused(bundle_factory, tmp_path):
+    cal = {"kind": "snr", "feature": "log10_snr", "log10_snr_knots": [1.0],
+           "scale": {"teff": [1.0], "logg": [1.0], "vsini": [1.0]},
+           "floor": {"teff": 0, "logg": 0, "vsini": 0}}
+    with pytest.raises(ModelError, match="log10_snr"):
+        load_model(bundle_factory(tmp_path / "b", calibration=cal))
+
+
+def test_vsini_is_never_negative_and_slow_rotators_are_upper_limits(bundle_factory, tmp_path):
+    table = catalog(spectra(5, seed=12))
+    from tests.engine.conftest import TARGETS as BUNDLE_TARGETS
+
+    targets = [dict(t) for t in BUNDLE_TARGETS]
+    targets[2].update(mean=-50.0, std=100.0, min=0.0, physical_min=0.0, upper_limit_below=15.0)
+    out = load_model(bundle_factory(tmp_path / "v", targets=targets)).predict(table, backend="cpu")
+    raw = load_model(bundle_factory(tmp_path / "r")).predict(table, backend="cpu")
+    v_raw = raw.column("vsini").to_numpy() - 200.0  # the same network output with mean -50 instead of 150
+    v = out.column("vsini").to_numpy()
+    np.testing.assert_allclose(v, np.maximum(v_raw, 0.0), atol=1e-6)
+    upper = (out.column("flags").to_numpy() & Flag.UPPER_LIMIT) > 0
+    np.testing.assert_array_equal(upper, v_raw < 15.0)
+    assert upper.any()

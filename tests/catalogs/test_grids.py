@@ -1,0 +1,70 @@
+"""Reading grids of model spectra: every format gives the same models as the npz they were written from."""
+
+import csv
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from starcast.catalogs.grids import ModelGrid, read_grid
+from starcast.catalogs.io import write_catalog
+from starcast.catalogs.schema import WavelengthGrid, spectrum_array
+
+from starcast.errors import CatalogError
+from tests.conftest import TLUSTY_GRID
+
+
+@pytest.fixture(scope="module")
+def small(tlusty_grid):
+    """Four models, 4470-4472 A (201 pixels)."""
+    return tlusty_grid.select(np.arange(0, 40, 10)).crop(4470.0, 4472.0)
+
+
+def same(a: ModelGrid, b: ModelGrid) -> None:
+    np.testing.assert_allclose(a.wavelength, b.wavelength, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(a.flux, b.flux, rtol=0, atol=1e-6)
+    for p in ("teff", "logg"):
+        np.testing.assert_array_equal(a.params[p], b.params[p])
+
+
+def test_npz_keeps_quality_models_only(tlusty_grid):
+    everything = read_grid(TLUSTY_GRID, quality_only=False)
+    assert len(everything.flux) == 147 and len(tlusty_grid.flux) == 136
+    assert tlusty_grid.medium == "air" and tlusty_grid.wavelength[0] == 3990.0
+
+
+def test_wide_csv(small, tmp_path):
+    path = tmp_path / "grid.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "teff", "logg", *[f"{x:.2f}" for x in small.wavelength]])
+        for i in range(len(small.flux)):
+            w.writerow([small.names[i], small.params["teff"][i], small.params["logg"][i],
+                        *[repr(float(v)) for v in small.flux[i]]])
+    same(read_grid(path), small)
+
+
+def test_parquet(small, tmp_path):
+    d = len(small.wavelength)
+    table = pa.table({"id": pa.array(np.arange(len(small.flux)), pa.int64()),
+                      "flux": spectrum_array(small.flux, d), "teff": small.params["teff"],
+                      "logg": small.params["logg"]})
+    grid = WavelengthGrid.explicit(small.wavelength, "air")
+    path = write_catalog(table, tmp_path / "grid.parquet", grid=grid)
+    grid = read_grid(path)
+    same(grid, small)
+    assert grid.medium == "air"
+
+
+def test_text_spectra_named_like_tlusty(small, tmp_path):
+    for i in range(len(small.flux)):
+        name = f"BG{int(small.params['teff'][i])}g{int(round(small.params['logg'][i] * 100)):03d}v2.7"
+        np.savetxt(tmp_path / name, np.stack([small.wavelength, small.flux[i]], axis=1))
+    grid = read_grid(tmp_path)
+    by_node = lambda g: g.select(np.lexsort((g.params["logg"], g.params["teff"])))  # noqa: E731
+    same(by_node(grid), by_node(small))
+
+
+def test_text_spectra_without_parameters_name_the_file(tmp_path):
+    np.savetxt(tmp_path / "star.txt", np.array([[4000.0, 1.0], [4001.0, 0.9]]))
+    with pytest.raises(CatalogError, match="star.txt.*params.csv"):
+        read_grid(tmp_path)

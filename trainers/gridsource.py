@@ -1,0 +1,137 @@
+"""Training data from a grid of model spectra (`[data.grid]` of a training config): a new survey of
+stars between the training nodes for every epoch, and fixed validation and test surveys at nodes left
+out of training (leave-nodes-out: the situation of a real star between the nodes), all preprocessed
+by the engine's own preprocessing and given the model's input features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..catalogs import gridsynth
+from ..catalogs.grids import read_grid
+from ..catalogs.physics import C_KMS
+from ..catalogs.schema import Flag
+from ..kernels.features import input_features
+from ..kernels.preprocess import PreprocessSettings, preprocess
+from .config import ConfigError, TrainConfig
+from .data import Dataset
+
+
+@dataclass(frozen=True)
+class GridData:
+    """`[data.grid]`: the grid file (relative to the config file), the nodes left out for validation
+    (calibration) and test, rows per epoch and per fixed split, how the survey observes and perturbs."""
+
+    path: str
+    val_nodes: list = field(default_factory=list)  # [[teff, logg], ...]
+    test_nodes: list = field(default_factory=list)
+    per_epoch: int = 40000
+    val_rows: int = 6000
+    test_rows: int = 4000
+    observation: dict = field(default_factory=dict)  # catalogs.gridsynth.Observation fields
+    perturbations: dict = field(default_factory=dict)  # catalogs.gridsynth.Perturbations fields
+    clip_emission: bool = True
+    cache: str = ""  # a folder for the broadened library (relative to the config file); "" = none
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> GridData:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg.data.grid) - known)
+        if unknown or "path" not in cfg.data.grid:
+            raise ConfigError(f"[data.grid] needs `path`; unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**cfg.data.grid)
+
+    def resolve(self, path: str, source: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or not source else Path(source).resolve().parent / p
+
+
+class GridSource:
+    """The libraries and draws of one config: `epoch(e)` and `split("val" | "test")`."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True):
+        self.data = GridData.from_config(cfg)
+        self.grid_values = cfg.grid.values()
+        self.settings = PreprocessSettings.from_dict(cfg.preprocess)
+        self.features = list(cfg.architecture.features)
+        self.targets = list(cfg.data.targets)
+        self.obs = gridsynth.Observation(**self.data.observation)
+        self.pert = gridsynth.Perturbations(**self.data.perturbations)
+        grid = read_grid(self.data.resolve(self.data.path, cfg.source))
+        if grid.medium != cfg.grid.medium or self.obs.medium != cfg.grid.medium:
+            raise ConfigError(f"the model grid is in {cfg.grid.medium}, the spectra grid in {grid.medium} "
+                              f"and [data.grid.observation] in {self.obs.medium}: they must agree")
+        cache = self.data.resolve(self.data.cache, cfg.source) if self.data.cache else None
+        self.full = gridsynth.BroadenedLibrary.build(grid, self.obs, clip_emission=self.data.clip_emission,
+                                                     cache=cache, progress=progress)
+        self.held = {s: self._node_index(getattr(self.data, f"{s}_nodes")) for s in ("val", "test")}
+        keep = np.setdiff1d(np.arange(len(self.full.nodes)), np.concatenate(list(self.held.values())))
+        self.train = gridsynth.BroadenedLibrary(self.full.nodes[keep], self.full.vsini,
+                                                np.asarray(self.full.flux)[keep], self.obs, self.full.key)
+
+    def _node_index(self, nodes: list) -> np.ndarray:
+        out = []
+        for teff, logg in nodes:
+            known = self.full.nodes
+            hit = np.flatnonzero((known[:, 0] == teff) & (np.abs(known[:, 1] - logg) < 1e-6))
+            if len(hit) != 1:
+                raise ConfigError(f"[data.grid] node ({teff}, {logg}) is not in the grid")
+            out.append(int(hit[0]))
+        return np.array(out, dtype=np.int64)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x [N, D + E], y [N, K]) of a new survey of training stars, seeded by (seed, epoch)."""
+        rng = np.random.default_rng([self.data.seed, epoch])
+        labels = gridsynth.draw_labels(self.train, self.data.per_epoch, self.pert, rng)
+        x, y, _, _ = self._observe(self.train, labels, rng)
+        return x, y
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x, y, snr, ids) of the fixed survey at the `name` nodes ("val" or "test")."""
+        rng = np.random.default_rng([self.data.seed, {"val": 1_000_001, "test": 1_000_002}[name]])
+        rows = self.data.val_rows if name == "val" else self.data.test_rows
+        nodes = self.full.nodes[rng.choice(self.held[name], rows)]
+        labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*self.pert.vsini, rows)}
+        return self._observe(self.full, labels, rng, id_start={"val": 10**9, "test": 2 * 10**9}[name])
+
+    def _observe(self, lib, labels, rng, id_start: int = 0):
+        survey = gridsynth.draw_survey(lib, labels, self.pert, rng, id_start=id_start)
+        table = survey.table(self.obs)
+        xs, keep = [], []
+        for start in range(0, table.num_rows, 8192):
+            pre = preprocess(table.slice(start, 8192), self.grid_values, self.settings)
+            xs.append(np.concatenate([pre.x, input_features(pre.ivar, self.features)], axis=1))
+            keep.append((pre.flags & Flag.PREPROCESS_FAILED) == 0)
+        x, keep = np.concatenate(xs).astype(np.float32), np.concatenate(keep)
+        y = np.stack([survey.labels[t] for t in self.targets], axis=1)
+        return x[keep], y[keep], survey.snr[keep].astype(np.float64), survey.ids[keep]
+
+    def label_range(self, name: str) -> tuple[float, float]:
+        """The training range of a target: the span of the training nodes (teff, logg) or of the draws."""
+        if name in ("teff", "logg"):
+            col = self.train.nodes[:, ("teff", "logg").index(name)]
+            return float(col.min()), float(col.max())
+        return getattr(self.pert, name)
+
+    def vsini_resolution_limit(self) -> float:
+        """km/s: the instrumental FWHM in velocity, c / R; rotation slower than this is not resolved."""
+        return C_KMS / self.obs.resolving_power
+
+    def input_requirements(self) -> dict:
+        """The manifest's `input` entries this training fixes: resolving power and wavelength range."""
+        return {"resolving_power": self.obs.resolving_power,
+                "wavelength_range": [float(self.grid_values[0]), float(self.grid_values[-1])]}
+
+    def dataset(self, first_epoch: tuple[np.ndarray, np.ndarray]) -> Dataset:
+        """The first epoch's training rows with the validation and test surveys, as one `Dataset`."""
+        parts = [(*first_epoch, np.full(len(first_epoch[0]), np.nan), np.arange(len(first_epoch[0])))]
+        parts += [self.split("val"), self.split("test")]
+        names = ["train", "val", "test"]
+        x, y, snr, ids = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        split = np.concatenate([np.full(len(p[0]), n) for p, n in zip(parts, names, strict=True)])
+        return Dataset(x=x, y=y, snr=snr, ids=ids, split=split, dropped=0)
