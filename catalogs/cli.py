@@ -59,24 +59,38 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
 @click.option("--shard-rows", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Spectra per shard file.")
 @click.option("--snr", "snr", default="50:300", show_default=True,
-              help="Range A:B of the per-pixel signal-to-noise on the continuum (uniform draws).")
-def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str) -> None:
+              help="Range A:B of the per-pixel signal-to-noise on the continuum (uniform draws; "
+                   "log-uniform with --grid).")
+@click.option("--grid", "grid", default=None, type=click.Path(exists=True, path_type=Path),
+              help="Observe stars of a grid of model spectra (e.g. TLUSTY: an npz, CSV, Parquet or a "
+                   "folder of text spectra) instead of the simplified generator; --mode seed then puts "
+                   "them at the grid's nodes, random between them.")
+def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str,
+          grid: Path | None) -> None:
     """Synthesise a survey of OB-star spectra (4000-4800 A, R = 20000) as Parquet shards.
 
     \b
     Examples:
       starcast synth --n 1000 --out survey/
       starcast synth --mode seed --out seed-grid/     # the 24 450-spectrum training grid
+      starcast synth --n 1000 --grid grid.npz --out tlusty/   # model-atmosphere physics
     """
     from .synth import synth as run_synth
 
-    if mode == "random" and n is None:
-        raise click.UsageError("--n is required in random mode")
+    if (mode == "random" or grid is not None) and n is None:
+        raise click.UsageError("--n is required in random mode and with --grid")
     if n is not None and n < 1:
         raise click.BadParameter("--n must be at least 1")
     start = time.perf_counter()
-    paths = run_synth(n, out, mode=mode, seed=seed, shard_rows=shard_rows, snr=_parse_range(snr),
-                      progress=True)
+    if grid is not None:
+        from .grids import read_grid
+        from .gridsynth import synth_from_grid
+
+        paths = synth_from_grid(read_grid(grid), n, out, at_nodes=mode == "seed", seed=seed,
+                                snr=_parse_range(snr), shard_rows=shard_rows, progress=True)
+    else:
+        paths = run_synth(n, out, mode=mode, seed=seed, shard_rows=shard_rows, snr=_parse_range(snr),
+                          progress=True)
     click.echo(_summary(out, paths, time.perf_counter() - start))
 
 

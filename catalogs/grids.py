@@ -62,6 +62,14 @@ class ModelGrid:
                          self.names[keep], self.medium)
 
 
+def write_npz(grid: ModelGrid, path: str | Path) -> Path:
+    """Write `grid` in the npz layout `read_grid` reads (compressed)."""
+    path = Path(path)
+    np.savez_compressed(path, **{f"wavelength_{grid.medium}": grid.wavelength, "flux": grid.flux,
+                                 "model": grid.names, **grid.params})
+    return path
+
+
 def read_grid(path: str | Path, *, medium: str | None = None, name_pattern: str = TLUSTY_NAME,
               quality_only: bool = True) -> ModelGrid:
     """Read a model grid (see the module docstring for the formats). `medium` overrides what the
