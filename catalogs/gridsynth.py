@@ -3,8 +3,9 @@
 The grid's spectra are broadened as Rotin does (Gray's rotation profile with linear limb darkening,
 then a Gaussian instrumental profile of FWHM lambda / R) on a ladder of v sin i, and binned on the
 observed wavelength grid once (`BroadenedLibrary`, cached on disk). A star at any (Teff, log g,
-v sin i) is then a weighted sum of library spectra: a cubic radial basis function over the 20 nearest
-nodes in (Teff / 1 kK, log g / 0.25 dex) and linear between the two nearest rungs of the ladder.
+v sin i) is then a weighted sum of library spectra: a cubic radial basis function over the nodes in
+(Teff / 1 kK, log g / 0.25 dex), its 20 largest weights, and linear between the two nearest rungs of
+the ladder.
 `draw_survey` adds what real data has: continuum distortions (low order and ripple), noise, masked
 pixels and gaps, and wavelength-calibration errors. Used by the trainer (new draws every epoch), for
 test catalogs and for benchmarks; the physics comes from the grid, not from this module.
@@ -12,6 +13,7 @@ test catalogs and for benchmarks; the physics comes from the grid, not from this
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +40,7 @@ from .schema import (
 )
 
 VELOCITY_STEP_KMS = 0.5  # log-lambda step of the broadening grid, finer than SYNSPEC's 0.01 A (0.6 km/s)
-NEIGHBOURS = 20  # nodes in each local RBF interpolant (leave-one-out error within 3% of the global one)
+NEIGHBOURS = 20  # largest RBF weights kept per star (the rest is < 1e-3 of the spectrum; tested)
 NODE_SCALE = np.array([1000.0, 0.25])  # K, dex: one grid step per unit
 
 
@@ -138,15 +140,19 @@ class BroadenedLibrary:
 
     def weights(self, teff: np.ndarray, logg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index (B, k), weight (B, k)) of the nodes that make up the spectra at (teff, logg): the
-        cardinal functions of a cubic RBF with a linear polynomial over the k nearest nodes."""
+        cardinal functions of a cubic RBF with a linear polynomial over all nodes, cut to the k
+        largest and rescaled to sum to one (so a flat spectrum stays flat)."""
+        k = min(NEIGHBOURS, len(self.nodes))
+        w = self._cardinal(np.stack([teff, logg], axis=1) / NODE_SCALE)
+        idx = np.argpartition(-np.abs(w), k - 1, axis=1)[:, :k]
+        w = np.take_along_axis(w, idx, axis=1)
+        return idx, w / w.sum(axis=1, keepdims=True)
+
+    @functools.cached_property
+    def _cardinal(self):
         from scipy.interpolate import RBFInterpolator
 
-        k = min(NEIGHBOURS, len(self.nodes))
-        rbf = RBFInterpolator(self.nodes / NODE_SCALE, np.eye(len(self.nodes)), kernel="cubic", degree=1,
-                              neighbors=k)
-        w = rbf(np.stack([teff, logg], axis=1) / NODE_SCALE)
-        idx = np.argsort(-np.abs(w), axis=1)[:, :k]
-        return idx, np.take_along_axis(w, idx, axis=1)
+        return RBFInterpolator(self.nodes / NODE_SCALE, np.eye(len(self.nodes)), kernel="cubic", degree=1)
 
     def spectra(self, teff, logg, vsini) -> np.ndarray:
         """(B, P) float32 noise-free normalised spectra at the given labels (K, dex, km/s)."""
@@ -258,28 +264,26 @@ def draw_survey(lib: BroadenedLibrary, labels: dict, pert: Perturbations, rng: n
     clean = lib.spectra(labels["teff"], labels["logg"], labels["vsini"])
     b, p = clean.shape
     wl = lib.obs.grid().values()
-    x = np.linspace(-1.0, 1.0, p)
-    cont = np.ones((b, p))
+    legendre = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, p), pert.continuum_degree)[:, 1:].T
     coeffs = rng.uniform(-pert.continuum_amplitude, pert.continuum_amplitude, (b, pert.continuum_degree))
-    for k in range(pert.continuum_degree):
-        cont += coeffs[:, k:k + 1] * np.polynomial.legendre.Legendre.basis(k + 1)(x)[None]
-    ripple = rng.random(b) < pert.ripple_prob
-    amp = np.where(ripple, rng.uniform(0, pert.ripple_amplitude, b), 0.0)
-    period = rng.uniform(*pert.ripple_period, b)
-    phase = rng.uniform(0, 2 * np.pi, b)
-    cont *= 1.0 + amp[:, None] * np.sin(2 * np.pi * wl[None] / period[:, None] + phase[:, None])
-    snr = np.exp(rng.uniform(*np.log(pert.snr), b))
+    cont = (1.0 + coeffs @ legendre).astype(np.float32)
+    ripple = np.flatnonzero(rng.random(b) < pert.ripple_prob)
+    amp = rng.uniform(0, pert.ripple_amplitude, len(ripple))
+    period = rng.uniform(*pert.ripple_period, len(ripple))
+    phase = rng.uniform(0, 2 * np.pi, len(ripple))
+    cont[ripple] *= (1.0 + amp[:, None] * np.sin(2 * np.pi * wl[None] / period[:, None] + phase[:, None]))
+    snr = np.exp(rng.uniform(*np.log(pert.snr), b)).astype(np.float32)
     err = cont / snr[:, None]
-    flux = cont * clean + err * rng.standard_normal((b, p))
-    mask = rng.random((b, p)) < rng.uniform(0, pert.bad_pixel_fraction, (b, 1))
+    flux = cont * clean + err * rng.standard_normal((b, p), dtype=np.float32)
+    mask = rng.random((b, p), dtype=np.float32) < rng.uniform(0, pert.bad_pixel_fraction, (b, 1))
     gaps = np.flatnonzero(rng.random(b) < pert.gap_prob)
     width = rng.uniform(*pert.gap_width, len(gaps))
     start = rng.uniform(wl[0], wl[-1] - width)
     for row, lo, w in zip(gaps, start, width, strict=True):
         mask[row] |= (wl >= lo) & (wl < lo + w)
-    return Survey(flux=flux.astype(np.float32), flux_err=err.astype(np.float32), mask=mask,
-                  labels={k: np.asarray(v, np.float64) for k, v in labels.items()},
-                  snr=snr.astype(np.float32), rv=rng.normal(0.0, pert.rv_error_kms, b) if pert.rv_error_kms
+    return Survey(flux=flux, flux_err=err, mask=mask,
+                  labels={k: np.asarray(v, np.float64) for k, v in labels.items()}, snr=snr,
+                  rv=rng.normal(0.0, pert.rv_error_kms, b) if pert.rv_error_kms
                   else np.zeros(b), ids=id_start + np.arange(b, dtype=np.int64))
 
 
