@@ -86,17 +86,20 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
               help="Output directory for the Parquet shards.")
 @click.option("--medium", type=click.Choice(["vacuum", "air"]), default="vacuum", show_default=True,
               help="Whether the header wavelengths are vacuum or air wavelengths.")
+@click.option("--resolving-power", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolving power lambda / FWHM of every spectrum (a resolving_power column wins).")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Spectra per shard file.")
-def import_csv(file: Path, out: Path, medium: str, shard_rows: int) -> None:
+def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None, shard_rows: int) -> None:
     """Import a wide CSV (one row per spectrum, one column per wavelength in A) as a catalog.
 
     Headers are wavelengths (e.g. 4460.1,4460.2,...) or the optional columns id, teff, logg, vsini,
-    rv, snr, split. Example: starcast import-csv spectra.csv --out catalog/
+    rv, snr, split, resolving_power; a pandas index column (empty header or "Unnamed: 0") is the id
+    when there is no id column. Example: starcast import-csv spectra.csv --out catalog/
     """
     from .csv_import import import_csv as run_import
 
-    paths = run_import(file, out, shard_rows=shard_rows, medium=medium)
+    paths = run_import(file, out, shard_rows=shard_rows, medium=medium, resolving_power=resolving_power)
     if not paths:
         raise StarcastError(f"file {file}: nothing imported")
     click.echo(f"imported {file} into {len(paths)} shard(s) in {out}")
