@@ -67,6 +67,20 @@ def test_vacuum_wavelengths_are_converted_to_the_models_air_on_every_catalog_pat
     assert np.abs(mislabelled - reference).max() > 0.2  # 1.2 A off on 0.3 A lines: the test can fail
 
 
+def test_import_csv_medium_vacuum_is_honoured(tmp_path):
+    from starcast.catalogs.csv_import import csv_to_table
+
+    wl = np.linspace(4000.0, 4800.0, 2001)  # air
+    flux = line_spectrum(wl)
+    vacuum = air_to_vacuum(wl)
+    csv = tmp_path / "v.csv"
+    csv.write_text(",".join(f"{w:.6f}" for w in vacuum) + "\n" + ",".join(f"{f:.6f}" for f in flux) + "\n")
+    reference = preprocess(shared(flux, WavelengthGrid.explicit(wl, "air")), MODEL).x[0]
+    honoured = preprocess(csv_to_table(csv, medium="vacuum"), MODEL).x[0]
+    ignored = preprocess(csv_to_table(csv, medium="air"), MODEL).x[0]
+    assert np.abs(honoured - reference).max() < 0.01 < np.abs(ignored - reference).max()
+
+
 def test_a_medium_that_is_neither_air_nor_vacuum_is_an_error():
     from starcast.errors import CatalogError
 
