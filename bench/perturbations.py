@@ -28,6 +28,7 @@ import pyarrow as pa
 from starcast.catalogs.medium import air_to_vacuum
 from starcast.catalogs.schema import (
     FLUX,
+    FLUX_ERR,
     META_WAVELENGTH,
     RESOLVING_POWER,
     RV,
@@ -60,12 +61,12 @@ def _with_grid(table: pa.Table, grid: WavelengthGrid) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
-def _flux(table: pa.Table) -> np.ndarray:
-    return np.stack(table.column(FLUX).to_numpy(zero_copy_only=False)).astype(np.float32)
+def _flux(table: pa.Table, name: str = FLUX) -> np.ndarray:
+    return np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
-def _set_flux(table: pa.Table, flux: np.ndarray) -> pa.Table:
-    return table.set_column(table.schema.get_field_index(FLUX), FLUX, spectrum_array(flux, flux.shape[1]))
+def _set_flux(table: pa.Table, flux: np.ndarray, name: str = FLUX) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, spectrum_array(flux, flux.shape[1]))
 
 
 def ripple(table, **_):
@@ -108,7 +109,8 @@ def missing_rv(table, **_):
 def coverage_half(table, **_):
     g = _grid(table)
     keep = g.values() < 4400.0  # 4010-4400 of the model's 4010-4790 A
-    trimmed = _set_flux(table, _flux(table)[:, keep]).drop_columns(["flux_err"])
+    trimmed = _set_flux(table, _flux(table)[:, keep])
+    trimmed = _set_flux(trimmed, _flux(trimmed, FLUX_ERR)[:, keep], FLUX_ERR)
     return _with_grid(trimmed, WavelengthGrid.linear(g.start, g.step, int(keep.sum()), g.medium))
 
 

@@ -188,7 +188,10 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
     """Read FITS files into one catalog table with per-row `wavelength` (Angstrom), `flux`, `ivar`
     and `mask` (null rows where a file has none). `medium` is assumed where a header states none;
     when the files state different media every row is converted to vacuum."""
-    check_medium(medium)
+    try:
+        check_medium(medium)
+    except ValueError as exc:
+        raise CatalogError(str(exc)) from None
     spectra, source = [], {}
     for f in files:
         for s in read_fits(f, hdu=hdu):
