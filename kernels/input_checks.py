@@ -17,18 +17,29 @@ import pyarrow.compute as pc
 
 from ..catalogs.lines import DIAGNOSTIC_LINES
 from ..catalogs.medium import AIR, check_medium, convert
-from ..catalogs.schema import META_MEDIUM, META_RESOLVING_POWER, RESOLVING_POWER
+from ..catalogs.schema import (
+    META_MEDIUM,
+    META_RESOLVING_POWER,
+    META_WAVELENGTH,
+    RESOLVING_POWER,
+    WavelengthGrid,
+)
 from ..errors import CatalogError
 
 RESOLUTION_TOLERANCE = 0.1  # an input resolving power down to 10% below the model's is accepted as is
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
 
 
-def metadata_medium(schema: pa.Schema) -> str | None:
-    """The medium a file states for its per-row `wavelength` column (`starcast.medium`), or None."""
-    raw = (schema.metadata or {}).get(META_MEDIUM.encode())
+def column_medium(schema: pa.Schema) -> str | None:
+    """The medium a file states for its per-row `wavelength` column: `starcast.medium`, else that of
+    a file grid (`starcast.wavelength`), else None."""
+    metadata = schema.metadata or {}
+    raw = metadata.get(META_MEDIUM.encode())
     if raw is None:
-        return None
+        try:
+            return WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()]).medium
+        except (KeyError, ValueError):
+            return None
     try:
         return check_medium(raw.decode().strip().strip('"'), f"{META_MEDIUM} metadata")
     except ValueError as exc:

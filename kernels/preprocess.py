@@ -31,10 +31,10 @@ from ..catalogs.schema import (
 from ..errors import CatalogError, StarcastError
 from .continuum import continuum_basis, fit_continuum, noise_sigma
 from .input_checks import (
+    column_medium,
     coverage_error,
     input_resolving_power,
     line_pixels,
-    metadata_medium,
     resolution_match,
     to_medium,
 )
@@ -335,17 +335,6 @@ def _grid_values(grid, what: str) -> np.ndarray:
     return np.require(values, np.float64, ["C", "W"])
 
 
-def _row_medium(schema: pa.Schema) -> str | None:
-    """The medium of a `wavelength` column: `starcast.medium`, else that of a file grid, else None."""
-    stated = metadata_medium(schema)
-    if stated is None and META_WAVELENGTH.encode() in (schema.metadata or {}):
-        try:
-            return WavelengthGrid.from_json(schema.metadata[META_WAVELENGTH.encode()]).medium
-        except ValueError:
-            return None
-    return stated
-
-
 def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
     """Flat values and per-row start (-1 for a null row) of an optional list column, or None if absent.
     Rows whose length differs from the flux row are recorded in `failures`."""
@@ -405,7 +394,7 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     else:
         for r in np.flatnonzero(wavelength[1] < 0):
             failures.setdefault(int(r), "wavelength is null")
-        wavelength = (to_medium(wavelength[0], _row_medium(batch.schema), medium), wavelength[1])
+        wavelength = (to_medium(wavelength[0], column_medium(batch.schema), medium), wavelength[1])
 
     err_kind, uncertainty = 0, None  # flux_err wins over ivar when a catalog has both
     for kind, name in ((1, FLUX_ERR), (2, IVAR)):
