@@ -1,7 +1,8 @@
-"""Command-line front of the catalogs sub-package: `starcast synth` and `starcast import-csv`.
+"""Command-line front of the catalogs sub-package: `starcast synth`, `import-csv` and `import-fits`.
 
-Thin click wrappers over `synth.synth` and `csv_import.import_csv`; they parse options, show a
-progress bar and print a one-screen summary. Errors are `StarcastError`s, printed by the main CLI.
+Thin click wrappers over `synth.synth`, `csv_import.import_csv` and `fits_import.import_fits`; they
+parse options, show a progress bar and print a one-screen summary. Errors are `StarcastError`s,
+printed by the main CLI.
 """
 
 from __future__ import annotations
@@ -100,17 +101,47 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
               help="Output directory for the Parquet shards.")
 @click.option("--medium", type=click.Choice(["vacuum", "air"]), default="vacuum", show_default=True,
               help="Whether the header wavelengths are vacuum or air wavelengths.")
+@click.option("--resolving-power", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolving power lambda / FWHM of every spectrum (a resolving_power column wins).")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Spectra per shard file.")
-def import_csv(file: Path, out: Path, medium: str, shard_rows: int) -> None:
+def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None, shard_rows: int) -> None:
     """Import a wide CSV (one row per spectrum, one column per wavelength in A) as a catalog.
 
     Headers are wavelengths (e.g. 4460.1,4460.2,...) or the optional columns id, teff, logg, vsini,
-    rv, snr, split. Example: starcast import-csv spectra.csv --out catalog/
+    rv, snr, split, resolving_power; a pandas index column (empty header or "Unnamed: 0") is the id
+    when there is no id column. Example: starcast import-csv spectra.csv --out catalog/
     """
     from .csv_import import import_csv as run_import
 
-    paths = run_import(file, out, shard_rows=shard_rows, medium=medium)
+    paths = run_import(file, out, shard_rows=shard_rows, medium=medium, resolving_power=resolving_power)
     if not paths:
         raise StarcastError(f"file {file}: nothing imported")
     click.echo(f"imported {file} into {len(paths)} shard(s) in {out}")
+
+
+@click.command("import-fits")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory for the Parquet shards.")
+@click.option("--medium", type=click.Choice(["vacuum", "air"]), default="vacuum", show_default=True,
+              help="Medium of the wavelengths where a header does not state it (AIRORVAC, VACUUM, "
+                   "CTYPE1 AWAV).")
+@click.option("--resolving-power", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolving power lambda / FWHM of every spectrum.")
+@click.option("--hdu", type=click.IntRange(min=0), default=None,
+              help="Read this HDU (0 = primary) instead of the first that holds a spectrum.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Spectra per shard file.")
+def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power: float | None,
+                hdu: int | None, shard_rows: int) -> None:
+    """Import FITS spectra (1-D images with a wavelength WCS, or binary tables) as a catalog.
+
+    Each file gives one spectrum (a table with array cells: one per row); its id is the file name.
+    Example: starcast import-fits spectra/*.fits --out catalog/
+    """
+    from .fits_import import import_fits as run_import
+
+    paths = run_import(files, out, medium=medium, resolving_power=resolving_power, hdu=hdu,
+                       shard_rows=shard_rows)
+    click.echo(f"imported {len(files)} FITS file(s) into {len(paths)} shard(s) in {out}")

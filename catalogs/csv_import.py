@@ -1,9 +1,11 @@
 """Importer for the wide CSV layout spectroscopists pass around: one row per spectrum.
 
 Every column whose header is a number is a pixel at that wavelength (Angstrom), e.g. `4460.1,
-4460.2, ...`; the other headers must be known catalog columns (`id`, `rv`, `snr`, `split` and the
-labels `teff`, `logg`, `vsini`). Empty cells become NaN flux. Anything else is a `CatalogError`
-naming the file and the column (or row), never a parser traceback.
+4460.2, ...`; the other headers must be known catalog columns (`id`, `rv`, `snr`, `split`,
+`resolving_power` and the labels `teff`, `logg`, `vsini`) or the unnamed index column pandas writes
+(header empty or `Unnamed: 0`), taken as `id` when there is no `id` column. Empty cells become NaN
+flux. Anything else is a `CatalogError` naming the file and the column (or row), never a parser
+traceback.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import pyarrow.csv as pacsv
 
 from ..errors import CatalogError
 from .io import new_output_dir, write_catalog
+from .medium import check_medium
 from .schema import (
     FLUX,
     ID,
     LABELS,
+    META_RESOLVING_POWER,
     META_WAVELENGTH,
+    RESOLVING_POWER,
     RV,
     SNR,
     SPLIT,
@@ -32,7 +37,8 @@ from .schema import (
 )
 
 KNOWN_COLUMNS = {ID: None, RV: pa.float64(), SNR: pa.float32(), SPLIT: pa.string(),
-                 **{name: pa.float64() for name in LABELS}}
+                 RESOLVING_POWER: pa.float64(), **{name: pa.float64() for name in LABELS}}
+PANDAS_INDEX = ("", "Unnamed: 0")  # headers `DataFrame.to_csv` gives an unnamed index column
 
 
 def _header(path: Path) -> list[str]:
@@ -55,7 +61,7 @@ def _classify(path: Path, header: list[str]) -> dict[str, float]:
         if name in seen:
             raise CatalogError("duplicate column header", file=str(path), column=name)
         seen.add(name)
-        if name in KNOWN_COLUMNS:
+        if name in KNOWN_COLUMNS or name in PANDAS_INDEX:
             continue
         try:
             value = float(name)
@@ -128,9 +134,17 @@ def _grid(values: np.ndarray, medium: str) -> WavelengthGrid:
     return WavelengthGrid.explicit(values, medium=medium)
 
 
-def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
-    """Read a wide CSV into a catalog table; the (sorted) wavelength grid goes into schema metadata."""
+def csv_to_table(file: str | Path, *, medium: str = "vacuum",
+                 resolving_power: float | None = None) -> pa.Table:
+    """Read a wide CSV into a catalog table; the (sorted) wavelength grid, in `medium`, goes into
+    schema metadata, and so does `resolving_power` (lambda / FWHM of every row) when given."""
     path = Path(file)
+    try:
+        check_medium(medium)
+    except ValueError as exc:
+        raise CatalogError(str(exc), file=str(path)) from None
+    if resolving_power is not None and not resolving_power > 0:
+        raise CatalogError(f"resolving power must be positive, got {resolving_power}", file=str(path))
     header = _header(path)
     wavelengths = _classify(path, header)
     types = {name: pa.float32() for name in wavelengths}
@@ -140,21 +154,27 @@ def csv_to_table(file: str | Path, *, medium: str = "vacuum") -> pa.Table:
         raise CatalogError("no data rows", file=str(path))
     order = sorted(wavelengths, key=wavelengths.get)
     flux = np.column_stack([raw.column(n).to_numpy(zero_copy_only=False) for n in order]).astype(np.float32)
-    ids = raw.column(ID) if ID in header else pa.array(np.arange(raw.num_rows, dtype=np.int64))
+    index = next((n for n in header if n in PANDAS_INDEX), None)
+    if ID in header:
+        ids = raw.column(ID)
+    else:
+        ids = raw.column(index) if index is not None else pa.array(np.arange(raw.num_rows, dtype=np.int64))
     cols = {ID: ids, FLUX: spectrum_array(flux, len(order))}
     cols.update({n: raw.column(n) for n in KNOWN_COLUMNS if n in header and n != ID})
     grid = _grid(np.array([wavelengths[n] for n in order]), medium)
     meta = {META_WAVELENGTH: grid.to_json(), "starcast.source": json.dumps({"csv": str(path)})}
+    if resolving_power is not None:
+        meta[META_RESOLVING_POWER] = json.dumps(float(resolving_power))
     table = pa.table(cols).replace_schema_metadata(meta)
     validate(table, file=str(path))
     return table
 
 
 def import_csv(file: str | Path, out: str | Path, *, shard_rows: int = 10000,
-               medium: str = "vacuum") -> list[Path]:
+               medium: str = "vacuum", resolving_power: float | None = None) -> list[Path]:
     """Import a wide CSV as Parquet shards `out/part-00000.parquet`, ... (`out` new or without Parquet
     files); returns their paths."""
-    table = csv_to_table(file, medium=medium)
+    table = csv_to_table(file, medium=medium, resolving_power=resolving_power)
     out = new_output_dir(out)
     step = max(int(shard_rows), 1)
     return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")

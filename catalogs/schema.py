@@ -20,11 +20,14 @@ from ..errors import CatalogError
 # Input columns. Wavelengths are in Angstrom; `rv` in km/s (positive = receding).
 ID, FLUX, WAVELENGTH, FLUX_ERR, IVAR, MASK, RV, SNR, SPLIT = (
     "id", "flux", "wavelength", "flux_err", "ivar", "mask", "rv", "snr", "split")
+RESOLVING_POWER = "resolving_power"  # lambda / FWHM of the instrumental profile, per row
 LABELS = ("teff", "logg", "vsini")  # K, dex (cgs), km/s
 
 # File metadata keys (Parquet key-value metadata, UTF-8 JSON values).
 META_WAVELENGTH = "starcast.wavelength"
 META_GENERATOR = "starcast.generator"
+META_MEDIUM = "starcast.medium"  # "air" | "vacuum": the medium of a per-row `wavelength` column
+META_RESOLVING_POWER = "starcast.resolving_power"  # one resolving power for every row of the file
 
 # Output columns besides the per-target ones (`t`, `t_err`, `t_err_aleatoric`, `t_err_epistemic`).
 FLAGS, ERROR = "flags", "error"
@@ -39,6 +42,9 @@ class Flag(enum.IntFlag):
     OUT_OF_RANGE = 8  # a prediction outside the training range
     HIGH_EPISTEMIC = 16  # epistemic uncertainty above the model's out-of-distribution threshold
     PREPROCESS_FAILED = 32  # preprocessing failed; see `error`
+    GAP = 64  # a gap longer than the preprocessing's max_gap pixels was filled with the continuum
+    LINE_LOST = 128  # a diagnostic line (`starcast.catalogs.lines`) falls on a bad or missing pixel
+    LOW_RESOLUTION = 256  # resolving power below the model's; numbers nulled (see `error`)
     UPPER_LIMIT = 4096  # below what the resolution can measure (v sin i): the value is an upper limit
 
 
@@ -212,7 +218,7 @@ def validate(table: pa.Table, file=None) -> None:
     _check_type(table, WAVELENGTH, _is_float_list, "a list of float64 (Angstrom)", file)
     _check_type(table, MASK, lambda t: any(f(t) for f in _LIST_TYPES) and pa.types.is_boolean(t.value_type),
                 "a list of bool", file)
-    for name in (RV, SNR, *LABELS):
+    for name in (RV, SNR, RESOLVING_POWER, *LABELS):
         _check_type(table, name, lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
                     "a number (float64)", file)
     _check_type(table, SPLIT, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),

@@ -1,7 +1,8 @@
 """The `starcast run` and `starcast inspect` commands (loaded lazily by `starcast/cli.py`).
 
 Options left out fall back to the job spec given with `--config`, then to `starcast.run`'s defaults.
-The exit status is 0 on success, 3 when the run finished with failed rows or files, 2 on errors.
+The exit status is 0 on success, 3 when the run finished with failed rows or files, 2 on errors
+(including a run none of whose input files could be read).
 """
 
 from __future__ import annotations

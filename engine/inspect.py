@@ -37,7 +37,16 @@ def summarize(spec: str | os.PathLike) -> dict:
     """The summary of the results at `spec` as a plain dict (see the module docstring)."""
     files = results_files(spec)
     lf = pl.scan_parquet(files)
-    names = lf.collect_schema().names()
+    try:
+        names = lf.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise StarcastError(f"{spec}: not a readable Parquet results file "
+                            f"({type(exc).__name__}: {exc})") from None
+    missing = " or ".join(repr(c) for c in (FLAGS, ERROR) if c not in names)
+    if missing:
+        raise StarcastError(f"{spec}: not a results catalog (no {missing} column); inspect summarises what "
+                            f"`starcast run` writes: run `starcast run {spec} --out DIR`, then "
+                            "`starcast inspect DIR`")
     targets = [n[: -len("_err_epistemic")] for n in names if n.endswith("_err_epistemic")]
     exprs = [pl.len().alias("rows"), pl.col(ERROR).is_null().sum().alias("predicted"),
              pl.col(ERROR).is_not_null().sum().alias("failed"), (pl.col(FLAGS) != 0).sum().alias("flagged")]

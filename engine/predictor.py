@@ -17,7 +17,17 @@ import torch
 
 import starcast
 
-from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, Flag, WavelengthGrid, results_schema
+from ..catalogs.medium import check_medium
+from ..catalogs.schema import (
+    ERROR,
+    FLAGS,
+    ID,
+    META_MEDIUM,
+    META_WAVELENGTH,
+    Flag,
+    WavelengthGrid,
+    results_schema,
+)
 from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
 from ..kernels.features import input_features
@@ -72,7 +82,7 @@ class Model:
         if self.calibration is not None and "log10_snr" not in self.features:
             raise ModelError(f"model bundle {bundle.path}: its calibration depends on the SNR, but "
                              "'log10_snr' is not among its input features")
-        self._grid_values = self.grid.values()
+        self.resolving_power = bundle.input.get("resolving_power")
         self._weights: dict[str, object] = {}  # per backend: layers on its device, or packed
 
     @property
@@ -92,13 +102,15 @@ class Model:
                             source_grid=source_grid)
 
     def predict(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
-                backend: str = "auto", source_grid: WavelengthGrid | None = None) -> pa.Table:
+                backend: str = "auto", source_grid: WavelengthGrid | None = None,
+                medium: str | None = None) -> pa.Table:
         """Predict every row of a catalog table or batch (or a dict of columns: `id`, 2-D `flux`, a
-        shared 1-D `wavelength`). Returns one results row per input row, in order: `id`; per target
+        shared 1-D or per-row 2-D `wavelength` in Angstrom, in `medium`, "air" or "vacuum", default
+        the model's). Returns one results row per input row, in order: `id`; per target
         `t`, `t_err` (total sigma), `t_err_aleatoric`, `t_err_epistemic` (float64, physical units,
         null where the row could not be predicted); `flags` (int32, `Flag` bits); `error`.
         Exactly `infer(prepare(...))`, the two halves the pipelines run on different workers."""
-        table, source_grid = _as_table(table_or_batch, source_grid)
+        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         return self.infer(self.prepare(table, source_grid=source_grid), samples=samples, seed=seed,
                           backend=backend)
 
@@ -109,14 +121,15 @@ class Model:
         `error` (null for rows that go through the network) and the target label columns present.
         `source_grid`: the file's shared grid when there is no `wavelength` column (else it is read
         from the schema metadata, `starcast.wavelength`)."""
-        table, source_grid = _as_table(batch, source_grid)
+        table, source_grid = _as_table(batch, source_grid, self.grid.medium)
         if ID not in table.column_names:
             raise CatalogError("the catalog has no 'id' column", column=ID)
         try:
             keys = id_keys(table.column(ID))
         except ValueError as exc:
             raise CatalogError(str(exc), column=ID) from exc
-        pre = preprocess(table, self._grid_values, self.settings, source_grid=source_grid)
+        pre = preprocess(table, self.grid, self.settings, source_grid=source_grid,
+                         resolving_power=self.resolving_power)
         x = np.ascontiguousarray(np.concatenate([pre.x, input_features(pre.ivar, self.features)], axis=1),
                                  dtype=np.float32)
         flags = np.asarray(pre.flags, dtype=np.int32).copy()
@@ -155,10 +168,11 @@ class Model:
         return self._results(prepared, ok, mean, var_a, var_e, samples, seed, backend)
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
-                        source_grid: WavelengthGrid | None = None) -> PredictiveSamples:
+                        source_grid: WavelengthGrid | None = None,
+                        medium: str | None = None) -> PredictiveSamples:
         """All M x S (mu, sigma) pairs per row, from the float64 reference on the same dropout masks
         as `predict`: the full predictive distribution of a few spectra (memory grows as B x M x S)."""
-        table, source_grid = _as_table(table_or_batch, source_grid)
+        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
         ok, x, keys = self._unpack(prepared)
@@ -193,7 +207,7 @@ class Model:
 
     def _log_snr(self, x: np.ndarray) -> np.ndarray:
         """The log10_snr input feature of prepared rows x [B, D + E]."""
-        return x[:, len(self._grid_values) + self.features.index("log10_snr")].astype(np.float64)
+        return x[:, self.grid.n + self.features.index("log10_snr")].astype(np.float64)
 
     def _unpack(self, prepared: pa.RecordBatch | pa.Table):
         """(ok, x [B, D] float32, keys [B] int64) of a prepared batch; `ok`: rows without an error."""
@@ -282,15 +296,17 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _as_table(data, source_grid: WavelengthGrid | None) -> tuple[pa.Table, WavelengthGrid | None]:
-    """Accept a pa.Table, pa.RecordBatch, polars DataFrame or dict of columns. (A shared grid in the
-    schema metadata, `starcast.wavelength`, is read by `preprocess` when `source_grid` is None.)"""
+def _as_table(data, source_grid: WavelengthGrid | None,
+              medium: str) -> tuple[pa.Table, WavelengthGrid | None]:
+    """Accept a pa.Table, pa.RecordBatch, polars DataFrame or dict of columns (whose wavelengths are in
+    `medium`). (A shared grid in the schema metadata, `starcast.wavelength`, is read by `preprocess`
+    when `source_grid` is None.)"""
     if isinstance(data, pa.RecordBatch):
         data = pa.Table.from_batches([data])
     elif hasattr(data, "to_arrow") and not isinstance(data, pa.Table):
         data = data.to_arrow()
     elif isinstance(data, dict):
-        data, source_grid = _table_from_arrays(data, source_grid)
+        data, source_grid = _table_from_arrays(data, source_grid, medium)
     if not isinstance(data, pa.Table):
         raise StarcastError(f"cannot predict from a {type(data).__name__}; pass a pyarrow Table or "
                             "RecordBatch, a polars DataFrame, or a dict of columns")
@@ -301,12 +317,17 @@ def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def _table_from_arrays(columns: dict, source_grid):
-    """A dict with 2-D `flux` (and `flux_err`, `mask`) and a 1-D shared `wavelength` (Angstrom)."""
+def _table_from_arrays(columns: dict, source_grid, medium: str):
+    """A dict with 2-D `flux` (and `flux_err`, `mask`) and a 1-D shared or 2-D per-row `wavelength`
+    (Angstrom, in `medium`)."""
+    try:
+        check_medium(medium)
+    except ValueError as exc:
+        raise StarcastError(str(exc)) from None
     columns = dict(columns)
     wavelength = columns.pop("wavelength", None)
     if wavelength is not None and np.ndim(wavelength) == 1:
-        source_grid = WavelengthGrid.explicit(wavelength)
+        source_grid = WavelengthGrid.explicit(wavelength, medium)
     elif wavelength is not None:
         columns["wavelength"] = wavelength
     out = {}
@@ -319,7 +340,7 @@ def _table_from_arrays(columns: dict, source_grid):
             out[name] = pa.array(arr)
     if source_grid is not None:
         return pa.table(out).replace_schema_metadata({META_WAVELENGTH: source_grid.to_json()}), source_grid
-    return pa.table(out), source_grid
+    return pa.table(out).replace_schema_metadata({META_MEDIUM: medium}), source_grid
 
 
 __all__ = ["BACKENDS", "PREPARED_KEY", "PREPARED_X", "Model", "PredictiveSamples", "load_model",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..catalogs.io import list_inputs
-from ..errors import EXIT_OK, EXIT_PARTIAL, StarcastError
+from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StarcastError
 from .jobs import JobSpec
 from .manifest import FileReport, RunIdentity, RunManifest, check_marker, read_marker, remove_stale_partials
 from .pipeline import LocalPipeline
@@ -88,8 +88,10 @@ def run_job(spec: JobSpec) -> dict:
 
 
 def exit_code(manifest: dict) -> int:
-    """EXIT_PARTIAL when a file or a row failed, else EXIT_OK."""
+    """EXIT_ERROR when no input file could be read, EXIT_PARTIAL when a file or a row failed, else EXIT_OK."""
     totals = manifest["totals"]
+    if totals["files"] and totals["files_failed"] == totals["files"]:
+        return EXIT_ERROR
     return EXIT_PARTIAL if totals["files_failed"] or totals["rows_failed"] else EXIT_OK
 
 

@@ -30,14 +30,32 @@ from ..catalogs.schema import (
 )
 from ..errors import CatalogError, StarcastError
 from .continuum import continuum_basis, fit_continuum, noise_sigma
-from .resample import BAD, GOOD, UNCOVERED, bin_edges, interp_linear, rebin_flux, resample, rest_frame_factor
+from .input_checks import (
+    column_medium,
+    coverage_error,
+    input_resolving_power,
+    line_pixels,
+    resolution_match,
+    to_medium,
+)
+from .resample import (
+    BAD,
+    GOOD,
+    UNCOVERED,
+    bin_edges,
+    interp_linear,
+    rebin_flux,
+    resample,
+    rest_frame_factor,
+    smooth_gaussian,
+)
 
 __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "846ae33fa88e372a"
+DEPENDENCY_FINGERPRINT = "51a961869b69e242"
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,10 @@ class Preprocessed:
 
 # Row status codes set by the kernel (0 = processed).
 (_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _ZERO, _SINGULAR, _NEGATIVE, _INPUT) = range(10)
+_HOLE_STEPS = 5.0  # a wavelength step this many times wider than a neighbouring step is a hole
+
+# Statuses that coverage short of the grid explains better than their own reason.
+_COVERAGE_STATUSES = (_OK, _NO_OVERLAP, _FEW_GOOD, _ZERO, _SINGULAR, _NEGATIVE)
 _REASONS = {
     _SHORT: "fewer than 2 pixels",
     _WAVELENGTH: "wavelength is not finite and strictly increasing",
@@ -127,8 +149,10 @@ _REASONS = {
 @njit(cache=True)
 def _fill_gaps(x, ivar, state, max_gap):
     """Interpolate runs of non-GOOD pixels up to `max_gap` long between good neighbours; set the rest,
-    and runs touching an edge, to 1.0. Filled pixels get ivar = 0."""
+    and runs touching an edge, to 1.0. Filled pixels get ivar = 0. Returns whether a run longer than
+    `max_gap` was set to 1.0, other than an uncovered end (a gap, not short coverage)."""
     d = state.shape[0]
+    long_gap = False
     i = 0
     while i < d:
         if state[i] == GOOD:
@@ -138,18 +162,25 @@ def _fill_gaps(x, ivar, state, max_gap):
         while j < d and state[j] != GOOD:
             j += 1
         interpolate = i > 0 and j < d and j - i <= max_gap
+        uncovered_end = i == 0 or j == d
         for p in range(i, j):
             x[p] = x[i - 1] + (x[j] - x[i - 1]) * (p - i + 1) / (j - i + 1) if interpolate else 1.0
             ivar[p] = 0.0
+            uncovered_end &= state[p] == UNCOVERED
+        long_gap |= j - i > max_gap and not uncovered_end
         i = j
+    return long_gap
 
 
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, grid, grid_edges, basis, gram, flux_conserving, normalise, fit_params, sigma_floor, max_gap,
-            min_good, status, x, ivar, nonfinite, coverage, bad_fraction, n_good):
+            rv, smooth, grid, grid_edges, basis, gram, flux_conserving, normalise, fit_params, sigma_floor,
+            max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage, bad_fraction, n_good, gap,
+            line_lost):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
-    0 none, 1 flux_err, 2 ivar; `fit_params` as `fit_continuum`'s. Writes row r of every output only."""
+    0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
+    resolution with (0: none); `fit_params` as `fit_continuum`'s; `line_pixels`: grid pixels of the
+    diagnostic lines. Writes row r of every output only."""
     n_rows, d = x.shape
     for r in prange(n_rows):
         x[r, :] = 1.0
@@ -189,6 +220,13 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if not monotonic:
             status[r] = _WAVELENGTH
             continue
+        for p in range(n - 1):  # a step far wider than its neighbours' is a hole, not one wide pixel
+            before = wl[p] - wl[p - 1] if p > 0 else np.inf
+            after = wl[p + 2] - wl[p + 1] if p < n - 2 else np.inf
+            if wl[p + 1] - wl[p] > _HOLE_STEPS * min(before, after):
+                bad[p] = bad[p + 1] = True
+        if smooth[r] > 0.0:
+            flux = smooth_gaussian(wl, flux, bad, smooth[r])
         inside = np.empty(n, np.bool_)  # good input pixels within the model grid's range
         n_inside = 0
         for p in range(n):
@@ -246,7 +284,9 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             if good[j]:
                 x[r, j] = y[j] / cont[j]
                 ivar[r, j] = (cont[j] / sigma[j]) ** 2
-        _fill_gaps(x[r], ivar[r], state, max_gap)
+        gap[r] = _fill_gaps(x[r], ivar[r], state, max_gap)
+        for p in line_pixels:
+            line_lost[r] |= state[p] != GOOD
 
 
 def _as_array(batch, name: str) -> pa.Array | None:
@@ -309,17 +349,22 @@ def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
 
 
 def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSettings | None = None, *,
-               source_grid=None) -> Preprocessed:
+               source_grid=None, resolving_power: float | None = None) -> Preprocessed:
     """Put every row of `batch` (catalog schema) on `grid` (model wavelengths, Angstrom, rest frame).
 
-    Per row: remove `rv` (km/s, relativistic, see `rest_frame_factor`; null = 0), resample once with
-    `settings.method`, fit and divide the continuum on the model grid, interpolate short gaps and set
-    long ones and uncovered pixels to 1.0. Bad input pixels: non-finite or negative flux, errors that
-    are not positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
-    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata. Rows without
-    `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels, propagated as errors would be.
+    Per row: convert the wavelengths to the model's medium (when `grid` and the input both state
+    theirs: a `WavelengthGrid`'s medium, `starcast.medium` for a `wavelength` column), smooth a
+    resolving power above `resolving_power` (the model's) down to it, remove `rv` (km/s, relativistic,
+    see `rest_frame_factor`; null = 0), resample once with `settings.method`, fit and divide the
+    continuum on the model grid, interpolate short gaps and set long ones and uncovered pixels to 1.0.
+    Bad input pixels: non-finite or negative flux, errors that are not positive and finite
+    (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a `wavelength` column use
+    `source_grid`, else the grid in the batch's schema metadata. Rows without `flux_err`/`ivar` get one
+    noise level, DER_SNR of their input pixels, propagated as errors would be. Rows covering less than
+    `settings.min_coverage` of the grid, or at a resolving power too low, fail with the reason.
     """
     settings = settings or PreprocessSettings()
+    medium = grid.medium if isinstance(grid, WavelengthGrid) else None
     grid = _grid_values(grid, "grid")
     n_rows, d = batch.num_rows, len(grid)
     flux_col = _as_array(batch, FLUX)
@@ -341,13 +386,15 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
         if source_grid is None:
             raise CatalogError("no wavelength column and no file-level wavelength grid (pass source_grid "
                                f"or set the {META_WAVELENGTH!r} metadata)", column=WAVELENGTH)
-        shared = _grid_values(source_grid, "source_grid")
+        source_medium = source_grid.medium if isinstance(source_grid, WavelengthGrid) else None
+        shared = to_medium(_grid_values(source_grid, "source_grid"), source_medium, medium)
         for r in np.flatnonzero(flux_valid & (n_pixels != len(shared)) & (n_pixels > 0)):
             failures.setdefault(int(r), f"flux has {n_pixels[r]} values, the file's grid {len(shared)}")
         wavelength = (shared, np.zeros(n_rows, np.int64))
     else:
         for r in np.flatnonzero(wavelength[1] < 0):
             failures.setdefault(int(r), "wavelength is null")
+        wavelength = (to_medium(wavelength[0], column_medium(batch.schema), medium), wavelength[1])
 
     err_kind, uncertainty = 0, None  # flux_err wins over ivar when a catalog has both
     for kind, name in ((1, FLUX_ERR), (2, IVAR)):
@@ -362,6 +409,11 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     rv = np.zeros(n_rows) if rv_col is None else np.require(
         pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
 
+    r_input = input_resolving_power(batch, n_rows)
+    smooth, low_resolution = resolution_match(r_input, resolving_power)
+    for r in np.flatnonzero(low_resolution):
+        failures.setdefault(int(r), f"resolving power R = {r_input[r]:.0f} is below the model's "
+                                    f"R = {resolving_power:.0f} (lower resolution reads as rotation)")
     status = np.zeros(n_rows, np.int32)
     status[list(failures)] = _INPUT
     x = np.empty((n_rows, d), np.float32)
@@ -370,24 +422,37 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     coverage = np.full(n_rows, np.nan)
     bad_fraction = np.full(n_rows, np.nan)
     n_good = np.zeros(n_rows, np.int64)
+    gap, line_lost = np.zeros(n_rows, np.bool_), np.zeros(n_rows, np.bool_)
     edges = np.empty(d + 1)
     bin_edges(grid, edges)
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
     _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], *uncertainty,
-            err_kind, *mask, rv, grid, edges, *continuum_basis(grid, settings.continuum_degree),
+            err_kind, *mask, rv, smooth, grid, edges, *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
-            float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels), status, x,
-            ivar, nonfinite, coverage, bad_fraction, n_good)
+            float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels),
+            line_pixels(grid, medium), status, x, ivar, nonfinite, coverage, bad_fraction, n_good, gap,
+            line_lost)
 
+    short = np.isin(status, _COVERAGE_STATUSES) & (coverage < settings.min_coverage)
+    x[short], ivar[short] = 1.0, 0.0  # failed rows are neutral, as the kernel leaves its own
+    ok = (status == _OK) & ~short
     flags = np.where(nonfinite, int(Flag.NON_FINITE), 0)
     flags |= np.where(bad_fraction > settings.max_bad_fraction, int(Flag.MASKED), 0)
     flags |= np.where(coverage < settings.min_coverage, int(Flag.COVERAGE), 0)
-    flags |= np.where(status != _OK, int(Flag.PREPROCESS_FAILED), 0)
+    flags |= np.where((status != _OK) | short, int(Flag.PREPROCESS_FAILED), 0)
+    flags |= np.where(gap & ok, int(Flag.GAP), 0)
+    flags |= np.where(line_lost & ok, int(Flag.LINE_LOST), 0)
+    flags |= np.where(low_resolution, int(Flag.LOW_RESOLUTION), 0)
     messages: list[str | None] = [None] * n_rows
     for r in np.flatnonzero(status != _OK):
         reason = failures.get(int(r)) or _REASONS[int(status[r])].format(
             n_good=n_good[r], need=settings.min_good_pixels)
         messages[r] = reason
+    for r in np.flatnonzero(short):
+        lo, hi = wavelength[0][wavelength[1][r]], wavelength[0][wavelength[1][r] + n_pixels[r] - 1]
+        factor = rest_frame_factor(rv[r])
+        messages[r] = coverage_error(lo * factor, hi * factor, grid, medium, float(coverage[r]),
+                                     settings.min_coverage)
     return Preprocessed(x=x, flags=flags.astype(np.int32), coverage=coverage.astype(np.float32),
                         bad_fraction=bad_fraction.astype(np.float32), errors=messages, ivar=ivar)

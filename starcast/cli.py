@@ -21,6 +21,7 @@ _COMMANDS = {
     "demo": ("starcast.demo", "demo", "Synthesise a small survey, predict it, summarise and score it."),
     "synth": ("starcast.catalogs.cli", "synth", "Synthesise a survey of OB-star spectra."),
     "import-csv": ("starcast.catalogs.cli", "import_csv", "Import a wide CSV of spectra as a catalog."),
+    "import-fits": ("starcast.catalogs.cli", "import_fits", "Import FITS spectra as a catalog."),
     "run": ("starcast.engine.cli", "run", "Predict stellar parameters for a catalog."),
     "inspect": ("starcast.engine.cli", "inspect", "Summarise a results catalog."),
     "train": ("starcast.trainers.cli", "train", "Train a model bundle from a TOML config."),

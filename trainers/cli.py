@@ -46,8 +46,11 @@ def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> N
 @click.option("--vsini-min", type=float, default=None,
               help="Instrumental resolution in km/s: v sin i accuracy is also given above it "
                    "[default: c/R from a synthetic truth catalog's metadata].")
+@click.option("--min-match", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
+              help="Fail (exit 2) when fewer than this fraction of the smaller of results and truth "
+                   "match by id.")
 def eval_(results: str, truth: str, out: str, split: str | None, ood: str | None, model: str | None,
-          vsini_min: float | None) -> None:
+          vsini_min: float | None, min_match: float) -> None:
     """Metrics and plots of RESULTS (a results catalog) against true labels."""
     from .evaluate import run_eval
 
@@ -56,7 +59,11 @@ def eval_(results: str, truth: str, out: str, split: str | None, ood: str | None
         from ..engine.bundle import load_bundle
 
         ranges = {t.name: (t.min, t.max) for t in load_bundle(model).targets}
-    report = run_eval(results, truth, out, split=split, ood_path=ood, ranges=ranges, vsini_min=vsini_min)
+    report = run_eval(results, truth, out, split=split, ood_path=ood, ranges=ranges, vsini_min=vsini_min,
+                      min_match=min_match)
+    rows = report["rows"]
+    click.echo(f"ids: {rows['ids_matched']} matched, {rows['results_unmatched']} results without truth, "
+               f"{rows['truth_unmatched']} truths without results")
     for name, m in report["targets"].items():
         click.echo(f"{name}: rmse {m['rmse']:.4g}  bias {m['bias']:+.3g}  nll {m['nll']:.3f}  "
                    f"coverage 68/95 {m['coverage_68']:.3f}/{m['coverage_95']:.3f}")

@@ -1,6 +1,7 @@
 """`starcast eval`: a results catalog against the true labels, as a JSON report and PNG plots.
 
-Rows are matched by `id`; rows without a finite prediction are counted, not scored. Truths outside
+Rows are matched by `id` (fewer than `min_match` of the smaller side matched is an error: the wrong
+truth catalog); rows without a finite prediction are counted, not scored. Truths outside
 the model's training range (or a second, out-of-distribution results catalog) are scored only by
 how well the epistemic sigma singles them out (AUROC); accuracy and calibration use in-range rows.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ..catalogs.io import list_inputs
@@ -21,6 +23,7 @@ from .metrics import auroc, binned_bias, coverage_by_snr, summary
 from .plots import EvalArrays, write_plots
 
 C_KMS = 299792.458  # speed of light, km/s (CODATA 2018, exact)
+MIN_MATCH = 0.9  # default: at least this fraction of the smaller of results and truth must match by id
 GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.65, 0.71),
          "coverage_95": (0.93, 0.97), "bias_over_median_sigma": 0.25}
 
@@ -72,15 +75,39 @@ def _finite(cols: dict, names: list[str], truth: bool) -> np.ndarray:
         [cols[f"{n}_err"] > 0 for n in names], axis=0)
 
 
+def match_ids(results: pa.Table, truth: pa.Table, min_match: float = MIN_MATCH) -> dict:
+    """Counts of result and truth ids, matched and not; `CatalogError` when fewer than `min_match` of
+    the smaller of the two sets match (results scored against the wrong truth catalog)."""
+    try:
+        in_truth = pc.is_in(results.column(ID), value_set=_array(truth.column(ID)))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise CatalogError(f"ids are {results.schema.field(ID).type} in the results but "
+                           f"{truth.schema.field(ID).type} in the truth catalog") from None
+    matched = int(pc.sum(in_truth).as_py() or 0)
+    counts = {"results": results.num_rows, "truth": truth.num_rows, "ids_matched": matched,
+              "results_unmatched": results.num_rows - matched, "truth_unmatched": truth.num_rows - matched}
+    smaller = min(results.num_rows, truth.num_rows)
+    if matched < min_match * smaller or smaller == 0:
+        raise CatalogError(f"only {matched} of {results.num_rows} result ids are in the truth catalog "
+                           f"({truth.num_rows} rows); at least {min_match:.0%} of the smaller must match "
+                           "(--min-match): is it the truth catalog of these results?")
+    return counts
+
+
+def _array(column):
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
 def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[float, float]] | None = None,
-             ood_results: pa.Table | None = None, vsini_min: float | None = None, bins: int = 8
-             ) -> tuple[dict, EvalArrays]:
+             ood_results: pa.Table | None = None, vsini_min: float | None = None, bins: int = 8,
+             min_match: float = MIN_MATCH) -> tuple[dict, EvalArrays]:
     """The report (JSON-able dict) and the arrays behind it. `ranges`: training range per target;
     truths outside it count as out of distribution. `vsini_min`: the instrumental resolution in km/s
-    (v sin i accuracy is also reported for true v sin i above it)."""
+    (v sin i accuracy is also reported for true v sin i above it). `min_match`: see `match_ids`."""
     names = [n for n in result_targets(results) if n in truth.column_names]
     if not names:
         raise CatalogError("no target is both predicted in the results and present in the truth catalog")
+    ids = match_ids(results, truth, min_match)
     keep = [ID, *names, *(c for c in (SNR,) if c in truth.column_names)]
     truth = truth.select(keep).rename_columns([c if c in (ID, SNR) else f"{c}_true" for c in keep])
     results = results.drop_columns([c for c in (SNR,) if c in results.column_names])
@@ -98,7 +125,7 @@ def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[floa
         sigma_aleatoric=np.stack([cols[f"{n}_err_aleatoric"][sel] for n in names], 1),
         sigma_epistemic=np.stack([cols[f"{n}_err_epistemic"][sel] for n in names], 1),
         snr=cols[SNR][sel] if SNR in cols else None)
-    report = {"rows": {"results": results.num_rows, "matched": len(y), "scored": int(sel.sum()),
+    report = {"rows": {**ids, "matched": len(y), "scored": int(sel.sum()),
                        "not_finite": int((~ok).sum()), "truth_out_of_range": int((ok & ~in_range).sum())},
               "targets": {}}
     for k, n in enumerate(names):
@@ -168,7 +195,7 @@ def check_goals(report: dict) -> dict:
 def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, *,
              split: str | None = None, ood_path: str | Path | None = None,
              ranges: dict[str, tuple[float, float]] | None = None,
-             vsini_min: float | None = None) -> dict:
+             vsini_min: float | None = None, min_match: float = MIN_MATCH) -> dict:
     """Read the files, evaluate, write `report.json` and the PNGs into `out`; returns the report."""
     results = read_columns(results_path)
     truth = read_columns(truth_path, [ID, SNR, SPLIT, *result_targets(results)])
@@ -181,7 +208,11 @@ def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, 
     ood = read_columns(ood_path) if ood_path is not None else None
     if vsini_min is None:
         vsini_min = instrumental_resolution_kms(truth_path)
-    report, arrays = evaluate(results, truth, ranges=ranges, ood_results=ood, vsini_min=vsini_min)
+    try:
+        report, arrays = evaluate(results, truth, ranges=ranges, ood_results=ood, vsini_min=vsini_min,
+                                  min_match=min_match)
+    except CatalogError as exc:
+        raise CatalogError(exc.reason, file=f"{results_path} against {truth_path}") from None
     report["inputs"] = {"results": str(results_path), "truth": str(truth_path), "split": split,
                         "ood": None if ood_path is None else str(ood_path)}
     out = Path(out)

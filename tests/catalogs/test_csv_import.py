@@ -123,3 +123,27 @@ def test_commands_refuse_a_shard_size_below_one(tmp_path):
     for command, args in ((import_csv_command, [str(csv)]), (synth_command, ["--n", "2"])):
         result = CliRunner().invoke(command, [*args, "--out", str(tmp_path / "o"), "--shard-rows", "0"])
         assert result.exit_code != 0 and "--shard-rows" in result.output
+
+
+@pytest.mark.parametrize("index_header", ["", "Unnamed: 0"])
+def test_the_pandas_index_column_is_the_id(tmp_path, index_header):
+    # `DataFrame.to_csv` writes the index first with an empty header (read back: "Unnamed: 0").
+    csv = write_csv(tmp_path / "p.csv", [index_header, "4000.0", "4000.5", "4001.0"],
+                    [[5, 1, 2, 3], [9, 4, 5, 6]])
+    assert csv_to_table(csv).column("id").to_pylist() == [5, 9]
+    with_id = write_csv(tmp_path / "q.csv", [index_header, "id", "4000.0", "4000.5"], [[0, 11, 1, 2]])
+    assert csv_to_table(with_id).column("id").to_pylist() == [11]  # an id column wins; the index goes
+
+
+def test_medium_and_resolving_power_reach_the_catalog_metadata(tmp_path):
+    from starcast.catalogs.io import read_metadata
+    from starcast.catalogs.schema import META_RESOLVING_POWER
+
+    csv = write_csv(tmp_path / "m.csv", ["id", "4000.0", "4000.5", "4001.0"], [[1, 1, 2, 3]])
+    result = CliRunner().invoke(import_csv_command, [str(csv), "--out", str(tmp_path / "o"),
+                                                     "--medium", "vacuum", "--resolving-power", "40000"])
+    assert result.exit_code == 0, result.output
+    shard = tmp_path / "o" / "part-00000.parquet"
+    assert read_grid(shard).medium == "vacuum" and read_metadata(shard)[META_RESOLVING_POWER] == "40000.0"
+    with pytest.raises(CatalogError, match="'air' or 'vacuum'"):
+        csv_to_table(csv, medium="water")

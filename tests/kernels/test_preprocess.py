@@ -112,7 +112,7 @@ def test_short_gaps_are_interpolated_and_long_gaps_set_to_one():
     assert np.all(out.x[0, 1000:1100] == 1.0)
     assert np.all(out.ivar[0, 1000:1100] == 0.0) and np.all(out.ivar[0, :500] > 0)
     assert out.bad_fraction[0] == pytest.approx(103 / len(GRID))
-    assert out.flags[0] == Flag.NON_FINITE
+    assert out.flags[0] == Flag.NON_FINITE | Flag.GAP | Flag.LINE_LOST  # 4400-4440 A holds O II 4415, 4417
 
 
 def test_ivar_column_gives_the_same_result_as_flux_err():
@@ -138,7 +138,7 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
     err[3] = err[3].copy()
     err[3][50] = 0.0  # a non-positive error
     mask[4] = np.arange(n) % 3 == 0  # a third masked: too many bad pixels
-    wl[5] = SOURCE + 300.0  # covers only part of the model grid
+    wl[5] = SOURCE + 300.0  # covers only part of the model grid: no numbers, the ranges in the error
     wl[6] = SOURCE[::-1].copy()  # not increasing
     flux[7] = None  # null row
     err[8] = err[8][:-1]  # length mismatch
@@ -150,13 +150,15 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
     F = Flag
     failed = F.PREPROCESS_FAILED
     assert out.flags.tolist() == [0, F.NON_FINITE, F.NON_FINITE | F.MASKED | failed, F.NON_FINITE,
-                                  F.MASKED, F.COVERAGE, failed, failed, failed, F.COVERAGE | failed]
-    assert [i for i, e in enumerate(out.errors) if e is not None] == [2, 6, 7, 8, 9]
+                                  F.MASKED | F.LINE_LOST, F.COVERAGE | failed, failed, failed, failed,
+                                  F.COVERAGE | failed]
+    assert [i for i, e in enumerate(out.errors) if e is not None] == [2, 5, 6, 7, 8, 9]
     assert "good pixels" in out.errors[2] and "increasing" in out.errors[6]
-    assert "null" in out.errors[7] and "flux_err has" in out.errors[8] and "overlap" in out.errors[9]
+    assert "covers 4290.0-5110.0 A (rest frame), 64% of the model's 4000.0-4800.0 A" in out.errors[5]
+    assert "null" in out.errors[7] and "flux_err has" in out.errors[8] and "covers 5990.0" in out.errors[9]
     assert out.coverage[5] == pytest.approx((4800.0 - 4290.0) / 800.0, abs=0.002)
-    assert np.all(out.x[[2, 6, 7, 8, 9]] == 1.0) and np.all(np.isfinite(out.x))
-    for i in (0, 1, 3, 4, 5):  # the good and the flagged-but-processed rows are untouched by the others
+    assert np.all(out.x[[2, 5, 6, 7, 8, 9]] == 1.0) and np.all(np.isfinite(out.x))
+    for i in (0, 1, 3, 4):  # the good and the flagged-but-processed rows are untouched by the others
         alone = preprocess(table.slice(i, 1), GRID, PreprocessSettings())
         np.testing.assert_array_equal(out.x[i], alone.x[0])
 

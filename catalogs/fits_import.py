@@ -1,0 +1,232 @@
+"""Importer for archive spectra in FITS: 1-D images with a wavelength WCS, and binary tables.
+
+An image HDU with one axis is a spectrum whose wavelengths come from its WCS (CRVAL1, CDELT1 or
+CD1_1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units from CUNIT1, Angstrom when
+absent); an image extension named ERR/ERROR/SIGMA/NOISE or IVAR of the same length gives its errors.
+A binary table holds a wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A) and
+flux, optionally flux_err/error/err/sigma, ivar and mask (names case-insensitive): one spectrum per
+row when the cells are arrays, else the whole table is one spectrum. Each file gives its first
+spectrum HDU (or `hdu`). Output rows have their own `wavelength`, in one medium (`starcast.medium`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import CatalogError
+from .io import new_output_dir, write_catalog
+from .medium import AIR, VACUUM, check_medium, convert
+from .schema import FLUX, ID, IVAR, MASK, META_MEDIUM, META_RESOLVING_POWER, WAVELENGTH, spectrum_type
+
+WAVELENGTH_NAMES = ("wavelength", "wave", "lambda")
+LOG10_WAVELENGTH_NAMES = ("loglam",)  # SDSS: log10 of the vacuum wavelength in Angstrom
+ERROR_NAMES = ("flux_err", "error", "err", "sigma", "flux_error")
+ERROR_EXTENSIONS = ("ERR", "ERROR", "SIGMA", "NOISE")
+
+
+@dataclass
+class FitsSpectrum:
+    """One spectrum read from a FITS HDU: wavelengths in Angstrom in `medium` (None: not stated)."""
+
+    id: str
+    wavelength: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray | None
+    mask: np.ndarray | None
+    medium: str | None
+
+
+def _fail(path: Path, index: int | None, reason: str) -> CatalogError:
+    where = f"HDU {index}: " if index is not None else ""
+    return CatalogError(where + reason, file=str(path))
+
+
+def _angstrom_per_unit(unit: str | None, path: Path, index: int) -> float:
+    from astropy import units as u
+
+    if unit is None or not str(unit).strip():
+        return 1.0
+    try:
+        return float(u.Unit(str(unit).strip()).to(u.AA))
+    except (ValueError, u.UnitConversionError) as exc:
+        raise _fail(path, index, f"wavelength unit {unit!r} is not a length ({exc})") from None
+
+
+def _header_medium(header) -> str | None:
+    """The medium a header states: AIRORVAC ('air'/'vac'), VACUUM (T/F), or CTYPE1 'AWAV' (air)."""
+    value = header.get("AIRORVAC")
+    if isinstance(value, str) and value.strip().lower()[:3] in ("air", "vac"):
+        return AIR if value.strip().lower().startswith("air") else VACUUM
+    if isinstance(header.get("VACUUM"), bool):
+        return VACUUM if header["VACUUM"] else AIR
+    if str(header.get("CTYPE1", "")).upper().startswith("AWAV"):
+        return AIR
+    return None
+
+
+def _wcs_wavelength(header, n: int, path: Path, index: int) -> np.ndarray:
+    step = header.get("CDELT1", header.get("CD1_1"))
+    if header.get("CRVAL1") is None or step is None:
+        raise _fail(path, index, "1-D image without a wavelength WCS (need CRVAL1 and CDELT1 or CD1_1)")
+    x = float(step) * (np.arange(1, n + 1) - float(header.get("CRPIX1", 1.0)))
+    crval, ctype = float(header["CRVAL1"]), str(header.get("CTYPE1", "")).upper()
+    if header.get("DC-FLAG") == 1:  # IRAF: log10-linear, CRVAL1 and CDELT1 in log10 units
+        return 10.0 ** (crval + x) * _angstrom_per_unit(header.get("CUNIT1"), path, index)
+    if ctype.endswith("-LOG"):  # FITS WCS Paper III (Greisen et al. 2006, eq. 5)
+        return crval * np.exp(x / crval) * _angstrom_per_unit(header.get("CUNIT1"), path, index)
+    return (crval + x) * _angstrom_per_unit(header.get("CUNIT1"), path, index)
+
+
+def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:
+    hdu = hdul[index]
+    flux = np.asarray(hdu.data, dtype=np.float64)
+    wl = _wcs_wavelength(hdu.header, len(flux), path, index)
+    ivar = None
+    for other in hdul:
+        name = str(other.header.get("EXTNAME", "")).upper()
+        if other is hdu or other.data is None or getattr(other.data, "shape", None) != flux.shape:
+            continue
+        if name in ERROR_EXTENSIONS:
+            ivar = _ivar_from_error(np.asarray(other.data, dtype=np.float64))
+        elif name == "IVAR":
+            ivar = np.asarray(other.data, dtype=np.float64)
+    medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
+    return [FitsSpectrum(path.stem, wl, flux, ivar, None, medium)]
+
+
+def _ivar_from_error(err: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((err > 0) & np.isfinite(err), 1.0 / err**2, np.nan)  # NaN: a bad error, flagged
+
+
+def _column(columns: dict, names: tuple[str, ...]):
+    return next((columns[n] for n in names if n in columns), None)
+
+
+def _table(hdul, index: int, path: Path) -> list[FitsSpectrum]:
+    hdu = hdul[index]
+    data = hdu.data
+    columns = {name.lower(): name for name in data.columns.names}
+    units = {name.lower(): unit for name, unit in zip(data.columns.names, data.columns.units, strict=True)}
+    wl_name = _column(columns, WAVELENGTH_NAMES)
+    log_name = _column(columns, LOG10_WAVELENGTH_NAMES)
+    if "flux" not in columns or (wl_name is None and log_name is None):
+        raise _fail(path, index, f"table needs a flux and a wavelength column ({', '.join(WAVELENGTH_NAMES)} "
+                                 f"or loglam); it has {', '.join(data.columns.names)}")
+    if wl_name is not None:
+        wl = np.asarray(data[wl_name], np.float64) * _angstrom_per_unit(units[wl_name.lower()], path, index)
+    else:
+        wl = 10.0 ** np.asarray(data[log_name], np.float64)
+    flux = np.asarray(data[columns["flux"]], np.float64)
+    err_name, ivar_name = _column(columns, ERROR_NAMES), columns.get("ivar")
+    ivar = (_ivar_from_error(np.asarray(data[err_name], np.float64)) if err_name is not None
+            else np.asarray(data[ivar_name], np.float64) if ivar_name is not None else None)
+    mask = np.asarray(data[columns["mask"]]) != 0 if "mask" in columns else None
+    medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
+    if log_name is not None and wl_name is None and medium is None:
+        medium = VACUUM  # SDSS's loglam is vacuum
+    if flux.ndim == 1:  # scalar columns: the table is one spectrum
+        return [FitsSpectrum(path.stem, wl, flux, ivar, mask, medium)]
+    wl = np.broadcast_to(wl, flux.shape)
+    return [FitsSpectrum(f"{path.stem}:{i}", wl[i], flux[i], None if ivar is None else ivar[i],
+                         None if mask is None else mask[i], medium) for i in range(len(flux))]
+
+
+def _is_spectrum(hdu) -> bool:
+    from astropy.io import fits
+
+    if isinstance(hdu, fits.BinTableHDU):
+        names = {n.lower() for n in hdu.columns.names}
+        return "flux" in names and bool(names & {*WAVELENGTH_NAMES, *LOG10_WAVELENGTH_NAMES})
+    return hdu.is_image and hdu.header.get("NAXIS") == 1 and hdu.data is not None and \
+        str(hdu.header.get("EXTNAME", "")).upper() not in (*ERROR_EXTENSIONS, "IVAR")
+
+
+def read_fits(file: str | Path, *, hdu: int | None = None) -> list[FitsSpectrum]:
+    """The spectra of one FITS file: its first spectrum HDU, or HDU number `hdu` (0 = primary)."""
+    from astropy.io import fits
+
+    path = Path(file)
+    if not path.is_file():
+        raise CatalogError("no such file", file=str(path))
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if hdu is not None and not 0 <= hdu < len(hdul):
+                raise _fail(path, hdu, f"no such HDU (the file has {len(hdul)})")
+            index = hdu if hdu is not None else next((i for i, h in enumerate(hdul) if _is_spectrum(h)), None)
+            if index is None:
+                raise _fail(path, None, "no spectrum: no 1-D image with a wavelength WCS and no table with "
+                                        "wavelength and flux columns")
+            if isinstance(hdul[index], fits.BinTableHDU):
+                spectra = _table(hdul, index, path)
+            elif hdul[index].is_image and hdul[index].header.get("NAXIS") == 1:
+                spectra = _image(hdul, index, path)
+            else:
+                raise _fail(path, index, "not a 1-D image or a binary table")
+    except (OSError, ValueError, TypeError) as exc:
+        raise CatalogError(f"not a readable FITS file ({type(exc).__name__}: {exc})", file=str(path)) from exc
+    return [_increasing(s) for s in spectra]
+
+
+def _increasing(s: FitsSpectrum) -> FitsSpectrum:
+    """Archives also store spectra red to blue: reverse those, so wavelengths increase."""
+    if len(s.wavelength) > 1 and s.wavelength[0] > s.wavelength[-1]:
+        flip = slice(None, None, -1)
+        return FitsSpectrum(s.id, s.wavelength[flip], s.flux[flip], None if s.ivar is None else s.ivar[flip],
+                            None if s.mask is None else s.mask[flip], s.medium)
+    return s
+
+
+def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None = None,
+                  hdu: int | None = None) -> pa.Table:
+    """Read FITS files into one catalog table with per-row `wavelength` (Angstrom), `flux`, `ivar`
+    and `mask` (null rows where a file has none). `medium` is assumed where a header states none;
+    when the files state different media every row is converted to vacuum."""
+    try:
+        check_medium(medium)
+    except ValueError as exc:
+        raise CatalogError(str(exc)) from None
+    spectra, source = [], {}
+    for f in files:
+        for s in read_fits(f, hdu=hdu):
+            if s.id in source:
+                raise CatalogError(f"id {s.id!r} (the file name) is also that of {source[s.id]}; rename one",
+                                   file=str(f))
+            source[s.id] = str(f)
+            spectra.append(s)
+    if not spectra:
+        raise CatalogError("no FITS files given")
+    media = {s.medium or medium for s in spectra}
+    target = media.pop() if len(media) == 1 else VACUUM
+    columns = {ID: pa.array([s.id for s in spectra], pa.string()),
+               FLUX: pa.array([s.flux.astype(np.float32) for s in spectra], spectrum_type()),
+               WAVELENGTH: pa.array([convert(s.wavelength, s.medium or medium, target) for s in spectra],
+                                    spectrum_type(None, pa.float64()))}
+    if any(s.ivar is not None for s in spectra):
+        columns[IVAR] = pa.array([None if s.ivar is None else s.ivar.astype(np.float32) for s in spectra],
+                                 spectrum_type())
+    if any(s.mask is not None for s in spectra):
+        columns[MASK] = pa.array([None if s.mask is None else s.mask for s in spectra],
+                                 spectrum_type(None, pa.bool_()))
+    meta = {META_MEDIUM: target, "starcast.source": json.dumps({"fits": [str(f) for f in files]})}
+    if resolving_power is not None:
+        if not (math.isfinite(resolving_power) and resolving_power > 0):
+            raise CatalogError(f"resolving power must be positive, got {resolving_power}")
+        meta[META_RESOLVING_POWER] = json.dumps(float(resolving_power))
+    return pa.table(columns).replace_schema_metadata(meta)
+
+
+def import_fits(files, out: str | Path, *, medium: str = VACUUM, resolving_power: float | None = None,
+                hdu: int | None = None, shard_rows: int = 10000) -> list[Path]:
+    """Import FITS spectra as Parquet shards `out/part-00000.parquet`, ...; returns their paths."""
+    table = fits_to_table(files, medium=medium, resolving_power=resolving_power, hdu=hdu)
+    out = new_output_dir(out)
+    step = max(int(shard_rows), 1)
+    return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")
+            for i, start in enumerate(range(0, table.num_rows, step))]

@@ -1,0 +1,42 @@
+"""Diagnostic lines of OB-star spectra in the blue-violet (4000-4800 A): name and air wavelength.
+
+The lines on which Teff, log g and v sin i of OB stars are read (Walborn & Fitzpatrick 1990, PASP 102,
+379; Simon-Diaz & Herrero 2014, A&A 562, A135). Preprocessing flags LINE_LOST when one falls in a gap;
+explanations may reuse the list. Wavelengths are in air (Angstrom); the synthetic spectra's own line
+strengths live in `starcast.catalogs.physics`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class DiagnosticLine(NamedTuple):
+    name: str
+    wavelength: float  # A, air, rest frame
+    source: str
+
+
+_NIST = "NIST ASD v5.11 (Kramida et al. 2023)"
+_NIST_BLEND = "NIST ASD v5.11 (Kramida et al. 2023), strongest component of the blend"
+
+DIAGNOSTIC_LINES: tuple[DiagnosticLine, ...] = (
+    DiagnosticLine("He I 4026", 4026.191, _NIST),
+    DiagnosticLine("Si IV 4089", 4088.862, _NIST),
+    DiagnosticLine("H delta", 4101.734, _NIST),
+    DiagnosticLine("Si IV 4116", 4116.104, _NIST),
+    DiagnosticLine("He I 4144", 4143.761, _NIST),
+    DiagnosticLine("He II 4200", 4199.830, _NIST),
+    DiagnosticLine("C II 4267", 4267.261, _NIST_BLEND),
+    DiagnosticLine("H gamma", 4340.462, _NIST),
+    DiagnosticLine("He I 4388", 4387.929, _NIST),
+    DiagnosticLine("O II 4415", 4414.899, _NIST),
+    DiagnosticLine("O II 4417", 4416.975, _NIST),
+    DiagnosticLine("He I 4471", 4471.480, _NIST_BLEND),
+    DiagnosticLine("Mg II 4481", 4481.126, _NIST_BLEND),
+    DiagnosticLine("He II 4541", 4541.591, _NIST),
+    DiagnosticLine("Si III 4553", 4552.622, _NIST),
+    DiagnosticLine("Si III 4568", 4567.840, _NIST),
+    DiagnosticLine("Si III 4575", 4574.757, _NIST),
+    DiagnosticLine("He II 4686", 4685.710, _NIST_BLEND),
+)

@@ -1,0 +1,106 @@
+"""What a catalog states about its spectra, checked against what the model needs, for `preprocess`.
+
+The medium of the input wavelengths (converted to the model's), the instrument's resolving power
+(higher is smoothed down to the model's, lower refused), the diagnostic lines' pixels on the model
+grid, and the error for coverage short of the model grid (with a hint when the input looks like nm).
+Pure NumPy on whole batches; the per-spectrum work stays in the Numba kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..catalogs.lines import DIAGNOSTIC_LINES
+from ..catalogs.medium import AIR, check_medium, convert
+from ..catalogs.schema import (
+    META_MEDIUM,
+    META_RESOLVING_POWER,
+    META_WAVELENGTH,
+    RESOLVING_POWER,
+    WavelengthGrid,
+)
+from ..errors import CatalogError
+
+RESOLUTION_TOLERANCE = 0.1  # an input resolving power down to 10% below the model's is accepted as is
+_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
+
+
+def column_medium(schema: pa.Schema) -> str | None:
+    """The medium a file states for its per-row `wavelength` column: `starcast.medium`, else that of
+    a file grid (`starcast.wavelength`), else None."""
+    metadata = schema.metadata or {}
+    raw = metadata.get(META_MEDIUM.encode())
+    if raw is None:
+        try:
+            return WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()]).medium
+        except (KeyError, ValueError):
+            return None
+    try:
+        return check_medium(raw.decode().strip().strip('"'), f"{META_MEDIUM} metadata")
+    except ValueError as exc:
+        raise CatalogError(str(exc)) from exc
+
+
+def to_medium(values: np.ndarray, source: str | None, target: str | None) -> np.ndarray:
+    """Wavelengths in the model's medium; unchanged when either medium is unknown (None)."""
+    if source is None or target is None or source == target:
+        return values
+    return np.require(convert(values, source, target), np.float64, ["C", "W"])
+
+
+def input_resolving_power(batch, n_rows: int) -> np.ndarray:
+    """Per row the resolving power the catalog states (`resolving_power` column, else the file's
+    `starcast.resolving_power` metadata), NaN where it states none."""
+    if RESOLVING_POWER in batch.schema.names:
+        col = batch.column(RESOLVING_POWER)
+        values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+    raw = (batch.schema.metadata or {}).get(META_RESOLVING_POWER.encode())
+    if raw is None:
+        return np.full(n_rows, np.nan)
+    try:
+        value = float(json.loads(raw))
+    except (TypeError, ValueError) as exc:
+        raise CatalogError(f"{META_RESOLVING_POWER} metadata must be a number, got {raw!r}") from exc
+    if not (math.isfinite(value) and value > 0):
+        raise CatalogError(f"{META_RESOLVING_POWER} metadata must be positive, got {value}")
+    return np.full(n_rows, value)
+
+
+def resolution_match(r_input: np.ndarray, r_model: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(smooth, too_low) per row: the sigma / lambda of the Gaussian that brings a higher resolving
+    power down to the model's, sigma^2 = sigma_model^2 - sigma_input^2 in velocity (0: none), and
+    whether the input's is more than RESOLUTION_TOLERANCE below the model's. Unknown R: neither."""
+    smooth, too_low = np.zeros(len(r_input)), np.zeros(len(r_input), bool)
+    if r_model is None:
+        return smooth, too_low
+    with np.errstate(invalid="ignore"):
+        higher = r_input > r_model
+        too_low = r_input < (1.0 - RESOLUTION_TOLERANCE) * r_model
+        smooth[higher] = np.sqrt(1.0 / r_model**2 - 1.0 / r_input[higher] ** 2) / _FWHM_PER_SIGMA
+    return smooth, too_low
+
+
+def line_pixels(grid: np.ndarray, medium: str | None) -> np.ndarray:
+    """Indices of the grid pixels nearest each diagnostic line inside the grid (lines are in air)."""
+    centres = to_medium(np.array([line.wavelength for line in DIAGNOSTIC_LINES]), AIR, medium or AIR)
+    inside = centres[(centres >= grid[0]) & (centres <= grid[-1])]
+    idx = np.clip(np.searchsorted(grid, inside), 1, len(grid) - 1)
+    nearer_left = inside - grid[idx - 1] < grid[idx] - inside
+    return np.ascontiguousarray(idx - nearer_left, dtype=np.int64)
+
+
+def coverage_error(lo: float, hi: float, grid: np.ndarray, medium: str | None, coverage: float,
+                   min_coverage: float) -> str:
+    """Why a row whose input covers `lo`-`hi` A (rest frame, model medium) is not predicted."""
+    needs = f"{grid[0]:.1f}-{grid[-1]:.1f} A" + (f" ({medium})" if medium else "")
+    text = (f"wavelength coverage too short: the spectrum covers {lo:.1f}-{hi:.1f} A (rest frame), "
+            f"{100 * coverage:.0f}% of the model's {needs}, which needs at least {100 * min_coverage:.0f}%")
+    if hi < grid[0] and 10 * hi > grid[0] and 10 * lo < grid[-1]:
+        text += "; the wavelengths look like nanometres: starcast expects Angstrom (multiply by 10)"
+    return text

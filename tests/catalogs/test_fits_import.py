@@ -1,0 +1,117 @@
+"""FITS import: 1-D images with linear / log wavelength WCS, binary tables, media, and the errors."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+from click.testing import CliRunner
+from starcast.catalogs.cli import import_fits as import_fits_command
+from starcast.catalogs.fits_import import fits_to_table
+from starcast.catalogs.io import read_catalog
+from starcast.catalogs.medium import air_to_vacuum
+from starcast.catalogs.schema import META_MEDIUM, META_RESOLVING_POWER
+
+from starcast.errors import CatalogError
+
+N = 50
+
+
+def image(path, header, flux=None, extra=()):
+    hdu = fits.PrimaryHDU(np.linspace(1.0, 2.0, N) if flux is None else flux)
+    hdu.header.update(header)
+    fits.HDUList([hdu, *extra]).writeto(path)
+    return path
+
+
+def wavelengths(table, row=0):
+    return np.asarray(table.column("wavelength")[row].as_py())
+
+
+def test_linear_and_fits_log_wcs_match_astropy_wcs(tmp_path):
+    linear = {"CRVAL1": 400.0, "CDELT1": 0.05, "CRPIX1": 3.0, "CTYPE1": "WAVE", "CUNIT1": "nm"}
+    log = {"CRVAL1": 4000.0, "CDELT1": 0.2, "CRPIX1": 1.0, "CTYPE1": "WAVE-LOG", "CUNIT1": "Angstrom"}
+    for name, header in (("lin", linear), ("log", log)):
+        path = image(tmp_path / f"{name}.fits", header)
+        expected = WCS(fits.getheader(path)).all_pix2world(np.arange(N), 0)[0] * 1e10  # SI metres -> A
+        np.testing.assert_allclose(wavelengths(fits_to_table([path], medium="air")), expected, rtol=1e-12)
+
+
+def test_iraf_log10_wcs_with_dc_flag(tmp_path):
+    path = image(tmp_path / "iraf.fits", {"CRVAL1": 3.6, "CD1_1": 1e-5, "CRPIX1": 1.0, "DC-FLAG": 1})
+    np.testing.assert_allclose(wavelengths(fits_to_table([path])), 10 ** (3.6 + 1e-5 * np.arange(N)),
+                               rtol=1e-12)
+
+
+def test_the_header_medium_wins_and_mixed_media_are_converted_to_vacuum(tmp_path):
+    wcs = {"CRVAL1": 4000.0, "CDELT1": 1.0}
+    air = image(tmp_path / "a.fits", {**wcs, "AIRORVAC": "air"})
+    vac = image(tmp_path / "v.fits", {**wcs, "VACUUM": True})
+    assert fits_to_table([air], medium="vacuum").schema.metadata[META_MEDIUM.encode()] == b"air"
+    both = fits_to_table([air, vac])
+    assert both.schema.metadata[META_MEDIUM.encode()] == b"vacuum"
+    np.testing.assert_allclose(wavelengths(both, 0), air_to_vacuum(4000.0 + np.arange(N)), rtol=1e-12)
+    np.testing.assert_allclose(wavelengths(both, 1), 4000.0 + np.arange(N), rtol=1e-12)
+
+
+def test_an_error_extension_gives_ivar(tmp_path):
+    err = fits.ImageHDU(np.full(N, 0.5), name="ERR")
+    path = image(tmp_path / "e.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0}, extra=[err])
+    np.testing.assert_allclose(fits_to_table([path]).column("ivar")[0].as_py(), np.full(N, 4.0))
+
+
+def test_binary_tables_one_spectrum_per_row_or_per_table(tmp_path):
+    wl = np.linspace(4000.0, 4100.0, N)
+    rows = fits.BinTableHDU.from_columns([
+        fits.Column("WAVE", "50D", array=np.stack([wl, wl + 1]), unit="Angstrom"),
+        fits.Column("Flux", "50E", array=np.ones((2, N))),
+        fits.Column("ERROR", "50E", array=np.full((2, N), 0.1))])
+    fits.HDUList([fits.PrimaryHDU(), rows]).writeto(tmp_path / "rows.fits")
+    sdss = fits.BinTableHDU.from_columns([  # SDSS spec-*.fits layout: loglam (vacuum), flux, ivar
+        fits.Column("loglam", "E", array=np.log10(wl)), fits.Column("flux", "E", array=np.ones(N)),
+        fits.Column("ivar", "E", array=np.full(N, 9.0)), fits.Column("and_mask", "J", array=np.zeros(N))])
+    fits.HDUList([fits.PrimaryHDU(), sdss]).writeto(tmp_path / "spec.fits")
+    table = fits_to_table([tmp_path / "rows.fits", tmp_path / "spec.fits"], medium="vacuum")
+    assert table.column("id").to_pylist() == ["rows:0", "rows:1", "spec"]
+    np.testing.assert_allclose(wavelengths(table, 1), wl + 1)
+    np.testing.assert_allclose(table.column("ivar")[0].as_py(), np.full(N, 100.0), rtol=1e-5)
+    np.testing.assert_allclose(wavelengths(table, 2), wl, rtol=1e-6)
+
+
+def test_red_to_blue_spectra_are_reversed(tmp_path):
+    path = image(tmp_path / "r.fits", {"CRVAL1": 4100.0, "CDELT1": -1.0}, flux=np.arange(N, dtype=float))
+    table = fits_to_table([path])
+    assert np.all(np.diff(wavelengths(table)) > 0) and table.column("flux")[0].as_py()[0] == N - 1
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: fits.PrimaryHDU(np.ones((4, 4))).writeto(p), "no spectrum"),
+    (lambda p: fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column("wave", "E", array=np.ones(3))])]).writeto(p), "no spectrum"),
+    (lambda p: fits.PrimaryHDU(np.ones(N)).writeto(p), "without a wavelength WCS"),
+    (lambda p: p.write_text("not fits"), "not a readable FITS file"),
+])
+def test_unusable_files_are_errors_naming_the_file(tmp_path, make, match):
+    path = tmp_path / "bad.fits"
+    make(path)
+    with pytest.raises(CatalogError, match=match) as info:
+        fits_to_table([path])
+    assert str(path) in str(info.value)
+
+
+def test_a_named_hdu_that_is_not_a_spectrum_names_the_hdu(tmp_path):
+    path = tmp_path / "t.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column("wave", "E", array=np.ones(3))])]).writeto(path)
+    with pytest.raises(CatalogError, match="HDU 1: table needs a flux"):
+        fits_to_table([path], hdu=1)
+
+
+def test_import_fits_command_writes_a_catalog_with_medium_and_resolving_power(tmp_path):
+    path = image(tmp_path / "s.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0})
+    result = CliRunner().invoke(import_fits_command, [str(path), "--out", str(tmp_path / "o"),
+                                                      "--medium", "air", "--resolving-power", "20000"])
+    assert result.exit_code == 0, result.output
+    table = read_catalog(tmp_path / "o")
+    meta = table.schema.metadata
+    assert meta[META_MEDIUM.encode()] == b"air" and meta[META_RESOLVING_POWER.encode()] == b"20000.0"
+    assert table.column("id").to_pylist() == ["s"]

@@ -1,0 +1,70 @@
+"""The traps a new user meets, each answered by one line and exit 2: inspect on an input catalog, eval
+against the wrong truth catalog, a run whose only input is unreadable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from starcast.cli import main
+
+TARGETS = ("teff", "logg", "vsini")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def results(path: Path, ids) -> Path:
+    n = len(ids)
+    cols = {"id": pa.array(ids, pa.int64())}
+    for t in TARGETS:
+        cols.update({t: np.full(n, 1.0), f"{t}_err": np.full(n, 1.0), f"{t}_err_aleatoric": np.full(n, 1.0),
+                     f"{t}_err_epistemic": np.full(n, 0.1)})
+    cols.update({"flags": pa.array(np.zeros(n, np.int32)), "error": pa.nulls(n, pa.string())})
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def truth(path: Path, ids) -> Path:
+    n = len(ids)
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), **{t: np.full(n, 1.0) for t in TARGETS}}), path)
+    return path
+
+
+def test_inspect_on_an_input_catalog_says_what_it_expects(tmp_path, capsys):
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "flux": [[1.0, 2.0], [1.0, 2.0]]}), catalog)
+    code, output = run_cli(["inspect", str(catalog)], capsys)
+    assert code == 2 and "Traceback" not in output and len(output.strip().splitlines()) == 1
+    assert "not a results catalog" in output and "starcast run" in output
+
+
+def test_eval_against_the_wrong_truth_catalog_fails_with_the_counts(tmp_path, capsys):
+    res = results(tmp_path / "results.parquet", range(100))
+    wrong = truth(tmp_path / "wrong.parquet", range(1000, 1100))
+    code, output = run_cli(["eval", str(res), "--truth", str(wrong), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "only 0 of 100 result ids are in the truth catalog" in output
+    partial = truth(tmp_path / "partial.parquet", range(5, 105))  # 95 of 100 match: scored, counts shown
+    code, output = run_cli(["eval", str(res), "--truth", str(partial), "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "95 matched, 5 results without truth, 5 truths without results" in output
+    code, _ = run_cli(["eval", str(res), "--truth", str(partial), "--out", str(tmp_path / "r"),
+                       "--min-match", "0.99"], capsys)
+    assert code == 2
+
+
+def test_a_run_whose_only_input_is_unreadable_exits_2(tmp_path, capsys, tiny_bundle):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1" + b"\x00garbage" * 100)
+    code, output = run_cli(["run", str(corrupt), "--out", str(tmp_path / "out"), "--model", str(tiny_bundle),
+                            "--no-progress"], capsys)
+    assert code == 2 and "corrupt.parquet" in output

@@ -1,0 +1,149 @@
+"""What a catalog states about its input, honoured or refused by preprocessing: the medium of its
+wavelengths, its resolving power, coverage short of the model grid, long gaps and lost lines."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PyAstronomy import pyasl
+from starcast.catalogs.lines import DIAGNOSTIC_LINES
+from starcast.catalogs.medium import air_to_vacuum, convert, vacuum_to_air
+from starcast.catalogs.physics import instrumental_broadening
+from starcast.catalogs.schema import META_MEDIUM, META_RESOLVING_POWER, META_WAVELENGTH, Flag, WavelengthGrid
+from starcast.kernels.preprocess import preprocess
+
+MODEL = WavelengthGrid.linear(4010.0, 0.4, 1951, medium="air")  # the shipped model's grid
+SOURCE_AIR = np.linspace(4000.0, 4800.0, 8001)  # 0.1 A pixels
+LINES_AIR = (4026.191, 4340.462, 4471.480, 4552.622)
+
+
+def line_spectrum(wl_air, width=0.3):
+    """Continuum 1 with Gaussian absorption lines at LINES_AIR (A, air), width in A."""
+    flux = np.ones_like(wl_air)
+    for centre in LINES_AIR:
+        flux *= 1 - 0.5 * np.exp(-0.5 * ((wl_air - centre) / width) ** 2)
+    return flux
+
+
+def shared(flux, grid):
+    return pa.table({"flux": pa.array([np.asarray(f, np.float32) for f in np.atleast_2d(flux)],
+                                      pa.list_(pa.float32()))}).replace_schema_metadata(
+        {META_WAVELENGTH: grid.to_json()})
+
+
+def per_row(flux, wl, metadata=None, **columns):
+    table = pa.table({"flux": pa.array([np.asarray(f, np.float32) for f in flux], pa.list_(pa.float32())),
+                      "wavelength": pa.array(list(wl), pa.list_(pa.float64())), **columns})
+    return table.replace_schema_metadata(metadata)
+
+
+def test_medium_conversion_matches_pyastronomy_ciddor_both_ways():
+    wavelength = np.array([3100.0, 4471.48, 6564.61, 9000.0, 15000.0])
+    np.testing.assert_allclose(vacuum_to_air(wavelength), pyasl.vactoair2(wavelength, mode="ciddor"),
+                               atol=1e-6)
+    np.testing.assert_allclose(air_to_vacuum(wavelength), pyasl.airtovac2(wavelength, mode="ciddor"),
+                               atol=1e-6)
+    np.testing.assert_allclose(convert(convert(wavelength, "air", "vacuum"), "vacuum", "air"), wavelength,
+                               atol=1e-9)
+    assert vacuum_to_air(6564.61) == pytest.approx(6562.80, abs=0.01)  # H alpha, vacuum -> air
+    assert vacuum_to_air(1500.0) == 1500.0  # below 2000 A wavelengths are vacuum by convention
+
+
+def test_vacuum_wavelengths_are_converted_to_the_models_air_on_every_catalog_path():
+    flux = line_spectrum(SOURCE_AIR)
+    reference = preprocess(shared(flux, WavelengthGrid.explicit(SOURCE_AIR, "air")), MODEL).x[0]
+    vacuum = air_to_vacuum(SOURCE_AIR)  # the same spectrum as a vacuum-wavelength instrument sees it
+    vacuum_grid = WavelengthGrid.explicit(vacuum, "vacuum")
+    paths = {
+        "file grid": preprocess(shared(flux, vacuum_grid), MODEL).x[0],
+        "source_grid": preprocess(shared(flux, vacuum_grid).replace_schema_metadata(), MODEL,
+                                  source_grid=vacuum_grid).x[0],
+        "wavelength column": preprocess(per_row([flux], [vacuum], {META_MEDIUM: "vacuum"}), MODEL).x[0],
+    }
+    for name, x in paths.items():
+        assert np.abs(x - reference).max() < 0.01, name
+    mislabelled = preprocess(shared(flux, WavelengthGrid.explicit(vacuum, "air")), MODEL).x[0]
+    assert np.abs(mislabelled - reference).max() > 0.2  # 1.2 A off on 0.3 A lines: the test can fail
+
+
+def test_import_csv_medium_vacuum_is_honoured(tmp_path):
+    from starcast.catalogs.csv_import import csv_to_table
+
+    wl = np.linspace(4000.0, 4800.0, 2001)  # air
+    flux = line_spectrum(wl)
+    vacuum = air_to_vacuum(wl)
+    csv = tmp_path / "v.csv"
+    csv.write_text(",".join(f"{w:.6f}" for w in vacuum) + "\n" + ",".join(f"{f:.6f}" for f in flux) + "\n")
+    reference = preprocess(shared(flux, WavelengthGrid.explicit(wl, "air")), MODEL).x[0]
+    honoured = preprocess(csv_to_table(csv, medium="vacuum"), MODEL).x[0]
+    ignored = preprocess(csv_to_table(csv, medium="air"), MODEL).x[0]
+    assert np.abs(honoured - reference).max() < 0.01 < np.abs(ignored - reference).max()
+
+
+def test_a_medium_that_is_neither_air_nor_vacuum_is_an_error():
+    from starcast.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="'air' or 'vacuum'"):
+        preprocess(per_row([line_spectrum(SOURCE_AIR)], [SOURCE_AIR], {META_MEDIUM: "water"}), MODEL)
+
+
+def test_short_coverage_nulls_the_row_and_states_both_ranges():
+    wl = np.linspace(4460.0, 4500.0, 401)
+    out = preprocess(per_row([line_spectrum(wl)], [wl]), MODEL)
+    assert out.flags[0] & Flag.COVERAGE and out.flags[0] & Flag.PREPROCESS_FAILED
+    assert "covers 4460.0-4500.0 A (rest frame), 5% of the model's 4010.0-4790.0 A (air)" in out.errors[0]
+    assert "singular" not in out.errors[0] and "nanometres" not in out.errors[0]
+    half = np.linspace(4000.0, 4400.0, 4001)  # the issue's 4000-4400 A catalog, once Teff -1 600 K
+    assert "covers 4000.0-4400.0 A" in preprocess(per_row([line_spectrum(half)], [half]), MODEL).errors[0]
+
+
+def test_wavelengths_in_nanometres_get_a_hint():
+    wl = np.linspace(300.0, 1100.0, 8001)
+    out = preprocess(per_row([np.ones_like(wl)], [wl]), MODEL)
+    assert "nanometres" in out.errors[0] and "multiply by 10" in out.errors[0]
+
+
+def test_a_30_angstrom_gap_over_he_i_4471_is_flagged_gap_and_line_lost_but_keeps_its_numbers():
+    flux = line_spectrum(SOURCE_AIR)
+    over_line, elsewhere = flux.copy(), flux.copy()
+    over_line[(SOURCE_AIR > 4456) & (SOURCE_AIR < 4486)] = np.nan
+    elsewhere[(SOURCE_AIR > 4600) & (SOURCE_AIR < 4630)] = np.nan  # no diagnostic line in 4600-4630 A
+    wide_gap = SOURCE_AIR[(SOURCE_AIR < 4456) | (SOURCE_AIR > 4486)]  # a hole in the wavelengths
+    out = preprocess(per_row([over_line, elsewhere, flux, line_spectrum(wide_gap)],
+                             [SOURCE_AIR, SOURCE_AIR, SOURCE_AIR, wide_gap]), MODEL)
+    gap, lost = (out.flags & Flag.GAP) != 0, (out.flags & Flag.LINE_LOST) != 0
+    assert gap.tolist() == [True, True, False, True] and lost.tolist() == [True, False, False, True]
+    assert out.errors == [None] * 4  # flags tell the user; the numbers stay
+
+
+def test_diagnostic_lines_are_on_the_models_grid_and_cite_a_source():
+    names = [line.name for line in DIAGNOSTIC_LINES]
+    for expected in ("H delta", "H gamma", "He I 4471", "He II 4686", "Mg II 4481", "Si III 4553",
+                     "O II 4415"):
+        assert expected in names
+    assert all(4000 < line.wavelength < 4800 and line.source for line in DIAGNOSTIC_LINES)
+
+
+def test_higher_resolution_is_smoothed_down_to_the_models():
+    fine = np.linspace(4000.0, 4800.0, 32001)  # 0.025 A pixels resolve R = 40 000
+    intrinsic = line_spectrum(fine, width=0.02)
+    at_40k = instrumental_broadening(fine, intrinsic, 40000.0)
+    at_20k = instrumental_broadening(fine, intrinsic, 20000.0)
+    table = per_row([at_40k, at_20k, at_40k], [fine] * 3, resolving_power=pa.array([40000.0, 20000.0, None]))
+    out = preprocess(table, MODEL, resolving_power=20000.0)
+    assert np.abs(out.x[0] - out.x[1]).max() < 1e-4  # smoothed 40 000 = observed at 20 000 (measured 5e-6)
+    assert np.abs(out.x[2] - out.x[1]).max() > 0.005  # unsmoothed (R not stated) differs (measured 0.009)
+    assert out.flags.tolist() == [0, 0, 0]
+
+
+def test_lower_resolution_is_flagged_and_nulled_with_both_r_values():
+    flux = line_spectrum(SOURCE_AIR)
+    table = per_row([flux] * 3, [SOURCE_AIR] * 3, resolving_power=pa.array([5000.0, 18500.0, None]))
+    out = preprocess(table, MODEL, resolving_power=20000.0)
+    low = Flag.LOW_RESOLUTION | Flag.PREPROCESS_FAILED
+    assert out.flags.tolist() == [low, 0, 0]  # 18 500 is within the 10% tolerance; unknown is not checked
+    assert "R = 5000" in out.errors[0] and "R = 20000" in out.errors[0]
+    file_level = per_row([flux], [SOURCE_AIR], {META_RESOLVING_POWER: json.dumps(2000.0)})
+    assert preprocess(file_level, MODEL, resolving_power=20000.0).flags[0] == low
+    assert preprocess(file_level, MODEL).flags[0] == 0  # the model states no R: no check
