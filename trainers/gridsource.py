@@ -14,7 +14,7 @@ import numpy as np
 from ..catalogs import gridsynth
 from ..catalogs.grids import read_grid
 from ..catalogs.physics import C_KMS
-from ..catalogs.schema import Flag
+from ..catalogs.schema import ID, SNR, Flag
 from ..kernels.features import input_features
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from .config import ConfigError, TrainConfig
@@ -88,28 +88,34 @@ class GridSource:
         """(x [N, D + E], y [N, K]) of a new survey of training stars, seeded by (seed, epoch)."""
         rng = np.random.default_rng([self.data.seed, epoch])
         labels = gridsynth.draw_labels(self.train, self.data.per_epoch, self.pert, rng)
-        x, y, _, _ = self._observe(self.train, labels, rng)
+        x, y, _, _ = self.prepare(gridsynth.draw_survey(self.train, labels, self.pert, rng).table(self.obs))
         return x, y
 
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(x, y, snr, ids) of the fixed survey at the `name` nodes ("val" or "test")."""
+    def split_table(self, name: str):
+        """The fixed survey at the `name` nodes ("val" or "test") as a catalog table (with labels)."""
         rng = np.random.default_rng([self.data.seed, {"val": 1_000_001, "test": 1_000_002}[name]])
         rows = self.data.val_rows if name == "val" else self.data.test_rows
         nodes = self.full.nodes[rng.choice(self.held[name], rows)]
         labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*self.pert.vsini, rows)}
-        return self._observe(self.full, labels, rng, id_start={"val": 10**9, "test": 2 * 10**9}[name])
+        ids = {"val": 10**9, "test": 2 * 10**9}[name]
+        return gridsynth.draw_survey(self.full, labels, self.pert, rng, id_start=ids).table(self.obs)
 
-    def _observe(self, lib, labels, rng, id_start: int = 0):
-        survey = gridsynth.draw_survey(lib, labels, self.pert, rng, id_start=id_start)
-        table = survey.table(self.obs)
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x, y, snr, ids) of the fixed survey at the `name` nodes."""
+        return self.prepare(self.split_table(name))
+
+    def prepare(self, table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x [N, D + E], y [N, K], snr [N], ids [N]) of a survey table as the engine prepares it;
+        rows whose preprocessing failed are dropped."""
         xs, keep = [], []
         for start in range(0, table.num_rows, 8192):
             pre = preprocess(table.slice(start, 8192), self.grid_values, self.settings)
             xs.append(np.concatenate([pre.x, input_features(pre.ivar, self.features)], axis=1))
             keep.append((pre.flags & Flag.PREPROCESS_FAILED) == 0)
         x, keep = np.concatenate(xs).astype(np.float32), np.concatenate(keep)
-        y = np.stack([survey.labels[t] for t in self.targets], axis=1)
-        return x[keep], y[keep], survey.snr[keep].astype(np.float64), survey.ids[keep]
+        y = np.stack([table.column(t).to_numpy() for t in self.targets], axis=1)
+        return x[keep], y[keep], table.column(SNR).to_numpy().astype(np.float64)[keep], \
+            table.column(ID).to_numpy()[keep]
 
     def label_range(self, name: str) -> tuple[float, float]:
         """The training range of a target: the span of the training nodes (teff, logg) or of the draws."""
