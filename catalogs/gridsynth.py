@@ -237,9 +237,8 @@ class Survey:
                 MASK: pa.FixedSizeListArray.from_arrays(pa.array(self.mask.reshape(-1)), d),
                 RV: pa.array(self.rv, pa.float64()), SNR: pa.array(self.snr, pa.float32())}
         cols.update({k: pa.array(v, pa.float64()) for k, v in self.labels.items()})
-        meta = {META_WAVELENGTH: obs.grid().to_json()}
-        if provenance is not None:
-            meta[META_GENERATOR] = json.dumps(provenance, sort_keys=True)
+        prov = {"generator": "starcast.catalogs.gridsynth", "observation": asdict(obs), **(provenance or {})}
+        meta = {META_WAVELENGTH: obs.grid().to_json(), META_GENERATOR: json.dumps(prov, sort_keys=True)}
         return pa.table(cols).replace_schema_metadata(meta)
 
 
@@ -309,8 +308,7 @@ def synth_from_grid(grid: ModelGrid, n: int, out: str | Path, *, at_nodes: bool 
         labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, n)}
     else:
         labels = draw_labels(lib, n, pert, rng)
-    provenance = {"generator": "starcast.catalogs.gridsynth", "library": lib.key, "seed": seed,
-                  "at_nodes": at_nodes, "observation": asdict(obs), "perturbations": asdict(pert)}
+    provenance = {"library": lib.key, "seed": seed, "at_nodes": at_nodes, "perturbations": asdict(pert)}
     out = new_output_dir(out)
     paths = []
     starts = range(0, n, shard_rows)

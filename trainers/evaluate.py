@@ -24,6 +24,7 @@ from .plots import EvalArrays, write_plots
 
 C_KMS = 299792.458  # speed of light, km/s (CODATA 2018, exact)
 MIN_MATCH = 0.9  # default: at least this fraction of the smaller of results and truth must match by id
+BIAS_MIN_SNR = 30.0
 GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.65, 0.71),
          "coverage_95": (0.93, 0.97), "bias_over_median_sigma": 0.25}
 
@@ -41,11 +42,13 @@ def read_columns(path: str | Path, columns: list[str] | None = None) -> pa.Table
 
 def instrumental_resolution_kms(path: str | Path) -> float | None:
     """c / R (km/s, the FWHM of the instrumental profile) from a synthetic catalog's generator
-    metadata, or None when the catalog does not say."""
+    metadata (the simplified generator's `config` or a grid survey's `observation`), or None when the
+    catalog does not say."""
     meta = pads.dataset(str(path), format="parquet").schema.metadata or {}
     try:
-        power = json.loads(meta[META_GENERATOR.encode()])["config"]["resolving_power"]
-    except (KeyError, TypeError, ValueError):
+        generator = json.loads(meta[META_GENERATOR.encode()])
+        power = (generator.get("config") or generator["observation"])["resolving_power"]
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
     return C_KMS / float(power)
 
@@ -99,11 +102,13 @@ def _array(column):
 
 
 def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[float, float]] | None = None,
-             ood_results: pa.Table | None = None, vsini_min: float | None = None, bins: int = 8,
+             ood_results: pa.Table | None = None, vsini_min: float | None = None, bins: int = 5,
              min_match: float = MIN_MATCH) -> tuple[dict, EvalArrays]:
     """The report (JSON-able dict) and the arrays behind it. `ranges`: training range per target;
     truths outside it count as out of distribution. `vsini_min`: the instrumental resolution in km/s
-    (v sin i accuracy is also reported for true v sin i above it). `min_match`: see `match_ids`."""
+    (v sin i accuracy is also reported for true v sin i above it). `min_match`: see `match_ids`.
+    Bias is reported in `bins` bins of each true parameter, over the rows at SNR >= 30 when the truth
+    has an SNR (below it noise, not the model, dominates the errors)."""
     names = [n for n in result_targets(results) if n in truth.column_names]
     if not names:
         raise CatalogError("no target is both predicted in the results and present in the truth catalog")
@@ -131,7 +136,8 @@ def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[floa
     for k, n in enumerate(names):
         r = a.mean[:, k] - a.y[:, k]
         entry = summary(a.y[:, k], a.mean[:, k], a.sigma[:, k])
-        entry["bias_in_bins"] = {p: binned_bias(a.y[:, j], r, a.sigma[:, k], bins)
+        high = np.ones(len(r), bool) if a.snr is None else a.snr >= BIAS_MIN_SNR
+        entry["bias_in_bins"] = {p: binned_bias(a.y[high, j], r[high], a.sigma[high, k], bins)
                                  for j, p in enumerate(names)}
         if a.snr is not None:
             entry["coverage_by_snr"] = coverage_by_snr(a.snr, a.y[:, k], a.mean[:, k], a.sigma[:, k])

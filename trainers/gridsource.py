@@ -30,6 +30,7 @@ class GridData:
     val_nodes: list = field(default_factory=list)  # [[teff, logg], ...]
     test_nodes: list = field(default_factory=list)
     per_epoch: int = 40000
+    refresh_every: int = 1  # epochs each drawn survey is used for (drawing costs more than training)
     val_rows: int = 6000
     test_rows: int = 4000
     observation: dict = field(default_factory=dict)  # catalogs.gridsynth.Observation fields
@@ -71,6 +72,7 @@ class GridSource:
                                                      cache=cache, progress=progress)
         self.held = {s: self._node_index(getattr(self.data, f"{s}_nodes")) for s in ("val", "test")}
         keep = np.setdiff1d(np.arange(len(self.full.nodes)), np.concatenate(list(self.held.values())))
+        self._last: tuple = (None, None)  # (draw number, (x, y)) of the latest training survey
         self.train = gridsynth.BroadenedLibrary(self.full.nodes[keep], self.full.vsini,
                                                 np.asarray(self.full.flux)[keep], self.obs, self.full.key)
 
@@ -85,11 +87,15 @@ class GridSource:
         return np.array(out, dtype=np.int64)
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(x [N, D + E], y [N, K]) of a new survey of training stars, seeded by (seed, epoch)."""
-        rng = np.random.default_rng([self.data.seed, epoch])
-        labels = gridsynth.draw_labels(self.train, self.data.per_epoch, self.pert, rng)
-        x, y, _, _ = self.prepare(gridsynth.draw_survey(self.train, labels, self.pert, rng).table(self.obs))
-        return x, y
+        """(x [N, D + E], y [N, K]) of the training survey of `epoch` (1-based): a new one every
+        `refresh_every` epochs, seeded by (seed, its number)."""
+        draw = (epoch - 1) // max(self.data.refresh_every, 1)
+        if self._last[0] != draw:
+            rng = np.random.default_rng([self.data.seed, draw + 1])
+            labels = gridsynth.draw_labels(self.train, self.data.per_epoch, self.pert, rng)
+            table = gridsynth.draw_survey(self.train, labels, self.pert, rng).table(self.obs)
+            self._last = (draw, self.prepare(table)[:2])
+        return self._last[1]
 
     def split_table(self, name: str):
         """The fixed survey at the `name` nodes ("val" or "test") as a catalog table (with labels)."""

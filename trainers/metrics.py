@@ -67,7 +67,7 @@ def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins
     return out
 
 
-SNR_EDGES = (0.0, 30.0, 50.0, 100.0, 200.0, np.inf)
+SNR_EDGES = (0.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 400.0, np.inf)  # issue 9's bins, and beyond
 
 
 def coverage_by_snr(snr: np.ndarray, y: np.ndarray, mean: np.ndarray, sigma: np.ndarray,

@@ -45,7 +45,7 @@ def test_coverage_by_snr_separates_narrow_low_snr_sigmas_from_wide_high_snr_ones
     mean = np.array([2.0, -3.0, 0.1, -0.2])  # the low-SNR rows miss by 2-3 sigma, the others do not
     bins = coverage_by_snr(snr, y, mean, np.ones(4))
     assert [(b["snr_lo"], b["n"], b["coverage_68"], b["coverage_95"]) for b in bins] == [
-        (0.0, 2, 0.0, 0.0), (200.0, 2, 1.0, 1.0)]
+        (20.0, 2, 0.0, 0.0), (200.0, 2, 1.0, 1.0)]
 
 
 def test_binned_bias_hand_computed_case():
