@@ -72,13 +72,16 @@ SNR_EDGES = (0.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 400.0, np.inf)  # issue 
 
 def coverage_by_snr(snr: np.ndarray, y: np.ndarray, mean: np.ndarray, sigma: np.ndarray,
                     edges=SNR_EDGES) -> list[dict]:
-    """Coverage of the 68% and 95% intervals in bins of SNR: calibration on average can hide sigmas
-    that do not follow the noise (too narrow at low SNR, too wide at high SNR). Empty bins are skipped."""
+    """Coverage of the 68% and 95% intervals, RMSE and bias in bins of SNR: calibration on average can
+    hide sigmas that do not follow the noise (too narrow at low SNR, too wide at high SNR). Empty bins
+    are skipped."""
     out = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         sel = (snr >= lo) & (snr < hi)
         if sel.any():
             out.append({"snr_lo": float(lo), "snr_hi": float(hi), "n": int(sel.sum()),
+                        "rmse": float(np.sqrt(np.mean((mean[sel] - y[sel]) ** 2))),
+                        "bias": float(np.mean(mean[sel] - y[sel])),
                         "coverage_68": coverage(y[sel], mean[sel], sigma[sel], 0.68),
                         "coverage_95": coverage(y[sel], mean[sel], sigma[sel], 0.95)})
     return out

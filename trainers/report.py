@@ -158,6 +158,12 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str) -> st
     for bins in zip(*by_snr, strict=True):
         cells = " | ".join(f"{100 * b['coverage_68']:.0f}% / {100 * b['coverage_95']:.0f}%" for b in bins)
         lines.append(f"| {bins[0]['snr_lo']:.0f}-{bins[0]['snr_hi']:.0f} | {bins[0]['n']} | {cells} |")
+    lines += ["", f"RMSE in bins of SNR (`{reference}` set; v sin i over all rows, slow rotators included):",
+              "", "| SNR | " + " | ".join(reports[reference]["targets"]) + " |",
+              "| --- |" + " --- |" * len(reports[reference]["targets"])]
+    for bins in zip(*by_snr, strict=True):
+        lines.append(f"| {bins[0]['snr_lo']:.0f}-{bins[0]['snr_hi']:.0f} | "
+                     + " | ".join(f"{b['rmse']:.4g}" for b in bins) + " |")
     for name in ("ood_hot", "ood_snr5"):
         ood = reports[name]["ood"]
         per = ", ".join(f"{t} {v:.3f}" for t, v in ood["auroc_epistemic_sigma"].items())

@@ -46,6 +46,8 @@ def test_coverage_by_snr_separates_narrow_low_snr_sigmas_from_wide_high_snr_ones
     bins = coverage_by_snr(snr, y, mean, np.ones(4))
     assert [(b["snr_lo"], b["n"], b["coverage_68"], b["coverage_95"]) for b in bins] == [
         (20.0, 2, 0.0, 0.0), (200.0, 2, 1.0, 1.0)]
+    assert [b["rmse"] for b in bins] == pytest.approx([np.sqrt(6.5), np.sqrt(0.025)])
+    assert [b["bias"] for b in bins] == pytest.approx([-0.5, -0.05])
 
 
 def test_binned_bias_hand_computed_case():
