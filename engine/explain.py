@@ -25,7 +25,7 @@ from ..kernels.reference import ACTIVATIONS
 
 METHODS = ("ig", "captum")
 DEFAULT_STEPS = 32  # quadrature points on the path, doubled for rows that miss completeness by > tol
-MAX_STEPS = 512
+MAX_STEPS = 1024
 COMPLETENESS_TOL = 0.01  # attributions sum to f(x) - f(baseline) within this fraction of it
 _PATH_ROWS = 4096  # rows (spectra x path points) per forward pass: bounds memory (~200 MB at D = 2000)
 
@@ -117,29 +117,28 @@ def integrated_gradients(f: MeanFunction, x: np.ndarray, baseline: np.ndarray, *
     """(attributions [B, K_sel, D + E], f(x) [B, K_sel], f(baseline) [B, K_sel]), float64, for prepared
     rows x with their `baseline`. Rows whose attributions miss f(x) - f(baseline) by more than `tol`
     of it (a ReLU network's path crosses kinks the quadrature may straddle) are redone with twice the
-    steps, up to `max_steps`. Rows go through in chunks of ~_PATH_ROWS path points."""
+    steps, up to `max_steps` (where f(x) ~ f(baseline) the relative miss may stay above `tol`; see
+    `Explanation.completeness_error`). Rows go through in chunks of ~_PATH_ROWS path points."""
     if method not in METHODS:
         raise StarcastError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     if steps < 1:
         raise StarcastError(f"steps must be >= 1, got {steps}")
     dtype = f.label_std.dtype
-    x, baseline = torch.as_tensor(x, dtype=dtype), torch.as_tensor(baseline, dtype=dtype)
+    x, baseline = torch.tensor(x, dtype=dtype), torch.tensor(baseline, dtype=dtype)
     n, k = x.shape[0], len(f.columns)
     attr = np.empty((n, k, x.shape[1]), dtype=np.float64)
     with torch.no_grad():
         fx, fb = f(x, torch.arange(n)).double().numpy(), f(baseline, torch.arange(n)).double().numpy()
     todo = np.arange(n)
-    while len(todo):
+    while len(todo) and steps <= max_steps:
         chunk = max(1, _PATH_ROWS // steps)
         for start in range(0, len(todo), chunk):
             rows = torch.as_tensor(todo[start:start + chunk])
             run = _ig_torch if method == "ig" else _ig_captum
             attr[rows] = run(f, x[rows], baseline[rows], rows, steps)
         gap = fx[todo] - fb[todo]
-        miss = (np.abs(attr[todo].sum(axis=2) - gap) > tol * np.abs(gap)).any(axis=1)
-        todo, steps = todo[miss], 2 * steps
-        if steps > max_steps:
-            break
+        redo = (np.abs(attr[todo].sum(axis=2) - gap) > tol * np.abs(gap)).any(axis=1)
+        todo, steps = todo[redo], 2 * steps
     return attr, fx, fb
 
 
