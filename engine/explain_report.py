@@ -214,13 +214,15 @@ def _plot_survey(cols: dict, exp: Explanation, regions: dict, path: Path) -> Non
 
 
 def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", steps: int | None = None,
-                    plots: int = 10, seed: int = 0) -> dict:
-    """Explain every row of `table` with `model` (all targets) and write `out/attributions.parquet`,
-    `out/plots/<id>.png` for the first `plots` rows that could be predicted, and the survey view in
-    `out/survey/`. Returns the survey summary with the rows' count and completeness errors added."""
+                    plots: int = 10, seed: int = 0, attributions: bool = True) -> dict:
+    """Explain every row of `table` with `model` (all targets) and write `out/attributions.parquet`
+    (unless not `attributions`), `out/plots/<id>.png` for the first `plots` rows that could be
+    predicted, and the survey view in `out/survey/`. Returns the survey summary with the rows' count
+    and completeness errors added."""
     exp = model.explain(table, method=method, steps=steps, seed=seed)
     out = Path(out)
-    write_attributions(exp, out / "attributions.parquet", model.grid)
+    if attributions:
+        write_attributions(exp, out / "attributions.parquet", model.grid)
     ok = np.flatnonzero(np.isfinite(exp.prediction).all(axis=1))
     for row in ok[:plots]:
         plot_spectrum(exp, int(row), out / "plots" / f"{exp.ids[row]}.png")
@@ -235,10 +237,12 @@ def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", st
 
 
 def model_report(bundle: str | Path, table: pa.Table, *, plots: int = 3) -> dict:
-    """The survey view of a bundle on a catalog table, written into `BUNDLE/report/explain/`."""
+    """The survey view of a bundle on a catalog table (and `plots` per-spectrum plots), written into
+    `BUNDLE/report/explain/` without the attributions themselves (~23 MB per 1000 spectra)."""
     from .predictor import load_model
 
-    return explain_catalog(load_model(bundle), table, Path(bundle) / "report" / "explain", plots=plots)
+    return explain_catalog(load_model(bundle), table, Path(bundle) / "report" / "explain", plots=plots,
+                           attributions=False)
 
 
 def select_rows(catalog: str | Path, ids: str | None, n: int) -> pa.Table:

@@ -19,7 +19,7 @@ from starcast.catalogs.lines import DIAGNOSTIC_LINES
 from starcast.catalogs.schema import WavelengthGrid
 from starcast.engine.cli import explain as explain_command
 from starcast.engine.explain import continuum_baseline, integrated_gradients, mean_function
-from starcast.engine.explain_report import LINE_MASS_GOAL, line_mass
+from starcast.engine.explain_report import LINE_MASS_GOAL, line_mass, model_report
 from starcast.engine.predictor import load_model
 
 GRID = WavelengthGrid.linear(3990.0, 1.0, 220)  # covers the tiny bundle's 4000-4199 A
@@ -176,3 +176,12 @@ def test_explain_command_names_missing_ids(tmp_path: Path, tiny_bundle: Path):
     result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
                                                   str(tiny_bundle), "--ids", "101,999"])
     assert result.exit_code != 0 and "999" in str(result.exception)
+
+
+def test_model_report_writes_the_survey_view_into_the_bundle_without_attributions(tiny_bundle: Path):
+    table = catalog_table(4).replace_schema_metadata({"starcast.wavelength": GRID.to_json()})
+    summary = model_report(tiny_bundle, table, plots=1)
+    folder = tiny_bundle / "report" / "explain"
+    assert summary["rows"] == 4 and (folder / "survey" / "survey.md").is_file()
+    assert len(list((folder / "plots").glob("*.png"))) == 1
+    assert not (folder / "attributions.parquet").exists()
