@@ -6,7 +6,8 @@ Run: `python bench/explain_bench.py --model ob-default --rows 1000 [--captum-row
 [--grid shared/data/tlusty-bstar2006/grid.npz --cache .cache/starcast]`. Spectra come from the TLUSTY
 grid (stars between the nodes, the training perturbations, SNR 10-500, an unseen seed) when `--grid` is
 given, else from the shipped sample (`starcast/data/tlusty-sample.npz`, at its five nodes). Writes
-bench/results/explain.json, explain.md and explain_survey.png (the survey view's plot).
+bench/results/explain.json, explain.md (with the survey view's tables) and explain_spectrum.png (the
+plot of the first spectrum, as `starcast explain` draws it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 from importlib import metadata
@@ -34,7 +34,7 @@ from starcast.catalogs.gridsynth import (
     synth_from_grid,
 )
 from starcast.catalogs.io import read_catalog
-from starcast.engine.explain_report import LINE_MASS_GOAL, survey_view
+from starcast.engine.explain_report import LINE_MASS_GOAL, plot_spectrum, survey_view
 from starcast.engine.predictor import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -125,9 +125,8 @@ def main() -> None:
         runs.append(captum)
     with tempfile.TemporaryDirectory() as tmp:
         survey = survey_view(exp, Path(tmp))
-        RESULTS.mkdir(exist_ok=True)
-        shutil.copy(Path(tmp) / "survey.png", RESULTS / "explain_survey.png")
         survey_md = (Path(tmp) / "survey.md").read_text()
+    plot_spectrum(exp, 0, RESULTS / "explain_spectrum.png")
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "load_avg_1min_before": load, "note": args.label},
@@ -181,7 +180,7 @@ def markdown(r: dict, args, survey_md: str) -> str:
     lines += ["", "Line mass (share of |attribution| within +-3 A of the listed lines; log g also the "
               f"Balmer wings), mean over spectra: {goal} (goal >= {100 * r['line_mass_goal']:.0f}% for teff "
               "and logg).",
-              "", "## Survey view", "", survey_md, "", "![survey view](explain_survey.png)"]
+              "", "## Survey view", "", survey_md, "", "![first spectrum](explain_spectrum.png)"]
     return "\n".join(lines)
 
 
