@@ -74,7 +74,8 @@ def _label_lines(ax, wavelength: np.ndarray, top: bool) -> None:
 
 
 def plot_spectrum(exp: Explanation, row: int, path: Path) -> Path:
-    """One panel per target: the normalised flux, coloured by the signed attribution per pixel."""
+    """One panel per target: the normalised flux, coloured by the signed attribution per pixel, over a
+    band of the same colours; the listed lines marked and named."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,8 +93,11 @@ def plot_spectrum(exp: Explanation, row: int, path: Path) -> Path:
         lc = LineCollection(segs, cmap="coolwarm", norm=plt.Normalize(-lim, lim), lw=1.2)
         lc.set_array(0.5 * (a[:-1] + a[1:]))
         ax.add_collection(lc)
+        lo, hi = np.nanmin(flux) - 0.12, np.nanmax(flux) + 0.05
+        ax.imshow(a[None], extent=(wl[0], wl[-1], lo, lo + 0.06), aspect="auto", cmap="coolwarm",
+                  norm=lc.norm, interpolation="nearest")  # the band: attribution per pixel
         ax.set_xlim(wl[0], wl[-1])
-        ax.set_ylim(np.nanmin(flux) - 0.05, np.nanmax(flux) + 0.05)
+        ax.set_ylim(lo, hi)
         ax.set_ylabel("normalised flux")
         _label_lines(ax, wl, top=k == 0)
         share = line_mass(a[None], wl, t)[0]
