@@ -34,7 +34,7 @@ from starcast.catalogs.gridsynth import (
     synth_from_grid,
 )
 from starcast.catalogs.io import read_catalog
-from starcast.engine.explain_report import LINE_MASS_GOAL, plot_spectrum, survey_view
+from starcast.engine.explain_report import LINE_MASS_GOAL, line_mass, plot_spectrum, survey_view
 from starcast.engine.predictor import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,6 +82,22 @@ def deletion(model, table: pa.Table, exp) -> dict:
                 change[name] = float(np.mean(np.abs(f(torch.as_tensor(xd), rows)[:, 0].numpy() - fx)))
         out[t] = {"mean_abs_change_top": change["top"], "mean_abs_change_random": change["random"],
                   "ratio": change["top"] / change["random"]}
+    return out
+
+
+BINS = {"snr": (10.0, 30.0, 100.0, 500.0), "vsini": (0.0, 50.0, 150.0, 300.0, 450.0)}  # true values
+
+
+def line_mass_by_bin(table: pa.Table, exp) -> dict:
+    """Mean line mass per target in bins of the catalog's true SNR and v sin i (where it loses mass)."""
+    out = {}
+    for column, edges in BINS.items():
+        values = table.column(column).to_numpy()
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            sel = (values >= lo) & (values < hi) & np.isfinite(exp.prediction).all(axis=1)
+            out[f"{column} {lo:g}-{hi:g}"] = {"spectra": int(sel.sum()), **{
+                t: float(line_mass(exp.attributions[sel, k], exp.wavelength, t).mean())
+                for k, t in enumerate(exp.targets)}}
     return out
 
 
@@ -135,6 +151,7 @@ def main() -> None:
         "model": {"name": model.name, "path": str(model.bundle.path), "sha256": model.bundle.weights_sha256},
         "catalog": source, "runs": runs, "deletion": deletion(model, table.slice(0, 200), exp),
         "line_mass": {t: survey["targets"][t]["line_mass_mean"] for t in exp.targets},
+        "line_mass_by_bin": line_mass_by_bin(table, exp),
         "line_mass_goal": LINE_MASS_GOAL, "survey": survey}
     (RESULTS / "explain.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "explain.md").write_text(markdown(result, args, survey_md) + "\n")
@@ -180,7 +197,13 @@ def markdown(r: dict, args, survey_md: str) -> str:
     lines += ["", "Line mass (share of |attribution| within +-3 A of the listed lines; log g also the "
               f"Balmer wings), mean over spectra: {goal} (goal >= {100 * r['line_mass_goal']:.0f}% for teff "
               "and logg).",
-              "", "## Survey view", "", survey_md, "", "![first spectrum](explain_spectrum.png)"]
+              "", "Line mass in bins of the true SNR and v sin i:", "",
+              "| bin | spectra | " + " | ".join(r["line_mass"]) + " |",
+              "| --- | --- |" + " --- |" * len(r["line_mass"])]
+    for name, b in r["line_mass_by_bin"].items():
+        cells = " | ".join(f"{100 * b[t]:.1f}%" for t in r["line_mass"])
+        lines.append(f"| {name} | {b['spectra']} | {cells} |")
+    lines += ["", "## Survey view", "", survey_md, "", "![first spectrum](explain_spectrum.png)"]
     return "\n".join(lines)
 
 

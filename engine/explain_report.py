@@ -28,10 +28,12 @@ TEFF_REGIONS = ((15000.0, 20000.0), (20000.0, 25000.0), (25000.0, 30000.0))  # K
 TOP_PEAKS = 10
 
 
-def line_mass(attributions: np.ndarray, wavelength: np.ndarray, target: str) -> np.ndarray:
+def line_mass(attributions: np.ndarray, wavelength: np.ndarray, target: str, *,
+              balmer_wings: bool | None = None) -> np.ndarray:
     """Fraction of each row's |attribution| (rows [B, D] of one target) within LINE_HALF_WIDTH of a listed
-    line, or for log g also within the Balmer wings; (B,)."""
-    inside = line_windows(wavelength, balmer_wings=target in BALMER_TARGETS)
+    line, and within the Balmer wings for log g (or as `balmer_wings` says); (B,)."""
+    wings = target in BALMER_TARGETS if balmer_wings is None else balmer_wings
+    inside = line_windows(wavelength, balmer_wings=wings)
     mass = np.abs(attributions)
     return mass[:, inside].sum(axis=1) / mass.sum(axis=1)
 
@@ -133,8 +135,9 @@ def survey_view(exp: Explanation, out: Path) -> dict:
                      "goal": LINE_MASS_GOAL, "targets": {}}
     for k, t in enumerate(exp.targets):
         per_row = line_mass(exp.attributions[ok, k], wl, t)
+        wings = line_mass(exp.attributions[ok, k], wl, t, balmer_wings=True)
         entry = {"line_mass_mean": float(per_row.mean()), "line_mass_median": float(np.median(per_row)),
-                 "regions": {}}
+                 "line_mass_with_balmer_wings_mean": float(wings.mean()), "regions": {}}
         for name, sel in regions.items():
             if not sel.any():
                 continue
@@ -175,12 +178,14 @@ def _markdown(summary: dict) -> str:
     lines = [f"Mean |attribution| over {summary['spectra']} spectra (integrated gradients, "
              f"{summary['method']}); line mass = share within +-{summary['line_half_width_A']:g} A of the "
              "listed lines (log g: also the Balmer wings, +-30 A).", "",
-             "| target | line mass (mean over spectra) | of the mean curve, per Teff region |",
-             "| --- | --- | --- |"]
+             "| target | line mass (mean over spectra) | with the Balmer wings for every target "
+             "| of the mean curve, per Teff region |",
+             "| --- | --- | --- | --- |"]
     for t, e in summary["targets"].items():
         regions = ", ".join(f"{n} {100 * r['line_mass_of_mean']:.0f}% ({r['spectra']})"
                             for n, r in e["regions"].items())
-        lines.append(f"| {t} | {100 * e['line_mass_mean']:.1f}% | {regions} |")
+        lines.append(f"| {t} | {100 * e['line_mass_mean']:.1f}% | "
+                     f"{100 * e['line_mass_with_balmer_wings_mean']:.1f}% | {regions} |")
     for t, e in summary["targets"].items():
         lines += ["", f"Top lines for {t}:", "", "| line | A (air) | share |", "| --- | --- | --- |"]
         lines += [f"| {s['line']} | {s['wavelength']:.2f} | {100 * s['share']:.1f}% |"
