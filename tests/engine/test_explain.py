@@ -185,3 +185,20 @@ def test_model_report_writes_the_survey_view_into_the_bundle_without_attribution
     assert summary["rows"] == 4 and (folder / "survey" / "survey.md").is_file()
     assert len(list((folder / "plots").glob("*.png"))) == 1
     assert not (folder / "attributions.parquet").exists()
+
+
+def test_a_row_that_cannot_be_predicted_gets_nan_attributions_and_exit_code_3(tmp_path: Path,
+                                                                             tiny_bundle: Path):
+    table = catalog_table(3)
+    flux = table.column("flux").combine_chunks()
+    values = flux.values.to_numpy().copy()
+    values[:flux.type.list_size] = np.nan  # row 0: no finite flux
+    width = flux.type.list_size
+    table = table.set_column(1, "flux", pa.FixedSizeListArray.from_arrays(pa.array(values), width))
+    cat = write_catalog(table, tmp_path / "cat.parquet", grid=GRID)
+    result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
+                                                  str(tiny_bundle), "--plots", "5", "--steps", "4"])
+    assert result.exit_code == 3, result.output
+    teff = pq.read_table(tmp_path / "ex" / "attributions.parquet").column("teff").to_pylist()
+    assert np.isnan(teff[0]).all() and np.isfinite(teff[1]).all()
+    assert len(list((tmp_path / "ex" / "plots").glob("*.png"))) == 2
