@@ -191,6 +191,26 @@ class Model:
                                  mu=mu, sigma=np.sqrt(var), flags=prepared.column(FLAGS).to_numpy(),
                                  errors=prepared.column(ERROR).to_pylist())
 
+    def explain(self, table_or_batch, *, target: str | list[str] | None = None, method: str = "ig",
+                steps: int | None = None, samples: int | None = None, seed: int = 0,
+                source_grid: WavelengthGrid | None = None, medium: str | None = None):
+        """Integrated-gradients attributions of the predicted mean of `target` (one name, a list, or
+        None: all) to the D pixels of each row, averaged over the M members and S dropout samples on
+        the row's own masks; returns an `explain.Explanation` (arrays; see `starcast.engine.explain`)."""
+        from . import explain
+
+        names = [t.name for t in self.targets]
+        wanted = names if target is None else [target] if isinstance(target, str) else list(target)
+        unknown = [t for t in wanted if t not in names]
+        if unknown or not wanted:
+            raise StarcastError(f"model {self.name!r} has no target(s) {unknown or wanted}; it predicts "
+                                f"{', '.join(names)}")
+        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
+        prepared = self.prepare(table, source_grid=source_grid)
+        return explain.explain_prepared(self, prepared, [names.index(t) for t in wanted], method=method,
+                                        steps=steps or explain.DEFAULT_STEPS, samples=self._samples(samples),
+                                        seed=seed)
+
     def metadata(self, *, samples: int | None = None, seed: int = 0, backend: str = "auto") -> dict:
         """The results' file metadata: model name and weights hash, seed, S, code version, backend."""
         return {META_MODEL: self.name, META_MODEL_SHA256: self.bundle.weights_sha256,
