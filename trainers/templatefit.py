@@ -35,6 +35,11 @@ def noise_level(flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray | None 
     return 1.0 / np.nanmedian(ratio, axis=1)
 
 
+def bounds(lib: BroadenedLibrary) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of theta: the box of the library's nodes and its v sin i ladder."""
+    return np.array([*lib.nodes.min(0), lib.vsini[0]]), np.array([*lib.nodes.max(0), lib.vsini[-1]])
+
+
 @dataclass
 class Templates:
     """Noise-free stars of `lib` on the model grid `grid_values` (A), preprocessed with `settings`."""
@@ -44,9 +49,7 @@ class Templates:
     settings: PreprocessSettings
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lo, hi) of theta: the box of the library's nodes and its v sin i ladder."""
-        return (np.array([*self.lib.nodes.min(0), self.lib.vsini[0]]),
-                np.array([*self.lib.nodes.max(0), self.lib.vsini[-1]]))
+        return bounds(self.lib)
 
     def preprocessed(self, flux: np.ndarray, noise: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """(B, D) spectra `flux` (B, P) on the observed grid, continuum 1, preprocessed as data with
@@ -100,6 +103,11 @@ def sigma_from_fisher(f: np.ndarray) -> np.ndarray:
     return out
 
 
+def continuum_basis(npix: int, degree: int) -> np.ndarray:
+    """(npix, degree + 1) Legendre polynomials over the observed grid, as `gridsynth.draw_survey`'s."""
+    return np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, npix), degree)
+
+
 def cramer_rao(lib: BroadenedLibrary, theta: np.ndarray, ivar: np.ndarray,
                continuum_degree: int | None = 3) -> np.ndarray:
     """(B, 3) sigma_CRB of any unbiased estimator of theta (B, 3) from observed spectra (continuum 1)
@@ -108,11 +116,9 @@ def cramer_rao(lib: BroadenedLibrary, theta: np.ndarray, ivar: np.ndarray,
     The continuum is unknown: a multiplicative Legendre polynomial of `continuum_degree` (the data's),
     marginalised as nuisance parameters; None = a known continuum."""
     theta = np.atleast_2d(theta)
-    lo, hi = np.array([*lib.nodes.min(0), lib.vsini[0]]), np.array([*lib.nodes.max(0), lib.vsini[-1]])
-    jac = derivatives(lambda t: lib.spectra(*t.T), theta, lo, hi)
+    jac = derivatives(lambda t: lib.spectra(*t.T), theta, *bounds(lib))
     if continuum_degree is not None:
-        x = np.linspace(-1.0, 1.0, jac.shape[1])
-        basis = np.polynomial.legendre.legvander(x, continuum_degree)  # (P, degree + 1)
+        basis = continuum_basis(jac.shape[1], continuum_degree)
         jac = np.concatenate([jac, lib.spectra(*theta.T)[:, :, None] * basis[None]], axis=2)
     return sigma_from_fisher(fisher(jac, ivar))[:, :len(PARAMS)]
 
@@ -194,3 +200,46 @@ class TemplateFitter:
                             bounds=self.templates.bounds(), x_scale=SCALE, method="trf",
                             max_nfev=self.max_nfev)
         return res.x, res.nfev
+
+
+@dataclass
+class ContinuumFitter:
+    """chi^2 on the raw observed pixels (known rv) with the continuum fitted jointly: the model is
+    S(theta) x a Legendre polynomial of `degree`, its coefficients solved by weighted linear least
+    squares for every theta (variable projection), so the sigmas are marginalised over them. Starts
+    from given labels (e.g. a `TemplateFitter`'s) and needs no preprocessing, so it loses nothing to
+    the continuum normalisation and can reach `cramer_rao` with the same degree."""
+
+    lib: BroadenedLibrary
+    degree: int = 3
+    max_nfev: int = 60
+
+    def residuals(self, theta: np.ndarray, flux: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(N, P) sqrt(ivar) (flux - S(theta) poly) of one spectrum `flux` (P,) for N labels theta."""
+        basis = continuum_basis(len(flux), self.degree)
+        a = self.lib.spectra(*np.atleast_2d(theta).T)[:, :, None] * (w[:, None] * basis)[None]
+        rhs = np.einsum("npk,p->nk", a, w * flux)[..., None]
+        coef = np.linalg.solve(np.einsum("npk,npl->nkl", a, a), rhs)[..., 0]
+        return (w * flux)[None] - np.einsum("npk,nk->np", a, coef)
+
+    def fit(self, flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray, theta0: np.ndarray) -> Fit:
+        """Fit observed spectra flux (B, P) with errors and mask (B, P), starting at theta0 (B, 3)."""
+        from scipy.optimize import least_squares
+
+        lo, hi = bounds(self.lib)
+        good = ~mask & (flux_err > 0) & np.isfinite(flux) & np.isfinite(flux_err)
+        w = np.where(good, 1.0 / np.where(good, flux_err, 1.0), 0.0)
+        f = np.where(good, flux, 0.0).astype(np.float64)
+        out = Fit(theta=np.empty((len(f), 3)), sigma=np.empty((len(f), 3)), chi2=np.empty(len(f)),
+                  npix=good.sum(axis=1), nfev=np.zeros(len(f), np.int64))
+        for i in range(len(f)):
+            res = least_squares(lambda t, i=i: self.residuals(t, f[i], w[i])[0], np.clip(theta0[i], lo, hi),
+                                jac=lambda t, i=i: self._jacobian(t, f[i], w[i])[0], bounds=(lo, hi),
+                                x_scale=SCALE, method="trf", max_nfev=self.max_nfev)
+            jac = self._jacobian(res.x, f[i], w[i])
+            out.theta[i], out.chi2[i], out.nfev[i] = res.x, 2.0 * res.cost, res.nfev
+            out.sigma[i] = sigma_from_fisher(fisher(jac, np.ones(jac.shape[:2])))[0]
+        return out
+
+    def _jacobian(self, theta, flux, w):
+        return derivatives(lambda t: self.residuals(t, flux, w), theta, *bounds(self.lib))
