@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--ood-per-bin", type=int, help="hot stars per SNR bin, and SNR 5 spectra in "
                         "all (default: --per-bin)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ripple-prob", type=float, help="the fraction of test spectra with a continuum "
+                        "ripple (default: the config's); 0 shows what the ripple costs every method")
     parser.add_argument("--note", default="", help="a line for the markdown (e.g. which bundle this is)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -146,6 +148,8 @@ def main() -> None:
     timing, t0 = {}, time.perf_counter()
 
     src = source(args.config, args.grid, args.cache)
+    if args.ripple_prob is not None:
+        src.pert = dataclasses.replace(src.pert, ripple_prob=args.ripple_prob)
     model = load_model(args.model, backend="cpu")
     if model.settings != src.settings or not np.array_equal(model.grid.values(), src.grid_values):
         raise SystemExit("the model's preprocessing or grid differs from the config's: pass its config")
