@@ -11,7 +11,8 @@ OOD: AUROC of starcast's epistemic sigma for in-grid test spectra against hot st
 simplified generator `catalogs.synth`, beyond the grid's physics) and against SNR 5 spectra.
 
 Run: `python bench/peers.py --model DIR [--per-bin 100] [--config trainers/configs/ob-default.toml]
-[--grid GRID.npz] [--cache DIR] [--note TEXT]`. Writes bench/results/peers.json and peers.md.
+[--grid GRID.npz] [--cache DIR] [--ripple-prob P] [--note TEXT] [--name peers]`. Writes
+bench/results/NAME.json and NAME.md.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def main() -> None:
                         "ripple (default: the config's); 0 shows what the ripple costs every method")
     parser.add_argument("--note", default="", help="a line for the markdown (e.g. which bundle this is)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", default="peers", help="the results' file name (NAME.json, NAME.md)")
     args = parser.parse_args()
     n_ood = args.ood_per_bin or args.per_bin
     timing, t0 = {}, time.perf_counter()
@@ -243,8 +245,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "peers.md").write_text(markdown(info))
+    (out / f"{args.name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(info))
     print(markdown(info))
 
 
