@@ -31,6 +31,7 @@ TARGET_KEYS = ("name", "unit", "mean", "std", "min", "max", "calibration")
 ARCHITECTURE_KEYS = ("input_dim", "hidden", "activation", "dropout", "members", "samples", "var_eps")
 REQUIRED_KEYS = ("schema_version", "name", "targets", "grid", "preprocess", "architecture",
                  "weights_sha256")
+INPUT_CENTRE = "input_centre"  # optional: the training mean of each input (input_dim floats)
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,6 +86,14 @@ class Bundle:
     @property
     def architecture(self) -> dict:
         return self.manifest["architecture"]
+
+    @property
+    def input_centre(self) -> np.ndarray | None:
+        """The mean of each network input over the training set (float64 [input_dim]), or None when
+        the manifest has no `input_centre`. Only the GPU kernel's rounding uses it (see
+        `kernels.ensemble_mlp.pack_weights`): the model's function does not depend on it."""
+        centre = self.manifest.get(INPUT_CENTRE)
+        return None if centre is None else np.asarray(centre, dtype=np.float64)
 
     @property
     def epistemic_thresholds(self) -> dict[str, float]:
@@ -232,6 +241,11 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     if n != arch["input_dim"]:
         raise ModelError(f"{where}: the grid has {n} pixels but architecture.input_dim is "
                          f"{arch['input_dim']}")
+    centre = manifest.get(INPUT_CENTRE)
+    if centre is not None and not (isinstance(centre, list) and len(centre) == arch["input_dim"]
+                                   and all(isinstance(v, int | float) and np.isfinite(v) for v in centre)):
+        raise ModelError(f"{where}: '{INPUT_CENTRE}' must be a list of {arch['input_dim']} finite numbers "
+                         f"(the training mean of each input)")
 
 
 def _check_shapes(layers: Layers, manifest: dict, path: Path) -> None:

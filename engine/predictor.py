@@ -196,9 +196,12 @@ class Model:
         if backend not in self._weights:
             layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
             if backend == "triton":
-                from ..kernels.ensemble_mlp import pack_weights
+                from ..kernels.ensemble_mlp import fitted_centre, pack_weights
 
-                layers = pack_weights(layers, device=device)
+                centre = self.bundle.input_centre  # fixed per model: never from the batch
+                if centre is None:
+                    centre = fitted_centre(*self.bundle.layers[0])
+                layers = pack_weights(layers, device=device, centre=centre)
             self._weights[backend] = layers
         return torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device), self._weights[backend]
 

@@ -57,6 +57,7 @@ from . import rng
 from .reference import check_inputs, finish
 from .rng import keep_mask_tl, stream_tl
 
+_CENTRE_RIDGE = 0.01  # fitted_centre's pull to the prior, relative to W1's mean squared row norm
 PRECISIONS = {  # name -> (storage dtype of weights and activations, tl.dot input_precision)
     "bf16": (torch.bfloat16, "tf32"),
     "fp16": (torch.float16, "tf32"),
@@ -89,6 +90,36 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _round_tf32(v):
+    """fp32 -> the nearest tf32 (10-bit mantissa, ties away from zero), bit for bit `tf32_round`. A tensor
+    core reads only the top 19 bits of a tf32 operand: unrounded, every product would be cut towards
+    zero, a bias that adds up over layers. NaN and inf pass unchanged."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (((bits + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < float("inf"), rounded, v)
+
+
+@triton.jit
+def _round_bf16(v):
+    """fp32 -> bf16 rounded to nearest even in integer arithmetic, as a GPU's cast does: the interpreter
+    (only it uses this) truncates, a bias of -2**-9 per value on average that swamps everything else."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < float("inf"), rounded, v).to(tl.bfloat16)
+
+
+@triton.jit
+def _operand(v, dtype, ROUND: tl.constexpr):
+    """An fp32 value as the dot and the scratch hold it: ROUND "cast" (to dtype), "tf32" or "bf16"."""
+    if ROUND == "tf32":
+        return _round_tf32(v)
+    elif ROUND == "bf16":
+        return _round_bf16(v)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def _dense(a_ptr, w_ptr, w_stride, n0, R: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """acc[R, BLOCK_N] = A[R, HP] @ W[HP, n0:n0+BLOCK_N], A row-major in scratch, fp32 accumulation."""
@@ -104,11 +135,12 @@ def _dense(a_ptr, w_ptr, w_stride, n0, R: tl.constexpr, HP: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
+def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
                      mean_ptr, m2_ptr, var_ptr, scratch_ptr,
                      B, D, M, S, K, threshold, scale, var_eps, scratch_stride,
                      HP: tl.constexpr, KP: tl.constexpr, NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr,
                      DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                     SPLIT_INPUT: tl.constexpr, ROUND: tl.constexpr,
                      BLOCK_B: tl.constexpr, SB: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     R: tl.constexpr = BLOCK_B * SB
@@ -132,10 +164,15 @@ def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo
                 in_d = (d0 + offs_d) < D
                 xa = tl.load(x_ptr + offs_b[:, None].to(tl.int64) * D + (d0 + offs_d)[None, :],
                              mask=valid_b[:, None] & in_d[None, :], other=0.0)
+                xa -= tl.load(centre_ptr + d0 + offs_d, mask=in_d, other=0.0)[None, :]  # fp32, then cast
                 w = tl.load(w1 + (d0 + offs_d)[:, None] * HP + offs_n[None, :], mask=in_d[:, None], other=0.0)
-                acc = _dot(xa.to(dtype), w, acc, DOT_PRECISION, DOT_UPCAST)
+                hi = _operand(xa, dtype, ROUND)
+                acc = _dot(hi, w, acc, DOT_PRECISION, DOT_UPCAST)
+                if SPLIT_INPUT:  # x = hi + lo: the 16-bit cast of the input is the largest rounding
+                    acc = _dot(_operand(xa - hi.to(tl.float32), dtype, ROUND), w, acc, DOT_PRECISION,
+                               DOT_UPCAST)
             h = _act(acc + tl.load(b1_ptr + m * HP + offs_n)[None, :], ACT)
-            tl.store(h1_buf + offs_bb[:, None] * HP + offs_n[None, :], h.to(dtype))
+            tl.store(h1_buf + offs_bb[:, None] * HP + offs_n[None, :], _operand(h, dtype, ROUND))
         tl.debug_barrier()
         # ---- samples, SB at a time: rows r = (spectrum r // SB, sample s0 + r % SB)
         rb = offs_r // SB
@@ -165,7 +202,7 @@ def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo
                     h = _act(acc * scale + tl.load(b_l + offs_n)[None, :], ACT)
                     if DROPOUT:
                         h = tl.where(keep_mask_tl(stream, n0 // 2, threshold, R, BLOCK_N), h, 0.0)
-                    tl.store(dst + offs_r[:, None] * HP + offs_n[None, :], h.to(dtype))
+                    tl.store(dst + offs_r[:, None] * HP + offs_n[None, :], _operand(h, dtype, ROUND))
                 tl.debug_barrier()
                 src, dst = dst, src
             # ---- head: columns [0, KP) are the means, [KP, 2 KP) the raw variances
@@ -241,6 +278,12 @@ def _tuned_kernel(hp: int):
     return triton.autotune(configs, key=key)(_ensemble_kernel)
 
 
+def _rounding(precision: str) -> str:
+    if precision == "bf16" and _interpreting():
+        return "bf16"
+    return "tf32" if precision == "tf32" else "cast"
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -251,7 +294,8 @@ def _interpreting() -> bool:
 class PackedWeights:
     """Weights laid out for the kernel: widths zero-padded to HP (padded units stay exactly 0)."""
     w1: torch.Tensor  # [M, D, HP]
-    b1: torch.Tensor  # [M, HP] float32
+    b1: torch.Tensor  # [M, HP] float32: b1 + centre W1, folded in float64
+    centre: torch.Tensor  # [D] float32: the kernel multiplies x - centre (in fp32, then cast) by W1
     wh: torch.Tensor  # [M, L-1, HP, HP] (a placeholder when L = 1)
     bh: torch.Tensor  # [M, L-1, HP] float32
     wo: torch.Tensor  # [M, HP, 2 KP]: means in columns [0, K), raw variances in [KP, KP + K)
@@ -272,10 +316,22 @@ def padded_width(width: int) -> int:
     return max(16, triton.next_power_of_2(width)) if width <= 64 else -(-width // 64) * 64
 
 
-def pack_weights(layers, precision: str = "fp16", device=None) -> PackedWeights:
-    """Pad and cast `layers` ([(W [M, in, out], b [M, out]), ...], head last) for the kernel."""
+def pack_weights(layers, precision: str = "fp16", device=None, centre=None) -> PackedWeights:
+    """Pad and cast `layers` ([(W [M, in, out], b [M, out]), ...], head last) for the kernel.
+
+    `centre` (a number or [D], default 0): a fixed point near the inputs. The kernel casts x - centre,
+    not x, to 16 bits and the first bias absorbs centre W1 (folded in float64), so the result is the
+    same function of x and only the rounding changes: a bundle whose standardisation is folded into
+    W1 has |x W1| ~ |b1| >> |x W1 + b1|, which 16-bit inputs cannot resolve unless x is centred first.
+    It must not depend on the batch (see `Bundle.input_centre`, the model's training mean)."""
     dtype = PRECISIONS[precision][0]
     device = device if device is not None else layers[0][0].device
+    d = layers[0][0].shape[1]
+    centre = torch.as_tensor(0.0 if centre is None else centre, dtype=torch.float64).cpu()
+    if centre.ndim > 1 or centre.numel() not in (1, d) or not centre.isfinite().all():
+        raise ValueError(f"centre must be a finite number or {d} numbers (one per input), "
+                         f"got shape {tuple(centre.shape)}")
+    centre = centre.expand(d).float().contiguous()  # the kernel subtracts this fp32 value: fold it
     hidden = [w.shape[2] for w, _ in layers[:-1]]
     if any(h % 16 for h in hidden):
         raise ValueError(f"hidden widths must be multiples of 16 for the Triton kernel, got {hidden}")
@@ -288,6 +344,7 @@ def pack_weights(layers, precision: str = "fp16", device=None) -> PackedWeights:
         return F.pad(t.to(device=device, dtype=torch.float32), spec)
 
     (w1, b1), hidden_layers, (wo, bo) = layers[0], layers[1:-1], layers[-1]
+    b1 = b1.double().cpu() + torch.einsum("d,mdh->mh", centre.double(), w1.double().cpu())
     members = w1.shape[0]
     if hidden_layers:
         wh = torch.stack([pad(w, hp, hp) for w, _ in hidden_layers], dim=1)
@@ -297,10 +354,31 @@ def pack_weights(layers, precision: str = "fp16", device=None) -> PackedWeights:
         bh = torch.zeros((members, 1, 16), device=device)
     wo_p = torch.cat((pad(wo[..., :k], hp, kp), pad(wo[..., k:], hp, kp)), dim=2)
     bo_p = torch.cat((pad(bo[..., :k], kp), pad(bo[..., k:], kp)), dim=1)
-    return PackedWeights(pad(w1, w1.shape[1], hp).to(dtype), pad(b1, hp), wh.to(dtype).contiguous(),
-                         bh.contiguous(), wo_p.to(dtype).contiguous(), bo_p.contiguous(), hp, kp,
-                         len(layers) - 1, tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers),
-                         precision)
+    def cast(t):  # the dot's operand: 16 bits, or fp32 rounded to tf32 (see _round_tf32)
+        return (tf32_round(t) if precision == "tf32" else t.to(dtype)).contiguous()
+
+    return PackedWeights(cast(pad(w1, w1.shape[1], hp)), pad(b1, hp), centre.to(device), cast(wh),
+                         bh.contiguous(), cast(wo_p), bo_p.contiguous(), hp, kp, len(layers) - 1,
+                         tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers), precision)
+
+
+def fitted_centre(w1: torch.Tensor, b1: torch.Tensor, prior: float = 1.0) -> torch.Tensor:
+    """A centre for `pack_weights` from the first layer alone, for bundles that do not store their
+    training mean: the x nearest `prior` (1: continuum-normalised flux) with x W1 + b1 ~ 0 for every
+    member, by ridge least squares in float64. A folded standardisation makes that x the training
+    mean wherever W1 looks (measured on ob-default: 0.003 rms from the mean of 256 real spectra)."""
+    a = w1.double().cpu().permute(1, 0, 2).reshape(w1.shape[1], -1)  # [D, M*H]
+    gram = a @ a.T
+    ridge = _CENTRE_RIDGE * gram.diagonal().mean()
+    rhs = a @ -b1.double().cpu().reshape(-1) + ridge * prior
+    return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), rhs)
+
+
+def tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to the nearest tf32 (ties away from zero), bit for bit `_round_tf32`."""
+    t = t.float().contiguous()
+    rounded = ((t.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(t.abs() < float("inf"), rounded, t)
 
 
 # ---- launcher ----------------------------------------------------------------------------------
@@ -354,11 +432,13 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
     programs = _persistent_programs(device, members, max_tiles)
     stride = max(c["BLOCK_B"] * packed.hp * (1 + 2 * c["SB"]) for c in candidates)
     scratch = torch.empty(programs * members * stride, dtype=packed.w1.dtype, device=device)
-    args = (x, rows, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo, *partials, scratch,
-            n, d, members, s_eff, k, rng.mask_threshold(p), rng.dropout_scale(p), var_eps, stride)
+    args = (x, rows, packed.centre, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo,
+            *partials, scratch, n, d, members, s_eff, k, rng.mask_threshold(p), rng.dropout_scale(p), var_eps,
+            stride)
     meta = dict(HP=packed.hp, KP=packed.kp, NUM_HIDDEN=packed.num_hidden, ACT=activation, DROPOUT=p > 0,
                 DOT_PRECISION=PRECISIONS[precision][1],
-                DOT_UPCAST=_interpreting() and precision == "bf16")
+                DOT_UPCAST=_interpreting() and precision == "bf16", SPLIT_INPUT=precision != "fp32",
+                ROUND=_rounding(precision))
     if config is not None:
         grid = (min(programs, triton.cdiv(n, config["BLOCK_B"])), members)
         _ensemble_kernel[grid](*args, **meta, **config)
