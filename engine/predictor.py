@@ -196,12 +196,9 @@ class Model:
         if backend not in self._weights:
             layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
             if backend == "triton":
-                from ..kernels.ensemble_mlp import fitted_centre, pack_weights
+                from ..kernels.ensemble_mlp import pack_weights
 
-                centre = self.bundle.input_centre  # fixed per model: never from the batch
-                if centre is None:
-                    centre = fitted_centre(*self.bundle.layers[0])
-                layers = pack_weights(layers, device=device, centre=centre)
+                layers = pack_weights(layers, device=device, centre=kernel_centre(self.bundle))
             self._weights[backend] = layers
         return torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device), self._weights[backend]
 
@@ -249,6 +246,16 @@ class Model:
         schema = results_schema([t.name for t in self.targets], id_type=ids.type)
         meta = self.metadata(samples=samples, seed=seed, backend=backend)
         return pa.Table.from_pydict(columns, schema=schema.with_metadata(meta))
+
+
+def kernel_centre(bundle: Bundle) -> np.ndarray:
+    """The point the GPU kernel centres its inputs on before the 16-bit cast, fixed per model (never
+    from a batch): the manifest's `input_centre` (the training mean), else one fitted to the first
+    layer (`kernels.ensemble_mlp.fitted_centre`). It changes rounding only, not the model's function."""
+    from ..kernels.ensemble_mlp import fitted_centre
+
+    centre = bundle.input_centre
+    return fitted_centre(*bundle.layers[0]).numpy() if centre is None else centre
 
 
 def resolve_backend(backend: str) -> str:
