@@ -44,7 +44,7 @@ def ensemble_stats_emulated(x, keys, packed, *, p: float, samples: int, seed: in
     rows = rng.row_keys(seed, keys)
     x = x.float() - packed.centre.cpu()  # fp32, as in the kernel
     hi = store(x)
-    parts = (hi, store(x - hi.float())) if packed.precision != "fp32" else (hi,)  # the split input
+    parts = (hi, store(x - hi.float())) if packed.split_input else (hi,)
     mu = torch.empty((members, x.shape[0], s_eff, k), dtype=torch.float64)
     var = torch.empty_like(mu)
     for m in range(members):

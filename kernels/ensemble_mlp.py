@@ -305,6 +305,7 @@ class PackedWeights:
     num_hidden: int
     shapes: tuple  # the original ((W shape, b shape), ...), for argument checks
     precision: str
+    split_input: bool  # the first layer multiplies x - centre as two terms, hi + lo, each in the dot's dtype
 
     def shape_only(self):
         """Meta tensors with the original layer shapes (what `check_inputs` validates against)."""
@@ -316,14 +317,18 @@ def padded_width(width: int) -> int:
     return max(16, triton.next_power_of_2(width)) if width <= 64 else -(-width // 64) * 64
 
 
-def pack_weights(layers, precision: str = "fp16", device=None, centre=None) -> PackedWeights:
+def pack_weights(layers, precision: str = "fp16", device=None, centre=None,
+                 split_input: bool | None = None) -> PackedWeights:
     """Pad and cast `layers` ([(W [M, in, out], b [M, out]), ...], head last) for the kernel.
 
     `centre` (a number or [D], default 0): a fixed point near the inputs. The kernel casts x - centre,
     not x, to 16 bits and the first bias absorbs centre W1 (folded in float64), so the result is the
     same function of x and only the rounding changes: a bundle whose standardisation is folded into
     W1 has |x W1| ~ |b1| >> |x W1 + b1|, which 16-bit inputs cannot resolve unless x is centred first.
-    It must not depend on the batch (see `Bundle.input_centre`, the model's training mean)."""
+    It must not depend on the batch (see `Bundle.input_centre`, the model's training mean).
+    `split_input` (default: all but "fp32"): cast x - centre as hi + lo, two terms of the dot's dtype,
+    which doubles the first layer's tensor-core work (it reuses the W1 tile) and removes the largest
+    rounding left after centring, that of the input itself."""
     dtype = PRECISIONS[precision][0]
     device = device if device is not None else layers[0][0].device
     d = layers[0][0].shape[1]
@@ -359,7 +364,8 @@ def pack_weights(layers, precision: str = "fp16", device=None, centre=None) -> P
 
     return PackedWeights(cast(pad(w1, w1.shape[1], hp)), pad(b1, hp), centre.to(device), cast(wh),
                          bh.contiguous(), cast(wo_p), bo_p.contiguous(), hp, kp, len(layers) - 1,
-                         tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers), precision)
+                         tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers), precision,
+                         precision != "fp32" if split_input is None else split_input)
 
 
 def fitted_centre(w1: torch.Tensor, b1: torch.Tensor, prior: float = 1.0) -> torch.Tensor:
@@ -438,7 +444,7 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
             stride)
     meta = dict(HP=packed.hp, KP=packed.kp, NUM_HIDDEN=packed.num_hidden, ACT=activation, DROPOUT=p > 0,
                 DOT_PRECISION=PRECISIONS[precision][1],
-                DOT_UPCAST=_interpreting() and precision == "bf16", SPLIT_INPUT=precision != "fp32",
+                DOT_UPCAST=_interpreting() and precision == "bf16", SPLIT_INPUT=packed.split_input,
                 ROUND=_rounding(precision))
     if config is not None:
         grid = (min(programs, triton.cdiv(n, config["BLOCK_B"])), members)
