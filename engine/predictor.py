@@ -190,8 +190,8 @@ class Model:
         return ok, x, keys
 
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):
-        """(x, keys, weights) on the backend's device; weights are moved (and for Triton packed
-        into its padded low-precision layout) once per model, not per batch."""
+        """(x, keys, weights) on the backend's device; weights are moved and packed (Triton: padded,
+        low precision, centred; CPU: the batched layout) once per model, not per batch."""
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
         if backend not in self._weights:
             layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
@@ -199,6 +199,8 @@ class Model:
                 from ..kernels.ensemble_mlp import pack_weights
 
                 layers = pack_weights(layers, device=device, centre=kernel_centre(self.bundle))
+            elif backend == "cpu":
+                layers = reference.pack_cpu(layers, float(self.bundle.architecture["dropout"]))
             self._weights[backend] = layers
         return torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device), self._weights[backend]
 
