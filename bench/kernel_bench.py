@@ -319,22 +319,27 @@ def main():
     peak_dtype = torch.bfloat16 if gpu else torch.float32
     peak = matmul_peak(device, peak_dtype, 8192 if gpu else 1024)
     print(f"measured {peak_dtype} matmul peak: {peak:.4f} TFLOP/s", flush=True)
-    rows, ours, tuning = [], None, {}
-    for name in args.configs:
+    rows, tuning = [], {}
+    for name in args.configs:  # the record is rewritten after each config: a run cut short keeps its part
         batches = args.batches or DEFAULT_BATCHES[device.type][name]
         cfg_rows, ours, tuning[name] = bench_config(name, CONFIGS[name], device, batches, budget, max_call,
                                                     not args.no_compile)
         rows += cfg_rows
-    fl = {name: flops_per_spectrum(CONFIGS[name]) for name in args.configs}
+        write(args, device, peak, peak_dtype, budget, rows, ours, tuning)
+
+
+def write(args, device, peak, peak_dtype, budget, rows, ours, tuning):
+    """kernel_<device>.json (everything) and .md (the table) in args.out, for the configs run so far."""
+    fl = {name: flops_per_spectrum(CONFIGS[name]) for name in tuning}
     table = summarise(rows, ours, peak, fl)
-    tag = "cpu" if not gpu else re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower())
-    tag = tag.strip("_")
+    name = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else "cpu"
+    tag = re.sub(r"[^a-z0-9]+", "_", name).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/kernel_bench.py " + " ".join(sys.argv[1:])
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     chunks = json.dumps({n: {m: t["best"] for m, t in v.items()} for n, v in tuning.items()})
     result = dict(machine=machine(device), note=args.note, load_average_at_end=load, command=command, p=P,
-                  configs={n: CONFIGS[n] for n in args.configs}, flops_per_spectrum=fl,
+                  configs={n: CONFIGS[n] for n in tuning}, flops_per_spectrum=fl,
                   matmul_peak_tflops=peak, matmul_peak_dtype=str(peak_dtype), ours=ours,
                   chunk_search=tuning, rows=rows, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     (args.out / f"kernel_{tag}.json").write_text(json.dumps(result, indent=1))
@@ -345,7 +350,7 @@ def main():
         f"warm-up call, then the median of repeats within {budget:.0f} s); each chunked method runs at "
         f"the chunk (rows) its own search picked: {chunks}; 'ours vs it' = its time / our time.\n\n"
         f"{table}\n")
-    print(table)
+    print(table, flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from starcast.kernels.reference import ensemble_stats_reference
 
 import starcast
 
-from .test_ensemble_mlp import DEVICE, GPU, triton_stats
+from .test_ensemble_mlp import triton_stats
+from .triton_device import DEVICE, GPU
 
 pytestmark = pytest.mark.skipif("ob-default" not in available_models(), reason="ob-default not shipped")
 # Largest |error| as a fraction of sigma (mean: of the reference total sigma; sigma: of itself).

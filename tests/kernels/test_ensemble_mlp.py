@@ -6,8 +6,6 @@ On the device they claim: with a CUDA GPU and TRITON_INTERPRET=0 (`bench/gpu_che
 live on the GPU, shapes are real-sized (`SIZE`) and `config=None` autotunes; otherwise the kernel runs
 under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes. The reference always runs on the CPU."""
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,8 +20,8 @@ from starcast.kernels.ensemble_mlp import (
 )
 from starcast.kernels.reference import ensemble_stats_reference
 
-GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-DEVICE = torch.device("cuda" if GPU else "cpu")
+from .triton_device import DEVICE, GPU
+
 # rows, pixels, samples of the config tests: real-sized on a GPU, interpreter-sized otherwise
 SIZE = dict(rows=700, d=1000, samples=16) if GPU else dict(rows=20, d=40, samples=3)
 # hidden widths of the config tests: `seed`'s and `survey`'s on a GPU; under the interpreter the
@@ -36,10 +34,16 @@ CONFIG_WIDTHS = (256, 512) if GPU else (128,)
 TOLERANCE = {"fp32": 1e-5, "tf32": 0.002, "fp16": 0.002, "bf16": 0.02}
 
 
-def triton_stats(x, keys, layers, **kw):
-    """The kernel on DEVICE (inputs and weights moved there), results back on the CPU."""
+def triton_stats(x, keys, layers, *, autotune=False, **kw):
+    """The kernel on DEVICE (inputs and weights moved there), results back on the CPU. On a GPU a
+    fixed config (the first that fits) unless `autotune`: tuning every test's shapes would cost
+    minutes of compiling; the autotuned path has its own test."""
     if not isinstance(layers, ensemble_mlp.PackedWeights):
         layers = [(w.to(DEVICE), b.to(DEVICE)) for w, b in layers]
+    if GPU and not autotune and kw.get("config") is None:
+        hp = layers.hp if isinstance(layers, ensemble_mlp.PackedWeights) else \
+            padded_width(max(w.shape[2] for w, _ in layers[:-1]))
+        kw["config"] = next(c.kwargs for c in CONFIGS if ensemble_mlp._fits(c.kwargs, hp))
     got = ensemble_stats_triton(x.to(DEVICE), keys.to(DEVICE), layers, **kw)
     assert all(g.device.type == DEVICE.type for g in got)
     return tuple(g.cpu() for g in got)
@@ -76,6 +80,7 @@ def test_kernel_matches_reference_in_every_precision(precision, width):
     keys = torch.tensor([4, -9, 1 << 50, 0, 77])
     blocks = min(width, 64)  # the interpreter's speed grows with the block size
     config = {**INTERPRETER_CONFIG, "BLOCK_K": blocks, "BLOCK_N": blocks, "SB": 4} if not GPU else None
+    # (on a GPU: the first config that fits, see triton_stats)
     got, ref = run_both(x, keys, layers, precision, config=config, label_mean=[1.0, 2.0, 3.0],
                         label_std=[0.5, 2.0, 9.0], calibration=[1.1, 0.8, 1.0])
     assert all(g.dtype == torch.float32 and g.shape == (5, 3) for g in got)
@@ -132,11 +137,11 @@ def test_autotuned_kernel_matches_the_reference_and_is_batch_independent(precisi
     x, keys = torch.randn(2000, 4096, generator=gen), torch.arange(2000)
     kw = dict(p=0.1, samples=64, seed=5, precision=precision)
     packed = pack_weights(layers, precision, DEVICE)
-    batch = triton_stats(x, keys, packed, **kw)
+    batch = triton_stats(x, keys, packed, autotune=True, **kw)
     ref = ensemble_stats_reference(x[:64], keys[:64], layers, p=0.1, samples=64, seed=5)
     assert_close_to_reference(tuple(t[:64] for t in batch), ref, TOLERANCE[precision])
     for sub in (slice(5, 6), slice(100, 1100)):
-        part = triton_stats(x[sub], keys[sub], packed, **kw)
+        part = triton_stats(x[sub], keys[sub], packed, autotune=True, **kw)
         assert all(torch.equal(b[sub], p) for b, p in zip(batch, part, strict=True))
 
 
