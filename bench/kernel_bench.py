@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from starcast.kernels.ensemble_mlp import CONFIGS as CONFIGS_TRITON
 from starcast.kernels.reference import ensemble_stats_cpu, pack_cpu
 
 CONFIGS = {
@@ -49,6 +50,22 @@ def flops_per_spectrum(cfg) -> int:
     h, m, s = cfg["hidden"], cfg["members"], cfg["samples"]
     later = sum(a * b for a, b in zip(h, h[1:], strict=False)) + h[-1] * 2 * cfg["k"]
     return 2 * m * cfg["d"] * h[0] + 2 * s * m * later
+
+
+def kernel_traffic(cfg, meta, elt=2):
+    """Bytes the fused kernel moves between the SMs and L2/HBM per spectrum, from its loops
+    (kernels/ensemble_mlp.py; not measured): per (tile, member) x is re-read once per BLOCK_N columns
+    of W1 and W1 once; per chunk of SB samples each layer's input [R, HP] is re-read from scratch once
+    per BLOCK_N output columns (`_dense`), its weights read once and its output written once; the
+    head reads its input twice. elt: bytes per weight/activation (2: fp16/bf16). Returns bytes."""
+    b, sb, bn = meta["BLOCK_B"], meta["SB"], meta["BLOCK_N"]
+    h, m, s, d = max(cfg["hidden"]), cfg["members"], cfg["samples"], cfg["d"]
+    r, chunks, kp2 = b * sb, -(-s // sb), 2 * max(16, 1 << (cfg["k"] - 1).bit_length())
+    first = b * d * 4 * (h // bn) + d * h * elt + b * h * elt
+    per_chunk = 2 * r * h * elt  # z_1: h1 in, masked copy out
+    per_chunk += (len(cfg["hidden"]) - 1) * (r * h * elt * (h // bn) + h * h * elt + r * h * elt)
+    per_chunk += 2 * r * h * elt + h * kp2 * elt
+    return m * (first + chunks * per_chunk) / b
 
 
 def make_layers(cfg, device, dtype):
@@ -319,6 +336,13 @@ def main():
     peak_dtype = torch.bfloat16 if gpu else torch.float32
     peak = matmul_peak(device, peak_dtype, 8192 if gpu else 1024)
     print(f"measured {peak_dtype} matmul peak: {peak:.4f} TFLOP/s", flush=True)
+    print("fused kernel's FLOP/byte model (SM <-> L2/HBM traffic from its loops, fp16; not measured):")
+    for name in args.configs:
+        for c in CONFIGS_TRITON:
+            traffic = kernel_traffic(CONFIGS[name], c.kwargs)
+            print(f"  {name:6s} {c.kwargs}: {traffic / 1e6:7.2f} MB/spectrum, "
+                  f"{flops_per_spectrum(CONFIGS[name]) / traffic:6.1f} FLOP/B; unavoidable input + "
+                  f"output {(CONFIGS[name]['d'] * 4 + 12 * CONFIGS[name]['k']) / 1e3:.1f} KB", flush=True)
     rows, tuning = [], {}
     for name in args.configs:  # the record is rewritten after each config: a run cut short keeps its part
         batches = args.batches or DEFAULT_BATCHES[device.type][name]
