@@ -193,9 +193,10 @@ def machine(device):
 
 def tune_chunk(make, x, device, budget_s, candidates):
     """The same search for every chunked method, ours included: time `make(chunk)` on x for each
-    candidate chunk (rows) up to the batch, keep the fastest. Returns (chunk, {chunk: seconds})."""
-    times = {c: measure(make(c), x, device, budget_s) for c in candidates if c <= x.shape[0]}
-    return min(times, key=times.get), times
+    candidate chunk (rows) up to the batch, keep the fastest. Returns (its function, {chunk: seconds})."""
+    fns = {c: make(c) for c in candidates if c <= x.shape[0]}
+    times = {c: measure(fn, x, device, budget_s) for c, fn in fns.items()}
+    return fns[min(times, key=times.get)], times
 
 
 def gemm_sequence(cfg, chunk, device):
@@ -244,16 +245,15 @@ def bench_config(name, cfg, device, batches, budget_s, max_call_s, compile_best)
         def cpu_path(chunk):
             return keyed(lambda x, keys: ensemble_stats_cpu(x, keys, packed, p=P, samples=s, seed=0,
                                                             chunk_rows=chunk))
-        chunk, tuning["cpu_path"] = tune_chunk(cpu_path, x_big, device, budget_s, search)
-        ours = {"cpu_path": cpu_path(chunk)}
-    chunk, tuning["einsum"] = tune_chunk(lambda c: chunked(einsum_block, c), x_big, device, budget_s, search)
-    methods = {"loop": baseline_loop(nets, s, k), "vmap": baseline_vmap(nets, s, k),
-               "einsum": chunked(einsum_block, chunk)}
-    if compile_best:  # the einsum is the fastest baseline wherever this was run; its chunk re-searched
-        compiled = torch.compile(einsum_block)
-        chunk, tuning["compiled_einsum"] = tune_chunk(lambda c: chunked(compiled, c), x_big, device,
-                                                      budget_s, search)
-        methods["compiled_einsum"] = chunked(compiled, chunk)
+        ours = {}
+        ours["cpu_path"], tuning["cpu_path"] = tune_chunk(cpu_path, x_big, device, budget_s, search)
+    methods = {"loop": baseline_loop(nets, s, k), "vmap": baseline_vmap(nets, s, k)}
+    methods["einsum"], tuning["einsum"] = tune_chunk(lambda c: chunked(einsum_block, c), x_big, device,
+                                                     budget_s, search)
+    if compile_best:  # the einsum is the fastest baseline wherever this ran; compiled per chunk, static
+        torch._dynamo.config.recompile_limit = 64  # one compiled variant per chunk and batch shape
+        methods["compiled_einsum"], tuning["compiled_einsum"] = tune_chunk(
+            lambda c: chunked(torch.compile(einsum_block, dynamic=False), c), x_big, device, budget_s, search)
     print(f"{name}: chunk search (rows: seconds at B={big}) {tuning}", flush=True)
     rows, estimate = [], {}
     for batch in batches:
@@ -268,7 +268,7 @@ def bench_config(name, cfg, device, batches, budget_s, max_call_s, compile_best)
             estimate[mname] = timings[mname] / batch
         rows.append(dict(config=name, batch=batch, seconds=timings))
         if not gpu:
-            tuned = min(tuning["cpu_path"], key=tuning["cpu_path"].get)
+            tuned = min(tuning["cpu_path"], key=tuning["cpu_path"].get)  # the chunk the search kept
             seq = measure(gemm_sequence(cfg, tuned, device), None, device, budget_s)
             rows[-1]["gemm_tflops_on_cpu_path_shapes"] = tuned * fl / seq / 1e12
         report_row(rows[-1], fl)
