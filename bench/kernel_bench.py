@@ -231,7 +231,8 @@ def bench_config(name, cfg, device, batches, budget_s, max_call_s, compile_best)
         return lambda x_: fn(x_, torch.arange(x_.shape[0], device=device))
 
     if gpu:
-        from starcast.kernels.ensemble_mlp import ensemble_stats_triton, pack_weights
+        from starcast.kernels.ensemble_mlp import ensemble_stats_triton
+        from starcast.kernels.packing import pack_weights
 
         def fused(precision, **packing):  # the kernel takes whole batches; it tunes its own tiles
             packed = pack_weights(layers32, precision, device, **packing)

@@ -91,7 +91,7 @@ class Bundle:
     def input_centre(self) -> np.ndarray | None:
         """The mean of each network input over the training set (float64 [input_dim]), or None when
         the manifest has no `input_centre`. Only the GPU kernel's rounding uses it (see
-        `kernels.ensemble_mlp.pack_weights`): the model's function does not depend on it."""
+        `kernels.packing.pack_weights`): the model's function does not depend on it."""
         centre = self.manifest.get(INPUT_CENTRE)
         return None if centre is None else np.asarray(centre, dtype=np.float64)
 

@@ -196,7 +196,7 @@ class Model:
         if backend not in self._weights:
             layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
             if backend == "triton":
-                from ..kernels.ensemble_mlp import pack_weights
+                from ..kernels.packing import pack_weights
 
                 layers = pack_weights(layers, device=device, centre=kernel_centre(self.bundle))
             elif backend == "cpu":
@@ -253,8 +253,8 @@ class Model:
 def kernel_centre(bundle: Bundle) -> np.ndarray:
     """The point the GPU kernel centres its inputs on before the 16-bit cast, fixed per model (never
     from a batch): the manifest's `input_centre` (the training mean), else one fitted to the first
-    layer (`kernels.ensemble_mlp.fitted_centre`). It changes rounding only, not the model's function."""
-    from ..kernels.ensemble_mlp import fitted_centre
+    layer (`kernels.packing.fitted_centre`). It changes rounding only, not the model's function."""
+    from ..kernels.packing import fitted_centre
 
     centre = bundle.input_centre
     return fitted_centre(*bundle.layers[0]).numpy() if centre is None else centre

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rng
-from .ensemble_mlp import tf32_round
+from .packing import tf32_round
 from .reference import ACTIVATIONS, check_inputs, finish
 
 _TF32_DROPPED_BITS = 13  # fp32 has a 23-bit mantissa, tf32 keeps 10
@@ -28,7 +28,7 @@ def tf32_truncate(t: torch.Tensor) -> torch.Tensor:
 def ensemble_stats_emulated(x, keys, packed, *, p: float, samples: int, seed: int, activation: str = "relu",
                             var_eps: float = 1e-6, label_mean=None, label_std=None, calibration=None):
     """(mean, aleatoric, epistemic) float64 [B, K] as the kernel computes them from `packed`
-    (`ensemble_mlp.PackedWeights`), bar fp32 accumulation order; CPU tensors."""
+    (`packing.PackedWeights`), bar fp32 accumulation order; CPU tensors."""
     x, keys, members, k = check_inputs(x, keys, packed.shape_only(), p, samples, activation)
     storage, tf32 = packed.w1.dtype, packed.precision == "tf32"
     act, scale = ACTIVATIONS[activation], rng.dropout_scale(p)

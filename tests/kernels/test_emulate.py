@@ -10,7 +10,7 @@ from starcast.catalogs.synth import SynthConfig, synth_table
 from starcast.engine.bundle import available_models
 from starcast.engine.predictor import kernel_centre
 from starcast.kernels.emulate import ensemble_stats_emulated
-from starcast.kernels.ensemble_mlp import fitted_centre, pack_weights
+from starcast.kernels.packing import fitted_centre, pack_weights
 from starcast.kernels.reference import ensemble_stats_reference
 
 import starcast

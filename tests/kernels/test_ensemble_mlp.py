@@ -11,13 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starcast.kernels import ensemble_mlp
-from starcast.kernels.ensemble_mlp import (
-    CONFIGS,
-    INTERPRETER_CONFIG,
-    ensemble_stats_triton,
-    pack_weights,
-    padded_width,
-)
+from starcast.kernels.ensemble_mlp import CONFIGS, INTERPRETER_CONFIG, ensemble_stats_triton
+from starcast.kernels.packing import PackedWeights, pack_weights, padded_width
 from starcast.kernels.reference import ensemble_stats_reference
 
 from .triton_device import DEVICE, GPU
@@ -38,10 +33,10 @@ def triton_stats(x, keys, layers, *, autotune=False, **kw):
     """The kernel on DEVICE (inputs and weights moved there), results back on the CPU. On a GPU a
     fixed config (the first that fits) unless `autotune`: tuning every test's shapes would cost
     minutes of compiling; the autotuned path has its own test."""
-    if not isinstance(layers, ensemble_mlp.PackedWeights):
+    if not isinstance(layers, PackedWeights):
         layers = [(w.to(DEVICE), b.to(DEVICE)) for w, b in layers]
     if GPU and not autotune and kw.get("config") is None:
-        hp = layers.hp if isinstance(layers, ensemble_mlp.PackedWeights) else \
+        hp = layers.hp if isinstance(layers, PackedWeights) else \
             padded_width(max(w.shape[2] for w, _ in layers[:-1]))
         kw["config"] = next(c.kwargs for c in CONFIGS if ensemble_mlp._fits(c.kwargs, hp))
     got = ensemble_stats_triton(x.to(DEVICE), keys.to(DEVICE), layers, **kw)
