@@ -150,17 +150,18 @@ def sync(device):
 
 
 def measure(fn, x, device, budget_s):
-    """Median seconds per call after one warm-up call; repeats within budget_s (at least once)."""
+    """Best seconds per call after one warm-up call, of repeats within budget_s (at least 3): the best
+    run is the one least disturbed by other load on a shared machine; every method is timed so."""
     with torch.no_grad():
         fn(x)
         sync(device)
         times = []
-        while not times or (sum(times) < budget_s and len(times) < 20):
+        while len(times) < 3 or (sum(times) < budget_s and len(times) < 20):
             t0 = time.perf_counter()
             fn(x)
             sync(device)
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def matmul_peak(device, dtype, n):
@@ -372,7 +373,7 @@ def write(args, device, peak, peak_dtype, budget, rows, ours, tuning):
         f"# kernel_bench on {result['machine'].get('gpu', result['machine']['cpu'])}\n\n"
         f"`{command}`; {args.note} (load average at the end: {load})\n\n"
         f"measured {peak_dtype} matmul peak {peak:.4f} TFLOP/s; p = {P}; every method timed alike (one "
-        f"warm-up call, then the median of repeats within {budget:.0f} s); each chunked method runs at "
+        f"warm-up call, then the best of >= 3 repeats within {budget:.0f} s); each chunked method runs at "
         f"the chunk (rows) its own search picked: {chunks}; 'ours vs it' = its time / our time.\n\n"
         f"{table}\n")
     print(table, flush=True)
