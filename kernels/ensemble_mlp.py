@@ -288,7 +288,7 @@ def _interpreting() -> bool:
 
 def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int, activation: str = "relu",
                           var_eps: float = 1e-6, label_mean=None, label_std=None, calibration=None,
-                          precision: str = "fp16", partials=None, config: dict | None = None):
+                          precision: str = "fp16", partials=None, config: dict | triton.Config | None = None):
     """Same arguments and result as `ensemble_stats_reference` (float32 [B, K] tensors on x's device).
 
     `layers` may also be `pack_weights(layers, precision)`, packed once for many batches.
@@ -300,7 +300,8 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
     Same tensor-core speed as bf16 on an H100; fp16's range (6.5e4) is ample for centred flux and
     trained activations. `partials`: optional per-member output buffers
     (mean, M2, sum var), each float32 [M, B, K] (tests poison them). `config`: fixed tile shapes
-    instead of autotuning (under TRITON_INTERPRET=1 the default is INTERPRETER_CONFIG, widened).
+    instead of autotuning, a dict of block sizes or one of CONFIGS (then with its warps and stages);
+    under TRITON_INTERPRET=1 the default is INTERPRETER_CONFIG, widened.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -326,6 +327,9 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
                          f"on {device}")
     if n == 0:
         return finish(*(t.sum(0) for t in partials), label_mean, label_std, calibration)
+    launch = {}  # a triton.Config from CONFIGS brings its warps and stages, as the autotuner runs it
+    if isinstance(config, triton.Config):
+        config, launch = dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if config is None and _interpreting():  # wider blocks where they fit: fewer, faster numpy steps
         wide = min(packed.hp, 64)
         config = {**INTERPRETER_CONFIG, "BLOCK_D": 128, "BLOCK_K": wide, "BLOCK_N": wide}
@@ -345,7 +349,7 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
                 ROUND=_rounding(precision))
     if config is not None:
         grid = (min(programs, triton.cdiv(n, config["BLOCK_B"])), members)
-        _ensemble_kernel[grid](*args, **meta, **config)
+        _ensemble_kernel[grid](*args, **meta, **config, **launch)
     else:
         kernel = _tuned_kernel(packed.hp)
         kernel[lambda c: (min(programs, triton.cdiv(n, c["BLOCK_B"])), members)](*args, **meta)

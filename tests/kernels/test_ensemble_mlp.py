@@ -38,7 +38,7 @@ def triton_stats(x, keys, layers, *, autotune=False, **kw):
     if GPU and not autotune and kw.get("config") is None:
         hp = layers.hp if isinstance(layers, PackedWeights) else \
             padded_width(max(w.shape[2] for w, _ in layers[:-1]))
-        kw["config"] = next(c.kwargs for c in CONFIGS if ensemble_mlp._fits(c.kwargs, hp))
+        kw["config"] = next(c for c in CONFIGS if ensemble_mlp._fits(c.kwargs, hp))
     got = ensemble_stats_triton(x.to(DEVICE), keys.to(DEVICE), layers, **kw)
     assert all(g.device.type == DEVICE.type for g in got)
     return tuple(g.cpu() for g in got)
@@ -109,7 +109,7 @@ def test_every_autotune_config_matches_the_reference_and_is_batch_independent(co
     layers = make_layers(2, [d, width, width, 6], seed=width)
     gen = torch.Generator().manual_seed(13)
     x, keys = torch.randn(rows, d, generator=gen), torch.randint(-(1 << 40), 1 << 40, (rows,), generator=gen)
-    kw = dict(p=0.1, samples=samples, seed=4, precision="fp16", config=config.kwargs)
+    kw = dict(p=0.1, samples=samples, seed=4, precision="fp16", config=config)  # with its warps, stages
     packed = pack_weights(layers, "fp16", DEVICE)
     batch = triton_stats(x, keys, packed, **kw)
     ref = ensemble_stats_reference(x, keys, layers, p=0.1, samples=samples, seed=4)
