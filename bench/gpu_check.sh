@@ -2,7 +2,7 @@
 # One command for a GPU: the Triton kernel's tests on the GPU, the kernel bench against every baseline
 # with the measured bf16 matmul peak (roofline fraction), and every precision on the shipped model,
 # recorded under bench/results/<device>/ (or the folder given as $1): summary.txt, log.txt,
-# precision_cuda.*, kernel_<device>.*. At most ~8.5 minutes (the phases' limits; not yet run on a
+# precision_cuda.*, kernel_<device>.*. At most ~8.5 minutes (the phases are capped at 500 s; not yet run on a
 # GPU); a slow or failing phase still leaves the others' records. Needs python3 with torch (CUDA),
 # triton, numba, pyarrow, safetensors, pytest, pytest-timeout and hypothesis; polars and ray are not
 # needed (nothing here imports them), and starcast is used from this checkout without installing it.
@@ -52,10 +52,13 @@ phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, log it, remem
 }
 
 : > "$DEST/log.txt"
-phase tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider -o timeout=200 \
+# Triton compiles each config once (~70 compiles in the tests): spread them over 4 processes if xdist is there
+XDIST=$("$PYTHON" -c 'import xdist' 2>/dev/null && echo "-n 4" || true)
+# shellcheck disable=SC2086
+phase tests 180 "$PYTHON" -m pytest -q -p no:cacheprovider -o timeout=170 $XDIST \
   tests/kernels/test_ensemble_mlp.py tests/kernels/test_emulate.py tests/kernels/test_rng.py
-phase precision 80 "$PYTHON" bench/precision_bench.py --device cuda --spectra 2048 --out "$DEST"
-phase kernel_bench 220 "$PYTHON" bench/kernel_bench.py --device cuda --batches 4096 32768 --budget 1 \
+phase precision 120 "$PYTHON" bench/precision_bench.py --device cuda --spectra 1024 --out "$DEST"
+phase kernel_bench 200 "$PYTHON" bench/kernel_bench.py --device cuda --batches 4096 32768 --budget 1 \
   --max-call 5 --out "$DEST" --note "bench/gpu_check.sh"
 
 echo "gpu_check: records in $DEST:"
