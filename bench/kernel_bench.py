@@ -149,19 +149,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, x, device, budget_s):
-    """Best seconds per call after one warm-up call, of repeats within budget_s (at least 3): the best
-    run is the one least disturbed by other load on a shared machine; every method is timed so."""
+def measure_together(calls, device, budget_s):
+    """{name: best seconds per call} of calls {name: (fn, x)}, timed alike: one warm-up call each, then
+    rounds in which every fn runs once in turn, until at least 3 rounds and budget_s per fn (at most
+    20). Interleaving spreads a shared machine's changing load over all of them, and the best run is
+    the one it disturbed least."""
+    best = {}
     with torch.no_grad():
-        fn(x)
-        sync(device)
-        times = []
-        while len(times) < 3 or (sum(times) < budget_s and len(times) < 20):
-            t0 = time.perf_counter()
+        for fn, x in calls.values():
             fn(x)
             sync(device)
-            times.append(time.perf_counter() - t0)
-    return min(times)
+        start, rounds = time.perf_counter(), 0
+        while rounds < 3 or (time.perf_counter() - start < budget_s * len(calls) and rounds < 20):
+            for name, (fn, x) in calls.items():
+                t0 = time.perf_counter()
+                fn(x)
+                sync(device)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+            rounds += 1
+    return best
+
+
+def measure(fn, x, device, budget_s):
+    return measure_together({"": (fn, x)}, device, budget_s)[""]
 
 
 def matmul_peak(device, dtype, n):
@@ -196,7 +206,7 @@ def tune_chunk(make, x, device, budget_s, candidates):
     """The same search for every chunked method, ours included: time `make(chunk)` on x for each
     candidate chunk (rows) up to the batch, keep the fastest. Returns (its function, {chunk: seconds})."""
     fns = {c: make(c) for c in candidates if c <= x.shape[0]}
-    times = {c: measure(fn, x, device, budget_s) for c, fn in fns.items()}
+    times = measure_together({c: (fn, x) for c, fn in fns.items()}, device, budget_s)
     return fns[min(times, key=times.get)], times
 
 
@@ -261,18 +271,20 @@ def bench_config(name, cfg, device, batches, budget_s, max_call_s, compile_best)
     for batch in batches:
         x = x_big[:batch]
         x32 = x.float()
-        timings = {mname: measure(fn, x32, device, budget_s) for mname, fn in ours.items()}
-        for mname, fn in methods.items():
-            if estimate.get(mname, 0.0) * batch > max_call_s:
-                timings[mname] = None  # skipped: the last batch predicts more than max_call_s per call
-                continue
-            timings[mname] = measure(fn, x, device, budget_s)
-            estimate[mname] = timings[mname] / batch
-        rows.append(dict(config=name, batch=batch, seconds=timings))
+        calls = {mname: (fn, x32) for mname, fn in ours.items()}
+        skipped = [m for m in methods if estimate.get(m, 0.0) * batch > max_call_s]  # predicted too slow
+        calls.update({m: (fn, x) for m, fn in methods.items() if m not in skipped})
+        if not gpu:  # the roofline: the CPU path's GEMMs alone at the chunk its search kept
+            tuned = min(tuning["cpu_path"], key=tuning["cpu_path"].get)
+            calls["gemms"] = (gemm_sequence(cfg, tuned, device), None)
+        timings = measure_together(calls, device, budget_s)
+        for m in methods:
+            estimate[m] = timings[m] / batch if m in timings else estimate[m]
         if not gpu:
-            tuned = min(tuning["cpu_path"], key=tuning["cpu_path"].get)  # the chunk the search kept
-            seq = measure(gemm_sequence(cfg, tuned, device), None, device, budget_s)
-            rows[-1]["gemm_tflops_on_cpu_path_shapes"] = tuned * fl / seq / 1e12
+            gemms = timings.pop("gemms")
+        rows.append(dict(config=name, batch=batch, seconds={**timings, **dict.fromkeys(skipped)}))
+        if not gpu:
+            rows[-1]["gemm_tflops_on_cpu_path_shapes"] = tuned * fl / gemms / 1e12
         report_row(rows[-1], fl)
     return rows, next(iter(ours)), {m: dict(chunks=t, best=min(t, key=t.get)) for m, t in tuning.items()}
 
@@ -373,8 +385,9 @@ def write(args, device, peak, peak_dtype, budget, rows, ours, tuning):
         f"# kernel_bench on {result['machine'].get('gpu', result['machine']['cpu'])}\n\n"
         f"`{command}`; {args.note} (load average at the end: {load})\n\n"
         f"measured {peak_dtype} matmul peak {peak:.4f} TFLOP/s; p = {P}; every method timed alike (one "
-        f"warm-up call, then the best of >= 3 repeats within {budget:.0f} s); each chunked method runs at "
-        f"the chunk (rows) its own search picked: {chunks}; 'ours vs it' = its time / our time.\n\n"
+        f"warm-up call, then the best of >= 3 interleaved rounds, {budget:.0f} s per method); each chunked "
+        f"method runs at the chunk (rows) its own search picked: {chunks}; 'ours vs it' = its time / our "
+        f"time.\n\n"
         f"{table}\n")
     print(table, flush=True)
 
