@@ -29,12 +29,12 @@ R = 256 (computed from the shapes, not measured), of the order of the H100's 50 
 traffic, part may spill to HBM. `tl.debug_barrier()` orders a layer's writes before the next reads.
 
 Not measured: there was no GPU where this was written. Correctness is tested under TRITON_INTERPRET=1
-at small shapes; speed is untested (run `python bench/kernel_bench.py --device cuda`). Autotuning
+at small shapes; speed is untested (`bash bench/gpu_check.sh` runs the tests and benches). Autotuning
 ignores the batch size, so within one process a spectrum's result does not depend on its batch; a
 different autotune pick (another run or device) can change results by rounding only.
 
 Unverified on hardware (the interpreter runs each program as one thread, checks no resource limits
-and cannot show races; run tests/kernels/test_ensemble_mlp.py with TRITON_INTERPRET=0 on a GPU):
+and cannot show races; bench/gpu_check.sh runs the kernel tests with TRITON_INTERPRET=0 on a GPU):
 - Scratch visibility: activations written by some threads of a program are read by others after
   `tl.debug_barrier()` (bar.sync, which CUDA defines to make global writes visible block-wide),
   including through the software-pipelined loads of `_dense`; a stale read would show as a mismatch
