@@ -224,6 +224,9 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="precision"):
         triton_stats(torch.randn(2, 8), torch.arange(2), make_layers(1, [8, 16, 2]), p=0.1, samples=2,
                      seed=0, precision="int8")
+    for centre in ([1.0, 2.0], float("nan")):  # one number per input (8 here), finite
+        with pytest.raises(ValueError, match="centre"):
+            pack_weights(make_layers(1, [8, 16, 2]), centre=centre)
 
 
 def test_padded_widths_and_interpreter_config():
