@@ -242,15 +242,17 @@ class Model:
         return ok, x, keys
 
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):
-        """(x, keys, weights) on the backend's device; weights are moved (and for Triton packed
-        into its padded low-precision layout) once per model, not per batch."""
+        """(x, keys, weights) on the backend's device; weights are moved and packed (Triton: padded,
+        low precision, centred; CPU: the batched layout) once per model, not per batch."""
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
         if backend not in self._weights:
             layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
             if backend == "triton":
-                from ..kernels.ensemble_mlp import pack_weights
+                from ..kernels.packing import pack_weights
 
-                layers = pack_weights(layers, device=device)
+                layers = pack_weights(layers, device=device, centre=kernel_centre(self.bundle))
+            elif backend == "cpu":
+                layers = reference.pack_cpu(layers, float(self.bundle.architecture["dropout"]))
             self._weights[backend] = layers
         return torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device), self._weights[backend]
 
@@ -302,6 +304,16 @@ class Model:
         schema = results_schema([t.name for t in self.targets], id_type=ids.type)
         meta = self.metadata(samples=samples, seed=seed, backend=backend)
         return pa.Table.from_pydict(columns, schema=schema.with_metadata(meta))
+
+
+def kernel_centre(bundle: Bundle) -> np.ndarray:
+    """The point the GPU kernel centres its inputs on before the 16-bit cast, fixed per model (never
+    from a batch): the manifest's `input_centre` (the training mean), else one fitted to the first
+    layer (`kernels.packing.fitted_centre`). It changes rounding only, not the model's function."""
+    from ..kernels.packing import fitted_centre
+
+    centre = bundle.input_centre
+    return fitted_centre(*bundle.layers[0]).numpy() if centre is None else centre
 
 
 def resolve_backend(backend: str) -> str:
