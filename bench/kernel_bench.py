@@ -3,18 +3,24 @@ default and bf16) or the CPU path (CPU) against the usual ways of running it in 
 
     python bench/kernel_bench.py                   # CPU: small batches, writes bench/results/kernel_cpu.*
     python bench/kernel_bench.py --device cuda     # GPU: batches 1k-64k, writes bench/results/kernel_<gpu>.*
+    python bench/kernel_bench.py --device cuda --out bench/results/<device>   # what bench/gpu_check.sh runs
 
 Baselines (DESIGN.md): `loop` — members x samples, nn.Sequential with nn.Dropout in train mode, the
 whole net per sample; `vmap` — torch.func over stacked members (randomness="different"), per sample;
 `einsum` — first layer once per member, then one batched matmul per layer over M x S with
-torch.bernoulli masks; `compiled` — torch.compile of the fastest of those. FLOPs are counted as the
-useful work of the numerics (first layer once per member, then every sample's hidden layers and
-head: M*D*H1*2 + S*M*(sum of hidden and head matmuls)*2 per spectrum) for every method, so TFLOP/s
-compare like with like; the loop and vmap really do more work (the first layer per sample).
+torch.bernoulli masks; `compiled_einsum` — torch.compile of the einsum, the fastest of those wherever
+this ran. Every chunked method (ours on the CPU, the einsums) gets the same chunk search (CHUNKS), and
+every method is timed alike (`measure`). Goals are framed against the best tuned baseline per batch.
+On the CPU the bench also times the CPU path's GEMMs alone at its shapes and chunk: its roofline.
+FLOPs are counted as the useful work of the numerics (first layer once per member, then every
+sample's hidden layers and head: M*D*H1*2 + S*M*(sum of hidden and head matmuls)*2 per spectrum) for
+every method, so TFLOP/s compare like with like; the loop and vmap really do more work (the first
+layer per sample).
 """
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -24,15 +30,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from starcast.kernels.reference import ensemble_stats_cpu
+from starcast.kernels.ensemble_mlp import CONFIGS as CONFIGS_TRITON
+from starcast.kernels.reference import ensemble_stats_cpu, pack_cpu
 
 CONFIGS = {
     "seed": dict(d=4000, hidden=[256, 256], members=5, samples=32, k=3),
     "survey": dict(d=4096, hidden=[512, 512, 512], members=8, samples=64, k=3),
 }
 P = 0.1
-# CPU batches are multiples of the CPU path's fixed chunk (64 rows for seed, 16 for survey), which it
-# pads to so that a row's result never depends on its batch
+# rows per chunk tried by the same search for every chunked method (ours on the CPU, the einsum
+# baselines everywhere), at the config's largest batch; a batch is zero-padded to whole chunks
+CHUNKS = {"cuda": [256, 1024, 4096, 16384], "cpu": [8, 16, 32, 64, 128]}  # rows: the chunk search
 DEFAULT_BATCHES = {"cuda": {"seed": [1024, 4096, 16384, 65536], "survey": [1024, 4096, 16384, 65536]},
                    "cpu": {"seed": [64, 128], "survey": [16, 32]}}
 RESULTS = Path(__file__).parent / "results"
@@ -42,6 +50,22 @@ def flops_per_spectrum(cfg) -> int:
     h, m, s = cfg["hidden"], cfg["members"], cfg["samples"]
     later = sum(a * b for a, b in zip(h, h[1:], strict=False)) + h[-1] * 2 * cfg["k"]
     return 2 * m * cfg["d"] * h[0] + 2 * s * m * later
+
+
+def kernel_traffic(cfg, meta, elt=2):
+    """Bytes the fused kernel moves between the SMs and L2/HBM per spectrum, from its loops
+    (kernels/ensemble_mlp.py; not measured): per (tile, member) x is re-read once per BLOCK_N columns
+    of W1 and W1 once; per chunk of SB samples each layer's input [R, HP] is re-read from scratch once
+    per BLOCK_N output columns (`_dense`), its weights read once and its output written once; the
+    head reads its input twice. elt: bytes per weight/activation (2: fp16/bf16). Returns bytes."""
+    b, sb, bn = meta["BLOCK_B"], meta["SB"], meta["BLOCK_N"]
+    h, m, s, d = max(cfg["hidden"]), cfg["members"], cfg["samples"], cfg["d"]
+    r, chunks, kp2 = b * sb, -(-s // sb), 2 * max(16, 1 << (cfg["k"] - 1).bit_length())
+    first = b * d * 4 * (h // bn) + d * h * elt + b * h * elt
+    per_chunk = 2 * r * h * elt  # z_1: h1 in, masked copy out
+    per_chunk += (len(cfg["hidden"]) - 1) * (r * h * elt * (h // bn) + h * h * elt + r * h * elt)
+    per_chunk += 2 * r * h * elt + h * kp2 * elt
+    return m * (first + chunks * per_chunk) / b
 
 
 def make_layers(cfg, device, dtype):
@@ -125,18 +149,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, x, device, budget_s):
-    """Median seconds per call after one warm-up call; repeats within budget_s (at least once)."""
+def measure_together(calls, device, budget_s):
+    """{name: best seconds per call} of calls {name: (fn, x)}, timed alike: one warm-up call each, then
+    rounds in which every fn runs once in turn, until at least 3 rounds and budget_s per fn (at most
+    20). Interleaving spreads a shared machine's changing load over all of them, and the best run is
+    the one it disturbed least."""
+    best = {}
     with torch.no_grad():
-        fn(x)
-        sync(device)
-        times = []
-        while not times or (sum(times) < budget_s and len(times) < 20):
-            t0 = time.perf_counter()
+        for fn, x in calls.values():
             fn(x)
             sync(device)
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        start, rounds = time.perf_counter(), 0
+        while rounds < 3 or (time.perf_counter() - start < budget_s * len(calls) and rounds < 20):
+            for name, (fn, x) in calls.items():
+                t0 = time.perf_counter()
+                fn(x)
+                sync(device)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+            rounds += 1
+    return best
+
+
+def measure(fn, x, device, budget_s):
+    return measure_together({"": (fn, x)}, device, budget_s)[""]
 
 
 def matmul_peak(device, dtype, n):
@@ -167,63 +202,104 @@ def machine(device):
 
 # ---- the run -----------------------------------------------------------------------------------
 
+def tune_chunk(make, x, device, budget_s, candidates):
+    """The same search for every chunked method, ours included: time `make(chunk)` on x for each
+    candidate chunk (rows) up to the batch, keep the fastest. Returns (its function, {chunk: seconds})."""
+    fns = {c: make(c) for c in candidates if c <= x.shape[0]}
+    times = measure_together({c: (fn, x) for c, fn in fns.items()}, device, budget_s)
+    return fns[min(times, key=times.get)], times
+
+
+def gemm_sequence(cfg, chunk, device):
+    """The CPU path's matrix products alone, at its shapes and chunk (first layer [chunk, D] x [D, M*H1],
+    then [M, chunk*S, H] x [H, H'] per layer, the head padded to 16 columns): its roofline."""
+    m, s, hidden = cfg["members"], cfg["samples"], cfg["hidden"]
+    outs = [*hidden[1:], -(-2 * cfg["k"] // 16) * 16]
+    x, w1 = torch.randn(chunk, cfg["d"], device=device), torch.randn(cfg["d"], m * hidden[0], device=device)
+    acts = [torch.randn(m, chunk * s, a, device=device) for a in hidden]
+    ws = [torch.randn(m, a, b, device=device) for a, b in zip(hidden, outs, strict=True)]
+
+    def run(_):
+        torch.mm(x, w1)
+        for a, w in zip(acts, ws, strict=True):
+            torch.bmm(a, w)
+    return run
+
+
 def bench_config(name, cfg, device, batches, budget_s, max_call_s, compile_best):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
     layers = make_layers(cfg, device, dtype)
     layers32 = [(w.float(), b.float()) for w, b in layers]
     s, k, fl = cfg["samples"], cfg["k"], flops_per_spectrum(cfg)
     nets = sequential_members(layers)
-    chunk = 512 if device.type == "cuda" else 16
     einsum_block = baseline_einsum(layers, s, k)
-    methods = {"loop": baseline_loop(nets, s, k), "vmap": baseline_vmap(nets, s, k),
-               "einsum": chunked(einsum_block, chunk)}
-    extra = {}
-    if device.type == "cuda":
-        from starcast.kernels.ensemble_mlp import ensemble_stats_triton, pack_weights
+    big = max(batches)
+    x_big = torch.randn(big, cfg["d"], device=device, dtype=dtype)
+    search, tuning = CHUNKS[device.type], {}
 
-        def fused(precision):
-            packed = pack_weights(layers32, precision, device)
-            return lambda x, keys: ensemble_stats_triton(x, keys, packed, p=P, samples=s, seed=0,
-                                                         precision=precision)
-        ours = ("fused_triton_fp16", fused("fp16"))  # the default precision
-        extra["fused_triton_bf16"] = fused("bf16")
+    def keyed(fn):
+        return lambda x_: fn(x_, torch.arange(x_.shape[0], device=device))
+
+    if gpu:
+        from starcast.kernels.ensemble_mlp import ensemble_stats_triton
+        from starcast.kernels.packing import pack_weights
+
+        def fused(precision, **packing):  # the kernel takes whole batches; it tunes its own tiles
+            packed = pack_weights(layers32, precision, device, **packing)
+            return keyed(lambda x, keys: ensemble_stats_triton(x, keys, packed, p=P, samples=s, seed=0,
+                                                               precision=precision))
+        ours = {"fused_triton_fp16": fused("fp16"), "fused_triton_bf16": fused("bf16"),
+                "fused_triton_fp16_unsplit": fused("fp16", split_input=False)}
     else:
-        ours = ("cpu_path", lambda x, keys: ensemble_stats_cpu(x, keys, layers32, p=P, samples=s, seed=0))
+        packed = pack_cpu(layers32, P)  # once, as the engine does
+
+        def cpu_path(chunk):
+            return keyed(lambda x, keys: ensemble_stats_cpu(x, keys, packed, p=P, samples=s, seed=0,
+                                                            chunk_rows=chunk))
+        ours = {}
+        ours["cpu_path"], tuning["cpu_path"] = tune_chunk(cpu_path, x_big, device, budget_s, search)
+    methods = {"loop": baseline_loop(nets, s, k), "vmap": baseline_vmap(nets, s, k)}
+    methods["einsum"], tuning["einsum"] = tune_chunk(lambda c: chunked(einsum_block, c), x_big, device,
+                                                     budget_s, search)
+    if compile_best:  # the einsum is the fastest baseline wherever this ran; compiled per chunk, static
+        torch._dynamo.config.recompile_limit = 64  # one compiled variant per chunk and batch shape
+        methods["compiled_einsum"], tuning["compiled_einsum"] = tune_chunk(
+            lambda c: chunked(torch.compile(einsum_block, dynamic=False), c), x_big, device, budget_s, search)
+    print(f"{name}: chunk search (rows: seconds at B={big}) {tuning}", flush=True)
     rows, estimate = [], {}
     for batch in batches:
-        x32 = torch.randn(batch, cfg["d"], device=device)
-        x, keys = x32.to(dtype), torch.arange(batch, device=device)
-        timings = {ours[0]: measure(lambda x_, keys=keys: ours[1](x_, keys), x32, device, budget_s)}
-        for ename, efn in extra.items():
-            timings[ename] = measure(lambda x_, keys=keys, efn=efn: efn(x_, keys), x32, device, budget_s)
-        for mname, fn in methods.items():
-            guess = estimate.get(mname, 0.0) * batch
-            if guess > max_call_s:
-                timings[mname] = None  # skipped: the last batch predicts more than max_call_s per call
-                continue
-            timings[mname] = measure(fn, x, device, budget_s)
-            estimate[mname] = timings[mname] / batch
-        rows.append(dict(config=name, batch=batch, seconds=timings))
+        x = x_big[:batch]
+        x32 = x.float()
+        calls = {mname: (fn, x32) for mname, fn in ours.items()}
+        skipped = [m for m in methods if estimate.get(m, 0.0) * batch > max_call_s]  # predicted too slow
+        calls.update({m: (fn, x) for m, fn in methods.items() if m not in skipped})
+        if not gpu:  # the roofline: the CPU path's GEMMs alone at the chunk its search kept
+            tuned = min(tuning["cpu_path"], key=tuning["cpu_path"].get)
+            calls["gemms"] = (gemm_sequence(cfg, tuned, device), None)
+        timings = measure_together(calls, device, budget_s)
+        for m in methods:
+            estimate[m] = timings[m] / batch if m in timings else estimate[m]
+        if not gpu:
+            gemms = timings.pop("gemms")
+        rows.append(dict(config=name, batch=batch, seconds={**timings, **dict.fromkeys(skipped)}))
+        if not gpu:
+            rows[-1]["gemm_tflops_on_cpu_path_shapes"] = tuned * fl / gemms / 1e12
         report_row(rows[-1], fl)
-    if compile_best:
-        best = min(methods, key=lambda m: estimate.get(m, float("inf")))
-        fn = chunked(torch.compile(einsum_block), chunk) if best == "einsum" else torch.compile(methods[best])
-        for row in rows:
-            x = torch.randn(row["batch"], cfg["d"], device=device, dtype=dtype)
-            guess = estimate.get(best, 0.0) * row["batch"]
-            seconds = None if guess > max_call_s else measure(fn, x, device, budget_s)
-            row["seconds"][f"compiled_{best}"] = seconds
-            report_row(row, fl, only=f"compiled_{best}")
-    return rows, ours[0]
+    return rows, next(iter(ours)), {m: dict(chunks=t, best=min(t, key=t.get)) for m, t in tuning.items()}
 
 
-def report_row(row, fl, only=None):
+def report_row(row, fl):
     for method, sec in row["seconds"].items():
-        if only and method != only:
-            continue
         rate = "skipped" if sec is None else \
             f"{row['batch'] / sec:12.1f} spectra/s {row['batch'] * fl / sec / 1e12:8.3f} TFLOP/s"
-        print(f"{row['config']:7s} B={row['batch']:6d} {method:22s} {rate}", flush=True)
+        print(f"{row['config']:7s} B={row['batch']:6d} {method:26s} {rate}", flush=True)
+    if "gemm_tflops_on_cpu_path_shapes" in row:
+        print(f"{row['config']:7s} B={row['batch']:6d} {'GEMMs alone, same shapes':26s} "
+              f"{row['gemm_tflops_on_cpu_path_shapes']:33.3f} TFLOP/s", flush=True)
+
+
+BASELINES = ("loop", "vmap", "einsum", "compiled_einsum")
 
 
 def summarise(rows, ours, peak, fl):
@@ -239,10 +315,21 @@ def summarise(rows, ours, peak, fl):
             row.setdefault("spectra_per_s", {})[method] = row["batch"] / sec
             row.setdefault("tflops", {})[method] = tflops
             row.setdefault("fraction_of_peak", {})[method] = tflops / peak
-            speed = "—" if method == ours else f"{sec / mine:.1f}x"
+            speed = "—" if method == ours else f"{sec / mine:.2f}x"
             row.setdefault("speedup_of_ours", {})[method] = sec / mine
             table.append(f"| {row['config']} | {row['batch']} | {method} | {row['batch'] / sec:.1f} | "
                          f"{tflops:.3f} | {100 * tflops / peak:.1f}% | {speed} |")
+        timed = {m: row["seconds"][m] for m in BASELINES if row["seconds"].get(m)}
+        best = min(timed, key=timed.get)
+        row["best_baseline"], row["ours_vs_best_baseline"] = best, timed[best] / mine
+        line = f"| {row['config']} | {row['batch']} | **{ours} vs best baseline ({best})** | | | | " \
+               f"**{timed[best] / mine:.2f}x** |"
+        if "gemm_tflops_on_cpu_path_shapes" in row:
+            frac = row["tflops"][ours] / row["gemm_tflops_on_cpu_path_shapes"]
+            row["fraction_of_gemms_on_same_shapes"] = frac
+            line += (f"\n| {row['config']} | {row['batch']} | GEMMs alone on {ours}'s shapes | | "
+                     f"{row['gemm_tflops_on_cpu_path_shapes']:.3f} | | {ours}: **{100 * frac:.0f}%** of it |")
+        table.append(line)
     return "\n".join(table)
 
 
@@ -255,6 +342,7 @@ def main():
     parser.add_argument("--max-call", type=float, default=None, help="skip a baseline predicted slower")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. contention)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for kernel_<device>.json/.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -262,26 +350,46 @@ def main():
     peak_dtype = torch.bfloat16 if gpu else torch.float32
     peak = matmul_peak(device, peak_dtype, 8192 if gpu else 1024)
     print(f"measured {peak_dtype} matmul peak: {peak:.4f} TFLOP/s", flush=True)
-    rows, ours = [], None
+    print("fused kernel's FLOP/byte model (SM <-> L2/HBM traffic from its loops, fp16; not measured):")
     for name in args.configs:
+        for c in CONFIGS_TRITON:
+            traffic = kernel_traffic(CONFIGS[name], c.kwargs)
+            print(f"  {name:6s} {c.kwargs}: {traffic / 1e6:7.2f} MB/spectrum, "
+                  f"{flops_per_spectrum(CONFIGS[name]) / traffic:6.1f} FLOP/B; unavoidable input + "
+                  f"output {(CONFIGS[name]['d'] * 4 + 12 * CONFIGS[name]['k']) / 1e3:.1f} KB", flush=True)
+    rows, tuning = [], {}
+    for name in args.configs:  # the record is rewritten after each config: a run cut short keeps its part
         batches = args.batches or DEFAULT_BATCHES[device.type][name]
-        cfg_rows, ours = bench_config(name, CONFIGS[name], device, batches, budget, max_call,
-                                      not args.no_compile)
+        cfg_rows, ours, tuning[name] = bench_config(name, CONFIGS[name], device, batches, budget, max_call,
+                                                    not args.no_compile)
         rows += cfg_rows
-    fl = {name: flops_per_spectrum(CONFIGS[name]) for name in args.configs}
+        write(args, device, peak, peak_dtype, budget, rows, ours, tuning)
+
+
+def write(args, device, peak, peak_dtype, budget, rows, ours, tuning):
+    """kernel_<device>.json (everything) and .md (the table) in args.out, for the configs run so far."""
+    fl = {name: flops_per_spectrum(CONFIGS[name]) for name in tuning}
     table = summarise(rows, ours, peak, fl)
-    tag = "cpu" if not gpu else re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower())
-    tag = tag.strip("_")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = dict(machine=machine(device), note=args.note, p=P, configs={n: CONFIGS[n] for n in args.configs},
-                  flops_per_spectrum=fl, matmul_peak_tflops=peak, matmul_peak_dtype=str(peak_dtype),
-                  ours=ours, rows=rows, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    (RESULTS / f"kernel_{tag}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"kernel_{tag}.md").write_text(
+    name = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else "cpu"
+    tag = re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/kernel_bench.py " + " ".join(sys.argv[1:])
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    chunks = json.dumps({n: {m: t["best"] for m, t in v.items()} for n, v in tuning.items()})
+    result = dict(machine=machine(device), note=args.note, load_average_at_end=load, command=command, p=P,
+                  configs={n: CONFIGS[n] for n in tuning}, flops_per_spectrum=fl,
+                  matmul_peak_tflops=peak, matmul_peak_dtype=str(peak_dtype), ours=ours,
+                  chunk_search=tuning, rows=rows, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    (args.out / f"kernel_{tag}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"kernel_{tag}.md").write_text(
         f"# kernel_bench on {result['machine'].get('gpu', result['machine']['cpu'])}\n\n"
-        f"{args.note}\n\nmeasured {peak_dtype} matmul peak {peak:.4f} TFLOP/s; p = {P}; "
-        f"'ours vs it' = its time / our time.\n\n{table}\n")
-    print(table)
+        f"`{command}`; {args.note} (load average at the end: {load})\n\n"
+        f"measured {peak_dtype} matmul peak {peak:.4f} TFLOP/s; p = {P}; every method timed alike (one "
+        f"warm-up call, then the best of >= 3 interleaved rounds, {budget:.0f} s per method); each chunked "
+        f"method runs at the chunk (rows) its own search picked: {chunks}; 'ours vs it' = its time / our "
+        f"time.\n\n"
+        f"{table}\n")
+    print(table, flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ OPTIONAL_TARGET_KEYS = ("physical_min", "upper_limit_below")
 ARCHITECTURE_KEYS = ("input_dim", "hidden", "activation", "dropout", "members", "samples", "var_eps")
 REQUIRED_KEYS = ("schema_version", "name", "targets", "grid", "preprocess", "architecture",
                  "weights_sha256")
+INPUT_CENTRE = "input_centre"  # optional: the training mean of each input (input_dim floats)
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -106,6 +107,14 @@ class Bundle:
         """The SNR-conditional calibration applied after the kernel (None: the per-target factors only)."""
         entry = self.manifest.get("calibration")
         return None if entry is None else Calibration.from_manifest(entry, self.target_names)
+
+    @property
+    def input_centre(self) -> np.ndarray | None:
+        """The mean of each network input over the training set (float64 [input_dim]), or None when
+        the manifest has no `input_centre`. Only the GPU kernel's rounding uses it (see
+        `kernels.packing.pack_weights`): the model's function does not depend on it."""
+        centre = self.manifest.get(INPUT_CENTRE)
+        return None if centre is None else np.asarray(centre, dtype=np.float64)
 
     @property
     def epistemic_thresholds(self) -> dict[str, float]:
@@ -256,6 +265,11 @@ def _check_manifest(manifest: dict, path: Path) -> None:
                          f"architecture.input_dim is {arch['input_dim']}")
     if manifest.get("calibration") is not None:
         Calibration.from_manifest(manifest["calibration"], [t["name"] for t in targets])
+    centre = manifest.get(INPUT_CENTRE)
+    if centre is not None and not (isinstance(centre, list) and len(centre) == arch["input_dim"]
+                                   and all(isinstance(v, int | float) and np.isfinite(v) for v in centre)):
+        raise ModelError(f"{where}: '{INPUT_CENTRE}' must be a list of {arch['input_dim']} finite numbers "
+                         f"(the training mean of each input)")
 
 
 def _check_shapes(layers: Layers, manifest: dict, path: Path) -> None:

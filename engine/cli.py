@@ -59,3 +59,31 @@ def inspect(results, as_json) -> None:
 
     summary = summarize(results)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@click.command()
+@click.argument("input")
+@click.option("--out", required=True, help="Output directory (attributions.parquet, plots/, survey/).")
+@click.option("--model", default="ob-default", show_default=True,
+              help="Shipped model name or bundle directory.")
+@click.option("--ids", help="Comma-separated ids to explain [default: the first --n rows].")
+@click.option("--n", "n", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Rows to explain when --ids is not given.")
+@click.option("--plots", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Per-spectrum plots to draw (the first rows explained).")
+@click.option("--method", type=click.Choice(["ig", "captum"]), default="ig", show_default=True,
+              help="Integrated gradients in starcast's torch code, or through Captum (same numbers).")
+@click.option("--steps", type=click.IntRange(min=1), help="Quadrature points on the path [default: 32].")
+def explain(input, out, model, ids, n, plots, method, steps) -> None:
+    """Attribute each estimate of INPUT's spectra to their pixels and lines (integrated gradients)."""
+    from pathlib import Path
+
+    from .explain_report import explain_catalog, select_rows
+    from .predictor import load_model
+
+    summary = explain_catalog(load_model(model), select_rows(input, ids, n), Path(out), method=method,
+                              steps=steps, plots=plots)
+    shares = ", ".join(f"{t} {100 * e['line_mass_mean']:.0f}%" for t, e in summary["targets"].items())
+    click.echo(f"{summary['rows']} rows explained ({summary['rows_failed']} failed); |attribution| on listed "
+               f"lines: {shares} -> {out}/attributions.parquet, {out}/plots/, {out}/survey/", err=True)
+    sys.exit(3 if summary["rows_failed"] else 0)

@@ -191,6 +191,26 @@ class Model:
                                  mu=mu, sigma=np.sqrt(var), flags=prepared.column(FLAGS).to_numpy(),
                                  errors=prepared.column(ERROR).to_pylist())
 
+    def explain(self, table_or_batch, *, target: str | list[str] | None = None, method: str = "ig",
+                steps: int | None = None, samples: int | None = None, seed: int = 0,
+                source_grid: WavelengthGrid | None = None, medium: str | None = None):
+        """Integrated-gradients attributions of the predicted mean of `target` (one name, a list, or
+        None: all) to the D pixels of each row, averaged over the M members and S dropout samples on
+        the row's own masks; returns an `explain.Explanation` (arrays; see `starcast.engine.explain`)."""
+        from . import explain
+
+        names = [t.name for t in self.targets]
+        wanted = names if target is None else [target] if isinstance(target, str) else list(target)
+        unknown = [t for t in wanted if t not in names]
+        if unknown or not wanted:
+            raise StarcastError(f"model {self.name!r} has no target(s) {unknown or wanted}; it predicts "
+                                f"{', '.join(names)}")
+        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
+        prepared = self.prepare(table, source_grid=source_grid)
+        return explain.explain_prepared(self, prepared, [names.index(t) for t in wanted], method=method,
+                                        steps=steps or explain.DEFAULT_STEPS, samples=self._samples(samples),
+                                        seed=seed)
+
     def metadata(self, *, samples: int | None = None, seed: int = 0, backend: str = "auto") -> dict:
         """The results' file metadata: model name and weights hash, seed, S, code version, backend."""
         return {META_MODEL: self.name, META_MODEL_SHA256: self.bundle.weights_sha256,
@@ -222,15 +242,17 @@ class Model:
         return ok, x, keys
 
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):
-        """(x, keys, weights) on the backend's device; weights are moved (and for Triton packed
-        into its padded low-precision layout) once per model, not per batch."""
+        """(x, keys, weights) on the backend's device; weights are moved and packed (Triton: padded,
+        low precision, centred; CPU: the batched layout) once per model, not per batch."""
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
         if backend not in self._weights:
             layers = [(w.to(device), b.to(device)) for w, b in self.bundle.layers]
             if backend == "triton":
-                from ..kernels.ensemble_mlp import pack_weights
+                from ..kernels.packing import pack_weights
 
-                layers = pack_weights(layers, device=device)
+                layers = pack_weights(layers, device=device, centre=kernel_centre(self.bundle))
+            elif backend == "cpu":
+                layers = reference.pack_cpu(layers, float(self.bundle.architecture["dropout"]))
             self._weights[backend] = layers
         return torch.from_numpy(x).to(device), torch.from_numpy(keys).to(device), self._weights[backend]
 
@@ -282,6 +304,16 @@ class Model:
         schema = results_schema([t.name for t in self.targets], id_type=ids.type)
         meta = self.metadata(samples=samples, seed=seed, backend=backend)
         return pa.Table.from_pydict(columns, schema=schema.with_metadata(meta))
+
+
+def kernel_centre(bundle: Bundle) -> np.ndarray:
+    """The point the GPU kernel centres its inputs on before the 16-bit cast, fixed per model (never
+    from a batch): the manifest's `input_centre` (the training mean), else one fitted to the first
+    layer (`kernels.packing.fitted_centre`). It changes rounding only, not the model's function."""
+    from ..kernels.packing import fitted_centre
+
+    centre = bundle.input_centre
+    return fitted_centre(*bundle.layers[0]).numpy() if centre is None else centre
 
 
 def resolve_backend(backend: str) -> str:

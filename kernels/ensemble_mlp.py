@@ -13,6 +13,11 @@ batch already fills an H100 (at BLOCK_B = 32, its 32 tiles x 8 members are cappe
 grid to 16 x 8 = 128 programs for 132 SMs) at no cost but 3*K floats per member.
 p = 0 runs one sample (all S are identical), so S = 1, p = 0 is a plain deep ensemble.
 
+Rounding (see `pack_weights`): the input is centred in fp32 on a fixed per-model point and cast as
+two terms, hi + lo; "tf32" rounds every operand to nearest (`_round_tf32`) because the tensor core
+truncates; under the interpreter bf16 casts are rounded by hand (`_round_bf16`) because it truncates.
+`emulate.ensemble_stats_emulated` models all of this in float64 for checks at scale on a CPU.
+
 What stays where: weights stream from L2/HBM once per (tile, member, sample chunk), so the
 arithmetic intensity on weights is R flops/byte (bf16); accumulators, masks, RNG state and the
 running statistics live in registers. Triton exposes no addressable shared memory, and an [R, 512]
@@ -24,12 +29,12 @@ R = 256 (computed from the shapes, not measured), of the order of the H100's 50 
 traffic, part may spill to HBM. `tl.debug_barrier()` orders a layer's writes before the next reads.
 
 Not measured: there was no GPU where this was written. Correctness is tested under TRITON_INTERPRET=1
-at small shapes; speed is untested (run `python bench/kernel_bench.py --device cuda`). Autotuning
+at small shapes; speed is untested (`bash bench/gpu_check.sh` runs the tests and benches). Autotuning
 ignores the batch size, so within one process a spectrum's result does not depend on its batch; a
 different autotune pick (another run or device) can change results by rounding only.
 
 Unverified on hardware (the interpreter runs each program as one thread, checks no resource limits
-and cannot show races; run tests/kernels/test_ensemble_mlp.py with TRITON_INTERPRET=0 on a GPU):
+and cannot show races; bench/gpu_check.sh runs the kernel tests with TRITON_INTERPRET=0 on a GPU):
 - Scratch visibility: activations written by some threads of a program are read by others after
   `tl.debug_barrier()` (bar.sync, which CUDA defines to make global writes visible block-wide),
   including through the software-pipelined loads of `_dense`; a stale read would show as a mismatch
@@ -46,23 +51,15 @@ and cannot show races; run tests/kernels/test_ensemble_mlp.py with TRITON_INTERP
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import rng
+from .packing import PRECISIONS, PackedWeights, pack_weights
 from .reference import check_inputs, finish
 from .rng import keep_mask_tl, stream_tl
-
-PRECISIONS = {  # name -> (storage dtype of weights and activations, tl.dot input_precision)
-    "bf16": (torch.bfloat16, "tf32"),
-    "fp16": (torch.float16, "tf32"),
-    "tf32": (torch.float32, "tf32"),
-    "fp32": (torch.float32, "ieee"),
-}
 
 
 @triton.jit
@@ -89,6 +86,36 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _round_tf32(v):
+    """fp32 -> the nearest tf32 (10-bit mantissa, ties away from zero), bit for bit `tf32_round`. A tensor
+    core reads only the top 19 bits of a tf32 operand: unrounded, every product would be cut towards
+    zero, a bias that adds up over layers. NaN and inf pass unchanged."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (((bits + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < float("inf"), rounded, v)
+
+
+@triton.jit
+def _round_bf16(v):
+    """fp32 -> bf16 rounded to nearest even in integer arithmetic, as a GPU's cast does: the interpreter
+    (only it uses this) truncates, a bias of -2**-9 per value on average that swamps everything else."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < float("inf"), rounded, v).to(tl.bfloat16)
+
+
+@triton.jit
+def _operand(v, dtype, ROUND: tl.constexpr):
+    """An fp32 value as the dot and the scratch hold it: ROUND "cast" (to dtype), "tf32" or "bf16"."""
+    if ROUND == "tf32":
+        return _round_tf32(v)
+    elif ROUND == "bf16":
+        return _round_bf16(v)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def _dense(a_ptr, w_ptr, w_stride, n0, R: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """acc[R, BLOCK_N] = A[R, HP] @ W[HP, n0:n0+BLOCK_N], A row-major in scratch, fp32 accumulation."""
@@ -104,11 +131,12 @@ def _dense(a_ptr, w_ptr, w_stride, n0, R: tl.constexpr, HP: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
+def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
                      mean_ptr, m2_ptr, var_ptr, scratch_ptr,
                      B, D, M, S, K, threshold, scale, var_eps, scratch_stride,
                      HP: tl.constexpr, KP: tl.constexpr, NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr,
                      DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                     SPLIT_INPUT: tl.constexpr, ROUND: tl.constexpr,
                      BLOCK_B: tl.constexpr, SB: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     R: tl.constexpr = BLOCK_B * SB
@@ -132,10 +160,15 @@ def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo
                 in_d = (d0 + offs_d) < D
                 xa = tl.load(x_ptr + offs_b[:, None].to(tl.int64) * D + (d0 + offs_d)[None, :],
                              mask=valid_b[:, None] & in_d[None, :], other=0.0)
+                xa -= tl.load(centre_ptr + d0 + offs_d, mask=in_d, other=0.0)[None, :]  # fp32, then cast
                 w = tl.load(w1 + (d0 + offs_d)[:, None] * HP + offs_n[None, :], mask=in_d[:, None], other=0.0)
-                acc = _dot(xa.to(dtype), w, acc, DOT_PRECISION, DOT_UPCAST)
+                hi = _operand(xa, dtype, ROUND)
+                acc = _dot(hi, w, acc, DOT_PRECISION, DOT_UPCAST)
+                if SPLIT_INPUT:  # x = hi + lo: the 16-bit cast of the input is the largest rounding
+                    acc = _dot(_operand(xa - hi.to(tl.float32), dtype, ROUND), w, acc, DOT_PRECISION,
+                               DOT_UPCAST)
             h = _act(acc + tl.load(b1_ptr + m * HP + offs_n)[None, :], ACT)
-            tl.store(h1_buf + offs_bb[:, None] * HP + offs_n[None, :], h.to(dtype))
+            tl.store(h1_buf + offs_bb[:, None] * HP + offs_n[None, :], _operand(h, dtype, ROUND))
         tl.debug_barrier()
         # ---- samples, SB at a time: rows r = (spectrum r // SB, sample s0 + r % SB)
         rb = offs_r // SB
@@ -165,7 +198,7 @@ def _ensemble_kernel(x_ptr, rows_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo
                     h = _act(acc * scale + tl.load(b_l + offs_n)[None, :], ACT)
                     if DROPOUT:
                         h = tl.where(keep_mask_tl(stream, n0 // 2, threshold, R, BLOCK_N), h, 0.0)
-                    tl.store(dst + offs_r[:, None] * HP + offs_n[None, :], h.to(dtype))
+                    tl.store(dst + offs_r[:, None] * HP + offs_n[None, :], _operand(h, dtype, ROUND))
                 tl.debug_barrier()
                 src, dst = dst, src
             # ---- head: columns [0, KP) are the means, [KP, 2 KP) the raw variances
@@ -241,85 +274,34 @@ def _tuned_kernel(hp: int):
     return triton.autotune(configs, key=key)(_ensemble_kernel)
 
 
+def _rounding(precision: str) -> str:
+    if precision == "bf16" and _interpreting():
+        return "bf16"
+    return "tf32" if precision == "tf32" else "cast"
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ---- weights -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PackedWeights:
-    """Weights laid out for the kernel: widths zero-padded to HP (padded units stay exactly 0)."""
-    w1: torch.Tensor  # [M, D, HP]
-    b1: torch.Tensor  # [M, HP] float32
-    wh: torch.Tensor  # [M, L-1, HP, HP] (a placeholder when L = 1)
-    bh: torch.Tensor  # [M, L-1, HP] float32
-    wo: torch.Tensor  # [M, HP, 2 KP]: means in columns [0, K), raw variances in [KP, KP + K)
-    bo: torch.Tensor  # [M, 2 KP] float32
-    hp: int
-    kp: int
-    num_hidden: int
-    shapes: tuple  # the original ((W shape, b shape), ...), for argument checks
-    precision: str
-
-    def shape_only(self):
-        """Meta tensors with the original layer shapes (what `check_inputs` validates against)."""
-        return [(torch.empty(w, device="meta"), torch.empty(b, device="meta")) for w, b in self.shapes]
-
-
-def padded_width(width: int) -> int:
-    """Kernel width of a hidden layer: a power of two up to 64, then a multiple of 64."""
-    return max(16, triton.next_power_of_2(width)) if width <= 64 else -(-width // 64) * 64
-
-
-def pack_weights(layers, precision: str = "fp16", device=None) -> PackedWeights:
-    """Pad and cast `layers` ([(W [M, in, out], b [M, out]), ...], head last) for the kernel."""
-    dtype = PRECISIONS[precision][0]
-    device = device if device is not None else layers[0][0].device
-    hidden = [w.shape[2] for w, _ in layers[:-1]]
-    if any(h % 16 for h in hidden):
-        raise ValueError(f"hidden widths must be multiples of 16 for the Triton kernel, got {hidden}")
-    hp, k = padded_width(max(hidden)), layers[-1][0].shape[2] // 2
-    kp = max(16, triton.next_power_of_2(k))
-
-    def pad(t, *widths):  # zero-pad the trailing dims of t up to widths
-        spec = [p for size, want in zip(reversed(t.shape), reversed(widths), strict=False)
-                for p in (0, want - size)]
-        return F.pad(t.to(device=device, dtype=torch.float32), spec)
-
-    (w1, b1), hidden_layers, (wo, bo) = layers[0], layers[1:-1], layers[-1]
-    members = w1.shape[0]
-    if hidden_layers:
-        wh = torch.stack([pad(w, hp, hp) for w, _ in hidden_layers], dim=1)
-        bh = torch.stack([pad(b, hp) for _, b in hidden_layers], dim=1)
-    else:
-        wh = torch.zeros((members, 1, 16, 16), device=device)  # never read when L = 1
-        bh = torch.zeros((members, 1, 16), device=device)
-    wo_p = torch.cat((pad(wo[..., :k], hp, kp), pad(wo[..., k:], hp, kp)), dim=2)
-    bo_p = torch.cat((pad(bo[..., :k], kp), pad(bo[..., k:], kp)), dim=1)
-    return PackedWeights(pad(w1, w1.shape[1], hp).to(dtype), pad(b1, hp), wh.to(dtype).contiguous(),
-                         bh.contiguous(), wo_p.to(dtype).contiguous(), bo_p.contiguous(), hp, kp,
-                         len(layers) - 1, tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers),
-                         precision)
 
 
 # ---- launcher ----------------------------------------------------------------------------------
 
 def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int, activation: str = "relu",
                           var_eps: float = 1e-6, label_mean=None, label_std=None, calibration=None,
-                          precision: str = "fp16", partials=None, config: dict | None = None):
+                          precision: str = "fp16", partials=None, config: dict | triton.Config | None = None):
     """Same arguments and result as `ensemble_stats_reference` (float32 [B, K] tensors on x's device).
 
     `layers` may also be `pack_weights(layers, precision)`, packed once for many batches.
 
     `precision` (replaces the reference's `dtype`): "fp16" (default) or "bf16" weights, inputs and
-    activations with fp32 accumulation, or "tf32" / "fp32". fp16 is the default because its 10-bit
-    mantissa keeps the mean within ~0.1% of sigma of the float64 reference on the test models, where
-    bf16's 7 bits gave up to 1.4% (under the interpreter, which truncates to bf16 instead of rounding):
-    over DESIGN.md's 1% budget. Same tensor-core speed on an H100; fp16's range (6.5e4) is ample for
-    continuum-normalised flux and trained activations. `partials`: optional per-member output buffers
+    activations with fp32 accumulation, or "tf32" / "fp32". fp16 is the default: on the shipped model
+    (inputs centred and split, see `pack_weights`) fp16 and tf32 keep the mean within 0.5% of sigma of
+    the float64 reference, bf16's 7 bits miss DESIGN.md's 1% (worst ~5%; bench/precision_bench.py).
+    Same tensor-core speed as bf16 on an H100; fp16's range (6.5e4) is ample for centred flux and
+    trained activations. `partials`: optional per-member output buffers
     (mean, M2, sum var), each float32 [M, B, K] (tests poison them). `config`: fixed tile shapes
-    instead of autotuning (used under TRITON_INTERPRET=1, where INTERPRETER_CONFIG is the default).
+    instead of autotuning, a dict of block sizes or one of CONFIGS (then with its warps and stages);
+    under TRITON_INTERPRET=1 the default is INTERPRETER_CONFIG, widened.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -345,8 +327,12 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
                          f"on {device}")
     if n == 0:
         return finish(*(t.sum(0) for t in partials), label_mean, label_std, calibration)
-    if config is None and _interpreting():
-        config = INTERPRETER_CONFIG
+    launch = {}  # a triton.Config from CONFIGS brings its warps and stages, as the autotuner runs it
+    if isinstance(config, triton.Config):
+        config, launch = dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config is None and _interpreting():  # wider blocks where they fit: fewer, faster numpy steps
+        wide = min(packed.hp, 64)
+        config = {**INTERPRETER_CONFIG, "BLOCK_D": 128, "BLOCK_K": wide, "BLOCK_N": wide}
     if config is not None:
         _check_config(config, packed.hp)
     candidates = [config] if config is not None else [c.kwargs for c in CONFIGS if _fits(c.kwargs, packed.hp)]
@@ -354,14 +340,16 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
     programs = _persistent_programs(device, members, max_tiles)
     stride = max(c["BLOCK_B"] * packed.hp * (1 + 2 * c["SB"]) for c in candidates)
     scratch = torch.empty(programs * members * stride, dtype=packed.w1.dtype, device=device)
-    args = (x, rows, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo, *partials, scratch,
-            n, d, members, s_eff, k, rng.mask_threshold(p), rng.dropout_scale(p), var_eps, stride)
+    args = (x, rows, packed.centre, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo,
+            *partials, scratch, n, d, members, s_eff, k, rng.mask_threshold(p), rng.dropout_scale(p), var_eps,
+            stride)
     meta = dict(HP=packed.hp, KP=packed.kp, NUM_HIDDEN=packed.num_hidden, ACT=activation, DROPOUT=p > 0,
                 DOT_PRECISION=PRECISIONS[precision][1],
-                DOT_UPCAST=_interpreting() and precision == "bf16")
+                DOT_UPCAST=_interpreting() and precision == "bf16", SPLIT_INPUT=packed.split_input,
+                ROUND=_rounding(precision))
     if config is not None:
         grid = (min(programs, triton.cdiv(n, config["BLOCK_B"])), members)
-        _ensemble_kernel[grid](*args, **meta, **config)
+        _ensemble_kernel[grid](*args, **meta, **config, **launch)
     else:
         kernel = _tuned_kernel(packed.hp)
         kernel[lambda c: (min(programs, triton.cdiv(n, c["BLOCK_B"])), members)](*args, **meta)

@@ -9,6 +9,7 @@ Weights: `layers = [(W, b), ...]`, W [M, in, out], b [M, out]; hidden layers fir
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from . import rng
 
 ACTIVATIONS = {"relu": torch.relu, "silu": F.silu}
+_IN_PLACE = {"relu": torch.relu_, "silu": lambda t: F.silu(t, inplace=True)}  # the CPU path's
 Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 _CHUNK_ELEMENTS = 1 << 22  # CPU path: rows per chunk so that one [M, rows, S, H] activation is ~16 MB
 
@@ -115,9 +117,37 @@ def ensemble_samples(x, keys, layers: Layers, *, p: float, samples: int, seed: i
 
 # ---- the CPU path: same numerics, batched --------------------------------------------------------
 
-def ensemble_stats_cpu(x, keys, layers: Layers, *, p: float, samples: int, seed: int,
+@dataclass(frozen=True)
+class CpuWeights:
+    """Weights laid out once for `ensemble_stats_cpu`: W1 as one [D, M*H1] matrix, the 1/(1-p) scale
+    folded into the later layers (so they are tied to p), the head zero-padded to 16 columns (BLAS
+    then takes its regular, position-blind path)."""
+    w1: torch.Tensor  # [D, M*H1]
+    b1: torch.Tensor  # [M*H1]
+    rest: list  # [(W * scale [M, H, H'], b [M, 1, H'])], hidden layers then the padded head
+    p: float
+    shapes: tuple  # the original ((W shape, b shape), ...), for argument checks
+
+    def shape_only(self):
+        return [(torch.empty(w, device="meta"), torch.empty(b, device="meta")) for w, b in self.shapes]
+
+
+def pack_cpu(layers: Layers, p: float, dtype: torch.dtype = torch.float32) -> CpuWeights:
+    """Lay `layers` out for `ensemble_stats_cpu` at dropout rate p (done once per model, not per batch)."""
+    w1, b1 = layers[0]
+    scale = rng.dropout_scale(p)
+    rest = [((w * scale).to(dtype), b.to(dtype)[:, None, :]) for w, b in layers[1:]]
+    w, b = rest[-1]
+    rest[-1] = (F.pad(w, (0, -w.shape[2] % 16)), F.pad(b, (0, -b.shape[2] % 16)))
+    return CpuWeights(w1.to(dtype).permute(1, 0, 2).reshape(w1.shape[1], -1).contiguous(),
+                      b1.to(dtype).reshape(-1), rest, p,
+                      tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers))
+
+
+def ensemble_stats_cpu(x, keys, layers: Layers | CpuWeights, *, p: float, samples: int, seed: int,
                        activation: str = "relu", var_eps: float = 1e-6, label_mean=None,
-                       label_std=None, calibration=None, dtype: torch.dtype = torch.float32):
+                       label_std=None, calibration=None, dtype: torch.dtype = torch.float32,
+                       chunk_rows: int | None = None):
     """Same arguments and result as `ensemble_stats_reference`, float32 by default, fast on a CPU.
 
     The first layer is one GEMM [B, D] x [D, M*H1] shared by all samples; each later layer is one
@@ -125,26 +155,26 @@ def ensemble_stats_cpu(x, keys, layers: Layers, *, p: float, samples: int, seed:
     layer's weights. With p = 0 the S samples are identical, so one is computed. Rows are processed
     in fixed-size chunks (the last one zero-padded) that keep each activation near 16 MB: every GEMM has
     the same shape whatever the batch, so a row's result is bit-identical alone or in any batch.
+    `chunk_rows` overrides the chunk (benchmarks search it); any fixed value keeps that property.
+    `layers` may be `pack_cpu(layers, p)`, packed once for many batches (then `dtype` is the packing's).
     """
-    x, keys, members, k = check_inputs(x, keys, layers, p, samples, activation)
-    act, x = ACTIVATIONS[activation], x.to(dtype)
+    packed = layers if isinstance(layers, CpuWeights) else pack_cpu(layers, p, dtype)
+    if packed.p != p:
+        raise ValueError(f"weights were packed for dropout p = {packed.p}, not {p}")
+    x, keys, members, k = check_inputs(x, keys, packed.shape_only(), p, samples, activation)
+    act, x = _IN_PLACE[activation], x.to(packed.w1.dtype)
     s_eff = samples if p > 0 else 1
-    w1, b1 = layers[0]
-    w1 = w1.to(dtype).permute(1, 0, 2).reshape(x.shape[1], -1)  # [D, M*H1]
-    b1 = b1.to(dtype).reshape(-1)
-    scale = rng.dropout_scale(p)
-    rest = [((w * scale).to(dtype), b.to(dtype)[:, None, :]) for w, b in layers[1:]]
-    w, b = rest[-1]  # zero-pad the head to 16 columns: BLAS takes its regular, position-blind path
-    rest[-1] = (F.pad(w, (0, -w.shape[2] % 16)), F.pad(b, (0, -b.shape[2] % 16)))
     rows_all = rng.row_keys(seed, keys)
-    chunk = _chunk_rows(members * s_eff * max(w.shape[2] for w, _ in layers))
+    widest = max(w[2] for w, _ in packed.shapes)
+    chunk = chunk_rows or _chunk_rows(members * s_eff * widest)
     n = x.shape[0]
     x = torch.cat((x, x.new_zeros((-n % chunk, x.shape[1]))))  # pad: every chunk has the same shape
     rows_all = torch.cat((rows_all, rows_all.new_zeros(-n % chunk)))
-    outs = [torch.empty((x.shape[0], k), dtype=dtype) for _ in range(3)]
+    outs = [torch.empty((x.shape[0], k), dtype=x.dtype) for _ in range(3)]
     for start in range(0, x.shape[0], chunk):
         sl = slice(start, start + chunk)
-        stats = _cpu_chunk(x[sl], rows_all[sl], w1, b1, rest, members, s_eff, p, act, var_eps, k)
+        stats = _cpu_chunk(x[sl], rows_all[sl], packed.w1, packed.b1, packed.rest, members, s_eff, p, act,
+                           var_eps, k)
         for out, stat in zip(outs, stats, strict=True):
             out[sl] = stat
     return finish(*(out[:n] for out in outs), label_mean, label_std, calibration)
@@ -164,7 +194,8 @@ def _cpu_chunk(x, rows, w1, b1, rest, members, s_eff, p, act, var_eps, k):
             h = rng.apply_masks(h, rng.streams(rows, range(members), range(s_eff), layer).permute(1, 0, 2), p)
         h = h.expand(members, n, s_eff, -1).reshape(members, n * s_eff, -1)
         out = torch.baddbmm(b, h, w)  # [M, n*S, out]
-        h = act(out).view(members, n, s_eff, -1)
+        if layer < len(rest):
+            h = act(out).view(members, n, s_eff, -1)
     # [n, 2K, M*S] contiguous: each row reduces its own contiguous run, in an order set by index alone
     out = out.view(members, n, s_eff, -1)[..., :2 * k].permute(1, 3, 0, 2).reshape(n, 2 * k, -1)
     mu, var = out[:, :k], F.softplus(out[:, k:]) + var_eps

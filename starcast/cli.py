@@ -24,6 +24,7 @@ _COMMANDS = {
     "import-fits": ("starcast.catalogs.cli", "import_fits", "Import FITS spectra as a catalog."),
     "run": ("starcast.engine.cli", "run", "Predict stellar parameters for a catalog."),
     "inspect": ("starcast.engine.cli", "inspect", "Summarise a results catalog."),
+    "explain": ("starcast.engine.cli", "explain", "Show which pixels and lines drive each estimate."),
     "train": ("starcast.trainers.cli", "train", "Train a model bundle from a TOML config."),
     "eval": ("starcast.trainers.cli", "eval_", "Evaluate results against true labels."),
 }

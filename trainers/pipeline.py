@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.bundle import save_bundle
+from ..engine.bundle import INPUT_CENTRE, save_bundle
 from ..engine.calibration import Calibration
 from ..kernels.reference import ensemble_stats_cpu
 from ..kernels.rng import MASK_BITS, effective_p, id_keys
@@ -123,6 +123,7 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
         "targets": targets,
         "grid": cfg.grid,
         "preprocess": _preprocess_dict(cfg),
+        INPUT_CENTRE: std.x_mean.tolist(),  # centres the GPU kernel's 16-bit inputs (rounding only)
         "input": {"medium": cfg.grid.medium, "features": list(arch.features),
                   **({} if source is None else source.input_requirements())},
         **({"calibration": calibration.to_manifest(list(names))} if isinstance(calibration, Calibration)

@@ -8,6 +8,8 @@ out of training (SNR 10-500); `between`, stars between the nodes, drawn with an 
 out-of-distribution sets whose epistemic sigma should single them out of `test` (AUROC): hot stars
 (Teff 32-40 kK, beyond the grid, from the simplified generator) and SNR 5. For a model trained on the
 simplified generator: its `seed` grid's test split, a `random` survey and the same two OOD sets.
+Last, the explanations' survey view (which pixels drive each target) of 500 spectra of the first set,
+into `BUNDLE/report/explain/`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..catalogs.io import iter_batches, list_inputs, read_grid, write_catalog
 from ..catalogs.schema import SPLIT
 from ..catalogs.synth import synth
 from ..engine.bundle import load_bundle
+from ..engine.explain_report import model_report
 from ..engine.predictor import load_model
 from .evaluate import run_eval
 
@@ -38,6 +41,7 @@ SETS = {  # name -> keyword arguments of catalogs.synth.synth (the catalog synth
     "ood_snr5": {"n": 1000, "mode": "random", "seed": 103, "snr": (5.0, 5.0)},
 }
 BETWEEN_ROWS, BETWEEN_SEED = 5000, 101  # stars between the nodes of a grid-trained model's report
+EXPLAIN_ROWS = 500  # spectra whose attributions make the report's survey view (engine.explain_report)
 
 
 def _synth_catalog(kwargs: dict) -> Callable[[Path], None]:
@@ -128,6 +132,7 @@ def make_report(bundle: str | Path, work: str | Path) -> dict:
         reports[name] = run_eval(res_r, cat_r, work / "eval" / name, ranges=ranges, ood_path=res_o)
         reports[reference].setdefault("ood_sets", {})[name] = reports[name]["ood"]
         shutil.copy(work / "eval" / name / "ood_epistemic.png", bundle / "report" / reference / f"{name}.png")
+    model_report(bundle, pq.read_table(work / "catalogs" / reference).slice(0, EXPLAIN_ROWS))
     report_json = bundle / "report" / reference / "report.json"
     report_json.write_text(json.dumps(reports[reference], indent=1) + "\n")
     (bundle / "report" / "summary.md").write_text(summary_markdown(reports, main, reference) + "\n")

@@ -91,6 +91,16 @@ def test_grid_inconsistent_with_input_dim_is_refused(tiny_bundle):
         load_bundle(tiny_bundle)
 
 
+def test_input_centre_is_optional_and_must_give_one_finite_number_per_input(tiny_bundle):
+    assert load_bundle(tiny_bundle).input_centre is None
+    _edit_manifest(tiny_bundle, input_centre=[1.0] * 199 + [0.5])
+    assert load_bundle(tiny_bundle).input_centre.tolist() == [1.0] * 199 + [0.5]
+    for bad in ([1.0] * 199, [1.0] * 199 + ["x"], 1.0):
+        _edit_manifest(tiny_bundle, input_centre=bad)
+        with pytest.raises(ModelError, match="input_centre"):
+            load_bundle(tiny_bundle)
+
+
 def test_save_refuses_layers_that_disagree_with_architecture(tiny_bundle, tmp_path):
     good = load_bundle(tiny_bundle)
     with pytest.raises(ModelError, match="members=3"):

@@ -8,7 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starcast.kernels import rng
-from starcast.kernels.reference import ensemble_samples, ensemble_stats_cpu, ensemble_stats_reference
+from starcast.kernels.reference import (
+    ensemble_samples,
+    ensemble_stats_cpu,
+    ensemble_stats_reference,
+    pack_cpu,
+)
 
 
 def make_layers(members, dims, seed=0, dtype=torch.float32):
@@ -120,6 +125,22 @@ def test_cpu_result_of_a_spectrum_is_identical_alone_in_any_batch_and_order():
         alone = ensemble_stats_cpu(x[idx], keys[idx], layers, **kw)
         assert all(torch.equal(a[idx], b) for a, b in zip(full, alone, strict=True))
     assert all(torch.equal(a[perm], b) for a, b in zip(full, shuffled, strict=True))
+
+
+@pytest.mark.parametrize("chunk", [None, 8, 64])
+def test_cpu_weights_packed_once_and_any_chunk_give_the_same_numbers(chunk):
+    layers = make_layers(2, [29, 32, 32, 6], seed=3)
+    x, keys = torch.randn(40, 29), torch.arange(40)
+    kw = dict(p=0.1, samples=4, seed=2)
+    direct = ensemble_stats_cpu(x, keys, layers, **kw)
+    packed = ensemble_stats_cpu(x, keys, pack_cpu(layers, 0.1), chunk_rows=chunk, **kw)
+    assert_within_design_tolerance(packed, ensemble_stats_reference(x, keys, layers, **kw))
+    if chunk is None:  # same chunk: bit-identical (a different chunk may round differently in BLAS)
+        assert all(torch.equal(a, b) for a, b in zip(direct, packed, strict=True))
+    alone = ensemble_stats_cpu(x[7:8], keys[7:8], pack_cpu(layers, 0.1), chunk_rows=chunk, **kw)
+    assert all(torch.equal(a[7:8], b) for a, b in zip(packed, alone, strict=True))
+    with pytest.raises(ValueError, match="packed for dropout"):
+        ensemble_stats_cpu(x, keys, pack_cpu(layers, 0.2), **kw)
 
 
 @pytest.mark.parametrize("path", [ensemble_stats_cpu, ensemble_stats_reference])

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starcast.kernels import rng
 
+from .triton_device import DEVICE
+
 M32 = 0xFFFFFFFF
 
 
@@ -63,8 +65,8 @@ def test_triton_rng_is_bit_identical_to_host(member, sample, layer, width):
     keys = torch.tensor([0, 1, -1, 2, 1 << 62, -(1 << 63), 12345678901, 99], dtype=torch.int64)
     rows = rng.row_keys(20260, keys)
     host = rng.uniform16(rng.streams(rows, [member], [sample], layer), width)[:, 0, 0]
-    device = rng.uniform16_triton(rows, member, sample, layer, width)
-    assert torch.equal(host, device.to(torch.int64))
+    device = rng.uniform16_triton(rows.to(DEVICE), member, sample, layer, width)
+    assert torch.equal(host, device.cpu().to(torch.int64))
 
 
 @pytest.mark.parametrize("src_samples, width", [(1, 16), (5, 16), (1, 33), (5, 7)])

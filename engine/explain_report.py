@@ -1,0 +1,277 @@
+"""What the attributions of `explain.py` say, for people: the line-mass measure (how much of a target's
+|attribution| falls on the listed diagnostic lines, `catalogs.lines`), the Parquet file of
+attributions, per-spectrum plots (spectrum with its attribution as a colour band, lines labelled, one
+panel per target) and the survey view (mean |attribution| per pixel and target, overall and per Teff
+region, with a table of the top lines). Computing attributions is not done here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..catalogs.io import iter_batches
+from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, line_windows, nearest_line
+from ..catalogs.medium import convert
+from ..catalogs.schema import ID, META_WAVELENGTH, WavelengthGrid
+from ..errors import CatalogError
+from .explain import Explanation
+
+LINE_MASS_GOAL = 0.6  # issue 14: >= 60% of the |attribution| of Teff and log g on the listed lines
+BALMER_TARGETS = ("logg",)  # targets whose line windows include the Balmer wings
+TEFF_REGIONS = ((15000.0, 20000.0), (20000.0, 25000.0), (25000.0, 30000.0))  # K, by predicted Teff
+TOP_PEAKS = 10
+
+
+def line_mass(attributions: np.ndarray, wavelength: np.ndarray, target: str, *,
+              balmer_wings: bool | None = None) -> np.ndarray:
+    """Fraction of each row's |attribution| (rows [B, D] of one target) within LINE_HALF_WIDTH of a listed
+    line, and within the Balmer wings for log g (or as `balmer_wings` says); (B,)."""
+    wings = target in BALMER_TARGETS if balmer_wings is None else balmer_wings
+    inside = line_windows(wavelength, balmer_wings=wings)
+    mass = np.abs(attributions)
+    return mass[:, inside].sum(axis=1) / mass.sum(axis=1)
+
+
+def write_attributions(exp: Explanation, path: Path, grid: WavelengthGrid) -> Path:
+    """Parquet: `id`, per target `t` (list<float32>, one value per model pixel, the target's unit),
+    `t_pred` (f(x)), `t_baseline` (f(continuum)); the model grid in the metadata (`starcast.wavelength`)."""
+    cols = {ID: pa.array(exp.ids)}
+    for k, t in enumerate(exp.targets):
+        cols[t] = pa.array(list(exp.attributions[:, k]), pa.list_(pa.float32()))
+        cols[f"{t}_pred"] = pa.array(exp.prediction[:, k], pa.float64())
+        cols[f"{t}_baseline"] = pa.array(exp.baseline[:, k], pa.float64())
+    meta = {META_WAVELENGTH: grid.to_json(), "starcast.explain_method": exp.method,
+            "starcast.explain_steps": str(exp.steps)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols).replace_schema_metadata(meta), path)
+    return path
+
+
+def air_wavelength(exp: Explanation) -> np.ndarray:
+    """The model grid in air (A), where the line list lives; plots and line masses use it."""
+    return convert(exp.wavelength, exp.medium, "air")
+
+
+_LABEL_PAD = 58  # points above the top panel kept for the line names
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _label_lines(ax, wavelength: np.ndarray, top: bool) -> None:
+    lo, hi = wavelength[0], wavelength[-1]
+    for i, line in enumerate(DIAGNOSTIC_LINES):
+        if lo <= line.wavelength <= hi:
+            ax.axvline(line.wavelength, color="0.6", lw=0.5, ls=":", zorder=0)
+            if top:
+                ax.text(line.wavelength, 1.01 + 0.07 * (i % 3), line.name, rotation=90, fontsize=6,
+                        ha="center", va="bottom", transform=ax.get_xaxis_transform())
+
+
+def plot_spectrum(exp: Explanation, row: int, path: Path) -> Path:
+    """One panel per target: the normalised flux, coloured by the signed attribution per pixel, over a
+    band of the same colours; the listed lines marked and named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    wl, flux = air_wavelength(exp), exp.flux[row]
+    fig, axes = plt.subplots(len(exp.targets), 1, figsize=(11, 2.6 * len(exp.targets) + 0.8), sharex=True,
+                             squeeze=False)
+    pts = np.stack([wl, flux], axis=1)[:, None, :]
+    segs = np.concatenate([pts[:-1], pts[1:]], axis=1)
+    for k, (ax, t, unit) in enumerate(zip(axes[:, 0], exp.targets, exp.units, strict=True)):
+        a = exp.attributions[row, k]
+        lim = float(np.nanmax(np.abs(a))) or 1.0
+        lc = LineCollection(segs, cmap="coolwarm", norm=plt.Normalize(-lim, lim), lw=1.2)
+        lc.set_array(0.5 * (a[:-1] + a[1:]))
+        ax.add_collection(lc)
+        lo, hi = np.nanmin(flux) - 0.12, np.nanmax(flux) + 0.05
+        ax.imshow(a[None], extent=(wl[0], wl[-1], lo, lo + 0.06), aspect="auto", cmap="coolwarm",
+                  norm=lc.norm, interpolation="nearest")  # the band: attribution per pixel
+        ax.set_xlim(wl[0], wl[-1])
+        ax.set_ylim(lo, hi)
+        ax.set_ylabel("normalised flux")
+        _label_lines(ax, wl, top=k == 0)
+        share = line_mass(a[None], wl, t)[0]
+        ax.set_title(f"{t} = {_fmt(exp.prediction[row, k])} {unit} (continuum: {_fmt(exp.baseline[row, k])}"
+                     f" {unit}); {100 * share:.0f}% of |attribution| on listed lines", fontsize=8, loc="left",
+                     pad=_LABEL_PAD if k == 0 else 4)
+        fig.colorbar(lc, ax=ax, pad=0.01).set_label(f"attribution ({unit} / pixel)", fontsize=7)
+    axes[-1, 0].set_xlabel("wavelength (Angstrom, air)")
+    fig.suptitle(f"spectrum {exp.ids[row]}: integrated gradients ({exp.method}, baseline = continuum)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def survey_view(exp: Explanation, out: Path) -> dict:
+    """Mean |attribution| per pixel and target over the explained rows, overall and per predicted-Teff
+    region: `out/survey.parquet` (wavelength + one column per target and region), `out/survey.png`,
+    `out/survey.json` (line-mass fractions, the top peaks with their identifications, the listed lines
+    ranked by their share) and `out/survey.md` (the same as tables). Returns the JSON dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    ok = np.isfinite(exp.prediction).all(axis=1)
+    wl, a = air_wavelength(exp), np.abs(exp.attributions[ok].astype(np.float64))
+    teff = exp.prediction[ok, exp.targets.index("teff")] if "teff" in exp.targets else None
+    regions = {"all": np.ones(len(a), dtype=bool)}
+    if teff is not None:
+        regions.update({f"teff_{lo / 1000:g}-{hi / 1000:g}kK": (teff >= lo) & (teff < hi)
+                        for lo, hi in TEFF_REGIONS})
+    cols = {"wavelength_air": pa.array(wl)}
+    summary: dict = {"spectra": int(ok.sum()), "method": exp.method, "line_half_width_A": LINE_HALF_WIDTH,
+                     "goal": LINE_MASS_GOAL, "targets": {}}
+    for k, t in enumerate(exp.targets):
+        per_row = line_mass(exp.attributions[ok, k], wl, t)
+        wings = line_mass(exp.attributions[ok, k], wl, t, balmer_wings=True)
+        entry = {"line_mass_mean": float(per_row.mean()), "line_mass_median": float(np.median(per_row)),
+                 "line_mass_with_balmer_wings_mean": float(wings.mean()), "regions": {}}
+        for name, sel in regions.items():
+            if not sel.any():
+                continue
+            mean_abs = a[sel, k].mean(axis=0)
+            cols[f"{t}_{name}"] = pa.array(mean_abs)
+            entry["regions"][name] = {"spectra": int(sel.sum()),
+                                      "line_mass_of_mean": float(line_mass(mean_abs[None], wl, t)[0])}
+        entry["top_peaks"] = _top_peaks(a[:, k].mean(axis=0), wl)
+        entry["lines"] = _line_shares(a[:, k].mean(axis=0), wl)
+        summary["targets"][t] = entry
+    pq.write_table(pa.table(cols), out / "survey.parquet")
+    (out / "survey.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "survey.md").write_text(_markdown(summary) + "\n")
+    _plot_survey(cols, exp, regions, out / "survey.png")
+    return summary
+
+
+def _top_peaks(mean_abs: np.ndarray, wl: np.ndarray) -> list[dict]:
+    """The TOP_PEAKS largest local maxima of a mean |attribution| curve, each with its listed line
+    (within LINE_HALF_WIDTH) or null, and its share of the total."""
+    peak = np.flatnonzero((mean_abs[1:-1] >= mean_abs[:-2]) & (mean_abs[1:-1] > mean_abs[2:])) + 1
+    peak = peak[np.argsort(mean_abs[peak])[::-1][:TOP_PEAKS]]
+    total = mean_abs.sum()
+    return [{"wavelength": round(float(wl[i]), 2), "line": nearest_line(float(wl[i])),
+             "share_of_pixel": float(mean_abs[i] / total)} for i in peak]
+
+
+def _line_shares(mean_abs: np.ndarray, wl: np.ndarray) -> list[dict]:
+    """Each listed line's share of the mean |attribution| within LINE_HALF_WIDTH of it, largest first."""
+    total = mean_abs.sum()
+    shares = [{"line": ln.name, "wavelength": ln.wavelength,
+               "share": float(mean_abs[np.abs(wl - ln.wavelength) <= LINE_HALF_WIDTH].sum() / total)}
+              for ln in DIAGNOSTIC_LINES]
+    return sorted(shares, key=lambda s: -s["share"])
+
+
+def _markdown(summary: dict) -> str:
+    lines = [f"Mean |attribution| over {summary['spectra']} spectra (integrated gradients, "
+             f"{summary['method']}); line mass = share within +-{summary['line_half_width_A']:g} A of the "
+             "listed lines (log g: also the Balmer wings, +-30 A).", "",
+             "| target | line mass (mean over spectra) | with the Balmer wings for every target "
+             "| of the mean curve, per Teff region |",
+             "| --- | --- | --- | --- |"]
+    for t, e in summary["targets"].items():
+        regions = ", ".join(f"{n} {100 * r['line_mass_of_mean']:.0f}% ({r['spectra']})"
+                            for n, r in e["regions"].items())
+        lines.append(f"| {t} | {100 * e['line_mass_mean']:.1f}% | "
+                     f"{100 * e['line_mass_with_balmer_wings_mean']:.1f}% | {regions} |")
+    for t, e in summary["targets"].items():
+        lines += ["", f"Top lines for {t}:", "", "| line | A (air) | share |", "| --- | --- | --- |"]
+        lines += [f"| {s['line']} | {s['wavelength']:.2f} | {100 * s['share']:.1f}% |"
+                  for s in e["lines"][:8]]
+        peaks = ", ".join(f"{p['wavelength']:.1f} ({p['line'] or 'unlisted'})" for p in e["top_peaks"])
+        lines.append(f"\nLargest peaks of mean |attribution| for {t}: {peaks}")
+    return "\n".join(lines)
+
+
+def _plot_survey(cols: dict, exp: Explanation, regions: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wl = air_wavelength(exp)
+    fig, axes = plt.subplots(len(exp.targets), 1, figsize=(11, 2.4 * len(exp.targets) + 0.8), sharex=True,
+                             squeeze=False)
+    for k, (ax, t, unit) in enumerate(zip(axes[:, 0], exp.targets, exp.units, strict=True)):
+        for name in regions:
+            if f"{t}_{name}" in cols:
+                ax.plot(wl, cols[f"{t}_{name}"].to_numpy(), lw=1.4 if name == "all" else 0.7, label=name,
+                        color="k" if name == "all" else None)
+        inside = line_windows(wl, balmer_wings=t in BALMER_TARGETS)
+        ax.fill_between(wl, 0, 1, where=inside, color="gold", alpha=0.25, lw=0,
+                        transform=ax.get_xaxis_transform(), label="listed lines")
+        _label_lines(ax, wl, top=k == 0)
+        ax.set_ylabel(f"mean |attribution|\n({unit} / pixel)", fontsize=8)
+        ax.set_title(t, fontsize=8, loc="left", pad=_LABEL_PAD if k == 0 else 4)
+    axes[0, 0].legend(fontsize=6, loc="upper right", ncols=5)
+    axes[-1, 0].set_xlabel("wavelength (Angstrom, air)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", steps: int | None = None,
+                    plots: int = 10, seed: int = 0, attributions: bool = True) -> dict:
+    """Explain every row of `table` with `model` (all targets) and write `out/attributions.parquet`
+    (unless not `attributions`), `out/plots/<id>.png` for the first `plots` rows that could be
+    predicted, and the survey view in `out/survey/`. Returns the survey summary with the rows' count
+    and completeness errors added."""
+    exp = model.explain(table, method=method, steps=steps, seed=seed)
+    out = Path(out)
+    if attributions:
+        write_attributions(exp, out / "attributions.parquet", model.grid)
+    ok = np.flatnonzero(np.isfinite(exp.prediction).all(axis=1))
+    for row in ok[:plots]:
+        plot_spectrum(exp, int(row), out / "plots" / f"{exp.ids[row]}.png")
+    summary = survey_view(exp, out / "survey") if len(ok) else {"spectra": 0, "targets": {}}
+    err = exp.completeness_error()[ok]
+    summary.update(rows=len(exp.ids), rows_failed=int(len(exp.ids) - len(ok)),
+                   completeness_error_median=float(np.median(err)) if len(ok) else None,
+                   completeness_error_max=float(np.max(err)) if len(ok) else None)
+    (out / "survey" / "survey.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "survey" / "survey.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def model_report(bundle: str | Path, table: pa.Table, *, plots: int = 3) -> dict:
+    """The survey view of a bundle on a catalog table (and `plots` per-spectrum plots), written into
+    `BUNDLE/report/explain/` without the attributions themselves (~23 MB per 1000 spectra)."""
+    from .predictor import load_model
+
+    return explain_catalog(load_model(bundle), table, Path(bundle) / "report" / "explain", plots=plots,
+                           attributions=False)
+
+
+def select_rows(catalog: str | Path, ids: str | None, n: int) -> pa.Table:
+    """The rows of a catalog to explain: those whose id is in the comma-separated `ids` (read in the id
+    column's type), else the first `n`. Raises CatalogError naming the ids that are not there."""
+    wanted = None if ids is None else [s.strip() for s in ids.split(",") if s.strip()]
+    parts, rows = [], 0
+    for batch in iter_batches(catalog):
+        if wanted is not None:
+            col = batch.column(ID)
+            keys = pa.array(wanted).cast(col.type) if pa.types.is_integer(col.type) else pa.array(wanted)
+            batch = batch.filter(pc.is_in(col, value_set=keys))
+        parts.append(batch)
+        rows += batch.num_rows
+        if wanted is None and rows >= n:
+            break
+    table = pa.Table.from_batches(parts)
+    table = table if wanted is not None else table.slice(0, n)
+    if wanted is not None:
+        missing = sorted(set(wanted) - {str(v) for v in table.column(ID).to_pylist()})
+        if missing:
+            raise CatalogError(f"{catalog}: no rows with id {', '.join(missing[:10])}", column=ID)
+    return table.replace_schema_metadata(parts[0].schema.metadata if parts else None)
