@@ -35,7 +35,7 @@ def test_every_preprocess_setting_and_manifest_key_is_in_models_md():
     text = _text("models.md")
     keys = [f.name for f in dataclasses.fields(PreprocessSettings)]
     keys += [*bundle.REQUIRED_KEYS, *bundle.TARGET_KEYS, *bundle.OPTIONAL_TARGET_KEYS,
-             *bundle.ARCHITECTURE_KEYS]
+             *bundle.ARCHITECTURE_KEYS, bundle.INPUT_CENTRE]
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing
 
