@@ -39,6 +39,7 @@ class Flag(enum.IntFlag):
     OUT_OF_RANGE = 8  # labels (truth) or predictions outside the training range
     HIGH_EPISTEMIC = 16  # epistemic uncertainty above the model's out-of-distribution threshold
     PREPROCESS_FAILED = 32  # preprocessing failed; see `error`
+    DUPLICATE_ID = 8192  # the id already appeared on an earlier row of the same input file
 
 
 @dataclass(frozen=True)

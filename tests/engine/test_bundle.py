@@ -9,14 +9,22 @@ import pytest
 import torch
 from starcast.catalogs.schema import WavelengthGrid
 from starcast.engine import bundle as bundle_mod
-from starcast.engine.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, save_bundle
+from starcast.engine.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, manifest_sha256, save_bundle, seal
 
 from starcast.errors import ModelError
 
 
-def _edit_manifest(path, **changes):
+def _edit_manifest(path, reseal=True, **changes):
+    """Change top-level manifest keys; `reseal`: record the new manifest hash (without the checks
+    that `seal` makes), so that loading reaches the check under test."""
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     manifest.update(changes)
+    _write(path, manifest, reseal)
+
+
+def _write(path, manifest, reseal=True):
+    if reseal:
+        manifest["bundle_sha256"] = manifest_sha256(manifest)
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -80,7 +88,7 @@ def test_missing_file_is_refused(tiny_bundle, missing):
 def test_architecture_inconsistent_with_weights_is_refused(tiny_bundle):
     manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
     manifest["architecture"]["hidden"] = [32, 64]
-    (tiny_bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    _write(tiny_bundle, manifest)
     with pytest.raises(ModelError, match="layer 1"):
         load_bundle(tiny_bundle)
 
