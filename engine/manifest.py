@@ -142,14 +142,20 @@ class ResultsWriter:
         report.count(table)
 
     def commit(self, report: FileReport) -> None:
-        """Close, fsync and rename the results file, then write the marker (last)."""
-        if self._writer is None:
-            self.write(self.empty, report)
-        with _writing(self.temp):
-            self._writer.close()
-            _fsync(self.temp)
-            os.replace(self.temp, self.final)
-            _fsync(self.final.parent)
+        """Close, fsync and rename the results file, then write the marker (last). If that fails,
+        nothing of this file is left but, at worst, a results file without a marker."""
+        try:
+            if self._writer is None:
+                self.write(self.empty, report)
+            with _writing(self.temp):
+                self._writer.close()
+                self._writer = None
+                _fsync(self.temp)
+                os.replace(self.temp, self.final)
+                _fsync(self.final.parent)
+        except OutputError:
+            self.abort()
+            raise
         marker = {"input": str(self.input_file), "rows": report.rows_out, "flagged": report.rows_flagged,
                   "failed": report.rows_failed, "duplicates": report.rows_duplicate,
                   "model": self.identity.model, "model_sha256": self.identity.model_sha256,
