@@ -20,8 +20,10 @@ import functools
 import importlib.util
 import logging
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -41,6 +43,7 @@ from .predictor import load_model
 PATH = "path"  # the input file of each row; carried through both stages
 FILE_ERROR = "file_error"  # non-null on the one row that reports an unreadable file
 _CONNECT_TIMEOUT_S = 5.0  # a host:port that does not answer within this is reported, not waited for
+_STALL_S = 1800.0  # default bound on the wait for the next results batch (see `stall_seconds`)
 
 
 class Inference:
@@ -126,11 +129,12 @@ def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref:
     units = [{PATH: str(inp.path.resolve()), "row_groups": unit}
              for inp in readable for unit in inp.units(batch_size)]
     ds = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
-    ds = ds.map_batches(read_task, batch_format="pyarrow", batch_size=1,
+    actors, read_cpus = _resources(ray)
+    ds = ds.map_batches(read_task, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus,
                         fn_kwargs={"model_ref": model_ref, "batch_size": batch_size})
     ds = ds.map_batches(Inference, batch_format="pyarrow", batch_size=batch_size,
                         fn_constructor_args=(model_ref, options["samples"], options["seed"],
-                                             options["backend"]), **_actor_pool(ray))
+                                             options["backend"]), **actors)
     writers: dict[str, ResultsWriter] = {}
     try:
         for inp in readable:
@@ -138,7 +142,7 @@ def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref:
                 _start(inp, by_key, writers, out, identity, model).commit(by_key[_key(inp)][1])
                 by_key[_key(inp)][1].status = "done"
         t0 = time.perf_counter()
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for table in bounded(ds.iter_batches(batch_format="pyarrow", batch_size=None), stall_seconds()):
             t1 = time.perf_counter()
             stage_seconds["ray_execute"] += t1 - t0
             for path, rows in _runs(table):
@@ -199,14 +203,66 @@ def _runs(table: pa.Table):
         yield paths[int(a)].as_py(), table.slice(int(a), int(b - a))
 
 
-def _actor_pool(ray) -> dict:
-    """One actor per GPU; without GPUs, CPU actors on at most half the CPUs, so that the read tasks
-    always have CPUs left (actors that hold every CPU starve the reads and the run never ends)."""
+def _resources(ray) -> tuple[dict, float]:
+    """(actor pool options, CPUs per read task). One actor per GPU; without GPUs, CPU actors on at
+    most half the CPUs, so that the read tasks always have CPUs left: actors that hold every CPU
+    starve the reads and the run never ends (on one CPU, actors and reads take half of it each)."""
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    share = 1.0 if cpus >= 2 else cpus / 2
     if gpus:
-        return {"compute": ray.data.ActorPoolStrategy(size=gpus), "num_gpus": 1}
-    return {"compute": ray.data.ActorPoolStrategy(size=max(1, cpus // 2)), "num_cpus": 1}
+        return {"compute": ray.data.ActorPoolStrategy(size=gpus), "num_gpus": 1}, share
+    return {"compute": ray.data.ActorPoolStrategy(size=max(1, int(cpus // 2))), "num_cpus": share}, share
+
+
+def stall_seconds() -> float:
+    """How long the driver waits for the next results batch before it gives up on the cluster:
+    `STARCAST_RAY_STALL_S` (default 1800 s, room for an autoscaler to add nodes)."""
+    return float(os.environ.get("STARCAST_RAY_STALL_S", _STALL_S))
+
+
+def bounded(items: Iterator, seconds: float) -> Iterator:
+    """`items`, consumed in a helper thread, raising `StarcastError` when the next item takes longer
+    than `seconds` (a blocked cluster ends the run instead of hanging it). When the consumer stops,
+    the helper closes `items` (for Ray: shuts the dataset's execution down, freeing its actors)."""
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop, done = threading.Event(), object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((done, exc))
+        finally:
+            getattr(items, "close", lambda: None)()
+
+    threading.Thread(target=produce, name="starcast-ray-results", daemon=True).start()
+    try:
+        while True:
+            try:
+                item, exc = q.get(timeout=seconds)
+            except queue.Empty:
+                raise StarcastError(f"no results from the Ray cluster for {seconds:.0f} s (is it short of "
+                                    f"CPUs, or down?); set STARCAST_RAY_STALL_S to wait longer") from None
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def avoid_http_import_race() -> None:

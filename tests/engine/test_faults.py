@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -212,3 +213,28 @@ def test_an_unreachable_ray_address_fails_fast(tmp_path: Path, tiny_bundle: Path
     with pytest.raises(StarcastError, match="cannot connect to a Ray cluster at '127.0.0.1:1'"):
         run(cat, tmp_path / "out", model=tiny_bundle, ray="127.0.0.1:1", progress=False)
     assert time.monotonic() - t0 < 30
+
+
+def test_the_wait_for_ray_results_is_bounded_and_closes_its_source() -> None:
+    from starcast.engine.distributed import bounded
+
+    closed = threading.Event()
+
+    def source(n: int, block: bool = False):
+        try:
+            yield from range(n)
+            if block:
+                time.sleep(60)
+        finally:
+            closed.set()
+
+    assert list(bounded(source(5), 5.0)) == list(range(5))
+    t0 = time.monotonic()
+    with pytest.raises(StarcastError, match="no results from the Ray cluster for 0 s"):
+        list(bounded(source(2, block=True), 0.3))
+    assert time.monotonic() - t0 < 5
+    closed.clear()
+    for item in bounded(source(100), 5.0):
+        if item == 3:
+            break  # the consumer stops early (e.g. an error while writing)
+    assert closed.wait(5), "the source was not closed"
