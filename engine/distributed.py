@@ -130,7 +130,10 @@ def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref:
              for inp in readable for unit in inp.units(batch_size)]
     ds = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
     actors, read_cpus = _resources(ray)
-    ds = ds.map_batches(read_task, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus,
+    # max_retries=-1 is Ray Data's default for tasks, given explicitly: remote args that differ from
+    # the actors' keep the reads out of the actor (Ray fuses a task stage into the next actor stage
+    # when they match), so reading and preprocessing overlap inference instead of taking turns.
+    ds = ds.map_batches(read_task, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus, max_retries=-1,
                         fn_kwargs={"model_ref": model_ref, "batch_size": batch_size})
     ds = ds.map_batches(Inference, batch_format="pyarrow", batch_size=batch_size,
                         fn_constructor_args=(model_ref, options["samples"], options["seed"],
