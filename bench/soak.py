@@ -4,7 +4,8 @@ A synthetic survey of `--n` spectra in `--shards` shards gets a null id (shard 1
 (shard 2) and one flipped flux byte (shard 3, rewritten uncompressed so that only the page checksum
 can catch it). Then:
   1. reference: one uninterrupted local run;
-  2. local: `--kills` SIGKILLs at random moments, each followed by `--resume`, until the run ends;
+  2. local: `--kills` SIGKILLs at random moments (each a few files further on, up to a second into
+     the next file), each followed by `--resume`, until the run ends;
   3. ray (with `--ray`): the same on `--ray local` (each kill takes the driver's whole process group,
      so the local Ray instance dies with it);
   4. full disk (as root): a run into a tmpfs smaller than the results (exit 2 expected, no temporary
@@ -83,30 +84,35 @@ def command(cat: Path, out: Path, args, *extra: str) -> list[str]:
     return cmd
 
 
-def run_once(cmd: list[str], kill_after: float | None) -> dict:
-    """One `starcast run` in its own process group, killed (the whole group) after `kill_after` s;
-    `files_done_at_kill` counts the completion markers then (the run's --out is cmd[5])."""
+def run_once(cmd: list[str], kill_at: tuple[int, float] | None = None) -> dict:
+    """One `starcast run` in its own process group. `kill_at` = (m, t): once the run's --out
+    holds m completion markers, wait t more seconds (so the kill lands inside a file) and SIGKILL
+    the whole group."""
     t0 = time.perf_counter()
+    markers = Path(cmd[cmd.index("--out") + 1], "markers")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     done_at_kill = None
-    try:
-        _, err = proc.communicate(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        done_at_kill = len(list(Path(cmd[5], "markers").glob("*.done")))
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
+    if kill_at is not None:
+        while proc.poll() is None and len(list(markers.glob("*.done"))) < kill_at[0]:
+            time.sleep(0.05)
+        time.sleep(kill_at[1])
+        if proc.poll() is None:
+            done_at_kill = len(list(markers.glob("*.done")))
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
     return {"exit": proc.returncode, "wall_s": round(time.perf_counter() - t0, 2),
             "killed": done_at_kill is not None, "files_done_at_kill": done_at_kill,
             "stderr_tail": err.decode(errors="replace").strip().splitlines()[-3:]}
 
 
-def soak(cat: Path, out: Path, args, ref_wall: float, extra: tuple[str, ...],
-         rng: random.Random) -> list[dict]:
-    attempts = []
+def soak(cat: Path, out: Path, args, extra: tuple[str, ...], rng: random.Random) -> list[dict]:
+    """`--kills` runs each killed a few files further than the last, then a run to the end."""
+    attempts, done = [], 0
     for k in range(args.kills):
-        resume = ("--resume",) if k else ()
-        attempts.append(run_once(command(cat, out, args, *extra, *resume), rng.uniform(0.2, 0.9) * ref_wall))
-    attempts.append(run_once(command(cat, out, args, *extra, *(("--resume",) if args.kills else ())), None))
+        done = min(args.shards - 2, done + rng.randint(1, max(1, (args.shards - 2) // args.kills)))
+        cmd = command(cat, out, args, *extra, *(("--resume",) if k else ()))
+        attempts.append(run_once(cmd, (done, rng.uniform(0.0, 1.0))))
+    attempts.append(run_once(command(cat, out, args, *extra, *(("--resume",) if args.kills else ()))))
     return attempts
 
 
@@ -149,12 +155,12 @@ def full_disk(cat: Path, work: Path, reference: Path, args) -> dict:
     small = max(64 * 1024, need * 4 // 10)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={small}", "tmpfs", str(mnt)], check=True)
     try:
-        first = run_once(command(cat, mnt / "out", args), None)
+        first = run_once(command(cat, mnt / "out", args))
         manifest = (mnt / "out/run-manifest.json")
         state = {"manifest_written": manifest.exists(),
                  "temporary_files_left": sorted(str(p.relative_to(mnt)) for p in mnt.rglob(".*partial"))}
         subprocess.run(["mount", "-o", f"remount,size={need * 3}", str(mnt)], check=True)
-        second = run_once(command(cat, mnt / "out", args, "--resume"), None)
+        second = run_once(command(cat, mnt / "out", args, "--resume"))
         return {"tmpfs_bytes": small, "results_bytes": need, "full": first, "after_full": state,
                 "resumed": second, "compare": compare(reference, mnt / "out", rtol=0.0)}
     finally:
@@ -182,15 +188,15 @@ def main() -> None:
         t0 = time.perf_counter()
         report["faults"] = make_catalog(cat, args.n, args.shards, args.seed)
         report["synth_s"] = round(time.perf_counter() - t0, 1)
-        ref = run_once(command(cat, work / "reference", args), None)
+        ref = run_once(command(cat, work / "reference", args))
         report["reference"] = ref | {"totals": json.loads((work / "reference/run-manifest.json").read_text())[
             "totals"]}
-        report["local"] = {"attempts": soak(cat, work / "local", args, ref["wall_s"], (), rng)}
+        report["local"] = {"attempts": soak(cat, work / "local", args, (), rng)}
         report["local"]["compare"] = compare(work / "reference", work / "local", rtol=0.0)
         if args.ray:
-            ray_ref = run_once(command(cat, work / "ray-clean", args, "--ray", "local"), None)
+            ray_ref = run_once(command(cat, work / "ray-clean", args, "--ray", "local"))
             clean = compare(work / "reference", work / "ray-clean", 1e-5)
-            attempts = soak(cat, work / "ray", args, ray_ref["wall_s"], ("--ray", "local"), rng)
+            attempts = soak(cat, work / "ray", args, ("--ray", "local"), rng)
             report["ray"] = {"clean": ray_ref | {"compare": clean}, "attempts": attempts}
             report["ray"]["compare"] = compare(work / "reference", work / "ray", rtol=1e-5)
         report["full_disk"] = full_disk(cat, work, work / "reference", args)

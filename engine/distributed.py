@@ -295,10 +295,9 @@ def _connect(ray, address: str, progress: bool) -> None:
     avoid_http_import_race()
     if not ray.is_initialized():
         _check_reachable(address)
-        kwargs = {} if address == "local" else {"address": address}
-        try:
-            ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False,
-                     runtime_env=RUNTIME_ENV, **kwargs)
+        try:  # address "local" starts a new instance even when `ray start` left one on this machine
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                     include_dashboard=False, runtime_env=RUNTIME_ENV)
         except ConnectionError as exc:
             raise _unreachable(address, exc) from exc
     ctx = ray.data.DataContext.get_current()  # importing ray.data configures its loggers: then quiet them

@@ -30,8 +30,8 @@ def local_ray():
     """One local Ray instance (2 CPUs) for the module: Ray takes seconds to start."""
     from starcast.engine.distributed import RUNTIME_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env=RUNTIME_ENV)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env=RUNTIME_ENV)  # "local": never join a cluster that `ray start` left on this machine
     yield ray
     ray.shutdown()
 
