@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +92,11 @@ def _cached_model(model_ref: str):
 
 def run_ray(files: list[Path], reports: list[FileReport], out: Path, model_ref, identity: RunIdentity, *,
             address: str, samples: int | None, seed: int, backend: str, batch_size: int, progress: bool,
-            model=None) -> dict[str, float]:
+            model=None, on_file: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Run `files` on the Ray cluster at `address` ("auto", "local" or host:port), updating
-    `reports` (one per file, in order); returns seconds per stage. A dataset that fails as a whole
-    raises `StarcastError` (`OutputError` for a results write that failed)."""
+    `reports` (one per file, in order) and calling `on_file` after each file is committed or failed;
+    returns seconds per stage. A dataset that fails as a whole raises `StarcastError` (`OutputError`
+    for a results write that failed)."""
     import ray
 
     _connect(ray, address, progress)
@@ -114,7 +115,7 @@ def run_ray(files: list[Path], reports: list[FileReport], out: Path, model_ref, 
     stage_seconds: dict[str, float] = defaultdict(float)
     try:
         _run_dataset(ray, readable, by_key, model, str(model_ref), identity, out,
-                     dict(samples=samples, seed=seed, backend=backend), batch_size, stage_seconds)
+                     dict(samples=samples, seed=seed, backend=backend), batch_size, stage_seconds, on_file)
     except (OutputError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - the cluster failed; the finished files stay finished
@@ -124,7 +125,7 @@ def run_ray(files: list[Path], reports: list[FileReport], out: Path, model_ref, 
 
 
 def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref: str, identity, out,
-                 options: dict, batch_size: int, stage_seconds: dict) -> None:
+                 options: dict, batch_size: int, stage_seconds: dict, on_file: Callable[[], None]) -> None:
     """One dataset over the read units of `readable`; commits each file when its last row is written."""
     units = [{PATH: str(inp.path.resolve()), "row_groups": unit}
              for inp in readable for unit in inp.units(batch_size)]
@@ -157,12 +158,14 @@ def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref:
                 if len(errors):
                     writers.pop(path).abort()
                     fail_file(report, errors[0].as_py())
+                    on_file()
                     continue
                 writer.write(rows.drop_columns([PATH, FILE_ERROR]), report)
                 _check_count(inp, report, final=False)
                 if report.rows_out == inp.num_rows:
                     writers.pop(path).commit(report)
                     report.status = "done"
+                    on_file()
             t0 = time.perf_counter()
             stage_seconds["write"] += t0 - t1
         for inp, report in by_key.values():

@@ -214,6 +214,7 @@ class RunManifest:
     files: list[FileReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    state: str = "running"  # running (or killed while running) | finished | stopped (see `error`)
     error: str | None = None  # why the run stopped early (files still "pending" were not finished)
 
     def totals(self) -> dict[str, int]:
@@ -232,7 +233,7 @@ class RunManifest:
             "model_sha256": self.identity.model_sha256, "seed": self.identity.seed,
             "samples": self.identity.samples, "backend": self.identity.backend,
             "pipeline": self.pipeline, "batch_size": self.batch_size, "input": self.input, "out": self.out,
-            "totals": totals, "error": self.error,
+            "state": self.state, "totals": totals, "error": self.error,
             "files_failed": [{"input": f.input, "error": f.error}
                              for f in self.files if f.status == "failed"],
             "wall_seconds": round(self.wall_seconds, 3),

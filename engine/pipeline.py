@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -129,8 +130,11 @@ class LocalPipeline:
     """Runs `files` through `model`, writing each file's results with the marker protocol."""
 
     def __init__(self, model, identity: RunIdentity, out: Path, *, samples: int | None, seed: int,
-                 backend: str, batch_size: int, progress: bool, workers: int = 1):
+                 backend: str, batch_size: int, progress: bool, workers: int = 1,
+                 on_file: Callable[[], None] = lambda: None):
+        """`on_file` is called after each file is committed or failed (the run manifest's checkpoint)."""
         self.model, self.identity, self.out = model, identity, out
+        self.on_file = on_file
         self.samples, self.seed, self.backend, self.batch_size = samples, seed, backend, batch_size
         self.progress = progress
         self.workers = workers
@@ -239,11 +243,13 @@ class LocalPipeline:
                     raise RuntimeError(f"{files[i]}: {payload} rows read but {report.rows_out} written")
                 writers.pop(i).commit(report)
                 report.status = "done"
+                self.on_file()
             elif kind == "fail":
                 failed.add(i)
                 if i in writers:
                     writers.pop(i).abort()
                 fail_file(report, payload)
+                self.on_file()
             self._add("write", time.perf_counter() - t0)
 
     def _put(self, q: queue.Queue, item, force: bool = False) -> None:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
@@ -65,16 +66,22 @@ def run_job(spec: JobSpec) -> dict:
         manifest = RunManifest(identity=identity, input=spec.input, out=str(out), files=reports,
                                pipeline="ray" if spec.ray is not None else "local",
                                batch_size=spec.batch_size)
+
+        def checkpoint() -> dict:  # the manifest on disk always shows what is done, whatever kills us
+            manifest.wall_seconds = time.perf_counter() - start
+            return manifest.write()
+
+        checkpoint()
         try:
             manifest.stage_seconds = _run_files(spec, model, identity, out, todo,
-                                                [r for r in reports if r.status == "pending"])
+                                                [r for r in reports if r.status == "pending"], checkpoint)
         except StarcastError as exc:
-            manifest.error, manifest.wall_seconds = str(exc), time.perf_counter() - start
+            manifest.state, manifest.error = "stopped", str(exc)
             with contextlib.suppress(OutputError):
-                manifest.write()
+                checkpoint()
             raise
-        manifest.wall_seconds = time.perf_counter() - start
-        return manifest.write()
+        manifest.state = "finished"
+        return checkpoint()
 
 
 def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport], list[Path]]:
@@ -100,10 +107,11 @@ def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport],
 
 
 def _run_files(spec: JobSpec, model, identity: RunIdentity, out: Path, files: list[Path],
-               reports: list[FileReport]) -> dict[str, float]:
-    """Run `files` on the local pipeline or Ray, updating `reports`; returns seconds per stage."""
+               reports: list[FileReport], on_file: Callable[[], None]) -> dict[str, float]:
+    """Run `files` on the local pipeline or Ray, updating `reports` (and calling `on_file` after
+    each file); returns seconds per stage."""
     options = {"samples": spec.samples, "seed": spec.seed, "backend": spec.backend,
-               "batch_size": spec.batch_size, "progress": spec.progress}
+               "batch_size": spec.batch_size, "progress": spec.progress, "on_file": on_file}
     if spec.ray is not None:
         from .distributed import run_ray  # imports ray only when asked for
 

@@ -173,7 +173,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_is_exact(tmp_path: Path, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
     manifest = json.loads((out / "run-manifest.json").read_text())
-    assert "No space left" in manifest["error"]
+    assert manifest["state"] == "stopped" and "No space left" in manifest["error"]
     assert [f["status"] for f in manifest["files"]] == ["done", "pending", "pending"]
     assert not [p for p in out.rglob(".*") if p.name != LOCK_NAME] and not (out / LOCK_NAME).exists()
 
