@@ -127,9 +127,22 @@ def run_ray(files: list[Path], reports: list[FileReport], out: Path, model_ref, 
 def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref: str, identity, out,
                  options: dict, batch_size: int, stage_seconds: dict, on_file: Callable[[], None]) -> None:
     """One dataset over the read units of `readable`; commits each file when its last row is written."""
-    units = [{PATH: str(inp.path.resolve()), "row_groups": unit}
-             for inp in readable for unit in inp.units(batch_size)]
-    ds = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
+    writers: dict[str, ResultsWriter] = {}
+
+    def commit(path: str) -> None:
+        report = by_key[path][1]
+        writers.pop(path).commit(report)
+        report.status = "done"
+        on_file()
+
+    for inp in readable:
+        if inp.num_rows == 0:  # no read unit: committed empty here
+            _start(inp, by_key, writers, out, identity, model)
+            commit(_key(inp))
+    units = [{PATH: _key(inp), "row_groups": unit} for inp in readable for unit in inp.units(batch_size)]
+    if not units:
+        return
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
     actors, read_cpus = _resources(ray)
     # max_retries=-1 is Ray Data's default for tasks, given explicitly: remote args that differ from
     # the actors' keep the reads out of the actor (Ray fuses a task stage into the next actor stage
@@ -139,12 +152,7 @@ def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref:
     ds = ds.map_batches(Inference, batch_format="pyarrow", batch_size=batch_size,
                         fn_constructor_args=(model_ref, options["samples"], options["seed"],
                                              options["backend"]), **actors)
-    writers: dict[str, ResultsWriter] = {}
     try:
-        for inp in readable:
-            if inp.num_rows == 0:
-                _start(inp, by_key, writers, out, identity, model).commit(by_key[_key(inp)][1])
-                by_key[_key(inp)][1].status = "done"
         t0 = time.perf_counter()
         for table in bounded(ds.iter_batches(batch_format="pyarrow", batch_size=None), stall_seconds()):
             t1 = time.perf_counter()
@@ -163,9 +171,7 @@ def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref:
                 writer.write(rows.drop_columns([PATH, FILE_ERROR]), report)
                 _check_count(inp, report, final=False)
                 if report.rows_out == inp.num_rows:
-                    writers.pop(path).commit(report)
-                    report.status = "done"
-                    on_file()
+                    commit(path)
             t0 = time.perf_counter()
             stage_seconds["write"] += t0 - t1
         for inp, report in by_key.values():

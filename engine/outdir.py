@@ -67,7 +67,11 @@ class OutputLock:
         self.path = out / LOCK_NAME
         self._fd: int | None = None
         while self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StarcastError(f"cannot create the lock file {self.path}: "
+                                    f"{exc.strerror or exc}") from exc
             try:
                 previous = _holder(fd)
                 if not _try_flock(fd, previous, out):
