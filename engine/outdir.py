@@ -3,10 +3,10 @@
 A run holds `OUT/.starcast.lock` (an exclusive `flock`, released by the kernel when the process dies,
 so a crashed run never blocks the next one) for its whole length; the file names the holder (pid,
 host, start time) for the message another run gets. A new run refuses an `OUT` that already holds
-files unless it is a `--resume`, and a resume refuses an `OUT` whose completion markers were made by
-another model, seed or S. On file systems without `flock` (some Lustre mounts), the lock falls back to
-the pid in the file: a lock held by a live process on this host, or by any process on another host,
-is respected.
+files (other than a run manifest) unless it is a `--resume`, and a resume refuses an `OUT` whose
+completion markers were made by another model, seed or S. On file systems without `flock` (some
+Lustre mounts), the lock falls back to the pid in the file: a lock held by a live process on this
+host, or by any process on another host, is respected.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import StarcastError
-from .manifest import MARKERS_DIR, RunIdentity, check_marker
+from .manifest import MANIFEST_NAME, MARKERS_DIR, RESULTS_DIR, RunIdentity, check_marker
 
 LOCK_NAME = ".starcast.lock"
 
@@ -47,7 +47,9 @@ def prepare_out(out: Path, identity: RunIdentity, *, resume: bool) -> OutputLock
 
 
 def _check_contents(out: Path, identity: RunIdentity, resume: bool) -> None:
-    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    # What a run that stopped before its first file leaves (a manifest, empty folders) holds no results.
+    held = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, MANIFEST_NAME)
+                  and not (p.name in (RESULTS_DIR, MARKERS_DIR) and p.is_dir() and not any(p.iterdir())))
     if held and not resume:
         raise StarcastError(f"--out {out} is not empty (it holds {', '.join(held[:3])}"
                             f"{', ...' if len(held) > 3 else ''}); pass --resume to continue the run "

@@ -213,6 +213,8 @@ def test_an_unreachable_ray_address_fails_fast(tmp_path: Path, tiny_bundle: Path
     with pytest.raises(StarcastError, match="cannot connect to a Ray cluster at '127.0.0.1:1'"):
         run(cat, tmp_path / "out", model=tiny_bundle, ray="127.0.0.1:1", progress=False)
     assert time.monotonic() - t0 < 30
+    assert json.loads((tmp_path / "out/run-manifest.json").read_text())["state"] == "stopped"
+    run(cat, tmp_path / "out", model=tiny_bundle, progress=False)  # no results yet: no --resume needed
 
 
 def test_the_wait_for_ray_results_is_bounded_and_closes_its_source() -> None:
