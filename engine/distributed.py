@@ -2,10 +2,10 @@
 pipeline.
 
 One dataset for all input files: the read units of each file (runs of row groups,
-`InputFile.units`) -> `map_batches(read_task)`, CPU tasks that read a unit with the local path's
-reader (`inputs.read_input`: page checksums verified, each file with its own schema and grid) and
-run `prepare_rows` -> `map_batches(Inference)` in an actor pool (one actor per GPU, CPU actors where
-there is none, always leaving CPUs to the read tasks; the model is loaded once per actor) ->
+`InputFile.units`) -> `map_batches(read_task)`, tasks that read a unit with the local path's reader
+(`inputs.read_input`: page checksums verified, each file with its own schema and grid) and run
+`prepare_rows`, reserving no CPU so that actors never starve them -> `map_batches(Inference)` in an
+actor pool (one actor per GPU, CPU actors where there is none; the model is loaded once per actor) ->
 streamed back in input order to the driver, which splits rows by their `path` and writes each file
 with the local pipeline's writer (temp + fsync + rename + marker, duplicate ids flagged); a file is
 committed when its rows out equal the row count of its footer. A file that cannot be read becomes
@@ -143,11 +143,10 @@ def _run_dataset(ray, readable: list[InputFile], by_key: dict, model, model_ref:
     if not units:
         return
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    actors, read_cpus = _resources(ray)
-    # max_retries=-1 is Ray Data's default for tasks, given explicitly: remote args that differ from
-    # the actors' keep the reads out of the actor (Ray fuses a task stage into the next actor stage
-    # when they match), so reading and preprocessing overlap inference instead of taking turns.
-    ds = ds.map_batches(read_task, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus, max_retries=-1,
+    actors, reads = _resources(ray)
+    # The reads' remote args differ from the actors' (num_cpus), which also keeps Ray from fusing
+    # them into the actors: reading and preprocessing overlap inference instead of taking turns.
+    ds = ds.map_batches(read_task, batch_format="pyarrow", batch_size=1, **reads,
                         fn_kwargs={"model_ref": model_ref, "batch_size": batch_size})
     ds = ds.map_batches(Inference, batch_format="pyarrow", batch_size=batch_size,
                         fn_constructor_args=(model_ref, options["samples"], options["seed"],
@@ -215,16 +214,21 @@ def _runs(table: pa.Table):
         yield paths[int(a)].as_py(), table.slice(int(a), int(b - a))
 
 
-def _resources(ray) -> tuple[dict, float]:
-    """(actor pool options, CPUs per read task). One actor per GPU; without GPUs, CPU actors on at
-    most half the CPUs, so that the read tasks always have CPUs left: actors that hold every CPU
-    starve the reads and the run never ends (on one CPU, actors and reads take half of it each)."""
+def _resources(ray) -> tuple[dict, dict]:
+    """(actor pool options, read task options). One inference actor per GPU; without GPUs, one
+    (1-CPU) actor per two CPUs. The read tasks ask for no CPU (at most as many run at once as there
+    are CPUs the actors leave), so they never wait for CPUs that actors hold: actors that held every
+    CPU (e.g. after a node was lost and its actor restarted elsewhere) would starve the reads and
+    the run would never end."""
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    share = 1.0 if cpus >= 2 else cpus / 2
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if gpus:
-        return {"compute": ray.data.ActorPoolStrategy(size=gpus), "num_gpus": 1}, share
-    return {"compute": ray.data.ActorPoolStrategy(size=max(1, int(cpus // 2))), "num_cpus": share}, share
+        actors = {"compute": ray.data.ActorPoolStrategy(size=gpus), "num_gpus": 1}
+        held = gpus
+    else:
+        held = max(1, cpus // 2)
+        actors = {"compute": ray.data.ActorPoolStrategy(size=held), "num_cpus": 1}
+    return actors, {"compute": ray.data.TaskPoolStrategy(size=max(1, cpus - held)), "num_cpus": 0}
 
 
 def stall_seconds() -> float:
