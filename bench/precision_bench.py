@@ -5,7 +5,8 @@ row's total sigma, sigma within 1% of itself), and the input handling that decid
     python bench/precision_bench.py                  # CPU: the rounding model (kernels/emulate.py)
     python bench/precision_bench.py --device cuda    # also the kernel itself on the GPU
 
-Spectra: the synthetic survey (`starcast.catalogs.synth`, SNR 20-300) through `Model.prepare`.
+Spectra: stars of the shipped TLUSTY sample (`catalogs.gridsynth.survey_table`, SNR 20-300) through
+`Model.prepare`.
 On the CPU the kernel's rounding is modelled in float64 (`ensemble_stats_emulated`: every cast to
 16 bits or tf32 where the kernel casts; under the interpreter the kernel agrees with it to 0.03% of
 sigma, bf16 0.12%, tests/kernels/test_emulate.py). Rows: the centre subtracted before the cast
@@ -20,19 +21,21 @@ import time
 from pathlib import Path
 
 import torch
-from starcast.catalogs.synth import SynthConfig, synth_table
+from starcast.catalogs.grids import read_grid
+from starcast.catalogs.gridsynth import survey_table
 from starcast.engine.predictor import kernel_centre
 from starcast.kernels.emulate import ensemble_stats_emulated
 from starcast.kernels.packing import pack_weights
 from starcast.kernels.reference import ensemble_stats_reference
 
 import starcast
+from starcast.demo import SAMPLE
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def spectra(model, n, seed):
-    table = synth_table(SynthConfig(n=n, seed=seed, snr=(20.0, 300.0), step=0.4, npix=2000))
+    table = survey_table(read_grid(SAMPLE), n, at_nodes=True, seed=seed)
     ok, x, keys = model._unpack(model.prepare(table))
     return torch.from_numpy(x[ok].copy()), torch.from_numpy(keys[ok].copy())
 
@@ -97,7 +100,7 @@ def main():
               f"{100 * r['mean_median']:.2f}% | {100 * r['mean_p99']:.2f}% | {100 * r['mean_max']:.2f}% | "
               f"{100 * r['rows_over_1pct']:.1f}% | {100 * r['sigma_max']:.2f}% |" for r in rows]
     (args.out / f"precision_{tag}.md").write_text(
-        f"# precision_bench: ob-default, {len(x)} synthetic spectra (SNR 20-300), S = {kw['samples']}\n\n"
+        f"# precision_bench: ob-default, {len(x)} TLUSTY-sample spectra (SNR 20-300), S = {kw['samples']}\n\n"
         f"`python bench/precision_bench.py --device {args.device}`. Errors against the float64 "
         f"reference; DESIGN.md's budget is 1%. The fitted centre lies {rms:.4f} rms from the mean "
         "of the other spectra.\n\n" + "\n".join(lines) + "\n")

@@ -286,6 +286,28 @@ def draw_survey(lib: BroadenedLibrary, labels: dict, pert: Perturbations, rng: n
                   else np.zeros(b), ids=id_start + np.arange(b, dtype=np.int64))
 
 
+def _grid_survey(grid: ModelGrid, n: int, at_nodes: bool, seed: int, snr, vsini, obs, cache, progress):
+    """(library, labels, perturbations, rng) of a survey of n stars of `grid` (see synth_from_grid)."""
+    lib = BroadenedLibrary.build(grid, obs, cache=cache, progress=progress)
+    pert = Perturbations(snr=tuple(snr), vsini=tuple(vsini), rv_error_kms=0.0)
+    rng = np.random.default_rng(seed)
+    if at_nodes:
+        nodes = lib.nodes[rng.integers(0, len(lib.nodes), n)]
+        labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, n)}
+    else:
+        labels = draw_labels(lib, n, pert, rng)
+    return lib, labels, pert, rng
+
+
+def survey_table(grid: ModelGrid, n: int, *, at_nodes: bool = False, seed: int = 0,
+                 snr: tuple[float, float] = (20.0, 300.0), vsini: tuple[float, float] = (0.0, 450.0),
+                 obs: Observation | None = None, cache: str | Path | None = None) -> pa.Table:
+    """`synth_from_grid`'s survey in memory, as one catalog table (for a few thousand stars)."""
+    lib, labels, pert, rng = _grid_survey(grid, n, at_nodes, seed, snr, vsini, obs or Observation(), cache,
+                                          False)
+    return draw_survey(lib, labels, pert, rng).table(lib.obs, {"seed": seed, "at_nodes": at_nodes})
+
+
 def synth_from_grid(grid: ModelGrid, n: int, out: str | Path, *, at_nodes: bool = False, seed: int = 0,
                     snr: tuple[float, float] = (20.0, 300.0), vsini: tuple[float, float] = (0.0, 450.0),
                     obs: Observation | None = None, shard_rows: int = 5000, cache: str | Path | None = None,
@@ -299,15 +321,8 @@ def synth_from_grid(grid: ModelGrid, n: int, out: str | Path, *, at_nodes: bool 
 
     from .io import new_output_dir, write_catalog
 
-    obs = obs or Observation()
-    lib = BroadenedLibrary.build(grid, obs, cache=cache, progress=progress)
-    pert = Perturbations(snr=tuple(snr), vsini=tuple(vsini), rv_error_kms=0.0)
-    rng = np.random.default_rng(seed)
-    if at_nodes:
-        nodes = lib.nodes[rng.integers(0, len(lib.nodes), n)]
-        labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, n)}
-    else:
-        labels = draw_labels(lib, n, pert, rng)
+    lib, labels, pert, rng = _grid_survey(grid, n, at_nodes, seed, snr, vsini, obs or Observation(), cache,
+                                          progress)
     provenance = {"library": lib.key, "seed": seed, "at_nodes": at_nodes, "perturbations": asdict(pert)}
     out = new_output_dir(out)
     paths = []
@@ -315,5 +330,5 @@ def synth_from_grid(grid: ModelGrid, n: int, out: str | Path, *, at_nodes: bool 
     for i, start in enumerate(tqdm(starts, desc="synth", unit="shard", disable=not progress)):
         part = {k: v[start:start + shard_rows] for k, v in labels.items()}
         survey = draw_survey(lib, part, pert, rng, id_start=start)
-        paths.append(write_catalog(survey.table(obs, provenance), out / f"part-{i:05d}.parquet"))
+        paths.append(write_catalog(survey.table(lib.obs, provenance), out / f"part-{i:05d}.parquet"))
     return paths

@@ -82,7 +82,8 @@ def list_inputs(spec: str | Path) -> list[Path]:
     return files
 
 
-def _open(path: str | Path) -> pq.ParquetFile:
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """One Parquet file, opened with page checksum verification; `CatalogError` if it cannot be."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError("no such file", file=str(path))
@@ -96,28 +97,35 @@ def _open(path: str | Path) -> pq.ParquetFile:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The key-value metadata of one Parquet file, decoded to str -> str."""
-    raw = _open(path).schema_arrow.metadata or {}
+    raw = open_parquet(path).schema_arrow.metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 def read_grid(path: str | Path) -> WavelengthGrid | None:
     """The shared wavelength grid of a file (`starcast.wavelength`), or None when it has none."""
-    return table_grid(_open(path).schema_arrow, str(path))
+    return table_grid(open_parquet(path).schema_arrow, str(path))
 
 
 def iter_batches(path: str | Path, batch_rows: int = 4096,
                  columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """Stream a catalog (file, directory or glob) as record batches of at most `batch_rows` rows."""
     for file in list_inputs(path):
-        pf = _open(file)
-        if columns is not None:
-            missing = [c for c in columns if c not in pf.schema_arrow.names]
-            if missing:
-                raise CatalogError(f"requested columns not in file: {missing}", file=str(file))
-        try:
-            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise CatalogError(f"corrupt Parquet data ({exc})", file=str(file)) from exc
+        yield from iter_file(file, batch_rows, columns=columns)
+
+
+def iter_file(path: str | Path, batch_rows: int = 4096, *, columns: list[str] | None = None,
+              row_groups: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream one Parquet file (or only its `row_groups`), page checksums verified: a corrupt page is
+    a `CatalogError` naming the file, never silently wrong data."""
+    pf = open_parquet(path)
+    if columns is not None:
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise CatalogError(f"requested columns not in file: {missing}", file=str(path))
+    try:
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups)
+    except (pa.ArrowException, OSError) as exc:
+        raise CatalogError(f"corrupt Parquet data ({exc})", file=str(path)) from exc
 
 
 def read_catalog(spec: str | Path) -> pa.Table:
@@ -128,7 +136,7 @@ def read_catalog(spec: str | Path) -> pa.Table:
     files = list_inputs(spec)
     tables, grids = [], set()
     for file in files:
-        pf = _open(file)
+        pf = open_parquet(file)
         try:
             tables.append(pf.read())
         except (pa.ArrowException, OSError) as exc:

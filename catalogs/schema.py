@@ -46,6 +46,7 @@ class Flag(enum.IntFlag):
     LINE_LOST = 128  # a diagnostic line (`starcast.catalogs.lines`) falls on a bad or missing pixel
     LOW_RESOLUTION = 256  # resolving power below the model's; numbers nulled (see `error`)
     UPPER_LIMIT = 4096  # below what the resolution can measure (v sin i): the value is an upper limit
+    DUPLICATE_ID = 8192  # the id already appeared on an earlier row of the same input file
 
 
 @dataclass(frozen=True)

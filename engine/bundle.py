@@ -3,13 +3,18 @@
 
 Weights are safetensors (`layers.{i}.weight` [M, in, out], `layers.{i}.bias` [M, out]; hidden layers
 first, the output head last with 2K outputs), the manifest is plain JSON carrying the sha256 of the
-weights file. Nothing here unpickles or executes code. Inference lives in `predictor.py`, not here.
+weights file (`weights_sha256`) and `bundle_sha256`, the sha256 of the manifest's canonical JSON
+(keys sorted, no spaces, UTF-8) without that key: it covers every number of the manifest and, through
+`weights_sha256`, the weights. `save_bundle` and `seal` write both; loading checks both, then the
+values of the keys it knows (finite, positive scales, sane architecture). Nothing here unpickles or
+executes code. Inference lives in `predictor.py`, not here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from ..catalogs.schema import WavelengthGrid
 from ..errors import ModelError
+from ..kernels.reference import ACTIVATIONS
 from .calibration import Calibration
 
 SCHEMA_VERSION = 1
@@ -32,7 +38,8 @@ TARGET_KEYS = ("name", "unit", "mean", "std", "min", "max", "calibration")
 OPTIONAL_TARGET_KEYS = ("physical_min", "upper_limit_below")
 ARCHITECTURE_KEYS = ("input_dim", "hidden", "activation", "dropout", "members", "samples", "var_eps")
 REQUIRED_KEYS = ("schema_version", "name", "targets", "grid", "preprocess", "architecture",
-                 "weights_sha256")
+                 "weights_sha256", "bundle_sha256")
+_SEAL_HINT = "re-export the bundle, or re-seal it with starcast.engine.bundle.seal(path) if the edit is yours"
 INPUT_CENTRE = "input_centre"  # optional: the training mean of each input (input_dim floats)
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -70,6 +77,11 @@ class Bundle:
     @property
     def weights_sha256(self) -> str:
         return self.manifest["weights_sha256"]
+
+    @property
+    def sha256(self) -> str:
+        """The model's identity: `bundle_sha256`, over the manifest and (through its hash) the weights."""
+        return self.manifest["bundle_sha256"]
 
     @property
     def targets(self) -> list[Target]:
@@ -160,56 +172,108 @@ def sha256_file(path: Path) -> str:
 
 def save_bundle(path: str | os.PathLike, layers: Sequence[tuple], manifest: dict) -> Path:
     """Write `layers` (numpy arrays or torch tensors, stored as float32) and `manifest` to the
-    directory `path` (created if needed, files overwritten); fills `schema_version` and
-    `weights_sha256`. The manifest's `grid` may be a `WavelengthGrid` or its JSON dict.
-    Returns the bundle directory. Raises `ModelError` if the shapes disagree with the manifest."""
+    directory `path` (created if needed, files overwritten); fills `schema_version`, `weights_sha256`
+    and `bundle_sha256`. The manifest's `grid` may be a `WavelengthGrid` or its JSON dict.
+    Returns the bundle directory. Raises `ModelError` if the shapes or values are not valid."""
     path = Path(path)
     tensors = [(_as_tensor(w), _as_tensor(b)) for w, b in layers]
     manifest = dict(manifest)
     if isinstance(manifest.get("grid"), WavelengthGrid):
         manifest["grid"] = json.loads(manifest["grid"].to_json())
     manifest["schema_version"] = SCHEMA_VERSION
-    manifest["weights_sha256"] = ""
-    _check_manifest(manifest, path)
-    _check_shapes(tensors, manifest, path)
     blob = save_safetensors({f"layers.{i}.{kind}": t for i, (w, b) in enumerate(tensors)
                              for kind, t in (("weight", w), ("bias", b))})
-    manifest["weights_sha256"] = hashlib.sha256(blob).hexdigest()
-    json.dumps(manifest, allow_nan=False)  # refuse NaN/inf before anything is written
+    manifest = _sealed(manifest, hashlib.sha256(blob).hexdigest(), path)
+    _check_shapes(tensors, manifest, path)
     path.mkdir(parents=True, exist_ok=True)
     (path / WEIGHTS_FILE).write_bytes(blob)
-    (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    _write_manifest(path, manifest)
     return path
 
 
+def seal(path: str | os.PathLike) -> str:
+    """Re-seal the bundle directory `path` after its manifest was edited (e.g. a new calibration):
+    recompute `weights_sha256` from the weights file and `bundle_sha256` over the manifest, check
+    the values and shapes, rewrite `manifest.json`. Returns the new `bundle_sha256`."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    blob = (path / WEIGHTS_FILE).read_bytes()
+    manifest = _sealed(manifest, hashlib.sha256(blob).hexdigest(), path)
+    _check_shapes(_layers_from_tensors(_load_tensors(blob, path), path), manifest, path)
+    _write_manifest(path, manifest)
+    return manifest["bundle_sha256"]
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the canonical JSON of `manifest` without `bundle_sha256` (what that key records)."""
+    body = {k: v for k, v in manifest.items() if k != "bundle_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def load_bundle(name_or_path: str | os.PathLike) -> Bundle:
-    """Load and verify a bundle: the manifest's schema version and keys, the sha256 of the weights
-    file, and the layer shapes against the architecture. Any mismatch raises `ModelError`."""
+    """Load and verify a bundle: the manifest's schema version, keys and values, the sha256 of the
+    weights file and of the manifest, and the layer shapes against the architecture. Any mismatch
+    raises `ModelError` naming the file or key."""
     path = resolve(name_or_path)
+    manifest = _read_manifest(path)
+    _check_manifest(manifest, path)
+    blob = (path / WEIGHTS_FILE).read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != manifest["weights_sha256"]:
+        raise ModelError(f"model bundle {path}: sha256 of {WEIGHTS_FILE} is {digest}, but the manifest "
+                         f"expects {manifest['weights_sha256']}; the weights were modified or belong to "
+                         f"another model — restore the original files or re-export the bundle")
+    digest = manifest_sha256(manifest)
+    if digest != manifest["bundle_sha256"]:
+        raise ModelError(f"model bundle {path}: the sha256 of {MANIFEST_FILE} is {digest}, but its "
+                         f"bundle_sha256 says {manifest['bundle_sha256']}; the manifest was edited after "
+                         f"export — restore it, {_SEAL_HINT}")
+    layers = _layers_from_tensors(_load_tensors(blob, path), path)
+    _check_shapes(layers, manifest, path)
+    return Bundle(path=path, manifest=manifest, layers=layers)
+
+
+def _read_manifest(path: Path) -> dict:
     manifest_file, weights_file = path / MANIFEST_FILE, path / WEIGHTS_FILE
     for f in (manifest_file, weights_file):
         if not f.is_file():
             raise ModelError(f"model bundle {path}: {f.name} is missing; a bundle needs both "
                              f"{MANIFEST_FILE} and {WEIGHTS_FILE} (re-export it with save_bundle)")
     try:
-        manifest = json.loads(manifest_file.read_text())
+        return json.loads(manifest_file.read_text(), parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"model bundle {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
+    except ValueError as exc:
+        raise ModelError(f"model bundle {path}: {MANIFEST_FILE} holds {exc}; every number must be "
+                         f"finite") from exc
+
+
+def _no_constant(name: str):
+    raise ValueError(f"the non-finite number {name}")
+
+
+def _sealed(manifest: dict, weights_sha256: str, path: Path) -> dict:
+    """`manifest` with both hashes filled, after its values were checked."""
+    manifest = {**manifest, "weights_sha256": weights_sha256, "bundle_sha256": ""}
     _check_manifest(manifest, path)
-    blob = weights_file.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != manifest["weights_sha256"]:
-        raise ModelError(f"model bundle {path}: sha256 of {WEIGHTS_FILE} is {digest}, but the manifest "
-                         f"expects {manifest['weights_sha256']}; the weights were modified or belong to "
-                         f"another model — restore the original files or re-export the bundle")
     try:
-        tensors = load_safetensors(blob)
+        manifest["bundle_sha256"] = manifest_sha256(manifest)
+    except ValueError as exc:  # NaN or infinity somewhere (allow_nan=False)
+        raise ModelError(f"model bundle {path}: the manifest holds a non-finite number ({exc})") from exc
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+
+def _load_tensors(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(blob)
     except SafetensorError as exc:
         raise ModelError(f"model bundle {path}: {WEIGHTS_FILE} is not a valid safetensors file "
                          f"({exc})") from exc
-    layers = _layers_from_tensors(tensors, path)
-    _check_shapes(layers, manifest, path)
-    return Bundle(path=path, manifest=manifest, layers=layers)
 
 
 def _as_tensor(a) -> torch.Tensor:
@@ -245,16 +309,34 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         lacks = [k for k in TARGET_KEYS if k not in t]
         if lacks:
             raise ModelError(f"{where}: target {i} lacks {lacks}")
-        if not (t["std"] > 0 and t["calibration"] > 0 and t["min"] <= t["max"]):
-            raise ModelError(f"{where}: target {t['name']!r} needs std > 0, calibration > 0 and "
-                             f"min <= max (got std={t['std']}, calibration={t['calibration']}, "
-                             f"range [{t['min']}, {t['max']}])")
+        key = f"targets[{i}]"
+        if not isinstance(t["name"], str) or not t["name"] or not isinstance(t["unit"], str):
+            raise ModelError(f"{where}: {key} needs a non-empty string name and a string unit")
+        _require(_real(t["mean"]), where, f"{key}.mean", "a finite number", t["mean"])
+        _require(_real(t["std"]) and t["std"] > 0, where, f"{key}.std", "a finite number > 0", t["std"])
+        for bound in ("min", "max"):
+            _require(_real(t[bound]), where, f"{key}.{bound}", "a finite number", t[bound])
+        _require(t["min"] < t["max"], where, f"{key}.min", f"below {key}.max ({t['max']})", t["min"])
+        _check_scales(t["calibration"], where, f"{key}.calibration")
     arch = manifest["architecture"]
     lacks = [k for k in ARCHITECTURE_KEYS if k not in arch]
     if lacks:
         raise ModelError(f"{where}: 'architecture' lacks {lacks}")
-    if not 0 <= arch["dropout"] < 1:
-        raise ModelError(f"{where}: architecture.dropout must be in [0, 1), got {arch['dropout']}")
+    for k in ("input_dim", "members", "samples"):
+        _require(_count(arch[k]), where, f"architecture.{k}", "a positive integer", arch[k])
+    hidden = arch["hidden"]
+    _require(isinstance(hidden, list) and all(_count(h) for h in hidden), where, "architecture.hidden",
+             "a list of positive integers", hidden)
+    _require(_real(arch["dropout"]) and 0 <= arch["dropout"] < 1, where, "architecture.dropout",
+             "in [0, 1)", arch["dropout"])
+    _require(_real(arch["var_eps"]) and arch["var_eps"] > 0, where, "architecture.var_eps",
+             "a finite number > 0", arch["var_eps"])
+    _require(arch["activation"] in ACTIVATIONS, where, "architecture.activation",
+             f"one of {sorted(ACTIVATIONS)}", arch["activation"])
+    thresholds = (manifest.get("ood") or {}).get("epistemic_sigma_threshold") or {}
+    for name, value in thresholds.items():
+        _require(_real(value) and value > 0, where, f"ood.epistemic_sigma_threshold.{name}",
+                 "a finite number > 0", value)
     try:
         n = len(WavelengthGrid.from_json(json.dumps(manifest["grid"])).values())
     except (ValueError, KeyError, TypeError) as exc:
@@ -270,6 +352,34 @@ def _check_manifest(manifest: dict, path: Path) -> None:
                                    and all(isinstance(v, int | float) and np.isfinite(v) for v in centre)):
         raise ModelError(f"{where}: '{INPUT_CENTRE}' must be a list of {arch['input_dim']} finite numbers "
                          f"(the training mean of each input)")
+
+
+def _real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _require(ok: bool, where: str, key: str, expected: str, got) -> None:
+    if not ok:
+        raise ModelError(f"{where}: {key} must be {expected}, got {got!r}")
+
+
+def _check_scales(value, where: str, key: str) -> None:
+    """A calibration is a scale on sigma (a number > 0), or an object whose `scale*` entries are such
+    numbers or lists of them; its other entries belong to richer calibrations and are not checked here
+    (the manifest hash still covers them)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if "scale" in k:
+                items = enumerate(v) if isinstance(v, list) else [(None, v)]
+                for j, x in items:
+                    _require(_real(x) and x > 0, where, f"{key}.{k}" + ("" if j is None else f"[{j}]"),
+                             "a finite number > 0", x)
+        return
+    _require(_real(value) and value > 0, where, key, "a finite number > 0 (a scale on sigma)", value)
 
 
 def _check_shapes(layers: Layers, manifest: dict, path: Path) -> None:

@@ -3,24 +3,28 @@
 The protocol that makes runs resumable and exactly-once, shared by the local and the Ray pipeline:
 a results file `OUT/results/<stem>.parquet` is written under a hidden temporary name, fsync'd and
 renamed into place, and only then is its completion marker `OUT/markers/<stem>.done` (JSON: rows,
-model hash, seed, S) written, atomically too. A file without a marker is never trusted: `--resume`
-redoes it. Markers live outside `results/` so that folder reads as a plain Parquet dataset.
+model hash, seed, S, the input's fingerprint) written, atomically too. A file without a marker is
+never trusted: `--resume` redoes it, and one whose input changed since. Markers live outside
+`results/` so that folder reads as a plain Parquet dataset. A failure to write (disk full) is an
+`OutputError`; the writer then leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..catalogs.schema import ERROR, FLAGS
-from ..errors import StarcastError
+from ..catalogs.schema import ERROR, FLAGS, ID, Flag
+from ..errors import OutputError, StarcastError
+from .inputs import fingerprint
 
 RESULTS_DIR = "results"
 MARKERS_DIR = "markers"
@@ -86,72 +90,116 @@ class FileReport:
     rows_out: int = 0
     rows_flagged: int = 0  # rows with any flag bit set (they still have numbers unless failed)
     rows_failed: int = 0  # rows with an error and no numbers
+    rows_duplicate: int = 0  # rows flagged DUPLICATE_ID (their id came earlier in the same file)
     output: str | None = None
     error: str | None = None
+    note: str | None = None  # e.g. why a file was redone on --resume
 
     def count(self, table: pa.Table) -> None:
+        flags = table[FLAGS].to_numpy(zero_copy_only=False)
         self.rows_out += table.num_rows
-        self.rows_flagged += int(pc.sum(pc.not_equal(table[FLAGS], 0)).as_py() or 0)
+        self.rows_flagged += int(np.count_nonzero(flags))
         self.rows_failed += table.num_rows - table[ERROR].null_count
+        self.rows_duplicate += int(np.count_nonzero(flags & Flag.DUPLICATE_ID))
+
+    def reset(self) -> None:
+        """Forget the rows counted so far (the file's results were dropped)."""
+        self.rows_out = self.rows_flagged = self.rows_failed = self.rows_duplicate = 0
 
 
 class ResultsWriter:
-    """Streams one input file's results to a hidden temporary file; `commit` makes it visible."""
+    """Streams one input file's results to a hidden temporary file; `commit` makes it visible.
+
+    Creating the writer clears the input's earlier results and marker and takes the input's
+    fingerprint (before any row is read, so a file replaced during the run is redone next time)."""
 
     def __init__(self, out: Path, input_file: Path, identity: RunIdentity, empty: pa.Table):
         """`empty`: the zero-row results table written when the input has no rows."""
         self.input_file, self.identity, self.empty = input_file, identity, empty
         self.final = results_path(out, input_file)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = self.final.with_name(f".{self.final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+        self.fingerprint = fingerprint(input_file)
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
+        self._seen: set = set()
+        with _writing(self.final):
+            marker_path(out, input_file).unlink(missing_ok=True)  # marker first: never a stale pair
+            self.final.unlink(missing_ok=True)
+            self.final.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            ours = self.identity.file_metadata(self.input_file)
-            meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in ours.items()}}
-            self._schema = table.schema.with_metadata(meta)
-            self._writer = pq.ParquetWriter(self.temp, self._schema)
-        else:
-            table = table.select(self._schema.names).cast(self._schema)
-        self._writer.write_table(table)
+    def write(self, table: pa.Table, report: FileReport) -> None:
+        """Flag ids seen earlier in this file (DUPLICATE_ID), write the rows, count them in `report`."""
+        table = self._flag_duplicates(table)
+        with _writing(self.temp):
+            if self._writer is None:
+                ours = self.identity.file_metadata(self.input_file)
+                meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in ours.items()}}
+                self._schema = table.schema.with_metadata(meta)
+                self._writer = pq.ParquetWriter(self.temp, self._schema)
+            else:
+                table = table.select(self._schema.names).cast(self._schema)
+            self._writer.write_table(table)
+        report.count(table)
 
     def commit(self, report: FileReport) -> None:
-        """Close, fsync and rename the results file, then write the marker (last)."""
-        if self._writer is None:
-            self.write(self.empty)
-        self._writer.close()
-        _fsync(self.temp)
-        os.replace(self.temp, self.final)
-        _fsync(self.final.parent)
+        """Close, fsync and rename the results file, then write the marker (last). If that fails,
+        nothing of this file is left but, at worst, a results file without a marker."""
+        try:
+            if self._writer is None:
+                self.write(self.empty, report)
+            with _writing(self.temp):
+                self._writer.close()
+                self._writer = None
+                _fsync(self.temp)
+                os.replace(self.temp, self.final)
+                _fsync(self.final.parent)
+        except OutputError:
+            self.abort()
+            raise
         marker = {"input": str(self.input_file), "rows": report.rows_out, "flagged": report.rows_flagged,
-                  "failed": report.rows_failed, "model": self.identity.model,
-                  "model_sha256": self.identity.model_sha256, "seed": self.identity.seed,
-                  "samples": self.identity.samples, "version": self.identity.version,
+                  "failed": report.rows_failed, "duplicates": report.rows_duplicate,
+                  "model": self.identity.model, "model_sha256": self.identity.model_sha256,
+                  "seed": self.identity.seed, "samples": self.identity.samples,
+                  "version": self.identity.version, "input_fingerprint": self.fingerprint,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         path = marker_path(self.final.parent.parent, self.input_file)
-        path.parent.mkdir(exist_ok=True)
+        with _writing(path):
+            path.parent.mkdir(exist_ok=True)
         write_json_atomic(path, marker)
         report.output = str(self.final)
 
     def abort(self) -> None:
-        """Drop what was written; the input keeps no results and no marker."""
+        """Drop what was written; the input keeps no results and no marker. Never raises (it runs
+        while another error, e.g. a full disk, is being reported)."""
         if self._writer is not None:
-            self._writer.close()
-        self.temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self._writer.close()
+            self._writer = None
+        with contextlib.suppress(OSError):
+            self.temp.unlink(missing_ok=True)
 
-
-def clear_outputs(out: Path, input_file: Path) -> None:
-    """Before (re)writing an input's results: marker first, so a crash never leaves a stale pair."""
-    marker_path(out, input_file).unlink(missing_ok=True)
-    results_path(out, input_file).unlink(missing_ok=True)
+    def _flag_duplicates(self, table: pa.Table) -> pa.Table:
+        dup = np.zeros(table.num_rows, dtype=bool)
+        for i, value in enumerate(table[ID].to_pylist()):
+            if value is None:
+                continue  # a null id is an error row of its own, not a duplicate
+            if value in self._seen:
+                dup[i] = True
+            else:
+                self._seen.add(value)
+        if not dup.any():
+            return table
+        flags = table[FLAGS].to_numpy(zero_copy_only=False) | np.where(dup, int(Flag.DUPLICATE_ID), 0)
+        return table.set_column(table.schema.get_field_index(FLAGS), table.schema.field(FLAGS),
+                                pa.array(flags.astype(np.int32), pa.int32()))
 
 
 def remove_stale_partials(out: Path) -> None:
-    """Temporary files left by a killed run (they never look complete, but they take space)."""
-    for path in (out / RESULTS_DIR).glob(f".*{PARTIAL_SUFFIX}"):
-        path.unlink(missing_ok=True)
+    """Temporary files left by a killed run (they never look complete, but they take space). Only
+    the holder of the output directory's lock may call this."""
+    for folder in (out, out / RESULTS_DIR, out / MARKERS_DIR):
+        for path in folder.glob(f".*{PARTIAL_SUFFIX}"):
+            path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -166,6 +214,8 @@ class RunManifest:
     files: list[FileReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    state: str = "running"  # running (or killed while running) | finished | stopped (see `error`)
+    error: str | None = None  # why the run stopped early (files still "pending" were not finished)
 
     def totals(self) -> dict[str, int]:
         done = [f for f in self.files if f.status != "failed"]
@@ -173,7 +223,7 @@ class RunManifest:
                 "files_skipped": sum(f.status == "skipped" for f in self.files),
                 "files_failed": len(self.files) - len(done),
                 **{k: sum(getattr(f, k) for f in self.files)
-                   for k in ("rows_in", "rows_out", "rows_flagged", "rows_failed")}}
+                   for k in ("rows_in", "rows_out", "rows_flagged", "rows_failed", "rows_duplicate")}}
 
     def to_dict(self) -> dict:
         totals = self.totals()
@@ -183,7 +233,7 @@ class RunManifest:
             "model_sha256": self.identity.model_sha256, "seed": self.identity.seed,
             "samples": self.identity.samples, "backend": self.identity.backend,
             "pipeline": self.pipeline, "batch_size": self.batch_size, "input": self.input, "out": self.out,
-            "totals": totals,
+            "state": self.state, "totals": totals, "error": self.error,
             "files_failed": [{"input": f.input, "error": f.error}
                              for f in self.files if f.status == "failed"],
             "wall_seconds": round(self.wall_seconds, 3),
@@ -199,14 +249,31 @@ class RunManifest:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write `obj` to a temporary file, fsync, rename over `path`; `OutputError` (and no temporary
+    file left) if that fails."""
     temp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-    with open(temp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    _fsync(path.parent)
+    try:
+        with _writing(path):
+            with open(temp, "w") as f:
+                json.dump(obj, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+            _fsync(path.parent)
+    except OutputError:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn an OSError (disk full, permission denied, I/O error) into one-line `OutputError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _fsync(path: Path) -> None:

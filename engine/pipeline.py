@@ -18,36 +18,51 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ..catalogs.io import iter_batches, read_grid
 from ..catalogs.schema import ERROR, FLAGS, ID, Flag, WavelengthGrid, results_schema
 from ..errors import CatalogError, StarcastError
-from .manifest import FileReport, ResultsWriter, RunIdentity, clear_outputs
+from .inputs import footer_rows, open_input, read_input
+from .manifest import FileReport, ResultsWriter, RunIdentity
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
 
 
 # --- the per-batch steps, shared with the Ray pipeline -------------------------------------------
 
-def prepare_rows(model, batch: pa.RecordBatch, grid: WavelengthGrid | None) -> pa.RecordBatch:
-    """`model.prepare(batch)`, one prepared row per input row whatever happens: if the batch raises,
-    each row is retried alone and a row that still fails gets PREPROCESS_FAILED and its error.
-    A `StarcastError` (e.g. no grid for the file) concerns the whole file and is raised."""
+def prepare_rows(model, batch: pa.RecordBatch, grid: WavelengthGrid | None,
+                 first_row: int = 0) -> pa.RecordBatch:
+    """`model.prepare(batch)`, one prepared row per input row whatever happens: a row with a null id
+    gets an error row (it cannot be keyed or joined) and the others go on; if the batch raises, each
+    row is retried alone and a row that still fails gets PREPROCESS_FAILED and its error. Every target
+    label column is present (null where the input has none), so batches of any file share a schema.
+    `first_row`: the file row number of the batch's first row, for messages. A `StarcastError`
+    (e.g. no grid for the file) concerns the whole file and is raised."""
+    null = batch.column(ID).is_null().to_numpy(zero_copy_only=False)
+    if null.any():
+        rows = np.flatnonzero(null)
+        pieces = [failed_prepared(model, batch.take(pa.array(rows)),
+                                   [f"id is null (input row {first_row + int(r)})" for r in rows])]
+        if not null.all():
+            pieces.insert(0, prepare_rows(model, batch.filter(pa.array(~null)), grid, first_row))
+        order = np.argsort(np.concatenate([np.flatnonzero(~null), rows]), kind="stable")
+        table = pa.Table.from_batches(pieces) if len(pieces) == 1 else pa.concat_tables(
+            [pa.Table.from_batches([p]) for p in pieces], promote_options="permissive")
+        return as_batch(table.take(pa.array(order)))
     try:
-        return as_batch(model.prepare(batch, source_grid=grid))
+        return _with_labels(model, as_batch(model.prepare(batch, source_grid=grid)))
     except StarcastError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure becomes a flagged row, never a lost one
         if batch.num_rows == 1:
-            return _failed_prepared(model, batch, f"preprocessing failed: {type(exc).__name__}: {exc}")
-    pieces = [pa.Table.from_batches([prepare_rows(model, batch.slice(i, 1), grid)])
+            return failed_prepared(model, batch, [f"preprocessing failed: {type(exc).__name__}: {exc}"])
+    pieces = [pa.Table.from_batches([prepare_rows(model, batch.slice(i, 1), grid, first_row + i)])
               for i in range(batch.num_rows)]
     return as_batch(pa.concat_tables(pieces, promote_options="permissive"))
 
@@ -82,15 +97,26 @@ def as_batch(obj: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
     return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=obj.schema)
 
 
-def _failed_prepared(model, batch: pa.RecordBatch, error: str) -> pa.RecordBatch:
+def failed_prepared(model, batch: pa.RecordBatch, errors: list[str]) -> pa.RecordBatch:
+    """Prepared rows that will not be predicted: PREPROCESS_FAILED, one error message per row."""
     n, dim = batch.num_rows, int(model.bundle.architecture["input_dim"])
     cols = {ID: batch.column(ID),
             "x": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * dim, np.float32)), dim),
             "key": pa.array(np.zeros(n, np.int64)),
             FLAGS: pa.array(np.full(n, int(Flag.PREPROCESS_FAILED), np.int32)),
-            ERROR: pa.array([error] * n, pa.string())}
+            ERROR: pa.array(errors, pa.string())}
     cols.update({k: batch.column(k).cast(pa.float64()) for k in model.bundle.target_names
                  if k in batch.schema.names})
+    return _with_labels(model, pa.RecordBatch.from_pydict(cols))
+
+
+def _with_labels(model, prepared: pa.RecordBatch) -> pa.RecordBatch:
+    """`prepared` with every target label column, in target order (null where the input had none)."""
+    labels = model.bundle.target_names
+    cols = {k: prepared.column(k) for k in prepared.schema.names if k not in labels}
+    for name in labels:
+        cols[name] = (prepared.column(name).cast(pa.float64()) if name in prepared.schema.names
+                      else pa.nulls(prepared.num_rows, pa.float64()))
     return pa.RecordBatch.from_pydict(cols)
 
 
@@ -104,8 +130,11 @@ class LocalPipeline:
     """Runs `files` through `model`, writing each file's results with the marker protocol."""
 
     def __init__(self, model, identity: RunIdentity, out: Path, *, samples: int | None, seed: int,
-                 backend: str, batch_size: int, progress: bool, workers: int = 1):
+                 backend: str, batch_size: int, progress: bool, workers: int = 1,
+                 on_file: Callable[[], None] = lambda: None):
+        """`on_file` is called after each file is committed or failed (the run manifest's checkpoint)."""
         self.model, self.identity, self.out = model, identity, out
+        self.on_file = on_file
         self.samples, self.seed, self.backend, self.batch_size = samples, seed, backend, batch_size
         self.progress = progress
         self.workers = workers
@@ -113,8 +142,9 @@ class LocalPipeline:
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
-    def run(self, files: list[Path]) -> list[FileReport]:
-        reports = [FileReport(str(f)) for f in files]
+    def run(self, files: list[Path], reports: list[FileReport]) -> None:
+        """Run `files`, updating `reports` (one per file, in order) as files finish or fail; they
+        stay valid when the run stops on an error (e.g. a full disk), for the run manifest."""
         prepared_q: queue.Queue = queue.Queue(maxsize=2 * self.workers)
         results_q: queue.Queue = queue.Queue(maxsize=2)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="starcast-prepare")
@@ -122,7 +152,7 @@ class LocalPipeline:
                                     name="starcast-read", daemon=True),
                    threading.Thread(target=self._guard, args=(self._infer, prepared_q, results_q),
                                     name="starcast-infer", daemon=True)]
-        total = sum(_num_rows(f) for f in files)
+        total = sum(footer_rows(f) for f in files)
         bar = tqdm(total=total, unit="spectra", unit_scale=True, dynamic_ncols=True, desc="starcast run",
                    disable=not self.progress or not sys.stderr.isatty())
         writers: dict[int, ResultsWriter] = {}
@@ -138,7 +168,6 @@ class LocalPipeline:
             for t in threads:
                 t.join(timeout=5)
             bar.close()
-        return reports
 
     # Each stage below runs in its own thread; messages are (kind, file index, payload) tuples,
     # kind in start | rows | end | fail | crash, kept in input order from reader to writer.
@@ -157,27 +186,23 @@ class LocalPipeline:
         for i, path in enumerate(files):
             t0 = time.perf_counter()
             try:
-                schema = pq.read_schema(path)
-                if ID not in schema.names:
-                    raise CatalogError(f"no {ID!r} column (columns: {', '.join(schema.names)})",
-                                       file=str(path))
-                grid = read_grid(path)
-                self._put(out_q, _done(("start", i, schema.field(ID).type)))
+                inp = open_input(path)
+                self._put(out_q, _done(("start", i, inp.id_type)))
                 rows = 0
-                for batch in iter_batches(path, batch_rows=self.batch_size):
+                for batch in read_input(inp, self.batch_size):
                     self._add("read", time.perf_counter() - t0)
+                    self._put(out_q, pool.submit(self._prepare, i, batch, inp.grid, rows))
                     rows += batch.num_rows
-                    self._put(out_q, pool.submit(self._prepare, i, batch, grid))
                     t0 = time.perf_counter()
                 self._put(out_q, _done(("end", i, rows)))
             except (CatalogError, OSError, pa.ArrowException) as exc:
                 self._put(out_q, _done(("fail", i, _reason(exc))))
         self._put(out_q, _done(None))
 
-    def _prepare(self, i: int, batch: pa.RecordBatch, grid: WavelengthGrid | None):
+    def _prepare(self, i: int, batch: pa.RecordBatch, grid: WavelengthGrid | None, first_row: int):
         t0 = time.perf_counter()
         try:
-            msg = ("rows", i, prepare_rows(self.model, batch, grid))
+            msg = ("rows", i, prepare_rows(self.model, batch, grid, first_row))
         except StarcastError as exc:
             msg = ("fail", i, _reason(exc))
         self._add("prepare", time.perf_counter() - t0)
@@ -207,12 +232,10 @@ class LocalPipeline:
             if i in failed:
                 continue  # the rest of a file that failed
             if kind == "start":
-                clear_outputs(self.out, files[i])
                 empty = failed_results(pa.array([], payload), targets, 0, None)
                 writers[i] = ResultsWriter(self.out, files[i], self.identity, empty)
             elif kind == "rows":
-                writers[i].write(payload)
-                report.count(payload)
+                writers[i].write(payload, report)
                 bar.update(payload.num_rows)
             elif kind == "end":
                 report.rows_in = payload
@@ -220,13 +243,13 @@ class LocalPipeline:
                     raise RuntimeError(f"{files[i]}: {payload} rows read but {report.rows_out} written")
                 writers.pop(i).commit(report)
                 report.status = "done"
+                self.on_file()
             elif kind == "fail":
                 failed.add(i)
                 if i in writers:
                     writers.pop(i).abort()
-                report.status, report.error = "failed", payload
-                report.rows_out = report.rows_flagged = report.rows_failed = 0
-                tqdm.write(f"starcast: skipping {files[i]}: {payload}", file=sys.stderr)
+                fail_file(report, payload)
+                self.on_file()
             self._add("write", time.perf_counter() - t0)
 
     def _put(self, q: queue.Queue, item, force: bool = False) -> None:
@@ -260,11 +283,13 @@ def _done(msg) -> Future:
     return fut
 
 
-def _num_rows(path: Path) -> int:
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except (OSError, pa.ArrowException):
-        return 0
+def fail_file(report: FileReport, reason: str) -> None:
+    """Mark an input file failed (no results kept), say so on stderr; `rows_in` still counts what
+    its footer holds, so the manifest shows the rows that did not come out."""
+    report.status, report.error = "failed", reason
+    report.rows_in = footer_rows(report.input)
+    report.reset()
+    tqdm.write(f"starcast: skipping {report.input}: {reason}", file=sys.stderr)
 
 
 def _reason(exc: Exception) -> str:

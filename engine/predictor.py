@@ -212,8 +212,9 @@ class Model:
                                         seed=seed)
 
     def metadata(self, *, samples: int | None = None, seed: int = 0, backend: str = "auto") -> dict:
-        """The results' file metadata: model name and weights hash, seed, S, code version, backend."""
-        return {META_MODEL: self.name, META_MODEL_SHA256: self.bundle.weights_sha256,
+        """The results' file metadata: model name and hash (`bundle_sha256`), seed, S, code version,
+        backend."""
+        return {META_MODEL: self.name, META_MODEL_SHA256: self.bundle.sha256,
                 META_SEED: str(seed), META_SAMPLES: str(self._samples(samples)),
                 META_VERSION: starcast.__version__, META_BACKEND: resolve_backend(backend)}
 

@@ -1,22 +1,29 @@
 """`starcast.run`: predict a whole catalog, locally (streaming pipeline) or on a Ray cluster.
 
-This module decides what to run (inputs, model, which files `--resume` may skip), hands the files
-to `pipeline.LocalPipeline` or `distributed.run_ray`, and writes the run manifest. The model is
-loaded (and its hash checked) before anything is written, so a bad bundle fails at start.
+This module decides what to run (inputs, model, which files `--resume` may skip: those whose
+marker matches the input's fingerprint), locks the output directory (`outdir.py`), hands the files
+to `pipeline.LocalPipeline` or `distributed.run_ray`, and writes the run manifest, also when the
+run stops on an error. The model is loaded (and its hashes checked) before anything is written, so
+a bad bundle fails at start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
 from ..catalogs.io import list_inputs
-from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StarcastError
+from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, OutputError, StarcastError
+from .inputs import fingerprint
 from .jobs import JobSpec
-from .manifest import FileReport, RunIdentity, RunManifest, check_marker, read_marker, remove_stale_partials
+from .manifest import FileReport, RunIdentity, RunManifest, read_marker, remove_stale_partials, results_path
+from .outdir import prepare_out
 from .pipeline import LocalPipeline
 from .predictor import load_model, resolve_backend
 
@@ -42,49 +49,77 @@ def run(input: str | os.PathLike, out: str | os.PathLike, *, model: str | os.Pat
 
 
 def run_job(spec: JobSpec) -> dict:
-    """`run` for a loaded job spec."""
+    """`run` for a loaded job spec. Raises `StarcastError` (after writing the run manifest, where the
+    disk allows) when the run cannot go on: a full disk, a failed Ray cluster."""
     start = time.perf_counter()
     files = list_inputs(spec.input)
     _check_unique_stems(files)
     model = load_model(spec.model or DEFAULT_MODEL)
     bundle = model.bundle
-    identity = RunIdentity(model=bundle.name, model_sha256=bundle.weights_sha256,
-                           seed=spec.seed,
+    identity = RunIdentity(model=bundle.name, model_sha256=bundle.sha256, seed=spec.seed,
                            samples=spec.samples or int(bundle.architecture["samples"]),
                            version=__version__, backend=resolve_backend(spec.backend))
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
+    with prepare_out(out, identity, resume=spec.resume):
+        remove_stale_partials(out)
+        reports, todo = _plan(files, out, spec.resume)
+        manifest = RunManifest(identity=identity, input=spec.input, out=str(out), files=reports,
+                               pipeline="ray" if spec.ray is not None else "local",
+                               batch_size=spec.batch_size)
 
-    skipped, todo = [], []
+        def checkpoint() -> dict:  # the manifest on disk always shows what is done, whatever kills us
+            manifest.wall_seconds = time.perf_counter() - start
+            return manifest.write()
+
+        checkpoint()
+        try:
+            manifest.stage_seconds = _run_files(spec, model, identity, out, todo,
+                                                [r for r in reports if r.status == "pending"], checkpoint)
+        except StarcastError as exc:
+            manifest.state, manifest.error = "stopped", str(exc)
+            with contextlib.suppress(OutputError):
+                checkpoint()
+            raise
+        manifest.state = "finished"
+        return checkpoint()
+
+
+def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport], list[Path]]:
+    """One report per input file (status "skipped" for those `--resume` may skip: a marker whose
+    input fingerprint matches the file as it is now), and the files to run."""
+    reports, todo = [], []
     for f in files:
-        marker = read_marker(out, f) if spec.resume else None
-        if marker is None:
-            todo.append(f)
+        marker = read_marker(out, f) if resume else None
+        if marker is not None and marker.get("input_fingerprint") == fingerprint(f):
+            reports.append(FileReport(str(f), status="skipped", rows_in=marker["rows"],
+                                      rows_out=marker["rows"], rows_flagged=marker["flagged"],
+                                      rows_failed=marker["failed"],
+                                      rows_duplicate=marker.get("duplicates", 0),
+                                      output=str(results_path(out, f))))
             continue
-        check_marker(marker, identity, f)
-        skipped.append(FileReport(str(f), status="skipped", rows_in=marker["rows"], rows_out=marker["rows"],
-                                  rows_flagged=marker["flagged"], rows_failed=marker["failed"],
-                                  output=str(out / "results" / f"{f.stem}.parquet")))
+        note = None
+        if marker is not None:
+            note = "the input changed since its results were written: predicted again"
+            print(f"starcast: {f}: {note}", file=sys.stderr)
+        reports.append(FileReport(str(f), note=note))
+        todo.append(f)
+    return reports, todo
 
+
+def _run_files(spec: JobSpec, model, identity: RunIdentity, out: Path, files: list[Path],
+               reports: list[FileReport], on_file: Callable[[], None]) -> dict[str, float]:
+    """Run `files` on the local pipeline or Ray, updating `reports` (and calling `on_file` after
+    each file); returns seconds per stage."""
     options = {"samples": spec.samples, "seed": spec.seed, "backend": spec.backend,
-               "batch_size": spec.batch_size, "progress": spec.progress}
+               "batch_size": spec.batch_size, "progress": spec.progress, "on_file": on_file}
     if spec.ray is not None:
         from .distributed import run_ray  # imports ray only when asked for
 
-        done, stage_seconds = run_ray(todo, out, spec.model or DEFAULT_MODEL, identity, address=spec.ray,
-                                      model=model, **options)
-    else:
-        pipeline = LocalPipeline(model, identity, out, **options)
-        done = pipeline.run(todo)
-        stage_seconds = dict(pipeline.stage_seconds)
-
-    by_input = {r.input: r for r in [*skipped, *done]}
-    manifest = RunManifest(identity=identity, input=spec.input, out=str(out),
-                           pipeline="ray" if spec.ray is not None else "local", batch_size=spec.batch_size,
-                           files=[by_input[str(f)] for f in files], stage_seconds=stage_seconds,
-                           wall_seconds=time.perf_counter() - start)
-    return manifest.write()
+        return run_ray(files, reports, out, spec.model or DEFAULT_MODEL, identity, address=spec.ray,
+                       model=model, **options)
+    pipeline = LocalPipeline(model, identity, out, **options)
+    pipeline.run(files, reports)
+    return dict(pipeline.stage_seconds)
 
 
 def exit_code(manifest: dict) -> int:

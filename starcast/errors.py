@@ -31,3 +31,7 @@ class CatalogError(StarcastError):
 
 class ModelError(StarcastError):
     """A model bundle that cannot be loaded: missing files, wrong hash, unknown schema version."""
+
+
+class OutputError(StarcastError):
+    """Results or a manifest could not be written (disk full, permission, I/O error): the run stops."""

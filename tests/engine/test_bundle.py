@@ -9,14 +9,29 @@ import pytest
 import torch
 from starcast.catalogs.schema import WavelengthGrid
 from starcast.engine import bundle as bundle_mod
-from starcast.engine.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, save_bundle
+from starcast.engine.bundle import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    load_bundle,
+    manifest_sha256,
+    save_bundle,
+    seal,
+)
 
 from starcast.errors import ModelError
 
 
-def _edit_manifest(path, **changes):
+def _edit_manifest(path, reseal=True, **changes):
+    """Change top-level manifest keys; `reseal`: record the new manifest hash (without the checks
+    that `seal` makes), so that loading reaches the check under test."""
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     manifest.update(changes)
+    _write(path, manifest, reseal)
+
+
+def _write(path, manifest, reseal=True):
+    if reseal:
+        manifest["bundle_sha256"] = manifest_sha256(manifest)
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -80,7 +95,7 @@ def test_missing_file_is_refused(tiny_bundle, missing):
 def test_architecture_inconsistent_with_weights_is_refused(tiny_bundle):
     manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
     manifest["architecture"]["hidden"] = [32, 64]
-    (tiny_bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    _write(tiny_bundle, manifest)
     with pytest.raises(ModelError, match="layer 1"):
         load_bundle(tiny_bundle)
 
@@ -126,3 +141,91 @@ def test_models_dir_is_inside_the_installed_package():
     import starcast
 
     assert bundle_mod.models_dir().parent == bundle_mod.Path(starcast.__file__).parent
+
+
+def test_an_edited_manifest_is_refused_until_resealed(tiny_bundle):
+    original = load_bundle(tiny_bundle)
+    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    manifest["targets"][0]["calibration"] *= 3  # sigmas x3 under the genuine model's hash
+    _write(tiny_bundle, manifest, reseal=False)
+    with pytest.raises(ModelError, match="bundle_sha256 says .* edited after export"):
+        load_bundle(tiny_bundle)
+    new_hash = seal(tiny_bundle)  # the one-liner an export (or a deliberate edit) calls
+    resealed = load_bundle(tiny_bundle)
+    assert resealed.sha256 == new_hash != original.sha256
+    assert resealed.weights_sha256 == original.weights_sha256 and resealed.targets[0].calibration == 3.0
+
+
+def _target(i, **changes):
+    def edit(m):
+        m["targets"][i].update(changes)
+    return edit
+
+
+def _arch(**changes):
+    def edit(m):
+        m["architecture"].update(changes)
+    return edit
+
+
+@pytest.mark.parametrize("edit, key", [
+    (_target(0, std=0.0), r"targets\[0\]\.std"),
+    (_target(1, std=-5.0), r"targets\[1\]\.std"),
+    (_target(1, min=4.75, max=4.75), r"targets\[1\]\.min must be below"),
+    (_target(2, calibration=-1.0), r"targets\[2\]\.calibration"),
+    (_target(0, calibration={"method": "snr", "scale": [1.0, 0.0]}),
+     r"targets\[0\]\.calibration\.scale\[1\]"),
+    (_target(0, mean="25000"), r"targets\[0\]\.mean"),
+    (_arch(hidden=[32, 0]), r"architecture\.hidden"),
+    (_arch(members=2.5), r"architecture\.members"),
+    (_arch(var_eps=0.0), r"architecture\.var_eps"),
+    (_arch(activation="tanh"), r"architecture\.activation"),
+    (lambda m: m.update(ood={"epistemic_sigma_threshold": {"teff": -1.0}}),
+     r"ood\.epistemic_sigma_threshold\.teff"),
+], ids=["std0", "std<0", "min=max", "calibration<0", "scale0", "mean-str", "hidden0", "members-float",
+        "var_eps0", "activation", "ood<0"])
+def test_bad_values_are_refused_naming_the_key(tiny_bundle, edit, key):
+    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    edit(manifest)
+    _write(tiny_bundle, manifest)  # hashes right, values wrong: an exporter's bug, not tampering
+    with pytest.raises(ModelError, match=key):
+        load_bundle(tiny_bundle)
+    with pytest.raises(ModelError, match=key):
+        seal(tiny_bundle)
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(tiny_bundle, text):
+    raw = (tiny_bundle / MANIFEST_FILE).read_text()
+    (tiny_bundle / MANIFEST_FILE).write_text(raw.replace('"mean": 25000.0', f'"mean": {text}', 1))
+    with pytest.raises(ModelError, match=f"non-finite number {text}"):
+        load_bundle(tiny_bundle)
+
+
+def test_unknown_sections_are_covered_by_the_hash_but_not_checked(tiny_bundle):
+    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    manifest["input"] = {"medium": "air", "resolving_power": 6000, "features": ["flux", "snr"]}
+    manifest["targets"][0]["calibration"] = {"method": "snr", "scale": [1.1, 0.9], "snr_knots": [20, 300]}
+    layers = load_bundle(tiny_bundle).layers
+    save_bundle(tiny_bundle, layers, manifest)
+    assert load_bundle(tiny_bundle).manifest["input"]["resolving_power"] == 6000
+    manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    manifest["input"]["resolving_power"] = 60000
+    _write(tiny_bundle, manifest, reseal=False)
+    with pytest.raises(ModelError, match="bundle_sha256"):
+        load_bundle(tiny_bundle)
+
+
+def test_save_refuses_bad_values_before_writing(tiny_bundle, tmp_path):
+    good = load_bundle(tiny_bundle)
+    manifest = json.loads(json.dumps(good.manifest))
+    manifest["targets"][0]["std"] = float("nan")
+    with pytest.raises(ModelError, match=r"targets\[0\]\.std"):
+        save_bundle(tmp_path / "bad", good.layers, manifest)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_shipped_model_is_sealed():
+    b = load_bundle("ob-default")
+    assert b.sha256 == manifest_sha256(b.manifest) and b.weights_sha256 == bundle_mod.sha256_file(
+        b.path / WEIGHTS_FILE)

@@ -72,12 +72,12 @@ def test_every_row_appears_once_with_its_numbers_and_metadata(tmp_path: Path, ti
     assert meta[b"starcast.model"] == b"tiny-test" and meta[b"starcast.seed"] == b"7"
     assert meta[b"starcast.input"] == str(cat / "a.parquet").encode()
     bundle_manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert meta[b"starcast.model_sha256"].decode() == bundle_manifest["weights_sha256"]
+    assert meta[b"starcast.model_sha256"].decode() == bundle_manifest["bundle_sha256"]
     assert meta[b"starcast.samples"] == str(bundle_manifest["architecture"]["samples"]).encode()
 
     assert manifest["totals"] == {"files": 2, "files_done": 2, "files_skipped": 0, "files_failed": 0,
                                   "rows_in": 1000, "rows_out": 1000, "rows_flagged": manifest["totals"][
-                                      "rows_flagged"], "rows_failed": 0}
+                                      "rows_flagged"], "rows_failed": 0, "rows_duplicate": 0}
     assert [f["rows_out"] for f in manifest["files"]] == [700, 300]
     assert json.loads((tmp_path / "out/run-manifest.json").read_text()) == manifest
     assert set(manifest["stage_seconds"]) == {"read", "prepare", "infer", "write"}

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid
 from starcast.catalogs.synth import SynthConfig, synth_table
 from starcast.engine import predictor
-from starcast.engine.bundle import MANIFEST_FILE
+from starcast.engine.bundle import MANIFEST_FILE, seal
 from starcast.engine.predictor import Model, load_model
 
 import starcast
@@ -117,7 +117,7 @@ def test_output_schema_and_metadata(model, tiny_bundle):
     assert [(f.name, f.type) for f in out.schema] == expected
     meta = {k.decode(): v.decode() for k, v in out.schema.metadata.items()}
     manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
-    assert meta == {"starcast.model": "tiny-test", "starcast.model_sha256": manifest["weights_sha256"],
+    assert meta == {"starcast.model": "tiny-test", "starcast.model_sha256": manifest["bundle_sha256"],
                     "starcast.seed": "7", "starcast.samples": "5", "starcast.version": starcast.__version__,
                     "starcast.backend": "cpu"}
 
@@ -285,6 +285,7 @@ def test_unknown_preprocess_setting_is_refused_at_load(tiny_bundle):
     manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
     manifest["preprocess"]["telluric_model"] = "tapas"
     (tiny_bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    seal(tiny_bundle)  # the bundle's hashes are right: the refusal comes from the setting itself
     with pytest.raises(ModelError, match="telluric_model"):
         load_model(tiny_bundle)
 

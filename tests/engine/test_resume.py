@@ -3,6 +3,7 @@ once and the same numbers as an uninterrupted run; outputs without a marker are 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,10 @@ def test_resume_after_an_interrupted_run_yields_each_id_once(tmp_path: Path, ref
     assert done_at_stop <= len(markers) < FILES, "the run finished before it was stopped"
     visible = {p.stem for p in (out / "results").glob("*.parquet")}
     assert visible == markers  # nothing half-written under a final name
+    if sig == signal.SIGKILL:  # the manifest checkpointed after each file shows what was done
+        stopped = json.loads((out / "run-manifest.json").read_text())
+        assert stopped["state"] == "running"
+        assert {Path(f["input"]).stem for f in stopped["files"] if f["status"] == "done"} <= markers
     if sig == signal.SIGINT:
         assert not list((out / "results").glob(".*")), "Ctrl-C left a temporary file behind"
 
