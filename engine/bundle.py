@@ -3,7 +3,9 @@
 
 Weights are safetensors (`layers.{i}.weight` [M, in, out], `layers.{i}.bias` [M, out]; hidden layers
 first, the output head last with 2K outputs), the manifest is plain JSON carrying the sha256 of the
-weights file. Nothing here unpickles or executes code. Inference lives in `predictor.py`, not here.
+weights file. An optional `emulator.safetensors` (its own sha256 in the manifest's `emulator` entry,
+see `emulator.py`) is verified with the rest. Nothing here unpickles or executes code. Inference lives
+in `predictor.py`, not here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 from ..catalogs.schema import WavelengthGrid
 from ..errors import ModelError
 from .calibration import Calibration
+from .emulator import Emulator, load_emulator
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -61,6 +64,7 @@ class Bundle:
     path: Path
     manifest: dict
     layers: Layers
+    emulator: Emulator | None = None  # the manifest's optional `emulator` (see `engine.emulator`)
 
     @property
     def name(self) -> str:
@@ -163,6 +167,7 @@ def save_bundle(path: str | os.PathLike, layers: Sequence[tuple], manifest: dict
     manifest["weights_sha256"] = ""
     _check_manifest(manifest, path)
     _check_shapes(tensors, manifest, path)
+    _emulator(manifest, path)
     blob = save_safetensors({f"layers.{i}.{kind}": t for i, (w, b) in enumerate(tensors)
                              for kind, t in (("weight", w), ("bias", b))})
     manifest["weights_sha256"] = hashlib.sha256(blob).hexdigest()
@@ -200,7 +205,15 @@ def load_bundle(name_or_path: str | os.PathLike) -> Bundle:
                          f"({exc})") from exc
     layers = _layers_from_tensors(tensors, path)
     _check_shapes(layers, manifest, path)
-    return Bundle(path=path, manifest=manifest, layers=layers)
+    return Bundle(path=path, manifest=manifest, layers=layers, emulator=_emulator(manifest, path))
+
+
+def _emulator(manifest: dict, path: Path) -> Emulator | None:
+    """The verified emulator the manifest names (its file must already be in `path`), or None."""
+    entry = manifest.get("emulator")
+    if entry is None:
+        return None
+    return load_emulator(path, entry, len(WavelengthGrid.from_json(json.dumps(manifest["grid"])).values()))
 
 
 def _as_tensor(a) -> torch.Tensor:

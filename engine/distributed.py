@@ -158,7 +158,7 @@ def _open_writer(file: Path, rows_in: int, out: Path, identity: RunIdentity, rep
     report.rows_in, report.rows_out, report.rows_flagged, report.rows_failed = rows_in, 0, 0, 0
     clear_outputs(out, file)
     empty = failed_results(pa.array([], pq.read_schema(file).field(ID).type), model.bundle.target_names, 0,
-                           None)
+                           None, chi2=model.emulator is not None)
     writer = ResultsWriter(out, file, identity, empty)
     return _commit_if_complete(writer, report), report
 
