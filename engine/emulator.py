@@ -10,6 +10,9 @@ The fit multiplies the emulated spectrum by a per-row Chebyshev polynomial of th
 continuum degree, fitted by weighted least squares: the engine's own continuum fit differs between a
 noisy and a noise-free copy of one star by such a polynomial (measured on TLUSTY spectra: chi^2 2.3 at
 SNR 100 without it, 0.99 with a cubic), which no label can explain; a ripple or a shift cannot hide in it.
+The labels are those of the prediction refined by a few Gauss-Newton steps on the same chi^2 (within
+the training range): the chi^2 then asks whether the model can explain the spectrum at all, not how
+far the network's estimate is from the best fit, which at high SNR would dominate it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from ..errors import ModelError
 
 EMULATOR_FILE = "emulator.safetensors"
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
-              "continuum_degree", "chi2_threshold")
+              "continuum_degree", "refine_steps", "chi2_threshold")
+STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
+CHUNK = 1024  # rows at a time (the Jacobian holds len(labels) spectra per row)
 ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
                "tanh": np.tanh}
 
@@ -45,6 +50,7 @@ class Emulator:
     label_std: np.ndarray
     sigma: np.ndarray
     continuum_degree: int  # of the per-row continuum correction; -1: none
+    refine_steps: int  # Gauss-Newton steps from the predicted labels before the chi^2
     chi2_threshold: float
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
@@ -71,20 +77,43 @@ class Emulator:
         coef = np.linalg.solve(gram, ((we * x) @ t)[..., None])[..., 0]  # (B, p)
         return e * (coef @ t.T)
 
-    def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, lo: np.ndarray,
+               hi: np.ndarray) -> np.ndarray:
+        """`labels` after `refine_steps` damped Gauss-Newton steps on the weighted residual of
+        `fitted` (finite-difference Jacobian), kept within [lo, hi] and within 1 std per step."""
+        z = (np.asarray(labels, np.float64) - self.label_mean) / self.label_std
+        zlo, zhi = (lo - self.label_mean) / self.label_std, (hi - self.label_mean) / self.label_std
+        k = z.shape[1]
+        for _ in range(self.refine_steps):
+            base = self.fitted(x, weight, z * self.label_std + self.label_mean)
+            jac = [(self.fitted(x, weight, (z + STEP * np.eye(k)[j]) * self.label_std + self.label_mean)
+                    - base) / STEP for j in range(k)]
+            gram = np.stack([np.stack([(weight * a * b).sum(axis=1) for b in jac], -1) for a in jac], -2)
+            grad = np.stack([(weight * a * (x - base)).sum(axis=1) for a in jac], -1)
+            gram += np.eye(k) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / k + 1e-12)[:, None, None]
+            z = np.clip(z + np.clip(np.linalg.solve(gram, grad[..., None])[..., 0], -1.0, 1.0), zlo, zhi)
+        return z * self.label_std + self.label_mean
+
+    def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
+             hi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(reduced chi^2 float64 [B], pixels int32 [B]) of prepared spectra x [B, D] with inverse
-        variances ivar against the fitted emulated spectra e at `labels` (see `fitted`): the sum over
-        the n pixels with ivar > 0 of (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the
-        continuum's degrees of freedom (NaN where that is not positive)."""
-        x = x.astype(np.float64)
-        ivar = np.maximum(ivar.astype(np.float64), 0.0)
-        weight = ivar / (1.0 + ivar * self.sigma.astype(np.float64) ** 2)  # 0 where ivar = 0
-        resid = x - self.fitted(x, weight, labels)
+        variances ivar against the fitted emulated spectra e (see `fitted`) at `labels` refined
+        within [lo, hi] (see `refine`): the sum over the n pixels with ivar > 0 of
+        (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted parameters (NaN where that is
+        not positive)."""
+        lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
+        hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
+        chi2 = np.empty(len(x))
         n = (ivar > 0).sum(axis=1)
-        dof = n - (self.continuum_degree + 1)
+        for s in range(0, len(x), CHUNK):
+            xs = x[s:s + CHUNK].astype(np.float64)
+            ivs = np.maximum(ivar[s:s + CHUNK].astype(np.float64), 0.0)
+            weight = ivs / (1.0 + ivs * self.sigma.astype(np.float64) ** 2)  # 0 where ivar = 0
+            best = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
+            chi2[s:s + CHUNK] = ((xs - self.fitted(xs, weight, best)) ** 2 * weight).sum(axis=1)
+        dof = n - (self.continuum_degree + 1) - (len(self.labels) if self.refine_steps else 0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            chi2 = (resid**2 * weight).sum(axis=1) / dof
-        return np.where(dof > 0, chi2, np.nan), n.astype(np.int32)
+            return np.where(dof > 0, chi2 / dof, np.nan), n.astype(np.int32)
 
 
 def save_emulator(path: str | Path, layers: list[tuple], sigma: np.ndarray, entry: dict) -> dict:
@@ -134,5 +163,5 @@ def load_emulator(path: Path, entry: dict, dim: int) -> Emulator:
     return Emulator(labels=list(entry["labels"]), layers=layers, activation=entry["activation"],
                     label_mean=np.asarray(entry["label_mean"], np.float64),
                     label_std=np.asarray(entry["label_std"], np.float64), sigma=tensors["sigma"],
-                    continuum_degree=int(entry["continuum_degree"]),
+                    continuum_degree=int(entry["continuum_degree"]), refine_steps=int(entry["refine_steps"]),
                     chi2_threshold=float(entry["chi2_threshold"]))

@@ -238,7 +238,8 @@ class Model:
     def _goodness_of_fit(self, prepared, rows: np.ndarray, x: np.ndarray,
                          mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(chi2 [B] float64, NaN where not predicted; pixels [B] int32) of the predicted `rows`: the
-        prepared spectra against the emulator at the predicted labels (after any backend)."""
+        prepared spectra against the emulator from the predicted labels, refined within the training
+        range (after any backend)."""
         chi2, pixels = np.full(len(mean), np.nan), np.zeros(len(mean), np.int32)
         if len(rows):
             if PREPARED_IVAR not in prepared.column_names:
@@ -250,7 +251,9 @@ class Model:
             ivar = ivar.reshape(-1, d)[rows]
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
-            chi2[rows], pixels[rows] = self.emulator.chi2(x[rows, :d], ivar, labels)
+            index = [names.index(n) for n in self.emulator.labels]
+            lo, hi = (np.array([getattr(self.targets[i], end) for i in index]) for end in ("min", "max"))
+            chi2[rows], pixels[rows] = self.emulator.chi2(x[rows, :d], ivar, labels, lo, hi)
         return chi2, pixels
 
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):

@@ -50,6 +50,7 @@ class EmulatorSettings:
     components: int = 128  # principal components the network predicts
     snr: float = 1e4  # "noise-free": far above the survey's SNR
     quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
+    refine_steps: int = 3  # Gauss-Newton steps from the predicted labels (engine.emulator)
     seed: int = 0
     threads: int = 2
 
@@ -151,7 +152,8 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     layers, label_mean, label_std = fit(y, x, settings, progress=progress)
     base = Emulator(labels=LABELS, layers=layers, activation=settings.activation, label_mean=label_mean,
                     label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
-                    continuum_degree=source.settings.continuum_degree, chi2_threshold=math.inf)
+                    continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
+                    chi2_threshold=math.inf)
     residual = {}  # of noise-free spectra at left-out nodes, after the chi^2's continuum fit
     for split in ("val", "test"):
         y_h, x_h, ivar_h = prepared(source, held_survey(source, split, settings.val_rows, pert, rng[split]))
@@ -170,7 +172,8 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     threshold = float(np.nanquantile(chi2["val"], settings.quantile))
     entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
              "label_mean": label_mean.tolist(), "label_std": label_std.tolist(),
-             "continuum_degree": base.continuum_degree, "chi2_threshold": threshold,
+             "continuum_degree": base.continuum_degree, "refine_steps": base.refine_steps,
+             "chi2_threshold": threshold,
              "chi2_quantile": settings.quantile, "sigma_emu_median": float(np.median(sigma)),
              "training": {**asdict(settings), "hidden": list(settings.hidden), "seconds": 0.0,
                           "perturbations": asdict(pert), "clean_perturbations": asdict(clean(source))},

@@ -27,7 +27,7 @@ def add_emulator(path, *, sigma: float = 0.0, threshold: float = 2.0, spectrum=L
     entry = save_emulator(path, layers, np.full(TINY_GRID.n, sigma), {
         "labels": ["teff", "logg", "vsini"], "hidden": [8], "activation": "silu",
         "label_mean": [20000.0, 3.5, 100.0], "label_std": [5000.0, 0.5, 100.0], "continuum_degree": -1,
-        "chi2_threshold": threshold})
+        "refine_steps": 0, "chi2_threshold": threshold})
     save_bundle(path, bundle.layers, {**bundle.manifest, "emulator": entry})
     return path
 

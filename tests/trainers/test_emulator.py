@@ -43,7 +43,7 @@ def config(tlusty_grid, tmp_path_factory):
         "grid": {"kind": "linear", "start": 4430.0, "step": 0.4, "n": 251, "medium": "air"},
         "architecture": {"hidden": [32, 32], "dropout": 0.0, "members": 2, "samples": 1, "input_rank": 32,
                          "features": ["log10_snr"]},
-        "training": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "seeds": [0, 1], "warmup_epochs": 1,
+        "training": {"epochs": 12, "batch_size": 128, "lr": 3e-3, "seeds": [0, 1], "warmup_epochs": 1,
                      "augment_copies": 0, "threads": 1},
         "calibration": {"samples": 1},
     })
@@ -93,15 +93,15 @@ def _offset(table, shift=0.3):
 
 
 def _chi2_at_truth(source, bundle, table):
+    """The chi^2 at the true labels, not refined: the emulator, its continuum fit and sigma_emu alone."""
     labels, x, ivar = prepared(source, table)
-    return load_model(bundle).emulator.chi2(x, ivar, labels)[0]
+    return replace(load_model(bundle).emulator, refine_steps=0).chi2(x, ivar, labels)[0]
 
 
 @pytest.mark.parametrize("snr", [20.0, 100.0, 300.0])
 def test_chi2_at_the_true_labels_is_about_one_at_every_snr(source, bundle, snr):
     """Clean noisy spectra at the test node: the emulator, its continuum fit and sigma_emu together
-    explain them down to the noise (a tiny ensemble's labels would add their own errors at high SNR,
-    so the true labels isolate the emulator)."""
+    explain them down to the noise."""
     chi2 = _chi2_at_truth(source, bundle, _survey(source, snr))
     assert 0.9 < np.nanmedian(chi2) < 1.1, np.nanmedian(chi2)
 
@@ -109,22 +109,29 @@ def test_chi2_at_the_true_labels_is_about_one_at_every_snr(source, bundle, snr):
 @pytest.mark.parametrize("perturb", [_ripple, _offset, lambda t: _offset(t, -0.3)],
                          ids=["ripple 1% / 50 A", "offset +0.3 A", "offset -0.3 A"])
 def test_a_ripple_or_a_wavelength_offset_raises_chi2_well_above_one(source, bundle, perturb):
-    """At SNR 200, where clean spectra give 0.9-1.1; measured 1.9 for +-0.3 A over this 160 A window
-    (half the stars rotate fast, their broad lines barely change with a 20 km/s shift), > 3 for the ripple."""
+    """At SNR 200, where clean spectra give 0.9-1.1 (above); measured 1.9 for +-0.3 A over this 160 A
+    window (fast rotators' broad lines barely change with a 20 km/s shift), 3 for the ripple."""
     chi2 = _chi2_at_truth(source, bundle, perturb(_survey(source, 200.0)))
     assert np.nanmedian(chi2) > 1.5, np.nanmedian(chi2)
 
 
-def test_engine_flags_few_clean_rows_and_reports_chi2_at_its_labels(source, bundle):
-    """The engine's chi^2 (at the ensemble's labels) on a clean survey at the validation nodes flags
-    about 1 - quantile of the rows, as calibrated; near 1 at low SNR where label errors do not show."""
+def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, bundle):
+    """Through the engine (labels predicted by a tiny ensemble, then refined): about 1 - quantile of
+    clean rows flagged, and a median chi^2 near 1 in each SNR band (the tiny emulator's sigma_emu,
+    an rms over all v sin i, over-explains the high-SNR rows a little: 0.8 measured at SNR 200-500)."""
     model = load_model(bundle)
     table = held_survey(source, "val", 400, clean(source), np.random.default_rng(5))
-    out = model.predict(table.drop_columns(["teff", "logg", "vsini"]), backend="cpu")
+    out = model.predict(table.drop_columns(LABELS), backend="cpu")
     chi2, flags = np.asarray(out.column(CHI2)), np.asarray(out.column("flags"))
     assert np.mean((flags & Flag.MODEL_MISMATCH) != 0) <= 0.03
-    low = np.asarray(table.column("snr")) < 30
-    assert 0.85 < np.nanmedian(chi2[low]) < 1.2, np.nanmedian(chi2[low])
+    snr = np.asarray(table.column("snr"))
+    for lo, hi in ((10, 30), (30, 100), (100, 500)):
+        inside = (snr >= lo) & (snr < hi)
+        assert 0.7 < np.nanmedian(chi2[inside]) < 1.2, (lo, np.nanmedian(chi2[inside]))
+    unrefined = replace(model.emulator, refine_steps=0)
+    labels, x, ivar = prepared(source, table)
+    predicted = np.stack([np.asarray(out.column(t)) for t in LABELS], axis=1)
+    assert np.nanmedian(chi2) < np.nanmedian(unrefined.chi2(x, ivar, predicted)[0])
 
 
 def test_manifest_records_the_emulator_and_its_calibration(bundle):
