@@ -64,18 +64,21 @@ class Emulator:
         return h
 
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """(B, D) float64: the emulated spectra at `labels` times the continuum polynomial (degree
-        `continuum_degree` in Chebyshev T_k over the grid) that fits x best with `weight` per pixel."""
-        e = self.spectra(labels).astype(np.float64)
+        """(B, D) float32: the emulated spectra at `labels` times the continuum polynomial (degree
+        `continuum_degree` in Chebyshev T_k over the grid) that fits x best with `weight` per pixel
+        (float32 pixels, float64 normal equations)."""
+        e = self.spectra(labels)
         if self.continuum_degree < 0:
             return e
         t = np.polynomial.chebyshev.chebvander(np.linspace(-1.0, 1.0, e.shape[1]), self.continuum_degree)
         p = t.shape[1]
+        t32 = t.astype(np.float32)
         we = weight * e
-        gram = ((we * e) @ (t[:, :, None] * t[:, None, :]).reshape(-1, p * p)).reshape(-1, p, p)
+        gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).reshape(-1, p, p)
+        gram = gram.astype(np.float64)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
-        coef = np.linalg.solve(gram, ((we * x) @ t)[..., None])[..., 0]  # (B, p)
-        return e * (coef @ t.T)
+        coef = np.linalg.solve(gram, ((we * x) @ t32).astype(np.float64)[..., None])[..., 0]  # (B, p)
+        return e * (coef @ t.T).astype(np.float32)
 
     def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, lo: np.ndarray,
                hi: np.ndarray) -> np.ndarray:
@@ -88,8 +91,9 @@ class Emulator:
             base = self.fitted(x, weight, z * self.label_std + self.label_mean)
             jac = [(self.fitted(x, weight, (z + STEP * np.eye(k)[j]) * self.label_std + self.label_mean)
                     - base) / STEP for j in range(k)]
-            gram = np.stack([np.stack([(weight * a * b).sum(axis=1) for b in jac], -1) for a in jac], -2)
-            grad = np.stack([(weight * a * (x - base)).sum(axis=1) for a in jac], -1)
+            gram = np.stack([np.stack([(weight * a * b).sum(axis=1, dtype=np.float64) for b in jac], -1)
+                             for a in jac], -2)
+            grad = np.stack([(weight * a * (x - base)).sum(axis=1, dtype=np.float64) for a in jac], -1)
             gram += np.eye(k) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / k + 1e-12)[:, None, None]
             z = np.clip(z + np.clip(np.linalg.solve(gram, grad[..., None])[..., 0], -1.0, 1.0), zlo, zhi)
         return z * self.label_std + self.label_mean
@@ -106,11 +110,12 @@ class Emulator:
         chi2 = np.empty(len(x))
         n = (ivar > 0).sum(axis=1)
         for s in range(0, len(x), CHUNK):
-            xs = x[s:s + CHUNK].astype(np.float64)
-            ivs = np.maximum(ivar[s:s + CHUNK].astype(np.float64), 0.0)
-            weight = ivs / (1.0 + ivs * self.sigma.astype(np.float64) ** 2)  # 0 where ivar = 0
+            xs = x[s:s + CHUNK].astype(np.float32)
+            ivs = np.maximum(ivar[s:s + CHUNK].astype(np.float32), 0.0)
+            weight = ivs / (1.0 + ivs * self.sigma.astype(np.float32) ** 2)  # 0 where ivar = 0
             best = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
-            chi2[s:s + CHUNK] = ((xs - self.fitted(xs, weight, best)) ** 2 * weight).sum(axis=1)
+            residual = xs - self.fitted(xs, weight, best)
+            chi2[s:s + CHUNK] = (residual**2 * weight).sum(axis=1, dtype=np.float64)
         dof = n - (self.continuum_degree + 1) - (len(self.labels) if self.refine_steps else 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(dof > 0, chi2 / dof, np.nan), n.astype(np.int32)
