@@ -6,10 +6,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from starcast.catalogs.grids import write_npz
 from starcast.catalogs.schema import CHI2, FLUX, META_WAVELENGTH, Flag, WavelengthGrid, spectrum_array
 from starcast.engine.predictor import load_model
-from starcast.trainers.config import parse_config
 from starcast.trainers.emulator import (
     EmulatorSettings,
     clean,
@@ -21,6 +19,8 @@ from starcast.trainers.emulator import (
 from starcast.trainers.gridsource import GridSource
 from starcast.trainers.pipeline import train_from_config
 
+from tests.trainers.conftest import tiny_grid_config
+
 SETTINGS = EmulatorSettings(rows=3000, val_rows=300, epochs=60, batch_size=128, hidden=(64, 64),
                             components=32,
                             threads=1)
@@ -29,24 +29,9 @@ LABELS = ["teff", "logg", "vsini"]
 
 @pytest.fixture(scope="module")
 def config(tlusty_grid, tmp_path_factory):
-    work = tmp_path_factory.mktemp("emulator")
-    t, g = tlusty_grid.params["teff"], tlusty_grid.params["logg"]
-    block = tlusty_grid.select((np.abs(t - 22000) <= 2000) & (np.abs(g - 3.75) <= 0.5)).crop(4400.0, 4560.0)
-    write_npz(block, work / "block.npz")
-    return parse_config({
-        "name": "tiny-emulator", "output": str(work / "bundle"),
-        "data": {"grid": {"path": str(work / "block.npz"), "cache": str(work / "cache"),
-                          "val_nodes": [[22000, 4.0]], "test_nodes": [[21000, 3.75]],
-                          "per_epoch": 1500, "val_rows": 600, "test_rows": 300,
-                          "observation": {"start": 4420.0, "step": 0.2, "npix": 601},
-                          "perturbations": {"teff": [20000.0, 24000.0], "logg": [3.25, 4.25]}}},
-        "grid": {"kind": "linear", "start": 4430.0, "step": 0.4, "n": 251, "medium": "air"},
-        "architecture": {"hidden": [32, 32], "dropout": 0.0, "members": 2, "samples": 1, "input_rank": 32,
-                         "features": ["log10_snr"]},
-        "training": {"epochs": 12, "batch_size": 128, "lr": 3e-3, "seeds": [0, 1], "warmup_epochs": 1,
-                     "augment_copies": 0, "threads": 1},
-        "calibration": {"samples": 1},
-    })
+    work = tmp_path_factory.mktemp("tiny-emulator")
+    return tiny_grid_config(tlusty_grid, work, name="tiny-emulator", val_rows=600,
+                            epochs=12)
 
 
 @pytest.fixture(scope="module")
