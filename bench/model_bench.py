@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import synth_from_grid
+from starcast.engine.bundle import seal
 from starcast.engine.predictor import load_model
 
 import starcast
@@ -36,13 +37,15 @@ BUNDLE = "starcast/models/ob-default"
 
 
 def bundle_at(rev: str, dest: Path) -> Path:
-    """The default bundle as it was at git revision `rev`, written to `dest`."""
+    """The default bundle as it was at git revision `rev`, written to `dest` and sealed (bundles before
+    the manifest hash carried only the weights' sha256)."""
     root = Path(__file__).resolve().parent.parent
     dest.mkdir(parents=True)
     for name in ("manifest.json", "model.safetensors"):
         blob = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{BUNDLE}/{name}"], check=True,
                               capture_output=True).stdout
         (dest / name).write_bytes(blob)
+    seal(dest)
     return dest
 
 

@@ -6,8 +6,9 @@ first, the output head last with 2K outputs), the manifest is plain JSON carryin
 weights file (`weights_sha256`) and `bundle_sha256`, the sha256 of the manifest's canonical JSON
 (keys sorted, no spaces, UTF-8) without that key: it covers every number of the manifest and, through
 `weights_sha256`, the weights. `save_bundle` and `seal` write both; loading checks both, then the
-values of the keys it knows (finite, positive scales, sane architecture). Nothing here unpickles or
-executes code. Inference lives in `predictor.py`, not here.
+values of the keys it knows (finite, positive scales, sane architecture). An optional
+`emulator.safetensors` (its own sha256 in the manifest's `emulator` entry, see `emulator.py`) is
+verified with the rest. Nothing here unpickles or executes code. Inference lives in `predictor.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..catalogs.schema import WavelengthGrid
 from ..errors import ModelError
 from ..kernels.reference import ACTIVATIONS
 from .calibration import Calibration
+from .emulator import Emulator, load_emulator
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -69,6 +71,7 @@ class Bundle:
     path: Path
     manifest: dict
     layers: Layers
+    emulator: Emulator | None = None  # the manifest's optional `emulator` (see `engine.emulator`)
 
     @property
     def name(self) -> str:
@@ -181,6 +184,7 @@ def save_bundle(path: str | os.PathLike, layers: Sequence[tuple], manifest: dict
     if isinstance(manifest.get("grid"), WavelengthGrid):
         manifest["grid"] = json.loads(manifest["grid"].to_json())
     manifest["schema_version"] = SCHEMA_VERSION
+    _emulator(manifest, path)
     blob = save_safetensors({f"layers.{i}.{kind}": t for i, (w, b) in enumerate(tensors)
                              for kind, t in (("weight", w), ("bias", b))})
     manifest = _sealed(manifest, hashlib.sha256(blob).hexdigest(), path)
@@ -200,6 +204,7 @@ def seal(path: str | os.PathLike) -> str:
     blob = (path / WEIGHTS_FILE).read_bytes()
     manifest = _sealed(manifest, hashlib.sha256(blob).hexdigest(), path)
     _check_shapes(_layers_from_tensors(_load_tensors(blob, path), path), manifest, path)
+    _emulator(manifest, path)
     _write_manifest(path, manifest)
     return manifest["bundle_sha256"]
 
@@ -231,7 +236,7 @@ def load_bundle(name_or_path: str | os.PathLike) -> Bundle:
                          f"export — restore it, {_SEAL_HINT}")
     layers = _layers_from_tensors(_load_tensors(blob, path), path)
     _check_shapes(layers, manifest, path)
-    return Bundle(path=path, manifest=manifest, layers=layers)
+    return Bundle(path=path, manifest=manifest, layers=layers, emulator=_emulator(manifest, path))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -274,6 +279,14 @@ def _load_tensors(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
     except SafetensorError as exc:
         raise ModelError(f"model bundle {path}: {WEIGHTS_FILE} is not a valid safetensors file "
                          f"({exc})") from exc
+
+
+def _emulator(manifest: dict, path: Path) -> Emulator | None:
+    """The verified emulator the manifest names (its file must already be in `path`), or None."""
+    entry = manifest.get("emulator")
+    if entry is None:
+        return None
+    return load_emulator(path, entry, len(WavelengthGrid.from_json(json.dumps(manifest["grid"])).values()))
 
 
 def _as_tensor(a) -> torch.Tensor:
@@ -368,17 +381,8 @@ def _require(ok: bool, where: str, key: str, expected: str, got) -> None:
 
 
 def _check_scales(value, where: str, key: str) -> None:
-    """A calibration is a scale on sigma (a number > 0), or an object whose `scale*` entries are such
-    numbers or lists of them; its other entries belong to richer calibrations and are not checked here
-    (the manifest hash still covers them)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if "scale" in k:
-                items = enumerate(v) if isinstance(v, list) else [(None, v)]
-                for j, x in items:
-                    _require(_real(x) and x > 0, where, f"{key}.{k}" + ("" if j is None else f"[{j}]"),
-                             "a finite number > 0", x)
-        return
+    """A per-target calibration is a scale on sigma, a finite number > 0 (the richer, SNR-conditional
+    calibration is the manifest's top-level `calibration`, checked by `Calibration.from_manifest`)."""
     _require(_real(value) and value > 0, where, key, "a finite number > 0 (a scale on sigma)", value)
 
 

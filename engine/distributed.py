@@ -198,7 +198,8 @@ def _start(inp: InputFile, by_key: dict, writers: dict, out: Path, identity: Run
     report = by_key[_key(inp)][1]
     report.rows_in = inp.num_rows
     report.reset()
-    empty = failed_results(pa.array([], inp.id_type), model.bundle.target_names, 0, None)
+    empty = failed_results(pa.array([], inp.id_type), model.bundle.target_names, 0, None,
+                           chi2=model.emulator is not None)
     writers[_key(inp)] = ResultsWriter(out, inp.path, identity, empty)
     return writers[_key(inp)]
 

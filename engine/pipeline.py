@@ -30,6 +30,7 @@ from ..catalogs.schema import ERROR, FLAGS, ID, Flag, WavelengthGrid, results_sc
 from ..errors import CatalogError, StarcastError
 from .inputs import footer_rows, open_input, read_input
 from .manifest import FileReport, ResultsWriter, RunIdentity
+from .predictor import PREPARED_IVAR
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
 
@@ -74,19 +75,21 @@ def infer_rows(model, prepared: pa.RecordBatch, *, samples: int | None, seed: in
     except Exception as exc:  # noqa: BLE001
         flags = np.asarray(prepared[FLAGS].to_numpy(zero_copy_only=False), np.int32)
         return failed_results(prepared[ID], model.bundle.target_names, flags | int(Flag.PREPROCESS_FAILED),
-                              f"inference failed: {type(exc).__name__}: {exc}")
+                              f"inference failed: {type(exc).__name__}: {exc}",
+                              chi2=model.emulator is not None)
 
 
-def failed_results(ids: pa.Array, targets: list[str], flags, error: str | None) -> pa.Table:
-    """Results rows with no numbers (null statistics), the given flags and error."""
+def failed_results(ids: pa.Array, targets: list[str], flags, error: str | None, *,
+                   chi2: bool = False) -> pa.Table:
+    """Results rows with no numbers (null statistics), the given flags and error; `chi2`: with the
+    goodness-of-fit columns of a model with an emulator."""
     n = len(ids)
-    cols = {ID: ids}
-    for t in targets:
-        for suffix in ("", "_err", "_err_aleatoric", "_err_epistemic"):
-            cols[t + suffix] = pa.nulls(n, pa.float64())
+    schema = results_schema(targets, id_type=ids.type, chi2=chi2)
+    cols = {f.name: pa.nulls(n, f.type) for f in schema}
+    cols[ID] = ids
     cols[FLAGS] = pa.array(np.broadcast_to(np.asarray(flags, np.int32), (n,)), pa.int32())
     cols[ERROR] = pa.array([error] * n, pa.string())
-    return pa.Table.from_pydict(cols, schema=results_schema(targets, id_type=ids.type))
+    return pa.Table.from_pydict(cols, schema=schema)
 
 
 def as_batch(obj: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
@@ -105,6 +108,9 @@ def failed_prepared(model, batch: pa.RecordBatch, errors: list[str]) -> pa.Recor
             "key": pa.array(np.zeros(n, np.int64)),
             FLAGS: pa.array(np.full(n, int(Flag.PREPROCESS_FAILED), np.int32)),
             ERROR: pa.array(errors, pa.string())}
+    if model.emulator is not None:
+        d = len(model.emulator.sigma)
+        cols[PREPARED_IVAR] = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * d, np.float32)), d)
     cols.update({k: batch.column(k).cast(pa.float64()) for k in model.bundle.target_names
                  if k in batch.schema.names})
     return _with_labels(model, pa.RecordBatch.from_pydict(cols))
@@ -232,7 +238,8 @@ class LocalPipeline:
             if i in failed:
                 continue  # the rest of a file that failed
             if kind == "start":
-                empty = failed_results(pa.array([], payload), targets, 0, None)
+                empty = failed_results(pa.array([], payload), targets, 0, None,
+                                       chi2=self.model.emulator is not None)
                 writers[i] = ResultsWriter(self.out, files[i], self.identity, empty)
             elif kind == "rows":
                 writers[i].write(payload, report)

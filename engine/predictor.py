@@ -19,6 +19,8 @@ import starcast
 
 from ..catalogs.medium import check_medium
 from ..catalogs.schema import (
+    CHI2,
+    CHI2_PIXELS,
     ERROR,
     FLAGS,
     ID,
@@ -37,6 +39,7 @@ from .bundle import Bundle, load_bundle
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error, labels
+PREPARED_IVAR = "ivar"  # and, for a model with an emulator, the inverse variance of x on the grid
 
 # Keys of the results' Arrow/Parquet metadata (UTF-8 strings).
 META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"
@@ -83,6 +86,10 @@ class Model:
             raise ModelError(f"model bundle {bundle.path}: its calibration depends on the SNR, but "
                              "'log10_snr' is not among its input features")
         self.resolving_power = bundle.input.get("resolving_power")
+        self.emulator = bundle.emulator
+        if self.emulator is not None and not set(self.emulator.labels) <= set(bundle.target_names):
+            raise ModelError(f"model bundle {bundle.path}: the emulator takes {self.emulator.labels}, "
+                             f"but the model predicts {bundle.target_names}")
         self._weights: dict[str, object] = {}  # per backend: layers on its device, or packed
 
     @property
@@ -108,7 +115,8 @@ class Model:
         shared 1-D or per-row 2-D `wavelength` in Angstrom, in `medium`, "air" or "vacuum", default
         the model's). Returns one results row per input row, in order: `id`; per target
         `t`, `t_err` (total sigma), `t_err_aleatoric`, `t_err_epistemic` (float64, physical units,
-        null where the row could not be predicted); `flags` (int32, `Flag` bits); `error`.
+        null where the row could not be predicted); with an emulator `chi2` (float64, reduced chi^2
+        of the fit) and `chi2_pixels` (int32); `flags` (int32, `Flag` bits); `error`.
         Exactly `infer(prepare(...))`, the two halves the pipelines run on different workers."""
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         return self.infer(self.prepare(table, source_grid=source_grid), samples=samples, seed=seed,
@@ -118,7 +126,8 @@ class Model:
                 source_grid: WavelengthGrid | None = None) -> pa.RecordBatch:
         """The CPU half: RNG keys from ids and preprocessing onto the model grid. Returns one row per
         input row with `id`, `x` (fixed_size_list<float32>[D]), `key` (int64), `flags` (int32),
-        `error` (null for rows that go through the network) and the target label columns present.
+        `error` (null for rows that go through the network), the target label columns present and,
+        for a model with an emulator, `ivar` (fixed_size_list<float32>[grid pixels], 0 = not used).
         `source_grid`: the file's shared grid when there is no `wavelength` column (else it is read
         from the schema metadata, `starcast.wavelength`)."""
         table, source_grid = _as_table(batch, source_grid, self.grid.medium)
@@ -143,6 +152,10 @@ class Model:
                    PREPARED_X: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
                    PREPARED_KEY: pa.array(keys, pa.int64()), FLAGS: pa.array(flags, pa.int32()),
                    ERROR: pa.array(errors, pa.string())}
+        if self.emulator is not None:
+            ivar = np.where(failed[:, None], 0.0, pre.ivar).astype(np.float32)
+            columns[PREPARED_IVAR] = pa.FixedSizeListArray.from_arrays(pa.array(ivar.reshape(-1)),
+                                                                       ivar.shape[1])
         for t in self.targets:
             if t.name in table.column_names:
                 columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
@@ -165,7 +178,8 @@ class Model:
             if self.calibration is not None:
                 var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
                                                                   np.maximum(var_e[rows], 0.0))
-        return self._results(prepared, ok, mean, var_a, var_e, samples, seed, backend)
+        fit = None if self.emulator is None else self._goodness_of_fit(prepared, rows, x, mean)
+        return self._results(prepared, ok, mean, var_a, var_e, samples, seed, backend, fit)
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None,
@@ -242,6 +256,27 @@ class Model:
         ok = _array(prepared.column(ERROR)).is_null().to_numpy(zero_copy_only=False)
         return ok, x, keys
 
+    def _goodness_of_fit(self, prepared, rows: np.ndarray, x: np.ndarray,
+                         mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(chi2 [B] float64, NaN where not predicted; pixels [B] int32) of the predicted `rows`: the
+        prepared spectra against the emulator from the predicted labels, refined within the training
+        range (after any backend)."""
+        chi2, pixels = np.full(len(mean), np.nan), np.zeros(len(mean), np.int32)
+        if len(rows):
+            if PREPARED_IVAR not in prepared.column_names:
+                raise StarcastError(f"the prepared batch has no '{PREPARED_IVAR}' column, which model "
+                                    f"{self.name!r} needs for its goodness of fit; was it prepared by "
+                                    "another model?")
+            d = len(self.emulator.sigma)
+            ivar = _array(prepared.column(PREPARED_IVAR)).flatten().to_numpy(zero_copy_only=False)
+            ivar = ivar.reshape(-1, d)[rows]
+            names = [t.name for t in self.targets]
+            labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
+            index = [names.index(n) for n in self.emulator.labels]
+            lo, hi = (np.array([getattr(self.targets[i], end) for i in index]) for end in ("min", "max"))
+            chi2[rows], pixels[rows] = self.emulator.chi2(x[rows, :d], ivar, labels, lo, hi)
+        return chi2, pixels
+
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):
         """(x, keys, weights) on the backend's device; weights are moved and packed (Triton: padded,
         low precision, centred; CPU: the batched layout) once per model, not per batch."""
@@ -272,7 +307,7 @@ class Model:
             return ensemble_stats_triton
         return {"cpu": reference.ensemble_stats_cpu, "reference": reference.ensemble_stats_reference}[backend]
 
-    def _results(self, prepared, ok, mean, var_a, var_e, samples, seed, backend) -> pa.Table:
+    def _results(self, prepared, ok, mean, var_a, var_e, samples, seed, backend, fit) -> pa.Table:
         var_e = np.maximum(var_e, 0.0)  # avg(mu^2) - mean^2 can round to a tiny negative number
         err_a, err_e, err = np.sqrt(var_a), np.sqrt(var_e), np.sqrt(var_a + var_e)
         lo = np.array([t.min for t in self.targets])
@@ -294,15 +329,22 @@ class Model:
         flags |= np.where(out_of_range, int(Flag.OUT_OF_RANGE), 0).astype(np.int32)
         flags |= np.where(high, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
         flags |= np.where(upper, int(Flag.UPPER_LIMIT), 0).astype(np.int32)
+        if fit is not None:
+            with np.errstate(invalid="ignore"):
+                mismatch = fit[0] > self.emulator.chi2_threshold
+            flags |= np.where(mismatch, int(Flag.MODEL_MISMATCH), 0).astype(np.int32)
         ids = _array(prepared.column(ID))
         columns = {ID: ids}
         for k, t in enumerate(self.targets):
             for suffix, values in (("", mean), ("_err", err), ("_err_aleatoric", err_a),
                                    ("_err_epistemic", err_e)):
                 columns[t.name + suffix] = pa.array(values[:, k], pa.float64(), mask=~ok)
+        if fit is not None:
+            columns[CHI2] = pa.array(fit[0], pa.float64(), mask=~np.isfinite(fit[0]))
+            columns[CHI2_PIXELS] = pa.array(fit[1], pa.int32(), mask=~ok)
         columns[FLAGS] = pa.array(flags, pa.int32())
         columns[ERROR] = _array(prepared.column(ERROR))
-        schema = results_schema([t.name for t in self.targets], id_type=ids.type)
+        schema = results_schema([t.name for t in self.targets], id_type=ids.type, chi2=fit is not None)
         meta = self.metadata(samples=samples, seed=seed, backend=backend)
         return pa.Table.from_pydict(columns, schema=schema.with_metadata(meta))
 
@@ -376,5 +418,5 @@ def _table_from_arrays(columns: dict, source_grid, medium: str):
     return pa.table(out).replace_schema_metadata({META_MEDIUM: medium}), source_grid
 
 
-__all__ = ["BACKENDS", "PREPARED_KEY", "PREPARED_X", "Model", "PredictiveSamples", "load_model",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "PREPARED_IVAR", "PREPARED_KEY", "PREPARED_X", "Model", "PredictiveSamples",
+           "load_model", "resolve_backend"]

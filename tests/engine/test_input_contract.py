@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from starcast.catalogs.medium import air_to_vacuum
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid
-from starcast.engine.bundle import MANIFEST_FILE
+from starcast.engine.bundle import MANIFEST_FILE, seal
 from starcast.engine.predictor import load_model
 
 AIR_GRID = WavelengthGrid.linear(4000.0, 0.5, 400, medium="air")  # 4000-4199.5 A, air
@@ -33,6 +33,7 @@ def air_model(bundle_factory, tmp_path, **manifest):
     if manifest:
         data = json.loads((path / MANIFEST_FILE).read_text())
         (path / MANIFEST_FILE).write_text(json.dumps({**data, **manifest}))
+        seal(path)
     return load_model(path, backend="cpu")
 
 

@@ -4,34 +4,19 @@ and the engine predicting the validation survey with the calibration the trainer
 
 import numpy as np
 import pytest
-from starcast.catalogs.grids import write_npz
 from starcast.engine.predictor import load_model
-from starcast.trainers.config import parse_config
 from starcast.trainers.gridsource import GridSource
 from starcast.trainers.metrics import coverage
 from starcast.trainers.pipeline import train_from_config
 
+from tests.trainers.conftest import tiny_grid_config
+
 
 @pytest.fixture(scope="module")
 def config(tlusty_grid, tmp_path_factory):
-    work = tmp_path_factory.mktemp("grid")
-    t, g = tlusty_grid.params["teff"], tlusty_grid.params["logg"]
-    block = tlusty_grid.select((np.abs(t - 22000) <= 2000) & (np.abs(g - 3.75) <= 0.5)).crop(4400.0, 4560.0)
-    write_npz(block, work / "block.npz")
-    return parse_config({
-        "name": "tiny-grid", "output": str(work / "bundle"),
-        "data": {"grid": {"path": str(work / "block.npz"), "cache": str(work / "cache"),
-                          "val_nodes": [[22000, 4.0]], "test_nodes": [[21000, 3.75]],
-                          "per_epoch": 1500, "val_rows": 900, "test_rows": 300,
-                          "observation": {"start": 4420.0, "step": 0.2, "npix": 601},
-                          "perturbations": {"teff": [20000.0, 24000.0], "logg": [3.25, 4.25]}}},
-        "grid": {"kind": "linear", "start": 4430.0, "step": 0.4, "n": 251, "medium": "air"},
-        "architecture": {"hidden": [32, 32], "dropout": 0.0, "members": 2, "samples": 1, "input_rank": 32,
-                         "features": ["log10_snr"]},
-        "training": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "seeds": [0, 1], "warmup_epochs": 1,
-                     "augment_copies": 0, "threads": 1},
-        "calibration": {"samples": 1},
-    })
+    work = tmp_path_factory.mktemp("tiny-grid")
+    return tiny_grid_config(tlusty_grid, work, name="tiny-grid", val_rows=900,
+                            epochs=3)
 
 
 @pytest.fixture(scope="module")

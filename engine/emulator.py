@@ -1,0 +1,172 @@
+"""The emulator of a model bundle and the goodness of fit it gives every spectrum.
+
+The emulator (after The Payne, Ting et al. 2019, PASP 131, 034001) is a small MLP from standardised
+labels to the normalised spectrum on the model grid as the engine's preprocessing leaves it. It lives
+beside the weights as `emulator.safetensors` (`layers.{i}.weight` [in, out], `layers.{i}.bias`, and
+`sigma`, the per-pixel emulator error measured at nodes left out of its training), described by the
+manifest's `emulator` entry, whose sha256 is checked on loading. Training is `starcast.trainers.emulator`.
+
+The fit multiplies the emulated spectrum by a per-row Chebyshev polynomial of the preprocessing's
+continuum degree, fitted by weighted least squares: the engine's own continuum fit differs between a
+noisy and a noise-free copy of one star by such a polynomial (measured on TLUSTY spectra: chi^2 2.3 at
+SNR 100 without it, 0.99 with a cubic), which no label can explain; a ripple or a shift cannot hide in it.
+The labels are those of the prediction refined by a few Gauss-Newton steps on the same chi^2 (within
+the training range): the chi^2 then asks whether the model can explain the spectrum at all, not how
+far the network's estimate is from the best fit, which at high SNR would dominate it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from ..errors import ModelError
+
+EMULATOR_FILE = "emulator.safetensors"
+ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
+              "continuum_degree", "refine_steps", "chi2_threshold")
+STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
+CHUNK = 1024  # rows at a time (the Jacobian holds len(labels) spectra per row)
+ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
+               "tanh": np.tanh}
+
+
+@dataclass(frozen=True)
+class Emulator:
+    """Labels (physical units, in the order of `labels`) -> normalised spectrum [D]; `sigma` [D] is its
+    per-pixel error, added in quadrature to the noise; a reduced chi^2 above `chi2_threshold` flags
+    MODEL_MISMATCH."""
+
+    labels: list[str]
+    layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
+    activation: str
+    label_mean: np.ndarray
+    label_std: np.ndarray
+    sigma: np.ndarray
+    continuum_degree: int  # of the per-row continuum correction; -1: none
+    refine_steps: int  # Gauss-Newton steps from the predicted labels before the chi^2
+    chi2_threshold: float
+
+    def spectra(self, labels: np.ndarray) -> np.ndarray:
+        """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
+        h = ((np.asarray(labels, np.float64) - self.label_mean) / self.label_std).astype(np.float32)
+        act = ACTIVATIONS[self.activation]
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < len(self.layers) - 1:
+                h = act(h)
+        return h
+
+    def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(B, D) float32: the emulated spectra at `labels` times the continuum polynomial (degree
+        `continuum_degree` in Chebyshev T_k over the grid) that fits x best with `weight` per pixel
+        (float32 pixels, float64 normal equations)."""
+        e = self.spectra(labels)
+        if self.continuum_degree < 0:
+            return e
+        t = np.polynomial.chebyshev.chebvander(np.linspace(-1.0, 1.0, e.shape[1]), self.continuum_degree)
+        p = t.shape[1]
+        t32 = t.astype(np.float32)
+        we = weight * e
+        gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).reshape(-1, p, p)
+        gram = gram.astype(np.float64)
+        gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
+        coef = np.linalg.solve(gram, ((we * x) @ t32).astype(np.float64)[..., None])[..., 0]  # (B, p)
+        return e * (coef @ t.T).astype(np.float32)
+
+    def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, lo: np.ndarray,
+               hi: np.ndarray) -> np.ndarray:
+        """`labels` after `refine_steps` damped Gauss-Newton steps on the weighted residual of
+        `fitted` (finite-difference Jacobian), kept within [lo, hi] and within 1 std per step."""
+        z = (np.asarray(labels, np.float64) - self.label_mean) / self.label_std
+        zlo, zhi = (lo - self.label_mean) / self.label_std, (hi - self.label_mean) / self.label_std
+        k = z.shape[1]
+        for _ in range(self.refine_steps):
+            base = self.fitted(x, weight, z * self.label_std + self.label_mean)
+            jac = [(self.fitted(x, weight, (z + STEP * np.eye(k)[j]) * self.label_std + self.label_mean)
+                    - base) / STEP for j in range(k)]
+            gram = np.stack([np.stack([(weight * a * b).sum(axis=1, dtype=np.float64) for b in jac], -1)
+                             for a in jac], -2)
+            grad = np.stack([(weight * a * (x - base)).sum(axis=1, dtype=np.float64) for a in jac], -1)
+            gram += np.eye(k) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / k + 1e-12)[:, None, None]
+            z = np.clip(z + np.clip(np.linalg.solve(gram, grad[..., None])[..., 0], -1.0, 1.0), zlo, zhi)
+        return z * self.label_std + self.label_mean
+
+    def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
+             hi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(reduced chi^2 float64 [B], pixels int32 [B]) of prepared spectra x [B, D] with inverse
+        variances ivar against the fitted emulated spectra e (see `fitted`) at `labels` refined
+        within [lo, hi] (see `refine`): the sum over the n pixels with ivar > 0 of
+        (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted parameters (NaN where that is
+        not positive)."""
+        lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
+        hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
+        chi2 = np.empty(len(x))
+        n = (ivar > 0).sum(axis=1)
+        for s in range(0, len(x), CHUNK):
+            xs = x[s:s + CHUNK].astype(np.float32)
+            ivs = np.maximum(ivar[s:s + CHUNK].astype(np.float32), 0.0)
+            weight = ivs / (1.0 + ivs * self.sigma.astype(np.float32) ** 2)  # 0 where ivar = 0
+            best = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
+            residual = xs - self.fitted(xs, weight, best)
+            chi2[s:s + CHUNK] = (residual**2 * weight).sum(axis=1, dtype=np.float64)
+        dof = n - (self.continuum_degree + 1) - (len(self.labels) if self.refine_steps else 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(dof > 0, chi2 / dof, np.nan), n.astype(np.int32)
+
+
+def save_emulator(path: str | Path, layers: list[tuple], sigma: np.ndarray, entry: dict) -> dict:
+    """Write `emulator.safetensors` into the bundle directory `path`; returns `entry` (hidden,
+    activation, labels, label_mean, label_std, chi2_threshold, ...) completed with `file` and
+    `sha256`, for the manifest's `emulator` key."""
+    tensors = {f"layers.{i}.{kind}": np.ascontiguousarray(a, np.float32)
+               for i, (w, b) in enumerate(layers) for kind, a in (("weight", w), ("bias", b))}
+    tensors["sigma"] = np.ascontiguousarray(sigma, np.float32)
+    blob = save_safetensors(tensors)
+    Path(path, EMULATOR_FILE).write_bytes(blob)
+    return {**entry, "file": EMULATOR_FILE, "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def load_emulator(path: Path, entry: dict, dim: int) -> Emulator:
+    """The emulator of the bundle at `path` described by its manifest `entry`, for a D = `dim` pixel
+    grid. Raises `ModelError` when the entry, the file's sha256 or its shapes are wrong."""
+    where = f"model bundle {path}: emulator"
+    lacks = [k for k in ENTRY_KEYS if k not in entry]
+    if lacks:
+        raise ModelError(f"{where}: the manifest's 'emulator' entry lacks {lacks}")
+    if entry["activation"] not in ACTIVATIONS:
+        raise ModelError(f"{where}: unknown activation {entry['activation']!r} "
+                         f"(known: {sorted(ACTIVATIONS)})")
+    file = path / entry["file"]
+    if not file.is_file():
+        raise ModelError(f"{where}: {entry['file']} is missing (re-run `python -m starcast.trainers.emulator "
+                         "CONFIG BUNDLE` or remove the manifest's 'emulator' entry)")
+    blob = file.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != entry["sha256"]:
+        raise ModelError(f"{where}: sha256 of {entry['file']} is {digest}, but the manifest expects "
+                         f"{entry['sha256']}; the file was modified or belongs to another model")
+    try:
+        tensors = load_safetensors(blob)
+    except SafetensorError as exc:
+        raise ModelError(f"{where}: {entry['file']} is not a valid safetensors file ({exc})") from exc
+    widths = [len(entry["labels"]), *entry["hidden"], dim]
+    layers = [(tensors.get(f"layers.{i}.weight"), tensors.get(f"layers.{i}.bias"))
+              for i in range(len(widths) - 1)]
+    shapes_ok = all(w is not None and b is not None and w.shape == (widths[i], widths[i + 1])
+                    and b.shape == (widths[i + 1],) for i, (w, b) in enumerate(layers))
+    sigma_ok = tensors.get("sigma", np.empty(0)).shape == (dim,)
+    if not shapes_ok or not sigma_ok or len(tensors) != 2 * len(layers) + 1:
+        raise ModelError(f"{where}: {entry['file']} does not hold layers of widths {widths} and a sigma of "
+                         f"{dim} pixels (it holds {sorted(tensors)})")
+    return Emulator(labels=list(entry["labels"]), layers=layers, activation=entry["activation"],
+                    label_mean=np.asarray(entry["label_mean"], np.float64),
+                    label_std=np.asarray(entry["label_std"], np.float64), sigma=tensors["sigma"],
+                    continuum_degree=int(entry["continuum_degree"]), refine_steps=int(entry["refine_steps"]),
+                    chi2_threshold=float(entry["chi2_threshold"]))

@@ -1,0 +1,113 @@
+"""The emulator in a bundle and the engine's goodness of fit: the file's sha256 is checked, the chi^2
+columns exist only with an emulator, the reduced chi^2 is the formula of the README on the prepared
+rows, MODEL_MISMATCH follows the threshold, and results written by `run` carry the columns."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from starcast.catalogs.schema import CHI2, CHI2_PIXELS, Flag, results_schema
+from starcast.engine.bundle import load_bundle, save_bundle
+from starcast.engine.emulator import EMULATOR_FILE, save_emulator
+from starcast.engine.predictor import PREPARED_IVAR, load_model
+from starcast.engine.run import run
+
+from starcast.errors import ModelError
+
+from .conftest import TINY_GRID, make_bundle
+
+LINE = 1.0 - 0.4 * np.exp(-0.5 * ((TINY_GRID.values() - 4100.0) / 3.0) ** 2)  # one absorption line
+
+
+def add_emulator(path, *, sigma: float = 0.0, threshold: float = 2.0, spectrum=LINE):
+    """Give the bundle at `path` an emulator that returns `spectrum` whatever the labels."""
+    bundle = load_bundle(path)
+    layers = [(np.full((3, 8), 0.1), np.zeros(8)), (np.zeros((8, TINY_GRID.n)), spectrum)]
+    entry = save_emulator(path, layers, np.full(TINY_GRID.n, sigma), {
+        "labels": ["teff", "logg", "vsini"], "hidden": [8], "activation": "silu",
+        "label_mean": [20000.0, 3.5, 100.0], "label_std": [5000.0, 0.5, 100.0], "continuum_degree": -1,
+        "refine_steps": 0, "chi2_threshold": threshold})
+    save_bundle(path, bundle.layers, {**bundle.manifest, "emulator": entry})
+    return path
+
+
+def catalog(n: int, snr: float, seed: int = 0, spectrum=LINE) -> dict:
+    rng = np.random.default_rng(seed)
+    flux = spectrum + rng.normal(0.0, 1.0 / snr, (n, TINY_GRID.n))
+    return {"id": np.arange(n), "flux": flux.astype(np.float32), "wavelength": TINY_GRID.values(),
+            "flux_err": np.full((n, TINY_GRID.n), 1.0 / snr, np.float32)}
+
+
+def test_results_have_chi2_columns_only_with_an_emulator(tmp_path):
+    plain = load_model(make_bundle(tmp_path / "plain"))
+    assert plain.emulator is None and CHI2 not in plain.predict(catalog(4, 50.0)).column_names
+    assert PREPARED_IVAR not in plain.prepare(_table(catalog(4, 50.0))).column_names
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu")))
+    out = model.predict(catalog(4, 50.0))
+    schema = results_schema(["teff", "logg", "vsini"], chi2=True)
+    assert out.schema.field(CHI2).type == schema.field(CHI2).type and out.column(CHI2_PIXELS).type == "int32"
+    assert out.column(CHI2).null_count == 0 and out.column(CHI2_PIXELS).to_pylist() == [TINY_GRID.n] * 4
+
+
+def test_reduced_chi2_is_the_stated_formula_on_the_prepared_rows(tmp_path):
+    """sum over pixels with ivar > 0 of (x - e)^2 / (1/ivar + sigma_emu^2), over their number, from
+    the prepared x and ivar; about 1 for noise that flux_err describes, and > 1 when sigma_emu = 0
+    cannot absorb a wrong spectrum."""
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu"), sigma=0.003))
+    data = catalog(300, 100.0)
+    data["flux"][0, 50:60] = np.nan  # masked pixels are left out of the sum
+    prepared = model.prepare(_table(data))
+    x = np.stack(prepared.column("x").to_numpy(zero_copy_only=False))[:, :TINY_GRID.n]
+    ivar = np.stack(prepared.column(PREPARED_IVAR).to_numpy(zero_copy_only=False)).astype(float)
+    good = ivar > 0
+    expected = np.array([np.sum((x[i] - LINE)[g] ** 2 / (1 / ivar[i][g] + 0.003**2)) / g.sum()
+                         for i, g in enumerate(good)])
+    out = model.infer(prepared)
+    np.testing.assert_allclose(out.column(CHI2).to_numpy(), expected, rtol=1e-4)
+    assert out.column(CHI2_PIXELS)[0].as_py() == good[0].sum() < TINY_GRID.n
+    assert 0.9 < np.median(expected) < 1.1
+
+
+def test_model_mismatch_flag_follows_the_threshold(tmp_path):
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu"), threshold=1.5))
+    clean = model.predict(catalog(200, 100.0))
+    wrong = model.predict(catalog(200, 100.0, spectrum=1.0 - 0.5 * (1.0 - LINE)))  # the line half as deep
+    flagged = [(np.asarray(t.column("flags")) & Flag.MODEL_MISMATCH) != 0 for t in (clean, wrong)]
+    assert flagged[0].mean() < 0.02 and flagged[1].all()
+    assert (np.asarray(wrong.column(CHI2)) > 1.5).all()
+
+
+def test_a_tampered_or_missing_emulator_file_is_refused(tmp_path):
+    path = add_emulator(make_bundle(tmp_path / "emu"))
+    blob = bytearray((path / EMULATOR_FILE).read_bytes())
+    blob[-1] ^= 1
+    (path / EMULATOR_FILE).write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match=f"sha256 of {EMULATOR_FILE}"):
+        load_model(path)
+    (path / EMULATOR_FILE).unlink()
+    with pytest.raises(ModelError, match=f"{EMULATOR_FILE} is missing"):
+        load_model(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["emulator"]["sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="bundle_sha256"):  # an edited manifest is refused first
+        load_model(path)
+
+
+def test_run_writes_the_chi2_columns(tmp_path):
+    from starcast.catalogs.io import write_catalog
+
+    model_dir = add_emulator(make_bundle(tmp_path / "emu"))
+    data = catalog(6, 50.0)
+    data["flux"][2] = np.nan  # a row that fails preprocessing: null chi2
+    write_catalog(_table(data), tmp_path / "in.parquet")
+    run(tmp_path / "in.parquet", tmp_path / "out", model=model_dir, backend="cpu", progress=False)
+    out = pq.read_table(tmp_path / "out" / "results" / "in.parquet")
+    assert out.column(CHI2).null_count == 1 and out.column(CHI2_PIXELS).type == "int32"
+
+
+def _table(data: dict):
+    from starcast.engine.predictor import _as_table
+
+    return _as_table(data, None, TINY_GRID.medium)[0]

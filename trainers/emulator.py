@@ -1,0 +1,212 @@
+"""Train the emulator of a model bundle (`starcast.engine.emulator`) from the config its ensemble was
+trained on, and add it to the bundle: `python -m starcast.trainers.emulator CONFIG.toml BUNDLE_DIR`.
+
+Training spectra are stars between the training nodes observed with the config's perturbations at a
+very high SNR and without ripple, masks or gaps, preprocessed by the engine exactly as data are, so
+the emulator learns what the engine's continuum normalisation leaves of the low-order distortions
+(what remains, a low-order polynomial per spectrum, the chi^2 fits out: `engine.emulator`). The MLP
+predicts the leading principal components of those spectra (folded into its last layer at export).
+Its per-pixel error is measured at the validation nodes, left out of its training; the MODEL_MISMATCH
+threshold is a quantile of the engine's chi^2 on a clean validation survey.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..catalogs import gridsynth
+from ..catalogs.schema import CHI2, SNR, Flag
+from ..engine.bundle import load_bundle, save_bundle
+from ..engine.emulator import Emulator, save_emulator
+from ..engine.predictor import Model
+from ..kernels.preprocess import preprocess
+from .config import TrainConfig, load_config
+from .gridsource import GridSource
+
+LABELS = ["teff", "logg", "vsini"]  # the emulator's inputs (K, dex, km/s)
+SNR_BINS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)  # edges of the SNR bins of the chi^2 report
+SPLIT_SEEDS = {"train": 11, "val": 12, "test": 13, "val_clean": 14, "test_clean": 15}
+
+
+@dataclass(frozen=True)
+class EmulatorSettings:
+    """How the emulator is trained (recorded in the manifest's `emulator.training`)."""
+
+    rows: int = 15000  # training spectra
+    val_rows: int = 2000  # noise-free spectra at the validation nodes (sigma_emu)
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 3e-3
+    hidden: tuple[int, ...] = (256, 256)
+    activation: str = "silu"
+    components: int = 128  # principal components the network predicts
+    snr: float = 1e4  # "noise-free": far above the survey's SNR
+    quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
+    refine_steps: int = 1  # Gauss-Newton steps from the predicted labels (engine.emulator); on ob-default
+    # v1 one step gives the chi^2 of three (p99 2.1 at SNR 200-500, 3.2 without) at 3x their speed
+    seed: int = 0
+    threads: int = 2
+
+
+def noise_free(source: GridSource, settings: EmulatorSettings) -> gridsynth.Perturbations:
+    """The training perturbations at SNR `settings.snr`, without what the chi^2 should expose (ripple)
+    or the engine masks (bad pixels, gaps): continuum distortions and rv errors stay."""
+    return replace(source.pert, snr=(settings.snr, settings.snr), ripple_prob=0.0, gap_prob=0.0,
+                   bad_pixel_fraction=0.0)
+
+
+def clean(source: GridSource) -> gridsynth.Perturbations:
+    """A clean survey: the config's perturbations without the continuum ripple (a model mismatch)."""
+    return replace(source.pert, ripple_prob=0.0)
+
+
+def held_survey(source: GridSource, split: str, n: int, pert: gridsynth.Perturbations,
+                rng: np.random.Generator):
+    """A survey table of `n` stars at the left-out `split` nodes ("val" or "test"), v sin i uniform."""
+    nodes = source.full.nodes[rng.choice(source.held[split], n)]
+    labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, n)}
+    return gridsynth.draw_survey(source.full, labels, pert, rng).table(source.obs)
+
+
+def prepared(source: GridSource, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels [N, 3], x [N, D], ivar [N, D]) of a survey table as the engine preprocesses it."""
+    xs, ivars = [], []
+    for start in range(0, table.num_rows, 8192):
+        pre = preprocess(table.slice(start, 8192), source.grid_values, source.settings)
+        xs.append(pre.x)
+        ivars.append(np.where((pre.flags & Flag.PREPROCESS_FAILED)[:, None] == 0, pre.ivar, 0.0))
+    labels = np.stack([table.column(t).to_numpy() for t in LABELS], axis=1)
+    return labels, np.concatenate(xs), np.concatenate(ivars).astype(np.float32)
+
+
+def fit(labels: np.ndarray, x: np.ndarray, settings: EmulatorSettings, *,
+        progress: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """(layers [(W [in, out], b [out])], label_mean, label_std): an MLP from standardised labels to the
+    spectra x, trained on their leading principal components, which the last layer then folds in."""
+    torch.manual_seed(settings.seed)
+    mean_y, std_y = labels.mean(axis=0), labels.std(axis=0)
+    mean_x = x.mean(axis=0, dtype=np.float64)
+    k = min(settings.components, *x.shape)
+    sub = x[np.random.default_rng(settings.seed).permutation(len(x))[:5000]] - mean_x
+    basis = np.linalg.svd(sub, full_matrices=False)[2][:k]  # (k, D), orthonormal rows
+    inputs = torch.from_numpy(((labels - mean_y) / std_y).astype(np.float32))
+    coeffs = torch.from_numpy(((x - mean_x) @ basis.T).astype(np.float32))
+    widths = [labels.shape[1], *settings.hidden]
+    act = {"silu": torch.nn.SiLU, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[settings.activation]
+    net = torch.nn.Sequential(*[m for a, b in zip(widths, widths[1:], strict=False)
+                                for m in (torch.nn.Linear(a, b), act())], torch.nn.Linear(widths[-1], k))
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    steps = settings.epochs * math.ceil(len(x) / settings.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=steps, pct_start=0.05)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        for _ in tqdm(range(settings.epochs), desc="emulator", unit="epoch", disable=not progress):
+            for idx in torch.randperm(len(x)).split(settings.batch_size):
+                loss = ((net(inputs[idx]) - coeffs[idx]) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        torch.set_num_threads(threads)
+    linear = [m for m in net if isinstance(m, torch.nn.Linear)]
+    layers = [(m.weight.detach().double().numpy().T, m.bias.detach().double().numpy()) for m in linear]
+    w, b = layers[-1]
+    layers[-1] = (w @ basis, b @ basis + mean_x)
+    return [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers], mean_y, std_y
+
+
+def chi2_by_snr(chi2: np.ndarray, snr: np.ndarray, threshold: float) -> list[dict]:
+    """Median chi^2 and the fraction above `threshold` per SNR bin (SNR_BINS)."""
+    out = []
+    for lo, hi in zip(SNR_BINS, SNR_BINS[1:], strict=False):
+        inside = (snr >= lo) & (snr < hi) & np.isfinite(chi2)
+        if inside.any():
+            out.append({"snr_lo": lo, "snr_hi": hi, "n": int(inside.sum()),
+                        "median_chi2": round(float(np.median(chi2[inside])), 4),
+                        "flagged": round(float(np.mean(chi2[inside] > threshold)), 4)})
+    return out
+
+
+def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSettings | None = None, *,
+                   progress: bool = True) -> dict:
+    """Train the emulator of `cfg`, measure sigma_emu and calibrate the chi^2 threshold with the
+    bundle's own predictions, and write it into the bundle at `bundle_dir` (the manifest rewritten
+    through `save_bundle`). Returns the manifest's `emulator` entry."""
+    settings = settings or EmulatorSettings()
+    t0 = time.perf_counter()
+    source = GridSource(cfg, progress=progress)
+    rng = {name: np.random.default_rng([settings.seed, s]) for name, s in SPLIT_SEEDS.items()}
+    pert = noise_free(source, settings)
+    labels = gridsynth.draw_labels(source.train, settings.rows, pert, rng["train"])
+    table = gridsynth.draw_survey(source.train, labels, pert, rng["train"]).table(source.obs)
+    y, x, _ = prepared(source, table)
+    layers, label_mean, label_std = fit(y, x, settings, progress=progress)
+    base = Emulator(labels=LABELS, layers=layers, activation=settings.activation, label_mean=label_mean,
+                    label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
+                    continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
+                    chi2_threshold=math.inf)
+    residual = {}  # of noise-free spectra at left-out nodes, after the chi^2's continuum fit
+    for split in ("val", "test"):
+        y_h, x_h, ivar_h = prepared(source, held_survey(source, split, settings.val_rows, pert, rng[split]))
+        residual[split] = np.where(ivar_h > 0, x_h - base.fitted(x_h, ivar_h, y_h), np.nan)
+    sigma = np.sqrt(np.nanmean(residual["val"] ** 2, axis=0)).astype(np.float32)
+    bundle = load_bundle(bundle_dir)
+    manifest = {k: v for k, v in bundle.manifest.items() if k != "emulator"}
+    model = Model(replace(bundle, emulator=replace(base, sigma=sigma)))
+    chi2, snr = {}, {}
+    for split in ("val", "test"):
+        survey = held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
+                             rng[f"{split}_clean"])
+        out = model.predict(survey.drop_columns(LABELS), backend="cpu")
+        chi2[split] = out.column(CHI2).to_numpy(zero_copy_only=False).astype(np.float64)
+        snr[split] = survey.column(SNR).to_numpy()
+    threshold = float(np.nanquantile(chi2["val"], settings.quantile))
+    entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
+             "label_mean": label_mean.tolist(), "label_std": label_std.tolist(),
+             "continuum_degree": base.continuum_degree, "refine_steps": base.refine_steps,
+             "chi2_threshold": threshold,
+             "chi2_quantile": settings.quantile, "sigma_emu_median": float(np.median(sigma)),
+             "training": {**asdict(settings), "hidden": list(settings.hidden), "seconds": 0.0,
+                          "perturbations": asdict(pert), "clean_perturbations": asdict(clean(source))},
+             "metrics": {f"{split}_nodes": {"emulator_rms": float(np.sqrt(np.nanmean(residual[split] ** 2))),
+                                            "chi2_median": float(np.nanmedian(chi2[split])),
+                                            "flagged": float(np.mean(chi2[split] > threshold)),
+                                            "chi2_by_snr": chi2_by_snr(chi2[split], snr[split], threshold)}
+                         for split in ("val", "test")}}
+    entry["training"]["seconds"] = round(time.perf_counter() - t0, 1)
+    entry = save_emulator(bundle_dir, layers, sigma, entry)
+    save_bundle(bundle_dir, bundle.layers, {**manifest, "emulator": entry})
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the emulator of CONFIG and add it to BUNDLE_DIR.")
+    parser.add_argument("config", help="the training config (TOML) the bundle was trained from")
+    parser.add_argument("bundle", help="the model bundle directory to add the emulator to")
+    parser.add_argument("--rows", type=int, default=EmulatorSettings.rows)
+    parser.add_argument("--epochs", type=int, default=EmulatorSettings.epochs)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    settings = EmulatorSettings(rows=args.rows, epochs=args.epochs)
+    entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
+    print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s; "
+          f"chi2 threshold {entry['chi2_threshold']:.3f}")
+    for split, m in entry["metrics"].items():
+        bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
+                         for b in m["chi2_by_snr"])
+        print(f"  {split}: emulator rms {m['emulator_rms']:.4f}, median chi2 {m['chi2_median']:.3f}, "
+              f"flagged {100 * m['flagged']:.1f}%; median chi2 by SNR {bins}")
+
+
+if __name__ == "__main__":
+    main()
