@@ -32,7 +32,7 @@ from ..catalogs.schema import (
 )
 from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
-from ..kernels.features import input_features
+from ..kernels.features import network_inputs
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
@@ -139,8 +139,7 @@ class Model:
             raise CatalogError(str(exc), column=ID) from exc
         pre = preprocess(table, self.grid, self.settings, source_grid=source_grid,
                          resolving_power=self.resolving_power)
-        x = np.ascontiguousarray(np.concatenate([pre.x, input_features(pre.ivar, self.features)], axis=1),
-                                 dtype=np.float32)
+        x = network_inputs(pre.x, pre.ivar, self.features)
         flags = np.asarray(pre.flags, dtype=np.int32).copy()
         errors = list(pre.errors)
         for i in np.flatnonzero(~np.isfinite(x).all(axis=1)):

@@ -30,3 +30,9 @@ def input_features(ivar: np.ndarray, names: list[str] | tuple[str, ...]) -> np.n
         raise ValueError(f"unknown input features {unknown} (known: {sorted(FEATURES)})")
     columns = [FEATURES[n](ivar).astype(np.float32) for n in names]
     return np.stack(columns, axis=1) if columns else np.zeros((len(ivar), 0), np.float32)
+
+
+def network_inputs(x: np.ndarray, ivar: np.ndarray, names: list[str] | tuple[str, ...]) -> np.ndarray:
+    """(B, D + E) float32, C-contiguous: the preprocessed spectra x (B, D) followed by the features
+    `names` of each row; the one place training and inference assemble what the network sees."""
+    return np.ascontiguousarray(np.concatenate([x, input_features(ivar, names)], axis=1), dtype=np.float32)

@@ -15,7 +15,7 @@ from ..catalogs import gridsynth
 from ..catalogs.grids import read_grid
 from ..catalogs.physics import C_KMS
 from ..catalogs.schema import ID, SNR, Flag
-from ..kernels.features import input_features
+from ..kernels.features import network_inputs
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from .config import ConfigError, TrainConfig
 from .data import Dataset
@@ -116,7 +116,7 @@ class GridSource:
         xs, keep = [], []
         for start in range(0, table.num_rows, 8192):
             pre = preprocess(table.slice(start, 8192), self.grid_values, self.settings)
-            xs.append(np.concatenate([pre.x, input_features(pre.ivar, self.features)], axis=1))
+            xs.append(network_inputs(pre.x, pre.ivar, self.features))
             keep.append((pre.flags & Flag.PREPROCESS_FAILED) == 0)
         x, keep = np.concatenate(xs).astype(np.float32), np.concatenate(keep)
         y = np.stack([table.column(t).to_numpy() for t in self.targets], axis=1)
