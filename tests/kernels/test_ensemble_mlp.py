@@ -118,8 +118,13 @@ def test_every_autotune_config_matches_the_reference_and_is_batch_independent(co
     perm = torch.randperm(rows, generator=gen)
     shuffled = triton_stats(x[perm], keys[perm], packed, **kw)
     for b, a, sh in zip(batch, alone, shuffled, strict=True):
-        assert torch.equal(b[3:4], a)
-        assert torch.equal(b[perm], sh)
+        assert _same_rows(b[3:4], a) and _same_rows(b[perm], sh)
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical on a GPU. Under the interpreter tl.dot is numpy's BLAS, which at these shapes
+    rounds a row differently by its place in the matrix (measured 2e-7 of values ~1): within 1e-6."""
+    return torch.equal(a, b) if GPU else torch.allclose(a, b, rtol=0.0, atol=1e-6 * float(a.abs().max()))
 
 
 @pytest.mark.skipif(not GPU, reason="autotuning needs a GPU (the interpreter runs INTERPRETER_CONFIG)")
