@@ -285,8 +285,13 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
                 x[r, j] = y[j] / cont[j]
                 ivar[r, j] = (cont[j] / sigma[j]) ** 2
         gap[r] = _fill_gaps(x[r], ivar[r], state, max_gap)
-        for p in line_pixels:
-            line_lost[r] |= state[p] != GOOD
+        for p in line_pixels:  # lost: in a run of bad pixels too long to interpolate, or at an end
+            lo, hi = p, p
+            while lo > 0 and state[lo - 1] != GOOD and state[p] != GOOD:
+                lo -= 1
+            while hi < d - 1 and state[hi + 1] != GOOD and state[p] != GOOD:
+                hi += 1
+            line_lost[r] |= state[p] != GOOD and (hi - lo >= max_gap or lo == 0 or hi == d - 1)
 
 
 def _as_array(batch, name: str) -> pa.Array | None:

@@ -117,6 +117,14 @@ def test_a_30_angstrom_gap_over_he_i_4471_is_flagged_gap_and_line_lost_but_keeps
     assert out.errors == [None] * 4  # flags tell the user; the numbers stay
 
 
+def test_a_bad_pixel_on_a_line_is_interpolated_not_a_lost_line():
+    """One bad pixel (a cosmic ray) at He I 4471 is filled from its neighbours: no GAP, no LINE_LOST."""
+    flux = line_spectrum(SOURCE_AIR)
+    flux[np.argmin(np.abs(SOURCE_AIR - 4471.5))] = np.nan
+    out = preprocess(per_row([flux], [SOURCE_AIR]), MODEL)
+    assert out.flags[0] == Flag.NON_FINITE and out.errors == [None]
+
+
 def test_diagnostic_lines_are_on_the_models_grid_and_cite_a_source():
     names = [line.name for line in DIAGNOSTIC_LINES]
     for expected in ("H delta", "H gamma", "He I 4471", "He II 4686", "Mg II 4481", "Si III 4553",

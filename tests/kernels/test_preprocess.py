@@ -150,7 +150,7 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
     F = Flag
     failed = F.PREPROCESS_FAILED
     assert out.flags.tolist() == [0, F.NON_FINITE, F.NON_FINITE | F.MASKED | failed, F.NON_FINITE,
-                                  F.MASKED | F.LINE_LOST, F.COVERAGE | failed, failed, failed, failed,
+                                  F.MASKED, F.COVERAGE | failed, failed, failed, failed,
                                   F.COVERAGE | failed]
     assert [i for i, e in enumerate(out.errors) if e is not None] == [2, 5, 6, 7, 8, 9]
     assert "good pixels" in out.errors[2] and "increasing" in out.errors[6]
