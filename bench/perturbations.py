@@ -30,14 +30,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from starcast.catalogs.medium import air_to_vacuum
+from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import (
     CHI2,
     FLUX,
     FLUX_ERR,
+    INFORMATIONAL,
     META_WAVELENGTH,
     RESOLVING_POWER,
     RV,
+    RV_ERR,
     SNR,
+    WAVELENGTH,
     Flag,
     WavelengthGrid,
     spectrum_array,
@@ -50,6 +54,7 @@ import starcast
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ("teff", "logg", "vsini")
 R_SOURCE = 20000.0  # resolving power of the default source (and of ob-default's training spectra)
+TRUE_RV = "true_rv"  # km/s, a column the rv perturbations add for scoring (the sources are at rest)
 
 Source = Callable[[int, int, float], pa.Table]  # (n, seed, resolving power) -> catalog with labels
 
@@ -61,7 +66,8 @@ def synthetic_source(n: int, seed: int, resolving_power: float) -> pa.Table:
 
 def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Source:
     """Held-out TLUSTY spectra: stars at the test nodes of the grid config `config` (left out of
-    training), v sin i uniform, observed with the config's perturbations but no ripple, SNR in `snr`;
+    training), v sin i uniform, observed with the config's perturbations but no ripple or gap (those
+    are perturbations of their own), SNR in `snr`;
     at another resolving power the test-node models are broadened again (the same labels per seed)."""
     from dataclasses import replace
 
@@ -75,7 +81,7 @@ def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Sour
     nodes = grid_source.full.nodes[grid_source.held["test"]]
     grid = read_grid(grid_source.data.resolve(grid_source.data.path, cfg.source))
     models = grid.select([int(np.flatnonzero((grid.nodes() == node).all(axis=1))[0]) for node in nodes])
-    pert = replace(grid_source.pert, ripple_prob=0.0, snr=snr)
+    pert = replace(grid_source.pert, ripple_prob=0.0, gap_prob=0.0, snr=snr)  # ripples and gaps: below
 
     def source(n: int, seed: int, resolving_power: float) -> pa.Table:
         rng = np.random.default_rng(seed)
@@ -137,8 +143,20 @@ def vacuum(stated: bool):
     return perturb
 
 
-def missing_rv(table, **_):
-    return table.drop_columns([RV])
+def moving(stated: bool, v_max: float = 300.0):
+    """The stars receding at rv uniform in +-v_max km/s (per-row wavelengths), the rv column stated
+    (with the source's stated-rv error kept) or dropped."""
+    def perturb(table, **_):
+        rv = np.random.default_rng(3).uniform(-v_max, v_max, table.num_rows)
+        grid = _grid(table)
+        wl = grid.values()[None, :] / np.sqrt((1.0 - rv / C_KMS) / (1.0 + rv / C_KMS))[:, None]
+        wavelength = pa.FixedSizeListArray.from_arrays(pa.array(wl.reshape(-1)), wl.shape[1])
+        moved = table.drop_columns([RV]).append_column(WAVELENGTH, wavelength)
+        moved = moved.append_column(TRUE_RV, pa.array(rv))
+        if stated:
+            moved = moved.append_column(RV, pa.array(table.column(RV).to_numpy() + rv))
+        return moved
+    return perturb
 
 
 def coverage_half(table, **_):
@@ -153,20 +171,30 @@ PERTURBATIONS = {
     "ripple 1% / 50 A": ripple, "offset +0.3 A": offset(0.3), "offset -0.3 A": offset(-0.3),
     "R / 2 (stated)": resolution(2), "R / 4 (stated)": resolution(4),
     "gap 30 A over He I 4471": gap_he_i_4471,
-    "vacuum (stated)": vacuum(True), "vacuum (labelled air)": vacuum(False), "missing rv": missing_rv,
+    "vacuum (stated)": vacuum(True), "vacuum (labelled air)": vacuum(False),
+    "rv +-300 km/s (stated)": moving(True), "rv +-300 km/s, no rv column": moving(False),
     "coverage 50%": coverage_half,
 }
 
 
-def score(results: pa.Table, truth: dict[str, np.ndarray]) -> dict:
+def score(results: pa.Table, truth: dict[str, np.ndarray], true_rv: np.ndarray) -> dict:
+    """RMSE and 68% coverage per target, the share of rows flagged (bits other than INFORMATIONAL)
+    or nulled; with an emulator the median chi^2, MODEL_MISMATCH and the fitted rv against the truth."""
     flags = results.column("flags").to_numpy()
     nulled = results.column("error").is_valid().to_numpy(zero_copy_only=False)
-    out = {"rows": results.num_rows, "flagged_or_nulled": float(np.mean((flags != 0) | nulled)),
-           "nulled": float(np.mean(nulled)), "targets": {}}
+    warned = (flags & ~INFORMATIONAL) != 0
+    out = {"rows": results.num_rows, "flagged_or_nulled": float(np.mean(warned | nulled)),
+           "nulled": float(np.mean(nulled)), "targets": {},
+           "flag_bits": {bit.name: float(np.mean((flags & bit) != 0)) for bit in Flag if (flags & bit).any()}}
     if CHI2 in results.column_names:
         chi2 = results.column(CHI2).to_numpy(zero_copy_only=False).astype(float)
         out["chi2_median"] = float(np.nanmedian(chi2)) if np.isfinite(chi2).any() else None
         out["model_mismatch"] = float(np.mean((flags & Flag.MODEL_MISMATCH) != 0))
+        rv = results.column(RV).to_numpy(zero_copy_only=False).astype(float) - true_rv
+        rv_err = results.column(RV_ERR).to_numpy(zero_copy_only=False).astype(float)
+        ok = np.isfinite(rv) & np.isfinite(rv_err)
+        out["rv"] = {"rmse": float(np.sqrt(np.mean(rv[ok] ** 2))) if ok.any() else None,
+                     "coverage_68": float(np.mean(np.abs(rv[ok]) <= rv_err[ok])) if ok.any() else None}
     for t in TARGETS:
         mean = results.column(t).to_numpy(zero_copy_only=False).astype(float)
         err = results.column(f"{t}_err").to_numpy(zero_copy_only=False).astype(float)
@@ -190,11 +218,13 @@ def run_matrix(model, source: Source = synthetic_source, n: int = 200, seed: int
     clean = source(n, seed, R_SOURCE)
     truth = {t: clean.column(t).to_numpy() for t in TARGETS}
 
-    def predict(table):
-        labels = [t for t in TARGETS if t in table.column_names]
-        return model.predict(table.drop_columns(labels), backend="cpu")
-    clean_results = predict(clean)
-    report = {"clean": score(clean_results, truth), "perturbations": {}}
+    def predict_and_score(table):
+        true_rv = table.column(TRUE_RV).to_numpy() if TRUE_RV in table.column_names else np.zeros(n)
+        hidden = [c for c in (*TARGETS, TRUE_RV) if c in table.column_names]
+        results = model.predict(table.drop_columns(hidden), backend="cpu")
+        return results, score(results, truth, true_rv)
+    clean_results, clean_score = predict_and_score(clean)
+    report = {"clean": clean_score, "perturbations": {}}
     if model.emulator is not None:  # the goal of issue 10: median chi2 within 0.9-1.1 in every SNR bin
         from starcast.trainers.emulator import chi2_by_snr
 
@@ -204,7 +234,7 @@ def run_matrix(model, source: Source = synthetic_source, n: int = 200, seed: int
         report["clean"]["infer_rows_per_s"] = infer_rates(model, clean.drop_columns(list(TARGETS)))
     for name, perturb in PERTURBATIONS.items():
         t0 = time.perf_counter()
-        entry = score(predict(perturb(clean, source=source, n=n, seed=seed)), truth)
+        entry = predict_and_score(perturb(clean, source=source, n=n, seed=seed))[1]
         entry["passes"] = verdict(entry, report["clean"])
         entry["seconds"] = time.perf_counter() - t0
         report["perturbations"][name] = entry
@@ -237,18 +267,23 @@ def markdown(report: dict, command: str) -> str:
     fit = "chi2_median" in clean  # a model with an emulator
     lines = [f"# Perturbation matrix ({report['model']})", "", f"Command: `{command}`", "",
              f"Source: {report.get('source', 'synthetic')}. Clean: {clean['rows']} held-out spectra, "
-             f"{100 * clean['flagged_or_nulled']:.1f}% flagged or nulled (goal <= 2%); {summary}", ""]
+             f"{100 * clean['flagged_or_nulled']:.1f}% flagged or nulled (goal <= 2%); {summary}", "",
+             "Flag bits on clean rows: "
+             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in clean["flag_bits"].items())
+             + f" (flagged counts bits other than {INFORMATIONAL!r})", ""]
     if fit:
         bins = ", ".join(f"SNR {b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.2f} ({b['n']} rows)"
                          for b in clean["chi2_by_snr"])
         rates = ", ".join(f"{k} {v:.0f}" for k, v in clean["infer_rows_per_s"].items())
         lines += [f"Clean median chi2 {clean['chi2_median']:.3f}, MODEL_MISMATCH on "
-                  f"{100 * clean['model_mismatch']:.1f}% of clean rows; median chi2 by SNR: {bins}.", "",
+                  f"{100 * clean['model_mismatch']:.1f}% of clean rows; median chi2 by SNR: {bins}. "
+                  f"Fitted rv against the truth: RMSE {clean['rv']['rmse']:.2f} km/s, 68% coverage of "
+                  f"rv_err {100 * clean['rv']['coverage_68']:.1f}%.", "",
                   f"`infer` on the clean rows (CPU backend, rows/s): {rates}.", ""]
-    extra = " MODEL_MISMATCH | median chi2 |" if fit else ""
+    extra = " MODEL_MISMATCH | median chi2 | rv RMSE (km/s) |" if fit else ""
     lines += ["| perturbation | flagged or nulled | nulled |" + extra + " " + " | ".join(
                  f"{t} RMSE / clean | {t} cov68" for t in TARGETS) + " | passes |",
-              "| --- | --- | --- |" + (" --- | --- |" if fit else "") + " "
+              "| --- | --- | --- |" + (" --- | --- | --- |" if fit else "") + " "
               + " | ".join("--- | ---" for _ in TARGETS) + " | --- |"]
     for name, e in report["perturbations"].items():
         cells = []
@@ -258,7 +293,8 @@ def markdown(report: dict, command: str) -> str:
                                                            f"{100 * m['coverage_68']:.1f}%"]
         if fit:
             median = "-" if e["chi2_median"] is None else f"{e['chi2_median']:.2f}"
-            cells = [f"{100 * e['model_mismatch']:.1f}%", median, *cells]
+            rv = "-" if e["rv"]["rmse"] is None else f"{e['rv']['rmse']:.1f}"
+            cells = [f"{100 * e['model_mismatch']:.1f}%", median, rv, *cells]
         lines.append(f"| {name} | {100 * e['flagged_or_nulled']:.1f}% | {100 * e['nulled']:.1f}% | "
                      + " | ".join(cells) + f" | {'yes' if e['passes'] else '**no**'} |")
     lines += ["", "Pass: RMSE <= 1.5x clean and 68% coverage within 5 points of clean for every target, or "
@@ -273,7 +309,7 @@ def main() -> None:
     parser.add_argument("--model", default="ob-default")
     parser.add_argument("--model-resolving-power", type=float, default=None,
                         help="treat the model as stating this R (for a model whose manifest does not)")
-    parser.add_argument("--source", choices=("synthetic", "tlusty"), default="synthetic",
+    parser.add_argument("--source", choices=("synthetic", "tlusty"), default="tlusty",
                         help="held-out spectra: the synthetic survey, or TLUSTY stars at test nodes")
     default_config = Path(__file__).parents[1] / "trainers/configs/ob-default.toml"
     parser.add_argument("--config", default=str(default_config),

@@ -31,7 +31,9 @@ META_RESOLVING_POWER = "starcast.resolving_power"  # one resolving power for eve
 
 # Output columns besides the per-target ones (`t`, `t_err`, `t_err_aleatoric`, `t_err_epistemic`).
 FLAGS, ERROR = "flags", "error"
-CHI2, CHI2_PIXELS = "chi2", "chi2_pixels"  # results of a model with an emulator (goodness of fit)
+# Results of a model with an emulator: the goodness of fit and the radial velocity it fits (`rv`, as
+# the input column, and its sigma).
+CHI2, CHI2_PIXELS, RV_ERR = "chi2", "chi2_pixels", "rv_err"
 
 
 class Flag(enum.IntFlag):
@@ -44,11 +46,18 @@ class Flag(enum.IntFlag):
     HIGH_EPISTEMIC = 16  # epistemic uncertainty above the model's out-of-distribution threshold
     PREPROCESS_FAILED = 32  # preprocessing failed; see `error`
     GAP = 64  # a gap longer than the preprocessing's max_gap pixels was filled with the continuum
-    LINE_LOST = 128  # a diagnostic line (`starcast.catalogs.lines`) falls on a bad or missing pixel
+    LINE_LOST = 128  # a diagnostic line (`starcast.catalogs.lines`) falls in a GAP or off the coverage
     LOW_RESOLUTION = 256  # resolving power below the model's; numbers nulled (see `error`)
     MODEL_MISMATCH = 512  # reduced chi^2 against the model's emulator above its calibrated threshold
+    RV_ESTIMATED = 1024  # the input gave no rv; `rv` was estimated from the spectrum and removed
+    RV_MISMATCH = 2048  # the given rv differs from the fitted one; the numbers use the fitted `rv`
     UPPER_LIMIT = 4096  # below what the resolution can measure (v sin i): the value is an upper limit
     DUPLICATE_ID = 8192  # the id already appeared on an earlier row of the same input file
+
+
+# Bits that describe a number rather than doubt it (a bound; an rv the engine estimated): a row with
+# only these is not counted as flagged.
+INFORMATIONAL = Flag.UPPER_LIMIT | Flag.RV_ESTIMATED
 
 
 @dataclass(frozen=True)
@@ -159,15 +168,16 @@ def catalog_schema(npix: int | None = None, *, id_type: pa.DataType | None = Non
     return pa.schema(fields, metadata=meta or None)
 
 
-def results_schema(targets, *, id_type: pa.DataType | None = None, chi2: bool = False) -> pa.Schema:
+def results_schema(targets, *, id_type: pa.DataType | None = None, emulator: bool = False) -> pa.Schema:
     """The Arrow schema of a results catalog (DESIGN.md, "Output") for the given target names; with
-    `chi2` (a model with an emulator) also `chi2` and `chi2_pixels`."""
+    `emulator` (a model with one) also `chi2`, `chi2_pixels`, `rv` and `rv_err`."""
     fields = [pa.field(ID, pa.int64() if id_type is None else id_type)]
     for t in targets:
         fields += [pa.field(name, pa.float64())
                    for name in (t, f"{t}_err", f"{t}_err_aleatoric", f"{t}_err_epistemic")]
-    if chi2:
-        fields += [pa.field(CHI2, pa.float64()), pa.field(CHI2_PIXELS, pa.int32())]
+    if emulator:
+        fields += [pa.field(CHI2, pa.float64()), pa.field(CHI2_PIXELS, pa.int32()),
+                   pa.field(RV, pa.float64()), pa.field(RV_ERR, pa.float64())]
     return pa.schema(fields + [pa.field(FLAGS, pa.int32()), pa.field(ERROR, pa.string())])
 
 

@@ -286,7 +286,7 @@ def _emulator(manifest: dict, path: Path) -> Emulator | None:
     entry = manifest.get("emulator")
     if entry is None:
         return None
-    return load_emulator(path, entry, len(WavelengthGrid.from_json(json.dumps(manifest["grid"])).values()))
+    return load_emulator(path, entry, WavelengthGrid.from_json(json.dumps(manifest["grid"])).values())
 
 
 def _as_tensor(a) -> torch.Tensor:

@@ -199,7 +199,7 @@ def _start(inp: InputFile, by_key: dict, writers: dict, out: Path, identity: Run
     report.rows_in = inp.num_rows
     report.reset()
     empty = failed_results(pa.array([], inp.id_type), model.bundle.target_names, 0, None,
-                           chi2=model.emulator is not None)
+                           emulator=model.emulator is not None)
     writers[_key(inp)] = ResultsWriter(out, inp.path, identity, empty)
     return writers[_key(inp)]
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..catalogs.schema import ERROR, FLAGS, ID, Flag
+from ..catalogs.schema import ERROR, FLAGS, ID, INFORMATIONAL, Flag
 from ..errors import OutputError, StarcastError
 from .inputs import fingerprint
 
@@ -88,7 +88,7 @@ class FileReport:
     status: str = "pending"  # done | skipped (complete from an earlier run) | failed
     rows_in: int = 0
     rows_out: int = 0
-    rows_flagged: int = 0  # rows with any flag bit set (they still have numbers unless failed)
+    rows_flagged: int = 0  # rows with a flag bit not INFORMATIONAL (numbers kept unless failed)
     rows_failed: int = 0  # rows with an error and no numbers
     rows_duplicate: int = 0  # rows flagged DUPLICATE_ID (their id came earlier in the same file)
     output: str | None = None
@@ -98,7 +98,7 @@ class FileReport:
     def count(self, table: pa.Table) -> None:
         flags = table[FLAGS].to_numpy(zero_copy_only=False)
         self.rows_out += table.num_rows
-        self.rows_flagged += int(np.count_nonzero(flags))
+        self.rows_flagged += int(np.count_nonzero(flags & ~INFORMATIONAL))
         self.rows_failed += table.num_rows - table[ERROR].null_count
         self.rows_duplicate += int(np.count_nonzero(flags & Flag.DUPLICATE_ID))
 

@@ -30,7 +30,7 @@ from ..catalogs.schema import ERROR, FLAGS, ID, Flag, WavelengthGrid, results_sc
 from ..errors import CatalogError, StarcastError
 from .inputs import footer_rows, open_input, read_input
 from .manifest import FileReport, ResultsWriter, RunIdentity
-from .predictor import PREPARED_IVAR
+from .predictor import PREPARED_KEY, PREPARED_X
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
 
@@ -76,15 +76,15 @@ def infer_rows(model, prepared: pa.RecordBatch, *, samples: int | None, seed: in
         flags = np.asarray(prepared[FLAGS].to_numpy(zero_copy_only=False), np.int32)
         return failed_results(prepared[ID], model.bundle.target_names, flags | int(Flag.PREPROCESS_FAILED),
                               f"inference failed: {type(exc).__name__}: {exc}",
-                              chi2=model.emulator is not None)
+                              emulator=model.emulator is not None)
 
 
 def failed_results(ids: pa.Array, targets: list[str], flags, error: str | None, *,
-                   chi2: bool = False) -> pa.Table:
-    """Results rows with no numbers (null statistics), the given flags and error; `chi2`: with the
-    goodness-of-fit columns of a model with an emulator."""
+                   emulator: bool = False) -> pa.Table:
+    """Results rows with no numbers (null statistics), the given flags and error; `emulator`: with the
+    goodness-of-fit and rv columns of a model with an emulator."""
     n = len(ids)
-    schema = results_schema(targets, id_type=ids.type, chi2=chi2)
+    schema = results_schema(targets, id_type=ids.type, emulator=emulator)
     cols = {f.name: pa.nulls(n, f.type) for f in schema}
     cols[ID] = ids
     cols[FLAGS] = pa.array(np.broadcast_to(np.asarray(flags, np.int32), (n,)), pa.int32())
@@ -104,13 +104,13 @@ def failed_prepared(model, batch: pa.RecordBatch, errors: list[str]) -> pa.Recor
     """Prepared rows that will not be predicted: PREPROCESS_FAILED, one error message per row."""
     n, dim = batch.num_rows, int(model.bundle.architecture["input_dim"])
     cols = {ID: batch.column(ID),
-            "x": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * dim, np.float32)), dim),
-            "key": pa.array(np.zeros(n, np.int64)),
+            PREPARED_X: pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * dim, np.float32)), dim),
+            PREPARED_KEY: pa.array(np.zeros(n, np.int64)),
             FLAGS: pa.array(np.full(n, int(Flag.PREPROCESS_FAILED), np.int32)),
             ERROR: pa.array(errors, pa.string())}
     if model.emulator is not None:
-        d = len(model.emulator.sigma)
-        cols[PREPARED_IVAR] = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * d, np.float32)), d)
+        cols.update(model.fit_columns(np.zeros((n, model.grid.n), np.float32), np.full(n, np.nan),
+                                      np.full(n, np.nan)))
     cols.update({k: batch.column(k).cast(pa.float64()) for k in model.bundle.target_names
                  if k in batch.schema.names})
     return _with_labels(model, pa.RecordBatch.from_pydict(cols))
@@ -239,7 +239,7 @@ class LocalPipeline:
                 continue  # the rest of a file that failed
             if kind == "start":
                 empty = failed_results(pa.array([], payload), targets, 0, None,
-                                       chi2=self.model.emulator is not None)
+                                       emulator=self.model.emulator is not None)
                 writers[i] = ResultsWriter(self.out, files[i], self.identity, empty)
             elif kind == "rows":
                 writers[i].write(payload, report)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 import starcast
@@ -26,6 +27,8 @@ from ..catalogs.schema import (
     ID,
     META_MEDIUM,
     META_WAVELENGTH,
+    RV,
+    RV_ERR,
     Flag,
     WavelengthGrid,
     results_schema,
@@ -36,10 +39,14 @@ from ..kernels.features import network_inputs
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
+from .emulator import Fit
+from .rv import VelocitySearch, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error, labels
-PREPARED_IVAR = "ivar"  # and, for a model with an emulator, the inverse variance of x on the grid
+# and, for a model with an emulator, the inverse variance of x on the grid, the rv preprocessing removed
+# (given or estimated; km/s) and the sigma of an estimated one (null where given)
+PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR = "ivar", RV, RV_ERR
 
 # Keys of the results' Arrow/Parquet metadata (UTF-8 strings).
 META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"
@@ -91,6 +98,7 @@ class Model:
             raise ModelError(f"model bundle {bundle.path}: the emulator takes {self.emulator.labels}, "
                              f"but the model predicts {bundle.target_names}")
         self._weights: dict[str, object] = {}  # per backend: layers on its device, or packed
+        self._search: VelocitySearch | None = None
 
     @property
     def name(self) -> str:
@@ -116,7 +124,8 @@ class Model:
         the model's). Returns one results row per input row, in order: `id`; per target
         `t`, `t_err` (total sigma), `t_err_aleatoric`, `t_err_epistemic` (float64, physical units,
         null where the row could not be predicted); with an emulator `chi2` (float64, reduced chi^2
-        of the fit) and `chi2_pixels` (int32); `flags` (int32, `Flag` bits); `error`.
+        of the fit), `chi2_pixels` (int32), `rv` and `rv_err` (float64, km/s: the radial velocity that
+        fits, estimated where the input gave none); `flags` (int32, `Flag` bits); `error`.
         Exactly `infer(prepare(...))`, the two halves the pipelines run on different workers."""
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         return self.infer(self.prepare(table, source_grid=source_grid), samples=samples, seed=seed,
@@ -127,7 +136,9 @@ class Model:
         """The CPU half: RNG keys from ids and preprocessing onto the model grid. Returns one row per
         input row with `id`, `x` (fixed_size_list<float32>[D]), `key` (int64), `flags` (int32),
         `error` (null for rows that go through the network), the target label columns present and,
-        for a model with an emulator, `ivar` (fixed_size_list<float32>[grid pixels], 0 = not used).
+        for a model with an emulator, `ivar` (fixed_size_list<float32>[grid pixels], 0 = not used),
+        `rv` and `rv_err` (float64, km/s): a row without an rv (no column, or null) gets one estimated
+        from its spectrum (`engine.rv`), removed by preprocessing, and the flag RV_ESTIMATED.
         `source_grid`: the file's shared grid when there is no `wavelength` column (else it is read
         from the schema metadata, `starcast.wavelength`)."""
         table, source_grid = _as_table(batch, source_grid, self.grid.medium)
@@ -139,6 +150,8 @@ class Model:
             raise CatalogError(str(exc), column=ID) from exc
         pre = preprocess(table, self.grid, self.settings, source_grid=source_grid,
                          resolving_power=self.resolving_power)
+        if self.emulator is not None:
+            rv, rv_err, estimated = self._estimate_rv(table, pre, source_grid)
         x = network_inputs(pre.x, pre.ivar, self.features)
         flags = np.asarray(pre.flags, dtype=np.int32).copy()
         errors = list(pre.errors)
@@ -152,9 +165,9 @@ class Model:
                    PREPARED_KEY: pa.array(keys, pa.int64()), FLAGS: pa.array(flags, pa.int32()),
                    ERROR: pa.array(errors, pa.string())}
         if self.emulator is not None:
-            ivar = np.where(failed[:, None], 0.0, pre.ivar).astype(np.float32)
-            columns[PREPARED_IVAR] = pa.FixedSizeListArray.from_arrays(pa.array(ivar.reshape(-1)),
-                                                                       ivar.shape[1])
+            flags[estimated & ~failed] |= Flag.RV_ESTIMATED
+            columns.update(self.fit_columns(np.where(failed[:, None], 0.0, pre.ivar), rv, rv_err))
+            columns[FLAGS] = pa.array(flags, pa.int32())
         for t in self.targets:
             if t.name in table.column_names:
                 columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
@@ -169,15 +182,23 @@ class Model:
         mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
         rows = np.flatnonzero(ok)
-        if len(rows):  # the kernels bound their own memory (row chunks / tiles)
-            stats = self._kernel(backend)(*self._inputs(backend, x[rows], keys[rows]),
-                                          **self._kernel_args(samples, seed))
-            for out, value in zip((mean, var_a, var_e), stats, strict=True):
-                out[rows] = value.detach().cpu().double().numpy()
-            if self.calibration is not None:
-                var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
-                                                                  np.maximum(var_e[rows], 0.0))
-        fit = None if self.emulator is None else self._goodness_of_fit(prepared, rows, x, mean)
+        self._network(backend, x, keys, rows, (mean, var_a, var_e), samples, seed)
+        fit = None
+        if self.emulator is not None:
+            fit, ivar = self._goodness_of_fit(prepared, rows, x, mean)
+            # a residual rv the fit resolves: remove it from the spectrum and predict those rows again
+            moved = rows[significant(fit.rv[rows], fit.rv_err[rows])]
+            if len(moved):
+                shift, x = fit.rv[moved], x.copy()  # x may be a read-only view of the batch
+                d = self.grid.n
+                x[moved, :d] = self.emulator.shift(x[moved, :d], -shift)
+                ivar[moved] = np.where(self.emulator.shift((ivar[moved] > 0).astype(np.float32), -shift) < 1,
+                                       0.0, self.emulator.shift(ivar[moved], -shift))
+                self._network(backend, x, keys, moved, (mean, var_a, var_e), samples, seed)
+                again = self._fit(moved, x, ivar, mean)
+                for name in ("chi2", "pixels", "rv_err"):
+                    getattr(fit, name)[moved] = getattr(again, name)[moved]
+                fit.rv[moved] = shift + again.rv[moved]
         return self._results(prepared, ok, mean, var_a, var_e, samples, seed, backend, fit)
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
@@ -255,26 +276,91 @@ class Model:
         ok = _array(prepared.column(ERROR)).is_null().to_numpy(zero_copy_only=False)
         return ok, x, keys
 
-    def _goodness_of_fit(self, prepared, rows: np.ndarray, x: np.ndarray,
-                         mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(chi2 [B] float64, NaN where not predicted; pixels [B] int32) of the predicted `rows`: the
-        prepared spectra against the emulator from the predicted labels, refined within the training
-        range (after any backend)."""
-        chi2, pixels = np.full(len(mean), np.nan), np.zeros(len(mean), np.int32)
+    def _network(self, backend: str, x: np.ndarray, keys: np.ndarray, rows: np.ndarray, out: tuple,
+                 samples: int, seed: int) -> None:
+        """The ensemble kernel on `rows` of x, calibrated, into out = (mean, var_a, var_e) [B, K]."""
+        if not len(rows):
+            return
+        # the kernels bound their own memory (row chunks / tiles)
+        stats = self._kernel(backend)(*self._inputs(backend, x[rows], keys[rows]),
+                                      **self._kernel_args(samples, seed))
+        mean, var_a, var_e = out
+        for target, value in zip(out, stats, strict=True):
+            target[rows] = value.detach().cpu().double().numpy()
+        if self.calibration is not None:
+            var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
+                                                              np.maximum(var_e[rows], 0.0))
+
+    def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray) -> dict:
+        """The prepared columns a model with an emulator adds: `ivar` [B, grid pixels], `rv`, `rv_err`
+        [B] (NaN -> null)."""
+        ivar = np.asarray(ivar, np.float32)
+        return {PREPARED_IVAR: pa.FixedSizeListArray.from_arrays(pa.array(ivar.reshape(-1)), ivar.shape[1]),
+                PREPARED_RV: pa.array(rv, pa.float64(), from_pandas=True),
+                PREPARED_RV_ERR: pa.array(rv_err, pa.float64(), from_pandas=True)}
+
+    def _estimate_rv(self, table: pa.Table, pre, source_grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rv, rv_err, estimated) per row: the given rv (rv_err NaN), else one estimated from the
+        spectrum preprocessed at rest; those rows of `pre` are then preprocessed again with it."""
+        n = table.num_rows
+        column = table.column(RV) if RV in table.column_names else pa.nulls(n, pa.float64())
+        given = _array(column).is_valid().to_numpy(zero_copy_only=False)
+        rv = np.asarray(pc.fill_null(_array(column).cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False),
+                        np.float64).copy()
+        rv_err = np.full(n, np.nan)
+        estimated = ~given & np.array([e is None for e in pre.errors], dtype=bool)
+        rows = np.flatnonzero(estimated)
         if len(rows):
-            if PREPARED_IVAR not in prepared.column_names:
-                raise StarcastError(f"the prepared batch has no '{PREPARED_IVAR}' column, which model "
-                                    f"{self.name!r} needs for its goodness of fit; was it prepared by "
-                                    "another model?")
-            d = len(self.emulator.sigma)
-            ivar = _array(prepared.column(PREPARED_IVAR)).flatten().to_numpy(zero_copy_only=False)
-            ivar = ivar.reshape(-1, d)[rows]
+            rv[rows], rv_err[rows] = self._velocity_search().estimate(pre.x[rows], pre.ivar[rows])
+            subset = table.take(pa.array(rows))
+            if RV in subset.column_names:
+                subset = subset.drop_columns([RV])
+            subset = subset.append_column(RV, pa.array(rv[rows], pa.float64()))
+            again = preprocess(subset, self.grid, self.settings, source_grid=source_grid,
+                               resolving_power=self.resolving_power)
+            for name in ("x", "ivar", "flags", "coverage", "bad_fraction"):
+                getattr(pre, name)[rows] = getattr(again, name)
+            for i, r in enumerate(rows):
+                pre.errors[r] = again.errors[i]
+        return rv, rv_err, estimated
+
+    def _velocity_search(self) -> VelocitySearch:
+        if self._search is None:  # built on first use: only rows without an rv need it
+            self._search = VelocitySearch(self.emulator, *self._label_range(self.emulator.labels))
+        return self._search
+
+    def _label_range(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(min, max) of the training range of `labels`."""
+        by_name = {t.name: t for t in self.targets}
+        return tuple(np.array([getattr(by_name[n], end) for n in labels], np.float64)
+                     for end in ("min", "max"))
+
+    def _goodness_of_fit(self, prepared, rows: np.ndarray, x: np.ndarray, mean: np.ndarray):
+        """(`emulator.Fit` of every row, NaN / 0 where not predicted; ivar [B, grid pixels]) of the
+        predicted `rows`: the prepared spectra against the emulator from the predicted labels, refined
+        within the training range (after any backend)."""
+        missing = [c for c in (PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR) if c not in prepared.column_names]
+        if missing:
+            raise StarcastError(f"the prepared batch has no {missing} column(s), which model {self.name!r} "
+                                "needs for its goodness of fit; was it prepared by another model?")
+        d = len(self.emulator.sigma)
+        ivar = _array(prepared.column(PREPARED_IVAR)).flatten().to_numpy(zero_copy_only=False)
+        ivar = ivar.reshape(-1, d).astype(np.float32)  # a copy: infer may shift rows of it
+        return self._fit(rows, x, ivar, mean), ivar
+
+    def _fit(self, rows: np.ndarray, x: np.ndarray, ivar: np.ndarray, mean: np.ndarray):
+        """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others)."""
+        n = len(mean)
+        fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
+                  rv_err=np.full(n, np.nan))
+        if len(rows):
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
-            index = [names.index(n) for n in self.emulator.labels]
-            lo, hi = (np.array([getattr(self.targets[i], end) for i in index]) for end in ("min", "max"))
-            chi2[rows], pixels[rows] = self.emulator.chi2(x[rows, :d], ivar, labels, lo, hi)
-        return chi2, pixels
+            lo, hi = self._label_range(self.emulator.labels)
+            part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi)
+            for name in ("chi2", "pixels", "rv", "rv_err"):
+                getattr(fit, name)[rows] = getattr(part, name)
+        return fit
 
     def _inputs(self, backend: str, x: np.ndarray, keys: np.ndarray):
         """(x, keys, weights) on the backend's device; weights are moved and packed (Triton: padded,
@@ -330,8 +416,14 @@ class Model:
         flags |= np.where(upper, int(Flag.UPPER_LIMIT), 0).astype(np.int32)
         if fit is not None:
             with np.errstate(invalid="ignore"):
-                mismatch = fit[0] > self.emulator.chi2_threshold
+                mismatch = fit.chi2 > self.emulator.chi2_threshold
             flags |= np.where(mismatch, int(Flag.MODEL_MISMATCH), 0).astype(np.int32)
+            wrong_rv = ok & ((flags & Flag.RV_ESTIMATED) == 0) & significant(fit.rv, fit.rv_err)
+            flags |= np.where(wrong_rv, int(Flag.RV_MISMATCH), 0).astype(np.int32)
+            rv_used = _array(prepared.column(PREPARED_RV)).to_numpy(zero_copy_only=False).astype(np.float64)
+            rv = rv_used + fit.rv
+            rv_err = np.where(np.isfinite(fit.rv_err), fit.rv_err,
+                              _array(prepared.column(PREPARED_RV_ERR)).to_numpy(zero_copy_only=False))
         ids = _array(prepared.column(ID))
         columns = {ID: ids}
         for k, t in enumerate(self.targets):
@@ -339,11 +431,13 @@ class Model:
                                    ("_err_epistemic", err_e)):
                 columns[t.name + suffix] = pa.array(values[:, k], pa.float64(), mask=~ok)
         if fit is not None:
-            columns[CHI2] = pa.array(fit[0], pa.float64(), mask=~np.isfinite(fit[0]))
-            columns[CHI2_PIXELS] = pa.array(fit[1], pa.int32(), mask=~ok)
+            columns[CHI2] = pa.array(fit.chi2, pa.float64(), mask=~np.isfinite(fit.chi2))
+            columns[CHI2_PIXELS] = pa.array(fit.pixels, pa.int32(), mask=~ok)
+            columns[RV] = pa.array(rv, pa.float64(), mask=~ok | ~np.isfinite(rv))
+            columns[RV_ERR] = pa.array(rv_err, pa.float64(), mask=~ok | ~np.isfinite(rv_err))
         columns[FLAGS] = pa.array(flags, pa.int32())
         columns[ERROR] = _array(prepared.column(ERROR))
-        schema = results_schema([t.name for t in self.targets], id_type=ids.type, chi2=fit is not None)
+        schema = results_schema([t.name for t in self.targets], id_type=ids.type, emulator=fit is not None)
         meta = self.metadata(samples=samples, seed=seed, backend=backend)
         return pa.Table.from_pydict(columns, schema=schema.with_metadata(meta))
 

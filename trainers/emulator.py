@@ -154,7 +154,7 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     base = Emulator(labels=LABELS, layers=layers, activation=settings.activation, label_mean=label_mean,
                     label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
                     continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
-                    chi2_threshold=math.inf)
+                    chi2_threshold=math.inf, wavelength=source.grid_values)
     residual = {}  # of noise-free spectra at left-out nodes, after the chi^2's continuum fit
     for split in ("val", "test"):
         y_h, x_h, ivar_h = prepared(source, held_survey(source, split, settings.val_rows, pert, rng[split]))

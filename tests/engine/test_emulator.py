@@ -36,7 +36,7 @@ def catalog(n: int, snr: float, seed: int = 0, spectrum=LINE) -> dict:
     rng = np.random.default_rng(seed)
     flux = spectrum + rng.normal(0.0, 1.0 / snr, (n, TINY_GRID.n))
     return {"id": np.arange(n), "flux": flux.astype(np.float32), "wavelength": TINY_GRID.values(),
-            "flux_err": np.full((n, TINY_GRID.n), 1.0 / snr, np.float32)}
+            "flux_err": np.full((n, TINY_GRID.n), 1.0 / snr, np.float32), "rv": np.zeros(n)}
 
 
 def test_results_have_chi2_columns_only_with_an_emulator(tmp_path):
@@ -45,7 +45,7 @@ def test_results_have_chi2_columns_only_with_an_emulator(tmp_path):
     assert PREPARED_IVAR not in plain.prepare(_table(catalog(4, 50.0))).column_names
     model = load_model(add_emulator(make_bundle(tmp_path / "emu")))
     out = model.predict(catalog(4, 50.0))
-    schema = results_schema(["teff", "logg", "vsini"], chi2=True)
+    schema = results_schema(["teff", "logg", "vsini"], emulator=True)
     assert out.schema.field(CHI2).type == schema.field(CHI2).type and out.column(CHI2_PIXELS).type == "int32"
     assert out.column(CHI2).null_count == 0 and out.column(CHI2_PIXELS).to_pylist() == [TINY_GRID.n] * 4
 

@@ -80,7 +80,7 @@ def _offset(table, shift=0.3):
 def _chi2_at_truth(source, bundle, table):
     """The chi^2 at the true labels, not refined: the emulator, its continuum fit and sigma_emu alone."""
     labels, x, ivar = prepared(source, table)
-    return replace(load_model(bundle).emulator, refine_steps=0).chi2(x, ivar, labels)[0]
+    return replace(load_model(bundle).emulator, refine_steps=0).chi2(x, ivar, labels).chi2
 
 
 @pytest.mark.parametrize("snr", [20.0, 100.0, 300.0])
@@ -116,7 +116,7 @@ def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, 
     unrefined = replace(model.emulator, refine_steps=0)
     labels, x, ivar = prepared(source, table)
     predicted = np.stack([np.asarray(out.column(t)) for t in LABELS], axis=1)
-    assert np.nanmedian(chi2) < np.nanmedian(unrefined.chi2(x, ivar, predicted)[0])
+    assert np.nanmedian(chi2) < np.nanmedian(unrefined.chi2(x, ivar, predicted).chi2)
 
 
 def test_manifest_records_the_emulator_and_its_calibration(bundle):

@@ -1,0 +1,97 @@
+"""Radial velocities on the shipped model and TLUSTY spectra it never saw: estimated where the catalog
+has none (RV_ESTIMATED), checked where it has one (RV_MISMATCH, numbers from the rv that fits), and
+the emulator's velocity shift against a float64 reference."""
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from starcast.catalogs.grids import read_grid
+from starcast.catalogs.gridsynth import synth_from_grid
+from starcast.catalogs.schema import META_WAVELENGTH, RV, RV_ERR, WAVELENGTH, Flag, WavelengthGrid
+from starcast.engine.predictor import Model
+from starcast.kernels.resample import C_KMS
+
+import starcast
+from starcast.demo import SAMPLE
+
+TARGETS = ("teff", "logg", "vsini")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return starcast.load_model()
+
+
+@pytest.fixture(scope="module")
+def at_rest(tmp_path_factory):
+    """120 spectra of the five sample models at SNR 50-300 at rest, their stated rv exact."""
+    out = tmp_path_factory.mktemp("rv") / "catalog"
+    synth_from_grid(read_grid(SAMPLE), 120, out, at_nodes=True, seed=77, snr=(50.0, 300.0))
+    table = pq.read_table(out)
+    return table.set_column(table.schema.get_field_index(RV), RV, pa.array(np.zeros(table.num_rows)))
+
+
+def receding(table: pa.Table, rv: np.ndarray) -> pa.Table:
+    """`table` observed from stars receding at `rv` km/s (per-row wavelengths), without an rv column."""
+    grid = WavelengthGrid.from_json(table.schema.metadata[META_WAVELENGTH.encode()]).values()
+    wl = grid[None, :] / np.sqrt((1.0 - rv / C_KMS) / (1.0 + rv / C_KMS))[:, None]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(wl.reshape(-1)), wl.shape[1])
+    return table.drop_columns([RV]).append_column(WAVELENGTH, column)
+
+
+def rmse(out: pa.Table, table: pa.Table, target: str) -> float:
+    return float(np.sqrt(np.mean((out.column(target).to_numpy() - table.column(target).to_numpy()) ** 2)))
+
+
+def test_shift_is_the_doppler_factor_on_the_grid(model):
+    """A spectrum of Gaussian lines shifted to 120 km/s equals the lines evaluated at lambda times the
+    relativistic rest-frame factor, to linear interpolation's error on 0.4 A pixels."""
+    wl = model.emulator.wavelength
+    centres = np.array([4100.0, 4340.0, 4471.0, 4686.0])
+
+    def lines(lam):
+        return 1.0 - 0.3 * np.exp(-0.5 * ((lam[..., None] - centres) / 2.0) ** 2).sum(axis=-1)
+    rv = np.array([120.0, -45.0])
+    shifted = model.emulator.shift(np.tile(lines(wl), (2, 1)).astype(np.float32), rv)
+    factor = np.sqrt((1.0 - rv / C_KMS) / (1.0 + rv / C_KMS))
+    expected = lines(wl[None, :] * factor[:, None])
+    inner = slice(10, -10)  # the ends are held beyond the grid
+    assert np.max(np.abs(shifted - expected)[:, inner]) < 2e-3
+
+
+def test_an_rv_the_catalog_lacks_is_estimated_and_the_numbers_are_as_at_rest(model, at_rest):
+    """Stars at +-300 km/s without an rv column: every row RV_ESTIMATED, rv within a few km/s, and the
+    estimates as good as for the same spectra at rest with their rv given."""
+    truth = np.random.default_rng(5).uniform(-300.0, 300.0, at_rest.num_rows)
+    known = model.predict(at_rest.drop_columns(list(TARGETS)), backend="cpu")
+    estimated = model.predict(receding(at_rest, truth).drop_columns(list(TARGETS)), backend="cpu")
+    flags = estimated.column("flags").to_numpy()
+    assert ((flags & Flag.RV_ESTIMATED) != 0).all() and not ((flags & Flag.RV_MISMATCH) != 0).any()
+    assert not ((known.column("flags").to_numpy() & Flag.RV_ESTIMATED) != 0).any()
+    residual = estimated.column(RV).to_numpy() - truth
+    assert np.sqrt(np.mean(residual**2)) < 3.0, residual
+    pull = residual / estimated.column(RV_ERR).to_numpy()
+    assert 0.4 < np.mean(np.abs(pull) <= 1.0) < 0.9  # rv_err is an honest sigma, roughly
+    for t in TARGETS:
+        assert rmse(estimated, at_rest, t) < 1.2 * rmse(known, at_rest, t), t
+
+
+def test_a_wrong_given_rv_is_flagged_and_the_numbers_use_the_rv_that_fits(model, at_rest):
+    """The catalog's rv off by 30 km/s (a wavelength-calibration error, a wrong catalog value):
+    RV_MISMATCH on nearly every row, `rv` back to the truth, the estimates close to those with the
+    right rv; with the right rv, almost no row is flagged."""
+    labels = list(TARGETS)
+    right = model.predict(at_rest.drop_columns(labels), backend="cpu")
+    wrong_rv = at_rest.drop_columns([RV]).append_column(RV, pa.array(np.full(len(at_rest), 30.0)))
+    wrong = model.predict(wrong_rv.drop_columns(labels), backend="cpu")
+    mismatch = [np.mean((t.column("flags").to_numpy() & Flag.RV_MISMATCH) != 0) for t in (right, wrong)]
+    assert mismatch[0] <= 0.03 and mismatch[1] >= 0.95, mismatch
+    assert np.sqrt(np.mean(wrong.column(RV).to_numpy() ** 2)) < 3.0
+    for t in TARGETS:
+        assert rmse(wrong, at_rest, t) < 1.3 * rmse(right, at_rest, t), t
+    unchecked = Model(replace(model.bundle, emulator=replace(model.emulator, refine_steps=0)))
+    blind = unchecked.predict(wrong_rv.drop_columns(labels), backend="cpu")
+    assert rmse(blind, at_rest, "vsini") > 1.5 * rmse(wrong, at_rest, "vsini")  # what the check saves
