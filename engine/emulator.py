@@ -29,7 +29,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from ..errors import ModelError
-from ..kernels.resample import C_KMS
+from ..kernels.resample import doppler_shift
 
 EMULATOR_FILE = "emulator.safetensors"
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
@@ -77,13 +77,10 @@ class Emulator:
     def shift(self, spectra: np.ndarray, rv: np.ndarray) -> np.ndarray:
         """(B, D) float32: `spectra` on the grid, seen from a source receding at `rv` (B,) km/s, i.e.
         f(lambda * rest_frame_factor(rv)) by linear interpolation (the ends held beyond the grid)."""
-        beta = np.asarray(rv, np.float64)[:, None] / C_KMS
-        rest = self.wavelength[None, :] * np.sqrt((1.0 - beta) / (1.0 + beta))
-        position = np.interp(rest, self.wavelength, np.arange(len(self.wavelength), dtype=np.float64))
-        left = np.minimum(position.astype(np.int64), len(self.wavelength) - 2)
-        frac = (position - left).astype(np.float32)
-        lo = np.take_along_axis(spectra, left, axis=1)
-        return lo + frac * (np.take_along_axis(spectra, left + 1, axis=1) - lo)
+        spectra = np.ascontiguousarray(spectra, np.float32)
+        out = np.empty_like(spectra)
+        doppler_shift(spectra, self.wavelength, np.ascontiguousarray(rv, np.float64), out)
+        return out
 
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray,
                rv: np.ndarray | None = None) -> np.ndarray:

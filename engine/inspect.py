@@ -49,7 +49,8 @@ def summarize(spec: str | os.PathLike) -> dict:
                             "`starcast inspect DIR`")
     targets = [n[: -len("_err_epistemic")] for n in names if n.endswith("_err_epistemic")]
     exprs = [pl.len().alias("rows"), pl.col(ERROR).is_null().sum().alias("predicted"),
-             pl.col(ERROR).is_not_null().sum().alias("failed"), ((pl.col(FLAGS) & ~int(INFORMATIONAL)) != 0).sum().alias("flagged")]
+             pl.col(ERROR).is_not_null().sum().alias("failed"),
+             ((pl.col(FLAGS) & ~int(INFORMATIONAL)) != 0).sum().alias("flagged")]
     exprs += [((pl.col(FLAGS) & int(bit)) != 0).sum().alias(f"flag:{bit.name}") for bit in Flag]
     for t in targets:
         exprs += [pl.col(t).min().alias(f"{t}:min"), pl.col(t).median().alias(f"{t}:median"),

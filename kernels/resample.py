@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 C_KMS = 299792.458  # speed of light in km/s (exact, SI definition of the metre)
 
@@ -32,6 +32,28 @@ def rest_frame_factor(rv_kms: float) -> float:
     """
     beta = rv_kms / C_KMS
     return math.sqrt((1.0 - beta) / (1.0 + beta))
+
+
+@njit(parallel=True, cache=True)
+def doppler_shift(spectra, wavelength, rv_kms, out):
+    """out[r] = spectra[r] (sampled on the increasing `wavelength`) seen from a source receding at
+    rv_kms[r]: spectra[r] at wavelength * rest_frame_factor(rv_kms[r]), interpolated linearly, the
+    end values held beyond the grid."""
+    n_rows, d = spectra.shape
+    for r in prange(n_rows):
+        factor = rest_frame_factor(rv_kms[r])
+        k = 0
+        for j in range(d):
+            lam = wavelength[j] * factor
+            if lam <= wavelength[0]:
+                out[r, j] = spectra[r, 0]
+            elif lam >= wavelength[d - 1]:
+                out[r, j] = spectra[r, d - 1]
+            else:
+                while wavelength[k + 1] < lam:  # lam grows with j, so k only moves forward
+                    k += 1
+                t = (lam - wavelength[k]) / (wavelength[k + 1] - wavelength[k])
+                out[r, j] = spectra[r, k] + t * (spectra[r, k + 1] - spectra[r, k])
 
 
 @njit(cache=True)
