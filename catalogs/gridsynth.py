@@ -289,7 +289,7 @@ def draw_survey(lib: BroadenedLibrary, labels: dict, pert: Perturbations, rng: n
 def _grid_survey(grid: ModelGrid, n: int, at_nodes: bool, seed: int, snr, vsini, obs, cache, progress):
     """(library, labels, perturbations, rng) of a survey of n stars of `grid` (see synth_from_grid)."""
     lib = BroadenedLibrary.build(grid, obs, cache=cache, progress=progress)
-    pert = Perturbations(snr=tuple(snr), vsini=tuple(vsini), rv_error_kms=0.0)
+    pert = Perturbations(snr=tuple(snr), vsini=tuple(vsini), rv_error_kms=0.0, ripple_prob=0.0)
     rng = np.random.default_rng(seed)
     if at_nodes:
         nodes = lib.nodes[rng.integers(0, len(lib.nodes), n)]
@@ -315,8 +315,8 @@ def synth_from_grid(grid: ModelGrid, n: int, out: str | Path, *, at_nodes: bool 
     """Write a survey of `n` stars observed from `grid` as Parquet shards `out/part-00000.parquet`, ...:
     between the nodes (uniform in the grid's hull) or, `at_nodes`, at its nodes exactly (the model
     spectra themselves, no interpolation). v sin i uniform in `vsini`, SNR log-uniform in `snr`,
-    continuum distortions and masks as `Perturbations`, at rest (rv 0). The same seed gives the same
-    bytes."""
+    continuum distortions, masks and gaps as `Perturbations` but no ripple (a perturbation of its own,
+    which the default model flags MODEL_MISMATCH), at rest (rv 0). The same seed gives the same bytes."""
     from tqdm.auto import tqdm
 
     from .io import new_output_dir, write_catalog

@@ -15,12 +15,17 @@ the training range): the chi^2 then asks whether the model can explain the spect
 far the network's estimate is from the best fit, which at high SNR would dominate it. The same steps
 fit a residual radial velocity (the emulated spectrum shifted on the grid): what is left of the rv
 after preprocessing removed the given or estimated one, with its error from the fit's curvature.
+A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
+SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
+period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +38,7 @@ from ..kernels.resample import doppler_shift
 
 EMULATOR_FILE = "emulator.safetensors"
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
-              "continuum_degree", "refine_steps", "chi2_threshold")
+              "continuum_degree", "refine_steps", "chi2_threshold")  # and optional "ripple_threshold"
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
 CHUNK = 1024  # rows at a time (the Jacobian holds len(labels) spectra per row)
 V_UNIT = 10.0  # km/s: the velocity's unit in the fit, so that STEP and the step limits suit it too
@@ -41,8 +46,10 @@ V_STEP_MAX = 3.0  # V_UNIT per Gauss-Newton step at most (labels: 1 std), ~one 0
 V_FIT_MAX = 100.0  # km/s: the residual velocity is kept within +-this (the fit's capture range)
 # km/s, added in quadrature to the fitted velocity's sigma: the emulator's own error in line positions
 # and shapes. Measured on TLUSTY spectra of models left out of training at SNR 50-300: the fitted rv
-# scatters by 1-2 km/s about the truth where the curvature alone gives 0.5-0.8 km/s.
-RV_SYSTEMATIC = 1.5
+# scatters by 1.1-1.4 km/s about the truth where the curvature alone gives 0.5-0.8 km/s.
+RV_SYSTEMATIC = 1.0
+RIPPLE_PERIODS = (15.0, 150.0)  # Angstrom: too short for the cubic continuum, longer than lines
+RIPPLE_OVERSAMPLING = 3  # frequencies per 1 / (grid span)
 ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
                "tanh": np.tanh}
 
@@ -51,7 +58,7 @@ ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.ma
 class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
     `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise; a reduced chi^2
-    above `chi2_threshold` flags MODEL_MISMATCH."""
+    above `chi2_threshold`, or a ripple statistic above `ripple_threshold`, flags MODEL_MISMATCH."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -63,6 +70,7 @@ class Emulator:
     refine_steps: int  # Gauss-Newton steps from the predicted labels before the chi^2
     chi2_threshold: float
     wavelength: np.ndarray  # (D,) float64, Angstrom: the model grid
+    ripple_threshold: float = math.inf
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -81,6 +89,28 @@ class Emulator:
         out = np.empty_like(spectra)
         doppler_shift(spectra, self.wavelength, np.ascontiguousarray(rv, np.float64), out)
         return out
+
+    @cached_property
+    def _ripple_basis(self) -> tuple[np.ndarray, ...]:
+        """float32 [D, F] sines, cosines and their products at the periodogram's frequencies."""
+        span = self.wavelength[-1] - self.wavelength[0]
+        freq = np.arange(1.0 / RIPPLE_PERIODS[1], 1.0 / RIPPLE_PERIODS[0], 1.0 / (RIPPLE_OVERSAMPLING * span))
+        phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[:, None] * freq[None, :]
+        sin, cos = np.sin(phase), np.cos(phase)
+        return tuple(a.astype(np.float32) for a in (sin, cos, sin * sin, sin * cos, cos * cos))
+
+    def ripple(self, residual: np.ndarray, weight: np.ndarray, chi2: np.ndarray) -> np.ndarray:
+        """(B,) float64: the largest drop in the weighted chi^2 of `residual` [B, D] from fitting one
+        sinusoid (amplitude and phase) at a period within RIPPLE_PERIODS, divided by the reduced
+        chi^2 `chi2` where that exceeds 1 (so noise that the errors understate does not pass for it)."""
+        sin, cos, ss, sc, cc = self._ripple_basis
+        wr = weight * residual
+        a, b = (wr @ sin).astype(np.float64), (wr @ cos).astype(np.float64)
+        g11, g12, g22 = ((weight @ m).astype(np.float64) for m in (ss, sc, cc))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            drop = (g22 * a * a - 2.0 * g12 * a * b + g11 * b * b) / (g11 * g22 - g12 * g12)
+        drop = np.nan_to_num(drop, nan=0.0, posinf=0.0).max(axis=1)
+        return drop / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
 
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray,
                rv: np.ndarray | None = None) -> np.ndarray:
@@ -146,7 +176,9 @@ class Emulator:
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, rv_err = np.empty(len(x)), np.zeros(len(x)), np.full(len(x), np.nan)
+        ripple = np.empty(len(x))
         n = (ivar > 0).sum(axis=1)
+        dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
         for s in range(0, len(x), CHUNK):
             xs = x[s:s + CHUNK].astype(np.float32)
             ivs = np.maximum(ivar[s:s + CHUNK].astype(np.float32), 0.0)
@@ -154,24 +186,34 @@ class Emulator:
             best, rv[s:s + CHUNK], rv_err[s:s + CHUNK] = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
             residual = xs - self.fitted(xs, weight, best, rv[s:s + CHUNK] if self.refine_steps else None)
             chi2[s:s + CHUNK] = (residual**2 * weight).sum(axis=1, dtype=np.float64)
-        dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                reduced = np.where(dof[s:s + CHUNK] > 0, chi2[s:s + CHUNK] / dof[s:s + CHUNK], np.nan)
+            ripple[s:s + CHUNK] = self.ripple(residual, weight, reduced)
         with np.errstate(invalid="ignore", divide="ignore"):
             reduced = np.where(dof > 0, chi2 / dof, np.nan)
         # the curvature's sigma assumes the model explains the spectrum; where it does not, widen it
         rv_err *= np.sqrt(np.maximum(np.nan_to_num(reduced, nan=1.0), 1.0))
-        return Fit(chi2=reduced, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(rv_err, RV_SYSTEMATIC))
+        return Fit(chi2=reduced, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(rv_err, RV_SYSTEMATIC),
+                   ripple=np.where(np.isfinite(reduced), ripple, np.nan))
 
 
 @dataclass(frozen=True)
 class Fit:
     """The emulator's fit of B prepared spectra: reduced chi^2 (float64, NaN where there are too few
-    pixels), pixels used (int32), and the residual radial velocity rv and its sigma rv_err (km/s,
-    RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine)."""
+    pixels), pixels used (int32), the residual radial velocity rv and its sigma rv_err (km/s,
+    RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), and the ripple
+    statistic (`Emulator.ripple`; NaN with the chi^2)."""
 
     chi2: np.ndarray
     pixels: np.ndarray
     rv: np.ndarray
     rv_err: np.ndarray
+    ripple: np.ndarray
+
+    def mismatch(self, emulator: Emulator) -> np.ndarray:
+        """MODEL_MISMATCH: the chi^2 or the ripple statistic above the emulator's threshold."""
+        with np.errstate(invalid="ignore"):
+            return (self.chi2 > emulator.chi2_threshold) | (self.ripple > emulator.ripple_threshold)
 
 
 def save_emulator(path: str | Path, layers: list[tuple], sigma: np.ndarray, entry: dict) -> dict:
@@ -225,4 +267,5 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     label_std=np.asarray(entry["label_std"], np.float64), sigma=tensors["sigma"],
                     continuum_degree=int(entry["continuum_degree"]), refine_steps=int(entry["refine_steps"]),
                     chi2_threshold=float(entry["chi2_threshold"]),
-                    wavelength=np.asarray(wavelength, np.float64))
+                    wavelength=np.asarray(wavelength, np.float64),
+                    ripple_threshold=float(entry.get("ripple_threshold", math.inf)))

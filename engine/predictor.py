@@ -178,6 +178,21 @@ class Model:
         """The accelerator half: the ensemble kernel on the prepared rows without an error, then the
         statistics, flags and metadata of the results table (one row per prepared row, in order)."""
         samples, backend = self._samples(samples), resolve_backend(backend)
+        ok, stats, fit = self._infer(prepared, samples, seed, backend)
+        return self._results(prepared, ok, *stats, samples, seed, backend, fit)
+
+    def goodness_of_fit(self, table_or_batch, *, backend: str = "auto",
+                        source_grid: WavelengthGrid | None = None, medium: str | None = None) -> Fit:
+        """The emulator's `Fit` of every row as `predict` computes it (reduced chi^2, pixels, residual
+        rv, ripple statistic; NaN where a row is not predicted), e.g. to calibrate its thresholds."""
+        if self.emulator is None:
+            raise StarcastError(f"model {self.name!r} has no emulator, so no goodness of fit")
+        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
+        prepared = self.prepare(table, source_grid=source_grid)
+        return self._infer(prepared, self._samples(None), 0, resolve_backend(backend))[2]
+
+    def _infer(self, prepared, samples: int, seed: int, backend: str):
+        """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the emulator's Fit or None)."""
         ok, x, keys = self._unpack(prepared)
         mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
@@ -196,10 +211,10 @@ class Model:
                                        0.0, self.emulator.shift(ivar[moved], -shift))
                 self._network(backend, x, keys, moved, (mean, var_a, var_e), samples, seed)
                 again = self._fit(moved, x, ivar, mean)
-                for name in ("chi2", "pixels", "rv_err"):
+                for name in ("chi2", "pixels", "rv_err", "ripple"):
                     getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
-        return self._results(prepared, ok, mean, var_a, var_e, samples, seed, backend, fit)
+        return ok, (mean, var_a, var_e), fit
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None,
@@ -352,13 +367,13 @@ class Model:
         """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others)."""
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
-                  rv_err=np.full(n, np.nan))
+                  rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan))
         if len(rows):
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
             lo, hi = self._label_range(self.emulator.labels)
             part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi)
-            for name in ("chi2", "pixels", "rv", "rv_err"):
+            for name in ("chi2", "pixels", "rv", "rv_err", "ripple"):
                 getattr(fit, name)[rows] = getattr(part, name)
         return fit
 
@@ -415,9 +430,7 @@ class Model:
         flags |= np.where(high, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
         flags |= np.where(upper, int(Flag.UPPER_LIMIT), 0).astype(np.int32)
         if fit is not None:
-            with np.errstate(invalid="ignore"):
-                mismatch = fit.chi2 > self.emulator.chi2_threshold
-            flags |= np.where(mismatch, int(Flag.MODEL_MISMATCH), 0).astype(np.int32)
+            flags |= np.where(fit.mismatch(self.emulator), int(Flag.MODEL_MISMATCH), 0).astype(np.int32)
             wrong_rv = ok & ((flags & Flag.RV_ESTIMATED) == 0) & significant(fit.rv, fit.rv_err)
             flags |= np.where(wrong_rv, int(Flag.RV_MISMATCH), 0).astype(np.int32)
             rv_used = _array(prepared.column(PREPARED_RV)).to_numpy(zero_copy_only=False).astype(np.float64)

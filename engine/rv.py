@@ -21,10 +21,11 @@ V_MAX = 600.0  # km/s searched either way (stars of the Galaxy and the Magellani
 V_STEP = 20.0  # km/s, below the 27-30 km/s of a 0.4 A pixel of ob-default's grid at 4000-4800 A
 LEVELS = (0.15, 0.5, 0.85)  # of each label's training range: 27 templates for three labels
 CHUNK = 512  # spectra per matrix product
-# A residual rv the emulator fit resolves (`significant`): beyond this many of its sigmas (which
-# include the emulator's systematic error, so at least 6 km/s), the rv preprocessing removed was off
-# (the given rv, or the estimate). The training spectra carry stated-rv errors of sigma 2 km/s.
+# A residual rv the emulator fit resolves (`significant`): beyond both this many of its sigmas and
+# RESOLVED_KMS, the rv preprocessing removed was off (the given rv, or the estimate) by more than the
+# network copes with: its training spectra carry stated-rv errors of sigma 2 km/s.
 RESOLVED_SIGMAS = 4.0
+RESOLVED_KMS = 6.0
 
 
 class VelocitySearch:
@@ -79,7 +80,7 @@ class VelocitySearch:
 
 
 def significant(rv: np.ndarray, rv_err: np.ndarray) -> np.ndarray:
-    """Whether a residual rv (km/s) with sigma rv_err is resolved: beyond RESOLVED_SIGMAS sigmas
-    (False where either is NaN)."""
+    """Whether a residual rv (km/s) with sigma rv_err is resolved: beyond RESOLVED_SIGMAS sigmas and
+    RESOLVED_KMS (False where either is NaN)."""
     with np.errstate(invalid="ignore"):
-        return np.abs(rv) > RESOLVED_SIGMAS * rv_err
+        return (np.abs(rv) > RESOLVED_SIGMAS * rv_err) & (np.abs(rv) > RESOLVED_KMS)

@@ -23,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..catalogs import gridsynth
-from ..catalogs.schema import CHI2, SNR, Flag
+from ..catalogs.schema import SNR, Flag
 from ..engine.bundle import load_bundle, save_bundle
 from ..engine.emulator import Emulator, save_emulator
 from ..engine.predictor import Model
+from ..errors import StarcastError
 from ..kernels.preprocess import preprocess
 from .config import TrainConfig, load_config
 from .gridsource import GridSource
@@ -50,6 +51,7 @@ class EmulatorSettings:
     components: int = 128  # principal components the network predicts
     snr: float = 1e4  # "noise-free": far above the survey's SNR
     quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
+    ripple_quantile: float = 0.995  # of the ripple statistic (a ripple stands far above it: ~20 vs 400+)
     refine_steps: int = 1  # Gauss-Newton steps from the predicted labels (engine.emulator); on ob-default
     # v1 one step gives the chi^2 of three (p99 2.1 at SNR 200-500, 3.2 without) at 3x their speed
     seed: int = 0
@@ -161,31 +163,58 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
         residual[split] = np.where(ivar_h > 0, x_h - base.fitted(x_h, ivar_h, y_h), np.nan)
     sigma = np.sqrt(np.nanmean(residual["val"] ** 2, axis=0)).astype(np.float32)
     bundle = load_bundle(bundle_dir)
-    manifest = {k: v for k, v in bundle.manifest.items() if k != "emulator"}
-    model = Model(replace(bundle, emulator=replace(base, sigma=sigma)))
-    chi2, snr = {}, {}
-    for split in ("val", "test"):
-        survey = held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
-                             rng[f"{split}_clean"])
-        out = model.predict(survey.drop_columns(LABELS), backend="cpu")
-        chi2[split] = out.column(CHI2).to_numpy(zero_copy_only=False).astype(np.float64)
-        snr[split] = survey.column(SNR).to_numpy()
-    threshold = float(np.nanquantile(chi2["val"], settings.quantile))
     entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
              "label_mean": label_mean.tolist(), "label_std": label_std.tolist(),
              "continuum_degree": base.continuum_degree, "refine_steps": base.refine_steps,
-             "chi2_threshold": threshold,
-             "chi2_quantile": settings.quantile, "sigma_emu_median": float(np.median(sigma)),
+             "sigma_emu_median": float(np.median(sigma)),
              "training": {**asdict(settings), "hidden": list(settings.hidden), "seconds": 0.0,
                           "perturbations": asdict(pert), "clean_perturbations": asdict(clean(source))},
-             "metrics": {f"{split}_nodes": {"emulator_rms": float(np.sqrt(np.nanmean(residual[split] ** 2))),
-                                            "chi2_median": float(np.nanmedian(chi2[split])),
-                                            "flagged": float(np.mean(chi2[split] > threshold)),
-                                            "chi2_by_snr": chi2_by_snr(chi2[split], snr[split], threshold)}
+             "metrics": {f"{split}_nodes": {"emulator_rms": float(np.sqrt(np.nanmean(residual[split] ** 2)))}
                          for split in ("val", "test")}}
+    model = Model(replace(bundle, emulator=replace(base, sigma=sigma)))
+    entry.update(calibrate(source, model, entry, settings))
     entry["training"]["seconds"] = round(time.perf_counter() - t0, 1)
     entry = save_emulator(bundle_dir, layers, sigma, entry)
-    save_bundle(bundle_dir, bundle.layers, {**manifest, "emulator": entry})
+    save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
+    return entry
+
+
+def calibrate(source: GridSource, model: Model, entry: dict, settings: EmulatorSettings) -> dict:
+    """The MODEL_MISMATCH thresholds of `model`'s emulator: quantiles (`settings.quantile`,
+    `ripple_quantile`) of its chi^2 and of its ripple statistic on a clean survey at the validation
+    nodes, through the engine as data go (labels predicted, rv fitted). Returns the entry's keys that
+    depend on them, metrics included."""
+    fits, snr = {}, {}
+    for split in ("val", "test"):
+        survey = held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
+                             np.random.default_rng([settings.seed, SPLIT_SEEDS[f"{split}_clean"]]))
+        fits[split] = model.goodness_of_fit(survey.drop_columns(LABELS), backend="cpu")
+        snr[split] = survey.column(SNR).to_numpy()
+    chi2_threshold = float(np.nanquantile(fits["val"].chi2, settings.quantile))
+    ripple_threshold = float(np.nanquantile(fits["val"].ripple, settings.ripple_quantile))
+    calibrated = replace(model.emulator, chi2_threshold=chi2_threshold, ripple_threshold=ripple_threshold)
+    metrics = {}
+    for split, f in fits.items():
+        key = f"{split}_nodes"
+        metrics[key] = {**entry.get("metrics", {}).get(key, {}), "chi2_median": float(np.nanmedian(f.chi2)),
+                        "flagged": float(np.mean(f.mismatch(calibrated))),
+                        "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], chi2_threshold)}
+    return {"chi2_threshold": chi2_threshold, "ripple_threshold": ripple_threshold,
+            "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
+            "metrics": metrics}
+
+
+def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSettings | None = None, *,
+                progress: bool = True) -> dict:
+    """Calibrate the thresholds of the emulator already in the bundle at `bundle_dir` again (after a
+    change to how the engine fits it), without training it; rewrites and re-seals the manifest."""
+    settings = settings or EmulatorSettings()
+    bundle = load_bundle(bundle_dir)
+    if bundle.emulator is None:
+        raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
+    entry = dict(bundle.manifest["emulator"])
+    entry.update(calibrate(GridSource(cfg, progress=progress), Model(bundle), entry, settings))
+    save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
     return entry
 
 
@@ -195,12 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("bundle", help="the model bundle directory to add the emulator to")
     parser.add_argument("--rows", type=int, default=EmulatorSettings.rows)
     parser.add_argument("--epochs", type=int, default=EmulatorSettings.epochs)
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="keep the bundle's emulator; calibrate its MODEL_MISMATCH thresholds again")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     settings = EmulatorSettings(rows=args.rows, epochs=args.epochs)
-    entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
-    print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s; "
-          f"chi2 threshold {entry['chi2_threshold']:.3f}")
+    if args.calibrate_only:
+        entry = recalibrate(load_config(args.config), args.bundle, settings, progress=not args.quiet)
+        print(f"calibrated the emulator of {args.bundle} again")
+    else:
+        entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
+        print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
+    print(f"  chi2 threshold {entry['chi2_threshold']:.3f}, ripple threshold {entry['ripple_threshold']:.1f}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
                          for b in m["chi2_by_snr"])

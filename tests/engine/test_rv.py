@@ -74,7 +74,7 @@ def test_an_rv_the_catalog_lacks_is_estimated_and_the_numbers_are_as_at_rest(mod
     residual = estimated.column(RV).to_numpy() - truth
     assert np.sqrt(np.mean(residual**2)) < 3.0, residual
     pull = residual / estimated.column(RV_ERR).to_numpy()
-    assert 0.4 < np.mean(np.abs(pull) <= 1.0) < 0.9  # rv_err is an honest sigma, roughly
+    assert 0.5 < np.mean(np.abs(pull) <= 1.0) < 0.95  # rv_err is a sigma, on the safe side
     for t in TARGETS:
         assert rmse(estimated, at_rest, t) < 1.2 * rmse(known, at_rest, t), t
 
