@@ -1,19 +1,21 @@
 """Perturbation matrix: what the model's numbers and flags do when spectra differ from its training set.
 
-For held-out spectra (by default the synthetic random survey at a seed the model never saw; with
-`--source tlusty`, TLUSTY spectra at the test nodes a grid config leaves out) and each perturbation
-of issue 10 (1% continuum ripple of period 50 A, wavelength offset +-0.3 A, resolving power R/2 and
-R/4, a 30 A gap over He I 4471, vacuum wavelengths, no rv column, 50% coverage), it reports per
-target the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of
-rows flagged or nulled.
+For held-out spectra (by default TLUSTY spectra at the test nodes a grid config leaves out of
+training, SNR 50-300, no ripple or gap; with `--source synthetic`, the simplified generator's random
+survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, wavelength offset
++-0.3 A, resolving power R/2 and R/4, a 30 A gap over He I 4471, vacuum wavelengths stated or
+labelled air, stars at +-300 km/s with and without an rv column, 50% coverage), it reports per target
+the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
+flagged (bits other than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
 or when >= 95% of its rows are flagged or nulled; the clean rows should be <= 2% flagged. Labels are
 dropped before predicting, so flags come from the spectra and predictions only. For a model with an
-emulator it also reports the median chi^2 and the share of rows flagged MODEL_MISMATCH.
-Writes bench/results/perturbations.json and .md (perturbations_r<R>.* with --model-resolving-power,
-perturbations_tlusty.* with --source tlusty).
+emulator it also reports the median chi^2, the share of rows flagged MODEL_MISMATCH and the RMSE of
+the fitted rv against the truth.
+Writes bench/results/perturbations_tlusty.json and .md (perturbations.* with --source synthetic,
+with _r<R> for --model-resolving-power).
 Usage: python bench/perturbations.py [--n 200] [--model ob-default] [--model-resolving-power R]
-       [--source synthetic|tlusty] [--config trainers/configs/ob-default.toml]
+       [--source tlusty|synthetic] [--config trainers/configs/ob-default.toml]
 """
 
 from __future__ import annotations
