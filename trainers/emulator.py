@@ -6,8 +6,9 @@ very high SNR and without ripple, masks or gaps, preprocessed by the engine exac
 the emulator learns what the engine's continuum normalisation leaves of the low-order distortions
 (what remains, a low-order polynomial per spectrum, the chi^2 fits out: `engine.emulator`). The MLP
 predicts the leading principal components of those spectra (folded into its last layer at export).
-Its per-pixel error is measured at the validation nodes, left out of its training; the MODEL_MISMATCH
-threshold is a quantile of the engine's chi^2 on a clean validation survey.
+Its per-pixel error is measured at the validation nodes, left out of its training, and scaled so that
+the engine's median chi^2 on a clean validation survey is 1 at the highest SNR; the MODEL_MISMATCH
+thresholds are quantiles of the chi^2 and of the ripple statistic on that survey.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -34,6 +36,7 @@ from .gridsource import GridSource
 
 LABELS = ["teff", "logg", "vsini"]  # the emulator's inputs (K, dex, km/s)
 SNR_BINS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)  # edges of the SNR bins of the chi^2 report
+SIGMA_SNR = 200.0  # sigma_emu is scaled to a median chi^2 of 1 at and above this SNR (`calibrate`)
 SPLIT_SEEDS = {"train": 11, "val": 12, "test": 13, "val_clean": 14, "test_clean": 15}
 
 
@@ -166,33 +169,45 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
              "label_mean": label_mean.tolist(), "label_std": label_std.tolist(),
              "continuum_degree": base.continuum_degree, "refine_steps": base.refine_steps,
-             "sigma_emu_median": float(np.median(sigma)),
              "training": {**asdict(settings), "hidden": list(settings.hidden), "seconds": 0.0,
                           "perturbations": asdict(pert), "clean_perturbations": asdict(clean(source))},
              "metrics": {f"{split}_nodes": {"emulator_rms": float(np.sqrt(np.nanmean(residual[split] ** 2)))}
                          for split in ("val", "test")}}
     model = Model(replace(bundle, emulator=replace(base, sigma=sigma)))
-    entry.update(calibrate(source, model, entry, settings))
+    calibrated, sigma = calibrate(source, model, entry, settings)
+    entry.update(calibrated)
     entry["training"]["seconds"] = round(time.perf_counter() - t0, 1)
     entry = save_emulator(bundle_dir, layers, sigma, entry)
     save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
     return entry
 
 
-def calibrate(source: GridSource, model: Model, entry: dict, settings: EmulatorSettings) -> dict:
-    """The MODEL_MISMATCH thresholds of `model`'s emulator: quantiles (`settings.quantile`,
-    `ripple_quantile`) of its chi^2 and of its ripple statistic on a clean survey at the validation
-    nodes, through the engine as data go (labels predicted, rv fitted). Returns the entry's keys that
-    depend on them, metrics included."""
-    fits, snr = {}, {}
-    for split in ("val", "test"):
-        survey = held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
-                             np.random.default_rng([settings.seed, SPLIT_SEEDS[f"{split}_clean"]]))
-        fits[split] = model.goodness_of_fit(survey.drop_columns(LABELS), backend="cpu")
-        snr[split] = survey.column(SNR).to_numpy()
+def calibrate(source: GridSource, model: Model, entry: dict,
+              settings: EmulatorSettings) -> tuple[dict, np.ndarray]:
+    """Calibrate `model`'s emulator on a clean survey at the validation nodes, through the engine as
+    data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
+    SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
+    then the MODEL_MISMATCH thresholds, quantiles (`settings.quantile`, `ripple_quantile`) of the
+    chi^2 and of the ripple statistic. Returns (the entry's keys that depend on them, metrics
+    included; the scaled sigma)."""
+    surveys = {split: held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
+                                  np.random.default_rng([settings.seed, SPLIT_SEEDS[f"{split}_clean"]]))
+               for split in ("val", "test")}
+    snr = {split: survey.column(SNR).to_numpy() for split, survey in surveys.items()}
+    high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(LABELS)
+    emulator = model.emulator
+
+    def median_chi2(scale: float) -> float:
+        scaled = Model(replace(model.bundle, emulator=replace(emulator, sigma=emulator.sigma * scale)))
+        return float(np.nanmedian(scaled.goodness_of_fit(high, backend="cpu").chi2))
+    scale = _unit_root(median_chi2)
+    emulator = replace(emulator, sigma=(emulator.sigma * scale).astype(np.float32))
+    model = Model(replace(model.bundle, emulator=emulator))
+    fits = {split: model.goodness_of_fit(survey.drop_columns(LABELS), backend="cpu")
+            for split, survey in surveys.items()}
     chi2_threshold = float(np.nanquantile(fits["val"].chi2, settings.quantile))
     ripple_threshold = float(np.nanquantile(fits["val"].ripple, settings.ripple_quantile))
-    calibrated = replace(model.emulator, chi2_threshold=chi2_threshold, ripple_threshold=ripple_threshold)
+    calibrated = replace(emulator, chi2_threshold=chi2_threshold, ripple_threshold=ripple_threshold)
     metrics = {}
     for split, f in fits.items():
         key = f"{split}_nodes"
@@ -201,19 +216,34 @@ def calibrate(source: GridSource, model: Model, entry: dict, settings: EmulatorS
                         "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], chi2_threshold)}
     return {"chi2_threshold": chi2_threshold, "ripple_threshold": ripple_threshold,
             "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
-            "metrics": metrics}
+            "sigma_emu_median": float(np.median(emulator.sigma)), "metrics": metrics}, emulator.sigma
+
+
+def _unit_root(f, steps: int = 4) -> float:
+    """x > 0 with f(x) ~ 1 for a decreasing f, by secant steps in log-log from x = 1 and 0.8."""
+    x0, x1 = 1.0, 0.8
+    y0, y1 = math.log(f(x0)), math.log(f(x1))
+    for _ in range(steps):
+        if y1 == y0:
+            break
+        x0, x1 = x1, float(np.clip(math.exp(math.log(x1) - y1 * (math.log(x1) - math.log(x0)) / (y1 - y0)),
+                                   0.3, 3.0))
+        y0, y1 = y1, math.log(f(x1))
+    return x1
 
 
 def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSettings | None = None, *,
                 progress: bool = True) -> dict:
-    """Calibrate the thresholds of the emulator already in the bundle at `bundle_dir` again (after a
-    change to how the engine fits it), without training it; rewrites and re-seals the manifest."""
+    """Calibrate the emulator already in the bundle at `bundle_dir` again (sigma's scale and the
+    thresholds; after a change to how the engine fits it), without training it; rewrites its file
+    and re-seals the manifest."""
     settings = settings or EmulatorSettings()
     bundle = load_bundle(bundle_dir)
     if bundle.emulator is None:
         raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
     entry = dict(bundle.manifest["emulator"])
-    entry.update(calibrate(GridSource(cfg, progress=progress), Model(bundle), entry, settings))
+    calibrated, sigma = calibrate(GridSource(cfg, progress=progress), Model(bundle), entry, settings)
+    entry = save_emulator(bundle_dir, bundle.emulator.layers, sigma, {**entry, **calibrated})
     save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
     return entry
 
