@@ -126,3 +126,25 @@ def test_manifest_records_the_emulator_and_its_calibration(bundle):
     assert entry["chi2_threshold"] > 1.0 and entry["chi2_quantile"] == SETTINGS.quantile
     assert entry["metrics"]["val_nodes"]["flagged"] == pytest.approx(1 - SETTINGS.quantile, abs=0.01)
     assert {b["snr_lo"] for b in entry["metrics"]["test_nodes"]["chi2_by_snr"]} >= {10.0, 200.0}
+
+
+def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle, tmp_path):
+    """`--calibrate-only` on a calibrated emulator: the same layers, sigma within a few percent (the
+    scale is found again to a median chi^2 of 1), thresholds close, and the bundle still loads (its
+    file's new sha256 in the re-sealed manifest)."""
+    import shutil
+
+    from starcast.trainers.emulator import recalibrate
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    before = load_model(bundle).emulator
+    entry = recalibrate(config, copy, SETTINGS, progress=False)
+    after = load_model(copy).emulator
+    for (w0, b0), (w1, b1) in zip(before.layers, after.layers, strict=True):
+        np.testing.assert_array_equal(w0, w1)
+        np.testing.assert_array_equal(b0, b1)
+    np.testing.assert_allclose(after.sigma, before.sigma, rtol=0.05)
+    assert after.chi2_threshold == pytest.approx(before.chi2_threshold, rel=0.1)
+    assert after.ripple_threshold == pytest.approx(before.ripple_threshold, rel=0.2)
+    assert entry["metrics"]["val_nodes"]["chi2_by_snr"][-1]["median_chi2"] == pytest.approx(1.0, abs=0.05)

@@ -1,0 +1,36 @@
+"""The emulator fit's ripple statistic against an independent float64 least-squares fit of a sinusoid:
+the largest chi^2 drop over the periodogram's frequencies, as numpy.linalg.lstsq computes it."""
+
+import numpy as np
+from starcast.engine.emulator import RIPPLE_PERIODS
+
+import starcast
+
+
+def lstsq_drop(residual, weight, wavelength, period):
+    """chi^2 of `residual` less that after the best weighted fit of a sin + b cos at `period`."""
+    phase = 2 * np.pi * (wavelength - wavelength[0]) / period
+    basis = np.stack([np.sin(phase), np.cos(phase)], axis=1) * np.sqrt(weight)[:, None]
+    target = residual * np.sqrt(weight)
+    coef, *_ = np.linalg.lstsq(basis, target, rcond=None)
+    return float(target @ target - (target - basis @ coef) @ (target - basis @ coef))
+
+
+def test_the_ripple_statistic_is_the_chi2_a_sinusoid_removes():
+    emulator = starcast.load_model().emulator
+    wl = emulator.wavelength
+    rng = np.random.default_rng(3)
+    sigma = 0.01
+    weight = np.full(len(wl), 1 / sigma**2)
+    weight[rng.random(len(wl)) < 0.05] = 0.0  # masked pixels are left out
+    period = 50.0
+    noise = rng.normal(0.0, sigma, (2, len(wl)))
+    residual = noise + np.array([[0.0], [0.005]]) * np.sin(2 * np.pi * wl / period + 0.7)
+    stat = emulator.ripple(residual.astype(np.float32), np.tile(weight, (2, 1)).astype(np.float32),
+                           np.ones(2))
+    # the periodogram's best frequency is within half a grid step of 50 A: within ~20% of the exact drop
+    exact = lstsq_drop(residual[1], weight, wl, period)
+    assert 0.8 * exact <= stat[1] <= 1.01 * max(lstsq_drop(residual[1], weight, wl, p)
+                                                 for p in np.linspace(*RIPPLE_PERIODS, 2000))
+    assert exact > 150 and stat[0] < 30  # 0.5% at SNR 100: N (A / sigma)^2 / 4 ~ 230; noise: < 30
+    assert stat[1] > 10 * stat[0]
