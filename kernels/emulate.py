@@ -1,7 +1,8 @@
 """A float64 model of the fused kernel's rounding: `ensemble_stats_emulated` runs DESIGN.md's numerics on
 the kernel's packed weights, rounding exactly where the kernel rounds — the centred input cast to the
-storage dtype, the weights as packed, each activation stored to scratch, and for "tf32" every dot
-operand as a tensor core reads it — and accumulating in float64 where the kernel accumulates in fp32.
+storage dtype, the weights as packed, each activation stored to scratch (all but the last hidden
+layer's, which feeds the fp32 head), and for "tf32" every dot operand of the hidden layers as a tensor
+core reads it — and accumulating in float64 where the kernel accumulates in fp32.
 
 It checks a precision's numerics at scale on a CPU (hundreds of spectra of a real model in seconds,
 where the Triton interpreter manages a few); it is not a kernel and proves nothing about the GPU code,
@@ -55,12 +56,13 @@ def ensemble_stats_emulated(x, keys, packed, *, p: float, samples: int, seed: in
             if p > 0:
                 h = rng.apply_masks(h, rng.streams(rows, [m], range(s_eff), layer).permute(1, 0, 2), p)
             w = packed.wh[m, layer - 1, :n_in, :n_out].cpu()
-            h = store(act(operand(h) @ operand(w) * scale + packed.bh[m, layer - 1, :n_out].cpu().double()))
+            h = act(operand(h) @ operand(w) * scale + packed.bh[m, layer - 1, :n_out].cpu().double())
+            h = h if layer == len(hidden) else store(h)  # the last one feeds the fp32 head unrounded
         if p > 0:
             h = rng.apply_masks(h, rng.streams(rows, [m], range(s_eff), len(hidden) + 1).permute(1, 0, 2), p)
         h = h.expand(1, -1, s_eff, -1)[0]
         wo, bo, kp = packed.wo[m].cpu(), packed.bo[m].cpu().double(), packed.kp
-        head = operand(h) @ operand(torch.cat((wo[:h.shape[-1], :k], wo[:h.shape[-1], kp:kp + k]), dim=1))
+        head = h @ torch.cat((wo[:h.shape[-1], :k], wo[:h.shape[-1], kp:kp + k]), dim=1).double()  # fp32
         out = head * scale + torch.cat((bo[:k], bo[kp:kp + k]))
         mu[m], var[m] = out[..., :k], F.softplus(out[..., k:]) + var_eps
     mean = mu.mean(dim=(0, 2))

@@ -2,16 +2,16 @@
 
 What it computes: DESIGN.md "The numerics", exactly as `reference.ensemble_stats_reference` does, with
 the same masks bit for bit (`rng` device form, generated in-kernel). Grid (programs over tiles of
-BLOCK_B spectra, members). A program owns one member m: per tile it computes h1 = act(x W1 + b1)
-once (a [BLOCK_B, D] x [D, HP] GEMM over D chunks), then walks the S samples SB at a time as a GEMM of
-R = BLOCK_B * SB rows (spectrum-major): masks z_1 on h1, every hidden layer (acc * 1/(1-p) + b, act,
-mask), the 2K-wide head, softplus, and a Chan/Welford merge of the chunk's per-target mean, M2 and
-sum of variances in registers. Per (member, spectrum, target) it writes those three numbers; a
-second stage (a few torch ops on [M, B, K]) merges members — equal counts, fixed order — then
-de-standardises and calibrates. Members sit in the grid rather than a loop so that a 1k-spectrum
-batch already fills an H100 (at BLOCK_B = 32, its 32 tiles x 8 members are capped by the persistent
-grid to 16 x 8 = 128 programs for 132 SMs) at no cost but 3*K floats per member.
-p = 0 runs one sample (all S are identical), so S = 1, p = 0 is a plain deep ensemble.
+BLOCK_B spectra, members). A program owns one member m: per tile it computes h1 = act(x W1 + b1) once (a
+[BLOCK_B, D] x [D, HP] GEMM over D chunks), then walks the S samples SB at a time as a GEMM of R =
+BLOCK_B * SB rows (spectrum-major): masks z_1 on h1, every hidden layer (acc * 1/(1-p) + b, act, mask),
+the 2K-wide head (in fp32, fused into the last hidden layer), softplus, and a Chan/Welford merge of the
+chunk's per-target mean, M2 and sum of variances in registers. Per (member, spectrum, target) it writes
+those three numbers; a second stage (a few torch ops on [M, B, K]) merges members — equal counts, fixed
+order — then de-standardises and calibrates. Members sit in the grid rather than a loop so that a
+1k-spectrum batch already fills an H100 (at BLOCK_B = 32, its 32 tiles x 8 members are capped by the
+persistent grid to 16 x 8 = 128 programs for 132 SMs) at no cost but 3*K floats per member. p = 0 runs
+one sample (all S are identical), so S = 1, p = 0 is a plain deep ensemble.
 
 Rounding (see `pack_weights`): the input is centred in fp32 on a fixed per-model point and cast as
 two terms, hi + lo; "tf32" rounds every operand to nearest (`_round_tf32`) because the tensor core
@@ -44,6 +44,9 @@ and cannot show races; bench/gpu_check.sh runs the kernel tests with TRITON_INTE
   (of 228 KB), but 4-byte ("tf32"/"fp32") ones such as (64, 4, 128, 64, 64) at 3 stages exceed it and
   rely on the autotuner discarding configs that raise OutOfResources (a fixed `config` has no fallback).
 - Lowering of `tl.join`/`tl.reshape` on boolean masks and of the [R, KP] -> [BLOCK_B, SB, KP] reshape.
+- The fp32 head: two [R, BLOCK_N] x [BLOCK_N, KP] "ieee" dots per chunk of the last hidden layer run
+  on the CUDA cores, not the tensor cores (2 * 2 KP / HP of that layer's FLOPs: 12% at HP = 256,
+  KP = 16); their [R, KP] accumulators stay in registers across the chunks.
 - Batch independence: Triton specialises integer arguments equal to 1 or divisible by 16 (B, D, S),
   which changes alignment and vectorisation of loads, not the order of the arithmetic; expected
   bit-identical across batch sizes, shown only under the interpreter.
@@ -131,6 +134,14 @@ def _dense(a_ptr, w_ptr, w_stride, n0, R: tl.constexpr, HP: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _head(h, w_o, offs_n, offs_k, KP: tl.constexpr, mu, raw):
+    """(mu, raw) += h[:, offs_n] @ W_o[offs_n, means | raw variances], in fp32 ("ieee")."""
+    w_mu = tl.load(w_o + offs_n[:, None] * 2 * KP + offs_k[None, :])
+    w_raw = tl.load(w_o + offs_n[:, None] * 2 * KP + KP + offs_k[None, :])
+    return (tl.dot(h, w_mu, mu, input_precision="ieee"), tl.dot(h, w_raw, raw, input_precision="ieee"))
+
+
+@triton.jit
 def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
                      mean_ptr, m2_ptr, var_ptr, scratch_ptr,
                      B, D, M, S, K, threshold, scale, var_eps, scratch_stride,
@@ -187,6 +198,18 @@ def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr
                     h = tl.where(keep_mask_tl(stream, n0 // 2, threshold, R, BLOCK_N), h, 0.0)
                 tl.store(buf_a + offs_r[:, None] * HP + offs_n[None, :], h)
             tl.debug_barrier()
+            # ---- hidden layers and the head. The head runs in fp32 (its weights are fp32, its dot
+            # "ieee"): rounding the head's input to 16 bits moved a mean by up to 2.8% of a small
+            # sigma. With two or more hidden layers it is fused into the last one, whose fp32
+            # activations feed it chunk by chunk and never go to scratch.
+            w_o = wo_ptr + m.to(tl.int64) * HP * 2 * KP
+            mu = tl.zeros((R, KP), dtype=tl.float32)
+            raw = tl.zeros((R, KP), dtype=tl.float32)
+            if NUM_HIDDEN == 1:
+                for n0 in range(0, HP, BLOCK_N):
+                    offs_n = n0 + offs_n0
+                    h = tl.load(buf_a + offs_r[:, None] * HP + offs_n[None, :]).to(tl.float32)
+                    mu, raw = _head(h, w_o, offs_n, offs_k, KP, mu, raw)
             src, dst = buf_a, buf_b
             for layer in tl.static_range(1, NUM_HIDDEN):  # h_layer (masked) -> h_{layer+1}, then z_{layer+1}
                 w_l = wh_ptr + (m * (NUM_HIDDEN - 1) + layer - 1).to(tl.int64) * HP * HP
@@ -198,15 +221,14 @@ def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr
                     h = _act(acc * scale + tl.load(b_l + offs_n)[None, :], ACT)
                     if DROPOUT:
                         h = tl.where(keep_mask_tl(stream, n0 // 2, threshold, R, BLOCK_N), h, 0.0)
-                    tl.store(dst + offs_r[:, None] * HP + offs_n[None, :], _operand(h, dtype, ROUND))
+                    if layer == NUM_HIDDEN - 1:
+                        mu, raw = _head(h, w_o, offs_n, offs_k, KP, mu, raw)
+                    else:
+                        tl.store(dst + offs_r[:, None] * HP + offs_n[None, :], _operand(h, dtype, ROUND))
                 tl.debug_barrier()
                 src, dst = dst, src
-            # ---- head: columns [0, KP) are the means, [KP, 2 KP) the raw variances
-            w_o = wo_ptr + m.to(tl.int64) * HP * 2 * KP
-            mu = _dense(src, w_o, 2 * KP, 0, R, HP, BLOCK_K, KP, DOT_PRECISION, DOT_UPCAST) * scale
-            raw = _dense(src, w_o, 2 * KP, KP, R, HP, BLOCK_K, KP, DOT_PRECISION, DOT_UPCAST) * scale
-            mu += tl.load(bo_ptr + m * 2 * KP + offs_k)[None, :]
-            var = _softplus(raw + tl.load(bo_ptr + m * 2 * KP + KP + offs_k)[None, :]) + var_eps
+            mu = mu * scale + tl.load(bo_ptr + m * 2 * KP + offs_k)[None, :]
+            var = _softplus(raw * scale + tl.load(bo_ptr + m * 2 * KP + KP + offs_k)[None, :]) + var_eps
             # ---- merge this chunk's samples into the running (mean, M2, sum var): Chan et al. (1979)
             valid = tl.reshape(tl.broadcast_to((rs < S)[:, None], (R, KP)), (BLOCK_B, SB, KP))
             mu3 = tl.where(valid, tl.reshape(mu, (BLOCK_B, SB, KP)), 0.0)

@@ -26,7 +26,7 @@ class PackedWeights:
     centre: torch.Tensor  # [D] float32: the kernel multiplies x - centre (in fp32, then cast) by W1
     wh: torch.Tensor  # [M, L-1, HP, HP] (a placeholder when L = 1)
     bh: torch.Tensor  # [M, L-1, HP] float32
-    wo: torch.Tensor  # [M, HP, 2 KP]: means in columns [0, K), raw variances in [KP, KP + K)
+    wo: torch.Tensor  # [M, HP, 2 KP] float32, the head runs in fp32: means [0, K), raw vars [KP, KP + K)
     bo: torch.Tensor  # [M, 2 KP] float32
     hp: int
     kp: int
@@ -91,7 +91,7 @@ def pack_weights(layers, precision: str = "fp16", device=None, centre=None,
         return (tf32_round(t) if precision == "tf32" else t.to(dtype)).contiguous()
 
     return PackedWeights(cast(pad(w1, w1.shape[1], hp)), pad(b1, hp), centre.to(device), cast(wh),
-                         bh.contiguous(), cast(wo_p), bo_p.contiguous(), hp, kp, len(layers) - 1,
+                         bh.contiguous(), wo_p.contiguous(), bo_p.contiguous(), hp, kp, len(layers) - 1,
                          tuple((tuple(w.shape), tuple(b.shape)) for w, b in layers), precision,
                          precision != "fp32" if split_input is None else split_input)
 

@@ -122,8 +122,9 @@ def test_every_autotune_config_matches_the_reference_and_is_batch_independent(co
 
 
 def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical on a GPU. Under the interpreter tl.dot is numpy's BLAS, which at these shapes
-    rounds a row differently by its place in the matrix (measured 2e-7 of values ~1): within 1e-6."""
+    """Bit-identical on a GPU. Under the interpreter tl.dot is numpy's BLAS, which rounds a row
+    differently by its place in the matrix (fp32 dots, the head's among them; measured 2e-7 of values
+    ~1): within 1e-6."""
     return torch.equal(a, b) if GPU else torch.allclose(a, b, rtol=0.0, atol=1e-6 * float(a.abs().max()))
 
 
@@ -142,7 +143,7 @@ def test_autotuned_kernel_matches_the_reference_and_is_batch_independent(precisi
     assert_close_to_reference(tuple(t[:64] for t in batch), ref, TOLERANCE[precision])
     for sub in (slice(5, 6), slice(100, 1100)):
         part = triton_stats(x[sub], keys[sub], packed, autotune=True, **kw)
-        assert all(torch.equal(b[sub], p) for b, p in zip(batch, part, strict=True))
+        assert all(_same_rows(b[sub], p) for b, p in zip(batch, part, strict=True))
 
 
 @pytest.mark.parametrize("config", [
@@ -185,8 +186,7 @@ def test_result_of_a_spectrum_is_identical_alone_in_a_batch_and_in_any_order():
     perm = torch.tensor([6, 4, 0, 2, 1, 5, 3])
     shuffled = triton_stats(x[perm], keys[perm], layers, **kw)
     for b, a, s in zip(batch, alone, shuffled, strict=True):
-        assert torch.equal(b[4:5], a)
-        assert torch.equal(b[perm], s)
+        assert _same_rows(b[4:5], a) and _same_rows(b[perm], s)
 
 
 def test_poisoned_partial_buffers_are_fully_written():
