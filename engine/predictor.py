@@ -159,15 +159,15 @@ class Model:
             errors[i] = errors[i] or f"row {i}: preprocessed flux is not finite"
         failed = np.array([e is not None for e in errors], dtype=bool)
         flags[failed] |= Flag.PREPROCESS_FAILED
+        if self.emulator is not None:
+            flags[estimated & ~failed] |= Flag.RV_ESTIMATED
         x[failed] = 0.0  # never NaN in a prepared batch; these rows are not predicted
         columns = {ID: _array(table.column(ID)),
                    PREPARED_X: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
                    PREPARED_KEY: pa.array(keys, pa.int64()), FLAGS: pa.array(flags, pa.int32()),
                    ERROR: pa.array(errors, pa.string())}
         if self.emulator is not None:
-            flags[estimated & ~failed] |= Flag.RV_ESTIMATED
             columns.update(self.fit_columns(np.where(failed[:, None], 0.0, pre.ivar), rv, rv_err))
-            columns[FLAGS] = pa.array(flags, pa.int32())
         for t in self.targets:
             if t.name in table.column_names:
                 columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
@@ -299,7 +299,7 @@ class Model:
         # the kernels bound their own memory (row chunks / tiles)
         stats = self._kernel(backend)(*self._inputs(backend, x[rows], keys[rows]),
                                       **self._kernel_args(samples, seed))
-        mean, var_a, var_e = out
+        _, var_a, var_e = out
         for target, value in zip(out, stats, strict=True):
             target[rows] = value.detach().cpu().double().numpy()
         if self.calibration is not None:
