@@ -147,7 +147,7 @@ class Emulator:
         zlo = np.append((lo - self.label_mean) / self.label_std, -V_FIT_MAX / V_UNIT)
         zhi = np.append((hi - self.label_mean) / self.label_std, V_FIT_MAX / V_UNIT)
         step_max = np.append(np.ones(k), V_STEP_MAX)
-        rv_var = np.full(len(x), np.nan)
+        rv_var = np.full(len(x), np.nan)  # without steps
 
         def model(z):
             phys = z * scale + offset
@@ -159,11 +159,13 @@ class Emulator:
             gram = np.stack([np.stack([(weight * a * b).sum(axis=1, dtype=np.float64) for b in jac], -1)
                              for a in jac], -2)
             grad = np.stack([(weight * a * (x - base)).sum(axis=1, dtype=np.float64) for a in jac], -1)
+            damped = gram + np.eye(k + 1) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / (k + 1)
+                                             + 1e-12)[:, None, None]
+            delta = np.linalg.solve(damped, grad[..., None])[..., 0]
+            z = np.clip(z + np.clip(delta, -step_max, step_max), zlo, zhi)
+        if self.refine_steps:  # from the last step's curvature, undamped
             with np.errstate(invalid="ignore", divide="ignore"):
                 rv_var = np.linalg.pinv(gram)[:, k, k] * V_UNIT**2
-            gram += np.eye(k + 1) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / (k + 1) + 1e-12)[:, None, None]
-            delta = np.linalg.solve(gram, grad[..., None])[..., 0]
-            z = np.clip(z + np.clip(delta, -step_max, step_max), zlo, zhi)
         phys = z * scale + offset
         return phys[:, :k], phys[:, k], np.sqrt(rv_var)
 
@@ -186,16 +188,15 @@ class Emulator:
             weight = ivs / (1.0 + ivs * self.sigma.astype(np.float32) ** 2)  # 0 where ivar = 0
             best, rv[s:s + CHUNK], rv_err[s:s + CHUNK] = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
             residual = xs - self.fitted(xs, weight, best, rv[s:s + CHUNK] if self.refine_steps else None)
-            chi2[s:s + CHUNK] = (residual**2 * weight).sum(axis=1, dtype=np.float64)
+            dof_s = dof[s:s + CHUNK]
             with np.errstate(invalid="ignore", divide="ignore"):
-                reduced = np.where(dof[s:s + CHUNK] > 0, chi2[s:s + CHUNK] / dof[s:s + CHUNK], np.nan)
-            ripple[s:s + CHUNK] = self.ripple(residual, weight, reduced)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            reduced = np.where(dof > 0, chi2 / dof, np.nan)
+                chi2[s:s + CHUNK] = np.where(dof_s > 0, (residual**2 * weight).sum(axis=1, dtype=np.float64)
+                                             / dof_s, np.nan)
+            ripple[s:s + CHUNK] = self.ripple(residual, weight, chi2[s:s + CHUNK])
         # the curvature's sigma assumes the model explains the spectrum; where it does not, widen it
-        rv_err *= np.sqrt(np.maximum(np.nan_to_num(reduced, nan=1.0), 1.0))
-        return Fit(chi2=reduced, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(rv_err, RV_SYSTEMATIC),
-                   ripple=np.where(np.isfinite(reduced), ripple, np.nan))
+        rv_err *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))
+        return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(rv_err, RV_SYSTEMATIC),
+                   ripple=np.where(np.isfinite(chi2), ripple, np.nan))
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ class VelocitySearch:
         n_v = len(self.velocities)
         self.bank = emulator.shift(np.repeat(bank, n_v, axis=0),
                                    np.tile(self.velocities, len(labels))).reshape(len(labels), n_v, -1)
+        self._flat = self.bank.reshape(len(labels) * n_v, -1)
+        self._flat_squared = self._flat * self._flat  # per search, not per chunk of spectra
 
     def estimate(self, x: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rv, rv_err) in km/s of spectra x [B, D] (on the model grid at rest, continuum-normalised)
@@ -57,10 +59,9 @@ class VelocitySearch:
         ivar = np.maximum(ivar.astype(np.float32), 0.0)
         weight = ivar / (1.0 + ivar * sigma2)
         x = x.astype(np.float32)
-        k, n_v, d = self.bank.shape
-        flat = self.bank.reshape(k * n_v, d)
+        n_v = self.bank.shape[1]
         # chi^2 less the sum of w x^2, the same for every template: sum w t^2 - 2 sum w x t
-        score = weight @ (flat * flat).T - 2.0 * (weight * x) @ flat.T
+        score = weight @ self._flat_squared.T - 2.0 * (weight * x) @ self._flat.T
         best = np.argmin(score, axis=1)
         template, centre = np.divmod(best, n_v)
         centre = np.clip(centre, 1, n_v - 2)
