@@ -28,6 +28,11 @@ META_WAVELENGTH = "starcast.wavelength"
 META_GENERATOR = "starcast.generator"
 META_MEDIUM = "starcast.medium"  # "air" | "vacuum": the medium of a per-row `wavelength` column
 META_RESOLVING_POWER = "starcast.resolving_power"  # one resolving power for every row of the file
+# ... and of a results file: what made it (model name and bundle hash, seed, S, code version,
+# backend) and from which input file.
+META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"
+META_SEED, META_SAMPLES = "starcast.seed", "starcast.samples"
+META_VERSION, META_BACKEND, META_INPUT = "starcast.version", "starcast.backend", "starcast.input"
 
 # Output columns besides the per-target ones (`t`, `t_err`, `t_err_aleatoric`, `t_err_epistemic`).
 FLAGS, ERROR = "flags", "error"

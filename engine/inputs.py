@@ -3,7 +3,7 @@ read units, stream its rows with page checksums verified, and fingerprint it for
 
 The local pipeline and the Ray read tasks both go through these functions, so a file is accepted or
 refused by the same checks on both paths. Row-level problems (null ids, bad spectra) are handled
-per batch by `pipeline.prepare_rows`, duplicate ids by the results writer (`manifest.py`).
+per batch by `rows.Predictor.prepare`, duplicate ids by the results writer (`manifest.py`).
 """
 
 from __future__ import annotations

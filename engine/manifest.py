@@ -14,17 +14,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from ..catalogs.schema import ERROR, FLAGS, ID, INFORMATIONAL, Flag
+from ..catalogs.schema import (
+    ERROR,
+    FLAGS,
+    ID,
+    INFORMATIONAL,
+    META_BACKEND,
+    META_INPUT,
+    META_MODEL,
+    META_MODEL_SHA256,
+    META_SAMPLES,
+    META_SEED,
+    META_VERSION,
+    Flag,
+)
 from ..errors import OutputError, StarcastError
-from .inputs import fingerprint
+from .inputs import InputFile, fingerprint, footer_rows
 
 RESULTS_DIR = "results"
 MARKERS_DIR = "markers"
@@ -44,11 +60,10 @@ class RunIdentity:
     backend: str
 
     def file_metadata(self, input_file: Path) -> dict[str, str]:
-        """Parquet key-value metadata of a results file (DESIGN.md "Output")."""
-        return {"starcast.model": self.model, "starcast.model_sha256": self.model_sha256,
-                "starcast.seed": str(self.seed), "starcast.samples": str(self.samples),
-                "starcast.version": self.version, "starcast.backend": self.backend,
-                "starcast.input": str(input_file)}
+        """Parquet key-value metadata of a results file (docs/results.md)."""
+        return {META_MODEL: self.model, META_MODEL_SHA256: self.model_sha256, META_SEED: str(self.seed),
+                META_SAMPLES: str(self.samples), META_VERSION: self.version, META_BACKEND: self.backend,
+                META_INPUT: str(input_file)}
 
 
 def results_path(out: Path, input_file: Path) -> Path:
@@ -192,6 +207,73 @@ class ResultsWriter:
         flags = table[FLAGS].to_numpy(zero_copy_only=False) | np.where(dup, int(Flag.DUPLICATE_ID), 0)
         return table.set_column(table.schema.get_field_index(FLAGS), table.schema.field(FLAGS),
                                 pa.array(flags.astype(np.int32), pa.int32()))
+
+
+class OutputFile:
+    """One input file's results from its first row to its commit or failure, the same on both
+    pipelines: starting clears the input's earlier results and marker; rows are written as they come
+    (never more than the footer holds); the file is committed (results renamed into place, then its
+    marker) when the rows out reach the rows in, at once for a file without rows; `fail` drops what
+    was written and records why. `on_done` is called after a commit or failure (the run manifest's
+    checkpoint)."""
+
+    def __init__(self, out: Path, inp: InputFile, identity: RunIdentity, report: FileReport,
+                 empty: pa.Table, on_done: Callable[[], None]):
+        """`empty`: the zero-row results table (its schema) written when the input has no rows."""
+        self.input, self.report, self.on_done = inp, report, on_done
+        report.rows_in = inp.num_rows
+        report.reset()
+        self._writer: ResultsWriter | None = ResultsWriter(out, inp.path, identity, empty)
+        if inp.num_rows == 0:
+            self._commit()
+
+    @property
+    def open(self) -> bool:
+        """Still taking rows (neither committed nor failed)."""
+        return self._writer is not None
+
+    def write(self, table: pa.Table) -> None:
+        """Write rows of this file (in input order); commits the file with its last row."""
+        self._writer.write(table, self.report)
+        if self.report.rows_out > self.input.num_rows:
+            raise StarcastError(f"{self.report.input}: {self.input.num_rows} rows in the file but "
+                                f"{self.report.rows_out} written")
+        if self.report.rows_out == self.input.num_rows:
+            self._commit()
+
+    def check_complete(self) -> None:
+        """The exactly-once invariant at the end of a run: every row of the file came out."""
+        if self.open:
+            raise StarcastError(f"{self.report.input}: {self.input.num_rows} rows in the file but "
+                                f"{self.report.rows_out} written")
+
+    def fail(self, reason: str) -> None:
+        """Drop this file's results (the input keeps none) and record why."""
+        self.abort()
+        fail_file(self.report, reason)
+        self.on_done()
+
+    def abort(self) -> None:
+        """The run stops: drop what was written; the file stays pending for `--resume`. Never raises."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+            self.report.reset()
+
+    def _commit(self) -> None:
+        self._writer.commit(self.report)
+        self._writer = None
+        self.report.status = "done"
+        self.on_done()
+
+
+def fail_file(report: FileReport, reason: str) -> None:
+    """Mark an input file failed (no results kept), say so on stderr; `rows_in` still counts what
+    its footer holds, so the manifest shows the rows that did not come out."""
+    report.status, report.error = "failed", reason
+    report.rows_in = footer_rows(report.input)
+    report.reset()
+    tqdm.write(f"starcast: skipping {report.input}: {reason}", file=sys.stderr)
 
 
 def remove_stale_partials(out: Path) -> None:

@@ -25,7 +25,13 @@ from ..catalogs.schema import (
     ERROR,
     FLAGS,
     ID,
+    META_BACKEND,
     META_MEDIUM,
+    META_MODEL,
+    META_MODEL_SHA256,
+    META_SAMPLES,
+    META_SEED,
+    META_VERSION,
     META_WAVELENGTH,
     RV,
     RV_ERR,
@@ -47,11 +53,6 @@ PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id,
 # and, for a model with an emulator, the inverse variance of x on the grid, the rv preprocessing removed
 # (given or estimated; km/s) and the sigma of an estimated one (null where given)
 PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR = "ivar", RV, RV_ERR
-
-# Keys of the results' Arrow/Parquet metadata (UTF-8 strings).
-META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"
-META_SEED, META_SAMPLES = "starcast.seed", "starcast.samples"
-META_VERSION, META_BACKEND = "starcast.version", "starcast.backend"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .manifest import FileReport, RunIdentity, RunManifest, read_marker, remove_
 from .outdir import prepare_out
 from .pipeline import LocalPipeline
 from .predictor import load_model, resolve_backend
+from .rows import Predictor
 
 DEFAULT_MODEL = "ob-default"
 
@@ -110,14 +111,14 @@ def _run_files(spec: JobSpec, model, identity: RunIdentity, out: Path, files: li
                reports: list[FileReport], on_file: Callable[[], None]) -> dict[str, float]:
     """Run `files` on the local pipeline or Ray, updating `reports` (and calling `on_file` after
     each file); returns seconds per stage."""
-    options = {"samples": spec.samples, "seed": spec.seed, "backend": spec.backend,
-               "batch_size": spec.batch_size, "progress": spec.progress, "on_file": on_file}
+    predictor = Predictor(model, identity)
+    options = {"batch_size": spec.batch_size, "progress": spec.progress, "on_file": on_file}
     if spec.ray is not None:
         from .distributed import run_ray  # imports ray only when asked for
 
-        return run_ray(files, reports, out, spec.model or DEFAULT_MODEL, identity, address=spec.ray,
-                       model=model, **options)
-    pipeline = LocalPipeline(model, identity, out, **options)
+        return run_ray(files, reports, out, spec.model or DEFAULT_MODEL, predictor, address=spec.ray,
+                       **options)
+    pipeline = LocalPipeline(predictor, out, **options)
     pipeline.run(files, reports)
     return dict(pipeline.stage_seconds)
 

@@ -42,9 +42,8 @@ def test_every_preprocess_setting_and_manifest_key_is_in_models_md():
 
 def test_results_metadata_and_catalog_metadata_keys_are_documented():
     identity = manifest.RunIdentity("m", "0" * 64, 0, 1, "v", "cpu")
-    results_keys = set(identity.file_metadata(Path("x.parquet"))) | {
-        predictor.META_MODEL, predictor.META_MODEL_SHA256, predictor.META_SEED, predictor.META_SAMPLES,
-        predictor.META_VERSION, predictor.META_BACKEND}
+    results_keys = set(identity.file_metadata(Path("x.parquet"))) | set(
+        predictor.load_model("ob-default").metadata())
     assert not [k for k in results_keys if f"`{k}`" not in _text("results.md")]
     catalog_keys = (schema.META_WAVELENGTH, schema.META_MEDIUM, schema.META_RESOLVING_POWER,
                     schema.META_GENERATOR)

@@ -27,11 +27,9 @@ GRID = WavelengthGrid.linear(3990.0, 1.0, 220)
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray instance (2 CPUs) for the module: Ray takes seconds to start."""
-    from starcast.engine.distributed import RUNTIME_ENV
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env=RUNTIME_ENV)  # "local": never join a cluster that `ray start` left on this machine
+    """One local Ray instance (2 CPUs) for the module: Ray takes seconds to start. "local": never
+    join a cluster that `ray start` left on this machine."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
@@ -137,7 +135,7 @@ def _inference_actor_pids() -> list[int]:
             title = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::MapWorker") and "Inference" in title:
+        if title.startswith("ray::MapWorker") and "Worker" in title:
             pids.append(pid)
     return pids
 

@@ -17,9 +17,8 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 def two_nodes():
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     worker = cluster.add_node(num_cpus=2)
-    from starcast.engine.distributed import RUNTIME_ENV
 
-    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR", runtime_env=RUNTIME_ENV)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
     cluster.wait_for_nodes()
     yield cluster, worker
     ray.shutdown()
