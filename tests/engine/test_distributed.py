@@ -1,6 +1,7 @@
 """The Ray Data path on a local Ray cluster: the same rows and numbers as the local pipeline, bad
 input (corrupt files, a flipped byte, null and repeated ids, a shard with its own schema) treated
-exactly as there, and killing the inference actor mid-run still yields every id once."""
+exactly as there, and killing a worker that holds work mid-run still yields every id once, with
+the same numbers."""
 
 from __future__ import annotations
 
@@ -110,50 +111,43 @@ def assert_same_results(local: Path, remote: Path, stems: list[str]) -> None:
         assert (remote / "markers" / f"{stem}.done").exists()
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids below `pid` (from /proc): the raylet and workers of *this* test's Ray instance."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+def worker_tasks_finished() -> dict[tuple[str, int], int]:
+    """{(node id hex, worker pid): tasks finished} of the pipeline's `Worker` actors, from Ray's task
+    events in the GCS (a private API: the public one needs the dashboard). Events reach the GCS
+    every `task_events_report_interval_ms`."""
+    from ray._private.state import state
+    from ray.core.generated.common_pb2 import TaskStatus
 
-
-def _inference_actor_pids() -> list[int]:
-    pids = []
-    for pid in _descendants(os.getpid()):
-        try:
-            title = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
+    where, finished = {}, set()
+    for event in state._get_all_task_events():
+        if "MapBatches(Worker)" not in event.task_info.func_or_class_name:
             continue
-        if title.startswith("ray::MapWorker") and "Worker" in title:
-            pids.append(pid)
-    return pids
+        key, update = (event.task_id, event.attempt_number), event.state_updates
+        if update.node_id and update.worker_pid:
+            where[key] = (update.node_id.hex(), update.worker_pid)
+        if TaskStatus.FINISHED in update.state_ts_ns:
+            finished.add(key)
+    counts: dict[tuple[str, int], int] = {}
+    for key in finished & where.keys():
+        counts[where[key]] = counts.get(where[key], 0) + 1
+    return counts
 
 
-def run_interrupted(cat: Path, out: Path, bundle: Path, interrupt) -> tuple[int, dict]:
-    """Run `cat` on Ray in a thread, call `interrupt()` once its first file is complete, wait for the
-    end. Returns how many files were complete at the interruption, and the run manifest."""
+def run_interrupted(cat: Path, out: Path, bundle: Path, ready, interrupt) -> tuple[int, dict]:
+    """Run `cat` on Ray in a thread; once `ready()` returns something true, call `interrupt(it)`
+    and wait for the end. Returns how many files were complete at the interruption, and the run
+    manifest."""
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(
         run(cat, out, model=bundle, batch_size=10, ray="auto", progress=False)))
     runner.start()
     deadline = time.monotonic() + 120
-    while not list((out / "markers").glob("*.done")) and runner.is_alive():
-        assert time.monotonic() < deadline, "no file completed in 120 s"
-        time.sleep(0.01)
+    while not (found := ready()) and runner.is_alive():
+        assert time.monotonic() < deadline, "not ready to interrupt within 120 s"
+        time.sleep(0.05)
     assert runner.is_alive(), "the run ended before it could be interrupted"
     done_before = len(list((out / "markers").glob("*.done")))
-    interrupt()
+    interrupt(found)
     runner.join(timeout=300)
     assert not runner.is_alive()
     return done_before, result
@@ -165,16 +159,26 @@ def assert_every_id_once(out: Path, result: dict, sizes: list[int]) -> None:
     assert sorted(ids.to_pylist()) == list(range(sum(sizes)))
 
 
-def test_killing_the_inference_actor_mid_run_yields_every_id_once(tmp_path: Path, local_ray,
-                                                                   bundle: Path) -> None:
-    sizes = [200] * 12
+def test_killing_a_busy_worker_mid_run_yields_every_id_once_with_the_same_numbers(
+        tmp_path: Path, local_ray, bundle: Path) -> None:
+    sizes = [400] * 16
     cat = shards(tmp_path / "cat", sizes)
+    local = run(cat, tmp_path / "local", model=bundle, batch_size=10, progress=False)
 
-    def kill_an_actor() -> None:
-        victims = _inference_actor_pids()
-        assert victims, "no inference actor to kill"
-        os.kill(victims[0], signal.SIGKILL)
+    def busy_worker():  # a live worker process that has finished tasks of this run
+        return next((pid for (_, pid), n in worker_tasks_finished().items() if n and _alive(pid)), None)
 
-    done_before, result = run_interrupted(cat, tmp_path / "out", bundle, kill_an_actor)
+    done_before, result = run_interrupted(cat, tmp_path / "out", bundle, busy_worker,
+                                          lambda pid: os.kill(pid, signal.SIGKILL))
     assert done_before < len(sizes)
     assert_every_id_once(tmp_path / "out", result, sizes)
+    assert result["totals"] == local["totals"]
+    assert_same_results(tmp_path / "local", tmp_path / "out", [f.stem for f in sorted(cat.glob("*.parquet"))])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
