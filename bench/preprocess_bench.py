@@ -28,6 +28,7 @@ import pyarrow as pa  # noqa: E402
 import scipy  # noqa: E402
 import spectres  # noqa: E402
 from spectres.spectral_resampling_numba import spectres_numba  # noqa: E402
+from starcast.catalogs.physics import C_KMS  # noqa: E402
 from starcast.catalogs.synth import SynthConfig, arrays_to_table, synth_arrays  # noqa: E402
 from starcast.kernels.continuum import CONVERGED, continuum_basis  # noqa: E402
 from starcast.kernels.preprocess import PreprocessSettings, preprocess  # noqa: E402
@@ -43,7 +44,7 @@ def numpy_preprocess(wavelength, flux, err, rv, grid, s: PreprocessSettings, reb
     lo, hi = np.clip(idx - half, 0, d), np.clip(idx + half + 1, 0, d)
     out = np.empty((len(flux), d), np.float32)
     for i in range(len(flux)):
-        beta = rv[i] / 299792.458
+        beta = rv[i] / C_KMS
         rest = wavelength * np.sqrt((1 - beta) / (1 + beta))  # relativistic Doppler, as the kernel
         f = flux[i].astype(np.float64)
         e = err[i].astype(np.float64)

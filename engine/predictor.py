@@ -2,8 +2,8 @@
 
 `Model.predict` is `infer(prepare(batch))`: `prepare` (CPU) turns ids into RNG keys and preprocesses
 onto the model grid, `infer` runs the ensemble x MC-dropout kernel of the chosen backend and sets the
-quality flags. The local and Ray pipelines call these same two methods (or `__call__`), so their
-numbers cannot differ. Nothing here knows of files, Ray or progress bars.
+quality flags. The local and Ray pipelines call these same two methods (through `rows.Predictor`),
+so their numbers cannot differ. Nothing here knows of files, Ray or progress bars.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Model:
 
     def __call__(self, batch: pa.RecordBatch | pa.Table, *,
                  source_grid: WavelengthGrid | None = None) -> pa.Table:
-        """Predict one batch with the defaults given to `load_model` (the pipelines' entry point)."""
+        """Predict one batch with the defaults given to `load_model`."""
         return self.predict(batch, samples=self.samples, seed=self.seed, backend=self.backend,
                             source_grid=source_grid)
 

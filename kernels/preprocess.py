@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit, prange
 
+from ..catalogs.physics import C_KMS
 from ..catalogs.schema import (
     FLUX,
     FLUX_ERR,
@@ -191,7 +192,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if n < 2:
             status[r] = _SHORT
             continue
-        if not (abs(rv[r]) < 0.999 * 299792.458):  # also rejects NaN
+        if not (abs(rv[r]) < 0.999 * C_KMS):  # also rejects NaN
             status[r] = _RV
             continue
         factor = rest_frame_factor(rv[r])

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-C_KMS = 299792.458  # speed of light in km/s (exact, SI definition of the metre)
+from ..catalogs.physics import C_KMS
 
 # Per-pixel state of a resampled spectrum (uint8).
 GOOD, BAD, UNCOVERED = 0, 1, 2

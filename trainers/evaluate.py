@@ -17,12 +17,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ..catalogs.io import list_inputs
+from ..catalogs.physics import C_KMS
 from ..catalogs.schema import FLAGS, ID, META_GENERATOR, SNR, SPLIT, Flag
 from ..errors import CatalogError
 from .metrics import auroc, binned_bias, coverage_by_snr, summary
 from .plots import EvalArrays, write_plots
 
-C_KMS = 299792.458  # speed of light, km/s (CODATA 2018, exact)
 MIN_MATCH = 0.9  # default: at least this fraction of the smaller of results and truth must match by id
 BIAS_MIN_SNR = 30.0
 GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.65, 0.71),

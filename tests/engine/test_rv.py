@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import synth_from_grid
+from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import META_WAVELENGTH, RV, RV_ERR, WAVELENGTH, Flag, WavelengthGrid
 from starcast.engine.predictor import Model
-from starcast.kernels.resample import C_KMS
 
 import starcast
 from starcast.demo import SAMPLE
