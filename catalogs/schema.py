@@ -98,17 +98,24 @@ class WavelengthGrid:
             return np.asarray(self.values_, dtype=np.float64)
         raise ValueError(f"unknown wavelength grid kind {self.kind!r} (expected linear, log or explicit)")
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
+        """The grid as JSON-ready values (a model manifest's `grid`; `to_json` for file metadata)."""
         if self.kind == "explicit":
-            return json.dumps({"kind": "explicit", "values": list(self.values_), "medium": self.medium})
-        return json.dumps({"kind": self.kind, "start": self.start, "step": self.step, "n": self.n,
-                           "medium": self.medium})
+            return {"kind": "explicit", "values": list(self.values_), "medium": self.medium}
+        return {"kind": self.kind, "start": self.start, "step": self.step, "n": self.n, "medium": self.medium}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str | bytes) -> WavelengthGrid:
         """Parse `to_json` output; anything else (bad JSON, missing keys, no pixels) is a ValueError."""
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WavelengthGrid:
+        """Parse `to_dict` output; anything else (missing keys, no pixels) is a ValueError."""
         try:
-            d = json.loads(text)
             kind, medium = d.get("kind", "linear"), d.get("medium", "vacuum")
             if kind == "explicit":
                 grid = cls.explicit(d["values"], medium)

@@ -97,7 +97,7 @@ class Bundle:
 
     @property
     def grid(self) -> WavelengthGrid:
-        return WavelengthGrid.from_json(json.dumps(self.manifest["grid"]))
+        return WavelengthGrid.from_dict(self.manifest["grid"])
 
     @property
     def preprocess(self) -> dict:
@@ -182,7 +182,7 @@ def save_bundle(path: str | os.PathLike, layers: Sequence[tuple], manifest: dict
     tensors = [(_as_tensor(w), _as_tensor(b)) for w, b in layers]
     manifest = dict(manifest)
     if isinstance(manifest.get("grid"), WavelengthGrid):
-        manifest["grid"] = json.loads(manifest["grid"].to_json())
+        manifest["grid"] = manifest["grid"].to_dict()
     manifest["schema_version"] = SCHEMA_VERSION
     _emulator(manifest, path)
     blob = save_safetensors({f"layers.{i}.{kind}": t for i, (w, b) in enumerate(tensors)
@@ -286,7 +286,7 @@ def _emulator(manifest: dict, path: Path) -> Emulator | None:
     entry = manifest.get("emulator")
     if entry is None:
         return None
-    return load_emulator(path, entry, WavelengthGrid.from_json(json.dumps(manifest["grid"])).values())
+    return load_emulator(path, entry, WavelengthGrid.from_dict(manifest["grid"]).values())
 
 
 def _as_tensor(a) -> torch.Tensor:
@@ -351,7 +351,7 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         _require(_real(value) and value > 0, where, f"ood.epistemic_sigma_threshold.{name}",
                  "a finite number > 0", value)
     try:
-        n = len(WavelengthGrid.from_json(json.dumps(manifest["grid"])).values())
+        n = len(WavelengthGrid.from_dict(manifest["grid"]).values())
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{where}: 'grid' is not a wavelength grid ({exc})") from exc
     features = (manifest.get("input") or {}).get("features") or []

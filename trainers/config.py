@@ -90,7 +90,7 @@ class TrainConfig:
         """Plain JSON-able dict (for the manifest's provenance)."""
         return {
             "name": self.name, "output": self.output, "data": asdict(self.data),
-            "grid": json.loads(self.grid.to_json()), "preprocess": dict(self.preprocess),
+            "grid": self.grid.to_dict(), "preprocess": dict(self.preprocess),
             "architecture": asdict(self.architecture), "training": asdict(self.training),
             "calibration": asdict(self.calibration),
         }
@@ -115,7 +115,7 @@ def _section(cls, raw: dict, name: str):
 
 def _grid(raw: dict) -> WavelengthGrid:
     try:
-        return WavelengthGrid.from_json(json.dumps(raw))
+        return WavelengthGrid.from_dict(raw)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"[grid]: not a wavelength grid ({exc!r}); expected kind, start, step, n") from exc
 

@@ -101,7 +101,7 @@ def test_architecture_inconsistent_with_weights_is_refused(tiny_bundle):
 
 
 def test_grid_inconsistent_with_input_dim_is_refused(tiny_bundle):
-    _edit_manifest(tiny_bundle, grid=json.loads(WavelengthGrid.linear(4000.0, 1.0, 100).to_json()))
+    _edit_manifest(tiny_bundle, grid=WavelengthGrid.linear(4000.0, 1.0, 100).to_dict())
     with pytest.raises(ModelError, match="input_dim"):
         load_bundle(tiny_bundle)
 
