@@ -151,6 +151,9 @@ def main() -> None:
         "model": {"name": model.name, "path": str(model.bundle.path), "sha256": model.bundle.weights_sha256},
         "catalog": source, "runs": runs, "deletion": deletion(model, table.slice(0, 200), exp),
         "line_mass": {t: survey["targets"][t]["line_mass_mean"] for t in exp.targets},
+        # what a uniform attribution would score: the share of model pixels inside the windows
+        "window_pixels": {t: float(line_mass(np.ones((1, len(exp.wavelength))), exp.wavelength, t)[0])
+                          for t in exp.targets},
         "line_mass_by_bin": line_mass_by_bin(table, exp),
         "line_mass_goal": LINE_MASS_GOAL, "survey": survey}
     (RESULTS / "explain.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -194,9 +197,11 @@ def markdown(r: dict, args, survey_md: str) -> str:
     lines += [f"| {t} | {d['mean_abs_change_top']:.4g} | {d['mean_abs_change_random']:.4g} | "
               f"{d['ratio']:.1f} |" for t, d in r["deletion"].items()]
     goal = ", ".join(f"{t} {100 * v:.1f}%" for t, v in r["line_mass"].items())
+    share = ", ".join(f"{t} {100 * v:.1f}%" for t, v in r["window_pixels"].items())
     lines += ["", "Line mass (share of |attribution| within +-3 A of the listed lines; log g also the "
               f"Balmer wings), mean over spectra: {goal} (goal >= {100 * r['line_mass_goal']:.0f}% for teff "
-              "and logg).",
+              f"and logg). The windows hold {share} of the model pixels (what a uniform attribution "
+              "would score).",
               "", "Line mass in bins of the true SNR and v sin i:", "",
               "| bin | spectra | " + " | ".join(r["line_mass"]) + " |",
               "| --- | --- |" + " --- |" * len(r["line_mass"])]

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..catalogs.io import iter_batches
-from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, line_windows, nearest_line
+from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, DiagnosticLine, line_windows, nearest_line
 from ..catalogs.medium import convert
 from ..catalogs.schema import ID, META_WAVELENGTH, WavelengthGrid
 from ..errors import CatalogError
@@ -58,21 +58,44 @@ def air_wavelength(exp: Explanation) -> np.ndarray:
     return convert(exp.wavelength, exp.medium, "air")
 
 
-_LABEL_PAD = 58  # points above the top panel kept for the line names
+_LABEL_PT = 3.4  # points of height per character of a line name written upwards at fontsize 6
+_LABEL_GAP = 0.012  # names of lines closer than this fraction of the plotted range go on another level
 
 
 def _fmt(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
-def _label_lines(ax, wavelength: np.ndarray, top: bool) -> None:
+def _label_layout(wavelength: np.ndarray) -> tuple[list[tuple[DiagnosticLine, int]], float]:
+    """The listed lines within `wavelength`'s range, each with the level of its name (the lowest one
+    whose previous name is at least _LABEL_GAP of the range away, so that no two names overlap), and
+    the height of a level in points."""
     lo, hi = wavelength[0], wavelength[-1]
-    for i, line in enumerate(DIAGNOSTIC_LINES):
+    last: list[float] = []  # per level, the wavelength of its latest name
+    levels = []
+    for line in sorted(DIAGNOSTIC_LINES, key=lambda ln: ln.wavelength):
         if lo <= line.wavelength <= hi:
-            ax.axvline(line.wavelength, color="0.6", lw=0.5, ls=":", zorder=0)
-            if top:
-                ax.text(line.wavelength, 1.01 + 0.07 * (i % 3), line.name, rotation=90, fontsize=6,
-                        ha="center", va="bottom", transform=ax.get_xaxis_transform())
+            level = next((k for k, w in enumerate(last) if line.wavelength - w >= _LABEL_GAP * (hi - lo)),
+                         len(last))
+            last[level:level + 1] = [line.wavelength]
+            levels.append((line, level))
+    return levels, _LABEL_PT * max((len(line.name) for line, _ in levels), default=0) + 4
+
+
+def _label_pad(wavelength: np.ndarray) -> float:
+    """Points above the top panel that its line names take."""
+    levels, step = _label_layout(wavelength)
+    return step * (1 + max((level for _, level in levels), default=0)) + 4
+
+
+def _label_lines(ax, wavelength: np.ndarray, top: bool) -> None:
+    levels, step = _label_layout(wavelength)
+    for line, level in levels:
+        ax.axvline(line.wavelength, color="0.6", lw=0.5, ls=":", zorder=0)
+        if top:
+            ax.annotate(line.name, (line.wavelength, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 3 + step * level), textcoords="offset points", rotation=90, fontsize=6,
+                        ha="center", va="bottom")
 
 
 def plot_spectrum(exp: Explanation, row: int, path: Path) -> Path:
@@ -105,7 +128,7 @@ def plot_spectrum(exp: Explanation, row: int, path: Path) -> Path:
         share = line_mass(a[None], wl, t)[0]
         ax.set_title(f"{t} = {_fmt(exp.prediction[row, k])} {unit} (continuum: {_fmt(exp.baseline[row, k])}"
                      f" {unit}); {100 * share:.0f}% of |attribution| on listed lines", fontsize=8, loc="left",
-                     pad=_LABEL_PAD if k == 0 else 4)
+                     pad=_label_pad(wl) if k == 0 else 4)
         fig.colorbar(lc, ax=ax, pad=0.01).set_label(f"attribution ({unit} / pixel)", fontsize=7)
     axes[-1, 0].set_xlabel("wavelength (Angstrom, air)")
     fig.suptitle(f"spectrum {exp.ids[row]}: integrated gradients ({exp.method}, baseline = continuum)",
@@ -214,7 +237,7 @@ def _plot_survey(cols: dict, exp: Explanation, regions: dict, path: Path) -> Non
                         transform=ax.get_xaxis_transform(), label="listed lines")
         _label_lines(ax, wl, top=k == 0)
         ax.set_ylabel(f"mean |attribution|\n({unit} / pixel)", fontsize=8)
-        ax.set_title(t, fontsize=8, loc="left", pad=_LABEL_PAD if k == 0 else 4)
+        ax.set_title(t, fontsize=8, loc="left", pad=_label_pad(wl) if k == 0 else 4)
     axes[0, 0].legend(fontsize=6, loc="upper right", ncols=5)
     axes[-1, 0].set_xlabel("wavelength (Angstrom, air)")
     fig.tight_layout()

@@ -68,3 +68,19 @@ def test_text_spectra_without_parameters_name_the_file(tmp_path):
     np.savetxt(tmp_path / "star.txt", np.array([[4000.0, 1.0], [4001.0, 0.9]]))
     with pytest.raises(CatalogError, match="star.txt.*params.csv"):
         read_grid(tmp_path)
+
+
+def test_every_diagnostic_line_is_an_absorption_minimum_of_the_tlusty_spectra(tlusty_grid):
+    """Each listed line centre lies within 0.1 A (a blend: 0.3 A) of the deepest point, within
+    +-0.5 A, of the model where that line is deepest, at least 10% below the continuum: the list names
+    lines these spectra have, where they have them."""
+    from starcast.catalogs.lines import DIAGNOSTIC_LINES
+
+    wl = tlusty_grid.wavelength
+    for line in DIAGNOSTIC_LINES:
+        near = np.abs(wl - line.wavelength) < 0.5
+        flux = tlusty_grid.flux[:, near]
+        model = np.argmin(flux.min(axis=1))
+        deepest = wl[near][np.argmin(flux[model])]
+        assert 1.0 - flux[model].min() > 0.1, line
+        assert abs(deepest - line.wavelength) < (0.3 if "blend" in line.source else 0.1), (line, deepest)
