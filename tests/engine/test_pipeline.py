@@ -95,6 +95,18 @@ def test_numbers_do_not_depend_on_batch_size(tmp_path: Path, tiny_bundle: Path) 
     assert_same_results(read_results(tmp_path / "big"), read_results(tmp_path / "small"))
 
 
+def test_on_the_cpu_preprocessing_and_inference_split_the_cores() -> None:
+    import os
+
+    from starcast.engine.pipeline import thread_budget
+
+    cores = len(os.sched_getaffinity(0))
+    prepare, infer = thread_budget("cpu")
+    assert prepare >= 1 and infer >= 1 and (cores < 2 or prepare + infer == cores)
+    assert thread_budget("cpu", workers=2)[0] == max(1, prepare // 2)
+    assert thread_budget("triton") == (None, None)  # with a GPU, preprocessing keeps every core
+
+
 def bad_catalog(path: Path) -> Path:
     """Rows 0-4 fine; 5 all-NaN flux; 6 only 5 pixels; 7 no overlap with the model grid (6000 A);
     8 teff label far outside the training range. Per-row wavelength column (variable lists)."""
