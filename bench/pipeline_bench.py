@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def end_to_end(catalog: Path, model: str, out: Path, batch_size: int, ray: str |
     cmd = [sys.executable, "-m", "starcast", "run", str(catalog), "--out", str(out), "--model",
            model, "--batch-size", str(batch_size), "--no-progress"]
     cmd += ["--ray", ray] if ray else []
+    shutil.rmtree(out, ignore_errors=True)  # a run refuses a non-empty --out (e.g. an earlier trial's)
     t0 = time.perf_counter()
     # A small launcher process runs the command: a child's ru_maxrss includes what it inherited at
     # fork, so forking from this (large) process directly would report this process's RSS.
