@@ -36,6 +36,7 @@ from ..catalogs.schema import ID
 from ..errors import CatalogError, OutputError, StarcastError
 from .inputs import InputFile, open_input, read_input
 from .manifest import FileReport, OutputFile, RunIdentity, fail_file
+from .pipeline import limit_threads
 from .rows import Predictor, as_batch
 
 PATH = "path"  # the input file of each row; carried through both stages
@@ -57,11 +58,7 @@ class Worker:
 
     def __call__(self, table: pa.Table) -> Iterator[pa.Table]:
         if self.threads is not None:  # per call: Numba's thread count is per calling thread
-            import numba
-            import torch
-
-            numba.set_num_threads(self.threads)
-            torch.set_num_threads(self.threads)
+            limit_threads(self.threads, self.threads)
         for prepared in (self._prepare(table) if self.read else [table]):
             columns = prepared.drop_columns([PATH, FILE_ERROR])
             out = self.predictor.infer(as_batch(columns))

@@ -66,7 +66,7 @@ class LocalPipeline:
         results_q: queue.Queue = queue.Queue(maxsize=2)
         prepare_threads, infer_threads = thread_budget(self.predictor.identity.backend, self.workers)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="starcast-prepare",
-                                  initializer=_limit_threads, initargs=(prepare_threads, None))
+                                  initializer=limit_threads, initargs=(prepare_threads, None))
         threads = [threading.Thread(target=self._guard, args=(self._read, files, pool, prepared_q),
                                     name="starcast-read", daemon=True),
                    threading.Thread(target=self._guard, name="starcast-infer", daemon=True,
@@ -131,7 +131,7 @@ class LocalPipeline:
         return msg
 
     def _infer(self, in_q: queue.Queue, threads: int | None, out_q: queue.Queue) -> None:
-        _limit_threads(None, threads)
+        limit_threads(None, threads)
         while True:
             msg = self._get(in_q).result()
             if msg is not None and msg[0] == "rows":
@@ -217,9 +217,9 @@ def thread_budget(backend: str, workers: int = 1) -> tuple[int | None, int | Non
     return max(1, (cores - infer) // workers), infer
 
 
-def _limit_threads(numba_threads: int | None, torch_threads: int | None) -> None:
-    """Called in a stage's own thread: Numba's thread count is per calling thread; torch's intra-op
-    count is set by the inference stage (and restored by `run`)."""
+def limit_threads(numba_threads: int | None, torch_threads: int | None) -> None:
+    """Called in the thread that will run the kernels (Numba's thread count is per calling thread):
+    Numba's and torch's intra-op thread counts, None to leave one alone."""
     if numba_threads is not None:
         numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
     if torch_threads is not None:
