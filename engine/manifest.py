@@ -236,16 +236,14 @@ class OutputFile:
         """Write rows of this file (in input order); commits the file with its last row."""
         self._writer.write(table, self.report)
         if self.report.rows_out > self.input.num_rows:
-            raise StarcastError(f"{self.report.input}: {self.input.num_rows} rows in the file but "
-                                f"{self.report.rows_out} written")
+            raise self._miscount()
         if self.report.rows_out == self.input.num_rows:
             self._commit()
 
     def check_complete(self) -> None:
         """The exactly-once invariant at the end of a run: every row of the file came out."""
         if self.open:
-            raise StarcastError(f"{self.report.input}: {self.input.num_rows} rows in the file but "
-                                f"{self.report.rows_out} written")
+            raise self._miscount()
 
     def fail(self, reason: str) -> None:
         """Drop this file's results (the input keeps none) and record why."""
@@ -259,6 +257,10 @@ class OutputFile:
             self._writer.abort()
             self._writer = None
             self.report.reset()
+
+    def _miscount(self) -> StarcastError:
+        return StarcastError(f"{self.report.input}: {self.input.num_rows} rows in the file but "
+                             f"{self.report.rows_out} written")
 
     def _commit(self) -> None:
         self._writer.commit(self.report)

@@ -116,7 +116,7 @@ class LocalPipeline:
                     self._put(out_q, pool.submit(self._prepare, i, batch, inp.grid, rows))
                     rows += batch.num_rows
                     t0 = time.perf_counter()
-                self._put(out_q, _done(("end", i, rows)))
+                self._put(out_q, _done(("end", i, None)))
             except (CatalogError, OSError, pa.ArrowException) as exc:
                 self._put(out_q, _done(("fail", i, _reason(exc))))
         self._put(out_q, _done(None))
@@ -207,7 +207,7 @@ def _reason(exc: Exception) -> str:
 
 def thread_budget(backend: str, workers: int = 1) -> tuple[int | None, int | None]:
     """(Numba threads per preprocessing worker, torch and BLAS threads for inference). On the CPU the
-    two stages split this process's cores, half each (measured on 2 cores: 1 015 against 898
+    two stages split this process's cores, half each (measured on 2 cores: 990 against 898
     spectra/s with both stages on every core); with a GPU, preprocessing keeps every core and the
     thread counts are left alone (None)."""
     if backend not in ("cpu", "reference"):

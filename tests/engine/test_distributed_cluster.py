@@ -4,6 +4,7 @@ recomputes lost blocks). The head has no CPU, so only the two worker nodes run t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,33 @@ def test_removing_a_node_that_holds_work_mid_run_yields_every_id_once(tmp_path: 
     assert_same_results(tmp_path / "local", tmp_path / "out", [f.stem for f in sorted(cat.glob("*.parquet"))])
     finished = worker_tasks_finished()
     assert any(node == survivor.node_id for node, _ in finished), "the surviving node did no work"
+
+
+def test_the_gpu_layout_gives_the_local_numbers(tmp_path: Path) -> None:
+    """A node that advertises one GPU gets the GPU layout (read tasks preparing on the CPUs, one
+    inference actor holding the GPU); on this machine the actor infers on the CPU, with the same
+    rows and numbers as a local run."""
+    from starcast.engine.run import run
+
+    from tests.engine.conftest import make_bundle
+
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 1, "_system_config": {"task_events_report_interval_ms": 100}})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+        bundle = make_bundle(tmp_path / "tiny-test")
+        sizes = [150, 0, 333]
+        cat = shards(tmp_path / "cat", sizes)
+        local = run(cat, tmp_path / "local", model=bundle, batch_size=50, progress=False)
+        remote = run(cat, tmp_path / "out", model=bundle, batch_size=50, ray="auto", progress=False)
+        time.sleep(1)  # task events reach the GCS every 100 ms
+        used = {(e.task_info.func_or_class_name, "GPU" in e.task_info.required_resources)
+                for e in ray._private.state.state._get_all_task_events()}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert ("_map_task", False) in used  # the read tasks: plain Ray Data tasks, without a GPU
+    assert ("MapWorker(MapBatches(Worker)).__init__", True) in used  # the actor that holds the GPU
+    assert remote["totals"] == local["totals"]
+    assert_every_id_once(tmp_path / "out", remote, sizes)
+    assert_same_results(tmp_path / "local", tmp_path / "out", [f.stem for f in sorted(cat.glob("*.parquet"))])
