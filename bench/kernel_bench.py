@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from starcast.kernels.ensemble_mlp import CONFIGS as CONFIGS_TRITON
+from starcast.kernels.ensemble_mlp import REGISTER_BUDGET, layer_registers
+from starcast.kernels.packing import padded_width
 from starcast.kernels.reference import ensemble_stats_cpu, pack_cpu
 
 CONFIGS = {
@@ -53,19 +55,19 @@ def flops_per_spectrum(cfg) -> int:
 
 
 def kernel_traffic(cfg, meta, elt=2):
-    """Bytes the fused kernel moves between the SMs and L2/HBM per spectrum, from its loops
-    (kernels/ensemble_mlp.py; not measured): per (tile, member) x is re-read once per BLOCK_N columns
-    of W1 and W1 once; per chunk of SB samples each layer's input [R, HP] is re-read from scratch once
-    per BLOCK_N output columns (`_dense`), its weights read once and its output written once; the
-    head reads its input twice. elt: bytes per weight/activation (2: fp16/bf16). Returns bytes."""
-    b, sb, bn = meta["BLOCK_B"], meta["SB"], meta["BLOCK_N"]
-    h, m, s, d = max(cfg["hidden"]), cfg["members"], cfg["samples"], cfg["d"]
-    r, chunks, kp2 = b * sb, -(-s // sb), 2 * max(16, 1 << (cfg["k"] - 1).bit_length())
-    first = b * d * 4 * (h // bn) + d * h * elt + b * h * elt
-    per_chunk = 2 * r * h * elt  # z_1: h1 in, masked copy out
-    per_chunk += (len(cfg["hidden"]) - 1) * (r * h * elt * (h // bn) + h * h * elt + r * h * elt)
-    per_chunk += 2 * r * h * elt + h * kp2 * elt
-    return m * (first + chunks * per_chunk) / b
+    """(bytes moved between the SMs and L2/HBM, bytes of registers a program's layer holds), per
+    spectrum and per program, from the fused kernel's loops (kernels/ensemble_mlp.py; not measured).
+    Traffic: per (tile, member) x (fp32), W1 and b1 once; per chunk of SB samples each later hidden
+    layer's weights and bias once and the fp32 head once; per (member, spectrum) 3 K fp32 out.
+    Activations stay on chip (registers: `layer_registers`). elt: bytes per weight and activation
+    (2: fp16/bf16)."""
+    b, sb = meta["BLOCK_B"], meta["SB"]
+    h, m, s, d, k = padded_width(max(cfg["hidden"])), cfg["members"], cfg["samples"], cfg["d"], cfg["k"]
+    chunks, kp = -(-s // sb), max(16, 1 << (k - 1).bit_length())
+    first = b * d * 4 + d * h * elt + h * 4
+    per_chunk = (len(cfg["hidden"]) - 1) * (h * h * elt + h * 4) + h * 2 * kp * 4 + 2 * kp * 4
+    traffic = m * (first + chunks * per_chunk) / b + m * 3 * k * 4
+    return traffic, layer_registers(meta, h, elt)
 
 
 def make_layers(cfg, device, dtype):
@@ -350,12 +352,16 @@ def main():
     peak_dtype = torch.bfloat16 if gpu else torch.float32
     peak = matmul_peak(device, peak_dtype, 8192 if gpu else 1024)
     print(f"measured {peak_dtype} matmul peak: {peak:.4f} TFLOP/s", flush=True)
-    print("fused kernel's FLOP/byte model (SM <-> L2/HBM traffic from its loops, fp16; not measured):")
+    print("fused kernel's FLOP/byte model (SM <-> L2/HBM traffic from its loops, fp16; activations on "
+          "chip; not measured):")
     for name in args.configs:
         for c in CONFIGS_TRITON:
-            traffic = kernel_traffic(CONFIGS[name], c.kwargs)
-            print(f"  {name:6s} {c.kwargs}: {traffic / 1e6:7.2f} MB/spectrum, "
-                  f"{flops_per_spectrum(CONFIGS[name]) / traffic:6.1f} FLOP/B; unavoidable input + "
+            traffic, registers = kernel_traffic(CONFIGS[name], c.kwargs)
+            print(f"  {name:6s} {c.kwargs} R={c.kwargs['BLOCK_B'] * c.kwargs['SB']:3d}: "
+                  f"{traffic / 1e6:6.2f} MB/spectrum, {flops_per_spectrum(CONFIGS[name]) / traffic:6.1f} "
+                  f"FLOP/B, a layer's registers {registers / 1024:4.0f} KB"
+                  f"{'' if registers <= REGISTER_BUDGET else ' (over budget: not tried)'}; unavoidable "
+                  f"input + "
                   f"output {(CONFIGS[name]['d'] * 4 + 12 * CONFIGS[name]['k']) / 1e3:.1f} KB", flush=True)
     rows, tuning = [], {}
     for name in args.configs:  # the record is rewritten after each config: a run cut short keeps its part
