@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from . import rng
 
 ACTIVATIONS = {"relu": torch.relu, "silu": F.silu}
-_IN_PLACE = {"relu": torch.relu_, "silu": lambda t: F.silu(t, inplace=True)}  # the CPU path's
 Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 _CHUNK_ELEMENTS = 1 << 22  # CPU path: rows per chunk so that one [M, rows, S, H] activation is ~16 MB
 
@@ -151,7 +150,8 @@ def ensemble_stats_cpu(x, keys, layers: Layers | CpuWeights, *, p: float, sample
     """Same arguments and result as `ensemble_stats_reference`, float32 by default, fast on a CPU.
 
     The first layer is one GEMM [B, D] x [D, M*H1] shared by all samples; each later layer is one
-    batched matmul over members of [rows*S, H] x [H, H']; the 1/(1-p) scale is folded into the next
+    batched matmul over members of [rows*S, H] x [H, H'], its bias, activation and the next masks applied
+    in one fused pass (`rng.apply_masks`); the 1/(1-p) scale is folded into the next
     layer's weights. With p = 0 the S samples are identical, so one is computed. Rows are processed
     in fixed-size chunks (the last one zero-padded) that keep each activation near 16 MB: every GEMM has
     the same shape whatever the batch, so a row's result is bit-identical alone or in any batch.
@@ -162,7 +162,7 @@ def ensemble_stats_cpu(x, keys, layers: Layers | CpuWeights, *, p: float, sample
     if packed.p != p:
         raise ValueError(f"weights were packed for dropout p = {packed.p}, not {p}")
     x, keys, members, k = check_inputs(x, keys, packed.shape_only(), p, samples, activation)
-    act, x = _IN_PLACE[activation], x.to(packed.w1.dtype)
+    x = x.to(packed.w1.dtype)
     s_eff = samples if p > 0 else 1
     rows_all = rng.row_keys(seed, keys)
     widest = max(w[2] for w, _ in packed.shapes)
@@ -173,8 +173,8 @@ def ensemble_stats_cpu(x, keys, layers: Layers | CpuWeights, *, p: float, sample
     outs = [torch.empty((x.shape[0], k), dtype=x.dtype) for _ in range(3)]
     for start in range(0, x.shape[0], chunk):
         sl = slice(start, start + chunk)
-        stats = _cpu_chunk(x[sl], rows_all[sl], packed.w1, packed.b1, packed.rest, members, s_eff, p, act,
-                           var_eps, k)
+        stats = _cpu_chunk(x[sl], rows_all[sl], packed.w1, packed.b1, packed.rest, members, s_eff, p,
+                           activation, var_eps, k)
         for out, stat in zip(outs, stats, strict=True):
             out[sl] = stat
     return finish(*(out[:n] for out in outs), label_mean, label_std, calibration)
@@ -185,17 +185,18 @@ def _chunk_rows(elements_per_row: int) -> int:
     return 1 << max(0, min(8, (_CHUNK_ELEMENTS // elements_per_row).bit_length() - 1))
 
 
-def _cpu_chunk(x, rows, w1, b1, rest, members, s_eff, p, act, var_eps, k):
+def _cpu_chunk(x, rows, w1, b1, rest, members, s_eff, p, activation, var_eps, k):
+    """One chunk: the first layer's GEMM once for all samples, then per layer one fused pass (bias,
+    activation and that layer's masks: `rng.apply_masks`) and one batched GEMM over members."""
     n = x.shape[0]
-    h = act(torch.addmm(b1, x, w1)).view(n, members, -1).transpose(0, 1)  # [M, n, H1]
-    h = h[:, :, None, :]  # [M, n, 1, H1], broadcast over samples
+    h, bias = torch.mm(x, w1).view(n, members, 1, -1).transpose(0, 1), b1  # [M, n, 1, H1], before bias
     for layer, (w, b) in enumerate(rest, start=1):
-        if p > 0:  # masks generated and applied in one fused pass (Numba form of the RNG)
-            h = rng.apply_masks(h, rng.streams(rows, range(members), range(s_eff), layer).permute(1, 0, 2), p)
-        h = h.expand(members, n, s_eff, -1).reshape(members, n * s_eff, -1)
-        out = torch.baddbmm(b, h, w)  # [M, n*S, out]
+        streams = rng.streams(rows, range(members), range(s_eff), layer).permute(1, 0, 2) if p > 0 else \
+            rows.new_zeros((members, n, s_eff))  # p = 0: nothing is dropped, no stream is read
+        h = rng.apply_masks(h, streams, p, bias, activation).view(members, n * s_eff, -1)
         if layer < len(rest):
-            h = act(out).view(members, n, s_eff, -1)
+            h, bias = torch.bmm(h, w).view(members, n, s_eff, -1), b
+    out = torch.baddbmm(b, h, w)  # the head: [M, n*S, 2K padded to 16]
     # [n, 2K, M*S] contiguous: each row reduces its own contiguous run, in an order set by index alone
     out = out.view(members, n, s_eff, -1)[..., :2 * k].permute(1, 3, 0, 2).reshape(n, 2 * k, -1)
     mu, var = out[:, :k], F.softplus(out[:, k:]) + var_eps

@@ -74,8 +74,16 @@ def test_numba_fused_masks_are_bit_identical_to_host(src_samples, width):
     rows = rng.row_keys(5, torch.arange(9, dtype=torch.int64) - 4)
     streams = rng.streams(rows, range(3), range(5), 2).permute(1, 0, 2)  # [M, B, S]
     h = torch.randn(3, 9, src_samples, width)
-    expected = h * (rng.uniform16(streams, width) >= rng.mask_threshold(0.3))
-    assert torch.equal(rng.apply_masks(h, streams, 0.3), expected)
+    keep = rng.uniform16(streams, width) >= rng.mask_threshold(0.3)
+    assert torch.equal(rng.apply_masks(h, streams, 0.3), h * keep)
+    h[1, 2, 0, 3] = float("nan")  # relu passes a NaN on, as torch.relu does; a dropped unit is 0
+    bias = torch.randn(3, width)
+    pre = h + bias[:, None, None, :]
+    for activation, act in (("relu", torch.relu), ("silu", torch.nn.functional.silu)):
+        got = rng.apply_masks(h, streams, 0.3, bias, activation)
+        assert torch.allclose(got, torch.where(keep, act(pre), 0.0), rtol=0, atol=0, equal_nan=True)
+    kept = rng.apply_masks(h, streams, 0.0, bias, "relu")  # p = 0: nothing dropped
+    assert torch.allclose(kept, torch.relu(pre).expand(3, 9, 5, width), rtol=0, atol=0, equal_nan=True)
 
 
 def test_masks_are_a_pure_function_of_coordinates():
