@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a GPU: the Triton kernel's tests on the GPU, the kernel bench against every baseline
-# with the measured bf16 matmul peak (roofline fraction), and every precision on the shipped model,
+# with the measured fp16 matmul peak (roofline fraction), and every precision on the shipped model,
 # recorded under bench/results/<device>/ (or the folder given as $1): summary.txt, log.txt,
 # precision_cuda.*, kernel_<device>.*. The phases are capped at 500 s in all (not yet run on a GPU);
 # a slow or failing phase still leaves the others' records. Needs python3 with torch (CUDA),

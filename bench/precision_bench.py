@@ -9,7 +9,7 @@ Spectra: stars of the shipped TLUSTY sample (`catalogs.gridsynth.survey_table`, 
 `Model.prepare`.
 On the CPU the kernel's rounding is modelled in float64 (`ensemble_stats_emulated`: every cast to
 16 bits or tf32 where the kernel casts; under the interpreter the kernel agrees with it to 0.03% of
-sigma, bf16 0.12%, tests/kernels/test_emulate.py). Rows: the centre subtracted before the cast
+sigma, tests/kernels/test_emulate.py). Rows: the centre subtracted before the cast
 (none; 1.0, continuum; fitted to W1, b1, what ob-default gets; the mean of 1024 other spectra, a
 stand-in for the training mean a bundle may store as `input_centre`), with the input split into
 hi + lo terms or not.
@@ -25,7 +25,7 @@ from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import survey_table
 from starcast.engine.predictor import kernel_centre
 from starcast.kernels.emulate import ensemble_stats_emulated
-from starcast.kernels.packing import pack_weights
+from starcast.kernels.packing import PRECISIONS, pack_weights
 from starcast.kernels.reference import ensemble_stats_reference
 
 import starcast
@@ -68,7 +68,7 @@ def main():
     print(f"fitted centre: {rms:.4f} rms from the mean of the other spectra", flush=True)
     rows = []
     gpu = args.device == "cuda"
-    for precision in ("fp16", "bf16", "tf32", "fp32"):
+    for precision in PRECISIONS:
         for cname, centre in centres.items():
             for split in (False, True):
                 shipped = cname == "fitted" and split == (precision != "fp32")  # what the engine runs

@@ -15,7 +15,7 @@ floats per member. p = 0 runs one sample (all S are identical), so S = 1, p = 0 
 
 Rounding (see `pack_weights`): the input is centred in fp32 on a fixed per-model point and cast as
 two terms, hi + lo; "tf32" rounds every operand to nearest (`_round_tf32`) because the tensor core
-truncates; under the interpreter bf16 casts are rounded by hand (`_round_bf16`) because it truncates.
+truncates.
 `emulate.ensemble_stats_emulated` models all of this in float64 for checks at scale on a CPU.
 
 What stays where (the roofline design; its FLOP/byte model is `bench/kernel_bench.py`'s
@@ -84,14 +84,6 @@ def _softplus(v):
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    if DOT_UPCAST:  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def _round_tf32(v):
     """fp32 -> the nearest tf32 (10-bit mantissa, ties away from zero), bit for bit `tf32_round`. A tensor
     core reads only the top 19 bits of a tf32 operand: unrounded, every product would be cut towards
@@ -102,21 +94,10 @@ def _round_tf32(v):
 
 
 @triton.jit
-def _round_bf16(v):
-    """fp32 -> bf16 rounded to nearest even in integer arithmetic, as a GPU's cast does: the interpreter
-    (only it uses this) truncates, a bias of -2**-9 per value on average that swamps everything else."""
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-    return tl.where(tl.abs(v) < float("inf"), rounded, v).to(tl.bfloat16)
-
-
-@triton.jit
 def _operand(v, dtype, ROUND: tl.constexpr):
-    """An fp32 value as the next dot reads it: ROUND "cast" (to dtype), "tf32" or "bf16"."""
+    """An fp32 value as the next dot reads it: ROUND "cast" (to dtype) or "tf32"."""
     if ROUND == "tf32":
         return _round_tf32(v)
-    elif ROUND == "bf16":
-        return _round_bf16(v)
     else:
         return v.to(dtype)
 
@@ -130,14 +111,14 @@ def _cat(a, b):
 @triton.jit
 def _hidden(h, w_l, b_l, stream, threshold, scale, n0, dtype, WIDTH: tl.constexpr, R: tl.constexpr,
             HP: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, ROUND: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, ROUND: tl.constexpr):
     """Columns n0 .. n0 + WIDTH of the next activation, masked and rounded as the next dot reads it:
     act(h @ W[:, cols] / (1 - p) + b) * z, BLOCK_N columns per dot (the whole of h, K = HP, against a
     [HP, BLOCK_N] weight tile), the halves joined on chip: the activation never leaves the SM."""
     if WIDTH == BLOCK_N:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         w = tl.load(w_l + tl.arange(0, HP)[:, None] * HP + offs_n[None, :])
-        acc = _dot(h, w, tl.zeros((R, BLOCK_N), dtype=tl.float32), DOT_PRECISION, DOT_UPCAST)
+        acc = tl.dot(h, w, tl.zeros((R, BLOCK_N), dtype=tl.float32), input_precision=DOT_PRECISION)
         out = _act(acc * scale + tl.load(b_l + offs_n)[None, :], ACT)
         if DROPOUT:
             out = tl.where(keep_mask_tl(stream, n0 // 2, threshold, R, BLOCK_N), out, 0.0)
@@ -145,9 +126,9 @@ def _hidden(h, w_l, b_l, stream, threshold, scale, n0, dtype, WIDTH: tl.constexp
     else:
         half: tl.constexpr = WIDTH // 2
         return _cat(_hidden(h, w_l, b_l, stream, threshold, scale, n0, dtype, half, R, HP, BLOCK_N, ACT,
-                            DROPOUT, DOT_PRECISION, DOT_UPCAST, ROUND),
+                            DROPOUT, DOT_PRECISION, ROUND),
                     _hidden(h, w_l, b_l, stream, threshold, scale, n0 + half, dtype, half, R, HP, BLOCK_N,
-                            ACT, DROPOUT, DOT_PRECISION, DOT_UPCAST, ROUND))
+                            ACT, DROPOUT, DOT_PRECISION, ROUND))
 
 
 @triton.jit
@@ -163,7 +144,7 @@ def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr
                      mean_ptr, m2_ptr, var_ptr,
                      B, D, M, S, K, threshold, scale, var_eps,
                      HP: tl.constexpr, KP: tl.constexpr, NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr,
-                     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      SPLIT_INPUT: tl.constexpr, ROUND: tl.constexpr,
                      BLOCK_B: tl.constexpr, SB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     R: tl.constexpr = BLOCK_B * SB
@@ -186,9 +167,10 @@ def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr
             xa -= tl.load(centre_ptr + d0 + offs_d, mask=in_d, other=0.0)[None, :]  # fp32, then cast
             w = tl.load(w1 + (d0 + offs_d)[:, None] * HP + offs_h[None, :], mask=in_d[:, None], other=0.0)
             hi = _operand(xa, dtype, ROUND)
-            acc = _dot(hi, w, acc, DOT_PRECISION, DOT_UPCAST)
+            acc = tl.dot(hi, w, acc, input_precision=DOT_PRECISION)
             if SPLIT_INPUT:  # x = hi + lo: the 16-bit cast of the input is the largest rounding
-                acc = _dot(_operand(xa - hi.to(tl.float32), dtype, ROUND), w, acc, DOT_PRECISION, DOT_UPCAST)
+                lo = _operand(xa - hi.to(tl.float32), dtype, ROUND)
+                acc = tl.dot(lo, w, acc, input_precision=DOT_PRECISION)
         h1 = _operand(_act(acc + tl.load(b1_ptr + m * HP + offs_h)[None, :], ACT), dtype, ROUND)
         # ---- samples, SB at a time: rows r = (spectrum r // SB, sample s0 + r % SB)
         rb = offs_r // SB
@@ -217,12 +199,13 @@ def _ensemble_kernel(x_ptr, rows_ptr, centre_ptr, w1_ptr, b1_ptr, wh_ptr, bh_ptr
                 stream = stream_tl(row_key, member, sample, layer + 1)
                 if layer < NUM_HIDDEN - 1:
                     h = _hidden(h, w_l, b_l, stream, threshold, scale, 0, dtype, HP, R, HP, BLOCK_N, ACT,
-                                DROPOUT, DOT_PRECISION, DOT_UPCAST, ROUND)
+                                DROPOUT, DOT_PRECISION, ROUND)
                 else:
                     for n0 in range(0, HP, BLOCK_N):
                         offs_n = n0 + offs_n0
                         w = tl.load(w_l + offs_h[:, None] * HP + offs_n[None, :])
-                        acc = _dot(h, w, tl.zeros((R, BLOCK_N), dtype=tl.float32), DOT_PRECISION, DOT_UPCAST)
+                        acc = tl.dot(h, w, tl.zeros((R, BLOCK_N), dtype=tl.float32),
+                                     input_precision=DOT_PRECISION)
                         out = _act(acc * scale + tl.load(b_l + offs_n)[None, :], ACT)
                         if DROPOUT:
                             out = tl.where(keep_mask_tl(stream, n0 // 2, threshold, R, BLOCK_N), out, 0.0)
@@ -270,7 +253,7 @@ REGISTER_BUDGET = 200 * 1024  # bytes of a 256 KB register file a program's laye
 
 def layer_registers(meta: dict, hp: int, elt: int = 2) -> int:
     """Bytes of registers a program holds in a hidden layer: its input and its assembled output
-    [R, HP] (elt bytes each: 2 for fp16/bf16) and one [R, BLOCK_N] fp32 accumulator."""
+    [R, HP] (elt bytes each: 2 for fp16) and one [R, BLOCK_N] fp32 accumulator."""
     r = meta["BLOCK_B"] * meta["SB"]
     return 2 * r * hp * elt + r * meta["BLOCK_N"] * 4
 
@@ -310,12 +293,6 @@ def _tuned_kernel(hp: int):
     return triton.autotune(configs, key=key)(_ensemble_kernel)
 
 
-def _rounding(precision: str) -> str:
-    if precision == "bf16" and _interpreting():
-        return "bf16"
-    return "tf32" if precision == "tf32" else "cast"
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -329,12 +306,10 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
 
     `layers` may also be `pack_weights(layers, precision)`, packed once for many batches.
 
-    `precision` (replaces the reference's `dtype`): "fp16" (default) or "bf16" weights, inputs and
-    activations with fp32 accumulation, or "tf32" / "fp32". fp16 is the default: on the shipped model
-    (inputs centred and split, see `pack_weights`) fp16 and tf32 keep the mean within 0.5% of sigma of
-    the float64 reference, bf16's 7 bits miss DESIGN.md's 1% (worst ~5%; bench/precision_bench.py).
-    Same tensor-core speed as bf16 on an H100; fp16's range (6.5e4) is ample for centred flux and
-    trained activations. `partials`: optional per-member output buffers
+    `precision` (replaces the reference's `dtype`): one of `packing.PRECISIONS`, "fp16" (default:
+    fp16 weights, inputs and activations with fp32 accumulation), "tf32" or "fp32". On the shipped
+    model (inputs centred and split, see `pack_weights`) fp16 and tf32 keep every mean within 1% of
+    sigma of the float64 reference (bench/precision_bench.py). `partials`: optional per-member output buffers
     (mean, M2, sum var), each float32 [M, B, K] (tests poison them). `config`: fixed tile shapes
     instead of autotuning, a dict of block sizes or one of CONFIGS (then with its warps and stages);
     under TRITON_INTERPRET=1 the default is INTERPRETER_CONFIG, widened.
@@ -376,9 +351,8 @@ def ensemble_stats_triton(x, keys, layers, *, p: float, samples: int, seed: int,
     args = (x, rows, packed.centre, packed.w1, packed.b1, packed.wh, packed.bh, packed.wo, packed.bo,
             *partials, n, d, members, s_eff, k, rng.mask_threshold(p), rng.dropout_scale(p), var_eps)
     meta = dict(HP=packed.hp, KP=packed.kp, NUM_HIDDEN=packed.num_hidden, ACT=activation, DROPOUT=p > 0,
-                DOT_PRECISION=PRECISIONS[precision][1],
-                DOT_UPCAST=_interpreting() and precision == "bf16", SPLIT_INPUT=packed.split_input,
-                ROUND=_rounding(precision))
+                DOT_PRECISION=PRECISIONS[precision][1], SPLIT_INPUT=packed.split_input,
+                ROUND="tf32" if precision == "tf32" else "cast")
     if config is not None:
         grid = (min(programs, triton.cdiv(n, config["BLOCK_B"])), members)
         _ensemble_kernel[grid](*args, **meta, **config, **launch)
