@@ -71,6 +71,25 @@ def kernel_traffic(cfg, meta, elt=2):
     return traffic, layer_registers(meta, h, elt)
 
 
+def traffic_model(configs) -> str:
+    """The fused kernel's FLOP/byte model for each autotune config, as a markdown table."""
+    lines = ["The fused kernel's FLOP/byte model: traffic between the SMs and L2/HBM per spectrum, from its "
+             "loops (fp16; activations stay on chip; computed, not measured). Unavoidable: the input "
+             "(fp32) and 3 K outputs.", "",
+             "| config | tile | R | MB/spectrum | FLOP/B | unavoidable KB | a layer's registers |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for name in configs:
+        cfg = CONFIGS[name]
+        for c in CONFIGS_TRITON:
+            traffic, registers = kernel_traffic(cfg, c.kwargs)
+            fits = "" if registers <= REGISTER_BUDGET else " (over the budget: not tried)"
+            rows, unavoidable = c.kwargs["BLOCK_B"] * c.kwargs["SB"], (cfg["d"] * 4 + 12 * cfg["k"]) / 1e3
+            lines.append(f"| {name} | {c.kwargs} | {rows} | {traffic / 1e6:.2f} | "
+                         f"{flops_per_spectrum(cfg) / traffic:.1f} | {unavoidable:.1f} | "
+                         f"{registers / 1024:.0f} KB{fits} |")
+    return "\n".join(lines)
+
+
 def make_layers(cfg, device, dtype):
     dims, gen = [cfg["d"], *cfg["hidden"], 2 * cfg["k"]], torch.Generator().manual_seed(0)
     return [((torch.randn(cfg["members"], i, o, generator=gen) / i ** 0.5).to(device, dtype),
@@ -344,6 +363,8 @@ def main():
     parser.add_argument("--budget", type=float, default=None, help="seconds of repeats per measurement")
     parser.add_argument("--max-call", type=float, default=None, help="skip a baseline predicted slower")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--model-only", action="store_true",
+                        help="print and record the fused kernel's FLOP/byte model (kernel_model.md) only")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. contention)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for kernel_<device>.json/.md")
     args = parser.parse_args()
@@ -351,19 +372,14 @@ def main():
     gpu = device.type == "cuda"
     budget, max_call = args.budget or (2.0 if gpu else 1.0), args.max_call or (20.0 if gpu else 30.0)
     peak_dtype = torch.float16 if gpu else torch.float32
+    model = traffic_model(args.configs)
+    print(model, flush=True)
+    if args.model_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernel_model.md").write_text(f"# `{' '.join(['python', *sys.argv])}`\n\n{model}\n")
+        return
     peak = matmul_peak(device, peak_dtype, 8192 if gpu else 1024)
     print(f"measured {peak_dtype} matmul peak: {peak:.4f} TFLOP/s", flush=True)
-    print("fused kernel's FLOP/byte model (SM <-> L2/HBM traffic from its loops, fp16; activations on "
-          "chip; not measured):")
-    for name in args.configs:
-        for c in CONFIGS_TRITON:
-            traffic, registers = kernel_traffic(CONFIGS[name], c.kwargs)
-            print(f"  {name:6s} {c.kwargs} R={c.kwargs['BLOCK_B'] * c.kwargs['SB']:3d}: "
-                  f"{traffic / 1e6:6.2f} MB/spectrum, {flops_per_spectrum(CONFIGS[name]) / traffic:6.1f} "
-                  f"FLOP/B, a layer's registers {registers / 1024:4.0f} KB"
-                  f"{'' if registers <= REGISTER_BUDGET else ' (over budget: not tried)'}; unavoidable "
-                  f"input + "
-                  f"output {(CONFIGS[name]['d'] * 4 + 12 * CONFIGS[name]['k']) / 1e3:.1f} KB", flush=True)
     rows, tuning = [], {}
     for name in args.configs:  # the record is rewritten after each config: a run cut short keeps its part
         batches = args.batches or DEFAULT_BATCHES[device.type][name]
