@@ -26,6 +26,7 @@ LINE_MASS_GOAL = 0.6  # issue 14: >= 60% of the |attribution| of Teff and log g 
 BALMER_TARGETS = ("logg",)  # targets whose line windows include the Balmer wings
 TEFF_REGIONS = ((15000.0, 20000.0), (20000.0, 25000.0), (25000.0, 30000.0))  # K, by predicted Teff
 TOP_PEAKS = 10
+FLANK_REACH = 3  # a line's flanks reach this many LINE_HALF_WIDTHs from its centre (the local level)
 
 
 def line_mass(attributions: np.ndarray, wavelength: np.ndarray, target: str, *,
@@ -170,6 +171,7 @@ def survey_view(exp: Explanation, out: Path) -> dict:
                                       "line_mass_of_mean": float(line_mass(mean_abs[None], wl, t)[0])}
         entry["top_peaks"] = _top_peaks(a[:, k].mean(axis=0), wl)
         entry["lines"] = _line_shares(a[:, k].mean(axis=0), wl)
+        entry["line_mass_above_flanks_of_mean"] = sum(ln["share_above_flanks"] for ln in entry["lines"])
         summary["targets"][t] = entry
     pq.write_table(pa.table(cols), out / "survey.parquet")
     (out / "survey.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -189,11 +191,23 @@ def _top_peaks(mean_abs: np.ndarray, wl: np.ndarray) -> list[dict]:
 
 
 def _line_shares(mean_abs: np.ndarray, wl: np.ndarray) -> list[dict]:
-    """Each listed line's share of the mean |attribution| within LINE_HALF_WIDTH of it, largest first."""
-    total = mean_abs.sum()
-    shares = [{"line": ln.name, "wavelength": ln.wavelength,
-               "share": float(mean_abs[np.abs(wl - ln.wavelength) <= LINE_HALF_WIDTH].sum() / total)}
-              for ln in DIAGNOSTIC_LINES]
+    """Each listed line's share of the mean |attribution| within LINE_HALF_WIDTH of it, largest first,
+    with its contrast: the mean attribution per pixel in its window over that of its flanks (pixels
+    FLANK_REACH x LINE_HALF_WIDTH from it, outside every window; null where there are none). A line
+    inside a Balmer wing or a broad feature has contrast ~1 if only the wing carries the attribution,
+    and well above 1 if the line itself does."""
+    total, windows = mean_abs.sum(), line_windows(wl)
+    shares = []
+    for ln in DIAGNOSTIC_LINES:
+        d = np.abs(wl - ln.wavelength)
+        window = d <= LINE_HALF_WIDTH
+        flanks = (d > LINE_HALF_WIDTH) & (d <= FLANK_REACH * LINE_HALF_WIDTH) & ~windows
+        contrast = float(mean_abs[window].mean() / mean_abs[flanks].mean()) \
+            if window.any() and flanks.any() and mean_abs[flanks].mean() > 0 else None
+        shares.append({"line": ln.name, "wavelength": ln.wavelength,
+                       "share": float(mean_abs[window].sum() / total), "contrast": contrast,
+                       "share_above_flanks": float(max(0.0, mean_abs[window].sum() - (
+                           mean_abs[flanks].mean() * window.sum() if flanks.any() else 0.0)) / total)})
     return sorted(shares, key=lambda s: -s["share"])
 
 
@@ -202,17 +216,22 @@ def _markdown(summary: dict) -> str:
              f"{summary['method']}); line mass = share within +-{summary['line_half_width_A']:g} A of the "
              "listed lines (log g: also the Balmer wings, +-30 A).", "",
              "| target | line mass (mean over spectra) | with the Balmer wings for every target "
-             "| of the mean curve, per Teff region |",
-             "| --- | --- | --- | --- |"]
+             "| of the mean curve above each line's flanks | of the mean curve, per Teff region |",
+             "| --- | --- | --- | --- | --- |"]
     for t, e in summary["targets"].items():
         regions = ", ".join(f"{n} {100 * r['line_mass_of_mean']:.0f}% ({r['spectra']})"
                             for n, r in e["regions"].items())
         lines.append(f"| {t} | {100 * e['line_mass_mean']:.1f}% | "
-                     f"{100 * e['line_mass_with_balmer_wings_mean']:.1f}% | {regions} |")
+                     f"{100 * e['line_mass_with_balmer_wings_mean']:.1f}% | "
+                     f"{100 * e['line_mass_above_flanks_of_mean']:.1f}% | {regions} |")
+    half = summary["line_half_width_A"]
     for t, e in summary["targets"].items():
-        lines += ["", f"Top lines for {t}:", "", "| line | A (air) | share |", "| --- | --- | --- |"]
-        lines += [f"| {s['line']} | {s['wavelength']:.2f} | {100 * s['share']:.1f}% |"
-                  for s in e["lines"][:8]]
+        lines += ["", f"Top lines for {t} (contrast: attribution per pixel on the line over its flanks, "
+                  f"{half:g}-{FLANK_REACH * half:g} A away):", "",
+                  "| line | A (air) | share | contrast |", "| --- | --- | --- | --- |"]
+        for s in e["lines"][:12]:
+            contrast = "n/a" if s["contrast"] is None else f"{s['contrast']:.1f}"
+            lines.append(f"| {s['line']} | {s['wavelength']:.2f} | {100 * s['share']:.1f}% | {contrast} |")
         peaks = ", ".join(f"{p['wavelength']:.1f} ({p['line'] or 'unlisted'})" for p in e["top_peaks"])
         lines.append(f"\nLargest peaks of mean |attribution| for {t}: {peaks}")
     return "\n".join(lines)

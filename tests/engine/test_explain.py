@@ -19,7 +19,7 @@ from starcast.catalogs.lines import DIAGNOSTIC_LINES
 from starcast.catalogs.schema import WavelengthGrid
 from starcast.engine.cli import explain as explain_command
 from starcast.engine.explain import continuum_baseline, integrated_gradients, mean_function
-from starcast.engine.explain_report import LINE_MASS_GOAL, line_mass, model_report
+from starcast.engine.explain_report import LINE_MASS_GOAL, _line_shares, line_mass, model_report
 from starcast.engine.predictor import load_model
 
 GRID = WavelengthGrid.linear(3990.0, 1.0, 220)  # covers the tiny bundle's 4000-4199 A
@@ -151,6 +151,20 @@ def test_line_mass_catches_a_continuum_slope_shortcut_and_passes_a_line_model():
     shortcut = _line_mass_of_model(lines_follow_y=False, tilt_follows_y=True)
     assert honest >= LINE_MASS_GOAL, (honest, shortcut)
     assert shortcut < LINE_MASS_GOAL, (honest, shortcut)
+
+
+def test_line_contrast_separates_a_line_from_the_wing_it_sits_in():
+    """A Balmer wing carrying the attribution gives the lines inside it a contrast near 1 and no share
+    above their flanks; a spike on one of them (O II 4072, in H delta's wing) stands out."""
+    wl = np.arange(4000.0, 4800.0, 0.2)
+    h_delta = next(ln.wavelength for ln in DIAGNOSTIC_LINES if ln.name == "H delta")
+    wing = np.exp(-0.5 * ((wl - h_delta) / 40.0) ** 2)
+    lines = {s["line"]: s for s in _line_shares(wing, wl)}
+    assert 0.8 < lines["O II 4072"]["contrast"] < 1.25 and lines["O II 4072"]["share_above_flanks"] < 0.01
+    spiked = wing + 5.0 * np.exp(-0.5 * ((wl - 4071.2) / 0.5) ** 2)
+    lines = {s["line"]: s for s in _line_shares(spiked, wl)}
+    assert lines["O II 4072"]["contrast"] > 2 and lines["O II 4072"]["share_above_flanks"] > 0.05
+    assert 0.8 < lines["He I 4121"]["contrast"] < 1.25  # the other lines in the wing are unchanged
 
 
 # --- the command ------------------------------------------------------------------------------
