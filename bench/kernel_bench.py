@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from starcast.kernels.ensemble_mlp import CONFIGS as CONFIGS_TRITON
-from starcast.kernels.ensemble_mlp import REGISTER_BUDGET, layer_registers
+from starcast.kernels.ensemble_mlp import compiled_resources
 from starcast.kernels.packing import padded_width
 from starcast.kernels.reference import ensemble_stats_cpu, pack_cpu
 
@@ -56,37 +56,45 @@ def flops_per_spectrum(cfg) -> int:
 
 
 def kernel_traffic(cfg, meta, elt=2):
-    """(bytes moved between the SMs and L2/HBM, bytes of registers a program's layer holds), per
-    spectrum and per program, from the fused kernel's loops (kernels/ensemble_mlp.py; not measured).
-    Traffic: per (tile, member) x (fp32), W1 and b1 once; per chunk of SB samples each later hidden
-    layer's weights and bias once and the fp32 head once; per (member, spectrum) 3 K fp32 out.
-    Activations stay on chip (registers: `layer_registers`). elt: bytes per weight and activation
-    (2: fp16)."""
-    b, sb = meta["BLOCK_B"], meta["SB"]
+    """Bytes the fused kernel moves between the SMs and L2/HBM per spectrum, from its loops
+    (kernels/ensemble_mlp.py; computed, not measured). Per (tile, member): x re-read once per BLOCK_N
+    columns of W1, W1 once, h1 written to scratch. Per chunk of SB samples: h1 read for every row and
+    its masked copy written (z_1); each later hidden layer reads its input [R, HP] from scratch once
+    per BLOCK_N output columns (`_dense`) and its weights once, and writes its output, except the last,
+    which feeds the fp32 head in registers (head weights once). Per (member, spectrum) 3 K floats out.
+    elt: bytes per weight and activation (2: fp16). Returns bytes."""
+    b, sb, bn = meta["BLOCK_B"], meta["SB"], meta["BLOCK_N"]
     h, m, s, d, k = padded_width(max(cfg["hidden"])), cfg["members"], cfg["samples"], cfg["d"], cfg["k"]
-    chunks, kp = -(-s // sb), max(16, 1 << (k - 1).bit_length())
-    first = b * d * 4 + d * h * elt + h * 4
-    per_chunk = (len(cfg["hidden"]) - 1) * (h * h * elt + h * 4) + h * 2 * kp * 4 + 2 * kp * 4
-    traffic = m * (first + chunks * per_chunk) / b + m * 3 * k * 4
-    return traffic, layer_registers(meta, h, elt)
+    r, chunks, kp = b * sb, -(-s // sb), max(16, 1 << (k - 1).bit_length())
+    dense = len(cfg["hidden"]) - 1  # hidden layers after the first
+    first = b * d * 4 * (h // bn) + d * h * elt + b * h * elt
+    per_chunk = 2 * r * h * elt + dense * (r * h * elt * (h // bn) + h * h * elt) + h * 2 * kp * 4
+    per_chunk += max(dense - 1, 0) * r * h * elt + (r * h * elt if dense == 0 else 0)
+    return m * (first + chunks * per_chunk) / b + m * 3 * k * 4
 
 
-def traffic_model(configs) -> str:
-    """The fused kernel's FLOP/byte model for each autotune config, as a markdown table."""
+def traffic_model(configs, compiled: bool) -> str:
+    """The fused kernel's FLOP/byte model for each autotune config as a markdown table; with
+    `compiled`, also its registers, spills and shared memory as compiled for an H100 (sm_90)."""
     lines = ["The fused kernel's FLOP/byte model: traffic between the SMs and L2/HBM per spectrum, from its "
-             "loops (fp16; activations stay on chip; computed, not measured). Unavoidable: the input "
-             "(fp32) and 3 K outputs.", "",
-             "| config | tile | R | MB/spectrum | FLOP/B | unavoidable KB | a layer's registers |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "loops (fp16; computed, not measured on a GPU). Unavoidable: the input (fp32) and 3 K outputs."
+             + (" Registers and spill stack per thread, shared memory per program: from the sm_90 binary "
+                "Triton's ptxas builds here (`ensemble_mlp.compiled_resources`)." if compiled else ""), "",
+             "| config | tile (warps, stages) | R | MB/spectrum | FLOP/B | unavoidable KB |"
+             + (" regs | spill B | shared KB |" if compiled else ""),
+             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if compiled else "")]
     for name in configs:
         cfg = CONFIGS[name]
         for c in CONFIGS_TRITON:
-            traffic, registers = kernel_traffic(cfg, c.kwargs)
-            fits = "" if registers <= REGISTER_BUDGET else " (over the budget: not tried)"
+            traffic = kernel_traffic(cfg, c.kwargs)
             rows, unavoidable = c.kwargs["BLOCK_B"] * c.kwargs["SB"], (cfg["d"] * 4 + 12 * cfg["k"]) / 1e3
-            lines.append(f"| {name} | {c.kwargs} | {rows} | {traffic / 1e6:.2f} | "
-                         f"{flops_per_spectrum(cfg) / traffic:.1f} | {unavoidable:.1f} | "
-                         f"{registers / 1024:.0f} KB{fits} |")
+            line = (f"| {name} | {c.kwargs} ({c.num_warps}, {c.num_stages}) | {rows} | {traffic / 1e6:.2f} | "
+                    f"{flops_per_spectrum(cfg) / traffic:.1f} | {unavoidable:.1f} |")
+            if compiled:
+                use = compiled_resources(c, padded_width(max(cfg["hidden"])), len(cfg["hidden"]))
+                line += f" {use['regs']} | {use['spill_bytes']} | {use['shared_bytes'] / 1024:.0f} |"
+            lines.append(line)
+            print(line, flush=True)
     return "\n".join(lines)
 
 
@@ -364,7 +372,7 @@ def main():
     parser.add_argument("--max-call", type=float, default=None, help="skip a baseline predicted slower")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--model-only", action="store_true",
-                        help="print and record the fused kernel's FLOP/byte model (kernel_model.md) only")
+                        help="only the fused kernel's FLOP/byte model and compiled resources")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. contention)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for kernel_<device>.json/.md")
     args = parser.parse_args()
@@ -372,8 +380,7 @@ def main():
     gpu = device.type == "cuda"
     budget, max_call = args.budget or (2.0 if gpu else 1.0), args.max_call or (20.0 if gpu else 30.0)
     peak_dtype = torch.float16 if gpu else torch.float32
-    model = traffic_model(args.configs)
-    print(model, flush=True)
+    model = traffic_model(args.configs, compiled=args.model_only)
     if args.model_only:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kernel_model.md").write_text(f"# `{' '.join(['python', *sys.argv])}`\n\n{model}\n")

@@ -43,9 +43,8 @@ class PackedWeights:
 
 
 def padded_width(width: int) -> int:
-    """Kernel width of a hidden layer: a power of two, at least 16 (the kernel holds a whole
-    activation as one register tile, and Triton's tiles have power-of-two shapes)."""
-    return max(16, triton.next_power_of_2(width))
+    """Kernel width of a hidden layer: a power of two up to 64, then a multiple of 64."""
+    return max(16, triton.next_power_of_2(width)) if width <= 64 else -(-width // 64) * 64
 
 
 def pack_weights(layers, precision: str = "fp16", device=None, centre=None,
