@@ -190,13 +190,14 @@ def _cpu_chunk(x, rows, w1, b1, rest, members, s_eff, p, activation, var_eps, k)
     activation and that layer's masks: `rng.apply_masks`) and one batched GEMM over members."""
     n = x.shape[0]
     h, bias = torch.mm(x, w1).view(n, members, 1, -1).transpose(0, 1), b1  # [M, n, 1, H1], before bias
-    for layer, (w, b) in enumerate(rest, start=1):
+    for layer, (w, b) in enumerate(rest, start=1):  # z_layer on h_layer, then the next weights
         streams = rng.streams(rows, range(members), range(s_eff), layer).permute(1, 0, 2) if p > 0 else \
             rows.new_zeros((members, n, s_eff))  # p = 0: nothing is dropped, no stream is read
         h = rng.apply_masks(h, streams, p, bias, activation).view(members, n * s_eff, -1)
         if layer < len(rest):
             h, bias = torch.bmm(h, w).view(members, n, s_eff, -1), b
-    out = torch.baddbmm(b, h, w)  # the head: [M, n*S, 2K padded to 16]
+    w_head, b_head = rest[-1]
+    out = torch.baddbmm(b_head, h, w_head)  # [M, n*S, 2K padded to 16]
     # [n, 2K, M*S] contiguous: each row reduces its own contiguous run, in an order set by index alone
     out = out.view(members, n, s_eff, -1)[..., :2 * k].permute(1, 3, 0, 2).reshape(n, 2 * k, -1)
     mu, var = out[:, :k], F.softplus(out[:, k:]) + var_eps
