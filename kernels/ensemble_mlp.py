@@ -42,7 +42,7 @@ and cannot show races; bench/gpu_check.sh runs the kernel tests with TRITON_INTE
   with the reference.
 - Resource fit: measured without a GPU, from the sm_90 binaries Triton's ptxas builds here
   (`compiled_resources`, bench/results/kernel_model.md): every config in CONFIGS compiles at widths 256
-  and 512 with 128-237 registers per thread and no spills (tested), and 40-80 KB of shared memory.
+  and 512 with 128-240 registers per thread and no spills (tested), and 40-80 KB of shared memory.
   4-byte ("tf32"/"fp32") operands double the shared memory; the autotuner discards configs that raise
   OutOfResources (a fixed `config` has no fallback).
 - Lowering of `tl.join`/`tl.reshape` on boolean masks and of the [R, KP] -> [BLOCK_B, SB, KP] reshape:
@@ -243,12 +243,14 @@ def _config(block_b, sb, block_d, block_k, block_n, warps, stages):
 
 
 # H100 candidates: R = BLOCK_B * SB rows per GEMM sets the intensity on weights; BLOCK_N bounds the
-# fp32 accumulator (R x BLOCK_N / threads registers). Kept: the R = 128 shapes that compile for sm_90
-# without spilling at hidden widths 256 and 512 (`compiled_resources`, tested); R = 256, and R = 128
-# with BLOCK_B = 32 and BLOCK_N = 128, spill 0.2-4 KB per thread. The 16-wide one serves narrow models.
+# fp32 accumulator (R x BLOCK_N / threads registers); BLOCK_B >= 64 puts the first layer on wgmma.
+# Kept: R = 128 shapes that compile for sm_90 without spilling at hidden widths 256 and 512
+# (`compiled_resources`, tested); R = 256, and R = 128 with BLOCK_B = 32 and BLOCK_N = 128 or with
+# BLOCK_B = 64 and BLOCK_D = 64, spill 0.1-4 KB per thread. The 16-wide one serves narrow models.
 CONFIGS = [
     _config(16, 8, 64, 64, 128, 8, 3), _config(16, 8, 64, 32, 128, 8, 3), _config(32, 4, 64, 64, 64, 8, 3),
-    _config(32, 4, 64, 32, 64, 8, 3), _config(16, 8, 64, 64, 64, 8, 3), _config(16, 4, 32, 16, 16, 4, 2),
+    _config(32, 4, 64, 32, 64, 8, 3), _config(16, 8, 64, 64, 64, 8, 3), _config(64, 2, 32, 64, 64, 8, 3),
+    _config(16, 4, 32, 16, 16, 4, 2),
 ]
 INTERPRETER_CONFIG = dict(BLOCK_B=16, SB=2, BLOCK_D=32, BLOCK_K=16, BLOCK_N=16)
 
