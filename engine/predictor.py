@@ -179,7 +179,7 @@ class Model:
         """The accelerator half: the ensemble kernel on the prepared rows without an error, then the
         statistics, flags and metadata of the results table (one row per prepared row, in order)."""
         samples, backend = self._samples(samples), resolve_backend(backend)
-        ok, stats, fit = self._infer(prepared, samples, seed, backend)
+        ok, stats, fit, _ = self._infer(prepared, samples, seed, backend)
         return self._results(prepared, ok, *stats, samples, seed, backend, fit)
 
     def goodness_of_fit(self, table_or_batch, *, backend: str = "auto",
@@ -193,7 +193,8 @@ class Model:
         return self._infer(prepared, self._samples(None), 0, resolve_backend(backend))[2]
 
     def _infer(self, prepared, samples: int, seed: int, backend: str):
-        """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the emulator's Fit or None)."""
+        """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the emulator's Fit or None, x: the network's
+        inputs the estimates came from)."""
         ok, x, keys = self._unpack(prepared)
         mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
@@ -215,7 +216,16 @@ class Model:
                 for name in ("chi2", "pixels", "rv_err", "ripple"):
                     getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
-        return ok, (mean, var_a, var_e), fit
+        return ok, (mean, var_a, var_e), fit, x
+
+    def _inputs_as_predicted(self, prepared, samples: int, seed: int):
+        """(ok, x, keys) of a prepared batch, x as `predict` last fed it to the network: with an
+        emulator, after removing the residual rv its fit resolves (`_infer`). `explain` and
+        `predict_samples` start from these, so that they describe the numbers `predict` reports."""
+        ok, x, keys = self._unpack(prepared)
+        if self.emulator is not None:
+            x = self._infer(prepared, samples, seed, resolve_backend("auto"))[3]
+        return ok, x, keys
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None,
@@ -225,7 +235,7 @@ class Model:
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, x, keys = self._unpack(prepared)
+        ok, x, keys = self._inputs_as_predicted(prepared, samples, seed)
         shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)

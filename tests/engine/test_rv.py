@@ -95,3 +95,19 @@ def test_a_wrong_given_rv_is_flagged_and_the_numbers_use_the_rv_that_fits(model,
     unchecked = Model(replace(model.bundle, emulator=replace(model.emulator, refine_steps=0)))
     blind = unchecked.predict(wrong_rv.drop_columns(labels), backend="cpu")
     assert rmse(blind, at_rest, "vsini") > 1.5 * rmse(wrong, at_rest, "vsini")  # what the check saves
+
+
+def test_explain_and_samples_describe_the_input_the_reported_numbers_came_from(model, at_rest):
+    """With the catalog's rv off by 30 km/s `predict` removes the residual rv its fit resolves and
+    predicts again; `explain` and `predict_samples` start from that same input, so the mean they
+    describe is the reported estimate (rows above the v sin i clip at 0)."""
+    rows = at_rest.filter(pa.compute.greater(at_rest.column("vsini"), 30.0)).slice(0, 6)
+    wrong = rows.drop_columns([RV, *TARGETS]).append_column(RV, pa.array(np.full(rows.num_rows, 30.0)))
+    reported = model.predict(wrong, backend="cpu")
+    assert (reported.column("flags").to_numpy() & Flag.RV_MISMATCH).all()  # the input was shifted
+    explained = model.explain(wrong, steps=4)
+    drawn = model.predict_samples(wrong)
+    for k, t in enumerate(TARGETS):
+        value = reported.column(t).to_numpy()
+        np.testing.assert_allclose(explained.prediction[:, k], value, rtol=1e-4)
+        np.testing.assert_allclose(drawn.mu[..., k].mean(axis=(1, 2)), value, rtol=1e-4)
