@@ -1,7 +1,7 @@
 """A float64 model of the fused kernel's rounding: `ensemble_stats_emulated` runs DESIGN.md's numerics on
 the kernel's packed weights, rounding exactly where the kernel rounds — the centred input cast to the
-storage dtype, the weights as packed, each activation as the next dot reads it (all but the last
-hidden layer's, which feeds the fp32 head), and for "tf32" every dot operand of the hidden layers as a tensor
+storage dtype, the weights as packed, each activation stored to scratch (all but the last hidden
+layer's, which feeds the fp32 head), and for "tf32" every dot operand of the hidden layers as a tensor
 core reads it — and accumulating in float64 where the kernel accumulates in fp32.
 
 It checks a precision's numerics at scale on a CPU (hundreds of spectra of a real model in seconds,
@@ -35,7 +35,7 @@ def ensemble_stats_emulated(x, keys, packed, *, p: float, samples: int, seed: in
     act, scale = ACTIVATIONS[activation], rng.dropout_scale(p)
     s_eff = samples if p > 0 else 1
 
-    def store(t):  # an fp32 value as the kernel casts it for the next dot
+    def store(t):  # an fp32 value as the kernel casts it for a dot or the scratch
         return (tf32_round(t) if tf32 else t.to(storage)).double()
 
     def operand(t):  # what the tensor core multiplies
