@@ -135,6 +135,8 @@ print(json.dumps([[c.kwargs, c.num_warps, width, e.compiled_resources(c, width, 
 """
 
 
+@pytest.mark.skipif(GPU, reason="on a GPU every config is compiled for real by the tests above; the "
+                                 "device check's time goes to them")
 def test_every_autotune_config_compiles_for_an_h100_without_spilling():
     """What the interpreter cannot show (it runs the Python, not the compiler): the kernel compiles for
     sm_90 with Triton's own ptxas, no GPU needed, and no config the autotuner may pick spills registers
