@@ -157,10 +157,10 @@ class Emulator:
 
         for _ in range(self.refine_steps):
             base = model(z)
-            jac = np.stack([(model(z + STEP * np.eye(k + 1)[j]) - base) / STEP for j in range(k + 1)], 1)
-            weighted = jac * weight[:, None, :]  # [B, k + 1, D]; the normal equations by batched BLAS
-            gram = np.matmul(weighted, jac.transpose(0, 2, 1)).astype(np.float64)
-            grad = np.matmul(weighted, (x - base)[..., None])[..., 0].astype(np.float64)
+            jac = [(model(z + STEP * np.eye(k + 1)[j]) - base) / STEP for j in range(k + 1)]
+            gram = np.stack([np.stack([(weight * a * b).sum(axis=1, dtype=np.float64) for b in jac], -1)
+                             for a in jac], -2)
+            grad = np.stack([(weight * a * (x - base)).sum(axis=1, dtype=np.float64) for a in jac], -1)
             damped = gram + np.eye(k + 1) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / (k + 1)
                                              + 1e-12)[:, None, None]
             delta = np.linalg.solve(damped, grad[..., None])[..., 0]

@@ -144,12 +144,12 @@ def integrated_gradients(f: MeanFunction, x: np.ndarray, baseline: np.ndarray, *
 
 
 def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig", steps: int = DEFAULT_STEPS,
-                     samples: int = 1, seed: int = 0) -> Explanation:
+                     samples: int = 1, seed: int = 0, backend: str = "auto") -> Explanation:
     """Explain the rows of a batch prepared by `model` (`Model.prepare`) for the target indices
     `targets`; rows with an error get NaN attributions. `Model.explain` is the public entry point.
     Everything stays in memory (~24 KB per spectrum and target at D = 1951): explain samples of a
     catalog, not all of it."""
-    ok, x, keys = model._inputs_as_predicted(prepared, samples, seed)
+    ok, x, keys = model._inputs_as_predicted(prepared, samples, seed, backend)
     arch, d = model.bundle.architecture, model.grid.n
     b, k = len(ok), len(targets)
     attr = np.full((b, k, d), np.nan, dtype=np.float32)

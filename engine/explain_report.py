@@ -170,8 +170,7 @@ def survey_view(exp: Explanation, out: Path) -> dict:
             entry["regions"][name] = {"spectra": int(sel.sum()),
                                       "line_mass_of_mean": float(line_mass(mean_abs[None], wl, t)[0])}
         entry["top_peaks"] = _top_peaks(a[:, k].mean(axis=0), wl)
-        entry["lines"] = _line_shares(a[:, k].mean(axis=0), wl)
-        entry["line_mass_above_flanks_of_mean"] = sum(ln["share_above_flanks"] for ln in entry["lines"])
+        entry["lines"], entry["line_mass_above_flanks_of_mean"] = _line_shares(a[:, k].mean(axis=0), wl)
         summary["targets"][t] = entry
     pq.write_table(pa.table(cols), out / "survey.parquet")
     (out / "survey.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -190,25 +189,30 @@ def _top_peaks(mean_abs: np.ndarray, wl: np.ndarray) -> list[dict]:
              "share_of_pixel": float(mean_abs[i] / total)} for i in peak]
 
 
-def _line_shares(mean_abs: np.ndarray, wl: np.ndarray) -> list[dict]:
+def _line_shares(mean_abs: np.ndarray, wl: np.ndarray) -> tuple[list[dict], float]:
     """Each listed line's share of the mean |attribution| within LINE_HALF_WIDTH of it, largest first,
     with its contrast: the mean attribution per pixel in its window over that of its flanks (pixels
-    FLANK_REACH x LINE_HALF_WIDTH from it, outside every window; null where there are none). A line
-    inside a Balmer wing or a broad feature has contrast ~1 if only the wing carries the attribution,
-    and well above 1 if the line itself does."""
+    FLANK_REACH x LINE_HALF_WIDTH from it, outside every window; null where there are none), and the
+    share above that flank level. A line inside a Balmer wing or a broad feature has contrast ~1 if
+    only the wing carries the attribution, and well above 1 if the line itself does. Also returns the
+    share above the local level over the union of the windows (each pixel measured against the flanks
+    of its nearest line; nothing counted where that line has no flanks)."""
     total, windows = mean_abs.sum(), line_windows(wl)
+    level, nearest = mean_abs.copy(), np.full(len(wl), np.inf)
     shares = []
     for ln in DIAGNOSTIC_LINES:
         d = np.abs(wl - ln.wavelength)
         window = d <= LINE_HALF_WIDTH
         flanks = (d > LINE_HALF_WIDTH) & (d <= FLANK_REACH * LINE_HALF_WIDTH) & ~windows
-        contrast = float(mean_abs[window].mean() / mean_abs[flanks].mean()) \
-            if window.any() and flanks.any() and mean_abs[flanks].mean() > 0 else None
-        shares.append({"line": ln.name, "wavelength": ln.wavelength,
-                       "share": float(mean_abs[window].sum() / total), "contrast": contrast,
-                       "share_above_flanks": float(max(0.0, mean_abs[window].sum() - (
-                           mean_abs[flanks].mean() * window.sum() if flanks.any() else 0.0)) / total)})
-    return sorted(shares, key=lambda s: -s["share"])
+        flank = float(mean_abs[flanks].mean()) if flanks.any() else None
+        closer = window & (d < nearest)
+        level[closer], nearest[closer] = (mean_abs[closer] if flank is None else flank), d[closer]
+        contrast = float(mean_abs[window].mean() / flank) if window.any() and flank else None
+        above = 0.0 if flank is None else max(0.0, float(mean_abs[window].sum()) - flank * window.sum())
+        shares.append({"line": ln.name, "wavelength": ln.wavelength, "contrast": contrast,
+                       "share": float(mean_abs[window].sum() / total), "share_above_flanks": above / total})
+    above_all = float(np.clip(mean_abs - level, 0.0, None)[windows].sum() / total)
+    return sorted(shares, key=lambda s: -s["share"]), above_all
 
 
 def _markdown(summary: dict) -> str:

@@ -218,24 +218,25 @@ class Model:
                 fit.rv[moved] = shift + again.rv[moved]
         return ok, (mean, var_a, var_e), fit, x
 
-    def _inputs_as_predicted(self, prepared, samples: int, seed: int):
-        """(ok, x, keys) of a prepared batch, x as `predict` last fed it to the network: with an
-        emulator, after removing the residual rv its fit resolves (`_infer`). `explain` and
+    def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
+        """(ok, x, keys) of a prepared batch, x as `predict` with `backend` last fed it to the network:
+        with an emulator, after removing the residual rv its fit resolves (`_infer`). `explain` and
         `predict_samples` start from these, so that they describe the numbers `predict` reports."""
         ok, x, keys = self._unpack(prepared)
         if self.emulator is not None:
-            x = self._infer(prepared, samples, seed, resolve_backend("auto"))[3]
+            x = self._infer(prepared, samples, seed, resolve_backend(backend))[3]
         return ok, x, keys
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
-                        source_grid: WavelengthGrid | None = None,
-                        medium: str | None = None) -> PredictiveSamples:
+                        source_grid: WavelengthGrid | None = None, medium: str | None = None,
+                        backend: str = "auto") -> PredictiveSamples:
         """All M x S (mu, sigma) pairs per row, from the float64 reference on the same dropout masks
-        as `predict`: the full predictive distribution of a few spectra (memory grows as B x M x S)."""
+        as `predict`: the full predictive distribution of a few spectra (memory grows as B x M x S).
+        `backend`: that of the `predict` to describe (its emulator fit decides the input's residual rv)."""
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, x, keys = self._inputs_as_predicted(prepared, samples, seed)
+        ok, x, keys = self._inputs_as_predicted(prepared, samples, seed, backend)
         shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)
@@ -253,10 +254,11 @@ class Model:
 
     def explain(self, table_or_batch, *, target: str | list[str] | None = None, method: str = "ig",
                 steps: int | None = None, samples: int | None = None, seed: int = 0,
-                source_grid: WavelengthGrid | None = None, medium: str | None = None):
+                source_grid: WavelengthGrid | None = None, medium: str | None = None, backend: str = "auto"):
         """Integrated-gradients attributions of the predicted mean of `target` (one name, a list, or
         None: all) to the D pixels of each row, averaged over the M members and S dropout samples on
-        the row's own masks; returns an `explain.Explanation` (arrays; see `starcast.engine.explain`)."""
+        the row's own masks; returns an `explain.Explanation` (arrays; see `starcast.engine.explain`).
+        `backend`: that of the `predict` to explain (its emulator fit decides the input's residual rv)."""
         from . import explain
 
         names = [t.name for t in self.targets]
@@ -269,7 +271,7 @@ class Model:
         prepared = self.prepare(table, source_grid=source_grid)
         return explain.explain_prepared(self, prepared, [names.index(t) for t in wanted], method=method,
                                         steps=steps or explain.DEFAULT_STEPS, samples=self._samples(samples),
-                                        seed=seed)
+                                        seed=seed, backend=backend)
 
     def metadata(self, *, samples: int | None = None, seed: int = 0, backend: str = "auto") -> dict:
         """The results' file metadata: model name and hash (`bundle_sha256`), seed, S, code version,

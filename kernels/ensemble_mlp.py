@@ -25,7 +25,7 @@ activation does not fit registers (kept there as register tiles, the activations
 kilobytes per thread: README, "Inference"), so each program keeps h1 and two ping-pong activations of its
 tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements). This is a deviation from "activations
 never touch device memory": the grid is persistent, one program per SM, so on `survey` (fp16,
-128 slabs on an H100) the slabs in use total 36-38 MB (computed from the shapes, not measured),
+128 slabs on an H100) the slabs in use total 36-42 MB (computed from the shapes, not measured),
 of the order of the H100's 50 MB L2 — mostly L2 traffic, part may spill to HBM. `tl.debug_barrier()`
 orders a layer's writes before the next reads.
 
@@ -42,7 +42,8 @@ and cannot show races; bench/gpu_check.sh runs the kernel tests with TRITON_INTE
   with the reference.
 - Resource fit: measured without a GPU, from the sm_90 binaries Triton's ptxas builds here
   (`compiled_resources`, bench/results/kernel_model.md): every config in CONFIGS compiles at widths 256
-  and 512 with 128-240 registers per thread and no spills (tested), and 40-80 KB of shared memory.
+  and 512 with 134-242 registers per thread and no spills (tested), and 40-80 KB of shared memory
+  (6 KB for the 16-wide one).
   4-byte ("tf32"/"fp32") operands double the shared memory; the autotuner discards configs that raise
   OutOfResources (a fixed `config` has no fallback).
 - Lowering of `tl.join`/`tl.reshape` on boolean masks and of the [R, KP] -> [BLOCK_B, SB, KP] reshape:
@@ -244,13 +245,11 @@ def _config(block_b, sb, block_d, block_k, block_n, warps, stages):
 
 # H100 candidates: R = BLOCK_B * SB rows per GEMM sets the intensity on weights; BLOCK_N bounds the
 # fp32 accumulator (R x BLOCK_N / threads registers); BLOCK_B >= 64 puts the first layer on wgmma.
-# Kept: R = 128 shapes that compile for sm_90 without spilling at hidden widths 256 and 512
-# (`compiled_resources`, tested); R = 256, and R = 128 with BLOCK_B = 32 and BLOCK_N = 128 or with
-# BLOCK_B = 64 and BLOCK_D = 64, spill 0.1-4 KB per thread. The 16-wide one serves narrow models.
+# Kept: R = 128 shapes that compile for sm_90, specialised as at real shapes, without spilling at
+# hidden widths 256 and 512 (`compiled_resources`, tested). The 16-wide one serves narrow models.
 CONFIGS = [
-    _config(16, 8, 64, 64, 128, 8, 3), _config(16, 8, 64, 32, 128, 8, 3), _config(32, 4, 64, 64, 64, 8, 3),
-    _config(32, 4, 64, 32, 64, 8, 3), _config(16, 8, 64, 64, 64, 8, 3), _config(64, 2, 32, 64, 64, 8, 3),
-    _config(16, 4, 32, 16, 16, 4, 2),
+    _config(16, 8, 64, 32, 128, 8, 3), _config(32, 4, 64, 64, 64, 8, 3), _config(32, 4, 64, 32, 64, 8, 3),
+    _config(16, 8, 64, 64, 64, 8, 3), _config(64, 2, 32, 64, 64, 8, 3), _config(16, 4, 32, 16, 16, 4, 2),
 ]
 INTERPRETER_CONFIG = dict(BLOCK_B=16, SB=2, BLOCK_D=32, BLOCK_K=16, BLOCK_N=16)
 
@@ -310,7 +309,11 @@ def compiled_resources(config: triton.Config, hp: int, num_hidden: int, precisio
                  **config.kwargs}
     signature = {n: "constexpr" if n in constants else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
                  for n in names}
-    kernel = triton.compile(ASTSource(_ensemble_kernel, signature, constexprs=constants),
+    # as the JIT specialises a launch at real shapes: 16-byte-aligned pointers, and B, D, S and the
+    # scratch stride multiples of 16 (it then vectorises loads, which takes registers)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if n.endswith("_ptr") or n in ("B", "D", "S", "scratch_stride")}
+    kernel = triton.compile(ASTSource(_ensemble_kernel, signature, constexprs=constants, attrs=aligned),
                             target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -18,7 +18,7 @@ Signedness: torch has no uint32 arithmetic on every op, so the host form keeps e
 lane in [0, 2**32) and masks after every step. The multipliers are written as signed 32-bit values
 (congruent mod 2**32), so a product of a word and a multiplier stays below 2**63: no int64 overflow.
 
-A third form, Numba (uint64 lanes masked to 32 bits), applies the masks on the CPU path in one fused,
+A third form, Numba (uint32 lanes), applies the masks on the CPU path in one fused,
 parallel pass instead of a chain of torch integer ops.
 """
 

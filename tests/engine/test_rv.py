@@ -105,8 +105,8 @@ def test_explain_and_samples_describe_the_input_the_reported_numbers_came_from(m
     wrong = rows.drop_columns([RV, *TARGETS]).append_column(RV, pa.array(np.full(rows.num_rows, 30.0)))
     reported = model.predict(wrong, backend="cpu")
     assert (reported.column("flags").to_numpy() & Flag.RV_MISMATCH).all()  # the input was shifted
-    explained = model.explain(wrong, steps=4)
-    drawn = model.predict_samples(wrong)
+    explained = model.explain(wrong, steps=4, backend="cpu")
+    drawn = model.predict_samples(wrong, backend="cpu")
     for k, t in enumerate(TARGETS):
         value = reported.column(t).to_numpy()
         np.testing.assert_allclose(explained.prediction[:, k], value, rtol=1e-4)
