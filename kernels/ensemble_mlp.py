@@ -301,7 +301,7 @@ def compiled_resources(config: triton.Config, hp: int, num_hidden: int, precisio
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    dtype = {"fp16": "fp16"}.get(precision, "fp32")
+    dtype = "fp16" if PRECISIONS[precision][0] == torch.float16 else "fp32"  # the packed weights' dtype
     names = _ensemble_kernel.arg_names
     types = {"rows_ptr": "*i32", "w1_ptr": f"*{dtype}", "wh_ptr": f"*{dtype}", "scratch_ptr": f"*{dtype}",
              "scale": "fp32", "var_eps": "fp32"}
