@@ -3,6 +3,12 @@ backend: per target, a scale that depends on the spectrum's SNR (piecewise linea
 knots, constant beyond them) on both parts, and a systematic floor added in quadrature to the
 epistemic part (what the grid's physics and the interpolation between its nodes do not know,
 measured on grid nodes left out of training). Fitting it is the trainers' job.
+
+A model with an emulator may also blend its estimate: per target, the network's mean weighted by w
+and the labels of the emulator's fit (`engine.emulator`) by 1 - w, w piecewise linear in log10 SNR at
+the same knots. The two err in partly different ways (the network's imperfect inference, the
+emulator's interpolation between nodes), so the blend, with w fitted on the validation nodes, is
+closer to the truth than either at every SNR; the scales and floor are fitted to the blended estimate.
 """
 
 from __future__ import annotations
@@ -19,16 +25,28 @@ class Calibration:
     knots: np.ndarray  # (Q,) log10 SNR per model pixel, increasing
     scale: np.ndarray  # (K, Q) sigma multipliers at the knots
     floor: np.ndarray  # (K,) physical units
+    network_weight: np.ndarray | None = None  # (K, Q) in [0, 1], the network's share; None: no blend
 
     def apply(self, log_snr: np.ndarray, var_a: np.ndarray, var_e: np.ndarray) -> tuple[np.ndarray, ...]:
         """Calibrated (var_aleatoric, var_epistemic), [B, K], from the kernel's variances."""
         s = np.stack([np.interp(log_snr, self.knots, row) for row in self.scale], axis=1)
         return s**2 * var_a, s**2 * var_e + self.floor**2
 
+    def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+        """[B, K]: the network's `mean` blended with the emulator fit's labels `fitted` ([B, K], NaN
+        for a target or row the emulator does not fit: the network's mean stays there)."""
+        if self.network_weight is None:
+            return mean
+        w = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
+        return np.where(np.isfinite(fitted), w * mean + (1.0 - w) * fitted, mean)
+
     def to_manifest(self, targets: list[str]) -> dict:
-        return {"kind": "snr", "feature": "log10_snr", "log10_snr_knots": self.knots.tolist(),
-                "scale": {t: self.scale[k].tolist() for k, t in enumerate(targets)},
-                "floor": {t: float(self.floor[k]) for k, t in enumerate(targets)}}
+        entry = {"kind": "snr", "feature": "log10_snr", "log10_snr_knots": self.knots.tolist(),
+                 "scale": {t: self.scale[k].tolist() for k, t in enumerate(targets)},
+                 "floor": {t: float(self.floor[k]) for k, t in enumerate(targets)}}
+        if self.network_weight is not None:
+            entry["network_weight"] = {t: self.network_weight[k].tolist() for k, t in enumerate(targets)}
+        return entry
 
     @classmethod
     def from_manifest(cls, entry: dict, targets: list[str]) -> Calibration:
@@ -38,6 +56,9 @@ class Calibration:
             knots = np.asarray(entry["log10_snr_knots"], np.float64)
             scale = np.asarray([entry["scale"][t] for t in targets], np.float64).reshape(len(targets), -1)
             floor = np.asarray([entry["floor"][t] for t in targets], np.float64)
+            weight = entry.get("network_weight")
+            if weight is not None:
+                weight = np.asarray([weight[t] for t in targets], np.float64).reshape(len(targets), -1)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"manifest 'calibration' is malformed: {exc!r}") from exc
         if (scale.shape[1] != len(knots) or not np.all(np.diff(knots) > 0)
@@ -45,4 +66,8 @@ class Calibration:
                 or not (np.isfinite(floor).all() and (floor >= 0).all())):
             raise ModelError("manifest 'calibration' needs increasing knots, one positive finite scale per "
                              "knot and target, and a finite floor >= 0 per target")
-        return cls(knots, scale, floor)
+        if weight is not None and (weight.shape != scale.shape or not np.isfinite(weight).all()
+                                   or weight.min() < 0 or weight.max() > 1):
+            raise ModelError("manifest 'calibration' network_weight needs one weight in [0, 1] per knot "
+                             "and target")
+        return cls(knots, scale, floor, weight)

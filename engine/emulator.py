@@ -181,7 +181,7 @@ class Emulator:
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, rv_err = np.empty(len(x)), np.zeros(len(x)), np.full(len(x), np.nan)
-        ripple = np.empty(len(x))
+        ripple, fitted = np.empty(len(x)), np.empty((len(x), len(self.labels)))
         n = (ivar > 0).sum(axis=1)
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
         for s in range(0, len(x), CHUNK):
@@ -189,6 +189,7 @@ class Emulator:
             ivs = np.maximum(ivar[s:s + CHUNK].astype(np.float32), 0.0)
             weight = ivs / (1.0 + ivs * self.sigma.astype(np.float32) ** 2)  # 0 where ivar = 0
             best, rv[s:s + CHUNK], rv_err[s:s + CHUNK] = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
+            fitted[s:s + CHUNK] = best
             residual = xs - self.fitted(xs, weight, best, rv[s:s + CHUNK] if self.refine_steps else None)
             dof_s = dof[s:s + CHUNK]
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -198,21 +199,24 @@ class Emulator:
         # the curvature's sigma assumes the model explains the spectrum; where it does not, widen it
         rv_err *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))
         return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(rv_err, RV_SYSTEMATIC),
-                   ripple=np.where(np.isfinite(chi2), ripple, np.nan))
+                   ripple=np.where(np.isfinite(chi2), ripple, np.nan),
+                   labels=np.where(np.isfinite(chi2)[:, None], fitted, np.nan))
 
 
 @dataclass(frozen=True)
 class Fit:
     """The emulator's fit of B prepared spectra: reduced chi^2 (float64, NaN where there are too few
     pixels), pixels used (int32), the residual radial velocity rv and its sigma rv_err (km/s,
-    RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), and the ripple
-    statistic (`Emulator.ripple`; NaN with the chi^2)."""
+    RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
+    statistic (`Emulator.ripple`; NaN with the chi^2), and the fitted labels [B, len(labels)]
+    (physical units; the starting labels when the emulator does not refine; NaN with the chi^2)."""
 
     chi2: np.ndarray
     pixels: np.ndarray
     rv: np.ndarray
     rv_err: np.ndarray
     ripple: np.ndarray
+    labels: np.ndarray
 
     def mismatch(self, emulator: Emulator) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2 or the ripple statistic above the emulator's threshold."""

@@ -192,9 +192,20 @@ class Model:
         prepared = self.prepare(table, source_grid=source_grid)
         return self._infer(prepared, self._samples(None), 0, resolve_backend(backend))[2]
 
+    def estimates(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
+                  backend: str = "auto") -> tuple:
+        """What `predict` computes before it makes columns, to fit a calibration on: (ok [B], (mean,
+        var_a, var_e) [B, K] calibrated by the model's own calibration, if any; the emulator's `Fit`
+        or None; log10_snr [B] of each row's network input)."""
+        table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
+        prepared = self.prepare(table, source_grid=source_grid)
+        ok, stats, fit, x = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
+        return ok, stats, fit, self._log_snr(x)
+
     def _infer(self, prepared, samples: int, seed: int, backend: str):
-        """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the emulator's Fit or None, x: the network's
-        inputs the estimates came from)."""
+        """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the mean blended with the emulator fit's
+        labels where the calibration holds network weights; the emulator's Fit or None; x: the
+        network's inputs the estimates came from)."""
         ok, x, keys = self._unpack(prepared)
         mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
@@ -213,9 +224,14 @@ class Model:
                                        0.0, self.emulator.shift(ivar[moved], -shift))
                 self._network(backend, x, keys, moved, (mean, var_a, var_e), samples, seed)
                 again = self._fit(moved, x, ivar, mean)
-                for name in ("chi2", "pixels", "rv_err", "ripple"):
+                for name in ("chi2", "pixels", "rv_err", "ripple", "labels"):
                     getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
+            if self.calibration is not None and len(rows):  # the estimate: network and fit blended
+                fitted = np.full((len(rows), len(self.targets)), np.nan)
+                names = [t.name for t in self.targets]
+                fitted[:, [names.index(n) for n in self.emulator.labels]] = fit.labels[rows]
+                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows], fitted)
         return ok, (mean, var_a, var_e), fit, x
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
@@ -232,6 +248,8 @@ class Model:
                         backend: str = "auto") -> PredictiveSamples:
         """All M x S (mu, sigma) pairs per row, from the float64 reference on the same dropout masks
         as `predict`: the full predictive distribution of a few spectra (memory grows as B x M x S).
+        These are the networks' draws: where the calibration blends in the emulator's fit, `predict`'s
+        estimate is that blend, not the mean of the draws.
         `backend`: that of the `predict` to describe (its emulator fit decides the input's residual rv)."""
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         samples = self._samples(samples)
@@ -380,13 +398,14 @@ class Model:
         """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others)."""
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
-                  rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan))
+                  rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan),
+                  labels=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
             lo, hi = self._label_range(self.emulator.labels)
             part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi)
-            for name in ("chi2", "pixels", "rv", "rv_err", "ripple"):
+            for name in ("chi2", "pixels", "rv", "rv_err", "ripple", "labels"):
                 getattr(fit, name)[rows] = getattr(part, name)
         return fit
 

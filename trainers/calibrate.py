@@ -53,20 +53,48 @@ def epistemic_thresholds(sigma_epistemic: np.ndarray, quantile: float = 0.995) -
     return np.quantile(sigma_epistemic, quantile, axis=0)
 
 
-def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
-                        log_snr: np.ndarray, bins: int = 6) -> Calibration:
-    """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
-    at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
-
-    Rows are split into `bins` equal-count bins of log10 SNR with a knot at each bin's median. Per
-    target, a systematic floor f and one scale s_b per bin minimise the squared misses of the 68% and
-    95% coverages of |y - mean| <= z_q sqrt(s_b^2 var + f^2), summed over the bins (f over a grid of
-    candidates from 0; s_b over a fine log grid for each): the floor is what the data ask for at high
-    SNR, where the noise no longer hides what the grid's interpolation does not know."""
+def snr_bins(log_snr: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """(knots [bins], bin of each row [N]): `bins` equal-count bins of log10 SNR, a knot at each
+    bin's median."""
     edges = np.quantile(log_snr, np.linspace(0.0, 1.0, bins + 1))
     which = np.clip(np.searchsorted(edges, log_snr, side="right") - 1, 0, bins - 1)
     knots = np.array([np.median(log_snr[which == b]) for b in range(bins)])
-    knots = np.maximum.accumulate(knots + 1e-9 * np.arange(bins))
+    return np.maximum.accumulate(knots + 1e-9 * np.arange(bins)), which
+
+
+def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_snr: np.ndarray,
+                       knots: np.ndarray) -> np.ndarray:
+    """(K, Q) the network's weight w in the blend w mean + (1 - w) fitted (`Calibration.blend`), per
+    target piecewise linear in log10 SNR at `knots`: the least-squares fit of y on validation rows
+    ([N, K] in physical units), clipped to [0, 1]; 1 for a target without fitted labels (NaN)."""
+    hats = np.stack([np.interp(log_snr, knots, np.eye(len(knots))[q]) for q in range(len(knots))], axis=1)
+    weight = np.ones((y.shape[1], len(knots)))
+    for k in range(y.shape[1]):
+        rows = np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k])
+        if rows.any():
+            design = hats[rows] * (mean[rows, k] - fitted[rows, k])[:, None]
+            weight[k] = np.linalg.lstsq(design, y[rows, k] - fitted[rows, k], rcond=None)[0]
+    return np.clip(weight, 0.0, 1.0)
+
+
+def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
+                        log_snr: np.ndarray, bins: int = 6, fitted: np.ndarray | None = None) -> Calibration:
+    """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
+    at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
+
+    Rows are split into `bins` equal-count bins of log10 SNR (`snr_bins`). With the labels of the
+    emulator's fit (`fitted`, NaN where there are none), the network's weights in the blended estimate
+    come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per target, a
+    systematic floor f and one scale s_b per bin minimise the squared misses of the 68% and 95%
+    coverages of |y - mean| <= z_q sqrt(s_b^2 var + f^2), summed over the bins (f over a grid of
+    candidates from 0; s_b over a fine log grid for each): the floor is what the data ask for at high
+    SNR, where the noise no longer hides what the grid's interpolation does not know."""
+    knots, which = snr_bins(log_snr, bins)
+    weight = None
+    if fitted is not None:
+        weight = fit_network_weight(y, mean, fitted, log_snr, knots)
+        mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight).blend(log_snr, mean,
+                                                                                             fitted)
     half = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS])
     s_grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 600))
     resid, var = np.abs(y - mean), var_a + var_e
@@ -88,4 +116,4 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
             if total < best[0] - 1e-6:  # a larger floor must do strictly better
                 best = (total, f, scales)
         floor[k], scale[k] = best[1], best[2]
-    return Calibration(knots, scale, floor)
+    return Calibration(knots, scale, floor, weight)

@@ -8,7 +8,9 @@ the emulator learns what the engine's continuum normalisation leaves of the low-
 predicts the leading principal components of those spectra (folded into its last layer at export).
 Its per-pixel error is measured at the validation nodes, left out of its training, and scaled so that
 the engine's median chi^2 on a clean validation survey is 1 at the highest SNR; the MODEL_MISMATCH
-thresholds are quantiles of the chi^2 and of the ripple statistic on that survey.
+thresholds are quantiles of the chi^2 and of the ripple statistic on that survey. With the emulator
+in place, a model that sees its SNR has its SNR-conditional calibration fitted again, for an estimate
+that blends the network's mean with the emulator fit's labels (`calibrate_estimates`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from ..engine.emulator import Emulator, save_emulator
 from ..engine.predictor import Model
 from ..errors import StarcastError
 from ..kernels.preprocess import preprocess
+from .calibrate import epistemic_thresholds, fit_snr_calibration
 from .config import TrainConfig, load_config
 from .gridsource import GridSource
+from .pipeline import split_metrics
 
 LABELS = ["teff", "logg", "vsini"]  # the emulator's inputs (K, dex, km/s)
 SNR_BINS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)  # edges of the SNR bins of the chi^2 report
@@ -179,6 +183,7 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     entry["training"]["seconds"] = round(time.perf_counter() - t0, 1)
     entry = save_emulator(bundle_dir, layers, sigma, entry)
     save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
+    calibrate_estimates(cfg, source, bundle_dir)
     return entry
 
 
@@ -219,6 +224,48 @@ def calibrate(source: GridSource, model: Model, entry: dict,
             "sigma_emu_median": float(np.median(emulator.sigma)), "metrics": metrics}, emulator.sigma
 
 
+def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | Path) -> dict | None:
+    """Fit the SNR-conditional calibration of the bundle at `bundle_dir` again, now that it has an
+    emulator: on the validation survey the network's calibration was fitted on, through the engine
+    as data go, the network's weight in the estimate blended with the emulator fit's labels, then the
+    scales and floor for that estimate (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC
+    thresholds; the validation and test metrics follow. Rewrites the manifest; returns the new
+    `calibration` entry (None, changing nothing, for a model that does not see its SNR)."""
+    bundle = load_bundle(bundle_dir)
+    if "log10_snr" not in bundle.features:  # one sigma factor per target: nothing SNR-conditional to fit
+        return None
+    names, cal = [t.name for t in bundle.targets], cfg.calibration
+    raw = Model(replace(bundle, manifest={k: v for k, v in bundle.manifest.items() if k != "calibration"}))
+
+    def estimates(split: str):
+        table = source.split_table(split)
+        y = np.stack([table.column(n).to_numpy() for n in names], axis=1)
+        ok, (mean, var_a, var_e), fit, log_snr = raw.estimates(table.drop_columns(names), samples=cal.samples,
+                                                               seed=cal.seed, backend="cpu")
+        fitted = np.full_like(mean, np.nan)
+        fitted[:, [names.index(n) for n in bundle.emulator.labels]] = fit.labels
+        return y[ok], mean[ok], var_a[ok], var_e[ok], fitted[ok], log_snr[ok]
+
+    val, test = estimates("val"), estimates("test")
+    calibration = fit_snr_calibration(*val[:4], val[5], fitted=val[4])
+    metrics, sigma_epistemic = dict(bundle.manifest.get("metrics") or {}), {}
+    for split, (y, mean, var_a, var_e, fitted, log_snr) in (("val", val), ("test", test)):
+        var_a, var_e = calibration.apply(log_snr, var_a, var_e)
+        metrics[split] = split_metrics(tuple(names), y, calibration.blend(log_snr, mean, fitted),
+                                       np.sqrt(var_a + var_e))
+        sigma_epistemic[split] = np.sqrt(var_e)
+    thresholds = epistemic_thresholds(sigma_epistemic["val"], cal.ood_quantile)
+    ood = {"epistemic_sigma_threshold": dict(zip(names, map(float, thresholds), strict=True)),
+           "quantile": cal.ood_quantile}
+    provenance = dict(bundle.manifest.get("provenance") or {})
+    provenance["calibration"] = {**provenance.get("calibration", {}),
+                                 "estimate": "network and emulator fit blended"}
+    manifest = {**bundle.manifest, "calibration": calibration.to_manifest(names), "metrics": metrics,
+                "ood": ood, "provenance": provenance}
+    save_bundle(bundle_dir, bundle.layers, manifest)
+    return manifest["calibration"]
+
+
 def _unit_root(f, steps: int = 4) -> float:
     """x > 0 with f(x) ~ 1 for a decreasing f, by secant steps in log-log from x = 1 and 0.8."""
     x0, x1 = 1.0, 0.8
@@ -242,9 +289,11 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
     if bundle.emulator is None:
         raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
     entry = dict(bundle.manifest["emulator"])
-    calibrated, sigma = calibrate(GridSource(cfg, progress=progress), Model(bundle), entry, settings)
+    source = GridSource(cfg, progress=progress)
+    calibrated, sigma = calibrate(source, Model(bundle), entry, settings)
     entry = save_emulator(bundle_dir, bundle.emulator.layers, sigma, {**entry, **calibrated})
     save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
+    calibrate_estimates(cfg, source, bundle_dir)
     return entry
 
 
@@ -255,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=EmulatorSettings.rows)
     parser.add_argument("--epochs", type=int, default=EmulatorSettings.epochs)
     parser.add_argument("--calibrate-only", action="store_true",
-                        help="keep the bundle's emulator; calibrate its MODEL_MISMATCH thresholds again")
+                        help="keep the bundle's emulator; calibrate its MODEL_MISMATCH thresholds and "
+                        "the blended estimate's calibration again")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     settings = EmulatorSettings(rows=args.rows, epochs=args.epochs)

@@ -181,8 +181,13 @@ def _arch(**changes):
     (_arch(activation="tanh"), r"architecture\.activation"),
     (lambda m: m.update(ood={"epistemic_sigma_threshold": {"teff": -1.0}}),
      r"ood\.epistemic_sigma_threshold\.teff"),
+    (lambda m: m.update(calibration={"kind": "snr", "feature": "log10_snr", "log10_snr_knots": [1.0],
+                                     "scale": {t: [1.0] for t in ("teff", "logg", "vsini")},
+                                     "floor": {t: 0 for t in ("teff", "logg", "vsini")},
+                                     "network_weight": {"teff": [1.5], "logg": [0.5], "vsini": [0.0]}}),
+     r"calibration' network_weight"),
 ], ids=["std0", "std<0", "min=max", "calibration<0", "scale0", "mean-str", "hidden0", "members-float",
-        "var_eps0", "activation", "ood<0"])
+        "var_eps0", "activation", "ood<0", "weight>1"])
 def test_bad_values_are_refused_naming_the_key(tiny_bundle, edit, key):
     manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
     edit(manifest)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from starcast.catalogs.schema import CHI2, CHI2_PIXELS, Flag, results_schema
 from starcast.engine.bundle import load_bundle, save_bundle
+from starcast.engine.calibration import Calibration
 from starcast.engine.emulator import EMULATOR_FILE, save_emulator
 from starcast.engine.predictor import PREPARED_IVAR, load_model
 from starcast.engine.run import run
@@ -20,14 +21,21 @@ from .conftest import TINY_GRID, make_bundle
 LINE = 1.0 - 0.4 * np.exp(-0.5 * ((TINY_GRID.values() - 4100.0) / 3.0) ** 2)  # one absorption line
 
 
-def add_emulator(path, *, sigma: float = 0.0, threshold: float = 2.0, spectrum=LINE):
-    """Give the bundle at `path` an emulator that returns `spectrum` whatever the labels."""
+def add_emulator(path, *, sigma: float = 0.0, threshold: float = 2.0, spectrum=LINE, labels=None,
+                 refine_steps: int = 0):
+    """Give the bundle at `path` an emulator of `labels` (default: all three targets) that returns
+    `spectrum` whatever the labels, or, with `refine_steps`, `spectrum` plus a small term that
+    depends on them (so that its fit moves them)."""
     bundle = load_bundle(path)
-    layers = [(np.full((3, 8), 0.1), np.zeros(8)), (np.zeros((8, TINY_GRID.n)), spectrum)]
+    labels = labels or ["teff", "logg", "vsini"]
+    k = len(labels)
+    slope = 0.01 * np.random.default_rng(0).normal(size=(8, TINY_GRID.n)) if refine_steps else 0.0
+    layers = [(np.full((k, 8), 0.1) + np.arange(k)[:, None] * 0.2, np.zeros(8)),
+              (np.zeros((8, TINY_GRID.n)) + slope, spectrum)]
     entry = save_emulator(path, layers, np.full(TINY_GRID.n, sigma), {
-        "labels": ["teff", "logg", "vsini"], "hidden": [8], "activation": "silu",
-        "label_mean": [20000.0, 3.5, 100.0], "label_std": [5000.0, 0.5, 100.0], "continuum_degree": -1,
-        "refine_steps": 0, "chi2_threshold": threshold})
+        "labels": labels, "hidden": [8], "activation": "silu",
+        "label_mean": [20000.0, 3.5, 100.0][:k], "label_std": [5000.0, 0.5, 100.0][:k],
+        "continuum_degree": -1, "refine_steps": refine_steps, "chi2_threshold": threshold})
     save_bundle(path, bundle.layers, {**bundle.manifest, "emulator": entry})
     return path
 
@@ -76,6 +84,34 @@ def test_model_mismatch_flag_follows_the_threshold(tmp_path):
     flagged = [(np.asarray(t.column("flags")) & Flag.MODEL_MISMATCH) != 0 for t in (clean, wrong)]
     assert flagged[0].mean() < 0.02 and flagged[1].all()
     assert (np.asarray(wrong.column(CHI2)) > 1.5).all()
+
+
+def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp_path):
+    """With `network_weight` w in the calibration, each target the emulator fits is w(SNR) times the
+    network's mean plus 1 - w times the fit's labels (`goodness_of_fit(...).labels`, refined by a
+    Gauss-Newton step); a target it does not fit (here v sin i) keeps the network's mean; sigmas are
+    those of the calibration either way."""
+    features = ("log10_snr",)
+    cal = Calibration(np.array([1.0, 2.5]), np.ones((3, 2)), np.zeros(3),
+                      np.array([[0.0, 1.0], [0.25, 0.25], [0.0, 0.0]]))
+    plain = cal.to_manifest(["teff", "logg", "vsini"])
+    del plain["network_weight"]
+    paths = {name: add_emulator(make_bundle(tmp_path / name, features=features, calibration=entry),
+                                labels=["teff", "logg"], refine_steps=1)
+             for name, entry in (("plain", plain), ("blend", cal.to_manifest(["teff", "logg", "vsini"])))}
+    data = catalog(6, 30.0)
+    data["flux"][3:] = LINE + np.random.default_rng(1).normal(0.0, 1.0 / 200.0, (3, TINY_GRID.n))
+    data["flux_err"][3:] = 1.0 / 200.0
+    network, blended = (load_model(paths[name]).predict(data, backend="cpu") for name in ("plain", "blend"))
+    fitted = load_model(paths["plain"]).goodness_of_fit(data, backend="cpu").labels
+    log_snr = np.log10(np.array([30.0] * 3 + [200.0] * 3))
+    for k, t in enumerate(["teff", "logg"]):
+        w = np.interp(log_snr, [1.0, 2.5], cal.network_weight[k])
+        expected = w * network.column(t).to_numpy() + (1 - w) * fitted[:, k]
+        np.testing.assert_allclose(blended.column(t).to_numpy(), expected, rtol=1e-3)
+        assert np.all(np.abs(fitted[:, k] - network.column(t).to_numpy()) > 0)  # the fit moved them
+    for column in ("vsini", "teff_err", "logg_err", "vsini_err"):
+        np.testing.assert_array_equal(blended.column(column).to_numpy(), network.column(column).to_numpy())
 
 
 def test_a_tampered_or_missing_emulator_file_is_refused(tmp_path):

@@ -3,7 +3,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize_scalar
-from starcast.trainers.calibrate import calibration_factors, epistemic_thresholds, fit_sigma_scale
+from starcast.trainers.calibrate import (
+    calibration_factors,
+    epistemic_thresholds,
+    fit_network_weight,
+    fit_sigma_scale,
+    fit_snr_calibration,
+)
 from starcast.trainers.metrics import coverage
 
 
@@ -43,3 +49,33 @@ def test_epistemic_threshold_is_the_validation_quantile():
     sig = np.arange(1, 1001, dtype=float)[:, None] * [1.0, 10.0]
     thr = epistemic_thresholds(sig, 0.995)
     assert (sig > thr).mean(axis=0) == pytest.approx([0.005, 0.005], abs=1e-3)
+
+
+def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estimates():
+    """Two unbiased estimates with independent errors of sigma a (network) and b (fit): the best blend
+    gives the network b^2 / (a^2 + b^2). Here the network's error falls faster with SNR than the
+    fit's, so its weight grows from 0.2 to 0.8 across the knots; a target the fit does not give
+    (NaN) keeps the network alone; and the calibration fitted with it covers the blended estimate."""
+    rng = np.random.default_rng(3)
+    n = 60000
+    log_snr = rng.uniform(1.0, 2.6, n)
+    knots = np.array([1.0, 1.8, 2.6])
+    expected = np.interp(log_snr, knots, [0.2, 0.5, 0.8])
+    a = 10.0 ** (1.5 - log_snr)  # the network's sigma
+    b = a * np.sqrt(expected / (1.0 - expected))  # the fit's, so that b^2 / (a^2 + b^2) = expected
+    y = rng.uniform(0.0, 100.0, (n, 2))
+    mean = y + a[:, None] * rng.normal(size=(n, 2))
+    fitted = y + b[:, None] * rng.normal(size=(n, 2))
+    fitted[:, 1] = np.nan
+    weight = fit_network_weight(y, mean, fitted, log_snr, knots)
+    np.testing.assert_allclose(weight[0], [0.2, 0.5, 0.8], atol=0.03)
+    np.testing.assert_array_equal(weight[1], 1.0)
+    var = np.stack([a**2, a**2], axis=1)
+    cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=3, fitted=fitted)
+    blended = cal.blend(log_snr, mean, fitted)
+    np.testing.assert_array_equal(blended[:, 1], mean[:, 1])
+    assert np.std(blended[:, 0] - y[:, 0]) < 0.95 * np.std(mean[:, 0] - y[:, 0])
+    var_a, var_e = cal.apply(log_snr, var, np.zeros_like(var))
+    sigma = np.sqrt(var_a + var_e)
+    for k in range(2):
+        assert abs(coverage(y[:, k], blended[:, k], sigma[:, k], 0.68) - 0.68) < 0.02
