@@ -247,7 +247,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         return y[ok], mean[ok], var_a[ok], var_e[ok], fitted[ok], log_snr[ok]
 
     val, test = estimates("val"), estimates("test")
-    calibration = fit_snr_calibration(*val[:4], val[5], fitted=val[4])
+    y, mean, var_a, var_e, fitted, log_snr = val
+    calibration = fit_snr_calibration(y, mean, var_a, var_e, log_snr, fitted=fitted)
     metrics, sigma_epistemic = dict(bundle.manifest.get("metrics") or {}), {}
     for split, (y, mean, var_a, var_e, fitted, log_snr) in (("val", val), ("test", test)):
         var_a, var_e = calibration.apply(log_snr, var_a, var_e)
