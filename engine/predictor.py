@@ -195,12 +195,21 @@ class Model:
     def estimates(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                   backend: str = "auto") -> tuple:
         """What `predict` computes before it makes columns, to fit a calibration on: (ok [B], (mean,
-        var_a, var_e) [B, K] calibrated by the model's own calibration, if any; the emulator's `Fit`
-        or None; log10_snr [B] of each row's network input)."""
+        var_a, var_e) [B, K] calibrated by the model's own calibration, if any; the emulator fit's
+        labels per target [B, K] (NaN where it gives none; all NaN without an emulator); log10_snr [B]
+        of each row's network input)."""
         table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
         ok, stats, fit, x = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
-        return ok, stats, fit, self._log_snr(x)
+        fitted = np.full_like(stats[0], np.nan) if fit is None else self._fitted_targets(fit)
+        return ok, stats, fitted, self._log_snr(x)
+
+    def _fitted_targets(self, fit: Fit) -> np.ndarray:
+        """[B, K]: the emulator fit's labels in the columns of the targets (NaN for the others)."""
+        names = [t.name for t in self.targets]
+        out = np.full((len(fit.labels), len(names)), np.nan)
+        out[:, [names.index(n) for n in self.emulator.labels]] = fit.labels
+        return out
 
     def _infer(self, prepared, samples: int, seed: int, backend: str):
         """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the mean blended with the emulator fit's
@@ -228,10 +237,8 @@ class Model:
                     getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
             if self.calibration is not None and len(rows):  # the estimate: network and fit blended
-                fitted = np.full((len(rows), len(self.targets)), np.nan)
-                names = [t.name for t in self.targets]
-                fitted[:, [names.index(n) for n in self.emulator.labels]] = fit.labels[rows]
-                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows], fitted)
+                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
+                                                    self._fitted_targets(fit)[rows])
         return ok, (mean, var_a, var_e), fit, x
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):

@@ -240,10 +240,9 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     def estimates(split: str):
         table = source.split_table(split)
         y = np.stack([table.column(n).to_numpy() for n in names], axis=1)
-        ok, (mean, var_a, var_e), fit, log_snr = raw.estimates(table.drop_columns(names), samples=cal.samples,
-                                                               seed=cal.seed, backend="cpu")
-        fitted = np.full_like(mean, np.nan)
-        fitted[:, [names.index(n) for n in bundle.emulator.labels]] = fit.labels
+        ok, (mean, var_a, var_e), fitted, log_snr = raw.estimates(table.drop_columns(names),
+                                                                  samples=cal.samples, seed=cal.seed,
+                                                                  backend="cpu")
         return y[ok], mean[ok], var_a[ok], var_e[ok], fitted[ok], log_snr[ok]
 
     val, test = estimates("val"), estimates("test")
