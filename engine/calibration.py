@@ -9,6 +9,12 @@ and the labels of the emulator's fit (`engine.emulator`) by 1 - w, w piecewise l
 the same knots. The two err in partly different ways (the network's imperfect inference, the
 emulator's interpolation between nodes), so the blend, with w fitted on the validation nodes, is
 closer to the truth than either at every SNR; the scales and floor are fitted to the blended estimate.
+
+A model with an emulator may also inflate the aleatoric part by 1 + c max(chi2 - 1, 0) per target,
+chi2 the reduced chi^2 of the emulator's fit: a spectrum the fit cannot explain to its noise (a
+continuum ripple, a defect the flux_err does not carry) is noisier than its flux_err says, and its
+error grows with it. The excess chi^2 of a residual a of the noise's size is ~a^2/2, and the label
+error that residual causes is ~a, so the variance grows linearly in the excess; c = 1 is Birge's ratio.
 """
 
 from __future__ import annotations
@@ -20,17 +26,29 @@ import numpy as np
 from ..errors import ModelError
 
 
+def chi2_excess(chi2: np.ndarray) -> np.ndarray:
+    """max(chi2 - 1, 0), 0 where the reduced chi^2 is NaN (a row the emulator does not fit)."""
+    return np.where(np.isfinite(chi2), np.maximum(chi2 - 1.0, 0.0), 0.0)
+
+
 @dataclass(frozen=True)
 class Calibration:
     knots: np.ndarray  # (Q,) log10 SNR per model pixel, increasing
     scale: np.ndarray  # (K, Q) sigma multipliers at the knots
     floor: np.ndarray  # (K,) physical units
     network_weight: np.ndarray | None = None  # (K, Q) in [0, 1], the network's share; None: no blend
+    chi2_inflation: np.ndarray | None = None  # (K,) >= 0: c of the aleatoric inflation; None: none
 
     def apply(self, log_snr: np.ndarray, var_a: np.ndarray, var_e: np.ndarray) -> tuple[np.ndarray, ...]:
         """Calibrated (var_aleatoric, var_epistemic), [B, K], from the kernel's variances."""
         s = np.stack([np.interp(log_snr, self.knots, row) for row in self.scale], axis=1)
         return s**2 * var_a, s**2 * var_e + self.floor**2
+
+    def inflation(self, chi2: np.ndarray) -> np.ndarray:
+        """[B, K] factor on the aleatoric variance given the emulator fit's reduced chi^2 [B] (1 where
+        it is NaN: a row the emulator does not fit)."""
+        c = np.zeros(len(self.scale)) if self.chi2_inflation is None else self.chi2_inflation
+        return 1.0 + chi2_excess(chi2)[:, None] * c[None, :]
 
     def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray) -> np.ndarray:
         """[B, K]: the network's `mean` blended with the emulator fit's labels `fitted` ([B, K], NaN
@@ -46,6 +64,8 @@ class Calibration:
                  "floor": {t: float(self.floor[k]) for k, t in enumerate(targets)}}
         if self.network_weight is not None:
             entry["network_weight"] = {t: self.network_weight[k].tolist() for k, t in enumerate(targets)}
+        if self.chi2_inflation is not None:
+            entry["chi2_inflation"] = {t: float(self.chi2_inflation[k]) for k, t in enumerate(targets)}
         return entry
 
     @classmethod
@@ -59,6 +79,9 @@ class Calibration:
             weight = entry.get("network_weight")
             if weight is not None:
                 weight = np.asarray([weight[t] for t in targets], np.float64).reshape(len(targets), -1)
+            inflation = entry.get("chi2_inflation")
+            if inflation is not None:
+                inflation = np.asarray([inflation[t] for t in targets], np.float64)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"manifest 'calibration' is malformed: {exc!r}") from exc
         if (scale.shape[1] != len(knots) or not np.all(np.diff(knots) > 0)
@@ -70,4 +93,6 @@ class Calibration:
                                    or weight.min() < 0 or weight.max() > 1):
             raise ModelError("manifest 'calibration' network_weight needs one weight in [0, 1] per knot "
                              "and target")
-        return cls(knots, scale, floor, weight)
+        if inflation is not None and not (np.isfinite(inflation).all() and (inflation >= 0).all()):
+            raise ModelError("manifest 'calibration' chi2_inflation needs one finite value >= 0 per target")
+        return cls(knots, scale, floor, weight, inflation)

@@ -149,7 +149,7 @@ def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig",
     `targets`; rows with an error get NaN attributions. `Model.explain` is the public entry point.
     Everything stays in memory (~24 KB per spectrum and target at D = 1951): explain samples of a
     catalog, not all of it."""
-    ok, x, keys = model._inputs_as_predicted(prepared, samples, seed, backend)
+    ok, x, keys, _ = model._inputs_as_predicted(prepared, samples, seed, backend)
     arch, d = model.bundle.architecture, model.grid.n
     b, k = len(ok), len(targets)
     attr = np.full((b, k, d), np.nan, dtype=np.float32)

@@ -196,13 +196,14 @@ class Model:
                   backend: str = "auto") -> tuple:
         """What `predict` computes before it makes columns, to fit a calibration on: (ok [B], (mean,
         var_a, var_e) [B, K] calibrated by the model's own calibration, if any; the emulator fit's
-        labels per target [B, K] (NaN where it gives none; all NaN without an emulator); log10_snr [B]
-        of each row's network input)."""
+        labels per target [B, K] and reduced chi^2 [B] (NaN where it gives none; all NaN without an
+        emulator); log10_snr [B] of each row's network input)."""
         table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
         ok, stats, fit, x = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
-        fitted = np.full_like(stats[0], np.nan) if fit is None else self._fitted_targets(fit)
-        return ok, stats, fitted, self._log_snr(x)
+        if fit is None:
+            return ok, stats, np.full_like(stats[0], np.nan), np.full(len(ok), np.nan), self._log_snr(x)
+        return ok, stats, self._fitted_targets(fit), fit.chi2, self._log_snr(x)
 
     def _fitted_targets(self, fit: Fit) -> np.ndarray:
         """[B, K]: the emulator fit's labels in the columns of the targets (NaN for the others)."""
@@ -236,19 +237,22 @@ class Model:
                 for name in ("chi2", "pixels", "rv_err", "ripple", "labels"):
                     getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
-            if self.calibration is not None and len(rows):  # the estimate: network and fit blended
+            if self.calibration is not None and len(rows):  # network and fit blended; noise the fit sees
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
                                                     self._fitted_targets(fit)[rows])
+                var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
-        """(ok, x, keys) of a prepared batch, x as `predict` with `backend` last fed it to the network:
-        with an emulator, after removing the residual rv its fit resolves (`_infer`). `explain` and
-        `predict_samples` start from these, so that they describe the numbers `predict` reports."""
+        """(ok, x, keys, fit) of a prepared batch, x as `predict` with `backend` last fed it to the
+        network: with an emulator, after removing the residual rv its fit resolves (`_infer`), whose
+        `Fit` comes with it (else None). `explain` and `predict_samples` start from these, so that they
+        describe the numbers `predict` reports."""
         ok, x, keys = self._unpack(prepared)
+        fit = None
         if self.emulator is not None:
-            x = self._infer(prepared, samples, seed, resolve_backend(backend))[3]
-        return ok, x, keys
+            _, _, fit, x = self._infer(prepared, samples, seed, resolve_backend(backend))
+        return ok, x, keys, fit
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None, medium: str | None = None,
@@ -261,7 +265,7 @@ class Model:
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, x, keys = self._inputs_as_predicted(prepared, samples, seed, backend)
+        ok, x, keys, fit = self._inputs_as_predicted(prepared, samples, seed, backend)
         shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)
@@ -269,9 +273,11 @@ class Model:
             m, v = reference.ensemble_samples(*self._inputs("reference", x[rows], keys[rows]),
                                               **self._kernel_args(samples, seed))
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
-            if self.calibration is not None:  # the SNR-dependent scale; the floor is not per draw
+            if self.calibration is not None:  # SNR scale and chi^2 inflation; the floor is not per draw
                 scale2, _ = self.calibration.apply(self._log_snr(x[rows]), np.ones((len(rows), mu.shape[3])),
                                                    np.zeros((len(rows), mu.shape[3])))
+                if fit is not None:
+                    scale2 *= self.calibration.inflation(fit.chi2[rows])
                 var[rows] *= scale2[:, None, None, :]
         return PredictiveSamples(ids=prepared.column(ID).to_pylist(), targets=[t.name for t in self.targets],
                                  mu=mu, sigma=np.sqrt(var), flags=prepared.column(FLAGS).to_numpy(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from ..engine.calibration import Calibration
+from ..engine.calibration import Calibration, chi2_excess
 
 LEVELS = (0.68, 0.95)  # the central intervals the scale is fitted to cover
 
@@ -78,42 +78,57 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
 
 
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
-                        log_snr: np.ndarray, bins: int = 6, fitted: np.ndarray | None = None) -> Calibration:
+                        log_snr: np.ndarray, bins: int = 6, fitted: np.ndarray | None = None,
+                        chi2: np.ndarray | None = None, chi2_strata: int = 3) -> Calibration:
     """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
     Rows are split into `bins` equal-count bins of log10 SNR (`snr_bins`). With the labels of the
     emulator's fit (`fitted`, NaN where there are none), the network's weights in the blended estimate
     come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per target, a
-    systematic floor f and one scale s_b per bin minimise the squared misses of the 68% and 95%
-    coverages of |y - mean| <= z_q sqrt(s_b^2 var + f^2), summed over the bins (f over a grid of
-    candidates from 0; s_b over a fine log grid for each): the floor is what the data ask for at high
-    SNR, where the noise no longer hides what the grid's interpolation does not know."""
+    systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]), the
+    inflation c of the aleatoric part minimise the squared misses of the 68% and 95% coverages of
+    |y - mean| <= z_q sqrt(s_b^2 (g var_a + var_e) + f^2), g = 1 + c max(chi2 - 1, 0), summed over the
+    bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a spectrum the fit
+    explains and one it does not are both covered, not only their mixture). f and c over grids of
+    candidates from 0, s_b over a fine log grid: the floor is what the data ask for at high SNR, where
+    the noise no longer hides what the grid's interpolation does not know."""
     knots, which = snr_bins(log_snr, bins)
     weight = None
     if fitted is not None:
         weight = fit_network_weight(y, mean, fitted, log_snr, knots)
         mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight).blend(log_snr, mean,
                                                                                              fitted)
-    half = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS])
-    s_grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 600))
-    resid, var = np.abs(y - mean), var_a + var_e
-    scale, floor = np.ones((y.shape[1], bins)), np.zeros(y.shape[1])
+    if chi2 is None:
+        excess, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
+    else:
+        excess, strata = chi2_excess(chi2), chi2_strata
+        inflations = np.concatenate([[0.0], np.geomspace(1e-2, 30.0, 25)])
+    cells = [np.array_split(rows[np.argsort(excess[rows], kind="stable")], strata)  # [bin][stratum]
+             for rows in (np.flatnonzero(which == b) for b in range(bins))]
+    half2 = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS]) ** 2
+    s2_grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 600)) ** 2
+    resid2 = (y - mean) ** 2
+    scale, floor, inflation = np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), np.zeros(y.shape[1])
     for k in range(y.shape[1]):
-        typical = float(np.median(resid[:, k]))
+        typical = float(np.median(np.sqrt(resid2[:, k])))
         floors = np.concatenate([[0.0], typical * np.geomspace(1e-2, 3.0, 48)])
-        best = (np.inf, 0.0, None)
-        for f in floors:
-            total, scales = 0.0, []
-            for b in range(bins):
-                sel = which == b
-                width = np.sqrt(s_grid[:, None] ** 2 * var[sel, k][None] + f**2)  # [S, n]
-                cover = [(resid[sel, k][None] <= h * width).mean(axis=1) for h in half]
-                loss = sum((c - q) ** 2 for c, q in zip(cover, LEVELS, strict=True))
-                i = int(np.argmin(loss))
-                total += float(loss[i])
-                scales.append(s_grid[i])
-            if total < best[0] - 1e-6:  # a larger floor must do strictly better
-                best = (total, f, scales)
-        floor[k], scale[k] = best[1], best[2]
-    return Calibration(knots, scale, floor, weight)
+        best = (np.inf, 0.0, 0.0, None)
+        for c in inflations:
+            var = (1.0 + c * excess) * var_a[:, k] + var_e[:, k]
+            for f in floors:
+                total, scales = 0.0, []
+                for strata_of_bin in cells:
+                    loss = np.zeros(len(s2_grid))
+                    for rows in strata_of_bin:
+                        for h2, q in zip(half2, LEVELS, strict=True):
+                            # covered at scale s <=> s^2 >= (resid^2 / z_q^2 - f^2) / var
+                            need = np.sort((resid2[rows, k] / h2 - f**2) / var[rows])
+                            loss += (np.searchsorted(need, s2_grid, side="right") / len(rows) - q) ** 2
+                    i = int(np.argmin(loss))
+                    total += float(loss[i])
+                    scales.append(np.sqrt(s2_grid[i]))
+                if total < best[0] - 1e-6:  # a larger floor or inflation must do strictly better
+                    best = (total, f, c, scales)
+        floor[k], inflation[k], scale[k] = best[1], best[2], best[3]
+    return Calibration(knots, scale, floor, weight, None if chi2 is None else inflation)

@@ -228,8 +228,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     """Fit the SNR-conditional calibration of the bundle at `bundle_dir` again, now that it has an
     emulator: on the validation survey the network's calibration was fitted on, through the engine
     as data go, the network's weight in the estimate blended with the emulator fit's labels, then the
-    scales and floor for that estimate (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC
-    thresholds; the validation and test metrics follow. Rewrites the manifest; returns the new
+    scales, floor and chi^2 inflation for that estimate (`calibrate.fit_snr_calibration`), and the
+    HIGH_EPISTEMIC thresholds; the validation and test metrics follow. Rewrites the manifest; returns the new
     `calibration` entry (None, changing nothing, for a model that does not see its SNR)."""
     bundle = load_bundle(bundle_dir)
     if "log10_snr" not in bundle.features:  # one sigma factor per target: nothing SNR-conditional to fit
@@ -240,17 +240,17 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     def estimates(split: str):
         table = source.split_table(split)
         y = np.stack([table.column(n).to_numpy() for n in names], axis=1)
-        ok, (mean, var_a, var_e), fitted, log_snr = raw.estimates(table.drop_columns(names),
-                                                                  samples=cal.samples, seed=cal.seed,
-                                                                  backend="cpu")
-        return y[ok], mean[ok], var_a[ok], var_e[ok], fitted[ok], log_snr[ok]
+        ok, (mean, var_a, var_e), fitted, chi2, log_snr = raw.estimates(table.drop_columns(names),
+                                                                        samples=cal.samples, seed=cal.seed,
+                                                                        backend="cpu")
+        return y[ok], mean[ok], var_a[ok], var_e[ok], fitted[ok], chi2[ok], log_snr[ok]
 
     val, test = estimates("val"), estimates("test")
-    y, mean, var_a, var_e, fitted, log_snr = val
-    calibration = fit_snr_calibration(y, mean, var_a, var_e, log_snr, fitted=fitted)
+    y, mean, var_a, var_e, fitted, chi2, log_snr = val
+    calibration = fit_snr_calibration(y, mean, var_a, var_e, log_snr, fitted=fitted, chi2=chi2)
     metrics, sigma_epistemic = dict(bundle.manifest.get("metrics") or {}), {}
-    for split, (y, mean, var_a, var_e, fitted, log_snr) in (("val", val), ("test", test)):
-        var_a, var_e = calibration.apply(log_snr, var_a, var_e)
+    for split, (y, mean, var_a, var_e, fitted, chi2, log_snr) in (("val", val), ("test", test)):
+        var_a, var_e = calibration.apply(log_snr, var_a * calibration.inflation(chi2), var_e)
         metrics[split] = split_metrics(tuple(names), y, calibration.blend(log_snr, mean, fitted),
                                        np.sqrt(var_a + var_e))
         sigma_epistemic[split] = np.sqrt(var_e)
@@ -259,7 +259,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
            "quantile": cal.ood_quantile}
     provenance = dict(bundle.manifest.get("provenance") or {})
     provenance["calibration"] = {**provenance.get("calibration", {}),
-                                 "estimate": "network and emulator fit blended"}
+                                 "estimate": "network and emulator fit blended",
+                                 "aleatoric": "inflated by the emulator fit's excess chi^2"}
     manifest = {**bundle.manifest, "calibration": calibration.to_manifest(names), "metrics": metrics,
                 "ood": ood, "provenance": provenance}
     save_bundle(bundle_dir, bundle.layers, manifest)
