@@ -135,13 +135,18 @@ def make_report(bundle: str | Path, work: str | Path) -> dict:
     model_report(bundle, pq.read_table(work / "catalogs" / reference).slice(0, EXPLAIN_ROWS))
     report_json = bundle / "report" / reference / "report.json"
     report_json.write_text(json.dumps(reports[reference], indent=1) + "\n")
-    (bundle / "report" / "summary.md").write_text(summary_markdown(reports, main, reference) + "\n")
+    cross_fitted = (manifest.get("metrics") or {}).get(f"{reference}_cross_fitted")
+    summary = summary_markdown(reports, main, reference, cross_fitted)
+    (bundle / "report" / "summary.md").write_text(summary + "\n")
     return reports
 
 
-def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str) -> str:
+def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
+                     cross_fitted: dict | None = None) -> str:
     """The README table: per set and target, RMSE, bias, median sigma, coverage; coverage by SNR of
-    the `reference` set; OOD AUROC against it."""
+    the `reference` set, and, where the calibration was fitted on that set's nodes too, as the
+    manifest's `metrics` give it under the calibration fitted without them (`cross_fitted`); OOD
+    AUROC against it."""
     lines = ["| set | target | RMSE | bias | median sigma | 68% cover | 95% cover | worst bin bias/sigma |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in sets:
@@ -160,9 +165,14 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str) -> st
               "| SNR | rows | " + " | ".join(reports[reference]["targets"]) + " |",
               "| --- | --- |" + " --- |" * len(reports[reference]["targets"])]
     by_snr = [m.get("coverage_by_snr", []) for m in reports[reference]["targets"].values()]
-    for bins in zip(*by_snr, strict=True):
-        cells = " | ".join(f"{100 * b['coverage_68']:.0f}% / {100 * b['coverage_95']:.0f}%" for b in bins)
-        lines.append(f"| {bins[0]['snr_lo']:.0f}-{bins[0]['snr_hi']:.0f} | {bins[0]['n']} | {cells} |")
+    lines += _coverage_rows(by_snr)
+    if cross_fitted:
+        lines += ["", f"The same with the calibration fitted without the `{reference}` nodes (cross-fitted: "
+                  "how it holds at nodes it has not seen; the model's calibration is fitted on these and the "
+                  "validation nodes together):", "",
+                  "| SNR | rows | " + " | ".join(cross_fitted) + " |",
+                  "| --- | --- |" + " --- |" * len(cross_fitted)]
+        lines += _coverage_rows([m["coverage_by_snr"] for m in cross_fitted.values()])
     lines += ["", f"RMSE in bins of SNR (`{reference}` set; v sin i over all rows, slow rotators included):",
               "", "| SNR | " + " | ".join(reports[reference]["targets"]) + " |",
               "| --- |" + " --- |" * len(reports[reference]["targets"])]
@@ -175,6 +185,15 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str) -> st
         lines.append(f"\nOOD `{name}` vs `{reference}`: AUROC of epistemic sigma, combined "
                      f"{ood['auroc_combined']:.3f} ({per})")
     return "\n".join(lines)
+
+
+def _coverage_rows(by_snr: list[list[dict]]) -> list[str]:
+    """Table rows of 68% / 95% coverage per SNR bin, one column per target."""
+    rows = []
+    for bins in zip(*by_snr, strict=True):
+        cells = " | ".join(f"{100 * b['coverage_68']:.0f}% / {100 * b['coverage_95']:.0f}%" for b in bins)
+        rows.append(f"| {bins[0]['snr_lo']:.0f}-{bins[0]['snr_hi']:.0f} | {bins[0]['n']} | {cells} |")
+    return rows
 
 
 @click.command()
