@@ -1,0 +1,108 @@
+"""The interpolation floor (issue #9): how far the labels of a grid node's own spectrum land when the
+node is left out and the other nodes are interpolated the way the trainer interpolates them, against
+the Cramer-Rao bound, which assumes the physics at that node is known exactly.
+
+For every interior node of the config's grid (its four axis neighbours in the grid, so it is a star
+between nodes once it is left out, like the models the grid's README withholds), its broadened
+spectrum at a few v sin i is fitted noise-free by `trainers.templatefit.ContinuumFitter` with a
+library of all the other nodes (the generator's cubic RBF between nodes, the continuum fitted
+jointly), started at the truth. The offset of the fitted labels is what the grid's nodes do not tell
+about the physics between them: no estimator trained on (or fitted with) the grid can do better on
+average, so at high SNR, where the bound falls as 1/SNR, the error is bounded below by this floor
+rather than by the bound.
+
+Run: `python bench/interpolation_floor.py [--config trainers/configs/ob-default.toml]
+[--vsini 20 60 150 300]`. Writes bench/results/interpolation_floor.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from peers import ROOT, source
+from preprocess_bench import machine
+from starcast.catalogs.gridsynth import BroadenedLibrary
+from starcast.trainers import templatefit as tf
+
+RESULTS = Path(__file__).parent / "results"
+NODE_STEP = (1000.0, 0.25)  # K, dex: the grid's spacing, for "interior"
+BOUND_SNR = (100.0, 200.0, 400.0)  # the bound is quoted at these SNR per observed pixel
+TARGETS = ("teff", "logg", "vsini")
+
+
+def interior(nodes: np.ndarray) -> np.ndarray:
+    """Indices of the nodes whose four axis neighbours are nodes too."""
+    known = {(round(t), round(g / NODE_STEP[1])) for t, g in nodes}
+    return np.array([n for n, (t, g) in enumerate(nodes)
+                     if all((round(t + dt), round(g / NODE_STEP[1]) + dg) in known
+                            for dt, dg in ((-NODE_STEP[0], 0), (NODE_STEP[0], 0), (0, -1), (0, 1)))])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "trainers/configs/ob-default.toml"))
+    parser.add_argument("--vsini", type=float, nargs="+", default=[20.0, 60.0, 150.0, 300.0],
+                        help="km/s; each is moved to the nearest rung of the library's ladder")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    full = source(args.config, None, None).full
+    flux = np.asarray(full.flux)
+    rungs = sorted({int(np.argmin(np.abs(full.vsini - v))) for v in args.vsini})
+    truth, fitted = [], []
+    for n in interior(full.nodes):
+        keep = np.setdiff1d(np.arange(len(full.nodes)), [n])
+        others = BroadenedLibrary(full.nodes[keep], full.vsini, flux[keep], full.obs, full.key)
+        fitter = tf.ContinuumFitter(others)
+        theta = np.array([[*full.nodes[n], full.vsini[r]] for r in rungs])
+        spectra = flux[n, rungs].astype(np.float64)
+        fit = fitter.fit(spectra, np.full_like(spectra, 1e-3), np.zeros(spectra.shape, bool), theta)
+        truth.append(theta)
+        fitted.append(fit.theta)
+    truth, fitted = np.concatenate(truth), np.concatenate(fitted)
+    offset = fitted - truth
+    ones = np.ones((len(truth), flux.shape[2]))
+    bound = {snr: tf.cramer_rao(full, truth, ones * snr**2) for snr in BOUND_SNR}
+    targets = {}
+    for k, t in enumerate(TARGETS):
+        d = offset[:, k]
+        targets[t] = {"rms_offset": float(np.sqrt(np.mean(d**2))),
+                      "median_abs_offset": float(np.median(np.abs(d))), "mean_offset": float(np.mean(d)),
+                      "crb_rms": {f"{snr:.0f}": float(np.sqrt(np.mean(b[:, k] ** 2)))
+                                  for snr, b in bound.items()}}
+    out = {"machine": machine(), "config": str(Path(args.config).resolve().relative_to(ROOT)),
+           "nodes": len(truth) // len(rungs), "vsini": [float(full.vsini[r]) for r in rungs],
+           "seconds": round(time.perf_counter() - t0, 1), "targets": targets,
+           "rows": [{**dict(zip(TARGETS, map(float, a), strict=True)),
+                     **{f"d_{t}": float(v) for t, v in zip(TARGETS, d, strict=True)}}
+                    for a, d in zip(truth, offset, strict=True)]}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "interpolation_floor.json").write_text(json.dumps(out, indent=1) + "\n")
+    m = out["machine"]
+    vsini = ", ".join(f"{v:.0f}" for v in out["vsini"])
+    lines = ["# The interpolation floor: grid nodes left out one at a time, fitted noise-free from the rest",
+             "", f"{out['nodes']} interior nodes of `{out['config']}`'s grid, each at v sin i {vsini} km/s: "
+             "its broadened spectrum (no noise) fitted by the joint-continuum chi^2 fit with the library of "
+             "all the other nodes (cubic RBF between nodes, as the trainer draws stars), started at the "
+             "truth. The offset is what interpolating the grid gets wrong at a node it does not have. The "
+             "Cramer-Rao bound (raw pixels, cubic continuum marginalised, full library at the truth) takes "
+             "that physics as known.", "",
+             f"{m['cpu']}, {m['logical_cores']} logical cores. Command: "
+             f"`python bench/interpolation_floor.py` ({out['seconds']:.0f} s).", "",
+             "| target | RMS offset | median abs offset | mean offset | "
+             + " | ".join(f"CRB RMS at SNR {s:.0f}" for s in BOUND_SNR) + " |",
+             "| --- | --- | --- | --- |" + " --- |" * len(BOUND_SNR)]
+    for t, r in targets.items():
+        cells = [f"{r['rms_offset']:.4g}", f"{r['median_abs_offset']:.4g}", f"{r['mean_offset']:+.3g}",
+                 *(f"{v:.4g}" for v in r["crb_rms"].values())]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    (Path(args.out) / "interpolation_floor.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
