@@ -1,5 +1,6 @@
 """The shipped default model on the physics it was trained on: TLUSTY spectra of the five BSTAR2006
-models it never saw (its test nodes, shipped as `starcast/data/tlusty-sample.npz`), observed with
+models its networks and emulator never saw (its test nodes, shipped as `starcast/data/tlusty-sample.npz`;
+its calibration was fitted on other spectra of these and the validation nodes), observed with
 rotation, R = 20 000, continuum distortions and noise. Small and fast; the full figures live in the
 model report and bench/results/peers.md."""
 
@@ -57,7 +58,7 @@ def test_accuracy_at_high_snr_on_unseen_models(survey):
 
 def test_the_blend_with_the_emulator_fit_beats_the_network_alone(survey):
     """The shipped estimate blends the network's mean with the emulator fit's labels (weights fitted
-    at the validation nodes): on models it never saw it is closer to the truth than the network's
+    at the held-out nodes): on models it was not trained on it is closer to the truth than the network's
     own mean, for every target (the same spectra, so the comparison is paired)."""
     table, out = survey
     model = starcast.load_model()
