@@ -7,7 +7,7 @@ measured on grid nodes left out of training). Fitting it is the trainers' job.
 A model with an emulator may also blend its estimate: per target, the network's mean weighted by w
 and the labels of the emulator's fit (`engine.emulator`) by 1 - w, w piecewise linear in log10 SNR at
 the same knots. The two err in partly different ways (the network's imperfect inference, the
-emulator's interpolation between nodes), so the blend, with w fitted on the validation nodes, is
+emulator's interpolation between nodes), so the blend, with w fitted at nodes left out of training, is
 closer to the truth than either at every SNR; the scales and floor are fitted to the blended estimate.
 
 A model with an emulator may also inflate the aleatoric part by 1 + c max(chi2 - 1, 0) per target,

@@ -268,17 +268,18 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
 
     splits = {"val": estimates("val"), "test": estimates("test")}
     calibration = fit(*splits.values())
-    metrics = dict(bundle.manifest.get("metrics") or {})
+    metrics, sigma_epistemic = dict(bundle.manifest.get("metrics") or {}), []
     for split, other in (("val", "test"), ("test", "val")):
         d = splits[split]
-        metrics[split] = split_metrics(tuple(names), d["y"], *scored(calibration, d)[:2])
+        mean, sigma, epistemic = scored(calibration, d)
+        metrics[split] = split_metrics(tuple(names), d["y"], mean, sigma)
+        sigma_epistemic.append(epistemic)
         mean, sigma, _ = scored(fit(splits[other]), d)
         metrics[f"{split}_cross_fitted"] = {
             name: {**m, "coverage_by_snr": coverage_by_snr(d["snr"], d["y"][:, k], mean[:, k], sigma[:, k],
                                                            ISSUE_SNR_EDGES)}
             for k, (name, m) in enumerate(split_metrics(tuple(names), d["y"], mean, sigma).items())}
-    sigma_epistemic = np.concatenate([scored(calibration, d)[2] for d in splits.values()])
-    thresholds = epistemic_thresholds(sigma_epistemic, cal.ood_quantile)
+    thresholds = epistemic_thresholds(np.concatenate(sigma_epistemic), cal.ood_quantile)
     ood = {"epistemic_sigma_threshold": dict(zip(names, map(float, thresholds), strict=True)),
            "quantile": cal.ood_quantile}
     provenance = dict(bundle.manifest.get("provenance") or {})
