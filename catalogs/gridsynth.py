@@ -6,6 +6,12 @@ observed wavelength grid once (`BroadenedLibrary`, cached on disk). A star at an
 v sin i) is then a weighted sum of library spectra: a cubic radial basis function over the nodes in
 (Teff / 1 kK, log g / 0.25 dex), its 20 largest weights, and linear between the two nearest rungs of
 the ladder.
+Real stars are not all of the grid's (solar) composition, and the strengths of the metal lines carry
+Teff in a grid of one composition, so a model trained on it reads a metal-poor star as a cooler one.
+The library can hold each node at several `metals` (dex): the optical depth of its metal lines
+scaled by 10**metals before broadening (`scale_metal_lines`; H and He lines kept), linear between
+these rungs too. For weak lines that is a change of the metal abundances by `metals` dex; it is not
+a model atmosphere of that composition.
 `draw_survey` adds what real data has: continuum distortions (low order and ripple), noise, masked
 pixels and gaps, and wavelength-calibration errors. Used by the trainer (new draws every epoch), for
 test catalogs and for benchmarks; the physics comes from the grid, not from this module.
@@ -42,6 +48,42 @@ from .schema import (
 VELOCITY_STEP_KMS = 0.5  # log-lambda step of the broadening grid, finer than SYNSPEC's 0.01 A (0.6 km/s)
 NEIGHBOURS = 20  # largest RBF weights kept per star (the rest is < 1e-3 of the spectrum; tested)
 NODE_SCALE = np.array([1000.0, 0.25])  # K, dex: one grid step per unit
+METALS_STEP = 0.1  # dex between the library's metal rungs (linear between them: tested)
+# Metal lines of unbroadened B-star spectra are < 0.3 A wide, the cores of H and He lines wider: a
+# grey closing over this width takes out the first and leaves the second (outside the cores, kept as
+# they are: HHE_CORE_HALF_WIDTH about each H and He line of `lines.DIAGNOSTIC_LINES`, H epsilon and
+# He I 4169).
+METAL_LINE_WIDTH = 0.8  # Angstrom
+HHE_CORE_HALF_WIDTH = 2.5  # Angstrom (reaches the forbidden components of He I 4026 and 4471)
+HHE_EXTRA = (3970.07, 4168.97)  # A, air: H epsilon (its wing reaches 3990 A), He I 4169
+
+
+def metals_ladder(span: tuple[float, float]) -> np.ndarray:
+    """The metal rungs (dex) of a library that covers `span`: multiples of METALS_STEP, 0 included."""
+    lo, hi = (int(math.floor(span[0] / METALS_STEP + 1e-9)), int(math.ceil(span[1] / METALS_STEP - 1e-9)))
+    return np.round(np.arange(min(lo, 0), max(hi, 0) + 1) * METALS_STEP, 10)
+
+
+def scale_metal_lines(wavelength: np.ndarray, flux: np.ndarray, metals: np.ndarray) -> np.ndarray:
+    """(len(metals), P) float64: the unbroadened normalised `flux` on `wavelength` (A, air) with the
+    optical depth of its metal lines times 10**metals. The metal lines are the spectrum over its grey
+    closing (narrow dips, METAL_LINE_WIDTH), taken as exp(-tau) on top of the H and He profiles;
+    within HHE_CORE_HALF_WIDTH of an H or He line nothing is scaled."""
+    from scipy.ndimage import grey_closing
+
+    from .lines import DIAGNOSTIC_LINES
+
+    wavelength = np.asarray(wavelength, np.float64)
+    flux = np.asarray(flux, np.float64)
+    width = max(int(round(METAL_LINE_WIDTH / np.median(np.diff(wavelength)))) | 1, 3)
+    envelope = np.maximum(grey_closing(flux, size=width), flux)
+    centres = [ln.wavelength for ln in DIAGNOSTIC_LINES if ln.name.split()[0] in ("H", "He")]
+    for c in (*centres, *HHE_EXTRA):
+        core = np.abs(wavelength - c) <= HHE_CORE_HALF_WIDTH
+        envelope[core] = flux[core]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = np.clip(np.where(envelope > 0, flux / envelope, 1.0), 1e-6, 1.0)
+    return envelope[None, :] * depth[None, :] ** (10.0 ** np.asarray(metals, np.float64))[:, None]
 
 
 def vsini_ladder(top: float = 460.0) -> np.ndarray:
@@ -105,38 +147,56 @@ def _fast_len(n: int) -> int:
 
 @dataclass
 class BroadenedLibrary:
-    """Every node of a grid broadened at every rung of `vsini` and binned on `obs`'s grid."""
+    """Every node of a grid at every metal rung, broadened at every rung of `vsini` and binned on
+    `obs`'s grid."""
 
     nodes: np.ndarray  # (N, 2) Teff K, log g dex
+    metals: np.ndarray  # (Z,) dex, increasing; [0.0]: the grid's own composition only
     vsini: np.ndarray  # (V,) km/s
-    flux: np.ndarray  # (N, V, P) float32
+    flux: np.ndarray  # (N, Z, V, P) float32
     obs: Observation
-    key: str  # sha256 of the grid's arrays, the ladder and the observation
+    key: str  # sha256 of the grid's arrays, the ladders and the observation
 
     @classmethod
     def build(cls, grid: ModelGrid, obs: Observation, vsini: np.ndarray | None = None, *,
-              clip_emission: bool = True, cache: str | Path | None = None,
-              progress: bool = False) -> BroadenedLibrary:
+              metals: np.ndarray | None = None, clip_emission: bool = True,
+              cache: str | Path | None = None, progress: bool = False) -> BroadenedLibrary:
         """Broaden every model of `grid` (its flux clipped at 1 first when `clip_emission`: the LTE
-        source function gives some metal lines spurious emission, see the grid's README). With
-        `cache` (a folder), the library is stored there under its key and reused."""
+        source function gives some metal lines spurious emission, see the grid's README), its metal
+        lines scaled to each of `metals` (dex; default: only 0). With `cache` (a folder), the library
+        is stored there under its key and reused."""
         vsini = vsini_ladder() if vsini is None else np.asarray(vsini, np.float64)
-        key = _library_key(grid, obs, vsini, clip_emission)
+        metals = np.zeros(1) if metals is None else np.asarray(metals, np.float64)
+        key = _library_key(grid, obs, vsini, metals, clip_emission)
         path = None if cache is None else Path(cache) / f"library-{key[:16]}.npy"
         if path is not None and path.is_file():
-            return cls(grid.nodes(), vsini, np.load(path, mmap_mode="r"), obs, key)
+            return cls(grid.nodes(), metals, vsini, np.load(path, mmap_mode="r"), obs, key)
         from tqdm.auto import tqdm
 
-        flux = np.empty((len(grid.flux), len(vsini), obs.npix), np.float32)
+        flux = np.empty((len(grid.flux), len(metals), len(vsini), obs.npix), np.float32)
         for n in tqdm(range(len(grid.flux)), desc="broaden grid", unit="model", disable=not progress):
             f = np.minimum(grid.flux[n], 1.0) if clip_emission else grid.flux[n]
-            flux[n] = broaden(grid.wavelength, f.astype(np.float64), vsini, obs)
+            scaled = scale_metal_lines(grid.wavelength, f, metals) if metals.any() else [f]
+            for z, fz in enumerate(scaled):
+                flux[n, z] = broaden(grid.wavelength, np.asarray(fz, np.float64), vsini, obs)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, flux)
             tmp.replace(path)
-        return cls(grid.nodes(), vsini, flux, obs, key)
+        return cls(grid.nodes(), metals, vsini, flux, obs, key)
+
+    def at_metals(self, metals: float = 0.0) -> BroadenedLibrary:
+        """The library at one of its metal rungs only (default: the grid's own composition)."""
+        z = np.flatnonzero(np.isclose(self.metals, metals))
+        if len(z) != 1:
+            raise ValueError(f"metals {metals} is not a rung of this library ({list(self.metals)})")
+        return BroadenedLibrary(self.nodes, self.metals[z], self.vsini, self.flux[:, z], self.obs, self.key)
+
+    def subset(self, keep: np.ndarray) -> BroadenedLibrary:
+        """The library of the nodes `keep` (index array) only (its spectra copied into memory)."""
+        return BroadenedLibrary(self.nodes[keep], self.metals, self.vsini, np.asarray(self.flux)[keep],
+                                self.obs, self.key)
 
     def weights(self, teff: np.ndarray, logg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index (B, k), weight (B, k)) of the nodes that make up the spectra at (teff, logg): the
@@ -154,16 +214,20 @@ class BroadenedLibrary:
 
         return RBFInterpolator(self.nodes / NODE_SCALE, np.eye(len(self.nodes)), kernel="cubic", degree=1)
 
-    def spectra(self, teff, logg, vsini) -> np.ndarray:
-        """(B, P) float32 noise-free normalised spectra at the given labels (K, dex, km/s)."""
+    def spectra(self, teff, logg, vsini, metals=None) -> np.ndarray:
+        """(B, P) float32 noise-free normalised spectra at the given labels (K, dex, km/s; metals in
+        dex, default 0)."""
         teff, logg, vsini = (np.atleast_1d(np.asarray(a, np.float64)) for a in (teff, logg, vsini))
-        if vsini.min() < self.vsini[0] or vsini.max() > self.vsini[-1]:
-            raise ValueError(f"v sin i must lie in [{self.vsini[0]}, {self.vsini[-1]}] km/s")
+        metals = np.zeros(len(teff)) if metals is None else np.atleast_1d(np.asarray(metals, np.float64))
+        for name, value, ladder in (("v sin i", vsini, self.vsini), ("metals", metals, self.metals)):
+            if value.min() < ladder[0] - 1e-9 or value.max() > ladder[-1] + 1e-9:
+                raise ValueError(f"{name} must lie in [{ladder[0]}, {ladder[-1]}] (this library's range)")
         idx, w = self.weights(teff, logg)
-        rung = np.clip(np.searchsorted(self.vsini, vsini, side="right") - 1, 0, len(self.vsini) - 2)
-        alpha = (vsini - self.vsini[rung]) / (self.vsini[rung + 1] - self.vsini[rung])
-        out = np.empty((len(teff), self.flux.shape[2]), np.float32)
-        _combine(np.asarray(self.flux), idx, w.astype(np.float32), rung, alpha.astype(np.float32), out)
+        rung, alpha = _rungs(self.vsini, vsini)
+        zrung, beta = _rungs(self.metals, metals)
+        out = np.empty((len(teff), self.flux.shape[3]), np.float32)
+        _combine(np.asarray(self.flux), idx, w.astype(np.float32), zrung, beta.astype(np.float32), rung,
+                 alpha.astype(np.float32), out)
         return out
 
     def inside(self, teff: np.ndarray, logg: np.ndarray) -> np.ndarray:
@@ -173,22 +237,36 @@ class BroadenedLibrary:
         return Delaunay(self.nodes / NODE_SCALE).find_simplex(np.stack([teff, logg], 1) / NODE_SCALE) >= 0
 
 
+def _rungs(ladder: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lower rung, weight of the upper one) of each value on `ladder`; a one-rung ladder: (0, 0)."""
+    if len(ladder) == 1:
+        return np.zeros(len(value), np.int64), np.zeros(len(value))
+    rung = np.clip(np.searchsorted(ladder, value, side="right") - 1, 0, len(ladder) - 2)
+    return rung, np.clip((value - ladder[rung]) / (ladder[rung + 1] - ladder[rung]), 0.0, 1.0)
+
+
 @numba.njit(parallel=True, cache=True)
-def _combine(lib, idx, w, rung, alpha, out):
-    # out[b] = sum_j w[b, j] ((1 - alpha[b]) lib[idx[b, j], rung[b]] + alpha[b] lib[idx[b, j], rung[b] + 1])
+def _combine(lib, idx, w, zrung, beta, rung, alpha, out):
+    # out[b] = sum_j w[b, j] sum over the (metal, v sin i) rungs around the star, bilinear weights;
+    # a one-rung metal ladder has beta = 0 and never reads past it
     for b in numba.prange(out.shape[0]):
         out[b, :] = 0.0
+        z, v = zrung[b], rung[b]
+        z1 = min(z + 1, lib.shape[1] - 1)
         for j in range(idx.shape[1]):
-            lo = w[b, j] * (1.0 - alpha[b])
-            hi = w[b, j] * alpha[b]
-            n, v = idx[b, j], rung[b]
+            n = idx[b, j]
+            c00 = w[b, j] * (1.0 - beta[b]) * (1.0 - alpha[b])
+            c01 = w[b, j] * (1.0 - beta[b]) * alpha[b]
+            c10 = w[b, j] * beta[b] * (1.0 - alpha[b])
+            c11 = w[b, j] * beta[b] * alpha[b]
             for p in range(out.shape[1]):
-                out[b, p] += lo * lib[n, v, p] + hi * lib[n, v + 1, p]
+                out[b, p] += (c00 * lib[n, z, v, p] + c01 * lib[n, z, v + 1, p]
+                              + c10 * lib[n, z1, v, p] + c11 * lib[n, z1, v + 1, p])
 
 
-def _library_key(grid: ModelGrid, obs: Observation, vsini: np.ndarray, clip: bool) -> str:
+def _library_key(grid: ModelGrid, obs: Observation, vsini: np.ndarray, metals: np.ndarray, clip: bool) -> str:
     h = hashlib.sha256()
-    for a in (grid.wavelength, grid.flux, grid.nodes(), vsini):
+    for a in (grid.wavelength, grid.flux, grid.nodes(), vsini, *([metals] if metals.any() else [])):
         h.update(np.ascontiguousarray(a).tobytes())
     h.update(json.dumps([asdict(obs), clip, VELOCITY_STEP_KMS]).encode())
     return h.hexdigest()
@@ -205,6 +283,7 @@ class Perturbations:
     teff: tuple[float, float] = (15000.0, 30000.0)
     logg: tuple[float, float] = (1.75, 4.75)
     vsini: tuple[float, float] = (0.0, 450.0)
+    metals: tuple[float, float] = (0.0, 0.0)  # dex, uniform (`scale_metal_lines`); (0, 0): none drawn
     snr: tuple[float, float] = (10.0, 500.0)
     continuum_degree: int = 3
     continuum_amplitude: float = 0.1
@@ -242,6 +321,14 @@ class Survey:
         return pa.table(cols).replace_schema_metadata(meta)
 
 
+def labels_at(nodes: np.ndarray, pert: Perturbations, rng: np.random.Generator) -> dict:
+    """Stars at `nodes` (B, 2: Teff, log g) with v sin i, and metals where `pert` spans some, uniform."""
+    labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, len(nodes))}
+    if pert.metals[1] > pert.metals[0]:
+        labels["metals"] = rng.uniform(*pert.metals, len(nodes))
+    return labels
+
+
 def draw_labels(lib: BroadenedLibrary, n: int, pert: Perturbations, rng: np.random.Generator) -> dict:
     """n labels uniform in the box of `pert` and inside the hull of the library's nodes."""
     teff, logg = np.empty(0), np.empty(0)
@@ -254,13 +341,13 @@ def draw_labels(lib: BroadenedLibrary, n: int, pert: Perturbations, rng: np.rand
         teff, logg = np.concatenate([teff, t[ok]]), np.concatenate([logg, g[ok]])
     if len(teff) < n:
         raise ValueError("the label box does not overlap the grid's nodes")
-    return {"teff": teff[:n], "logg": logg[:n], "vsini": rng.uniform(*pert.vsini, n)}
+    return labels_at(np.stack([teff[:n], logg[:n]], axis=1), pert, rng)
 
 
 def draw_survey(lib: BroadenedLibrary, labels: dict, pert: Perturbations, rng: np.random.Generator,
                 id_start: int = 0) -> Survey:
     """Observe the stars `labels` (teff, logg, vsini arrays) with the perturbations of `pert`."""
-    clean = lib.spectra(labels["teff"], labels["logg"], labels["vsini"])
+    clean = lib.spectra(labels["teff"], labels["logg"], labels["vsini"], labels.get("metals"))
     b, p = clean.shape
     wl = lib.obs.grid().values()
     legendre = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, p), pert.continuum_degree)[:, 1:].T
@@ -292,8 +379,7 @@ def _grid_survey(grid: ModelGrid, n: int, at_nodes: bool, seed: int, snr, vsini,
     pert = Perturbations(snr=tuple(snr), vsini=tuple(vsini), rv_error_kms=0.0, ripple_prob=0.0)
     rng = np.random.default_rng(seed)
     if at_nodes:
-        nodes = lib.nodes[rng.integers(0, len(lib.nodes), n)]
-        labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, n)}
+        labels = labels_at(lib.nodes[rng.integers(0, len(lib.nodes), n)], pert, rng)
     else:
         labels = draw_labels(lib, n, pert, rng)
     return lib, labels, pert, rng

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..catalogs.schema import WavelengthGrid
 from ..errors import StarcastError
 
-UNITS = {"teff": "K", "logg": "dex", "vsini": "km/s"}
+UNITS = {"teff": "K", "logg": "dex", "vsini": "km/s", "metals": "dex"}
 
 
 class ConfigError(StarcastError):

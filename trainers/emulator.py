@@ -39,7 +39,6 @@ from .gridsource import GridSource
 from .metrics import ISSUE_SNR_EDGES, coverage_by_snr
 from .pipeline import split_metrics
 
-LABELS = ["teff", "logg", "vsini"]  # the emulator's inputs (K, dex, km/s)
 SNR_BINS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)  # edges of the SNR bins of the chi^2 report
 SIGMA_SNR = 200.0  # sigma_emu is scaled to a median chi^2 of 1 at and above this SNR (`calibrate`)
 SPLIT_SEEDS = {"train": 11, "val": 12, "test": 13, "val_clean": 14, "test_clean": 15}
@@ -81,19 +80,19 @@ def clean(source: GridSource) -> gridsynth.Perturbations:
 def held_survey(source: GridSource, split: str, n: int, pert: gridsynth.Perturbations,
                 rng: np.random.Generator):
     """A survey table of `n` stars at the left-out `split` nodes ("val" or "test"), v sin i uniform."""
-    nodes = source.full.nodes[rng.choice(source.held[split], n)]
-    labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, n)}
+    labels = gridsynth.labels_at(source.full.nodes[rng.choice(source.held[split], n)], pert, rng)
     return gridsynth.draw_survey(source.full, labels, pert, rng).table(source.obs)
 
 
 def prepared(source: GridSource, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels [N, 3], x [N, D], ivar [N, D]) of a survey table as the engine preprocesses it."""
+    """(labels [N, K], x [N, D], ivar [N, D]) of a survey table as the engine preprocesses it; the
+    labels are the model's targets, which are the emulator's inputs."""
     xs, ivars = [], []
     for start in range(0, table.num_rows, 8192):
         pre = preprocess(table.slice(start, 8192), source.grid_values, source.settings)
         xs.append(pre.x)
         ivars.append(np.where((pre.flags & Flag.PREPROCESS_FAILED)[:, None] == 0, pre.ivar, 0.0))
-    labels = np.stack([table.column(t).to_numpy() for t in LABELS], axis=1)
+    labels = np.stack([table.column(t).to_numpy() for t in source.targets], axis=1)
     return labels, np.concatenate(xs), np.concatenate(ivars).astype(np.float32)
 
 
@@ -161,8 +160,8 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     table = gridsynth.draw_survey(source.train, labels, pert, rng["train"]).table(source.obs)
     y, x, _ = prepared(source, table)
     layers, label_mean, label_std = fit(y, x, settings, progress=progress)
-    base = Emulator(labels=LABELS, layers=layers, activation=settings.activation, label_mean=label_mean,
-                    label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
+    base = Emulator(labels=list(source.targets), layers=layers, activation=settings.activation,
+                    label_mean=label_mean, label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
                     continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
                     chi2_threshold=math.inf, wavelength=source.grid_values)
     residual = {}  # of noise-free spectra at left-out nodes, after the chi^2's continuum fit
@@ -200,7 +199,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
                                   np.random.default_rng([settings.seed, SPLIT_SEEDS[f"{split}_clean"]]))
                for split in ("val", "test")}
     snr = {split: survey.column(SNR).to_numpy() for split, survey in surveys.items()}
-    high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(LABELS)
+    high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(source.targets)
     emulator = model.emulator
 
     def median_chi2(scale: float) -> float:
@@ -209,7 +208,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     scale = _unit_root(median_chi2)
     emulator = replace(emulator, sigma=(emulator.sigma * scale).astype(np.float32))
     model = Model(replace(model.bundle, emulator=emulator))
-    fits = {split: model.goodness_of_fit(survey.drop_columns(LABELS), backend="cpu")
+    fits = {split: model.goodness_of_fit(survey.drop_columns(source.targets), backend="cpu")
             for split, survey in surveys.items()}
     chi2_threshold = float(np.nanquantile(fits["val"].chi2, settings.quantile))
     ripple_threshold = float(np.nanquantile(fits["val"].ripple, settings.ripple_quantile))

@@ -68,13 +68,14 @@ class GridSource:
             raise ConfigError(f"the model grid is in {cfg.grid.medium}, the spectra grid in {grid.medium} "
                               f"and [data.grid.observation] in {self.obs.medium}: they must agree")
         cache = self.data.resolve(self.data.cache, cfg.source) if self.data.cache else None
-        self.full = gridsynth.BroadenedLibrary.build(grid, self.obs, clip_emission=self.data.clip_emission,
-                                                     cache=cache, progress=progress)
+        self.full = gridsynth.BroadenedLibrary.build(grid, self.obs,
+                                                     metals=gridsynth.metals_ladder(self.pert.metals),
+                                                     clip_emission=self.data.clip_emission, cache=cache,
+                                                     progress=progress)
         self.held = {s: self._node_index(getattr(self.data, f"{s}_nodes")) for s in ("val", "test")}
         keep = np.setdiff1d(np.arange(len(self.full.nodes)), np.concatenate(list(self.held.values())))
         self._last: tuple = (None, None)  # (draw number, (x, y)) of the latest training survey
-        self.train = gridsynth.BroadenedLibrary(self.full.nodes[keep], self.full.vsini,
-                                                np.asarray(self.full.flux)[keep], self.obs, self.full.key)
+        self.train = self.full.subset(keep)
 
     def _node_index(self, nodes: list) -> np.ndarray:
         out = []
@@ -101,8 +102,7 @@ class GridSource:
         """The fixed survey at the `name` nodes ("val" or "test") as a catalog table (with labels)."""
         rng = np.random.default_rng([self.data.seed, {"val": 1_000_001, "test": 1_000_002}[name]])
         rows = self.data.val_rows if name == "val" else self.data.test_rows
-        nodes = self.full.nodes[rng.choice(self.held[name], rows)]
-        labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*self.pert.vsini, rows)}
+        labels = gridsynth.labels_at(self.full.nodes[rng.choice(self.held[name], rows)], self.pert, rng)
         ids = {"val": 10**9, "test": 2 * 10**9}[name]
         return gridsynth.draw_survey(self.full, labels, self.pert, rng, id_start=ids).table(self.obs)
 

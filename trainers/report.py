@@ -95,7 +95,7 @@ def _grid_sets(manifest: dict, source: str) -> dict[str, Callable[[Path], None]]
     def snr5() -> pa.Table:
         table = grid.split_table("test")
         rng = np.random.default_rng(BETWEEN_SEED + 1)
-        labels = {t: table.column(t).to_numpy()[:1000] for t in ("teff", "logg", "vsini")}
+        labels = {t: table.column(t).to_numpy()[:1000] for t in grid.targets}
         pert = replace(grid.pert, snr=(5.0, 5.0))
         return gridsynth.draw_survey(grid.full, labels, pert, rng).table(grid.obs)
 
