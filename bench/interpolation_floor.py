@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from peers import ROOT, source
 from preprocess_bench import machine
-from starcast.catalogs.gridsynth import BroadenedLibrary
 from starcast.trainers import templatefit as tf
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,13 +49,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     t0 = time.perf_counter()
-    full = source(args.config, None, None).full
-    flux = np.asarray(full.flux)
+    full = source(args.config, None, None).full.at_metals(0.0)
+    flux = np.asarray(full.flux)[:, 0]
     rungs = sorted({int(np.argmin(np.abs(full.vsini - v))) for v in args.vsini})
     truth, fitted = [], []
     for n in interior(full.nodes):
         keep = np.setdiff1d(np.arange(len(full.nodes)), [n])
-        others = BroadenedLibrary(full.nodes[keep], full.vsini, flux[keep], full.obs, full.key)
+        others = full.subset(keep)
         fitter = tf.ContinuumFitter(others)
         theta = np.array([[*full.nodes[n], full.vsini[r]] for r in rungs])
         spectra = flux[n, rungs].astype(np.float64)

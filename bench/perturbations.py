@@ -4,7 +4,9 @@ For held-out spectra (by default TLUSTY spectra at the test nodes a grid config 
 training, SNR 50-300, no ripple or gap; with `--source synthetic`, the simplified generator's random
 survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, wavelength offset
 +-0.3 A, resolving power R/2 and R/4, a 30 A gap over He I 4471, vacuum wavelengths stated or
-labelled air, stars at +-300 km/s with and without an rv column, 50% coverage), it reports per target
+labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; for TLUSTY spectra
+also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars), it
+reports per target
 the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
 flagged (bits other than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
@@ -57,20 +59,26 @@ RESULTS = Path(__file__).parent / "results"
 TARGETS = ("teff", "logg", "vsini")
 R_SOURCE = 20000.0  # resolving power of the default source (and of ob-default's training spectra)
 TRUE_RV = "true_rv"  # km/s, a column the rv perturbations add for scoring (the sources are at rest)
+METALS = "metals"  # dex: the metal-line strength of the TLUSTY source's stars (a label, dropped too)
 
-Source = Callable[[int, int, float], pa.Table]  # (n, seed, resolving power) -> catalog with labels
+# (n, seed, resolving power, metals dex) -> catalog with labels
+Source = Callable[[int, int, float, float], pa.Table]
 
 
-def synthetic_source(n: int, seed: int, resolving_power: float) -> pa.Table:
-    """Held-out spectra: the synthetic random survey (4000-4800 A, air, SNR 50-300) at `seed`."""
+def synthetic_source(n: int, seed: int, resolving_power: float, metals: float = 0.0) -> pa.Table:
+    """Held-out spectra: the synthetic random survey (4000-4800 A, air, SNR 50-300) at `seed` (its own
+    composition only)."""
+    if metals:
+        raise ValueError("the simplified generator has no metal scaling")
     return synth_table(SynthConfig(n=n, seed=seed, resolving_power=resolving_power))
 
 
 def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Source:
     """Held-out TLUSTY spectra: stars at the test nodes of the grid config `config` (left out of
     training), v sin i uniform, observed with the config's perturbations but no ripple or gap (those
-    are perturbations of their own), SNR in `snr`;
-    at another resolving power the test-node models are broadened again (the same labels per seed)."""
+    are perturbations of their own), SNR in `snr`, the grid's composition unless `metals` (dex) is
+    given (`gridsynth.scale_metal_lines`); at another resolving power or metals the test-node models
+    are broadened again (the same labels per seed)."""
     from dataclasses import replace
 
     from starcast.catalogs import gridsynth
@@ -83,14 +91,15 @@ def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Sour
     nodes = grid_source.full.nodes[grid_source.held["test"]]
     grid = read_grid(grid_source.data.resolve(grid_source.data.path, cfg.source))
     models = grid.select([int(np.flatnonzero((grid.nodes() == node).all(axis=1))[0]) for node in nodes])
-    pert = replace(grid_source.pert, ripple_prob=0.0, gap_prob=0.0, snr=snr)  # ripples and gaps: below
+    # ripples and gaps: perturbations of their own, below
+    pert = replace(grid_source.pert, ripple_prob=0.0, gap_prob=0.0, snr=snr, metals=(0.0, 0.0))
 
-    def source(n: int, seed: int, resolving_power: float) -> pa.Table:
+    def source(n: int, seed: int, resolving_power: float, metals: float = 0.0) -> pa.Table:
         rng = np.random.default_rng(seed)
-        picked = nodes[rng.integers(0, len(nodes), n)]
-        labels = {"teff": picked[:, 0], "logg": picked[:, 1], "vsini": rng.uniform(*pert.vsini, n)}
+        labels = gridsynth.labels_at(nodes[rng.integers(0, len(nodes), n)], pert, rng)
+        labels[METALS] = np.full(n, metals)
         obs = replace(grid_source.obs, resolving_power=resolving_power)
-        lib = gridsynth.BroadenedLibrary.build(models, obs)
+        lib = gridsynth.BroadenedLibrary.build(models, obs, metals=np.array([metals]))
         return gridsynth.draw_survey(lib, labels, pert, rng).table(obs)
     return source
 
@@ -138,6 +147,13 @@ def gap_he_i_4471(table, **_):
     return _set_flux(table, flux)
 
 
+def metal_poor(dex: float):
+    """The same stars with their metal lines weaker by `dex` (optical depth x 10**-dex)."""
+    def perturb(table, source, n, seed, **_):
+        return source(n, seed, R_SOURCE, -dex)
+    return perturb
+
+
 def vacuum(stated: bool):
     def perturb(table, **_):
         values = air_to_vacuum(_grid(table).values())
@@ -177,6 +193,8 @@ PERTURBATIONS = {
     "rv +-300 km/s (stated)": moving(True), "rv +-300 km/s, no rv column": moving(False),
     "coverage 50%": coverage_half,
 }
+# for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond
+METAL_PERTURBATIONS = {"metals -0.2 dex": metal_poor(0.2), "metals -0.5 dex": metal_poor(0.5)}
 
 
 def score(results: pa.Table, truth: dict[str, np.ndarray], true_rv: np.ndarray) -> dict:
@@ -215,14 +233,15 @@ def verdict(entry: dict, clean: dict) -> bool:
                for e, c in zip(entry["targets"].values(), clean["targets"].values(), strict=True))
 
 
-def run_matrix(model, source: Source = synthetic_source, n: int = 200, seed: int = 2026) -> dict:
-    """Score the clean spectra of `source` and every perturbation of them with `model`."""
+def run_matrix(model, source: Source = synthetic_source, n: int = 200, seed: int = 2026,
+               perturbations: dict = PERTURBATIONS) -> dict:
+    """Score the clean spectra of `source` and each of `perturbations` of them with `model`."""
     clean = source(n, seed, R_SOURCE)
     truth = {t: clean.column(t).to_numpy() for t in TARGETS}
 
     def predict_and_score(table):
         true_rv = table.column(TRUE_RV).to_numpy() if TRUE_RV in table.column_names else np.zeros(n)
-        hidden = [c for c in (*TARGETS, TRUE_RV) if c in table.column_names]
+        hidden = [c for c in (*TARGETS, METALS, TRUE_RV) if c in table.column_names]
         results = model.predict(table.drop_columns(hidden), backend="cpu")
         return results, score(results, truth, true_rv)
     clean_results, clean_score = predict_and_score(clean)
@@ -234,7 +253,7 @@ def run_matrix(model, source: Source = synthetic_source, n: int = 200, seed: int
         report["clean"]["chi2_by_snr"] = chi2_by_snr(chi2, clean.column(SNR).to_numpy(),
                                                      model.emulator.chi2_threshold)
         report["clean"]["infer_rows_per_s"] = infer_rates(model, clean.drop_columns(list(TARGETS)))
-    for name, perturb in PERTURBATIONS.items():
+    for name, perturb in perturbations.items():
         t0 = time.perf_counter()
         entry = predict_and_score(perturb(clean, source=source, n=n, seed=seed))[1]
         entry["passes"] = verdict(entry, report["clean"])
@@ -320,8 +339,10 @@ def main() -> None:
     model = load_model(args.model)
     if args.model_resolving_power is not None:
         model.resolving_power = args.model_resolving_power
-    source = tlusty_source(args.config) if args.source == "tlusty" else synthetic_source
-    report = run_matrix(model, source=source, n=args.n, seed=args.seed)
+    tlusty = args.source == "tlusty"
+    source = tlusty_source(args.config) if tlusty else synthetic_source
+    report = run_matrix(model, source=source, n=args.n, seed=args.seed,
+                        perturbations={**PERTURBATIONS, **(METAL_PERTURBATIONS if tlusty else {})})
     report.update(model=model.name, model_sha256=model.bundle.weights_sha256, n=args.n, seed=args.seed,
                   source=args.source if args.source == "synthetic" else f"tlusty test nodes of {args.config}",
                   model_resolving_power=model.resolving_power, command=" ".join(["python", *sys.argv]),

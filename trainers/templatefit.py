@@ -23,6 +23,7 @@ from ..kernels.preprocess import PreprocessSettings, preprocess
 PARAMS = ("teff", "logg", "vsini")  # K, dex, km/s: the order of theta everywhere here
 STEP = np.array([50.0, 0.025, 1.0])  # central-difference steps (a twentieth of a node step; km/s)
 SCALE = np.array([1000.0, 0.25, 10.0])  # the optimiser's parameter scale (one node step; km/s)
+METALS_STEP = 0.02  # dex: the central-difference step in metals (a fifth of a library's metal rung)
 
 
 def noise_level(flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -74,13 +75,14 @@ class Templates:
         return derivatives(lambda t: self(t, rep(np.asarray(noise)), rep(mask)), theta, *self.bounds())
 
 
-def derivatives(model, theta: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """(B, D, 3) d model / d theta at theta (B, 3) by central differences of STEP, one-sided at the
-    bounds (lo, hi); `model` maps (6 B, 3) parameters, 6 per row, to (6 B, D) spectra."""
+def derivatives(model, theta: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                step: np.ndarray = STEP) -> np.ndarray:
+    """(B, D, K) d model / d theta at theta (B, K) by central differences of `step`, one-sided at the
+    bounds (lo, hi); `model` maps (2 K B, K) parameters, 2 K per row, to (2 K B, D) spectra."""
     theta = np.atleast_2d(theta)
     b, k = theta.shape
-    plus = np.clip(theta[:, None, :] + np.diag(STEP)[None], lo, hi)
-    minus = np.clip(theta[:, None, :] - np.diag(STEP)[None], lo, hi)
+    plus = np.clip(theta[:, None, :] + np.diag(step)[None], lo, hi)
+    minus = np.clip(theta[:, None, :] - np.diag(step)[None], lo, hi)
     x = model(np.concatenate([plus, minus], axis=1).reshape(-1, k)).reshape(b, 2 * k, -1)
     width = np.einsum("bkk->bk", plus - minus)
     return np.transpose((x[:, :k] - x[:, k:]) / width[:, :, None], (0, 2, 1))
@@ -109,14 +111,21 @@ def continuum_basis(npix: int, degree: int) -> np.ndarray:
 
 
 def cramer_rao(lib: BroadenedLibrary, theta: np.ndarray, ivar: np.ndarray,
-               continuum_degree: int | None = 3) -> np.ndarray:
+               continuum_degree: int | None = 3, *, metals_free: bool = False) -> np.ndarray:
     """(B, 3) sigma_CRB of any unbiased estimator of theta (B, 3) from observed spectra (continuum 1)
     with independent pixels of inverse variance `ivar` (B, P, on the library's observed grid: the
     raw data, before resampling correlates neighbouring pixels and the continuum fit adds its noise).
     The continuum is unknown: a multiplicative Legendre polynomial of `continuum_degree` (the data's),
-    marginalised as nuisance parameters; None = a known continuum."""
+    marginalised as nuisance parameters; None = a known continuum. With `metals_free`, the stars are
+    of the grid's composition but the estimator does not know it: their metals (dex, the library's
+    metal rungs) are marginalised too."""
     theta = np.atleast_2d(theta)
-    jac = derivatives(lambda t: lib.spectra(*t.T), theta, *bounds(lib))
+    lo, hi, step = (*bounds(lib), STEP)
+    if metals_free:
+        theta = np.concatenate([theta, np.zeros((len(theta), 1))], axis=1)
+        lo, hi = np.append(lo, lib.metals[0]), np.append(hi, lib.metals[-1])
+        step = np.append(STEP, METALS_STEP)
+    jac = derivatives(lambda t: lib.spectra(*t.T), theta, lo, hi, step)
     if continuum_degree is not None:
         basis = continuum_basis(jac.shape[1], continuum_degree)
         jac = np.concatenate([jac, lib.spectra(*theta.T)[:, :, None] * basis[None]], axis=2)
@@ -155,8 +164,8 @@ class TemplateFitter:
     def bank(self, level: int) -> np.ndarray:
         """(N, D) float32 templates of `bank_theta()` at noise 1 / bank_snr[level]."""
         if level not in self._banks:
-            lib = self.templates.lib
-            flux = np.asarray(lib.flux)[:, ::self.bank_step].reshape(-1, lib.flux.shape[2])
+            lib = self.templates.lib.at_metals(0.0)
+            flux = np.asarray(lib.flux)[:, 0, ::self.bank_step].reshape(-1, lib.flux.shape[3])
             noise = np.full(len(flux), 1.0 / self.bank_snr[level])
             parts = [self.templates.preprocessed(flux[s:s + 4096], noise[s:s + 4096])
                      for s in range(0, len(flux), 4096)]

@@ -99,3 +99,18 @@ def test_continuum_fit_on_raw_pixels_reaches_the_bound_with_the_continuum_unknow
     # leaving the continuum out of the bound lowers it by 9-14% for Teff and log g
     assert np.allclose(np.median(fit.sigma, axis=0), bound, rtol=0.05)
     assert abs(np.median(fit.chi2 / fit.npix) - 1.0) < 0.1
+
+
+def test_the_bound_with_the_metals_free_is_wider(tlusty_grid, templates):
+    """Marginalising the metals (a nuisance the estimator does not know) can only widen the bound, and
+    here it does for Teff, which the metal lines carry (4.5% at 4380-4540 A, He I lines dominate). With
+    the metals known, a library with metal rungs gives the bound of one without."""
+    t, g = tlusty_grid.params["teff"], tlusty_grid.params["logg"]
+    block = tlusty_grid.select((np.abs(t - 22000) <= 2000) & (np.abs(g - 3.75) <= 0.5)).crop(4350.0, 4570.0)
+    lib = gs.BroadenedLibrary.build(block, OBS, gs.vsini_ladder(120.0), metals=gs.metals_ladder((-0.2, 0.2)))
+    ivar = np.full((1, OBS.npix), 200.0**2)
+    known = tf.cramer_rao(lib, TRUTH, ivar, 3)[0]
+    free = tf.cramer_rao(lib, TRUTH, ivar, 3, metals_free=True)[0]
+    assert np.allclose(known, tf.cramer_rao(templates.lib, TRUTH, ivar, 3)[0], rtol=1e-6)
+    assert np.all(free >= known * (1 - 1e-9)), (free, known)
+    assert free[0] > 1.02 * known[0], (free, known)
