@@ -67,10 +67,13 @@ def concat(surveys: list[gridsynth.Survey]) -> gridsynth.Survey:
     return gridsynth.Survey(labels=labels, **{k: np.concatenate(v) for k, v in fields.items()})
 
 
-def at_test_nodes(src: GridSource, n: int, snr: tuple[float, float], rng, id_start: int) -> gridsynth.Survey:
-    """n stars at the test nodes (chosen uniformly), v sin i uniform over the config's range."""
+def at_test_nodes(src: GridSource, n: int, snr: tuple[float, float], rng, id_start: int,
+                  metals: float = 0.0) -> gridsynth.Survey:
+    """n stars at the test nodes (chosen uniformly), v sin i uniform over the config's range, their
+    metal lines `metals` dex from the grid's composition."""
     nodes = src.full.nodes[rng.choice(src.held["test"], n)]
-    labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*src.pert.vsini, n)}
+    labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*src.pert.vsini, n),
+              "metals": np.full(n, metals)}
     pert = dataclasses.replace(src.pert, snr=tuple(float(s) for s in snr), rv_error_kms=0.0)
     return gridsynth.draw_survey(src.full, labels, pert, rng, id_start=id_start)
 
@@ -149,6 +152,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ripple-prob", type=float, help="the fraction of test spectra with a continuum "
                         "ripple (default: the config's); 0 shows what the ripple costs every method")
+    parser.add_argument("--metals", type=float, default=0.0, help="dex: the test stars' metal lines against "
+                        "the grid's composition (a rung of the config's library; the chi^2 templates stay "
+                        "at the grid's composition, as a standard fit's would)")
     parser.add_argument("--note", default="", help="a line for the markdown (e.g. which bundle this is)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="peers", help="the results' file name (NAME.json, NAME.md)")
@@ -163,7 +169,7 @@ def main() -> None:
     if model.settings != src.settings or not np.array_equal(model.grid.values(), src.grid_values):
         raise SystemExit("the model's preprocessing or grid differs from the config's: pass its config")
     rng = np.random.default_rng(args.seed)
-    test = concat([at_test_nodes(src, args.per_bin, snr, rng, b * args.per_bin)
+    test = concat([at_test_nodes(src, args.per_bin, snr, rng, b * args.per_bin, args.metals)
                    for b, snr in enumerate(SNR_BINS)])
     table = test.table(src.obs)
     truth = np.stack([test.labels[k] for k in tf.PARAMS], axis=1)
@@ -197,9 +203,10 @@ def main() -> None:
 
     t = time.perf_counter()
     ivar_obs = np.where(test.mask[ok], 0.0, test.snr[ok, None].astype(np.float64) ** 2)
-    crb = tf.cramer_rao(src.full, truth[ok], ivar_obs, src.pert.continuum_degree)
-    crb_free = tf.cramer_rao(src.full, truth[ok], ivar_obs, src.pert.continuum_degree, metals_free=True) \
-        if len(src.full.metals) > 1 else None
+    metals = test.labels["metals"][ok]
+    crb = tf.cramer_rao(src.full, truth[ok], ivar_obs, src.pert.continuum_degree, metals=metals)
+    crb_free = tf.cramer_rao(src.full, truth[ok], ivar_obs, src.pert.continuum_degree, metals=metals,
+                             metals_free=True) if len(src.full.metals) > 1 else None
     full = tf.Templates(src.full, src.grid_values, src.settings)
     jac = full.jacobian(truth[ok], noise[ok], test.mask[ok])
     crb_pre = tf.sigma_from_fisher(tf.fisher(jac, pre.ivar[ok]))
@@ -242,7 +249,8 @@ def main() -> None:
                   "epochs_run": model.bundle.manifest.get("provenance", {}).get("epochs_run")},
         "config": {"file": str(args.config), "test_nodes": src.full.nodes[src.held["test"]].tolist(),
                    "training_nodes": len(src.train.nodes), "per_bin": args.per_bin, "ood_per_bin": n_ood,
-                   "seed": args.seed, "snr_bins": SNR_BINS, "vsini_scored_above": VSINI_MIN,
+                   "seed": args.seed, "metals": args.metals, "snr_bins": SNR_BINS,
+                   "vsini_scored_above": VSINI_MIN,
                    "perturbations": {**dataclasses.asdict(src.pert), "rv_error_kms": 0.0},
                    "chi2_bank": {"nodes": len(src.train.nodes), "snr_levels": list(fitter.bank_snr),
                                  "vsini_rungs": len(src.train.vsini[::fitter.bank_step])},
@@ -288,9 +296,14 @@ def markdown(info: dict) -> str:
              "observed "
              "pixels fitted by template x cubic polynomial, started from the first; *full library*: the "
              "same with templates from all nodes, test nodes included (the physics known exactly: what "
-             "remains is noise, ripple and masks). The test stars are of the grid's own composition; "
-             "the chi^2 fits know it (their templates are), starcast does not (it estimates `metals` "
-             "too, where its library spans several). CRB: per spectrum on "
+             "remains is noise, ripple and masks). "
+             + (f"The test stars' metal lines are {c['metals']:+g} dex from the grid's composition; "
+                "the chi^2 templates (the full library's too) are of the grid's own, as a standard "
+                "fit's would be. " if c.get("metals") else
+                "The test stars are of the grid's own composition; the chi^2 fits know it (their "
+                "templates are). ")
+             + "starcast does not know the composition (it estimates `metals` too, where its "
+             "library spans several). CRB: per spectrum on "
              "the raw pixels, the continuum (cubic) marginalised, at the truth with the full library; "
              "*metals free*: the metals marginalised too, the bound of an estimator that does not know "
              "the composition; "

@@ -111,24 +111,29 @@ def continuum_basis(npix: int, degree: int) -> np.ndarray:
 
 
 def cramer_rao(lib: BroadenedLibrary, theta: np.ndarray, ivar: np.ndarray,
-               continuum_degree: int | None = 3, *, metals_free: bool = False) -> np.ndarray:
+               continuum_degree: int | None = 3, *, metals: np.ndarray | None = None,
+               metals_free: bool = False) -> np.ndarray:
     """(B, 3) sigma_CRB of any unbiased estimator of theta (B, 3) from observed spectra (continuum 1)
     with independent pixels of inverse variance `ivar` (B, P, on the library's observed grid: the
     raw data, before resampling correlates neighbouring pixels and the continuum fit adds its noise).
     The continuum is unknown: a multiplicative Legendre polynomial of `continuum_degree` (the data's),
-    marginalised as nuisance parameters; None = a known continuum. With `metals_free`, the stars are
-    of the grid's composition but the estimator does not know it: their metals (dex, the library's
-    metal rungs) are marginalised too."""
+    marginalised as nuisance parameters; None = a known continuum. The stars' `metals` (B,) dex
+    default to the grid's composition (0); with `metals_free` the estimator does not know them:
+    they are marginalised too (a library with metal rungs)."""
     theta = np.atleast_2d(theta)
+    metals = np.zeros(len(theta)) if metals is None else np.asarray(metals, np.float64)
     lo, hi, step = (*bounds(lib), STEP)
     if metals_free:
-        theta = np.concatenate([theta, np.zeros((len(theta), 1))], axis=1)
+        theta = np.concatenate([theta, metals[:, None]], axis=1)
         lo, hi = np.append(lo, lib.metals[0]), np.append(hi, lib.metals[-1])
         step = np.append(STEP, METALS_STEP)
-    jac = derivatives(lambda t: lib.spectra(*t.T), theta, lo, hi, step)
+        jac = derivatives(lambda t: lib.spectra(*t.T), theta, lo, hi, step)
+    else:
+        per_row = np.repeat(metals, 2 * theta.shape[1])  # `derivatives` evaluates 2 K points per row
+        jac = derivatives(lambda t: lib.spectra(*t.T, per_row), theta, lo, hi, step)
     if continuum_degree is not None:
         basis = continuum_basis(jac.shape[1], continuum_degree)
-        jac = np.concatenate([jac, lib.spectra(*theta.T)[:, :, None] * basis[None]], axis=2)
+        jac = np.concatenate([jac, lib.spectra(*theta[:, :3].T, metals)[:, :, None] * basis[None]], axis=2)
     return sigma_from_fisher(fisher(jac, ivar))[:, :len(PARAMS)]
 
 
