@@ -29,9 +29,10 @@ def make_toy():
     return toy_spectra
 
 
-def tiny_grid_config(tlusty_grid, work, *, name: str, val_rows: int, epochs: int):
+def tiny_grid_config(tlusty_grid, work, *, name: str, val_rows: int, epochs: int, metals=None):
     """A training config on a 5 x 5 block of TLUSTY nodes around 22 kK / log g 3.75 (4400-4560 A),
-    one validation and one test node left out; trains in seconds."""
+    one validation and one test node left out; trains in seconds. With `metals` (a span in dex), the
+    metal lines are drawn within it and `metals` is a fourth target."""
     from starcast.catalogs.grids import write_npz
     from starcast.trainers.config import parse_config
 
@@ -44,7 +45,9 @@ def tiny_grid_config(tlusty_grid, work, *, name: str, val_rows: int, epochs: int
                           "val_nodes": [[22000, 4.0]], "test_nodes": [[21000, 3.75]],
                           "per_epoch": 1500, "val_rows": val_rows, "test_rows": 300,
                           "observation": {"start": 4420.0, "step": 0.2, "npix": 601},
-                          "perturbations": {"teff": [20000.0, 24000.0], "logg": [3.25, 4.25]}}},
+                          "perturbations": {"teff": [20000.0, 24000.0], "logg": [3.25, 4.25],
+                                            **({} if metals is None else {"metals": list(metals)})}},
+                 **({} if metals is None else {"targets": ["teff", "logg", "vsini", "metals"]})},
         "grid": {"kind": "linear", "start": 4430.0, "step": 0.4, "n": 251, "medium": "air"},
         "architecture": {"hidden": [32, 32], "dropout": 0.0, "members": 2, "samples": 1, "input_rank": 32,
                          "features": ["log10_snr"]},

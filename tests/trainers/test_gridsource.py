@@ -58,3 +58,19 @@ def test_engine_reproduces_the_calibrated_validation_coverage(config, trained):
         assert abs(coverage(y, m, s, 0.68) - model.bundle.manifest["metrics"]["val"][t]["coverage_68"]) < 0.02
         for part in np.array_split(np.argsort(snr), 3):
             assert 0.55 < coverage(y[part], m[part], s[part], 0.68) < 0.81, (t, snr[part].mean())
+
+
+def test_a_metals_span_draws_metal_lines_and_trains_a_fourth_target(tlusty_grid, tmp_path):
+    """With `perturbations.metals`, every survey draws metals uniformly in the span, the library holds
+    a rung every 0.1 dex, and the bundle predicts `metals` within that training range."""
+    config = tiny_grid_config(tlusty_grid, tmp_path, name="tiny-metals", val_rows=300, epochs=1,
+                              metals=(-0.1, 0.1))
+    source = GridSource(config, progress=False)
+    assert list(source.full.metals) == [-0.1, 0.0, 0.1]
+    _, y = source.epoch(1)
+    assert y.shape[1] == 4 and y[:, 3].min() >= -0.1 and y[:, 3].max() <= 0.1 and y[:, 3].std() > 0.04
+    model = load_model(train_from_config(config, progress=False).path)
+    metals = [t for t in model.targets if t.name == "metals"][0]
+    assert (metals.min, metals.max, metals.unit) == (-0.1, 0.1, "dex")
+    out = model.predict(source.split_table("test"), backend="cpu")
+    assert np.isfinite(out.column("metals").to_numpy()).all()
