@@ -24,6 +24,7 @@ PARAMS = ("teff", "logg", "vsini")  # K, dex, km/s: the order of theta everywher
 STEP = np.array([50.0, 0.025, 1.0])  # central-difference steps (a twentieth of a node step; km/s)
 SCALE = np.array([1000.0, 0.25, 10.0])  # the optimiser's parameter scale (one node step; km/s)
 METALS_STEP = 0.02  # dex: the central-difference step in metals (a fifth of a library's metal rung)
+METALS_SCALE = 0.1  # dex: the optimiser's scale in metals (a library's metal rung)
 
 
 def noise_level(flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -39,6 +40,16 @@ def noise_level(flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray | None 
 def bounds(lib: BroadenedLibrary) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi) of theta: the box of the library's nodes and its v sin i ladder."""
     return np.array([*lib.nodes.min(0), lib.vsini[0]]), np.array([*lib.nodes.max(0), lib.vsini[-1]])
+
+
+def parameter_space(lib: BroadenedLibrary, metals_free: bool) -> tuple[np.ndarray, ...]:
+    """(lo, hi, step, scale) of theta: PARAMS, and with `metals_free` the metals (dex) as a fourth
+    parameter within the library's metal rungs."""
+    lo, hi = bounds(lib)
+    if not metals_free:
+        return lo, hi, STEP, SCALE
+    return (np.append(lo, lib.metals[0]), np.append(hi, lib.metals[-1]), np.append(STEP, METALS_STEP),
+            np.append(SCALE, METALS_SCALE))
 
 
 @dataclass
@@ -122,11 +133,9 @@ def cramer_rao(lib: BroadenedLibrary, theta: np.ndarray, ivar: np.ndarray,
     they are marginalised too (a library with metal rungs)."""
     theta = np.atleast_2d(theta)
     metals = np.zeros(len(theta)) if metals is None else np.asarray(metals, np.float64)
-    lo, hi, step = (*bounds(lib), STEP)
+    lo, hi, step, _ = parameter_space(lib, metals_free)
     if metals_free:
         theta = np.concatenate([theta, metals[:, None]], axis=1)
-        lo, hi = np.append(lo, lib.metals[0]), np.append(hi, lib.metals[-1])
-        step = np.append(STEP, METALS_STEP)
         jac = derivatives(lambda t: lib.spectra(*t.T), theta, lo, hi, step)
     else:
         per_row = np.repeat(metals, 2 * theta.shape[1])  # `derivatives` evaluates 2 K points per row
@@ -139,7 +148,7 @@ def cramer_rao(lib: BroadenedLibrary, theta: np.ndarray, ivar: np.ndarray,
 
 @dataclass
 class Fit:
-    """chi^2 fits of B spectra: best theta (B, 3), delta chi^2 = 1 sigmas (B, 3), chi^2 at the
+    """chi^2 fits of B spectra: best theta (B, K), delta chi^2 = 1 sigmas (B, K), chi^2 at the
     minimum and the number of pixels it sums over (ivar > 0), template evaluations per spectrum."""
 
     theta: np.ndarray
@@ -222,11 +231,14 @@ class ContinuumFitter:
     S(theta) x a Legendre polynomial of `degree`, its coefficients solved by weighted linear least
     squares for every theta (variable projection), so the sigmas are marginalised over them. Starts
     from given labels (e.g. a `TemplateFitter`'s) and needs no preprocessing, so it loses nothing to
-    the continuum normalisation and can reach `cramer_rao` with the same degree."""
+    the continuum normalisation and can reach `cramer_rao` with the same degree. With `metals_free`
+    the metals are fitted too (a fourth column of theta, from 0), as by an estimator that does not
+    assume the grid's composition; else the stars are taken to be of it."""
 
     lib: BroadenedLibrary
     degree: int = 3
     max_nfev: int = 60
+    metals_free: bool = False
 
     def residuals(self, theta: np.ndarray, flux: np.ndarray, w: np.ndarray) -> np.ndarray:
         """(N, P) sqrt(ivar) (flux - S(theta) poly) of one spectrum `flux` (P,) for N labels theta."""
@@ -240,20 +252,23 @@ class ContinuumFitter:
         """Fit observed spectra flux (B, P) with errors and mask (B, P), starting at theta0 (B, 3)."""
         from scipy.optimize import least_squares
 
-        lo, hi = bounds(self.lib)
+        lo, hi, _, scale = parameter_space(self.lib, self.metals_free)
+        if self.metals_free:
+            theta0 = np.concatenate([theta0, np.zeros((len(theta0), 1))], axis=1)
         good = ~mask & (flux_err > 0) & np.isfinite(flux) & np.isfinite(flux_err)
         w = np.where(good, 1.0 / np.where(good, flux_err, 1.0), 0.0)
         f = np.where(good, flux, 0.0).astype(np.float64)
-        out = Fit(theta=np.empty((len(f), 3)), sigma=np.empty((len(f), 3)), chi2=np.empty(len(f)),
+        out = Fit(theta=np.empty(theta0.shape), sigma=np.empty(theta0.shape), chi2=np.empty(len(f)),
                   npix=good.sum(axis=1), nfev=np.zeros(len(f), np.int64))
         for i in range(len(f)):
             res = least_squares(lambda t, i=i: self.residuals(t, f[i], w[i])[0], np.clip(theta0[i], lo, hi),
                                 jac=lambda t, i=i: self._jacobian(t, f[i], w[i])[0], bounds=(lo, hi),
-                                x_scale=SCALE, method="trf", max_nfev=self.max_nfev)
+                                x_scale=scale, method="trf", max_nfev=self.max_nfev)
             jac = self._jacobian(res.x, f[i], w[i])
             out.theta[i], out.chi2[i], out.nfev[i] = res.x, 2.0 * res.cost, res.nfev
             out.sigma[i] = sigma_from_fisher(fisher(jac, np.ones(jac.shape[:2])))[0]
         return out
 
     def _jacobian(self, theta, flux, w):
-        return derivatives(lambda t: self.residuals(t, flux, w), theta, *bounds(self.lib))
+        lo, hi, step, _ = parameter_space(self.lib, self.metals_free)
+        return derivatives(lambda t: self.residuals(t, flux, w), theta, lo, hi, step)

@@ -101,16 +101,38 @@ def test_continuum_fit_on_raw_pixels_reaches_the_bound_with_the_continuum_unknow
     assert abs(np.median(fit.chi2 / fit.npix) - 1.0) < 0.1
 
 
-def test_the_bound_with_the_metals_free_is_wider(tlusty_grid, templates):
+@pytest.fixture(scope="module")
+def metal_lib(tlusty_grid):
+    """The `templates` block with metal rungs -0.2..+0.2 dex."""
+    t, g = tlusty_grid.params["teff"], tlusty_grid.params["logg"]
+    block = tlusty_grid.select((np.abs(t - 22000) <= 2000) & (np.abs(g - 3.75) <= 0.5)).crop(4350.0, 4570.0)
+    return gs.BroadenedLibrary.build(block, OBS, gs.vsini_ladder(120.0), metals=gs.metals_ladder((-0.2, 0.2)))
+
+
+def test_the_bound_with_the_metals_free_is_wider(metal_lib, templates):
     """Marginalising the metals (a nuisance the estimator does not know) can only widen the bound, and
     here it does for Teff, which the metal lines carry (4.5% at 4380-4540 A, He I lines dominate). With
     the metals known, a library with metal rungs gives the bound of one without."""
-    t, g = tlusty_grid.params["teff"], tlusty_grid.params["logg"]
-    block = tlusty_grid.select((np.abs(t - 22000) <= 2000) & (np.abs(g - 3.75) <= 0.5)).crop(4350.0, 4570.0)
-    lib = gs.BroadenedLibrary.build(block, OBS, gs.vsini_ladder(120.0), metals=gs.metals_ladder((-0.2, 0.2)))
     ivar = np.full((1, OBS.npix), 200.0**2)
-    known = tf.cramer_rao(lib, TRUTH, ivar, 3)[0]
-    free = tf.cramer_rao(lib, TRUTH, ivar, 3, metals_free=True)[0]
+    known = tf.cramer_rao(metal_lib, TRUTH, ivar, 3)[0]
+    free = tf.cramer_rao(metal_lib, TRUTH, ivar, 3, metals_free=True)[0]
     assert np.allclose(known, tf.cramer_rao(templates.lib, TRUTH, ivar, 3)[0], rtol=1e-6)
     assert np.all(free >= known * (1 - 1e-9)), (free, known)
     assert free[0] > 1.02 * known[0], (free, known)
+
+
+def test_continuum_fit_with_the_metals_free_reaches_their_bound(metal_lib):
+    """A star with metal lines 0.15 dex weaker than the grid's: fitting the metals too, from the grid's
+    composition, recovers them and reaches the bound with the metals free; its sigmas are that bound."""
+    n, snr, metals, rng = 30, 300.0, -0.15, np.random.default_rng(3)
+    err = np.full((n, OBS.npix), 1.0 / snr)
+    flux = metal_lib.spectra(*TRUTH[:, None], metals) + err * rng.standard_normal((n, OBS.npix))
+    start = np.repeat([[22000.0, 4.0, 44.0]], n, axis=0)
+    fit = tf.ContinuumFitter(metal_lib, metals_free=True).fit(flux, err, np.zeros(flux.shape, bool), start)
+    bound = tf.cramer_rao(metal_lib, TRUTH, np.full((1, OBS.npix), snr**2), 3, metals=np.array([metals]),
+                          metals_free=True)[0]
+    ratio = fit.theta[:, :3].std(axis=0) / bound
+    assert np.all((ratio > 0.7) & (ratio < 1.35)), ratio  # the std of 30 draws: +-13% (1 sigma)
+    assert np.all(np.abs(fit.theta[:, :3].mean(axis=0) - TRUTH) < 0.6 * bound), fit.theta.mean(axis=0)
+    assert np.allclose(np.median(fit.sigma[:, :3], axis=0), bound, rtol=0.05)
+    assert abs(fit.theta[:, 3].mean() - metals) < 2 * np.median(fit.sigma[:, 3]) / np.sqrt(n) + 0.01
