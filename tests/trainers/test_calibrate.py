@@ -45,6 +45,20 @@ def test_nll_scale_is_the_minimiser_of_the_gaussian_nll(z):
     assert c == pytest.approx(ref, rel=1e-4)
 
 
+@pytest.mark.parametrize("dof", [4, 6])
+def test_coverage_scale_leaves_each_level_off_by_as_many_of_its_sampling_errors(dof):
+    """Heavy tails (Student t residuals): no one scale covers both 68% and 95%. The fit leaves each
+    coverage off by about as many of its own sampling errors, sqrt(q (1 - q) / n), so the 95% interval
+    is not left short to keep the 68% one exact (equal weights give a ratio of ~0.3 here)."""
+    z = np.random.default_rng(dof).standard_t(dof, 40000)
+    c = fit_sigma_scale(z, "coverage")
+    zeros, ones = np.zeros_like(z), np.full_like(z, c)
+    over68 = (coverage(z, zeros, ones, 0.68) - 0.68) / np.sqrt(0.68 * 0.32)
+    short95 = (0.95 - coverage(z, zeros, ones, 0.95)) / np.sqrt(0.95 * 0.05)
+    assert over68 > 0 and short95 > 0
+    assert 0.7 < over68 / short95 < 1.4, (over68, short95)
+
+
 def test_epistemic_threshold_is_the_validation_quantile():
     sig = np.arange(1, 1001, dtype=float)[:, None] * [1.0, 10.0]
     thr = epistemic_thresholds(sig, 0.995)
