@@ -20,6 +20,8 @@ from ..kernels.preprocess import PreprocessSettings, preprocess
 from .config import ConfigError, TrainConfig
 from .data import Dataset
 
+SPLIT_SEEDS = {"val": 1_000_001, "test": 1_000_002, "between": 1_000_003}  # with the config's seed
+
 
 @dataclass(frozen=True)
 class GridData:
@@ -99,11 +101,16 @@ class GridSource:
         return self._last[1]
 
     def split_table(self, name: str):
-        """The fixed survey at the `name` nodes ("val" or "test") as a catalog table (with labels)."""
-        rng = np.random.default_rng([self.data.seed, {"val": 1_000_001, "test": 1_000_002}[name]])
-        rows = self.data.val_rows if name == "val" else self.data.test_rows
-        labels = gridsynth.labels_at(self.full.nodes[rng.choice(self.held[name], rows)], self.pert, rng)
-        ids = {"val": 10**9, "test": 2 * 10**9}[name]
+        """A fixed survey as a catalog table (with labels): at the `name` nodes ("val" or "test"), or
+        ("between") `val_rows` stars anywhere between the nodes of the full grid, the left-out ones
+        included (what a survey of real stars looks like), to calibrate on beside the nodes."""
+        rng = np.random.default_rng([self.data.seed, SPLIT_SEEDS[name]])
+        ids = {"val": 10**9, "test": 2 * 10**9, "between": 3 * 10**9}[name]
+        if name == "between":
+            labels = gridsynth.draw_labels(self.full, self.data.val_rows, self.pert, rng)
+        else:
+            rows = self.data.val_rows if name == "val" else self.data.test_rows
+            labels = gridsynth.labels_at(self.full.nodes[rng.choice(self.held[name], rows)], self.pert, rng)
         return gridsynth.draw_survey(self.full, labels, self.pert, rng, id_start=ids).table(self.obs)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -6,7 +6,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from starcast.catalogs.schema import CHI2, FLUX, META_WAVELENGTH, Flag, WavelengthGrid, spectrum_array
+from starcast.catalogs.schema import (
+    CHI2,
+    CHI2_PIXELS,
+    FLUX,
+    META_WAVELENGTH,
+    Flag,
+    WavelengthGrid,
+    spectrum_array,
+)
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
     EmulatorSettings,
@@ -118,7 +126,12 @@ def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, 
     unrefined = replace(model.emulator, refine_steps=0)
     labels, x, ivar = prepared(source, table)
     predicted = np.stack([np.asarray(out.column(t)) for t in LABELS], axis=1)
-    assert np.nanmedian(chi2) < np.nanmedian(unrefined.chi2(x, ivar, predicted).chi2)
+    # chi^2 summed, not reduced: the refined fit has the labels and a residual rv as free parameters too
+    continuum = model.emulator.continuum_degree + 1
+    pixels = np.asarray(out.column(CHI2_PIXELS)).astype(float)
+    refined = chi2 * (pixels - continuum - len(LABELS) - 1)
+    at_predicted = unrefined.chi2(x, ivar, predicted).chi2 * (pixels - continuum)
+    assert np.nanmedian(refined) < np.nanmedian(at_predicted)
 
 
 def test_manifest_records_the_emulator_and_its_calibration(bundle):
@@ -128,12 +141,14 @@ def test_manifest_records_the_emulator_and_its_calibration(bundle):
     assert {b["snr_lo"] for b in entry["metrics"]["test_nodes"]["chi2_by_snr"]} >= {10.0, 200.0}
 
 
-def test_the_estimates_calibration_pools_the_held_out_nodes_and_is_scored_on_each_without_them(bundle):
+def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_between_them(bundle):
     """The blended estimate's calibration (with its chi^2 inflation) is fitted on the validation and
-    test nodes together; each split is scored under it and, honestly, under the calibration fitted on
-    the other split alone, with coverage in each of issue 9's SNR bins."""
+    test nodes and the stars between the nodes together; each split is scored under it and the node
+    splits, honestly, under the calibration fitted on the other split alone too, with coverage in each
+    of issue 9's SNR bins."""
     manifest = load_model(bundle).bundle.manifest
-    assert manifest["provenance"]["calibration"]["split"] == "val+test"
+    assert manifest["provenance"]["calibration"]["split"] == "val+test+between"
+    assert set(manifest["metrics"]["between"]) == set(LABELS)
     assert set(manifest["calibration"]["chi2_inflation"]) == set(LABELS)
     metrics = manifest["metrics"]
     for split in ("val", "test"):
