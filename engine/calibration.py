@@ -50,12 +50,16 @@ class Calibration:
         c = np.zeros(len(self.scale)) if self.chi2_inflation is None else self.chi2_inflation
         return 1.0 + chi2_excess(chi2)[:, None] * c[None, :]
 
+    def network_share(self, log_snr: np.ndarray) -> np.ndarray:
+        """[B, K] the network's weight w in the blend at each row's log10 SNR [B] (1 without a blend)."""
+        if self.network_weight is None:
+            return np.ones((len(log_snr), len(self.scale)))
+        return np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
+
     def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray) -> np.ndarray:
         """[B, K]: the network's `mean` blended with the emulator fit's labels `fitted` ([B, K], NaN
         for a target or row the emulator does not fit: the network's mean stays there)."""
-        if self.network_weight is None:
-            return mean
-        w = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
+        w = self.network_share(log_snr)
         return np.where(np.isfinite(fitted), w * mean + (1.0 - w) * fitted, mean)
 
     def to_manifest(self, targets: list[str]) -> dict:

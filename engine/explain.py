@@ -1,9 +1,12 @@
 """Which pixels drive an estimate: integrated gradients (Sundararajan et al. 2017, ICML) of a model's
 predicted mean of each target with respect to the pixels of the preprocessed spectrum.
 
-The explained function is the deployed predictive mean in the target's unit: the average of mu over
-the M members and S dropout samples on the spectrum's own masks (exactly what `predict` averages,
-before v sin i is clipped at its physical minimum; calibration scales sigmas only). The path runs from
+The explained function is the deployed estimate in the target's unit, before v sin i is clipped at its
+physical minimum: the average of mu over the M members and S dropout samples on the spectrum's own
+masks and, for a model whose calibration blends it with its emulator's fit (`engine.calibration`),
+that blend, w mean + (1 - w) t_fit, t_fit the labels of the fit (`FitFunction`: the emulator's
+Gauss-Newton refinement of the network's labels, as `predict` runs it, written in torch so that it
+can be differentiated), w and the fit's pixel weights held at the spectrum's own. The path runs from
 the continuum (flux 1 on every pixel, the input features such as `log10_snr` held at the spectrum's
 own values, so their attribution is zero and all of f(x) - f(baseline) lands on pixels) to the
 spectrum, with Gauss-Legendre quadrature. Methods: "ig" (torch, all targets from one forward pass per
@@ -19,10 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..catalogs.physics import C_KMS
 from ..catalogs.schema import ERROR, FLAGS, ID
 from ..errors import StarcastError
 from ..kernels import rng
 from ..kernels.reference import ACTIVATIONS
+from . import emulator as emu
 
 METHODS = ("ig", "captum")
 DEFAULT_STEPS = 32  # quadrature points on the path, doubled for rows that miss completeness by > tol
@@ -85,6 +90,117 @@ class MeanFunction:
         mu = h[..., self.columns].mean(dim=(0, 2))  # [N, K_sel]
         return mu * self.label_std + self.label_mean
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.label_std.dtype
+
+
+@dataclass(frozen=True)
+class FitFunction:
+    """The labels of an emulator's fit (`engine.emulator.Emulator.refine`: damped Gauss-Newton steps
+    with a finite-difference Jacobian in the labels and a residual velocity, from start labels, the
+    emulated spectrum times a weighted least-squares continuum polynomial) as a differentiable torch
+    function of the spectra, in the numpy fit's precisions: float32 spectra, float64 labels and normal
+    equations. `tests/engine/test_explain.py` holds it to `predict`."""
+
+    emulator: emu.Emulator
+    lo: np.ndarray  # (k,) the labels' training range, as `predict` bounds the fit
+    hi: np.ndarray
+
+    def spectra(self, labels: torch.Tensor) -> torch.Tensor:
+        """`Emulator.spectra`: float32 [N, D] at float64 `labels` [N, k]."""
+        e = self.emulator
+        h = ((labels - torch.as_tensor(e.label_mean)) / torch.as_tensor(e.label_std)).float()
+        for i, (w, b) in enumerate(e.layers):
+            h = h @ torch.as_tensor(w) + torch.as_tensor(b)
+            if i < len(e.layers) - 1:
+                h = ACTIVATIONS[e.activation](h)
+        return h
+
+    def shift(self, spectra: torch.Tensor, rv: torch.Tensor) -> torch.Tensor:
+        """`Emulator.shift`: spectra at wavelength x rest_frame_factor(rv), linear, the ends held."""
+        wave = torch.as_tensor(self.emulator.wavelength)
+        beta = rv / C_KMS
+        lam = wave[None] * torch.sqrt((1.0 - beta) / (1.0 + beta))[:, None]
+        k = (torch.searchsorted(wave, lam.detach().contiguous(), right=True) - 1).clamp(0, len(wave) - 2)
+        t = ((lam - wave[k]) / (wave[k + 1] - wave[k])).clamp(0.0, 1.0).float()
+        left, right = spectra.gather(1, k), spectra.gather(1, k + 1)
+        return left + t * (right - left)
+
+    def fitted(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rv: torch.Tensor):
+        """`Emulator.fitted`: the shifted emulated spectra times their best continuum polynomial."""
+        e = self.shift(self.spectra(labels), rv)
+        degree = self.emulator.continuum_degree
+        if degree < 0:
+            return e
+        t = torch.as_tensor(np.polynomial.chebyshev.chebvander(np.linspace(-1.0, 1.0, e.shape[1]), degree))
+        p, t32 = t.shape[1], t.float()
+        we = weight * e
+        gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).reshape(-1, p, p).double()
+        trace = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1)
+        gram = gram + torch.eye(p, dtype=gram.dtype) * (1e-9 * trace + 1e-300)[:, None, None]
+        coef = torch.linalg.solve(gram, ((we * x) @ t32).double()[..., None])[..., 0]
+        return e * (coef @ t.T).float()
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The fitted labels [N, k] (float64) of float32 spectra x [N, D] with float32 pixel weights
+        `weight` [N, D], from float64 `labels` [N, k] (physical units)."""
+        e = self.emulator
+        k = len(e.labels)
+        scale = torch.as_tensor(np.append(e.label_std, emu.V_UNIT))
+        offset = torch.as_tensor(np.append(e.label_mean, 0.0))
+        z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
+        zlo = torch.as_tensor(np.append((self.lo - e.label_mean) / e.label_std, -emu.V_FIT_MAX / emu.V_UNIT))
+        zhi = torch.as_tensor(np.append((self.hi - e.label_mean) / e.label_std, emu.V_FIT_MAX / emu.V_UNIT))
+        step_max = torch.as_tensor(np.append(np.ones(k), emu.V_STEP_MAX))
+        eye = torch.eye(k + 1, dtype=scale.dtype)
+
+        def model(z):
+            phys = z * scale + offset
+            return self.fitted(x, weight, phys[:, :k], phys[:, k])
+
+        for _ in range(e.refine_steps):
+            base = model(z)
+            jac = torch.stack([(model(z + emu.STEP * eye[j]) - base) / emu.STEP for j in range(k + 1)], dim=1)
+            gram = torch.bmm(jac * weight[:, None], jac.transpose(1, 2)).double()
+            grad = (jac * (weight * (x - base))[:, None]).sum(dim=2).double()
+            trace = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1)
+            damped = gram + eye * (1e-3 * trace / (k + 1) + 1e-12)[:, None, None]
+            delta = torch.linalg.solve(damped, grad[..., None])[..., 0]
+            z = torch.clamp(z + torch.clamp(delta, -step_max, step_max), zlo, zhi)
+        return (z * scale + offset)[:, :k]
+
+
+@dataclass(frozen=True)
+class EstimateFunction:
+    """The deployed estimate of selected targets: the network's mean (`network`, all K targets) blended
+    with the labels of the emulator's fit from it, per row w [B, K] (`share`, 1 where a row or target
+    has no fit) and the fit's pixel weights [B, D] held at the row's own."""
+
+    network: MeanFunction
+    fit: FitFunction
+    weight: torch.Tensor  # [B, D] float32
+    share: torch.Tensor  # [B, K] float64
+    fitted_rows: torch.Tensor  # [B] bool: rows the emulator fits
+    fit_columns: list[int]  # the target index of each of the emulator's labels
+    columns: list[int]  # the selected targets
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    def __call__(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        net = self.network(x, row).double()
+        out = net.clone()
+        rows = torch.nonzero(self.fitted_rows[row]).flatten()
+        if len(rows):
+            d, cols = self.weight.shape[1], self.fit_columns
+            start = net[rows][:, cols]
+            fitted = self.fit(x[rows, :d].float(), self.weight[row[rows]], start)
+            w = self.share[row[rows]][:, cols]
+            out[rows[:, None], torch.as_tensor(cols)[None]] = w * start + (1.0 - w) * fitted
+        return out[:, self.columns].to(x.dtype)
+
 
 def mean_function(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, targets: list[int], p: float,
                   activation: str, label_mean: Sequence[float], label_std: Sequence[float],
@@ -103,6 +219,20 @@ def mean_function(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, target
     std = torch.as_tensor([label_std[k] for k in targets], dtype=dtype)
     mean = torch.as_tensor([label_mean[k] for k in targets], dtype=dtype)
     return MeanFunction(layers, masks, float(p), activation, mean, std, list(targets))
+
+
+def estimate_function(model, network: MeanFunction, targets: list[int], x: np.ndarray, ivar: np.ndarray,
+                      fitted_rows: np.ndarray) -> EstimateFunction:
+    """The `EstimateFunction` of `targets` for prepared rows x [B, D + E] of `model` (its network's
+    mean of all targets, `network`), their inverse variances [B, D] as its emulator fit weighs them
+    and which rows it fits; the blend's shares at the rows' own SNR."""
+    emulator, names = model.emulator, [t.name for t in model.targets]
+    ivar = np.maximum(np.asarray(ivar, np.float32), 0.0)
+    weight = ivar / (1.0 + ivar * emulator.sigma.astype(np.float32) ** 2)  # as `Emulator.chi2`
+    share = model.calibration.network_share(model._log_snr(x))
+    return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
+                            torch.as_tensor(weight), torch.as_tensor(share), torch.as_tensor(fitted_rows),
+                            [names.index(n) for n in emulator.labels], list(targets))
 
 
 def continuum_baseline(x: np.ndarray, pixels: int) -> np.ndarray:
@@ -124,7 +254,7 @@ def integrated_gradients(f: MeanFunction, x: np.ndarray, baseline: np.ndarray, *
         raise StarcastError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     if steps < 1:
         raise StarcastError(f"steps must be >= 1, got {steps}")
-    dtype = f.label_std.dtype
+    dtype = f.dtype
     x, baseline = torch.tensor(x, dtype=dtype), torch.tensor(baseline, dtype=dtype)
     n, k = x.shape[0], len(f.columns)
     attr = np.empty((n, k, x.shape[1]), dtype=np.float64)
@@ -149,17 +279,21 @@ def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig",
     `targets`; rows with an error get NaN attributions. `Model.explain` is the public entry point.
     Everything stays in memory (~24 KB per spectrum and target at D = 1951): explain samples of a
     catalog, not all of it."""
-    ok, x, keys, _ = model._inputs_as_predicted(prepared, samples, seed, backend)
+    ok, x, keys, fit, ivar = model._inputs_as_predicted(prepared, samples, seed, backend)
     arch, d = model.bundle.architecture, model.grid.n
     b, k = len(ok), len(targets)
     attr = np.full((b, k, d), np.nan, dtype=np.float32)
     fx, fb = np.full((b, k), np.nan), np.full((b, k), np.nan)
     rows = np.flatnonzero(ok)
     if len(rows):
-        f = mean_function(model.bundle.layers, targets=targets, p=float(arch["dropout"]),
-                          activation=arch["activation"], label_mean=[t.mean for t in model.targets],
-                          label_std=[t.std for t in model.targets], keys=keys[rows], samples=samples,
-                          seed=seed)
+        cal = model.calibration
+        blended = fit is not None and cal is not None and cal.network_weight is not None
+        means, stds = [t.mean for t in model.targets], [t.std for t in model.targets]
+        f = mean_function(model.bundle.layers, targets=list(range(len(means))) if blended else targets,
+                          p=float(arch["dropout"]), activation=arch["activation"], label_mean=means,
+                          label_std=stds, keys=keys[rows], samples=samples, seed=seed)
+        if blended:
+            f = estimate_function(model, f, targets, x[rows], ivar[rows], np.isfinite(fit.chi2[rows]))
         a, fx[rows], fb[rows] = integrated_gradients(f, x[rows], continuum_baseline(x[rows], d), steps=steps,
                                                      method=method)
         attr[rows] = a[:, :, :d]  # the features' attribution is zero: they are held on the path
@@ -199,5 +333,6 @@ def _ig_captum(f: MeanFunction, x, base, rows, steps: int) -> np.ndarray:
     return torch.stack(out, dim=1).detach().numpy()
 
 
-__all__ = ["DEFAULT_STEPS", "METHODS", "Explanation", "MeanFunction", "continuum_baseline",
-           "explain_prepared", "integrated_gradients", "mean_function"]
+__all__ = ["DEFAULT_STEPS", "METHODS", "EstimateFunction", "Explanation", "FitFunction", "MeanFunction",
+           "continuum_baseline", "estimate_function", "explain_prepared", "integrated_gradients",
+           "mean_function"]

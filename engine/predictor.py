@@ -179,7 +179,7 @@ class Model:
         """The accelerator half: the ensemble kernel on the prepared rows without an error, then the
         statistics, flags and metadata of the results table (one row per prepared row, in order)."""
         samples, backend = self._samples(samples), resolve_backend(backend)
-        ok, stats, fit, _ = self._infer(prepared, samples, seed, backend)
+        ok, stats, fit, *_ = self._infer(prepared, samples, seed, backend)
         return self._results(prepared, ok, *stats, samples, seed, backend, fit)
 
     def goodness_of_fit(self, table_or_batch, *, backend: str = "auto",
@@ -200,7 +200,7 @@ class Model:
         emulator); log10_snr [B] of each row's network input)."""
         table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, stats, fit, x = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
+        ok, stats, fit, x, _ = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
         if fit is None:
             return ok, stats, np.full_like(stats[0], np.nan), np.full(len(ok), np.nan), self._log_snr(x)
         return ok, stats, self._fitted_targets(fit), fit.chi2, self._log_snr(x)
@@ -215,13 +215,14 @@ class Model:
     def _infer(self, prepared, samples: int, seed: int, backend: str):
         """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the mean blended with the emulator fit's
         labels where the calibration holds network weights; the emulator's Fit or None; x: the
-        network's inputs the estimates came from)."""
+        network's inputs the estimates came from; the inverse variances [B, D] the fit weighed x with,
+        or None)."""
         ok, x, keys = self._unpack(prepared)
         mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
         rows = np.flatnonzero(ok)
         self._network(backend, x, keys, rows, (mean, var_a, var_e), samples, seed)
-        fit = None
+        fit = ivar = None
         if self.emulator is not None:
             fit, ivar = self._goodness_of_fit(prepared, rows, x, mean)
             # a residual rv the fit resolves: remove it from the spectrum and predict those rows again
@@ -241,18 +242,18 @@ class Model:
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
                                                     self._fitted_targets(fit)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
-        return ok, (mean, var_a, var_e), fit, x
+        return ok, (mean, var_a, var_e), fit, x, ivar
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
-        """(ok, x, keys, fit) of a prepared batch, x as `predict` with `backend` last fed it to the
-        network: with an emulator, after removing the residual rv its fit resolves (`_infer`), whose
-        `Fit` comes with it (else None). `explain` and `predict_samples` start from these, so that they
-        describe the numbers `predict` reports."""
+        """(ok, x, keys, fit, ivar) of a prepared batch, x as `predict` with `backend` last fed it to
+        the network: with an emulator, after removing the residual rv its fit resolves (`_infer`),
+        whose `Fit` and inverse variances come with it (else None). `explain` and `predict_samples`
+        start from these, so that they describe the numbers `predict` reports."""
         ok, x, keys = self._unpack(prepared)
-        fit = None
+        fit = ivar = None
         if self.emulator is not None:
-            _, _, fit, x = self._infer(prepared, samples, seed, resolve_backend(backend))
-        return ok, x, keys, fit
+            _, _, fit, x, ivar = self._infer(prepared, samples, seed, resolve_backend(backend))
+        return ok, x, keys, fit, ivar
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None, medium: str | None = None,
@@ -265,7 +266,7 @@ class Model:
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, x, keys, fit = self._inputs_as_predicted(prepared, samples, seed, backend)
+        ok, x, keys, fit, _ = self._inputs_as_predicted(prepared, samples, seed, backend)
         shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)
