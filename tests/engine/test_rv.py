@@ -99,18 +99,20 @@ def test_a_wrong_given_rv_is_flagged_and_the_numbers_use_the_rv_that_fits(model,
 
 def test_explain_and_samples_describe_the_input_the_reported_numbers_came_from(model, at_rest):
     """With the catalog's rv off by 30 km/s `predict` removes the residual rv its fit resolves and
-    predicts again; `explain` and `predict_samples` start from that same input, so the mean they
-    describe is the networks' part of the reported estimate, what `predict` gives without the blend
-    with the emulator's fit (rows above the v sin i clip at 0)."""
+    predicts again; `explain` and `predict_samples` start from that same input (and the fit from the
+    inverse variances shifted with it), so `explain` describes the reported estimate, the blend with
+    the emulator's fit, and `predict_samples` the networks' part of it, what `predict` gives without
+    the blend (rows above the v sin i clip at 0)."""
     rows = at_rest.filter(pa.compute.greater(at_rest.column("vsini"), 30.0)).slice(0, 6)
     wrong = rows.drop_columns([RV, *TARGETS]).append_column(RV, pa.array(np.full(rows.num_rows, 30.0)))
     calibration = {k: v for k, v in model.bundle.manifest["calibration"].items() if k != "network_weight"}
     network = Model(replace(model.bundle, manifest={**model.bundle.manifest, "calibration": calibration}))
-    reported = network.predict(wrong, backend="cpu")
+    reported, networks = (m.predict(wrong, backend="cpu") for m in (model, network))
     assert (reported.column("flags").to_numpy() & Flag.RV_MISMATCH).all()  # the input was shifted
     explained = model.explain(wrong, steps=4, backend="cpu")
     drawn = model.predict_samples(wrong, backend="cpu")
     for k, t in enumerate(TARGETS):
-        value = reported.column(t).to_numpy()
-        np.testing.assert_allclose(explained.prediction[:, k], value, rtol=1e-4)
-        np.testing.assert_allclose(drawn.mu[..., k].mean(axis=(1, 2)), value, rtol=1e-4)
+        miss = np.abs(explained.prediction[:, k] - reported.column(t).to_numpy())
+        assert np.all(miss < 0.01 * reported.column(f"{t}_err").to_numpy()), (t, miss)
+        drawn_mean = drawn.mu[..., k].mean(axis=(1, 2))
+        np.testing.assert_allclose(drawn_mean, networks.column(t).to_numpy(), rtol=1e-4)
