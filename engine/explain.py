@@ -17,7 +17,7 @@ path point) and "captum" (Captum's `IntegratedGradients`, one call per target); 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -55,6 +55,16 @@ class Explanation:
     errors: list[str | None]
     method: str
     steps: int
+
+    @classmethod
+    def concat(cls, parts: Sequence[Explanation]) -> Explanation:
+        """The explanations of consecutive batches of rows as one (same model, targets and method;
+        `steps` the first's)."""
+        first = parts[0]
+        rows = {name: [getattr(p, name) for p in parts] for name in ("ids", "errors")}
+        arrays = {name: np.concatenate([getattr(p, name) for p in parts])
+                  for name in ("flux", "attributions", "prediction", "baseline", "flags")}
+        return replace(first, ids=sum(rows["ids"], []), errors=sum(rows["errors"], []), **arrays)
 
     def completeness_error(self) -> np.ndarray:
         """|sum of attributions - (f(x) - f(baseline))| / |f(x) - f(baseline)|, [B, K]."""

@@ -8,12 +8,14 @@ region, with a table of the top lines). Computing attributions is not done here.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from ..catalogs.io import iter_batches
 from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, DiagnosticLine, line_windows, nearest_line
@@ -26,6 +28,7 @@ LINE_MASS_GOAL = 0.6  # issue 14: >= 60% of the |attribution| of Teff and log g 
 BALMER_TARGETS = ("logg",)  # targets whose line windows include the Balmer wings
 TEFF_REGIONS = ((15000.0, 20000.0), (20000.0, 25000.0), (25000.0, 30000.0))  # K, by predicted Teff
 TOP_PEAKS = 10
+EXPLAIN_BATCH = 16  # rows per `Model.explain` call: one step of the progress bar (~20 s on two cores)
 FLANK_REACH = 3  # a line's flanks reach this many LINE_HALF_WIDTHs from its centre (the local level)
 
 
@@ -274,7 +277,14 @@ def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", st
     (unless not `attributions`), `out/plots/<id>.png` for the first `plots` rows that could be
     predicted, and the survey view in `out/survey/`. Returns the survey summary with the rows' count
     and completeness errors added."""
-    exp = model.explain(table, method=method, steps=steps, seed=seed)
+    parts = []
+    with tqdm(total=table.num_rows, unit="spectra", dynamic_ncols=True, desc="starcast explain",
+              disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, table.num_rows, EXPLAIN_BATCH):
+            batch = table.slice(start, EXPLAIN_BATCH)
+            parts.append(model.explain(batch, method=method, steps=steps, seed=seed))
+            bar.update(len(parts[-1].ids))
+    exp = Explanation.concat(parts)
     out = Path(out)
     if attributions:
         write_attributions(exp, out / "attributions.parquet", model.grid)

@@ -87,6 +87,19 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     assert np.all(exp.completeness_error() < 0.01), exp.completeness_error()
 
 
+def test_explanations_of_batches_concatenate_to_the_explanation_of_all_rows(dropout_model):
+    """`explain_catalog` explains a catalog batch by batch (a progress step each): the dropout masks
+    follow the ids, so the batches' explanations, concatenated, are those of all rows at once."""
+    from starcast.engine.explain import Explanation
+
+    table = catalog_table(10, seed=4).replace_schema_metadata({"starcast.wavelength": GRID.to_json()})
+    whole = dropout_model.explain(table, steps=8)
+    parts = Explanation.concat([dropout_model.explain(table.slice(s, 4), steps=8) for s in (0, 4, 8)])
+    assert parts.ids == whole.ids and parts.errors == whole.errors
+    for name in ("flux", "attributions", "prediction", "baseline", "flags"):
+        np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+
+
 def test_torch_ig_agrees_with_captum(dropout_model):
     pytest.importorskip("captum")
     table = catalog_table(5, seed=3).replace_schema_metadata({"starcast.wavelength": GRID.to_json()})
