@@ -1,5 +1,5 @@
 """Which pixels drive an estimate: integrated gradients (Sundararajan et al. 2017, ICML) of a model's
-predicted mean of each target with respect to the pixels of the preprocessed spectrum.
+estimate of each target with respect to the pixels of the preprocessed spectrum.
 
 The explained function is the deployed estimate in the target's unit, before v sin i is clipped at its
 physical minimum: the average of mu over the M members and S dropout samples on the spectrum's own
@@ -184,8 +184,8 @@ class FitFunction:
 @dataclass(frozen=True)
 class EstimateFunction:
     """The deployed estimate of selected targets: the network's mean (`network`, all K targets) blended
-    with the labels of the emulator's fit from it, per row w [B, K] (`share`, 1 where a row or target
-    has no fit) and the fit's pixel weights [B, D] held at the row's own."""
+    with the labels of the emulator's fit from it on the rows it fits, with the network's share w
+    [B, K] and the fit's pixel weights [B, D] held at the row's own (`Calibration.blend`)."""
 
     network: MeanFunction
     fit: FitFunction
