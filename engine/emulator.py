@@ -92,6 +92,17 @@ class Emulator:
         doppler_shift(spectra, self.wavelength, np.ascontiguousarray(rv, np.float64), out)
         return out
 
+    def pixel_weight(self, ivar: np.ndarray) -> np.ndarray:
+        """float32 weights of the fit's pixels, 1 / (1 / ivar + sigma^2) (0 where ivar <= 0)."""
+        ivar = np.maximum(np.asarray(ivar, np.float32), 0.0)
+        return ivar / (1.0 + ivar * self.sigma.astype(np.float32) ** 2)
+
+    @cached_property
+    def continuum_basis(self) -> np.ndarray:
+        """(D, continuum_degree + 1) float64 Chebyshev polynomials T_k over the grid."""
+        return np.polynomial.chebyshev.chebvander(np.linspace(-1.0, 1.0, len(self.wavelength)),
+                                                  self.continuum_degree)
+
     @cached_property
     def _ripple_basis(self) -> tuple[np.ndarray, ...]:
         """float32 [D, F] sin(phi), cos(phi), sin(2 phi), cos(2 phi) at the periodogram's frequencies."""
@@ -125,7 +136,7 @@ class Emulator:
             e = self.shift(e, rv)
         if self.continuum_degree < 0:
             return e
-        t = np.polynomial.chebyshev.chebvander(np.linspace(-1.0, 1.0, e.shape[1]), self.continuum_degree)
+        t = self.continuum_basis
         p = t.shape[1]
         t32 = t.astype(np.float32)
         we = weight * e
@@ -186,8 +197,7 @@ class Emulator:
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
         for s in range(0, len(x), CHUNK):
             xs = x[s:s + CHUNK].astype(np.float32)
-            ivs = np.maximum(ivar[s:s + CHUNK].astype(np.float32), 0.0)
-            weight = ivs / (1.0 + ivs * self.sigma.astype(np.float32) ** 2)  # 0 where ivar = 0
+            weight = self.pixel_weight(ivar[s:s + CHUNK])
             best, rv[s:s + CHUNK], rv_err[s:s + CHUNK] = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
             fitted[s:s + CHUNK] = best
             residual = xs - self.fitted(xs, weight, best, rv[s:s + CHUNK] if self.refine_steps else None)

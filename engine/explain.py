@@ -143,7 +143,7 @@ class FitFunction:
         degree = self.emulator.continuum_degree
         if degree < 0:
             return e
-        t = torch.as_tensor(np.polynomial.chebyshev.chebvander(np.linspace(-1.0, 1.0, e.shape[1]), degree))
+        t = torch.as_tensor(self.emulator.continuum_basis)
         p, t32 = t.shape[1], t.float()
         we = weight * e
         gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).reshape(-1, p, p).double()
@@ -240,8 +240,7 @@ def estimate_function(model, network: MeanFunction, targets: list[int], x: np.nd
     mean of all targets, `network`), their inverse variances [B, D] as its emulator fit weighs them
     and which rows it fits; the blend's shares at the rows' own SNR."""
     emulator, names = model.emulator, [t.name for t in model.targets]
-    ivar = np.maximum(np.asarray(ivar, np.float32), 0.0)
-    weight = ivar / (1.0 + ivar * emulator.sigma.astype(np.float32) ** 2)  # as `Emulator.chi2`
+    weight = emulator.pixel_weight(ivar)
     share = model.calibration.network_share(model._log_snr(x))
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
                             torch.as_tensor(weight), torch.as_tensor(share), torch.as_tensor(fitted_rows),

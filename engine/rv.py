@@ -55,9 +55,7 @@ class VelocitySearch:
         return rv, rv_err
 
     def _estimate(self, x, ivar):
-        sigma2 = self.emulator.sigma.astype(np.float32) ** 2
-        ivar = np.maximum(ivar.astype(np.float32), 0.0)
-        weight = ivar / (1.0 + ivar * sigma2)
+        weight = self.emulator.pixel_weight(ivar)
         x = x.astype(np.float32)
         n_v = self.bank.shape[1]
         # chi^2 less the sum of w x^2, the same for every template: sum w t^2 - 2 sum w x t
