@@ -73,7 +73,9 @@ def inspect(results, as_json) -> None:
               help="Per-spectrum plots to draw (the first rows explained).")
 @click.option("--method", type=click.Choice(["ig", "captum"]), default="ig", show_default=True,
               help="Integrated gradients in starcast's torch code, or through Captum (same numbers).")
-@click.option("--steps", type=click.IntRange(min=1), help="Quadrature points on the path [default: 32].")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Intervals of the path (trapezoid rule), doubled for rows that miss completeness "
+              "[default: 32].")
 def explain(input, out, model, ids, n, plots, method, steps) -> None:
     """Attribute each estimate of INPUT's spectra to their pixels and lines (integrated gradients)."""
     from pathlib import Path

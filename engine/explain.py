@@ -9,8 +9,9 @@ Gauss-Newton refinement of the network's labels, as `predict` runs it, written i
 can be differentiated), w and the fit's pixel weights held at the spectrum's own. The path runs from
 the continuum (flux 1 on every pixel, the input features such as `log10_snr` held at the spectrum's
 own values, so their attribution is zero and all of f(x) - f(baseline) lands on pixels) to the
-spectrum, with Gauss-Legendre quadrature. Methods: "ig" (torch, all targets from one forward pass per
-path point) and "captum" (Captum's `IntegratedGradients`, one call per target); same numbers, see
+spectrum, with the trapezoid rule, refined where completeness is missed. Methods: "ig" (torch, all
+targets from one forward pass per path point, refining by the new points alone) and "captum" (Captum's
+`IntegratedGradients`, one call per target, the whole path again); same numbers, see
 `bench/explain_bench.py` for their speed. Plots and the survey view live in `explain_report.py`.
 """
 
@@ -30,7 +31,7 @@ from ..kernels.reference import ACTIVATIONS
 from . import emulator as emu
 
 METHODS = ("ig", "captum")
-DEFAULT_STEPS = 32  # quadrature points on the path, doubled for rows that miss completeness by > tol
+DEFAULT_STEPS = 32  # intervals of the path, doubled for rows that miss completeness by > tol
 MAX_STEPS = 1024
 COMPLETENESS_TOL = 0.01  # attributions sum to f(x) - f(baseline) within this fraction of it
 
@@ -118,7 +119,7 @@ class FitFunction:
     hi: np.ndarray
 
     def spectra(self, labels: torch.Tensor) -> torch.Tensor:
-        """`Emulator.spectra`: float32 [N, D] at float64 `labels` [N, k]."""
+        """`Emulator.spectra`: float32 [..., D] at float64 `labels` [..., k]."""
         e = self.emulator
         h = ((labels - torch.as_tensor(e.label_mean)) / torch.as_tensor(e.label_std)).float()
         for i, (w, b) in enumerate(e.layers):
@@ -128,7 +129,8 @@ class FitFunction:
         return h
 
     def shift(self, spectra: torch.Tensor, rv: torch.Tensor) -> torch.Tensor:
-        """`Emulator.shift`: spectra at wavelength x rest_frame_factor(rv), linear, the ends held."""
+        """`Emulator.shift` of spectra [N, D] by rv [N]: spectra at wavelength x rest_frame_factor(rv),
+        linear, the ends held."""
         wave = torch.as_tensor(self.emulator.wavelength)
         beta = rv / C_KMS
         lam = wave[None] * torch.sqrt((1.0 - beta) / (1.0 + beta))[:, None]
@@ -138,23 +140,28 @@ class FitFunction:
         return left + t * (right - left)
 
     def fitted(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rv: torch.Tensor):
-        """`Emulator.fitted`: the shifted emulated spectra times their best continuum polynomial."""
-        e = self.shift(self.spectra(labels), rv)
+        """`Emulator.fitted` at J sets of labels [J, N, k] and velocities [J, N] for spectra x [N, D]:
+        the shifted emulated spectra times their best continuum polynomial, [J, N, D]. A set at rest is
+        not shifted (as numpy skips it; the shift would be the identity)."""
+        e = self.spectra(labels)
+        e = torch.stack([self.shift(ej, vj) if torch.any(vj) else ej for ej, vj in zip(e, rv, strict=True)])
         degree = self.emulator.continuum_degree
         if degree < 0:
             return e
         t = torch.as_tensor(self.emulator.continuum_basis)
         p, t32 = t.shape[1], t.float()
         we = weight * e
-        gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).reshape(-1, p, p).double()
-        trace = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1)
-        gram = gram + torch.eye(p, dtype=gram.dtype) * (1e-9 * trace + 1e-300)[:, None, None]
+        gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).unflatten(-1, (p, p))
+        gram = gram.double()
+        trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(dim=-1)
+        gram = gram + torch.eye(p, dtype=gram.dtype) * (1e-9 * trace + 1e-300)[..., None, None]
         coef = torch.linalg.solve(gram, ((we * x) @ t32).double()[..., None])[..., 0]
         return e * (coef @ t.T).float()
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The fitted labels [N, k] (float64) of float32 spectra x [N, D] with float32 pixel weights
-        `weight` [N, D], from float64 `labels` [N, k] (physical units)."""
+        `weight` [N, D], from float64 `labels` [N, k] (physical units). Each step evaluates the model
+        and its k + 1 finite-difference neighbours together."""
         e = self.emulator
         k = len(e.labels)
         scale = torch.as_tensor(np.append(e.label_std, emu.V_UNIT))
@@ -164,16 +171,15 @@ class FitFunction:
         zhi = torch.as_tensor(np.append((self.hi - e.label_mean) / e.label_std, emu.V_FIT_MAX / emu.V_UNIT))
         step_max = torch.as_tensor(np.append(np.ones(k), emu.V_STEP_MAX))
         eye = torch.eye(k + 1, dtype=scale.dtype)
-
-        def model(z):
-            phys = z * scale + offset
-            return self.fitted(x, weight, phys[:, :k], phys[:, k])
+        # the labels and their k + 1 finite-difference neighbours, [k + 2, 1, k + 1]
+        probes = torch.cat([torch.zeros((1, k + 1), dtype=scale.dtype), emu.STEP * eye])[:, None]
 
         for _ in range(e.refine_steps):
-            base = model(z)
-            jac = torch.stack([(model(z + emu.STEP * eye[j]) - base) / emu.STEP for j in range(k + 1)], dim=1)
-            gram = torch.bmm(jac * weight[:, None], jac.transpose(1, 2)).double()
-            grad = (jac * (weight * (x - base))[:, None]).sum(dim=2).double()
+            phys = (z[None] + probes) * scale + offset
+            model = self.fitted(x, weight, phys[..., :k], phys[..., k])  # [k + 2, N, D]
+            base, jac = model[0], ((model[1:] - model[0]) / emu.STEP).transpose(0, 1)  # [N, k + 1, D]
+            gram = torch.einsum("nid,njd->nij", jac * weight[:, None], jac).double()
+            grad = torch.einsum("nid,nd->ni", jac, weight * (x - base)).double()
             trace = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1)
             damped = gram + eye * (1e-3 * trace / (k + 1) + 1e-12)[:, None, None]
             delta = torch.linalg.solve(damped, grad[..., None])[..., 0]
@@ -258,10 +264,12 @@ def integrated_gradients(f: MeanFunction, x: np.ndarray, baseline: np.ndarray, *
                          method: str = "ig", tol: float = COMPLETENESS_TOL,
                          max_steps: int = MAX_STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(attributions [B, K_sel, D + E], f(x) [B, K_sel], f(baseline) [B, K_sel]), float64, for prepared
-    rows x with their `baseline`. Rows whose attributions miss f(x) - f(baseline) by more than `tol`
-    of it (a ReLU network's path crosses kinks the quadrature may straddle) are redone with twice the
-    steps, up to `max_steps` (where f(x) ~ f(baseline) the relative miss may stay above `tol`; see
-    `Explanation.completeness_error`). Rows go through in chunks of ~`f.path_rows` path points."""
+    rows x with their `baseline`, by the trapezoid rule over `steps` intervals of the path. Rows whose
+    attributions miss f(x) - f(baseline) by more than `tol` of it (a ReLU network's path crosses kinks
+    the quadrature may straddle) are redone with twice the intervals, up to `max_steps` (where
+    f(x) ~ f(baseline) the relative miss may stay above `tol`; see `Explanation.completeness_error`);
+    "ig" then evaluates the new midpoints alone, Captum the whole path again. Rows go through in
+    chunks of ~`f.path_rows` path points."""
     if method not in METHODS:
         raise StarcastError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     if steps < 1:
@@ -270,19 +278,45 @@ def integrated_gradients(f: MeanFunction, x: np.ndarray, baseline: np.ndarray, *
     x, baseline = torch.tensor(x, dtype=dtype), torch.tensor(baseline, dtype=dtype)
     n, k = x.shape[0], len(f.columns)
     attr = np.empty((n, k, x.shape[1]), dtype=np.float64)
+    total = np.zeros_like(attr)  # "ig": the trapezoid's weighted sum of gradient x (x - baseline) so far
     with torch.no_grad():
         fx, fb = f(x, torch.arange(n)).double().numpy(), f(baseline, torch.arange(n)).double().numpy()
     todo = np.arange(n)
+    alphas, weights = (t.to(dtype) for t in _trapezoid(steps))
     while len(todo) and steps <= max_steps:
-        chunk = max(1, f.path_rows // steps)
+        chunk = max(1, f.path_rows // (len(alphas) if method == "ig" else steps + 1))
         for start in range(0, len(todo), chunk):
-            rows = torch.as_tensor(todo[start:start + chunk])
-            run = _ig_torch if method == "ig" else _ig_captum
-            attr[rows] = run(f, x[rows], baseline[rows], rows, steps)
+            idx = todo[start:start + chunk]
+            rows = torch.as_tensor(idx)
+            if method == "ig":
+                total[idx] += _gradient_sum(f, x[rows], baseline[rows], rows, alphas, weights)
+                attr[idx] = total[idx] / steps
+            else:
+                attr[idx] = _ig_captum(f, x[rows], baseline[rows], rows, steps)
         gap = fx[todo] - fb[todo]
         redo = (np.abs(attr[todo].sum(axis=2) - gap) > tol * np.abs(gap)).any(axis=1)
         todo, steps = todo[redo], 2 * steps
+        alphas, weights = (t.to(dtype) for t in _trapezoid(steps, refined=True))
     return attr, fx, fb
+
+
+def explained_function(model, prepared, targets: list[int], *, samples: int = 1, seed: int = 0,
+                       backend: str = "auto") -> tuple[np.ndarray, np.ndarray, MeanFunction]:
+    """(ok [B], x [B, D + E], f): which rows of a batch prepared by `model` can be predicted, the rows as
+    the model predicts them, and the deployed estimate of the target indices `targets` on the ok rows
+    (f(x[ok], i) for the i-th of them): the network's mean, or an `EstimateFunction` where the model's
+    calibration blends it with the emulator fit."""
+    ok, x, keys, fit, ivar = model._inputs_as_predicted(prepared, samples, seed, backend)
+    arch, rows = model.bundle.architecture, np.flatnonzero(ok)
+    cal = model.calibration
+    blended = fit is not None and cal is not None and cal.network_weight is not None
+    means, stds = [t.mean for t in model.targets], [t.std for t in model.targets]
+    f = mean_function(model.bundle.layers, targets=list(range(len(means))) if blended else targets,
+                      p=float(arch["dropout"]), activation=arch["activation"], label_mean=means,
+                      label_std=stds, keys=keys[rows], samples=samples, seed=seed)
+    if blended:
+        f = estimate_function(model, f, targets, x[rows], ivar[rows], np.isfinite(fit.chi2[rows]))
+    return ok, x, f
 
 
 def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig", steps: int = DEFAULT_STEPS,
@@ -291,21 +325,11 @@ def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig",
     `targets`; rows with an error get NaN attributions. `Model.explain` is the public entry point.
     Everything stays in memory (~24 KB per spectrum and target at D = 1951): explain samples of a
     catalog, not all of it."""
-    ok, x, keys, fit, ivar = model._inputs_as_predicted(prepared, samples, seed, backend)
-    arch, d = model.bundle.architecture, model.grid.n
-    b, k = len(ok), len(targets)
-    attr = np.full((b, k, d), np.nan, dtype=np.float32)
-    fx, fb = np.full((b, k), np.nan), np.full((b, k), np.nan)
-    rows = np.flatnonzero(ok)
+    ok, x, f = explained_function(model, prepared, targets, samples=samples, seed=seed, backend=backend)
+    d, rows = model.grid.n, np.flatnonzero(ok)
+    attr = np.full((len(ok), len(targets), d), np.nan, dtype=np.float32)
+    fx, fb = np.full((len(ok), len(targets)), np.nan), np.full((len(ok), len(targets)), np.nan)
     if len(rows):
-        cal = model.calibration
-        blended = fit is not None and cal is not None and cal.network_weight is not None
-        means, stds = [t.mean for t in model.targets], [t.std for t in model.targets]
-        f = mean_function(model.bundle.layers, targets=list(range(len(means))) if blended else targets,
-                          p=float(arch["dropout"]), activation=arch["activation"], label_mean=means,
-                          label_std=stds, keys=keys[rows], samples=samples, seed=seed)
-        if blended:
-            f = estimate_function(model, f, targets, x[rows], ivar[rows], np.isfinite(fit.chi2[rows]))
         a, fx[rows], fb[rows] = integrated_gradients(f, x[rows], continuum_baseline(x[rows], d), steps=steps,
                                                      method=method)
         attr[rows] = a[:, :, :d]  # the features' attribution is zero: they are held on the path
@@ -318,19 +342,24 @@ def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig",
                        errors=prepared.column(ERROR).to_pylist(), method=method, steps=steps)
 
 
-def _quadrature(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss-Legendre points and weights on [0, 1] (the scheme Captum uses by default)."""
-    nodes, weights = np.polynomial.legendre.leggauss(steps)
-    return torch.as_tensor((nodes + 1) / 2), torch.as_tensor(weights / 2)
+def _trapezoid(steps: int, refined: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points and weights (x `steps`) of the trapezoid rule over `steps` equal intervals of [0, 1], or,
+    `refined`, only those it adds to the rule over steps / 2 intervals (their midpoints): the rest are
+    that rule's, whose weighted sum it reuses."""
+    if refined:
+        return (torch.arange(steps // 2, dtype=torch.float64) * 2 + 1) / steps, torch.ones(steps // 2)
+    weights = torch.ones(steps + 1, dtype=torch.float64)
+    weights[[0, -1]] = 0.5
+    return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), weights
 
 
-def _ig_torch(f: MeanFunction, x, base, rows, steps: int) -> np.ndarray:
-    alphas, weights = (t.to(x.dtype) for t in _quadrature(steps))
+def _gradient_sum(f: MeanFunction, x, base, rows, alphas, weights) -> np.ndarray:
+    """sum_i weights_i grad f(base + alphas_i (x - base)) * (x - base), [B, K, D + E]."""
     delta = x - base
     path = (base[None] + alphas[:, None, None] * delta[None]).reshape(-1, x.shape[1]).requires_grad_()
-    out = f(path, rows.repeat(steps)).sum(dim=0)  # [K]: each path point's output depends on it alone
+    out = f(path, rows.repeat(len(alphas))).sum(dim=0)  # [K]: each path point's output depends on it alone
     grads = torch.stack([torch.autograd.grad(out[k], path, retain_graph=k < len(out) - 1)[0]
-                         for k in range(len(out))]).reshape(len(out), steps, *x.shape)
+                         for k in range(len(out))]).reshape(len(out), len(alphas), *x.shape)
     return (torch.einsum("t,ktbd->bkd", weights, grads) * delta[:, None]).detach().numpy()
 
 
@@ -340,11 +369,14 @@ def _ig_captum(f: MeanFunction, x, base, rows, steps: int) -> np.ndarray:
     except ImportError as exc:
         raise StarcastError("method 'captum' needs Captum: pip install 'starcast[explain]'") from exc
     ig = IntegratedGradients(f)
-    out = [ig.attribute(x, baselines=base, target=k, additional_forward_args=(rows,), n_steps=steps,
-                        method="gausslegendre") for k in range(len(f.columns))]
-    return torch.stack(out, dim=1).detach().numpy()
+    out = [ig.attribute(x, baselines=base, target=k, additional_forward_args=(rows,), n_steps=steps + 1,
+                        method="riemann_trapezoid") for k in range(len(f.columns))]
+    # Captum's trapezoid weighs its n points by 1 / n (the ends by half), a total of 1 - 1 / n: rescaled,
+    # it is the trapezoid rule over n - 1 intervals
+    return (torch.stack(out, dim=1) * ((steps + 1) / steps)).detach().numpy()
 
 
 __all__ = ["DEFAULT_STEPS", "METHODS", "EstimateFunction", "Explanation", "FitFunction", "MeanFunction",
-           "continuum_baseline", "estimate_function", "explain_prepared", "integrated_gradients",
+           "continuum_baseline", "estimate_function", "explain_prepared", "explained_function",
+           "integrated_gradients",
            "mean_function"]
