@@ -1,8 +1,9 @@
 """Explanations (`engine/explain.py`, `engine/explain_report.py`): integrated-gradients completeness, the
 explained function is the deployed estimate (dropout masks included; the shipped model's blend with
-its emulator fit), agreement with Captum and with the
-exact attributions of a linear model, the path's refinement by its midpoints, the line-mass measure catching a planted continuum-slope shortcut,
-and `starcast explain` writing its Parquet, plots and survey view."""
+its emulator fit), agreement with Captum and with the exact attributions of a linear model, the
+path's refinement by its midpoints, the line-mass measure catching a planted continuum-slope shortcut,
+and `starcast explain` writing its Parquet, plots and survey view (rows that cannot be predicted
+included)."""
 
 from __future__ import annotations
 
@@ -130,7 +131,6 @@ def test_ig_of_a_linear_network_is_weight_times_input_change():
     np.testing.assert_allclose(attr[:, 0], (x - 1.0) * w_eff, rtol=1e-9)
 
 
-
 def test_refining_the_path_by_its_midpoints_equals_the_rule_over_the_doubled_intervals(dropout_model):
     """Rows that miss completeness are refined by the new midpoints alone: forced to refine from 4 to 16
     intervals (tol 0), the attributions are those of the trapezoid rule over 16 intervals at once."""
@@ -138,7 +138,7 @@ def test_refining_the_path_by_its_midpoints_equals_the_rule_over_the_doubled_int
     prepared = dropout_model.prepare(table)
     ok, x, f = explained_function(dropout_model, prepared, [0, 1, 2])
     base = continuum_baseline(x[ok], dropout_model.grid.n)
-    refined, fx, fb = integrated_gradients(f, x[ok], base, steps=4, tol=0.0, max_steps=16)
+    refined, _, _ = integrated_gradients(f, x[ok], base, steps=4, tol=0.0, max_steps=16)
     direct, _, _ = integrated_gradients(f, x[ok], base, steps=16, max_steps=16)
     np.testing.assert_allclose(refined, direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max())
     coarse, _, _ = integrated_gradients(f, x[ok], base, steps=4, max_steps=4)
@@ -268,3 +268,12 @@ def test_a_row_that_cannot_be_predicted_gets_nan_attributions_and_exit_code_3(tm
     teff = pq.read_table(tmp_path / "ex" / "attributions.parquet").column("teff").to_pylist()
     assert np.isnan(teff[0]).all() and np.isfinite(teff[1]).all()
     assert len(list((tmp_path / "ex" / "plots").glob("*.png"))) == 2
+
+
+def test_a_batch_without_a_row_that_can_be_predicted_gets_nan_attributions(dropout_model):
+    table = catalog_table(2).replace_schema_metadata({"starcast.wavelength": GRID.to_json()})
+    flux = table.column("flux").combine_chunks()
+    nan = pa.array(np.full(len(flux.values), np.nan, np.float32))
+    table = table.set_column(1, "flux", pa.FixedSizeListArray.from_arrays(nan, flux.type.list_size))
+    exp = dropout_model.explain(table)
+    assert np.isnan(exp.attributions).all() and all(exp.errors)
