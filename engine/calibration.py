@@ -10,6 +10,11 @@ the same knots. The two err in partly different ways (the network's imperfect in
 emulator's interpolation between nodes), so the blend, with w fitted at nodes left out of training, is
 closer to the truth than either at every SNR; the scales and floor are fitted to the blended estimate.
 
+The scale may also follow the network's mean of one target (`label_scale`: per target, a factor
+piecewise linear in that mean between knots, constant beyond them): how much a spectrum says about
+each label depends on it as well as on the noise (a slow rotator's sharp lines tell more than the
+same SNR spread over broad ones), more than the network's own variances follow.
+
 A model with an emulator may also inflate the aleatoric part by 1 + c max(chi2 - 1, 0) per target,
 chi2 the reduced chi^2 of the emulator's fit: a spectrum the fit cannot explain to its noise (a
 continuum ripple, a defect the flux_err does not carry) is noisier than its flux_err says, and its
@@ -38,10 +43,20 @@ class Calibration:
     floor: np.ndarray  # (K,) physical units
     network_weight: np.ndarray | None = None  # (K, Q) in [0, 1], the network's share; None: no blend
     chi2_inflation: np.ndarray | None = None  # (K,) >= 0: c of the aleatoric inflation; None: none
+    label: int | None = None  # the target whose network mean `label_scale` follows; None: no such scale
+    label_knots: np.ndarray | None = None  # (P,) increasing, in that target's unit
+    label_scale: np.ndarray | None = None  # (K, P) > 0: sigma multipliers at the label's knots
 
-    def apply(self, log_snr: np.ndarray, var_a: np.ndarray, var_e: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Calibrated (var_aleatoric, var_epistemic), [B, K], from the kernel's variances."""
+    def apply(self, log_snr: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
+              mean: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Calibrated (var_aleatoric, var_epistemic), [B, K], from the kernel's variances; `mean` [B, K]:
+        the network's mean (physical units), needed with a `label_scale`."""
         s = np.stack([np.interp(log_snr, self.knots, row) for row in self.scale], axis=1)
+        if self.label_scale is not None:
+            if mean is None:
+                raise ValueError("this calibration follows the network's mean of a target: pass `mean`")
+            label = mean[:, self.label]
+            s = s * np.stack([np.interp(label, self.label_knots, row) for row in self.label_scale], axis=1)
         return s**2 * var_a, s**2 * var_e + self.floor**2
 
     def inflation(self, chi2: np.ndarray) -> np.ndarray:
@@ -70,6 +85,9 @@ class Calibration:
             entry["network_weight"] = {t: self.network_weight[k].tolist() for k, t in enumerate(targets)}
         if self.chi2_inflation is not None:
             entry["chi2_inflation"] = {t: float(self.chi2_inflation[k]) for k, t in enumerate(targets)}
+        if self.label_scale is not None:
+            entry["label_scale"] = {"target": targets[self.label], "knots": self.label_knots.tolist(),
+                                    "scale": {t: self.label_scale[k].tolist() for k, t in enumerate(targets)}}
         return entry
 
     @classmethod
@@ -86,6 +104,13 @@ class Calibration:
             inflation = entry.get("chi2_inflation")
             if inflation is not None:
                 inflation = np.asarray([inflation[t] for t in targets], np.float64)
+            label, label_knots, label_scale = None, None, None
+            if "label_scale" in entry:
+                by_label = entry["label_scale"]
+                label = targets.index(by_label["target"])
+                label_knots = np.asarray(by_label["knots"], np.float64)
+                label_scale = np.asarray([by_label["scale"][t] for t in targets], np.float64)
+                label_scale = label_scale.reshape(len(targets), -1)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"manifest 'calibration' is malformed: {exc!r}") from exc
         if (scale.shape[1] != len(knots) or not np.all(np.diff(knots) > 0)
@@ -99,4 +124,9 @@ class Calibration:
                              "and target")
         if inflation is not None and not (np.isfinite(inflation).all() and (inflation >= 0).all()):
             raise ModelError("manifest 'calibration' chi2_inflation needs one finite value >= 0 per target")
-        return cls(knots, scale, floor, weight, inflation)
+        if label_scale is not None and (
+                label_scale.shape[1] != len(label_knots) or not np.all(np.diff(label_knots) > 0)
+                or not (np.isfinite(label_scale).all() and (label_scale > 0).all())):
+            raise ModelError("manifest 'calibration' label_scale needs increasing knots and one positive "
+                             "finite scale per knot and target")
+        return cls(knots, scale, floor, weight, inflation, label, label_knots, label_scale)

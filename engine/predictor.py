@@ -276,7 +276,8 @@ class Model:
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
             if self.calibration is not None:  # SNR scale and chi^2 inflation; the floor is not per draw
                 scale2, _ = self.calibration.apply(self._log_snr(x[rows]), np.ones((len(rows), mu.shape[3])),
-                                                   np.zeros((len(rows), mu.shape[3])))
+                                                   np.zeros((len(rows), mu.shape[3])),
+                                                   mean=mu[rows].mean(axis=(1, 2)))
                 if fit is not None:
                     scale2 *= self.calibration.inflation(fit.chi2[rows])
                 var[rows] *= scale2[:, None, None, :]
@@ -344,12 +345,12 @@ class Model:
         # the kernels bound their own memory (row chunks / tiles)
         stats = self._kernel(backend)(*self._inputs(backend, x[rows], keys[rows]),
                                       **self._kernel_args(samples, seed))
-        _, var_a, var_e = out
+        mean, var_a, var_e = out
         for target, value in zip(out, stats, strict=True):
             target[rows] = value.detach().cpu().double().numpy()
         if self.calibration is not None:
             var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
-                                                              np.maximum(var_e[rows], 0.0))
+                                                              np.maximum(var_e[rows], 0.0), mean=mean[rows])
 
     def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray) -> dict:
         """The prepared columns a model with an emulator adds: `ivar` [B, grid pixels], `rv`, `rv_err`

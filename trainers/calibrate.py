@@ -56,12 +56,12 @@ def epistemic_thresholds(sigma_epistemic: np.ndarray, quantile: float = 0.995) -
     return np.quantile(sigma_epistemic, quantile, axis=0)
 
 
-def snr_bins(log_snr: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """(knots [bins], bin of each row [N]): `bins` equal-count bins of log10 SNR, a knot at each
-    bin's median."""
-    edges = np.quantile(log_snr, np.linspace(0.0, 1.0, bins + 1))
-    which = np.clip(np.searchsorted(edges, log_snr, side="right") - 1, 0, bins - 1)
-    knots = np.array([np.median(log_snr[which == b]) for b in range(bins)])
+def equal_count_bins(values: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """(knots [bins], bin of each row [N]): `bins` equal-count bins of `values` (e.g. log10 SNR), a knot
+    at each bin's median."""
+    edges = np.quantile(values, np.linspace(0.0, 1.0, bins + 1))
+    which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+    knots = np.array([np.median(values[which == b]) for b in range(bins)])
     return np.maximum.accumulate(knots + 1e-9 * np.arange(bins)), which
 
 
@@ -82,26 +82,31 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
 
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
                         log_snr: np.ndarray, bins: int = 6, fitted: np.ndarray | None = None,
-                        chi2: np.ndarray | None = None, chi2_strata: int = 3) -> Calibration:
+                        chi2: np.ndarray | None = None, chi2_strata: int = 3, label: int | None = None,
+                        label_bins: int = 10, label_rounds: int = 3) -> Calibration:
     """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
-    Rows are split into `bins` equal-count bins of log10 SNR (`snr_bins`). With the labels of the
-    emulator's fit (`fitted`, NaN where there are none), the network's weights in the blended estimate
-    come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per target, a
-    systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]), the
+    Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of
+    the emulator's fit (`fitted`, NaN where there are none), the network's weights in the blended
+    estimate come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per target,
+    a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]), the
     inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the 68%
     and 95% coverages of
-    |y - mean| <= z_q sqrt(s_b^2 (g var_a + var_e) + f^2), g = 1 + c max(chi2 - 1, 0), summed over the
-    bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a spectrum the fit
-    explains and one it does not are both covered, not only their mixture). f and c over grids of
+    |y - mean| <= z_q sqrt(s_b^2 g^2 (h var_a + var_e) + f^2), h = 1 + c max(chi2 - 1, 0), summed over
+    the bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a spectrum the
+    fit explains and one it does not are both covered, not only their mixture). f and c over grids of
     candidates from 0, s_b over a fine log grid: the floor is what the data ask for at high SNR, where
-    the noise no longer hides what the grid's interpolation does not know."""
-    knots, which = snr_bins(log_snr, bins)
-    weight = None
+    the noise no longer hides what the grid's interpolation does not know. g = 1, or, with `label`
+    (a target's index), a factor per target piecewise linear in the network's mean of that target
+    (knots at the medians of `label_bins` equal-count bins of it): each bin's scale (`fit_sigma_scale`) of
+    the residuals under the rest, normalised to a geometric mean of 1 over the rows, the whole fitted
+    again `label_rounds` times."""
+    knots, which = equal_count_bins(log_snr, bins)
+    weight, network = None, mean
     if fitted is not None:
-        weight = fit_network_weight(y, mean, fitted, log_snr, knots)
-        mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight).blend(log_snr, mean,
+        weight = fit_network_weight(y, network, fitted, log_snr, knots)
+        mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight).blend(log_snr, network,
                                                                                              fitted)
     if chi2 is None:
         excess, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
@@ -110,11 +115,38 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         inflations = np.concatenate([[0.0], np.geomspace(1e-2, 30.0, 25)])
     cells = [np.array_split(rows[np.argsort(excess[rows], kind="stable")], strata)  # [bin][stratum]
              for rows in (np.flatnonzero(which == b) for b in range(bins))]
+    resid2 = (y - mean) ** 2
+    label_knots, label_which, label_scale = None, None, None
+    if label is not None:
+        label_knots, label_which = equal_count_bins(network[:, label], label_bins)
+        label_scale = np.ones((y.shape[1], label_bins))
+    for _ in range(1 + (label_rounds if label is not None else 0)):
+        g2 = 1.0 if label is None else np.stack([np.interp(network[:, label], label_knots, row) ** 2
+                                                 for row in label_scale], axis=1)
+        scale, floor, inflation = _fit_scales(resid2, g2 * var_a, g2 * var_e, excess, cells, inflations)
+        if label is None:
+            break
+        cal = Calibration(knots, scale, floor, chi2_inflation=inflation, label=label, label_knots=label_knots,
+                          label_scale=label_scale)
+        var_a_cal, var_e_cal = cal.apply(log_snr, var_a * cal.inflation(excess + 1.0), var_e, mean=network)
+        z = np.sqrt(resid2 / (var_a_cal + var_e_cal))
+        for k in range(y.shape[1]):
+            factors = np.array([fit_sigma_scale(z[label_which == b, k]) for b in range(label_bins)])
+            label_scale[k] *= factors / np.exp(np.mean(np.log(factors[label_which])))
+    return Calibration(knots, scale, floor, weight, None if chi2 is None else inflation, label, label_knots,
+                       label_scale)
+
+
+def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess: np.ndarray, cells: list,
+                inflations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scale [K, bins], floor [K], inflation [K]) of `fit_snr_calibration` for squared residuals and
+    variances [N, K], the rows' excess chi^2 [N], `cells` (rows per SNR bin and chi^2 stratum) and the
+    candidate inflations."""
     half2 = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS]) ** 2
     s2_grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 600)) ** 2
-    resid2 = (y - mean) ** 2
-    scale, floor, inflation = np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), np.zeros(y.shape[1])
-    for k in range(y.shape[1]):
+    k_targets, bins = resid2.shape[1], len(cells)
+    scale, floor, inflation = np.ones((k_targets, bins)), np.zeros(k_targets), np.zeros(k_targets)
+    for k in range(k_targets):
         typical = float(np.median(np.sqrt(resid2[:, k])))
         floors = np.concatenate([[0.0], typical * np.geomspace(1e-2, 3.0, 48)])
         best = (np.inf, 0.0, 0.0, None)
@@ -136,4 +168,4 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
                 if total < best[0] - 1e-6:  # a larger floor or inflation must do strictly better
                     best = (total, f, c, scales)
         floor[k], inflation[k], scale[k] = best[1], best[2], best[3]
-    return Calibration(knots, scale, floor, weight, None if chi2 is None else inflation)
+    return scale, floor, inflation

@@ -72,6 +72,11 @@ class CalibrationConfig:
     samples: int = 32  # S used to calibrate (the deployed default)
     seed: int = 0
     ood_quantile: float = 0.995  # quantile of validation epistemic sigma used as the OOD threshold
+    scale_label: str = ""  # a target whose network mean the SNR calibration's scale also follows ("": none)
+
+    def label_index(self, targets) -> int | None:
+        """The index of `scale_label` among `targets` (None without one)."""
+        return list(targets).index(self.scale_label) if self.scale_label else None
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,9 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         (t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "training.epochs, batch_size, lr must be > 0"),
         (0 <= t.augment_prob <= 1, "training.augment_prob must be in [0, 1]"),
         (cfg.calibration.method in ("coverage", "nll"), "calibration.method must be coverage or nll"),
+        (cfg.calibration.scale_label in ("", *d.targets),
+         f"calibration.scale_label must be one of the targets {list(d.targets)} or empty, "
+         f"got {cfg.calibration.scale_label!r}"),
         (len(d.split) == 3 and abs(sum(d.split) - 1) < 1e-6, "data.split must be 3 fractions summing to 1"),
         (bool(d.synth) + bool(d.catalog) + bool(d.grid) == 1,
          "[data] needs exactly one of `catalog` (a path), a [data.synth] or a [data.grid] table"),

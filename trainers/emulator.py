@@ -245,6 +245,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     if "log10_snr" not in bundle.features:  # one sigma factor per target: nothing SNR-conditional to fit
         return None
     names, cal = [t.name for t in bundle.targets], cfg.calibration
+    label = cal.label_index(names)
     raw = Model(replace(bundle, manifest={k: v for k, v in bundle.manifest.items() if k != "calibration"}))
 
     def estimates(split: str) -> dict:
@@ -260,12 +261,12 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     def fit(*parts: dict):
         d = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         return fit_snr_calibration(d["y"], d["mean"], d["var_a"], d["var_e"], d["log_snr"],
-                                   fitted=d["fitted"], chi2=d["chi2"])
+                                   fitted=d["fitted"], chi2=d["chi2"], label=label)
 
     def scored(calibration, d: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, sigma, epistemic sigma) [N, K] of the rows `d` under `calibration`."""
         inflated = d["var_a"] * calibration.inflation(d["chi2"])
-        var_a, var_e = calibration.apply(d["log_snr"], inflated, d["var_e"])
+        var_a, var_e = calibration.apply(d["log_snr"], inflated, d["var_e"], mean=d["mean"])
         return calibration.blend(d["log_snr"], d["mean"], d["fitted"]), np.sqrt(var_a + var_e), np.sqrt(var_e)
 
     splits = {split: estimates(split) for split in ("val", "test", "between")}

@@ -45,7 +45,7 @@ def predict_physical(layers: list, arch: ArchitectureConfig, std: Standardiser, 
         dtype=torch.float64)
     var_a, var_e = var_a.numpy(), np.maximum(var_e.numpy(), 0.0)
     if isinstance(calibration, Calibration):
-        var_a, var_e = calibration.apply(log_snr_of(x, arch), var_a, var_e)
+        var_a, var_e = calibration.apply(log_snr_of(x, arch), var_a, var_e, mean=mean.numpy())
     return mean.numpy(), np.sqrt(var_a), np.sqrt(var_e)
 
 
@@ -99,7 +99,8 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
     mean, ale, epi = predict_physical(layers, arch, std, x_va, id_va, samples=cal.samples, seed=cal.seed)
     names = cfg.data.targets
     if "log10_snr" in arch.features:
-        calibration = fit_snr_calibration(y_va, mean, ale**2, epi**2, log_snr_of(x_va, arch))
+        calibration = fit_snr_calibration(y_va, mean, ale**2, epi**2, log_snr_of(x_va, arch),
+                                          label=cal.label_index(names))
         factors = np.ones(len(names))
     else:
         factors = calibration = calibration_factors(y_va, mean, np.hypot(ale, epi), cal.method)

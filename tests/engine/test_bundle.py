@@ -191,8 +191,15 @@ def _arch(**changes):
                                      "floor": {t: 0 for t in ("teff", "logg", "vsini")},
                                      "chi2_inflation": {"teff": 1.0, "logg": -0.5, "vsini": 0.0}}),
      r"calibration' chi2_inflation"),
+    (lambda m: m.update(calibration={"kind": "snr", "feature": "log10_snr", "log10_snr_knots": [1.0],
+                                     "scale": {t: [1.0] for t in ("teff", "logg", "vsini")},
+                                     "floor": {t: 0 for t in ("teff", "logg", "vsini")},
+                                     "label_scale": {"target": "vsini", "knots": [50.0, 10.0],
+                                                     "scale": {t: [1.0, 1.0] for t in ("teff", "logg")}
+                                                     | {"vsini": [1.0, 1.0]}}}),
+     r"calibration' label_scale"),
 ], ids=["std0", "std<0", "min=max", "calibration<0", "scale0", "mean-str", "hidden0", "members-float",
-        "var_eps0", "activation", "ood<0", "weight>1", "inflation<0"])
+        "var_eps0", "activation", "ood<0", "weight>1", "inflation<0", "label-knots"])
 def test_bad_values_are_refused_naming_the_key(tiny_bundle, edit, key):
     manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
     edit(manifest)

@@ -156,3 +156,31 @@ def _table(data: dict):
     from starcast.engine.predictor import _as_table
 
     return _as_table(data, None, TINY_GRID.medium)[0]
+
+
+def test_a_label_scale_multiplies_each_sigma_by_its_factor_at_the_networks_mean(tmp_path):
+    """`label_scale` on a target: every target's sigmas (both parts; no floor here) are those of the
+    same calibration without it, times the factor interpolated at the network's mean of that target
+    (here Teff, which the networks report unclipped), in `predict` and in `predict_samples` (whose
+    float64 mean differs in the 7th digit)."""
+    features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
+    data = catalog(6, 30.0)
+    plain = Calibration(np.array([1.0, 2.5]), np.ones((3, 2)), np.zeros(3))
+    probe = load_model(make_bundle(tmp_path / "probe", features=features,
+                                   calibration=plain.to_manifest(targets)))
+    base = probe.predict(data, backend="cpu")
+    teff = base.column("teff").to_numpy()
+    knots, scale = np.array([teff.min(), teff.max()]), np.array([[0.5, 2.0], [1.0, 3.0], [2.0, 2.0]])
+    labelled = Calibration(plain.knots, plain.scale, plain.floor, label=0, label_knots=knots,
+                           label_scale=scale)
+    model = load_model(make_bundle(tmp_path / "label", features=features,
+                                   calibration=labelled.to_manifest(targets)))
+    out = model.predict(data, backend="cpu")
+    samples = [m.predict_samples(data) for m in (probe, model)]
+    for k, t in enumerate(targets):
+        factor = np.interp(teff, knots, scale[k])
+        for part in ("_err_aleatoric", "_err_epistemic"):
+            np.testing.assert_allclose(out.column(t + part).to_numpy(),
+                                       base.column(t + part).to_numpy() * factor, rtol=1e-6)
+        np.testing.assert_allclose(samples[1].sigma[..., k], samples[0].sigma[..., k] * factor[:, None, None],
+                                   rtol=1e-5)
