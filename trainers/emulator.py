@@ -36,7 +36,7 @@ from ..kernels.preprocess import preprocess
 from .calibrate import epistemic_thresholds, fit_snr_calibration
 from .config import TrainConfig, load_config
 from .gridsource import GridSource
-from .metrics import ISSUE_SNR_EDGES, coverage_by_snr
+from .metrics import ISSUE_SNR_EDGES, coverage_in_bins
 from .pipeline import split_metrics
 
 SNR_BINS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)  # edges of the SNR bins of the chi^2 report
@@ -280,7 +280,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         d = splits[split]
         mean, sigma, _ = scored(fit(splits[other]), d)
         metrics[f"{split}_cross_fitted"] = {
-            name: {**m, "coverage_by_snr": coverage_by_snr(d["snr"], d["y"][:, k], mean[:, k], sigma[:, k],
+            name: {**m, "coverage_by_snr": coverage_in_bins(d["snr"], d["y"][:, k], mean[:, k], sigma[:, k],
                                                            ISSUE_SNR_EDGES)}
             for k, (name, m) in enumerate(split_metrics(tuple(names), d["y"], mean, sigma).items())}
     thresholds = epistemic_thresholds(np.concatenate(sigma_epistemic), cal.ood_quantile)

@@ -20,7 +20,7 @@ from ..catalogs.io import list_inputs
 from ..catalogs.physics import C_KMS
 from ..catalogs.schema import FLAGS, ID, META_GENERATOR, SNR, SPLIT, Flag
 from ..errors import CatalogError
-from .metrics import auroc, binned_bias, coverage_by_snr, summary
+from .metrics import VSINI_EDGES, auroc, binned_bias, coverage_in_bins, summary
 from .plots import EvalArrays, write_plots
 
 MIN_MATCH = 0.9  # default: at least this fraction of the smaller of results and truth must match by id
@@ -140,7 +140,10 @@ def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[floa
         entry["bias_in_bins"] = {p: binned_bias(a.y[high, j], r[high], a.sigma[high, k], bins)
                                  for j, p in enumerate(names)}
         if a.snr is not None:
-            entry["coverage_by_snr"] = coverage_by_snr(a.snr, a.y[:, k], a.mean[:, k], a.sigma[:, k])
+            entry["coverage_by_snr"] = coverage_in_bins(a.snr, a.y[:, k], a.mean[:, k], a.sigma[:, k])
+        if "vsini" in names:  # how much a spectrum tells depends on its line widths too
+            entry["coverage_by_predicted_vsini"] = coverage_in_bins(
+                a.mean[:, names.index("vsini")], a.y[:, k], a.mean[:, k], a.sigma[:, k], VSINI_EDGES, "vsini")
         report["targets"][n] = entry
     if vsini_min is not None and "vsini" in names:
         k = names.index("vsini")

@@ -69,18 +69,19 @@ def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins
 
 ISSUE_SNR_EDGES = (10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 400.0)  # issue 9's SNR bins
 SNR_EDGES = (0.0, *ISSUE_SNR_EDGES, np.inf)  # and beyond them
+VSINI_EDGES = (0.0, 40.0, 80.0, 140.0, 220.0, 320.0, np.inf)  # km/s, of the predicted v sin i
 
 
-def coverage_by_snr(snr: np.ndarray, y: np.ndarray, mean: np.ndarray, sigma: np.ndarray,
-                    edges=SNR_EDGES) -> list[dict]:
-    """Coverage of the 68% and 95% intervals, RMSE and bias in bins of SNR: calibration on average can
-    hide sigmas that do not follow the noise (too narrow at low SNR, too wide at high SNR). Empty bins
-    are skipped."""
+def coverage_in_bins(values: np.ndarray, y: np.ndarray, mean: np.ndarray, sigma: np.ndarray,
+                     edges=SNR_EDGES, name: str = "snr") -> list[dict]:
+    """Coverage of the 68% and 95% intervals, RMSE and bias in bins of `values` (`name`: the keys
+    `{name}_lo`, `{name}_hi`), e.g. SNR: calibration on average can hide sigmas that do not follow the
+    noise (too narrow at low SNR, too wide at high SNR). Empty bins are skipped."""
     out = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        sel = (snr >= lo) & (snr < hi)
+        sel = (values >= lo) & (values < hi)
         if sel.any():
-            out.append({"snr_lo": float(lo), "snr_hi": float(hi), "n": int(sel.sum()),
+            out.append({f"{name}_lo": float(lo), f"{name}_hi": float(hi), "n": int(sel.sum()),
                         "rmse": float(np.sqrt(np.mean((mean[sel] - y[sel]) ** 2))),
                         "bias": float(np.mean(mean[sel] - y[sel])),
                         "coverage_68": coverage(y[sel], mean[sel], sigma[sel], 0.68),

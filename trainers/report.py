@@ -174,6 +174,12 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
                   "| SNR | rows | " + " | ".join(cross_fitted) + " |",
                   "| --- | --- |" + " --- |" * len(cross_fitted)]
         lines += _coverage_rows([m["coverage_by_snr"] for m in cross_fitted.values()])
+    by_vsini = [m.get("coverage_by_predicted_vsini", []) for m in reports[reference]["targets"].values()]
+    if all(by_vsini):
+        lines += ["", f"68% / 95% coverage in bins of the predicted v sin i, km/s (`{reference}` set):", "",
+                  "| v sin i | rows | " + " | ".join(reports[reference]["targets"]) + " |",
+                  "| --- | --- |" + " --- |" * len(reports[reference]["targets"])]
+        lines += _coverage_rows(by_vsini, "vsini")
     lines += ["", f"RMSE in bins of SNR (`{reference}` set; v sin i over all rows, slow rotators included):",
               "", "| SNR | " + " | ".join(reports[reference]["targets"]) + " |",
               "| --- |" + " --- |" * len(reports[reference]["targets"])]
@@ -188,12 +194,12 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
     return "\n".join(lines)
 
 
-def _coverage_rows(by_snr: list[list[dict]]) -> list[str]:
-    """Table rows of 68% / 95% coverage per SNR bin, one column per target."""
+def _coverage_rows(by_bin: list[list[dict]], name: str = "snr") -> list[str]:
+    """Table rows of 68% / 95% coverage per bin (of SNR, or of what `name` says), one column per target."""
     rows = []
-    for bins in zip(*by_snr, strict=True):
+    for bins in zip(*by_bin, strict=True):
         cells = " | ".join(f"{100 * b['coverage_68']:.0f}% / {100 * b['coverage_95']:.0f}%" for b in bins)
-        rows.append(f"| {bins[0]['snr_lo']:.0f}-{bins[0]['snr_hi']:.0f} | {bins[0]['n']} | {cells} |")
+        rows.append(f"| {bins[0][name + '_lo']:.0f}-{bins[0][name + '_hi']:.0f} | {bins[0]['n']} | {cells} |")
     return rows
 
 

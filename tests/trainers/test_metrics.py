@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import uncertainty_toolbox as uct
 from sklearn.metrics import roc_auc_score
-from starcast.trainers.metrics import auroc, binned_bias, coverage, coverage_by_snr, summary
+from starcast.trainers.metrics import auroc, binned_bias, coverage, coverage_in_bins, summary
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_coverage_by_snr_separates_narrow_low_snr_sigmas_from_wide_high_snr_ones
     snr = np.array([20.0, 25.0, 250.0, 280.0])
     y = np.zeros(4)
     mean = np.array([2.0, -3.0, 0.1, -0.2])  # the low-SNR rows miss by 2-3 sigma, the others do not
-    bins = coverage_by_snr(snr, y, mean, np.ones(4))
+    bins = coverage_in_bins(snr, y, mean, np.ones(4))
     assert [(b["snr_lo"], b["n"], b["coverage_68"], b["coverage_95"]) for b in bins] == [
         (20.0, 2, 0.0, 0.0), (200.0, 2, 1.0, 1.0)]
     assert [b["rmse"] for b in bins] == pytest.approx([np.sqrt(6.5), np.sqrt(0.025)])
