@@ -125,7 +125,8 @@ class Calibration:
         if inflation is not None and not (np.isfinite(inflation).all() and (inflation >= 0).all()):
             raise ModelError("manifest 'calibration' chi2_inflation needs one finite value >= 0 per target")
         if label_scale is not None and (
-                label_scale.shape[1] != len(label_knots) or not np.all(np.diff(label_knots) > 0)
+                label_knots.ndim != 1 or len(label_knots) < 1 or label_scale.shape[1] != len(label_knots)
+                or not np.all(np.diff(label_knots) > 0)
                 or not (np.isfinite(label_scale).all() and (label_scale > 0).all())):
             raise ModelError("manifest 'calibration' label_scale needs increasing knots and one positive "
                              "finite scale per knot and target")

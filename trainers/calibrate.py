@@ -1,6 +1,7 @@
 """Post-hoc recalibration on the validation split: one multiplier per target on the predictive sigma
-(or, for models that see their SNR, a scale per SNR and a systematic floor per target), and the
-epistemic-sigma thresholds that flag out-of-distribution rows.
+(or, for models that see their SNR, a scale per SNR, optionally also following the network's mean of
+one target, and a systematic floor per target), and the epistemic-sigma thresholds that flag
+out-of-distribution rows.
 
 The scale is stored as `targets[i].calibration` in the manifest and applied by every backend
 (`var *= calibration**2`). No isotonic map: a single scale keeps the Gaussian form the engine reports.
@@ -100,8 +101,8 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     the noise no longer hides what the grid's interpolation does not know. g = 1, or, with `label`
     (a target's index), a factor per target piecewise linear in the network's mean of that target
     (knots at the medians of `label_bins` equal-count bins of it): each bin's scale (`fit_sigma_scale`) of
-    the residuals under the rest, normalised to a geometric mean of 1 over the rows, the whole fitted
-    again `label_rounds` times."""
+    the residuals under the rest, normalised to a geometric mean of 1 over the rows, refined
+    `label_rounds` times, the rest fitted again after each."""
     knots, which = equal_count_bins(log_snr, bins)
     weight, network = None, mean
     if fitted is not None:
@@ -120,11 +121,11 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     if label is not None:
         label_knots, label_which = equal_count_bins(network[:, label], label_bins)
         label_scale = np.ones((y.shape[1], label_bins))
-    for _ in range(1 + (label_rounds if label is not None else 0)):
+    for round_ in range(label_rounds + 1 if label is not None else 1):  # the scales fitted last
         g2 = 1.0 if label is None else np.stack([np.interp(network[:, label], label_knots, row) ** 2
                                                  for row in label_scale], axis=1)
         scale, floor, inflation = _fit_scales(resid2, g2 * var_a, g2 * var_e, excess, cells, inflations)
-        if label is None:
+        if label is None or round_ == label_rounds:
             break
         cal = Calibration(knots, scale, floor, chi2_inflation=inflation, label=label, label_knots=label_knots,
                           label_scale=label_scale)

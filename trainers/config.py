@@ -165,6 +165,9 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         (cfg.calibration.scale_label in ("", *d.targets),
          f"calibration.scale_label must be one of the targets {list(d.targets)} or empty, "
          f"got {cfg.calibration.scale_label!r}"),
+        (not cfg.calibration.scale_label or "log10_snr" in a.features,
+         "calibration.scale_label needs the SNR-conditional calibration: architecture.features must "
+         "include log10_snr"),
         (len(d.split) == 3 and abs(sum(d.split) - 1) < 1e-6, "data.split must be 3 fractions summing to 1"),
         (bool(d.synth) + bool(d.catalog) + bool(d.grid) == 1,
          "[data] needs exactly one of `catalog` (a path), a [data.synth] or a [data.grid] table"),

@@ -145,8 +145,8 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
                      cross_fitted: dict | None = None) -> str:
     """The README table: per set and target, RMSE, bias, median sigma, coverage; coverage by SNR of
     the `reference` set, and, where the calibration was fitted on that set's nodes too, as the
-    manifest's `metrics` give it under the calibration fitted without them (`cross_fitted`); OOD
-    AUROC against it."""
+    manifest's `metrics` give it under the calibration fitted without them (`cross_fitted`); its
+    coverage by predicted v sin i (where the reports have it); OOD AUROC against it."""
     lines = ["| set | target | RMSE | bias | median sigma | 68% cover | 95% cover | worst bin bias/sigma |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in sets:

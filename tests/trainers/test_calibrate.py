@@ -153,3 +153,26 @@ def test_the_label_scale_covers_rows_whose_error_follows_a_label_the_variances_d
             again = Calibration.from_manifest(cal.to_manifest(["t", "v"]), ["t", "v"])
             np.testing.assert_array_equal(again.label_scale, cal.label_scale)
             assert again.label == 1
+
+
+def test_a_scale_label_must_be_a_target_of_a_model_that_sees_its_snr():
+    from starcast.trainers.config import ConfigError, parse_config
+
+    raw = {"name": "t", "output": "o", "grid": {"kind": "linear", "start": 4010.0, "step": 2.0, "n": 10},
+           "data": {"targets": ["teff", "vsini"], "catalog": "c.parquet"},
+           "architecture": {"features": ["log10_snr"]}}
+    assert parse_config({**raw, "calibration": {"scale_label": "vsini"}}).calibration.label_index(
+        ["teff", "vsini"]) == 1
+    with pytest.raises(ConfigError, match="scale_label must be one of the targets"):
+        parse_config({**raw, "calibration": {"scale_label": "vsin"}})
+    with pytest.raises(ConfigError, match="scale_label needs the SNR-conditional calibration"):
+        parse_config({**raw, "architecture": {}, "calibration": {"scale_label": "vsini"}})
+
+
+def test_a_label_scale_needs_the_networks_mean():
+    cal = Calibration(np.array([1.0, 2.0]), np.ones((1, 2)), np.zeros(1), label=0,
+                      label_knots=np.array([0.0, 100.0]), label_scale=np.array([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="pass `mean`"):
+        cal.apply(np.array([1.5]), np.ones((1, 1)), np.zeros((1, 1)))
+    var_a, _ = cal.apply(np.array([1.5]), np.ones((1, 1)), np.zeros((1, 1)), mean=np.array([[50.0]]))
+    assert var_a[0, 0] == pytest.approx(1.5**2)

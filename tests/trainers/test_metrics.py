@@ -39,7 +39,7 @@ def test_coverage_hand_computed_case():
     assert coverage(y, mean, sigma, 0.95) == 0.75  # |z| <= 1.960: all but the last
 
 
-def test_coverage_by_snr_separates_narrow_low_snr_sigmas_from_wide_high_snr_ones():
+def test_coverage_in_bins_of_snr_separates_narrow_low_snr_sigmas_from_wide_high_snr_ones():
     snr = np.array([20.0, 25.0, 250.0, 280.0])
     y = np.zeros(4)
     mean = np.array([2.0, -3.0, 0.1, -0.2])  # the low-SNR rows miss by 2-3 sigma, the others do not
