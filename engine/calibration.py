@@ -55,9 +55,15 @@ class Calibration:
         if self.label_scale is not None:
             if mean is None:
                 raise ValueError("this calibration follows the network's mean of a target: pass `mean`")
-            label = mean[:, self.label]
-            s = s * np.stack([np.interp(label, self.label_knots, row) for row in self.label_scale], axis=1)
+            s = s * self.label_factor(mean)
         return s**2 * var_a, s**2 * var_e + self.floor**2
+
+    def label_factor(self, mean: np.ndarray) -> np.ndarray:
+        """[B, K] the `label_scale` factor at the network's mean [B, K] of its target (1 without one)."""
+        if self.label_scale is None:
+            return np.ones((len(mean), len(self.scale)))
+        return np.stack([np.interp(mean[:, self.label], self.label_knots, row) for row in self.label_scale],
+                        axis=1)
 
     def inflation(self, chi2: np.ndarray) -> np.ndarray:
         """[B, K] factor on the aleatoric variance given the emulator fit's reduced chi^2 [B] (1 where

@@ -384,5 +384,4 @@ def _ig_captum(f: MeanFunction, x, base, rows, steps: int) -> np.ndarray:
 
 __all__ = ["DEFAULT_STEPS", "METHODS", "EstimateFunction", "Explanation", "FitFunction", "MeanFunction",
            "continuum_baseline", "estimate_function", "explain_prepared", "explained_function",
-           "integrated_gradients",
-           "mean_function"]
+           "integrated_gradients", "mean_function"]

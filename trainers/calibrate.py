@@ -122,8 +122,8 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         label_knots, label_which = equal_count_bins(network[:, label], label_bins)
         label_scale = np.ones((y.shape[1], label_bins))
     for round_ in range(label_rounds + 1 if label is not None else 1):  # the scales fitted last
-        g2 = 1.0 if label is None else np.stack([np.interp(network[:, label], label_knots, row) ** 2
-                                                 for row in label_scale], axis=1)
+        g2 = Calibration(knots, np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), label=label,
+                         label_knots=label_knots, label_scale=label_scale).label_factor(network) ** 2
         scale, floor, inflation = _fit_scales(resid2, g2 * var_a, g2 * var_e, excess, cells, inflations)
         if label is None or round_ == label_rounds:
             break
