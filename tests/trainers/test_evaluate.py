@@ -56,7 +56,13 @@ def test_eval_cli_writes_report_and_plots_matching_direct_metrics(tmp_path):
     assert report["ood"]["auroc_combined"] > 0.9
     assert {"pred_vs_true.png", "residuals.png", "calibration.png", "kiel.png",
             "sigma_vs_snr.png", "ood_epistemic.png"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "report.json").read_text())["goals"]["teff"]["coverage_68_ok"]
+    goals = json.loads((out / "report.json").read_text())["goals"]
+    assert goals["teff"]["coverage_68_ok"]
+    snr = truth.column("snr").to_numpy()[::-1][inside]  # the RMSE goals hold at SNR >= 100
+    for k, t in enumerate(NAMES):
+        rows = (snr >= 100) & ((y[inside, k] > 30.0) if t == "vsini" else True)
+        assert goals[t]["rmse"] == pytest.approx(np.sqrt(np.mean(r[rows, k] ** 2)))
+        assert rows.sum() < len(r) - 100
 
 
 def test_eval_cli_split_selects_truth_rows(tmp_path):
