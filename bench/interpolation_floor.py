@@ -11,13 +11,17 @@ about the physics between them: no estimator trained on (or fitted with) the gri
 average, so at high SNR, where the bound falls as 1/SNR, the error is bounded below by this floor
 rather than by the bound.
 
+`--sweep` measures the same for other interpolation settings (weights kept per star, the log g
+unit of distance between nodes) beside the generator's: how its constants were chosen.
+
 Run: `python bench/interpolation_floor.py [--config trainers/configs/ob-default.toml]
-[--vsini 20 60 150 300]`. Writes bench/results/interpolation_floor.json and .md.
+[--vsini 20 60 150 300] [--sweep]`. Writes bench/results/interpolation_floor.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -25,12 +29,15 @@ from pathlib import Path
 import numpy as np
 from peers import ROOT, source
 from preprocess_bench import machine
+from starcast.catalogs import gridsynth
 from starcast.trainers import templatefit as tf
 
 RESULTS = Path(__file__).parent / "results"
 NODE_STEP = (1000.0, 0.25)  # K, dex: the grid's spacing, for "interior"
 BOUND_SNR = (100.0, 200.0, 400.0)  # the bound is quoted at these SNR per observed pixel
 TARGETS = ("teff", "logg", "vsini")
+# (weights kept per star, None: all; log g in dex per unit of distance) measured by --sweep
+SWEEP = ((20, 0.25), (40, 0.25), (None, 0.25), (40, 0.175), (40, 0.09), (None, 0.125))
 
 
 def interior(nodes: np.ndarray) -> np.ndarray:
@@ -41,30 +48,51 @@ def interior(nodes: np.ndarray) -> np.ndarray:
                             for dt, dg in ((-NODE_STEP[0], 0), (NODE_STEP[0], 0), (0, -1), (0, 1)))])
 
 
+@contextlib.contextmanager
+def interpolation(neighbours: int | None, logg_unit: float):
+    """The generator's interpolation with other settings, for the duration of the block."""
+    saved = gridsynth.NEIGHBOURS, gridsynth.NODE_SCALE
+    gridsynth.NEIGHBOURS = neighbours or 10**6
+    gridsynth.NODE_SCALE = np.array([saved[1][0], logg_unit])
+    try:
+        yield
+    finally:
+        gridsynth.NEIGHBOURS, gridsynth.NODE_SCALE = saved
+
+
+def offsets(full, rungs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, fitted - truth), (nodes x rungs, 3): each interior node fitted from all the others."""
+    flux = np.asarray(full.flux)[:, 0]
+    truth, fitted = [], []
+    for n in interior(full.nodes):
+        others = full.subset(np.setdiff1d(np.arange(len(full.nodes)), [n]))
+        theta = np.array([[*full.nodes[n], full.vsini[r]] for r in rungs])
+        spectra = flux[n, rungs].astype(np.float64)
+        fit = tf.ContinuumFitter(others).fit(spectra, np.full_like(spectra, 1e-3),
+                                             np.zeros(spectra.shape, bool), theta)
+        truth.append(theta)
+        fitted.append(fit.theta)
+    truth = np.concatenate(truth)
+    return truth, np.concatenate(fitted) - truth
+
+
+def rms(offset: np.ndarray) -> dict[str, float]:
+    return {t: float(np.sqrt(np.mean(offset[:, k] ** 2))) for k, t in enumerate(TARGETS)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "trainers/configs/ob-default.toml"))
     parser.add_argument("--vsini", type=float, nargs="+", default=[20.0, 60.0, 150.0, 300.0],
                         help="km/s; each is moved to the nearest rung of the library's ladder")
+    parser.add_argument("--sweep", action="store_true", help="other interpolation settings too")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     t0 = time.perf_counter()
     full = source(args.config, None, None).full.at_metals(0.0)
-    flux = np.asarray(full.flux)[:, 0]
     rungs = sorted({int(np.argmin(np.abs(full.vsini - v))) for v in args.vsini})
-    truth, fitted = [], []
-    for n in interior(full.nodes):
-        keep = np.setdiff1d(np.arange(len(full.nodes)), [n])
-        others = full.subset(keep)
-        fitter = tf.ContinuumFitter(others)
-        theta = np.array([[*full.nodes[n], full.vsini[r]] for r in rungs])
-        spectra = flux[n, rungs].astype(np.float64)
-        fit = fitter.fit(spectra, np.full_like(spectra, 1e-3), np.zeros(spectra.shape, bool), theta)
-        truth.append(theta)
-        fitted.append(fit.theta)
-    truth, fitted = np.concatenate(truth), np.concatenate(fitted)
-    offset = fitted - truth
-    ones = np.ones((len(truth), flux.shape[2]))
+    truth, offset = offsets(full, rungs)
+    ones = np.ones((len(truth), full.flux.shape[-1]))
     bound = {snr: tf.cramer_rao(full, truth, ones * snr**2) for snr in BOUND_SNR}
     targets = {}
     for k, t in enumerate(TARGETS):
@@ -73,9 +101,16 @@ def main() -> None:
                       "median_abs_offset": float(np.median(np.abs(d))), "mean_offset": float(np.mean(d)),
                       "crb_rms": {f"{snr:.0f}": float(np.sqrt(np.mean(b[:, k] ** 2)))
                                   for snr, b in bound.items()}}
+    shipped = (gridsynth.NEIGHBOURS, float(gridsynth.NODE_SCALE[1]))
+    sweep = []
+    for neighbours, logg_unit in SWEEP if args.sweep else ():
+        with interpolation(neighbours, logg_unit):
+            sweep.append({"neighbours": neighbours, "logg_unit": logg_unit,
+                          "rms_offset": rms(offsets(full, rungs)[1])})
     out = {"machine": machine(), "config": str(Path(args.config).resolve().relative_to(ROOT)),
            "nodes": len(truth) // len(rungs), "vsini": [float(full.vsini[r]) for r in rungs],
-           "seconds": round(time.perf_counter() - t0, 1), "targets": targets,
+           "interpolation": {"neighbours": shipped[0], "logg_unit": shipped[1]},
+           "seconds": round(time.perf_counter() - t0, 1), "targets": targets, "sweep": sweep,
            "rows": [{**dict(zip(TARGETS, map(float, a), strict=True)),
                      **{f"d_{t}": float(v) for t, v in zip(TARGETS, d, strict=True)}}
                     for a, d in zip(truth, offset, strict=True)]}
@@ -86,19 +121,30 @@ def main() -> None:
     lines = ["# The interpolation floor: grid nodes left out one at a time, fitted noise-free from the rest",
              "", f"{out['nodes']} interior nodes of `{out['config']}`'s grid, each at v sin i {vsini} km/s: "
              "its broadened spectrum (no noise) fitted by the joint-continuum chi^2 fit with the library of "
-             "all the other nodes (cubic RBF between nodes, as the trainer draws stars), started at the "
-             "truth. The offset is what interpolating the grid gets wrong at a node it does not have. The "
-             "Cramer-Rao bound (raw pixels, cubic continuum marginalised, full library at the truth) takes "
-             "that physics as known.", "",
+             "all the other nodes (cubic RBF between nodes, as the trainer draws stars: the "
+             f"{shipped[0]} largest weights per star, log g in units of {shipped[1]} dex against 1000 K), "
+             "started at the truth. The offset is what interpolating the grid gets wrong at a node it does "
+             "not have. The Cramer-Rao bound (raw pixels, cubic continuum marginalised, full library at the "
+             "truth) takes that physics as known.", "",
              f"{m['cpu']}, {m['logical_cores']} logical cores. Command: "
-             f"`python bench/interpolation_floor.py` ({out['seconds']:.0f} s).", "",
-             "| target | RMS offset | median abs offset | mean offset | "
+             f"`python bench/interpolation_floor.py{' --sweep' if sweep else ''}` ({out['seconds']:.0f} s).",
+             "", "| target | RMS offset | median abs offset | mean offset | "
              + " | ".join(f"CRB RMS at SNR {s:.0f}" for s in BOUND_SNR) + " |",
              "| --- | --- | --- | --- |" + " --- |" * len(BOUND_SNR)]
     for t, r in targets.items():
         cells = [f"{r['rms_offset']:.4g}", f"{r['median_abs_offset']:.4g}", f"{r['mean_offset']:+.3g}",
                  *(f"{v:.4g}" for v in r["crb_rms"].values())]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if sweep:
+        lines += ["", "The same RMS offsets with other interpolation settings (`--sweep`):", "",
+                  "| weights kept per star | log g unit (dex) | " + " | ".join(TARGETS) + " |",
+                  "| --- | --- |" + " --- |" * len(TARGETS)]
+        lines.append(f"| {shipped[0]} (the generator's) | {shipped[1]:g} | "
+                     + " | ".join(f"{v['rms_offset']:.4g}" for v in targets.values()) + " |")
+        for r in sweep:
+            kept = "all" if r["neighbours"] is None else str(r["neighbours"])
+            lines.append(f"| {kept} | {r['logg_unit']:g} | "
+                         + " | ".join(f"{v:.4g}" for v in r["rms_offset"].values()) + " |")
     (Path(args.out) / "interpolation_floor.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -46,8 +46,11 @@ from .schema import (
 )
 
 VELOCITY_STEP_KMS = 0.5  # log-lambda step of the broadening grid, finer than SYNSPEC's 0.01 A (0.6 km/s)
-NEIGHBOURS = 20  # largest RBF weights kept per star (the rest is < 1e-3 of the spectrum; tested)
-NODE_SCALE = np.array([1000.0, 0.25])  # K, dex: one grid step per unit
+# The interpolation between nodes, chosen by leaving nodes out (`bench/interpolation_floor.py --sweep`):
+# keeping 20 weights tripled the error of keeping all; and a log g step changes a B star's spectrum
+# about as much as two Teff steps, so distances count it twice.
+NEIGHBOURS = 40  # largest RBF weights kept per star
+NODE_SCALE = np.array([1000.0, 0.125])  # K, dex per unit of distance between (teff, logg)
 METALS_STEP = 0.1  # dex between the library's metal rungs (linear between them: tested)
 # Metal lines of unbroadened B-star spectra are < 0.3 A wide, the cores of H and He lines wider: a
 # grey closing over this width takes out the first and leaves the second (outside the cores, kept as
