@@ -6,10 +6,10 @@ For every interior node of the config's grid (its four axis neighbours in the gr
 between nodes once it is left out, like the models the grid's README withholds), its broadened
 spectrum at a few v sin i is fitted noise-free by `trainers.templatefit.ContinuumFitter` with a
 library of all the other nodes (the generator's cubic RBF between nodes, the continuum fitted
-jointly), started at the truth. The offset of the fitted labels is what the grid's nodes do not tell
-about the physics between them: no estimator trained on (or fitted with) the grid can do better on
-average, so at high SNR, where the bound falls as 1/SNR, the error is bounded below by this floor
-rather than by the bound.
+jointly), started at the truth. The offset of the fitted labels is what this interpolation of the
+grid's nodes gets wrong about the physics between them: an estimator trained on stars drawn with it
+(or fitted with it) does no better on average, so at high SNR, where the bound falls as 1/SNR, its
+error is bounded below by this floor rather than by the bound.
 
 `--sweep` measures the same for other interpolation settings (weights kept per star, the log g
 unit of distance between nodes) beside the generator's: how its constants were chosen.
@@ -33,28 +33,21 @@ from starcast.catalogs import gridsynth
 from starcast.trainers import templatefit as tf
 
 RESULTS = Path(__file__).parent / "results"
-NODE_STEP = (1000.0, 0.25)  # K, dex: the grid's spacing, for "interior"
 BOUND_SNR = (100.0, 200.0, 400.0)  # the bound is quoted at these SNR per observed pixel
 TARGETS = ("teff", "logg", "vsini")
 # (weights kept per star, None: all; log g in dex per unit of distance) measured by --sweep
-SWEEP = ((20, 0.25), (40, 0.25), (None, 0.25), (40, 0.175), (40, 0.09), (None, 0.125))
-
-
-def interior(nodes: np.ndarray) -> np.ndarray:
-    """Indices of the nodes whose four axis neighbours are nodes too."""
-    known = {(round(t), round(g / NODE_STEP[1])) for t, g in nodes}
-    return np.array([n for n, (t, g) in enumerate(nodes)
-                     if all((round(t + dt), round(g / NODE_STEP[1]) + dg) in known
-                            for dt, dg in ((-NODE_STEP[0], 0), (NODE_STEP[0], 0), (0, -1), (0, 1)))])
+SWEEP = ((20, 0.25), (40, 0.25), (None, 0.25), (40, 0.175), (40, 0.1), (40, 0.09), (40, 0.075),
+         (40, 0.0625), (None, 0.125), (None, 0.09))
 
 
 @contextlib.contextmanager
 def interpolation(neighbours: int | None, logg_unit: float):
-    """The generator's interpolation with other settings, for the duration of the block."""
+    """The generator's interpolation with other settings (None: keep every weight), for the duration
+    of the block and for libraries built inside it (a library keeps the interpolator of its first use)."""
     saved = gridsynth.NEIGHBOURS, gridsynth.NODE_SCALE
-    gridsynth.NEIGHBOURS = neighbours or 10**6
-    gridsynth.NODE_SCALE = np.array([saved[1][0], logg_unit])
     try:
+        gridsynth.NEIGHBOURS = 10**6 if neighbours is None else neighbours
+        gridsynth.NODE_SCALE = np.array([gridsynth.GRID_STEP[0], logg_unit])
         yield
     finally:
         gridsynth.NEIGHBOURS, gridsynth.NODE_SCALE = saved
@@ -64,7 +57,7 @@ def offsets(full, rungs: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(truth, fitted - truth), (nodes x rungs, 3): each interior node fitted from all the others."""
     flux = np.asarray(full.flux)[:, 0]
     truth, fitted = [], []
-    for n in interior(full.nodes):
+    for n in gridsynth.interior_nodes(full.nodes):
         others = full.subset(np.setdiff1d(np.arange(len(full.nodes)), [n]))
         theta = np.array([[*full.nodes[n], full.vsini[r]] for r in rungs])
         spectra = flux[n, rungs].astype(np.float64)
@@ -95,9 +88,9 @@ def main() -> None:
     ones = np.ones((len(truth), full.flux.shape[-1]))
     bound = {snr: tf.cramer_rao(full, truth, ones * snr**2) for snr in BOUND_SNR}
     targets = {}
-    for k, t in enumerate(TARGETS):
+    for k, (t, r) in enumerate(rms(offset).items()):
         d = offset[:, k]
-        targets[t] = {"rms_offset": float(np.sqrt(np.mean(d**2))),
+        targets[t] = {"rms_offset": r,
                       "median_abs_offset": float(np.median(np.abs(d))), "mean_offset": float(np.mean(d)),
                       "crb_rms": {f"{snr:.0f}": float(np.sqrt(np.mean(b[:, k] ** 2)))
                                   for snr, b in bound.items()}}

@@ -4,8 +4,8 @@ The grid's spectra are broadened as Rotin does (Gray's rotation profile with lin
 then a Gaussian instrumental profile of FWHM lambda / R) on a ladder of v sin i, and binned on the
 observed wavelength grid once (`BroadenedLibrary`, cached on disk). A star at any (Teff, log g,
 v sin i) is then a weighted sum of library spectra: a cubic radial basis function over the nodes in
-(Teff / 1 kK, log g / 0.25 dex), its 20 largest weights, and linear between the two nearest rungs of
-the ladder.
+(Teff / 1 kK, log g / 0.125 dex), its 40 largest weights, and linear between the two nearest rungs
+of the ladder.
 Real stars are not all of the grid's (solar) composition, and the strengths of the metal lines carry
 Teff in a grid of one composition, so a model trained on it reads a metal-poor star as a cooler one.
 The library can hold each node at several `metals` (dex): the optical depth of its metal lines
@@ -46,11 +46,13 @@ from .schema import (
 )
 
 VELOCITY_STEP_KMS = 0.5  # log-lambda step of the broadening grid, finer than SYNSPEC's 0.01 A (0.6 km/s)
+GRID_STEP = np.array([1000.0, 0.25])  # K, dex: the BSTAR2006 grid's spacing in (teff, logg)
 # The interpolation between nodes, chosen by leaving nodes out (`bench/interpolation_floor.py --sweep`):
-# keeping 20 weights tripled the error of keeping all; and a log g step changes a B star's spectrum
-# about as much as two Teff steps, so distances count it twice.
+# keeping 20 weights tripled the labels' error of keeping all; and a log g step changes a B star's
+# spectrum about as much as two Teff steps, so distances count it twice (units of 0.0625-0.125 dex
+# measured within 6% of each other for Teff, 15% for log g).
 NEIGHBOURS = 40  # largest RBF weights kept per star
-NODE_SCALE = np.array([1000.0, 0.125])  # K, dex per unit of distance between (teff, logg)
+NODE_SCALE = GRID_STEP / np.array([1.0, 2.0])  # K, dex per unit of distance between (teff, logg)
 METALS_STEP = 0.1  # dex between the library's metal rungs (linear between them: tested)
 # Metal lines of unbroadened B-star spectra are < 0.3 A wide, the cores of H and He lines wider: a
 # grey closing over this width takes out the first and leaves the second (outside the cores, kept as
@@ -238,6 +240,16 @@ class BroadenedLibrary:
         from scipy.spatial import Delaunay
 
         return Delaunay(self.nodes / NODE_SCALE).find_simplex(np.stack([teff, logg], 1) / NODE_SCALE) >= 0
+
+
+def interior_nodes(nodes: np.ndarray) -> np.ndarray:
+    """Indices of the (teff, logg) nodes whose four axis neighbours at GRID_STEP are nodes too: left
+    out, each is a star between nodes, like the models the grid's README withholds."""
+    steps = np.round(nodes / GRID_STEP).astype(np.int64)
+    known = set(map(tuple, steps))
+    return np.array([n for n, (t, g) in enumerate(steps)
+                     if all((t + dt, g + dg) in known for dt, dg in ((-1, 0), (1, 0), (0, -1), (0, 1)))],
+                    dtype=np.int64)
 
 
 def _rungs(ladder: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
