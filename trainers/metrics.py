@@ -54,6 +54,8 @@ def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins
                 min_rows: int = 10) -> list[dict]:
     """Mean residual in equal-width bins of a true parameter, with the bin's median sigma and
     whether |bias| < median sigma / 4 (the goal). Bins with fewer than `min_rows` rows are skipped."""
+    if len(param) == 0:
+        return []
     edges = np.linspace(param.min(), param.max(), bins + 1)
     which = np.clip(np.searchsorted(edges, param, side="right") - 1, 0, bins - 1)
     out = []

@@ -56,13 +56,25 @@ def test_eval_cli_writes_report_and_plots_matching_direct_metrics(tmp_path):
     assert report["ood"]["auroc_combined"] > 0.9
     assert {"pred_vs_true.png", "residuals.png", "calibration.png", "kiel.png",
             "sigma_vs_snr.png", "ood_epistemic.png"} <= {p.name for p in out.iterdir()}
-    goals = json.loads((out / "report.json").read_text())["goals"]
+    written = json.loads((out / "report.json").read_text())
+    goals = written["goals"]
     assert goals["teff"]["coverage_68_ok"]
     snr = truth.column("snr").to_numpy()[::-1][inside]  # the RMSE goals hold at SNR >= 100
     for k, t in enumerate(NAMES):
         rows = (snr >= 100) & ((y[inside, k] > 30.0) if t == "vsini" else True)
         assert goals[t]["rmse"] == pytest.approx(np.sqrt(np.mean(r[rows, k] ** 2)))
-        assert rows.sum() < len(r) - 100
+        assert written["rmse_at_high_snr"]["rows"][t] == rows.sum() < len(r) - 100
+
+
+def test_rmse_goals_without_rows_at_high_snr_are_neither_met_nor_missed():
+    from starcast.trainers.evaluate import evaluate
+
+    truth, results, *_ = _tables(n=300, n_out=0)
+    truth = truth.set_column(truth.schema.get_field_index("snr"), "snr", pa.array(np.full(300, 20.0)))
+    goals = evaluate(results, truth)[0]["goals"]
+    assert goals["teff"]["rmse"] is None and goals["teff"]["rmse_ok"] is None
+    no_snr = evaluate(results, truth.drop_columns(["snr"]))[0]  # every row counts then
+    assert no_snr["rmse_at_high_snr"]["snr_min"] is None and no_snr["goals"]["teff"]["rmse_ok"] is not None
 
 
 def test_eval_cli_split_selects_truth_rows(tmp_path):
