@@ -34,9 +34,8 @@ TARGETS = ("teff", "logg", "vsini")
 SNR_BINS = ((100.0, 200.0), (200.0, 400.0))
 
 
-def survey(n: int, gap_prob: float, seed: int):
-    """(truth labels, input table) of n stars at the sample's nodes."""
-    lib = gs.BroadenedLibrary.build(read_grid(SAMPLE), gs.Observation(), metals=np.array([0.0]))
+def survey(lib: gs.BroadenedLibrary, n: int, gap_prob: float, seed: int):
+    """(truth labels, input table) of n stars at the library's nodes."""
     pert = gs.Perturbations(snr=(100.0, 400.0), vsini=(15.0, 450.0), ripple_prob=0.0, gap_prob=gap_prob,
                             rv_error_kms=0.0)
     rng = np.random.default_rng(seed)
@@ -67,9 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     models = parts(starcast.load_model())
+    lib = gs.BroadenedLibrary.build(read_grid(SAMPLE), gs.Observation(), metals=np.array([0.0]))
     rows = []
     for gap_prob in (0.0, 1.0):
-        labels, table = survey(args.n, gap_prob, args.seed)
+        labels, table = survey(lib, args.n, gap_prob, args.seed)
         snr = table.column("snr").to_numpy()
         for name, model in models.items():
             out = model.predict(table, backend="cpu")
@@ -79,7 +79,7 @@ def main() -> None:
                         for t in TARGETS}
                 rows.append({"gap_prob": gap_prob, "estimate": name, "snr_lo": lo, "snr_hi": hi,
                              "n": int(sel.sum()), "rmse": rmse})
-    result = {"machine": machine(), "model": starcast.load_model().bundle.manifest["bundle_sha256"][:12],
+    result = {"machine": machine(), "model": models["blend"].bundle.manifest["bundle_sha256"][:12],
               "n": args.n, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "blend_parts.json").write_text(json.dumps(result, indent=1) + "\n")

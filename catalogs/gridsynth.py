@@ -48,7 +48,7 @@ from .schema import (
 VELOCITY_STEP_KMS = 0.5  # log-lambda step of the broadening grid, finer than SYNSPEC's 0.01 A (0.6 km/s)
 GRID_STEP = np.array([1000.0, 0.25])  # K, dex: the BSTAR2006 grid's spacing in (teff, logg)
 # The interpolation between nodes, chosen by leaving nodes out (`bench/interpolation_floor.py --sweep`):
-# keeping 20 weights tripled the labels' error of keeping all; and a log g step changes a B star's
+# keeping 20 weights tripled Teff's error of keeping all (log g's 5.6x); and a log g step changes a B star's
 # spectrum about as much as two Teff steps, so distances count it twice (units of 0.0625-0.125 dex
 # measured within 6% of each other for Teff, 15% for log g).
 NEIGHBOURS = 40  # largest RBF weights kept per star
