@@ -9,6 +9,9 @@ and the labels of the emulator's fit (`engine.emulator`) by 1 - w, w piecewise l
 the same knots. The two err in partly different ways (the network's imperfect inference, the
 emulator's interpolation between nodes), so the blend, with w fitted at nodes left out of training, is
 closer to the truth than either at every SNR; the scales and floor are fitted to the blended estimate.
+A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
+the continuum it was filled with, the fit leaves them out (at SNR >= 50 the networks' error grows 2-6x
+with a gap, the fit's at most 1.7x; `bench/blend_parts.py`).
 
 The scale may also follow the network's mean of one target (`label_scale`: per target, a factor
 piecewise linear in that mean between knots, constant beyond them): how much a spectrum says about
@@ -71,16 +74,20 @@ class Calibration:
         c = np.zeros(len(self.scale)) if self.chi2_inflation is None else self.chi2_inflation
         return 1.0 + chi2_excess(chi2)[:, None] * c[None, :]
 
-    def network_share(self, log_snr: np.ndarray) -> np.ndarray:
-        """[B, K] the network's weight w in the blend at each row's log10 SNR [B] (1 without a blend)."""
+    def network_share(self, log_snr: np.ndarray, gapped: np.ndarray) -> np.ndarray:
+        """[B, K] the network's weight w in the blend at each row's log10 SNR [B], 0 on rows with a gap
+        (`gapped` [B] bool); 1 without a blend."""
         if self.network_weight is None:
             return np.ones((len(log_snr), len(self.scale)))
-        return np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
+        w = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
+        return np.where(np.asarray(gapped, bool)[:, None], 0.0, w)
 
-    def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray,
+              gapped: np.ndarray) -> np.ndarray:
         """[B, K]: the network's `mean` blended with the emulator fit's labels `fitted` ([B, K], NaN
-        for a target or row the emulator does not fit: the network's mean stays there)."""
-        w = self.network_share(log_snr)
+        for a target or row the emulator does not fit: the network's mean stays there); `gapped` [B]:
+        the rows with a gap, which take the fit alone."""
+        w = self.network_share(log_snr, gapped)
         return np.where(np.isfinite(fitted), w * mean + (1.0 - w) * fitted, mean)
 
     def to_manifest(self, targets: list[str]) -> dict:

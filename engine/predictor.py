@@ -197,13 +197,15 @@ class Model:
         """What `predict` computes before it makes columns, to fit a calibration on: (ok [B], (mean,
         var_a, var_e) [B, K] calibrated by the model's own calibration, if any; the emulator fit's
         labels per target [B, K] and reduced chi^2 [B] (NaN where it gives none; all NaN without an
-        emulator); log10_snr [B] of each row's network input)."""
+        emulator); log10_snr [B] of each row's network input; which rows have a gap [B])."""
         table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
         ok, stats, fit, x, _ = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
         if fit is None:
-            return ok, stats, np.full_like(stats[0], np.nan), np.full(len(ok), np.nan), self._log_snr(x)
-        return ok, stats, self._fitted_targets(fit), fit.chi2, self._log_snr(x)
+            fitted, chi2 = np.full_like(stats[0], np.nan), np.full(len(ok), np.nan)
+        else:
+            fitted, chi2 = self._fitted_targets(fit), fit.chi2
+        return ok, stats, fitted, chi2, self._log_snr(x), self.gapped(prepared)
 
     def _fitted_targets(self, fit: Fit) -> np.ndarray:
         """[B, K]: the emulator fit's labels in the columns of the targets (NaN for the others)."""
@@ -239,8 +241,8 @@ class Model:
                     getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
             if self.calibration is not None and len(rows):  # network and fit blended; noise the fit sees
-                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
-                                                    self._fitted_targets(fit)[rows])
+                fitted, gapped = self._fitted_targets(fit)[rows], self.gapped(prepared)[rows]
+                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows], fitted, gapped)
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar
 
@@ -324,6 +326,12 @@ class Model:
     def _log_snr(self, x: np.ndarray) -> np.ndarray:
         """The log10_snr input feature of prepared rows x [B, D + E]."""
         return x[:, self.grid.n + self.features.index("log10_snr")].astype(np.float64)
+
+    @staticmethod
+    def gapped(prepared: pa.RecordBatch | pa.Table) -> np.ndarray:
+        """[B] bool: the prepared rows with a gap filled by the continuum (`Flag.GAP`)."""
+        flags = _array(prepared.column(FLAGS)).to_numpy(zero_copy_only=False)
+        return (flags & int(Flag.GAP)) != 0
 
     def _unpack(self, prepared: pa.RecordBatch | pa.Table):
         """(ok, x [B, D] float32, keys [B] int64) of a prepared batch; `ok`: rows without an error."""

@@ -67,14 +67,15 @@ def equal_count_bins(values: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.
 
 
 def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_snr: np.ndarray,
-                       knots: np.ndarray) -> np.ndarray:
+                       knots: np.ndarray, gapped: np.ndarray) -> np.ndarray:
     """(K, Q) the network's weight w in the blend w mean + (1 - w) fitted (`Calibration.blend`), per
     target piecewise linear in log10 SNR at `knots`: the least-squares fit of y on validation rows
-    ([N, K] in physical units), clipped to [0, 1]; 1 for a target without fitted labels (NaN)."""
+    ([N, K] in physical units) without a gap (`gapped` [N]: those take the fit alone), clipped to
+    [0, 1]; 1 for a target without fitted labels (NaN)."""
     hats = np.stack([np.interp(log_snr, knots, np.eye(len(knots))[q]) for q in range(len(knots))], axis=1)
     weight = np.ones((y.shape[1], len(knots)))
     for k in range(y.shape[1]):
-        rows = np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k])
+        rows = np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k]) & ~np.asarray(gapped, bool)
         if rows.any():
             design = hats[rows] * (mean[rows, k] - fitted[rows, k])[:, None]
             weight[k] = np.linalg.lstsq(design, y[rows, k] - fitted[rows, k], rcond=None)[0]
@@ -83,14 +84,16 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
 
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
                         log_snr: np.ndarray, bins: int = 6, fitted: np.ndarray | None = None,
-                        chi2: np.ndarray | None = None, chi2_strata: int = 3, label: int | None = None,
-                        label_bins: int = 10, label_rounds: int = 3) -> Calibration:
+                        gapped: np.ndarray | None = None, chi2: np.ndarray | None = None,
+                        chi2_strata: int = 3, label: int | None = None, label_bins: int = 10,
+                        label_rounds: int = 3) -> Calibration:
     """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
     Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of
-    the emulator's fit (`fitted`, NaN where there are none), the network's weights in the blended
-    estimate come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per target,
+    the emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N];
+    None: none), the network's weights in the blended estimate come first (`fit_network_weight`), and
+    the sigmas are fitted to that estimate. Per target,
     a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]), the
     inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the 68%
     and 95% coverages of
@@ -106,9 +109,10 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     knots, which = equal_count_bins(log_snr, bins)
     weight, network = None, mean
     if fitted is not None:
-        weight = fit_network_weight(y, network, fitted, log_snr, knots)
-        mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight).blend(log_snr, network,
-                                                                                             fitted)
+        gapped = np.zeros(len(y), bool) if gapped is None else gapped
+        weight = fit_network_weight(y, network, fitted, log_snr, knots, gapped)
+        mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight).blend(
+            log_snr, network, fitted, gapped)
     if chi2 is None:
         excess, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
     else:

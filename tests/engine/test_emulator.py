@@ -89,7 +89,8 @@ def test_model_mismatch_flag_follows_the_threshold(tmp_path):
 def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp_path):
     """With `network_weight` w in the calibration, each target the emulator fits is w(SNR) times the
     network's mean plus 1 - w times the fit's labels (`goodness_of_fit(...).labels`, refined by a
-    Gauss-Newton step); a target it does not fit (here v sin i) keeps the network's mean. With
+    Gauss-Newton step), and a spectrum with a gap (GAP) takes the fit alone; a target it does not fit
+    (here v sin i) keeps the network's mean. With
     `chi2_inflation` c, each target's aleatoric variance is multiplied by 1 + c max(chi2 - 1, 0) (the
     `chi2` column), its epistemic part unchanged."""
     features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
@@ -104,11 +105,14 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     data["flux"][3:] = LINE + np.random.default_rng(1).normal(0.0, 1.0 / 200.0, (3, TINY_GRID.n))
     data["flux_err"][3:] = 1.0 / 200.0
     data["flux_err"][5] /= 1.5  # a spectrum noisier than its flux_err says: chi^2 ~ 2.25
+    data["flux"][[1, 4], 140:170] = np.nan  # a gap of 30 pixels, longer than preprocessing fills
     network, blended = (load_model(paths[name]).predict(data, backend="cpu") for name in ("plain", "blend"))
     fitted = load_model(paths["plain"]).goodness_of_fit(data, backend="cpu").labels
     log_snr = np.log10(np.array([30.0] * 3 + [200.0] * 2 + [300.0]))
+    gapped = (blended.column("flags").to_numpy() & Flag.GAP) != 0
+    np.testing.assert_array_equal(gapped, [False, True, False, False, True, False])
     for k, t in enumerate(["teff", "logg"]):
-        w = np.interp(log_snr, [1.0, 2.5], cal.network_weight[k])
+        w = np.where(gapped, 0.0, np.interp(log_snr, [1.0, 2.5], cal.network_weight[k]))
         expected = w * network.column(t).to_numpy() + (1 - w) * fitted[:, k]
         np.testing.assert_allclose(blended.column(t).to_numpy(), expected, rtol=1e-3)
         assert np.all(np.abs(fitted[:, k] - network.column(t).to_numpy()) > 0)  # the fit moved them

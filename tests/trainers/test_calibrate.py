@@ -70,7 +70,8 @@ def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estima
     """Two unbiased estimates with independent errors of sigma a (network) and b (fit): the best blend
     gives the network b^2 / (a^2 + b^2). Here the network's error falls faster with SNR than the
     fit's, so its weight grows from 0.2 to 0.8 across the knots; a target the fit does not give
-    (NaN) keeps the network alone; and the calibration fitted with it covers the blended estimate."""
+    (NaN) keeps the network alone; rows with a gap, whose network errs far more, take the fit alone
+    and do not move the weights; and the calibration fitted with it covers the blended estimate."""
     rng = np.random.default_rng(3)
     n = 60000
     log_snr = rng.uniform(1.0, 2.6, n)
@@ -82,12 +83,15 @@ def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estima
     mean = y + a[:, None] * rng.normal(size=(n, 2))
     fitted = y + b[:, None] * rng.normal(size=(n, 2))
     fitted[:, 1] = np.nan
-    weight = fit_network_weight(y, mean, fitted, log_snr, knots)
+    gapped = rng.random(n) < 0.1
+    mean[gapped, 0] += 20.0 * a[gapped] * rng.normal(size=gapped.sum())
+    weight = fit_network_weight(y, mean, fitted, log_snr, knots, gapped)
     np.testing.assert_allclose(weight[0], [0.2, 0.5, 0.8], atol=0.03)
     np.testing.assert_array_equal(weight[1], 1.0)
     var = np.stack([a**2, a**2], axis=1)
-    cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=3, fitted=fitted)
-    blended = cal.blend(log_snr, mean, fitted)
+    cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=3, fitted=fitted, gapped=gapped)
+    blended = cal.blend(log_snr, mean, fitted, gapped)
+    np.testing.assert_array_equal(blended[gapped, 0], fitted[gapped, 0])
     np.testing.assert_array_equal(blended[:, 1], mean[:, 1])
     assert np.std(blended[:, 0] - y[:, 0]) < 0.95 * np.std(mean[:, 0] - y[:, 0])
     var_a, var_e = cal.apply(log_snr, var, np.zeros_like(var))
