@@ -9,9 +9,13 @@ and the labels of the emulator's fit (`engine.emulator`) by 1 - w, w piecewise l
 the same knots. The two err in partly different ways (the network's imperfect inference, the
 emulator's interpolation between nodes), so the blend, with w fitted at nodes left out of training, is
 closer to the truth than either at every SNR; the scales and floor are fitted to the blended estimate.
+A spectrum the fit cannot explain (its reduced chi^2 above 1: a continuum ripple the networks learned
+to see through, a defect) misleads the fit more than the networks: with `network_chi2_gain` g, the
+network's odds w / (1 - w) grow by 1 + g max(chi2 - 1, 0), as inverse-variance weights do when the
+fit's error variance grows linearly in the excess chi^2 (see the inflation below), so
+w = w0 (1 + g e) / (1 + w0 g e), w0 the weight at the row's SNR, e the excess.
 A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
-the continuum it was filled with, the fit leaves them out (at SNR >= 50 the networks' error grows 2-6x
-with a gap, the fit's at most 1.7x; `bench/blend_parts.py`).
+the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both).
 
 The scale may also follow the network's mean of one target (`label_scale`: per target, a factor
 piecewise linear in that mean between knots, constant beyond them): how much a spectrum says about
@@ -45,6 +49,7 @@ class Calibration:
     scale: np.ndarray  # (K, Q) sigma multipliers at the knots
     floor: np.ndarray  # (K,) physical units
     network_weight: np.ndarray | None = None  # (K, Q) in [0, 1], the network's share; None: no blend
+    network_chi2_gain: np.ndarray | None = None  # (K,) >= 0: g of the network's odds; None: 0
     chi2_inflation: np.ndarray | None = None  # (K,) >= 0: c of the aleatoric inflation; None: none
     label: int | None = None  # the target whose network mean `label_scale` follows; None: no such scale
     label_knots: np.ndarray | None = None  # (P,) increasing, in that target's unit
@@ -74,20 +79,23 @@ class Calibration:
         c = np.zeros(len(self.scale)) if self.chi2_inflation is None else self.chi2_inflation
         return 1.0 + chi2_excess(chi2)[:, None] * c[None, :]
 
-    def network_share(self, log_snr: np.ndarray, gapped: np.ndarray) -> np.ndarray:
-        """[B, K] the network's weight w in the blend at each row's log10 SNR [B], 0 on rows with a gap
-        (`gapped` [B] bool); 1 without a blend."""
+    def network_share(self, log_snr: np.ndarray, chi2: np.ndarray, gapped: np.ndarray) -> np.ndarray:
+        """[B, K] the network's weight w in the blend at each row's log10 SNR and the fit's reduced
+        chi^2 [B], 0 on rows with a gap (`gapped` [B] bool); 1 without a blend."""
         if self.network_weight is None:
             return np.ones((len(log_snr), len(self.scale)))
-        w = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
+        w0 = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
+        gain = np.zeros(len(self.scale)) if self.network_chi2_gain is None else self.network_chi2_gain
+        odds_gain = gain[None, :] * chi2_excess(chi2)[:, None]
+        w = w0 * (1.0 + odds_gain) / (1.0 + w0 * odds_gain)
         return np.where(np.asarray(gapped, bool)[:, None], 0.0, w)
 
-    def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray,
+    def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray, chi2: np.ndarray,
               gapped: np.ndarray) -> np.ndarray:
         """[B, K]: the network's `mean` blended with the emulator fit's labels `fitted` ([B, K], NaN
-        for a target or row the emulator does not fit: the network's mean stays there); `gapped` [B]:
-        the rows with a gap, which take the fit alone."""
-        w = self.network_share(log_snr, gapped)
+        for a target or row the emulator does not fit: the network's mean stays there) at each row's
+        log10 SNR, the fit's reduced chi^2 and whether it has a gap ([B] each; `network_share`)."""
+        w = self.network_share(log_snr, chi2, gapped)
         return np.where(np.isfinite(fitted), w * mean + (1.0 - w) * fitted, mean)
 
     def to_manifest(self, targets: list[str]) -> dict:
@@ -96,6 +104,8 @@ class Calibration:
                  "floor": {t: float(self.floor[k]) for k, t in enumerate(targets)}}
         if self.network_weight is not None:
             entry["network_weight"] = {t: self.network_weight[k].tolist() for k, t in enumerate(targets)}
+        if self.network_chi2_gain is not None:
+            entry["network_chi2_gain"] = {t: float(self.network_chi2_gain[k]) for k, t in enumerate(targets)}
         if self.chi2_inflation is not None:
             entry["chi2_inflation"] = {t: float(self.chi2_inflation[k]) for k, t in enumerate(targets)}
         if self.label_scale is not None:
@@ -114,7 +124,9 @@ class Calibration:
             weight = entry.get("network_weight")
             if weight is not None:
                 weight = np.asarray([weight[t] for t in targets], np.float64).reshape(len(targets), -1)
-            inflation = entry.get("chi2_inflation")
+            gain, inflation = entry.get("network_chi2_gain"), entry.get("chi2_inflation")
+            if gain is not None:
+                gain = np.asarray([gain[t] for t in targets], np.float64)
             if inflation is not None:
                 inflation = np.asarray([inflation[t] for t in targets], np.float64)
             label, label_knots, label_scale = None, None, None
@@ -135,12 +147,13 @@ class Calibration:
                                    or weight.min() < 0 or weight.max() > 1):
             raise ModelError("manifest 'calibration' network_weight needs one weight in [0, 1] per knot "
                              "and target")
-        if inflation is not None and not (np.isfinite(inflation).all() and (inflation >= 0).all()):
-            raise ModelError("manifest 'calibration' chi2_inflation needs one finite value >= 0 per target")
+        for name, value in (("network_chi2_gain", gain), ("chi2_inflation", inflation)):
+            if value is not None and not (np.isfinite(value).all() and (value >= 0).all()):
+                raise ModelError(f"manifest 'calibration' {name} needs one finite value >= 0 per target")
         if label_scale is not None and (
                 label_knots.ndim != 1 or len(label_knots) < 1 or label_scale.shape[1] != len(label_knots)
                 or not np.all(np.diff(label_knots) > 0)
                 or not (np.isfinite(label_scale).all() and (label_scale > 0).all())):
             raise ModelError("manifest 'calibration' label_scale needs increasing knots and one positive "
                              "finite scale per knot and target")
-        return cls(knots, scale, floor, weight, inflation, label, label_knots, label_scale)
+        return cls(knots, scale, floor, weight, gain, inflation, label, label_knots, label_scale)

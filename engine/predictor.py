@@ -241,8 +241,9 @@ class Model:
                     getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
             if self.calibration is not None and len(rows):  # network and fit blended; noise the fit sees
-                fitted, gapped = self._fitted_targets(fit)[rows], self.gapped(prepared)[rows]
-                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows], fitted, gapped)
+                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
+                                                    self._fitted_targets(fit)[rows], fit.chi2[rows],
+                                                    self.gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar
 

@@ -10,6 +10,7 @@ The scale is stored as `targets[i].calibration` in the manifest and applied by e
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import least_squares
 from scipy.stats import norm
 
 from ..engine.calibration import Calibration, chi2_excess
@@ -67,19 +68,35 @@ def equal_count_bins(values: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.
 
 
 def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_snr: np.ndarray,
-                       knots: np.ndarray, gapped: np.ndarray) -> np.ndarray:
-    """(K, Q) the network's weight w in the blend w mean + (1 - w) fitted (`Calibration.blend`), per
-    target piecewise linear in log10 SNR at `knots`: the least-squares fit of y on validation rows
-    ([N, K] in physical units) without a gap (`gapped` [N]: those take the fit alone), clipped to
-    [0, 1]; 1 for a target without fitted labels (NaN)."""
+                       knots: np.ndarray, chi2: np.ndarray,
+                       gapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (K, Q) in [0, 1], gain (K,) >= 0): the network's weight w0 in the blend w mean + (1 - w)
+    fitted, per target piecewise linear in log10 SNR at `knots`, and the gain g of its odds with the
+    fit's excess reduced chi^2 (`Calibration.network_share`): the least-squares fit of y on validation
+    rows ([N, K] in physical units; chi2 [N]) without a gap (`gapped` [N]: those take the fit alone),
+    started from the weights fitted linearly with g = 0. Weight 1 and gain 0 for a target without
+    fitted labels (NaN)."""
     hats = np.stack([np.interp(log_snr, knots, np.eye(len(knots))[q]) for q in range(len(knots))], axis=1)
-    weight = np.ones((y.shape[1], len(knots)))
+    excess = chi2_excess(chi2)
+    weight, gain = np.ones((y.shape[1], len(knots))), np.zeros(y.shape[1])
     for k in range(y.shape[1]):
         rows = np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k]) & ~np.asarray(gapped, bool)
-        if rows.any():
-            design = hats[rows] * (mean[rows, k] - fitted[rows, k])[:, None]
-            weight[k] = np.linalg.lstsq(design, y[rows, k] - fitted[rows, k], rcond=None)[0]
-    return np.clip(weight, 0.0, 1.0)
+        if not rows.any():
+            continue
+        apart, target = mean[rows, k] - fitted[rows, k], y[rows, k] - fitted[rows, k]
+        start = np.clip(np.linalg.lstsq(hats[rows] * apart[:, None], target, rcond=None)[0], 0.0, 1.0)
+
+        def misfit(p, h=hats[rows], e=excess[rows], apart=apart, target=target):
+            w0, odds_gain = h @ p[:-1], p[-1] * e
+            return w0 * (1.0 + odds_gain) / (1.0 + w0 * odds_gain) * apart - target
+
+        bounds = (np.zeros(len(knots) + 1), np.r_[np.ones(len(knots)), np.inf])
+        if excess[rows].any():
+            best = least_squares(misfit, np.r_[start, 1.0], bounds=bounds).x
+            weight[k], gain[k] = best[:-1], best[-1]
+        else:  # no excess chi^2 to fit a gain on: the linear fit, clipped
+            weight[k] = start
+    return weight, gain
 
 
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
@@ -92,8 +109,9 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
 
     Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of
     the emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N];
-    None: none), the network's weights in the blended estimate come first (`fit_network_weight`), and
-    the sigmas are fitted to that estimate. Per target,
+    None: none), the network's weights in the blended estimate and, with the fit's reduced chi^2, their
+    gain with it come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per
+    target,
     a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]), the
     inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the 68%
     and 95% coverages of
@@ -107,12 +125,13 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     the residuals under the rest, normalised to a geometric mean of 1 over the rows, refined
     `label_rounds` times, the rest fitted again after each."""
     knots, which = equal_count_bins(log_snr, bins)
-    weight, network = None, mean
+    weight, gain, network = None, None, mean
     if fitted is not None:
         gapped = np.zeros(len(y), bool) if gapped is None else gapped
-        weight = fit_network_weight(y, network, fitted, log_snr, knots, gapped)
-        mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight).blend(
-            log_snr, network, fitted, gapped)
+        fit_chi2 = np.full(len(y), np.nan) if chi2 is None else chi2
+        weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, fit_chi2, gapped)
+        mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight, gain).blend(
+            log_snr, network, fitted, fit_chi2, gapped)
     if chi2 is None:
         excess, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
     else:
@@ -138,8 +157,8 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         for k in range(y.shape[1]):
             factors = np.array([fit_sigma_scale(z[label_which == b, k]) for b in range(label_bins)])
             label_scale[k] *= factors / np.exp(np.mean(np.log(factors[label_which])))
-    return Calibration(knots, scale, floor, weight, None if chi2 is None else inflation, label, label_knots,
-                       label_scale)
+    return Calibration(knots, scale, floor, weight, None if chi2 is None else gain,
+                       None if chi2 is None else inflation, label, label_knots, label_scale)
 
 
 def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess: np.ndarray, cells: list,

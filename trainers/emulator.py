@@ -267,7 +267,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         """(estimate, sigma, epistemic sigma) [N, K] of the rows `d` under `calibration`."""
         inflated = d["var_a"] * calibration.inflation(d["chi2"])
         var_a, var_e = calibration.apply(d["log_snr"], inflated, d["var_e"], mean=d["mean"])
-        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["gapped"])
+        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["chi2"], d["gapped"])
         return estimate, np.sqrt(var_a + var_e), np.sqrt(var_e)
 
     splits = {split: estimates(split) for split in ("val", "test", "between")}

@@ -150,6 +150,7 @@ def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_betwee
     assert manifest["provenance"]["calibration"]["split"] == "val+test+between"
     assert set(manifest["metrics"]["between"]) == set(LABELS)
     assert set(manifest["calibration"]["chi2_inflation"]) == set(LABELS)
+    assert set(manifest["calibration"]["network_chi2_gain"]) == set(LABELS)
     metrics = manifest["metrics"]
     for split in ("val", "test"):
         pooled, cross = metrics[split], metrics[f"{split}_cross_fitted"]
