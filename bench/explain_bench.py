@@ -93,7 +93,7 @@ def line_mass_by_bin(table: pa.Table, exp) -> dict:
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             sel = (values >= lo) & (values < hi) & np.isfinite(exp.prediction).all(axis=1)
             out[f"{column} {lo:g}-{hi:g}"] = {"spectra": int(sel.sum()), **{
-                t: float(line_mass(exp.attributions[sel, k], exp.wavelength, t).mean())
+                t: float(np.nanmean(line_mass(exp.attributions[sel, k], exp.wavelength, t)))
                 for k, t in enumerate(exp.targets)}}
     return out
 

@@ -35,11 +35,13 @@ FLANK_REACH = 3  # a line's flanks reach this many LINE_HALF_WIDTHs from its cen
 def line_mass(attributions: np.ndarray, wavelength: np.ndarray, target: str, *,
               balmer_wings: bool | None = None) -> np.ndarray:
     """Fraction of each row's |attribution| (rows [B, D] of one target) within LINE_HALF_WIDTH of a listed
-    line, and within the Balmer wings for log g (or as `balmer_wings` says); (B,)."""
+    line, and within the Balmer wings for log g (or as `balmer_wings` says); (B,). NaN for a row
+    without attribution: no pixel moves its estimate (a label held at its range's bound)."""
     wings = target in BALMER_TARGETS if balmer_wings is None else balmer_wings
     inside = line_windows(wavelength, balmer_wings=wings)
     mass = np.abs(attributions)
-    return mass[:, inside].sum(axis=1) / mass.sum(axis=1)
+    total = mass.sum(axis=1)
+    return np.divide(mass[:, inside].sum(axis=1), total, out=np.full(len(mass), np.nan), where=total > 0)
 
 
 def write_attributions(exp: Explanation, path: Path, grid: WavelengthGrid) -> Path:
@@ -163,8 +165,9 @@ def survey_view(exp: Explanation, out: Path) -> dict:
     for k, t in enumerate(exp.targets):
         per_row = line_mass(exp.attributions[ok, k], wl, t)
         wings = line_mass(exp.attributions[ok, k], wl, t, balmer_wings=True)
-        entry = {"line_mass_mean": float(per_row.mean()), "line_mass_median": float(np.median(per_row)),
-                 "line_mass_with_balmer_wings_mean": float(wings.mean()), "regions": {}}
+        entry = {"line_mass_mean": float(np.nanmean(per_row)),  # rows without attribution have none
+                 "line_mass_median": float(np.nanmedian(per_row)),
+                 "line_mass_with_balmer_wings_mean": float(np.nanmean(wings)), "regions": {}}
         for name, sel in regions.items():
             if not sel.any():
                 continue

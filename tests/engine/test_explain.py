@@ -205,6 +205,15 @@ def test_line_mass_catches_a_continuum_slope_shortcut_and_passes_a_line_model():
     assert shortcut < LINE_MASS_GOAL, (honest, shortcut)
 
 
+def test_a_row_without_attribution_has_no_line_mass():
+    """A row whose estimate no pixel moves (all attributions 0) has no line mass (NaN, not 0/0's
+    warning), and the survey's mean leaves it out."""
+    wl = MODEL_GRID.values()
+    attr = np.zeros((2, len(wl)))
+    attr[0, np.argmin(np.abs(wl - 4101.7))] = 1.0  # all of it on H delta
+    np.testing.assert_array_equal(line_mass(attr, wl, "teff"), [1.0, np.nan])
+
+
 def test_line_contrast_separates_a_line_from_the_wing_it_sits_in():
     """A Balmer wing carrying the attribution gives the lines inside it a contrast near 1 and no share
     above their flanks; a spike on one of them (O II 4072, in H delta's wing) stands out."""
