@@ -119,7 +119,7 @@ def test_a_continuum_ripple_is_a_model_mismatch(survey):
 def test_error_bars_widen_with_the_fits_chi2_where_a_ripple_spoils_the_spectrum(survey):
     """The same ripple at SNR >= 100 moves Teff and log g by several of their clean sigmas. The
     calibration's chi^2 inflation widens their error bars so that >= 50% of the errors stay inside
-    the 68% intervals (measured: 70% and 84%); without it, < 40% would (23% and 33%)."""
+    the 68% intervals (measured: 75% and 84%); without it, < 40% would (32% and 35%)."""
     table, _ = survey
     rippled = _rippled(table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100)))
     model = starcast.load_model()
@@ -135,9 +135,10 @@ def test_error_bars_widen_with_the_fits_chi2_where_a_ripple_spoils_the_spectrum(
 
 @pytest.fixture(scope="module")
 def metal_poor():
-    """The same 300 stars of the sample at SNR 50-300 twice: of the grid's composition and with metal
-    lines 0.2 dex weaker (inside the model's training span, as in mildly metal-poor real B stars):
-    (truth, results at 0 dex, results at -0.2 dex)."""
+    """The same 600 stars of the sample at SNR 50-300 twice (at five nodes: with fewer, a coverage is
+    left several points to chance), of the grid's composition and with metal lines 0.2 dex weaker
+    (inside the model's training span, as in mildly metal-poor real B stars): (truth, results at 0 dex,
+    results at -0.2 dex)."""
     from starcast.catalogs import gridsynth as gs
 
     lib = gs.BroadenedLibrary.build(read_grid(SAMPLE), gs.Observation(), metals=np.array([-0.2, 0.0]))
@@ -145,8 +146,8 @@ def metal_poor():
     model, out = starcast.load_model(), []
     for metals in (0.0, -0.2):
         rng = np.random.default_rng(5)
-        labels = gs.labels_at(lib.nodes[rng.integers(0, len(lib.nodes), 300)], pert, rng)
-        labels["metals"] = np.full(300, metals)
+        labels = gs.labels_at(lib.nodes[rng.integers(0, len(lib.nodes), 600)], pert, rng)
+        labels["metals"] = np.full(600, metals)
         table = gs.draw_survey(lib, labels, pert, rng).table(lib.obs)
         out.append(model.predict(table.drop_columns(list(labels)), backend="cpu"))
     return labels, *out
@@ -155,8 +156,8 @@ def metal_poor():
 def test_metal_poor_stars_keep_their_teff_and_their_metals_are_measured(metal_poor):
     """The model was trained with metal lines 0.5-2x the grid's: weaker metal lines must not pass for
     a cooler star (the previous default, trained on one composition, put -0.2 dex stars ~1 kK too cool
-    with 14% coverage; measured here: Teff RMSE 127 K -> 155 K, 68% coverage 67%), and `metals` must
-    find the -0.2 dex (median -0.203, coverage 61%)."""
+    with 14% coverage; measured here: Teff RMSE 134 K -> 166 K, 68% coverage 64%), and `metals` must
+    find the -0.2 dex (median -0.202, coverage 64%)."""
     labels, solar, poor = metal_poor
     for t in TARGETS:
         err = [r.column(t).to_numpy() - labels[t] for r in (solar, poor)]
