@@ -255,7 +255,8 @@ def main() -> None:
                      "starcast": metadata.version("starcast"), "git": git_version()},
         "command": shlex.join(["python", "bench/peers.py", *sys.argv[1:]]),
         "note": args.note,
-        "model": {"path": str(args.model), "name": model.name, "weights_sha256": model.bundle.weights_sha256,
+        "model": {"path": str(args.model), "name": model.name, "bundle_sha256": model.bundle.sha256,
+                  "weights_sha256": model.bundle.weights_sha256,
                   "epochs_run": model.bundle.manifest.get("provenance", {}).get("epochs_run")},
         "config": {"file": str(args.config), "test_nodes": src.full.nodes[src.held["test"]].tolist(),
                    "training_nodes": len(src.train.nodes), "per_bin": args.per_bin, "ood_per_bin": n_ood,
@@ -297,7 +298,8 @@ def markdown(info: dict) -> str:
     yes = lambda v: "-" if v is None else ("yes" if v else "**no**")  # noqa: E731
     lines = ["# Peers and the limit: starcast, chi^2 template fits, the Cramer-Rao bound", "",
              f"Model `{mod['path']}` ({mod['name']}, {mod['epochs_run']} epochs, "
-             f"weights sha256 {mod['weights_sha256'][:12]}). {info['note']}".strip(), "",
+             f"bundle sha256 {mod['bundle_sha256'][:12]}, weights sha256 {mod['weights_sha256'][:12]}). "
+             f"{info['note']}".strip(), "",
              f"{c['per_bin']} spectra per SNR bin at the test nodes {c['test_nodes']} (left out of "
              "training), drawn with the full library; v sin i uniform 0-450 km/s, scored where true > "
              f"{c['vsini_scored_above']:g} km/s; continuum distortions and ripple as `Perturbations()` "

@@ -8,12 +8,15 @@ A model with an emulator may also blend its estimate: per target, the network's 
 and the labels of the emulator's fit (`engine.emulator`) by 1 - w, w piecewise linear in log10 SNR at
 the same knots. The two err in partly different ways (the network's imperfect inference, the
 emulator's interpolation between nodes), so the blend, with w fitted at nodes left out of training, is
-closer to the truth than either at every SNR; the scales and floor are fitted to the blended estimate.
+closer to the truth than the network and on a par with the fit; the scales and floor are fitted to
+the blended estimate.
 A spectrum the fit cannot explain (its reduced chi^2 above 1: a continuum ripple the networks learned
 to see through, a defect) misleads the fit more than the networks: with `network_chi2_gain` g, the
 network's odds w / (1 - w) grow by 1 + g max(chi2 - 1, 0), as inverse-variance weights do when the
 fit's error variance grows linearly in the excess chi^2 (see the inflation below), so
-w = w0 (1 + g e) / (1 + w0 g e), w0 the weight at the row's SNR, e the excess.
+w = w0 (1 + g e) / (1 + w0 g e) (`raised_share`), w0 the weight at the row's SNR, e the excess. Any
+excess counts, a defect the networks never saw too (a wrong wavelength medium): such rows are flagged
+MODEL_MISMATCH.
 A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
 the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both).
 
@@ -38,6 +41,12 @@ import numpy as np
 from ..errors import ModelError
 
 
+def raised_share(w0: np.ndarray, odds_gain: np.ndarray) -> np.ndarray:
+    """The network's weight whose odds w / (1 - w) are those of `w0` times 1 + `odds_gain`, written
+    so that w0 = 0 and 1 stay 0 and 1."""
+    return w0 * (1.0 + odds_gain) / (1.0 + w0 * odds_gain)
+
+
 def chi2_excess(chi2: np.ndarray) -> np.ndarray:
     """max(chi2 - 1, 0), 0 where the reduced chi^2 is NaN (a row the emulator does not fit)."""
     return np.where(np.isfinite(chi2), np.maximum(chi2 - 1.0, 0.0), 0.0)
@@ -49,7 +58,8 @@ class Calibration:
     scale: np.ndarray  # (K, Q) sigma multipliers at the knots
     floor: np.ndarray  # (K,) physical units
     network_weight: np.ndarray | None = None  # (K, Q) in [0, 1], the network's share; None: no blend
-    network_chi2_gain: np.ndarray | None = None  # (K,) >= 0: g of the network's odds; None: 0
+    network_chi2_gain: np.ndarray | None = None  # (K,) >= 0: g of the network's odds; None: 0 (also
+    # without network_weight, where there is no blend to raise)
     chi2_inflation: np.ndarray | None = None  # (K,) >= 0: c of the aleatoric inflation; None: none
     label: int | None = None  # the target whose network mean `label_scale` follows; None: no such scale
     label_knots: np.ndarray | None = None  # (P,) increasing, in that target's unit
@@ -86,8 +96,7 @@ class Calibration:
             return np.ones((len(log_snr), len(self.scale)))
         w0 = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
         gain = np.zeros(len(self.scale)) if self.network_chi2_gain is None else self.network_chi2_gain
-        odds_gain = gain[None, :] * chi2_excess(chi2)[:, None]
-        w = w0 * (1.0 + odds_gain) / (1.0 + w0 * odds_gain)
+        w = raised_share(w0, gain[None, :] * chi2_excess(chi2)[:, None])
         return np.where(np.asarray(gapped, bool)[:, None], 0.0, w)
 
     def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray, chi2: np.ndarray,
@@ -148,7 +157,8 @@ class Calibration:
             raise ModelError("manifest 'calibration' network_weight needs one weight in [0, 1] per knot "
                              "and target")
         for name, value in (("network_chi2_gain", gain), ("chi2_inflation", inflation)):
-            if value is not None and not (np.isfinite(value).all() and (value >= 0).all()):
+            if value is not None and not (value.shape == floor.shape and np.isfinite(value).all()
+                                          and (value >= 0).all()):
                 raise ModelError(f"manifest 'calibration' {name} needs one finite value >= 0 per target")
         if label_scale is not None and (
                 label_knots.ndim != 1 or len(label_knots) < 1 or label_scale.shape[1] != len(label_knots)

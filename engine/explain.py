@@ -323,7 +323,7 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
                       label_std=stds, keys=keys[rows], samples=samples, seed=seed)
     if blended:
         f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.chi2[rows],
-                              model.gapped(prepared)[rows])
+                              model._gapped(prepared)[rows])
     return ok, x, f
 
 

@@ -132,8 +132,10 @@ def plot_spectrum(exp: Explanation, row: int, path: Path) -> Path:
         ax.set_ylabel("normalised flux")
         _label_lines(ax, wl, top=k == 0)
         share = line_mass(a[None], wl, t)[0]
+        on_lines = f"{100 * share:.0f}% of |attribution| on listed lines" if np.isfinite(share) else (
+            "no pixel moves it")
         ax.set_title(f"{t} = {_fmt(exp.prediction[row, k])} {unit} (continuum: {_fmt(exp.baseline[row, k])}"
-                     f" {unit}); {100 * share:.0f}% of |attribution| on listed lines", fontsize=8, loc="left",
+                     f" {unit}); {on_lines}", fontsize=8, loc="left",
                      pad=_label_pad(wl) if k == 0 else 4)
         fig.colorbar(lc, ax=ax, pad=0.01).set_label(f"attribution ({unit} / pixel)", fontsize=7)
     axes[-1, 0].set_xlabel("wavelength (Angstrom, air)")

@@ -205,7 +205,7 @@ class Model:
             fitted, chi2 = np.full_like(stats[0], np.nan), np.full(len(ok), np.nan)
         else:
             fitted, chi2 = self._fitted_targets(fit), fit.chi2
-        return ok, stats, fitted, chi2, self._log_snr(x), self.gapped(prepared)
+        return ok, stats, fitted, chi2, self._log_snr(x), self._gapped(prepared)
 
     def _fitted_targets(self, fit: Fit) -> np.ndarray:
         """[B, K]: the emulator fit's labels in the columns of the targets (NaN for the others)."""
@@ -243,7 +243,7 @@ class Model:
             if self.calibration is not None and len(rows):  # network and fit blended; noise the fit sees
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
                                                     self._fitted_targets(fit)[rows], fit.chi2[rows],
-                                                    self.gapped(prepared)[rows])
+                                                    self._gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar
 
@@ -264,7 +264,7 @@ class Model:
         """All M x S (mu, sigma) pairs per row, from the float64 reference on the same dropout masks
         as `predict`: the full predictive distribution of a few spectra (memory grows as B x M x S).
         These are the networks' draws: where the calibration blends in the emulator's fit, `predict`'s
-        estimate is that blend, not the mean of the draws.
+        estimate is that blend, not the mean of the draws, and on a row with a gap it is the fit alone.
         `backend`: that of the `predict` to describe (its emulator fit decides the input's residual rv)."""
         table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
         samples = self._samples(samples)
@@ -329,7 +329,7 @@ class Model:
         return x[:, self.grid.n + self.features.index("log10_snr")].astype(np.float64)
 
     @staticmethod
-    def gapped(prepared: pa.RecordBatch | pa.Table) -> np.ndarray:
+    def _gapped(prepared: pa.RecordBatch | pa.Table) -> np.ndarray:
         """[B] bool: the prepared rows with a gap filled by the continuum (`Flag.GAP`)."""
         flags = _array(prepared.column(FLAGS)).to_numpy(zero_copy_only=False)
         return (flags & int(Flag.GAP)) != 0

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.stats import norm
 
-from ..engine.calibration import Calibration, chi2_excess
+from ..engine.calibration import Calibration, chi2_excess, raised_share
 
 LEVELS = (0.68, 0.95)  # the central intervals the scale is fitted to cover
 # A coverage's miss counts in units of its sampling error, sqrt(q (1 - q) / n): 95% coverage misses
@@ -87,8 +87,7 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
         start = np.clip(np.linalg.lstsq(hats[rows] * apart[:, None], target, rcond=None)[0], 0.0, 1.0)
 
         def misfit(p, h=hats[rows], e=excess[rows], apart=apart, target=target):
-            w0, odds_gain = h @ p[:-1], p[-1] * e
-            return w0 * (1.0 + odds_gain) / (1.0 + w0 * odds_gain) * apart - target
+            return raised_share(h @ p[:-1], p[-1] * e) * apart - target
 
         bounds = (np.zeros(len(knots) + 1), np.r_[np.ones(len(knots)), np.inf])
         if excess[rows].any():
@@ -100,7 +99,7 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
 
 
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
-                        log_snr: np.ndarray, bins: int = 6, fitted: np.ndarray | None = None,
+                        log_snr: np.ndarray, *, bins: int = 6, fitted: np.ndarray | None = None,
                         gapped: np.ndarray | None = None, chi2: np.ndarray | None = None,
                         chi2_strata: int = 3, label: int | None = None, label_bins: int = 10,
                         label_rounds: int = 3) -> Calibration:
@@ -111,15 +110,14 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     the emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N];
     None: none), the network's weights in the blended estimate and, with the fit's reduced chi^2, their
     gain with it come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per
-    target,
-    a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]), the
-    inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the 68%
-    and 95% coverages of
-    |y - mean| <= z_q sqrt(s_b^2 g^2 (h var_a + var_e) + f^2), h = 1 + c max(chi2 - 1, 0), summed over
+    target, a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]),
+    the inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the
+    68% and 95% coverages of
+    |y - mean| <= z_q sqrt(s_b^2 l^2 (h var_a + var_e) + f^2), h = 1 + c max(chi2 - 1, 0), summed over
     the bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a spectrum the
     fit explains and one it does not are both covered, not only their mixture). f and c over grids of
     candidates from 0, s_b over a fine log grid: the floor is what the data ask for at high SNR, where
-    the noise no longer hides what the grid's interpolation does not know. g = 1, or, with `label`
+    the noise no longer hides what the grid's interpolation does not know. l = 1, or, with `label`
     (a target's index), a factor per target piecewise linear in the network's mean of that target
     (knots at the medians of `label_bins` equal-count bins of it): each bin's scale (`fit_sigma_scale`) of
     the residuals under the rest, normalised to a geometric mean of 1 over the rows, refined
@@ -145,9 +143,9 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         label_knots, label_which = equal_count_bins(network[:, label], label_bins)
         label_scale = np.ones((y.shape[1], label_bins))
     for round_ in range(label_rounds + 1 if label is not None else 1):  # the scales fitted last
-        g2 = Calibration(knots, np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), label=label,
+        l2 = Calibration(knots, np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), label=label,
                          label_knots=label_knots, label_scale=label_scale).label_factor(network) ** 2
-        scale, floor, inflation = _fit_scales(resid2, g2 * var_a, g2 * var_e, excess, cells, inflations)
+        scale, floor, inflation = _fit_scales(resid2, l2 * var_a, l2 * var_e, excess, cells, inflations)
         if label is None or round_ == label_rounds:
             break
         cal = Calibration(knots, scale, floor, chi2_inflation=inflation, label=label, label_knots=label_knots,
