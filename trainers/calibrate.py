@@ -89,8 +89,8 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
         def misfit(p, h=hats[rows], e=excess[rows], apart=apart, target=target):
             return raised_share(h @ p[:-1], p[-1] * e) * apart - target
 
-        bounds = (np.zeros(len(knots) + 1), np.r_[np.ones(len(knots)), np.inf])
         if excess[rows].any():
+            bounds = (np.zeros(len(knots) + 1), np.r_[np.ones(len(knots)), np.inf])  # w0 in [0, 1], g >= 0
             best = least_squares(misfit, np.r_[start, 1.0], bounds=bounds).x
             weight[k], gain[k] = best[:-1], best[-1]
         else:  # no excess chi^2 to fit a gain on: the linear fit, clipped
