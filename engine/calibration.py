@@ -10,13 +10,15 @@ the same knots. The two err in partly different ways (the network's imperfect in
 emulator's interpolation between nodes), so the blend, with w fitted at nodes left out of training, is
 closer to the truth than the network and on a par with the fit; the scales and floor are fitted to
 the blended estimate.
-A spectrum the fit cannot explain (its reduced chi^2 above 1: a continuum ripple the networks learned
-to see through, a defect) misleads the fit more than the networks: with `network_chi2_gain` g, the
-network's odds w / (1 - w) grow by 1 + g max(chi2 - 1, 0), as inverse-variance weights do when the
-fit's error variance grows linearly in the excess chi^2 (see the inflation below), so
-w = w0 (1 + g e) / (1 + w0 g e) (`raised_share`), w0 the weight at the row's SNR, e the excess. Any
-excess counts, a defect the networks never saw too (a wrong wavelength medium): such rows are flagged
-MODEL_MISMATCH.
+Where the fit cannot explain a spectrum to its noise, one part may mislead it more than the networks:
+the network's odds w / (1 - w) grow by 1 + g_r e_r + g_o e_o (`network_gain`, per target one g >= 0
+per part of EXCESS_PARTS), e_r the part of the fit's excess reduced chi^2 max(chi2 - 1, 0) that a
+continuum ripple explains, e_o the rest (`emulator.Fit.excess`), as inverse-variance weights do when
+the fit's error variance grows linearly in each part (see the inflation below), so
+w = w0 (1 + G) / (1 + w0 G) (`raised_share`), G = g_r e_r + g_o e_o, w0 the weight at the row's SNR.
+The two parts are told apart because they differ: the networks learned to see through a ripple (an
+echelle blaze left over, fringing), which the fit's model does not have; the rest (the emulator's own
+error, noise the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
 A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
 the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both).
 
@@ -47,6 +49,9 @@ def raised_share(w0: np.ndarray, odds_gain: np.ndarray) -> np.ndarray:
     return w0 * (1.0 + odds_gain) / (1.0 + w0 * odds_gain)
 
 
+EXCESS_PARTS = ("ripple", "other")  # the parts of the fit's excess reduced chi^2 the blend's gain follows
+
+
 def chi2_excess(chi2: np.ndarray) -> np.ndarray:
     """max(chi2 - 1, 0), 0 where the reduced chi^2 is NaN (a row the emulator does not fit)."""
     return np.where(np.isfinite(chi2), np.maximum(chi2 - 1.0, 0.0), 0.0)
@@ -58,8 +63,8 @@ class Calibration:
     scale: np.ndarray  # (K, Q) sigma multipliers at the knots
     floor: np.ndarray  # (K,) physical units
     network_weight: np.ndarray | None = None  # (K, Q) in [0, 1], the network's share; None: no blend
-    network_chi2_gain: np.ndarray | None = None  # (K,) >= 0: g of the network's odds; None: 0 (also
-    # without network_weight, where there is no blend to raise)
+    network_gain: np.ndarray | None = None  # (K, len(EXCESS_PARTS)) >= 0: g of the network's odds per
+    # unit of each part of the excess chi^2; None: 0 (also without network_weight: no blend to raise)
     chi2_inflation: np.ndarray | None = None  # (K,) >= 0: c of the aleatoric inflation; None: none
     label: int | None = None  # the target whose network mean `label_scale` follows; None: no such scale
     label_knots: np.ndarray | None = None  # (P,) increasing, in that target's unit
@@ -89,22 +94,24 @@ class Calibration:
         c = np.zeros(len(self.scale)) if self.chi2_inflation is None else self.chi2_inflation
         return 1.0 + chi2_excess(chi2)[:, None] * c[None, :]
 
-    def network_share(self, log_snr: np.ndarray, chi2: np.ndarray, gapped: np.ndarray) -> np.ndarray:
-        """[B, K] the network's weight w in the blend at each row's log10 SNR and the fit's reduced
-        chi^2 [B], 0 on rows with a gap (`gapped` [B] bool); 1 without a blend."""
+    def network_share(self, log_snr: np.ndarray, excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
+        """[B, K] the network's weight w in the blend at each row's log10 SNR and the parts of the fit's
+        excess reduced chi^2 ([B, len(EXCESS_PARTS)]), 0 on rows with a gap (`gapped` [B] bool); 1
+        without a blend."""
         if self.network_weight is None:
             return np.ones((len(log_snr), len(self.scale)))
         w0 = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
-        gain = np.zeros(len(self.scale)) if self.network_chi2_gain is None else self.network_chi2_gain
-        w = raised_share(w0, gain[None, :] * chi2_excess(chi2)[:, None])
+        if self.network_gain is None:
+            return np.where(np.asarray(gapped, bool)[:, None], 0.0, w0)
+        w = raised_share(w0, np.asarray(excess, np.float64) @ self.network_gain.T)
         return np.where(np.asarray(gapped, bool)[:, None], 0.0, w)
 
-    def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray, chi2: np.ndarray,
+    def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray, excess: np.ndarray,
               gapped: np.ndarray) -> np.ndarray:
         """[B, K]: the network's `mean` blended with the emulator fit's labels `fitted` ([B, K], NaN
         for a target or row the emulator does not fit: the network's mean stays there) at each row's
-        log10 SNR, the fit's reduced chi^2 and whether it has a gap ([B] each; `network_share`)."""
-        w = self.network_share(log_snr, chi2, gapped)
+        log10 SNR, the parts of the fit's excess chi^2 and whether it has a gap (`network_share`)."""
+        w = self.network_share(log_snr, excess, gapped)
         return np.where(np.isfinite(fitted), w * mean + (1.0 - w) * fitted, mean)
 
     def to_manifest(self, targets: list[str]) -> dict:
@@ -113,8 +120,9 @@ class Calibration:
                  "floor": {t: float(self.floor[k]) for k, t in enumerate(targets)}}
         if self.network_weight is not None:
             entry["network_weight"] = {t: self.network_weight[k].tolist() for k, t in enumerate(targets)}
-        if self.network_chi2_gain is not None:
-            entry["network_chi2_gain"] = {t: float(self.network_chi2_gain[k]) for k, t in enumerate(targets)}
+        if self.network_gain is not None:
+            entry["network_gain"] = {part: {t: float(self.network_gain[k, i]) for k, t in enumerate(targets)}
+                                     for i, part in enumerate(EXCESS_PARTS)}
         if self.chi2_inflation is not None:
             entry["chi2_inflation"] = {t: float(self.chi2_inflation[k]) for k, t in enumerate(targets)}
         if self.label_scale is not None:
@@ -133,9 +141,9 @@ class Calibration:
             weight = entry.get("network_weight")
             if weight is not None:
                 weight = np.asarray([weight[t] for t in targets], np.float64).reshape(len(targets), -1)
-            gain, inflation = entry.get("network_chi2_gain"), entry.get("chi2_inflation")
+            gain, inflation = entry.get("network_gain"), entry.get("chi2_inflation")
             if gain is not None:
-                gain = np.asarray([gain[t] for t in targets], np.float64)
+                gain = np.asarray([[gain[part][t] for part in EXCESS_PARTS] for t in targets], np.float64)
             if inflation is not None:
                 inflation = np.asarray([inflation[t] for t in targets], np.float64)
             label, label_knots, label_scale = None, None, None
@@ -156,10 +164,12 @@ class Calibration:
                                    or weight.min() < 0 or weight.max() > 1):
             raise ModelError("manifest 'calibration' network_weight needs one weight in [0, 1] per knot "
                              "and target")
-        for name, value in (("network_chi2_gain", gain), ("chi2_inflation", inflation)):
-            if value is not None and not (value.shape == floor.shape and np.isfinite(value).all()
+        for name, value, shape in (("network_gain", gain, (len(targets), len(EXCESS_PARTS))),
+                                   ("chi2_inflation", inflation, floor.shape)):
+            if value is not None and not (value.shape == shape and np.isfinite(value).all()
                                           and (value >= 0).all()):
-                raise ModelError(f"manifest 'calibration' {name} needs one finite value >= 0 per target")
+                raise ModelError(f"manifest 'calibration' {name} needs one finite value >= 0 per target"
+                                 + (f" and each of {EXCESS_PARTS}" if len(shape) > 1 else ""))
         if label_scale is not None and (
                 label_knots.ndim != 1 or len(label_knots) < 1 or label_scale.shape[1] != len(label_knots)
                 or not np.all(np.diff(label_knots) > 0)

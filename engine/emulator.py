@@ -35,6 +35,7 @@ from safetensors.numpy import save as save_safetensors
 
 from ..errors import ModelError
 from ..kernels.resample import doppler_shift
+from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
@@ -227,6 +228,17 @@ class Fit:
     rv_err: np.ndarray
     ripple: np.ndarray
     labels: np.ndarray
+
+    @property
+    def excess(self) -> np.ndarray:
+        """(B, 2) the excess reduced chi^2 (`chi2_excess`) in the parts of `calibration.EXCESS_PARTS`: what a
+        continuum ripple explains (the ripple's drop in chi^2, i.e. the statistic times the reduced
+        chi^2 where that exceeds 1, per pixel, at most the excess) and the rest; 0 where the chi^2 is
+        NaN."""
+        total = chi2_excess(self.chi2)
+        drop = np.nan_to_num(self.ripple) * np.maximum(np.nan_to_num(self.chi2, nan=1.0), 1.0)
+        ripple = np.minimum(total, drop / np.maximum(self.pixels, 1))
+        return np.stack([ripple, total - ripple], axis=1)  # in the order of EXCESS_PARTS
 
     def mismatch(self, emulator: Emulator) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2 or the ripple statistic above the emulator's threshold."""

@@ -241,14 +241,15 @@ def mean_function(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, target
 
 
 def estimate_function(model, network: MeanFunction, targets: list[int], x: np.ndarray, ivar: np.ndarray,
-                      chi2: np.ndarray, gapped: np.ndarray) -> EstimateFunction:
+                      chi2: np.ndarray, excess: np.ndarray, gapped: np.ndarray) -> EstimateFunction:
     """The `EstimateFunction` of `targets` for prepared rows x [B, D + E] of `model` (its network's
     mean of all targets, `network`), their inverse variances [B, D] as its emulator fit weighs them,
-    the fit's reduced chi^2 (NaN on rows it does not fit) and which rows have a gap; the blend's shares
-    at the rows' own SNR, chi^2 and gap."""
+    the fit's reduced chi^2 (NaN on rows it does not fit), the parts of its excess ([B, 2],
+    `emulator.Fit.excess`) and which rows have a gap; the blend's shares at the rows' own SNR, excess
+    and gap."""
     emulator, names = model.emulator, [t.name for t in model.targets]
     weight = emulator.pixel_weight(ivar)
-    share = model.calibration.network_share(model._log_snr(x), chi2, gapped)
+    share = model.calibration.network_share(model._log_snr(x), excess, gapped)
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
                             torch.as_tensor(weight), torch.as_tensor(share),
                             torch.as_tensor(np.isfinite(chi2)),
@@ -323,7 +324,7 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
                       label_std=stds, keys=keys[rows], samples=samples, seed=seed)
     if blended:
         f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.chi2[rows],
-                              model._gapped(prepared)[rows])
+                              fit.excess[rows], model._gapped(prepared)[rows])
     return ok, x, f
 
 

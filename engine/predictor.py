@@ -45,6 +45,7 @@ from ..kernels.features import network_inputs
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
+from .calibration import EXCESS_PARTS
 from .emulator import Fit
 from .rv import VelocitySearch, significant
 
@@ -66,6 +67,26 @@ class PredictiveSamples:
     sigma: np.ndarray
     flags: np.ndarray
     errors: list[str | None]
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """What `predict` computes before it makes columns, to fit a calibration on: which rows were
+    predicted (`ok` [B]); the network's mean and its aleatoric and epistemic variances [B, K], calibrated
+    by the model's own calibration, if any; the emulator fit's labels per target [B, K], its reduced
+    chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)] (`emulator.Fit.excess`; NaN, NaN
+    and 0 where the fit gives none, and everywhere without an emulator); the log10_snr [B] of each
+    row's network input; which rows have a gap [B]."""
+
+    ok: np.ndarray
+    mean: np.ndarray
+    var_a: np.ndarray
+    var_e: np.ndarray
+    fitted: np.ndarray
+    chi2: np.ndarray
+    excess: np.ndarray
+    log_snr: np.ndarray
+    gapped: np.ndarray
 
 
 def load_model(name_or_path: str | os.PathLike = "ob-default", *, samples: int | None = None,
@@ -193,19 +214,17 @@ class Model:
         return self._infer(prepared, self._samples(None), 0, resolve_backend(backend))[2]
 
     def estimates(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
-                  backend: str = "auto") -> tuple:
-        """What `predict` computes before it makes columns, to fit a calibration on: (ok [B], (mean,
-        var_a, var_e) [B, K] calibrated by the model's own calibration, if any; the emulator fit's
-        labels per target [B, K] and reduced chi^2 [B] (NaN where it gives none; all NaN without an
-        emulator); log10_snr [B] of each row's network input; which rows have a gap [B])."""
+                  backend: str = "auto") -> Estimates:
+        """The `Estimates` of every row, as `predict` computes them."""
         table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
         ok, stats, fit, x, _ = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
         if fit is None:
             fitted, chi2 = np.full_like(stats[0], np.nan), np.full(len(ok), np.nan)
+            excess = np.zeros((len(ok), len(EXCESS_PARTS)))
         else:
-            fitted, chi2 = self._fitted_targets(fit), fit.chi2
-        return ok, stats, fitted, chi2, self._log_snr(x), self._gapped(prepared)
+            fitted, chi2, excess = self._fitted_targets(fit), fit.chi2, fit.excess
+        return Estimates(ok, *stats, fitted, chi2, excess, self._log_snr(x), self._gapped(prepared))
 
     def _fitted_targets(self, fit: Fit) -> np.ndarray:
         """[B, K]: the emulator fit's labels in the columns of the targets (NaN for the others)."""
@@ -242,7 +261,7 @@ class Model:
                 fit.rv[moved] = shift + again.rv[moved]
             if self.calibration is not None and len(rows):  # network and fit blended; noise the fit sees
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
-                                                    self._fitted_targets(fit)[rows], fit.chi2[rows],
+                                                    self._fitted_targets(fit)[rows], fit.excess[rows],
                                                     self._gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.stats import norm
 
-from ..engine.calibration import Calibration, chi2_excess, raised_share
+from ..engine.calibration import EXCESS_PARTS, Calibration, chi2_excess, raised_share
 
 LEVELS = (0.68, 0.95)  # the central intervals the scale is fitted to cover
 # A coverage's miss counts in units of its sampling error, sqrt(q (1 - q) / n): 95% coverage misses
@@ -68,48 +68,50 @@ def equal_count_bins(values: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.
 
 
 def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_snr: np.ndarray,
-                       knots: np.ndarray, chi2: np.ndarray,
+                       knots: np.ndarray, excess: np.ndarray,
                        gapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(weight (K, Q) in [0, 1], gain (K,) >= 0): the network's weight w0 in the blend w mean + (1 - w)
-    fitted, per target piecewise linear in log10 SNR at `knots`, and the gain g of its odds with the
-    fit's excess reduced chi^2 (`Calibration.network_share`): the least-squares fit of y on validation
-    rows ([N, K] in physical units; chi2 [N]) without a gap (`gapped` [N]: those take the fit alone),
-    started from the weights fitted linearly with g = 0. Weight 1 and gain 0 for a target without
-    fitted labels (NaN)."""
+    """(weight (K, Q) in [0, 1], gain (K, len(EXCESS_PARTS)) >= 0): the network's weight w0 in the
+    blend w mean + (1 - w) fitted, per target piecewise linear in log10 SNR at `knots`, and the gains
+    of its odds with each part of the fit's excess reduced chi^2 (`excess` [N, len(EXCESS_PARTS)];
+    `Calibration.network_share`): the least-squares fit of y on validation rows ([N, K] in physical
+    units) without a gap (`gapped` [N]: those take the fit alone), started from the weights fitted
+    linearly with no gain. Weight 1 and gain 0 for a target without fitted labels (NaN)."""
     hats = np.stack([np.interp(log_snr, knots, np.eye(len(knots))[q]) for q in range(len(knots))], axis=1)
-    excess = chi2_excess(chi2)
-    weight, gain = np.ones((y.shape[1], len(knots))), np.zeros(y.shape[1])
+    excess = np.asarray(excess, np.float64)
+    q, parts = len(knots), len(EXCESS_PARTS)
+    weight, gain = np.ones((y.shape[1], q)), np.zeros((y.shape[1], parts))
     for k in range(y.shape[1]):
-        rows = np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k]) & ~np.asarray(gapped, bool)
-        if not rows.any():
+        rows = np.flatnonzero(np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k]) & ~np.asarray(gapped, bool))
+        if not len(rows):
             continue
         apart, target = mean[rows, k] - fitted[rows, k], y[rows, k] - fitted[rows, k]
         start = np.clip(np.linalg.lstsq(hats[rows] * apart[:, None], target, rcond=None)[0], 0.0, 1.0)
+        if not excess[rows].any():  # no excess to fit a gain on: the linear fit, clipped
+            weight[k] = start
+            continue
 
         def misfit(p, h=hats[rows], e=excess[rows], apart=apart, target=target):
-            return raised_share(h @ p[:-1], p[-1] * e) * apart - target
+            return raised_share(h @ p[:q], e @ p[q:]) * apart - target
 
-        if excess[rows].any():
-            bounds = (np.zeros(len(knots) + 1), np.r_[np.ones(len(knots)), np.inf])  # w0 in [0, 1], g >= 0
-            best = least_squares(misfit, np.r_[start, 1.0], bounds=bounds).x
-            weight[k], gain[k] = best[:-1], best[-1]
-        else:  # no excess chi^2 to fit a gain on: the linear fit, clipped
-            weight[k] = start
+        bounds = (np.zeros(q + parts), np.r_[np.ones(q), np.full(parts, np.inf)])  # w0 in [0, 1], g >= 0
+        best = least_squares(misfit, np.r_[start, np.ones(parts)], bounds=bounds).x
+        weight[k], gain[k] = best[:q], best[q:]
     return weight, gain
 
 
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
                         log_snr: np.ndarray, *, bins: int = 6, fitted: np.ndarray | None = None,
                         gapped: np.ndarray | None = None, chi2: np.ndarray | None = None,
-                        chi2_strata: int = 3, label: int | None = None, label_bins: int = 10,
-                        label_rounds: int = 3) -> Calibration:
+                        excess: np.ndarray | None = None, chi2_strata: int = 3,
+                        label: int | None = None, label_bins: int = 10, label_rounds: int = 3) -> Calibration:
     """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
     Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of
     the emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N];
-    None: none), the network's weights in the blended estimate and, with the fit's reduced chi^2, their
-    gain with it come first (`fit_network_weight`), and the sigmas are fitted to that estimate. Per
+    None: none), the network's weights in the blended estimate and, with the parts of the fit's excess
+    reduced chi^2 (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first
+    (`fit_network_weight`), and the sigmas are fitted to that estimate. Per
     target, a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]),
     the inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the
     68% and 95% coverages of
@@ -126,10 +128,10 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     weight, gain, network = None, None, mean
     if fitted is not None:
         gapped = np.zeros(len(y), bool) if gapped is None else gapped
-        fit_chi2 = np.full(len(y), np.nan) if chi2 is None else chi2
-        weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, fit_chi2, gapped)
+        parts = np.zeros((len(y), len(EXCESS_PARTS))) if excess is None else excess
+        weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, parts, gapped)
         mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight, gain).blend(
-            log_snr, network, fitted, fit_chi2, gapped)
+            log_snr, network, fitted, parts, gapped)
     if chi2 is None:
         excess, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
     else:
@@ -155,7 +157,7 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         for k in range(y.shape[1]):
             factors = np.array([fit_sigma_scale(z[label_which == b, k]) for b in range(label_bins)])
             label_scale[k] *= factors / np.exp(np.mean(np.log(factors[label_which])))
-    return Calibration(knots, scale, floor, weight, None if chi2 is None else gain,
+    return Calibration(knots, scale, floor, weight, None if excess is None else gain,
                        None if chi2 is None else inflation, label, label_knots, label_scale)
 
 

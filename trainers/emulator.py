@@ -251,23 +251,22 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
 
     def estimates(split: str) -> dict:
         table = source.split_table(split)
-        y = np.stack([table.column(n).to_numpy() for n in names], axis=1)
-        ok, (mean, var_a, var_e), fitted, chi2, log_snr, gapped = raw.estimates(
-            table.drop_columns(names), samples=cal.samples, seed=cal.seed, backend="cpu")
-        rows = {"y": y, "mean": mean, "var_a": var_a, "var_e": var_e, "fitted": fitted, "chi2": chi2,
-                "log_snr": log_snr, "gapped": gapped, "snr": table.column(SNR).to_numpy()}
-        return {key: value[ok] for key, value in rows.items()}
+        found = raw.estimates(table.drop_columns(names), samples=cal.samples, seed=cal.seed, backend="cpu")
+        rows = {**vars(found), "y": np.stack([table.column(n).to_numpy() for n in names], axis=1),
+                "snr": table.column(SNR).to_numpy()}
+        return {key: value[found.ok] for key, value in rows.items() if key != "ok"}
 
     def fit(*parts: dict):
         d = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         return fit_snr_calibration(d["y"], d["mean"], d["var_a"], d["var_e"], d["log_snr"],
-                                   fitted=d["fitted"], gapped=d["gapped"], chi2=d["chi2"], label=label)
+                                   fitted=d["fitted"], gapped=d["gapped"], chi2=d["chi2"],
+                                   excess=d["excess"], label=label)
 
     def scored(calibration, d: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, sigma, epistemic sigma) [N, K] of the rows `d` under `calibration`."""
         inflated = d["var_a"] * calibration.inflation(d["chi2"])
         var_a, var_e = calibration.apply(d["log_snr"], inflated, d["var_e"], mean=d["mean"])
-        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["chi2"], d["gapped"])
+        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"], d["gapped"])
         return estimate, np.sqrt(var_a + var_e), np.sqrt(var_e)
 
     splits = {split: estimates(split) for split in ("val", "test", "between")}

@@ -89,35 +89,41 @@ def test_model_mismatch_flag_follows_the_threshold(tmp_path):
 def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp_path):
     """With `network_weight` w in the calibration, each target the emulator fits is w(SNR) times the
     network's mean plus 1 - w times the fit's labels (`goodness_of_fit(...).labels`, refined by a
-    Gauss-Newton step), the network's odds w / (1 - w) grown by 1 + g max(chi2 - 1, 0) with
-    `network_chi2_gain` g, and a spectrum with a gap (GAP) takes the fit alone; a target it does not
-    fit (here v sin i) keeps the network's mean. With
+    Gauss-Newton step), the network's odds w / (1 - w) grown by 1 + g_r e_r + g_o e_o with
+    `network_gain` (g_r, g_o), e_r the part of the fit's excess chi^2 that a ripple explains, e_o the
+    rest (here that of noise the flux_err understates), and a spectrum with a gap (GAP) takes the fit
+    alone; a target it does not fit (here v sin i) keeps the network's mean. With
     `chi2_inflation` c, each target's aleatoric variance is multiplied by 1 + c max(chi2 - 1, 0) (the
     `chi2` column), its epistemic part unchanged."""
     features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
     cal = Calibration(np.array([1.0, 2.5]), np.ones((3, 2)), np.zeros(3),
-                      np.array([[0.0, 1.0], [0.25, 0.25], [0.0, 0.0]]), np.array([0.0, 4.0, 0.0]),
-                      np.array([0.0, 2.0, 30.0]))
+                      np.array([[0.0, 1.0], [0.25, 0.25], [0.0, 0.0]]),
+                      np.array([[0.0, 0.0], [4.0, 1.0], [0.0, 0.0]]), np.array([0.0, 2.0, 30.0]))
     plain = cal.to_manifest(targets)
-    del plain["network_weight"], plain["network_chi2_gain"], plain["chi2_inflation"]
+    del plain["network_weight"], plain["network_gain"], plain["chi2_inflation"]
     paths = {name: add_emulator(make_bundle(tmp_path / name, features=features, calibration=entry),
                                 labels=["teff", "logg"], refine_steps=1)
              for name, entry in (("plain", plain), ("blend", cal.to_manifest(targets)))}
     data = catalog(6, 30.0)
     data["flux"][3:] = LINE + np.random.default_rng(1).normal(0.0, 1.0 / 200.0, (3, TINY_GRID.n))
     data["flux_err"][3:] = 1.0 / 200.0
+    data["flux"][3] *= 1.0 + 0.003 * np.sin(2.0 * np.pi * TINY_GRID.values() / 50.0)  # a ripple of 50 A
     data["flux_err"][5] /= 1.5  # a spectrum noisier than its flux_err says: chi^2 ~ 2.25
     data["flux"][[1, 4], 140:170] = np.nan  # a gap of 30 pixels, longer than preprocessing fills
     network, blended = (load_model(paths[name]).predict(data, backend="cpu") for name in ("plain", "blend"))
-    fitted = load_model(paths["plain"]).goodness_of_fit(data, backend="cpu").labels
+    fit = load_model(paths["plain"]).goodness_of_fit(data, backend="cpu")
+    fitted = fit.labels
     log_snr = np.log10(np.array([30.0] * 3 + [200.0] * 2 + [300.0]))
     gapped = (blended.column("flags").to_numpy() & Flag.GAP) != 0
     np.testing.assert_array_equal(gapped, [False, True, False, False, True, False])
-    chi2 = blended.column(CHI2).to_numpy()
-    assert chi2[5] > 1.8
+    excess = np.maximum(blended.column(CHI2).to_numpy() - 1, 0)
+    np.testing.assert_allclose(fit.excess.sum(axis=1), excess, rtol=1e-9)
+    ripple, other = fit.excess.T
+    assert ripple[3] > 0.2
+    assert excess[5] > 0.8 and ripple[5] < 0.1 * excess[5]  # noise: ~2 ln(frequencies) / pixels
     for k, t in enumerate(["teff", "logg"]):
         w0 = np.interp(log_snr, [1.0, 2.5], cal.network_weight[k])
-        odds_gain = cal.network_chi2_gain[k] * np.maximum(chi2 - 1, 0)
+        odds_gain = cal.network_gain[k, 0] * ripple + cal.network_gain[k, 1] * other
         w = np.where(gapped, 0.0, w0 * (1 + odds_gain) / (1 + w0 * odds_gain))
         expected = w * network.column(t).to_numpy() + (1 - w) * fitted[:, k]
         np.testing.assert_allclose(blended.column(t).to_numpy(), expected, rtol=1e-3)
@@ -125,8 +131,7 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     np.testing.assert_array_equal(blended.column("vsini").to_numpy(), network.column("vsini").to_numpy())
     for k, t in enumerate(targets):
         var_a = [r.column(f"{t}_err_aleatoric").to_numpy() ** 2 for r in (network, blended)]
-        np.testing.assert_allclose(var_a[1], var_a[0] * (1 + cal.chi2_inflation[k] * np.maximum(chi2 - 1, 0)),
-                                   rtol=1e-9)
+        np.testing.assert_allclose(var_a[1], var_a[0] * (1 + cal.chi2_inflation[k] * excess), rtol=1e-9)
         var_e = [r.column(f"{t}_err_epistemic").to_numpy() for r in (network, blended)]
         np.testing.assert_array_equal(*var_e)
 

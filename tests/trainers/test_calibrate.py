@@ -85,14 +85,14 @@ def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estima
     fitted[:, 1] = np.nan
     gapped = rng.random(n) < 0.1
     mean[gapped, 0] += 20.0 * a[gapped] * rng.normal(size=gapped.sum())
-    chi2 = np.ones(n)  # the fit explains every spectrum
-    weight, gain = fit_network_weight(y, mean, fitted, log_snr, knots, chi2, gapped)
+    no_excess = np.zeros((n, 2))  # the fit explains every spectrum
+    weight, gain = fit_network_weight(y, mean, fitted, log_snr, knots, no_excess, gapped)
     np.testing.assert_allclose(weight[0], [0.2, 0.5, 0.8], atol=0.03)
     np.testing.assert_array_equal(weight[1], 1.0)
     np.testing.assert_array_equal(gain, 0.0)
     var = np.stack([a**2, a**2], axis=1)
     cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=3, fitted=fitted, gapped=gapped)
-    blended = cal.blend(log_snr, mean, fitted, chi2, gapped)
+    blended = cal.blend(log_snr, mean, fitted, no_excess, gapped)
     np.testing.assert_array_equal(blended[gapped, 0], fitted[gapped, 0])
     np.testing.assert_array_equal(blended[:, 1], mean[:, 1])
     assert np.std(blended[:, 0] - y[:, 0]) < 0.95 * np.std(mean[:, 0] - y[:, 0])
@@ -102,31 +102,33 @@ def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estima
         assert abs(coverage(y[:, k], blended[:, k], sigma[:, k], 0.68) - 0.68) < 0.02
 
 
-def test_the_networks_odds_grow_with_the_fits_excess_chi2_as_its_error_variance_does():
-    """Half the spectra carry a defect that the fit cannot explain (excess chi^2 e up to 4) and that
-    adds g e b^2 to the fit's error variance, g = 3, and nothing to the network's: the inverse-variance
-    weight's odds grow by 1 + g e, and the fit recovers the weights at e = 0 and g; the blend at each
-    spectrum's chi^2 is closer to the truth on the defective spectra than the weights of SNR alone."""
+def test_the_networks_odds_grow_with_each_part_of_the_excess_chi2_as_the_fits_error_variance_does():
+    """A third of the spectra carry a ripple (excess chi^2 e_r up to 4) that adds 3 e_r b^2 to the
+    fit's error variance and nothing to the network's, a third another defect (e_o up to 4) that
+    doubles both per unit: the inverse-variance weight's odds grow by 1 + 3 e_r, and the fit recovers
+    the weights at no excess and the gains (3, 0); the blend at each spectrum's excess is closer to
+    the truth on the rippled spectra than the weights of SNR alone."""
     rng = np.random.default_rng(4)
-    n = 40000
+    n = 60000
     log_snr = rng.uniform(1.0, 2.6, n)
     knots = np.array([1.0, 1.8, 2.6])
     w0 = np.interp(log_snr, knots, [0.2, 0.3, 0.4])
-    excess = np.where(rng.random(n) < 0.5, rng.uniform(0.0, 4.0, n), 0.0)
-    a = 10.0 ** (1.5 - log_snr)
+    which = rng.integers(0, 3, n)  # 0: a ripple, 1: the other defect, 2: clean
+    excess = np.stack([np.where(which == part, rng.uniform(0.0, 4.0, n), 0.0) for part in (0, 1)], axis=1)
+    a = 10.0 ** (1.5 - log_snr) * np.sqrt(1.0 + 2.0 * excess[:, 1])
     b = a * np.sqrt(w0 / (1.0 - w0))
     y = rng.uniform(0.0, 100.0, (n, 1))
     mean = y + a[:, None] * rng.normal(size=(n, 1))
-    fitted = y + (b * np.sqrt(1.0 + 3.0 * excess))[:, None] * rng.normal(size=(n, 1))
+    fitted = y + (b * np.sqrt(1.0 + 3.0 * excess[:, 0]))[:, None] * rng.normal(size=(n, 1))
     gapped = np.zeros(n, bool)
-    weight, gain = fit_network_weight(y, mean, fitted, log_snr, knots, 1.0 + excess, gapped)
+    weight, gain = fit_network_weight(y, mean, fitted, log_snr, knots, excess, gapped)
     np.testing.assert_allclose(weight[0], [0.2, 0.3, 0.4], atol=0.03)
-    assert gain[0] == pytest.approx(3.0, rel=0.15)
-    snr_only = fit_network_weight(y, mean, fitted, log_snr, knots, np.ones(n), gapped)[0]
-    defect = excess > 1.0
+    assert gain[0, 0] == pytest.approx(3.0, rel=0.15) and gain[0, 1] < 0.1, gain
+    snr_only = fit_network_weight(y, mean, fitted, log_snr, knots, np.zeros((n, 2)), gapped)[0]
+    rippled = excess[:, 0] > 1.0
     errors = [Calibration(knots, np.ones((1, 3)), np.zeros(1), w, g).blend(
-        log_snr, mean, fitted, 1.0 + excess, gapped)[defect, 0] - y[defect, 0]
-        for w, g in ((weight, gain), (snr_only, np.zeros(1)))]
+        log_snr, mean, fitted, excess, gapped)[rippled, 0] - y[rippled, 0]
+        for w, g in ((weight, gain), (snr_only, np.zeros((1, 2))))]
     assert np.std(errors[0]) < 0.95 * np.std(errors[1])
 
 

@@ -15,6 +15,7 @@ from starcast.catalogs.schema import (
     WavelengthGrid,
     spectrum_array,
 )
+from starcast.engine.calibration import EXCESS_PARTS
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
     EmulatorSettings,
@@ -150,7 +151,8 @@ def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_betwee
     assert manifest["provenance"]["calibration"]["split"] == "val+test+between"
     assert set(manifest["metrics"]["between"]) == set(LABELS)
     assert set(manifest["calibration"]["chi2_inflation"]) == set(LABELS)
-    assert set(manifest["calibration"]["network_chi2_gain"]) == set(LABELS)
+    assert {part: set(g) for part, g in manifest["calibration"]["network_gain"].items()} == {
+        part: set(LABELS) for part in EXCESS_PARTS}
     metrics = manifest["metrics"]
     for split in ("val", "test"):
         pooled, cross = metrics[split], metrics[f"{split}_cross_fitted"]
