@@ -133,11 +133,11 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight, gain).blend(
             log_snr, network, fitted, parts, gapped)
     if chi2 is None:
-        excess, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
+        total, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
     else:
-        excess, strata = chi2_excess(chi2), chi2_strata
+        total, strata = chi2_excess(chi2), chi2_strata
         inflations = np.concatenate([[0.0], np.geomspace(1e-2, 30.0, 25)])
-    cells = [np.array_split(rows[np.argsort(excess[rows], kind="stable")], strata)  # [bin][stratum]
+    cells = [np.array_split(rows[np.argsort(total[rows], kind="stable")], strata)  # [bin][stratum]
              for rows in (np.flatnonzero(which == b) for b in range(bins))]
     resid2 = (y - mean) ** 2
     label_knots, label_which, label_scale = None, None, None
@@ -147,12 +147,12 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     for round_ in range(label_rounds + 1 if label is not None else 1):  # the scales fitted last
         l2 = Calibration(knots, np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), label=label,
                          label_knots=label_knots, label_scale=label_scale).label_factor(network) ** 2
-        scale, floor, inflation = _fit_scales(resid2, l2 * var_a, l2 * var_e, excess, cells, inflations)
+        scale, floor, inflation = _fit_scales(resid2, l2 * var_a, l2 * var_e, total, cells, inflations)
         if label is None or round_ == label_rounds:
             break
         cal = Calibration(knots, scale, floor, chi2_inflation=inflation, label=label, label_knots=label_knots,
                           label_scale=label_scale)
-        var_a_cal, var_e_cal = cal.apply(log_snr, var_a * cal.inflation(excess + 1.0), var_e, mean=network)
+        var_a_cal, var_e_cal = cal.apply(log_snr, var_a * cal.inflation(total + 1.0), var_e, mean=network)
         z = np.sqrt(resid2 / (var_a_cal + var_e_cal))
         for k in range(y.shape[1]):
             factors = np.array([fit_sigma_scale(z[label_which == b, k]) for b in range(label_bins)])

@@ -92,6 +92,7 @@ def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estima
     np.testing.assert_array_equal(gain, 0.0)
     var = np.stack([a**2, a**2], axis=1)
     cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=3, fitted=fitted, gapped=gapped)
+    assert cal.network_gain is None  # fitted without the excess chi^2: no gain to follow it
     blended = cal.blend(log_snr, mean, fitted, no_excess, gapped)
     np.testing.assert_array_equal(blended[gapped, 0], fitted[gapped, 0])
     np.testing.assert_array_equal(blended[:, 1], mean[:, 1])
