@@ -10,15 +10,15 @@ the same knots. The two err in partly different ways (the network's imperfect in
 emulator's interpolation between nodes), so the blend, with w fitted at nodes left out of training, is
 closer to the truth than the network and on a par with the fit; the scales and floor are fitted to
 the blended estimate.
-Where the fit cannot explain a spectrum to its noise, one part may mislead it more than the networks:
+Where the fit cannot explain a spectrum to its noise, the kind of misfit decides whom to trust more:
 the network's odds w / (1 - w) grow by 1 + g_r e_r + g_o e_o (`network_gain`, per target one g >= 0
 per part of EXCESS_PARTS), e_r the part of the fit's excess reduced chi^2 max(chi2 - 1, 0) that a
 continuum ripple explains, e_o the rest (`emulator.Fit.excess`), as inverse-variance weights do when
 the fit's error variance grows linearly in each part (see the inflation below), so
 w = w0 (1 + G) / (1 + w0 G) (`raised_share`), G = g_r e_r + g_o e_o, w0 the weight at the row's SNR.
-The two parts are told apart because they differ: the networks learned to see through a ripple (an
-echelle blaze left over, fringing), which the fit's model does not have; the rest (the emulator's own
-error, noise the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
+The parts are kept apart because the networks learned to see through a ripple (an echelle blaze left
+over, fringing), which the fit's model does not have, while the rest (the emulator's own error, noise
+the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
 A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
 the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both).
 

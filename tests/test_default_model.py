@@ -121,7 +121,7 @@ def test_the_fits_excess_chi2_is_told_apart_into_a_ripples_and_the_rest(survey):
     (`emulator.Fit.excess`; measured: median 93% of it), that of noise its flux_err understates by
     1.5x hardly at all (measured: 1.2%); so the blend gives the networks, which learned to see through
     a ripple, more weight for Teff and log g on the first (measured median: 0.96, 0.99) than on the
-    second (0.15, 0.30)."""
+    second (0.15, 0.33)."""
     table, _ = survey
     rows = table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100))
     err = np.stack(rows.column("flux_err").to_numpy(zero_copy_only=False))
