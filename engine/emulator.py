@@ -149,10 +149,11 @@ class Emulator:
 
     def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, lo: np.ndarray,
                hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, rv, rv_err) after `refine_steps` damped Gauss-Newton steps on the weighted residual
+        """(labels, rv, errors) after `refine_steps` damped Gauss-Newton steps on the weighted residual
         of `fitted` (finite-difference Jacobian) in the labels, kept within [lo, hi] and within 1 std
-        per step, and a residual velocity rv (km/s, from 0, within +-V_FIT_MAX). rv_err: its sigma
-        from the last step's curvature (NaN without steps)."""
+        per step, and a residual velocity rv (km/s, from 0, within +-V_FIT_MAX). errors [B, labels + 1]:
+        the sigmas of the labels (physical units) and of rv (km/s) from the last step's curvature, each
+        with the others marginalised (NaN without steps)."""
         k = len(self.labels)
         scale = np.append(self.label_std, V_UNIT)
         offset = np.append(self.label_mean, 0.0)
@@ -161,7 +162,7 @@ class Emulator:
         zlo = np.append((lo - self.label_mean) / self.label_std, -V_FIT_MAX / V_UNIT)
         zhi = np.append((hi - self.label_mean) / self.label_std, V_FIT_MAX / V_UNIT)
         step_max = np.append(np.ones(k), V_STEP_MAX)
-        rv_var = np.full(len(x), np.nan)  # without steps
+        variance = np.full((len(x), k + 1), np.nan)  # without steps
 
         def model(z):
             phys = z * scale + offset
@@ -179,9 +180,9 @@ class Emulator:
             z = np.clip(z + np.clip(delta, -step_max, step_max), zlo, zhi)
         if self.refine_steps:  # from the last step's curvature, undamped
             with np.errstate(invalid="ignore", divide="ignore"):
-                rv_var = np.linalg.pinv(gram)[:, k, k] * V_UNIT**2
+                variance = np.diagonal(np.linalg.pinv(gram), axis1=1, axis2=2) * scale**2
         phys = z * scale + offset
-        return phys[:, :k], phys[:, k], np.sqrt(rv_var)
+        return phys[:, :k], phys[:, k], np.sqrt(variance)
 
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
              hi: np.ndarray | None = None) -> Fit:
@@ -192,14 +193,14 @@ class Emulator:
         not positive)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
-        chi2, rv, rv_err = np.empty(len(x)), np.zeros(len(x)), np.full(len(x), np.nan)
-        ripple, fitted = np.empty(len(x)), np.empty((len(x), len(self.labels)))
+        chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
+        fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (ivar > 0).sum(axis=1)
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
         for s in range(0, len(x), CHUNK):
             xs = x[s:s + CHUNK].astype(np.float32)
             weight = self.pixel_weight(ivar[s:s + CHUNK])
-            best, rv[s:s + CHUNK], rv_err[s:s + CHUNK] = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
+            best, rv[s:s + CHUNK], errors[s:s + CHUNK] = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
             fitted[s:s + CHUNK] = best
             residual = xs - self.fitted(xs, weight, best, rv[s:s + CHUNK] if self.refine_steps else None)
             dof_s = dof[s:s + CHUNK]
@@ -207,11 +208,13 @@ class Emulator:
                 chi2[s:s + CHUNK] = np.where(dof_s > 0, (residual**2 * weight).sum(axis=1, dtype=np.float64)
                                              / dof_s, np.nan)
             ripple[s:s + CHUNK] = self.ripple(residual, weight, chi2[s:s + CHUNK])
-        # the curvature's sigma assumes the model explains the spectrum; where it does not, widen it
-        rv_err *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))
-        return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(rv_err, RV_SYSTEMATIC),
-                   ripple=np.where(np.isfinite(chi2), ripple, np.nan),
-                   labels=np.where(np.isfinite(chi2)[:, None], fitted, np.nan))
+        # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
+        errors *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))[:, None]
+        explained = np.isfinite(chi2)[:, None]
+        return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(errors[:, -1], RV_SYSTEMATIC),
+                   ripple=np.where(explained[:, 0], ripple, np.nan),
+                   labels=np.where(explained, fitted, np.nan),
+                   label_err=np.where(explained, errors[:, :-1], np.nan))
 
 
 @dataclass(frozen=True)
@@ -219,8 +222,9 @@ class Fit:
     """The emulator's fit of B prepared spectra: reduced chi^2 (float64, NaN where there are too few
     pixels), pixels used (int32), the residual radial velocity rv and its sigma rv_err (km/s,
     RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
-    statistic (`Emulator.ripple`; NaN with the chi^2), and the fitted labels [B, len(labels)]
-    (physical units; the starting labels when the emulator does not refine; NaN with the chi^2)."""
+    statistic (`Emulator.ripple`; NaN with the chi^2), the fitted labels [B, len(labels)]
+    (physical units; the starting labels when the emulator does not refine; NaN with the chi^2) and
+    their sigmas from the fit's curvature, widened like rv_err's (NaN without refining or chi^2)."""
 
     chi2: np.ndarray
     pixels: np.ndarray
@@ -228,6 +232,7 @@ class Fit:
     rv_err: np.ndarray
     ripple: np.ndarray
     labels: np.ndarray
+    label_err: np.ndarray
 
     @property
     def excess(self) -> np.ndarray:

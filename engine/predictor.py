@@ -9,7 +9,7 @@ so their numbers cannot differ. Nothing here knows of files, Ray or progress bar
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,7 @@ from .emulator import Fit
 from .rv import VelocitySearch, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+FIT_FIELDS = tuple(f.name for f in fields(Fit))
 PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error, labels
 # and, for a model with an emulator, the inverse variance of x on the grid, the rv preprocessing removed
 # (given or estimated; km/s) and the sigma of an estimated one (null where given)
@@ -73,16 +74,17 @@ class PredictiveSamples:
 class Estimates:
     """What `predict` computes before it makes columns, to fit a calibration on: which rows were
     predicted (`ok` [B]); the network's mean and its aleatoric and epistemic variances [B, K], calibrated
-    by the model's own calibration, if any; the emulator fit's labels per target [B, K], its reduced
-    chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)] (`emulator.Fit.excess`; NaN, NaN
-    and 0 where the fit gives none, and everywhere without an emulator); the log10_snr [B] of each
-    row's network input; which rows have a gap [B]."""
+    by the model's own calibration, if any; the emulator fit's labels per target and their variances
+    from its curvature [B, K], its reduced chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)]
+    (`emulator.Fit.excess`; NaN, NaN, NaN and 0 where the fit gives none, and everywhere without an
+    emulator); the log10_snr [B] of each row's network input; which rows have a gap [B]."""
 
     ok: np.ndarray
     mean: np.ndarray
     var_a: np.ndarray
     var_e: np.ndarray
     fitted: np.ndarray
+    fit_var: np.ndarray
     chi2: np.ndarray
     excess: np.ndarray
     log_snr: np.ndarray
@@ -220,17 +222,19 @@ class Model:
         prepared = self.prepare(table, source_grid=source_grid)
         ok, stats, fit, x, _ = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
         if fit is None:
-            fitted, chi2 = np.full_like(stats[0], np.nan), np.full(len(ok), np.nan)
-            excess = np.zeros((len(ok), len(EXCESS_PARTS)))
+            fitted, fit_var = np.full_like(stats[0], np.nan), np.full_like(stats[0], np.nan)
+            chi2, excess = np.full(len(ok), np.nan), np.zeros((len(ok), len(EXCESS_PARTS)))
         else:
-            fitted, chi2, excess = self._fitted_targets(fit), fit.chi2, fit.excess
-        return Estimates(ok, *stats, fitted, chi2, excess, self._log_snr(x), self._gapped(prepared))
+            fitted, fit_var = self._in_targets(fit.labels), self._in_targets(fit.label_err) ** 2
+            chi2, excess = fit.chi2, fit.excess
+        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, self._log_snr(x), self._gapped(prepared))
 
-    def _fitted_targets(self, fit: Fit) -> np.ndarray:
-        """[B, K]: the emulator fit's labels in the columns of the targets (NaN for the others)."""
+    def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
+        """[B, K]: an array of the emulator's labels [B, len(labels)] (its fit's labels or their sigmas)
+        in the columns of the targets (NaN for the others)."""
         names = [t.name for t in self.targets]
-        out = np.full((len(fit.labels), len(names)), np.nan)
-        out[:, [names.index(n) for n in self.emulator.labels]] = fit.labels
+        out = np.full((len(per_label), len(names)), np.nan)
+        out[:, [names.index(n) for n in self.emulator.labels]] = per_label
         return out
 
     def _infer(self, prepared, samples: int, seed: int, backend: str):
@@ -256,12 +260,18 @@ class Model:
                                        0.0, self.emulator.shift(ivar[moved], -shift))
                 self._network(backend, x, keys, moved, (mean, var_a, var_e), samples, seed)
                 again = self._fit(moved, x, ivar, mean)
-                for name in ("chi2", "pixels", "rv_err", "ripple", "labels"):
-                    getattr(fit, name)[moved] = getattr(again, name)[moved]
+                for name in FIT_FIELDS:
+                    if name != "rv":
+                        getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
-            if self.calibration is not None and len(rows):  # network and fit blended; noise the fit sees
+        if self.calibration is not None and len(rows):
+            fit_var = None if fit is None else self._in_targets(fit.label_err)[rows] ** 2
+            var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
+                                                              np.maximum(var_e[rows], 0.0), mean=mean[rows],
+                                                              fit_var=fit_var)
+            if fit is not None:  # network and fit blended; noise the fit sees
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
-                                                    self._fitted_targets(fit)[rows], fit.excess[rows],
+                                                    self._in_targets(fit.labels)[rows], fit.excess[rows],
                                                     self._gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar
@@ -367,18 +377,14 @@ class Model:
 
     def _network(self, backend: str, x: np.ndarray, keys: np.ndarray, rows: np.ndarray, out: tuple,
                  samples: int, seed: int) -> None:
-        """The ensemble kernel on `rows` of x, calibrated, into out = (mean, var_a, var_e) [B, K]."""
+        """The ensemble kernel on `rows` of x into out = (mean, var_a, var_e) [B, K] (uncalibrated)."""
         if not len(rows):
             return
         # the kernels bound their own memory (row chunks / tiles)
         stats = self._kernel(backend)(*self._inputs(backend, x[rows], keys[rows]),
                                       **self._kernel_args(samples, seed))
-        mean, var_a, var_e = out
         for target, value in zip(out, stats, strict=True):
             target[rows] = value.detach().cpu().double().numpy()
-        if self.calibration is not None:
-            var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
-                                                              np.maximum(var_e[rows], 0.0), mean=mean[rows])
 
     def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray) -> dict:
         """The prepared columns a model with an emulator adds: `ivar` [B, grid pixels], `rv`, `rv_err`
@@ -442,13 +448,14 @@ class Model:
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan),
-                  labels=np.full((n, len(self.emulator.labels)), np.nan))
+                  labels=np.full((n, len(self.emulator.labels)), np.nan),
+                  label_err=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
             lo, hi = self._label_range(self.emulator.labels)
             part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi)
-            for name in ("chi2", "pixels", "rv", "rv_err", "ripple", "labels"):
+            for name in FIT_FIELDS:
                 getattr(fit, name)[rows] = getattr(part, name)
         return fit
 

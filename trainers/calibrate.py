@@ -102,8 +102,9 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
                         log_snr: np.ndarray, *, bins: int = 6, fitted: np.ndarray | None = None,
                         gapped: np.ndarray | None = None, chi2: np.ndarray | None = None,
-                        excess: np.ndarray | None = None, chi2_strata: int = 3,
-                        label: int | None = None, label_bins: int = 10, label_rounds: int = 3) -> Calibration:
+                        excess: np.ndarray | None = None, fit_var: np.ndarray | None = None,
+                        chi2_strata: int = 3, label: int | None = None, label_bins: int = 10,
+                        label_rounds: int = 3) -> Calibration:
     """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
@@ -111,7 +112,11 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     the emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N];
     None: none), the network's weights in the blended estimate and, with the parts of the fit's excess
     reduced chi^2 (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first
-    (`fit_network_weight`), and the sigmas are fitted to that estimate. Per
+    (`fit_network_weight`), and the sigmas are fitted to that estimate. With the variances of the fit's
+    labels from its curvature (`fit_var` [N, K], NaN where there are none: counted 0), they are added
+    to var_a weighed by lambda = median(var_a + var_e) / median(fit_var) per target, so that both
+    count alike (`Calibration.fit_variance_weight`; fitted on two of three surveys and scored on the
+    third, half that weight covered about as evenly, twice it less evenly). Per
     target, a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]),
     the inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the
     68% and 95% coverages of
@@ -132,6 +137,12 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, parts, gapped)
         mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight, gain).blend(
             log_snr, network, fitted, parts, gapped)
+    fit_weight = None
+    if fit_var is not None:
+        known = np.isfinite(fit_var) & (fit_var > 0)
+        fit_weight = np.array([np.median((var_a + var_e)[known[:, k], k]) / np.median(fit_var[known[:, k], k])
+                               if known[:, k].any() else 0.0 for k in range(y.shape[1])])
+        var_a = var_a + fit_weight * np.nan_to_num(fit_var)
     if chi2 is None:
         total, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
     else:
@@ -158,7 +169,7 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
             factors = np.array([fit_sigma_scale(z[label_which == b, k]) for b in range(label_bins)])
             label_scale[k] *= factors / np.exp(np.mean(np.log(factors[label_which])))
     return Calibration(knots, scale, floor, weight, None if excess is None else gain,
-                       None if chi2 is None else inflation, label, label_knots, label_scale)
+                       None if chi2 is None else inflation, fit_weight, label, label_knots, label_scale)
 
 
 def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess: np.ndarray, cells: list,

@@ -260,12 +260,13 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         d = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         return fit_snr_calibration(d["y"], d["mean"], d["var_a"], d["var_e"], d["log_snr"],
                                    fitted=d["fitted"], gapped=d["gapped"], chi2=d["chi2"],
-                                   excess=d["excess"], label=label)
+                                   excess=d["excess"], fit_var=d["fit_var"], label=label)
 
     def scored(calibration, d: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, sigma, epistemic sigma) [N, K] of the rows `d` under `calibration`."""
-        inflated = d["var_a"] * calibration.inflation(d["chi2"])
-        var_a, var_e = calibration.apply(d["log_snr"], inflated, d["var_e"], mean=d["mean"])
+        var_a, var_e = calibration.apply(d["log_snr"], d["var_a"], d["var_e"], mean=d["mean"],
+                                         fit_var=d["fit_var"])
+        var_a = var_a * calibration.inflation(d["chi2"])
         estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"], d["gapped"])
         return estimate, np.sqrt(var_a + var_e), np.sqrt(var_e)
 

@@ -93,14 +93,16 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     `network_gain` (g_r, g_o), e_r the part of the fit's excess chi^2 that a ripple explains, e_o the
     rest (here that of noise the flux_err understates), and a spectrum with a gap (GAP) takes the fit
     alone; a target it does not fit (here v sin i) keeps the network's mean. With
-    `chi2_inflation` c, each target's aleatoric variance is multiplied by 1 + c max(chi2 - 1, 0) (the
-    `chi2` column), its epistemic part unchanged."""
+    `fit_variance_weight` lambda, each fitted target's aleatoric variance gains lambda times the
+    variance of the fit's label (`Fit.label_err` squared); with `chi2_inflation` c, it is then
+    multiplied by 1 + c max(chi2 - 1, 0) (the `chi2` column); the epistemic part is unchanged."""
     features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
     cal = Calibration(np.array([1.0, 2.5]), np.ones((3, 2)), np.zeros(3),
                       np.array([[0.0, 1.0], [0.25, 0.25], [0.0, 0.0]]),
-                      np.array([[0.0, 0.0], [4.0, 1.0], [0.0, 0.0]]), np.array([0.0, 2.0, 30.0]))
+                      np.array([[0.0, 0.0], [4.0, 1.0], [0.0, 0.0]]), np.array([0.0, 2.0, 30.0]),
+                      np.array([0.5, 2.0, 1.0]))
     plain = cal.to_manifest(targets)
-    del plain["network_weight"], plain["network_gain"], plain["chi2_inflation"]
+    del plain["network_weight"], plain["network_gain"], plain["chi2_inflation"], plain["fit_variance_weight"]
     paths = {name: add_emulator(make_bundle(tmp_path / name, features=features, calibration=entry),
                                 labels=["teff", "logg"], refine_steps=1)
              for name, entry in (("plain", plain), ("blend", cal.to_manifest(targets)))}
@@ -129,9 +131,12 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
         np.testing.assert_allclose(blended.column(t).to_numpy(), expected, rtol=1e-3)
         assert np.all(np.abs(fitted[:, k] - network.column(t).to_numpy()) > 0)  # the fit moved them
     np.testing.assert_array_equal(blended.column("vsini").to_numpy(), network.column("vsini").to_numpy())
+    fit_var = np.c_[fit.label_err**2, np.zeros(len(excess))]  # the emulator does not fit v sin i
+    assert np.all(fit_var[:, :2] > 0)
     for k, t in enumerate(targets):
         var_a = [r.column(f"{t}_err_aleatoric").to_numpy() ** 2 for r in (network, blended)]
-        np.testing.assert_allclose(var_a[1], var_a[0] * (1 + cal.chi2_inflation[k] * excess), rtol=1e-9)
+        with_fit = var_a[0] + cal.fit_variance_weight[k] * fit_var[:, k]
+        np.testing.assert_allclose(var_a[1], with_fit * (1 + cal.chi2_inflation[k] * excess), rtol=1e-9)
         var_e = [r.column(f"{t}_err_epistemic").to_numpy() for r in (network, blended)]
         np.testing.assert_array_equal(*var_e)
 
