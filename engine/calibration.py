@@ -90,9 +90,17 @@ class Calibration:
             if mean is None:
                 raise ValueError("this calibration follows the network's mean of a target: pass `mean`")
             s = s * self.label_factor(mean)
-        if self.fit_variance_weight is not None and fit_var is not None:
-            var_a = var_a + self.fit_variance_weight * np.nan_to_num(fit_var)
+        if fit_var is not None:
+            var_a = var_a + self.fit_variance(fit_var)
         return s**2 * var_a, s**2 * var_e + self.floor**2
+
+    def fit_variance(self, fit_var: np.ndarray) -> np.ndarray:
+        """[B, K]: what the emulator fit's label variances `fit_var` [B, K] add to the network's aleatoric
+        variance before the scales, `fit_variance_weight` times them (NaN, where the fit gives none, and
+        no weight count 0)."""
+        if self.fit_variance_weight is None:
+            return np.zeros_like(fit_var)
+        return self.fit_variance_weight * np.nan_to_num(fit_var, nan=0.0)
 
     def label_factor(self, mean: np.ndarray) -> np.ndarray:
         """[B, K] the `label_scale` factor at the network's mean [B, K] of its target (1 without one)."""
@@ -158,6 +166,10 @@ class Calibration:
             gain = entry.get("network_gain")
             if gain is not None:
                 gain = np.asarray([[gain[part][t] for part in EXCESS_PARTS] for t in targets], np.float64)
+            elif "network_chi2_gain" in entry:  # an earlier manifest's one gain for any excess: the same
+                # gain on every part, as g e_r + g e_o = g max(chi2 - 1, 0)
+                one = np.asarray([entry["network_chi2_gain"][t] for t in targets], np.float64)
+                gain = np.repeat(one[:, None], len(EXCESS_PARTS), axis=1)
             inflation, fit_weight = (None if entry.get(name) is None
                                      else np.asarray([entry[name][t] for t in targets], np.float64)
                                      for name in ("chi2_inflation", "fit_variance_weight"))

@@ -73,8 +73,9 @@ class PredictiveSamples:
 @dataclass(frozen=True)
 class Estimates:
     """What `predict` computes before it makes columns, to fit a calibration on: which rows were
-    predicted (`ok` [B]); the network's mean and its aleatoric and epistemic variances [B, K], calibrated
-    by the model's own calibration, if any; the emulator fit's labels per target and their variances
+    predicted (`ok` [B]); the network's mean (blended) and its aleatoric and epistemic variances [B, K],
+    calibrated by the model's own calibration, if any (the trainers take them from a copy without one,
+    so that nothing is counted twice); the emulator fit's labels per target and their variances
     from its curvature [B, K], its reduced chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)]
     (`emulator.Fit.excess`; NaN, NaN, NaN and 0 where the fit gives none, and everywhere without an
     emulator); the log10_snr [B] of each row's network input; which rows have a gap [B]."""
@@ -306,12 +307,14 @@ class Model:
             m, v = reference.ensemble_samples(*self._inputs("reference", x[rows], keys[rows]),
                                               **self._kernel_args(samples, seed))
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
-            if self.calibration is not None:  # SNR scale and chi^2 inflation; the floor is not per draw
+            if self.calibration is not None:  # as predict's aleatoric part; the floor is not per draw
                 scale2, _ = self.calibration.apply(self._log_snr(x[rows]), np.ones((len(rows), mu.shape[3])),
                                                    np.zeros((len(rows), mu.shape[3])),
                                                    mean=mu[rows].mean(axis=(1, 2)))
-                if fit is not None:
+                if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
                     scale2 *= self.calibration.inflation(fit.chi2[rows])
+                    var[rows] += self.calibration.fit_variance(self._in_targets(fit.label_err)[rows] ** 2)[
+                        :, None, None, :]
                 var[rows] *= scale2[:, None, None, :]
         return PredictiveSamples(ids=prepared.column(ID).to_pylist(), targets=[t.name for t in self.targets],
                                  mu=mu, sigma=np.sqrt(var), flags=prepared.column(FLAGS).to_numpy(),

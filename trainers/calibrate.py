@@ -114,9 +114,8 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     reduced chi^2 (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first
     (`fit_network_weight`), and the sigmas are fitted to that estimate. With the variances of the fit's
     labels from its curvature (`fit_var` [N, K], NaN where there are none: counted 0), they are added
-    to var_a weighed by lambda = median(var_a + var_e) / median(fit_var) per target, so that both
-    count alike (`Calibration.fit_variance_weight`; fitted on two of three surveys and scored on the
-    third, half that weight covered about as evenly, twice it less evenly). Per
+    to var_a weighed by lambda = median(var_a + var_e) / median(fit_var) per target, so that the
+    networks' total variance and the fit's count alike (`Calibration.fit_variance_weight`). Per
     target, a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]),
     the inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the
     68% and 95% coverages of

@@ -227,9 +227,9 @@ def calibrate(source: GridSource, model: Model, entry: dict,
 def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | Path) -> dict | None:
     """Fit the SNR-conditional calibration of the bundle at `bundle_dir` again, now that it has an
     emulator, through the engine as data go: the network's weight in the estimate blended with the
-    emulator fit's labels, then the scales (following the config's `scale_label` too, if any), floor
-    and chi^2 inflation for that estimate (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC
-    thresholds.
+    emulator fit's labels and its gains with the fit's excess chi^2, then the weight of the fit's
+    variance, the scales (following the config's `scale_label` too, if any), floor and chi^2
+    inflation for that estimate (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC thresholds.
 
     It is fitted on the validation and test surveys and the `between` survey together. The first two's
     nodes are all left out of the training, and how well a calibration transfers to unseen nodes

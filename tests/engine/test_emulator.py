@@ -94,10 +94,11 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     rest (here that of noise the flux_err understates), and a spectrum with a gap (GAP) takes the fit
     alone; a target it does not fit (here v sin i) keeps the network's mean. With
     `fit_variance_weight` lambda, each fitted target's aleatoric variance gains lambda times the
-    variance of the fit's label (`Fit.label_err` squared); with `chi2_inflation` c, it is then
-    multiplied by 1 + c max(chi2 - 1, 0) (the `chi2` column); the epistemic part is unchanged."""
+    variance of the fit's label (`Fit.label_err` squared) before the scale s; with `chi2_inflation` c,
+    it is then multiplied by 1 + c max(chi2 - 1, 0) (the `chi2` column); the epistemic part is
+    unchanged. `predict_samples`' draws carry the same: their mean variance is the aleatoric part."""
     features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
-    cal = Calibration(np.array([1.0, 2.5]), np.ones((3, 2)), np.zeros(3),
+    cal = Calibration(np.array([1.0, 2.5]), np.full((3, 2), 1.5), np.zeros(3),
                       np.array([[0.0, 1.0], [0.25, 0.25], [0.0, 0.0]]),
                       np.array([[0.0, 0.0], [4.0, 1.0], [0.0, 0.0]]), np.array([0.0, 2.0, 30.0]),
                       np.array([0.5, 2.0, 1.0]))
@@ -135,10 +136,25 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     assert np.all(fit_var[:, :2] > 0)
     for k, t in enumerate(targets):
         var_a = [r.column(f"{t}_err_aleatoric").to_numpy() ** 2 for r in (network, blended)]
-        with_fit = var_a[0] + cal.fit_variance_weight[k] * fit_var[:, k]
+        with_fit = var_a[0] + 1.5**2 * cal.fit_variance_weight[k] * fit_var[:, k]  # the fit's, scaled too
         np.testing.assert_allclose(var_a[1], with_fit * (1 + cal.chi2_inflation[k] * excess), rtol=1e-9)
         var_e = [r.column(f"{t}_err_epistemic").to_numpy() for r in (network, blended)]
         np.testing.assert_array_equal(*var_e)
+    draws = load_model(paths["blend"]).predict_samples(data, backend="cpu")
+    mean_var = (draws.sigma**2).mean(axis=(1, 2))
+    aleatoric = np.stack([blended.column(f"{t}_err_aleatoric").to_numpy() for t in targets], axis=1)
+    np.testing.assert_allclose(mean_var, aleatoric**2, rtol=1e-4)
+
+
+def test_a_manifest_with_one_chi2_gain_reads_as_that_gain_on_every_part_of_the_excess():
+    """An earlier manifest's `network_chi2_gain` g raised the odds by g max(chi2 - 1, 0), which is
+    g e_r + g e_o over the parts of the excess: it loads as `network_gain` (g, g)."""
+    targets = ["a", "b"]
+    blend = Calibration(np.array([1.0]), np.ones((2, 1)), np.zeros(2), network_weight=np.full((2, 1), 0.5))
+    entry = blend.to_manifest(targets)
+    entry["network_chi2_gain"] = {"a": 3.0, "b": 0.5}
+    gain = Calibration.from_manifest(entry, targets).network_gain
+    np.testing.assert_array_equal(gain, [[3.0, 3.0], [0.5, 0.5]])
 
 
 def test_a_tampered_or_missing_emulator_file_is_refused(tmp_path):
