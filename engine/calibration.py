@@ -122,10 +122,9 @@ class Calibration:
         if self.network_weight is None:
             return np.ones((len(log_snr), len(self.scale)))
         w0 = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
-        if self.network_gain is None:
-            return np.where(np.asarray(gapped, bool)[:, None], 0.0, w0)
-        w = raised_share(w0, np.asarray(excess, np.float64) @ self.network_gain.T)
-        return np.where(np.asarray(gapped, bool)[:, None], 0.0, w)
+        if self.network_gain is not None:
+            w0 = raised_share(w0, np.asarray(excess, np.float64) @ self.network_gain.T)
+        return np.where(np.asarray(gapped, bool)[:, None], 0.0, w0)
 
     def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray, excess: np.ndarray,
               gapped: np.ndarray) -> np.ndarray:
