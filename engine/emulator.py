@@ -85,7 +85,8 @@ class Emulator:
 
     def shift(self, spectra: np.ndarray, rv: np.ndarray) -> np.ndarray:
         """(B, D) float32: `spectra` on the grid, seen from a source receding at `rv` (B,) km/s, i.e.
-        f(lambda * rest_frame_factor(rv)) by linear interpolation (the ends held beyond the grid)."""
+        f(lambda * rest_frame_factor(rv)) by cubic convolution (`doppler_shift`; the ends held beyond
+        the grid)."""
         spectra = np.ascontiguousarray(spectra, np.float32)
         if not np.any(rv):  # at rest (the first Gauss-Newton step): nothing to interpolate
             return spectra.copy()

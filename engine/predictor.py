@@ -257,8 +257,9 @@ class Model:
                 shift, x = fit.rv[moved], x.copy()  # x may be a read-only view of the batch
                 d = self.grid.n
                 x[moved, :d] = self.emulator.shift(x[moved, :d], -shift)
-                ivar[moved] = np.where(self.emulator.shift((ivar[moved] > 0).astype(np.float32), -shift) < 1,
-                                       0.0, self.emulator.shift(ivar[moved], -shift))
+                # a pixel is kept only where every pixel its interpolation weighs was good
+                whole = np.abs(self.emulator.shift((ivar[moved] > 0).astype(np.float32), -shift) - 1.0) < 1e-4
+                ivar[moved] = np.where(whole, np.maximum(self.emulator.shift(ivar[moved], -shift), 0.0), 0.0)
                 self._network(backend, x, keys, moved, (mean, var_a, var_e), samples, seed)
                 again = self._fit(moved, x, ivar, mean)
                 for name in FIT_FIELDS:
