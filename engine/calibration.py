@@ -12,12 +12,12 @@ closer to the truth than the network and on a par with the fit; the scales and f
 the blended estimate.
 Where the fit cannot explain a spectrum to its noise, the kind of misfit decides whom to trust more:
 the network's odds w / (1 - w) grow by 1 + g_r e_r + g_o e_o (`network_gain`, per target one g >= 0
-per part of EXCESS_PARTS), e_r the part of the fit's excess reduced chi^2 max(chi2 - 1, 0) that a
-continuum ripple explains, e_o the rest (`emulator.Fit.excess`), as inverse-variance weights do when
-the fit's error variance grows linearly in each part (see the inflation below), so
-w = w0 (1 + G) / (1 + w0 G) (`raised_share`), G = g_r e_r + g_o e_o, w0 the weight at the row's SNR.
-The parts are kept apart because the networks learned to see through a ripple (an echelle blaze left
-over, fringing), which the fit's model does not have, while the rest (the emulator's own error, noise
+per part of EXCESS_PARTS), e_r the excess reduced chi^2 that fitting a continuum ripple (an echelle
+blaze left over, fringing) removed from the fit, e_o the excess max(chi2 - 1, 0) it left
+(`emulator.Fit.excess`), as inverse-variance weights do when the fit's error variance grows linearly
+in each part (see the inflation below), so w = w0 (1 + G) / (1 + w0 G) (`raised_share`),
+G = g_r e_r + g_o e_o, w0 the weight at the row's SNR. The parts are kept apart because they differ:
+a ripple the fit has fitted no longer misleads it, while the rest (the emulator's own error, noise
 the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
 A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
 the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both).
@@ -37,9 +37,10 @@ the third.
 
 A model with an emulator may also inflate the aleatoric part by 1 + c max(chi2 - 1, 0) per target,
 chi2 the reduced chi^2 of the emulator's fit: a spectrum the fit cannot explain to its noise (a
-continuum ripple, a defect the flux_err does not carry) is noisier than its flux_err says, and its
-error grows with it. The excess chi^2 of a residual a of the noise's size is ~a^2/2, and the label
-error that residual causes is ~a, so the variance grows linearly in the excess; c = 1 is Birge's ratio.
+defect the flux_err does not carry, a ripple too weak for the fit to find) is noisier than its
+flux_err says, and its error grows with it. The excess chi^2 of a residual a of the noise's size is
+~a^2/2, and the label error that residual causes is ~a, so the variance grows linearly in the
+excess; c = 1 is Birge's ratio.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ after preprocessing removed the given or estimated one, with its error from the 
 A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
 SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
 period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
+Where that statistic passes the emulator's `ripple_threshold` (MODEL_MISMATCH), the ripple is fitted
+too: its frequency refined on a finer grid about the periodogram's peak, then the continuum holds the
+sinusoid's two terms beside the polynomial and the same Gauss-Newton steps run again, so that the
+labels, their sigmas and the chi^2 are those of a star seen through that ripple (left in, a 1% ripple
+moves Teff by several times its noise at SNR >= 100; `bench/blend_parts.py`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ V_FIT_MAX = 100.0  # km/s: the residual velocity is kept within +-this (the fit'
 RV_SYSTEMATIC = 1.0
 RIPPLE_PERIODS = (15.0, 150.0)  # Angstrom: too short for the cubic continuum, longer than lines
 RIPPLE_OVERSAMPLING = 2  # frequencies per 1 / (grid span): at worst 81% of a ripple's power
+RIPPLE_REFINE = 8  # the fitted ripple's frequency: on a grid this many times finer about the peak
+RIPPLE_TERMS = 2  # the fitted ripple's parameters in the continuum (a sin + b cos); its frequency one more
 ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
                "tanh": np.tanh}
 
@@ -101,65 +108,96 @@ class Emulator:
 
     @cached_property
     def continuum_basis(self) -> np.ndarray:
-        """(D, continuum_degree + 1) float64 Chebyshev polynomials T_k over the grid."""
-        return np.polynomial.chebyshev.chebvander(np.linspace(-1.0, 1.0, len(self.wavelength)),
-                                                  self.continuum_degree)
+        """(D, continuum_degree + 1) float64 Chebyshev polynomials T_k over the grid (none below 0)."""
+        grid = np.linspace(-1.0, 1.0, len(self.wavelength))
+        if self.continuum_degree < 0:
+            return np.empty((len(grid), 0))
+        return np.polynomial.chebyshev.chebvander(grid, self.continuum_degree)
 
     @cached_property
-    def _ripple_basis(self) -> tuple[np.ndarray, ...]:
-        """float32 [D, F] sin(phi), cos(phi), sin(2 phi), cos(2 phi) at the periodogram's frequencies."""
+    def _ripple_frequencies(self) -> np.ndarray:
+        """(F,) 1/A: the periodogram's frequencies, RIPPLE_OVERSAMPLING per 1 / (grid span)."""
         span = self.wavelength[-1] - self.wavelength[0]
-        freq = np.arange(1.0 / RIPPLE_PERIODS[1], 1.0 / RIPPLE_PERIODS[0], 1.0 / (RIPPLE_OVERSAMPLING * span))
-        phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[:, None] * freq[None, :]
-        return tuple(f(k * phase).astype(np.float32) for k in (1, 2) for f in (np.sin, np.cos))
+        return np.arange(1.0 / RIPPLE_PERIODS[1], 1.0 / RIPPLE_PERIODS[0], 1.0 / (RIPPLE_OVERSAMPLING * span))
 
-    def ripple(self, residual: np.ndarray, weight: np.ndarray, chi2: np.ndarray) -> np.ndarray:
-        """(B,) float64: the largest drop in the weighted chi^2 of `residual` [B, D] from fitting one
-        sinusoid (amplitude and phase) at a period within RIPPLE_PERIODS, divided by the reduced
-        chi^2 `chi2` where that exceeds 1 (so noise that the errors understate does not pass for it)."""
-        sin, cos, sin2, cos2 = self._ripple_basis
+    def _ripple_drops(self, residual: np.ndarray, weight: np.ndarray, freq: np.ndarray) -> np.ndarray:
+        """[B, F] float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting a sinusoid
+        (amplitude and phase) at each frequency of `freq`, 1/A, [F] for every row or [B, F] per row."""
+        phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0]) * freq[..., None]  # [(B,) F, D]
+        sin, cos = np.sin(phase).astype(np.float32), np.cos(phase).astype(np.float32)
+        sin2, cos2 = 2.0 * sin * cos, cos * cos - sin * sin
         wr = weight * residual
-        a, b = (wr @ sin).astype(np.float64), (wr @ cos).astype(np.float64)
+        if freq.ndim == 1:
+            sums = [(w @ basis.T).astype(np.float64) for w, basis in ((wr, sin), (wr, cos), (weight, sin2),
+                                                                     (weight, cos2))]
+        else:
+            sums = [np.einsum("bd,bfd->bf", w, basis, dtype=np.float64)
+                    for w, basis in ((wr, sin), (wr, cos), (weight, sin2), (weight, cos2))]
+        a, b, s2, c2 = sums
         total = weight.sum(axis=1, dtype=np.float64)[:, None]
-        s2, c2 = (weight @ sin2).astype(np.float64), (weight @ cos2).astype(np.float64)
         g11, g12, g22 = (total - c2) / 2, s2 / 2, (total + c2) / 2  # sums of w sin^2, w sin cos, w cos^2
         with np.errstate(invalid="ignore", divide="ignore"):
             drop = (g22 * a * a - 2.0 * g12 * a * b + g11 * b * b) / (g11 * g22 - g12 * g12)
-        drop = np.nan_to_num(drop, nan=0.0, posinf=0.0).max(axis=1)
-        return drop / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+        return np.nan_to_num(drop, nan=0.0, posinf=0.0)
 
-    def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray,
-               rv: np.ndarray | None = None) -> np.ndarray:
+    def ripple(self, residual: np.ndarray, weight: np.ndarray,
+               chi2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """((B,) float64 statistic, (B,) frequency 1/A): the largest drop in the weighted chi^2 of
+        `residual` [B, D] from fitting one sinusoid (amplitude and phase) at a period within
+        RIPPLE_PERIODS, divided by the reduced chi^2 `chi2` where that exceeds 1 (so noise that the
+        errors understate does not pass for it), and the periodogram frequency of that drop."""
+        drops = self._ripple_drops(residual, weight, self._ripple_frequencies)
+        best = drops.argmax(axis=1)
+        statistic = drops[np.arange(len(drops)), best] / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+        return statistic, self._ripple_frequencies[best]
+
+    def ripple_frequency(self, residual: np.ndarray, weight: np.ndarray, freq: np.ndarray) -> np.ndarray:
+        """(B,) 1/A: the frequency within half a periodogram step of `freq` [B] whose sinusoid removes
+        the most chi^2 from `residual` [B, D], on a grid RIPPLE_REFINE times finer."""
+        step = self._ripple_frequencies[1] - self._ripple_frequencies[0]
+        offsets = step * np.arange(-(RIPPLE_REFINE // 2), RIPPLE_REFINE // 2 + 1) / RIPPLE_REFINE
+        candidates = freq[:, None] + offsets[None, :]
+        best = self._ripple_drops(residual, weight, candidates).argmax(axis=1)
+        return candidates[np.arange(len(freq)), best]
+
+    def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray | None = None,
+               ripple: np.ndarray | None = None) -> np.ndarray:
         """(B, D) float32: the emulated spectra at `labels` (shifted to `rv` km/s, if given) times the
-        continuum polynomial (degree `continuum_degree` in Chebyshev T_k over the grid) that fits x
-        best with `weight` per pixel (float32 pixels, float64 normal equations)."""
+        continuum that fits x best with `weight` per pixel (float32 pixels, float64 normal equations):
+        a polynomial of degree `continuum_degree` in Chebyshev T_k over the grid, plus a sin + b cos
+        of a ripple at the frequencies `ripple` [B], 1/A, if given."""
         e = self.spectra(labels)
         if rv is not None:
             e = self.shift(e, rv)
-        if self.continuum_degree < 0:
+        basis = self.continuum_basis.astype(np.float32)[None]  # [1, D, p]
+        if ripple is not None:
+            phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * ripple[:, None]
+            basis = np.concatenate([np.broadcast_to(basis, (len(e), *basis.shape[1:])),
+                                    np.sin(phase)[..., None].astype(np.float32),
+                                    np.cos(phase)[..., None].astype(np.float32)], axis=2)
+        p = basis.shape[2]
+        if p == 0:
             return e
-        t = self.continuum_basis
-        p = t.shape[1]
-        t32 = t.astype(np.float32)
         we = weight * e
-        gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).reshape(-1, p, p)
-        gram = gram.astype(np.float64)
+        gram = np.matmul(basis.transpose(0, 2, 1), (we * e)[..., None] * basis).astype(np.float64)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
-        coef = np.linalg.solve(gram, ((we * x) @ t32).astype(np.float64)[..., None])[..., 0]  # (B, p)
-        return e * (coef @ t.T).astype(np.float32)
+        rhs = np.matmul(basis.transpose(0, 2, 1), (we * x)[..., None]).astype(np.float64)
+        coef = np.linalg.solve(gram, rhs)  # (B, p, 1)
+        return e * np.matmul(basis, coef.astype(np.float32))[..., 0]
 
-    def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray, lo: np.ndarray,
+               hi: np.ndarray, ripple: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(labels, rv, errors) after `refine_steps` damped Gauss-Newton steps on the weighted residual
-        of `fitted` (finite-difference Jacobian) in the labels, kept within [lo, hi] and within 1 std
-        per step, and a residual velocity rv (km/s, from 0, within +-V_FIT_MAX). errors [B, labels + 1]:
-        the sigmas of the labels (physical units) and of rv (km/s) from the last step's curvature, each
-        with the others marginalised (NaN without steps)."""
+        of `fitted` (with the ripple `ripple`, if given; finite-difference Jacobian) from `labels` and
+        the residual velocity `rv` (km/s): the labels kept within [lo, hi] and within 1 std per step,
+        rv within +-V_FIT_MAX. errors [B, labels + 1]: the sigmas of the labels (physical units) and
+        of rv (km/s) from the last step's curvature, each with the others marginalised (NaN without
+        steps)."""
         k = len(self.labels)
         scale = np.append(self.label_std, V_UNIT)
         offset = np.append(self.label_mean, 0.0)
         z = np.concatenate([(np.asarray(labels, np.float64) - self.label_mean) / self.label_std,
-                            np.zeros((len(x), 1))], axis=1)
+                            np.asarray(rv, np.float64)[:, None] / V_UNIT], axis=1)
         zlo = np.append((lo - self.label_mean) / self.label_std, -V_FIT_MAX / V_UNIT)
         zhi = np.append((hi - self.label_mean) / self.label_std, V_FIT_MAX / V_UNIT)
         step_max = np.append(np.ones(k), V_STEP_MAX)
@@ -167,7 +205,7 @@ class Emulator:
 
         def model(z):
             phys = z * scale + offset
-            return self.fitted(x, weight, phys[:, :k], phys[:, k])
+            return self.fitted(x, weight, phys[:, :k], phys[:, k], ripple)
 
         for _ in range(self.refine_steps):
             base = model(z)
@@ -189,31 +227,48 @@ class Emulator:
              hi: np.ndarray | None = None) -> Fit:
         """The `Fit` of prepared spectra x [B, D] with inverse variances ivar: the fitted emulated
         spectra e (see `fitted`) at `labels` and a residual velocity, refined within [lo, hi] (see
-        `refine`); its reduced chi^2 is the sum over the n pixels with ivar > 0 of
-        (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted parameters (NaN where that is
-        not positive)."""
+        `refine`), then again with a ripple where the residual's ripple statistic passes
+        `ripple_threshold` (and the fit has a continuum to hold it); its reduced chi^2 is the sum over
+        the n pixels with ivar > 0 of (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted
+        parameters (NaN where that is not positive)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
+        ripple_excess = np.zeros(len(x))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (ivar > 0).sum(axis=1)
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
-        for s in range(0, len(x), CHUNK):
-            xs = x[s:s + CHUNK].astype(np.float32)
-            weight = self.pixel_weight(ivar[s:s + CHUNK])
-            best, rv[s:s + CHUNK], errors[s:s + CHUNK] = self.refine(xs, weight, labels[s:s + CHUNK], lo, hi)
-            fitted[s:s + CHUNK] = best
-            residual = xs - self.fitted(xs, weight, best, rv[s:s + CHUNK] if self.refine_steps else None)
-            dof_s = dof[s:s + CHUNK]
+
+        def reduced(residual, weight, dof):
             with np.errstate(invalid="ignore", divide="ignore"):
-                chi2[s:s + CHUNK] = np.where(dof_s > 0, (residual**2 * weight).sum(axis=1, dtype=np.float64)
-                                             / dof_s, np.nan)
-            ripple[s:s + CHUNK] = self.ripple(residual, weight, chi2[s:s + CHUNK])
+                return np.where(dof > 0, (residual**2 * weight).sum(axis=1, dtype=np.float64) / dof, np.nan)
+
+        for s in range(0, len(x), CHUNK):
+            part = slice(s, s + CHUNK)
+            xs = x[part].astype(np.float32)
+            weight = self.pixel_weight(ivar[part])
+            best, rv[part], errors[part] = self.refine(xs, weight, labels[part], rv[part], lo, hi)
+            shifted = rv[part] if self.refine_steps else None
+            residual = xs - self.fitted(xs, weight, best, shifted)
+            chi2[part] = reduced(residual, weight, dof[part])
+            ripple[part], freq = self.ripple(residual, weight, chi2[part])
+            with np.errstate(invalid="ignore"):
+                rows = np.flatnonzero((ripple[part] > self.ripple_threshold) & (self.continuum_degree >= 0))
+            if len(rows):  # fit the ripple too (in the continuum), from the labels and rv without it
+                at = s + rows
+                freq = self.ripple_frequency(residual[rows], weight[rows], freq[rows])
+                best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
+                                                             lo, hi, freq)
+                shifted = rv[at] if self.refine_steps else None
+                residual = xs[rows] - self.fitted(xs[rows], weight[rows], best[rows], shifted, freq)
+                plain, chi2[at] = chi2[at], reduced(residual, weight[rows], dof[at] - RIPPLE_TERMS - 1)
+                ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
+            fitted[part] = best
         # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
         errors *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))[:, None]
         explained = np.isfinite(chi2)[:, None]
         return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(errors[:, -1], RV_SYSTEMATIC),
-                   ripple=np.where(explained[:, 0], ripple, np.nan),
+                   ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
                    labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan))
 
@@ -223,28 +278,27 @@ class Fit:
     """The emulator's fit of B prepared spectra: reduced chi^2 (float64, NaN where there are too few
     pixels), pixels used (int32), the residual radial velocity rv and its sigma rv_err (km/s,
     RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
-    statistic (`Emulator.ripple`; NaN with the chi^2), the fitted labels [B, len(labels)]
-    (physical units; the starting labels when the emulator does not refine; NaN with the chi^2) and
-    their sigmas from the fit's curvature, widened like rv_err's (NaN without refining or chi^2)."""
+    statistic of the fit without a ripple (`Emulator.ripple`; NaN with the chi^2), the excess reduced
+    chi^2 that fitting the ripple removed (0 where none was fitted), the fitted labels
+    [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
+    the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
+    or chi^2). Where a ripple was fitted, the chi^2, rv and labels are those of the fit with it."""
 
     chi2: np.ndarray
     pixels: np.ndarray
     rv: np.ndarray
     rv_err: np.ndarray
     ripple: np.ndarray
+    ripple_excess: np.ndarray
     labels: np.ndarray
     label_err: np.ndarray
 
     @property
     def excess(self) -> np.ndarray:
-        """(B, 2) the excess reduced chi^2 (`chi2_excess`) in the parts of `calibration.EXCESS_PARTS`: what a
-        continuum ripple explains (the ripple's drop in chi^2, i.e. the statistic times the reduced
-        chi^2 where that exceeds 1, per pixel, at most the excess) and the rest; 0 where the chi^2 is
-        NaN."""
-        total = chi2_excess(self.chi2)
-        drop = np.nan_to_num(self.ripple) * np.maximum(np.nan_to_num(self.chi2, nan=1.0), 1.0)
-        ripple = np.minimum(total, drop / np.maximum(self.pixels, 1))
-        return np.stack([ripple, total - ripple], axis=1)  # in the order of EXCESS_PARTS
+        """(B, 2) the parts of `calibration.EXCESS_PARTS` of the excess reduced chi^2 (`chi2_excess`) of
+        the fit without a ripple: what fitting a continuum ripple removed from it and what is left,
+        the excess of the fit with the ripple (0 where the chi^2 is NaN)."""
+        return np.stack([self.ripple_excess, chi2_excess(self.chi2)], axis=1)  # in the order of EXCESS_PARTS
 
     def mismatch(self, emulator: Emulator) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2 or the ripple statistic above the emulator's threshold."""

@@ -451,7 +451,7 @@ class Model:
         """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others)."""
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
-                  rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan),
+                  rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):
