@@ -117,24 +117,31 @@ def test_a_continuum_ripple_is_a_model_mismatch(survey):
     assert flagged[0] <= 0.03 and flagged[1] >= 0.95, flagged
 
 
-def test_the_fits_excess_chi2_is_told_apart_into_a_ripples_and_the_rest(survey):
-    """At SNR >= 100 the fit's excess chi^2 of a 1% ripple is mostly the ripple's part
-    (`emulator.Fit.excess`; measured: median 93% of it), that of noise its flux_err understates by
-    1.5x hardly at all (measured: 1.2%); so the blend gives the networks, which learned to see through
-    a ripple, more weight for Teff and log g on the first (measured median: 0.96, 0.99) than on the
-    second (0.15, 0.33)."""
+def test_a_continuum_ripple_is_fitted_out(survey):
+    """The same 1% ripple at SNR >= 100 is fitted with the labels on every row (`Fit.ripple_excess` > 0):
+    the chi^2 it leaves is that of a clean spectrum (median <= 1.05; measured 1.02), nearly all the
+    excess was the ripple's (median share >= 0.9; measured 1.00), and Teff and log g stay within
+    1.5x their clean RMSE (measured 1.30x, 1.13x; 2.4-2.9x when the fit had no ripple) with 68%
+    coverage of 60-95% (measured 89%, 87%: the networks' variance in the sigma grows with the ripple,
+    the fit's error hardly does). Noise the flux_err understates by 1.5x is not taken for a ripple
+    (fitted on <= 3% of rows; measured 1.5%)."""
     table, _ = survey
     rows = table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100))
     err = np.stack(rows.column("flux_err").to_numpy(zero_copy_only=False))
     understated = rows.set_column(rows.schema.get_field_index("flux_err"), "flux_err",
                                   spectrum_array(err / 1.5, err.shape[1]))
     model = starcast.load_model()
-    fits = [model.goodness_of_fit(t, backend="cpu") for t in (_rippled(rows), understated)]
-    share = [np.median(f.excess[:, 0] / np.maximum(f.excess.sum(axis=1), 1e-9)) for f in fits]
-    assert np.median(fits[1].chi2) > 2.0 and share[0] > 0.7 and share[1] < 0.05, share
-    log_snr, no_gap = np.log10(rows.column("snr").to_numpy()), np.zeros(len(rows), bool)
-    w = [model.calibration.network_share(log_snr, f.excess, no_gap) for f in fits]
-    assert (np.median(w[0], axis=0) > 1.5 * np.median(w[1], axis=0))[:2].all()  # Teff, log g
+    rippled, understated_fit = (model.goodness_of_fit(t, backend="cpu")
+                                for t in (_rippled(rows), understated))
+    share = rippled.excess[:, 0] / np.maximum(rippled.excess.sum(axis=1), 1e-9)
+    assert (rippled.ripple_excess > 0).all() and np.median(rippled.chi2) <= 1.05 and np.median(share) >= 0.9
+    assert np.mean(understated_fit.ripple_excess > 0) <= 0.03 and np.median(understated_fit.chi2) > 2.0
+    clean, spoilt = (model.predict(t, backend="cpu") for t in (rows, _rippled(rows)))
+    for t in ("teff", "logg"):
+        y = rows.column(t).to_numpy()
+        rmse = [np.sqrt(np.mean((r.column(t).to_numpy() - y) ** 2)) for r in (clean, spoilt)]
+        cover = coverage(y, spoilt.column(t).to_numpy(), spoilt.column(f"{t}_err").to_numpy(), 0.68)
+        assert rmse[1] <= 1.5 * rmse[0] and 0.60 <= cover <= 0.95, (t, rmse, cover)
 
 
 def test_the_fits_label_sigmas_are_the_scatter_of_its_labels_over_noise():
@@ -142,7 +149,7 @@ def test_the_fits_label_sigmas_are_the_scatter_of_its_labels_over_noise():
     adds to the network's variance) against the scatter of the fitted labels over 200 noise draws of
     one star, at two of the shipped sample's nodes (left out of training), SNR 150, v sin i 200 km/s:
     the scatter is 0.8-1.4x the median sigma for every label (measured at all five nodes, v sin i 30
-    and 200: 0.94-1.20x)."""
+    and 200: 0.88-1.21x)."""
     lib = gs.BroadenedLibrary.build(read_grid(SAMPLE), gs.Observation(), metals=np.array([0.0]))
     model, n = starcast.load_model(), 200
     pert = gs.Perturbations(snr=(150.0, 150.0), ripple_prob=0.0, gap_prob=0.0, rv_error_kms=0.0)
@@ -155,21 +162,23 @@ def test_the_fits_label_sigmas_are_the_scatter_of_its_labels_over_noise():
         assert np.all((ratio > 0.8) & (ratio < 1.4)), (node, ratio)
 
 
-def test_error_bars_widen_with_the_fits_chi2_where_a_ripple_spoils_the_spectrum(survey):
-    """The same ripple at SNR >= 100 moves Teff and log g by several of their clean sigmas. The
-    calibration's chi^2 inflation widens their error bars so that >= 50% of the errors stay inside
-    the 68% intervals (measured: 75% and 84%); without it, < 40% would (32% and 35%)."""
+def test_error_bars_widen_with_the_fits_chi2_where_the_noise_is_understated(survey):
+    """Noise the flux_err understates by 1.5x at SNR >= 100 (the fit's chi^2 ~2.2): the calibration's
+    chi^2 inflation widens the v sin i error bars so that >= 64% of the errors stay inside the 68%
+    intervals (measured: 69%); without it, < 62% would (59%)."""
     table, _ = survey
-    rippled = _rippled(table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100)))
+    rows = table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100))
+    err = np.stack(rows.column("flux_err").to_numpy(zero_copy_only=False))
+    understated = rows.set_column(rows.schema.get_field_index("flux_err"), "flux_err",
+                                  spectrum_array(err / 1.5, err.shape[1]))
     model = starcast.load_model()
     calibration = {k: v for k, v in model.bundle.manifest["calibration"].items() if k != "chi2_inflation"}
     uninflated = Model(replace(model.bundle, manifest={**model.bundle.manifest, "calibration": calibration}))
-    for m, ok in ((model, lambda c: c >= 0.50), (uninflated, lambda c: c < 0.40)):
-        out = m.predict(rippled, backend="cpu")
-        for t in ("teff", "logg"):
-            cover = coverage(rippled.column(t).to_numpy(), out.column(t).to_numpy(),
-                             out.column(f"{t}_err").to_numpy(), 0.68)
-            assert ok(cover), (t, cover)
+    for m, ok in ((model, lambda c: c >= 0.64), (uninflated, lambda c: c < 0.62)):
+        out = m.predict(understated, backend="cpu")
+        cover = coverage(rows.column("vsini").to_numpy(), out.column("vsini").to_numpy(),
+                         out.column("vsini_err").to_numpy(), 0.68)
+        assert ok(cover), cover
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +204,8 @@ def metal_poor():
 def test_metal_poor_stars_keep_their_teff_and_their_metals_are_measured(metal_poor):
     """The model was trained with metal lines 0.5-2x the grid's: weaker metal lines must not pass for
     a cooler star (the previous default, trained on one composition, put -0.2 dex stars ~1 kK too cool
-    with 14% coverage; measured here: Teff RMSE 132 K -> 162 K, 68% coverage 65%), and `metals` must
-    find the -0.2 dex (median -0.202, coverage 67%)."""
+    with 14% coverage; measured here: Teff RMSE 130 K -> 162 K, 68% coverage 63%), and `metals` must
+    find the -0.2 dex (median -0.202, coverage 64%)."""
     labels, solar, poor = metal_poor
     for t in TARGETS:
         err = [r.column(t).to_numpy() - labels[t] for r in (solar, poor)]

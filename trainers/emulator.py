@@ -66,10 +66,12 @@ class EmulatorSettings:
 
 
 def noise_free(source: GridSource, settings: EmulatorSettings) -> gridsynth.Perturbations:
-    """The training perturbations at SNR `settings.snr`, without what the chi^2 should expose (ripple)
-    or the engine masks (bad pixels, gaps): continuum distortions and rv errors stay."""
+    """The training perturbations at SNR `settings.snr`, without what the chi^2 should expose (ripple),
+    what the engine masks (bad pixels, gaps) or what the fit fits (an error in the stated rv: averaged
+    over, it would broaden the emulated lines, which a low v sin i would then make up for); the
+    continuum distortions stay."""
     return replace(source.pert, snr=(settings.snr, settings.snr), ripple_prob=0.0, gap_prob=0.0,
-                   bad_pixel_fraction=0.0)
+                   bad_pixel_fraction=0.0, rv_error_kms=0.0)
 
 
 def clean(source: GridSource) -> gridsynth.Perturbations:
@@ -290,7 +292,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     provenance = dict(bundle.manifest.get("provenance") or {})
     provenance["calibration"] = {**provenance.get("calibration", {}), "split": "val+test+between",
                                  "estimate": "network and emulator fit blended",
-                                 "aleatoric": "inflated by the emulator fit's excess chi^2"}
+                                 "aleatoric": "with the emulator fit's label variance, inflated by its "
+                                              "excess chi^2"}
     manifest = {**bundle.manifest, "calibration": calibration.to_manifest(names), "metrics": metrics,
                 "ood": ood, "provenance": provenance}
     save_bundle(bundle_dir, bundle.layers, manifest)
