@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -163,7 +163,8 @@ class Emulator:
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray | None = None,
                ripple: np.ndarray | None = None) -> np.ndarray:
         """(B, D) float32: the emulated spectra at `labels` (shifted to `rv` km/s, if given) times the
-        continuum that fits x best with `weight` per pixel (float32 pixels, float64 normal equations):
+        continuum that fits x best with `weight` per pixel (float32 pixels; the normal equations, whose
+        sine and cosine of a long period are nearly those of the polynomial, in float64):
         a polynomial of degree `continuum_degree` in Chebyshev T_k over the grid, plus a sin + b cos
         of a ripple at the frequencies `ripple` [B], 1/A, if given."""
         e = self.spectra(labels)
@@ -178,11 +179,10 @@ class Emulator:
         p = basis.shape[2]
         if p == 0:
             return e
-        we = weight * e
-        gram = np.matmul(basis.transpose(0, 2, 1), (we * e)[..., None] * basis).astype(np.float64)
+        we, basis64 = (weight * e).astype(np.float64), basis.astype(np.float64)
+        gram = np.matmul(basis64.transpose(0, 2, 1), (we * e)[..., None] * basis64)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
-        rhs = np.matmul(basis.transpose(0, 2, 1), (we * x)[..., None]).astype(np.float64)
-        coef = np.linalg.solve(gram, rhs)  # (B, p, 1)
+        coef = np.linalg.solve(gram, np.matmul(basis64.transpose(0, 2, 1), (we * x)[..., None]))  # (B, p, 1)
         return e * np.matmul(basis, coef.astype(np.float32))[..., 0]
 
     def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray, lo: np.ndarray,
@@ -234,7 +234,7 @@ class Emulator:
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
-        ripple_excess = np.zeros(len(x))
+        ripple_excess, ripple_frequency = np.zeros(len(x)), np.full(len(x), np.nan)
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (ivar > 0).sum(axis=1)
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
@@ -256,7 +256,7 @@ class Emulator:
                 rows = np.flatnonzero((ripple[part] > self.ripple_threshold) & (self.continuum_degree >= 0))
             if len(rows):  # fit the ripple too (in the continuum), from the labels and rv without it
                 at = s + rows
-                freq = self.ripple_frequency(residual[rows], weight[rows], freq[rows])
+                freq = ripple_frequency[at] = self.ripple_frequency(residual[rows], weight[rows], freq[rows])
                 best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
                                                              lo, hi, freq)
                 shifted = rv[at] if self.refine_steps else None
@@ -269,6 +269,7 @@ class Emulator:
         explained = np.isfinite(chi2)[:, None]
         return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(errors[:, -1], RV_SYSTEMATIC),
                    ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
+                   ripple_frequency=ripple_frequency,
                    labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan))
 
@@ -279,7 +280,8 @@ class Fit:
     pixels), pixels used (int32), the residual radial velocity rv and its sigma rv_err (km/s,
     RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
     statistic of the fit without a ripple (`Emulator.ripple`; NaN with the chi^2), the excess reduced
-    chi^2 that fitting the ripple removed (0 where none was fitted), the fitted labels
+    chi^2 that fitting the ripple removed and the ripple's frequency (1/A; 0 and NaN where none was
+    fitted), the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
     or chi^2). Where a ripple was fitted, the chi^2, rv and labels are those of the fit with it."""
@@ -290,8 +292,13 @@ class Fit:
     rv_err: np.ndarray
     ripple: np.ndarray
     ripple_excess: np.ndarray
+    ripple_frequency: np.ndarray
     labels: np.ndarray
     label_err: np.ndarray
+
+    def rows(self, rows: np.ndarray) -> Fit:
+        """The fit of `rows` (indices or a mask) alone."""
+        return Fit(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
     @property
     def excess(self) -> np.ndarray:

@@ -110,9 +110,11 @@ class MeanFunction:
 class FitFunction:
     """The labels of an emulator's fit (`engine.emulator.Emulator.refine`: damped Gauss-Newton steps
     with a finite-difference Jacobian in the labels and a residual velocity, from start labels, the
-    emulated spectrum times a weighted least-squares continuum polynomial) as a differentiable torch
+    emulated spectrum times a weighted least-squares continuum; then, on rows where the fit found a
+    continuum ripple, the same steps again with it in the continuum) as a differentiable torch
     function of the spectra, in the numpy fit's precisions: float32 spectra, float64 labels and normal
-    equations. `tests/engine/test_explain.py` holds it to `predict`."""
+    equations. Which rows have a ripple, and its frequency, are held at the numpy fit's (as the blend's
+    shares are). `tests/engine/test_explain.py` holds it to `predict`."""
 
     emulator: emu.Emulator
     lo: np.ndarray  # (k,) the labels' training range, as `predict` bounds the fit
@@ -130,53 +132,79 @@ class FitFunction:
 
     def shift(self, spectra: torch.Tensor, rv: torch.Tensor) -> torch.Tensor:
         """`Emulator.shift` of spectra [N, D] by rv [N]: spectra at wavelength x rest_frame_factor(rv),
-        linear, the ends held."""
+        by cubic convolution (`kernels.resample.doppler_shift`), the ends held."""
         wave = torch.as_tensor(self.emulator.wavelength)
         beta = rv / C_KMS
         lam = wave[None] * torch.sqrt((1.0 - beta) / (1.0 + beta))[:, None]
-        k = (torch.searchsorted(wave, lam.detach().contiguous(), right=True) - 1).clamp(0, len(wave) - 2)
+        d = len(wave)
+        k = (torch.searchsorted(wave, lam.detach().contiguous(), right=True) - 1).clamp(0, d - 2)
         t = ((lam - wave[k]) / (wave[k + 1] - wave[k])).clamp(0.0, 1.0).float()
-        left, right = spectra.gather(1, k), spectra.gather(1, k + 1)
-        return left + t * (right - left)
+        before, here = spectra.gather(1, (k - 1).clamp(min=0)), spectra.gather(1, k)
+        there, after = spectra.gather(1, k + 1), spectra.gather(1, (k + 2).clamp(max=d - 1))
+        cubic = 3.0 * (here - there) + after - before
+        quadratic = 2.0 * before - 5.0 * here + 4.0 * there - after
+        return here + 0.5 * t * (there - before + t * (quadratic + t * cubic))
 
-    def fitted(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rv: torch.Tensor):
-        """`Emulator.fitted` at J sets of labels [J, N, k] and velocities [J, N] for spectra x [N, D]:
-        the shifted emulated spectra times their best continuum polynomial, [J, N, D]. A set at rest is
-        not shifted (as numpy skips it; the shift would be the identity)."""
+    def fitted(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rv: torch.Tensor,
+               ripple: torch.Tensor | None = None):
+        """`Emulator.fitted` at J sets of labels [J, N, k] and velocities [J, N] for spectra x [N, D]
+        (with the ripple of frequency `ripple` [N], if given): the shifted emulated spectra times their
+        best continuum, [J, N, D]. A set at rest is not shifted (as numpy skips it; the shift would be
+        the identity)."""
         e = self.spectra(labels)
         e = torch.stack([self.shift(ej, vj) if torch.any(vj) else ej for ej, vj in zip(e, rv, strict=True)])
-        degree = self.emulator.continuum_degree
-        if degree < 0:
+        basis = torch.as_tensor(self.emulator.continuum_basis).float()[None]  # [1, D, p]
+        if ripple is not None:
+            wave = torch.as_tensor(self.emulator.wavelength)
+            phase = 2.0 * np.pi * (wave - wave[0])[None, :] * ripple[:, None]
+            basis = torch.cat([basis.expand(len(x), -1, -1), torch.sin(phase)[..., None].float(),
+                               torch.cos(phase)[..., None].float()], dim=2)
+        p = basis.shape[2]
+        if p == 0:
             return e
-        t = torch.as_tensor(self.emulator.continuum_basis)
-        p, t32 = t.shape[1], t.float()
-        we = weight * e
-        gram = ((we * e) @ (t32[:, :, None] * t32[:, None, :]).reshape(-1, p * p)).unflatten(-1, (p, p))
-        gram = gram.double()
+        we, basis64 = (weight * e).double(), basis.double()
+        gram = basis64.transpose(1, 2) @ ((we * e)[..., None] * basis64)  # [J, N, p, p]
         trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(dim=-1)
         gram = gram + torch.eye(p, dtype=gram.dtype) * (1e-9 * trace + 1e-300)[..., None, None]
-        coef = torch.linalg.solve(gram, ((we * x) @ t32).double()[..., None])[..., 0]
-        return e * (coef @ t.T).float()
+        coef = torch.linalg.solve(gram, basis64.transpose(1, 2) @ (we * x)[..., None])
+        return e * (basis @ coef.float())[..., 0]
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 ripple: torch.Tensor) -> torch.Tensor:
         """The fitted labels [N, k] (float64) of float32 spectra x [N, D] with float32 pixel weights
-        `weight` [N, D], from float64 `labels` [N, k] (physical units). Each step evaluates the model
-        and its k + 1 finite-difference neighbours together."""
+        `weight` [N, D], from float64 `labels` [N, k] (physical units), then with the ripple of
+        frequency `ripple` [N] (1/A) on the rows where it is finite. Each step evaluates the model and
+        its k + 1 finite-difference neighbours together."""
+        k = len(self.emulator.labels)
+        scale, offset = self._units()
+        z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
+        z = self._steps(x, weight, z, None)
+        rows = torch.nonzero(torch.isfinite(ripple)).flatten()
+        if len(rows):
+            z = z.index_put((rows,), self._steps(x[rows], weight[rows], z[rows], ripple[rows]))
+        return (z * scale + offset)[:, :k]
+
+    def _units(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) [k + 1] of the standardised labels and velocity: physical = z scale + offset."""
+        e = self.emulator
+        return (torch.as_tensor(np.append(e.label_std, emu.V_UNIT)),
+                torch.as_tensor(np.append(e.label_mean, 0.0)))
+
+    def _steps(self, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
+               ripple: torch.Tensor | None) -> torch.Tensor:
+        """`refine_steps` Gauss-Newton steps from the standardised labels and velocity z [N, k + 1]."""
         e = self.emulator
         k = len(e.labels)
-        scale = torch.as_tensor(np.append(e.label_std, emu.V_UNIT))
-        offset = torch.as_tensor(np.append(e.label_mean, 0.0))
-        z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
+        scale, offset = self._units()
         zlo = torch.as_tensor(np.append((self.lo - e.label_mean) / e.label_std, -emu.V_FIT_MAX / emu.V_UNIT))
         zhi = torch.as_tensor(np.append((self.hi - e.label_mean) / e.label_std, emu.V_FIT_MAX / emu.V_UNIT))
         step_max = torch.as_tensor(np.append(np.ones(k), emu.V_STEP_MAX))
         eye = torch.eye(k + 1, dtype=scale.dtype)
         # the labels and their k + 1 finite-difference neighbours, [k + 2, 1, k + 1]
         probes = torch.cat([torch.zeros((1, k + 1), dtype=scale.dtype), emu.STEP * eye])[:, None]
-
         for _ in range(e.refine_steps):
             phys = (z[None] + probes) * scale + offset
-            model = self.fitted(x, weight, phys[..., :k], phys[..., k])  # [k + 2, N, D]
+            model = self.fitted(x, weight, phys[..., :k], phys[..., k], ripple)  # [k + 2, N, D]
             base, jac = model[0], ((model[1:] - model[0]) / emu.STEP).transpose(0, 1)  # [N, k + 1, D]
             gram = torch.einsum("nid,njd->nij", jac * weight[:, None], jac).double()
             grad = torch.einsum("nid,nd->ni", jac, weight * (x - base)).double()
@@ -184,7 +212,7 @@ class FitFunction:
             damped = gram + eye * (1e-3 * trace / (k + 1) + 1e-12)[:, None, None]
             delta = torch.linalg.solve(damped, grad[..., None])[..., 0]
             z = torch.clamp(z + torch.clamp(delta, -step_max, step_max), zlo, zhi)
-        return (z * scale + offset)[:, :k]
+        return z
 
 
 @dataclass(frozen=True)
@@ -196,6 +224,7 @@ class EstimateFunction:
     network: MeanFunction
     fit: FitFunction
     weight: torch.Tensor  # [B, D] float32
+    ripple: torch.Tensor  # [B] float64: the frequency (1/A) of the ripple the fit fitted; NaN: none
     share: torch.Tensor  # [B, K] float64
     fitted_rows: torch.Tensor  # [B] bool: rows the emulator fits
     fit_columns: list[int]  # the target index of each of the emulator's labels
@@ -215,7 +244,7 @@ class EstimateFunction:
         if len(rows):
             d, cols = self.weight.shape[1], self.fit_columns
             start = net[rows][:, cols]
-            fitted = self.fit(x[rows, :d].float(), self.weight[row[rows]], start)
+            fitted = self.fit(x[rows, :d].float(), self.weight[row[rows]], start, self.ripple[row[rows]])
             w = self.share[row[rows]][:, cols]
             out[rows[:, None], torch.as_tensor(cols)[None]] = w * start + (1.0 - w) * fitted
         return out[:, self.columns].to(x.dtype)
@@ -241,18 +270,18 @@ def mean_function(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, target
 
 
 def estimate_function(model, network: MeanFunction, targets: list[int], x: np.ndarray, ivar: np.ndarray,
-                      chi2: np.ndarray, excess: np.ndarray, gapped: np.ndarray) -> EstimateFunction:
+                      fit: emu.Fit, gapped: np.ndarray) -> EstimateFunction:
     """The `EstimateFunction` of `targets` for prepared rows x [B, D + E] of `model` (its network's
     mean of all targets, `network`), their inverse variances [B, D] as its emulator fit weighs them,
-    the fit's reduced chi^2 (NaN on rows it does not fit), the parts of its excess ([B, 2],
-    `emulator.Fit.excess`) and which rows have a gap; the blend's shares at the rows' own SNR, excess
-    and gap."""
+    that fit of the rows (`emulator.Fit`: its chi^2, NaN on rows it does not fit, the ripples it
+    found and the parts of its excess) and which rows have a gap; the blend's shares at the rows' own
+    SNR, excess and gap."""
     emulator, names = model.emulator, [t.name for t in model.targets]
     weight = emulator.pixel_weight(ivar)
-    share = model.calibration.network_share(model._log_snr(x), excess, gapped)
+    share = model.calibration.network_share(model._log_snr(x), fit.excess, gapped)
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
-                            torch.as_tensor(weight), torch.as_tensor(share),
-                            torch.as_tensor(np.isfinite(chi2)),
+                            torch.as_tensor(weight), torch.as_tensor(fit.ripple_frequency),
+                            torch.as_tensor(share), torch.as_tensor(np.isfinite(fit.chi2)),
                             [names.index(n) for n in emulator.labels], list(targets))
 
 
@@ -323,8 +352,8 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
                       p=float(arch["dropout"]), activation=arch["activation"], label_mean=means,
                       label_std=stds, keys=keys[rows], samples=samples, seed=seed)
     if blended:
-        f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.chi2[rows],
-                              fit.excess[rows], model._gapped(prepared)[rows])
+        f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.rows(rows),
+                              model._gapped(prepared)[rows])
     return ok, x, f
 
 

@@ -452,6 +452,7 @@ class Model:
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
+                  ripple_frequency=np.full(n, np.nan),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):
