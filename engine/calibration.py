@@ -35,6 +35,11 @@ sum, one sigma covers both the 68% and the 95% intervals more evenly than with t
 (whose errors have heavier tails), measured with the calibration fitted on two surveys and scored on
 the third.
 
+On a row with a defect that the fit handles and the networks do not (`handled_defect`: a gap, a ripple
+the fit has fitted), the networks' aleatoric variance grows with the defect while the estimate, the
+fit's, hardly errs more: it is weighed there by `defect_variance` d per target (0 <= d <= 1) before
+the fit's variance is added, so that such rows are covered as the clean ones are.
+
 A model with an emulator may also inflate the aleatoric part by 1 + c max(chi2 - 1, 0) per target,
 chi2 the reduced chi^2 of the emulator's fit: a spectrum the fit cannot explain to its noise (a
 defect the flux_err does not carry, a ripple too weak for the fit to find) is noisier than its
@@ -61,6 +66,13 @@ def raised_share(w0: np.ndarray, odds_gain: np.ndarray) -> np.ndarray:
 EXCESS_PARTS = ("ripple", "other")  # the parts of the fit's excess reduced chi^2 the blend's gain follows
 
 
+def handled_defect(excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
+    """[B] bool: rows with a defect the emulator fit handles and the networks do not: a gap (`gapped`
+    [B]), or a continuum ripple the fit has fitted (the ripple's part of `excess`
+    [B, len(EXCESS_PARTS)] above 0)."""
+    return np.asarray(gapped, bool) | (np.asarray(excess)[:, EXCESS_PARTS.index("ripple")] > 0)
+
+
 def chi2_excess(chi2: np.ndarray) -> np.ndarray:
     """max(chi2 - 1, 0), 0 where the reduced chi^2 is NaN (a row the emulator does not fit)."""
     return np.where(np.isfinite(chi2), np.maximum(chi2 - 1.0, 0.0), 0.0)
@@ -76,24 +88,36 @@ class Calibration:
     # unit of each part of the excess chi^2; None: 0 (also without network_weight: no blend to raise)
     chi2_inflation: np.ndarray | None = None  # (K,) >= 0: c of the aleatoric inflation; None: none
     fit_variance_weight: np.ndarray | None = None  # (K,) >= 0: lambda on the fit's variance; None: 0
+    defect_variance: np.ndarray | None = None  # (K,) in [0, 1]: d on the networks' aleatoric variance on
+    # rows with a `handled_defect`; None: 1
     label: int | None = None  # the target whose network mean `label_scale` follows; None: no such scale
     label_knots: np.ndarray | None = None  # (P,) increasing, in that target's unit
     label_scale: np.ndarray | None = None  # (K, P) > 0: sigma multipliers at the label's knots
 
     def apply(self, log_snr: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
-              mean: np.ndarray | None = None, fit_var: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+              mean: np.ndarray | None = None, fit_var: np.ndarray | None = None,
+              defect: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """Calibrated (var_aleatoric, var_epistemic), [B, K], from the kernel's variances; `mean` [B, K]:
         the network's mean (physical units), needed with a `label_scale`; `fit_var` [B, K]: the variance
         of the emulator fit's labels (NaN where it gives none: counted 0), added to the aleatoric part
-        times `fit_variance_weight`."""
+        times `fit_variance_weight`; `defect` [B] bool (`handled_defect`; None: none): rows whose
+        networks' variance `defect_factor` weighs first."""
         s = np.stack([np.interp(log_snr, self.knots, row) for row in self.scale], axis=1)
         if self.label_scale is not None:
             if mean is None:
                 raise ValueError("this calibration follows the network's mean of a target: pass `mean`")
             s = s * self.label_factor(mean)
+        if defect is not None:
+            var_a = var_a * self.defect_factor(defect)
         if fit_var is not None:
             var_a = var_a + self.fit_variance(fit_var)
         return s**2 * var_a, s**2 * var_e + self.floor**2
+
+    def defect_factor(self, defect: np.ndarray) -> np.ndarray:
+        """[B, K] the factor on the networks' aleatoric variance: `defect_variance` on the rows of
+        `defect` [B] bool, 1 elsewhere and without one."""
+        d = np.ones(len(self.scale)) if self.defect_variance is None else self.defect_variance
+        return np.where(np.asarray(defect, bool)[:, None], d[None, :], 1.0)
 
     def fit_variance(self, fit_var: np.ndarray) -> np.ndarray:
         """[B, K]: what the emulator fit's label variances `fit_var` [B, K] add to the network's aleatoric
@@ -144,7 +168,7 @@ class Calibration:
         if self.network_gain is not None:
             entry["network_gain"] = {part: {t: float(self.network_gain[k, i]) for k, t in enumerate(targets)}
                                      for i, part in enumerate(EXCESS_PARTS)}
-        for name in ("chi2_inflation", "fit_variance_weight"):
+        for name in ("chi2_inflation", "fit_variance_weight", "defect_variance"):
             if getattr(self, name) is not None:
                 entry[name] = {t: float(getattr(self, name)[k]) for k, t in enumerate(targets)}
         if self.label_scale is not None:
@@ -170,9 +194,10 @@ class Calibration:
                 # gain on every part, as g e_r + g e_o = g max(chi2 - 1, 0)
                 one = np.asarray([entry["network_chi2_gain"][t] for t in targets], np.float64)
                 gain = np.repeat(one[:, None], len(EXCESS_PARTS), axis=1)
-            inflation, fit_weight = (None if entry.get(name) is None
-                                     else np.asarray([entry[name][t] for t in targets], np.float64)
-                                     for name in ("chi2_inflation", "fit_variance_weight"))
+            inflation, fit_weight, defect = (None if entry.get(name) is None
+                                             else np.asarray([entry[name][t] for t in targets], np.float64)
+                                             for name in ("chi2_inflation", "fit_variance_weight",
+                                                          "defect_variance"))
             label, label_knots, label_scale = None, None, None
             if "label_scale" in entry:
                 by_label = entry["label_scale"]
@@ -193,7 +218,8 @@ class Calibration:
                              "and target")
         for name, value, shape in (("network_gain", gain, (len(targets), len(EXCESS_PARTS))),
                                    ("chi2_inflation", inflation, floor.shape),
-                                   ("fit_variance_weight", fit_weight, floor.shape)):
+                                   ("fit_variance_weight", fit_weight, floor.shape),
+                                   ("defect_variance", defect, floor.shape)):
             if value is not None and not (value.shape == shape and np.isfinite(value).all()
                                           and (value >= 0).all()):
                 raise ModelError(f"manifest 'calibration' {name} needs one finite value >= 0 per target"
@@ -204,4 +230,7 @@ class Calibration:
                 or not (np.isfinite(label_scale).all() and (label_scale > 0).all())):
             raise ModelError("manifest 'calibration' label_scale needs increasing knots and one positive "
                              "finite scale per knot and target")
-        return cls(knots, scale, floor, weight, gain, inflation, fit_weight, label, label_knots, label_scale)
+        if defect is not None and defect.max(initial=0.0) > 1:
+            raise ModelError("manifest 'calibration' defect_variance needs one value in [0, 1] per target")
+        return cls(knots, scale, floor, weight, gain, inflation, fit_weight, defect, label, label_knots,
+                   label_scale)

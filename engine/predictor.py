@@ -45,7 +45,7 @@ from ..kernels.features import network_inputs
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
-from .calibration import EXCESS_PARTS
+from .calibration import EXCESS_PARTS, handled_defect
 from .emulator import Fit
 from .rv import VelocitySearch, significant
 
@@ -267,14 +267,18 @@ class Model:
                         getattr(fit, name)[moved] = getattr(again, name)[moved]
                 fit.rv[moved] = shift + again.rv[moved]
         if self.calibration is not None and len(rows):
-            fit_var = None if fit is None else self._in_targets(fit.label_err)[rows] ** 2
+            fit_var = defect = None
+            gapped = self._gapped(prepared)[rows]
+            if fit is not None:
+                fit_var = self._in_targets(fit.label_err)[rows] ** 2
+                defect = handled_defect(fit.excess[rows], gapped)
             var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
                                                               np.maximum(var_e[rows], 0.0), mean=mean[rows],
-                                                              fit_var=fit_var)
+                                                              fit_var=fit_var, defect=defect)
             if fit is not None:  # network and fit blended; noise the fit sees
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
-                                                    self._gapped(prepared)[rows])
+                                                    gapped)
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar
 
@@ -314,6 +318,8 @@ class Model:
                                                    mean=mu[rows].mean(axis=(1, 2)))
                 if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
                     scale2 *= self.calibration.inflation(fit.chi2[rows])
+                    defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])
+                    var[rows] *= self.calibration.defect_factor(defect)[:, None, None, :]
                     var[rows] += self.calibration.fit_variance(self._in_targets(fit.label_err)[rows] ** 2)[
                         :, None, None, :]
                 var[rows] *= scale2[:, None, None, :]

@@ -13,12 +13,13 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.stats import norm
 
-from ..engine.calibration import EXCESS_PARTS, Calibration, chi2_excess, raised_share
+from ..engine.calibration import EXCESS_PARTS, Calibration, chi2_excess, handled_defect, raised_share
 
 LEVELS = (0.68, 0.95)  # the central intervals the scale is fitted to cover
 # A coverage's miss counts in units of its sampling error, sqrt(q (1 - q) / n): 95% coverage misses
 # weigh 4.6x those at 68%, so heavy tails do not leave the 95% interval short to keep the 68% exact.
 LEVEL_WEIGHTS = tuple(1.0 / (q * (1.0 - q)) for q in LEVELS)
+DEFECT_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidates of `Calibration.defect_variance`
 
 
 def fit_sigma_scale(z: np.ndarray, method: str = "coverage") -> float:
@@ -115,7 +116,10 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     (`fit_network_weight`), and the sigmas are fitted to that estimate. With the variances of the fit's
     labels from its curvature (`fit_var` [N, K], NaN where there are none: counted 0), they are added
     to var_a weighed by lambda = median(var_a + var_e) / median(fit_var) per target, so that the
-    networks' total variance and the fit's count alike (`Calibration.fit_variance_weight`). Per
+    networks' total variance and the fit's count alike (`Calibration.fit_variance_weight`); with the
+    excess parts too, var_a is first weighed by d on the rows with a `handled_defect`
+    (`Calibration.defect_variance`), d per target among DEFECT_FACTORS, those rows a stratum of their
+    own in every bin, the one of least loss with the rest fitted for each. Per
     target, a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]),
     the inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the
     68% and 95% coverages of
@@ -136,20 +140,34 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, parts, gapped)
         mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight, gain).blend(
             log_snr, network, fitted, parts, gapped)
-    fit_weight = None
+    fit_weight, fit_part = None, 0.0
     if fit_var is not None:
         known = np.isfinite(fit_var) & (fit_var > 0)
         fit_weight = np.array([np.median((var_a + var_e)[known[:, k], k]) / np.median(fit_var[known[:, k], k])
                                if known[:, k].any() else 0.0 for k in range(y.shape[1])])
-        var_a = var_a + fit_weight * np.nan_to_num(fit_var)
+        fit_part = fit_weight * np.nan_to_num(fit_var)
     if chi2 is None:
         total, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
     else:
         total, strata = chi2_excess(chi2), chi2_strata
         inflations = np.concatenate([[0.0], np.geomspace(1e-2, 30.0, 25)])
-    cells = [np.array_split(rows[np.argsort(total[rows], kind="stable")], strata)  # [bin][stratum]
-             for rows in (np.flatnonzero(which == b) for b in range(bins))]
+    defect = np.zeros(len(y), bool) if fitted is None or excess is None else handled_defect(excess, gapped)
+
+    def strata_of(b: int) -> list[np.ndarray]:
+        """The rows of SNR bin b in strata of chi^2 and, apart, those with a defect."""
+        clean, apart = (np.flatnonzero((which == b) & (defect == d)) for d in (False, True))
+        ordered = clean[np.argsort(total[clean], kind="stable")]
+        return [rows for rows in (*np.array_split(ordered, strata), apart) if len(rows)]
+
+    cells = [strata_of(b) for b in range(bins)]
     resid2 = (y - mean) ** 2
+    defect_variance = None
+    if defect.any():
+        losses = [_fit_scales(resid2, var_a * np.where(defect[:, None], d, 1.0) + fit_part, var_e, total,
+                              cells, inflations)[3] for d in DEFECT_FACTORS]
+        defect_variance = np.asarray(DEFECT_FACTORS)[np.argmin(losses, axis=0)]
+        var_a = var_a * np.where(defect[:, None], defect_variance[None, :], 1.0)
+    var_a = var_a + fit_part
     label_knots, label_which, label_scale = None, None, None
     if label is not None:
         label_knots, label_which = equal_count_bins(network[:, label], label_bins)
@@ -157,7 +175,7 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     for round_ in range(label_rounds + 1 if label is not None else 1):  # the scales fitted last
         l2 = Calibration(knots, np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), label=label,
                          label_knots=label_knots, label_scale=label_scale).label_factor(network) ** 2
-        scale, floor, inflation = _fit_scales(resid2, l2 * var_a, l2 * var_e, total, cells, inflations)
+        scale, floor, inflation, _ = _fit_scales(resid2, l2 * var_a, l2 * var_e, total, cells, inflations)
         if label is None or round_ == label_rounds:
             break
         cal = Calibration(knots, scale, floor, chi2_inflation=inflation, label=label, label_knots=label_knots,
@@ -168,18 +186,20 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
             factors = np.array([fit_sigma_scale(z[label_which == b, k]) for b in range(label_bins)])
             label_scale[k] *= factors / np.exp(np.mean(np.log(factors[label_which])))
     return Calibration(knots, scale, floor, weight, None if excess is None else gain,
-                       None if chi2 is None else inflation, fit_weight, label, label_knots, label_scale)
+                       None if chi2 is None else inflation, fit_weight, defect_variance, label=label,
+                       label_knots=label_knots, label_scale=label_scale)
 
 
 def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess: np.ndarray, cells: list,
-                inflations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scale [K, bins], floor [K], inflation [K]) of `fit_snr_calibration` for squared residuals and
-    variances [N, K], the rows' excess chi^2 [N], `cells` (rows per SNR bin and chi^2 stratum) and the
-    candidate inflations."""
+                inflations: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(scale [K, bins], floor [K], inflation [K], loss [K]) of `fit_snr_calibration` for squared
+    residuals and variances [N, K], the rows' excess chi^2 [N], `cells` (rows per SNR bin and
+    stratum) and the candidate inflations."""
     half2 = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS]) ** 2
     s2_grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 600)) ** 2
     k_targets, bins = resid2.shape[1], len(cells)
     scale, floor, inflation = np.ones((k_targets, bins)), np.zeros(k_targets), np.zeros(k_targets)
+    loss_of = np.zeros(k_targets)
     for k in range(k_targets):
         typical = float(np.median(np.sqrt(resid2[:, k])))
         floors = np.concatenate([[0.0], typical * np.geomspace(1e-2, 3.0, 48)])
@@ -192,8 +212,10 @@ def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess
                     loss = np.zeros(len(s2_grid))
                     for rows in strata_of_bin:
                         for h2, q, miss_weight in zip(half2, LEVELS, LEVEL_WEIGHTS, strict=True):
-                            # covered at scale s <=> s^2 >= (resid^2 / z_q^2 - f^2) / var
-                            need = np.sort((resid2[rows, k] / h2 - f**2) / var[rows])
+                            # covered at scale s <=> s^2 >= (resid^2 / z_q^2 - f^2) / var; where
+                            # var is 0 (d = 0 and no fit variance) the floor alone decides: -inf or inf
+                            with np.errstate(divide="ignore", invalid="ignore"):
+                                need = np.sort((resid2[rows, k] / h2 - f**2) / var[rows])
                             covered = np.searchsorted(need, s2_grid, side="right") / len(rows)
                             loss += miss_weight * (covered - q) ** 2
                     i = int(np.argmin(loss))
@@ -201,5 +223,5 @@ def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess
                     scales.append(np.sqrt(s2_grid[i]))
                 if total < best[0] - 1e-6:  # a larger floor or inflation must do strictly better
                     best = (total, f, c, scales)
-        floor[k], inflation[k], scale[k] = best[1], best[2], best[3]
-    return scale, floor, inflation
+        loss_of[k], floor[k], inflation[k], scale[k] = best
+    return scale, floor, inflation, loss_of

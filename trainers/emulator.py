@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..catalogs import gridsynth
 from ..catalogs.schema import SNR, Flag
 from ..engine.bundle import load_bundle, save_bundle
+from ..engine.calibration import handled_defect
 from ..engine.emulator import Emulator, save_emulator
 from ..engine.predictor import Model
 from ..errors import StarcastError
@@ -230,8 +231,9 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     """Fit the SNR-conditional calibration of the bundle at `bundle_dir` again, now that it has an
     emulator, through the engine as data go: the network's weight in the estimate blended with the
     emulator fit's labels and its gains with the fit's excess chi^2, then the weight of the fit's
-    variance, the scales (following the config's `scale_label` too, if any), floor and chi^2
-    inflation for that estimate (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC thresholds.
+    variance, the weight of the networks' variance on rows with a defect the fit handles, the scales
+    (following the config's `scale_label` too, if any), floor and chi^2 inflation for that estimate
+    (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC thresholds.
 
     It is fitted on the validation and test surveys and the `between` survey together. The first two's
     nodes are all left out of the training, and how well a calibration transfers to unseen nodes
@@ -266,8 +268,9 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
 
     def scored(calibration, d: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, sigma, epistemic sigma) [N, K] of the rows `d` under `calibration`."""
+        defect = handled_defect(d["excess"], d["gapped"])
         var_a, var_e = calibration.apply(d["log_snr"], d["var_a"], d["var_e"], mean=d["mean"],
-                                         fit_var=d["fit_var"])
+                                         fit_var=d["fit_var"], defect=defect)
         var_a = var_a * calibration.inflation(d["chi2"])
         estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"], d["gapped"])
         return estimate, np.sqrt(var_a + var_e), np.sqrt(var_e)

@@ -199,6 +199,11 @@ def _arch(**changes):
     (lambda m: m.update(calibration={"kind": "snr", "feature": "log10_snr", "log10_snr_knots": [1.0],
                                      "scale": {t: [1.0] for t in ("teff", "logg", "vsini")},
                                      "floor": {t: 0 for t in ("teff", "logg", "vsini")},
+                                     "defect_variance": {"teff": 0.5, "logg": 1.5, "vsini": 0.0}}),
+     r"calibration' defect_variance"),
+    (lambda m: m.update(calibration={"kind": "snr", "feature": "log10_snr", "log10_snr_knots": [1.0],
+                                     "scale": {t: [1.0] for t in ("teff", "logg", "vsini")},
+                                     "floor": {t: 0 for t in ("teff", "logg", "vsini")},
                                      "network_weight": {t: [0.5] for t in ("teff", "logg", "vsini")},
                                      "network_gain": {"ripple": {"teff": 1.0, "logg": -2.0, "vsini": 0.0},
                                                       "other": {"teff": 1.0, "logg": 0.0, "vsini": 0.0}}}),
@@ -211,8 +216,8 @@ def _arch(**changes):
                                                      | {"vsini": [1.0, 1.0]}}}),
      r"calibration' label_scale"),
 ], ids=["std0", "std<0", "min=max", "calibration<0", "scale0", "mean-str", "hidden0", "members-float",
-        "var_eps0", "activation", "ood<0", "weight>1", "inflation<0", "fit-weight<0", "gain<0",
-        "label-knots"])
+        "var_eps0", "activation", "ood<0", "weight>1", "inflation<0", "fit-weight<0", "defect>1",
+        "gain<0", "label-knots"])
 def test_bad_values_are_refused_naming_the_key(tiny_bundle, edit, key):
     manifest = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
     edit(manifest)

@@ -95,16 +95,18 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     rest (here that of noise the flux_err understates), and a spectrum with a gap (GAP) takes the fit
     alone; a target it does not fit (here v sin i) keeps the network's mean. With
     `fit_variance_weight` lambda, each fitted target's aleatoric variance gains lambda times the
-    variance of the fit's label (`Fit.label_err` squared) before the scale s; with `chi2_inflation` c,
+    variance of the fit's label (`Fit.label_err` squared) before the scale s, the network's weighed
+    first by `defect_variance` d on the rows with a gap or a fitted ripple; with `chi2_inflation` c,
     it is then multiplied by 1 + c max(chi2 - 1, 0) (the `chi2` column); the epistemic part is
     unchanged. `predict_samples`' draws carry the same: their mean variance is the aleatoric part."""
     features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
     cal = Calibration(np.array([1.0, 2.5]), np.full((3, 2), 1.5), np.zeros(3),
                       np.array([[0.0, 1.0], [0.25, 0.25], [0.0, 0.0]]),
                       np.array([[0.0, 0.0], [4.0, 1.0], [0.0, 0.0]]), np.array([0.0, 2.0, 30.0]),
-                      np.array([0.5, 2.0, 1.0]))
+                      np.array([0.5, 2.0, 1.0]), np.array([0.5, 0.25, 0.0]))
     plain = cal.to_manifest(targets)
-    del plain["network_weight"], plain["network_gain"], plain["chi2_inflation"], plain["fit_variance_weight"]
+    for key in ("network_weight", "network_gain", "chi2_inflation", "fit_variance_weight", "defect_variance"):
+        del plain[key]
     paths = {name: add_emulator(make_bundle(tmp_path / name, features=features, calibration=entry),
                                 labels=["teff", "logg"], refine_steps=1, continuum_degree=0,
                                 ripple_threshold=30.0)
@@ -138,7 +140,8 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     assert np.all(fit_var[:, :2] > 0)
     for k, t in enumerate(targets):
         var_a = [r.column(f"{t}_err_aleatoric").to_numpy() ** 2 for r in (network, blended)]
-        with_fit = var_a[0] + 1.5**2 * cal.fit_variance_weight[k] * fit_var[:, k]  # the fit's, scaled too
+        d = np.where(gapped | (ripple > 0), cal.defect_variance[k], 1.0)  # rows 1, 4: a gap; 3: a ripple
+        with_fit = d * var_a[0] + 1.5**2 * cal.fit_variance_weight[k] * fit_var[:, k]  # the fit's, scaled too
         np.testing.assert_allclose(var_a[1], with_fit * (1 + cal.chi2_inflation[k] * excess), rtol=1e-9)
         var_e = [r.column(f"{t}_err_epistemic").to_numpy() for r in (network, blended)]
         np.testing.assert_array_equal(*var_e)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize_scalar
-from starcast.engine.calibration import Calibration
+from starcast.engine.calibration import EXCESS_PARTS, Calibration, handled_defect
 from starcast.trainers.calibrate import (
     calibration_factors,
     epistemic_thresholds,
@@ -184,6 +184,35 @@ def test_the_chi2_inflation_recovers_how_the_error_grows_with_the_fits_excess_ch
             assert all(abs(c - 0.68) < 0.03 for c in cover), cover
         else:
             assert cover[0] > 0.72 and cover[1] < 0.60, cover
+
+
+def test_the_defect_variance_weighs_down_a_networks_variance_the_defect_inflated():
+    """On a quarter of the spectra a defect the fit handles (here a gap; the estimate is the fit's)
+    makes the networks' variance 4x what the error follows (a fitted ripple does the same). The fit
+    recovers d = 0.25 on those rows and covers both kinds to within 3 points at 68%; with d = 1 (no
+    gaps given), the clean rows are under-covered and the gapped ones over-covered."""
+    rng = np.random.default_rng(13)
+    n = 30000
+    log_snr = rng.uniform(1.0, 2.6, n)
+    var = (10.0 ** (1.5 - log_snr))[:, None] ** 2
+    gapped = rng.random(n) < 0.25
+    y = rng.uniform(0.0, 100.0, (n, 1))
+    fitted = y + np.sqrt(var) * rng.normal(size=(n, 1))
+    var_networks = np.where(gapped[:, None], 4.0 * var, var)
+    no_excess = np.zeros((n, len(EXCESS_PARTS)))
+    for with_gaps in (True, False):
+        rows = gapped if with_gaps else np.zeros(n, bool)
+        cal = fit_snr_calibration(y, fitted, var_networks, np.zeros_like(var), log_snr, bins=3, fitted=fitted,
+                                  gapped=rows, excess=no_excess)
+        var_a, var_e = cal.apply(log_snr, var_networks, np.zeros_like(var),
+                                 defect=handled_defect(no_excess, rows))
+        sigma = np.sqrt(var_a + var_e)[:, 0]
+        cover = [coverage(y[r, 0], fitted[r, 0], sigma[r], 0.68) for r in (~gapped, gapped)]
+        if with_gaps:
+            assert cal.defect_variance[0] == 0.25
+            assert all(abs(c - 0.68) < 0.03 for c in cover), cover
+        else:
+            assert cal.defect_variance is None and cover[0] < 0.64 and cover[1] > 0.80, cover
 
 
 def test_the_label_scale_covers_rows_whose_error_follows_a_label_the_variances_do_not():
