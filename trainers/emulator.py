@@ -195,29 +195,36 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     """Calibrate `model`'s emulator on a clean survey at the validation nodes, through the engine as
     data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
-    then the MODEL_MISMATCH thresholds, quantiles (`settings.quantile`, `ripple_quantile`) of the
-    chi^2 and of the ripple statistic. Returns (the entry's keys that depend on them, metrics
+    then the MODEL_MISMATCH thresholds, quantiles (`settings.ripple_quantile`, `quantile`) of the
+    ripple statistic and of the chi^2 as the engine then reports it. The same from a trained or an
+    already calibrated emulator. Returns (the entry's keys that depend on them, metrics
     included; the scaled sigma)."""
     surveys = {split: held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
                                   np.random.default_rng([settings.seed, SPLIT_SEEDS[f"{split}_clean"]]))
                for split in ("val", "test")}
     snr = {split: survey.column(SNR).to_numpy() for split, survey in surveys.items()}
     high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(source.targets)
-    emulator = model.emulator
+    emulator = replace(model.emulator, ripple_threshold=math.inf)  # whatever the bundle held before
+
+    def fits(emulator: Emulator, splits=("val", "test")) -> dict:
+        engine = Model(replace(model.bundle, emulator=emulator))
+        return {split: engine.goodness_of_fit(surveys[split].drop_columns(source.targets), backend="cpu")
+                for split in splits}
 
     def median_chi2(scale: float) -> float:
         scaled = Model(replace(model.bundle, emulator=replace(emulator, sigma=emulator.sigma * scale)))
         return float(np.nanmedian(scaled.goodness_of_fit(high, backend="cpu").chi2))
     scale = _unit_root(median_chi2)
     emulator = replace(emulator, sigma=(emulator.sigma * scale).astype(np.float32))
-    model = Model(replace(model.bundle, emulator=emulator))
-    fits = {split: model.goodness_of_fit(survey.drop_columns(source.targets), backend="cpu")
-            for split, survey in surveys.items()}
-    chi2_threshold = float(np.nanquantile(fits["val"].chi2, settings.quantile))
-    ripple_threshold = float(np.nanquantile(fits["val"].ripple, settings.ripple_quantile))
-    calibrated = replace(emulator, chi2_threshold=chi2_threshold, ripple_threshold=ripple_threshold)
+    # the ripple statistic is that of the fit without a ripple; the chi^2 the engine reports is that of
+    # the fit with one where the statistic passes its threshold, so the chi^2's threshold comes second
+    ripple_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].ripple, settings.ripple_quantile))
+    emulator = replace(emulator, ripple_threshold=ripple_threshold)
+    fitted = fits(emulator)
+    chi2_threshold = float(np.nanquantile(fitted["val"].chi2, settings.quantile))
+    calibrated = replace(emulator, chi2_threshold=chi2_threshold)
     metrics = {}
-    for split, f in fits.items():
+    for split, f in fitted.items():
         key = f"{split}_nodes"
         metrics[key] = {**entry.get("metrics", {}).get(key, {}), "chi2_median": float(np.nanmedian(f.chi2)),
                         "flagged": float(np.mean(f.mismatch(calibrated))),

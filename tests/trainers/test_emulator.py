@@ -102,13 +102,30 @@ def test_chi2_from_the_true_labels_is_about_one_at_every_snr(source, bundle, snr
     assert 0.9 < np.nanmedian(chi2) < 1.1, np.nanmedian(chi2)
 
 
-@pytest.mark.parametrize("perturb", [_ripple, _offset, lambda t: _offset(t, -0.3)],
-                         ids=["ripple 1% / 50 A", "offset +0.3 A", "offset -0.3 A"])
-def test_a_ripple_or_a_wavelength_offset_raises_chi2_well_above_one(source, bundle, perturb):
+@pytest.mark.parametrize("shift", [0.3, -0.3])
+def test_a_wavelength_offset_raises_chi2_well_above_one(source, bundle, shift):
     """At SNR 200, where clean spectra give 0.9-1.1 (above); measured 1.9 for +-0.3 A over this 160 A
-    window (fast rotators' broad lines barely change with a 20 km/s shift), 3 for the ripple."""
-    chi2 = _chi2_at_truth(source, bundle, perturb(_survey(source, 200.0)))
+    window (fast rotators' broad lines barely change with a 20 km/s shift)."""
+    chi2 = _chi2_at_truth(source, bundle, _offset(_survey(source, 200.0), shift))
     assert np.nanmedian(chi2) > 1.5, np.nanmedian(chi2)
+
+
+def test_a_continuum_ripple_raises_the_ripple_statistic_and_is_fitted_at_its_frequency(source, bundle):
+    """A 1% ripple of period 50 A at SNR 200 against the same spectra without it: the fit's ripple
+    statistic 10x higher in the median (measured 117 against 5.9; this tiny emulator leaves structure
+    of its own in a tenth of clean residuals, so its threshold is high and few ripples pass it: the
+    shipped model's test fits them on every row), and where the ripple is fitted, at its frequency
+    within 15% (measured 10% at the 10th and 90th percentiles) and with a chi^2 it lowered."""
+    emulator = load_model(bundle).emulator
+
+    def fit_of(table):
+        labels, x, ivar = prepared(source, table)
+        return emulator.chi2(x, ivar, labels)
+    clean_fit, fit = fit_of(_survey(source, 200.0)), fit_of(_ripple(_survey(source, 200.0)))
+    assert np.nanmedian(fit.ripple) > 10 * np.nanmedian(clean_fit.ripple), (fit.ripple, clean_fit.ripple)
+    fitted = np.isfinite(fit.ripple_frequency)
+    assert fitted.sum() >= 10 and np.all(fit.ripple_excess[fitted] > 0)
+    assert np.all(np.abs(fit.ripple_frequency[fitted] * 50.0 - 1.0) < 0.15), fit.ripple_frequency[fitted]
 
 
 def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, bundle):
