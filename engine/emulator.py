@@ -170,20 +170,34 @@ class Emulator:
         e = self.spectra(labels)
         if rv is not None:
             e = self.shift(e, rv)
-        basis = self.continuum_basis.astype(np.float32)[None]  # [1, D, p]
-        if ripple is not None:
-            phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * ripple[:, None]
-            basis = np.concatenate([np.broadcast_to(basis, (len(e), *basis.shape[1:])),
-                                    np.sin(phase)[..., None].astype(np.float32),
-                                    np.cos(phase)[..., None].astype(np.float32)], axis=2)
-        p = basis.shape[2]
+        basis = self.continuum_basis.astype(np.float32)  # [D, p]
+        p = basis.shape[1] + (0 if ripple is None else 2)
         if p == 0:
             return e
-        we, basis64 = (weight * e).astype(np.float64), basis.astype(np.float64)
-        gram = np.matmul(basis64.transpose(0, 2, 1), (we * e)[..., None] * basis64)
+        we = (weight * e).astype(np.float64)
+        if ripple is None:  # one basis for all rows: the sums as matrix products
+            gram = ((we * e) @ self._basis_products).reshape(-1, p, p)
+            rhs = (we * x) @ basis.astype(np.float64)
+        else:
+            phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * ripple[:, None]
+            basis = np.concatenate([np.broadcast_to(basis, (len(e), *basis.shape)),
+                                    np.sin(phase)[..., None].astype(np.float32),
+                                    np.cos(phase)[..., None].astype(np.float32)], axis=2)  # [B, D, p]
+            basis64 = basis.astype(np.float64)
+            gram = np.einsum("bd,bdi,bdj->bij", we * e, basis64, basis64)
+            rhs = np.einsum("bd,bdi->bi", we * x, basis64)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
-        coef = np.linalg.solve(gram, np.matmul(basis64.transpose(0, 2, 1), (we * x)[..., None]))  # (B, p, 1)
-        return e * np.matmul(basis, coef.astype(np.float32))[..., 0]
+        coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)  # (B, p)
+        if ripple is None:
+            return e * (coef @ basis.T)
+        return e * np.einsum("bdi,bi->bd", basis, coef)
+
+    @cached_property
+    def _basis_products(self) -> np.ndarray:
+        """(D, p * p) float64: the products T_i T_j of the float32 continuum basis at each pixel, so that
+        the normal equations' sums over pixels are one matrix product for all rows."""
+        basis = self.continuum_basis.astype(np.float32).astype(np.float64)
+        return (basis[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
 
     def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray, lo: np.ndarray,
                hi: np.ndarray, ripple: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

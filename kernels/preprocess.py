@@ -56,7 +56,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "c579fe1cc3edbe35"
+DEPENDENCY_FINGERPRINT = "d91cda32016f7fc4"
 
 
 @dataclass(frozen=True)
