@@ -176,7 +176,7 @@ class Emulator:
             return e
         we = (weight * e).astype(np.float64)
         if ripple is None:  # one basis for all rows: the sums as matrix products
-            gram = ((we * e) @ self._basis_products).reshape(-1, p, p)
+            gram = ((we * e) @ self.continuum_products).reshape(-1, p, p)
             rhs = (we * x) @ basis.astype(np.float64)
         else:
             phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * ripple[:, None]
@@ -193,7 +193,7 @@ class Emulator:
         return e * np.einsum("bdi,bi->bd", basis, coef)
 
     @cached_property
-    def _basis_products(self) -> np.ndarray:
+    def continuum_products(self) -> np.ndarray:
         """(D, p * p) float64: the products T_i T_j of the float32 continuum basis at each pixel, so that
         the normal equations' sums over pixels are one matrix product for all rows."""
         basis = self.continuum_basis.astype(np.float32).astype(np.float64)

@@ -153,21 +153,29 @@ class FitFunction:
         the identity)."""
         e = self.spectra(labels)
         e = torch.stack([self.shift(ej, vj) if torch.any(vj) else ej for ej, vj in zip(e, rv, strict=True)])
-        basis = torch.as_tensor(self.emulator.continuum_basis).float()[None]  # [1, D, p]
-        if ripple is not None:
+        basis = torch.as_tensor(self.emulator.continuum_basis).float()  # [D, p]
+        p = basis.shape[1] + (0 if ripple is None else 2)
+        if p == 0:
+            return e
+        we = (weight * e).double()
+        if ripple is None:  # one basis for all rows, as numpy: the sums as matrix products
+            products = torch.as_tensor(self.emulator.continuum_products)
+            gram = ((we * e) @ products).unflatten(-1, (p, p))  # [J, N, p, p]
+            rhs = (we * x) @ basis.double()
+        else:
             wave = torch.as_tensor(self.emulator.wavelength)
             phase = 2.0 * np.pi * (wave - wave[0])[None, :] * ripple[:, None]
             basis = torch.cat([basis.expand(len(x), -1, -1), torch.sin(phase)[..., None].float(),
-                               torch.cos(phase)[..., None].float()], dim=2)
-        p = basis.shape[2]
-        if p == 0:
-            return e
-        we, basis64 = (weight * e).double(), basis.double()
-        gram = basis64.transpose(1, 2) @ ((we * e)[..., None] * basis64)  # [J, N, p, p]
+                               torch.cos(phase)[..., None].float()], dim=2)  # [N, D, p]
+            basis64 = basis.double()
+            gram = torch.einsum("jnd,ndi,ndk->jnik", we * e, basis64, basis64)
+            rhs = torch.einsum("jnd,ndi->jni", we * x, basis64)
         trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(dim=-1)
         gram = gram + torch.eye(p, dtype=gram.dtype) * (1e-9 * trace + 1e-300)[..., None, None]
-        coef = torch.linalg.solve(gram, basis64.transpose(1, 2) @ (we * x)[..., None])
-        return e * (basis @ coef.float())[..., 0]
+        coef = torch.linalg.solve(gram, rhs[..., None])[..., 0].float()  # [J, N, p]
+        if ripple is None:
+            return e * (coef @ basis.T)
+        return e * torch.einsum("ndi,jni->jnd", basis, coef)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                  ripple: torch.Tensor) -> torch.Tensor:
