@@ -122,7 +122,7 @@ def test_a_continuum_ripple_is_fitted_out(survey):
     the chi^2 it leaves is that of a clean spectrum (median <= 1.05; measured 1.02), nearly all the
     excess was the ripple's (median share >= 0.9; measured 1.00), and Teff and log g stay within
     1.5x their clean RMSE (measured 1.30x, 1.13x; 2.4-2.9x when the fit had no ripple) with 68%
-    coverage of 60-95% (measured 89%, 87%: the networks' variance in the sigma grows with the ripple,
+    coverage of 60-95% (measured 82%, 82%: the networks' variance in the sigma grows with the ripple,
     the fit's error hardly does). Noise the flux_err understates by 1.5x is not taken for a ripple
     (fitted on <= 3% of rows; measured 1.5%)."""
     table, _ = survey
@@ -165,7 +165,7 @@ def test_the_fits_label_sigmas_are_the_scatter_of_its_labels_over_noise():
 def test_error_bars_widen_with_the_fits_chi2_where_the_noise_is_understated(survey):
     """Noise the flux_err understates by 1.5x at SNR >= 100 (the fit's chi^2 ~2.2): the calibration's
     chi^2 inflation widens the v sin i error bars so that >= 64% of the errors stay inside the 68%
-    intervals (measured: 69%); without it, < 62% would (59%)."""
+    intervals (measured: 70%), at least 5 points more than without it (61%)."""
     table, _ = survey
     rows = table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100))
     err = np.stack(rows.column("flux_err").to_numpy(zero_copy_only=False))
@@ -174,11 +174,12 @@ def test_error_bars_widen_with_the_fits_chi2_where_the_noise_is_understated(surv
     model = starcast.load_model()
     calibration = {k: v for k, v in model.bundle.manifest["calibration"].items() if k != "chi2_inflation"}
     uninflated = Model(replace(model.bundle, manifest={**model.bundle.manifest, "calibration": calibration}))
-    for m, ok in ((model, lambda c: c >= 0.64), (uninflated, lambda c: c < 0.62)):
+    cover = []
+    for m in (model, uninflated):
         out = m.predict(understated, backend="cpu")
-        cover = coverage(rows.column("vsini").to_numpy(), out.column("vsini").to_numpy(),
-                         out.column("vsini_err").to_numpy(), 0.68)
-        assert ok(cover), cover
+        cover.append(coverage(rows.column("vsini").to_numpy(), out.column("vsini").to_numpy(),
+                              out.column("vsini_err").to_numpy(), 0.68))
+    assert cover[0] >= 0.64 and cover[0] - cover[1] >= 0.05, cover
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def metal_poor():
 def test_metal_poor_stars_keep_their_teff_and_their_metals_are_measured(metal_poor):
     """The model was trained with metal lines 0.5-2x the grid's: weaker metal lines must not pass for
     a cooler star (the previous default, trained on one composition, put -0.2 dex stars ~1 kK too cool
-    with 14% coverage; measured here: Teff RMSE 130 K -> 162 K, 68% coverage 63%), and `metals` must
+    with 14% coverage; measured here: Teff RMSE 130 K -> 162 K, 68% coverage 66%), and `metals` must
     find the -0.2 dex (median -0.202, coverage 64%)."""
     labels, solar, poor = metal_poor
     for t in TARGETS:
