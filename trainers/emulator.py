@@ -206,13 +206,15 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(source.targets)
     emulator = replace(model.emulator, ripple_threshold=math.inf)  # whatever the bundle held before
 
+    def engine(emulator: Emulator) -> Model:
+        return Model(replace(model.bundle, emulator=emulator))
+
     def fits(emulator: Emulator, splits=("val", "test")) -> dict:
-        engine = Model(replace(model.bundle, emulator=emulator))
-        return {split: engine.goodness_of_fit(surveys[split].drop_columns(source.targets), backend="cpu")
-                for split in splits}
+        return {split: engine(emulator).goodness_of_fit(surveys[split].drop_columns(source.targets),
+                                                        backend="cpu") for split in splits}
 
     def median_chi2(scale: float) -> float:
-        scaled = Model(replace(model.bundle, emulator=replace(emulator, sigma=emulator.sigma * scale)))
+        scaled = engine(replace(emulator, sigma=emulator.sigma * scale))
         return float(np.nanmedian(scaled.goodness_of_fit(high, backend="cpu").chi2))
     scale = _unit_root(median_chi2)
     emulator = replace(emulator, sigma=(emulator.sigma * scale).astype(np.float32))
