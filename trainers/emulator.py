@@ -305,7 +305,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     provenance["calibration"] = {**provenance.get("calibration", {}), "split": "val+test+between",
                                  "estimate": "network and emulator fit blended",
                                  "aleatoric": "with the emulator fit's label variance, inflated by its "
-                                              "excess chi^2"}
+                                              "excess chi^2; the networks' variance weighed by "
+                                              "defect_variance on rows with a fitted ripple or a gap"}
     manifest = {**bundle.manifest, "calibration": calibration.to_manifest(names), "metrics": metrics,
                 "ood": ood, "provenance": provenance}
     save_bundle(bundle_dir, bundle.layers, manifest)
