@@ -81,6 +81,7 @@ class PreprocessSettings:
     max_iter: int = 20  # clipping iterations at most
     min_keep_fraction: float = 0.1  # never clip below this fraction of the good pixels
     sigma_floor: float = 1e-3  # noise floor as a fraction of the mean flux (noise-free input)
+    spike_sigma: float = 5.0  # mask input pixels this many sigma above what absorption can be (0: off)
     max_gap: int = 5  # gaps up to this many pixels are interpolated; longer ones are set to 1.0
     min_good_pixels: int = 50  # fewer good pixels on the grid, or input pixels in its range -> FAILED
     max_bad_fraction: float = 0.1  # more bad pixels among the covered ones -> MASKED
@@ -101,6 +102,8 @@ class PreprocessSettings:
                 and 0 <= self.min_coverage <= 1):
             raise StarcastError("preprocess sigma_floor must be > 0 and min_keep_fraction, max_bad_fraction, "
                                 "min_coverage within [0, 1]")
+        if not self.spike_sigma >= 0:
+            raise StarcastError(f"preprocess spike_sigma must be >= 0, got {self.spike_sigma}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,15 +176,85 @@ def _fill_gaps(x, ivar, state, max_gap):
     return long_gap
 
 
+SPIKE_WINDOW = 25  # input pixels each side whose upper envelope stands for the continuum
+SPIKE_ENVELOPE = 0.9  # the quantile of those pixels taken as the envelope
+SPIKE_SIDE = 10  # good pixels on each side of a pixel at least, for its envelope to be judged
+
+
+@njit(cache=True)
+def _mask_spikes(flux, var, bad, k, has_errors):
+    """Mark as bad the input pixels that no stellar absorption spectrum can make (cosmic-ray hits, hot
+    pixels): those more than `k` sigma above both the lower of their two neighbours and the upper
+    envelope of the pixels around them (the SPIKE_ENVELOPE quantile of the good ones within
+    SPIKE_WINDOW, SPIKE_SIDE of them at least on each side: fewer than 1 - SPIKE_ENVELOPE of them come
+    within k sigma). Absorption never rises above its continuum, and a broad emission line raises the
+    envelope with it; a narrow emission line (nebular) is cut like a hit. The neighbours are the nearest
+    good pixels within two steps (else the pixel is not judged), and a second pass judges again
+    against the pixels beyond the hits of the first, so that a hit two or three pixels wide goes whole.
+    The sigma comes from `var` where the row `has_errors`, else from one DER_SNR noise level (robust
+    to spikes)."""
+    n = flux.shape[0]
+    if not has_errors:
+        good = np.empty(n, np.bool_)
+        for p in range(n):
+            good[p] = not bad[p]
+        var = np.full(n, noise_sigma(flux, good) ** 2)
+    state = np.empty(n, np.uint8)  # 0 good, 1 bad on input, 2 a hit marked here
+    for p in range(n):
+        state[p] = 1 if bad[p] else 0
+    k2 = k * k
+    # the screen, branch-free: which pixels stand k sigma above both their immediate neighbours
+    # (NaN in a bad neighbour fails it; the pixels next to bad ones are judged below in any case)
+    steep = np.zeros(n, np.bool_)
+    for p in range(1, n - 1):
+        excess = flux[p] - min(flux[p - 1], flux[p + 1])
+        steep[p] = excess > 0.0 and excess * excess > k2 * (var[p] + max(var[p - 1], var[p + 1]))
+    for _ in range(2):
+        found = 0
+        for p in range(1, n - 1):
+            if state[p] != 0 or not steep[p] and state[p - 1] == 0 and state[p + 1] == 0:
+                continue
+            a, b = p - 1, p + 1
+            while a > 0 and state[a] != 0 and p - a < 3:
+                a -= 1
+            while b < n - 1 and state[b] != 0 and b - p < 3:
+                b += 1
+            if state[a] != 0 or state[b] != 0:
+                continue
+            excess = flux[p] - min(flux[a], flux[b])
+            if not excess > 0.0 or excess * excess <= k2 * (var[p] + max(var[a], var[b])):
+                continue
+            # near: good pixels around that come within k sigma of this one, counted from the nearest
+            # out, which stops as soon as too many do for it to stand above their envelope
+            level, most = flux[p] - k * math.sqrt(var[p]), (1.0 - SPIKE_ENVELOPE) * 2 * SPIKE_WINDOW
+            left, right, near = 0, 0, 0
+            for j in range(1, SPIKE_WINDOW + 1):
+                for q in (p - j, p + j):
+                    if q >= 0 and q < n and state[q] == 0:
+                        left += q < p
+                        right += q > p
+                        near += flux[q] >= level
+                if near >= most:
+                    break
+            if min(left, right) >= SPIKE_SIDE and near < (1.0 - SPIKE_ENVELOPE) * (left + right):
+                state[p] = 2
+                found += 1
+        if found == 0:
+            break
+    for p in range(n):
+        bad[p] |= state[p] == 2
+
+
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, smooth, grid, grid_edges, basis, gram, flux_conserving, normalise, fit_params, sigma_floor,
-            max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage, bad_fraction, n_good, gap,
-            line_lost):
+            rv, smooth, spike_sigma, grid, grid_edges, basis, gram, flux_conserving, normalise,
+            fit_params, sigma_floor, max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage,
+            bad_fraction, n_good, gap, line_lost):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
     0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
-    resolution with (0: none); `fit_params` as `fit_continuum`'s; `line_pixels`: grid pixels of the
-    diagnostic lines. Writes row r of every output only."""
+    resolution with (0: none); `spike_sigma`: `_mask_spikes`' k (0: off); `fit_params` as
+    `fit_continuum`'s; `line_pixels`: grid pixels of the diagnostic lines. Writes row r of every output
+    only."""
     n_rows, d = x.shape
     for r in prange(n_rows):
         x[r, :] = 1.0
@@ -226,6 +299,8 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             after = wl[p + 2] - wl[p + 1] if p < n - 2 else np.inf
             if wl[p + 1] - wl[p] > _HOLE_STEPS * min(before, after):
                 bad[p] = bad[p + 1] = True
+        if spike_sigma > 0.0:
+            _mask_spikes(flux, var, bad, spike_sigma, err_start[r] >= 0)
         if smooth[r] > 0.0:
             flux = smooth_gaussian(wl, flux, bad, smooth[r])
         inside = np.empty(n, np.bool_)  # good input pixels within the model grid's range
@@ -434,7 +509,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
     _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], *uncertainty,
-            err_kind, *mask, rv, smooth, grid, edges, *continuum_basis(grid, settings.continuum_degree),
+            err_kind, *mask, rv, smooth, float(settings.spike_sigma), grid, edges,
+            *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels),
             line_pixels(grid, medium), status, x, ivar, nonfinite, coverage, bad_fraction, n_good, gap,
