@@ -5,8 +5,10 @@ training, SNR 50-300, no ripple or gap; with `--source synthetic`, the simplifie
 survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, wavelength offset
 +-0.3 A, resolving power R/2 and R/4, a 30 A gap over He I 4471, vacuum wavelengths stated or
 labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; for TLUSTY spectra
-also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars), it
-reports per target
+also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars) and
+four that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
+band at 4428 A, a Be star's emission in H-gamma and H-delta, a double-lined companion), it reports per
+target
 the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
 flagged (bits other than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
@@ -177,6 +179,48 @@ def moving(stated: bool, v_max: float = 300.0):
     return perturb
 
 
+def cosmic_rays(table, hits: int = 5, **_):
+    """`hits` cosmic-ray hits per spectrum left in by the reduction: two pixels each, 0.3-2x the
+    spectrum's median flux above it, not in flux_err."""
+    flux, rng = _flux(table), np.random.default_rng(4)
+    rows = np.repeat(np.arange(len(flux)), hits)
+    at = rng.integers(0, flux.shape[1] - 1, rows.size)
+    height = rng.uniform(0.3, 2.0, rows.size) * np.nanmedian(flux, axis=1)[rows]
+    for step in (0, 1):
+        flux[rows, at + step] += height
+    return _set_flux(table, flux)
+
+
+def _gaussian(wl: np.ndarray, centre: float, fwhm: float) -> np.ndarray:
+    return np.exp(-0.5 * ((wl - centre) / (fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))))) ** 2)
+
+
+def dib_4428(table, **_):
+    """The broad diffuse interstellar band at 4428 A (air), 5% deep with a FWHM of 20 A (an equivalent
+    width of ~1.1 A, that of a star reddened by E(B-V) of roughly half a magnitude)."""
+    band = 1.0 - 0.05 * _gaussian(_grid(table).values(), 4428.2, 20.0)
+    return _set_flux(table, _flux(table) * band[None, :])
+
+
+def be_emission(table, **_):
+    """A Be star's circumstellar disc: emission in H-gamma (4340.47 A) and H-delta (4101.74 A), Gaussians
+    20% and 12% of the continuum high with a FWHM of 6 A, filling the photospheric line cores."""
+    wl, flux = _grid(table).values(), _flux(table)
+    emission = 0.20 * _gaussian(wl, 4340.47, 6.0) + 0.12 * _gaussian(wl, 4101.74, 6.0)
+    return _set_flux(table, flux + np.nanmedian(flux, axis=1, keepdims=True) * emission[None, :])
+
+
+def companion(table, ratio: float = 0.3, velocity: float = 150.0, **_):
+    """A double-lined binary: each star's spectrum plus that of another star of the set (the next row),
+    `ratio` times as bright, moving at +`velocity` km/s relative to it; the labels stay the brighter
+    star's."""
+    wl, flux = _grid(table).values(), _flux(table)
+    other = np.roll(flux, 1, axis=0)
+    at = wl / (1.0 + velocity / C_KMS)  # where the companion's light seen at wl was emitted
+    shifted = np.stack([np.interp(at, wl, f) for f in other])
+    return _set_flux(table, (flux + ratio * shifted) / (1.0 + ratio))
+
+
 def coverage_half(table, **_):
     g = _grid(table)
     keep = g.values() < 4400.0  # 4010-4400 of the model's 4010-4790 A
@@ -192,6 +236,8 @@ PERTURBATIONS = {
     "vacuum (stated)": vacuum(True), "vacuum (labelled air)": vacuum(False),
     "rv +-300 km/s (stated)": moving(True), "rv +-300 km/s, no rv column": moving(False),
     "coverage 50%": coverage_half,
+    "cosmic rays (5 per spectrum)": cosmic_rays, "DIB 4428 A (5% deep)": dib_4428,
+    "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
 }
 # for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond
 METAL_PERTURBATIONS = {"metals -0.2 dex": metal_poor(0.2), "metals -0.5 dex": metal_poor(0.5)}
