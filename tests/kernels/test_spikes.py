@@ -7,11 +7,12 @@ import pytest
 from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import survey_table
 from starcast.catalogs.schema import FLUX, FLUX_ERR, spectrum_array
-from starcast.demo import SAMPLE
 from starcast.engine.bundle import available_models
 from starcast.engine.predictor import load_model
-from starcast.errors import StarcastError
 from starcast.kernels.preprocess import PreprocessSettings, preprocess
+
+from starcast.demo import SAMPLE
+from starcast.errors import StarcastError
 
 OFF = PreprocessSettings(spike_sigma=0.0)
 
@@ -28,7 +29,8 @@ def stars(n, seed, snr, vsini=(0.0, 450.0)):
 
 
 def prepared(model, table, settings=None):
-    return preprocess(table, model.grid, settings or PreprocessSettings(), resolving_power=model.resolving_power)
+    return preprocess(table, model.grid, settings or PreprocessSettings(),
+                      resolving_power=model.resolving_power)
 
 
 def with_hits(table, seed, hits=5):
