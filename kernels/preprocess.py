@@ -179,29 +179,38 @@ def _fill_gaps(x, ivar, state, max_gap):
 SPIKE_WINDOW = 25  # input pixels each side whose upper envelope stands for the continuum
 SPIKE_ENVELOPE = 0.9  # the quantile of those pixels taken as the envelope
 SPIKE_SIDE = 10  # good pixels on each side of a pixel at least, for its envelope to be judged
+# what a hit must rise above the envelope at least, as a fraction of its flux, whatever the noise:
+# noise-free TLUSTY spectra peak up to ~1% above it between crowded lines (and in LTE emission bumps)
+SPIKE_MIN_EXCESS = 0.03
 
 
 @njit(cache=True)
-def _mask_spikes(flux, var, bad, k, has_errors):
+def _mask_spikes(flux, var, bad, k, has_errors, sigma_floor):
     """Mark as bad the input pixels that no stellar absorption spectrum can make (cosmic-ray hits, hot
     pixels): those more than `k` sigma above both the lower of their two neighbours and the upper
     envelope of the pixels around them (the SPIKE_ENVELOPE quantile of the good ones within
     SPIKE_WINDOW, SPIKE_SIDE of them at least on each side: fewer than 1 - SPIKE_ENVELOPE of them come
-    within k sigma). Absorption never rises above its continuum, and a broad emission line raises the
-    envelope with it; a narrow emission line (nebular) is cut like a hit. The neighbours are the nearest
-    good pixels within two steps (else the pixel is not judged), and a second pass judges again
-    against the pixels beyond the hits of the first, so that a hit two or three pixels wide goes whole.
-    The sigma comes from `var` where the row `has_errors`, else from one DER_SNR noise level (robust
-    to spikes)."""
+    within k sigma, nor within SPIKE_MIN_EXCESS of its flux). Absorption never rises above its
+    continuum, and a broad emission line raises the envelope with it; a narrow emission line (nebular)
+    is cut like a hit. The neighbours are the nearest good pixels within two steps (else the pixel is
+    not judged), and a second pass judges again against the pixels beyond the hits of the first, so
+    that a hit two or three pixels wide goes whole. The sigma comes from `var` where the row
+    `has_errors`, else from one DER_SNR noise level (robust to spikes), and is at least `sigma_floor`
+    times the mean flux, as on the model grid: noise-free input has lines sharper than its sigma."""
     n = flux.shape[0]
-    if not has_errors:
-        good = np.empty(n, np.bool_)
-        for p in range(n):
-            good[p] = not bad[p]
-        var = np.full(n, noise_sigma(flux, good) ** 2)
     state = np.empty(n, np.uint8)  # 0 good, 1 bad on input, 2 a hit marked here
+    total, count = 0.0, 0
     for p in range(n):
         state[p] = 1 if bad[p] else 0
+        if not bad[p]:
+            total += flux[p]
+            count += 1
+    floor = (sigma_floor * total / max(count, 1)) ** 2
+    noise = 0.0 if has_errors else noise_sigma(flux, state == 0) ** 2
+    v = np.empty(n)  # the variances the tests use
+    for p in range(n):
+        v[p] = max(var[p] if has_errors else noise, floor)
+    var = v
     k2 = k * k
     # the screen, branch-free: which pixels stand k sigma above both their immediate neighbours
     # (NaN in a bad neighbour fails it; the pixels next to bad ones are judged below in any case)
@@ -226,7 +235,8 @@ def _mask_spikes(flux, var, bad, k, has_errors):
                 continue
             # near: good pixels around that come within k sigma of this one, counted from the nearest
             # out, which stops as soon as too many do for it to stand above their envelope
-            level, most = flux[p] - k * math.sqrt(var[p]), (1.0 - SPIKE_ENVELOPE) * 2 * SPIKE_WINDOW
+            level = flux[p] - max(k * math.sqrt(var[p]), SPIKE_MIN_EXCESS * flux[p])
+            most = (1.0 - SPIKE_ENVELOPE) * 2 * SPIKE_WINDOW
             left, right, near = 0, 0, 0
             for j in range(1, SPIKE_WINDOW + 1):
                 for q in (p - j, p + j):
@@ -300,7 +310,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             if wl[p + 1] - wl[p] > _HOLE_STEPS * min(before, after):
                 bad[p] = bad[p + 1] = True
         if spike_sigma > 0.0:
-            _mask_spikes(flux, var, bad, spike_sigma, err_start[r] >= 0)
+            _mask_spikes(flux, var, bad, spike_sigma, err_start[r] >= 0, sigma_floor)
         if smooth[r] > 0.0:
             flux = smooth_gaussian(wl, flux, bad, smooth[r])
         inside = np.empty(n, np.bool_)  # good input pixels within the model grid's range

@@ -45,10 +45,11 @@ def with_hits(table, seed, hits=5):
 
 
 @pytest.mark.parametrize("snr,vsini", [((10.0, 50.0), (0.0, 450.0)), ((300.0, 1000.0), (0.0, 20.0)),
-                                       ((100.0, 500.0), (0.0, 450.0))])
+                                       ((100.0, 500.0), (0.0, 450.0)), ((1e7, 1e7), (0.0, 450.0))])
 @pytest.mark.parametrize("errors", [True, False])
 def test_clean_tlusty_spectra_lose_no_pixel(model, snr, vsini, errors):
-    # slow rotators at high SNR: the sharpest, deepest lines the grid has, against the smallest sigma
+    # slow rotators at high SNR: the sharpest, deepest lines the grid has, against the smallest sigma;
+    # and spectra all but free of noise, whose sigma is the floor
     table = stars(120, seed=int(snr[0]), snr=snr, vsini=vsini)
     if not errors:  # the noise level then comes from DER_SNR
         table = table.drop_columns([FLUX_ERR])
