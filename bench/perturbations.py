@@ -54,6 +54,7 @@ from starcast.catalogs.schema import (
 )
 from starcast.catalogs.synth import SynthConfig, synth_table
 from starcast.engine.predictor import load_model
+from starcast.kernels.resample import rest_frame_factor
 
 import starcast
 
@@ -216,7 +217,7 @@ def companion(table, ratio: float = 0.3, velocity: float = 150.0, **_):
     star's."""
     wl, flux = _grid(table).values(), _flux(table)
     other = np.roll(flux, 1, axis=0)
-    at = wl / (1.0 + velocity / C_KMS)  # where the companion's light seen at wl was emitted
+    at = wl * rest_frame_factor(velocity)  # where the companion's light seen at wl was emitted
     shifted = np.stack([np.interp(at, wl, f) for f in other])
     return _set_flux(table, (flux + ratio * shifted) / (1.0 + ratio))
 
