@@ -15,6 +15,15 @@ the training range): the chi^2 then asks whether the model can explain the spect
 far the network's estimate is from the best fit, which at high SNR would dominate it. The same steps
 fit a residual radial velocity (the emulated spectrum shifted on the grid): what is left of the rv
 after preprocessing removed the given or estimated one, with its error from the fit's curvature.
+Reddened stars carry the broad diffuse interstellar band near 4428 A, which no stellar model holds
+and which, left in, moves Teff and log g by several times their noise (`bench/perturbations.py`). So
+the residual is first searched for it: the drop in chi^2 from fitting the band's DIB_TERMS terms (a
+Lorentzian's depth and its first-order shift and widening, so that neither its place in the star's
+frame nor its width need be known exactly) to it beyond what the residual's best ripple removes (a
+ripple's troughs look like bands), per unit of the reduced chi^2, if the band is in absorption
+(`dib`). Where that passes the emulator's `dib_threshold` (a quantile of clean spectra),
+the continuum holds the band's terms and the Gauss-Newton steps run again. A fitted band is no
+mismatch: it flags nothing.
 A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
 SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
 period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
@@ -44,7 +53,7 @@ from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
-              "continuum_degree", "refine_steps", "chi2_threshold")  # and optional "ripple_threshold"
+              "continuum_degree", "refine_steps", "chi2_threshold")  # optional: ripple_ and dib_threshold
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
 CHUNK = 1024  # rows at a time (the Jacobian holds len(labels) spectra per row)
 V_UNIT = 10.0  # km/s: the velocity's unit in the fit, so that STEP and the step limits suit it too
@@ -58,6 +67,10 @@ RIPPLE_PERIODS = (15.0, 150.0)  # Angstrom: too short for the cubic continuum, l
 RIPPLE_OVERSAMPLING = 2  # frequencies per 1 / (grid span): at worst 81% of a ripple's power
 RIPPLE_REFINE = 8  # the fitted ripple's frequency: on a grid this many times finer about the peak
 RIPPLE_TERMS = 2  # the fitted ripple's parameters in the continuum (a sin + b cos); its frequency one more
+# Angstrom (air): the broad diffuse interstellar band near 4428 A, a Lorentzian (Snow, Zukowski & Massey
+# 2002, ApJ 578, 877); its centre and FWHM here are starting values that the fit's derivative terms move
+DIB_CENTRE, DIB_FWHM = 4428.6, 18.0
+DIB_TERMS = 3  # the band's parameters in the continuum: its depth and its first-order shift and widening
 ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
                "tanh": np.tanh}
 
@@ -79,6 +92,7 @@ class Emulator:
     chi2_threshold: float
     wavelength: np.ndarray  # (D,) float64, Angstrom: the model grid
     ripple_threshold: float = math.inf
+    dib_threshold: float = math.inf
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -160,37 +174,83 @@ class Emulator:
         best = self._ripple_drops(residual, weight, candidates).argmax(axis=1)
         return candidates[np.arange(len(freq)), best]
 
+    @cached_property
+    def dib_basis(self) -> np.ndarray:
+        """(D, DIB_TERMS) float32: the diffuse band's terms in the continuum, minus a Lorentzian of unit
+        depth (so that an absorption's coefficient is its depth, > 0) and its derivatives with respect to
+        the centre and the half width, each times the half width."""
+        u = (self.wavelength - DIB_CENTRE) / (0.5 * DIB_FWHM)
+        lorentz = 1.0 / (1.0 + u * u)
+        return -np.stack([lorentz, 2.0 * u * lorentz**2, 2.0 * u * u * lorentz**2], axis=1).astype(np.float32)
+
+    def defect_columns(self, ripple: np.ndarray | None = None,
+                       dib: np.ndarray | None = None) -> np.ndarray | None:
+        """[B, D, q] float32: the continuum's terms beyond the polynomial for B rows, a sin + b cos of a
+        ripple at the frequencies `ripple` [B], 1/A, if given, and the diffuse band's DIB_TERMS where
+        `dib` [B] bool holds (zero columns in the other rows, whose coefficients the fit then leaves at
+        0), if any does; None without either."""
+        parts = []
+        if ripple is not None:
+            phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * ripple[:, None]
+            parts.append(np.stack([np.sin(phase), np.cos(phase)], axis=2).astype(np.float32))
+        if dib is not None and np.any(dib):
+            parts.append(self.dib_basis[None] * np.asarray(dib, np.float32)[:, None, None])
+        return np.concatenate(parts, axis=2) if parts else None
+
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray | None = None,
-               ripple: np.ndarray | None = None) -> np.ndarray:
+               extra: np.ndarray | None = None) -> np.ndarray:
         """(B, D) float32: the emulated spectra at `labels` (shifted to `rv` km/s, if given) times the
         continuum that fits x best with `weight` per pixel (float32 pixels; the normal equations, whose
         sine and cosine of a long period are nearly those of the polynomial, in float64):
-        a polynomial of degree `continuum_degree` in Chebyshev T_k over the grid, plus a sin + b cos
-        of a ripple at the frequencies `ripple` [B], 1/A, if given."""
+        a polynomial of degree `continuum_degree` in Chebyshev T_k over the grid, plus the terms
+        `extra` [B, D, q] of each row (`defect_columns`), if given."""
         e = self.spectra(labels)
         if rv is not None:
             e = self.shift(e, rv)
         basis = self.continuum_basis.astype(np.float32)  # [D, p]
-        p = basis.shape[1] + (0 if ripple is None else 2)
+        p = basis.shape[1] + (0 if extra is None else extra.shape[2])
         if p == 0:
             return e
         we = (weight * e).astype(np.float64)
-        if ripple is None:  # one basis for all rows: the sums as matrix products
+        if extra is None:  # one basis for all rows: the sums as matrix products
             gram = ((we * e) @ self.continuum_products).reshape(-1, p, p)
             rhs = (we * x) @ basis.astype(np.float64)
         else:
-            phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * ripple[:, None]
-            basis = np.concatenate([np.broadcast_to(basis, (len(e), *basis.shape)),
-                                    np.sin(phase)[..., None].astype(np.float32),
-                                    np.cos(phase)[..., None].astype(np.float32)], axis=2)  # [B, D, p]
+            basis = np.concatenate([np.broadcast_to(basis, (len(e), *basis.shape)), extra], axis=2)  # B, D, p
             basis64 = basis.astype(np.float64)
             gram = np.einsum("bd,bdi,bdj->bij", we * e, basis64, basis64)
             rhs = np.einsum("bd,bdi->bi", we * x, basis64)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)  # (B, p)
-        if ripple is None:
+        if extra is None:
             return e * (coef @ basis.T)
         return e * np.einsum("bdi,bi->bd", basis, coef)
+
+    def dib(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
+            freq: np.ndarray) -> np.ndarray:
+        """(B,) float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting the diffuse
+        band's terms (`dib_basis`, times the fitted `model` [B, D] as the continuum is) to it beside a
+        sinusoid at the frequency `freq` [B], 1/A, the residual's ripple, less the drop from that
+        sinusoid alone (so that a ripple, whose troughs look like bands, is not taken for one), divided
+        by the reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted band is
+        not an absorption. The sums in float32 (a statistic to compare with a threshold; the terms,
+        unlike the polynomial's, are far from collinear)."""
+        phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * freq[:, None]
+        sinusoid = np.stack([np.sin(phase), np.cos(phase)], axis=2).astype(np.float32)
+        terms = model[:, :, None] * np.concatenate(
+            [np.broadcast_to(self.dib_basis, (len(model), *self.dib_basis.shape)), sinusoid], axis=2)
+        weighted = (terms * weight[:, :, None]).transpose(0, 2, 1)  # [B, DIB_TERMS + 2, D]
+        gram = np.matmul(weighted, terms).astype(np.float64)
+        rhs = np.matmul(weighted, residual[:, :, None])[..., 0].astype(np.float64)
+
+        def drop(gram, rhs):
+            trace = np.trace(gram, axis1=1, axis2=2)
+            coef = np.linalg.solve(gram + np.eye(gram.shape[1]) * (1e-9 * trace + 1e-300)[:, None, None],
+                                   rhs[..., None])[..., 0]
+            return (coef * rhs).sum(axis=1), coef
+        both, coef = drop(gram, rhs)
+        alone, _ = drop(gram[:, DIB_TERMS:, DIB_TERMS:], rhs[:, DIB_TERMS:])
+        return np.where(coef[:, 0] > 0, both - alone, 0.0) / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
 
     @cached_property
     def continuum_products(self) -> np.ndarray:
@@ -200,9 +260,9 @@ class Emulator:
         return (basis[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
 
     def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray, ripple: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               hi: np.ndarray, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(labels, rv, errors) after `refine_steps` damped Gauss-Newton steps on the weighted residual
-        of `fitted` (with the ripple `ripple`, if given; finite-difference Jacobian) from `labels` and
+        of `fitted` (with the continuum terms `extra`, if given; finite-difference Jacobian) from `labels` and
         the residual velocity `rv` (km/s): the labels kept within [lo, hi] and within 1 std per step,
         rv within +-V_FIT_MAX. errors [B, labels + 1]: the sigmas of the labels (physical units) and
         of rv (km/s) from the last step's curvature, each with the others marginalised (NaN without
@@ -219,7 +279,7 @@ class Emulator:
 
         def model(z):
             phys = z * scale + offset
-            return self.fitted(x, weight, phys[:, :k], phys[:, k], ripple)
+            return self.fitted(x, weight, phys[:, :k], phys[:, k], extra)
 
         for _ in range(self.refine_steps):
             base = model(z)
@@ -241,13 +301,14 @@ class Emulator:
              hi: np.ndarray | None = None) -> Fit:
         """The `Fit` of prepared spectra x [B, D] with inverse variances ivar: the fitted emulated
         spectra e (see `fitted`) at `labels` and a residual velocity, refined within [lo, hi] (see
-        `refine`), then again with a ripple where the residual's ripple statistic passes
-        `ripple_threshold` (and the fit has a continuum to hold it); its reduced chi^2 is the sum over
-        the n pixels with ivar > 0 of (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted
-        parameters (NaN where that is not positive)."""
+        `refine`), then again with the diffuse band where the residual's band statistic (`dib`) passes
+        `dib_threshold`, then again with a ripple (and that band) where the residual's ripple statistic
+        passes `ripple_threshold` (both only if the fit has a continuum to hold them); its reduced
+        chi^2 is the sum over the n pixels with ivar > 0 of (x - e)^2 / (1 / ivar + sigma^2), divided
+        by n minus the fitted parameters (NaN where that is not positive)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
-        chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
+        chi2, rv, ripple, dib = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x)), np.empty(len(x))
         ripple_excess, ripple_frequency = np.zeros(len(x)), np.full(len(x), np.nan)
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (ivar > 0).sum(axis=1)
@@ -263,19 +324,33 @@ class Emulator:
             weight = self.pixel_weight(ivar[part])
             best, rv[part], errors[part] = self.refine(xs, weight, labels[part], rv[part], lo, hi)
             shifted = rv[part] if self.refine_steps else None
-            residual = xs - self.fitted(xs, weight, best, shifted)
+            model = self.fitted(xs, weight, best, shifted)
+            residual = xs - model
             chi2[part] = reduced(residual, weight, dof[part])
             ripple[part], freq = self.ripple(residual, weight, chi2[part])
+            dib[part] = self.dib(residual, weight, model, chi2[part], freq)
+            band = (dib[part] > self.dib_threshold) & (self.continuum_degree >= 0)
+            rows = np.flatnonzero(band)
+            if len(rows):  # fit the band too (in the continuum), from the labels and rv without it
+                at, extra = s + rows, self.defect_columns(dib=band[rows])
+                best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
+                                                             lo, hi, extra)
+                shifted = rv[at] if self.refine_steps else None
+                residual[rows] = xs[rows] - self.fitted(xs[rows], weight[rows], best[rows], shifted, extra)
+                chi2[at] = reduced(residual[rows], weight[rows], dof[at] - DIB_TERMS)
+                ripple[at], freq[rows] = self.ripple(residual[rows], weight[rows], chi2[at])
             with np.errstate(invalid="ignore"):
                 rows = np.flatnonzero((ripple[part] > self.ripple_threshold) & (self.continuum_degree >= 0))
             if len(rows):  # fit the ripple too (in the continuum), from the labels and rv without it
                 at = s + rows
                 freq = ripple_frequency[at] = self.ripple_frequency(residual[rows], weight[rows], freq[rows])
+                extra = self.defect_columns(freq, band[rows])
                 best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
-                                                             lo, hi, freq)
+                                                             lo, hi, extra)
                 shifted = rv[at] if self.refine_steps else None
-                residual = xs[rows] - self.fitted(xs[rows], weight[rows], best[rows], shifted, freq)
-                plain, chi2[at] = chi2[at], reduced(residual, weight[rows], dof[at] - RIPPLE_TERMS - 1)
+                residual = xs[rows] - self.fitted(xs[rows], weight[rows], best[rows], shifted, extra)
+                plain, chi2[at] = chi2[at], reduced(residual, weight[rows],
+                                                    dof[at] - RIPPLE_TERMS - 1 - DIB_TERMS * band[rows])
                 ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
             fitted[part] = best
         # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
@@ -283,6 +358,7 @@ class Emulator:
         explained = np.isfinite(chi2)[:, None]
         return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(errors[:, -1], RV_SYSTEMATIC),
                    ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
+                   dib=np.where(explained[:, 0], dib, np.nan),
                    ripple_frequency=ripple_frequency,
                    labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan))
@@ -293,12 +369,15 @@ class Fit:
     """The emulator's fit of B prepared spectra: reduced chi^2 (float64, NaN where there are too few
     pixels), pixels used (int32), the residual radial velocity rv and its sigma rv_err (km/s,
     RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
-    statistic of the fit without a ripple (`Emulator.ripple`; NaN with the chi^2), the excess reduced
+    statistic of the fit without a ripple (`Emulator.ripple`; with the band where one was fitted; NaN
+    with the chi^2), the excess reduced
     chi^2 that fitting the ripple removed and the ripple's frequency (1/A; 0 and NaN where none was
-    fitted), the fitted labels
+    fitted), the diffuse band's statistic of the fit without it (`Emulator.dib`; NaN with the chi^2),
+    the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
-    or chi^2). Where a ripple was fitted, the chi^2, rv and labels are those of the fit with it."""
+    or chi^2). Where a band or a ripple was fitted, the chi^2, rv and labels are those of the fit with
+    it."""
 
     chi2: np.ndarray
     pixels: np.ndarray
@@ -307,6 +386,7 @@ class Fit:
     ripple: np.ndarray
     ripple_excess: np.ndarray
     ripple_frequency: np.ndarray
+    dib: np.ndarray
     labels: np.ndarray
     label_err: np.ndarray
 
@@ -320,6 +400,11 @@ class Fit:
         the fit without a ripple: what fitting a continuum ripple removed from it and what is left,
         the excess of the fit with the ripple (0 where the chi^2 is NaN)."""
         return np.stack([self.ripple_excess, chi2_excess(self.chi2)], axis=1)  # in the order of EXCESS_PARTS
+
+    def dib_fitted(self, emulator: Emulator) -> np.ndarray:
+        """[B] bool: rows whose fit holds the diffuse band (its statistic above the emulator's threshold)."""
+        with np.errstate(invalid="ignore"):
+            return (self.dib > emulator.dib_threshold) & (emulator.continuum_degree >= 0)
 
     def mismatch(self, emulator: Emulator) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2 or the ripple statistic above the emulator's threshold."""
@@ -379,4 +464,5 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     continuum_degree=int(entry["continuum_degree"]), refine_steps=int(entry["refine_steps"]),
                     chi2_threshold=float(entry["chi2_threshold"]),
                     wavelength=np.asarray(wavelength, np.float64),
-                    ripple_threshold=float(entry.get("ripple_threshold", math.inf)))
+                    ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
+                    dib_threshold=float(entry.get("dib_threshold", math.inf)))

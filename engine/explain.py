@@ -110,11 +110,12 @@ class MeanFunction:
 class FitFunction:
     """The labels of an emulator's fit (`engine.emulator.Emulator.refine`: damped Gauss-Newton steps
     with a finite-difference Jacobian in the labels and a residual velocity, from start labels, the
-    emulated spectrum times a weighted least-squares continuum; then, on rows where the fit found a
-    continuum ripple, the same steps again with it in the continuum) as a differentiable torch
-    function of the spectra, in the numpy fit's precisions: float32 spectra, float64 labels and normal
-    equations. Which rows have a ripple, and its frequency, are held at the numpy fit's (as the blend's
-    shares are). `tests/engine/test_explain.py` holds it to `predict`."""
+    emulated spectrum times a weighted least-squares continuum; then, on rows where the fit found the
+    diffuse band, the same steps again with it in the continuum, and then on rows where it found a
+    continuum ripple, again with that too) as a differentiable torch function of the spectra, in the
+    numpy fit's precisions: float32 spectra, float64 labels and normal equations. Which rows have the
+    band or a ripple, and its frequency, are held at the numpy fit's (as the blend's shares are).
+    `tests/engine/test_explain.py` holds it to `predict`."""
 
     emulator: emu.Emulator
     lo: np.ndarray  # (k,) the labels' training range, as `predict` bounds the fit
@@ -146,50 +147,51 @@ class FitFunction:
         return here + 0.5 * t * (there - before + t * (quadratic + t * cubic))
 
     def fitted(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rv: torch.Tensor,
-               ripple: torch.Tensor | None = None):
+               extra: torch.Tensor | None = None):
         """`Emulator.fitted` at J sets of labels [J, N, k] and velocities [J, N] for spectra x [N, D]
-        (with the ripple of frequency `ripple` [N], if given): the shifted emulated spectra times their
-        best continuum, [J, N, D]. A set at rest is not shifted (as numpy skips it; the shift would be
-        the identity)."""
+        (with the continuum terms `extra` [N, D, q], `Emulator.defect_columns`, if given): the shifted
+        emulated spectra times their best continuum, [J, N, D]. A set at rest is not shifted (as numpy
+        skips it; the shift would be the identity)."""
         e = self.spectra(labels)
         e = torch.stack([self.shift(ej, vj) if torch.any(vj) else ej for ej, vj in zip(e, rv, strict=True)])
         basis = torch.as_tensor(self.emulator.continuum_basis).float()  # [D, p]
-        p = basis.shape[1] + (0 if ripple is None else 2)
+        p = basis.shape[1] + (0 if extra is None else extra.shape[2])
         if p == 0:
             return e
         we = (weight * e).double()
-        if ripple is None:  # one basis for all rows, as numpy: the sums as matrix products
+        if extra is None:  # one basis for all rows, as numpy: the sums as matrix products
             products = torch.as_tensor(self.emulator.continuum_products)
             gram = ((we * e) @ products).unflatten(-1, (p, p))  # [J, N, p, p]
             rhs = (we * x) @ basis.double()
         else:
-            wave = torch.as_tensor(self.emulator.wavelength)
-            phase = 2.0 * np.pi * (wave - wave[0])[None, :] * ripple[:, None]
-            basis = torch.cat([basis.expand(len(x), -1, -1), torch.sin(phase)[..., None].float(),
-                               torch.cos(phase)[..., None].float()], dim=2)  # [N, D, p]
+            basis = torch.cat([basis.expand(len(x), -1, -1), extra], dim=2)  # [N, D, p]
             basis64 = basis.double()
             gram = torch.einsum("jnd,ndi,ndk->jnik", we * e, basis64, basis64)
             rhs = torch.einsum("jnd,ndi->jni", we * x, basis64)
         trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(dim=-1)
         gram = gram + torch.eye(p, dtype=gram.dtype) * (1e-9 * trace + 1e-300)[..., None, None]
         coef = torch.linalg.solve(gram, rhs[..., None])[..., 0].float()  # [J, N, p]
-        if ripple is None:
+        if extra is None:
             return e * (coef @ basis.T)
         return e * torch.einsum("ndi,jni->jnd", basis, coef)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                 ripple: torch.Tensor) -> torch.Tensor:
+                 ripple: np.ndarray, dib: np.ndarray) -> torch.Tensor:
         """The fitted labels [N, k] (float64) of float32 spectra x [N, D] with float32 pixel weights
-        `weight` [N, D], from float64 `labels` [N, k] (physical units), then with the ripple of
-        frequency `ripple` [N] (1/A) on the rows where it is finite. Each step evaluates the model and
-        its k + 1 finite-difference neighbours together."""
+        `weight` [N, D], from float64 `labels` [N, k] (physical units), then with the diffuse band on
+        the rows where `dib` [N] holds, then with the ripple of frequency `ripple` [N] (1/A) on the rows
+        where it is finite (and the band where `dib` holds). Each step evaluates the model and its
+        k + 1 finite-difference neighbours together."""
         k = len(self.emulator.labels)
         scale, offset = self._units()
         z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
         z = self._steps(x, weight, z, None)
-        rows = torch.nonzero(torch.isfinite(ripple)).flatten()
-        if len(rows):
-            z = z.index_put((rows,), self._steps(x[rows], weight[rows], z[rows], ripple[rows]))
+        for rows, extra in ((np.flatnonzero(dib), lambda r: self.emulator.defect_columns(dib=dib[r])),
+                            (np.flatnonzero(np.isfinite(ripple)),
+                             lambda r: self.emulator.defect_columns(ripple[r], dib[r]))):
+            if len(rows):
+                at = torch.as_tensor(rows)
+                z = z.index_put((at,), self._steps(x[at], weight[at], z[at], torch.as_tensor(extra(rows))))
         return (z * scale + offset)[:, :k]
 
     def _units(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +201,7 @@ class FitFunction:
                 torch.as_tensor(np.append(e.label_mean, 0.0)))
 
     def _steps(self, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
-               ripple: torch.Tensor | None) -> torch.Tensor:
+               extra: torch.Tensor | None) -> torch.Tensor:
         """`refine_steps` Gauss-Newton steps from the standardised labels and velocity z [N, k + 1]."""
         e = self.emulator
         k = len(e.labels)
@@ -212,7 +214,7 @@ class FitFunction:
         probes = torch.cat([torch.zeros((1, k + 1), dtype=scale.dtype), emu.STEP * eye])[:, None]
         for _ in range(e.refine_steps):
             phys = (z[None] + probes) * scale + offset
-            model = self.fitted(x, weight, phys[..., :k], phys[..., k], ripple)  # [k + 2, N, D]
+            model = self.fitted(x, weight, phys[..., :k], phys[..., k], extra)  # [k + 2, N, D]
             base, jac = model[0], ((model[1:] - model[0]) / emu.STEP).transpose(0, 1)  # [N, k + 1, D]
             gram = torch.einsum("nid,njd->nij", jac * weight[:, None], jac).double()
             grad = torch.einsum("nid,nd->ni", jac, weight * (x - base)).double()
@@ -232,7 +234,8 @@ class EstimateFunction:
     network: MeanFunction
     fit: FitFunction
     weight: torch.Tensor  # [B, D] float32
-    ripple: torch.Tensor  # [B] float64: the frequency (1/A) of the ripple the fit fitted; NaN: none
+    ripple: np.ndarray  # [B] float64: the frequency (1/A) of the ripple the fit fitted; NaN: none
+    dib: np.ndarray  # [B] bool: the fit holds the diffuse band
     share: torch.Tensor  # [B, K] float64
     fitted_rows: torch.Tensor  # [B] bool: rows the emulator fits
     fit_columns: list[int]  # the target index of each of the emulator's labels
@@ -252,7 +255,9 @@ class EstimateFunction:
         if len(rows):
             d, cols = self.weight.shape[1], self.fit_columns
             start = net[rows][:, cols]
-            fitted = self.fit(x[rows, :d].float(), self.weight[row[rows]], start, self.ripple[row[rows]])
+            fit_rows = row[rows].numpy()
+            fitted = self.fit(x[rows, :d].float(), self.weight[row[rows]], start, self.ripple[fit_rows],
+                              self.dib[fit_rows])
             w = self.share[row[rows]][:, cols]
             out[rows[:, None], torch.as_tensor(cols)[None]] = w * start + (1.0 - w) * fitted
         return out[:, self.columns].to(x.dtype)
@@ -278,17 +283,17 @@ def mean_function(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, target
 
 
 def estimate_function(model, network: MeanFunction, targets: list[int], x: np.ndarray, ivar: np.ndarray,
-                      fit: emu.Fit, gapped: np.ndarray) -> EstimateFunction:
+                      fit: emu.Fit, fit_alone: np.ndarray) -> EstimateFunction:
     """The `EstimateFunction` of `targets` for prepared rows x [B, D + E] of `model` (its network's
     mean of all targets, `network`), their inverse variances [B, D] as its emulator fit weighs them,
-    that fit of the rows (`emulator.Fit`: its chi^2, NaN on rows it does not fit, the ripples it
-    found and the parts of its excess) and which rows have a gap; the blend's shares at the rows' own
-    SNR, excess and gap."""
+    that fit of the rows (`emulator.Fit`: its chi^2, NaN on rows it does not fit, the bands and
+    ripples it found and the parts of its excess) and which rows take the fit alone; the blend's
+    shares at the rows' own SNR and excess, 0 on those."""
     emulator, names = model.emulator, [t.name for t in model.targets]
     weight = emulator.pixel_weight(ivar)
-    share = model.calibration.network_share(model._log_snr(x), fit.excess, gapped)
+    share = model.calibration.network_share(model._log_snr(x), fit.excess, fit_alone)
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
-                            torch.as_tensor(weight), torch.as_tensor(fit.ripple_frequency),
+                            torch.as_tensor(weight), fit.ripple_frequency, fit.dib_fitted(emulator),
                             torch.as_tensor(share), torch.as_tensor(np.isfinite(fit.chi2)),
                             [names.index(n) for n in emulator.labels], list(targets))
 
@@ -361,7 +366,7 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
                       label_std=stds, keys=keys[rows], samples=samples, seed=seed)
     if blended:
         f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.rows(rows),
-                              model._gapped(prepared)[rows])
+                              model._fit_alone(prepared, fit)[rows])
     return ok, x, f
 
 

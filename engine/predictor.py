@@ -78,7 +78,8 @@ class Estimates:
     so that nothing is counted twice); the emulator fit's labels per target and their variances
     from its curvature [B, K], its reduced chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)]
     (`emulator.Fit.excess`; NaN, NaN, NaN and 0 where the fit gives none, and everywhere without an
-    emulator); the log10_snr [B] of each row's network input; which rows have a gap [B]."""
+    emulator); the log10_snr [B] of each row's network input; which rows have a gap [B] and whose fit
+    holds the diffuse band [B] (`emulator.Fit.dib_fitted`)."""
 
     ok: np.ndarray
     mean: np.ndarray
@@ -90,6 +91,7 @@ class Estimates:
     excess: np.ndarray
     log_snr: np.ndarray
     gapped: np.ndarray
+    dib: np.ndarray
 
 
 def load_model(name_or_path: str | os.PathLike = "ob-default", *, samples: int | None = None,
@@ -228,7 +230,9 @@ class Model:
         else:
             fitted, fit_var = self._in_targets(fit.labels), self._in_targets(fit.label_err) ** 2
             chi2, excess = fit.chi2, fit.excess
-        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, self._log_snr(x), self._gapped(prepared))
+        dib = np.zeros(len(ok), bool) if fit is None else fit.dib_fitted(self.emulator)
+        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, self._log_snr(x), self._gapped(prepared),
+                         dib)
 
     def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
         """[B, K]: an array of the emulator's labels [B, len(labels)] (its fit's labels or their sigmas)
@@ -268,17 +272,16 @@ class Model:
                 fit.rv[moved] = shift + again.rv[moved]
         if self.calibration is not None and len(rows):
             fit_var = defect = None
-            gapped = self._gapped(prepared)[rows]
             if fit is not None:
                 fit_var = self._in_targets(fit.label_err)[rows] ** 2
-                defect = handled_defect(fit.excess[rows], gapped)
+                defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])
             var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
                                                               np.maximum(var_e[rows], 0.0), mean=mean[rows],
                                                               fit_var=fit_var, defect=defect)
             if fit is not None:  # network and fit blended; noise the fit sees
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
-                                                    gapped)
+                                                    self._fit_alone(prepared, fit)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar
 
@@ -373,6 +376,11 @@ class Model:
         flags = _array(prepared.column(FLAGS)).to_numpy(zero_copy_only=False)
         return (flags & int(Flag.GAP)) != 0
 
+    def _fit_alone(self, prepared: pa.RecordBatch | pa.Table, fit: Fit) -> np.ndarray:
+        """[B] bool: the prepared rows whose estimate is the emulator `fit`'s alone (`calibration`): those
+        with a gap and those whose fit holds the diffuse band."""
+        return self._gapped(prepared) | fit.dib_fitted(self.emulator)
+
     def _unpack(self, prepared: pa.RecordBatch | pa.Table):
         """(ok, x [B, D] float32, keys [B] int64) of a prepared batch; `ok`: rows without an error."""
         xs = _array(prepared.column(PREPARED_X))
@@ -458,7 +466,7 @@ class Model:
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
-                  ripple_frequency=np.full(n, np.nan),
+                  ripple_frequency=np.full(n, np.nan), dib=np.full(n, np.nan),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):

@@ -97,13 +97,17 @@ def test_slow_rotators_are_upper_limits_and_never_negative(survey):
     assert limit.any()
 
 
+def _times(table, factor):
+    """`table` with every row's flux multiplied by `factor(wavelength)` ([rows, pixels])."""
+    wl = WavelengthGrid.from_json(table.schema.metadata[META_WAVELENGTH.encode()]).values()
+    flux = np.stack(table.column("flux").to_numpy(zero_copy_only=False)) * factor(wl)
+    return table.set_column(table.schema.get_field_index("flux"), "flux", spectrum_array(flux, flux.shape[1]))
+
+
 def _rippled(table, amplitude: float = 0.01, period: float = 50.0):
     """`table` with a continuum ripple (an echelle blaze left over) of random phase on every row."""
-    wl = WavelengthGrid.from_json(table.schema.metadata[META_WAVELENGTH.encode()]).values()
-    flux = np.stack(table.column("flux").to_numpy(zero_copy_only=False))
     phase = np.random.default_rng(4).uniform(0, 2 * np.pi, (len(table), 1))
-    return table.set_column(table.schema.get_field_index("flux"), "flux", spectrum_array(
-        flux * (1 + amplitude * np.sin(2 * np.pi * wl / period + phase)), flux.shape[1]))
+    return _times(table, lambda wl: 1 + amplitude * np.sin(2 * np.pi * wl / period + phase))
 
 
 def test_a_continuum_ripple_is_a_model_mismatch(survey):
@@ -217,3 +221,31 @@ def test_metal_poor_stars_keep_their_teff_and_their_metals_are_measured(metal_po
         m, s = r.column("metals").to_numpy(), r.column("metals_err").to_numpy()
         cover = coverage(np.full(len(m), truth), m, s, 0.68)
         assert abs(np.median(m) - truth) < 0.05 and 0.58 <= cover <= 0.78, (truth, np.median(m), cover)
+
+
+def test_the_diffuse_band_at_4428_is_fitted_out(survey):
+    """A Lorentzian band 5% deep at 4428.2 A with a FWHM of 20 A (a star reddened by E(B-V) ~0.5; the
+    fit's terms start from another centre and width) on every row: the fit holds the band on nearly
+    every row at SNR >= 30 (>= 97%; measured 100%, 97% at SNR 10-30) and on few clean ones (<= 2%;
+    measured 0.4%), flags no more rows MODEL_MISMATCH than on the clean spectra (+1 point; measured
+    0.9% against 0.7%), and Teff and log g keep their clean RMSE within 1.2x and a 68% coverage of
+    58-78% in each SNR band (measured 1.01-1.05x, 64-72%; clean 62-71%). Without the band in the fit,
+    every row at SNR >= 50 was flagged and Teff and log g were 7.2x and 7.5x their clean RMSE at SNR
+    100-500."""
+    table, out = survey
+    model = starcast.load_model()
+    reddened = _times(table, lambda wl: 1.0 - 0.05 / (1.0 + ((wl - 4428.2) / 10.0) ** 2))
+    snr = table.column("snr").to_numpy()
+    fits = [model.goodness_of_fit(t, backend="cpu").dib_fitted(model.emulator) for t in (table, reddened)]
+    assert np.mean(fits[1][snr >= 30]) >= 0.97 and np.mean(fits[0]) <= 0.02, [np.mean(f) for f in fits]
+    spoilt = model.predict(reddened, backend="cpu")
+    mismatch = [np.mean((t.column("flags").to_numpy() & Flag.MODEL_MISMATCH) != 0) for t in (out, spoilt)]
+    assert mismatch[1] <= mismatch[0] + 0.01, mismatch
+    for t in ("teff", "logg"):
+        y = table.column(t).to_numpy()
+        for lo, hi in ((10, 30), (30, 100), (100, 500)):
+            rows = (snr >= lo) & (snr < hi)
+            rmse = [np.sqrt(np.mean((r.column(t).to_numpy()[rows] - y[rows]) ** 2)) for r in (out, spoilt)]
+            cover = coverage(y[rows], spoilt.column(t).to_numpy()[rows],
+                             spoilt.column(f"{t}_err").to_numpy()[rows], 0.68)
+            assert rmse[1] <= 1.2 * rmse[0] and 0.58 <= cover <= 0.78, (t, lo, rmse, cover)

@@ -7,8 +7,9 @@ the emulator learns what the engine's continuum normalisation leaves of the low-
 (what remains, a low-order polynomial per spectrum, the chi^2 fits out: `engine.emulator`). The MLP
 predicts the leading principal components of those spectra (folded into its last layer at export).
 Its per-pixel error is measured at the validation nodes, left out of its training, and scaled so that
-the engine's median chi^2 on a clean validation survey is 1 at the highest SNR; the MODEL_MISMATCH
-thresholds are quantiles of the chi^2 and of the ripple statistic on that survey. With the emulator
+the engine's median chi^2 on a clean validation survey is 1 at the highest SNR; the threshold above
+which the fit fits the diffuse band at 4428 A and the MODEL_MISMATCH thresholds are quantiles of the
+band's statistic, the ripple statistic and the chi^2 on that survey. With the emulator
 in place, a model that sees its SNR has its SNR-conditional calibration fitted again, for an estimate
 that blends the network's mean with the emulator fit's labels (`calibrate_estimates`).
 """
@@ -60,6 +61,7 @@ class EmulatorSettings:
     snr: float = 1e4  # "noise-free": far above the survey's SNR
     quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
     ripple_quantile: float = 0.995  # of the ripple statistic (a ripple stands far above it: ~20 vs 400+)
+    dib_quantile: float = 0.995  # of the diffuse band's statistic: the fit fits the band above it
     refine_steps: int = 1  # Gauss-Newton steps from the predicted labels (engine.emulator); on ob-default
     # v1 one step gives the chi^2 of three (p99 2.1 at SNR 200-500, 3.2 without) at 3x their speed
     seed: int = 0
@@ -195,8 +197,9 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     """Calibrate `model`'s emulator on a clean survey at the validation nodes, through the engine as
     data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
-    then the MODEL_MISMATCH thresholds, quantiles (`settings.ripple_quantile`, `quantile`) of the
-    ripple statistic and of the chi^2 as the engine then reports it. The same from a trained or an
+    then the diffuse band's threshold and the MODEL_MISMATCH thresholds, quantiles (`settings.dib_quantile`,
+    `ripple_quantile`, `quantile`) of the band's statistic, of the ripple statistic with the band
+    fitted where it passes and of the chi^2 as the engine then reports it. The same from a trained or an
     already calibrated emulator. Returns (the entry's keys that depend on them, metrics
     included; the scaled sigma)."""
     surveys = {split: held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
@@ -204,7 +207,8 @@ def calibrate(source: GridSource, model: Model, entry: dict,
                for split in ("val", "test")}
     snr = {split: survey.column(SNR).to_numpy() for split, survey in surveys.items()}
     high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(source.targets)
-    emulator = replace(model.emulator, ripple_threshold=math.inf)  # whatever the bundle held before
+    # whatever the bundle held before
+    emulator = replace(model.emulator, ripple_threshold=math.inf, dib_threshold=math.inf)
 
     def engine(emulator: Emulator) -> Model:
         return Model(replace(model.bundle, emulator=emulator))
@@ -218,8 +222,10 @@ def calibrate(source: GridSource, model: Model, entry: dict,
         return float(np.nanmedian(scaled.goodness_of_fit(high, backend="cpu").chi2))
     scale = _unit_root(median_chi2)
     emulator = replace(emulator, sigma=(emulator.sigma * scale).astype(np.float32))
-    # the ripple statistic is that of the fit without a ripple; the chi^2 the engine reports is that of
-    # the fit with one where the statistic passes its threshold, so the chi^2's threshold comes second
+    # each statistic is that of the fit without what it looks for and with what the ones before it
+    # found; the chi^2 the engine reports is that of the fit with all of them, so its threshold comes last
+    dib_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].dib, settings.dib_quantile))
+    emulator = replace(emulator, dib_threshold=dib_threshold)
     ripple_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].ripple, settings.ripple_quantile))
     emulator = replace(emulator, ripple_threshold=ripple_threshold)
     fitted = fits(emulator)
@@ -232,7 +238,8 @@ def calibrate(source: GridSource, model: Model, entry: dict,
                         "flagged": float(np.mean(f.mismatch(calibrated))),
                         "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], chi2_threshold)}
     return {"chi2_threshold": chi2_threshold, "ripple_threshold": ripple_threshold,
-            "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
+            "dib_threshold": dib_threshold, "chi2_quantile": settings.quantile,
+            "ripple_quantile": settings.ripple_quantile, "dib_quantile": settings.dib_quantile,
             "sigma_emu_median": float(np.median(emulator.sigma)), "metrics": metrics}, emulator.sigma
 
 
@@ -272,7 +279,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     def fit(*parts: dict):
         d = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         return fit_snr_calibration(d["y"], d["mean"], d["var_a"], d["var_e"], d["log_snr"],
-                                   fitted=d["fitted"], gapped=d["gapped"], chi2=d["chi2"],
+                                   fitted=d["fitted"], gapped=d["gapped"], dib=d["dib"], chi2=d["chi2"],
                                    excess=d["excess"], fit_var=d["fit_var"], label=label)
 
     def scored(calibration, d: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -281,7 +288,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         var_a, var_e = calibration.apply(d["log_snr"], d["var_a"], d["var_e"], mean=d["mean"],
                                          fit_var=d["fit_var"], defect=defect)
         var_a = var_a * calibration.inflation(d["chi2"])
-        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"], d["gapped"])
+        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"],
+                                     d["gapped"] | d["dib"])
         return estimate, np.sqrt(var_a + var_e), np.sqrt(var_e)
 
     splits = {split: estimates(split) for split in ("val", "test", "between")}
@@ -362,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
         print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
-    print(f"  chi2 threshold {entry['chi2_threshold']:.3f}, ripple threshold {entry['ripple_threshold']:.1f}")
+    print(f"  chi2 threshold {entry['chi2_threshold']:.3f}, ripple threshold "
+          f"{entry['ripple_threshold']:.1f}, diffuse band threshold {entry['dib_threshold']:.1f}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
                          for b in m["chi2_by_snr"])

@@ -79,7 +79,8 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     """`ob-default` reports the network's mean blended with its emulator fit's labels (the network's
     share from its calibration): the explained function is that estimate, the fit's Gauss-Newton step
     included, to 1% of sigma on TLUSTY spectra it was not trained on, half of them with a continuum
-    ripple that the fit fits too, and its attributions are complete."""
+    ripple and half with the diffuse band at 4428 A (a quarter with both) that the fit fits too, and
+    its attributions are complete."""
     from starcast.catalogs.grids import read_grid
     from starcast.catalogs.gridsynth import synth_from_grid
     from starcast.catalogs.schema import META_WAVELENGTH, WavelengthGrid, spectrum_array
@@ -91,10 +92,14 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     wl = WavelengthGrid.from_json(table.schema.metadata[META_WAVELENGTH.encode()]).values()
     flux = np.stack(table.column("flux").to_numpy(zero_copy_only=False))
     flux[::2] *= 1.0 + 0.01 * np.sin(2 * np.pi * wl / 37.0)
+    reddened = np.arange(8) % 4 < 2
+    flux[reddened] *= 1.0 - 0.05 / (1.0 + ((wl - 4428.2) / 10.0) ** 2)
     table = table.set_column(table.schema.get_field_index("flux"), "flux",
                              spectrum_array(flux, flux.shape[1]))
     model = load_model()
-    assert np.isfinite(model.goodness_of_fit(table, backend="cpu").ripple_frequency[::2]).all()
+    fit = model.goodness_of_fit(table, backend="cpu")
+    assert np.isfinite(fit.ripple_frequency[::2]).all()
+    np.testing.assert_array_equal(fit.dib_fitted(model.emulator), reddened)
     exp, out = model.explain(table), model.predict(table, backend="cpu")
     for k, t in enumerate(exp.targets):
         miss = np.abs(exp.prediction[:, k] - out.column(t).to_numpy()) / out.column(f"{t}_err").to_numpy()

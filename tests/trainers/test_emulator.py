@@ -155,6 +155,7 @@ def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, 
 def test_manifest_records_the_emulator_and_its_calibration(bundle):
     entry = load_model(bundle).bundle.manifest["emulator"]
     assert entry["chi2_threshold"] > 1.0 and entry["chi2_quantile"] == SETTINGS.quantile
+    assert 0.0 < entry["dib_threshold"] < np.inf and entry["dib_quantile"] == SETTINGS.dib_quantile
     assert entry["metrics"]["val_nodes"]["flagged"] == pytest.approx(1 - SETTINGS.quantile, abs=0.01)
     assert {b["snr_lo"] for b in entry["metrics"]["test_nodes"]["chi2_by_snr"]} >= {10.0, 200.0}
 
@@ -198,4 +199,5 @@ def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle
     np.testing.assert_allclose(after.sigma, before.sigma, rtol=0.05)
     assert after.chi2_threshold == pytest.approx(before.chi2_threshold, rel=0.1)
     assert after.ripple_threshold == pytest.approx(before.ripple_threshold, rel=0.2)
+    assert after.dib_threshold == pytest.approx(before.dib_threshold, rel=0.2)
     assert entry["metrics"]["val_nodes"]["chi2_by_snr"][-1]["median_chi2"] == pytest.approx(1.0, abs=0.05)
