@@ -20,9 +20,7 @@ G = g_r e_r + g_o e_o, w0 the weight at the row's SNR. The parts are kept apart 
 a ripple the fit has fitted no longer misleads it, while the rest (the emulator's own error, noise
 the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
 A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
-the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both). So
-does one whose fit holds the diffuse interstellar band at 4428 A (`emulator.Fit.dib_fitted`): the
-networks, which never saw one, read it as the star's.
+the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both).
 
 The scale may also follow the network's mean of one target (`label_scale`: per target, a factor
 piecewise linear in that mean between knots, constant beyond them): how much a spectrum says about
@@ -71,8 +69,7 @@ EXCESS_PARTS = ("ripple", "other")  # the parts of the fit's excess reduced chi^
 def handled_defect(excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
     """[B] bool: rows with a defect the emulator fit handles and the networks do not: a gap (`gapped`
     [B]), or a continuum ripple the fit has fitted (the ripple's part of `excess`
-    [B, len(EXCESS_PARTS)] above 0). Not the diffuse band: the networks' variance does not grow
-    with it (measured: with d its rows are covered 3-6 points less than clean ones, without it alike)."""
+    [B, len(EXCESS_PARTS)] above 0)."""
     return np.asarray(gapped, bool) | (np.asarray(excess)[:, EXCESS_PARTS.index("ripple")] > 0)
 
 
@@ -143,24 +140,23 @@ class Calibration:
         c = np.zeros(len(self.scale)) if self.chi2_inflation is None else self.chi2_inflation
         return 1.0 + chi2_excess(chi2)[:, None] * c[None, :]
 
-    def network_share(self, log_snr: np.ndarray, excess: np.ndarray, fit_alone: np.ndarray) -> np.ndarray:
+    def network_share(self, log_snr: np.ndarray, excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
         """[B, K] the network's weight w in the blend at each row's log10 SNR and the parts of the fit's
-        excess reduced chi^2 ([B, len(EXCESS_PARTS)]), 0 on rows that take the fit alone (`fit_alone` [B]
-        bool: a gap, the diffuse band); 1 without a blend."""
+        excess reduced chi^2 ([B, len(EXCESS_PARTS)]), 0 on rows with a gap (`gapped` [B] bool); 1
+        without a blend."""
         if self.network_weight is None:
             return np.ones((len(log_snr), len(self.scale)))
         w0 = np.stack([np.interp(log_snr, self.knots, row) for row in self.network_weight], axis=1)
         if self.network_gain is not None:
             w0 = raised_share(w0, np.asarray(excess, np.float64) @ self.network_gain.T)
-        return np.where(np.asarray(fit_alone, bool)[:, None], 0.0, w0)
+        return np.where(np.asarray(gapped, bool)[:, None], 0.0, w0)
 
     def blend(self, log_snr: np.ndarray, mean: np.ndarray, fitted: np.ndarray, excess: np.ndarray,
-              fit_alone: np.ndarray) -> np.ndarray:
+              gapped: np.ndarray) -> np.ndarray:
         """[B, K]: the network's `mean` blended with the emulator fit's labels `fitted` ([B, K], NaN
         for a target or row the emulator does not fit: the network's mean stays there) at each row's
-        log10 SNR, the parts of the fit's excess chi^2 and whether it takes the fit alone
-        (`network_share`)."""
-        w = self.network_share(log_snr, excess, fit_alone)
+        log10 SNR, the parts of the fit's excess chi^2 and whether it has a gap (`network_share`)."""
+        w = self.network_share(log_snr, excess, gapped)
         return np.where(np.isfinite(fitted), w * mean + (1.0 - w) * fitted, mean)
 
     def to_manifest(self, targets: list[str]) -> dict:

@@ -22,8 +22,9 @@ Lorentzian's depth and its first-order shift and widening, so that neither its p
 frame nor its width need be known exactly) to it beyond what the residual's best ripple removes (a
 ripple's troughs look like bands), per unit of the reduced chi^2, if the band is in absorption
 (`dib`). Where that passes the emulator's `dib_threshold` (a quantile of clean spectra),
-the continuum holds the band's terms and the Gauss-Newton steps run again. A fitted band is no
-mismatch: it flags nothing.
+the continuum holds the band's terms and the Gauss-Newton steps run again (the engine then divides
+the band out of the spectrum and predicts it again: the networks never saw one). A fitted band is
+no mismatch: it flags nothing.
 A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
 SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
 period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
@@ -200,17 +201,25 @@ class Emulator:
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray | None = None,
                extra: np.ndarray | None = None) -> np.ndarray:
         """(B, D) float32: the emulated spectra at `labels` (shifted to `rv` km/s, if given) times the
-        continuum that fits x best with `weight` per pixel (float32 pixels; the normal equations, whose
-        sine and cosine of a long period are nearly those of the polynomial, in float64):
-        a polynomial of degree `continuum_degree` in Chebyshev T_k over the grid, plus the terms
-        `extra` [B, D, q] of each row (`defect_columns`), if given."""
+        continuum that fits x best with `weight` per pixel (`fit_continuum`)."""
+        return self.fit_continuum(x, weight, labels, rv, extra)[0]
+
+    def fit_continuum(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray,
+                      rv: np.ndarray | None = None,
+                      extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """((B, D) float32, (B, p) float32): the emulated spectra at `labels` (shifted to `rv` km/s, if
+        given) times the continuum that fits x best with `weight` per pixel (float32 pixels; the normal
+        equations, whose sine and cosine of a long period are nearly those of the polynomial, in
+        float64), and that continuum's coefficients: of a polynomial of degree `continuum_degree` in
+        Chebyshev T_k over the grid, then of the terms `extra` [B, D, q] of each row
+        (`defect_columns`), if given."""
         e = self.spectra(labels)
         if rv is not None:
             e = self.shift(e, rv)
         basis = self.continuum_basis.astype(np.float32)  # [D, p]
         p = basis.shape[1] + (0 if extra is None else extra.shape[2])
         if p == 0:
-            return e
+            return e, np.empty((len(e), 0), np.float32)
         we = (weight * e).astype(np.float64)
         if extra is None:  # one basis for all rows: the sums as matrix products
             gram = ((we * e) @ self.continuum_products).reshape(-1, p, p)
@@ -223,8 +232,20 @@ class Emulator:
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)  # (B, p)
         if extra is None:
-            return e * (coef @ basis.T)
-        return e * np.einsum("bdi,bi->bd", basis, coef)
+            return e * (coef @ basis.T), coef
+        return e * np.einsum("bdi,bi->bd", basis, coef), coef
+
+    def band_depths(self, coef: np.ndarray) -> np.ndarray:
+        """(B, DIB_TERMS) float64: the diffuse band's coefficients, the last DIB_TERMS of a continuum's
+        `coef` [B, p] (`fit_continuum`), relative to its polynomial at the band's centre."""
+        centre = self.continuum_basis[np.argmin(np.abs(self.wavelength - DIB_CENTRE))]
+        polynomial = coef[:, :len(centre)].astype(np.float64) @ centre
+        return coef[:, -DIB_TERMS:] / polynomial[:, None]
+
+    def band(self, depths: np.ndarray) -> np.ndarray:
+        """(B, D) float32: the diffuse band's transmission on the grid, 1 + its terms times `depths`
+        [B, DIB_TERMS] (`band_depths`; zeros: none)."""
+        return (1.0 + np.asarray(depths, np.float32) @ self.dib_basis.T).astype(np.float32)
 
     def dib(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
             freq: np.ndarray) -> np.ndarray:
@@ -310,6 +331,7 @@ class Emulator:
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple, dib = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x)), np.empty(len(x))
         ripple_excess, ripple_frequency = np.zeros(len(x)), np.full(len(x), np.nan)
+        dib_depths = np.zeros((len(x), DIB_TERMS))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (ivar > 0).sum(axis=1)
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
@@ -336,7 +358,8 @@ class Emulator:
                 best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
                                                              lo, hi, extra)
                 shifted = rv[at] if self.refine_steps else None
-                residual[rows] = xs[rows] - self.fitted(xs[rows], weight[rows], best[rows], shifted, extra)
+                model, coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
+                residual[rows], dib_depths[at] = xs[rows] - model, self.band_depths(coef)
                 chi2[at] = reduced(residual[rows], weight[rows], dof[at] - DIB_TERMS)
                 ripple[at], freq[rows] = self.ripple(residual[rows], weight[rows], chi2[at])
             with np.errstate(invalid="ignore"):
@@ -348,7 +371,9 @@ class Emulator:
                 best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
                                                              lo, hi, extra)
                 shifted = rv[at] if self.refine_steps else None
-                residual = xs[rows] - self.fitted(xs[rows], weight[rows], best[rows], shifted, extra)
+                model, coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
+                residual, banded = xs[rows] - model, band[rows]
+                dib_depths[at[banded]] = self.band_depths(coef[banded])
                 plain, chi2[at] = chi2[at], reduced(residual, weight[rows],
                                                     dof[at] - RIPPLE_TERMS - 1 - DIB_TERMS * band[rows])
                 ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
@@ -358,7 +383,7 @@ class Emulator:
         explained = np.isfinite(chi2)[:, None]
         return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(errors[:, -1], RV_SYSTEMATIC),
                    ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
-                   dib=np.where(explained[:, 0], dib, np.nan),
+                   dib=np.where(explained[:, 0], dib, np.nan), dib_depths=dib_depths,
                    ripple_frequency=ripple_frequency,
                    labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan))
@@ -372,8 +397,10 @@ class Fit:
     statistic of the fit without a ripple (`Emulator.ripple`; with the band where one was fitted; NaN
     with the chi^2), the excess reduced
     chi^2 that fitting the ripple removed and the ripple's frequency (1/A; 0 and NaN where none was
-    fitted), the diffuse band's statistic of the fit without it (`Emulator.dib`; NaN with the chi^2),
-    the fitted labels
+    fitted), the diffuse band's statistic of the fit without it (`Emulator.dib`; NaN with the chi^2)
+    and its terms where it was fitted (`Emulator.band_depths`, [B, DIB_TERMS], the first its depth; 0
+    elsewhere; `Model.predict` removes such a band from the spectrum and fits it again, and keeps the
+    terms it removed here), the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
     or chi^2). Where a band or a ripple was fitted, the chi^2, rv and labels are those of the fit with
@@ -387,6 +414,7 @@ class Fit:
     ripple_excess: np.ndarray
     ripple_frequency: np.ndarray
     dib: np.ndarray
+    dib_depths: np.ndarray
     labels: np.ndarray
     label_err: np.ndarray
 

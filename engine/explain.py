@@ -283,15 +283,15 @@ def mean_function(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, target
 
 
 def estimate_function(model, network: MeanFunction, targets: list[int], x: np.ndarray, ivar: np.ndarray,
-                      fit: emu.Fit, fit_alone: np.ndarray) -> EstimateFunction:
+                      fit: emu.Fit, gapped: np.ndarray) -> EstimateFunction:
     """The `EstimateFunction` of `targets` for prepared rows x [B, D + E] of `model` (its network's
     mean of all targets, `network`), their inverse variances [B, D] as its emulator fit weighs them,
     that fit of the rows (`emulator.Fit`: its chi^2, NaN on rows it does not fit, the bands and
-    ripples it found and the parts of its excess) and which rows take the fit alone; the blend's
-    shares at the rows' own SNR and excess, 0 on those."""
+    ripples it found and the parts of its excess) and which rows have a gap; the blend's shares at
+    the rows' own SNR, excess and gap."""
     emulator, names = model.emulator, [t.name for t in model.targets]
     weight = emulator.pixel_weight(ivar)
-    share = model.calibration.network_share(model._log_snr(x), fit.excess, fit_alone)
+    share = model.calibration.network_share(model._log_snr(x), fit.excess, gapped)
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
                             torch.as_tensor(weight), fit.ripple_frequency, fit.dib_fitted(emulator),
                             torch.as_tensor(share), torch.as_tensor(np.isfinite(fit.chi2)),
@@ -366,7 +366,7 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
                       label_std=stds, keys=keys[rows], samples=samples, seed=seed)
     if blended:
         f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.rows(rows),
-                              model._fit_alone(prepared, fit)[rows])
+                              model._gapped(prepared)[rows])
     return ok, x, f
 
 

@@ -46,7 +46,7 @@ from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 from .calibration import EXCESS_PARTS, handled_defect
-from .emulator import Fit
+from .emulator import DIB_TERMS, Fit
 from .rv import VelocitySearch, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -78,8 +78,7 @@ class Estimates:
     so that nothing is counted twice); the emulator fit's labels per target and their variances
     from its curvature [B, K], its reduced chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)]
     (`emulator.Fit.excess`; NaN, NaN, NaN and 0 where the fit gives none, and everywhere without an
-    emulator); the log10_snr [B] of each row's network input; which rows have a gap [B] and whose fit
-    holds the diffuse band [B] (`emulator.Fit.dib_fitted`)."""
+    emulator); the log10_snr [B] of each row's network input; which rows have a gap [B]."""
 
     ok: np.ndarray
     mean: np.ndarray
@@ -91,7 +90,6 @@ class Estimates:
     excess: np.ndarray
     log_snr: np.ndarray
     gapped: np.ndarray
-    dib: np.ndarray
 
 
 def load_model(name_or_path: str | os.PathLike = "ob-default", *, samples: int | None = None,
@@ -230,9 +228,7 @@ class Model:
         else:
             fitted, fit_var = self._in_targets(fit.labels), self._in_targets(fit.label_err) ** 2
             chi2, excess = fit.chi2, fit.excess
-        dib = np.zeros(len(ok), bool) if fit is None else fit.dib_fitted(self.emulator)
-        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, self._log_snr(x), self._gapped(prepared),
-                         dib)
+        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, self._log_snr(x), self._gapped(prepared))
 
     def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
         """[B, K]: an array of the emulator's labels [B, len(labels)] (its fit's labels or their sigmas)
@@ -255,21 +251,33 @@ class Model:
         fit = ivar = None
         if self.emulator is not None:
             fit, ivar = self._goodness_of_fit(prepared, rows, x, mean)
-            # a residual rv the fit resolves: remove it from the spectrum and predict those rows again
+            # a diffuse band or a residual rv the fit resolves: remove it from the spectrum (the
+            # networks never saw a band, nor the shift) and predict those rows again
+            banded = rows[fit.dib_fitted(self.emulator)[rows]]
             moved = rows[significant(fit.rv[rows], fit.rv_err[rows])]
-            if len(moved):
-                shift, x = fit.rv[moved], x.copy()  # x may be a read-only view of the batch
-                d = self.grid.n
-                x[moved, :d] = self.emulator.shift(x[moved, :d], -shift)
-                # a pixel is kept only where every pixel its interpolation weighs was good
-                whole = np.abs(self.emulator.shift((ivar[moved] > 0).astype(np.float32), -shift) - 1.0) < 1e-4
-                ivar[moved] = np.where(whole, np.maximum(self.emulator.shift(ivar[moved], -shift), 0.0), 0.0)
-                self._network(backend, x, keys, moved, (mean, var_a, var_e), samples, seed)
-                again = self._fit(moved, x, ivar, mean)
+            again_rows = np.union1d(banded, moved)
+            if len(again_rows):
+                x, d = x.copy(), self.grid.n  # x may be a read-only view of the batch
+                if len(banded):
+                    band = self.emulator.band(fit.dib_depths[banded])
+                    x[banded, :d] /= band
+                    ivar[banded] *= band**2
+                shift = np.zeros(len(fit.rv))
+                shift[moved] = fit.rv[moved]
+                if len(moved):
+                    x[moved, :d] = self.emulator.shift(x[moved, :d], -shift[moved])
+                    # a pixel is kept only where every pixel its interpolation weighs was good
+                    good = (ivar[moved] > 0).astype(np.float32)
+                    whole = np.abs(self.emulator.shift(good, -shift[moved]) - 1.0) < 1e-4
+                    shifted = np.maximum(self.emulator.shift(ivar[moved], -shift[moved]), 0.0)
+                    ivar[moved] = np.where(whole, shifted, 0.0)
+                self._network(backend, x, keys, again_rows, (mean, var_a, var_e), samples, seed)
+                again = self._fit(again_rows, x, ivar, mean)
+                removed = fit.dib_depths.copy()
                 for name in FIT_FIELDS:
-                    if name != "rv":
-                        getattr(fit, name)[moved] = getattr(again, name)[moved]
-                fit.rv[moved] = shift + again.rv[moved]
+                    getattr(fit, name)[again_rows] = getattr(again, name)[again_rows]
+                fit.rv[again_rows] += shift[again_rows]
+                fit.dib_depths[banded] += removed[banded]  # (1 + a) (1 + b) ~ 1 + a + b: bands of a few %
         if self.calibration is not None and len(rows):
             fit_var = defect = None
             if fit is not None:
@@ -281,7 +289,7 @@ class Model:
             if fit is not None:  # network and fit blended; noise the fit sees
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
-                                                    self._fit_alone(prepared, fit)[rows])
+                                                    self._gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar
 
@@ -376,11 +384,6 @@ class Model:
         flags = _array(prepared.column(FLAGS)).to_numpy(zero_copy_only=False)
         return (flags & int(Flag.GAP)) != 0
 
-    def _fit_alone(self, prepared: pa.RecordBatch | pa.Table, fit: Fit) -> np.ndarray:
-        """[B] bool: the prepared rows whose estimate is the emulator `fit`'s alone (`calibration`): those
-        with a gap and those whose fit holds the diffuse band."""
-        return self._gapped(prepared) | fit.dib_fitted(self.emulator)
-
     def _unpack(self, prepared: pa.RecordBatch | pa.Table):
         """(ok, x [B, D] float32, keys [B] int64) of a prepared batch; `ok`: rows without an error."""
         xs = _array(prepared.column(PREPARED_X))
@@ -467,6 +470,7 @@ class Model:
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
                   ripple_frequency=np.full(n, np.nan), dib=np.full(n, np.nan),
+                  dib_depths=np.zeros((n, DIB_TERMS)),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):

@@ -70,20 +70,19 @@ def equal_count_bins(values: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.
 
 def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_snr: np.ndarray,
                        knots: np.ndarray, excess: np.ndarray,
-                       fit_alone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                       gapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(weight (K, Q) in [0, 1], gain (K, len(EXCESS_PARTS)) >= 0): the network's weight w0 in the
     blend w mean + (1 - w) fitted, per target piecewise linear in log10 SNR at `knots`, and the gains
     of its odds with each part of the fit's excess reduced chi^2 (`excess` [N, len(EXCESS_PARTS)];
     `Calibration.network_share`): the least-squares fit of y on validation rows ([N, K] in physical
-    units) that do not take the fit alone (`fit_alone` [N]: a gap, the diffuse band), started from the
-    weights fitted linearly with no gain. Weight 1 and gain 0 for a target without fitted labels (NaN)."""
+    units) without a gap (`gapped` [N]: those take the fit alone), started from the weights fitted
+    linearly with no gain. Weight 1 and gain 0 for a target without fitted labels (NaN)."""
     hats = np.stack([np.interp(log_snr, knots, np.eye(len(knots))[q]) for q in range(len(knots))], axis=1)
     excess = np.asarray(excess, np.float64)
     q, parts = len(knots), len(EXCESS_PARTS)
     weight, gain = np.ones((y.shape[1], q)), np.zeros((y.shape[1], parts))
     for k in range(y.shape[1]):
-        rows = np.flatnonzero(np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k])
-                              & ~np.asarray(fit_alone, bool))
+        rows = np.flatnonzero(np.isfinite(fitted[:, k]) & np.isfinite(mean[:, k]) & ~np.asarray(gapped, bool))
         if not len(rows):
             continue
         apart, target = mean[rows, k] - fitted[rows, k], y[rows, k] - fitted[rows, k]
@@ -103,8 +102,7 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
 
 def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_e: np.ndarray,
                         log_snr: np.ndarray, *, bins: int = 6, fitted: np.ndarray | None = None,
-                        gapped: np.ndarray | None = None, dib: np.ndarray | None = None,
-                        chi2: np.ndarray | None = None,
+                        gapped: np.ndarray | None = None, chi2: np.ndarray | None = None,
                         excess: np.ndarray | None = None, fit_var: np.ndarray | None = None,
                         chi2_strata: int = 3, label: int | None = None, label_bins: int = 10,
                         label_rounds: int = 3) -> Calibration:
@@ -112,9 +110,8 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
     Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of
-    the emulator's fit (`fitted`, NaN where there are none), which rows have a gap (`gapped` [N]) and
-    whose fit holds the diffuse band (`dib` [N]; None: none), which take the fit alone, the network's
-    weights in the blended estimate and, with the parts of the fit's excess
+    the emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N];
+    None: none), the network's weights in the blended estimate and, with the parts of the fit's excess
     reduced chi^2 (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first
     (`fit_network_weight`), and the sigmas are fitted to that estimate. With the variances of the fit's
     labels from its curvature (`fit_var` [N, K], NaN where there are none: counted 0), they are added
@@ -138,13 +135,11 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     knots, which = equal_count_bins(log_snr, bins)
     weight, gain, network = None, None, mean
     if fitted is not None:
-        fit_alone = np.zeros(len(y), bool)
-        for rows in (gapped, dib):
-            fit_alone = fit_alone if rows is None else fit_alone | np.asarray(rows, bool)
+        gapped = np.zeros(len(y), bool) if gapped is None else gapped
         parts = np.zeros((len(y), len(EXCESS_PARTS))) if excess is None else excess
-        weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, parts, fit_alone)
+        weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, parts, gapped)
         mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight, gain).blend(
-            log_snr, network, fitted, parts, fit_alone)
+            log_snr, network, fitted, parts, gapped)
     fit_weight, fit_part = None, 0.0
     if fit_var is not None:
         known = np.isfinite(fit_var) & (fit_var > 0)
@@ -156,8 +151,7 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     else:
         total, strata = chi2_excess(chi2), chi2_strata
         inflations = np.concatenate([[0.0], np.geomspace(1e-2, 30.0, 25)])
-    defect = np.zeros(len(y), bool) if fitted is None or excess is None else handled_defect(
-        excess, np.zeros(len(y), bool) if gapped is None else gapped)
+    defect = np.zeros(len(y), bool) if fitted is None or excess is None else handled_defect(excess, gapped)
 
     def strata_of(b: int) -> list[np.ndarray]:
         """The rows of SNR bin b in strata of chi^2 and, apart, those with a defect."""

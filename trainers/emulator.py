@@ -197,11 +197,11 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     """Calibrate `model`'s emulator on a clean survey at the validation nodes, through the engine as
     data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
-    then the diffuse band's threshold and the MODEL_MISMATCH thresholds, quantiles (`settings.dib_quantile`,
-    `ripple_quantile`, `quantile`) of the band's statistic, of the ripple statistic with the band
-    fitted where it passes and of the chi^2 as the engine then reports it. The same from a trained or an
-    already calibrated emulator. Returns (the entry's keys that depend on them, metrics
-    included; the scaled sigma)."""
+    then the diffuse band's threshold and the MODEL_MISMATCH thresholds, quantiles
+    (`settings.dib_quantile`, `ripple_quantile`, `quantile`) of the band's statistic, of the ripple
+    statistic with the band removed where it passes and of the chi^2 as the engine then reports it.
+    The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
+    on them, metrics included; the scaled sigma)."""
     surveys = {split: held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
                                   np.random.default_rng([settings.seed, SPLIT_SEEDS[f"{split}_clean"]]))
                for split in ("val", "test")}
@@ -279,7 +279,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     def fit(*parts: dict):
         d = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         return fit_snr_calibration(d["y"], d["mean"], d["var_a"], d["var_e"], d["log_snr"],
-                                   fitted=d["fitted"], gapped=d["gapped"], dib=d["dib"], chi2=d["chi2"],
+                                   fitted=d["fitted"], gapped=d["gapped"], chi2=d["chi2"],
                                    excess=d["excess"], fit_var=d["fit_var"], label=label)
 
     def scored(calibration, d: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -288,8 +288,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         var_a, var_e = calibration.apply(d["log_snr"], d["var_a"], d["var_e"], mean=d["mean"],
                                          fit_var=d["fit_var"], defect=defect)
         var_a = var_a * calibration.inflation(d["chi2"])
-        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"],
-                                     d["gapped"] | d["dib"])
+        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"], d["gapped"])
         return estimate, np.sqrt(var_a + var_e), np.sqrt(var_e)
 
     splits = {split: estimates(split) for split in ("val", "test", "between")}
