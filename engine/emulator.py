@@ -72,6 +72,8 @@ RIPPLE_TERMS = 2  # the fitted ripple's parameters in the continuum (a sin + b c
 # 2002, ApJ 578, 877); its centre and FWHM here are starting values that the fit's derivative terms move
 DIB_CENTRE, DIB_FWHM = 4428.6, 18.0
 DIB_TERMS = 3  # the band's parameters in the continuum: its depth and its first-order shift and widening
+DIB_WINDOW = 150.0  # Angstrom each side of the centre: where the search for the band looks (its terms
+# fall below 0.4% of the depth beyond), a third of the grid and of the search's cost
 ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
                "tanh": np.tanh}
 
@@ -251,18 +253,28 @@ class Emulator:
             freq: np.ndarray) -> np.ndarray:
         """(B,) float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting the diffuse
         band's terms (`dib_basis`, times the fitted `model` [B, D] as the continuum is) to it beside a
-        sinusoid at the frequency `freq` [B], 1/A, the residual's ripple, less the drop from that
-        sinusoid alone (so that a ripple, whose troughs look like bands, is not taken for one), divided
-        by the reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted band is
-        not an absorption. The sums in float32 (a statistic to compare with a threshold; the terms,
-        unlike the polynomial's, are far from collinear)."""
-        phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * freq[:, None]
-        sinusoid = np.stack([np.sin(phase), np.cos(phase)], axis=2).astype(np.float32)
-        terms = model[:, :, None] * np.concatenate(
-            [np.broadcast_to(self.dib_basis, (len(model), *self.dib_basis.shape)), sinusoid], axis=2)
-        weighted = (terms * weight[:, :, None]).transpose(0, 2, 1)  # [B, DIB_TERMS + 2, D]
-        gram = np.matmul(weighted, terms).astype(np.float64)
-        rhs = np.matmul(weighted, residual[:, :, None])[..., 0].astype(np.float64)
+        sinusoid at the periodogram's frequency nearest `freq` [B], 1/A (the residual's ripple,
+        `ripple`), less the drop from that sinusoid alone (so that a ripple, whose troughs look like
+        bands, is not taken for one), both over the pixels within DIB_WINDOW of the band's centre,
+        divided by the reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted
+        band is not an absorption. The sums in float32 (a statistic to compare with a threshold; the
+        terms, unlike the polynomial's, are far from collinear)."""
+        window = self._dib_window
+        nearest = np.abs(self._ripple_frequencies[None, :] - np.asarray(freq)[:, None]).argmin(axis=1)
+        sin, cos = self._ripple_waves[0][nearest, window], self._ripple_waves[1][nearest, window]  # [B, W]
+        model = model[:, window]
+        v, u = weight[:, window] * model * model, weight[:, window] * model * residual[:, window]
+        vs, vc = v * sin, v * cos
+        k, terms = DIB_TERMS, self.dib_basis[window]
+        gram = np.empty((len(v), k + 2, k + 2))
+        gram[:, :k, :k] = (v @ self._dib_products[window]).reshape(-1, k, k)
+        gram[:, :k, k], gram[:, :k, k + 1] = vs @ terms, vc @ terms
+        gram[:, k, k], gram[:, k, k + 1] = (vs * sin).sum(axis=1), (vs * cos).sum(axis=1)
+        gram[:, k + 1, k + 1] = (vc * cos).sum(axis=1)
+        gram[:, k:, :k] = gram[:, :k, k:].transpose(0, 2, 1)
+        gram[:, k + 1, k] = gram[:, k, k + 1]
+        rhs = np.concatenate([u @ terms, (u * sin).sum(axis=1, keepdims=True),
+                              (u * cos).sum(axis=1, keepdims=True)], axis=1).astype(np.float64)
 
         def drop(gram, rhs):
             trace = np.trace(gram, axis1=1, axis2=2)
@@ -270,8 +282,25 @@ class Emulator:
                                    rhs[..., None])[..., 0]
             return (coef * rhs).sum(axis=1), coef
         both, coef = drop(gram, rhs)
-        alone, _ = drop(gram[:, DIB_TERMS:, DIB_TERMS:], rhs[:, DIB_TERMS:])
+        alone, _ = drop(gram[:, k:, k:], rhs[:, k:])
         return np.where(coef[:, 0] > 0, both - alone, 0.0) / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+
+    @cached_property
+    def _dib_window(self) -> slice:
+        """The pixels within DIB_WINDOW of the band's centre."""
+        return slice(*np.searchsorted(self.wavelength, [DIB_CENTRE - DIB_WINDOW, DIB_CENTRE + DIB_WINDOW]))
+
+    @cached_property
+    def _dib_products(self) -> np.ndarray:
+        """(D, DIB_TERMS ** 2) float32: the products of the band's terms at each pixel."""
+        return (self.dib_basis[:, :, None] * self.dib_basis[:, None, :]).reshape(len(self.dib_basis), -1)
+
+    @cached_property
+    def _ripple_waves(self) -> np.ndarray:
+        """(2, F, D) float32: the sine and cosine of the periodogram's frequencies on the grid."""
+        offset = self.wavelength - self.wavelength[0]
+        phase = 2.0 * np.pi * offset[None, :] * self._ripple_frequencies[:, None]
+        return np.stack([np.sin(phase), np.cos(phase)]).astype(np.float32)
 
     @cached_property
     def continuum_products(self) -> np.ndarray:

@@ -4,7 +4,7 @@ carry while it ignores noise and emission."""
 
 import numpy as np
 import pytest
-from starcast.engine.emulator import DIB_CENTRE, DIB_FWHM, DIB_TERMS
+from starcast.engine.emulator import DIB_CENTRE, DIB_FWHM, DIB_TERMS, DIB_WINDOW
 
 import starcast
 
@@ -78,3 +78,28 @@ def test_a_fitted_band_is_measured_and_divided_out(emulator):
     assert depths[0, 0] == pytest.approx(0.05, abs=0.005)
     np.testing.assert_allclose(emulator.band(depths)[0], band, atol=0.002)
     np.testing.assert_allclose(x[0] / emulator.band(depths)[0], star, atol=0.002)
+
+
+def test_dib_statistic_is_the_float64_least_squares_drop(emulator):
+    """Against the drops of the two least-squares fits written out in float64 (band and sinusoid
+    terms times the model, at the periodogram frequency given, over the pixels within DIB_WINDOW of
+    the centre), on random models, weights and residuals: to 1e-3 of the statistic's noise scale
+    (~1)."""
+    rng = np.random.default_rng(7)
+    rows, wl = 64, emulator.wavelength
+    near = np.abs(wl - DIB_CENTRE) <= DIB_WINDOW
+    model = (1.0 - 0.3 * rng.random((rows, len(wl)))).astype(np.float32)
+    residual = rng.normal(0.0, 0.01, model.shape).astype(np.float32)
+    weight = (1e4 * rng.random(model.shape)).astype(np.float32)
+    freq = emulator._ripple_frequencies[rng.integers(0, len(emulator._ripple_frequencies), rows)]
+    phase = 2 * np.pi * (wl - wl[0])[None] * freq[:, None]
+    terms = (model[:, :, None].astype(np.float64) * np.concatenate(
+        [np.broadcast_to(emulator.dib_basis, (rows, len(wl), DIB_TERMS)),
+         np.stack([np.sin(phase), np.cos(phase)], axis=2)], axis=2))[:, near]
+    gram = np.einsum("bd,bdi,bdj->bij", weight[:, near].astype(np.float64), terms, terms)
+    rhs = np.einsum("bd,bdi->bi", (weight * residual)[:, near].astype(np.float64), terms)
+    coef = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    sinusoid = np.linalg.solve(gram[:, DIB_TERMS:, DIB_TERMS:], rhs[:, DIB_TERMS:, None])[..., 0]
+    expected = np.where(coef[:, 0] > 0, (coef * rhs).sum(1) - (sinusoid * rhs[:, DIB_TERMS:]).sum(1), 0.0)
+    statistic = emulator.dib(residual, weight, model, np.ones(rows), freq)
+    np.testing.assert_allclose(statistic, expected, atol=1e-3)
