@@ -196,11 +196,14 @@ def _gaussian(wl: np.ndarray, centre: float, fwhm: float) -> np.ndarray:
     return np.exp(-0.5 * ((wl - centre) / (fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))))) ** 2)
 
 
-def dib_4428(table, **_):
-    """The broad diffuse interstellar band at 4428 A (air), 5% deep with a FWHM of 20 A (an equivalent
-    width of ~1.1 A, that of a star reddened by E(B-V) of roughly half a magnitude)."""
-    band = 1.0 - 0.05 * _gaussian(_grid(table).values(), 4428.2, 20.0)
-    return _set_flux(table, _flux(table) * band[None, :])
+def dib_4428(depth: float, fwhm: float = 20.0, centre: float = 4428.2):
+    """The broad diffuse interstellar band at 4428 A (air): a Lorentzian, its shape in Snow, Zukowski &
+    Massey (2002, ApJ 578, 877), `depth` deep (5% with a FWHM of 20 A: an equivalent width of ~1.6 A,
+    that of a star reddened by E(B-V) of roughly half a magnitude)."""
+    def perturb(table, **_):
+        u = (_grid(table).values() - centre) / (0.5 * fwhm)
+        return _set_flux(table, _flux(table) * (1.0 - depth / (1.0 + u * u))[None, :])
+    return perturb
 
 
 def be_emission(table, **_):
@@ -237,7 +240,8 @@ PERTURBATIONS = {
     "vacuum (stated)": vacuum(True), "vacuum (labelled air)": vacuum(False),
     "rv +-300 km/s (stated)": moving(True), "rv +-300 km/s, no rv column": moving(False),
     "coverage 50%": coverage_half,
-    "cosmic rays (5 per spectrum)": cosmic_rays, "DIB 4428 A (5% deep)": dib_4428,
+    "cosmic rays (5 per spectrum)": cosmic_rays, "DIB 4428 A (5% deep)": dib_4428(0.05),
+    "DIB 4428 A (10% deep, 22 A wide, at 4429.5 A)": dib_4428(0.10, 22.0, 4429.5),
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
 }
 # for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond
