@@ -137,14 +137,25 @@ class Emulator:
         span = self.wavelength[-1] - self.wavelength[0]
         return np.arange(1.0 / RIPPLE_PERIODS[1], 1.0 / RIPPLE_PERIODS[0], 1.0 / (RIPPLE_OVERSAMPLING * span))
 
-    def _ripple_drops(self, residual: np.ndarray, weight: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    def _waves(self, freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sin, cos) float32 [..., D]: the sinusoids of the frequencies `freq` [...], 1/A, on the grid
+        (phase 0 at its first pixel)."""
+        phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0]) * np.asarray(freq)[..., None]
+        return np.sin(phase).astype(np.float32), np.cos(phase).astype(np.float32)
+
+    @cached_property
+    def _ripple_waves(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sin, cos) float32 [F, D]: the sinusoids of the periodogram's frequencies."""
+        return self._waves(self._ripple_frequencies)
+
+    def _ripple_drops(self, residual: np.ndarray, weight: np.ndarray, sin: np.ndarray,
+                      cos: np.ndarray) -> np.ndarray:
         """[B, F] float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting a sinusoid
-        (amplitude and phase) at each frequency of `freq`, 1/A, [F] for every row or [B, F] per row."""
-        phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0]) * freq[..., None]  # [(B,) F, D]
-        sin, cos = np.sin(phase).astype(np.float32), np.cos(phase).astype(np.float32)
+        (amplitude and phase) at each of F frequencies, given by their `sin` and `cos` (`_waves`),
+        [F, D] for every row or [B, F, D] per row."""
         sin2, cos2 = 2.0 * sin * cos, cos * cos - sin * sin
         wr = weight * residual
-        if freq.ndim == 1:
+        if sin.ndim == 2:
             sums = [(w @ basis.T).astype(np.float64) for w, basis in ((wr, sin), (wr, cos), (weight, sin2),
                                                                      (weight, cos2))]
         else:
@@ -163,7 +174,7 @@ class Emulator:
         `residual` [B, D] from fitting one sinusoid (amplitude and phase) at a period within
         RIPPLE_PERIODS, divided by the reduced chi^2 `chi2` where that exceeds 1 (so noise that the
         errors understate does not pass for it), and the periodogram frequency of that drop."""
-        drops = self._ripple_drops(residual, weight, self._ripple_frequencies)
+        drops = self._ripple_drops(residual, weight, *self._ripple_waves)
         best = drops.argmax(axis=1)
         statistic = drops[np.arange(len(drops)), best] / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
         return statistic, self._ripple_frequencies[best]
@@ -174,7 +185,7 @@ class Emulator:
         step = self._ripple_frequencies[1] - self._ripple_frequencies[0]
         offsets = step * np.arange(-(RIPPLE_REFINE // 2), RIPPLE_REFINE // 2 + 1) / RIPPLE_REFINE
         candidates = freq[:, None] + offsets[None, :]
-        best = self._ripple_drops(residual, weight, candidates).argmax(axis=1)
+        best = self._ripple_drops(residual, weight, *self._waves(candidates)).argmax(axis=1)
         return candidates[np.arange(len(freq)), best]
 
     @cached_property
@@ -194,8 +205,7 @@ class Emulator:
         0), if any does; None without either."""
         parts = []
         if ripple is not None:
-            phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0])[None, :] * ripple[:, None]
-            parts.append(np.stack([np.sin(phase), np.cos(phase)], axis=2).astype(np.float32))
+            parts.append(np.stack(self._waves(ripple), axis=2))
         if dib is not None and np.any(dib):
             parts.append(self.dib_basis[None] * np.asarray(dib, np.float32)[:, None, None])
         return np.concatenate(parts, axis=2) if parts else None
@@ -294,13 +304,6 @@ class Emulator:
     def _dib_products(self) -> np.ndarray:
         """(D, DIB_TERMS ** 2) float32: the products of the band's terms at each pixel."""
         return (self.dib_basis[:, :, None] * self.dib_basis[:, None, :]).reshape(len(self.dib_basis), -1)
-
-    @cached_property
-    def _ripple_waves(self) -> np.ndarray:
-        """(2, F, D) float32: the sine and cosine of the periodogram's frequencies on the grid."""
-        offset = self.wavelength - self.wavelength[0]
-        phase = 2.0 * np.pi * offset[None, :] * self._ripple_frequencies[:, None]
-        return np.stack([np.sin(phase), np.cos(phase)]).astype(np.float32)
 
     @cached_property
     def continuum_products(self) -> np.ndarray:
