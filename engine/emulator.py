@@ -236,16 +236,16 @@ class Emulator:
         if extra is None:  # one basis for all rows: the sums as matrix products
             gram = ((we * e) @ self.continuum_products).reshape(-1, p, p)
             rhs = (we * x) @ basis.astype(np.float64)
-        else:
+        else:  # a basis per row: the sums as batched matrix products (BLAS, unlike a three-way einsum)
             basis = np.concatenate([np.broadcast_to(basis, (len(e), *basis.shape)), extra], axis=2)  # B, D, p
             basis64 = basis.astype(np.float64)
-            gram = np.einsum("bd,bdi,bdj->bij", we * e, basis64, basis64)
-            rhs = np.einsum("bd,bdi->bi", we * x, basis64)
+            gram = np.matmul(basis64.transpose(0, 2, 1) * (we * e)[:, None, :], basis64)
+            rhs = np.matmul((we * x)[:, None, :], basis64)[:, 0]
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)  # (B, p)
         if extra is None:
             return e * (coef @ basis.T), coef
-        return e * np.einsum("bdi,bi->bd", basis, coef), coef
+        return e * np.matmul(basis, coef[..., None])[..., 0], coef
 
     def band_depths(self, coef: np.ndarray) -> np.ndarray:
         """(B, DIB_TERMS) float64: the diffuse band's coefficients, the last DIB_TERMS of a continuum's
