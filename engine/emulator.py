@@ -15,16 +15,17 @@ the training range): the chi^2 then asks whether the model can explain the spect
 far the network's estimate is from the best fit, which at high SNR would dominate it. The same steps
 fit a residual radial velocity (the emulated spectrum shifted on the grid): what is left of the rv
 after preprocessing removed the given or estimated one, with its error from the fit's curvature.
-Reddened stars carry the broad diffuse interstellar band near 4428 A, which no stellar model holds
-and which, left in, moves Teff and log g by several times their noise (`bench/perturbations.py`). So
-the residual is first searched for it: the drop in chi^2 from fitting the band's DIB_TERMS terms (a
-Lorentzian's depth and its first-order shift and widening, so that neither its place in the star's
-frame nor its width need be known exactly) to it beyond what the residual's best ripple removes (a
+Reddened stars carry diffuse interstellar bands (DIBS: the broad one near 4428 A and narrow ones at
+4502, 4727 and 4763 A), which no stellar model holds and which, left in, move Teff and log g by
+several times their noise or raise the chi^2 to MODEL_MISMATCH (`bench/perturbations.py`). So the
+residual is first searched for each: the drop in chi^2 from fitting the band's DIB_TERMS terms (its
+profile's depth and first-order shift and widening, so that neither its place in the star's frame
+nor its width need be known exactly) to it beyond what the residual's best ripple removes (a
 ripple's troughs look like bands), per unit of the reduced chi^2, if the band is in absorption
-(`dib`). Where that passes the emulator's `dib_threshold` (a quantile of clean spectra),
-the continuum holds the band's terms and the Gauss-Newton steps run again (the engine then divides
-the band out of the spectrum and predicts it again: the networks never saw one). A fitted band is
-no mismatch: it flags nothing.
+(`dib`). Where that passes the band's `dib_threshold` (a quantile of clean spectra), the continuum
+holds the band's terms and the Gauss-Newton steps run again (the engine then divides the bands out
+of the spectrum and predicts it again: the networks never saw one). A fitted band is no mismatch: it
+flags nothing.
 A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
 SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
 period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
@@ -42,6 +43,7 @@ import math
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from safetensors import SafetensorError
@@ -68,12 +70,28 @@ RIPPLE_PERIODS = (15.0, 150.0)  # Angstrom: too short for the cubic continuum, l
 RIPPLE_OVERSAMPLING = 2  # frequencies per 1 / (grid span): at worst 81% of a ripple's power
 RIPPLE_REFINE = 8  # the fitted ripple's frequency: on a grid this many times finer about the peak
 RIPPLE_TERMS = 2  # the fitted ripple's parameters in the continuum (a sin + b cos); its frequency one more
-# Angstrom (air): the broad diffuse interstellar band near 4428 A, a Lorentzian (Snow, Zukowski & Massey
-# 2002, ApJ 578, 877); its centre and FWHM here are starting values that the fit's derivative terms move
-DIB_CENTRE, DIB_FWHM = 4428.6, 18.0
-DIB_TERMS = 3  # the band's parameters in the continuum: its depth and its first-order shift and widening
-DIB_WINDOW = 150.0  # Angstrom each side of the centre: where the search for the band looks (its terms
-# fall below 0.4% of the depth beyond), a third of the grid and of the search's cost
+
+
+class Band(NamedTuple):
+    """A diffuse interstellar band: its centre and FWHM (Angstrom, air; starting values that the fit's
+    derivative terms move), its profile ("lorentzian" or "gaussian") and its window, the Angstrom
+    each side of the centre where the search for it looks."""
+
+    centre: float
+    fwhm: float
+    profile: str
+    window: float
+
+
+# The diffuse interstellar bands of reddened stars at 4000-4800 A: the broad one near 4428 A, a
+# Lorentzian (Snow, Zukowski & Massey 2002, ApJ 578, 877), whose terms fall below 0.4% of its depth
+# beyond its window (a third of the grid and of the search's cost), and the strongest narrow ones,
+# Gaussians a few Angstrom wide (Herbig 1975, ApJ 196, 129; Hobbs et al. 2009, ApJ 705, 32), whose
+# windows reach a ripple's shortest period, so that the sinusoid beside them is no band.
+DIBS = (Band(4428.6, 18.0, "lorentzian", 150.0), Band(4501.8, 3.0, "gaussian", RIPPLE_PERIODS[0]),
+        Band(4726.8, 3.5, "gaussian", RIPPLE_PERIODS[0]), Band(4762.6, 2.5, "gaussian", RIPPLE_PERIODS[0]))
+DIB_TERMS = 3  # each band's parameters in the continuum: its depth and its first-order shift and widening
+
 ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
                "tanh": np.tanh}
 
@@ -82,7 +100,8 @@ ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.ma
 class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
     `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise; a reduced chi^2
-    above `chi2_threshold`, or a ripple statistic above `ripple_threshold`, flags MODEL_MISMATCH."""
+    above `chi2_threshold`, or a ripple statistic above `ripple_threshold`, flags MODEL_MISMATCH; a
+    band of DIBS is fitted where its statistic passes its `dib_threshold`."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -95,7 +114,7 @@ class Emulator:
     chi2_threshold: float
     wavelength: np.ndarray  # (D,) float64, Angstrom: the model grid
     ripple_threshold: float = math.inf
-    dib_threshold: float = math.inf
+    dib_threshold: tuple[float, ...] = (math.inf,) * len(DIBS)  # per band of DIBS
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -190,24 +209,34 @@ class Emulator:
 
     @cached_property
     def dib_basis(self) -> np.ndarray:
-        """(D, DIB_TERMS) float32: the diffuse band's terms in the continuum, minus a Lorentzian of unit
-        depth (so that an absorption's coefficient is its depth, > 0) and its derivatives with respect to
-        the centre and the half width, each times the half width."""
-        u = (self.wavelength - DIB_CENTRE) / (0.5 * DIB_FWHM)
-        lorentz = 1.0 / (1.0 + u * u)
-        return -np.stack([lorentz, 2.0 * u * lorentz**2, 2.0 * u * u * lorentz**2], axis=1).astype(np.float32)
+        """(D, DIB_TERMS * len(DIBS)) float32: the terms of each band of DIBS in the continuum, minus its
+        profile of unit depth (so that an absorption's coefficient is its depth, > 0) and the profile's
+        derivatives with respect to the centre and the half width, each times the half width."""
+        terms = []
+        for band in DIBS:
+            u = (self.wavelength - band.centre) / (0.5 * band.fwhm)
+            # slope = -(d profile / du) / 2u: the derivatives times the half width are 2u and 2u^2 times it
+            if band.profile == "lorentzian":
+                profile = 1.0 / (1.0 + u * u)
+                slope = profile * profile
+            else:
+                profile = np.exp(-math.log(2.0) * u * u)
+                slope = math.log(2.0) * profile
+            terms += [profile, 2.0 * u * slope, 2.0 * u * u * slope]
+        return -np.stack(terms, axis=1).astype(np.float32)
 
     def defect_columns(self, ripple: np.ndarray | None = None,
                        dib: np.ndarray | None = None) -> np.ndarray | None:
         """[B, D, q] float32: the continuum's terms beyond the polynomial for B rows, a sin + b cos of a
-        ripple at the frequencies `ripple` [B], 1/A, if given, and the diffuse band's DIB_TERMS where
-        `dib` [B] bool holds (zero columns in the other rows, whose coefficients the fit then leaves at
+        ripple at the frequencies `ripple` [B], 1/A, if given, and the DIB_TERMS of each band of DIBS
+        where `dib` [B, len(DIBS)] bool holds (zero columns elsewhere, whose coefficients the fit leaves at
         0), if any does; None without either."""
         parts = []
         if ripple is not None:
             parts.append(np.stack(self._waves(ripple), axis=2))
         if dib is not None and np.any(dib):
-            parts.append(self.dib_basis[None] * np.asarray(dib, np.float32)[:, None, None])
+            found = np.repeat(np.asarray(dib, np.float32), DIB_TERMS, axis=1)  # [B, terms]
+            parts.append(self.dib_basis[None] * found[:, None])
         return np.concatenate(parts, axis=2) if parts else None
 
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray | None = None,
@@ -248,62 +277,62 @@ class Emulator:
         return e * np.matmul(basis, coef[..., None])[..., 0], coef
 
     def band_depths(self, coef: np.ndarray) -> np.ndarray:
-        """(B, DIB_TERMS) float64: the diffuse band's coefficients, the last DIB_TERMS of a continuum's
-        `coef` [B, p] (`fit_continuum`), relative to its polynomial at the band's centre."""
-        centre = self.continuum_basis[np.argmin(np.abs(self.wavelength - DIB_CENTRE))]
-        polynomial = coef[:, :len(centre)].astype(np.float64) @ centre
-        return coef[:, -DIB_TERMS:] / polynomial[:, None]
+        """(B, DIB_TERMS * len(DIBS)) float64: the bands' coefficients, the last of a continuum's `coef`
+        [B, p] (`fit_continuum`), each relative to its polynomial at the band's centre."""
+        at = [np.argmin(np.abs(self.wavelength - band.centre)) for band in DIBS]
+        polynomial = coef[:, :self.continuum_basis.shape[1]].astype(np.float64) @ self.continuum_basis[at].T
+        return coef[:, -self.dib_basis.shape[1]:] / np.repeat(polynomial, DIB_TERMS, axis=1)
 
     def band(self, depths: np.ndarray) -> np.ndarray:
-        """(B, D) float32: the diffuse band's transmission on the grid, 1 + its terms times `depths`
-        [B, DIB_TERMS] (`band_depths`; zeros: none)."""
+        """(B, D) float32: the bands' transmission on the grid, 1 + their terms times `depths`
+        [B, DIB_TERMS * len(DIBS)] (`band_depths`; zeros: none)."""
         return (1.0 + np.asarray(depths, np.float32) @ self.dib_basis.T).astype(np.float32)
 
     def dib(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
             freq: np.ndarray) -> np.ndarray:
-        """(B,) float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting the diffuse
-        band's terms (`dib_basis`, times the fitted `model` [B, D] as the continuum is) to it beside a
-        sinusoid at the periodogram's frequency nearest `freq` [B], 1/A (the residual's ripple,
-        `ripple`), less the drop from that sinusoid alone (so that a ripple, whose troughs look like
-        bands, is not taken for one), both over the pixels within DIB_WINDOW of the band's centre,
-        divided by the reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted
-        band is not an absorption. The sums in float32 (a statistic to compare with a threshold; the
-        terms, unlike the polynomial's, are far from collinear)."""
-        window = self._dib_window
+        """(B, len(DIBS)) float64: for each band of DIBS, the drop in the weighted chi^2 of `residual`
+        [B, D] from fitting its terms (`dib_basis`, times the fitted `model` [B, D] as the continuum
+        is) to it beside a sinusoid at the periodogram's frequency nearest `freq` [B], 1/A (the
+        residual's ripple, `ripple`), less the drop from that sinusoid alone (so that a ripple, whose
+        troughs look like bands, is not taken for one), both over the band's window, divided by the
+        reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted band is not an
+        absorption. The sums in float32 (a statistic to compare with a threshold; the terms, unlike
+        the polynomial's, are far from collinear)."""
         nearest = np.abs(self._ripple_frequencies[None, :] - np.asarray(freq)[:, None]).argmin(axis=1)
-        sin, cos = self._ripple_waves[0][nearest, window], self._ripple_waves[1][nearest, window]  # [B, W]
-        model = model[:, window]
-        v, u = weight[:, window] * model * model, weight[:, window] * model * residual[:, window]
-        vs, vc = v * sin, v * cos
-        k, terms = DIB_TERMS, self.dib_basis[window]
-        gram = np.empty((len(v), k + 2, k + 2))
-        gram[:, :k, :k] = (v @ self._dib_products[window]).reshape(-1, k, k)
-        gram[:, :k, k], gram[:, :k, k + 1] = vs @ terms, vc @ terms
-        gram[:, k, k], gram[:, k, k + 1] = (vs * sin).sum(axis=1), (vs * cos).sum(axis=1)
-        gram[:, k + 1, k + 1] = (vc * cos).sum(axis=1)
-        gram[:, k:, :k] = gram[:, :k, k:].transpose(0, 2, 1)
-        gram[:, k + 1, k] = gram[:, k, k + 1]
-        rhs = np.concatenate([u @ terms, (u * sin).sum(axis=1, keepdims=True),
-                              (u * cos).sum(axis=1, keepdims=True)], axis=1).astype(np.float64)
+        k, out = DIB_TERMS, np.empty((len(residual), len(DIBS)))
 
         def drop(gram, rhs):
             trace = np.trace(gram, axis1=1, axis2=2)
             coef = np.linalg.solve(gram + np.eye(gram.shape[1]) * (1e-9 * trace + 1e-300)[:, None, None],
                                    rhs[..., None])[..., 0]
             return (coef * rhs).sum(axis=1), coef
-        both, coef = drop(gram, rhs)
-        alone, _ = drop(gram[:, k:, k:], rhs[:, k:])
-        return np.where(coef[:, 0] > 0, both - alone, 0.0) / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+
+        for j, window in enumerate(self._dib_windows):
+            sin, cos = (waves[nearest, window] for waves in self._ripple_waves)  # [B, W]
+            m = model[:, window]
+            v, u = weight[:, window] * m * m, weight[:, window] * m * residual[:, window]
+            vs, vc = v * sin, v * cos
+            terms = self.dib_basis[window, k * j:k * (j + 1)]
+            products = (terms[:, :, None] * terms[:, None, :]).reshape(len(terms), k * k)
+            gram = np.empty((len(v), k + 2, k + 2))
+            gram[:, :k, :k] = (v @ products).reshape(-1, k, k)
+            gram[:, :k, k], gram[:, :k, k + 1] = vs @ terms, vc @ terms
+            gram[:, k, k], gram[:, k, k + 1] = (vs * sin).sum(axis=1), (vs * cos).sum(axis=1)
+            gram[:, k + 1, k + 1] = (vc * cos).sum(axis=1)
+            gram[:, k:, :k] = gram[:, :k, k:].transpose(0, 2, 1)
+            gram[:, k + 1, k] = gram[:, k, k + 1]
+            rhs = np.concatenate([u @ terms, (u * sin).sum(axis=1, keepdims=True),
+                                  (u * cos).sum(axis=1, keepdims=True)], axis=1).astype(np.float64)
+            both, coef = drop(gram, rhs)
+            alone, _ = drop(gram[:, k:, k:], rhs[:, k:])
+            out[:, j] = np.where(coef[:, 0] > 0, both - alone, 0.0)
+        return out / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)[:, None]
 
     @cached_property
-    def _dib_window(self) -> slice:
-        """The pixels within DIB_WINDOW of the band's centre."""
-        return slice(*np.searchsorted(self.wavelength, [DIB_CENTRE - DIB_WINDOW, DIB_CENTRE + DIB_WINDOW]))
-
-    @cached_property
-    def _dib_products(self) -> np.ndarray:
-        """(D, DIB_TERMS ** 2) float32: the products of the band's terms at each pixel."""
-        return (self.dib_basis[:, :, None] * self.dib_basis[:, None, :]).reshape(len(self.dib_basis), -1)
+    def _dib_windows(self) -> list[slice]:
+        """The pixels within each band's window of its centre."""
+        return [slice(*np.searchsorted(self.wavelength, band.centre + np.array([-1.0, 1.0]) * band.window))
+                for band in DIBS]
 
     @cached_property
     def continuum_products(self) -> np.ndarray:
@@ -354,16 +383,16 @@ class Emulator:
              hi: np.ndarray | None = None) -> Fit:
         """The `Fit` of prepared spectra x [B, D] with inverse variances ivar: the fitted emulated
         spectra e (see `fitted`) at `labels` and a residual velocity, refined within [lo, hi] (see
-        `refine`), then again with the diffuse band where the residual's band statistic (`dib`) passes
-        `dib_threshold`, then again with a ripple (and that band) where the residual's ripple statistic
+        `refine`), then again with the diffuse bands whose statistics (`dib`) pass their
+        `dib_threshold`, then again with a ripple (and those bands) where the residual's ripple statistic
         passes `ripple_threshold` (both only if the fit has a continuum to hold them); its reduced
         chi^2 is the sum over the n pixels with ivar > 0 of (x - e)^2 / (1 / ivar + sigma^2), divided
         by n minus the fitted parameters (NaN where that is not positive)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
-        chi2, rv, ripple, dib = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x)), np.empty(len(x))
+        chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
         ripple_excess, ripple_frequency = np.zeros(len(x)), np.full(len(x), np.nan)
-        dib_depths = np.zeros((len(x), DIB_TERMS))
+        dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (ivar > 0).sum(axis=1)
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
@@ -383,16 +412,16 @@ class Emulator:
             chi2[part] = reduced(residual, weight, dof[part])
             ripple[part], freq = self.ripple(residual, weight, chi2[part])
             dib[part] = self.dib(residual, weight, model, chi2[part], freq)
-            band = (dib[part] > self.dib_threshold) & (self.continuum_degree >= 0)
-            rows = np.flatnonzero(band)
-            if len(rows):  # fit the band too (in the continuum), from the labels and rv without it
+            band = (dib[part] > np.asarray(self.dib_threshold)) & (self.continuum_degree >= 0)
+            rows = np.flatnonzero(band.any(axis=1))
+            if len(rows):  # fit the bands found too (in the continuum), from the labels and rv without them
                 at, extra = s + rows, self.defect_columns(dib=band[rows])
                 best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
                                                              lo, hi, extra)
                 shifted = rv[at] if self.refine_steps else None
                 model, coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
                 residual[rows], dib_depths[at] = xs[rows] - model, self.band_depths(coef)
-                chi2[at] = reduced(residual[rows], weight[rows], dof[at] - DIB_TERMS)
+                chi2[at] = reduced(residual[rows], weight[rows], dof[at] - DIB_TERMS * band[rows].sum(axis=1))
                 ripple[at], freq[rows] = self.ripple(residual[rows], weight[rows], chi2[at])
             with np.errstate(invalid="ignore"):
                 rows = np.flatnonzero((ripple[part] > self.ripple_threshold) & (self.continuum_degree >= 0))
@@ -404,10 +433,11 @@ class Emulator:
                                                              lo, hi, extra)
                 shifted = rv[at] if self.refine_steps else None
                 model, coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
-                residual, banded = xs[rows] - model, band[rows]
-                dib_depths[at[banded]] = self.band_depths(coef[banded])
-                plain, chi2[at] = chi2[at], reduced(residual, weight[rows],
-                                                    dof[at] - RIPPLE_TERMS - 1 - DIB_TERMS * band[rows])
+                residual, banded = xs[rows] - model, band[rows].any(axis=1)
+                if banded.any():
+                    dib_depths[at[banded]] = self.band_depths(coef[banded])
+                plain, chi2[at] = chi2[at], reduced(residual, weight[rows], dof[at] - RIPPLE_TERMS - 1
+                                                    - DIB_TERMS * band[rows].sum(axis=1))
                 ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
             fitted[part] = best
         # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
@@ -415,7 +445,7 @@ class Emulator:
         explained = np.isfinite(chi2)[:, None]
         return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(errors[:, -1], RV_SYSTEMATIC),
                    ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
-                   dib=np.where(explained[:, 0], dib, np.nan), dib_depths=dib_depths,
+                   dib=np.where(explained, dib, np.nan), dib_depths=dib_depths,
                    ripple_frequency=ripple_frequency,
                    labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan))
@@ -426,17 +456,17 @@ class Fit:
     """The emulator's fit of B prepared spectra: reduced chi^2 (float64, NaN where there are too few
     pixels), pixels used (int32), the residual radial velocity rv and its sigma rv_err (km/s,
     RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
-    statistic of the fit without a ripple (`Emulator.ripple`; with the band where one was fitted; NaN
-    with the chi^2), the excess reduced
-    chi^2 that fitting the ripple removed and the ripple's frequency (1/A; 0 and NaN where none was
-    fitted), the diffuse band's statistic of the fit without it (`Emulator.dib`; NaN with the chi^2)
-    and its terms where it was fitted (`Emulator.band_depths`, [B, DIB_TERMS], the first its depth; 0
-    elsewhere; `Model.predict` removes such a band from the spectrum and fits it again, and keeps the
-    terms it removed here), the fitted labels
+    statistic of the fit without a ripple (`Emulator.ripple`; with the bands where any was fitted; NaN
+    with the chi^2), the excess reduced chi^2 that fitting the ripple removed and the ripple's
+    frequency (1/A; 0 and NaN where none was fitted), the statistics of the diffuse bands of the fit
+    without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of those fitted
+    (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0 elsewhere;
+    `Model.predict` removes the bands from the spectrum and fits it again, and keeps the terms it
+    removed here), the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
     or chi^2). Where a band or a ripple was fitted, the chi^2, rv and labels are those of the fit with
-    it."""
+    them."""
 
     chi2: np.ndarray
     pixels: np.ndarray
@@ -462,9 +492,10 @@ class Fit:
         return np.stack([self.ripple_excess, chi2_excess(self.chi2)], axis=1)  # in the order of EXCESS_PARTS
 
     def dib_fitted(self, emulator: Emulator) -> np.ndarray:
-        """[B] bool: rows whose fit holds the diffuse band (its statistic above the emulator's threshold)."""
+        """[B, len(DIBS)] bool: the bands each row's fit holds (their statistics above the emulator's
+        thresholds)."""
         with np.errstate(invalid="ignore"):
-            return (self.dib > emulator.dib_threshold) & (emulator.continuum_degree >= 0)
+            return (self.dib > np.asarray(emulator.dib_threshold)) & (emulator.continuum_degree >= 0)
 
     def mismatch(self, emulator: Emulator) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2 or the ripple statistic above the emulator's threshold."""
@@ -525,4 +556,15 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     chi2_threshold=float(entry["chi2_threshold"]),
                     wavelength=np.asarray(wavelength, np.float64),
                     ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
-                    dib_threshold=float(entry.get("dib_threshold", math.inf)))
+                    dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where))
+
+
+def _dib_thresholds(value, where: str) -> tuple[float, ...]:
+    """The thresholds of the manifest's `dib_threshold`, one per band of DIBS (absent: no band search)."""
+    if value is None:
+        return (math.inf,) * len(DIBS)
+    if not isinstance(value, list) or len(value) != len(DIBS):
+        raise ModelError(f"{where}: dib_threshold must list one threshold per diffuse band "
+                         f"{[band.centre for band in DIBS]}, not {value!r} (recalibrate with "
+                         "`python -m starcast.trainers.emulator CONFIG BUNDLE --calibrate-only`)")
+    return tuple(float(v) for v in value)

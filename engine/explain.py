@@ -178,15 +178,16 @@ class FitFunction:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                  ripple: np.ndarray, dib: np.ndarray) -> torch.Tensor:
         """The fitted labels [N, k] (float64) of float32 spectra x [N, D] with float32 pixel weights
-        `weight` [N, D], from float64 `labels` [N, k] (physical units), then with the diffuse band on
-        the rows where `dib` [N] holds, then with the ripple of frequency `ripple` [N] (1/A) on the rows
-        where it is finite (and the band where `dib` holds). Each step evaluates the model and its
+        `weight` [N, D], from float64 `labels` [N, k] (physical units), then with the diffuse bands
+        where `dib` [N, len(DIBS)] holds, then with the ripple of frequency `ripple` [N] (1/A) on the
+        rows where it is finite (and those bands). Each step evaluates the model and its
         k + 1 finite-difference neighbours together."""
         k = len(self.emulator.labels)
         scale, offset = self._units()
         z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
         z = self._steps(x, weight, z, None)
-        for rows, extra in ((np.flatnonzero(dib), lambda r: self.emulator.defect_columns(dib=dib[r])),
+        banded = np.flatnonzero(dib.any(axis=1))
+        for rows, extra in ((banded, lambda r: self.emulator.defect_columns(dib=dib[r])),
                             (np.flatnonzero(np.isfinite(ripple)),
                              lambda r: self.emulator.defect_columns(ripple[r], dib[r]))):
             if len(rows):
@@ -235,7 +236,7 @@ class EstimateFunction:
     fit: FitFunction
     weight: torch.Tensor  # [B, D] float32
     ripple: np.ndarray  # [B] float64: the frequency (1/A) of the ripple the fit fitted; NaN: none
-    dib: np.ndarray  # [B] bool: the fit holds the diffuse band
+    dib: np.ndarray  # [B, len(DIBS)] bool: the diffuse bands the fit holds
     share: torch.Tensor  # [B, K] float64
     fitted_rows: torch.Tensor  # [B] bool: rows the emulator fits
     fit_columns: list[int]  # the target index of each of the emulator's labels

@@ -46,7 +46,7 @@ from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 from .calibration import EXCESS_PARTS, handled_defect
-from .emulator import DIB_TERMS, Fit
+from .emulator import DIB_TERMS, DIBS, Fit
 from .rv import VelocitySearch, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -251,9 +251,9 @@ class Model:
         fit = ivar = None
         if self.emulator is not None:
             fit, ivar = self._goodness_of_fit(prepared, rows, x, mean)
-            # a diffuse band or a residual rv the fit resolves: remove it from the spectrum (the
+            # diffuse bands or a residual rv the fit resolves: remove them from the spectrum (the
             # networks never saw a band, nor the shift) and predict those rows again
-            banded = rows[fit.dib_fitted(self.emulator)[rows]]
+            banded = rows[fit.dib_fitted(self.emulator)[rows].any(axis=1)]
             moved = rows[significant(fit.rv[rows], fit.rv_err[rows])]
             again_rows = np.union1d(banded, moved)
             if len(again_rows):
@@ -469,8 +469,8 @@ class Model:
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
-                  ripple_frequency=np.full(n, np.nan), dib=np.full(n, np.nan),
-                  dib_depths=np.zeros((n, DIB_TERMS)),
+                  ripple_frequency=np.full(n, np.nan), dib=np.full((n, len(DIBS)), np.nan),
+                  dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):

@@ -31,7 +31,7 @@ from ..catalogs import gridsynth
 from ..catalogs.schema import SNR, Flag
 from ..engine.bundle import load_bundle, save_bundle
 from ..engine.calibration import handled_defect
-from ..engine.emulator import Emulator, save_emulator
+from ..engine.emulator import DIBS, Emulator, save_emulator
 from ..engine.predictor import Model
 from ..errors import StarcastError
 from ..kernels.preprocess import preprocess
@@ -61,7 +61,7 @@ class EmulatorSettings:
     snr: float = 1e4  # "noise-free": far above the survey's SNR
     quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
     ripple_quantile: float = 0.995  # of the ripple statistic (a ripple stands far above it: ~20 vs 400+)
-    dib_quantile: float = 0.995  # of the diffuse band's statistic: the fit fits the band above it
+    dib_quantile: float = 0.995  # of each diffuse band's statistic: the fit fits the band above it
     refine_steps: int = 1  # Gauss-Newton steps from the predicted labels (engine.emulator); on ob-default
     # v1 one step gives the chi^2 of three (p99 2.1 at SNR 200-500, 3.2 without) at 3x their speed
     seed: int = 0
@@ -197,9 +197,9 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     """Calibrate `model`'s emulator on a clean survey at the validation nodes, through the engine as
     data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
-    then the diffuse band's threshold and the MODEL_MISMATCH thresholds, quantiles
-    (`settings.dib_quantile`, `ripple_quantile`, `quantile`) of the band's statistic, of the ripple
-    statistic with the band removed where it passes and of the chi^2 as the engine then reports it.
+    then the diffuse bands' thresholds and the MODEL_MISMATCH thresholds, quantiles
+    (`settings.dib_quantile`, `ripple_quantile`, `quantile`) of each band's statistic, of the ripple
+    statistic with the bands removed where they pass and of the chi^2 as the engine then reports it.
     The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
     on them, metrics included; the scaled sigma)."""
     surveys = {split: held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
@@ -208,7 +208,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     snr = {split: survey.column(SNR).to_numpy() for split, survey in surveys.items()}
     high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(source.targets)
     # whatever the bundle held before
-    emulator = replace(model.emulator, ripple_threshold=math.inf, dib_threshold=math.inf)
+    emulator = replace(model.emulator, ripple_threshold=math.inf, dib_threshold=(math.inf,) * len(DIBS))
 
     def engine(emulator: Emulator) -> Model:
         return Model(replace(model.bundle, emulator=emulator))
@@ -224,8 +224,9 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     emulator = replace(emulator, sigma=(emulator.sigma * scale).astype(np.float32))
     # each statistic is that of the fit without what it looks for and with what the ones before it
     # found; the chi^2 the engine reports is that of the fit with all of them, so its threshold comes last
-    dib_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].dib, settings.dib_quantile))
-    emulator = replace(emulator, dib_threshold=dib_threshold)
+    dib = fits(emulator, ("val",))["val"].dib
+    dib_threshold = np.nanquantile(dib, settings.dib_quantile, axis=0).tolist()
+    emulator = replace(emulator, dib_threshold=tuple(dib_threshold))
     ripple_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].ripple, settings.ripple_quantile))
     emulator = replace(emulator, ripple_threshold=ripple_threshold)
     fitted = fits(emulator)
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
         print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
     print(f"  chi2 threshold {entry['chi2_threshold']:.3f}, ripple threshold "
-          f"{entry['ripple_threshold']:.1f}, diffuse band threshold {entry['dib_threshold']:.1f}")
+          f"{entry['ripple_threshold']:.1f}, diffuse band thresholds "
+          f"{', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
                          for b in m["chi2_by_snr"])

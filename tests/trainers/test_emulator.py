@@ -16,6 +16,7 @@ from starcast.catalogs.schema import (
     spectrum_array,
 )
 from starcast.engine.calibration import EXCESS_PARTS
+from starcast.engine.emulator import DIBS
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
     EmulatorSettings,
@@ -155,7 +156,11 @@ def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, 
 def test_manifest_records_the_emulator_and_its_calibration(bundle):
     entry = load_model(bundle).bundle.manifest["emulator"]
     assert entry["chi2_threshold"] > 1.0 and entry["chi2_quantile"] == SETTINGS.quantile
-    assert 0.0 < entry["dib_threshold"] < np.inf and entry["dib_quantile"] == SETTINGS.dib_quantile
+    assert len(entry["dib_threshold"]) == len(DIBS) and entry["dib_quantile"] == SETTINGS.dib_quantile
+    # on this grid (4430-4530 A) the bands at 4727 and 4763 A find nothing: their statistics are 0
+    covered = [b.centre - b.window < 4530.0 and b.centre + b.window > 4430.0 for b in DIBS]
+    thresholds = entry["dib_threshold"]
+    assert all((0.0 < t < np.inf) if c else t == 0.0 for t, c in zip(thresholds, covered, strict=True))
     assert entry["metrics"]["val_nodes"]["flagged"] == pytest.approx(1 - SETTINGS.quantile, abs=0.01)
     assert {b["snr_lo"] for b in entry["metrics"]["test_nodes"]["chi2_by_snr"]} >= {10.0, 200.0}
 
