@@ -7,8 +7,8 @@ survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, w
 labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; for TLUSTY spectra
 also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars) and
 four that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
-band at 4428 A, a Be star's emission in H-gamma and H-delta, a double-lined companion), it reports per
-target
+bands of a reddened star, a Be star's emission in H-gamma and H-delta, a double-lined companion), it
+reports per target
 the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
 flagged (bits other than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
@@ -206,6 +206,27 @@ def dib_4428(depth: float, fwhm: float = 20.0, centre: float = 4428.2):
     return perturb
 
 
+# The strongest narrow diffuse bands at 4000-4800 A (centre in Angstrom, air; FWHM in Angstrom;
+# equivalent width in Angstrom per magnitude of E(B-V)): strengths of the order of those of reddened B
+# stars (Herbig 1975, ApJ 196, 129; Hobbs et al. 2009, ApJ 705, 32), assumed here, not fitted to any
+# sightline (they vary between sightlines by a factor of ~2). Depths: 2-7% at E(B-V) = 1.
+NARROW_DIBS = ((4501.8, 3.0, 0.15), (4726.8, 3.5, 0.25), (4762.6, 2.5, 0.10))
+
+
+def narrow_dibs(ebv: float, velocity: float = 0.0, broad: float = 0.0):
+    """The NARROW_DIBS of a star reddened by E(B-V) = `ebv`, Gaussians, in a cloud moving at
+    `velocity` km/s relative to the star; with the band at 4428 A (`dib_4428`, FWHM 20 A) `broad`
+    deep, if given, moving with them."""
+    def perturb(table, **_):
+        wl = _grid(table).values() * rest_frame_factor(velocity)  # in the cloud's frame
+        # a Gaussian's equivalent width is 1.0645 x its depth x its FWHM
+        transmission = np.prod([1.0 - ebv * ew / (1.0645 * fwhm) * _gaussian(wl, centre, fwhm)
+                                for centre, fwhm, ew in NARROW_DIBS], axis=0)
+        transmission *= 1.0 - broad / (1.0 + ((wl - 4428.2) / 10.0) ** 2)
+        return _set_flux(table, _flux(table) * transmission[None, :])
+    return perturb
+
+
 def be_emission(table, **_):
     """A Be star's circumstellar disc: emission in H-gamma (4340.47 A) and H-delta (4101.74 A), Gaussians
     20% and 12% of the continuum high with a FWHM of 6 A, filling the photospheric line cores."""
@@ -242,6 +263,9 @@ PERTURBATIONS = {
     "coverage 50%": coverage_half,
     "cosmic rays (5 per spectrum)": cosmic_rays, "DIB 4428 A (5% deep)": dib_4428(0.05),
     "DIB 4428 A (10% deep, 22 A wide, at 4429.5 A)": dib_4428(0.10, 22.0, 4429.5),
+    "narrow DIBs 4502, 4727, 4763 A (E(B-V) = 1)": narrow_dibs(1.0),
+    "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at +60 km/s": narrow_dibs(1.0, 60.0, 0.08),
+    "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at -150 km/s": narrow_dibs(1.0, -150.0, 0.08),
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
 }
 # for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond
