@@ -6,9 +6,9 @@ survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, w
 +-0.3 A, resolving power R/2 and R/4, a 30 A gap over He I 4471, vacuum wavelengths stated or
 labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; for TLUSTY spectra
 also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars) and
-four that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
-bands of a reddened star, a Be star's emission in H-gamma and H-delta, a double-lined companion), it
-reports per target
+five that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
+bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
+H-delta, a double-lined companion), it reports per target
 the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
 flagged (bits other than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
@@ -227,6 +227,21 @@ def narrow_dibs(ebv: float, velocity: float = 0.0, broad: float = 0.0):
     return perturb
 
 
+def interstellar_lines(ew: float, v_max: float = 100.0):
+    """The interstellar lines of CH+ (4232.55 A) and CH (4300.31 A), `ew` Angstrom of equivalent width
+    each (tens of mA on a reddened sightline), unresolved (the instrument's Gaussian profile at
+    R_SOURCE), from a cloud moving at a velocity uniform in +-`v_max` km/s relative to each star."""
+    def perturb(table, **_):
+        wl, rng = _grid(table).values(), np.random.default_rng(6)
+        fwhm = 4300.0 / R_SOURCE
+        velocity = rng.uniform(-v_max, v_max, (table.num_rows, 1))
+        in_cloud = wl[None, :] / (1.0 + velocity / C_KMS)  # [rows, pixels], first order in v / c
+        transmission = np.prod([1.0 - ew / (1.0645 * fwhm) * _gaussian(in_cloud, line, fwhm)
+                                for line in (4232.55, 4300.31)], axis=0)
+        return _set_flux(table, _flux(table) * transmission)
+    return perturb
+
+
 def be_emission(table, **_):
     """A Be star's circumstellar disc: emission in H-gamma (4340.47 A) and H-delta (4101.74 A), Gaussians
     20% and 12% of the continuum high with a FWHM of 6 A, filling the photospheric line cores."""
@@ -266,6 +281,7 @@ PERTURBATIONS = {
     "narrow DIBs 4502, 4727, 4763 A (E(B-V) = 1)": narrow_dibs(1.0),
     "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at +60 km/s": narrow_dibs(1.0, 60.0, 0.08),
     "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at -150 km/s": narrow_dibs(1.0, -150.0, 0.08),
+    "interstellar CH+ and CH lines (40 mA each, cloud at +-100 km/s)": interstellar_lines(0.040),
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
 }
 # for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond
