@@ -203,8 +203,8 @@ class Model:
         """The accelerator half: the ensemble kernel on the prepared rows without an error, then the
         statistics, flags and metadata of the results table (one row per prepared row, in order)."""
         samples, backend = self._samples(samples), resolve_backend(backend)
-        ok, stats, fit, *_ = self._infer(prepared, samples, seed, backend)
-        return self._results(prepared, ok, *stats, samples, seed, backend, fit)
+        ok, stats, fit, _, _, network = self._infer(prepared, samples, seed, backend)
+        return self._results(prepared, ok, *stats, network, samples, seed, backend, fit)
 
     def goodness_of_fit(self, table_or_batch, *, backend: str = "auto",
                         source_grid: WavelengthGrid | None = None, medium: str | None = None) -> Fit:
@@ -221,7 +221,7 @@ class Model:
         """The `Estimates` of every row, as `predict` computes them."""
         table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, stats, fit, x, _ = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
+        ok, stats, fit, x, *_ = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
         if fit is None:
             fitted, fit_var = np.full_like(stats[0], np.nan), np.full_like(stats[0], np.nan)
             chi2, excess = np.full(len(ok), np.nan), np.zeros((len(ok), len(EXCESS_PARTS)))
@@ -242,7 +242,7 @@ class Model:
         """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the mean blended with the emulator fit's
         labels where the calibration holds network weights; the emulator's Fit or None; x: the
         network's inputs the estimates came from; the inverse variances [B, D] the fit weighed x with,
-        or None)."""
+        or None; the networks' mean [B, K] before the blend)."""
         ok, x, keys = self._unpack(prepared)
         mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
@@ -278,6 +278,7 @@ class Model:
                     getattr(fit, name)[again_rows] = getattr(again, name)[again_rows]
                 fit.rv[again_rows] += shift[again_rows]
                 fit.dib_depths[banded] += removed[banded]  # (1 + a) (1 + b) ~ 1 + a + b: bands of a few %
+        network = mean.copy()
         if self.calibration is not None and len(rows):
             fit_var = defect = None
             if fit is not None:
@@ -291,7 +292,7 @@ class Model:
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
                                                     self._gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
-        return ok, (mean, var_a, var_e), fit, x, ivar
+        return ok, (mean, var_a, var_e), fit, x, ivar, network
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
         """(ok, x, keys, fit, ivar) of a prepared batch, x as `predict` with `backend` last fed it to
@@ -301,7 +302,7 @@ class Model:
         ok, x, keys = self._unpack(prepared)
         fit = ivar = None
         if self.emulator is not None:
-            _, _, fit, x, ivar = self._infer(prepared, samples, seed, resolve_backend(backend))
+            _, _, fit, x, ivar, _ = self._infer(prepared, samples, seed, resolve_backend(backend))
         return ok, x, keys, fit, ivar
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
@@ -512,7 +513,7 @@ class Model:
             return ensemble_stats_triton
         return {"cpu": reference.ensemble_stats_cpu, "reference": reference.ensemble_stats_reference}[backend]
 
-    def _results(self, prepared, ok, mean, var_a, var_e, samples, seed, backend, fit) -> pa.Table:
+    def _results(self, prepared, ok, mean, var_a, var_e, network, samples, seed, backend, fit) -> pa.Table:
         var_e = np.maximum(var_e, 0.0)  # avg(mu^2) - mean^2 can round to a tiny negative number
         err_a, err_e, err = np.sqrt(var_a), np.sqrt(var_e), np.sqrt(var_a + var_e)
         lo = np.array([t.min for t in self.targets])
@@ -521,7 +522,10 @@ class Model:
         thresholds = self.bundle.epistemic_thresholds
         # Flags come from the spectrum and the prediction only, never from label columns of the input.
         with np.errstate(invalid="ignore"):  # NaN (rows not predicted) compares False
-            out_of_range = ((mean < lo) | (mean > hi)).any(axis=1)
+            # The blend with the fit, whose labels stay within the range, leaves it only where the
+            # networks' mean does; with the fit pinned at a bound it must be flagged however little
+            # the networks weigh (a weight of 1e-20 moves no float64 off the bound).
+            out_of_range = (((network < lo) & (mean <= lo)) | ((network > hi) & (mean >= hi))).any(axis=1)
             high = np.zeros(len(ok), dtype=bool)
             upper = np.zeros(len(ok), dtype=bool)
             for k, t in enumerate(self.targets):

@@ -224,6 +224,33 @@ def test_metal_poor_stars_keep_their_teff_and_their_metals_are_measured(metal_po
         assert abs(np.median(m) - truth) < 0.05 and 0.58 <= cover <= 0.78, (truth, np.median(m), cover)
 
 
+def test_metal_lines_beyond_the_trained_span_are_out_of_range_however_little_the_networks_weigh(
+        metal_poor):
+    """Metal lines 0.5 dex weaker than the grid's, beyond the trained -0.3 dex: the emulator fit's
+    metals stay within the range, pinned at -0.3, and the networks' mean lies below it, so >= 95% of
+    rows are OUT_OF_RANGE, with the calibration as shipped and with the networks' weight in metals set
+    to 0 (the estimate the fit's alone, on the bound); <= 2% of the 0 and -0.2 dex rows are (measured:
+    0.0% and 0.0%)."""
+    labels, solar, poor = metal_poor
+    lib = gs.BroadenedLibrary.build(read_grid(SAMPLE), gs.Observation(), metals=np.array([-0.5]))
+    pert = gs.Perturbations(snr=(50.0, 300.0), ripple_prob=0.0, gap_prob=0.0, rv_error_kms=0.0)
+    rng = np.random.default_rng(6)
+    drawn = gs.labels_at(lib.nodes[rng.integers(0, len(lib.nodes), 200)], pert, rng)
+    drawn["metals"] = np.full(200, -0.5)
+    table = gs.draw_survey(lib, drawn, pert, rng).table(lib.obs).drop_columns(list(drawn))
+    model = starcast.load_model()
+    calibration = model.bundle.manifest["calibration"]
+    weight = {**calibration["network_weight"], "metals": [0.0] * len(calibration["network_weight"]["metals"])}
+    manifest = {**model.bundle.manifest, "calibration": {**calibration, "network_weight": weight}}
+    fit_alone = Model(replace(model.bundle, manifest=manifest))
+    for m in (model, fit_alone):
+        out = m.predict(table, backend="cpu")
+        assert np.mean((out.column("flags").to_numpy() & Flag.OUT_OF_RANGE) != 0) >= 0.95
+        assert np.median(out.column("metals").to_numpy()) <= -0.3
+    for r in (solar, poor):
+        assert np.mean((r.column("flags").to_numpy() & Flag.OUT_OF_RANGE) != 0) <= 0.02
+
+
 def _numbers_as_clean(table, out, spoilt) -> None:
     """`spoilt`, the predictions of a perturbed `table`, flag no more rows MODEL_MISMATCH than `out`,
     the clean ones, do (+1 point), and keep Teff and log g within 1.2x of their clean RMSE with a 68%
