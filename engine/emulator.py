@@ -25,7 +25,7 @@ ripple's troughs look like bands), per unit of the reduced chi^2, if the band is
 (`dib`). Where that passes the band's `dib_threshold` (a quantile of clean spectra), the continuum
 holds the band's terms and the Gauss-Newton steps run again (the engine then divides the bands out
 of the spectrum and predicts it again: the networks never saw one). A fitted band is no mismatch: it
-flags nothing.
+flags nothing. The pixels of the narrow interstellar lines (ISM_LINES) weigh nothing in the fit.
 A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
 SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
 period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
@@ -91,6 +91,12 @@ class Band(NamedTuple):
 DIBS = (Band(4428.6, 18.0, "lorentzian", 150.0), Band(4501.8, 3.0, "gaussian", RIPPLE_PERIODS[0]),
         Band(4726.8, 3.5, "gaussian", RIPPLE_PERIODS[0]), Band(4762.6, 2.5, "gaussian", RIPPLE_PERIODS[0]))
 DIB_TERMS = 3  # each band's parameters in the continuum: its depth and its first-order shift and widening
+# Angstrom (air): the narrow interstellar lines of reddened stars at 4000-4800 A, CH+ and CH, tens of mA
+# deep in equivalent width and unresolved at R ~20 000, so that no smooth term fits them wherever the
+# cloud moves; the fit gives no weight to the pixels within ISM_HALF_WIDTH of them (a cloud within
+# +-150 km/s of the star, and the instrument's profile): 1.3% of the grid.
+ISM_LINES = (4232.55, 4300.31)
+ISM_HALF_WIDTH = 2.5
 
 ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.maximum(a, 0.0),
                "tanh": np.tanh}
@@ -138,9 +144,16 @@ class Emulator:
         return out
 
     def pixel_weight(self, ivar: np.ndarray) -> np.ndarray:
-        """float32 weights of the fit's pixels, 1 / (1 / ivar + sigma^2) (0 where ivar <= 0)."""
-        ivar = np.maximum(np.asarray(ivar, np.float32), 0.0)
+        """float32 weights of the fit's pixels, 1 / (1 / ivar + sigma^2) (0 where ivar <= 0 and near
+        ISM_LINES)."""
+        ivar = np.maximum(np.asarray(ivar, np.float32), 0.0) * self._off_ism_lines
         return ivar / (1.0 + ivar * self.sigma.astype(np.float32) ** 2)
+
+    @cached_property
+    def _off_ism_lines(self) -> np.ndarray:
+        """(D,) float32: 0 within ISM_HALF_WIDTH of an interstellar line of ISM_LINES, 1 elsewhere."""
+        near = np.abs(self.wavelength[:, None] - np.asarray(ISM_LINES)[None, :]) <= ISM_HALF_WIDTH
+        return (~near.any(axis=1)).astype(np.float32)
 
     @cached_property
     def continuum_basis(self) -> np.ndarray:
@@ -394,7 +407,7 @@ class Emulator:
         ripple_excess, ripple_frequency = np.zeros(len(x)), np.full(len(x), np.nan)
         dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
-        n = (ivar > 0).sum(axis=1)
+        n = (self.pixel_weight(ivar) > 0).sum(axis=1)
         dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
 
         def reduced(residual, weight, dof):

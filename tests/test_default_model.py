@@ -12,6 +12,7 @@ import pytest
 from starcast.catalogs import gridsynth as gs
 from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import synth_from_grid
+from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid, spectrum_array
 from starcast.engine.emulator import DIB_TERMS
 from starcast.engine.predictor import Model
@@ -168,9 +169,12 @@ def test_the_fits_label_sigmas_are_the_scatter_of_its_labels_over_noise():
 
 
 def test_error_bars_widen_with_the_fits_chi2_where_the_noise_is_understated(survey):
-    """Noise the flux_err understates by 1.5x at SNR >= 100 (the fit's chi^2 ~2.2): the calibration's
-    chi^2 inflation widens the v sin i error bars so that >= 64% of the errors stay inside the 68%
-    intervals (measured: 70%), at least 5 points more than without it (61%)."""
+    """Noise the flux_err understates by 1.5x at SNR >= 100 (the fit's chi^2 ~2.2; the calibration saw
+    such spectra, `trainers.emulator.UNDERSTATED_NOISE`): >= 64% of the Teff, log g and v sin i errors
+    stay inside the 68% intervals (measured: 67%, 69%, 66%; 70%, 71%, 67% with the noise as stated),
+    and the calibration's chi^2 inflation widens v sin i's by at least 3 points of that (without it:
+    62%; Teff's and log g's sigmas come mostly from the fit, whose curvature errors widen with the
+    chi^2 already)."""
     table, _ = survey
     rows = table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100))
     err = np.stack(rows.column("flux_err").to_numpy(zero_copy_only=False))
@@ -179,12 +183,13 @@ def test_error_bars_widen_with_the_fits_chi2_where_the_noise_is_understated(surv
     model = starcast.load_model()
     calibration = {k: v for k, v in model.bundle.manifest["calibration"].items() if k != "chi2_inflation"}
     uninflated = Model(replace(model.bundle, manifest={**model.bundle.manifest, "calibration": calibration}))
-    cover = []
-    for m in (model, uninflated):
+    cover = {}
+    for name, m in (("inflated", model), ("uninflated", uninflated)):
         out = m.predict(understated, backend="cpu")
-        cover.append(coverage(rows.column("vsini").to_numpy(), out.column("vsini").to_numpy(),
-                              out.column("vsini_err").to_numpy(), 0.68))
-    assert cover[0] >= 0.64 and cover[0] - cover[1] >= 0.05, cover
+        cover[name] = {t: coverage(rows.column(t).to_numpy(), out.column(t).to_numpy(),
+                                   out.column(f"{t}_err").to_numpy(), 0.68) for t in TARGETS}
+    assert min(cover["inflated"].values()) >= 0.64, cover
+    assert cover["inflated"]["vsini"] - cover["uninflated"]["vsini"] >= 0.03, cover
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +317,20 @@ def test_the_narrow_diffuse_bands_are_fitted_out(survey):
         assert np.mean(found[snr >= 100] > 0) >= 0.97 and np.mean(clean > 0) <= 0.02, j
         assert np.median(found[snr >= 100]) == pytest.approx(drawn, rel=0.1), j
     _numbers_as_clean(table, out, model.predict(reddened, backend="cpu"))
+
+
+def test_the_narrow_interstellar_lines_cost_nothing(survey):
+    """CH+ 4232.55 A and CH 4300.31 A, 40 mA each (a strongly reddened sightline), unresolved (the
+    instrument's Gaussian, FWHM 0.22 A), from a cloud at -100 to +100 km/s relative to each star: the
+    fit gives their pixels no weight, so their numbers are as clean ones (`_numbers_as_clean`;
+    measured: MODEL_MISMATCH 0.7% as clean, Teff and log g 0.99-1.01x their clean RMSE, covered
+    65-71%). With their pixels weighed, 43% of such rows at SNR 50-300 were flagged MODEL_MISMATCH
+    (TLUSTY test nodes)."""
+    table, out = survey
+    velocity = np.random.default_rng(5).uniform(-100.0, 100.0, (len(table), 1))
+
+    def lines(wl):
+        at = np.array([4232.55, 4300.31])[:, None, None] * (1.0 + velocity / C_KMS)  # [2, rows, 1]
+        depth = 0.040 / (1.0645 * 0.22)  # a Gaussian of 40 mA equivalent width and a FWHM of 0.22 A
+        return np.prod(1.0 - depth * np.exp(-4.0 * np.log(2.0) * ((wl - at) / 0.22) ** 2), axis=0)
+    _numbers_as_clean(table, out, starcast.load_model().predict(_times(table, lines), backend="cpu"))

@@ -5,11 +5,13 @@ spectra there, and a 1% continuum ripple or a 0.3 Angstrom wavelength offset is 
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from starcast.catalogs.schema import (
     CHI2,
     CHI2_PIXELS,
     FLUX,
+    FLUX_ERR,
     META_WAVELENGTH,
     Flag,
     WavelengthGrid,
@@ -19,12 +21,14 @@ from starcast.engine.calibration import EXCESS_PARTS
 from starcast.engine.emulator import DIBS
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
+    UNDERSTATED_NOISE,
     EmulatorSettings,
     clean,
     held_survey,
     noise_free,
     prepared,
     train_emulator,
+    understate_noise,
 )
 from starcast.trainers.gridsource import GridSource
 from starcast.trainers.pipeline import train_from_config
@@ -167,11 +171,12 @@ def test_manifest_records_the_emulator_and_its_calibration(bundle):
 
 def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_between_them(bundle):
     """The blended estimate's calibration (with its chi^2 inflation) is fitted on the validation and
-    test nodes and the stars between the nodes together; each split is scored under it and the node
+    test nodes, the stars between the nodes and the validation nodes with their noise understated
+    together; each split is scored under it and the node
     splits, honestly, under the calibration fitted on the other split alone too, with coverage in each
     of issue 9's SNR bins."""
     manifest = load_model(bundle).bundle.manifest
-    assert manifest["provenance"]["calibration"]["split"] == "val+test+between"
+    assert manifest["provenance"]["calibration"]["split"] == "val+test+between+val understated"
     assert set(manifest["metrics"]["between"]) == set(LABELS)
     assert set(manifest["calibration"]["chi2_inflation"]) == set(LABELS)
     assert {part: set(g) for part, g in manifest["calibration"]["network_gain"].items()} == {
@@ -183,6 +188,19 @@ def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_betwee
             assert cross[t]["n"] == pooled[t]["n"]
             assert [b["snr_lo"] for b in cross[t]["coverage_by_snr"]] == [10, 20, 30, 50, 100, 200]
         assert any(pooled[t]["coverage_68"] != cross[t]["coverage_68"] for t in LABELS)
+
+
+def test_understated_noise_divides_each_rows_flux_err_by_its_own_factor():
+    """Each row's flux_err divided by one factor within UNDERSTATED_NOISE, the flux untouched."""
+    rng = np.random.default_rng(3)
+    flux, err = rng.random((200, 50)), rng.uniform(0.01, 0.02, (200, 50))
+    table = pa.table({FLUX: spectrum_array(flux, 50), FLUX_ERR: spectrum_array(err, 50)})
+    out = understate_noise(table, np.random.default_rng(4))
+    factor = err / np.stack(out.column(FLUX_ERR).to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(factor, factor[:, :1] * np.ones((1, 50)), rtol=1e-5)
+    assert UNDERSTATED_NOISE[0] <= factor.min() and factor.max() <= UNDERSTATED_NOISE[1] * (1 + 1e-5)
+    assert np.ptp(factor[:, 0]) > 0.8 * (UNDERSTATED_NOISE[1] - UNDERSTATED_NOISE[0])
+    assert out.column(FLUX).equals(table.column(FLUX))
 
 
 def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle, tmp_path):

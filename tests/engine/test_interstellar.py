@@ -1,12 +1,13 @@
-"""The diffuse interstellar bands in the emulator fit (`engine.emulator.DIBS`): their terms are each
-band's profile and its derivatives, and their statistics find absorption bands of the size reddened
-stars carry, each in its own place, while they ignore noise and emission."""
+"""The interstellar medium in the emulator fit: the diffuse bands' terms (`engine.emulator.DIBS`) are
+each band's profile and its derivatives, and their statistics find absorption bands of the size
+reddened stars carry, each in its own place, while they ignore noise and emission; the pixels of the
+narrow interstellar lines (`ISM_LINES`) weigh nothing."""
 
 import math
 
 import numpy as np
 import pytest
-from starcast.engine.emulator import DIB_TERMS, DIBS
+from starcast.engine.emulator import DIB_TERMS, DIBS, ISM_HALF_WIDTH, ISM_LINES
 
 import starcast
 
@@ -130,3 +131,18 @@ def test_dib_statistic_is_the_float64_least_squares_drop(emulator, j):
     expected = np.where(coef[:, 0] > 0, (coef * rhs).sum(1) - (sinusoid * rhs[:, DIB_TERMS:]).sum(1), 0.0)
     statistic = emulator.dib(residual, weight, model, np.ones(rows), freq)
     np.testing.assert_allclose(statistic[:, j], expected, atol=1e-3)
+
+
+def test_pixel_weights_are_zero_about_the_interstellar_lines_only(emulator):
+    """1 / (1 / ivar + sigma^2) in float64 everywhere but within ISM_HALF_WIDTH of an interstellar
+    line (0 there, as where ivar <= 0); the masked pixels are those of +-150 km/s about each line."""
+    wl = emulator.wavelength
+    ivar = np.random.default_rng(2).uniform(1e2, 1e5, (3, len(wl))).astype(np.float32)
+    ivar[0, :10] = 0.0
+    near = np.any([np.abs(wl - line) <= ISM_HALF_WIDTH for line in ISM_LINES], axis=0)
+    with np.errstate(divide="ignore"):
+        weight = 1.0 / (1.0 / ivar.astype(np.float64) + emulator.sigma.astype(np.float64) ** 2)
+    expected = np.where(near, 0.0, weight)
+    np.testing.assert_allclose(emulator.pixel_weight(ivar), expected, rtol=1e-6)
+    assert all(np.abs(wl[near] - line).min() < 0.3 for line in ISM_LINES)
+    assert ISM_HALF_WIDTH >= 150.0 / 299792.458 * max(ISM_LINES) + 0.2
