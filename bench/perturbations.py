@@ -8,7 +8,8 @@ labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; f
 also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars) and
 five that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
 bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
-H-delta, a double-lined companion), it reports per target
+H-delta, a double-lined companion), two of their noise (flux_err understated, flux_err absent) and a
+resolving power of 15 000 left unstated, it reports per target
 the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
 flagged (bits other than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
@@ -137,9 +138,12 @@ def offset(shift):
     return perturb
 
 
-def resolution(factor):
+def resolution(factor, stated: bool = True):
+    """The same stars observed at R_SOURCE / `factor`, the resolving power stated in its column or not."""
     def perturb(table, source, n, seed, **_):
         lower = source(n, seed, R_SOURCE / factor)
+        if not stated:
+            return lower
         return lower.append_column(RESOLVING_POWER, pa.array(np.full(n, R_SOURCE / factor)))
     return perturb
 
@@ -242,6 +246,20 @@ def interstellar_lines(ew: float, v_max: float = 100.0):
     return perturb
 
 
+def understated_noise(factor: float):
+    """flux_err `factor` times smaller than the noise drawn (a reduction's error model that leaves out
+    part of the noise: flat-fielding, read-out, sky)."""
+    def perturb(table, **_):
+        return _set_flux(table, _flux(table, FLUX_ERR) / factor, FLUX_ERR)
+    return perturb
+
+
+def no_flux_err(table, **_):
+    """No flux_err column, as many archive spectra come: the engine estimates each spectrum's noise from
+    its flux (DER_SNR)."""
+    return table.drop_columns([FLUX_ERR])
+
+
 def be_emission(table, **_):
     """A Be star's circumstellar disc: emission in H-gamma (4340.47 A) and H-delta (4101.74 A), Gaussians
     20% and 12% of the continuum high with a FWHM of 6 A, filling the photospheric line cores."""
@@ -272,6 +290,7 @@ def coverage_half(table, **_):
 PERTURBATIONS = {
     "ripple 1% / 50 A": ripple, "offset +0.3 A": offset(0.3), "offset -0.3 A": offset(-0.3),
     "R / 2 (stated)": resolution(2), "R / 4 (stated)": resolution(4),
+    "R 15 000 (not stated)": resolution(20000.0 / 15000.0, stated=False),
     "gap 30 A over He I 4471": gap_he_i_4471,
     "vacuum (stated)": vacuum(True), "vacuum (labelled air)": vacuum(False),
     "rv +-300 km/s (stated)": moving(True), "rv +-300 km/s, no rv column": moving(False),
@@ -282,6 +301,7 @@ PERTURBATIONS = {
     "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at +60 km/s": narrow_dibs(1.0, 60.0, 0.08),
     "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at -150 km/s": narrow_dibs(1.0, -150.0, 0.08),
     "interstellar CH+ and CH lines (40 mA each, cloud at +-100 km/s)": interstellar_lines(0.040),
+    "flux_err understated 1.2x": understated_noise(1.2), "no flux_err (noise from DER_SNR)": no_flux_err,
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
 }
 # for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond
