@@ -1,23 +1,29 @@
 """`starcast inspect`: a summary of a results catalog, computed with polars in one lazy scan.
 
-Counts (rows, rows with numbers, failed, flagged), rows per flag bit, the most common errors, and
-per target the distribution of the estimate (min, median, max) and quantiles (median, 90%, 99%) of
-its total, aleatoric and epistemic sigma. Units are those of the model's targets (K, dex, km/s).
+Counts (rows, rows with numbers, failed, flagged), rows per flag bit, the most common errors, per
+target the distribution of the estimate (min, median, max) and quantiles (median, 90%, 99%) of its
+total, aleatoric and epistemic sigma, and, for a model with an emulator, the median and 90% quantile
+of `chi2`, with a hint where most spectra are not explained to their stated noise. Units are those of
+the model's targets (K, dex, km/s).
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import polars as pl
 
-from ..catalogs.schema import ERROR, FLAGS, INFORMATIONAL, Flag
+from ..catalogs.schema import CHI2, ERROR, FLAGS, INFORMATIONAL, Flag
 from ..errors import StarcastError
 from .manifest import MARKERS_DIR, RESULTS_DIR
 
 QUANTILES = (0.5, 0.9, 0.99)
 SIGMAS = ("_err", "_err_aleatoric", "_err_epistemic")
+# A median chi2 above this says most spectra are not explained to their stated noise: clean spectra
+# give 1.00 in every SNR bin, noise understated by 10% gives 1.2.
+UNEXPLAINED_CHI2 = 1.2
 
 
 def results_files(spec: str | os.PathLike) -> list[Path]:
@@ -57,6 +63,8 @@ def summarize(spec: str | os.PathLike) -> dict:
                   pl.col(t).max().alias(f"{t}:max")]
         exprs += [pl.col(t + s).quantile(q, interpolation="linear").alias(f"{t}{s}:q{q}")
                   for s in SIGMAS for q in QUANTILES]
+    if CHI2 in names:
+        exprs += [pl.col(CHI2).quantile(q, interpolation="linear").alias(f"chi2:q{q}") for q in QUANTILES[:2]]
     row = lf.select(exprs).collect().row(0, named=True)
     errors = (lf.filter(pl.col(ERROR).is_not_null()).group_by(ERROR).len()
               .sort(["len", ERROR], descending=[True, False]).head(5).collect())
@@ -72,6 +80,7 @@ def summarize(spec: str | os.PathLike) -> dict:
                         **{f"{t}{s}": {f"q{int(q * 100)}": row[f"{t}{s}:q{q}"] for q in QUANTILES}
                            for s in SIGMAS}}
                     for t in targets},
+        "chi2": {f"q{int(q * 100)}": row[f"chi2:q{q}"] for q in QUANTILES[:2]} if CHI2 in names else None,
     }
 
 
@@ -94,6 +103,16 @@ def format_summary(summary: dict) -> str:
         cells = [d["min"], d["median"], d["max"]] + [d[f"{t}{s}"][q] for s in SIGMAS
                                                      for q in ("q50", "q90", "q99")]
         lines.append(f"{t:<8}" + "".join(_cell(v) for v in cells))
+    chi2 = summary.get("chi2")
+    if chi2 and chi2["q50"] is not None:
+        lines += ["", f"chi2 (goodness of fit): median {chi2['q50']:.3g}, 90% {chi2['q90']:.3g}"]
+        if chi2["q50"] > UNEXPLAINED_CHI2:
+            factor = chi2["q50"] ** 0.5
+            hint = ("hint: most spectra are not explained to their stated noise. If their numbers look "
+                    f"sane, flux_err likely understates the noise, by ~{factor:.2f}x (chi2 then stays level "
+                    "with SNR; stars unlike the model's grid raise it as SNR^2): scale flux_err by that, "
+                    "or leave it out and the noise is estimated from the flux (DER_SNR).")
+            lines += textwrap.wrap(hint, width=100, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)
 
 

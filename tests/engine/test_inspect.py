@@ -12,16 +12,16 @@ import pytest
 from click.testing import CliRunner
 from starcast.catalogs.schema import Flag, results_schema
 from starcast.engine.cli import inspect as inspect_command
-from starcast.engine.inspect import summarize
+from starcast.engine.inspect import format_summary, summarize
 
 from starcast.errors import StarcastError
 
 N = 101
 
 
-def known_results(path: Path) -> dict[str, np.ndarray]:
+def known_results(path: Path, chi2: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Rows 0..100: teff = 10000 + 100 i, sigmas growing with i; rows 3 and 7 failed; every
-    10th row OUT_OF_RANGE; row 3 also NON_FINITE."""
+    10th row OUT_OF_RANGE; row 3 also NON_FINITE; with `chi2` [N], a model with an emulator's columns."""
     i = np.arange(N, dtype=np.float64)
     failed = np.isin(i, [3, 7])
     cols = {"id": pa.array(i.astype(np.int64))}
@@ -32,9 +32,13 @@ def known_results(path: Path) -> dict[str, np.ndarray]:
     flags = np.where(i % 10 == 0, int(Flag.OUT_OF_RANGE), 0)
     flags |= np.where(failed, int(Flag.PREPROCESS_FAILED), 0)
     flags[3] |= Flag.NON_FINITE
+    if chi2 is not None:
+        cols |= {"chi2": pa.array(chi2, mask=failed), "chi2_pixels": pa.array(np.full(N, 1951, np.int32)),
+                 "rv": pa.array(np.zeros(N), mask=failed), "rv_err": pa.array(np.ones(N), mask=failed)}
     cols["flags"] = pa.array(flags.astype(np.int32))
     cols["error"] = pa.array(["bad row" if f else None for f in failed], pa.string())
-    pq.write_table(pa.Table.from_pydict(cols, schema=results_schema(["teff"])), path)
+    schema = results_schema(["teff"], emulator=chi2 is not None)
+    pq.write_table(pa.Table.from_pydict(cols, schema=schema), path)
     return {k: v[~failed] for k, v in values.items()}
 
 
@@ -72,3 +76,24 @@ def test_inspect_command_reads_a_run_folder_and_prints_the_tables(tmp_path: Path
 def test_inspect_without_results_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StarcastError, match="no results file"):
         summarize(tmp_path)
+
+
+@pytest.mark.parametrize("level", [1.0, 1.44])
+def test_chi2_is_summarised_with_a_hint_where_most_spectra_are_unexplained(tmp_path: Path, level) -> None:
+    """The median and 90% quantile of chi2 against numpy's (failed rows left out); the hint to check
+    flux_err, with the factor it likely understates the noise by, only where the median exceeds 1.2
+    (clean spectra: 1.00; flux_err understated 1.2x: 1.43 in the perturbation bench)."""
+    chi2 = level + np.random.default_rng(1).normal(0.0, 0.05, N)
+    known_results(tmp_path / "r.parquet", chi2)
+    s = summarize(tmp_path / "r.parquet")
+    kept = np.delete(chi2, [3, 7])
+    assert s["chi2"] == pytest.approx({"q50": np.quantile(kept, 0.5), "q90": np.quantile(kept, 0.9)})
+    text = format_summary(s)
+    assert f"chi2 (goodness of fit): median {np.median(kept):.3g}" in text
+    assert ("understates the noise, by ~1.20x" in " ".join(text.split())) == (level > 1.2), text
+
+
+def test_a_model_without_an_emulator_has_no_chi2_summary(tmp_path: Path) -> None:
+    known_results(tmp_path / "r.parquet")
+    s = summarize(tmp_path / "r.parquet")
+    assert s["chi2"] is None and "chi2" not in format_summary(s)
