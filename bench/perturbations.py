@@ -290,7 +290,7 @@ def coverage_half(table, **_):
 PERTURBATIONS = {
     "ripple 1% / 50 A": ripple, "offset +0.3 A": offset(0.3), "offset -0.3 A": offset(-0.3),
     "R / 2 (stated)": resolution(2), "R / 4 (stated)": resolution(4),
-    "R 15 000 (not stated)": resolution(20000.0 / 15000.0, stated=False),
+    "R 15 000 (not stated)": resolution(R_SOURCE / 15000.0, stated=False),
     "gap 30 A over He I 4471": gap_he_i_4471,
     "vacuum (stated)": vacuum(True), "vacuum (labelled air)": vacuum(False),
     "rv +-300 km/s (stated)": moving(True), "rv +-300 km/s, no rv column": moving(False),

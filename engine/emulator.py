@@ -390,7 +390,9 @@ class Emulator:
             with np.errstate(invalid="ignore", divide="ignore"):
                 variance = np.diagonal(np.linalg.pinv(gram), axis1=1, axis2=2) * scale**2
         phys = z * scale + offset
-        return phys[:, :k], phys[:, k], np.sqrt(variance)
+        # exactly within [lo, hi] (the standardised clip may round a hair off), so that a label pinned
+        # at a bound is on it (Model flags OUT_OF_RANGE by that)
+        return np.clip(phys[:, :k], lo, hi), phys[:, k], np.sqrt(variance)
 
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
              hi: np.ndarray | None = None) -> Fit:
@@ -399,8 +401,9 @@ class Emulator:
         `refine`), then again with the diffuse bands whose statistics (`dib`) pass their
         `dib_threshold`, then again with a ripple (and those bands) where the residual's ripple statistic
         passes `ripple_threshold` (both only if the fit has a continuum to hold them); its reduced
-        chi^2 is the sum over the n pixels with ivar > 0 of (x - e)^2 / (1 / ivar + sigma^2), divided
-        by n minus the fitted parameters (NaN where that is not positive)."""
+        chi^2 is the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0, off ISM_LINES) of
+        (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted parameters (NaN where that is not
+        positive)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))

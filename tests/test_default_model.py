@@ -324,8 +324,8 @@ def test_the_narrow_interstellar_lines_cost_nothing(survey):
     instrument's Gaussian, FWHM 0.22 A), from a cloud at -100 to +100 km/s relative to each star: the
     fit gives their pixels no weight, so their numbers are as clean ones (`_numbers_as_clean`;
     measured: MODEL_MISMATCH 0.7% as clean, Teff and log g 0.99-1.01x their clean RMSE, covered
-    65-71%). With their pixels weighed, 43% of such rows at SNR 50-300 were flagged MODEL_MISMATCH
-    (TLUSTY test nodes)."""
+    65-71%). With their pixels weighed, 46% of such rows at SNR 50-300 were flagged MODEL_MISMATCH
+    (TLUSTY test nodes, `bench/perturbations.py`)."""
     table, out = survey
     velocity = np.random.default_rng(5).uniform(-100.0, 100.0, (len(table), 1))
 
