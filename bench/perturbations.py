@@ -8,8 +8,8 @@ labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; f
 also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars) and
 five that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
 bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
-H-delta, a double-lined companion), two of their noise (flux_err understated, flux_err absent) and a
-resolving power of 15 000 left unstated, it reports per target
+H-delta, a double-lined companion), three of their noise (flux_err understated or overstated, flux_err
+absent) and a resolving power of 15 000 left unstated, it reports per target
 the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
 flagged (bits other than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
@@ -246,11 +246,11 @@ def interstellar_lines(ew: float, v_max: float = 100.0):
     return perturb
 
 
-def understated_noise(factor: float):
-    """flux_err `factor` times smaller than the noise drawn (a reduction's error model that leaves out
-    part of the noise: flat-fielding, read-out, sky)."""
+def stated_noise(scale: float):
+    """flux_err `scale` times the noise drawn: below 1, a reduction's error model that leaves out part of
+    the noise (flat-fielding, read-out, sky); above 1, one that counts some twice."""
     def perturb(table, **_):
-        return _set_flux(table, _flux(table, FLUX_ERR) / factor, FLUX_ERR)
+        return _set_flux(table, _flux(table, FLUX_ERR) * scale, FLUX_ERR)
     return perturb
 
 
@@ -301,7 +301,8 @@ PERTURBATIONS = {
     "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at +60 km/s": narrow_dibs(1.0, 60.0, 0.08),
     "all DIBs (E(B-V) = 1, 4428 A 8% deep), cloud at -150 km/s": narrow_dibs(1.0, -150.0, 0.08),
     "interstellar CH+ and CH lines (40 mA each, cloud at +-100 km/s)": interstellar_lines(0.040),
-    "flux_err understated 1.2x": understated_noise(1.2), "no flux_err (noise from DER_SNR)": no_flux_err,
+    "flux_err understated 1.2x": stated_noise(1.0 / 1.2), "flux_err overstated 1.2x": stated_noise(1.2),
+    "no flux_err (noise from DER_SNR)": no_flux_err,
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
 }
 # for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond

@@ -78,6 +78,13 @@ def chi2_excess(chi2: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(chi2), np.maximum(chi2 - 1.0, 0.0), 0.0)
 
 
+def noise_ratio(chi2: np.ndarray) -> np.ndarray:
+    """min(chi2, 1), 1 where the reduced chi^2 is NaN: below 1 the spectrum is less noisy than its
+    flux_err says, by that ratio in variance (Birge's ratio; the scatter of a clean chi^2 over ~2000
+    pixels is 0.03)."""
+    return np.where(np.isfinite(chi2), np.minimum(chi2, 1.0), 1.0)
+
+
 @dataclass(frozen=True)
 class Calibration:
     knots: np.ndarray  # (Q,) log10 SNR per model pixel, increasing
@@ -135,10 +142,13 @@ class Calibration:
                         axis=1)
 
     def inflation(self, chi2: np.ndarray) -> np.ndarray:
-        """[B, K] factor on the aleatoric variance given the emulator fit's reduced chi^2 [B] (1 where
-        it is NaN: a row the emulator does not fit)."""
-        c = np.zeros(len(self.scale)) if self.chi2_inflation is None else self.chi2_inflation
-        return 1.0 + chi2_excess(chi2)[:, None] * c[None, :]
+        """[B, K] factor on the aleatoric variance given the emulator fit's reduced chi^2 [B]: with a
+        `chi2_inflation` c, 1 + c (chi2 - 1) above 1 and chi2 itself below (`noise_ratio`: flux_err
+        overstating the noise, all of the aleatoric part from it); 1 without, and where chi2 is NaN (a
+        row the emulator does not fit)."""
+        if self.chi2_inflation is None:
+            return np.ones((len(chi2), len(self.scale)))
+        return noise_ratio(chi2)[:, None] * (1.0 + chi2_excess(chi2)[:, None] * self.chi2_inflation[None, :])
 
     def network_share(self, log_snr: np.ndarray, excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
         """[B, K] the network's weight w in the blend at each row's log10 SNR and the parts of the fit's

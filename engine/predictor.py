@@ -227,7 +227,7 @@ class Model:
             chi2, excess = np.full(len(ok), np.nan), np.zeros((len(ok), len(EXCESS_PARTS)))
         else:
             fitted, fit_var = self._in_targets(fit.labels), self._in_targets(fit.label_err) ** 2
-            chi2, excess = fit.chi2, fit.excess
+            chi2, excess = self._calibration_chi2(fit), fit.excess
         return Estimates(ok, *stats, fitted, fit_var, chi2, excess, self._log_snr(x), self._gapped(prepared))
 
     def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
@@ -291,8 +291,15 @@ class Model:
                 mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
                                                     self._gapped(prepared)[rows])
-                var_a[rows] *= self.calibration.inflation(fit.chi2[rows])
+                var_a[rows] *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
         return ok, (mean, var_a, var_e), fit, x, ivar, network
+
+    @staticmethod
+    def _calibration_chi2(fit: Fit) -> np.ndarray:
+        """The fit's reduced chi^2 as the calibration reads it (`Calibration.inflation`): at least 1 on
+        a row whose spectrum was shifted by the residual rv the fit resolved, whose interpolation
+        smooths the noise (offset spectra: median chi^2 0.83) without the flux_err overstating it."""
+        return np.where(significant(fit.rv, fit.rv_err), np.maximum(fit.chi2, 1.0), fit.chi2)
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
         """(ok, x, keys, fit, ivar) of a prepared batch, x as `predict` with `backend` last fed it to
@@ -329,7 +336,7 @@ class Model:
                                                    np.zeros((len(rows), mu.shape[3])),
                                                    mean=mu[rows].mean(axis=(1, 2)))
                 if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
-                    scale2 *= self.calibration.inflation(fit.chi2[rows])
+                    scale2 *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
                     defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])
                     var[rows] *= self.calibration.defect_factor(defect)[:, None, None, :]
                     var[rows] += self.calibration.fit_variance(self._in_targets(fit.label_err)[rows] ** 2)[

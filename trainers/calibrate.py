@@ -13,7 +13,14 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.stats import norm
 
-from ..engine.calibration import EXCESS_PARTS, Calibration, chi2_excess, handled_defect, raised_share
+from ..engine.calibration import (
+    EXCESS_PARTS,
+    Calibration,
+    chi2_excess,
+    handled_defect,
+    noise_ratio,
+    raised_share,
+)
 
 LEVELS = (0.68, 0.95)  # the central intervals the scale is fitted to cover
 # A coverage's miss counts in units of its sampling error, sqrt(q (1 - q) / n): 95% coverage misses
@@ -123,7 +130,8 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     target, a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]),
     the inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the
     68% and 95% coverages of
-    |y - mean| <= z_q sqrt(s_b^2 l^2 (h var_a + var_e) + f^2), h = 1 + c max(chi2 - 1, 0), summed over
+    |y - mean| <= z_q sqrt(s_b^2 l^2 (h var_a + var_e) + f^2), h = min(chi2, 1) (1 + c max(chi2 - 1, 0))
+    (below 1 Birge's ratio, not fitted: `Calibration.inflation`), summed over
     the bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a spectrum the
     fit explains and one it does not are both covered, not only their mixture). f and c over grids of
     candidates from 0, s_b over a fine log grid: the floor is what the data ask for at high SNR, where
@@ -151,6 +159,9 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     else:
         total, strata = chi2_excess(chi2), chi2_strata
         inflations = np.concatenate([[0.0], np.geomspace(1e-2, 30.0, 25)])
+    if chi2 is not None:  # a spectrum less noisy than its flux_err: Birge's ratio (`Calibration.inflation`)
+        ratio = noise_ratio(chi2)[:, None]
+        var_a, fit_part = var_a * ratio, fit_part * ratio
     defect = np.zeros(len(y), bool) if fitted is None or excess is None else handled_defect(excess, gapped)
 
     def strata_of(b: int) -> list[np.ndarray]:

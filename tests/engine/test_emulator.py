@@ -97,8 +97,9 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     `fit_variance_weight` lambda, each fitted target's aleatoric variance gains lambda times the
     variance of the fit's label (`Fit.label_err` squared) before the scale s, the network's weighed
     first by `defect_variance` d on the rows with a gap or a fitted ripple; with `chi2_inflation` c,
-    it is then multiplied by 1 + c max(chi2 - 1, 0) (the `chi2` column); the epistemic part is
-    unchanged. `predict_samples`' draws carry the same: their mean variance is the aleatoric part."""
+    it is then multiplied by 1 + c max(chi2 - 1, 0) (the `chi2` column), and below chi2 = 1 by chi2
+    itself (a spectrum less noisy than its flux_err says); the epistemic part is unchanged.
+    `predict_samples`' draws carry the same: their mean variance is the aleatoric part."""
     features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
     cal = Calibration(np.array([1.0, 2.5]), np.full((3, 2), 1.5), np.zeros(3),
                       np.array([[0.0, 1.0], [0.25, 0.25], [0.0, 0.0]]),
@@ -123,7 +124,8 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     log_snr = np.log10(np.array([30.0] * 3 + [200.0] * 2 + [300.0]))
     gapped = (blended.column("flags").to_numpy() & Flag.GAP) != 0
     np.testing.assert_array_equal(gapped, [False, True, False, False, True, False])
-    excess = np.maximum(blended.column(CHI2).to_numpy() - 1, 0)
+    chi2 = blended.column(CHI2).to_numpy()
+    excess = np.maximum(chi2 - 1, 0)
     ripple, other = fit.excess.T
     np.testing.assert_allclose(other, excess, rtol=1e-9)  # what the fit, with any ripple, leaves
     assert ripple[3] > max(0.2, excess[3])  # the ripple is fitted (its statistic passed 30): most of it gone
@@ -142,7 +144,8 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
         var_a = [r.column(f"{t}_err_aleatoric").to_numpy() ** 2 for r in (network, blended)]
         d = np.where(gapped | (ripple > 0), cal.defect_variance[k], 1.0)  # rows 1, 4: a gap; 3: a ripple
         with_fit = d * var_a[0] + 1.5**2 * cal.fit_variance_weight[k] * fit_var[:, k]  # the fit's, scaled too
-        np.testing.assert_allclose(var_a[1], with_fit * (1 + cal.chi2_inflation[k] * excess), rtol=1e-9)
+        factor = np.minimum(chi2, 1.0) * (1 + cal.chi2_inflation[k] * excess)
+        np.testing.assert_allclose(var_a[1], with_fit * factor, rtol=1e-9)
         var_e = [r.column(f"{t}_err_epistemic").to_numpy() for r in (network, blended)]
         np.testing.assert_array_equal(*var_e)
     draws = load_model(paths["blend"]).predict_samples(data, backend="cpu")
