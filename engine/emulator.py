@@ -51,6 +51,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from ..errors import ModelError
+from ..kernels.lstsq import normal_equations
 from ..kernels.resample import doppler_shift
 from .calibration import chi2_excess
 
@@ -268,26 +269,30 @@ class Emulator:
         Chebyshev T_k over the grid, then of the terms `extra` [B, D, q] of each row
         (`defect_columns`), if given."""
         e = self.spectra(labels)
-        if rv is not None:
-            e = self.shift(e, rv)
-        basis = self.continuum_basis.astype(np.float32)  # [D, p]
-        p = basis.shape[1] + (0 if extra is None else extra.shape[2])
+        return self._times_continuum(x, weight, e if rv is None else self.shift(e, rv), extra)
+
+    def _times_continuum(self, x: np.ndarray, weight: np.ndarray, e: np.ndarray,
+                         extra: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """`fit_continuum` of the emulated spectra e [B, D] as they are."""
+        polynomials = self._continuum_rows  # [p0, 1, D]
+        p = len(polynomials) + (0 if extra is None else extra.shape[2])
         if p == 0:
             return e, np.empty((len(e), 0), np.float32)
-        we = (weight * e).astype(np.float64)
-        if extra is None:  # one basis for all rows: the sums as matrix products
-            gram = ((we * e) @ self.continuum_products).reshape(-1, p, p)
-            rhs = (we * x) @ basis.astype(np.float64)
-        else:  # a basis per row: the sums as batched matrix products (BLAS, unlike a three-way einsum)
-            basis = np.concatenate([np.broadcast_to(basis, (len(e), *basis.shape)), extra], axis=2)  # B, D, p
-            basis64 = basis.astype(np.float64)
-            gram = np.matmul(basis64.transpose(0, 2, 1) * (we * e)[:, None, :], basis64)
-            rhs = np.matmul((we * x)[:, None, :], basis64)[:, 0]
+        columns = polynomials if extra is None else np.concatenate(
+            [np.broadcast_to(polynomials, (len(polynomials), *e.shape)), extra.transpose(2, 0, 1)])
+        gram, rhs = np.empty((len(e), p, p)), np.empty((len(e), p))
+        normal_equations(columns, e, weight, x, gram, rhs)  # of the columns e * T_k (and e * extra)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)  # (B, p)
-        if extra is None:
-            return e * (coef @ basis.T), coef
-        return e * np.matmul(basis, coef[..., None])[..., 0], coef
+        continuum = coef[:, :len(polynomials)] @ polynomials[:, 0]
+        if extra is not None:
+            continuum += np.einsum("bdq,bq->bd", extra, coef[:, len(polynomials):])
+        return e * continuum, coef
+
+    @cached_property
+    def _continuum_rows(self) -> np.ndarray:
+        """[p, 1, D] float32: `continuum_basis`'s polynomials as `normal_equations` columns for every row."""
+        return np.ascontiguousarray(self.continuum_basis.T[:, None, :], np.float32)
 
     def band_depths(self, coef: np.ndarray) -> np.ndarray:
         """(B, DIB_TERMS * len(DIBS)) float64: the bands' coefficients, the last of a continuum's `coef`
@@ -372,16 +377,23 @@ class Emulator:
         step_max = np.append(np.ones(k), V_STEP_MAX)
         variance = np.full((len(x), k + 1), np.nan)  # without steps
 
-        def model(z):
-            phys = z * scale + offset
-            return self.fitted(x, weight, phys[:, :k], phys[:, k], extra)
+        def emulated(z):  # unshifted
+            return self.spectra(z[:, :k] * scale[:k] + offset[:k])
 
+        def fitted(e, z):  # e shifted to z's rv, times its continuum
+            return self._times_continuum(x, weight, self.shift(e, z[:, k] * V_UNIT), extra)[0]
+
+        no_scale = np.ones((1, x.shape[1]), np.float32)
+
+        jac = np.empty((k + 1, *x.shape), np.float32)
+        gram, grad = np.empty((len(x), k + 1, k + 1)), np.empty((len(x), k + 1))
         for _ in range(self.refine_steps):
-            base = model(z)
-            jac = [(model(z + STEP * np.eye(k + 1)[j]) - base) / STEP for j in range(k + 1)]
-            gram = np.stack([np.stack([(weight * a * b).sum(axis=1, dtype=np.float64) for b in jac], -1)
-                             for a in jac], -2)
-            grad = np.stack([(weight * a * (x - base)).sum(axis=1, dtype=np.float64) for a in jac], -1)
+            e = emulated(z)
+            base = fitted(e, z)
+            for j in range(k + 1):
+                moved = z + STEP * np.eye(k + 1)[j]
+                jac[j] = (fitted(e if j == k else emulated(moved), moved) - base) / STEP
+            normal_equations(jac, no_scale, weight, x - base, gram, grad)
             damped = gram + np.eye(k + 1) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / (k + 1)
                                              + 1e-12)[:, None, None]
             delta = np.linalg.solve(damped, grad[..., None])[..., 0]

@@ -1,0 +1,38 @@
+"""The normal equations of many small weighted least-squares fits, one per row, in one pass.
+
+The emulator (`starcast.engine.emulator`) fits every spectrum twice over: its continuum (a few
+Chebyshev polynomials times the emulated spectrum) and, per Gauss-Newton step, its labels (the
+Jacobian's columns). Each fit needs k (k + 1) / 2 + k weighted sums over D pixels per row; NumPy
+forms each sum from temporaries the size of the batch, this loop from one row's pixels in cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def normal_equations(columns, scale, weight, target, gram, rhs):
+    """gram[b] = A^T W A and rhs[b] = A^T W y of the weighted least-squares fit of each row b of
+    target [B, D] (y) by the k columns A[:, i] = scale[b] * columns[i, b] (elementwise over the D
+    pixels), W = diag(weight[b]): gram [B, k, k] and rhs [B, k] float64, filled in place. columns
+    [k, B, D] or [k, 1, D] (one set for every row), scale [B, D] or [1, D]: an array of one row
+    serves every row. Products and sums in float64, the sums' order left to the compiler (so that
+    they vectorise)."""
+    k, _, d = columns.shape
+    for b in range(target.shape[0]):
+        c = b if columns.shape[1] > 1 else 0
+        s = b if scale.shape[0] > 1 else 0
+        for i in range(k):
+            for j in range(i, k):
+                total = 0.0
+                for p in range(d):
+                    total += (np.float64(weight[b, p]) * scale[s, p] * scale[s, p]
+                              * columns[i, c, p] * columns[j, c, p])
+                gram[b, i, j] = total
+                gram[b, j, i] = total
+            total = 0.0
+            for p in range(d):
+                total += np.float64(weight[b, p]) * scale[s, p] * columns[i, c, p] * target[b, p]
+            rhs[b, i] = total
