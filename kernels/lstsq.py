@@ -21,18 +21,22 @@ def normal_equations(columns, scale, weight, target, gram, rhs):
     serves every row. Products and sums in float64, the sums' order left to the compiler (so that
     they vectorise)."""
     k, _, d = columns.shape
+    u, v = np.empty(d), np.empty(d)  # one row's weight * scale^2 and weight * scale * target
     for b in range(target.shape[0]):
         c = b if columns.shape[1] > 1 else 0
         s = b if scale.shape[0] > 1 else 0
+        for p in range(d):
+            ws = np.float64(weight[b, p]) * scale[s, p]
+            u[p] = ws * scale[s, p]
+            v[p] = ws * target[b, p]
         for i in range(k):
             for j in range(i, k):
                 total = 0.0
                 for p in range(d):
-                    total += (np.float64(weight[b, p]) * scale[s, p] * scale[s, p]
-                              * columns[i, c, p] * columns[j, c, p])
+                    total += u[p] * columns[i, c, p] * columns[j, c, p]
                 gram[b, i, j] = total
                 gram[b, j, i] = total
             total = 0.0
             for p in range(d):
-                total += np.float64(weight[b, p]) * scale[s, p] * columns[i, c, p] * target[b, p]
+                total += v[p] * columns[i, c, p]
             rhs[b, i] = total
