@@ -102,8 +102,10 @@ def vsini_ladder(top: float = 460.0) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Observation:
-    """How the survey observes: its wavelength grid (Angstrom, linear), resolving power R and the
-    limb darkening of the rotation profile (0.6, the customary value)."""
+    """How the survey observes: its wavelength grid (Angstrom, linear), resolving power R, the limb
+    darkening of the rotation profile (0.6, the customary value) and the stars' radial-tangential
+    macroturbulence zeta (km/s; 0: none, as in the grid's models, which carry microturbulence only;
+    OB stars show tens of km/s of it, supergiants the most: Simon-Diaz et al. 2017, A&A 597, A22)."""
 
     start: float = 4000.0
     step: float = 0.2
@@ -111,6 +113,7 @@ class Observation:
     resolving_power: float = 20000.0
     epsilon: float = 0.6
     medium: str = "air"
+    macroturbulence: float = 0.0
 
     def grid(self) -> WavelengthGrid:
         return WavelengthGrid.linear(self.start, self.step, self.npix, medium=self.medium)
@@ -122,14 +125,17 @@ class Observation:
 
 def broaden(wavelength: np.ndarray, flux: np.ndarray, vsini: np.ndarray, obs: Observation) -> np.ndarray:
     """Unbroadened normalised `flux` on `wavelength` (A) -> (len(vsini), obs.npix) float32: rotation
-    (Gray, with obs.epsilon) and the instrument, pixel-averaged on the observed grid. The spectrum is
-    taken as continuum (1) beyond its ends."""
+    (Gray, with obs.epsilon), macroturbulence (if any) and the instrument, pixel-averaged on the observed
+    grid. The spectrum is taken as continuum (1) beyond its ends."""
     lo, hi = math.log(wavelength[0]), math.log(wavelength[-1])
     h = VELOCITY_STEP_KMS / physics.C_KMS
     lam = np.exp(lo + h * np.arange(int((hi - lo) / h) + 1))
     g = np.interp(lam, wavelength, flux) - 1.0
     kernels = [physics.velocity_kernel(VELOCITY_STEP_KMS, float(v), obs.epsilon, obs.sigma_kms())
                for v in vsini]
+    if obs.macroturbulence > 0.0:
+        macro = physics.macroturbulence_kernel(VELOCITY_STEP_KMS, obs.macroturbulence, obs.epsilon)
+        kernels = [np.convolve(k, macro) for k in kernels]
     half = max(len(k) for k in kernels) // 2
     nfft = _fast_len(len(lam) + 2 * half + 1)
     spectrum = np.fft.rfft(g, nfft)
@@ -283,7 +289,10 @@ def _library_key(grid: ModelGrid, obs: Observation, vsini: np.ndarray, metals: n
     h = hashlib.sha256()
     for a in (grid.wavelength, grid.flux, grid.nodes(), vsini, *([metals] if metals.any() else [])):
         h.update(np.ascontiguousarray(a).tobytes())
-    h.update(json.dumps([asdict(obs), clip, VELOCITY_STEP_KMS]).encode())
+    observation = asdict(obs)
+    if not obs.macroturbulence:  # as before the field existed, so that those libraries keep their keys
+        del observation["macroturbulence"]
+    h.update(json.dumps([observation, clip, VELOCITY_STEP_KMS]).encode())
     return h.hexdigest()
 
 

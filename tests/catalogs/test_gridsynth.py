@@ -2,10 +2,14 @@
 interpolation between nodes measured against exact broadening and left-out nodes, the metal-line scaling
 against spectra built from known lines, and the survey's noise."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PyAstronomy import pyasl
 from starcast.catalogs import gridsynth as gs
+from starcast.catalogs import physics
+from starcast.catalogs.grids import ModelGrid
 
 OBS = gs.Observation(start=4440.0, step=0.2, npix=301)  # 4440-4500 A: He I 4471, Mg II 4481
 
@@ -33,6 +37,30 @@ def test_broadening_matches_pyastronomy(block):
         binned = np.array([ref[np.abs(wl - c) < 0.5 * OBS.step - 1e-6].mean() for c in centres])
         assert np.max(np.abs(row - binned)) < 2e-3, vsini
         assert np.sqrt(np.mean((row - binned) ** 2)) < 3e-4, vsini
+
+
+def test_macroturbulence_adds_its_variance_to_a_weak_line():
+    """Broadening is linear in 1 - flux, so a weak line's velocity variance grows by the
+    radial-tangential kernel's, zeta^2 / 4, at every v sin i; and a library with macroturbulence is
+    cached under a key of its own."""
+    wl = np.arange(4400.0, 4540.0, 0.01)
+    line = 1.0 - 0.01 * np.exp(-0.5 * ((wl - 4470.0) / 0.05) ** 2)
+    zeta = 30.0
+    plain, macro = (gs.broaden(wl, line, np.array([0.0, 40.0]), replace(OBS, macroturbulence=z))
+                    for z in (0.0, zeta))
+    v = physics.C_KMS * (OBS.grid().values() / 4470.0 - 1.0)
+
+    def variance(flux):
+        depth = 1.0 - flux.astype(np.float64)
+        mean = np.sum(depth * v) / np.sum(depth)
+        return np.sum(depth * (v - mean) ** 2) / np.sum(depth)
+    for p, m in zip(plain, macro, strict=True):
+        assert variance(m) - variance(p) == pytest.approx(zeta**2 / 4, rel=0.02)
+    params = {"teff": np.array([20000.0]), "logg": np.array([4.0])}
+    grid = ModelGrid(wl, line[None, :].astype(np.float32), params, np.array(["line"]))
+    keys = {gs.BroadenedLibrary.build(grid, replace(OBS, macroturbulence=z), np.array([0.0])).key
+            for z in (0.0, zeta)}
+    assert len(keys) == 2
 
 
 def test_vsini_between_rungs_is_close_to_exact_broadening(block, library):

@@ -47,6 +47,31 @@ def test_velocity_kernel_sums_to_one_with_the_analytic_width(vsini, epsilon, sig
     assert np.sum(k * v * v) == pytest.approx(expected, rel=2e-3)
 
 
+@pytest.mark.parametrize("zeta,epsilon", [(25.0, 0.6), (60.0, 0.0), (8.0, 1.0)])
+def test_macroturbulence_kernel_matches_a_disc_sampled_by_monte_carlo(zeta, epsilon):
+    """Against an independent construction: points drawn uniformly over the visible disc, weighed by
+    their limb-darkened intensity, half moving along the surface normal and half along the surface
+    in the plane of the line of sight, each with Gaussian speeds of 1/e half width zeta (Gray's
+    radial-tangential model); and the analytic variance zeta^2 / 4 (+ dv^2 / 12 of the binning)."""
+    dv = 1.0
+    k = physics.macroturbulence_kernel(dv, zeta, epsilon)
+    half = k.size // 2
+    v = dv * (np.arange(k.size) - half)
+    assert k.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(k, k[::-1], atol=1e-15)
+    assert np.sum(k * v * v) == pytest.approx(zeta**2 / 4 + dv**2 / 12, rel=1e-3)
+    rng = np.random.default_rng(1)
+    n = 2_000_000
+    r = np.sqrt(rng.uniform(size=n))  # uniform over the disc's projected area
+    mu = np.sqrt(1.0 - r * r)
+    projection = np.where(rng.uniform(size=n) < 0.5, mu, r)  # radial: cos theta; tangential: sin theta
+    speed = rng.normal(0.0, zeta / np.sqrt(2.0), n)  # exp(-(u / zeta)^2)
+    counts = np.histogram(speed * projection, bins=(np.arange(-half, half + 2) - 0.5) * dv,
+                          weights=1.0 - epsilon + epsilon * mu)[0]
+    reference = counts / counts.sum()
+    assert np.max(np.abs(k - reference)) < 0.02 * k.max()
+
+
 @pytest.mark.parametrize("vsini", [15.0, 80.0, 300.0])
 @pytest.mark.parametrize("epsilon", [0.0, 0.6, 1.0])
 def test_rotational_broadening_agrees_with_pyastronomy(vsini, epsilon):
