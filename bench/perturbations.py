@@ -5,13 +5,15 @@ training, SNR 50-300, no ripple or gap; with `--source synthetic`, the simplifie
 survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, wavelength offset
 +-0.3 A, resolving power R/2 and R/4, a 30 A gap over He I 4471, vacuum wavelengths stated or
 labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; for TLUSTY spectra
-also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars) and
+also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars, and
+the radial-tangential macroturbulence of 25 and 60 km/s that real OB stars show and the grid lacks) and
 five that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
 bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
 H-delta, a double-lined companion), three of their noise (flux_err understated or overstated, flux_err
 absent) and a resolving power of 15 000 left unstated, it reports per target
-the RMSE over rows with numbers against the clean run, the 68% coverage, and the fraction of rows
-flagged (bits other than the INFORMATIONAL ones) or nulled.
+the RMSE over rows with numbers against the clean run, the 68% coverage, the bias of v sin i among
+slow rotators (true < SLOW km/s), and the fraction of rows flagged (bits other than the INFORMATIONAL
+ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
 or when >= 95% of its rows are flagged or nulled; the clean rows should be <= 2% flagged. Labels are
 dropped before predicting, so flags come from the spectra and predictions only. For a model with an
@@ -64,16 +66,18 @@ TARGETS = ("teff", "logg", "vsini")
 R_SOURCE = 20000.0  # resolving power of the default source (and of ob-default's training spectra)
 TRUE_RV = "true_rv"  # km/s, a column the rv perturbations add for scoring (the sources are at rest)
 METALS = "metals"  # dex: the metal-line strength of the TLUSTY source's stars (a label, dropped too)
+SLOW = 60.0  # km/s: true v sin i below which a star counts as a slow rotator (its bias is reported)
 
-# (n, seed, resolving power, metals dex) -> catalog with labels
-Source = Callable[[int, int, float, float], pa.Table]
+# (n, seed, resolving power, metals dex[, macroturbulence km/s]) -> catalog with labels
+Source = Callable[..., pa.Table]
 
 
-def synthetic_source(n: int, seed: int, resolving_power: float, metals: float = 0.0) -> pa.Table:
+def synthetic_source(n: int, seed: int, resolving_power: float, metals: float = 0.0,
+                     macroturbulence: float = 0.0) -> pa.Table:
     """Held-out spectra: the synthetic random survey (4000-4800 A, air, SNR 50-300) at `seed` (its own
-    composition only)."""
-    if metals:
-        raise ValueError("the simplified generator has no metal scaling")
+    composition only, no macroturbulence)."""
+    if metals or macroturbulence:
+        raise ValueError("the simplified generator has no metal scaling or macroturbulence")
     return synth_table(SynthConfig(n=n, seed=seed, resolving_power=resolving_power))
 
 
@@ -82,7 +86,7 @@ def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Sour
     training), v sin i uniform, observed with the config's perturbations but no ripple or gap (those
     are perturbations of their own), SNR in `snr`, the grid's composition unless `metals` (dex) is
     given (`gridsynth.scale_metal_lines`); at another resolving power or metals the test-node models
-    are broadened again (the same labels per seed)."""
+    are broadened again (the same labels per seed), as with radial-tangential `macroturbulence` (km/s)."""
     from dataclasses import replace
 
     from starcast.catalogs import gridsynth
@@ -98,11 +102,12 @@ def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Sour
     # ripples and gaps: perturbations of their own, below
     pert = replace(grid_source.pert, ripple_prob=0.0, gap_prob=0.0, snr=snr, metals=(0.0, 0.0))
 
-    def source(n: int, seed: int, resolving_power: float, metals: float = 0.0) -> pa.Table:
+    def source(n: int, seed: int, resolving_power: float, metals: float = 0.0,
+               macroturbulence: float = 0.0) -> pa.Table:
         rng = np.random.default_rng(seed)
         labels = gridsynth.labels_at(nodes[rng.integers(0, len(nodes), n)], pert, rng)
         labels[METALS] = np.full(n, metals)
-        obs = replace(grid_source.obs, resolving_power=resolving_power)
+        obs = replace(grid_source.obs, resolving_power=resolving_power, macroturbulence=macroturbulence)
         lib = gridsynth.BroadenedLibrary.build(models, obs, metals=np.array([metals]))
         return gridsynth.draw_survey(lib, labels, pert, rng).table(obs)
     return source
@@ -158,6 +163,14 @@ def metal_poor(dex: float):
     """The same stars with their metal lines weaker by `dex` (optical depth x 10**-dex)."""
     def perturb(table, source, n, seed, **_):
         return source(n, seed, R_SOURCE, -dex)
+    return perturb
+
+
+def macroturbulent(zeta: float):
+    """The same stars with radial-tangential macroturbulence of `zeta` km/s, which the grid's models
+    lack and real OB stars show (`gridsynth.Observation`)."""
+    def perturb(table, source, n, seed, **_):
+        return source(n, seed, R_SOURCE, macroturbulence=zeta)
     return perturb
 
 
@@ -305,8 +318,11 @@ PERTURBATIONS = {
     "no flux_err (noise from DER_SNR)": no_flux_err,
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
 }
-# for sources with a composition to change (TLUSTY): one inside ob-default's training span, one beyond
-METAL_PERTURBATIONS = {"metals -0.2 dex": metal_poor(0.2), "metals -0.5 dex": metal_poor(0.5)}
+# for sources whose physics can change (TLUSTY): metals inside ob-default's training span and beyond,
+# macroturbulence of a B dwarf and of a supergiant
+PHYSICS_PERTURBATIONS = {"metals -0.2 dex": metal_poor(0.2), "metals -0.5 dex": metal_poor(0.5),
+                         "macroturbulence 25 km/s": macroturbulent(25.0),
+                         "macroturbulence 60 km/s": macroturbulent(60.0)}
 
 
 def score(results: pa.Table, truth: dict[str, np.ndarray], true_rv: np.ndarray) -> dict:
@@ -334,6 +350,9 @@ def score(results: pa.Table, truth: dict[str, np.ndarray], true_rv: np.ndarray) 
         r = mean[ok] - truth[t][ok]
         out["targets"][t] = {"rmse": float(np.sqrt(np.mean(r**2))) if ok.any() else None,
                              "coverage_68": float(np.mean(np.abs(r) <= err[ok])) if ok.any() else None}
+        if t == "vsini":
+            slow = truth[t][ok] < SLOW
+            out["targets"][t]["slow_bias"] = float(np.mean(r[slow])) if slow.any() else None
     return out
 
 
@@ -397,6 +416,7 @@ def markdown(report: dict, command: str) -> str:
     clean = report["clean"]
     summary = ", ".join(f"{t} RMSE {c['rmse']:.4g}, 68% coverage {100 * c['coverage_68']:.1f}%"
                         for t, c in clean["targets"].items())
+    summary += f"; v sin i bias where true < {SLOW:.0f} km/s {clean['targets']['vsini']['slow_bias']:+.2f}"
     fit = "chi2_median" in clean  # a model with an emulator
     lines = [f"# Perturbation matrix ({report['model']})", "", f"Command: `{command}`", "",
              f"Source: {report.get('source', 'synthetic')}. Clean: {clean['rows']} held-out spectra, "
@@ -415,9 +435,10 @@ def markdown(report: dict, command: str) -> str:
                   f"`infer` on the clean rows (CPU backend, rows/s): {rates}.", ""]
     extra = " MODEL_MISMATCH | median chi2 | rv RMSE (km/s) |" if fit else ""
     lines += ["| perturbation | flagged or nulled | nulled |" + extra + " " + " | ".join(
-                 f"{t} RMSE / clean | {t} cov68" for t in TARGETS) + " | passes |",
+                 f"{t} RMSE / clean | {t} cov68" for t in TARGETS)
+              + f" | vsini bias, true < {SLOW:.0f} (km/s) | passes |",
               "| --- | --- | --- |" + (" --- | --- | --- |" if fit else "") + " "
-              + " | ".join("--- | ---" for _ in TARGETS) + " | --- |"]
+              + " | ".join("--- | ---" for _ in TARGETS) + " | --- | --- |"]
     for name, e in report["perturbations"].items():
         cells = []
         for t in TARGETS:
@@ -428,6 +449,8 @@ def markdown(report: dict, command: str) -> str:
             median = "-" if e["chi2_median"] is None else f"{e['chi2_median']:.2f}"
             rv = "-" if e["rv"]["rmse"] is None else f"{e['rv']['rmse']:.1f}"
             cells = [f"{100 * e['model_mismatch']:.1f}%", median, rv, *cells]
+        slow = e["targets"]["vsini"].get("slow_bias")
+        cells.append("-" if slow is None else f"{slow:+.1f}")
         lines.append(f"| {name} | {100 * e['flagged_or_nulled']:.1f}% | {100 * e['nulled']:.1f}% | "
                      + " | ".join(cells) + f" | {'yes' if e['passes'] else '**no**'} |")
     lines += ["", "Pass: RMSE <= 1.5x clean and 68% coverage within 5 points of clean for every target, or "
@@ -454,7 +477,7 @@ def main() -> None:
     tlusty = args.source == "tlusty"
     source = tlusty_source(args.config) if tlusty else synthetic_source
     report = run_matrix(model, source=source, n=args.n, seed=args.seed,
-                        perturbations={**PERTURBATIONS, **(METAL_PERTURBATIONS if tlusty else {})})
+                        perturbations={**PERTURBATIONS, **(PHYSICS_PERTURBATIONS if tlusty else {})})
     report.update(model=model.name, model_sha256=model.bundle.weights_sha256, n=args.n, seed=args.seed,
                   source=args.source if args.source == "synthetic" else f"tlusty test nodes of {args.config}",
                   model_resolving_power=model.resolving_power, command=" ".join(["python", *sys.argv]),
