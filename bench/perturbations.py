@@ -7,13 +7,13 @@ survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, w
 labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; for TLUSTY spectra
 also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars, and
 the radial-tangential macroturbulence of 25 and 60 km/s that real OB stars show and the grid lacks) and
-five that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
+six that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
 bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
-H-delta, a double-lined companion), three of their noise (flux_err understated or overstated, flux_err
-absent) and a resolving power of 15 000 left unstated, it reports per target
-the RMSE over rows with numbers against the clean run, the 68% coverage, the bias of v sin i among
-slow rotators (true < SLOW km/s), and the fraction of rows flagged (bits other than the INFORMATIONAL
-ones) or nulled.
+H-delta, a double-lined companion, light without lines veiling the spectrum), three of their noise
+(flux_err understated or overstated, flux_err absent) and a resolving power of 15 000 left unstated,
+it reports per target the RMSE over rows with numbers against the clean run, the 68% coverage, the
+bias of v sin i among slow rotators (true < SLOW km/s), and the fraction of rows flagged (bits other
+than the INFORMATIONAL ones) or nulled.
 A perturbation passes when RMSE stays within 1.5x of clean with 68% coverage within 5 points of clean,
 or when >= 95% of its rows are flagged or nulled; the clean rows should be <= 2% flagged. Labels are
 dropped before predicting, so flags come from the spectra and predictions only. For a model with an
@@ -281,6 +281,16 @@ def be_emission(table, **_):
     return _set_flux(table, flux + np.nanmedian(flux, axis=1, keepdims=True) * emission[None, :])
 
 
+def veiling(fraction: float):
+    """Light without lines added to the star's: `fraction` of its continuum, flat (scattered light the
+    reduction left, or a featureless companion's continuum), so every line is shallower by 1 / (1 +
+    fraction); flux_err unchanged."""
+    def perturb(table, **_):
+        flux = _flux(table)
+        return _set_flux(table, flux + fraction * np.nanmedian(flux, axis=1, keepdims=True))
+    return perturb
+
+
 def companion(table, ratio: float = 0.3, velocity: float = 150.0, **_):
     """A double-lined binary: each star's spectrum plus that of another star of the set (the next row),
     `ratio` times as bright, moving at +`velocity` km/s relative to it; the labels stay the brighter
@@ -317,6 +327,7 @@ PERTURBATIONS = {
     "flux_err understated 1.2x": stated_noise(1.0 / 1.2), "flux_err overstated 1.2x": stated_noise(1.2),
     "no flux_err (noise from DER_SNR)": no_flux_err,
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
+    "veiling 5% (light without lines)": veiling(0.05), "veiling 15% (light without lines)": veiling(0.15),
 }
 # for sources whose physics can change (TLUSTY): metals inside ob-default's training span and beyond,
 # macroturbulence of a B dwarf and of a supergiant
