@@ -34,6 +34,13 @@ too: its frequency refined on a finer grid about the periodogram's peak, then th
 sinusoid's two terms beside the polynomial and the same Gauss-Newton steps run again, so that the
 labels, their sigmas and the chi^2 are those of a star seen through that ripple (left in, a 1% ripple
 moves Teff by several times its noise at SNR >= 100; `bench/blend_parts.py`).
+Light without lines (scattered light the reduction left, a featureless companion's continuum) makes
+every line shallower by one factor, which the labels absorb so well that the chi^2 hardly rises
+(5% of the continuum: median 1.05, log g 5x its clean error; `bench/perturbations.py`). So the final
+residual is searched for it too: the drop in chi^2 from fitting a constant made orthogonal to the
+continuum's terms (what is left of it is the fitted spectrum's lines), per unit of the reduced
+chi^2 (`veiling`); above the emulator's `veiling_threshold` the row is flagged MODEL_MISMATCH (the
+light is not fitted: the numbers of such a row are not corrected for it).
 """
 
 from __future__ import annotations
@@ -56,8 +63,9 @@ from ..kernels.resample import doppler_shift
 from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
+# optional: ripple_threshold, dib_threshold, veiling_threshold
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
-              "continuum_degree", "refine_steps", "chi2_threshold")  # optional: ripple_ and dib_threshold
+              "continuum_degree", "refine_steps", "chi2_threshold")
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
 CHUNK = 1024  # rows at a time (the Jacobian holds len(labels) spectra per row)
 V_UNIT = 10.0  # km/s: the velocity's unit in the fit, so that STEP and the step limits suit it too
@@ -122,6 +130,7 @@ class Emulator:
     wavelength: np.ndarray  # (D,) float64, Angstrom: the model grid
     ripple_threshold: float = math.inf
     dib_threshold: tuple[float, ...] = (math.inf,) * len(DIBS)  # per band of DIBS
+    veiling_threshold: float = math.inf
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -346,6 +355,26 @@ class Emulator:
             out[:, j] = np.where(coef[:, 0] > 0, both - alone, 0.0)
         return out / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)[:, None]
 
+    def veiling(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray,
+                chi2: np.ndarray) -> np.ndarray:
+        """(B,) float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting it light without
+        lines (a constant added to the normalised spectrum: scattered light, a featureless companion's
+        continuum) beside the continuum's polynomials times the fitted `model` [B, D], against which the
+        constant is first made orthogonal (what is left of it is the fitted spectrum's lines, each
+        shallower by one factor), divided by the reduced chi^2 `chi2` where that exceeds 1 (as the
+        ripple's); 0 where the fitted light is negative (lines deeper than the model's)."""
+        p = len(self._continuum_rows)
+        gram, rhs = np.empty((len(model), p, p)), np.empty((len(model), p))
+        normal_equations(self._continuum_rows, model, weight, np.ones_like(model), gram, rhs)
+        gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
+        coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)
+        light = 1.0 - model * (coef @ self._continuum_rows[:, 0])  # the constant, orthogonal to the continuum
+        along = (weight * light * residual).sum(axis=1, dtype=np.float64)
+        norm = (weight * light * light).sum(axis=1, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            drop = np.where(along > 0, along * along / norm, 0.0)
+        return np.nan_to_num(drop, nan=0.0, posinf=0.0) / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+
     @cached_property
     def _dib_windows(self) -> list[slice]:
         """The pixels within each band's window of its centre."""
@@ -419,7 +448,7 @@ class Emulator:
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
-        ripple_excess, ripple_frequency = np.zeros(len(x)), np.full(len(x), np.nan)
+        ripple_excess, ripple_frequency, veiling = np.zeros(len(x)), np.full(len(x), np.nan), np.empty(len(x))
         dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (self.pixel_weight(ivar) > 0).sum(axis=1)
@@ -447,8 +476,8 @@ class Emulator:
                 best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
                                                              lo, hi, extra)
                 shifted = rv[at] if self.refine_steps else None
-                model, coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
-                residual[rows], dib_depths[at] = xs[rows] - model, self.band_depths(coef)
+                model[rows], coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
+                residual[rows], dib_depths[at] = xs[rows] - model[rows], self.band_depths(coef)
                 chi2[at] = reduced(residual[rows], weight[rows], dof[at] - DIB_TERMS * band[rows].sum(axis=1))
                 ripple[at], freq[rows] = self.ripple(residual[rows], weight[rows], chi2[at])
             with np.errstate(invalid="ignore"):
@@ -460,13 +489,14 @@ class Emulator:
                 best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
                                                              lo, hi, extra)
                 shifted = rv[at] if self.refine_steps else None
-                model, coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
-                residual, banded = xs[rows] - model, band[rows].any(axis=1)
+                model[rows], coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
+                residual[rows], banded = xs[rows] - model[rows], band[rows].any(axis=1)
                 if banded.any():
                     dib_depths[at[banded]] = self.band_depths(coef[banded])
-                plain, chi2[at] = chi2[at], reduced(residual, weight[rows], dof[at] - RIPPLE_TERMS - 1
+                plain, chi2[at] = chi2[at], reduced(residual[rows], weight[rows], dof[at] - RIPPLE_TERMS - 1
                                                     - DIB_TERMS * band[rows].sum(axis=1))
                 ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
+            veiling[part] = self.veiling(residual, weight, model, chi2[part])
             fitted[part] = best
         # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
         errors *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))[:, None]
@@ -474,7 +504,7 @@ class Emulator:
         return Fit(chi2=chi2, pixels=n.astype(np.int32), rv=rv, rv_err=np.hypot(errors[:, -1], RV_SYSTEMATIC),
                    ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
                    dib=np.where(explained, dib, np.nan), dib_depths=dib_depths,
-                   ripple_frequency=ripple_frequency,
+                   ripple_frequency=ripple_frequency, veiling=np.where(explained[:, 0], veiling, np.nan),
                    labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan))
 
@@ -503,6 +533,7 @@ class Fit:
     ripple: np.ndarray
     ripple_excess: np.ndarray
     ripple_frequency: np.ndarray
+    veiling: np.ndarray
     dib: np.ndarray
     dib_depths: np.ndarray
     labels: np.ndarray
@@ -526,9 +557,11 @@ class Fit:
             return (self.dib > np.asarray(emulator.dib_threshold)) & (emulator.continuum_degree >= 0)
 
     def mismatch(self, emulator: Emulator) -> np.ndarray:
-        """MODEL_MISMATCH: the chi^2 or the ripple statistic above the emulator's threshold."""
+        """MODEL_MISMATCH: the chi^2, the ripple statistic or the veiling statistic above the emulator's
+        threshold."""
         with np.errstate(invalid="ignore"):
-            return (self.chi2 > emulator.chi2_threshold) | (self.ripple > emulator.ripple_threshold)
+            return ((self.chi2 > emulator.chi2_threshold) | (self.ripple > emulator.ripple_threshold)
+                    | (self.veiling > emulator.veiling_threshold))
 
 
 def save_emulator(path: str | Path, layers: list[tuple], sigma: np.ndarray, entry: dict) -> dict:
@@ -584,6 +617,7 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     chi2_threshold=float(entry["chi2_threshold"]),
                     wavelength=np.asarray(wavelength, np.float64),
                     ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
+                    veiling_threshold=float(entry.get("veiling_threshold", math.inf)),
                     dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where))
 
 

@@ -477,8 +477,8 @@ class Model:
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
-                  ripple_frequency=np.full(n, np.nan), dib=np.full((n, len(DIBS)), np.nan),
-                  dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
+                  ripple_frequency=np.full(n, np.nan), veiling=np.full(n, np.nan),
+                  dib=np.full((n, len(DIBS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan))
         if len(rows):

@@ -9,7 +9,7 @@ predicts the leading principal components of those spectra (folded into its last
 Its per-pixel error is measured at the validation nodes, left out of its training, and scaled so that
 the engine's median chi^2 on a clean validation survey is 1 at the highest SNR; the threshold above
 which the fit fits the diffuse band at 4428 A and the MODEL_MISMATCH thresholds are quantiles of the
-band's statistic, the ripple statistic and the chi^2 on that survey. With the emulator
+band's statistic, the ripple statistic, the chi^2 and the veiling statistic on that survey. With the emulator
 in place, a model that sees its SNR has its SNR-conditional calibration fitted again, for an estimate
 that blends the network's mean with the emulator fit's labels (`calibrate_estimates`).
 """
@@ -67,6 +67,7 @@ class EmulatorSettings:
     quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
     ripple_quantile: float = 0.995  # of the ripple statistic (a ripple stands far above it: ~20 vs 400+)
     dib_quantile: float = 0.995  # of each diffuse band's statistic: the fit fits the band above it
+    veiling_quantile: float = 0.995  # of the veiling statistic (5% of light without lines: median ~15 vs ~2)
     refine_steps: int = 1  # Gauss-Newton steps from the predicted labels (engine.emulator); on ob-default
     # v1 one step gives the chi^2 of three (p99 2.1 at SNR 200-500, 3.2 without) at 3x their speed
     seed: int = 0
@@ -203,8 +204,9 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
     then the diffuse bands' thresholds and the MODEL_MISMATCH thresholds, quantiles
-    (`settings.dib_quantile`, `ripple_quantile`, `quantile`) of each band's statistic, of the ripple
-    statistic with the bands removed where they pass and of the chi^2 as the engine then reports it.
+    (`settings.dib_quantile`, `ripple_quantile`, `quantile`, `veiling_quantile`) of each band's
+    statistic, of the ripple statistic with the bands removed where they pass, and of the chi^2 and
+    the veiling statistic as the engine then reports them.
     The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
     on them, metrics included; the scaled sigma)."""
     surveys = {split: held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
@@ -236,7 +238,8 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     emulator = replace(emulator, ripple_threshold=ripple_threshold)
     fitted = fits(emulator)
     chi2_threshold = float(np.nanquantile(fitted["val"].chi2, settings.quantile))
-    calibrated = replace(emulator, chi2_threshold=chi2_threshold)
+    veiling_threshold = float(np.nanquantile(fitted["val"].veiling, settings.veiling_quantile))
+    calibrated = replace(emulator, chi2_threshold=chi2_threshold, veiling_threshold=veiling_threshold)
     metrics = {}
     for split, f in fitted.items():
         key = f"{split}_nodes"
@@ -244,8 +247,9 @@ def calibrate(source: GridSource, model: Model, entry: dict,
                         "flagged": float(np.mean(f.mismatch(calibrated))),
                         "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], chi2_threshold)}
     return {"chi2_threshold": chi2_threshold, "ripple_threshold": ripple_threshold,
-            "dib_threshold": dib_threshold, "chi2_quantile": settings.quantile,
-            "ripple_quantile": settings.ripple_quantile, "dib_quantile": settings.dib_quantile,
+            "dib_threshold": dib_threshold, "veiling_threshold": veiling_threshold,
+            "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
+            "dib_quantile": settings.dib_quantile, "veiling_quantile": settings.veiling_quantile,
             "sigma_emu_median": float(np.median(emulator.sigma)), "metrics": metrics}, emulator.sigma
 
 
@@ -387,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
         print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
     print(f"  chi2 threshold {entry['chi2_threshold']:.3f}, ripple threshold "
-          f"{entry['ripple_threshold']:.1f}, diffuse band thresholds "
-          f"{', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
+          f"{entry['ripple_threshold']:.1f}, veiling threshold {entry['veiling_threshold']:.1f}, "
+          f"diffuse band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
                          for b in m["chi2_by_snr"])
