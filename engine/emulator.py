@@ -115,8 +115,9 @@ ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.ma
 class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
     `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise; a reduced chi^2
-    above `chi2_threshold`, or a ripple statistic above `ripple_threshold`, flags MODEL_MISMATCH; a
-    band of DIBS is fitted where its statistic passes its `dib_threshold`."""
+    above `chi2_threshold`, a ripple statistic above `ripple_threshold` or a veiling statistic above
+    `veiling_threshold` flags MODEL_MISMATCH; a band of DIBS is fitted where its statistic passes its
+    `dib_threshold`."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -516,7 +517,8 @@ class Fit:
     RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
     statistic of the fit without a ripple (`Emulator.ripple`; with the bands where any was fitted; NaN
     with the chi^2), the excess reduced chi^2 that fitting the ripple removed and the ripple's
-    frequency (1/A; 0 and NaN where none was fitted), the statistics of the diffuse bands of the fit
+    frequency (1/A; 0 and NaN where none was fitted), the veiling statistic of the final fit
+    (`Emulator.veiling`; NaN with the chi^2), the statistics of the diffuse bands of the fit
     without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of those fitted
     (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0 elsewhere;
     `Model.predict` removes the bands from the spectrum and fits it again, and keeps the terms it
