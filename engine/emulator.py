@@ -38,9 +38,14 @@ Light without lines (scattered light the reduction left, a featureless companion
 every line shallower by one factor, which the labels absorb so well that the chi^2 hardly rises
 (5% of the continuum: median 1.05, log g 5x its clean error; `bench/perturbations.py`). So the final
 residual is searched for it too: the drop in chi^2 from fitting a constant made orthogonal to the
-continuum's terms (what is left of it is the fitted spectrum's lines), per unit of the reduced
-chi^2 (`veiling`); above the emulator's `veiling_threshold` the row is flagged MODEL_MISMATCH (the
-light is not fitted: the numbers of such a row are not corrected for it).
+continuum's terms (what is left of it is the fitted spectrum's lines) beside the labels' linearised
+steps, beyond what those steps alone remove, per unit of the reduced chi^2 (`veiling`). Above the
+emulator's `veiling_threshold` the row is flagged MODEL_MISMATCH, and where the light is measured to
+within VEIL_SIGMA_MAX and accounts for VEIL_EXCESS_SHARE of the fit's excess chi^2 it is fitted (a
+constant beside the continuum, VEIL_STEPS refits; `Fit.veil`);
+the engine then removes it from the spectrum
+and predicts it again, as it does the bands, and adds to the labels' variance what fitting the light
+added to the fit's.
 """
 
 from __future__ import annotations
@@ -79,6 +84,24 @@ RIPPLE_PERIODS = (15.0, 150.0)  # Angstrom: too short for the cubic continuum, l
 RIPPLE_OVERSAMPLING = 2  # frequencies per 1 / (grid span): at worst 81% of a ripple's power
 RIPPLE_REFINE = 8  # the fitted ripple's frequency: on a grid this many times finer about the peak
 RIPPLE_TERMS = 2  # the fitted ripple's parameters in the continuum (a sin + b cos); its frequency one more
+# the emulated flux below which the column of light without lines, 1 / e, is held (lines of B stars stay
+# well above it, so that e times the column is 1 wherever they are)
+LIGHT_FLOOR = 0.05
+# refits with light without lines, each of `refine_steps`: from labels that read the light as shallower
+# lines (log g 0.13 dex low at 15% of the continuum) one Gauss-Newton step leaves the light 2.5% low and
+# log g's error 1.5x that after two (TLUSTY test nodes, SNR 50-300; three gain nothing more)
+VEIL_STEPS = 2
+# the light is fitted only where it is measured to within this (normalised flux): the networks then see the
+# spectrum with the light removed, and an uncertain amount removed moves their estimate by its noise (clean
+# stars between the nodes at SNR 15-40 took light of 0.09-0.27, log g 0.2-0.4 dex off; a limit of 0.02
+# left their RMSE as without the light's fit, and that of stars with 5% of it as with no limit)
+VEIL_SIGMA_MAX = 0.02
+# ... and only where it accounts for at least this share of the fit's excess chi^2: a misfit of another
+# kind leaves most of its excess when light is fitted to it, and removing that light moves log g by several
+# sigma (radial-tangential macroturbulence of 60 km/s, which no grid model has: light fitted to 16% of
+# such stars, their log g 3x less accurate; with this share 5%, log g of all of them 1.09x as without the
+# light's fit, while light of 5-15% of the continuum is corrected as without it)
+VEIL_EXCESS_SHARE = 0.2
 
 
 class Band(NamedTuple):
@@ -252,52 +275,59 @@ class Emulator:
     def defect_columns(self, ripple: np.ndarray | None = None,
                        dib: np.ndarray | None = None) -> np.ndarray | None:
         """[B, D, q] float32: the continuum's terms beyond the polynomial for B rows, a sin + b cos of a
-        ripple at the frequencies `ripple` [B], 1/A, if given, and the DIB_TERMS of each band of DIBS
+        ripple at the frequencies `ripple` [B], 1/A, if given (NaN: none on that row, zero columns), and
+        the DIB_TERMS of each band of DIBS
         where `dib` [B, len(DIBS)] bool holds (zero columns elsewhere, whose coefficients the fit leaves at
         0), if any does; None without either."""
         parts = []
         if ripple is not None:
-            parts.append(np.stack(self._waves(ripple), axis=2))
+            parts.append(np.nan_to_num(np.stack(self._waves(ripple), axis=2)))
         if dib is not None and np.any(dib):
             found = np.repeat(np.asarray(dib, np.float32), DIB_TERMS, axis=1)  # [B, terms]
             parts.append(self.dib_basis[None] * found[:, None])
         return np.concatenate(parts, axis=2) if parts else None
 
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray | None = None,
-               extra: np.ndarray | None = None) -> np.ndarray:
+               extra: np.ndarray | None = None, veil: bool = False) -> np.ndarray:
         """(B, D) float32: the emulated spectra at `labels` (shifted to `rv` km/s, if given) times the
         continuum that fits x best with `weight` per pixel (`fit_continuum`)."""
-        return self.fit_continuum(x, weight, labels, rv, extra)[0]
+        return self.fit_continuum(x, weight, labels, rv, extra, veil)[0]
 
     def fit_continuum(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray,
-                      rv: np.ndarray | None = None,
-                      extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      rv: np.ndarray | None = None, extra: np.ndarray | None = None,
+                      veil: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """((B, D) float32, (B, p) float32): the emulated spectra at `labels` (shifted to `rv` km/s, if
         given) times the continuum that fits x best with `weight` per pixel (float32 pixels; the normal
         equations, whose sine and cosine of a long period are nearly those of the polynomial, in
         float64), and that continuum's coefficients: of a polynomial of degree `continuum_degree` in
         Chebyshev T_k over the grid, then of the terms `extra` [B, D, q] of each row
-        (`defect_columns`), if given."""
+        (`defect_columns`), if given, then, with `veil`, of light without lines: a constant b added to
+        the product (its coefficient, in units of the normalised flux; `Fit.veil`)."""
         e = self.spectra(labels)
-        return self._times_continuum(x, weight, e if rv is None else self.shift(e, rv), extra)
+        return self._times_continuum(x, weight, e if rv is None else self.shift(e, rv), extra, veil)
 
     def _times_continuum(self, x: np.ndarray, weight: np.ndarray, e: np.ndarray,
-                         extra: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                         extra: np.ndarray | None, veil: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """`fit_continuum` of the emulated spectra e [B, D] as they are."""
         polynomials = self._continuum_rows  # [p0, 1, D]
-        p = len(polynomials) + (0 if extra is None else extra.shape[2])
+        q = 0 if extra is None else extra.shape[2]
+        p = len(polynomials) + q + veil
         if p == 0:
             return e, np.empty((len(e), 0), np.float32)
-        columns = polynomials if extra is None else np.concatenate(
-            [np.broadcast_to(polynomials, (len(polynomials), *e.shape)), extra.transpose(2, 0, 1)])
+        columns = polynomials
+        if q or veil:  # per row; the light's column 1 / e, which `normal_equations` multiplies by e
+            columns = [np.broadcast_to(polynomials, (len(polynomials), *e.shape))]
+            columns += [extra.transpose(2, 0, 1)] if q else []
+            columns += [1.0 / np.maximum(e, LIGHT_FLOOR)[None]] if veil else []
+            columns = np.concatenate(columns)
         gram, rhs = np.empty((len(e), p, p)), np.empty((len(e), p))
         normal_equations(columns, e, weight, x, gram, rhs)  # of the columns e * T_k (and e * extra)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)  # (B, p)
         continuum = coef[:, :len(polynomials)] @ polynomials[:, 0]
-        if extra is not None:
-            continuum += np.einsum("bdq,bq->bd", extra, coef[:, len(polynomials):])
-        return e * continuum, coef
+        if q:
+            continuum += np.einsum("bdq,bq->bd", extra, coef[:, len(polynomials):len(polynomials) + q])
+        return e * continuum + (coef[:, -1:] if veil else 0.0), coef
 
     @cached_property
     def _continuum_rows(self) -> np.ndarray:
@@ -306,7 +336,7 @@ class Emulator:
 
     def band_depths(self, coef: np.ndarray) -> np.ndarray:
         """(B, DIB_TERMS * len(DIBS)) float64: the bands' coefficients, the last of a continuum's `coef`
-        [B, p] (`fit_continuum`), each relative to its polynomial at the band's centre."""
+        [B, p] (`fit_continuum` without a veil), each relative to its polynomial at the band's centre."""
         at = [np.argmin(np.abs(self.wavelength - band.centre)) for band in DIBS]
         polynomial = coef[:, :self.continuum_basis.shape[1]].astype(np.float64) @ self.continuum_basis[at].T
         return coef[:, -self.dib_basis.shape[1]:] / np.repeat(polynomial, DIB_TERMS, axis=1)
@@ -356,25 +386,37 @@ class Emulator:
             out[:, j] = np.where(coef[:, 0] > 0, both - alone, 0.0)
         return out / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)[:, None]
 
-    def veiling(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray,
-                chi2: np.ndarray) -> np.ndarray:
-        """(B,) float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting it light without
-        lines (a constant added to the normalised spectrum: scattered light, a featureless companion's
-        continuum) beside the continuum's polynomials times the fitted `model` [B, D], against which the
-        constant is first made orthogonal (what is left of it is the fitted spectrum's lines, each
-        shallower by one factor), divided by the reduced chi^2 `chi2` where that exceeds 1 (as the
-        ripple's); 0 where the fitted light is negative (lines deeper than the model's)."""
+    def veiling(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
+                jacobian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """((B,) statistic, (B,) sigma) float64: the drop in the weighted chi^2 of `residual` [B, D] from
+        fitting it light without lines (a constant added to the normalised spectrum: scattered light, a
+        featureless companion's continuum) beside the continuum's polynomials times the fitted `model`
+        [B, D], against which the constant is first made orthogonal (what is left of it is the fitted
+        spectrum's lines, each shallower by one factor), and beside the fit's `jacobian` ([k, B, D],
+        `refine`'s; its labels read light without lines as shallower lines, so their steps are fitted
+        with it, linearised), less the drop from those steps alone, divided by the reduced chi^2 `chi2`
+        where that exceeds 1 (as the ripple's), 0 where the fitted light is negative (lines deeper than
+        the model's); and the sigma of that light from the same fit (normalised flux; widened by the
+        reduced chi^2 as the labels' are)."""
         p = len(self._continuum_rows)
         gram, rhs = np.empty((len(model), p, p)), np.empty((len(model), p))
         normal_equations(self._continuum_rows, model, weight, np.ones_like(model), gram, rhs)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)
         light = 1.0 - model * (coef @ self._continuum_rows[:, 0])  # the constant, orthogonal to the continuum
-        along = (weight * light * residual).sum(axis=1, dtype=np.float64)
-        norm = (weight * light * light).sum(axis=1, dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            drop = np.where(along > 0, along * along / norm, 0.0)
-        return np.nan_to_num(drop, nan=0.0, posinf=0.0) / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+        columns = light[None] if jacobian is None else np.concatenate([jacobian, light[None]])
+        k = len(columns)
+        gram, rhs = np.empty((len(model), k, k)), np.empty((len(model), k))
+        normal_equations(columns, np.ones((1, model.shape[1]), np.float32), weight, residual, gram, rhs)
+        ridge = np.eye(k) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
+        coef = np.linalg.solve(gram + ridge, rhs[..., None])[..., 0]
+        steps = np.linalg.solve(gram[:, :-1, :-1] + ridge[:, :-1, :-1], rhs[:, :-1, None])[..., 0]
+        drop = (coef * rhs).sum(axis=1) - (steps * rhs[:, :-1]).sum(axis=1)
+        drop = np.where(coef[:, -1] > 0, drop, 0.0)
+        inflation = np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+        with np.errstate(invalid="ignore"):
+            sigma = np.sqrt(np.linalg.inv(gram + ridge)[:, -1, -1] * inflation)
+        return np.nan_to_num(drop, nan=0.0, posinf=0.0) / inflation, sigma
 
     @cached_property
     def _dib_windows(self) -> list[slice]:
@@ -390,13 +432,17 @@ class Emulator:
         return (basis[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
 
     def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, rv, errors) after `refine_steps` damped Gauss-Newton steps on the weighted residual
-        of `fitted` (with the continuum terms `extra`, if given; finite-difference Jacobian) from `labels` and
+               hi: np.ndarray, extra: np.ndarray | None = None,
+               veil: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(labels, rv, errors, jacobian) after `refine_steps` damped Gauss-Newton steps on the weighted
+        residual of `fitted` (with the continuum terms `extra`, if given, and with `veil` light without lines;
+        the continuum fitted anew at every point, so that the errors have it marginalised;
+        finite-difference Jacobian) from `labels` and
         the residual velocity `rv` (km/s): the labels kept within [lo, hi] and within 1 std per step,
         rv within +-V_FIT_MAX. errors [B, labels + 1]: the sigmas of the labels (physical units) and
         of rv (km/s) from the last step's curvature, each with the others marginalised (NaN without
-        steps)."""
+        steps); jacobian [labels + 1, B, D] float32: the last step's, of `fitted` with respect to the
+        standardised labels and rv / V_UNIT (None without steps)."""
         k = len(self.labels)
         scale = np.append(self.label_std, V_UNIT)
         offset = np.append(self.label_mean, 0.0)
@@ -411,7 +457,7 @@ class Emulator:
             return self.spectra(z[:, :k] * scale[:k] + offset[:k])
 
         def fitted(e, z):  # e shifted to z's rv, times its continuum
-            return self._times_continuum(x, weight, self.shift(e, z[:, k] * V_UNIT), extra)[0]
+            return self._times_continuum(x, weight, self.shift(e, z[:, k] * V_UNIT), extra, veil)[0]
 
         no_scale = np.ones((1, x.shape[1]), np.float32)
 
@@ -434,7 +480,23 @@ class Emulator:
         phys = z * scale + offset
         # exactly within [lo, hi] (the standardised clip may round a hair off), so that a label pinned
         # at a bound is on it (Model flags OUT_OF_RANGE by that)
-        return np.clip(phys[:, :k], lo, hi), phys[:, k], np.sqrt(variance)
+        return np.clip(phys[:, :k], lo, hi), phys[:, k], np.sqrt(variance), jac if self.refine_steps else None
+
+    def _refit(self, state: tuple, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+               extra: np.ndarray | None, veil: bool = False) -> np.ndarray:
+        """Fit `rows` of a chunk of `chi2` again, from their labels and rv so far, with the continuum's
+        terms `extra` (and with `veil` light without lines): `state`, the chunk's (x, weight, labels,
+        rv, errors, model, residual, jacobian), is updated in place; returns the continuum's
+        coefficients."""
+        x, weight, labels, rv, errors, model, residual, jac = state
+        labels[rows], rv[rows], errors[rows], again = self.refine(x[rows], weight[rows], labels[rows],
+                                                                  rv[rows], lo, hi, extra, veil)
+        if jac is not None:
+            jac[:, rows] = again
+        model[rows], coef = self.fit_continuum(x[rows], weight[rows], labels[rows],
+                                               rv[rows] if self.refine_steps else None, extra, veil)
+        residual[rows] = x[rows] - model[rows]
+        return coef
 
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
              hi: np.ndarray | None = None) -> Fit:
@@ -442,14 +504,16 @@ class Emulator:
         spectra e (see `fitted`) at `labels` and a residual velocity, refined within [lo, hi] (see
         `refine`), then again with the diffuse bands whose statistics (`dib`) pass their
         `dib_threshold`, then again with a ripple (and those bands) where the residual's ripple statistic
-        passes `ripple_threshold` (both only if the fit has a continuum to hold them); its reduced
-        chi^2 is the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0, off ISM_LINES) of
-        (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted parameters (NaN where that is not
-        positive)."""
+        passes `ripple_threshold`, then again with light without lines (and the ripple and bands) where
+        the veiling statistic passes `veiling_threshold` (all only if the fit has a continuum to hold
+        them); its reduced chi^2 is the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0,
+        off ISM_LINES) of (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted parameters
+        (NaN where that is not positive)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
         ripple_excess, ripple_frequency, veiling = np.zeros(len(x)), np.full(len(x), np.nan), np.empty(len(x))
+        veil = np.zeros(len(x))
         dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n = (self.pixel_weight(ivar) > 0).sum(axis=1)
@@ -463,41 +527,53 @@ class Emulator:
             part = slice(s, s + CHUNK)
             xs = x[part].astype(np.float32)
             weight = self.pixel_weight(ivar[part])
-            best, rv[part], errors[part] = self.refine(xs, weight, labels[part], rv[part], lo, hi)
+            best, rv[part], errors[part], jac = self.refine(xs, weight, labels[part], rv[part], lo, hi)
             shifted = rv[part] if self.refine_steps else None
             model = self.fitted(xs, weight, best, shifted)
             residual = xs - model
+            state = (xs, weight, best, rv[part], errors[part], model, residual, jac)  # views of the chunk
             chi2[part] = reduced(residual, weight, dof[part])
             ripple[part], freq = self.ripple(residual, weight, chi2[part])
             dib[part] = self.dib(residual, weight, model, chi2[part], freq)
             band = (dib[part] > np.asarray(self.dib_threshold)) & (self.continuum_degree >= 0)
             rows = np.flatnonzero(band.any(axis=1))
             if len(rows):  # fit the bands found too (in the continuum), from the labels and rv without them
-                at, extra = s + rows, self.defect_columns(dib=band[rows])
-                best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
-                                                             lo, hi, extra)
-                shifted = rv[at] if self.refine_steps else None
-                model[rows], coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
-                residual[rows], dib_depths[at] = xs[rows] - model[rows], self.band_depths(coef)
-                chi2[at] = reduced(residual[rows], weight[rows], dof[at] - DIB_TERMS * band[rows].sum(axis=1))
+                at = s + rows
+                coef = self._refit(state, rows, lo, hi, self.defect_columns(dib=band[rows]))
+                dib_depths[at] = self.band_depths(coef)
+                dof[at] -= DIB_TERMS * band[rows].sum(axis=1)
+                chi2[at] = reduced(residual[rows], weight[rows], dof[at])
                 ripple[at], freq[rows] = self.ripple(residual[rows], weight[rows], chi2[at])
             with np.errstate(invalid="ignore"):
                 rows = np.flatnonzero((ripple[part] > self.ripple_threshold) & (self.continuum_degree >= 0))
             if len(rows):  # fit the ripple too (in the continuum), from the labels and rv without it
                 at = s + rows
-                freq = ripple_frequency[at] = self.ripple_frequency(residual[rows], weight[rows], freq[rows])
-                extra = self.defect_columns(freq, band[rows])
-                best[rows], rv[at], errors[at] = self.refine(xs[rows], weight[rows], best[rows], rv[at],
-                                                             lo, hi, extra)
-                shifted = rv[at] if self.refine_steps else None
-                model[rows], coef = self.fit_continuum(xs[rows], weight[rows], best[rows], shifted, extra)
-                residual[rows], banded = xs[rows] - model[rows], band[rows].any(axis=1)
+                ripple_frequency[at] = self.ripple_frequency(residual[rows], weight[rows], freq[rows])
+                coef = self._refit(state, rows, lo, hi, self.defect_columns(ripple_frequency[at], band[rows]))
+                banded = band[rows].any(axis=1)
                 if banded.any():
                     dib_depths[at[banded]] = self.band_depths(coef[banded])
-                plain, chi2[at] = chi2[at], reduced(residual[rows], weight[rows], dof[at] - RIPPLE_TERMS - 1
-                                                    - DIB_TERMS * band[rows].sum(axis=1))
+                dof[at] -= RIPPLE_TERMS + 1
+                plain, chi2[at] = chi2[at], reduced(residual[rows], weight[rows], dof[at])
                 ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
-            veiling[part] = self.veiling(residual, weight, model, chi2[part])
+            veiling[part], light_sigma = self.veiling(residual, weight, model, chi2[part], jac)
+            with np.errstate(invalid="ignore"):
+                drop = veiling[part] * np.maximum(np.nan_to_num(chi2[part], nan=1.0), 1.0)  # in chi^2
+                fits_light = ((veiling[part] > self.veiling_threshold) & (light_sigma < VEIL_SIGMA_MAX)
+                              & (drop >= VEIL_EXCESS_SHARE * chi2_excess(chi2[part]) * dof[part]))
+                rows = np.flatnonzero(fits_light & (self.continuum_degree >= 0))
+            if len(rows):  # fit the light too, from the labels and rv without it (with the ripple and bands)
+                at = s + rows
+                rippled = np.isfinite(ripple_frequency[at])
+                extra = self.defect_columns(ripple_frequency[at] if rippled.any() else None, band[rows])
+                for _ in range(VEIL_STEPS):
+                    coef = self._refit(state, rows, lo, hi, extra, veil=True)
+                veil[at] = coef[:, -1]
+                banded = band[rows].any(axis=1)
+                if banded.any():
+                    dib_depths[at[banded]] = self.band_depths(coef[banded, :-1])
+                dof[at] -= 1
+                chi2[at] = reduced(residual[rows], weight[rows], dof[at])
             fitted[part] = best
         # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
         errors *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))[:, None]
@@ -506,7 +582,7 @@ class Emulator:
                    ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
                    dib=np.where(explained, dib, np.nan), dib_depths=dib_depths,
                    ripple_frequency=ripple_frequency, veiling=np.where(explained[:, 0], veiling, np.nan),
-                   labels=np.where(explained, fitted, np.nan),
+                   veil=veil, veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan))
 
 
@@ -517,8 +593,13 @@ class Fit:
     RV_SYSTEMATIC included; rv 0 and rv_err NaN when the emulator does not refine), the ripple
     statistic of the fit without a ripple (`Emulator.ripple`; with the bands where any was fitted; NaN
     with the chi^2), the excess reduced chi^2 that fitting the ripple removed and the ripple's
-    frequency (1/A; 0 and NaN where none was fitted), the veiling statistic of the final fit
-    (`Emulator.veiling`; NaN with the chi^2), the statistics of the diffuse bands of the fit
+    frequency (1/A; 0 and NaN where none was fitted), the veiling statistic of the fit without light
+    without lines (`Emulator.veiling`; NaN with the chi^2) and the light fitted where it passes
+    `veiling_threshold` (b: the spectrum is its continuum times the emulated one plus b, in units of the
+    normalised flux; 0 elsewhere; `Model.predict` removes it from the spectrum, as the bands, and
+    keeps the b it removed here, and the variance not knowing it adds to each label [B, len(labels)]:
+    the fit's label variances with the light free less those of the spectrum it was removed from; 0
+    here), the statistics of the diffuse bands of the fit
     without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of those fitted
     (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0 elsewhere;
     `Model.predict` removes the bands from the spectrum and fits it again, and keeps the terms it
@@ -536,6 +617,8 @@ class Fit:
     ripple_excess: np.ndarray
     ripple_frequency: np.ndarray
     veiling: np.ndarray
+    veil: np.ndarray
+    veil_var: np.ndarray
     dib: np.ndarray
     dib_depths: np.ndarray
     labels: np.ndarray

@@ -78,7 +78,9 @@ class Estimates:
     so that nothing is counted twice); the emulator fit's labels per target and their variances
     from its curvature [B, K], its reduced chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)]
     (`emulator.Fit.excess`; NaN, NaN, NaN and 0 where the fit gives none, and everywhere without an
-    emulator); the log10_snr [B] of each row's network input; which rows have a gap [B]."""
+    emulator); the variance that light without lines the fit removed adds to each target [B, K]
+    (`Model._light_var`; in `var_a` where the model has a calibration); the log10_snr [B] of each
+    row's network input; which rows have a gap [B]."""
 
     ok: np.ndarray
     mean: np.ndarray
@@ -88,6 +90,7 @@ class Estimates:
     fit_var: np.ndarray
     chi2: np.ndarray
     excess: np.ndarray
+    light_var: np.ndarray
     log_snr: np.ndarray
     gapped: np.ndarray
 
@@ -225,10 +228,12 @@ class Model:
         if fit is None:
             fitted, fit_var = np.full_like(stats[0], np.nan), np.full_like(stats[0], np.nan)
             chi2, excess = np.full(len(ok), np.nan), np.zeros((len(ok), len(EXCESS_PARTS)))
+            light_var = np.zeros_like(stats[0])
         else:
             fitted, fit_var = self._in_targets(fit.labels), self._in_targets(fit.label_err) ** 2
-            chi2, excess = self._calibration_chi2(fit), fit.excess
-        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, self._log_snr(x), self._gapped(prepared))
+            chi2, excess, light_var = self._calibration_chi2(fit), fit.excess, self._light_var(fit)
+        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, light_var, self._log_snr(x),
+                         self._gapped(prepared))
 
     def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
         """[B, K]: an array of the emulator's labels [B, len(labels)] (its fit's labels or their sigmas)
@@ -240,7 +245,8 @@ class Model:
 
     def _infer(self, prepared, samples: int, seed: int, backend: str):
         """(ok [B], (mean, var_a, var_e) [B, K] calibrated, the mean blended with the emulator fit's
-        labels where the calibration holds network weights; the emulator's Fit or None; x: the
+        labels where the calibration holds network weights, var_a with what the light without lines the
+        fit removed adds (`_light_var`); the emulator's Fit or None; x: the
         network's inputs the estimates came from; the inverse variances [B, D] the fit weighed x with,
         or None; the networks' mean [B, K] before the blend)."""
         ok, x, keys = self._unpack(prepared)
@@ -251,13 +257,21 @@ class Model:
         fit = ivar = None
         if self.emulator is not None:
             fit, ivar = self._goodness_of_fit(prepared, rows, x, mean)
-            # diffuse bands or a residual rv the fit resolves: remove them from the spectrum (the
-            # networks never saw a band, nor the shift) and predict those rows again
+            # light without lines, diffuse bands or a residual rv the fit resolves: remove them from the
+            # spectrum (the networks never saw light without lines, a band, nor the shift) and predict
+            # those rows again
+            veiled = rows[(fit.veil[rows] > 0) & (fit.veil[rows] < 1)]
             banded = rows[fit.dib_fitted(self.emulator)[rows].any(axis=1)]
             moved = rows[significant(fit.rv[rows], fit.rv_err[rows])]
-            again_rows = np.union1d(banded, moved)
+            again_rows = np.union1d(np.union1d(veiled, banded), moved)
             if len(again_rows):
                 x, d = x.copy(), self.grid.n  # x may be a read-only view of the batch
+                if len(veiled):  # x = continuum e + b: the star's light is x - b, its continuum ~1 - b
+                    kept = 1.0 - fit.veil[veiled, None].astype(np.float32)
+                    x[veiled, :d] = (x[veiled, :d] - (1.0 - kept)) / kept
+                    ivar[veiled] *= kept**2
+                    if "log10_snr" in self.features:  # the noise against the star's continuum
+                        x[veiled, d + self.features.index("log10_snr")] += np.log10(kept[:, 0])
                 if len(banded):
                     band = self.emulator.band(fit.dib_depths[banded])
                     x[banded, :d] /= band
@@ -273,11 +287,18 @@ class Model:
                     ivar[moved] = np.where(whole, shifted, 0.0)
                 self._network(backend, x, keys, again_rows, (mean, var_a, var_e), samples, seed)
                 again = self._fit(again_rows, x, ivar, mean)
-                removed = fit.dib_depths.copy()
+                removed = {name: getattr(fit, name).copy() for name in ("dib_depths", "veiling", "veil",
+                                                                         "label_err")}
                 for name in FIT_FIELDS:
                     getattr(fit, name)[again_rows] = getattr(again, name)[again_rows]
                 fit.rv[again_rows] += shift[again_rows]
-                fit.dib_depths[banded] += removed[banded]  # (1 + a) (1 + b) ~ 1 + a + b: bands of a few %
+                # (1 + a) (1 + b) ~ 1 + a + b: bands of a few %
+                fit.dib_depths[banded] += removed["dib_depths"][banded]
+                # the light's statistic before it was removed (MODEL_MISMATCH) and all the light removed
+                fit.veiling[veiled] = removed["veiling"][veiled]
+                fit.veil[veiled] = 1.0 - (1.0 - removed["veil"][veiled]) * (1.0 - fit.veil[veiled])
+                before, after = removed["label_err"][veiled], fit.label_err[veiled]
+                fit.veil_var[veiled] = np.maximum(before**2 - after**2, 0.0)
         network = mean.copy()
         if self.calibration is not None and len(rows):
             fit_var = defect = None
@@ -292,7 +313,14 @@ class Model:
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
                                                     self._gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
+                var_a[rows] += self._light_var(fit)[rows]
         return ok, (mean, var_a, var_e), fit, x, ivar, network
+
+    def _light_var(self, fit: Fit) -> np.ndarray:
+        """[B, K]: the variance that not knowing the light without lines the fit removed adds to each
+        target (`Fit.veil_var`, 0 for a target the emulator does not fit); the calibration, fitted on
+        clean spectra, does not hold it."""
+        return np.nan_to_num(self._in_targets(fit.veil_var))
 
     @staticmethod
     def _calibration_chi2(fit: Fit) -> np.ndarray:
@@ -477,7 +505,8 @@ class Model:
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
-                  ripple_frequency=np.full(n, np.nan), veiling=np.full(n, np.nan),
+                  ripple_frequency=np.full(n, np.nan), veiling=np.full(n, np.nan), veil=np.zeros(n),
+                  veil_var=np.zeros((n, len(self.emulator.labels))),
                   dib=np.full((n, len(DIBS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan))

@@ -299,7 +299,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
                                          fit_var=d["fit_var"], defect=defect)
         var_a = var_a * calibration.inflation(d["chi2"])
         estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"], d["gapped"])
-        return estimate, np.sqrt(var_a + var_e), np.sqrt(var_e)
+        return estimate, np.sqrt(var_a + d["light_var"] + var_e), np.sqrt(var_e)
 
     splits = {split: estimates(source.split_table(split)) for split in ("val", "test", "between")}
     understated = estimates(understate_noise(source.split_table("val"),
