@@ -132,20 +132,32 @@ def _veiled(table, fraction: float):
     return table.set_column(table.schema.get_field_index("flux"), "flux", spectrum_array(flux, flux.shape[1]))
 
 
-def test_light_without_lines_is_a_model_mismatch(survey):
+def test_light_without_lines_is_flagged_and_fitted_out(survey):
     """5% of the continuum as light without lines at SNR >= 100, which the labels absorb so that the
     chi^2 alone flags about half of those rows: MODEL_MISMATCH on >= 85% of them (the fit's veiling
-    statistic; measured: 89%, and 54% without it), on <= 3% of the same rows without the light
-    (measured: 2.3%)."""
+    statistic; measured: 96%, 54% without it), on <= 3% of the same rows without the light (measured:
+    1.5%). The light is fitted and removed, so log g and v sin i stay within 2x and 1.5x their clean
+    RMSE (measured 1.65x and 1.26x, 10.6x and 7.2x without the statistic; log g's excess is mostly
+    the 4% of rows whose light the labels mimic so well that it goes unseen) with 68% coverage of
+    58-85% (measured 62%, 62%; clean 72%, 67%; 53% and 58% without the variance the light's freedom
+    adds)."""
     table, out = survey
     rows = np.flatnonzero(table.column("snr").to_numpy() >= 100)
     model = starcast.load_model()
     blind = Model(replace(model.bundle, emulator=replace(model.emulator, veiling_threshold=math.inf)))
+    clean = out.take(rows)
     veiled = _veiled(table.take(rows), 0.05)
+    seen, unseen = (m.predict(veiled, backend="cpu") for m in (model, blind))
     flagged = [np.mean((t.column("flags").to_numpy() & Flag.MODEL_MISMATCH) != 0)
-               for t in (out.take(rows), model.predict(veiled, backend="cpu"),
-                         blind.predict(veiled, backend="cpu"))]
+               for t in (clean, seen, unseen)]
     assert flagged[0] <= 0.03 and flagged[1] >= 0.85 and flagged[2] <= flagged[1] - 0.25, flagged
+    for t in ("logg", "vsini"):
+        y = table.column(t).to_numpy()[rows]
+        rmse = [np.sqrt(np.mean((r.column(t).to_numpy() - y) ** 2)) for r in (clean, seen, unseen)]
+        cover = coverage(y, seen.column(t).to_numpy(), seen.column(f"{t}_err").to_numpy(), 0.68)
+        limit = {"logg": 2.0, "vsini": 1.5}[t]
+        assert rmse[1] <= limit * rmse[0] and 3 * rmse[1] < rmse[2], (t, rmse)
+        assert 0.58 <= cover <= 0.85, (t, cover)
 
 
 def test_a_continuum_ripple_is_fitted_out(survey):
