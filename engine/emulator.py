@@ -42,10 +42,9 @@ continuum's terms (what is left of it is the fitted spectrum's lines) beside the
 steps, beyond what those steps alone remove, per unit of the reduced chi^2 (`veiling`). Above the
 emulator's `veiling_threshold` the row is flagged MODEL_MISMATCH, and where the light is measured to
 within VEIL_SIGMA_MAX and accounts for VEIL_EXCESS_SHARE of the fit's excess chi^2 it is fitted (a
-constant beside the continuum, VEIL_STEPS refits; `Fit.veil`);
-the engine then removes it from the spectrum
-and predicts it again, as it does the bands, and adds to the labels' variance what fitting the light
-added to the fit's.
+constant beside the continuum, VEIL_STEPS refits; `Fit.veil`); the engine then removes it from the
+spectrum and predicts it again, as it does the bands, and adds to the labels' variance what fitting
+the light added to the fit's.
 """
 
 from __future__ import annotations
@@ -88,19 +87,20 @@ RIPPLE_TERMS = 2  # the fitted ripple's parameters in the continuum (a sin + b c
 # well above it, so that e times the column is 1 wherever they are)
 LIGHT_FLOOR = 0.05
 # refits with light without lines, each of `refine_steps`: from labels that read the light as shallower
-# lines (log g 0.13 dex low at 15% of the continuum) one Gauss-Newton step leaves the light 2.5% low and
-# log g's error 1.5x that after two (TLUSTY test nodes, SNR 50-300; three gain nothing more)
+# lines (log g 0.13 dex low at 15% of the continuum) one Gauss-Newton step leaves the light 2% low, log g
+# 1.1x as far off as after two and covered 54% against 64% (TLUSTY test nodes, SNR 50-300; a third step
+# gains nothing)
 VEIL_STEPS = 2
 # the light is fitted only where it is measured to within this (normalised flux): the networks then see the
 # spectrum with the light removed, and an uncertain amount removed moves their estimate by its noise (clean
-# stars between the nodes at SNR 15-40 took light of 0.09-0.27, log g 0.2-0.4 dex off; a limit of 0.02
+# stars between the nodes at SNR 15-25 took light of 0.09-0.27, log g 0.2-0.4 dex off; a limit of 0.02
 # left their RMSE as without the light's fit, and that of stars with 5% of it as with no limit)
 VEIL_SIGMA_MAX = 0.02
 # ... and only where it accounts for at least this share of the fit's excess chi^2: a misfit of another
 # kind leaves most of its excess when light is fitted to it, and removing that light moves log g by several
 # sigma (radial-tangential macroturbulence of 60 km/s, which no grid model has: light fitted to 16% of
 # such stars, their log g 3x less accurate; with this share 5%, log g of all of them 1.09x as without the
-# light's fit, while light of 5-15% of the continuum is corrected as without it)
+# light's fit, while light of 5-15% of the continuum is corrected nearly as without it)
 VEIL_EXCESS_SHARE = 0.2
 
 
@@ -276,9 +276,8 @@ class Emulator:
                        dib: np.ndarray | None = None) -> np.ndarray | None:
         """[B, D, q] float32: the continuum's terms beyond the polynomial for B rows, a sin + b cos of a
         ripple at the frequencies `ripple` [B], 1/A, if given (NaN: none on that row, zero columns), and
-        the DIB_TERMS of each band of DIBS
-        where `dib` [B, len(DIBS)] bool holds (zero columns elsewhere, whose coefficients the fit leaves at
-        0), if any does; None without either."""
+        the DIB_TERMS of each band of DIBS where `dib` [B, len(DIBS)] bool holds (zero columns
+        elsewhere, whose coefficients the fit leaves at 0), if any does; None without either."""
         parts = []
         if ripple is not None:
             parts.append(np.nan_to_num(np.stack(self._waves(ripple), axis=2)))
@@ -435,14 +434,14 @@ class Emulator:
                hi: np.ndarray, extra: np.ndarray | None = None,
                veil: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """(labels, rv, errors, jacobian) after `refine_steps` damped Gauss-Newton steps on the weighted
-        residual of `fitted` (with the continuum terms `extra`, if given, and with `veil` light without lines;
-        the continuum fitted anew at every point, so that the errors have it marginalised;
-        finite-difference Jacobian) from `labels` and
-        the residual velocity `rv` (km/s): the labels kept within [lo, hi] and within 1 std per step,
-        rv within +-V_FIT_MAX. errors [B, labels + 1]: the sigmas of the labels (physical units) and
-        of rv (km/s) from the last step's curvature, each with the others marginalised (NaN without
-        steps); jacobian [labels + 1, B, D] float32: the last step's, of `fitted` with respect to the
-        standardised labels and rv / V_UNIT (None without steps)."""
+        residual of `fitted` (with the continuum terms `extra`, if given, and with `veil` light without
+        lines; the continuum fitted anew at every point, so that the errors have it marginalised;
+        finite-difference Jacobian) from `labels` and the residual velocity `rv` (km/s): the labels
+        kept within [lo, hi] and within 1 std per step, rv within +-V_FIT_MAX. errors [B, labels + 1]:
+        the sigmas of the labels (physical units) and of rv (km/s) from the last step's curvature, each
+        with the others marginalised (NaN without steps); jacobian [labels + 1, B, D] float32: the last
+        step's, of `fitted` with respect to the standardised labels and rv / V_UNIT (None without
+        steps)."""
         k = len(self.labels)
         scale = np.append(self.label_std, V_UNIT)
         offset = np.append(self.label_mean, 0.0)
