@@ -515,8 +515,8 @@ class Emulator:
         veil = np.zeros(len(x))
         dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
-        n = (self.pixel_weight(ivar) > 0).sum(axis=1)
-        dof = n - (self.continuum_degree + 1) - ((len(self.labels) + 1) if self.refine_steps else 0)
+        n, dof = np.empty(len(x), np.int64), np.empty(len(x), np.int64)  # pixels; minus the parameters
+        parameters = (self.continuum_degree + 1) + ((len(self.labels) + 1) if self.refine_steps else 0)
 
         def reduced(residual, weight, dof):
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -526,6 +526,8 @@ class Emulator:
             part = slice(s, s + CHUNK)
             xs = x[part].astype(np.float32)
             weight = self.pixel_weight(ivar[part])
+            n[part] = (weight > 0).sum(axis=1)
+            dof[part] = n[part] - parameters
             best, rv[part], errors[part], jac = self.refine(xs, weight, labels[part], rv[part], lo, hi)
             shifted = rv[part] if self.refine_steps else None
             model = self.fitted(xs, weight, best, shifted)
