@@ -408,13 +408,14 @@ class Emulator:
         gram, rhs = np.empty((len(model), k, k)), np.empty((len(model), k))
         normal_equations(columns, np.ones((1, model.shape[1]), np.float32), weight, residual, gram, rhs)
         ridge = np.eye(k) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
-        coef = np.linalg.solve(gram + ridge, rhs[..., None])[..., 0]
+        inverse = np.linalg.inv(gram + ridge)  # its last diagonal element: the light's variance
+        coef = (inverse @ rhs[..., None])[..., 0]
         steps = np.linalg.solve(gram[:, :-1, :-1] + ridge[:, :-1, :-1], rhs[:, :-1, None])[..., 0]
         drop = (coef * rhs).sum(axis=1) - (steps * rhs[:, :-1]).sum(axis=1)
         drop = np.where(coef[:, -1] > 0, drop, 0.0)
         inflation = np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
         with np.errstate(invalid="ignore"):
-            sigma = np.sqrt(np.linalg.inv(gram + ridge)[:, -1, -1] * inflation)
+            sigma = np.sqrt(inverse[:, -1, -1] * inflation)
         return np.nan_to_num(drop, nan=0.0, posinf=0.0) / inflation, sigma
 
     @cached_property
