@@ -47,8 +47,10 @@ from .resample import (
     interp_linear,
     rebin_flux,
     resample,
+    response_variance,
     rest_frame_factor,
     smooth_gaussian,
+    smoothed_noise_ratio,
 )
 
 __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
@@ -56,7 +58,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "d91cda32016f7fc4"
+DEPENDENCY_FINGERPRINT = "f1234e82a3e4d004"
 
 
 @dataclass(frozen=True)
@@ -257,14 +259,15 @@ def _mask_spikes(flux, var, bad, k, has_errors, sigma_floor):
 
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, smooth, spike_sigma, grid, grid_edges, basis, gram, flux_conserving, normalise,
+            rv, smooth, response, spike_sigma, grid, grid_edges, basis, gram, flux_conserving, normalise,
             fit_params, sigma_floor, max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage,
             bad_fraction, n_good, gap, line_lost):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
     0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
-    resolution with (0: none); `spike_sigma`: `_mask_spikes`' k (0: off); `fit_params` as
-    `fit_continuum`'s; `line_pixels`: grid pixels of the diagnostic lines. Writes row r of every output
-    only."""
+    resolution with (0: none); `response`: the variance (A^2) of the pixel response to smooth a
+    narrower one up to (`response_variance`; 0: none); `spike_sigma`: `_mask_spikes`' k (0: off);
+    `fit_params` as `fit_continuum`'s; `line_pixels`: grid pixels of the diagnostic lines. Writes row
+    r of every output only."""
     n_rows, d = x.shape
     for r in prange(n_rows):
         x[r, :] = 1.0
@@ -311,8 +314,6 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
                 bad[p] = bad[p + 1] = True
         if spike_sigma > 0.0:
             _mask_spikes(flux, var, bad, spike_sigma, err_start[r] >= 0, sigma_floor)
-        if smooth[r] > 0.0:
-            flux = smooth_gaussian(wl, flux, bad, smooth[r])
         inside = np.empty(n, np.bool_)  # good input pixels within the model grid's range
         n_inside = 0
         for p in range(n):
@@ -321,14 +322,24 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if err_start[r] < 0:  # no errors: DER_SNR of the input pixels, propagated like given errors
             noise = noise_sigma(flux, inside)
             var[:] = noise * noise
+        edges = np.empty(n + 1)
+        bin_edges(wl, edges)
+        widen = 0.0
+        if response > 0.0:
+            widen = max(response - response_variance(wl, edges, grid, grid_edges, flux_conserving), 0.0)
+        smoothed = smooth[r] > 0.0 or widen > 0.0
+        if smoothed:
+            flux = smooth_gaussian(wl, flux, bad, smooth[r], math.sqrt(widen))
         y, yvar = np.empty(d), np.empty(d)
         state = np.empty(d, np.uint8)
         if flux_conserving:
-            edges = np.empty(n + 1)
-            bin_edges(wl, edges)
             rebin_flux(edges, flux, var, bad, grid_edges, y, yvar, state)
         else:
             interp_linear(wl, flux, var, bad, grid, y, yvar, state)
+        if smoothed:  # the smoothing's share of the noise, which the resampling propagates whole
+            mid = min(max(np.searchsorted(grid, 0.5 * (wl[0] + wl[n - 1])), 0), d - 1)
+            yvar *= smoothed_noise_ratio(wl, edges, grid[mid], grid_edges[mid], grid_edges[mid + 1],
+                                         flux_conserving, smooth[r], math.sqrt(widen))
         n_cov, n_bad = 0, 0
         for j in range(d):
             n_cov += state[j] != UNCOVERED
@@ -440,12 +451,15 @@ def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
 
 
 def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSettings | None = None, *,
-               source_grid=None, resolving_power: float | None = None) -> Preprocessed:
+               source_grid=None, resolving_power: float | None = None,
+               response: float = 0.0) -> Preprocessed:
     """Put every row of `batch` (catalog schema) on `grid` (model wavelengths, Angstrom, rest frame).
 
     Per row: convert the wavelengths to the model's medium (when `grid` and the input both state
     theirs: a `WavelengthGrid`'s medium, `starcast.medium` for a `wavelength` column), smooth a
-    resolving power above `resolving_power` (the model's) down to it, remove `rv` (km/s, relativistic,
+    resolving power above `resolving_power` (the model's) down to it and a pixel response narrower
+    than `response` (A^2, the variance of the one the model's training spectra had on the grid:
+    `response_variance`) up to it, remove `rv` (km/s, relativistic,
     see `rest_frame_factor`; null = 0), resample once with `settings.method`, fit and divide the
     continuum on the model grid, interpolate short gaps and set long ones and uncovered pixels to 1.0.
     Bad input pixels: non-finite or negative flux, errors that are not positive and finite
@@ -519,7 +533,7 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
     _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], *uncertainty,
-            err_kind, *mask, rv, smooth, float(settings.spike_sigma), grid, edges,
+            err_kind, *mask, rv, smooth, float(response), float(settings.spike_sigma), grid, edges,
             *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels),

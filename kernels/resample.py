@@ -149,10 +149,59 @@ def interp_linear(src_wavelength, flux, var, bad, dst_wavelength, out_flux, out_
 
 
 @njit(cache=True)
-def smooth_gaussian(wavelength, flux, bad, sigma_frac):
-    """`flux` convolved with a Gaussian of sigma = `sigma_frac` * lambda (constant in velocity), over
-    the good pixels only, weighted by pixel width and renormalised where bad pixels or the ends cut the
-    kernel (truncated at 4 sigma); bad pixels are copied. Wavelengths increasing, n >= 2."""
+def response_variance(src_wavelength, src_edges, dst_wavelength, dst_edges, flux_conserving):
+    """The variance (A^2) of the response through which resampling sees a spectrum, averaged over the
+    target bins (centres `dst_wavelength`, edges `dst_edges`) the source covers: each source pixel
+    (centres `src_wavelength`, edges `src_edges`) a box of its width, weighted as the resampling
+    weighs it (by overlap in flux-conserving rebinning, else the interpolation weights of the two
+    pixels around the bin's centre). Source pixels coarser than the bins, or straddling their edges,
+    widen it; 0 where no bin is covered."""
+    n = src_wavelength.shape[0]
+    total, count, start = 0.0, 0, 0
+    for j in range(dst_edges.shape[0] - 1):
+        lo, hi = dst_edges[j], dst_edges[j + 1]
+        wsum, m1, m2 = 0.0, 0.0, 0.0  # moments about lo, for precision
+        if flux_conserving:
+            if lo < src_edges[0] or hi > src_edges[n]:
+                continue
+            while src_edges[start + 1] <= lo:
+                start += 1
+            i = start
+            while i < n and src_edges[i] < hi:
+                overlap = min(src_edges[i + 1], hi) - max(src_edges[i], lo)
+                if overlap > 0.0:
+                    c, a = src_wavelength[i] - lo, src_edges[i + 1] - src_edges[i]
+                    wsum += overlap
+                    m1 += overlap * c
+                    m2 += overlap * (c * c + a * a / 12.0)
+                i += 1
+        else:
+            x = dst_wavelength[j]
+            if not (x >= src_wavelength[0] and x <= src_wavelength[n - 1]):
+                continue
+            while start < n - 2 and src_wavelength[start + 1] < x:
+                start += 1
+            for i in (start, start + 1):
+                w = 1.0 - abs(x - src_wavelength[i]) / (src_wavelength[start + 1] - src_wavelength[start])
+                c, a = src_wavelength[i] - lo, src_edges[i + 1] - src_edges[i]
+                wsum += w
+                m1 += w * c
+                m2 += w * (c * c + a * a / 12.0)
+        mean = m1 / wsum
+        total += m2 / wsum - mean * mean
+        count += 1
+    return total / count if count > 0 else 0.0
+
+
+@njit(cache=True)
+def smooth_gaussian(wavelength, flux, bad, sigma_frac, sigma_abs=0.0):
+    """`flux` convolved with a Gaussian of sigma^2 = (`sigma_frac` * lambda)^2 + `sigma_abs`^2 (a part
+    constant in velocity, as a resolving power, and one in Angstrom, as pixels), over the good pixels
+    only, weighted by pixel width and renormalised where bad pixels or the ends cut the kernel
+    (truncated at 4 sigma); bad pixels are copied. Where sigma is below the pixels' spacing, which a
+    Gaussian sampled on them cannot resolve, the pixel and its two neighbours are weighted to add the
+    same variance, sigma^2, without a shift (unsmoothed next to a bad pixel). Wavelengths increasing,
+    n >= 2."""
     n = flux.shape[0]
     out = flux.copy()
     width = np.empty(n)
@@ -163,7 +212,15 @@ def smooth_gaussian(wavelength, flux, bad, sigma_frac):
     for i in range(n):
         if bad[i]:
             continue
-        sigma = sigma_frac * wavelength[i]
+        sigma = math.sqrt((sigma_frac * wavelength[i]) ** 2 + sigma_abs * sigma_abs)
+        left = wavelength[i] - wavelength[i - 1] if i > 0 else 0.0
+        right = wavelength[i + 1] - wavelength[i] if i < n - 1 else 0.0
+        if sigma * sigma < left * right:  # weights with mean 0 and variance sigma^2 on -left, 0, right
+            if not (bad[i - 1] or bad[i + 1]):
+                w_left = sigma * sigma / (left * (left + right))
+                w_right = sigma * sigma / (right * (left + right))
+                out[i] = w_left * flux[i - 1] + w_right * flux[i + 1] + (1.0 - w_left - w_right) * flux[i]
+            continue
         while wavelength[lo] < wavelength[i] - 4.0 * sigma:
             lo += 1
         while hi < n and wavelength[hi] <= wavelength[i] + 4.0 * sigma:
@@ -176,6 +233,45 @@ def smooth_gaussian(wavelength, flux, bad, sigma_frac):
                 norm += g
         out[i] = acc / norm
     return out
+
+
+@njit(cache=True)
+def smoothed_noise_ratio(wavelength, edges, centre, lo, hi, flux_conserving, sigma_frac, sigma_abs):
+    """What `smooth_gaussian` (these sigmas) leaves of independent noise of one variance on pixels
+    centred on `wavelength` (edges `edges`), as resampling propagates it into the target bin
+    `lo`-`hi` (centre `centre`; weighted as `response_variance` weighs it): the variance of the
+    smoothed noise's weighted sum, its pixels correlated, over that of the unsmoothed noise's, which
+    is what resampling propagates. From the smoothing's response to an impulse at each pixel within
+    reach, on pixels reaching 4 sigma further still (so that its renormalisation at the ends does not
+    enter). 1 where the source does not cover the bin."""
+    n = wavelength.shape[0]
+    sigma = math.sqrt((sigma_frac * centre) ** 2 + sigma_abs * sigma_abs)
+    first = np.searchsorted(wavelength, lo - 8.0 * sigma, side="left")
+    last = np.searchsorted(wavelength, hi + 8.0 * sigma, side="right")
+    first, last = max(first - 2, 0), min(last + 2, n)
+    wl = wavelength[first:last]
+    m = wl.shape[0]
+    weight = np.zeros(m)  # the resampling's weights of the pixels (sum 1)
+    for i in range(m):
+        if flux_conserving:
+            weight[i] = max(min(edges[first + i + 1], hi) - max(edges[first + i], lo), 0.0)
+        elif i < m - 1 and wl[i] <= centre <= wl[i + 1]:
+            t = (centre - wl[i]) / (wl[i + 1] - wl[i])
+            weight[i], weight[i + 1] = 1.0 - t, t
+            break
+    total = weight.sum()
+    if not total > 0.0:
+        return 1.0
+    weight /= total
+    smoothed, plain = 0.0, 0.0
+    impulse, bad = np.zeros(m), np.zeros(m, np.bool_)
+    for k in range(m):
+        impulse[k] = 1.0
+        h = np.sum(weight * smooth_gaussian(wl, impulse, bad, sigma_frac, sigma_abs))
+        impulse[k] = 0.0
+        smoothed += h * h
+        plain += weight[k] * weight[k]
+    return smoothed / plain
 
 
 @njit(cache=True)

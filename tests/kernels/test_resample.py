@@ -6,7 +6,16 @@ import pytest
 import spectres
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starcast.kernels.resample import C_KMS, doppler_shift, resample, rest_frame_factor
+from scipy.ndimage import gaussian_filter1d
+from starcast.kernels.resample import (
+    C_KMS,
+    bin_edges,
+    doppler_shift,
+    resample,
+    response_variance,
+    rest_frame_factor,
+    smooth_gaussian,
+)
 
 
 @st.composite
@@ -154,3 +163,75 @@ def test_doppler_shift_then_unshift_is_the_identity_to_interpolation_error(metho
     ok = ~np.isnan(back)
     assert ok.mean() > 0.99
     np.testing.assert_allclose(back[ok], spectrum[ok], atol=2e-3)
+
+
+def _edges(wavelength):
+    edges = np.empty(len(wavelength) + 1)
+    bin_edges(wavelength, edges)
+    return edges
+
+
+def _response_reference(src, dst, flux_conserving):
+    """`response_variance` written out in float64 numpy: per covered target bin the weights the
+    resampling gives the source pixels (overlaps, or numpy.interp's of a unit impulse), each pixel a
+    box of its width."""
+    se, de = _edges(src), _edges(dst)
+    widths, out = np.diff(se), []
+    for j in range(len(dst)):
+        if flux_conserving:
+            if de[j] < se[0] or de[j + 1] > se[-1]:
+                continue
+            w = np.clip(np.minimum(se[1:], de[j + 1]) - np.maximum(se[:-1], de[j]), 0.0, None)
+        else:
+            if not src[0] <= dst[j] <= src[-1]:
+                continue
+            w = np.array([np.interp(dst[j], src, np.eye(len(src))[i]) for i in range(len(src))])
+        w = w / w.sum()
+        mean = np.sum(w * src)
+        out.append(np.sum(w * ((src - mean) ** 2 + widths**2 / 12)))
+    return np.mean(out) if out else 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids(), st.booleans())
+def test_response_variance_matches_the_weights_written_out(case, flux_conserving):
+    src, dst, _, _ = case
+    got = response_variance(src, _edges(src), dst, _edges(dst), flux_conserving)
+    assert got == pytest.approx(_response_reference(src, dst, flux_conserving), rel=1e-9, abs=1e-12)
+
+
+def test_response_variance_of_pixels_half_or_all_of_a_bin():
+    """0.2 A pixels rebinned onto 0.4 A bins: with edges shared, each bin is one 0.4 A box (0.4^2 / 12);
+    with the bins' edges on the pixels' centres (the shipped model's training spectra), each bin takes
+    a quarter of the pixels on either side, 2 x 0.25 x 0.2^2 + 0.2^2 / 12."""
+    model = 4010.0 + 0.4 * np.arange(200)
+    for start, expected in ((4000.1, 0.4**2 / 12), (4000.0, 0.5 * 0.2**2 + 0.2**2 / 12)):
+        src = start + 0.2 * np.arange(500)
+        got = response_variance(src, _edges(src), model, _edges(model), True)
+        assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_smoothing_in_angstrom_matches_scipy_on_a_uniform_grid():
+    """sigma_abs alone on 0.05 A pixels is a Gaussian of sigma_abs / 0.05 pixels (scipy, truncated at 4
+    sigma as here) away from the ends."""
+    rng = np.random.default_rng(3)
+    wl = 4000.0 + 0.05 * np.arange(400)
+    flux = 1.0 - 0.5 * rng.random(400)
+    got = smooth_gaussian(wl, flux, np.zeros(400, bool), 0.0, 0.125)
+    expected = gaussian_filter1d(flux, 2.5, truncate=4.0)
+    np.testing.assert_allclose(got[20:-20], expected[20:-20], rtol=0, atol=1e-12)
+
+
+def test_smoothing_below_the_pixel_spacing_adds_its_variance_to_a_line():
+    """On 0.4 A pixels a Gaussian of sigma 0.1 A cannot be sampled: the three-point weights that
+    replace it widen a line's second moment by sigma^2 all the same, without moving it."""
+    wl = 4000.0 + 0.4 * np.arange(101)
+    flux = 1.0 - 0.5 * np.exp(-0.5 * ((wl - 4020.1) / 0.5) ** 2)
+
+    def moments(f):
+        depth = 1.0 - f
+        mean = np.sum(depth * wl) / np.sum(depth)
+        return mean, np.sum(depth * (wl - mean) ** 2) / np.sum(depth)
+
+    (m0, v0), (m1, v1) = moments(flux), moments(smooth_gaussian(wl, flux, np.zeros(101, bool), 0.0, 0.1))
+    assert m1 == pytest.approx(m0, abs=1e-9) and v1 - v0 == pytest.approx(0.1**2, rel=1e-6)
