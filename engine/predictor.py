@@ -121,6 +121,7 @@ class Model:
             raise ModelError(f"model bundle {bundle.path}: its calibration depends on the SNR, but "
                              "'log10_snr' is not among its input features")
         self.resolving_power = bundle.input.get("resolving_power")
+        self.response = float(bundle.input.get("response_variance", 0.0))
         self.emulator = bundle.emulator
         if self.emulator is not None and not set(self.emulator.labels) <= set(bundle.target_names):
             raise ModelError(f"model bundle {bundle.path}: the emulator takes {self.emulator.labels}, "
@@ -177,7 +178,7 @@ class Model:
         except ValueError as exc:
             raise CatalogError(str(exc), column=ID) from exc
         pre = preprocess(table, self.grid, self.settings, source_grid=source_grid,
-                         resolving_power=self.resolving_power)
+                         resolving_power=self.resolving_power, response=self.response)
         if self.emulator is not None:
             rv, rv_err, estimated = self._estimate_rv(table, pre, source_grid)
         x = network_inputs(pre.x, pre.ivar, self.features)
@@ -469,7 +470,7 @@ class Model:
                 subset = subset.drop_columns([RV])
             subset = subset.append_column(RV, pa.array(rv[rows], pa.float64()))
             again = preprocess(subset, self.grid, self.settings, source_grid=source_grid,
-                               resolving_power=self.resolving_power)
+                               resolving_power=self.resolving_power, response=self.response)
             for name in ("x", "ivar", "flags", "coverage", "bad_fraction"):
                 getattr(pre, name)[rows] = getattr(again, name)
             for i, r in enumerate(rows):

@@ -6,8 +6,10 @@ model report and bench/results/peers.md."""
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from starcast.catalogs import gridsynth as gs
@@ -270,6 +272,48 @@ def test_spectra_the_engine_shifts_are_not_narrowed(survey):
     for t in TARGETS:
         np.testing.assert_allclose(out.column(f"{t}_err_aleatoric").to_numpy()[shifted],
                                    plain.column(f"{t}_err_aleatoric").to_numpy()[shifted], rtol=1e-9)
+
+
+def _slow_rotators(obs: gs.Observation, snr: float = 300.0, n: int = 8):
+    """(v sin i [S], catalog table): n noise draws each of stars at two of the sample's nodes rotating at
+    20, 30 and 45 km/s, observed on `obs`'s pixels at `snr` per 0.4 A (the model grid's pixel)."""
+    sample, vsini = read_grid(SAMPLE), np.array([20.0, 30.0, 45.0])
+    clean = np.concatenate([gs.broaden(sample.wavelength, np.minimum(sample.flux[k], 1.0), vsini, obs)
+                            for k in (1, 3)])
+    rng = np.random.default_rng(11)
+    err = np.full((len(clean) * n, obs.npix), math.sqrt(obs.step / 0.4) / snr, np.float32)
+    flux = np.repeat(clean, n, axis=0) + err * rng.standard_normal(err.shape, np.float32)
+    table = pa.table({"id": pa.array(np.arange(len(flux)), pa.int64()),
+                      "flux": spectrum_array(flux, obs.npix), "flux_err": spectrum_array(err, obs.npix),
+                      "rv": pa.array(np.zeros(len(flux)))},
+                     metadata={META_WAVELENGTH: obs.grid().to_json()})
+    return np.repeat(np.tile(vsini, 2), n), table
+
+
+def test_slow_rotators_read_alike_on_finer_pixels():
+    """Stars rotating at 20-45 km/s (two of the sample's nodes, SNR 300) on the 0.2 A pixels of the
+    training spectra and on 0.05 A ones: rebinned onto the model grid, the finer have sharper lines,
+    which the model would read as slower rotation (measured: 3.5 km/s slower on average, 6.0 at
+    20 km/s). The engine smooths them up to the training spectra's pixel response (the manifest's,
+    which is what the trainer computes from the config): then they read within 1 km/s of the others
+    on average (measured 0.46 slower, 0.83 at 20 km/s)."""
+    from starcast.trainers.config import load_config
+    from starcast.trainers.gridsource import training_response
+
+    cfg = load_config(Path(starcast.__file__).parents[1] / "trainers" / "configs" / "ob-default.toml")
+    obs = gs.Observation(**cfg.data.grid["observation"])
+    pert = gs.Perturbations(**cfg.data.grid["perturbations"])
+    model = starcast.load_model()
+    assert model.bundle.input["response_variance"] == pytest.approx(
+        training_response(obs, pert, cfg.grid.values(), cfg.preprocess["method"] == "flux"), rel=1e-9)
+    plain = Model(replace(model.bundle, manifest={**model.bundle.manifest, "input": {
+        k: v for k, v in model.bundle.input.items() if k != "response_variance"}}))
+    truth, training = _slow_rotators(obs)
+    _, fine = _slow_rotators(replace(obs, step=0.05, npix=16001))
+    read = {name: m.predict(t, backend="cpu").column("vsini").to_numpy() - truth
+            for name, m, t in (("training", model, training), ("fine", model, fine), ("plain", plain, fine))}
+    assert abs(np.mean(read["fine"] - read["training"])) < 1.0, read
+    assert np.mean(read["plain"] - read["training"]) < -2.0, read
 
 
 @pytest.fixture(scope="module")

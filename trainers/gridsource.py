@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import norm
 
 from ..catalogs import gridsynth
 from ..catalogs.grids import read_grid
@@ -17,6 +18,7 @@ from ..catalogs.physics import C_KMS
 from ..catalogs.schema import ID, SNR, Flag
 from ..kernels.features import network_inputs
 from ..kernels.preprocess import PreprocessSettings, preprocess
+from ..kernels.resample import bin_edges, response_variance, rest_frame_factor
 from .config import ConfigError, TrainConfig
 from .data import Dataset
 
@@ -52,6 +54,24 @@ class GridData:
     def resolve(self, path: str, source: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() or not source else Path(source).resolve().parent / p
+
+
+def training_response(obs: gridsynth.Observation, pert: gridsynth.Perturbations, grid: np.ndarray,
+                      flux_conserving: bool) -> float:
+    """A^2: the variance of the response through which the engine's resampling sees the pixels of
+    spectra observed on `obs`'s grid on the model `grid` (`kernels.resample.response_variance`),
+    averaged over the stated rv errors of `pert` it removes (41 quantiles of their normal law). A
+    spectrum seen through a narrower one (finer pixels) has sharper lines than these, which a model
+    trained on them reads as slower rotation: the engine smooths it up to this first."""
+    dst = np.empty(len(grid) + 1)
+    bin_edges(grid, dst)
+    variances = []
+    for rv in pert.rv_error_kms * norm.ppf((np.arange(41) + 0.5) / 41):
+        src = obs.grid().values() * rest_frame_factor(rv)
+        edges = np.empty(len(src) + 1)
+        bin_edges(src, edges)
+        variances.append(response_variance(src, edges, grid, dst, flux_conserving))
+    return float(np.mean(variances))
 
 
 class GridSource:
@@ -142,9 +162,12 @@ class GridSource:
         return C_KMS / self.obs.resolving_power
 
     def input_requirements(self) -> dict:
-        """The manifest's `input` entries this training fixes: resolving power and wavelength range."""
+        """The manifest's `input` entries this training fixes: resolving power, wavelength range and
+        the pixel response of its spectra (`training_response`)."""
         return {"resolving_power": self.obs.resolving_power,
-                "wavelength_range": [float(self.grid_values[0]), float(self.grid_values[-1])]}
+                "wavelength_range": [float(self.grid_values[0]), float(self.grid_values[-1])],
+                "response_variance": training_response(self.obs, self.pert, self.grid_values,
+                                                       self.settings.method == "flux")}
 
     def dataset(self, first_epoch: tuple[np.ndarray, np.ndarray]) -> Dataset:
         """The first epoch's training rows with the validation and test surveys, as one `Dataset`."""
