@@ -58,7 +58,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "f1234e82a3e4d004"
+DEPENDENCY_FINGERPRINT = "c9e10932f6b9c5b4"
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,8 @@ class Preprocessed:
     errors: list[str | None]  # None, or why the row failed (it stays in its place, so no index)
     ivar: np.ndarray  # (B, D) float32
 
+
+_RESPONSE_STRIDE = 17  # every 17th model pixel measures a row's pixel response (`response_variance`)
 
 # Row status codes set by the kernel (0 = processed).
 (_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _ZERO, _SINGULAR, _NEGATIVE, _INPUT) = range(10)
@@ -326,7 +328,8 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         bin_edges(wl, edges)
         widen = 0.0
         if response > 0.0:
-            widen = max(response - response_variance(wl, edges, grid, grid_edges, flux_conserving), 0.0)
+            own = response_variance(wl, edges, grid, grid_edges, flux_conserving, _RESPONSE_STRIDE)
+            widen = max(response - own, 0.0)
         smoothed = smooth[r] > 0.0 or widen > 0.0
         if smoothed:
             flux = smooth_gaussian(wl, flux, bad, smooth[r], math.sqrt(widen))

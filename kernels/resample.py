@@ -149,16 +149,17 @@ def interp_linear(src_wavelength, flux, var, bad, dst_wavelength, out_flux, out_
 
 
 @njit(cache=True)
-def response_variance(src_wavelength, src_edges, dst_wavelength, dst_edges, flux_conserving):
-    """The variance (A^2) of the response through which resampling sees a spectrum, averaged over the
-    target bins (centres `dst_wavelength`, edges `dst_edges`) the source covers: each source pixel
+def response_variance(src_wavelength, src_edges, dst_wavelength, dst_edges, flux_conserving, stride=1):
+    """The variance (A^2) of the response through which resampling sees a spectrum, averaged over every
+    `stride`-th target bin (centres `dst_wavelength`, edges `dst_edges`) the source covers (a prime
+    stride samples every phase of a source grid that repeats within fewer bins): each source pixel
     (centres `src_wavelength`, edges `src_edges`) a box of its width, weighted as the resampling
     weighs it (by overlap in flux-conserving rebinning, else the interpolation weights of the two
     pixels around the bin's centre). Source pixels coarser than the bins, or straddling their edges,
     widen it; 0 where no bin is covered."""
     n = src_wavelength.shape[0]
     total, count, start = 0.0, 0, 0
-    for j in range(dst_edges.shape[0] - 1):
+    for j in range(0, dst_edges.shape[0] - 1, stride):
         lo, hi = dst_edges[j], dst_edges[j + 1]
         wsum, m1, m2 = 0.0, 0.0, 0.0  # moments about lo, for precision
         if flux_conserving:
