@@ -11,8 +11,8 @@ from starcast.catalogs.lines import DIAGNOSTIC_LINES
 from starcast.catalogs.medium import air_to_vacuum, convert, vacuum_to_air
 from starcast.catalogs.physics import instrumental_broadening
 from starcast.catalogs.schema import META_MEDIUM, META_RESOLVING_POWER, META_WAVELENGTH, Flag, WavelengthGrid
-from starcast.kernels.preprocess import preprocess
-from starcast.kernels.resample import response_variance
+from starcast.kernels.preprocess import PreprocessSettings, preprocess
+from starcast.kernels.resample import bin_edges, response_variance
 
 MODEL = WavelengthGrid.linear(4010.0, 0.4, 1951, medium="air")  # the shipped model's grid
 SOURCE_AIR = np.linspace(4000.0, 4800.0, 8001)  # 0.1 A pixels
@@ -174,8 +174,9 @@ def test_finer_pixels_are_smoothed_up_to_the_pixel_response_of_the_training_spec
 
     (train_wl, train), (fine_wl, fine) = observed(0.2), observed(0.05)
     model = MODEL.values()
-    edges, model_edges = (np.concatenate([w[:1] - 0.5 * (w[1] - w[0]), 0.5 * (w[1:] + w[:-1]),
-                                          w[-1:] + 0.5 * (w[-1] - w[-2])]) for w in (train_wl, model))
+    edges, model_edges = np.empty(len(train_wl) + 1), np.empty(len(model) + 1)
+    bin_edges(train_wl, edges)
+    bin_edges(model, model_edges)
     response = response_variance(train_wl, edges, model, model_edges, True)
     table = per_row([train, fine], [train_wl, fine_wl])
     smoothed, plain = preprocess(table, MODEL, response=response), preprocess(table, MODEL)
@@ -185,21 +186,25 @@ def test_finer_pixels_are_smoothed_up_to_the_pixel_response_of_the_training_spec
     assert np.abs(plain.x[1] - plain.x[0]).max() > 0.008
 
 
+@pytest.mark.parametrize("method", ["flux", "linear"])
 @pytest.mark.parametrize("case", ["finer pixels", "higher resolution"])
-def test_the_propagated_errors_are_those_of_the_smoothed_noise(case):
+def test_the_propagated_errors_are_those_of_the_smoothed_noise(case, method):
     """Smoothing averages the noise of neighbouring pixels, which the resampling then takes as
     independent: the errors it propagates are scaled by what the smoothing leaves of their variance
     (`smoothed_noise_ratio`), so that the noise on the model grid is what they state (pulls of unit
-    scatter; 0.88 and 0.89 without the scaling, measured)."""
+    scatter; 0.88 and 0.89 without the scaling with flux-conserving rebinning, measured). The
+    responses: those of 0.2 A pixels on the grid, rebinned (0.0225 A^2) or interpolated (0.0071)."""
     rng = np.random.default_rng(7)
     wl = np.arange(4000.0, 4800.0, 0.05 if case == "finer pixels" else 0.025)
     err = np.full((20, len(wl)), 0.01)
     flux = 1.0 + err * rng.standard_normal(err.shape)
     columns = {"flux_err": pa.array(list(err.astype(np.float32)), pa.list_(pa.float32()))}
+    settings = PreprocessSettings(method=method)
     if case == "finer pixels":
-        out = preprocess(per_row(flux, [wl] * 20, **columns), MODEL, response=0.0225)
+        out = preprocess(per_row(flux, [wl] * 20, **columns), MODEL, settings,
+                         response=0.0225 if method == "flux" else 0.0071)
     else:
         out = preprocess(per_row(flux, [wl] * 20, resolving_power=pa.array([40000.0] * 20), **columns), MODEL,
-                         resolving_power=20000.0)
+                         settings, resolving_power=20000.0)
     pulls = ((out.x - 1.0) * np.sqrt(out.ivar))[:, 20:-20]
     assert 0.97 < pulls.std() < 1.03, pulls.std()
