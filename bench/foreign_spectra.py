@@ -27,7 +27,7 @@ import pyarrow as pa
 from preprocess_bench import machine
 from PyAstronomy import pyasl
 from starcast.catalogs.grids import read_grid
-from starcast.catalogs.physics import C_KMS
+from starcast.catalogs.physics import C_KMS, pixel_average
 from starcast.catalogs.schema import CHI2, INFORMATIONAL, WavelengthGrid, spectrum_array
 from starcast.engine.predictor import Model
 
@@ -66,9 +66,7 @@ def survey(n: int, step: float, vsini_max: float, seed: int) -> tuple[dict, pa.T
         snr = np.exp(rng.uniform(np.log(10.0), np.log(400.0)))
         broad = pyasl.instrBroadGaussFast(wl, rotate(wl, sample.flux[node].astype(np.float64), vsini),
                                           20000.0, edgeHandling="firstlast", equid=True, maxsig=6.0)
-        shifted = wl * (1.0 + rv / C_KMS)
-        cumulative = np.concatenate([[0.0], np.cumsum(0.5 * (broad[1:] + broad[:-1]) * np.diff(shifted))])
-        observed = np.diff(np.interp(edges, shifted, cumulative)) / step
+        observed = pixel_average(wl * (1.0 + rv / C_KMS), broad, edges)
         err[i] = np.sqrt(np.clip(observed, 0.01, None)) * np.sqrt(0.4 / step) / snr
         flux[i] = observed + err[i] * rng.standard_normal(len(pixels))
         labels = (sample.params["teff"][node], sample.params["logg"][node], vsini, rv, snr)

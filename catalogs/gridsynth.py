@@ -145,8 +145,7 @@ def broaden(wavelength: np.ndarray, flux: np.ndarray, vsini: np.ndarray, obs: Ob
     for j, k in enumerate(kernels):
         kh = len(k) // 2
         y = np.fft.irfft(spectrum * np.fft.rfft(k, nfft), nfft)[kh:kh + len(lam)]
-        cum = np.concatenate([[0.0], np.cumsum(0.5 * (y[1:] + y[:-1]) * np.diff(lam))])
-        out[j] = 1.0 + np.diff(np.interp(edges, lam, cum)) / np.diff(edges)
+        out[j] = 1.0 + physics.pixel_average(lam, y, edges)
     return out
 
 

@@ -279,6 +279,13 @@ def rotational_broadening(wavelength: np.ndarray, flux: np.ndarray, vsini_kms: f
     return _broaden_per_pixel(lam, f, float(vsini_kms), float(epsilon), 0.0, 0)
 
 
+def pixel_average(wavelength: np.ndarray, flux: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The mean of a finely sampled `flux` (on increasing `wavelength`) over each pixel between
+    consecutive `edges`: what a detector's pixel collects, by the trapezoid rule."""
+    cumulative = np.concatenate([[0.0], np.cumsum(0.5 * (flux[1:] + flux[:-1]) * np.diff(wavelength))])
+    return np.diff(np.interp(edges, wavelength, cumulative)) / np.diff(edges)
+
+
 def instrumental_broadening(wavelength: np.ndarray, flux: np.ndarray, resolving_power: float) -> np.ndarray:
     """Convolve with a Gaussian line-spread function of FWHM = lambda / R (sigma = FWHM / 2.3548)."""
     lam = np.ascontiguousarray(wavelength, dtype=np.float64)

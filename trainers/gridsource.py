@@ -65,9 +65,9 @@ def training_response(obs: gridsynth.Observation, pert: gridsynth.Perturbations,
     trained on them reads as slower rotation: the engine smooths it up to this first."""
     dst = np.empty(len(grid) + 1)
     bin_edges(grid, dst)
-    variances = []
+    observed, variances = obs.grid().values(), []
     for rv in pert.rv_error_kms * norm.ppf((np.arange(41) + 0.5) / 41):
-        src = obs.grid().values() * rest_frame_factor(rv)
+        src = observed * rest_frame_factor(rv)
         edges = np.empty(len(src) + 1)
         bin_edges(src, edges)
         variances.append(response_variance(src, edges, grid, dst, flux_conserving))

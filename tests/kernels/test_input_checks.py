@@ -9,7 +9,7 @@ import pytest
 from PyAstronomy import pyasl
 from starcast.catalogs.lines import DIAGNOSTIC_LINES
 from starcast.catalogs.medium import air_to_vacuum, convert, vacuum_to_air
-from starcast.catalogs.physics import instrumental_broadening
+from starcast.catalogs.physics import instrumental_broadening, pixel_average
 from starcast.catalogs.schema import META_MEDIUM, META_RESOLVING_POWER, META_WAVELENGTH, Flag, WavelengthGrid
 from starcast.kernels.preprocess import PreprocessSettings, preprocess
 from starcast.kernels.resample import bin_edges, response_variance
@@ -165,12 +165,11 @@ def test_finer_pixels_are_smoothed_up_to_the_pixel_response_of_the_training_spec
     stay untouched."""
     hires = np.arange(3995.0, 4805.0, 0.005)
     spectrum = instrumental_broadening(hires, line_spectrum(hires, width=0.03), 20000.0)
-    cumulative = np.concatenate([[0.0], np.cumsum(0.5 * (spectrum[1:] + spectrum[:-1]) * np.diff(hires))])
 
     def observed(step):  # pixel averages, centred at 4000 + k step as gridsynth.Observation's
         centres = np.arange(4000.0, 4800.0 + step / 2, step)
         edges = np.concatenate([centres - step / 2, centres[-1:] + step / 2])
-        return centres, np.diff(np.interp(edges, hires, cumulative)) / step
+        return centres, pixel_average(hires, spectrum, edges)
 
     (train_wl, train), (fine_wl, fine) = observed(0.2), observed(0.05)
     model = MODEL.values()
