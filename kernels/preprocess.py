@@ -58,7 +58,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "c9e10932f6b9c5b4"
+DEPENDENCY_FINGERPRINT = "6af143ef88265fe0"
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,16 @@ class Preprocessed:
     bad_fraction: np.ndarray  # (B,) float32, fraction of the covered grid pixels that are bad
     errors: list[str | None]  # None, or why the row failed (it stays in its place, so no index)
     ivar: np.ndarray  # (B, D) float32
+    # (B,) float32, A^2: how much the row's pixel response is broader than `response` (0 where it is not,
+    # or none was given), which no smoothing can take back: the model's fit sees its spectra through it
+    response_excess: np.ndarray
 
 
 _RESPONSE_STRIDE = 17  # every 17th model pixel measures a row's pixel response (`response_variance`)
+# A^2: a response broader than the model's by less than this is taken as the model's (no
+# `response_excess`): its training spectra's own responses spread about their mean by as much (ob-default:
+# 0.0233 on pixels centred on the grid's bin edges, 0.0008 above the mean), so it learnt them
+_RESPONSE_TOLERANCE = 1e-3
 
 # Row status codes set by the kernel (0 = processed).
 (_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _ZERO, _SINGULAR, _NEGATIVE, _INPUT) = range(10)
@@ -263,11 +270,12 @@ def _mask_spikes(flux, var, bad, k, has_errors, sigma_floor):
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
             rv, smooth, response, spike_sigma, grid, grid_edges, basis, gram, flux_conserving, normalise,
             fit_params, sigma_floor, max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage,
-            bad_fraction, n_good, gap, line_lost):
+            bad_fraction, n_good, gap, line_lost, excess):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
     0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
     resolution with (0: none); `response`: the variance (A^2) of the pixel response to smooth a
-    narrower one up to (`response_variance`; 0: none); `spike_sigma`: `_mask_spikes`' k (0: off);
+    narrower one up to (`response_variance`; 0: none), `excess` what a broader one has beyond it;
+    `spike_sigma`: `_mask_spikes`' k (0: off);
     `fit_params` as `fit_continuum`'s; `line_pixels`: grid pixels of the diagnostic lines. Writes row
     r of every output only."""
     n_rows, d = x.shape
@@ -330,6 +338,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if response > 0.0:
             own = response_variance(wl, edges, grid, grid_edges, flux_conserving, _RESPONSE_STRIDE)
             widen = max(response - own, 0.0)
+            excess[r] = own - response if own - response > _RESPONSE_TOLERANCE else 0.0
         smoothed = smooth[r] > 0.0 or widen > 0.0
         if smoothed:
             flux = smooth_gaussian(wl, flux, bad, smooth[r], math.sqrt(widen))
@@ -462,9 +471,10 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     theirs: a `WavelengthGrid`'s medium, `starcast.medium` for a `wavelength` column), smooth a
     resolving power above `resolving_power` (the model's) down to it and a pixel response narrower
     than `response` (A^2, the variance of the one the model's training spectra had on the grid:
-    `response_variance`) up to it, remove `rv` (km/s, relativistic,
-    see `rest_frame_factor`; null = 0), resample once with `settings.method`, fit and divide the
-    continuum on the model grid, interpolate short gaps and set long ones and uncovered pixels to 1.0.
+    `response_variance`) up to it (what a broader one has beyond it: `response_excess`), remove `rv`
+    (km/s, relativistic, see `rest_frame_factor`; null = 0), resample once with `settings.method`,
+    fit and divide the continuum on the model grid, interpolate short gaps and set long ones and
+    uncovered pixels to 1.0.
     Bad input pixels: non-finite or negative flux, errors that are not positive and finite
     (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a `wavelength` column use
     `source_grid`, else the grid in the batch's schema metadata. Rows without `flux_err`/`ivar` get one
@@ -531,6 +541,7 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     bad_fraction = np.full(n_rows, np.nan)
     n_good = np.zeros(n_rows, np.int64)
     gap, line_lost = np.zeros(n_rows, np.bool_), np.zeros(n_rows, np.bool_)
+    excess = np.zeros(n_rows)
     edges = np.empty(d + 1)
     bin_edges(grid, edges)
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
@@ -541,7 +552,7 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels),
             line_pixels(grid, medium), status, x, ivar, nonfinite, coverage, bad_fraction, n_good, gap,
-            line_lost)
+            line_lost, excess)
 
     short = np.isin(status, _COVERAGE_STATUSES) & (coverage < settings.min_coverage)
     x[short], ivar[short] = 1.0, 0.0  # failed rows are neutral, as the kernel leaves its own
@@ -564,4 +575,5 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
         messages[r] = coverage_error(lo * factor, hi * factor, grid, medium, float(coverage[r]),
                                      settings.min_coverage)
     return Preprocessed(x=x, flags=flags.astype(np.int32), coverage=coverage.astype(np.float32),
-                        bad_fraction=bad_fraction.astype(np.float32), errors=messages, ivar=ivar)
+                        bad_fraction=bad_fraction.astype(np.float32), errors=messages, ivar=ivar,
+                        response_excess=np.where(ok, excess, 0.0).astype(np.float32))

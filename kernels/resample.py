@@ -65,6 +65,27 @@ def doppler_shift(spectra, wavelength, rv_kms, out):
                 out[r, j] = here + 0.5 * t * (there - before + t * (quadratic + t * cubic))
 
 
+def cubic_gaussian_weights(sigma: np.ndarray) -> np.ndarray:
+    """[B, 2 h + 1] float64: weights at pixel offsets -h..h (h = 2 + ceil(4 max sigma)) that smooth
+    samples on a uniform grid by a Gaussian of `sigma` [B] pixels: the Gaussian convolved with the
+    cubic-convolution interpolant of the samples (`doppler_shift`'s), by quadrature over +-4 sigma.
+    Their sum is 1 and their variance sigma^2 (the interpolant reproduces quadratics), also below the
+    spacing, where a Gaussian sampled on the pixels cannot resolve sigma. (Three weights of that
+    variance, as `smooth_gaussian` uses there, fit a smoothed Gaussian line as well, but on the
+    shipped model's spectra on coarse pixels these read v sin i better: `Emulator.blur`.)"""
+    sigma = np.asarray(sigma, np.float64)
+    half = 2 + int(math.ceil(4.0 * sigma.max(initial=0.0)))
+    u = np.linspace(-4.0, 4.0, 801)
+    gauss = np.exp(-0.5 * u * u)
+    gauss /= gauss.sum()
+    u /= math.sqrt(np.sum(gauss * u * u))  # the truncated quadrature of unit variance
+    t = np.arange(-half, half + 1)[None, :, None] - sigma[:, None, None] * u[None, None, :]  # [B, K, Q]
+    a = np.abs(t)
+    keys = np.where(a <= 1.0, (1.5 * a - 2.5) * a * a + 1.0,
+                    np.where(a < 2.0, ((-0.5 * a + 2.5) * a - 4.0) * a + 2.0, 0.0))
+    return keys @ gauss
+
+
 @njit(cache=True)
 def bin_edges(wavelength, out):
     """Edges of the pixels centred on `wavelength` (n >= 2), into `out` (n + 1), as `spectres.make_bins`."""

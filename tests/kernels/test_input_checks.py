@@ -185,6 +185,23 @@ def test_finer_pixels_are_smoothed_up_to_the_pixel_response_of_the_training_spec
     assert np.abs(plain.x[1] - plain.x[0]).max() > 0.008
 
 
+def test_coarser_pixels_are_left_as_they_are_and_their_excess_response_is_stated():
+    """0.4 A pixels centred on the 0.4 A model grid's bin edges: each model pixel is half of two of
+    them, a response of 0.4^2 / 12 + 0.2^2 A^2, which no smoothing takes back; the row keeps its
+    flux and states what its response has beyond the model's (`response_excess`), which the fit
+    then sees its spectra through. 0.2 A pixels at the same edges (0.0233) are within the tolerance
+    of the training spectra's mean response (0.0225): nothing to state."""
+    model = MODEL.values()
+    edges = np.empty(len(model) + 1)
+    bin_edges(model, edges)
+    coarse, train = edges[1:-1], np.arange(edges[1], edges[-2], 0.2)
+    table = per_row([line_spectrum(coarse), line_spectrum(train)], [coarse, train])
+    stated, plain = preprocess(table, MODEL, response=0.0225), preprocess(table, MODEL)
+    assert np.array_equal(stated.x[0], plain.x[0])
+    assert stated.response_excess[0] == pytest.approx(0.4**2 / 12 + 0.2**2 - 0.0225, rel=1e-6)
+    assert stated.response_excess[1] == 0.0 and np.all(plain.response_excess == 0.0)
+
+
 @pytest.mark.parametrize("method", ["flux", "linear"])
 @pytest.mark.parametrize("case", ["finer pixels", "higher resolution"])
 def test_the_propagated_errors_are_those_of_the_smoothed_noise(case, method):

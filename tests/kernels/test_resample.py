@@ -10,6 +10,7 @@ from scipy.ndimage import gaussian_filter1d
 from starcast.kernels.resample import (
     C_KMS,
     bin_edges,
+    cubic_gaussian_weights,
     doppler_shift,
     resample,
     response_variance,
@@ -209,6 +210,25 @@ def test_response_variance_of_pixels_half_or_all_of_a_bin():
         src = start + 0.2 * np.arange(500)
         got = response_variance(src, _edges(src), model, _edges(model), True)
         assert got == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 0.7, 1.6])
+def test_cubic_gaussian_weights_are_a_gaussian_of_the_interpolated_samples(sigma):
+    """Their sum is 1 and their variance sigma^2 (pixels); on a line three pixels wide they give what
+    the continuous Gaussian convolution gives (a Gaussian of the summed variances), to the
+    interpolation's error, also where sigma is below the spacing."""
+    (weights,) = cubic_gaussian_weights(np.array([sigma]))
+    offsets = np.arange(len(weights)) - len(weights) // 2
+    assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.sum(weights * offsets**2) == pytest.approx(sigma**2, rel=1e-9)
+    x = np.arange(200.0)
+
+    def line(width):
+        return np.exp(-0.5 * (x - 100.3) ** 2 / width**2) / width
+
+    got = np.convolve(line(3.0), weights[::-1], mode="same")
+    exact = line(np.hypot(3.0, sigma))
+    assert np.abs(got - exact).max() < 5e-4 * exact.max()
 
 
 def test_smoothing_in_angstrom_matches_scipy_on_a_uniform_grid():
