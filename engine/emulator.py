@@ -63,7 +63,7 @@ from safetensors.numpy import save as save_safetensors
 
 from ..errors import ModelError
 from ..kernels.lstsq import normal_equations
-from ..kernels.resample import doppler_shift
+from ..kernels.resample import cubic_gaussian_weights, doppler_shift
 from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
@@ -177,6 +177,24 @@ class Emulator:
         doppler_shift(spectra, self.wavelength, np.ascontiguousarray(rv, np.float64), out)
         return out
 
+    def blur(self, spectra: np.ndarray, variance: np.ndarray | None) -> np.ndarray:
+        """(B, D) float32: `spectra` seen through a Gaussian response of `variance` (B,) A^2 beyond the
+        training spectra's (a row's pixels coarser than theirs, `Preprocessed.response_excess`), in
+        units of the grid's median spacing (`cubic_gaussian_weights`; the end pixels held beyond
+        the grid). None or zeros: `spectra` as they are."""
+        spectra = np.ascontiguousarray(spectra, np.float32)
+        rows = np.flatnonzero(np.asarray(variance) > 0) if variance is not None else []
+        if not len(rows):
+            return spectra
+        spacing = float(np.median(np.diff(self.wavelength)))
+        weights = cubic_gaussian_weights(np.sqrt(np.asarray(variance, np.float64)[rows]) / spacing)
+        weights = weights.astype(np.float32)
+        half, d = weights.shape[1] // 2, spectra.shape[1]
+        padded = np.pad(spectra[rows], ((0, 0), (half, half)), mode="edge")
+        out = spectra.copy()
+        out[rows] = sum(weights[:, j:j + 1] * padded[:, j:j + d] for j in range(weights.shape[1]))
+        return out
+
     def pixel_weight(self, ivar: np.ndarray) -> np.ndarray:
         """float32 weights of the fit's pixels, 1 / (1 / ivar + sigma^2) (0 where ivar <= 0 and near
         ISM_LINES)."""
@@ -287,22 +305,24 @@ class Emulator:
         return np.concatenate(parts, axis=2) if parts else None
 
     def fitted(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray | None = None,
-               extra: np.ndarray | None = None, veil: bool = False) -> np.ndarray:
-        """(B, D) float32: the emulated spectra at `labels` (shifted to `rv` km/s, if given) times the
-        continuum that fits x best with `weight` per pixel (`fit_continuum`)."""
-        return self.fit_continuum(x, weight, labels, rv, extra, veil)[0]
+               extra: np.ndarray | None = None, veil: bool = False,
+               blur: np.ndarray | None = None) -> np.ndarray:
+        """(B, D) float32: the emulated spectra at `labels` (seen through `blur`, shifted to `rv` km/s,
+        if given) times the continuum that fits x best with `weight` per pixel (`fit_continuum`)."""
+        return self.fit_continuum(x, weight, labels, rv, extra, veil, blur)[0]
 
     def fit_continuum(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray,
                       rv: np.ndarray | None = None, extra: np.ndarray | None = None,
-                      veil: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """((B, D) float32, (B, p) float32): the emulated spectra at `labels` (shifted to `rv` km/s, if
-        given) times the continuum that fits x best with `weight` per pixel (float32 pixels; the normal
-        equations, whose sine and cosine of a long period are nearly those of the polynomial, in
+                      veil: bool = False, blur: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """((B, D) float32, (B, p) float32): the emulated spectra at `labels` (seen through a response of
+        variance `blur` (B,) A^2 beyond the training spectra's, `Emulator.blur`, and shifted to `rv`
+        km/s, if given) times the continuum that fits x best with `weight` per pixel (float32 pixels;
+        the normal equations, whose sine and cosine of a long period are nearly those of the polynomial, in
         float64), and that continuum's coefficients: of a polynomial of degree `continuum_degree` in
         Chebyshev T_k over the grid, then of the terms `extra` [B, D, q] of each row
         (`defect_columns`), if given, then, with `veil`, of light without lines: a constant b added to
         the product (its coefficient, in units of the normalised flux; `Fit.veil`)."""
-        e = self.spectra(labels)
+        e = self.blur(self.spectra(labels), blur)
         return self._times_continuum(x, weight, e if rv is None else self.shift(e, rv), extra, veil)
 
     def _times_continuum(self, x: np.ndarray, weight: np.ndarray, e: np.ndarray,
@@ -432,17 +452,18 @@ class Emulator:
         return (basis[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
 
     def refine(self, x: np.ndarray, weight: np.ndarray, labels: np.ndarray, rv: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray, extra: np.ndarray | None = None,
-               veil: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+               hi: np.ndarray, extra: np.ndarray | None = None, veil: bool = False,
+               blur: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """(labels, rv, errors, jacobian) after `refine_steps` damped Gauss-Newton steps on the weighted
-        residual of `fitted` (with the continuum terms `extra`, if given, and with `veil` light without
-        lines; the continuum fitted anew at every point, so that the errors have it marginalised;
-        finite-difference Jacobian) from `labels` and the residual velocity `rv` (km/s): the labels
-        kept within [lo, hi] and within 1 std per step, rv within +-V_FIT_MAX. errors [B, labels + 1]:
-        the sigmas of the labels (physical units) and of rv (km/s) from the last step's curvature, each
-        with the others marginalised (NaN without steps); jacobian [labels + 1, B, D] float32: the last
-        step's, of `fitted` with respect to the standardised labels and rv / V_UNIT (None without
-        steps)."""
+        residual of `fitted` (with the continuum terms `extra`, if given, with `veil` light without
+        lines, and seen through `blur`; the continuum fitted anew at every point, so that the errors
+        have it marginalised; finite-difference Jacobian) from `labels` and the residual velocity `rv`
+        (km/s): the labels kept within [lo, hi] and within 1 std per step, rv within +-V_FIT_MAX.
+        errors [B, labels + 1]: the sigmas of the labels (physical units) and of rv (km/s) from the last
+        step's curvature, each with the others marginalised (NaN without steps); jacobian
+        [labels + 1, B, D] float32: the last step's, of `fitted` with respect to the standardised labels
+        and rv / V_UNIT (None without steps)."""
         k = len(self.labels)
         scale = np.append(self.label_std, V_UNIT)
         offset = np.append(self.label_mean, 0.0)
@@ -454,7 +475,7 @@ class Emulator:
         variance = np.full((len(x), k + 1), np.nan)  # without steps
 
         def emulated(z):  # unshifted
-            return self.spectra(z[:, :k] * scale[:k] + offset[:k])
+            return self.blur(self.spectra(z[:, :k] * scale[:k] + offset[:k]), blur)
 
         def fitted(e, z):  # e shifted to z's rv, times its continuum
             return self._times_continuum(x, weight, self.shift(e, z[:, k] * V_UNIT), extra, veil)[0]
@@ -486,22 +507,24 @@ class Emulator:
                extra: np.ndarray | None, veil: bool = False) -> np.ndarray:
         """Fit `rows` of a chunk of `chi2` again, from their labels and rv so far, with the continuum's
         terms `extra` (and with `veil` light without lines): `state`, the chunk's (x, weight, labels,
-        rv, errors, model, residual, jacobian), is updated in place; returns the continuum's
+        rv, errors, model, residual, jacobian, blur), is updated in place; returns the continuum's
         coefficients."""
-        x, weight, labels, rv, errors, model, residual, jac = state
+        x, weight, labels, rv, errors, model, residual, jac, blur = state
+        blur = None if blur is None else blur[rows]
         labels[rows], rv[rows], errors[rows], again = self.refine(x[rows], weight[rows], labels[rows],
-                                                                  rv[rows], lo, hi, extra, veil)
+                                                                  rv[rows], lo, hi, extra, veil, blur)
         if jac is not None:
             jac[:, rows] = again
         model[rows], coef = self.fit_continuum(x[rows], weight[rows], labels[rows],
-                                               rv[rows] if self.refine_steps else None, extra, veil)
+                                               rv[rows] if self.refine_steps else None, extra, veil, blur)
         residual[rows] = x[rows] - model[rows]
         return coef
 
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
-             hi: np.ndarray | None = None) -> Fit:
+             hi: np.ndarray | None = None, blur: np.ndarray | None = None) -> Fit:
         """The `Fit` of prepared spectra x [B, D] with inverse variances ivar: the fitted emulated
-        spectra e (see `fitted`) at `labels` and a residual velocity, refined within [lo, hi] (see
+        spectra e (see `fitted`; seen through `blur` [B], if given) at `labels` and a residual velocity,
+        refined within [lo, hi] (see
         `refine`), then again with the diffuse bands whose statistics (`dib`) pass their
         `dib_threshold`, then again with a ripple (and those bands) where the residual's ripple statistic
         passes `ripple_threshold`, then again with light without lines (and the ripple and bands) where
@@ -529,11 +552,13 @@ class Emulator:
             weight = self.pixel_weight(ivar[part])
             n[part] = (weight > 0).sum(axis=1)
             dof[part] = n[part] - parameters
-            best, rv[part], errors[part], jac = self.refine(xs, weight, labels[part], rv[part], lo, hi)
+            seen = None if blur is None else np.asarray(blur)[part]
+            best, rv[part], errors[part], jac = self.refine(xs, weight, labels[part], rv[part], lo, hi,
+                                                            blur=seen)
             shifted = rv[part] if self.refine_steps else None
-            model = self.fitted(xs, weight, best, shifted)
+            model = self.fitted(xs, weight, best, shifted, blur=seen)
             residual = xs - model
-            state = (xs, weight, best, rv[part], errors[part], model, residual, jac)  # views of the chunk
+            state = (xs, weight, best, rv[part], errors[part], model, residual, jac, seen)  # chunk views
             chi2[part] = reduced(residual, weight, dof[part])
             ripple[part], freq = self.ripple(residual, weight, chi2[part])
             dib[part] = self.dib(residual, weight, model, chi2[part], freq)

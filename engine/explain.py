@@ -28,6 +28,7 @@ from ..catalogs.schema import ERROR, FLAGS, ID
 from ..errors import StarcastError
 from ..kernels import rng
 from ..kernels.reference import ACTIVATIONS
+from ..kernels.resample import cubic_gaussian_weights
 from . import emulator as emu
 
 METHODS = ("ig", "captum")
@@ -146,13 +147,28 @@ class FitFunction:
         quadratic = 2.0 * before - 5.0 * here + 4.0 * there - after
         return here + 0.5 * t * (there - before + t * (quadratic + t * cubic))
 
+    def blur(self, spectra: torch.Tensor, variance: np.ndarray) -> torch.Tensor:
+        """`Emulator.blur` of spectra [J, N, D] by `variance` [N] A^2 (the same weights)."""
+        rows = np.flatnonzero(variance > 0)
+        if not len(rows):
+            return spectra
+        spacing = float(np.median(np.diff(self.emulator.wavelength)))
+        weights = torch.as_tensor(cubic_gaussian_weights(np.sqrt(variance[rows]) / spacing)).float()
+        half, d = weights.shape[1] // 2, spectra.shape[-1]
+        part = spectra[:, rows]
+        padded = torch.cat([part[..., :1].expand(*part.shape[:-1], half), part,
+                            part[..., -1:].expand(*part.shape[:-1], half)], dim=-1)
+        out = spectra.clone()
+        out[:, rows] = sum(weights[:, j:j + 1] * padded[..., j:j + d] for j in range(weights.shape[1]))
+        return out
+
     def fitted(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rv: torch.Tensor,
-               extra: torch.Tensor | None = None):
+               blur: np.ndarray, extra: torch.Tensor | None = None):
         """`Emulator.fitted` at J sets of labels [J, N, k] and velocities [J, N] for spectra x [N, D]
-        (with the continuum terms `extra` [N, D, q], `Emulator.defect_columns`, if given): the shifted
-        emulated spectra times their best continuum, [J, N, D]. A set at rest is not shifted (as numpy
-        skips it; the shift would be the identity)."""
-        e = self.spectra(labels)
+        seen through `blur` [N] (with the continuum terms `extra` [N, D, q],
+        `Emulator.defect_columns`, if given): the shifted emulated spectra times their best continuum,
+        [J, N, D]. A set at rest is not shifted (as numpy skips it; the shift would be the identity)."""
+        e = self.blur(self.spectra(labels), blur)
         e = torch.stack([self.shift(ej, vj) if torch.any(vj) else ej for ej, vj in zip(e, rv, strict=True)])
         basis = torch.as_tensor(self.emulator.continuum_basis).float()  # [D, p]
         p = basis.shape[1] + (0 if extra is None else extra.shape[2])
@@ -176,23 +192,25 @@ class FitFunction:
         return e * torch.einsum("ndi,jni->jnd", basis, coef)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                 ripple: np.ndarray, dib: np.ndarray) -> torch.Tensor:
+                 ripple: np.ndarray, dib: np.ndarray, blur: np.ndarray) -> torch.Tensor:
         """The fitted labels [N, k] (float64) of float32 spectra x [N, D] with float32 pixel weights
-        `weight` [N, D], from float64 `labels` [N, k] (physical units), then with the diffuse bands
+        `weight` [N, D] seen through `blur` [N] (`Emulator.blur`), from float64 `labels` [N, k]
+        (physical units), then with the diffuse bands
         where `dib` [N, len(DIBS)] holds, then with the ripple of frequency `ripple` [N] (1/A) on the
         rows where it is finite (and those bands). Each step evaluates the model and its
         k + 1 finite-difference neighbours together."""
         k = len(self.emulator.labels)
         scale, offset = self._units()
         z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
-        z = self._steps(x, weight, z, None)
+        z = self._steps(x, weight, z, blur, None)
         banded = np.flatnonzero(dib.any(axis=1))
         for rows, extra in ((banded, lambda r: self.emulator.defect_columns(dib=dib[r])),
                             (np.flatnonzero(np.isfinite(ripple)),
                              lambda r: self.emulator.defect_columns(ripple[r], dib[r]))):
             if len(rows):
                 at = torch.as_tensor(rows)
-                z = z.index_put((at,), self._steps(x[at], weight[at], z[at], torch.as_tensor(extra(rows))))
+                z = z.index_put((at,), self._steps(x[at], weight[at], z[at], blur[rows],
+                                                   torch.as_tensor(extra(rows))))
         return (z * scale + offset)[:, :k]
 
     def _units(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +219,7 @@ class FitFunction:
         return (torch.as_tensor(np.append(e.label_std, emu.V_UNIT)),
                 torch.as_tensor(np.append(e.label_mean, 0.0)))
 
-    def _steps(self, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
+    def _steps(self, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, blur: np.ndarray,
                extra: torch.Tensor | None) -> torch.Tensor:
         """`refine_steps` Gauss-Newton steps from the standardised labels and velocity z [N, k + 1]."""
         e = self.emulator
@@ -215,7 +233,7 @@ class FitFunction:
         probes = torch.cat([torch.zeros((1, k + 1), dtype=scale.dtype), emu.STEP * eye])[:, None]
         for _ in range(e.refine_steps):
             phys = (z[None] + probes) * scale + offset
-            model = self.fitted(x, weight, phys[..., :k], phys[..., k], extra)  # [k + 2, N, D]
+            model = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)  # [k + 2, N, D]
             base, jac = model[0], ((model[1:] - model[0]) / emu.STEP).transpose(0, 1)  # [N, k + 1, D]
             gram = torch.einsum("nid,njd->nij", jac * weight[:, None], jac).double()
             grad = torch.einsum("nid,nd->ni", jac, weight * (x - base)).double()
@@ -237,6 +255,7 @@ class EstimateFunction:
     weight: torch.Tensor  # [B, D] float32
     ripple: np.ndarray  # [B] float64: the frequency (1/A) of the ripple the fit fitted; NaN: none
     dib: np.ndarray  # [B, len(DIBS)] bool: the diffuse bands the fit holds
+    blur: np.ndarray  # [B] A^2: the response through which the fit sees each row (`Emulator.blur`)
     share: torch.Tensor  # [B, K] float64
     fitted_rows: torch.Tensor  # [B] bool: rows the emulator fits
     fit_columns: list[int]  # the target index of each of the emulator's labels
@@ -258,7 +277,7 @@ class EstimateFunction:
             start = net[rows][:, cols]
             fit_rows = row[rows].numpy()
             fitted = self.fit(x[rows, :d].float(), self.weight[row[rows]], start, self.ripple[fit_rows],
-                              self.dib[fit_rows])
+                              self.dib[fit_rows], self.blur[fit_rows])
             w = self.share[row[rows]][:, cols]
             out[rows[:, None], torch.as_tensor(cols)[None]] = w * start + (1.0 - w) * fitted
         return out[:, self.columns].to(x.dtype)
@@ -284,18 +303,20 @@ def mean_function(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, target
 
 
 def estimate_function(model, network: MeanFunction, targets: list[int], x: np.ndarray, ivar: np.ndarray,
-                      fit: emu.Fit, gapped: np.ndarray) -> EstimateFunction:
+                      fit: emu.Fit, gapped: np.ndarray, blur: np.ndarray) -> EstimateFunction:
     """The `EstimateFunction` of `targets` for prepared rows x [B, D + E] of `model` (its network's
     mean of all targets, `network`), their inverse variances [B, D] as its emulator fit weighs them,
     that fit of the rows (`emulator.Fit`: its chi^2, NaN on rows it does not fit, the bands and
-    ripples it found and the parts of its excess) and which rows have a gap; the blend's shares at
-    the rows' own SNR, excess and gap."""
+    ripples it found and the parts of its excess), which rows have a gap and the response excess
+    through which the fit sees each (`Emulator.blur`); the blend's shares at the rows' own SNR,
+    excess and gap."""
     emulator, names = model.emulator, [t.name for t in model.targets]
     weight = emulator.pixel_weight(ivar)
     share = model.calibration.network_share(model._log_snr(x), fit.excess, gapped)
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
                             torch.as_tensor(weight), fit.ripple_frequency, fit.dib_fitted(emulator),
-                            torch.as_tensor(share), torch.as_tensor(np.isfinite(fit.chi2)),
+                            np.asarray(blur, np.float64), torch.as_tensor(share),
+                            torch.as_tensor(np.isfinite(fit.chi2)),
                             [names.index(n) for n in emulator.labels], list(targets))
 
 
@@ -367,7 +388,7 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
                       label_std=stds, keys=keys[rows], samples=samples, seed=seed)
     if blended:
         f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.rows(rows),
-                              model._gapped(prepared)[rows])
+                              model._gapped(prepared)[rows], model.response_excess(prepared)[rows])
     return ok, x, f
 
 

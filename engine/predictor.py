@@ -53,8 +53,10 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 FIT_FIELDS = tuple(f.name for f in fields(Fit))
 PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error, labels
 # and, for a model with an emulator, the inverse variance of x on the grid, the rv preprocessing removed
-# (given or estimated; km/s) and the sigma of an estimated one (null where given)
+# (given or estimated; km/s), the sigma of an estimated one (null where given) and the variance (A^2) by
+# which the row's pixel response is broader than the training spectra's (`Preprocessed.response_excess`)
 PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR = "ivar", RV, RV_ERR
+PREPARED_RESPONSE_EXCESS = "response_excess"
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,8 @@ class Model:
                    PREPARED_KEY: pa.array(keys, pa.int64()), FLAGS: pa.array(flags, pa.int32()),
                    ERROR: pa.array(errors, pa.string())}
         if self.emulator is not None:
-            columns.update(self.fit_columns(np.where(failed[:, None], 0.0, pre.ivar), rv, rv_err))
+            columns.update(self.fit_columns(np.where(failed[:, None], 0.0, pre.ivar), rv, rv_err,
+                                            pre.response_excess))
         for t in self.targets:
             if t.name in table.column_names:
                 columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
@@ -287,7 +290,7 @@ class Model:
                     shifted = np.maximum(self.emulator.shift(ivar[moved], -shift[moved]), 0.0)
                     ivar[moved] = np.where(whole, shifted, 0.0)
                 self._network(backend, x, keys, again_rows, (mean, var_a, var_e), samples, seed)
-                again = self._fit(again_rows, x, ivar, mean)
+                again = self._fit(again_rows, x, ivar, self.response_excess(prepared), mean)
                 removed = {name: getattr(fit, name).copy() for name in ("dib_depths", "veiling", "veil",
                                                                          "label_err")}
                 for name in FIT_FIELDS:
@@ -444,13 +447,15 @@ class Model:
         for target, value in zip(out, stats, strict=True):
             target[rows] = value.detach().cpu().double().numpy()
 
-    def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray) -> dict:
+    def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray,
+                    response_excess: np.ndarray) -> dict:
         """The prepared columns a model with an emulator adds: `ivar` [B, grid pixels], `rv`, `rv_err`
-        [B] (NaN -> null)."""
+        [B] (NaN -> null), `response_excess` [B]."""
         ivar = np.asarray(ivar, np.float32)
         return {PREPARED_IVAR: pa.FixedSizeListArray.from_arrays(pa.array(ivar.reshape(-1)), ivar.shape[1]),
                 PREPARED_RV: pa.array(rv, pa.float64(), from_pandas=True),
-                PREPARED_RV_ERR: pa.array(rv_err, pa.float64(), from_pandas=True)}
+                PREPARED_RV_ERR: pa.array(rv_err, pa.float64(), from_pandas=True),
+                PREPARED_RESPONSE_EXCESS: pa.array(response_excess, pa.float32())}
 
     def _estimate_rv(self, table: pa.Table, pre, source_grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rv, rv_err, estimated) per row: the given rv (rv_err NaN), else one estimated from the
@@ -471,7 +476,7 @@ class Model:
             subset = subset.append_column(RV, pa.array(rv[rows], pa.float64()))
             again = preprocess(subset, self.grid, self.settings, source_grid=source_grid,
                                resolving_power=self.resolving_power, response=self.response)
-            for name in ("x", "ivar", "flags", "coverage", "bad_fraction"):
+            for name in ("x", "ivar", "flags", "coverage", "bad_fraction", "response_excess"):
                 getattr(pre, name)[rows] = getattr(again, name)
             for i, r in enumerate(rows):
                 pre.errors[r] = again.errors[i]
@@ -492,17 +497,24 @@ class Model:
         """(`emulator.Fit` of every row, NaN / 0 where not predicted; ivar [B, grid pixels]) of the
         predicted `rows`: the prepared spectra against the emulator from the predicted labels, refined
         within the training range (after any backend)."""
-        missing = [c for c in (PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR) if c not in prepared.column_names]
+        missing = [c for c in (PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR, PREPARED_RESPONSE_EXCESS)
+                   if c not in prepared.column_names]
         if missing:
             raise StarcastError(f"the prepared batch has no {missing} column(s), which model {self.name!r} "
                                 "needs for its goodness of fit; was it prepared by another model?")
         d = len(self.emulator.sigma)
         ivar = _array(prepared.column(PREPARED_IVAR)).flatten().to_numpy(zero_copy_only=False)
         ivar = ivar.reshape(-1, d).astype(np.float32)  # a copy: infer may shift rows of it
-        return self._fit(rows, x, ivar, mean), ivar
+        return self._fit(rows, x, ivar, self.response_excess(prepared), mean), ivar
 
-    def _fit(self, rows: np.ndarray, x: np.ndarray, ivar: np.ndarray, mean: np.ndarray):
-        """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others)."""
+    @staticmethod
+    def response_excess(prepared) -> np.ndarray:
+        """[B] float32, A^2: the prepared rows' `response_excess`, through which the emulator's fit sees
+        its spectra (`Emulator.blur`)."""
+        return _array(prepared.column(PREPARED_RESPONSE_EXCESS)).to_numpy(zero_copy_only=False)
+
+    def _fit(self, rows: np.ndarray, x: np.ndarray, ivar: np.ndarray, blur: np.ndarray, mean: np.ndarray):
+        """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others), seen through `blur`."""
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
@@ -515,7 +527,7 @@ class Model:
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
             lo, hi = self._label_range(self.emulator.labels)
-            part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi)
+            part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi, blur[rows])
             for name in FIT_FIELDS:
                 getattr(fit, name)[rows] = getattr(part, name)
         return fit
