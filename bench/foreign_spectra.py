@@ -6,9 +6,11 @@ it), averaged over pixels finer than the training spectra's (0.05 A by default) 
 noise (sigma proportional to sqrt(flux); SNR 10-400 per 0.4 A model pixel, log-uniform). Two surveys:
 v sin i 3-450 km/s and slow rotators, 3-60 km/s.
 
-Each is predicted by the shipped model and by a copy without `input.response_variance`, which leaves
-the finer pixels' sharper lines as they are (`kernels.preprocess`): RMSE, bias and the 68% / 95%
-coverage per SNR bin (v sin i over true > 15 km/s), the share of rows flagged, the median chi^2.
+Each is predicted by the shipped model and by a copy without `input.response_variance`, which takes
+no pixel response into account: finer pixels' sharper lines are left as they are (`kernels.preprocess`)
+and the fit does not see its spectra through coarser pixels' broader response (`Emulator.blur`):
+RMSE, bias and the 68% / 95% coverage per SNR bin (v sin i over true > 15 km/s), the share of rows
+flagged, the median chi^2.
 
 Run: `python bench/foreign_spectra.py [--n 600] [--step 0.05]`. Writes
 bench/results/foreign_spectra_<step>A.json and .md.
@@ -79,7 +81,8 @@ def survey(n: int, step: float, vsini_max: float, seed: int) -> tuple[dict, pa.T
 
 
 def without_pixel_response(model: Model) -> Model:
-    """`model` whose manifest states no pixel response: finer pixels are not smoothed."""
+    """`model` whose manifest states no pixel response: finer pixels are not smoothed, coarser ones
+    not seen through by the fit."""
     inputs = {k: v for k, v in model.bundle.input.items() if k != "response_variance"}
     return Model(replace(model.bundle, manifest={**model.bundle.manifest, "input": inputs}))
 
@@ -128,8 +131,9 @@ def main() -> None:
              f"`ob-default` (bundle {result['model']}), {args.n} stars per survey at its test nodes "
              f"(the shipped sample) broadened by PyAstronomy, rv +-100 km/s not given, {args.step} A "
              "pixels, photon noise, SNR 10-400 per 0.4 A. RMSE, bias and 68% / 95% coverage (v sin i: "
-             "true > 15 km/s); `no pixel response`: the finer pixels not smoothed up to the training "
-             "spectra's response.", "",
+             "true > 15 km/s); `no pixel response`: the pixels' response not taken into account (finer "
+             "ones not smoothed up to the training spectra's, coarser ones not seen through by the "
+             "emulator's fit).", "",
              f"{result['machine']['cpu']}. Command: `python bench/foreign_spectra.py --n {args.n} "
              f"--step {args.step}` ({result['seconds']:.0f} s).", "",
              "| survey | model | flagged | median chi2 | SNR | " + " | ".join(TARGETS) + " |",
