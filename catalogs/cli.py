@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import StarcastError
+from .schema import PIXEL_KINDS
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -95,6 +96,12 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
     click.echo(_summary(out, paths, time.perf_counter() - start))
 
 
+PIXELS_OPTION = click.option(
+    "--pixels", type=click.Choice(PIXEL_KINDS), default=None,
+    help="What every flux value is: its pixel's mean (a detector's; the default when not given) or the "
+         "flux at its wavelength (a spectrum interpolated onto a grid), stored as starcast.pixels.")
+
+
 @click.command("import-csv")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -103,9 +110,11 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
               help="Whether the header wavelengths are vacuum or air wavelengths.")
 @click.option("--resolving-power", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Resolving power lambda / FWHM of every spectrum (a resolving_power column wins).")
+@PIXELS_OPTION
 @click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Spectra per shard file.")
-def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None, shard_rows: int) -> None:
+def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None, pixels: str | None,
+               shard_rows: int) -> None:
     """Import a wide CSV (one row per spectrum, one column per wavelength in A) as a catalog.
 
     Headers are wavelengths (e.g. 4460.1,4460.2,...) or the optional columns id, teff, logg, vsini,
@@ -114,7 +123,8 @@ def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None
     """
     from .csv_import import import_csv as run_import
 
-    paths = run_import(file, out, shard_rows=shard_rows, medium=medium, resolving_power=resolving_power)
+    paths = run_import(file, out, shard_rows=shard_rows, medium=medium, resolving_power=resolving_power,
+                       pixels=pixels)
     if not paths:
         raise StarcastError(f"file {file}: nothing imported")
     click.echo(f"imported {file} into {len(paths)} shard(s) in {out}")
@@ -129,12 +139,13 @@ def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None
                    "CTYPE1 AWAV).")
 @click.option("--resolving-power", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Resolving power lambda / FWHM of every spectrum.")
+@PIXELS_OPTION
 @click.option("--hdu", type=click.IntRange(min=0), default=None,
               help="Read this HDU (0 = primary) instead of the first that holds a spectrum.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Spectra per shard file.")
 def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power: float | None,
-                hdu: int | None, shard_rows: int) -> None:
+                pixels: str | None, hdu: int | None, shard_rows: int) -> None:
     """Import FITS spectra (1-D images with a wavelength WCS, or binary tables) as a catalog.
 
     Each file gives one spectrum (a table with array cells: one per row); its id is the file name.
@@ -143,5 +154,5 @@ def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power
     from .fits_import import import_fits as run_import
 
     paths = run_import(files, out, medium=medium, resolving_power=resolving_power, hdu=hdu,
-                       shard_rows=shard_rows)
+                       shard_rows=shard_rows, pixels=pixels)
     click.echo(f"imported {len(files)} FITS file(s) into {len(paths)} shard(s) in {out}")

@@ -32,6 +32,7 @@ from .schema import (
     SNR,
     SPLIT,
     WavelengthGrid,
+    pixels_metadata,
     spectrum_array,
     validate,
 )
@@ -134,10 +135,11 @@ def _grid(values: np.ndarray, medium: str) -> WavelengthGrid:
     return WavelengthGrid.explicit(values, medium=medium)
 
 
-def csv_to_table(file: str | Path, *, medium: str = "vacuum",
-                 resolving_power: float | None = None) -> pa.Table:
+def csv_to_table(file: str | Path, *, medium: str = "vacuum", resolving_power: float | None = None,
+                 pixels: str | None = None) -> pa.Table:
     """Read a wide CSV into a catalog table; the (sorted) wavelength grid, in `medium`, goes into
-    schema metadata, and so does `resolving_power` (lambda / FWHM of every row) when given."""
+    schema metadata, and so do `resolving_power` (lambda / FWHM of every row) and `pixels` (what a
+    flux value is, `starcast.pixels`) when given."""
     path = Path(file)
     try:
         check_medium(medium)
@@ -165,16 +167,17 @@ def csv_to_table(file: str | Path, *, medium: str = "vacuum",
     meta = {META_WAVELENGTH: grid.to_json(), "starcast.source": json.dumps({"csv": str(path)})}
     if resolving_power is not None:
         meta[META_RESOLVING_POWER] = json.dumps(float(resolving_power))
+    meta.update(pixels_metadata(pixels))
     table = pa.table(cols).replace_schema_metadata(meta)
     validate(table, file=str(path))
     return table
 
 
-def import_csv(file: str | Path, out: str | Path, *, shard_rows: int = 10000,
-               medium: str = "vacuum", resolving_power: float | None = None) -> list[Path]:
+def import_csv(file: str | Path, out: str | Path, *, shard_rows: int = 10000, medium: str = "vacuum",
+               resolving_power: float | None = None, pixels: str | None = None) -> list[Path]:
     """Import a wide CSV as Parquet shards `out/part-00000.parquet`, ... (`out` new or without Parquet
     files); returns their paths."""
-    table = csv_to_table(file, medium=medium, resolving_power=resolving_power)
+    table = csv_to_table(file, medium=medium, resolving_power=resolving_power, pixels=pixels)
     out = new_output_dir(out)
     step = max(int(shard_rows), 1)
     return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")

@@ -22,7 +22,17 @@ import pyarrow as pa
 from ..errors import CatalogError
 from .io import new_output_dir, write_catalog
 from .medium import AIR, VACUUM, check_medium, convert
-from .schema import FLUX, ID, IVAR, MASK, META_MEDIUM, META_RESOLVING_POWER, WAVELENGTH, spectrum_type
+from .schema import (
+    FLUX,
+    ID,
+    IVAR,
+    MASK,
+    META_MEDIUM,
+    META_RESOLVING_POWER,
+    WAVELENGTH,
+    pixels_metadata,
+    spectrum_type,
+)
 
 WAVELENGTH_NAMES = ("wavelength", "wave", "lambda")
 LOG10_WAVELENGTH_NAMES = ("loglam",)  # SDSS: log10 of the vacuum wavelength in Angstrom
@@ -184,10 +194,11 @@ def _increasing(s: FitsSpectrum) -> FitsSpectrum:
 
 
 def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None = None,
-                  hdu: int | None = None) -> pa.Table:
+                  hdu: int | None = None, pixels: str | None = None) -> pa.Table:
     """Read FITS files into one catalog table with per-row `wavelength` (Angstrom), `flux`, `ivar`
     and `mask` (null rows where a file has none). `medium` is assumed where a header states none;
-    when the files state different media every row is converted to vacuum."""
+    when the files state different media every row is converted to vacuum. `pixels`, if given, is
+    what every flux value is (`starcast.pixels`)."""
     try:
         check_medium(medium)
     except ValueError as exc:
@@ -219,13 +230,14 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
         if not (math.isfinite(resolving_power) and resolving_power > 0):
             raise CatalogError(f"resolving power must be positive, got {resolving_power}")
         meta[META_RESOLVING_POWER] = json.dumps(float(resolving_power))
+    meta.update(pixels_metadata(pixels))
     return pa.table(columns).replace_schema_metadata(meta)
 
 
 def import_fits(files, out: str | Path, *, medium: str = VACUUM, resolving_power: float | None = None,
-                hdu: int | None = None, shard_rows: int = 10000) -> list[Path]:
+                hdu: int | None = None, shard_rows: int = 10000, pixels: str | None = None) -> list[Path]:
     """Import FITS spectra as Parquet shards `out/part-00000.parquet`, ...; returns their paths."""
-    table = fits_to_table(files, medium=medium, resolving_power=resolving_power, hdu=hdu)
+    table = fits_to_table(files, medium=medium, resolving_power=resolving_power, hdu=hdu, pixels=pixels)
     out = new_output_dir(out)
     step = max(int(shard_rows), 1)
     return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")

@@ -28,6 +28,18 @@ META_WAVELENGTH = "starcast.wavelength"
 META_GENERATOR = "starcast.generator"
 META_MEDIUM = "starcast.medium"  # "air" | "vacuum": the medium of a per-row `wavelength` column
 META_RESOLVING_POWER = "starcast.resolving_power"  # one resolving power for every row of the file
+# what every flux value of the file is: the mean over its pixel (a detector's; the default) or the flux at
+# its wavelength (a spectrum interpolated onto a grid), which resampling sees through a narrower response
+META_PIXELS, PIXEL_KINDS = "starcast.pixels", ("integrated", "sampled")
+
+
+def pixels_metadata(pixels: str | None) -> dict:
+    """The file metadata stating `pixels` (one of PIXEL_KINDS; None: nothing, the default)."""
+    if pixels is None:
+        return {}
+    if pixels not in PIXEL_KINDS:
+        raise CatalogError(f"pixels must be one of {', '.join(PIXEL_KINDS)}, got {pixels!r}")
+    return {META_PIXELS: pixels}
 # ... and of a results file: what made it (model name and bundle hash, seed, S, code version,
 # backend) and from which input file.
 META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"

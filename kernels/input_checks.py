@@ -1,7 +1,8 @@
 """What a catalog states about its spectra, checked against what the model needs, for `preprocess`.
 
 The medium of the input wavelengths (converted to the model's), the instrument's resolving power
-(higher is smoothed down to the model's, lower refused), the diagnostic lines' pixels on the model
+(higher is smoothed down to the model's, lower refused), what a flux value is (a pixel's mean or a
+sample), the diagnostic lines' pixels on the model
 grid, and the error for coverage short of the model grid (with a hint when the input looks like nm).
 Pure NumPy on whole batches; the per-spectrum work stays in the Numba kernel.
 """
@@ -19,8 +20,10 @@ from ..catalogs.lines import DIAGNOSTIC_LINES
 from ..catalogs.medium import AIR, check_medium, convert
 from ..catalogs.schema import (
     META_MEDIUM,
+    META_PIXELS,
     META_RESOLVING_POWER,
     META_WAVELENGTH,
+    PIXEL_KINDS,
     RESOLVING_POWER,
     WavelengthGrid,
 )
@@ -70,6 +73,22 @@ def input_resolving_power(batch, n_rows: int) -> np.ndarray:
     if not (math.isfinite(value) and value > 0):
         raise CatalogError(f"{META_RESOLVING_POWER} metadata must be positive, got {value}")
     return np.full(n_rows, value)
+
+
+def integrated_pixels(batch) -> bool:
+    """Whether the file's flux values are means over their pixels (`starcast.pixels`: "integrated", the
+    default) rather than samples at their wavelengths ("sampled"; bare or as a JSON string)."""
+    raw = (batch.schema.metadata or {}).get(META_PIXELS.encode())
+    if raw is None:
+        return True
+    text = raw.decode(errors="replace").strip()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    if value not in PIXEL_KINDS:
+        raise CatalogError(f"{META_PIXELS} metadata must be one of {', '.join(PIXEL_KINDS)}, got {text!r}")
+    return value == PIXEL_KINDS[0]
 
 
 def resolution_match(r_input: np.ndarray, r_model: float | None) -> tuple[np.ndarray, np.ndarray]:

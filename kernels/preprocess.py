@@ -35,6 +35,7 @@ from .input_checks import (
     column_medium,
     coverage_error,
     input_resolving_power,
+    integrated_pixels,
     line_pixels,
     resolution_match,
     to_medium,
@@ -58,7 +59,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "6af143ef88265fe0"
+DEPENDENCY_FINGERPRINT = "82abbe913ca6d4e3"
 
 
 @dataclass(frozen=True)
@@ -268,13 +269,15 @@ def _mask_spikes(flux, var, bad, k, has_errors, sigma_floor):
 
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, smooth, response, spike_sigma, grid, grid_edges, basis, gram, flux_conserving, normalise,
+            rv, smooth, response, integrated, spike_sigma, grid, grid_edges, basis, gram, flux_conserving,
+            normalise,
             fit_params, sigma_floor, max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage,
             bad_fraction, n_good, gap, line_lost, excess):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
     0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
     resolution with (0: none); `response`: the variance (A^2) of the pixel response to smooth a
-    narrower one up to (`response_variance`; 0: none), `excess` what a broader one has beyond it;
+    narrower one up to (`response_variance`, of pixels `integrated` or sampled; 0: none), `excess`
+    what a broader one has beyond it;
     `spike_sigma`: `_mask_spikes`' k (0: off);
     `fit_params` as `fit_continuum`'s; `line_pixels`: grid pixels of the diagnostic lines. Writes row
     r of every output only."""
@@ -336,7 +339,8 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         bin_edges(wl, edges)
         widen = 0.0
         if response > 0.0:
-            own = response_variance(wl, edges, grid, grid_edges, flux_conserving, _RESPONSE_STRIDE)
+            own = response_variance(wl, edges, grid, grid_edges, flux_conserving, _RESPONSE_STRIDE,
+                                    integrated)
             widen = max(response - own, 0.0)
             excess[r] = own - response if own - response > _RESPONSE_TOLERANCE else 0.0
         smoothed = smooth[r] > 0.0 or widen > 0.0
@@ -471,7 +475,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     theirs: a `WavelengthGrid`'s medium, `starcast.medium` for a `wavelength` column), smooth a
     resolving power above `resolving_power` (the model's) down to it and a pixel response narrower
     than `response` (A^2, the variance of the one the model's training spectra had on the grid:
-    `response_variance`) up to it (what a broader one has beyond it: `response_excess`), remove `rv`
+    `response_variance`; of pixels as the file's `starcast.pixels` states) up to it (what a broader
+    one has beyond it: `response_excess`), remove `rv`
     (km/s, relativistic, see `rest_frame_factor`; null = 0), resample once with `settings.method`,
     fit and divide the continuum on the model grid, interpolate short gaps and set long ones and
     uncovered pixels to 1.0.
@@ -547,8 +552,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     fit_params = (float(settings.clip_low), float(settings.clip_window_low), float(settings.clip_high),
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
     _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], *uncertainty,
-            err_kind, *mask, rv, smooth, float(response), float(settings.spike_sigma), grid, edges,
-            *continuum_basis(grid, settings.continuum_degree),
+            err_kind, *mask, rv, smooth, float(response), integrated_pixels(batch),
+            float(settings.spike_sigma), grid, edges, *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels),
             line_pixels(grid, medium), status, x, ivar, nonfinite, coverage, bad_fraction, n_good, gap,

@@ -170,14 +170,17 @@ def interp_linear(src_wavelength, flux, var, bad, dst_wavelength, out_flux, out_
 
 
 @njit(cache=True)
-def response_variance(src_wavelength, src_edges, dst_wavelength, dst_edges, flux_conserving, stride=1):
+def response_variance(src_wavelength, src_edges, dst_wavelength, dst_edges, flux_conserving, stride=1,
+                      integrated=True):
     """The variance (A^2) of the response through which resampling sees a spectrum, averaged over every
     `stride`-th target bin (centres `dst_wavelength`, edges `dst_edges`) the source covers (a prime
     stride samples every phase of a source grid that repeats within fewer bins): each source pixel
-    (centres `src_wavelength`, edges `src_edges`) a box of its width, weighted as the resampling
-    weighs it (by overlap in flux-conserving rebinning, else the interpolation weights of the two
-    pixels around the bin's centre). Source pixels coarser than the bins, or straddling their edges,
-    widen it; 0 where no bin is covered."""
+    (centres `src_wavelength`, edges `src_edges`) a box of its width if `integrated` (the mean flux
+    over it), else a point (the flux at its centre), weighted as the resampling weighs it (by overlap
+    in flux-conserving rebinning, else the interpolation weights of the two pixels around the bin's
+    centre). Source pixels coarser than the bins, or straddling their edges, widen it; 0 where no bin
+    is covered."""
+    box = 1.0 / 12.0 if integrated else 0.0
     n = src_wavelength.shape[0]
     total, count, start = 0.0, 0, 0
     for j in range(0, dst_edges.shape[0] - 1, stride):
@@ -195,7 +198,7 @@ def response_variance(src_wavelength, src_edges, dst_wavelength, dst_edges, flux
                     c, a = src_wavelength[i] - lo, src_edges[i + 1] - src_edges[i]
                     wsum += overlap
                     m1 += overlap * c
-                    m2 += overlap * (c * c + a * a / 12.0)
+                    m2 += overlap * (c * c + a * a * box)
                 i += 1
         else:
             x = dst_wavelength[j]
@@ -208,7 +211,7 @@ def response_variance(src_wavelength, src_edges, dst_wavelength, dst_edges, flux
                 c, a = src_wavelength[i] - lo, src_edges[i + 1] - src_edges[i]
                 wsum += w
                 m1 += w * c
-                m2 += w * (c * c + a * a / 12.0)
+                m2 += w * (c * c + a * a * box)
         mean = m1 / wsum
         total += m2 / wsum - mean * mean
         count += 1

@@ -135,15 +135,20 @@ def test_the_pandas_index_column_is_the_id(tmp_path, index_header):
     assert csv_to_table(with_id).column("id").to_pylist() == [11]  # an id column wins; the index goes
 
 
-def test_medium_and_resolving_power_reach_the_catalog_metadata(tmp_path):
+def test_medium_resolving_power_and_pixels_reach_the_catalog_metadata(tmp_path):
     from starcast.catalogs.io import read_metadata
-    from starcast.catalogs.schema import META_RESOLVING_POWER
+    from starcast.catalogs.schema import META_PIXELS, META_RESOLVING_POWER
 
     csv = write_csv(tmp_path / "m.csv", ["id", "4000.0", "4000.5", "4001.0"], [[1, 1, 2, 3]])
     result = CliRunner().invoke(import_csv_command, [str(csv), "--out", str(tmp_path / "o"),
-                                                     "--medium", "vacuum", "--resolving-power", "40000"])
+                                                     "--medium", "vacuum", "--resolving-power", "40000",
+                                                     "--pixels", "sampled"])
     assert result.exit_code == 0, result.output
     shard = tmp_path / "o" / "part-00000.parquet"
     assert read_grid(shard).medium == "vacuum" and read_metadata(shard)[META_RESOLVING_POWER] == "40000.0"
+    assert read_metadata(shard)[META_PIXELS] == "sampled"
+    assert META_PIXELS not in csv_to_table(csv).schema.metadata  # not stated: the default, integrated
+    with pytest.raises(CatalogError, match="pixels must be one of integrated, sampled"):
+        csv_to_table(csv, pixels="points")
     with pytest.raises(CatalogError, match="'air' or 'vacuum'"):
         csv_to_table(csv, medium="water")

@@ -9,7 +9,7 @@ from starcast.catalogs.cli import import_fits as import_fits_command
 from starcast.catalogs.fits_import import fits_to_table
 from starcast.catalogs.io import read_catalog
 from starcast.catalogs.medium import air_to_vacuum
-from starcast.catalogs.schema import META_MEDIUM, META_RESOLVING_POWER
+from starcast.catalogs.schema import META_MEDIUM, META_PIXELS, META_RESOLVING_POWER
 
 from starcast.errors import CatalogError
 
@@ -106,12 +106,14 @@ def test_a_named_hdu_that_is_not_a_spectrum_names_the_hdu(tmp_path):
         fits_to_table([path], hdu=1)
 
 
-def test_import_fits_command_writes_a_catalog_with_medium_and_resolving_power(tmp_path):
+def test_import_fits_command_writes_a_catalog_with_medium_resolving_power_and_pixels(tmp_path):
     path = image(tmp_path / "s.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0})
     result = CliRunner().invoke(import_fits_command, [str(path), "--out", str(tmp_path / "o"),
-                                                      "--medium", "air", "--resolving-power", "20000"])
+                                                      "--medium", "air", "--resolving-power", "20000",
+                                                      "--pixels", "integrated"])
     assert result.exit_code == 0, result.output
     table = read_catalog(tmp_path / "o")
     meta = table.schema.metadata
     assert meta[META_MEDIUM.encode()] == b"air" and meta[META_RESOLVING_POWER.encode()] == b"20000.0"
+    assert meta[META_PIXELS.encode()] == b"integrated"
     assert table.column("id").to_pylist() == ["s"]

@@ -10,7 +10,14 @@ from PyAstronomy import pyasl
 from starcast.catalogs.lines import DIAGNOSTIC_LINES
 from starcast.catalogs.medium import air_to_vacuum, convert, vacuum_to_air
 from starcast.catalogs.physics import instrumental_broadening, pixel_average
-from starcast.catalogs.schema import META_MEDIUM, META_RESOLVING_POWER, META_WAVELENGTH, Flag, WavelengthGrid
+from starcast.catalogs.schema import (
+    META_MEDIUM,
+    META_PIXELS,
+    META_RESOLVING_POWER,
+    META_WAVELENGTH,
+    Flag,
+    WavelengthGrid,
+)
 from starcast.kernels.preprocess import PreprocessSettings, preprocess
 from starcast.kernels.resample import bin_edges, response_variance
 
@@ -200,6 +207,20 @@ def test_coarser_pixels_are_left_as_they_are_and_their_excess_response_is_stated
     assert np.array_equal(stated.x[0], plain.x[0])
     assert stated.response_excess[0] == pytest.approx(0.4**2 / 12 + 0.2**2 - 0.0225, rel=1e-6)
     assert stated.response_excess[1] == 0.0 and np.all(plain.response_excess == 0.0)
+    # samples (a spectrum interpolated onto a grid) lose their pixels' box of 0.4^2 / 12
+    sampled = preprocess(table.replace_schema_metadata({META_PIXELS: "sampled"}), MODEL, response=0.0225)
+    assert sampled.response_excess[0] == pytest.approx(0.2**2 - 0.0225, rel=1e-6)
+
+
+@pytest.mark.parametrize("value", ["pixels", '"point"', "1"])
+def test_an_unknown_pixel_kind_is_an_error_naming_the_key_and_the_kinds(value):
+    from starcast.errors import CatalogError
+
+    table = per_row([line_spectrum(SOURCE_AIR)], [SOURCE_AIR], {META_PIXELS: value})
+    with pytest.raises(CatalogError, match="starcast.pixels.*integrated, sampled"):
+        preprocess(table, MODEL)
+    for kind in ("sampled", '"sampled"', "integrated"):
+        preprocess(table.replace_schema_metadata({META_PIXELS: kind}), MODEL)
 
 
 @pytest.mark.parametrize("method", ["flux", "linear"])

@@ -172,10 +172,10 @@ def _edges(wavelength):
     return edges
 
 
-def _response_reference(src, dst, flux_conserving):
+def _response_reference(src, dst, flux_conserving, integrated=True):
     """`response_variance` written out in float64 numpy: per covered target bin the weights the
     resampling gives the source pixels (overlaps, or numpy.interp's of a unit impulse), each pixel a
-    box of its width."""
+    box of its width (`integrated`) or a point."""
     se, de = _edges(src), _edges(dst)
     widths, out = np.diff(se), []
     for j in range(len(dst)):
@@ -189,27 +189,31 @@ def _response_reference(src, dst, flux_conserving):
             w = np.array([np.interp(dst[j], src, np.eye(len(src))[i]) for i in range(len(src))])
         w = w / w.sum()
         mean = np.sum(w * src)
-        out.append(np.sum(w * ((src - mean) ** 2 + widths**2 / 12)))
+        out.append(np.sum(w * ((src - mean) ** 2 + (widths**2 / 12 if integrated else 0.0))))
     return np.mean(out) if out else 0.0
 
 
 @settings(max_examples=100, deadline=None)
-@given(grids(), st.booleans())
-def test_response_variance_matches_the_weights_written_out(case, flux_conserving):
+@given(grids(), st.booleans(), st.booleans())
+def test_response_variance_matches_the_weights_written_out(case, flux_conserving, integrated):
     src, dst, _, _ = case
-    got = response_variance(src, _edges(src), dst, _edges(dst), flux_conserving)
-    assert got == pytest.approx(_response_reference(src, dst, flux_conserving), rel=1e-9, abs=1e-12)
+    got = response_variance(src, _edges(src), dst, _edges(dst), flux_conserving, 1, integrated)
+    expected = _response_reference(src, dst, flux_conserving, integrated)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_response_variance_of_pixels_half_or_all_of_a_bin():
     """0.2 A pixels rebinned onto 0.4 A bins: with edges shared, each bin is one 0.4 A box (0.4^2 / 12);
     with the bins' edges on the pixels' centres (the shipped model's training spectra), each bin takes
-    a quarter of the pixels on either side, 2 x 0.25 x 0.2^2 + 0.2^2 / 12."""
+    a quarter of the pixels on either side, 2 x 0.25 x 0.2^2 + 0.2^2 / 12. Samples (the flux at the
+    pixels' centres, not its mean over them) lose the boxes' 0.2^2 / 12: 2 x 0.5 x 0.1^2 and
+    2 x 0.25 x 0.2^2."""
     model = 4010.0 + 0.4 * np.arange(200)
-    for start, expected in ((4000.1, 0.4**2 / 12), (4000.0, 0.5 * 0.2**2 + 0.2**2 / 12)):
-        src = start + 0.2 * np.arange(500)
-        got = response_variance(src, _edges(src), model, _edges(model), True)
-        assert got == pytest.approx(expected, rel=1e-9)
+    cases = ((4000.1, 0.4**2 / 12, 0.1**2), (4000.0, 0.5 * 0.2**2 + 0.2**2 / 12, 0.5 * 0.2**2))
+    for start, integrated, sampled in cases:
+        src, edges = start + 0.2 * np.arange(500), _edges(model)
+        got = [response_variance(src, _edges(src), model, edges, True, 1, kind) for kind in (True, False)]
+        assert got == pytest.approx([integrated, sampled], rel=1e-9)
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.3, 0.7, 1.6])
