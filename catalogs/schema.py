@@ -56,7 +56,7 @@ CHI2, CHI2_PIXELS, RV_ERR = "chi2", "chi2_pixels", "rv_err"
 class Flag(enum.IntFlag):
     """Per-row quality bits of the `flags` column (int32). A row with any bit set still has a row."""
 
-    NON_FINITE = 1  # NaN/inf/negative flux or non-positive errors in the input
+    NON_FINITE = 1  # NaN/inf flux, flux below 0 beyond its noise, or non-positive errors in the input
     MASKED = 2  # too many masked or bad pixels
     COVERAGE = 4  # the input does not cover the model's wavelength grid
     OUT_OF_RANGE = 8  # a prediction outside the training range

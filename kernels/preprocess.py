@@ -138,6 +138,11 @@ class Preprocessed:
     response_excess: np.ndarray
 
 
+# flux more than this many sigma below zero is bad (NON_FINITE): no noise makes it, as no star has negative
+# flux; less negative flux is noise, which pixels of low SNR (fine pixels, faint stars) show in deep lines,
+# and dropping it would make their lines shallow (0.01 A pixels at SNR 10-30 per 0.4 A: 23% of rows
+# flagged, log g 0.09 dex low)
+NEGATIVE_SIGMA = 5.0
 _RESPONSE_STRIDE = 17  # every 17th model pixel measures a row's pixel response (`response_variance`)
 # A^2: a response broader than the model's by less than this is taken as the model's (no
 # `response_excess`): its training spectra's own responses spread about their mean by as much (ob-default:
@@ -302,7 +307,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             wl[p] = wl_vals[wl_start[r] + p] * factor
             monotonic &= np.isfinite(wl[p]) and (p == 0 or wl[p] > wl[p - 1])
             flux[p] = flux_vals[f0 + p]
-            if not (flux[p] >= 0.0 and flux[p] < np.inf):
+            if not abs(flux[p]) < np.inf:
                 bad[p] = True
                 nonfinite[r] = True
             var[p] = 0.0
@@ -335,6 +340,12 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if err_start[r] < 0:  # no errors: DER_SNR of the input pixels, propagated like given errors
             noise = noise_sigma(flux, inside)
             var[:] = noise * noise
+        for p in range(n):  # negative beyond its noise: no flux, a defect (flux_err too small, a glitch)
+            if not bad[p] and flux[p] < 0.0 and flux[p] * flux[p] > NEGATIVE_SIGMA**2 * var[p]:
+                bad[p] = True
+                nonfinite[r] = True
+                n_inside -= inside[p]
+                inside[p] = False
         edges = np.empty(n + 1)
         bin_edges(wl, edges)
         widen = 0.0
@@ -480,11 +491,12 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     (km/s, relativistic, see `rest_frame_factor`; null = 0), resample once with `settings.method`,
     fit and divide the continuum on the model grid, interpolate short gaps and set long ones and
     uncovered pixels to 1.0.
-    Bad input pixels: non-finite or negative flux, errors that are not positive and finite
-    (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a `wavelength` column use
-    `source_grid`, else the grid in the batch's schema metadata. Rows without `flux_err`/`ivar` get one
-    noise level, DER_SNR of their input pixels, propagated as errors would be. Rows covering less than
-    `settings.min_coverage` of the grid, or at a resolving power too low, fail with the reason.
+    Bad input pixels: non-finite flux or flux NEGATIVE_SIGMA sigma below zero, errors that are not
+    positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
+    `wavelength` column use `source_grid`, else the grid in the batch's schema metadata. Rows without
+    `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels, propagated as errors would
+    be. Rows covering less than `settings.min_coverage` of the grid, or at a resolving power too low,
+    fail with the reason.
     """
     settings = settings or PreprocessSettings()
     medium = grid.medium if isinstance(grid, WavelengthGrid) else None
