@@ -133,8 +133,9 @@ class Preprocessed:
     bad_fraction: np.ndarray  # (B,) float32, fraction of the covered grid pixels that are bad
     errors: list[str | None]  # None, or why the row failed (it stays in its place, so no index)
     ivar: np.ndarray  # (B, D) float32
-    # (B,) float32, A^2: how much the row's pixel response is broader than `response` (0 where it is not,
-    # or none was given), which no smoothing can take back: the model's fit sees its spectra through it
+    # (B,) float32, A^2: how much the row's pixel response is broader than `response` (0 where it is not
+    # by more than _RESPONSE_TOLERANCE, or none was given), which no smoothing can take back: the model's
+    # fit sees its spectra through it
     response_excess: np.ndarray
 
 
