@@ -179,9 +179,9 @@ class Emulator:
 
     def blur(self, spectra: np.ndarray, variance: np.ndarray | None) -> np.ndarray:
         """(B, D) float32: `spectra` seen through a Gaussian response of `variance` (B,) A^2 beyond the
-        training spectra's (a row's pixels coarser than theirs, `Preprocessed.response_excess`), in
-        units of the grid's median spacing (`cubic_gaussian_weights`; the end pixels held beyond
-        the grid). None or zeros: `spectra` as they are."""
+        training spectra's (a row's pixels coarser than theirs, `Preprocessed.response_excess`): its
+        sigma in pixels of the grid's median spacing, by `cubic_gaussian_weights` (the end pixels held
+        beyond the grid). None or zeros: `spectra` as they are."""
         spectra = np.ascontiguousarray(spectra, np.float32)
         rows = np.flatnonzero(np.asarray(variance) > 0) if variance is not None else []
         if not len(rows):
