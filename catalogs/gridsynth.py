@@ -38,7 +38,9 @@ from .schema import (
     ID,
     MASK,
     META_GENERATOR,
+    META_PIXELS,
     META_WAVELENGTH,
+    PIXEL_KINDS,
     RV,
     SNR,
     WavelengthGrid,
@@ -332,7 +334,8 @@ class Survey:
     ids: np.ndarray  # (B,) int64
 
     def table(self, obs: Observation, provenance: dict | None = None) -> pa.Table:
-        """The survey as a catalog table (DESIGN.md schema; grid in the schema metadata)."""
+        """The survey as a catalog table (DESIGN.md schema; grid in the schema metadata, and that its
+        flux values are pixel means, `physics.pixel_average`)."""
         d = self.flux.shape[1]
         cols = {ID: pa.array(self.ids, pa.int64()), FLUX: spectrum_array(self.flux, d),
                 FLUX_ERR: spectrum_array(self.flux_err, d),
@@ -340,7 +343,8 @@ class Survey:
                 RV: pa.array(self.rv, pa.float64()), SNR: pa.array(self.snr, pa.float32())}
         cols.update({k: pa.array(v, pa.float64()) for k, v in self.labels.items()})
         prov = {"generator": "starcast.catalogs.gridsynth", "observation": asdict(obs), **(provenance or {})}
-        meta = {META_WAVELENGTH: obs.grid().to_json(), META_GENERATOR: json.dumps(prov, sort_keys=True)}
+        meta = {META_WAVELENGTH: obs.grid().to_json(), META_GENERATOR: json.dumps(prov, sort_keys=True),
+                META_PIXELS: PIXEL_KINDS[0]}
         return pa.table(cols).replace_schema_metadata(meta)
 
 
