@@ -33,13 +33,16 @@ META_RESOLVING_POWER = "starcast.resolving_power"  # one resolving power for eve
 META_PIXELS, PIXEL_KINDS = "starcast.pixels", ("integrated", "sampled")
 
 
+def check_pixels(pixels: str, what: str = "pixels") -> str:
+    """`pixels` if it is one of PIXEL_KINDS, else a CatalogError naming `what`."""
+    if pixels not in PIXEL_KINDS:
+        raise CatalogError(f"{what} must be one of {', '.join(PIXEL_KINDS)}, got {pixels!r}")
+    return pixels
+
+
 def pixels_metadata(pixels: str | None) -> dict:
     """The file metadata stating `pixels` (one of PIXEL_KINDS; None: nothing, the default)."""
-    if pixels is None:
-        return {}
-    if pixels not in PIXEL_KINDS:
-        raise CatalogError(f"pixels must be one of {', '.join(PIXEL_KINDS)}, got {pixels!r}")
-    return {META_PIXELS: pixels}
+    return {} if pixels is None else {META_PIXELS: check_pixels(pixels)}
 # ... and of a results file: what made it (model name and bundle hash, seed, S, code version,
 # backend) and from which input file.
 META_MODEL, META_MODEL_SHA256 = "starcast.model", "starcast.model_sha256"

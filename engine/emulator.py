@@ -183,17 +183,23 @@ class Emulator:
         sigma in pixels of the grid's median spacing, by `cubic_gaussian_weights` (the end pixels held
         beyond the grid). None or zeros: `spectra` as they are."""
         spectra = np.ascontiguousarray(spectra, np.float32)
-        rows = np.flatnonzero(np.asarray(variance) > 0) if variance is not None else []
+        rows, weights = self.blur_weights(variance)
         if not len(rows):
             return spectra
-        spacing = float(np.median(np.diff(self.wavelength)))
-        weights = cubic_gaussian_weights(np.sqrt(np.asarray(variance, np.float64)[rows]) / spacing)
-        weights = weights.astype(np.float32)
         half, d = weights.shape[1] // 2, spectra.shape[1]
         padded = np.pad(spectra[rows], ((0, 0), (half, half)), mode="edge")
         out = spectra.copy()
         out[rows] = sum(weights[:, j:j + 1] * padded[:, j:j + d] for j in range(weights.shape[1]))
         return out
+
+    def blur_weights(self, variance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, [rows, 2 h + 1] float32 weights) of `blur`: the rows of `variance` [B] above 0 and
+        their `cubic_gaussian_weights` in pixels of the grid's median spacing."""
+        rows = np.flatnonzero(np.asarray(variance) > 0) if variance is not None else np.empty(0, int)
+        if not len(rows):  # the rule on the hot path: rows like the training spectra's
+            return rows, np.empty((0, 0), np.float32)
+        sigma = np.sqrt(np.asarray(variance, np.float64)[rows]) / float(np.median(np.diff(self.wavelength)))
+        return rows, cubic_gaussian_weights(sigma).astype(np.float32)
 
     def pixel_weight(self, ivar: np.ndarray) -> np.ndarray:
         """float32 weights of the fit's pixels, 1 / (1 / ivar + sigma^2) (0 where ivar <= 0 and near

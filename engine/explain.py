@@ -28,7 +28,6 @@ from ..catalogs.schema import ERROR, FLAGS, ID
 from ..errors import StarcastError
 from ..kernels import rng
 from ..kernels.reference import ACTIVATIONS
-from ..kernels.resample import cubic_gaussian_weights
 from . import emulator as emu
 
 METHODS = ("ig", "captum")
@@ -149,11 +148,10 @@ class FitFunction:
 
     def blur(self, spectra: torch.Tensor, variance: np.ndarray) -> torch.Tensor:
         """`Emulator.blur` of spectra [J, N, D] by `variance` [N] A^2 (the same weights)."""
-        rows = np.flatnonzero(variance > 0)
+        rows, weights = self.emulator.blur_weights(variance)
         if not len(rows):
             return spectra
-        spacing = float(np.median(np.diff(self.emulator.wavelength)))
-        weights = torch.as_tensor(cubic_gaussian_weights(np.sqrt(variance[rows]) / spacing)).float()
+        weights = torch.as_tensor(weights)
         half, d = weights.shape[1] // 2, spectra.shape[-1]
         part = spectra[:, rows]
         padded = torch.cat([part[..., :1].expand(*part.shape[:-1], half), part,

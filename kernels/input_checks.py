@@ -26,6 +26,7 @@ from ..catalogs.schema import (
     PIXEL_KINDS,
     RESOLVING_POWER,
     WavelengthGrid,
+    check_pixels,
 )
 from ..errors import CatalogError
 
@@ -81,14 +82,8 @@ def integrated_pixels(batch) -> bool:
     raw = (batch.schema.metadata or {}).get(META_PIXELS.encode())
     if raw is None:
         return True
-    text = raw.decode(errors="replace").strip()
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = text
-    if value not in PIXEL_KINDS:
-        raise CatalogError(f"{META_PIXELS} metadata must be one of {', '.join(PIXEL_KINDS)}, got {text!r}")
-    return value == PIXEL_KINDS[0]
+    kind = raw.decode(errors="replace").strip().strip('"')
+    return check_pixels(kind, f"{META_PIXELS} metadata") == PIXEL_KINDS[0]
 
 
 def resolution_match(r_input: np.ndarray, r_model: float | None) -> tuple[np.ndarray, np.ndarray]:
