@@ -7,9 +7,10 @@ the flux at each pixel's centre, as a spectrum interpolated onto a grid, the fil
 `starcast.pixels: sampled`) and given photon noise (sigma proportional to sqrt(flux); SNR 10-400 per
 0.4 A model pixel, log-uniform). Two surveys: v sin i 3-450 km/s and slow rotators, 3-60 km/s.
 
-Each is predicted by the shipped model and by a copy without `input.response_variance`, which takes
-no pixel response into account: finer pixels' sharper lines are left as they are (`kernels.preprocess`)
-and the fit does not see its spectra through coarser pixels' broader response (`Emulator.blur`):
+Each is predicted by the shipped model and by a copy without `input.training_pixels` and
+`input.response_variance`, which takes no pixel response into account: finer pixels are not remade as
+the training spectra's (`kernels.preprocess`), their sharper lines left as they are, and the fit does
+not see its spectra through coarser pixels' broader response (`Emulator.blur`).
 With `--sampled`, also the shipped model on the same file without that statement (taking the samples
 for pixel means). RMSE, bias and the 68% / 95% coverage per SNR bin (v sin i over true > 15 km/s),
 the share of rows flagged, the median chi^2.
@@ -85,9 +86,10 @@ def survey(n: int, step: float, vsini_max: float, seed: int, sampled: bool = Fal
 
 
 def without_pixel_response(model: Model) -> Model:
-    """`model` whose manifest states no pixel response: finer pixels are not smoothed, coarser ones
-    not seen through by the fit."""
-    inputs = {k: v for k, v in model.bundle.input.items() if k != "response_variance"}
+    """`model` whose manifest states neither the training spectra's pixels nor their response: finer
+    pixels are neither remade as those nor smoothed, coarser ones not seen through by the fit."""
+    inputs = {k: v for k, v in model.bundle.input.items()
+              if k not in ("training_pixels", "response_variance")}
     return Model(replace(model.bundle, manifest={**model.bundle.manifest, "input": inputs}))
 
 

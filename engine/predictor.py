@@ -124,6 +124,8 @@ class Model:
                              "'log10_snr' is not among its input features")
         self.resolving_power = bundle.input.get("resolving_power")
         self.response = float(bundle.input.get("response_variance", 0.0))
+        pixels = bundle.input.get("training_pixels")
+        self.training_pixels = None if pixels is None else WavelengthGrid.from_dict(pixels)
         self.emulator = bundle.emulator
         if self.emulator is not None and not set(self.emulator.labels) <= set(bundle.target_names):
             raise ModelError(f"model bundle {bundle.path}: the emulator takes {self.emulator.labels}, "
@@ -162,6 +164,13 @@ class Model:
         return self.infer(self.prepare(table, source_grid=source_grid), samples=samples, seed=seed,
                           backend=backend)
 
+    def _preprocess(self, table: pa.Table, source_grid: WavelengthGrid | None):
+        """`preprocess` as the model's training asks: its grid, settings, resolving power and the
+        pixels and pixel response of its training spectra."""
+        return preprocess(table, self.grid, self.settings, source_grid=source_grid,
+                          resolving_power=self.resolving_power, response=self.response,
+                          observed=self.training_pixels)
+
     def prepare(self, batch: pa.RecordBatch | pa.Table, *,
                 source_grid: WavelengthGrid | None = None) -> pa.RecordBatch:
         """The CPU half: RNG keys from ids and preprocessing onto the model grid. Returns one row per
@@ -179,8 +188,7 @@ class Model:
             keys = id_keys(table.column(ID))
         except ValueError as exc:
             raise CatalogError(str(exc), column=ID) from exc
-        pre = preprocess(table, self.grid, self.settings, source_grid=source_grid,
-                         resolving_power=self.resolving_power, response=self.response)
+        pre = self._preprocess(table, source_grid)
         if self.emulator is not None:
             rv, rv_err, estimated = self._estimate_rv(table, pre, source_grid)
         x = network_inputs(pre.x, pre.ivar, self.features)
@@ -474,8 +482,7 @@ class Model:
             if RV in subset.column_names:
                 subset = subset.drop_columns([RV])
             subset = subset.append_column(RV, pa.array(rv[rows], pa.float64()))
-            again = preprocess(subset, self.grid, self.settings, source_grid=source_grid,
-                               resolving_power=self.resolving_power, response=self.response)
+            again = self._preprocess(subset, source_grid)
             for name in ("x", "ivar", "flags", "coverage", "bad_fraction", "response_excess"):
                 getattr(pre, name)[rows] = getattr(again, name)
             for i, r in enumerate(rows):

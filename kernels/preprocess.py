@@ -1,9 +1,10 @@
 """Batch preprocessing: catalog rows (Arrow) -> rest-frame, continuum-normalised spectra on the model grid.
 
 `preprocess` reads list columns as offsets + flat values (no per-row Python) and runs one Numba kernel,
-parallel over spectra: Doppler-correct the wavelengths, resample once (`starcast.kernels.resample`),
-fit and divide the continuum on the model grid (`starcast.kernels.continuum`), fill bad pixels, and
-set the quality flags. A row that cannot be processed is flagged and filled with 1.0; the batch goes on.
+parallel over spectra: Doppler-correct the wavelengths, resample (`starcast.kernels.resample`; fine
+pixels by way of the model's training spectra's own), fit and divide the continuum on the model grid
+(`starcast.kernels.continuum`), fill bad pixels, and set the quality flags. A row that cannot be
+processed is flagged and filled with 1.0; the batch goes on.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .resample import (
     interp_linear,
     rebin_flux,
     resample,
+    resample_remade,
     response_variance,
     rest_frame_factor,
     smooth_gaussian,
@@ -59,7 +61,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "82abbe913ca6d4e3"
+DEPENDENCY_FINGERPRINT = "c5be2cf9d31d832c"
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,14 @@ _RESPONSE_STRIDE = 17  # every 17th model pixel measures a row's pixel response 
 # `response_excess`): its training spectra's own responses spread about their mean by as much (ob-default:
 # 0.0233 on pixels centred on the grid's bin edges, 0.0008 above the mean), so it learnt them
 _RESPONSE_TOLERANCE = 1e-3
+# Pixels of the training spectra's width (to this fraction: the stretch of an rv up to 600 km/s) centred
+# within this many pixels of theirs are resampled as theirs were, not remade: their rv errors (ob-default:
+# sigma 2 km/s, 0.15 pixel) put 91% of them there, so that the model learnt their responses
+_ALIGNED_SPACING = 2e-3
+_ALIGNED_OFFSET = 0.25
+# A^2: less smoothing than this is left out (0.003 A sigma, 0.2 km/s beside the instrument's 6.4; pixels of
+# the training spectra's width stretched by an rv of 450 km/s lack 1e-5 of their box)
+_NEGLIGIBLE_WIDENING = 1e-5
 
 # Row status codes set by the kernel (0 = processed).
 (_OK, _SHORT, _WAVELENGTH, _RV, _NO_OVERLAP, _FEW_GOOD, _ZERO, _SINGULAR, _NEGATIVE, _INPUT) = range(10)
@@ -275,15 +285,16 @@ def _mask_spikes(flux, var, bad, k, has_errors, sigma_floor):
 
 @njit(parallel=True, cache=True)
 def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kind, mask_vals, mask_start,
-            rv, smooth, response, integrated, spike_sigma, grid, grid_edges, basis, gram, flux_conserving,
-            normalise,
+            rv, smooth, response, integrated, observed, spike_sigma, grid, grid_edges, basis, gram,
+            flux_conserving, normalise,
             fit_params, sigma_floor, max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage,
             bad_fraction, n_good, gap, line_lost, excess):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
     0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
     resolution with (0: none); `response`: the variance (A^2) of the pixel response to smooth a
     narrower one up to (`response_variance`, of pixels `integrated` or sampled; 0: none), `excess`
-    what a broader one has beyond it;
+    what a broader one has beyond it; `observed`: the centres of the training spectra's own pixels
+    (empty: none), onto which pixels as fine as theirs are first remade;
     `spike_sigma`: `_mask_spikes`' k (0: off);
     `fit_params` as `fit_continuum`'s; `line_pixels`: grid pixels of the diagnostic lines. Writes row
     r of every output only."""
@@ -349,8 +360,20 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
                 inside[p] = False
         edges = np.empty(n + 1)
         bin_edges(wl, edges)
+        spacing = (wl[n - 1] - wl[0]) / (n - 1)
+        step = observed[1] - observed[0] if observed.shape[0] > 1 else 0.0
+        remade = step > 0.0 and spacing * spacing <= step * step + 12.0 * _RESPONSE_TOLERANCE
+        if remade and abs(spacing - step) < _ALIGNED_SPACING * step:  # the training spectra's pixels?
+            ends = 0.0
+            for end in (wl[0], wl[n - 1]):
+                phase = (end - observed[0]) / step
+                ends = max(ends, abs(phase - round(phase)))
+            remade = ends > _ALIGNED_OFFSET
         widen = 0.0
-        if response > 0.0:
+        if remade:  # up to the box of the training spectra's pixels (not the rv's stretch of theirs)
+            widen = (step * step - (spacing * spacing if integrated else 0.0)) / 12.0
+            widen = widen if widen > _NEGLIGIBLE_WIDENING else 0.0
+        elif response > 0.0:
             own = response_variance(wl, edges, grid, grid_edges, flux_conserving, _RESPONSE_STRIDE,
                                     integrated)
             widen = max(response - own, 0.0)
@@ -360,14 +383,20 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             flux = smooth_gaussian(wl, flux, bad, smooth[r], math.sqrt(widen))
         y, yvar = np.empty(d), np.empty(d)
         state = np.empty(d, np.uint8)
-        if flux_conserving:
-            rebin_flux(edges, flux, var, bad, grid_edges, y, yvar, state)
+        if remade:  # the training spectra's pixels at their centres, as they would have seen the star
+            if not resample_remade(wl, flux, var, bad, smooth[r], math.sqrt(widen), observed, grid,
+                                   grid_edges, flux_conserving, y, yvar, state):
+                status[r] = _NO_OVERLAP
+                continue
         else:
-            interp_linear(wl, flux, var, bad, grid, y, yvar, state)
-        if smoothed:  # the smoothing's share of the noise, which the resampling propagates whole
-            mid = min(max(np.searchsorted(grid, 0.5 * (wl[0] + wl[n - 1])), 0), d - 1)
-            yvar *= smoothed_noise_ratio(wl, edges, grid[mid], grid_edges[mid], grid_edges[mid + 1],
-                                         flux_conserving, smooth[r], math.sqrt(widen))
+            if flux_conserving:
+                rebin_flux(edges, flux, var, bad, grid_edges, y, yvar, state)
+            else:
+                interp_linear(wl, flux, var, bad, grid, y, yvar, state)
+            if smoothed:  # the smoothing's share of the noise, which the resampling propagates whole
+                mid = min(max(np.searchsorted(grid, 0.5 * (wl[0] + wl[n - 1])), 0), d - 1)
+                yvar *= smoothed_noise_ratio(wl, edges, grid[mid], grid_edges[mid], grid_edges[mid + 1],
+                                             flux_conserving, smooth[r], math.sqrt(widen))
         n_cov, n_bad = 0, 0
         for j in range(d):
             n_cov += state[j] != UNCOVERED
@@ -480,7 +509,7 @@ def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
 
 def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSettings | None = None, *,
                source_grid=None, resolving_power: float | None = None,
-               response: float = 0.0) -> Preprocessed:
+               response: float = 0.0, observed=None) -> Preprocessed:
     """Put every row of `batch` (catalog schema) on `grid` (model wavelengths, Angstrom, rest frame).
 
     Per row: convert the wavelengths to the model's medium (when `grid` and the input both state
@@ -488,8 +517,12 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     resolving power above `resolving_power` (the model's) down to it and a pixel response narrower
     than `response` (A^2, the variance of the one the model's training spectra had on the grid:
     `response_variance`; of pixels as the file's `starcast.pixels` states) up to it (what a broader
-    one has beyond it: `response_excess`), remove `rv`
-    (km/s, relativistic, see `rest_frame_factor`; null = 0), resample once with `settings.method`,
+    one has beyond it: `response_excess`); pixels no coarser than those the training spectra were
+    observed on (`observed`, their centres in the model's medium; a `WavelengthGrid` or array) are
+    remade as those (smoothed to their box, interpolated at their centres, `resample_remade`) and
+    then resampled as the training spectra were, so that their lines look as the model learnt them
+    whatever the rv, unless they are those already, within a quarter of a pixel; remove `rv`
+    (km/s, relativistic, see `rest_frame_factor`; null = 0), resample with `settings.method`,
     fit and divide the continuum on the model grid, interpolate short gaps and set long ones and
     uncovered pixels to 1.0.
     Bad input pixels: non-finite flux or flux NEGATIVE_SIGMA sigma below zero, errors that are not
@@ -566,6 +599,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
                   int(settings.clip_window), int(settings.max_iter), float(settings.min_keep_fraction))
     _kernel(_float_values(flux_values, FLUX), flux_off, wavelength[0], wavelength[1], *uncertainty,
             err_kind, *mask, rv, smooth, float(response), integrated_pixels(batch),
+            np.empty(0) if observed is None else to_medium(_grid_values(observed, "observed"),
+                                                            getattr(observed, "medium", None), medium),
             float(settings.spike_sigma), grid, edges, *continuum_basis(grid, settings.continuum_degree),
             settings.method == "flux", settings.continuum == "chebyshev", fit_params,
             float(settings.sigma_floor), int(settings.max_gap), int(settings.min_good_pixels),

@@ -357,14 +357,17 @@ def _unit_root(f, steps: int = 4) -> float:
 def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSettings | None = None, *,
                 progress: bool = True) -> dict:
     """Calibrate the emulator already in the bundle at `bundle_dir` again (sigma's scale and the
-    thresholds; after a change to how the engine fits it), without training it; rewrites its file
-    and re-seals the manifest."""
+    thresholds; after a change to how the engine fits it or prepares its input), without training
+    it; rewrites its file and re-seals the manifest, its `input` entries restated from the config."""
     settings = settings or EmulatorSettings()
     bundle = load_bundle(bundle_dir)
     if bundle.emulator is None:
         raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
     entry = dict(bundle.manifest["emulator"])
     source = GridSource(cfg, progress=progress)
+    manifest = {**bundle.manifest, "input": {**bundle.manifest["input"], **source.input_requirements()}}
+    save_bundle(bundle_dir, bundle.layers, manifest)
+    bundle = load_bundle(bundle_dir)
     calibrated, sigma = calibrate(source, Model(bundle), entry, settings)
     entry = save_emulator(bundle_dir, bundle.emulator.layers, sigma, {**entry, **calibrated})
     save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})

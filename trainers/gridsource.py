@@ -162,10 +162,12 @@ class GridSource:
         return C_KMS / self.obs.resolving_power
 
     def input_requirements(self) -> dict:
-        """The manifest's `input` entries this training fixes: resolving power, wavelength range and
-        the pixel response of its spectra (`training_response`)."""
+        """The manifest's `input` entries this training fixes: resolving power, wavelength range, the
+        pixels its spectra were observed on and their response on the model grid
+        (`training_response`)."""
         return {"resolving_power": self.obs.resolving_power,
                 "wavelength_range": [float(self.grid_values[0]), float(self.grid_values[-1])],
+                "training_pixels": self.obs.grid().to_dict(),
                 "response_variance": training_response(self.obs, self.pert, self.grid_values,
                                                        self.settings.method == "flux")}
 

@@ -19,9 +19,10 @@ from starcast.catalogs.schema import (
     WavelengthGrid,
 )
 from starcast.kernels.preprocess import PreprocessSettings, preprocess
-from starcast.kernels.resample import bin_edges, response_variance
+from starcast.kernels.resample import bin_edges, response_variance, rest_frame_factor
 
 MODEL = WavelengthGrid.linear(4010.0, 0.4, 1951, medium="air")  # the shipped model's grid
+OBSERVED = WavelengthGrid.linear(4000.0, 0.2, 4001, medium="air")  # its training spectra's pixels
 SOURCE_AIR = np.linspace(4000.0, 4800.0, 8001)  # 0.1 A pixels
 LINES_AIR = (4026.191, 4340.462, 4471.480, 4552.622)
 
@@ -192,6 +193,34 @@ def test_finer_pixels_are_smoothed_up_to_the_pixel_response_of_the_training_spec
     assert np.abs(plain.x[1] - plain.x[0]).max() > 0.008
 
 
+def test_pixels_as_fine_as_the_training_spectras_are_remade_as_those_whatever_the_rv():
+    """A star at 37 km/s on 0.02 A pixels, and on the 0.2 A pixels of the training spectra but at that
+    rv (so off their centres by a fraction of a pixel): smoothed by what their pixels lack of the
+    training spectra's box and interpolated at their centres (`observed`), they come out as the star
+    at rest on the training spectra's own pixels, which stay untouched; smoothed up to the training
+    spectra's mean response instead, and rebinned where they fall, they do not (a line seen through
+    pixels off the bin edges, or through a Gaussian, has another shape)."""
+    hires = np.arange(3990.0, 4810.0, 0.005)
+    spectrum = instrumental_broadening(hires, line_spectrum(hires, width=0.03), 20000.0)
+    factor = rest_frame_factor(37.0)
+
+    def observed(step, rv_factor):  # pixel averages, centred at 4000 + k step in the observer's frame
+        centres = np.arange(4000.0, 4800.0 + step / 2, step)
+        edges = np.concatenate([centres - step / 2, centres[-1:] + step / 2])
+        return centres, pixel_average(hires / rv_factor, spectrum, edges)
+
+    rows = [observed(0.2, 1.0), observed(0.02, factor), observed(0.2, factor)]
+    table = per_row([f for _, f in rows], [wl for wl, _ in rows], rv=pa.array([0.0, 37.0, 37.0]))
+    remade = preprocess(table, MODEL, response=0.0225, observed=OBSERVED)
+    smoothed = preprocess(table, MODEL, response=0.0225)
+    assert np.array_equal(remade.x[0], smoothed.x[0])
+    off = {name: np.abs(out.x[1:] - out.x[0])[:, 5:-5].max(axis=1) for name, out in
+           (("remade", remade), ("smoothed", smoothed))}
+    # measured: fine 0.00037 remade, 0.0025 smoothed; shifted 0.0015 and 0.0036
+    assert off["remade"][0] < 6e-4 and off["smoothed"][0] > 5 * off["remade"][0], off
+    assert off["remade"][1] < 0.6 * off["smoothed"][1], off
+
+
 def test_coarser_pixels_are_left_as_they_are_and_their_excess_response_is_stated():
     """0.4 A pixels centred on the 0.4 A model grid's bin edges: each model pixel is half of two of
     them, a response of 0.4^2 / 12 + 0.2^2 A^2, which no smoothing takes back; the row keeps its
@@ -224,24 +253,32 @@ def test_an_unknown_pixel_kind_is_an_error_naming_the_key_and_the_kinds(value):
 
 
 @pytest.mark.parametrize("method", ["flux", "linear"])
-@pytest.mark.parametrize("case", ["finer pixels", "higher resolution"])
+@pytest.mark.parametrize("case", ["finer pixels", "higher resolution", "remade finer pixels",
+                                  "remade shifted pixels"])
 def test_the_propagated_errors_are_those_of_the_smoothed_noise(case, method):
     """Smoothing averages the noise of neighbouring pixels, which the resampling then takes as
     independent: the errors it propagates are scaled by what the smoothing leaves of their variance
     (`smoothed_noise_ratio`), so that the noise on the model grid is what they state (pulls of unit
     scatter; 0.88 and 0.89 without the scaling with flux-conserving rebinning, measured). The
-    responses: those of 0.2 A pixels on the grid, rebinned (0.0225 A^2) or interpolated (0.0071)."""
+    responses: those of 0.2 A pixels on the grid, rebinned (0.0225 A^2) or interpolated (0.0071).
+    Remade on the training spectra's pixels (0.05 A pixels, or 0.2 A ones off their centres, of a
+    star at 37 km/s, whose phase drifts along the spectrum), the errors are those of every step's
+    correlations (`remade_variance`)."""
     rng = np.random.default_rng(7)
-    wl = np.arange(4000.0, 4800.0, 0.05 if case == "finer pixels" else 0.025)
+    step = {"finer pixels": 0.05, "higher resolution": 0.025, "remade finer pixels": 0.05}.get(case, 0.2)
+    wl = np.arange(4000.0, 4800.0, step)
     err = np.full((20, len(wl)), 0.01)
     flux = 1.0 + err * rng.standard_normal(err.shape)
     columns = {"flux_err": pa.array(list(err.astype(np.float32)), pa.list_(pa.float32()))}
     settings = PreprocessSettings(method=method)
+    response = 0.0225 if method == "flux" else 0.0071
     if case == "finer pixels":
-        out = preprocess(per_row(flux, [wl] * 20, **columns), MODEL, settings,
-                         response=0.0225 if method == "flux" else 0.0071)
-    else:
+        out = preprocess(per_row(flux, [wl] * 20, **columns), MODEL, settings, response=response)
+    elif case == "higher resolution":
         out = preprocess(per_row(flux, [wl] * 20, resolving_power=pa.array([40000.0] * 20), **columns), MODEL,
                          settings, resolving_power=20000.0)
+    else:
+        out = preprocess(per_row(flux, [wl] * 20, rv=pa.array([37.0] * 20), **columns), MODEL, settings,
+                         response=response, observed=OBSERVED)
     pulls = ((out.x - 1.0) * np.sqrt(out.ivar))[:, 20:-20]
     assert 0.97 < pulls.std() < 1.03, pulls.std()
