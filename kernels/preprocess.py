@@ -61,7 +61,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "c5be2cf9d31d832c"
+DEPENDENCY_FINGERPRINT = "5a44e02d4da83d40"
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ _RESPONSE_STRIDE = 17  # every 17th model pixel measures a row's pixel response 
 _RESPONSE_TOLERANCE = 1e-3
 # Pixels of the training spectra's width (to this fraction: the stretch of an rv up to 600 km/s) centred
 # within this many pixels of theirs are resampled as theirs were, not remade: their rv errors (ob-default:
-# sigma 2 km/s, 0.15 pixel) put 91% of them there, so that the model learnt their responses
+# sigma 2 km/s, 0.15 pixel) put 88% of them there, so that the model learnt their responses
 _ALIGNED_SPACING = 2e-3
 _ALIGNED_OFFSET = 0.25
 # A^2: less smoothing than this is left out (0.003 A sigma, 0.2 km/s beside the instrument's 6.4; pixels of

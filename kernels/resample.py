@@ -97,6 +97,14 @@ def bin_edges(wavelength, out):
 
 
 @njit(cache=True)
+def _unset(j, state, out_flux, out_var, out_state):
+    """Target pixel j is `state` (BAD or UNCOVERED): no flux, no variance."""
+    out_state[j] = state
+    out_flux[j] = np.nan
+    out_var[j] = np.nan
+
+
+@njit(cache=True)
 def rebin_flux(src_edges, flux, var, bad, dst_edges, out_flux, out_var, out_state):
     """Flux-conserving rebinning of pixels with edges `src_edges` onto bins with edges `dst_edges`.
 
@@ -110,9 +118,7 @@ def rebin_flux(src_edges, flux, var, bad, dst_edges, out_flux, out_var, out_stat
     for j in range(dst_edges.shape[0] - 1):
         lo, hi = dst_edges[j], dst_edges[j + 1]
         if lo < src_edges[0] or hi > src_edges[n]:
-            out_state[j] = UNCOVERED
-            out_flux[j] = np.nan
-            out_var[j] = np.nan
+            _unset(j, UNCOVERED, out_flux, out_var, out_state)
             continue
         while src_edges[start + 1] <= lo:
             start += 1
@@ -135,9 +141,7 @@ def rebin_flux(src_edges, flux, var, bad, dst_edges, out_flux, out_var, out_stat
             out_flux[j] = fsum / wsum
             out_var[j] = vsum / (wsum * wsum)
         else:
-            out_state[j] = BAD
-            out_flux[j] = np.nan
-            out_var[j] = np.nan
+            _unset(j, BAD, out_flux, out_var, out_state)
 
 
 @njit(cache=True)
@@ -152,17 +156,13 @@ def interp_linear(src_wavelength, flux, var, bad, dst_wavelength, out_flux, out_
     for j in range(dst_wavelength.shape[0]):
         x = dst_wavelength[j]
         if not (x >= src_wavelength[0] and x <= src_wavelength[n - 1]):
-            out_state[j] = UNCOVERED
-            out_flux[j] = np.nan
-            out_var[j] = np.nan
+            _unset(j, UNCOVERED, out_flux, out_var, out_state)
             continue
         while k < n - 2 and src_wavelength[k + 1] < x:
             k += 1
         t = (x - src_wavelength[k]) / (src_wavelength[k + 1] - src_wavelength[k])
         if (bad[k] and t < 1.0) or (bad[k + 1] and t > 0.0):
-            out_state[j] = BAD
-            out_flux[j] = np.nan
-            out_var[j] = np.nan
+            _unset(j, BAD, out_flux, out_var, out_state)
             continue
         out_state[j] = GOOD
         out_flux[j] = (1.0 - t) * flux[k] + t * flux[k + 1]
@@ -327,17 +327,13 @@ def interp_cubic(src_wavelength, flux, var, bad, dst_wavelength, out_flux, out_v
         out_weights[j, :] = 0.0
         out_first[j] = 0
         if not (x >= src_wavelength[0] and x <= src_wavelength[n - 1]):
-            out_state[j] = UNCOVERED
-            out_flux[j] = np.nan
-            out_var[j] = np.nan
+            _unset(j, UNCOVERED, out_flux, out_var, out_state)
             continue
         while k < n - 2 and src_wavelength[k + 1] < x:
             k += 1
         w = out_weights[j]
         if not _interp_weights(src_wavelength, bad, x, k, w):
-            out_state[j] = BAD
-            out_flux[j] = np.nan
-            out_var[j] = np.nan
+            _unset(j, BAD, out_flux, out_var, out_state)
             continue
         out_first[j] = k - SPLINE_HALF + 1
         f, v = 0.0, 0.0
