@@ -47,7 +47,7 @@ from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 from .calibration import EXCESS_PARTS, handled_defect
 from .emulator import DIB_TERMS, DIBS, Fit
-from .rv import VelocitySearch, significant
+from .rv import TRAINED_RV_KMS, VelocitySearch, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 FIT_FIELDS = tuple(f.name for f in fields(Fit))
@@ -190,7 +190,7 @@ class Model:
             raise CatalogError(str(exc), column=ID) from exc
         pre = self._preprocess(table, source_grid)
         if self.emulator is not None:
-            rv, rv_err, estimated = self._estimate_rv(table, pre, source_grid)
+            rv, rv_err, estimated, mismatched = self._radial_velocities(table, pre, source_grid)
         x = network_inputs(pre.x, pre.ivar, self.features)
         flags = np.asarray(pre.flags, dtype=np.int32).copy()
         errors = list(pre.errors)
@@ -200,6 +200,7 @@ class Model:
         flags[failed] |= Flag.PREPROCESS_FAILED
         if self.emulator is not None:
             flags[estimated & ~failed] |= Flag.RV_ESTIMATED
+            flags[mismatched & ~failed] |= Flag.RV_MISMATCH
         x[failed] = 0.0  # never NaN in a prepared batch; these rows are not predicted
         columns = {ID: _array(table.column(ID)),
                    PREPARED_X: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
@@ -465,19 +466,32 @@ class Model:
                 PREPARED_RV_ERR: pa.array(rv_err, pa.float64(), from_pandas=True),
                 PREPARED_RESPONSE_EXCESS: pa.array(response_excess, pa.float32())}
 
-    def _estimate_rv(self, table: pa.Table, pre, source_grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rv, rv_err, estimated) per row: the given rv (rv_err NaN), else one estimated from the
-        spectrum preprocessed at rest; those rows of `pre` are then preprocessed again with it."""
+    def _radial_velocities(self, table: pa.Table, pre, source_grid):
+        """(rv, rv_err, estimated, mismatched) per row. A row without a given rv gets one estimated from
+        its spectrum preprocessed at rest (rv_err its sigma, `estimated`); a given rv is checked by a
+        search of its spectrum preprocessed at it, and where that finds it off (beyond TRAINED_RV_KMS
+        and 4 sigmas) the search's rv replaces it (rv_err its sigma; `mismatched` where `significant`,
+        as the emulator fit flags it); else rv_err is NaN. Rows of `pre` at a new rv are preprocessed
+        again."""
         n = table.num_rows
         column = table.column(RV) if RV in table.column_names else pa.nulls(n, pa.float64())
         given = _array(column).is_valid().to_numpy(zero_copy_only=False)
         rv = np.asarray(pc.fill_null(_array(column).cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False),
                         np.float64).copy()
-        rv_err = np.full(n, np.nan)
-        estimated = ~given & np.array([e is None for e in pre.errors], dtype=bool)
-        rows = np.flatnonzero(estimated)
+        usable = np.array([e is None for e in pre.errors], dtype=bool)
+        found, found_err = np.full(n, np.nan), np.full(n, np.nan)
+        estimated, checked = np.flatnonzero(~given & usable), np.flatnonzero(given & usable)
+        if len(estimated):
+            found[estimated], found_err[estimated] = self._velocity_search().estimate(pre.x[estimated],
+                                                                                     pre.ivar[estimated])
+        if len(checked):
+            found[checked], found_err[checked] = self._velocity_search().check(pre.x[checked],
+                                                                               pre.ivar[checked])
+        moved = ~given & usable | significant(found, found_err, TRAINED_RV_KMS)
+        rv[moved] += found[moved]
+        rv_err = np.where(moved, found_err, np.nan)
+        rows = np.flatnonzero(moved)
         if len(rows):
-            rv[rows], rv_err[rows] = self._velocity_search().estimate(pre.x[rows], pre.ivar[rows])
             subset = table.take(pa.array(rows))
             if RV in subset.column_names:
                 subset = subset.drop_columns([RV])
@@ -487,7 +501,7 @@ class Model:
                 getattr(pre, name)[rows] = getattr(again, name)
             for i, r in enumerate(rows):
                 pre.errors[r] = again.errors[i]
-        return rv, rv_err, estimated
+        return rv, rv_err, ~given & usable, given & significant(found, found_err)
 
     def _velocity_search(self) -> VelocitySearch:
         if self._search is None:  # built on first use: only rows without an rv need it

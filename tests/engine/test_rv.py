@@ -1,6 +1,6 @@
 """Radial velocities on the shipped model and TLUSTY spectra it never saw: estimated where the catalog
-has none (RV_ESTIMATED), checked where it has one (RV_MISMATCH, numbers from the rv that fits), and
-the emulator's velocity shift against a float64 reference."""
+has none (RV_ESTIMATED), checked where it has one (RV_MISMATCH, spectra preprocessed at the rv that
+fits), and the emulator's velocity shift against a float64 reference."""
 
 from dataclasses import replace
 
@@ -79,32 +79,46 @@ def test_an_rv_the_catalog_lacks_is_estimated_and_the_numbers_are_as_at_rest(mod
         assert rmse(estimated, at_rest, t) < 1.2 * rmse(known, at_rest, t), t
 
 
-def test_a_wrong_given_rv_is_flagged_and_the_numbers_use_the_rv_that_fits(model, at_rest):
-    """The catalog's rv off by 30 km/s (a wavelength-calibration error, a wrong catalog value):
-    RV_MISMATCH on nearly every row, `rv` back to the truth, the estimates close to those with the
-    right rv; with the right rv, almost no row is flagged."""
-    labels = list(TARGETS)
-    right = model.predict(at_rest.drop_columns(labels), backend="cpu")
-    wrong_rv = at_rest.drop_columns([RV]).append_column(RV, pa.array(np.full(len(at_rest), 30.0)))
-    wrong = model.predict(wrong_rv.drop_columns(labels), backend="cpu")
+def with_rv(table: pa.Table, rv: float) -> pa.Table:
+    """`table` with every row's rv column set to `rv` km/s, its labels dropped."""
+    return table.drop_columns([RV, *TARGETS]).append_column(RV, pa.array(np.full(len(table), rv)))
+
+
+@pytest.mark.parametrize("offset", [10.0, -250.0])
+def test_a_wrong_given_rv_is_corrected_before_the_network_and_flagged(model, at_rest, offset):
+    """The catalog's rv off by 10 km/s (a wrong catalog value, a wavelength-calibration error) or by
+    -250 km/s (beyond the check's window, searched again over the whole range): RV_MISMATCH on nearly
+    every row, `rv` back to the truth, and the spectra preprocessed at it, so the estimates are as with
+    the right rv, slow rotators' v sin i unbiased; with the right rv, almost no row is flagged."""
+    right, wrong = (model.predict(with_rv(at_rest, rv), backend="cpu") for rv in (0.0, offset))
     mismatch = [np.mean((t.column("flags").to_numpy() & Flag.RV_MISMATCH) != 0) for t in (right, wrong)]
-    assert mismatch[0] <= 0.03 and mismatch[1] >= 0.95, mismatch
+    assert mismatch[0] <= 0.03 and mismatch[1] >= 0.9, mismatch
     assert np.sqrt(np.mean(wrong.column(RV).to_numpy() ** 2)) < 3.0
     for t in TARGETS:
-        assert rmse(wrong, at_rest, t) < 1.3 * rmse(right, at_rest, t), t
-    unchecked = Model(replace(model.bundle, emulator=replace(model.emulator, refine_steps=0)))
-    blind = unchecked.predict(wrong_rv.drop_columns(labels), backend="cpu")
-    assert rmse(blind, at_rest, "vsini") > 1.5 * rmse(wrong, at_rest, "vsini")  # what the check saves
+        assert rmse(wrong, at_rest, t) < 1.1 * rmse(right, at_rest, t), t
+    slow = at_rest.column("vsini").to_numpy() < 60.0
+    bias = (wrong.column("vsini").to_numpy() - at_rest.column("vsini").to_numpy())[slow].mean()
+    assert abs(bias) < 0.5, bias
 
 
-def test_explain_and_samples_describe_the_input_the_reported_numbers_came_from(model, at_rest):
-    """With the catalog's rv off by 30 km/s `predict` removes the residual rv its fit resolves and
-    predicts again; `explain` and `predict_samples` start from that same input (and the fit from the
-    inverse variances shifted with it), so `explain` describes the reported estimate, the blend with
-    the emulator's fit, and `predict_samples` the networks' part of it, what `predict` gives without
-    the blend (rows above the v sin i clip at 0)."""
+def test_the_check_spares_spectra_the_shift_on_the_model_grid(model, at_rest, request):
+    """With the catalog's rv off by 10 km/s and the check bypassed, the shift on the model grid
+    interpolates pixels already resampled, which blurs the lines: v sin i comes out worse, slow
+    rotators' too high (what the check saves)."""
+    checked = model.predict(with_rv(at_rest, 10.0), backend="cpu")
+    request.getfixturevalue("unchecked")
+    bypassed = model.predict(with_rv(at_rest, 10.0), backend="cpu")
+    assert rmse(bypassed, at_rest, "vsini") > 1.5 * rmse(checked, at_rest, "vsini")
+
+
+def test_explain_and_samples_describe_the_input_the_reported_numbers_came_from(model, at_rest, unchecked):
+    """With the catalog's rv off by 30 km/s and the check bypassed, `predict` removes the residual rv
+    its fit resolves and predicts again; `explain` and `predict_samples` start from that same input
+    (and the fit from the inverse variances shifted with it), so `explain` describes the reported
+    estimate, the blend with the emulator's fit, and `predict_samples` the networks' part of it, what
+    `predict` gives without the blend (rows above the v sin i clip at 0)."""
     rows = at_rest.filter(pa.compute.greater(at_rest.column("vsini"), 30.0)).slice(0, 6)
-    wrong = rows.drop_columns([RV, *TARGETS]).append_column(RV, pa.array(np.full(rows.num_rows, 30.0)))
+    wrong = with_rv(rows, 30.0)
     calibration = {k: v for k, v in model.bundle.manifest["calibration"].items() if k != "network_weight"}
     network = Model(replace(model.bundle, manifest={**model.bundle.manifest, "calibration": calibration}))
     reported, networks = (m.predict(wrong, backend="cpu") for m in (model, network))
