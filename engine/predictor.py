@@ -57,6 +57,7 @@ PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id,
 # which the row's pixel response is broader than the training spectra's (`Preprocessed.response_excess`)
 PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR = "ivar", RV, RV_ERR
 PREPARED_RESPONSE_EXCESS = "response_excess"
+PREPARED_RV_CORRECTION = "rv_correction"
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Model:
             raise CatalogError(str(exc), column=ID) from exc
         pre = self._preprocess(table, source_grid)
         if self.emulator is not None:
-            rv, rv_err, estimated, mismatched = self._radial_velocities(table, pre, source_grid)
+            rv, rv_err, estimated, correction = self._radial_velocities(table, pre, source_grid)
         x = network_inputs(pre.x, pre.ivar, self.features)
         flags = np.asarray(pre.flags, dtype=np.int32).copy()
         errors = list(pre.errors)
@@ -200,7 +201,6 @@ class Model:
         flags[failed] |= Flag.PREPROCESS_FAILED
         if self.emulator is not None:
             flags[estimated & ~failed] |= Flag.RV_ESTIMATED
-            flags[mismatched & ~failed] |= Flag.RV_MISMATCH
         x[failed] = 0.0  # never NaN in a prepared batch; these rows are not predicted
         columns = {ID: _array(table.column(ID)),
                    PREPARED_X: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
@@ -208,7 +208,7 @@ class Model:
                    ERROR: pa.array(errors, pa.string())}
         if self.emulator is not None:
             columns.update(self.fit_columns(np.where(failed[:, None], 0.0, pre.ivar), rv, rv_err,
-                                            pre.response_excess))
+                                            correction, pre.response_excess))
         for t in self.targets:
             if t.name in table.column_names:
                 columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
@@ -456,23 +456,24 @@ class Model:
         for target, value in zip(out, stats, strict=True):
             target[rows] = value.detach().cpu().double().numpy()
 
-    def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray,
+    def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray, rv_correction: np.ndarray,
                     response_excess: np.ndarray) -> dict:
         """The prepared columns a model with an emulator adds: `ivar` [B, grid pixels], `rv`, `rv_err`
-        [B] (NaN -> null), `response_excess` [B]."""
+        [B] (NaN -> null), `rv_correction` [B] (km/s the check added to a given rv), `response_excess`
+        [B]."""
         ivar = np.asarray(ivar, np.float32)
         return {PREPARED_IVAR: pa.FixedSizeListArray.from_arrays(pa.array(ivar.reshape(-1)), ivar.shape[1]),
                 PREPARED_RV: pa.array(rv, pa.float64(), from_pandas=True),
                 PREPARED_RV_ERR: pa.array(rv_err, pa.float64(), from_pandas=True),
+                PREPARED_RV_CORRECTION: pa.array(rv_correction, pa.float64()),
                 PREPARED_RESPONSE_EXCESS: pa.array(response_excess, pa.float32())}
 
     def _radial_velocities(self, table: pa.Table, pre, source_grid):
-        """(rv, rv_err, estimated, mismatched) per row. A row without a given rv gets one estimated from
+        """(rv, rv_err, estimated, correction) per row. A row without a given rv gets one estimated from
         its spectrum preprocessed at rest (rv_err its sigma, `estimated`); a given rv is checked by a
         search of its spectrum preprocessed at it, and where that finds it off (beyond TRAINED_RV_KMS
-        and 4 sigmas) the search's rv replaces it (rv_err its sigma; `mismatched` where `significant`,
-        as the emulator fit flags it); else rv_err is NaN. Rows of `pre` at a new rv are preprocessed
-        again."""
+        and 4 sigmas) the search's rv replaces it (rv_err its sigma, `correction` the km/s added; else
+        rv_err is NaN, correction 0). Rows of `pre` at a new rv are preprocessed again."""
         n = table.num_rows
         column = table.column(RV) if RV in table.column_names else pa.nulls(n, pa.float64())
         given = _array(column).is_valid().to_numpy(zero_copy_only=False)
@@ -501,7 +502,7 @@ class Model:
                 getattr(pre, name)[rows] = getattr(again, name)
             for i, r in enumerate(rows):
                 pre.errors[r] = again.errors[i]
-        return rv, rv_err, ~given & usable, given & significant(found, found_err)
+        return rv, rv_err, ~given & usable, np.where(given & moved, found, 0.0)
 
     def _velocity_search(self) -> VelocitySearch:
         if self._search is None:  # built on first use: only rows without an rv need it
@@ -518,7 +519,8 @@ class Model:
         """(`emulator.Fit` of every row, NaN / 0 where not predicted; ivar [B, grid pixels]) of the
         predicted `rows`: the prepared spectra against the emulator from the predicted labels, refined
         within the training range (after any backend)."""
-        missing = [c for c in (PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR, PREPARED_RESPONSE_EXCESS)
+        missing = [c for c in (PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR, PREPARED_RV_CORRECTION,
+                               PREPARED_RESPONSE_EXCESS)
                    if c not in prepared.column_names]
         if missing:
             raise StarcastError(f"the prepared batch has no {missing} column(s), which model {self.name!r} "
@@ -610,7 +612,9 @@ class Model:
         flags |= np.where(upper, int(Flag.UPPER_LIMIT), 0).astype(np.int32)
         if fit is not None:
             flags |= np.where(fit.mismatch(self.emulator), int(Flag.MODEL_MISMATCH), 0).astype(np.int32)
-            wrong_rv = ok & ((flags & Flag.RV_ESTIMATED) == 0) & significant(fit.rv, fit.rv_err)
+            # the fitted rv against the given one: what the check corrected plus the fit's residual
+            correction = _array(prepared.column(PREPARED_RV_CORRECTION)).to_numpy(zero_copy_only=False)
+            wrong_rv = ok & ((flags & Flag.RV_ESTIMATED) == 0) & significant(correction + fit.rv, fit.rv_err)
             flags |= np.where(wrong_rv, int(Flag.RV_MISMATCH), 0).astype(np.int32)
             rv_used = _array(prepared.column(PREPARED_RV)).to_numpy(zero_copy_only=False).astype(np.float64)
             rv = rv_used + fit.rv
