@@ -61,7 +61,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "5a44e02d4da83d40"
+DEPENDENCY_FINGERPRINT = "b80f42fc338409ac"
 
 
 @dataclass(frozen=True)
@@ -349,8 +349,11 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         for p in range(n):
             inside[p] = not bad[p] and wl[p] >= grid_edges[0] and wl[p] <= grid_edges[d]
             n_inside += inside[p]
-        if err_start[r] < 0:  # no errors: DER_SNR of the input pixels, propagated like given errors
-            noise = noise_sigma(flux, inside)
+        spacing = (wl[n - 1] - wl[0]) / (n - 1)
+        step = observed[1] - observed[0] if observed.shape[0] > 1 else 0.0
+        if err_start[r] < 0:  # no errors: DER_SNR of the input pixels, propagated like given errors,
+            # measured over as many of them as make a training spectrum's pixel, where the model reads it
+            noise = noise_sigma(flux, inside, max(1, int(round(step / spacing))))
             var[:] = noise * noise
         for p in range(n):  # negative beyond its noise: no flux, a defect (flux_err too small, a glitch)
             if not bad[p] and flux[p] < 0.0 and flux[p] * flux[p] > NEGATIVE_SIGMA**2 * var[p]:
@@ -360,8 +363,6 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
                 inside[p] = False
         edges = np.empty(n + 1)
         bin_edges(wl, edges)
-        spacing = (wl[n - 1] - wl[0]) / (n - 1)
-        step = observed[1] - observed[0] if observed.shape[0] > 1 else 0.0
         remade = step > 0.0 and spacing * spacing <= step * step + 12.0 * _RESPONSE_TOLERANCE
         if remade and abs(spacing - step) < _ALIGNED_SPACING * step:  # the training spectra's pixels?
             ends = 0.0
@@ -528,8 +529,8 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     Bad input pixels: non-finite flux or flux NEGATIVE_SIGMA sigma below zero, errors that are not
     positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
     `wavelength` column use `source_grid`, else the grid in the batch's schema metadata. Rows without
-    `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels, propagated as errors would
-    be. Rows covering less than `settings.min_coverage` of the grid, or at a resolving power too low,
+    `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels over bins as wide as the
+    training spectra's pixels (`observed`; `continuum.noise_sigma`), propagated as errors would be. Rows covering less than `settings.min_coverage` of the grid, or at a resolving power too low,
     fail with the reason.
     """
     settings = settings or PreprocessSettings()

@@ -99,3 +99,24 @@ def test_der_snr_noise_estimate_matches_the_true_noise_despite_lines():
     sigma = noise_sigma(flux[0], np.ones(flux.shape[1], bool))
     assert sigma == pytest.approx(np.median(err), rel=0.1)
     assert noise_sigma(rng.normal(size=3), np.ones(3, bool)) == 0.0
+
+
+def test_der_snr_over_bins_measures_correlated_noise_at_their_scale():
+    """White noise: any bin size gives its sigma. The same noise convolved with a Gaussian of 2 pixels
+    (a spectrum degraded from a higher resolution): per pixel it reads 7.8x too small for the noise of
+    means of 8 pixels, which over bins of 8 it gives as sqrt(8) times their standard deviation (scipy
+    and numpy on the realisation itself)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    rng = np.random.default_rng(3)
+    white = rng.normal(0.0, 0.01, 200_000)
+    good = np.ones(white.size, bool)
+    for k in (1, 4, 8):
+        assert noise_sigma(1.0 + white, good, k) == pytest.approx(0.01, rel=0.03), k
+    correlated = gaussian_filter1d(white, 2.0)
+    at_bins = np.sqrt(8) * correlated.reshape(-1, 8).mean(axis=1).std()
+    assert noise_sigma(1.0 + correlated, good, 8) == pytest.approx(at_bins, rel=0.1)
+    assert noise_sigma(1.0 + correlated, good) < at_bins / 3
+    bad = good.copy()
+    bad[::16] = False  # a bin with a bad pixel is left out whole
+    assert noise_sigma(1.0 + correlated, bad, 8) == pytest.approx(at_bins, rel=0.1)
