@@ -468,7 +468,7 @@ class Model:
                 PREPARED_RV_CORRECTION: pa.array(rv_correction, pa.float64()),
                 PREPARED_RESPONSE_EXCESS: pa.array(response_excess, pa.float32())}
 
-    def _radial_velocities(self, table: pa.Table, pre, source_grid):
+    def _radial_velocities(self, table: pa.Table, pre, source_grid) -> tuple[np.ndarray, ...]:
         """(rv, rv_err, estimated, correction) per row. A row without a given rv gets one estimated from
         its spectrum preprocessed at rest (rv_err its sigma, `estimated`); a given rv is checked by a
         search of its spectrum preprocessed at it, and where that finds it off (beyond TRAINED_RV_KMS

@@ -2,13 +2,13 @@
 against the model's emulator.
 
 The spectrum, put on the model grid as if at rest (or at the rv the catalog gives), is compared with a
-bank of emulated spectra (LEVELS of each label's training range, every combination) shifted to every
-velocity of a grid (+-V_MAX in steps of V_STEP; +-V_CHECK around a given rv). Per spectrum the weighted
-chi^2 against every (template, velocity) is two matrix products; the best template's chi^2 at the three
-velocities around its minimum gives the velocity by a parabola, and its sigma from the curvature
-(delta chi^2 = 1, widened by the reduced chi^2 where the template explains the spectrum worse than its
-noise). Preprocessing then removes that velocity (from a given rv, only what the search finds it off
-by), and the emulator fit after the network (`Emulator.chi2`) refines it with the labels.
+bank of emulated spectra (LEVELS of each SPANNED label's training range, every combination) shifted to
+every velocity of a grid (+-V_MAX in steps of V_STEP; +-V_CHECK around a given rv). Per spectrum the
+weighted chi^2 against every (template, velocity) is two matrix products; the best template's chi^2 at
+the three velocities around its minimum gives the velocity by a parabola, and its sigma from the
+curvature (delta chi^2 = 1, widened by the reduced chi^2 where the template explains the spectrum worse
+than its noise). Preprocessing then removes that velocity (from a given rv, only what the search finds
+it off by), and the emulator fit after the network (`Emulator.chi2`) refines it with the labels.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from .emulator import Emulator
 
 V_MAX = 600.0  # km/s searched either way (stars of the Galaxy and the Magellanic Clouds)
 V_STEP = 20.0  # km/s, below the 27-30 km/s of a 0.4 A pixel of ob-default's grid at 4000-4800 A
-# km/s searched either way around a given rv: a catalog rv, a wavelength calibration, a barycentric
-# correction is rarely off by more; a minimum at this window's edge is searched again over +-V_MAX
-V_CHECK = 100.0
+# km/s searched either way around a given rv (a wrong catalog rv, wavelength calibration or barycentric
+# correction is rarely off by more); a minimum at this window's edge is searched again over +-V_MAX
+V_CHECK = 60.0
 LEVELS = (0.15, 0.5, 0.85)  # of each spanned label's training range: 27 templates for three labels
 # Labels the bank spans (those of the emulator's it has); the others, e.g. metals, at the middle of their
 # range: they barely move the lines the velocity is read from (as precise on ob-default, 3x faster).
@@ -62,10 +62,11 @@ class VelocitySearch:
         """(velocities, bank [K, V, D], bank flattened [K V, D], its square) within +-v_max, built
         once per window: the squares per search, not per chunk of spectra."""
         if v_max not in self._windows:
-            inside = np.abs(self.velocities) <= v_max + 1e-9
-            bank = np.ascontiguousarray(self.bank[:, inside])
+            inside = np.flatnonzero(np.abs(self.velocities) <= v_max + 1e-9)
+            window = slice(inside[0], inside[-1] + 1)  # the whole grid: the bank itself, not a copy
+            bank = np.ascontiguousarray(self.bank[:, window])
             flat = bank.reshape(-1, bank.shape[-1])
-            self._windows[v_max] = self.velocities[inside], bank, flat, flat * flat
+            self._windows[v_max] = self.velocities[window], bank, flat, flat * flat
         return self._windows[v_max]
 
     def estimate(self, x: np.ndarray, ivar: np.ndarray,
@@ -117,4 +118,3 @@ def significant(rv: np.ndarray, rv_err: np.ndarray, kms: float = RESOLVED_KMS) -
     `kms` (False where either is NaN)."""
     with np.errstate(invalid="ignore"):
         return (np.abs(rv) > RESOLVED_SIGMAS * rv_err) & (np.abs(rv) > kms)
-
