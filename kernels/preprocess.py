@@ -530,8 +530,9 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     positive and finite (NON_FINITE), `mask` true or `ivar` = 0 (masked only). Rows without a
     `wavelength` column use `source_grid`, else the grid in the batch's schema metadata. Rows without
     `flux_err`/`ivar` get one noise level, DER_SNR of their input pixels over bins as wide as the
-    training spectra's pixels (`observed`; `continuum.noise_sigma`), propagated as errors would be. Rows covering less than `settings.min_coverage` of the grid, or at a resolving power too low,
-    fail with the reason.
+    training spectra's pixels (`observed`; `continuum.noise_sigma`), propagated as errors would be.
+    Rows covering less than `settings.min_coverage` of the grid, or at a resolving power too low, fail
+    with the reason.
     """
     settings = settings or PreprocessSettings()
     medium = grid.medium if isinstance(grid, WavelengthGrid) else None
