@@ -111,7 +111,9 @@ def format_summary(summary: dict) -> str:
             hint = ("hint: most spectra are not explained to their stated noise. If their numbers look "
                     f"sane, flux_err likely understates the noise, by ~{factor:.2f}x (chi2 then stays level "
                     "with SNR; stars unlike the model's grid raise it as SNR^2): scale flux_err by that, "
-                    "or leave it out and the noise is estimated from the flux (DER_SNR).")
+                    "or leave it out and the noise is estimated from the flux (DER_SNR). Spectra convolved "
+                    "down from a higher resolution carry noise shared between neighbouring pixels, which "
+                    "per-pixel flux_err leaves out: leave it out.")
             lines += textwrap.wrap(hint, width=100, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)
 
