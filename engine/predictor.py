@@ -481,14 +481,16 @@ class Model:
                         np.float64).copy()
         usable = np.array([e is None for e in pre.errors], dtype=bool)
         found, found_err = np.full(n, np.nan), np.full(n, np.nan)
-        estimated, checked = np.flatnonzero(~given & usable), np.flatnonzero(given & usable)
-        if len(estimated):
+        estimated = ~given & usable
+        if estimated.any():
             found[estimated], found_err[estimated] = self._velocity_search().estimate(pre.x[estimated],
                                                                                      pre.ivar[estimated])
-        if len(checked):
+        checked = given & usable
+        if checked.any():
             found[checked], found_err[checked] = self._velocity_search().check(pre.x[checked],
                                                                                pre.ivar[checked])
-        moved = ~given & usable | significant(found, found_err, TRAINED_RV_KMS)
+        corrected = given & significant(found, found_err, TRAINED_RV_KMS)
+        moved = estimated | corrected
         rv[moved] += found[moved]
         rv_err = np.where(moved, found_err, np.nan)
         rows = np.flatnonzero(moved)
@@ -502,7 +504,7 @@ class Model:
                 getattr(pre, name)[rows] = getattr(again, name)
             for i, r in enumerate(rows):
                 pre.errors[r] = again.errors[i]
-        return rv, rv_err, ~given & usable, np.where(given & moved, found, 0.0)
+        return rv, rv_err, estimated, np.where(corrected, found, 0.0)
 
     def _velocity_search(self) -> VelocitySearch:
         if self._search is None:  # built on first use: only rows without an rv need it
