@@ -67,7 +67,8 @@ from ..kernels.resample import cubic_gaussian_weights, doppler_shift
 from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
-# optional: ripple_threshold, dib_threshold, veiling_threshold
+# optional: ripple_threshold, dib_threshold, veiling_threshold, sigma_scaling ({"label", "knots",
+# "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`)
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
               "continuum_degree", "refine_steps", "chi2_threshold")
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
@@ -137,7 +138,9 @@ ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.ma
 @dataclass(frozen=True)
 class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
-    `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise; a reduced chi^2
+    `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise (times, per row,
+    `sigma_factor` of the row's `sigma_label`: sharp lines are harder to emulate than broad ones); a
+    reduced chi^2
     above `chi2_threshold`, a ripple statistic above `ripple_threshold` or a veiling statistic above
     `veiling_threshold` flags MODEL_MISMATCH; a band of DIBS is fitted where its statistic passes its
     `dib_threshold`."""
@@ -155,6 +158,9 @@ class Emulator:
     ripple_threshold: float = math.inf
     dib_threshold: tuple[float, ...] = (math.inf,) * len(DIBS)  # per band of DIBS
     veiling_threshold: float = math.inf
+    sigma_label: str | None = None  # the label whose value scales `sigma` per row (None: no scaling)
+    sigma_knots: tuple[float, ...] = ()  # values of `sigma_label`, increasing
+    sigma_factors: tuple[float, ...] = ()  # sigma's factor at each knot (interpolated, held beyond)
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -201,11 +207,23 @@ class Emulator:
         sigma = np.sqrt(np.asarray(variance, np.float64)[rows]) / float(np.median(np.diff(self.wavelength)))
         return rows, cubic_gaussian_weights(sigma).astype(np.float32)
 
-    def pixel_weight(self, ivar: np.ndarray) -> np.ndarray:
-        """float32 weights of the fit's pixels, 1 / (1 / ivar + sigma^2) (0 where ivar <= 0 and near
-        ISM_LINES)."""
+    def sigma_factor(self, labels: np.ndarray) -> np.ndarray:
+        """(B,) float32: the factor of `sigma` for rows at `labels` (B, len(self.labels)), physical
+        units; 1 without a `sigma_label`."""
+        labels = np.asarray(labels, np.float64)
+        if self.sigma_label is None:
+            return np.ones(len(labels), np.float32)
+        value = labels[:, self.labels.index(self.sigma_label)]
+        return np.interp(value, self.sigma_knots, self.sigma_factors).astype(np.float32)
+
+    def pixel_weight(self, ivar: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
+        """float32 weights of the fit's pixels, 1 / (1 / ivar + (factor sigma)^2) (0 where ivar <= 0
+        and near ISM_LINES); `factor` [B], each row's `sigma_factor` (None: 1)."""
         ivar = np.maximum(np.asarray(ivar, np.float32), 0.0) * self._off_ism_lines
-        return ivar / (1.0 + ivar * self.sigma.astype(np.float32) ** 2)
+        sigma = self.sigma.astype(np.float32)
+        if factor is not None:
+            sigma = np.asarray(factor, np.float32)[:, None] * sigma
+        return ivar / (1.0 + ivar * sigma**2)
 
     @cached_property
     def _off_ism_lines(self) -> np.ndarray:
@@ -552,10 +570,11 @@ class Emulator:
             with np.errstate(invalid="ignore", divide="ignore"):
                 return np.where(dof > 0, (residual**2 * weight).sum(axis=1, dtype=np.float64) / dof, np.nan)
 
+        factor = self.sigma_factor(labels)
         for s in range(0, len(x), CHUNK):
             part = slice(s, s + CHUNK)
             xs = x[part].astype(np.float32)
-            weight = self.pixel_weight(ivar[part])
+            weight = self.pixel_weight(ivar[part], factor[part])
             n[part] = (weight > 0).sum(axis=1)
             dof[part] = n[part] - parameters
             seen = None if blur is None else np.asarray(blur)[part]
@@ -616,7 +635,7 @@ class Emulator:
                    dib=np.where(explained, dib, np.nan), dib_depths=dib_depths,
                    ripple_frequency=ripple_frequency, veiling=np.where(explained[:, 0], veiling, np.nan),
                    veil=veil, veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
-                   label_err=np.where(explained, errors[:, :-1], np.nan))
+                   label_err=np.where(explained, errors[:, :-1], np.nan), sigma_factor=factor)
 
 
 @dataclass(frozen=True)
@@ -639,8 +658,9 @@ class Fit:
     removed here), the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
-    or chi^2). Where a band or a ripple was fitted, the chi^2, rv and labels are those of the fit with
-    them."""
+    or chi^2), and the factor of the emulator's sigma in each row's pixel weights
+    (`Emulator.sigma_factor` of the starting labels). Where a band or a ripple was fitted, the chi^2,
+    rv and labels are those of the fit with them."""
 
     chi2: np.ndarray
     pixels: np.ndarray
@@ -656,6 +676,7 @@ class Fit:
     dib_depths: np.ndarray
     labels: np.ndarray
     label_err: np.ndarray
+    sigma_factor: np.ndarray
 
     def rows(self, rows: np.ndarray) -> Fit:
         """The fit of `rows` (indices or a mask) alone."""
@@ -736,7 +757,26 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     wavelength=np.asarray(wavelength, np.float64),
                     ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
                     veiling_threshold=float(entry.get("veiling_threshold", math.inf)),
-                    dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where))
+                    dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where),
+                    **_sigma_scaling(entry.get("sigma_scaling"), entry["labels"], where))
+
+
+def _sigma_scaling(value, labels: list[str], where: str) -> dict:
+    """The `Emulator` fields of the manifest's `sigma_scaling` (absent: none)."""
+    if value is None:
+        return {}
+    wrong = ModelError(f"{where}: sigma_scaling needs a label among {labels}, increasing knots and as many "
+                       f"factors > 0, not {value!r}")
+    try:
+        label, knots, factors = (value["label"], np.asarray(value["knots"], float),
+                                 np.asarray(value["factors"], float))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise wrong from exc
+    if (label not in labels or knots.ndim != 1 or len(knots) < 1 or knots.shape != factors.shape
+            or np.any(np.diff(knots) <= 0) or not np.all(factors > 0)):
+        raise wrong
+    return {"sigma_label": label, "sigma_knots": tuple(knots.tolist()),
+            "sigma_factors": tuple(factors.tolist())}
 
 
 def _dib_thresholds(value, where: str) -> tuple[float, ...]:

@@ -309,7 +309,7 @@ def estimate_function(model, network: MeanFunction, targets: list[int], x: np.nd
     through which the fit sees each (`Emulator.blur`); the blend's shares at the rows' own SNR,
     excess and gap."""
     emulator, names = model.emulator, [t.name for t in model.targets]
-    weight = emulator.pixel_weight(ivar)
+    weight = emulator.pixel_weight(ivar, fit.sigma_factor)
     share = model.calibration.network_share(model._log_snr(x), fit.excess, gapped)
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
                             torch.as_tensor(weight), fit.ripple_frequency, fit.dib_fitted(emulator),

@@ -547,7 +547,8 @@ class Model:
                   veil_var=np.zeros((n, len(self.emulator.labels))),
                   dib=np.full((n, len(DIBS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
-                  label_err=np.full((n, len(self.emulator.labels)), np.nan))
+                  label_err=np.full((n, len(self.emulator.labels)), np.nan),
+                  sigma_factor=np.ones(n, np.float32))
         if len(rows):
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]

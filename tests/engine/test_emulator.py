@@ -22,10 +22,11 @@ LINE = 1.0 - 0.4 * np.exp(-0.5 * ((TINY_GRID.values() - 4100.0) / 3.0) ** 2)  # 
 
 
 def add_emulator(path, *, sigma: float = 0.0, threshold: float = 2.0, spectrum=LINE, labels=None,
-                 refine_steps: int = 0, continuum_degree: int = -1, ripple_threshold: float | None = None):
+                 refine_steps: int = 0, continuum_degree: int = -1, ripple_threshold: float | None = None,
+                 sigma_scaling: dict | None = None):
     """Give the bundle at `path` an emulator of `labels` (default: all three targets) that returns
     `spectrum` whatever the labels, or, with `refine_steps`, `spectrum` plus a small term that
-    depends on them (so that its fit moves them)."""
+    depends on them (so that its fit moves them); `sigma_scaling`: the manifest entry's, if any."""
     bundle = load_bundle(path)
     labels = labels or ["teff", "logg", "vsini"]
     k = len(labels)
@@ -36,7 +37,8 @@ def add_emulator(path, *, sigma: float = 0.0, threshold: float = 2.0, spectrum=L
         "labels": labels, "hidden": [8], "activation": "silu",
         "label_mean": [20000.0, 3.5, 100.0][:k], "label_std": [5000.0, 0.5, 100.0][:k],
         "continuum_degree": continuum_degree, "refine_steps": refine_steps, "chi2_threshold": threshold,
-        **({} if ripple_threshold is None else {"ripple_threshold": ripple_threshold})})
+        **({} if ripple_threshold is None else {"ripple_threshold": ripple_threshold}),
+        **({} if sigma_scaling is None else {"sigma_scaling": sigma_scaling})})
     save_bundle(path, bundle.layers, {**bundle.manifest, "emulator": entry})
     return path
 
@@ -76,6 +78,33 @@ def test_reduced_chi2_is_the_stated_formula_on_the_prepared_rows(tmp_path):
     np.testing.assert_allclose(out.column(CHI2).to_numpy(), expected, rtol=1e-4)
     assert out.column(CHI2_PIXELS)[0].as_py() == good[0].sum() < TINY_GRID.n
     assert 0.9 < np.median(expected) < 1.1
+
+
+def test_the_emulators_sigma_is_scaled_per_row_by_its_factor_at_the_rows_label(tmp_path):
+    """With `sigma_scaling`, each row's sigma_emu is sigma times the factor interpolated (held beyond
+    the knots) at the row's starting v sin i, in the chi^2 and in the fit's weights, and the fit
+    records it."""
+    scaling = {"label": "vsini", "knots": [20.0, 220.0], "factors": [2.0, 0.5]}
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu"), sigma=0.01, sigma_scaling=scaling))
+    prepared = model.prepare(_table(catalog(4, 100.0)))
+    x = np.stack(prepared.column("x").to_numpy(zero_copy_only=False))[:, :TINY_GRID.n]
+    ivar = np.stack(prepared.column(PREPARED_IVAR).to_numpy(zero_copy_only=False)).astype(float)
+    labels = np.array([[20000.0, 3.5, v] for v in (0.0, 120.0, 220.0, 400.0)])
+    fit = model.emulator.chi2(x, ivar, labels)
+    factor = np.array([2.0, 1.25, 0.5, 0.5])
+    np.testing.assert_allclose(fit.sigma_factor, factor, rtol=1e-6)
+    expected = np.sum((x - LINE) ** 2 / (1 / ivar + (0.01 * factor[:, None]) ** 2), axis=1) / TINY_GRID.n
+    np.testing.assert_allclose(fit.chi2, expected, rtol=1e-4)
+    assert fit.chi2[0] < fit.chi2[1] < fit.chi2[2]
+
+
+@pytest.mark.parametrize("scaling", [{"label": "metals", "knots": [0.0], "factors": [1.0]},
+                                     {"label": "vsini", "knots": [50.0, 10.0], "factors": [1.0, 1.0]},
+                                     {"label": "vsini", "knots": [10.0, 50.0], "factors": [1.0, 0.0]},
+                                     {"label": "vsini", "knots": [10.0]}])
+def test_a_wrong_sigma_scaling_is_refused_naming_the_key(tmp_path, scaling):
+    with pytest.raises(ModelError, match="sigma_scaling"):  # by save_bundle, which loads what it seals
+        add_emulator(make_bundle(tmp_path / "emu"), sigma_scaling=scaling)
 
 
 def test_model_mismatch_flag_follows_the_threshold(tmp_path):

@@ -21,6 +21,8 @@ from starcast.engine.calibration import EXCESS_PARTS
 from starcast.engine.emulator import DIBS
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
+    SIGMA_EDGES,
+    SPLIT_SEEDS,
     UNDERSTATED_NOISE,
     EmulatorSettings,
     clean,
@@ -169,6 +171,27 @@ def test_manifest_records_the_emulator_and_its_calibration(bundle):
     assert {b["snr_lo"] for b in entry["metrics"]["test_nodes"]["chi2_by_snr"]} >= {10.0, 200.0}
 
 
+def test_the_emulators_error_per_row_follows_v_sin_i(source, bundle):
+    """sigma_emu's factor per row is the rms of the noise-free residuals at the validation nodes over
+    sigma_emu, per bin of v sin i (recomputed here from the same draws), and sharp lines are harder to
+    emulate than broad ones: the slowest rotators' factor is above the fastest's."""
+    emulator = load_model(bundle).emulator
+    pert = noise_free(source, SETTINGS)
+    rng = np.random.default_rng([SETTINGS.seed, SPLIT_SEEDS["val"]])
+    y, x, ivar = prepared(source, held_survey(source, "val", SETTINGS.val_rows, pert, rng))
+    bare = replace(emulator, sigma=np.zeros_like(emulator.sigma), sigma_label=None)
+    residual = np.where(ivar > 0, x - bare.fitted(x, ivar, y), np.nan)
+    ratio = np.nanmean(residual**2 / np.nanmean(residual**2, axis=0), axis=1)  # per row, over the rms
+    vsini = y[:, LABELS.index("vsini")]
+    assert emulator.sigma_label == "vsini" and len(emulator.sigma_knots) >= 5
+    for knot, factor in zip(emulator.sigma_knots, emulator.sigma_factors, strict=True):
+        i = np.searchsorted(SIGMA_EDGES, knot, side="right") - 1
+        rows = (vsini >= SIGMA_EDGES[i]) & (vsini < SIGMA_EDGES[i + 1])
+        assert knot == pytest.approx(vsini[rows].mean(), rel=1e-9)
+        assert factor == pytest.approx(np.sqrt(np.mean(ratio[rows])), rel=1e-3)
+    assert emulator.sigma_factors[0] > 1.2 * emulator.sigma_factors[-1]
+
+
 def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_between_them(bundle):
     """The blended estimate's calibration (with its chi^2 inflation) is fitted on the validation and
     test nodes, the stars between the nodes and the validation nodes with their noise understated
@@ -220,6 +243,7 @@ def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle
         np.testing.assert_array_equal(w0, w1)
         np.testing.assert_array_equal(b0, b1)
     np.testing.assert_allclose(after.sigma, before.sigma, rtol=0.05)
+    assert (after.sigma_knots, after.sigma_factors) == (before.sigma_knots, before.sigma_factors)
     assert after.chi2_threshold == pytest.approx(before.chi2_threshold, rel=0.1)
     assert after.ripple_threshold == pytest.approx(before.ripple_threshold, rel=0.2)
     assert after.dib_threshold == pytest.approx(before.dib_threshold, rel=0.2)
