@@ -78,7 +78,9 @@ def test_explained_function_is_the_deployed_mean_on_each_rows_dropout_masks(drop
 def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tmp_path: Path):
     """`ob-default` reports the network's mean blended with its emulator fit's labels (the network's
     share from its calibration): the explained function is that estimate, the fit's Gauss-Newton step
-    included, to 1% of sigma on TLUSTY spectra it was not trained on, half of them with a continuum
+    included, to 1.5% of sigma (two float32 implementations of the fit: the broadest-lined rows, whose
+    labels their spectra hold least, differ most, ~1%) on TLUSTY spectra it was not trained on, half of
+    them with a continuum
     ripple that the fit fits too and half with the diffuse band at 4428 A (a quarter with both) that
     `predict` divides out, and its attributions are complete."""
     from starcast.catalogs.grids import read_grid
@@ -103,8 +105,15 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     exp, out = model.explain(table), model.predict(table, backend="cpu")
     for k, t in enumerate(exp.targets):
         miss = np.abs(exp.prediction[:, k] - out.column(t).to_numpy()) / out.column(f"{t}_err").to_numpy()
-        assert np.all(miss < 0.01), (t, miss)
+        assert np.all(miss < 0.015), (t, miss)
     assert np.all(exp.completeness_error() < 0.01), exp.completeness_error()
+    # the fit's pixels weighed as the engine weighed them: each row's emulator sigma at its own factor
+    prepared = model.prepare(table)
+    ok, x, f = explained_function(model, prepared, list(range(len(model.targets))))
+    _, _, _, fit, ivar = model._inputs_as_predicted(prepared, model._samples(None), 0, "auto")
+    assert np.ptp(fit.sigma_factor[ok]) > 0.1
+    weight = model.emulator.pixel_weight(ivar[ok], fit.sigma_factor[ok])
+    np.testing.assert_array_equal(f.weight.numpy(), weight)
 
 
 def test_explained_blend_on_pixels_coarser_than_the_training_spectras(tmp_path: Path):
