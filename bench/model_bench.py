@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -49,13 +50,10 @@ def bundle_at(rev: str, dest: Path) -> Path:
     return dest
 
 
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -75,11 +73,18 @@ def main() -> None:
         prepared = {name: m.prepare(table) for name, m in models.items()}  # warm-up (Numba, weights)
         for name, m in models.items():
             m.infer(prepared[name].slice(0, 64), backend="cpu")
+        # each repeat times every model's stages in turn, so that a change in the machine's load
+        # between repeats reaches both models alike; the best of the repeats per model and stage
+        best = {name: {"prepare": math.inf, "infer": math.inf} for name in models}
+        for _ in range(args.repeat):
+            for name, m in models.items():
+                best[name]["prepare"] = min(best[name]["prepare"], seconds(lambda m=m: m.prepare(table)))
+                best[name]["infer"] = min(best[name]["infer"], seconds(
+                    lambda m=m, name=name: m.infer(prepared[name], backend="cpu")))
         rows = {}
         for name, m in models.items():
             arch = m.bundle.architecture
-            prep = best_of(lambda m=m: m.prepare(table), args.repeat)
-            infer = best_of(lambda m=m, name=name: m.infer(prepared[name], backend="cpu"), args.repeat)
+            prep, infer = best[name]["prepare"], best[name]["infer"]
             rows[name] = {"members": arch["members"], "samples": arch["samples"], "hidden": arch["hidden"],
                           "input_dim": arch["input_dim"], "dropout": arch["dropout"],
                           "train_seconds": m.bundle.manifest["provenance"].get("train_seconds"),
