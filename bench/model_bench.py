@@ -51,6 +51,7 @@ def bundle_at(rev: str, dest: Path) -> Path:
 
 
 def seconds(fn) -> float:
+    """Wall-clock seconds of one call of `fn`."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0

@@ -140,10 +140,9 @@ class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
     `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise (times, per row,
     `sigma_factor` of the row's `sigma_label`: sharp lines are harder to emulate than broad ones); a
-    reduced chi^2
-    above `chi2_threshold`, a ripple statistic above `ripple_threshold` or a veiling statistic above
-    `veiling_threshold` flags MODEL_MISMATCH; a band of DIBS is fitted where its statistic passes its
-    `dib_threshold`."""
+    reduced chi^2 above `chi2_threshold`, a ripple statistic above `ripple_threshold` or a veiling
+    statistic above `veiling_threshold` flags MODEL_MISMATCH; a band of DIBS is fitted where its
+    statistic passes its `dib_threshold`."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -214,7 +213,9 @@ class Emulator:
         if self.sigma_label is None:
             return np.ones(len(labels), np.float32)
         value = labels[:, self.labels.index(self.sigma_label)]
-        return np.interp(value, self.sigma_knots, self.sigma_factors).astype(np.float32)
+        known = np.isfinite(value)  # a row without the label: 1
+        return np.where(known, np.interp(np.where(known, value, 0.0), self.sigma_knots, self.sigma_factors),
+                        1.0).astype(np.float32)
 
     def pixel_weight(self, ivar: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
         """float32 weights of the fit's pixels, 1 / (1 / ivar + (factor sigma)^2) (0 where ivar <= 0
@@ -554,8 +555,8 @@ class Emulator:
         passes `ripple_threshold`, then again with light without lines (and the ripple and bands) where
         the veiling statistic passes `veiling_threshold` (all only if the fit has a continuum to hold
         them); its reduced chi^2 is the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0,
-        off ISM_LINES) of (x - e)^2 / (1 / ivar + sigma^2), divided by n minus the fitted parameters
-        (NaN where that is not positive)."""
+        off ISM_LINES) of (x - e)^2 / (1 / ivar + (f sigma)^2), f the row's `sigma_factor` at `labels`,
+        divided by n minus the fitted parameters (NaN where that is not positive)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
@@ -773,7 +774,8 @@ def _sigma_scaling(value, labels: list[str], where: str) -> dict:
     except (TypeError, KeyError, ValueError) as exc:
         raise wrong from exc
     if (label not in labels or knots.ndim != 1 or len(knots) < 1 or knots.shape != factors.shape
-            or np.any(np.diff(knots) <= 0) or not np.all(factors > 0)):
+            or not np.all(np.isfinite(knots)) or np.any(np.diff(knots) <= 0)
+            or not np.all(np.isfinite(factors) & (factors > 0))):
         raise wrong
     return {"sigma_label": label, "sigma_knots": tuple(knots.tolist()),
             "sigma_factors": tuple(factors.tolist())}

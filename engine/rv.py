@@ -90,7 +90,7 @@ class VelocitySearch:
         return rv, rv_err
 
     def _estimate(self, x, ivar, velocities, bank, flat, flat_squared):
-        weight = self.emulator.pixel_weight(ivar)
+        weight = self.emulator.pixel_weight(ivar)  # sigma unscaled: the labels are not known yet
         x = x.astype(np.float32)
         n_v = bank.shape[1]
         # chi^2 less the sum of w x^2, the same for every template: sum w t^2 - 2 sum w x t

@@ -105,9 +105,8 @@ def test_slow_rotators_are_upper_limits_and_never_negative(survey):
 
 def test_sharp_lines_at_high_snr_read_at_their_noise(tmp_path):
     """Stars at 0-15 km/s at SNR 300-600 (at rest, rv stated): the emulator's error, larger for sharp
-    lines than for broad ones, is counted at the row's v sin i, so their chi^2 is about 1 (median 1.09
-    on 600 such stars, 16% MODEL_MISMATCH, while the emulator's sigma was one for all rows; 0.99 and
-    10% with it)."""
+    lines than for broad ones, is counted at the row's v sin i, so their chi^2 is about 1 (on 600 such
+    stars median 0.99 and 10% MODEL_MISMATCH; with one sigma for every row 1.09 and 16%)."""
     synth_from_grid(read_grid(SAMPLE), 80, tmp_path / "c", at_nodes=True, seed=3, snr=(300.0, 600.0),
                     vsini=(0.0, 15.0))
     out = starcast.load_model().predict(pq.read_table(tmp_path / "c"), backend="cpu")

@@ -50,9 +50,8 @@ SPLIT_SEEDS = {"train": 11, "val": 12, "test": 13, "val_clean": 14, "test_clean"
 # spectra whose noise is understated (as real flux errors often are), not left to the chance excess
 # of clean ones (`calibrate_estimates`).
 UNDERSTATED_NOISE = (1.0, 1.5)
-# The emulator's error per row follows this label, measured in these bins (`emulator_error`): at the
-# validation nodes its mean squared residual falls ~6x from slow rotators to the fastest (ob-default:
-# 3.6x the mean over all stars at 0-10 km/s, 0.56x at 320-450 km/s).
+# The emulator's error per row follows this label, measured in these bins (`emulator_error`): sharp
+# lines are harder to emulate (ob-default's factor of sigma: 1.83 at 5 km/s, 0.78 at 380 km/s).
 SIGMA_LABEL = "vsini"
 SIGMA_EDGES = (0.0, 10.0, 20.0, 30.0, 45.0, 70.0, 100.0, 150.0, 220.0, 320.0, 450.0)
 
@@ -124,8 +123,7 @@ def emulator_error(source: GridSource, emulator: Emulator, settings: EmulatorSet
     for split in ("val", "test"):
         rng = np.random.default_rng([settings.seed, SPLIT_SEEDS[split]])
         labels[split], x, ivar = prepared(source, held_survey(source, split, settings.val_rows, pert, rng))
-        model = replace(emulator, sigma=np.zeros(x.shape[1], np.float32), sigma_label=None)
-        residual[split] = np.where(ivar > 0, x - model.fitted(x, ivar, labels[split]), np.nan)
+        residual[split] = np.where(ivar > 0, x - emulator.fitted(x, ivar, labels[split]), np.nan)
     sigma = np.sqrt(np.nanmean(residual["val"] ** 2, axis=0)).astype(np.float32)
     fields = {"sigma": sigma, "sigma_label": None, "sigma_knots": (), "sigma_factors": ()}
     if SIGMA_LABEL in emulator.labels:
@@ -211,15 +209,15 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
                     label_mean=label_mean, label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
                     continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
                     chi2_threshold=math.inf, wavelength=source.grid_values)
-    error, errors = emulator_error(source, base, settings)
+    fields, metrics = emulator_error(source, base, settings)
     bundle = load_bundle(bundle_dir)
     entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
              "label_mean": label_mean.tolist(), "label_std": label_std.tolist(),
              "continuum_degree": base.continuum_degree, "refine_steps": base.refine_steps,
              "training": {**asdict(settings), "hidden": list(settings.hidden), "seconds": 0.0,
                           "perturbations": asdict(pert), "clean_perturbations": asdict(clean(source))},
-             "metrics": errors}
-    model = Model(replace(bundle, emulator=replace(base, **error)))
+             "metrics": metrics}
+    model = Model(replace(bundle, emulator=replace(base, **fields)))
     calibrated, sigma = calibrate(source, model, entry, settings)
     entry.update(calibrated)
     entry["training"]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -389,22 +387,25 @@ def _unit_root(f, steps: int = 4) -> float:
 
 def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSettings | None = None, *,
                 progress: bool = True) -> dict:
-    """Calibrate the emulator already in the bundle at `bundle_dir` again (sigma's scale and the
-    thresholds; after a change to how the engine fits it or prepares its input), without training
-    it; rewrites its file and re-seals the manifest, its `input` entries restated from the config."""
-    settings = settings or EmulatorSettings()
+    """Calibrate the emulator already in the bundle at `bundle_dir` again (its sigma and the sigma's
+    factors measured again, on the draws of its training, and scaled; the thresholds; after a change
+    to how the engine fits it or prepares its input), without training it; rewrites its file and
+    re-seals the manifest, its `input` entries restated from the config."""
     bundle = load_bundle(bundle_dir)
     if bundle.emulator is None:
         raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
     entry = dict(bundle.manifest["emulator"])
+    trained = entry.get("training", {})
+    settings = replace(settings or EmulatorSettings(),
+                       **{k: trained[k] for k in ("seed", "val_rows", "snr") if k in trained})
     source = GridSource(cfg, progress=progress)
     manifest = {**bundle.manifest, "input": {**bundle.manifest["input"], **source.input_requirements()}}
     save_bundle(bundle_dir, bundle.layers, manifest)
     bundle = load_bundle(bundle_dir)
-    error, errors = emulator_error(source, bundle.emulator, settings)
-    entry["metrics"] = {**entry.get("metrics", {}), **{k: {**entry.get("metrics", {}).get(k, {}), **v}
-                                                       for k, v in errors.items()}}
-    model = Model(replace(bundle, emulator=replace(bundle.emulator, **error)))
+    fields, metrics = emulator_error(source, bundle.emulator, settings)
+    previous = entry.get("metrics", {})
+    entry["metrics"] = {**previous, **{k: {**previous.get(k, {}), **v} for k, v in metrics.items()}}
+    model = Model(replace(bundle, emulator=replace(bundle.emulator, **fields)))
     calibrated, sigma = calibrate(source, model, entry, settings)
     entry = save_emulator(bundle_dir, bundle.emulator.layers, sigma, {**entry, **calibrated})
     save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
@@ -419,8 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=EmulatorSettings.rows)
     parser.add_argument("--epochs", type=int, default=EmulatorSettings.epochs)
     parser.add_argument("--calibrate-only", action="store_true",
-                        help="keep the bundle's emulator; calibrate its MODEL_MISMATCH thresholds and "
-                        "the blended estimate's calibration again")
+                        help="keep the bundle's emulator; measure its sigma again and calibrate its "
+                        "MODEL_MISMATCH thresholds and the blended estimate's calibration again")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     settings = EmulatorSettings(rows=args.rows, epochs=args.epochs)

@@ -80,10 +80,11 @@ def test_reduced_chi2_is_the_stated_formula_on_the_prepared_rows(tmp_path):
     assert 0.9 < np.median(expected) < 1.1
 
 
-def test_the_emulators_sigma_is_scaled_per_row_by_its_factor_at_the_rows_label(tmp_path):
+def test_the_emulators_sigma_is_scaled_per_row_by_its_factor_at_the_rows_label(tmp_path, monkeypatch):
     """With `sigma_scaling`, each row's sigma_emu is sigma times the factor interpolated (held beyond
-    the knots) at the row's starting v sin i, in the chi^2 and in the fit's weights, and the fit
-    records it."""
+    the knots) at the row's starting v sin i, in the chi^2 and in the fit's weights (over chunks of
+    rows), and the fit records it."""
+    monkeypatch.setattr("starcast.engine.emulator.CHUNK", 3)
     scaling = {"label": "vsini", "knots": [20.0, 220.0], "factors": [2.0, 0.5]}
     model = load_model(add_emulator(make_bundle(tmp_path / "emu"), sigma=0.01, sigma_scaling=scaling))
     prepared = model.prepare(_table(catalog(4, 100.0)))
@@ -101,7 +102,9 @@ def test_the_emulators_sigma_is_scaled_per_row_by_its_factor_at_the_rows_label(t
 @pytest.mark.parametrize("scaling", [{"label": "metals", "knots": [0.0], "factors": [1.0]},
                                      {"label": "vsini", "knots": [50.0, 10.0], "factors": [1.0, 1.0]},
                                      {"label": "vsini", "knots": [10.0, 50.0], "factors": [1.0, 0.0]},
-                                     {"label": "vsini", "knots": [10.0]}])
+                                     {"label": "vsini", "knots": [10.0]},
+                                     {"label": "vsini", "knots": [10.0, 50.0], "factors": [1.0]},
+                                     {"label": "vsini", "knots": [], "factors": []}])
 def test_a_wrong_sigma_scaling_is_refused_naming_the_key(tmp_path, scaling):
     with pytest.raises(ModelError, match="sigma_scaling"):  # by save_bundle, which loads what it seals
         add_emulator(make_bundle(tmp_path / "emu"), sigma_scaling=scaling)
