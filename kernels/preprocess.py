@@ -210,6 +210,9 @@ SPIKE_SIDE = 10  # good pixels on each side of a pixel at least, for its envelop
 # what a hit must rise above the envelope at least, as a fraction of its flux, whatever the noise:
 # noise-free TLUSTY spectra peak up to ~1% above it between crowded lines (and in LTE emission bumps)
 SPIKE_MIN_EXCESS = 0.03
+# a pixel's neighbours are the nearest good pixels at most this many steps away (else it is not
+# judged): a hit three pixels wide beside a pixel the input masks goes whole
+SPIKE_REACH = 4
 
 
 @njit(cache=True)
@@ -220,9 +223,9 @@ def _mask_spikes(flux, var, bad, k, has_errors, sigma_floor):
     SPIKE_WINDOW, SPIKE_SIDE of them at least on each side: fewer than 1 - SPIKE_ENVELOPE of them come
     within k sigma, nor within SPIKE_MIN_EXCESS of its flux). Absorption never rises above its
     continuum, and a broad emission line raises the envelope with it; a narrow emission line (nebular)
-    is cut like a hit. The neighbours are the nearest good pixels within two steps (else the pixel is
-    not judged), and a second pass judges again against the pixels beyond the hits of the first, so
-    that a hit two or three pixels wide goes whole. The sigma comes from `var` where the row
+    is cut like a hit. The neighbours are the nearest good pixels within SPIKE_REACH steps (else the
+    pixel is not judged), and a second pass judges again against the pixels beyond the hits of the
+    first, so that a hit two or three pixels wide goes whole. The sigma comes from `var` where the row
     `has_errors`, else from one DER_SNR noise level (robust to spikes), and is at least `sigma_floor`
     times the mean flux, as on the model grid: noise-free input has lines sharper than its sigma."""
     n = flux.shape[0]
@@ -252,9 +255,9 @@ def _mask_spikes(flux, var, bad, k, has_errors, sigma_floor):
             if state[p] != 0 or not steep[p] and state[p - 1] == 0 and state[p + 1] == 0:
                 continue
             a, b = p - 1, p + 1
-            while a > 0 and state[a] != 0 and p - a < 3:
+            while a > 0 and state[a] != 0 and p - a < SPIKE_REACH:
                 a -= 1
-            while b < n - 1 and state[b] != 0 and b - p < 3:
+            while b < n - 1 and state[b] != 0 and b - p < SPIKE_REACH:
                 b += 1
             if state[a] != 0 or state[b] != 0:
                 continue

@@ -76,6 +76,22 @@ def test_cosmic_ray_hits_are_masked_and_the_spectrum_recovered(model, errors):
     assert np.all(on.bad_fraction - clean.bad_fraction < 0.01)  # 5 hits: at most ~10 of 1951 pixels
 
 
+def test_a_hit_three_pixels_wide_beside_a_masked_pixel_goes_whole(model):
+    """The last pixel of the hit has its nearest good neighbour four steps away, past the hit and the
+    pixel the input masks (within two steps, it was left, and a quarter of it leaked into a model
+    pixel of full weight: a 16-sigma residual)."""
+    table = stars(20, seed=9, snr=(100.0, 300.0))
+    flux = np.stack(table.column(FLUX).to_numpy(zero_copy_only=False)).astype(np.float32)
+    mask = np.zeros(flux.shape, bool)
+    mask[:, 1000] = True
+    flux[:, 1001:1004] += np.median(flux, axis=1, keepdims=True)
+    masked = table.set_column(table.schema.get_field_index("mask"), "mask", pa.array(list(mask)))
+    hit = masked.set_column(masked.schema.get_field_index(FLUX), FLUX, spectrum_array(flux, flux.shape[1]))
+    clean, on = prepared(model, masked), prepared(model, hit)
+    kept = on.ivar > 0
+    assert (np.abs(on.x - clean.x) * np.sqrt(clean.ivar))[kept].max() < 8
+
+
 def test_the_estimates_of_hit_spectra_are_those_of_the_clean_ones(model):
     table = stars(40, seed=5, snr=(50.0, 300.0))
     clean = model.predict(table, backend="cpu")
