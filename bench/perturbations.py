@@ -42,6 +42,7 @@ from starcast.catalogs.medium import air_to_vacuum
 from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import (
     CHI2,
+    FLAGS,
     FLUX,
     FLUX_ERR,
     INFORMATIONAL,
@@ -392,8 +393,9 @@ def run_matrix(model, source: Source = synthetic_source, n: int = 200, seed: int
         from starcast.trainers.emulator import chi2_by_snr
 
         chi2 = clean_results.column(CHI2).to_numpy(zero_copy_only=False).astype(float)
+        flags = clean_results.column(FLAGS).to_numpy(zero_copy_only=False)
         report["clean"]["chi2_by_snr"] = chi2_by_snr(chi2, clean.column(SNR).to_numpy(),
-                                                     model.emulator.chi2_threshold)
+                                                     (flags & Flag.MODEL_MISMATCH) != 0)
         report["clean"]["infer_rows_per_s"] = infer_rates(model, clean.drop_columns(list(TARGETS)))
     for name, perturb in perturbations.items():
         t0 = time.perf_counter()

@@ -62,13 +62,15 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from ..errors import ModelError
+from ..kernels.features import log10_snr
 from ..kernels.lstsq import normal_equations
 from ..kernels.resample import cubic_gaussian_weights, doppler_shift
 from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
 # optional: ripple_threshold, dib_threshold, veiling_threshold, sigma_scaling ({"label", "knots",
-# "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`)
+# "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`); chi2_threshold: a number or a
+# table ({"log10_snr", "label", "knots", "values"}: `Chi2Threshold`)
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
               "continuum_degree", "refine_steps", "chi2_threshold")
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
@@ -136,13 +138,74 @@ ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.ma
 
 
 @dataclass(frozen=True)
+class Chi2Threshold:
+    """The reduced chi^2 above which a row's fit flags MODEL_MISMATCH, as a function of its log10 SNR
+    (the networks' feature, `kernels.features.log10_snr`) and its fitted `label`: bilinear between the
+    knots, held beyond them. Where the emulator's error, not the noise, dominates (sharp lines at high
+    SNR) clean spectra spread their chi^2 far wider than elsewhere, so one number for all rows either
+    flags most of those or lets mismatches through everywhere else."""
+
+    log_snr: tuple[float, ...]  # increasing
+    label: str | None  # None: `knots` is one point and the threshold follows the SNR alone
+    knots: tuple[float, ...]  # increasing values of `label`
+    values: np.ndarray  # [len(log_snr), len(knots)]
+
+    @classmethod
+    def constant(cls, value: float) -> Chi2Threshold:
+        """One threshold for every row."""
+        return cls((0.0,), None, (0.0,), np.full((1, 1), float(value)))
+
+    def at(self, log_snr: np.ndarray, labels: np.ndarray, names: list[str]) -> np.ndarray:
+        """(B,) the threshold of rows of log10 SNR `log_snr` (B,) and `labels` (B, len(names)) (NaN
+        where the label is NaN)."""
+        value = np.zeros(len(log_snr)) if self.label is None else labels[:, names.index(self.label)]
+        by_snr = np.stack([np.interp(value, self.knots, row) for row in self.values], axis=1)
+        if len(self.log_snr) == 1:
+            return by_snr[:, 0]
+        knots = np.asarray(self.log_snr)
+        left = np.clip(np.searchsorted(knots, log_snr, side="right") - 1, 0, len(knots) - 2)
+        t = np.clip((log_snr - knots[left]) / (knots[left + 1] - knots[left]), 0.0, 1.0)
+        rows = np.arange(len(log_snr))
+        return by_snr[rows, left] * (1.0 - t) + by_snr[rows, left + 1] * t
+
+    @classmethod
+    def from_manifest(cls, value, labels: list[str], where: str = "emulator") -> Chi2Threshold:
+        """The threshold of a manifest's `chi2_threshold` (a number, or the table of `to_manifest`) for an
+        emulator of `labels`; `ModelError` naming `where` when it is neither."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls.constant(value)
+        wrong = ModelError(f"{where}: chi2_threshold needs a number or a table of increasing 'log10_snr' "
+                           f"knots, a 'label' among {labels}, increasing 'knots' of it and finite 'values' "
+                           f"[log10_snr][knots], not {value!r}")
+        try:
+            log_snr, label, knots = (np.asarray(value["log10_snr"], float), value["label"],
+                                     np.asarray(value["knots"], float))
+            values = np.asarray(value["values"], float)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise wrong from exc
+        axes_ok = all(a.ndim == 1 and len(a) >= 1 and np.isfinite(a).all() and (np.diff(a) > 0).all()
+                      for a in (log_snr, knots))
+        label_ok = label in labels if label is not None else len(knots) == 1
+        if not (axes_ok and label_ok and values.shape == (len(log_snr), len(knots))
+                and not np.isnan(values).any()):
+            raise wrong
+        return cls(tuple(log_snr.tolist()), label, tuple(knots.tolist()), values)
+
+    def to_manifest(self) -> float | dict:
+        if self.label is None and len(self.log_snr) == 1:
+            return float(self.values[0, 0])
+        return {"log10_snr": list(self.log_snr), "label": self.label, "knots": list(self.knots),
+                "values": self.values.tolist()}
+
+
+@dataclass(frozen=True)
 class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
     `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise (times, per row,
     `sigma_factor` of the row's `sigma_label`: sharp lines are harder to emulate than broad ones); a
-    reduced chi^2 above `chi2_threshold`, a ripple statistic above `ripple_threshold` or a veiling
-    statistic above `veiling_threshold` flags MODEL_MISMATCH; a band of DIBS is fitted where its
-    statistic passes its `dib_threshold`."""
+    reduced chi^2 above `chi2_threshold` (at the row's SNR and fitted labels), a ripple statistic above
+    `ripple_threshold` or a veiling statistic above `veiling_threshold` flags MODEL_MISMATCH; a band of
+    DIBS is fitted where its statistic passes its `dib_threshold`."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -152,7 +215,7 @@ class Emulator:
     sigma: np.ndarray
     continuum_degree: int  # of the per-row continuum correction; -1: none
     refine_steps: int  # Gauss-Newton steps from the predicted labels before the chi^2
-    chi2_threshold: float
+    chi2_threshold: Chi2Threshold
     wavelength: np.ndarray  # (D,) float64, Angstrom: the model grid
     ripple_threshold: float = math.inf
     dib_threshold: tuple[float, ...] = (math.inf,) * len(DIBS)  # per band of DIBS
@@ -636,7 +699,8 @@ class Emulator:
                    dib=np.where(explained, dib, np.nan), dib_depths=dib_depths,
                    ripple_frequency=ripple_frequency, veiling=np.where(explained[:, 0], veiling, np.nan),
                    veil=veil, veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
-                   label_err=np.where(explained, errors[:, :-1], np.nan), sigma_factor=factor)
+                   label_err=np.where(explained, errors[:, :-1], np.nan), sigma_factor=factor,
+                   log_snr=log10_snr(ivar))
 
 
 @dataclass(frozen=True)
@@ -659,8 +723,9 @@ class Fit:
     removed here), the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
-    or chi^2), and the factor of the emulator's sigma in each row's pixel weights
-    (`Emulator.sigma_factor` of the starting labels). Where a band or a ripple was fitted, the chi^2,
+    or chi^2), the factor of the emulator's sigma in each row's pixel weights
+    (`Emulator.sigma_factor` of the starting labels) and each row's log10 SNR (`log10_snr` of its
+    ivar, as the networks see it). Where a band or a ripple was fitted, the chi^2,
     rv and labels are those of the fit with them."""
 
     chi2: np.ndarray
@@ -678,6 +743,7 @@ class Fit:
     labels: np.ndarray
     label_err: np.ndarray
     sigma_factor: np.ndarray
+    log_snr: np.ndarray
 
     def rows(self, rows: np.ndarray) -> Fit:
         """The fit of `rows` (indices or a mask) alone."""
@@ -698,9 +764,10 @@ class Fit:
 
     def mismatch(self, emulator: Emulator) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2, the ripple statistic or the veiling statistic above the emulator's
-        threshold."""
+        threshold (the chi^2's at each row's SNR and fitted labels)."""
+        limit = emulator.chi2_threshold.at(self.log_snr, self.labels, emulator.labels)
         with np.errstate(invalid="ignore"):
-            return ((self.chi2 > emulator.chi2_threshold) | (self.ripple > emulator.ripple_threshold)
+            return ((self.chi2 > limit) | (self.ripple > emulator.ripple_threshold)
                     | (self.veiling > emulator.veiling_threshold))
 
 
@@ -754,7 +821,8 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     label_mean=np.asarray(entry["label_mean"], np.float64),
                     label_std=np.asarray(entry["label_std"], np.float64), sigma=tensors["sigma"],
                     continuum_degree=int(entry["continuum_degree"]), refine_steps=int(entry["refine_steps"]),
-                    chi2_threshold=float(entry["chi2_threshold"]),
+                    chi2_threshold=Chi2Threshold.from_manifest(entry["chi2_threshold"], entry["labels"],
+                                                                 where),
                     wavelength=np.asarray(wavelength, np.float64),
                     ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
                     veiling_threshold=float(entry.get("veiling_threshold", math.inf)),

@@ -548,7 +548,7 @@ class Model:
                   dib=np.full((n, len(DIBS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan),
-                  sigma_factor=np.ones(n, np.float32))
+                  sigma_factor=np.ones(n, np.float32), log_snr=np.full(n, np.nan))
         if len(rows):
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]

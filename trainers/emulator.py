@@ -10,7 +10,8 @@ Its per-pixel error is measured at the validation nodes, left out of its trainin
 row that follows v sin i: sharp lines are harder to emulate), and scaled so that the engine's median
 chi^2 on a clean validation survey is 1 at the highest SNR; the threshold above
 which the fit fits the diffuse band at 4428 A and the MODEL_MISMATCH thresholds are quantiles of the
-band's statistic, the ripple statistic, the chi^2 and the veiling statistic on that survey. With the emulator
+band's statistic, the ripple statistic, the chi^2 (per cell of SNR and v sin i) and the veiling
+statistic on that survey. With the emulator
 in place, a model that sees its SNR has its SNR-conditional calibration fitted again, for an estimate
 that blends the network's mean with the emulator fit's labels (`calibrate_estimates`).
 """
@@ -32,11 +33,11 @@ from ..catalogs import gridsynth
 from ..catalogs.schema import FLUX_ERR, SNR, Flag, spectrum_array
 from ..engine.bundle import load_bundle, save_bundle
 from ..engine.calibration import handled_defect
-from ..engine.emulator import DIBS, Emulator, save_emulator
+from ..engine.emulator import DIBS, Chi2Threshold, Emulator, Fit, save_emulator
 from ..engine.predictor import Model
 from ..errors import StarcastError
 from ..kernels.preprocess import preprocess
-from .calibrate import epistemic_thresholds, fit_snr_calibration
+from .calibrate import epistemic_thresholds, equal_count_bins, fit_snr_calibration
 from .config import TrainConfig, load_config
 from .gridsource import GridSource
 from .metrics import ISSUE_SNR_EDGES, coverage_in_bins
@@ -54,6 +55,14 @@ UNDERSTATED_NOISE = (1.0, 1.5)
 # lines are harder to emulate (ob-default's factor of sigma: 1.83 at 5 km/s, 0.78 at 380 km/s).
 SIGMA_LABEL = "vsini"
 SIGMA_EDGES = (0.0, 10.0, 20.0, 30.0, 45.0, 70.0, 100.0, 150.0, 220.0, 320.0, 450.0)
+# The chi^2 threshold is a quantile per cell of up to THRESHOLD_SNR_BINS equal-count bins of log10 SNR
+# and these bins of SIGMA_LABEL (`chi2_threshold`): on ob-default's clean validation survey the 99th
+# percentile is 1.07-1.08 at SNR 10-30 for every v sin i, but 4.5 for sharp lines (0-15 km/s) at SNR
+# 200-600, where the emulator's error dominates the noise. As many SNR bins as leave every cell
+# THRESHOLD_CELL_ROWS rows.
+THRESHOLD_EDGES = (0.0, 15.0, 60.0, 200.0, math.inf)
+THRESHOLD_SNR_BINS = 4
+THRESHOLD_CELL_ROWS = 100
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class EmulatorSettings:
     components: int = 256  # principal components the network predicts (folded into its last layer)
     snr: float = 1e4  # "noise-free": far above the survey's SNR
     quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
+    threshold_rows: int = 32000  # the clean validation survey the thresholds are quantiles of
     ripple_quantile: float = 0.995  # of the ripple statistic (a ripple stands far above it: ~20 vs 400+)
     dib_quantile: float = 0.995  # of each diffuse band's statistic: the fit fits the band above it
     veiling_quantile: float = 0.995  # of the veiling statistic (5% of light without lines: median ~15 vs ~2)
@@ -179,16 +189,39 @@ def fit(labels: np.ndarray, x: np.ndarray, settings: EmulatorSettings, *,
     return [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers], mean_y, std_y
 
 
-def chi2_by_snr(chi2: np.ndarray, snr: np.ndarray, threshold: float) -> list[dict]:
-    """Median chi^2 and the fraction above `threshold` per SNR bin (SNR_BINS)."""
+def chi2_by_snr(chi2: np.ndarray, snr: np.ndarray, flagged: np.ndarray) -> list[dict]:
+    """Median chi^2 and the fraction `flagged` (rows above their threshold) per SNR bin (SNR_BINS)."""
     out = []
     for lo, hi in zip(SNR_BINS, SNR_BINS[1:], strict=False):
         inside = (snr >= lo) & (snr < hi) & np.isfinite(chi2)
         if inside.any():
             out.append({"snr_lo": lo, "snr_hi": hi, "n": int(inside.sum()),
                         "median_chi2": round(float(np.median(chi2[inside])), 4),
-                        "flagged": round(float(np.mean(chi2[inside] > threshold)), 4)})
+                        "flagged": round(float(np.mean(flagged[inside])), 4)})
     return out
+
+
+def chi2_threshold(fit: Fit, labels: list[str], quantile: float) -> Chi2Threshold:
+    """The `Chi2Threshold` of a clean survey's fits: the `quantile` of the chi^2 in each cell of
+    equal-count bins of log10 SNR (THRESHOLD_SNR_BINS at most, fewer where a cell would hold less than
+    THRESHOLD_CELL_ROWS rows) and the bins of the fitted SIGMA_LABEL between THRESHOLD_EDGES; knots at
+    the bins' medians. Without SIGMA_LABEL among `labels`: the quantile per SNR bin."""
+    known = np.isfinite(fit.chi2)
+    chi2, log_snr = fit.chi2[known], fit.log_snr[known].astype(np.float64)
+    label = SIGMA_LABEL if SIGMA_LABEL in labels else None
+    value = fit.labels[known, labels.index(label)] if label else np.zeros(len(chi2))
+    edges = np.asarray(THRESHOLD_EDGES if label else (-math.inf, math.inf))
+    by_label = np.clip(np.searchsorted(edges, value, side="right") - 1, 0, len(edges) - 2)
+    counts = np.bincount(by_label, minlength=len(edges) - 1)
+    if not counts.all():
+        raise StarcastError(f"no clean validation row with {label} in "
+                            f"{[edges[b:b + 2].tolist() for b in np.flatnonzero(counts == 0)]}")
+    bins = int(np.clip(counts.min() // THRESHOLD_CELL_ROWS, 1, THRESHOLD_SNR_BINS))
+    knots, by_snr = equal_count_bins(log_snr, bins)
+    label_knots = tuple(float(np.median(value[by_label == b])) for b in range(len(counts)))
+    values = np.array([[np.quantile(chi2[(by_snr == i) & (by_label == j)], quantile)
+                        for j in range(len(counts))] for i in range(bins)])
+    return Chi2Threshold(tuple(knots.tolist()), label, label_knots, values)
 
 
 def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSettings | None = None, *,
@@ -208,7 +241,7 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     base = Emulator(labels=list(source.targets), layers=layers, activation=settings.activation,
                     label_mean=label_mean, label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
                     continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
-                    chi2_threshold=math.inf, wavelength=source.grid_values)
+                    chi2_threshold=Chi2Threshold.constant(math.inf), wavelength=source.grid_values)
     fields, metrics = emulator_error(source, base, settings)
     bundle = load_bundle(bundle_dir)
     entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
@@ -238,7 +271,8 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     the veiling statistic as the engine then reports them.
     The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
     on them, metrics included, and `sigma_scaling`, the sigma's factors per row; the scaled sigma)."""
-    surveys = {split: held_survey(source, split, getattr(source.data, f"{split}_rows"), clean(source),
+    rows = {"val": settings.threshold_rows, "test": source.data.test_rows}
+    surveys = {split: held_survey(source, split, rows[split], clean(source),
                                   np.random.default_rng([settings.seed, SPLIT_SEEDS[f"{split}_clean"]]))
                for split in ("val", "test")}
     snr = {split: survey.column(SNR).to_numpy() for split, survey in surveys.items()}
@@ -266,18 +300,20 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     ripple_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].ripple, settings.ripple_quantile))
     emulator = replace(emulator, ripple_threshold=ripple_threshold)
     fitted = fits(emulator)
-    chi2_threshold = float(np.nanquantile(fitted["val"].chi2, settings.quantile))
+    threshold = chi2_threshold(fitted["val"], emulator.labels, settings.quantile)
     veiling_threshold = float(np.nanquantile(fitted["val"].veiling, settings.veiling_quantile))
-    calibrated = replace(emulator, chi2_threshold=chi2_threshold, veiling_threshold=veiling_threshold)
+    calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold)
     metrics = {}
     for split, f in fitted.items():
         key = f"{split}_nodes"
         metrics[key] = {**entry.get("metrics", {}).get(key, {}), "chi2_median": float(np.nanmedian(f.chi2)),
                         "flagged": float(np.mean(f.mismatch(calibrated))),
-                        "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], chi2_threshold)}
+                        "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], f.chi2 > threshold.at(
+                            f.log_snr, f.labels, emulator.labels))}
     scaling = {"label": emulator.sigma_label, "knots": list(emulator.sigma_knots),
                "factors": list(emulator.sigma_factors)} if emulator.sigma_label else None
-    return {"chi2_threshold": chi2_threshold, "ripple_threshold": ripple_threshold, "sigma_scaling": scaling,
+    return {"chi2_threshold": threshold.to_manifest(), "ripple_threshold": ripple_threshold,
+            "sigma_scaling": scaling,
             "dib_threshold": dib_threshold, "veiling_threshold": veiling_threshold,
             "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
             "dib_quantile": settings.dib_quantile, "veiling_quantile": settings.veiling_quantile,
@@ -431,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
         print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
-    print(f"  chi2 threshold {entry['chi2_threshold']:.3f}, ripple threshold "
+    limits = np.asarray(Chi2Threshold.from_manifest(entry["chi2_threshold"], entry["labels"]).values)
+    print(f"  chi2 threshold {limits.min():.3f}-{limits.max():.3f}, ripple threshold "
           f"{entry['ripple_threshold']:.1f}, veiling threshold {entry['veiling_threshold']:.1f}, "
           f"diffuse band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():

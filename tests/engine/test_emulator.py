@@ -10,7 +10,7 @@ import pytest
 from starcast.catalogs.schema import CHI2, CHI2_PIXELS, Flag, results_schema
 from starcast.engine.bundle import load_bundle, save_bundle
 from starcast.engine.calibration import Calibration
-from starcast.engine.emulator import EMULATOR_FILE, save_emulator
+from starcast.engine.emulator import EMULATOR_FILE, Chi2Threshold, save_emulator
 from starcast.engine.predictor import PREPARED_IVAR, load_model
 from starcast.engine.run import run
 
@@ -21,7 +21,7 @@ from .conftest import TINY_GRID, make_bundle
 LINE = 1.0 - 0.4 * np.exp(-0.5 * ((TINY_GRID.values() - 4100.0) / 3.0) ** 2)  # one absorption line
 
 
-def add_emulator(path, *, sigma: float = 0.0, threshold: float = 2.0, spectrum=LINE, labels=None,
+def add_emulator(path, *, sigma: float = 0.0, threshold: float | dict = 2.0, spectrum=LINE, labels=None,
                  refine_steps: int = 0, continuum_degree: int = -1, ripple_threshold: float | None = None,
                  sigma_scaling: dict | None = None):
     """Give the bundle at `path` an emulator of `labels` (default: all three targets) that returns
@@ -117,6 +117,54 @@ def test_model_mismatch_flag_follows_the_threshold(tmp_path):
     flagged = [(np.asarray(t.column("flags")) & Flag.MODEL_MISMATCH) != 0 for t in (clean, wrong)]
     assert flagged[0].mean() < 0.02 and flagged[1].all()
     assert (np.asarray(wrong.column(CHI2)) > 1.5).all()
+
+
+TABLE = {"log10_snr": [1.5, 2.5], "label": "vsini", "knots": [0.0, 500.0], "values": [[1.2, 5.0], [1.3, 1.1]]}
+
+
+def test_a_chi2_threshold_table_is_bilinear_in_log_snr_and_the_label_and_held_beyond():
+    """Against scipy's RegularGridInterpolator on the inputs clipped to the knots."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    labels = ["teff", "logg", "vsini"]
+    table = Chi2Threshold.from_manifest(TABLE, labels)
+    rng = np.random.default_rng(0)
+    log_snr, vsini = rng.uniform(0.5, 3.5, 500), rng.uniform(-50.0, 600.0, 500)
+    rows = np.stack([np.full(500, 2e4), np.full(500, 3.5), vsini], axis=1)
+    reference = RegularGridInterpolator((TABLE["log10_snr"], TABLE["knots"]), np.asarray(TABLE["values"]))
+    expected = reference(np.stack([np.clip(log_snr, 1.5, 2.5), np.clip(vsini, 0.0, 500.0)], axis=1))
+    np.testing.assert_allclose(table.at(log_snr, rows, labels), expected, rtol=1e-12)
+    assert Chi2Threshold.from_manifest(TABLE, labels).to_manifest() == TABLE
+    assert Chi2Threshold.from_manifest(1.7, labels).at(log_snr, rows, labels).tolist() == [1.7] * 500
+
+
+def test_model_mismatch_follows_the_threshold_table_at_each_rows_snr_and_fitted_label(tmp_path):
+    """Each row's chi^2 against the table at its log10 SNR (the networks' feature of its prepared ivar)
+    and its fit's v sin i: the same spectra pass at one SNR and are flagged at another."""
+    from starcast.kernels.features import log10_snr
+
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu"), threshold=TABLE))
+    shallow = 1.0 - 0.85 * (1.0 - LINE)
+    low, high = catalog(100, 30.0, spectrum=shallow), catalog(100, 300.0, spectrum=shallow)
+    data = {**low, **{k: np.concatenate([low[k], high[k]]) for k in ("flux", "flux_err", "rv")},
+            "id": np.arange(200)}
+    prepared = model.prepare(_table(data))
+    out = model.infer(prepared)
+    ivar = np.stack(prepared.column(PREPARED_IVAR).to_numpy(zero_copy_only=False)).astype(np.float32)
+    fit = model.goodness_of_fit(_table(data))
+    limit = model.emulator.chi2_threshold.at(log10_snr(ivar), fit.labels, model.emulator.labels)
+    flagged = (np.asarray(out.column("flags")) & Flag.MODEL_MISMATCH) != 0
+    np.testing.assert_array_equal(flagged, np.asarray(out.column(CHI2)) > limit)
+    assert 0.1 < flagged.mean() < 0.9
+
+
+@pytest.mark.parametrize("table", [{**TABLE, "label": "metals"}, {**TABLE, "knots": [500.0, 0.0]},
+                                   {**TABLE, "log10_snr": [2.5]}, {**TABLE, "values": [[1.2, None], [1, 1]]},
+                                   {**TABLE, "label": None}, {k: v for k, v in TABLE.items() if k != "label"},
+                                   "1.2", True])
+def test_a_wrong_chi2_threshold_is_refused_naming_the_key(tmp_path, table):
+    with pytest.raises(ModelError, match="chi2_threshold"):
+        add_emulator(make_bundle(tmp_path / "emu"), threshold=table)
 
 
 def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp_path):

@@ -38,8 +38,7 @@ from starcast.trainers.pipeline import train_from_config
 from tests.trainers.conftest import tiny_grid_config
 
 SETTINGS = EmulatorSettings(rows=3000, val_rows=300, epochs=60, batch_size=128, hidden=(64, 64),
-                            components=32,
-                            threads=1)
+                            components=32, threshold_rows=600, threads=1)
 LABELS = ["teff", "logg", "vsini"]
 
 
@@ -160,14 +159,17 @@ def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, 
 
 
 def test_manifest_records_the_emulator_and_its_calibration(bundle):
-    entry = load_model(bundle).bundle.manifest["emulator"]
-    assert entry["chi2_threshold"] > 1.0 and entry["chi2_quantile"] == SETTINGS.quantile
+    model = load_model(bundle)
+    entry = model.bundle.manifest["emulator"]
+    assert model.emulator.chi2_threshold.values.min() > 1.0 and entry["chi2_quantile"] == SETTINGS.quantile
     assert len(entry["dib_threshold"]) == len(DIBS) and entry["dib_quantile"] == SETTINGS.dib_quantile
     # on this grid (4430-4530 A) the bands at 4727 and 4763 A find nothing: their statistics are 0
     covered = [b.centre - b.window < 4530.0 and b.centre + b.window > 4430.0 for b in DIBS]
     thresholds = entry["dib_threshold"]
     assert all((0.0 < t < np.inf) if c else t == 0.0 for t, c in zip(thresholds, covered, strict=True))
-    assert entry["metrics"]["val_nodes"]["flagged"] == pytest.approx(1 - SETTINGS.quantile, abs=0.01)
+    # about 1 - quantile: the chi^2's threshold is that quantile at its cells' knots, interpolated between
+    # them (rows near a cell's edge take some of the neighbour's), and the ripple and veiling add theirs
+    assert entry["metrics"]["val_nodes"]["flagged"] == pytest.approx(1 - SETTINGS.quantile, abs=0.015)
     assert {b["snr_lo"] for b in entry["metrics"]["test_nodes"]["chi2_by_snr"]} >= {10.0, 200.0}
 
 
@@ -245,7 +247,32 @@ def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle
     np.testing.assert_allclose(after.sigma, before.sigma, rtol=0.05)
     np.testing.assert_allclose(after.sigma_knots, before.sigma_knots, rtol=1e-6)
     np.testing.assert_allclose(after.sigma_factors, before.sigma_factors, rtol=1e-6)
-    assert after.chi2_threshold == pytest.approx(before.chi2_threshold, rel=0.1)
+    np.testing.assert_allclose(after.chi2_threshold.values, before.chi2_threshold.values, rtol=0.1)
     assert after.ripple_threshold == pytest.approx(before.ripple_threshold, rel=0.2)
     assert after.dib_threshold == pytest.approx(before.dib_threshold, rel=0.2)
     assert entry["metrics"]["val_nodes"]["chi2_by_snr"][-1]["median_chi2"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_chi2_threshold_is_a_quantile_per_cell_of_snr_and_v_sin_i():
+    """Each cell's threshold is the quantile of its rows' chi^2 (equal-count bins of log10 SNR, the
+    bins of THRESHOLD_EDGES of the fitted v sin i), so about 1 - q of every cell passes it, however
+    differently the cells spread; with too few rows per cell, fewer bins of SNR."""
+    from types import SimpleNamespace
+
+    from starcast.trainers.emulator import THRESHOLD_EDGES, chi2_threshold
+
+    rng = np.random.default_rng(3)
+    n = 40000
+    log_snr, vsini = rng.uniform(1.0, 2.7, n), rng.uniform(0.0, 450.0, n)
+    spread = 0.03 + 0.5 * (log_snr > 2.2) * (vsini < 15.0)  # sharp lines at high SNR spread widest
+    chi2 = 1.0 + spread * np.abs(rng.standard_normal(n))
+    fit = SimpleNamespace(chi2=chi2, log_snr=log_snr.astype(np.float32),
+                          labels=np.stack([np.full(n, 2e4), np.full(n, 3.5), vsini], axis=1))
+    table = chi2_threshold(fit, LABELS, 0.99)
+    assert table.label == "vsini" and table.values.shape == (4, len(THRESHOLD_EDGES) - 1)
+    above = chi2 > table.at(log_snr, fit.labels, LABELS)
+    assert above.mean() == pytest.approx(0.01, abs=0.003)
+    sharp_high = (vsini < 15.0) & (log_snr > 2.3)
+    assert above[sharp_high].mean() < 0.04 and table.values[-1, 0] > 1.5 > table.values[0, 0]
+    few = SimpleNamespace(chi2=chi2[:2000], log_snr=fit.log_snr[:2000], labels=fit.labels[:2000])
+    assert chi2_threshold(few, LABELS, 0.99).values.shape == (1, len(THRESHOLD_EDGES) - 1)
