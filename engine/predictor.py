@@ -47,7 +47,7 @@ from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 from .calibration import EXCESS_PARTS, handled_defect
 from .emulator import DIB_TERMS, DIBS, Fit
-from .rv import TRAINED_RV_KMS, VelocitySearch, significant
+from .rv import RESAMPLED_RV_KMS, VelocitySearch, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 FIT_FIELDS = tuple(f.name for f in fields(Fit))
@@ -471,7 +471,7 @@ class Model:
     def _radial_velocities(self, table: pa.Table, pre, source_grid) -> tuple[np.ndarray, ...]:
         """(rv, rv_err, estimated, correction) per row. A row without a given rv gets one estimated from
         its spectrum preprocessed at rest (rv_err its sigma, `estimated`); a given rv is checked by a
-        search of its spectrum preprocessed at it, and where that finds it off (beyond TRAINED_RV_KMS
+        search of its spectrum preprocessed at it, and where that finds it off (beyond RESAMPLED_RV_KMS
         and 4 sigmas) the search's rv replaces it (rv_err its sigma, `correction` the km/s added; else
         rv_err is NaN, correction 0). Rows of `pre` at a new rv are preprocessed again."""
         n = table.num_rows
@@ -489,7 +489,7 @@ class Model:
         if checked.any():
             found[checked], found_err[checked] = self._velocity_search().check(pre.x[checked],
                                                                                pre.ivar[checked])
-        corrected = given & significant(found, found_err, TRAINED_RV_KMS)
+        corrected = given & significant(found, found_err, RESAMPLED_RV_KMS)
         moved = estimated | corrected
         rv[moved] += found[moved]
         rv_err = np.where(moved, found_err, np.nan)
