@@ -69,8 +69,8 @@ from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
 # optional: ripple_threshold, dib_threshold, veiling_threshold, sigma_scaling ({"label", "knots",
-# "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`); chi2_threshold: a number or a
-# table ({"log10_snr", "label", "knots", "values"}: `Chi2Threshold`)
+# "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`), chi2_threshold_estimated_noise;
+# chi2_threshold and it: a number or a table ({"log10_snr", "label", "knots", "values"}: `Chi2Threshold`)
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
               "continuum_degree", "refine_steps", "chi2_threshold")
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
@@ -169,12 +169,13 @@ class Chi2Threshold:
         return by_snr[rows, left] * (1.0 - t) + by_snr[rows, left + 1] * t
 
     @classmethod
-    def from_manifest(cls, value, labels: list[str], where: str = "emulator") -> Chi2Threshold:
-        """The threshold of a manifest's `chi2_threshold` (a number, or the table of `to_manifest`) for an
-        emulator of `labels`; `ModelError` naming `where` when it is neither."""
+    def from_manifest(cls, value, labels: list[str], where: str = "emulator",
+                      key: str = "chi2_threshold") -> Chi2Threshold:
+        """The threshold of a manifest's `key` (a number, or the table of `to_manifest`) for an emulator of
+        `labels`; `ModelError` naming `where` and `key` when it is neither."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return cls.constant(value)
-        wrong = ModelError(f"{where}: chi2_threshold needs a number or a table of increasing 'log10_snr' "
+        wrong = ModelError(f"{where}: {key} needs a number or a table of increasing 'log10_snr' "
                            f"knots, a 'label' among {labels}, increasing 'knots' of it and finite 'values' "
                            f"[log10_snr][knots], not {value!r}")
         try:
@@ -203,7 +204,9 @@ class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
     `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise (times, per row,
     `sigma_factor` of the row's `sigma_label`: sharp lines are harder to emulate than broad ones); a
-    reduced chi^2 above `chi2_threshold` (at the row's SNR and fitted labels), a ripple statistic above
+    reduced chi^2 above `chi2_threshold` (at the row's SNR and fitted labels; for a row whose noise is
+    estimated from its flux, DER_SNR, `chi2_threshold_estimated_noise`, as wide as that estimate errs,
+    where there is one), a ripple statistic above
     `ripple_threshold` or a veiling statistic above `veiling_threshold` flags MODEL_MISMATCH; a band of
     DIBS is fitted where its statistic passes its `dib_threshold`."""
 
@@ -223,6 +226,7 @@ class Emulator:
     sigma_label: str | None = None  # the label whose value scales `sigma` per row (None: no scaling)
     sigma_knots: tuple[float, ...] = ()  # values of `sigma_label`, increasing
     sigma_factors: tuple[float, ...] = ()  # sigma's factor at each knot (interpolated, held beyond)
+    chi2_threshold_estimated_noise: Chi2Threshold | None = None  # None: `chi2_threshold` for every row
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -762,10 +766,14 @@ class Fit:
         with np.errstate(invalid="ignore"):
             return (self.dib > np.asarray(emulator.dib_threshold)) & (emulator.continuum_degree >= 0)
 
-    def mismatch(self, emulator: Emulator) -> np.ndarray:
+    def mismatch(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2, the ripple statistic or the veiling statistic above the emulator's
-        threshold (the chi^2's at each row's SNR and fitted labels)."""
+        threshold (the chi^2's at each row's SNR and fitted labels, and for the rows whose noise is
+        estimated, `noise_estimated` [B] (None: none), the emulator's threshold for those)."""
         limit = emulator.chi2_threshold.at(self.log_snr, self.labels, emulator.labels)
+        estimated = emulator.chi2_threshold_estimated_noise
+        if estimated is not None and noise_estimated is not None and noise_estimated.any():
+            limit = np.where(noise_estimated, estimated.at(self.log_snr, self.labels, emulator.labels), limit)
         with np.errstate(invalid="ignore"):
             return ((self.chi2 > limit) | (self.ripple > emulator.ripple_threshold)
                     | (self.veiling > emulator.veiling_threshold))
@@ -822,11 +830,12 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     label_std=np.asarray(entry["label_std"], np.float64), sigma=tensors["sigma"],
                     continuum_degree=int(entry["continuum_degree"]), refine_steps=int(entry["refine_steps"]),
                     chi2_threshold=Chi2Threshold.from_manifest(entry["chi2_threshold"], entry["labels"],
-                                                                 where),
+                                                               where),
                     wavelength=np.asarray(wavelength, np.float64),
                     ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
                     veiling_threshold=float(entry.get("veiling_threshold", math.inf)),
                     dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where),
+                    chi2_threshold_estimated_noise=_estimated_noise_threshold(entry, where),
                     **_sigma_scaling(entry.get("sigma_scaling"), entry["labels"], where))
 
 
@@ -847,6 +856,13 @@ def _sigma_scaling(value, labels: list[str], where: str) -> dict:
         raise wrong
     return {"sigma_label": label, "sigma_knots": tuple(knots.tolist()),
             "sigma_factors": tuple(factors.tolist())}
+
+
+def _estimated_noise_threshold(entry: dict, where: str) -> Chi2Threshold | None:
+    """The manifest's optional `chi2_threshold_estimated_noise` (absent or null: None)."""
+    key = "chi2_threshold_estimated_noise"
+    return None if entry.get(key) is None else Chi2Threshold.from_manifest(entry[key], entry["labels"], where,
+                                                                           key)
 
 
 def _dib_thresholds(value, where: str) -> tuple[float, ...]:

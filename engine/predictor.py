@@ -53,11 +53,13 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 FIT_FIELDS = tuple(f.name for f in fields(Fit))
 PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error, labels
 # and, for a model with an emulator, the inverse variance of x on the grid, the rv preprocessing removed
-# (given or estimated; km/s), the sigma of an estimated one (null where given) and the variance (A^2) by
-# which the row's pixel response is broader than the training spectra's (`Preprocessed.response_excess`)
+# (given or estimated; km/s), the sigma of an estimated one (null where given), the km/s the check added
+# to a given rv, the variance (A^2) by which the row's pixel response is broader than the training
+# spectra's (`Preprocessed.response_excess`) and whether its noise is DER_SNR's (no flux_err or ivar)
 PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR = "ivar", RV, RV_ERR
 PREPARED_RESPONSE_EXCESS = "response_excess"
 PREPARED_RV_CORRECTION = "rv_correction"
+PREPARED_NOISE_ESTIMATED = "noise_estimated"
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ class Model:
                    ERROR: pa.array(errors, pa.string())}
         if self.emulator is not None:
             columns.update(self.fit_columns(np.where(failed[:, None], 0.0, pre.ivar), rv, rv_err,
-                                            correction, pre.response_excess))
+                                            correction, pre.response_excess, pre.noise_estimated))
         for t in self.targets:
             if t.name in table.column_names:
                 columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
@@ -457,16 +459,17 @@ class Model:
             target[rows] = value.detach().cpu().double().numpy()
 
     def fit_columns(self, ivar: np.ndarray, rv: np.ndarray, rv_err: np.ndarray, rv_correction: np.ndarray,
-                    response_excess: np.ndarray) -> dict:
+                    response_excess: np.ndarray, noise_estimated: np.ndarray) -> dict:
         """The prepared columns a model with an emulator adds: `ivar` [B, grid pixels], `rv`, `rv_err`
         [B] (NaN -> null), `rv_correction` [B] (km/s the check added to a given rv), `response_excess`
-        [B]."""
+        [B], `noise_estimated` [B] (no flux_err or ivar: the noise is DER_SNR's)."""
         ivar = np.asarray(ivar, np.float32)
         return {PREPARED_IVAR: pa.FixedSizeListArray.from_arrays(pa.array(ivar.reshape(-1)), ivar.shape[1]),
                 PREPARED_RV: pa.array(rv, pa.float64(), from_pandas=True),
                 PREPARED_RV_ERR: pa.array(rv_err, pa.float64(), from_pandas=True),
                 PREPARED_RV_CORRECTION: pa.array(rv_correction, pa.float64()),
-                PREPARED_RESPONSE_EXCESS: pa.array(response_excess, pa.float32())}
+                PREPARED_RESPONSE_EXCESS: pa.array(response_excess, pa.float32()),
+                PREPARED_NOISE_ESTIMATED: pa.array(noise_estimated, pa.bool_())}
 
     def _radial_velocities(self, table: pa.Table, pre, source_grid) -> tuple[np.ndarray, ...]:
         """(rv, rv_err, estimated, correction) per row. A row without a given rv gets one estimated from
@@ -522,7 +525,7 @@ class Model:
         predicted `rows`: the prepared spectra against the emulator from the predicted labels, refined
         within the training range (after any backend)."""
         missing = [c for c in (PREPARED_IVAR, PREPARED_RV, PREPARED_RV_ERR, PREPARED_RV_CORRECTION,
-                               PREPARED_RESPONSE_EXCESS)
+                               PREPARED_RESPONSE_EXCESS, PREPARED_NOISE_ESTIMATED)
                    if c not in prepared.column_names]
         if missing:
             raise StarcastError(f"the prepared batch has no {missing} column(s), which model {self.name!r} "
@@ -614,7 +617,9 @@ class Model:
         flags |= np.where(high, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
         flags |= np.where(upper, int(Flag.UPPER_LIMIT), 0).astype(np.int32)
         if fit is not None:
-            flags |= np.where(fit.mismatch(self.emulator), int(Flag.MODEL_MISMATCH), 0).astype(np.int32)
+            noise_estimated = _array(prepared.column(PREPARED_NOISE_ESTIMATED)).to_numpy(zero_copy_only=False)
+            flags |= np.where(fit.mismatch(self.emulator, noise_estimated), int(Flag.MODEL_MISMATCH),
+                              0).astype(np.int32)
             # the fitted rv against the given one: what the check corrected plus the fit's residual
             correction = _array(prepared.column(PREPARED_RV_CORRECTION)).to_numpy(zero_copy_only=False)
             wrong_rv = ok & ((flags & Flag.RV_ESTIMATED) == 0) & significant(correction + fit.rv, fit.rv_err)

@@ -99,7 +99,7 @@ class Predictor:
                 ERROR: pa.array(errors, pa.string())}
         if model.emulator is not None:
             cols.update(model.fit_columns(np.zeros((n, model.grid.n), np.float32), np.full(n, np.nan),
-                                          np.full(n, np.nan), np.zeros(n), np.zeros(n)))
+                                          np.full(n, np.nan), np.zeros(n), np.zeros(n), np.zeros(n, bool)))
         cols.update({k: batch.column(k).cast(pa.float64()) for k in model.bundle.target_names
                      if k in batch.schema.names})
         return self._with_labels(pa.RecordBatch.from_pydict(cols))

@@ -139,6 +139,8 @@ class Preprocessed:
     # by more than _RESPONSE_TOLERANCE, or none was given), which no smoothing can take back: the model's
     # fit sees its spectra through it
     response_excess: np.ndarray
+    # (B,) bool: rows without flux_err or ivar, whose noise is DER_SNR of their flux (an estimate)
+    noise_estimated: np.ndarray
 
 
 # flux more than this many sigma below zero is bad (NON_FINITE): no noise makes it, as no star has negative
@@ -634,4 +636,5 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
                                      settings.min_coverage)
     return Preprocessed(x=x, flags=flags.astype(np.int32), coverage=coverage.astype(np.float32),
                         bad_fraction=bad_fraction.astype(np.float32), errors=messages, ivar=ivar,
-                        response_excess=np.where(ok, excess, 0.0).astype(np.float32))
+                        response_excess=np.where(ok, excess, 0.0).astype(np.float32),
+                        noise_estimated=uncertainty[1] < 0)

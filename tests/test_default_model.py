@@ -106,11 +106,29 @@ def test_slow_rotators_are_upper_limits_and_never_negative(survey):
 def test_sharp_lines_at_high_snr_read_at_their_noise(tmp_path):
     """Stars at 0-15 km/s at SNR 300-600 (at rest, rv stated): the emulator's error, larger for sharp
     lines than for broad ones, is counted at the row's v sin i, so their chi^2 is about 1 (on 600 such
-    stars median 0.99 and 10% MODEL_MISMATCH; with one sigma for every row 1.09 and 16%)."""
+    stars median 0.99; with one sigma for every row 1.09), and MODEL_MISMATCH is judged against the
+    threshold of clean spectra of their SNR and v sin i (on those 600, 1.2% flagged; 10% against one
+    threshold for all rows, 1.19)."""
     synth_from_grid(read_grid(SAMPLE), 80, tmp_path / "c", at_nodes=True, seed=3, snr=(300.0, 600.0),
                     vsini=(0.0, 15.0))
     out = starcast.load_model().predict(pq.read_table(tmp_path / "c"), backend="cpu")
     assert np.median(out.column("chi2").to_numpy()) < 1.04
+    assert np.mean((out.column("flags").to_numpy() & Flag.MODEL_MISMATCH) != 0) <= 0.05
+
+
+def test_a_catalog_without_flux_err_is_flagged_about_as_often_as_with_it(survey):
+    """Without flux_err the noise is DER_SNR of the flux, a few percent off either way, which moves the
+    chi^2 as much: judged against the threshold fitted on such spectra
+    (`chi2_threshold_estimated_noise`), <= 4% of the survey's rows are MODEL_MISMATCH (measured: 1.3%;
+    with flux_err 0.9%), where against the threshold of rows with flux_err 4.8% are."""
+    table, with_errors = survey
+    model = starcast.load_model()
+    without = model.predict(table.drop_columns(["flux_err"]), backend="cpu")
+    one = Model(replace(model.bundle, emulator=replace(model.emulator, chi2_threshold_estimated_noise=None)))
+    plain = one.predict(table.drop_columns(["flux_err"]), backend="cpu")
+    flagged = [np.mean((t.column("flags").to_numpy() & Flag.MODEL_MISMATCH) != 0)
+               for t in (without, with_errors, plain)]
+    assert flagged[0] <= 0.04 and flagged[2] > flagged[0] + 0.02, flagged
 
 
 def _times(table, factor):
@@ -243,22 +261,22 @@ def _without_chi2_inflation(model):
 
 def test_error_bars_hold_where_the_noise_is_understated(survey):
     """Noise the flux_err understates by 1.5x at SNR >= 100 (the fit's chi^2 ~2.2; the calibration saw
-    such spectra, `trainers.emulator.UNDERSTATED_NOISE`): >= 63% of the Teff, log g and v sin i errors
-    stay inside the 68% intervals (measured: 66.8, 69.4, 64.1%; 69.9, 73.2, 67.6% with the noise as
-    stated). The fit's curvature sigmas widen with the square root of its chi^2 and so keep their size,
-    but the networks' aleatoric part, read from the stated SNR, shrinks, and the calibration's chi^2
-    inflation, fitted at ~0 (v sin i: 0.01; 0.10 before given rvs 0.5 km/s off were resampled, whose
-    chi^2 and v sin i errors it had covered), does not make that up: the error bars narrow by 7-11%
-    (medians) where the errors do not."""
+    such spectra, `trainers.emulator.UNDERSTATED_NOISE`): >= 62% of the Teff, log g and v sin i errors
+    stay inside the 68% intervals (measured: 66.6, 69.6, 63.5%; 70.1, 73.2, 67.1% with the noise as
+    stated; under the calibration before, 66.8, 69.4, 64.1%). The fit's curvature sigmas widen with
+    the square root of its chi^2 and so keep their size, but the networks' aleatoric part, read from
+    the stated SNR, shrinks, and the calibration's chi^2 inflation, fitted at ~0 (v sin i: 0.01; 0.10
+    before given rvs 0.5 km/s off were resampled, whose chi^2 and v sin i errors it had covered), does
+    not make that up: the error bars narrow by 7-11% (medians) where the errors do not."""
     cover = _coverage_with_misstated_noise(survey, 1.0 / 1.5)
-    assert min(cover["shipped"].values()) >= 0.63, cover
+    assert min(cover["shipped"].values()) >= 0.62, cover
 
 
 def test_error_bars_narrow_with_the_fits_chi2_where_the_noise_is_overstated(survey):
     """flux_err 1.2x the noise at SNR >= 100 (the fit's chi^2 ~0.69): the aleatoric variance narrows
     by chi^2 (Birge's ratio below 1, with the calibration's chi^2 inflation), so that the 68% intervals
-    cover 60-76% of the Teff, log g and v sin i errors (measured: 68.9, 72.7, 66.8%; 69.9, 73.2, 67.6% with
-    the noise as stated), where without it they cover more (75.9, 77.2, 71.9%)."""
+    cover 60-76% of the Teff, log g and v sin i errors (measured: 69.6, 72.7, 65.6%; 70.1, 73.2, 67.1% with
+    the noise as stated), where without it they cover more (75.9, 77.2, 71.1%)."""
     cover = _coverage_with_misstated_noise(survey, 1.2)
     assert all(0.60 <= c <= 0.76 for c in cover["shipped"].values()), cover
     assert all(cover["without"][t] > cover["shipped"][t] + 0.03 for t in TARGETS), cover

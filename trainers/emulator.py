@@ -10,10 +10,11 @@ Its per-pixel error is measured at the validation nodes, left out of its trainin
 row that follows v sin i: sharp lines are harder to emulate), and scaled so that the engine's median
 chi^2 on a clean validation survey is 1 at the highest SNR; the threshold above
 which the fit fits the diffuse band at 4428 A and the MODEL_MISMATCH thresholds are quantiles of the
-band's statistic, the ripple statistic, the chi^2 (per cell of SNR and v sin i) and the veiling
-statistic on that survey. With the emulator
-in place, a model that sees its SNR has its SNR-conditional calibration fitted again, for an estimate
-that blends the network's mean with the emulator fit's labels (`calibrate_estimates`).
+band's statistic, the ripple statistic, the chi^2 (per cell of SNR and v sin i; apart for the survey
+without flux_err, whose noise the engine then estimates) and the veiling statistic on that survey.
+With the emulator in place, a model that sees its SNR has its SNR-conditional calibration fitted
+again, for an estimate that blends the network's mean with the emulator fit's labels
+(`calibrate_estimates`).
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     then the diffuse bands' thresholds and the MODEL_MISMATCH thresholds, quantiles
     (`settings.dib_quantile`, `ripple_quantile`, `quantile`, `veiling_quantile`) of each band's
     statistic, of the ripple statistic with the bands removed where they pass, and of the chi^2 and
-    the veiling statistic as the engine then reports them.
+    the veiling statistic as the engine then reports them; the chi^2's also on the same survey without
+    flux_err (`Emulator.chi2_threshold_estimated_noise`).
     The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
     on them, metrics included, and `sigma_scaling`, the sigma's factors per row; the scaled sigma)."""
     rows = {"val": settings.threshold_rows, "test": source.data.test_rows}
@@ -303,17 +305,25 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     threshold = chi2_threshold(fitted["val"], emulator.labels, settings.quantile)
     veiling_threshold = float(np.nanquantile(fitted["val"].veiling, settings.veiling_quantile))
     calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold)
+    # the same surveys without flux_err: their noise is DER_SNR's, an estimate whose error moves the chi^2
+    unstated = {split: engine(calibrated).goodness_of_fit(survey.drop_columns([*source.targets, FLUX_ERR]),
+                                                          backend="cpu") for split, survey in surveys.items()}
+    estimated = chi2_threshold(unstated["val"], emulator.labels, settings.quantile)
+    calibrated = replace(calibrated, chi2_threshold_estimated_noise=estimated)
     metrics = {}
     for split, f in fitted.items():
         key = f"{split}_nodes"
         metrics[key] = {**entry.get("metrics", {}).get(key, {}), "chi2_median": float(np.nanmedian(f.chi2)),
                         "flagged": float(np.mean(f.mismatch(calibrated))),
+                        "flagged_estimated_noise": float(np.mean(unstated[split].mismatch(
+                            calibrated, np.ones(len(unstated[split].chi2), bool)))),
                         "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], f.chi2 > threshold.at(
                             f.log_snr, f.labels, emulator.labels))}
     scaling = {"label": emulator.sigma_label, "knots": list(emulator.sigma_knots),
                "factors": list(emulator.sigma_factors)} if emulator.sigma_label else None
-    return {"chi2_threshold": threshold.to_manifest(), "ripple_threshold": ripple_threshold,
-            "sigma_scaling": scaling,
+    return {"chi2_threshold": threshold.to_manifest(),
+            "chi2_threshold_estimated_noise": estimated.to_manifest(),
+            "ripple_threshold": ripple_threshold, "sigma_scaling": scaling,
             "dib_threshold": dib_threshold, "veiling_threshold": veiling_threshold,
             "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
             "dib_quantile": settings.dib_quantile, "veiling_quantile": settings.veiling_quantile,
@@ -467,15 +477,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
         print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
-    limits = np.asarray(Chi2Threshold.from_manifest(entry["chi2_threshold"], entry["labels"]).values)
-    print(f"  chi2 threshold {limits.min():.3f}-{limits.max():.3f}, ripple threshold "
+    limits = [Chi2Threshold.from_manifest(entry[key], entry["labels"]).values
+              for key in ("chi2_threshold", "chi2_threshold_estimated_noise")]
+    print(f"  chi2 threshold {' / without flux_err '.join(f'{v.min():.3f}-{v.max():.3f}' for v in limits)}"
+          ", ripple threshold "
           f"{entry['ripple_threshold']:.1f}, veiling threshold {entry['veiling_threshold']:.1f}, "
           f"diffuse band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
                          for b in m["chi2_by_snr"])
         print(f"  {split}: emulator rms {m['emulator_rms']:.4f}, median chi2 {m['chi2_median']:.3f}, "
-              f"flagged {100 * m['flagged']:.1f}%; median chi2 by SNR {bins}")
+              f"flagged {100 * m['flagged']:.1f}% ({100 * m['flagged_estimated_noise']:.1f}% without "
+              f"flux_err); median chi2 by SNR {bins}")
 
 
 if __name__ == "__main__":

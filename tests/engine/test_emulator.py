@@ -5,6 +5,7 @@ rows, MODEL_MISMATCH follows the threshold, and results written by `run` carry t
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from starcast.catalogs.schema import CHI2, CHI2_PIXELS, Flag, results_schema
@@ -23,10 +24,11 @@ LINE = 1.0 - 0.4 * np.exp(-0.5 * ((TINY_GRID.values() - 4100.0) / 3.0) ** 2)  # 
 
 def add_emulator(path, *, sigma: float = 0.0, threshold: float | dict = 2.0, spectrum=LINE, labels=None,
                  refine_steps: int = 0, continuum_degree: int = -1, ripple_threshold: float | None = None,
-                 sigma_scaling: dict | None = None):
+                 sigma_scaling: dict | None = None, estimated_noise_threshold=None):
     """Give the bundle at `path` an emulator of `labels` (default: all three targets) that returns
     `spectrum` whatever the labels, or, with `refine_steps`, `spectrum` plus a small term that
-    depends on them (so that its fit moves them); `sigma_scaling`: the manifest entry's, if any."""
+    depends on them (so that its fit moves them); `sigma_scaling`, `estimated_noise_threshold`
+    (`chi2_threshold_estimated_noise`): the manifest entry's, if any."""
     bundle = load_bundle(path)
     labels = labels or ["teff", "logg", "vsini"]
     k = len(labels)
@@ -38,7 +40,9 @@ def add_emulator(path, *, sigma: float = 0.0, threshold: float | dict = 2.0, spe
         "label_mean": [20000.0, 3.5, 100.0][:k], "label_std": [5000.0, 0.5, 100.0][:k],
         "continuum_degree": continuum_degree, "refine_steps": refine_steps, "chi2_threshold": threshold,
         **({} if ripple_threshold is None else {"ripple_threshold": ripple_threshold}),
-        **({} if sigma_scaling is None else {"sigma_scaling": sigma_scaling})})
+        **({} if sigma_scaling is None else {"sigma_scaling": sigma_scaling}),
+        **({} if estimated_noise_threshold is None
+           else {"chi2_threshold_estimated_noise": estimated_noise_threshold})})
     save_bundle(path, bundle.layers, {**bundle.manifest, "emulator": entry})
     return path
 
@@ -158,13 +162,37 @@ def test_model_mismatch_follows_the_threshold_table_at_each_rows_snr_and_fitted_
     assert 0.1 < flagged.mean() < 0.9
 
 
+def test_rows_whose_noise_is_estimated_take_their_own_chi2_threshold(tmp_path):
+    """Rows without flux_err (null in the column, or no column) get their noise from DER_SNR of the
+    flux and are judged against `chi2_threshold_estimated_noise`; the others against `chi2_threshold`,
+    as is every row of a model without the former."""
+    wrong = 1.0 - 0.5 * (1.0 - LINE)  # the line half as deep: chi^2 well above 2 at SNR 100
+    data = catalog(20, 100.0, spectrum=wrong)
+    table = _table(data)
+    err = table.column("flux_err").to_pylist()
+    unstated = table.set_column(table.schema.get_field_index("flux_err"), "flux_err",
+                                pa.array([e if i % 2 else None for i, e in enumerate(err)],
+                                         table.schema.field("flux_err").type))
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu"), threshold=2.0,
+                                    estimated_noise_threshold=1e6))
+    for t, flagged in ((table, [True] * 20), (unstated, [bool(i % 2) for i in range(20)]),
+                       (table.drop_columns(["flux_err"]), [False] * 20)):
+        out = model.predict(t)
+        assert (np.asarray(out.column(CHI2)) > 2.0).all()
+        assert ((np.asarray(out.column("flags")) & Flag.MODEL_MISMATCH) != 0).tolist() == flagged
+    plain = load_model(add_emulator(make_bundle(tmp_path / "plain"), threshold=2.0))
+    assert ((np.asarray(plain.predict(unstated).column("flags")) & Flag.MODEL_MISMATCH) != 0).all()
+
+
 @pytest.mark.parametrize("table", [{**TABLE, "label": "metals"}, {**TABLE, "knots": [500.0, 0.0]},
                                    {**TABLE, "log10_snr": [2.5]}, {**TABLE, "values": [[1.2, None], [1, 1]]},
                                    {**TABLE, "label": None}, {k: v for k, v in TABLE.items() if k != "label"},
                                    "1.2", True])
 def test_a_wrong_chi2_threshold_is_refused_naming_the_key(tmp_path, table):
-    with pytest.raises(ModelError, match="chi2_threshold"):
+    with pytest.raises(ModelError, match="chi2_threshold needs"):
         add_emulator(make_bundle(tmp_path / "emu"), threshold=table)
+    with pytest.raises(ModelError, match="chi2_threshold_estimated_noise needs"):
+        add_emulator(make_bundle(tmp_path / "other"), estimated_noise_threshold=table)
 
 
 def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp_path):
