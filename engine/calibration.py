@@ -1,6 +1,7 @@
 """The calibration a bundle applies to its sigmas after the kernel's reduction, the same for every
 backend: per target, a scale that depends on the spectrum's SNR (piecewise linear in log10 SNR between
-knots, constant beyond them) on both parts, and a systematic floor added in quadrature to the
+knots, constant beyond them; with an emulator, the SNR its fit's chi^2 says the spectrum has,
+`Model._calibration_log_snr`) on both parts, and a systematic floor added in quadrature to the
 epistemic part (what the grid's physics and the interpolation between its nodes do not know,
 measured on grid nodes left out of training). Fitting it is the trainers' job.
 

@@ -310,7 +310,7 @@ def estimate_function(model, network: MeanFunction, targets: list[int], x: np.nd
     excess and gap."""
     emulator, names = model.emulator, [t.name for t in model.targets]
     weight = emulator.pixel_weight(ivar, fit.sigma_factor)
-    share = model.calibration.network_share(model._log_snr(x), fit.excess, gapped)
+    share = model.calibration.network_share(model._calibration_log_snr(x, fit), fit.excess, gapped)
     return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
                             torch.as_tensor(weight), fit.ripple_frequency, fit.dib_fitted(emulator),
                             np.asarray(blur, np.float64), torch.as_tensor(share),

@@ -84,8 +84,8 @@ class Estimates:
     from its curvature [B, K], its reduced chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)]
     (`emulator.Fit.excess`; NaN, NaN, NaN and 0 where the fit gives none, and everywhere without an
     emulator); the variance that light without lines the fit removed adds to each target [B, K]
-    (`Model._light_var`; in `var_a` where the model has a calibration); the log10_snr [B] of each
-    row's network input; which rows have a gap [B]."""
+    (`Model._light_var`; in `var_a` where the model has a calibration); the log10 SNR [B] the
+    calibration reads for each row (`Model._calibration_log_snr`); which rows have a gap [B]."""
 
     ok: np.ndarray
     mean: np.ndarray
@@ -247,8 +247,8 @@ class Model:
         else:
             fitted, fit_var = self._in_targets(fit.labels), self._in_targets(fit.label_err) ** 2
             chi2, excess, light_var = self._calibration_chi2(fit), fit.excess, self._light_var(fit)
-        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, light_var, self._log_snr(x),
-                         self._gapped(prepared))
+        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, light_var,
+                         self._calibration_log_snr(x, fit), self._gapped(prepared))
 
     def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
         """[B, K]: an array of the emulator's labels [B, len(labels)] (its fit's labels or their sigmas)
@@ -320,11 +320,12 @@ class Model:
             if fit is not None:
                 fit_var = self._in_targets(fit.label_err)[rows] ** 2
                 defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])
-            var_a[rows], var_e[rows] = self.calibration.apply(self._log_snr(x[rows]), var_a[rows],
+            log_snr = self._calibration_log_snr(x, fit)[rows]
+            var_a[rows], var_e[rows] = self.calibration.apply(log_snr, var_a[rows],
                                                               np.maximum(var_e[rows], 0.0), mean=mean[rows],
                                                               fit_var=fit_var, defect=defect)
             if fit is not None:  # network and fit blended; noise the fit sees
-                mean[rows] = self.calibration.blend(self._log_snr(x[rows]), mean[rows],
+                mean[rows] = self.calibration.blend(log_snr, mean[rows],
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
                                                     self._gapped(prepared)[rows])
                 var_a[rows] *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
@@ -375,7 +376,8 @@ class Model:
                                               **self._kernel_args(samples, seed))
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
             if self.calibration is not None:  # as predict's aleatoric part; the floor is not per draw
-                scale2, _ = self.calibration.apply(self._log_snr(x[rows]), np.ones((len(rows), mu.shape[3])),
+                scale2, _ = self.calibration.apply(self._calibration_log_snr(x, fit)[rows],
+                                                   np.ones((len(rows), mu.shape[3])),
                                                    np.zeros((len(rows), mu.shape[3])),
                                                    mean=mu[rows].mean(axis=(1, 2)))
                 if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
@@ -428,6 +430,17 @@ class Model:
     def _log_snr(self, x: np.ndarray) -> np.ndarray:
         """The log10_snr input feature of prepared rows x [B, D + E]."""
         return x[:, self.grid.n + self.features.index("log10_snr")].astype(np.float64)
+
+    def _calibration_log_snr(self, x: np.ndarray, fit: Fit | None) -> np.ndarray:
+        """The log10 SNR the calibration reads for rows x [B, D + E]: the networks' feature, lowered by
+        half the log of the emulator fit's reduced chi^2 where it exceeds 1 (`_calibration_chi2`; the
+        noise the spectrum shows beyond what its flux_err states, Birge's ratio; without a fit, the
+        feature)."""
+        log_snr = self._log_snr(x)
+        if fit is None:
+            return log_snr
+        excess = np.maximum(np.nan_to_num(self._calibration_chi2(fit), nan=1.0), 1.0)
+        return log_snr - 0.5 * np.log10(excess)
 
     @staticmethod
     def _gapped(prepared: pa.RecordBatch | pa.Table) -> np.ndarray:

@@ -236,21 +236,22 @@ def test_the_fits_label_sigmas_are_the_scatter_of_its_labels_over_noise():
         assert np.all((ratio > 0.8) & (ratio < 1.4)), (node, ratio)
 
 
-def _coverage_with_misstated_noise(survey, scale: float) -> dict:
-    """68% coverage per target of the SNR >= 100 rows of `survey` with their flux_err times `scale`,
-    under the shipped calibration (`shipped`) and without its chi^2 inflation (`without`)."""
+def _coverage_with_misstated_noise(survey, scale: float) -> tuple[dict, pa.Table]:
+    """(68% coverage per target of the SNR >= 100 rows of `survey` with their flux_err times `scale`,
+    under the shipped calibration (`shipped`) and without its chi^2 inflation (`without`); the shipped
+    model's results on those rows)."""
     table, _ = survey
     rows = table.take(np.flatnonzero(table.column("snr").to_numpy() >= 100))
     err = np.stack(rows.column("flux_err").to_numpy(zero_copy_only=False))
     misstated = rows.set_column(rows.schema.get_field_index("flux_err"), "flux_err",
                                 spectrum_array(err * scale, err.shape[1]))
     model = starcast.load_model()
-    cover = {}
+    cover, results = {}, {}
     for name, m in (("shipped", model), ("without", _without_chi2_inflation(model))):
-        out = m.predict(misstated, backend="cpu")
+        out = results[name] = m.predict(misstated, backend="cpu")
         cover[name] = {t: coverage(rows.column(t).to_numpy(), out.column(t).to_numpy(),
                                    out.column(f"{t}_err").to_numpy(), 0.68) for t in TARGETS}
-    return cover
+    return cover, results["shipped"]
 
 
 def _without_chi2_inflation(model):
@@ -261,23 +262,26 @@ def _without_chi2_inflation(model):
 
 def test_error_bars_hold_where_the_noise_is_understated(survey):
     """Noise the flux_err understates by 1.5x at SNR >= 100 (the fit's chi^2 ~2.2; the calibration saw
-    such spectra, `trainers.emulator.UNDERSTATED_NOISE`): >= 62% of the Teff, log g and v sin i errors
-    stay inside the 68% intervals (measured: 66.6, 69.6, 63.5%; 70.1, 73.2, 67.1% with the noise as
-    stated; under the calibration before, 66.8, 69.4, 64.1%). The fit's curvature sigmas widen with
-    the square root of its chi^2 and so keep their size, but the networks' aleatoric part, read from
-    the stated SNR, shrinks, and the calibration's chi^2 inflation, fitted at ~0 (v sin i: 0.01; 0.10
-    before given rvs 0.5 km/s off were resampled, whose chi^2 and v sin i errors it had covered), does
-    not make that up: the error bars narrow by 7-11% (medians) where the errors do not."""
-    cover = _coverage_with_misstated_noise(survey, 1.0 / 1.5)
-    assert min(cover["shipped"].values()) >= 0.62, cover
+    such spectra, `trainers.emulator.UNDERSTATED_NOISE`): the calibration reads the SNR the fit's chi^2
+    says the spectrum has (Birge's ratio), not the stated one, so the error bars keep their size
+    (median ratio to those with the noise as stated >= 0.95; measured 0.976 for each; 0.89-0.93 when it
+    read the stated SNR) and >= 64% of the Teff, log g and v sin i errors stay inside the 68% intervals
+    (measured: 68.9, 71.1, 65.3%; 70.4, 72.2, 66.6% with the noise as stated)."""
+    cover, out = _coverage_with_misstated_noise(survey, 1.0 / 1.5)
+    assert min(cover["shipped"].values()) >= 0.64, cover
+    table, stated = survey
+    high = table.column("snr").to_numpy() >= 100
+    for t in TARGETS:
+        ratio = out.column(f"{t}_err").to_numpy() / stated.column(f"{t}_err").to_numpy()[high]
+        assert np.median(ratio) >= 0.95, (t, np.median(ratio))
 
 
 def test_error_bars_narrow_with_the_fits_chi2_where_the_noise_is_overstated(survey):
     """flux_err 1.2x the noise at SNR >= 100 (the fit's chi^2 ~0.69): the aleatoric variance narrows
     by chi^2 (Birge's ratio below 1, with the calibration's chi^2 inflation), so that the 68% intervals
-    cover 60-76% of the Teff, log g and v sin i errors (measured: 69.6, 72.7, 65.6%; 70.1, 73.2, 67.1% with
-    the noise as stated), where without it they cover more (75.9, 77.2, 71.1%)."""
-    cover = _coverage_with_misstated_noise(survey, 1.2)
+    cover 60-76% of the Teff, log g and v sin i errors (measured: 69.1, 70.9, 64.8%; 70.4, 72.2, 66.6% with
+    the noise as stated), where without it they cover more (74.9, 75.2, 70.6%)."""
+    cover, _ = _coverage_with_misstated_noise(survey, 1.2)
     assert all(0.60 <= c <= 0.76 for c in cover["shipped"].values()), cover
     assert all(cover["without"][t] > cover["shipped"][t] + 0.03 for t in TARGETS), cover
 

@@ -198,7 +198,8 @@ def test_a_wrong_chi2_threshold_is_refused_naming_the_key(tmp_path, table):
 def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp_path):
     """With `network_weight` w in the calibration, each target the emulator fits is w(SNR) times the
     network's mean plus 1 - w times the fit's labels (`goodness_of_fit(...).labels`, refined by a
-    Gauss-Newton step), the network's odds w / (1 - w) grown by 1 + g_r e_r + g_o e_o with
+    Gauss-Newton step; SNR: the row's, lowered by half the log of its chi^2 above 1, Birge's ratio),
+    the network's odds w / (1 - w) grown by 1 + g_r e_r + g_o e_o with
     `network_gain` (g_r, g_o), e_r the part of the fit's excess chi^2 that a ripple explains, e_o the
     rest (here that of noise the flux_err understates), and a spectrum with a gap (GAP) takes the fit
     alone; a target it does not fit (here v sin i) keeps the network's mean. With
@@ -229,10 +230,11 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     network, blended = (load_model(paths[name]).predict(data, backend="cpu") for name in ("plain", "blend"))
     fit = load_model(paths["plain"]).goodness_of_fit(data, backend="cpu")
     fitted = fit.labels
-    log_snr = np.log10(np.array([30.0] * 3 + [200.0] * 2 + [300.0]))
     gapped = (blended.column("flags").to_numpy() & Flag.GAP) != 0
     np.testing.assert_array_equal(gapped, [False, True, False, False, True, False])
     chi2 = blended.column(CHI2).to_numpy()
+    # the SNR the calibration reads: the stated one, lowered where the fit's chi^2 says it is lower
+    log_snr = np.log10(np.array([30.0] * 3 + [200.0] * 2 + [300.0])) - 0.5 * np.log10(np.maximum(chi2, 1.0))
     excess = np.maximum(chi2 - 1, 0)
     ripple, other = fit.excess.T
     np.testing.assert_allclose(other, excess, rtol=1e-9)  # what the fit, with any ripple, leaves
