@@ -157,7 +157,7 @@ class Chi2Threshold:
 
     def at(self, log_snr: np.ndarray, labels: np.ndarray, names: list[str]) -> np.ndarray:
         """(B,) the threshold of rows of log10 SNR `log_snr` (B,) and `labels` (B, len(names)) (NaN
-        where the label is NaN)."""
+        where the label is NaN and the table has more than one knot of it)."""
         value = np.zeros(len(log_snr)) if self.label is None else labels[:, names.index(self.label)]
         by_snr = np.stack([np.interp(value, self.knots, row) for row in self.values], axis=1)
         if len(self.log_snr) == 1:

@@ -58,9 +58,9 @@ SIGMA_LABEL = "vsini"
 SIGMA_EDGES = (0.0, 10.0, 20.0, 30.0, 45.0, 70.0, 100.0, 150.0, 220.0, 320.0, 450.0)
 # The chi^2 threshold is a quantile per cell of up to THRESHOLD_SNR_BINS equal-count bins of log10 SNR
 # and these bins of SIGMA_LABEL (`chi2_threshold`): on ob-default's clean validation survey the 99th
-# percentile is 1.07-1.08 at SNR 10-30 for every v sin i, but 4.5 for sharp lines (0-15 km/s) at SNR
-# 200-600, where the emulator's error dominates the noise. As many SNR bins as leave every cell
-# THRESHOLD_CELL_ROWS rows.
+# percentile is 1.07-1.08 at SNR 10-30 for every v sin i, but 2.0 for sharp lines (0-15 km/s) at SNR
+# 200-600 (4.5 while their given rvs, 2 km/s rms off, were left to the fit), where the emulator's error
+# dominates the noise. As many SNR bins as leave every cell THRESHOLD_CELL_ROWS rows.
 THRESHOLD_EDGES = (0.0, 15.0, 60.0, 200.0, math.inf)
 THRESHOLD_SNR_BINS = 4
 THRESHOLD_CELL_ROWS = 100
@@ -80,7 +80,7 @@ class EmulatorSettings:
     components: int = 256  # principal components the network predicts (folded into its last layer)
     snr: float = 1e4  # "noise-free": far above the survey's SNR
     quantile: float = 0.99  # of the clean validation chi^2: the MODEL_MISMATCH threshold
-    threshold_rows: int = 32000  # the clean validation survey the thresholds are quantiles of
+    threshold_rows: int = 32000  # the clean validation survey: sigma scaled on it, thresholds its quantiles
     ripple_quantile: float = 0.995  # of the ripple statistic (a ripple stands far above it: ~20 vs 400+)
     dib_quantile: float = 0.995  # of each diffuse band's statistic: the fit fits the band above it
     veiling_quantile: float = 0.995  # of the veiling statistic (5% of light without lines: median ~15 vs ~2)
@@ -205,23 +205,25 @@ def chi2_by_snr(chi2: np.ndarray, snr: np.ndarray, flagged: np.ndarray) -> list[
 def chi2_threshold(fit: Fit, labels: list[str], quantile: float) -> Chi2Threshold:
     """The `Chi2Threshold` of a clean survey's fits: the `quantile` of the chi^2 in each cell of
     equal-count bins of log10 SNR (THRESHOLD_SNR_BINS at most, fewer where a cell would hold less than
-    THRESHOLD_CELL_ROWS rows) and the bins of the fitted SIGMA_LABEL between THRESHOLD_EDGES; knots at
-    the bins' medians. Without SIGMA_LABEL among `labels`: the quantile per SNR bin."""
+    THRESHOLD_CELL_ROWS rows; one at least, whatever it holds) and the bins of the fitted SIGMA_LABEL
+    between THRESHOLD_EDGES that hold rows; knots at the bins' medians. Without SIGMA_LABEL among
+    `labels`: the quantile per SNR bin."""
     known = np.isfinite(fit.chi2)
     chi2, log_snr = fit.chi2[known], fit.log_snr[known].astype(np.float64)
     label = SIGMA_LABEL if SIGMA_LABEL in labels else None
     value = fit.labels[known, labels.index(label)] if label else np.zeros(len(chi2))
     edges = np.asarray(THRESHOLD_EDGES if label else (-math.inf, math.inf))
     by_label = np.clip(np.searchsorted(edges, value, side="right") - 1, 0, len(edges) - 2)
-    counts = np.bincount(by_label, minlength=len(edges) - 1)
-    if not counts.all():
-        raise StarcastError(f"no clean validation row with {label} in "
-                            f"{[edges[b:b + 2].tolist() for b in np.flatnonzero(counts == 0)]}")
-    bins = int(np.clip(counts.min() // THRESHOLD_CELL_ROWS, 1, THRESHOLD_SNR_BINS))
-    knots, by_snr = equal_count_bins(log_snr, bins)
-    label_knots = tuple(float(np.median(value[by_label == b])) for b in range(len(counts)))
+    held = np.unique(by_label)  # the bins with rows: a model trained on fewer v sin i has fewer
+    by_label = np.searchsorted(held, by_label)
+    for bins in range(THRESHOLD_SNR_BINS, 0, -1):  # one SNR bin: every cell has rows
+        knots, by_snr = equal_count_bins(log_snr, bins)
+        cells = np.bincount(by_snr * len(held) + by_label, minlength=bins * len(held))
+        if cells.min() >= THRESHOLD_CELL_ROWS:
+            break
+    label_knots = tuple(float(np.median(value[by_label == b])) for b in range(len(held)))
     values = np.array([[np.quantile(chi2[(by_snr == i) & (by_label == j)], quantile)
-                        for j in range(len(counts))] for i in range(bins)])
+                        for j in range(len(held))] for i in range(bins)])
     return Chi2Threshold(tuple(knots.tolist()), label, label_knots, values)
 
 
@@ -442,8 +444,8 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
         raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
     entry = dict(bundle.manifest["emulator"])
     trained = entry.get("training", {})
-    settings = replace(settings or EmulatorSettings(),
-                       **{k: trained[k] for k in ("seed", "val_rows", "snr") if k in trained})
+    kept = ("seed", "val_rows", "snr", "threshold_rows")
+    settings = replace(settings or EmulatorSettings(), **{k: trained[k] for k in kept if k in trained})
     source = GridSource(cfg, progress=progress)
     manifest = {**bundle.manifest, "input": {**bundle.manifest["input"], **source.input_requirements()}}
     save_bundle(bundle_dir, bundle.layers, manifest)
