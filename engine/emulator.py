@@ -613,7 +613,8 @@ class Emulator:
         return coef
 
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
-             hi: np.ndarray | None = None, blur: np.ndarray | None = None) -> Fit:
+             hi: np.ndarray | None = None, blur: np.ndarray | None = None,
+             log_snr: np.ndarray | None = None) -> Fit:
         """The `Fit` of prepared spectra x [B, D] with inverse variances ivar: the fitted emulated
         spectra e (see `fitted`; seen through `blur` [B], if given) at `labels` and a residual velocity,
         refined within [lo, hi] (see
@@ -623,7 +624,8 @@ class Emulator:
         the veiling statistic passes `veiling_threshold` (all only if the fit has a continuum to hold
         them); its reduced chi^2 is the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0,
         off ISM_LINES) of (x - e)^2 / (1 / ivar + (f sigma)^2), f the row's `sigma_factor` at `labels`,
-        divided by n minus the fitted parameters (NaN where that is not positive)."""
+        divided by n minus the fitted parameters (NaN where that is not positive). `log_snr` [B]: the rows'
+        `kernels.features.log10_snr`, where the caller has it (None: computed from ivar)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
@@ -704,7 +706,7 @@ class Emulator:
                    ripple_frequency=ripple_frequency, veiling=np.where(explained[:, 0], veiling, np.nan),
                    veil=veil, veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan), sigma_factor=factor,
-                   log_snr=log10_snr(ivar))
+                   log_snr=log10_snr(ivar) if log_snr is None else np.asarray(log_snr, np.float64))
 
 
 @dataclass(frozen=True)

@@ -569,7 +569,8 @@ class Model:
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
             lo, hi = self._label_range(self.emulator.labels)
-            part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi, blur[rows])
+            part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi, blur[rows],
+                                      self._log_snr(x[rows]) if "log10_snr" in self.features else None)
             for name in FIT_FIELDS:
                 getattr(fit, name)[rows] = getattr(part, name)
         return fit
