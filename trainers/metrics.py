@@ -52,8 +52,10 @@ def summary(y: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> dict:
 
 def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins: int = 8,
                 min_rows: int = 10) -> list[dict]:
-    """Mean residual in equal-width bins of a true parameter, with the bin's median sigma and
-    whether |bias| < median sigma / 4 (the goal). Bins with fewer than `min_rows` rows are skipped."""
+    """Mean residual in equal-width bins of a true parameter, with its standard error (the residuals'
+    standard deviation over sqrt(n): how far a bias of 0 would stray in such a sample), the bin's
+    median sigma and whether |bias| < median sigma / 4 (the goal). Bins with fewer than `min_rows`
+    rows are skipped."""
     if len(param) == 0:
         return []
     edges = np.linspace(param.min(), param.max(), bins + 1)
@@ -65,7 +67,8 @@ def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins
             continue
         bias, med = float(residual[sel].mean()), float(np.median(sigma[sel]))
         out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
-                    "bias": bias, "median_sigma": med, "ok": bool(abs(bias) < 0.25 * med)})
+                    "bias": bias, "bias_se": float(residual[sel].std(ddof=1) / np.sqrt(sel.sum())),
+                    "median_sigma": med, "ok": bool(abs(bias) < 0.25 * med)})
     return out
 
 

@@ -147,7 +147,8 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
     the `reference` set, and, where the calibration was fitted on that set's nodes too, as the
     manifest's `metrics` give it under the calibration fitted without them (`cross_fitted`); its
     coverage by predicted v sin i (where the reports have it); OOD AUROC against it."""
-    lines = ["| set | target | RMSE | bias | median sigma | 68% cover | 95% cover | worst bin bias/sigma |",
+    lines = ["| set | target | RMSE | bias | median sigma | 68% cover | 95% cover | worst bin bias/sigma "
+             "(+- its standard error) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in sets:
         rep = reports[name]
@@ -160,7 +161,8 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
             g = rep["goals"][t]
             lines.append(f"| {name} | {t}{note} | {rmse:.4g} | {m['bias']:+.3g} | {m['median_sigma']:.3g} | "
                          f"{100 * m['coverage_68']:.1f}% | {100 * m['coverage_95']:.1f}% | "
-                         f"{g['worst_bin_bias_over_median_sigma']:.2f} |")
+                         f"{g['worst_bin_bias_over_median_sigma']:.2f} +- "
+                         f"{g['worst_bin_bias_se_over_median_sigma']:.2f} |")
     lines += ["", f"68% / 95% coverage in bins of SNR (`{reference}` set):", "",
               "| SNR | rows | " + " | ".join(reports[reference]["targets"]) + " |",
               "| --- | --- |" + " --- |" * len(reports[reference]["targets"])]

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import scipy.stats
 import uncertainty_toolbox as uct
 from sklearn.metrics import roc_auc_score
 from starcast.trainers.metrics import auroc, binned_bias, coverage, coverage_in_bins, summary
@@ -57,6 +58,14 @@ def test_binned_bias_hand_computed_case():
     bins = binned_bias(param, residual, sigma, bins=2)
     assert [b["bias"] for b in bins] == pytest.approx([0.2, -1.0])
     assert [b["ok"] for b in bins] == [True, False]
+
+
+def test_binned_bias_standard_error_is_that_of_a_mean():
+    rng = np.random.default_rng(3)
+    residual = rng.normal(0.0, 2.0, 400)
+    (only,) = binned_bias(np.zeros(400), residual, np.ones(400), bins=1)
+    assert only["bias_se"] == pytest.approx(scipy.stats.sem(residual), rel=1e-12)
+    assert only["bias_se"] == pytest.approx(0.1, rel=0.1)
 
 
 def test_auroc_agrees_with_sklearn_including_ties():
