@@ -19,7 +19,8 @@ def normal_equations(columns, scale, weight, target, gram, rhs):
     pixels), W = diag(weight[b]): gram [B, k, k] and rhs [B, k] float64, filled in place. columns
     [k, B, D] or [k, 1, D] (one set for every row), scale [B, D] or [1, D]: an array of one row
     serves every row. Products and sums in float64, the sums' order left to the compiler (so that
-    they vectorise)."""
+    they vectorise). Serial, as `resample.doppler_shift`: between the emulator's BLAS products threads
+    of its own wait for BLAS's (over rows in parallel, `infer` took twice as long on 2 cores)."""
     k, _, d = columns.shape
     u, v = np.empty(d), np.empty(d)  # one row's weight * scale^2 and weight * scale * target
     for b in range(target.shape[0]):
