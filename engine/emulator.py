@@ -45,6 +45,13 @@ within VEIL_SIGMA_MAX and accounts for VEIL_EXCESS_SHARE of the fit's excess chi
 constant beside the continuum, VEIL_STEPS refits; `Fit.veil`); the engine then removes it from the
 spectrum and predicts it again, as it does the bands, and adds to the labels' variance what fitting
 the light added to the fit's.
+Broadening beyond rotation (macroturbulence, which no grid model has; an instrument broader than
+stated) the labels read as v sin i, and the chi^2 hardly rises (1.00-1.01 at 25-60 km/s of
+macroturbulence). So the residual is searched for it as for light without lines: the drop in chi^2
+from fitting the fitted spectra's curvature (how a wider Gaussian response changes them) beside the
+labels' linearised steps (v sin i's among them: what rotation's profile can take), beyond
+what those steps alone remove, per unit of the reduced chi^2 (`broadening`); above the emulator's
+`broadening_threshold` the row is flagged MODEL_MISMATCH (its v sin i an upper bound).
 """
 
 from __future__ import annotations
@@ -68,8 +75,9 @@ from ..kernels.resample import cubic_gaussian_weights, doppler_shift
 from .calibration import chi2_excess
 
 EMULATOR_FILE = "emulator.safetensors"
-# optional: ripple_threshold, dib_threshold, veiling_threshold, sigma_scaling ({"label", "knots",
-# "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`), chi2_threshold_estimated_noise;
+# optional: ripple_threshold, dib_threshold, veiling_threshold, broadening_threshold, sigma_scaling
+# ({"label", "knots", "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`),
+# chi2_threshold_estimated_noise;
 # chi2_threshold and it: a number or a table ({"log10_snr", "label", "knots", "values"}: `Chi2Threshold`)
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
               "continuum_degree", "refine_steps", "chi2_threshold")
@@ -207,8 +215,9 @@ class Emulator:
     reduced chi^2 above `chi2_threshold` (at the row's SNR and fitted labels; for a row whose noise is
     estimated from its flux, DER_SNR, `chi2_threshold_estimated_noise`, as wide as that estimate errs,
     where there is one), a ripple statistic above
-    `ripple_threshold` or a veiling statistic above `veiling_threshold` flags MODEL_MISMATCH; a band of
-    DIBS is fitted where its statistic passes its `dib_threshold`."""
+    `ripple_threshold`, a veiling statistic above `veiling_threshold` or a broadening statistic above
+    `broadening_threshold` flags MODEL_MISMATCH; a band of DIBS is fitted where its statistic passes
+    its `dib_threshold`."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -223,6 +232,7 @@ class Emulator:
     ripple_threshold: float = math.inf
     dib_threshold: tuple[float, ...] = (math.inf,) * len(DIBS)  # per band of DIBS
     veiling_threshold: float = math.inf
+    broadening_threshold: float = math.inf
     sigma_label: str | None = None  # the label whose value scales `sigma` per row (None: no scaling)
     sigma_knots: tuple[float, ...] = ()  # values of `sigma_label`, increasing
     sigma_factors: tuple[float, ...] = ()  # sigma's factor at each knot (interpolated, held beyond)
@@ -515,20 +525,26 @@ class Emulator:
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)
         light = 1.0 - model * (coef @ self._continuum_rows[:, 0])  # the constant, orthogonal to the continuum
-        columns = light[None] if jacobian is None else np.concatenate([jacobian, light[None]])
-        k = len(columns)
-        gram, rhs = np.empty((len(model), k, k)), np.empty((len(model), k))
-        normal_equations(columns, np.ones((1, model.shape[1]), np.float32), weight, residual, gram, rhs)
-        ridge = np.eye(k) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
-        inverse = np.linalg.inv(gram + ridge)  # its last diagonal element: the light's variance
-        coef = (inverse @ rhs[..., None])[..., 0]
-        steps = np.linalg.solve(gram[:, :-1, :-1] + ridge[:, :-1, :-1], rhs[:, :-1, None])[..., 0]
-        drop = (coef * rhs).sum(axis=1) - (steps * rhs[:, :-1]).sum(axis=1)
-        drop = np.where(coef[:, -1] > 0, drop, 0.0)
+        drop, amount, variance = _drop_beside(light, jacobian, weight, residual)
         inflation = np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
         with np.errstate(invalid="ignore"):
-            sigma = np.sqrt(inverse[:, -1, -1] * inflation)
-        return np.nan_to_num(drop, nan=0.0, posinf=0.0) / inflation, sigma
+            sigma = np.sqrt(variance * inflation)
+        return np.nan_to_num(np.where(amount > 0, drop, 0.0), nan=0.0, posinf=0.0) / inflation, sigma
+
+    @staticmethod
+    def broadening(residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
+                   jacobian: np.ndarray | None = None) -> np.ndarray:
+        """(B,) float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting it the fitted
+        `model`'s [B, D] curvature (its second difference over the grid's pixels; a wider Gaussian
+        response changes a spectrum f by its variance times f'' / 2) beside the fit's `jacobian`
+        ([k, B, D], `refine`'s: v sin i broadens too, by rotation's profile), less the drop from those
+        steps alone, divided by the reduced chi^2 `chi2` where that exceeds 1; 0 where the fit would
+        sharpen the lines."""
+        curvature = np.zeros_like(model)
+        curvature[:, 1:-1] = model[:, :-2] - 2.0 * model[:, 1:-1] + model[:, 2:]
+        drop, broader, _ = _drop_beside(curvature, jacobian, weight, residual)
+        inflation = np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
+        return np.nan_to_num(np.where(broader > 0, drop, 0.0), nan=0.0, posinf=0.0) / inflation
 
     @cached_property
     def _dib_windows(self) -> list[slice]:
@@ -630,6 +646,7 @@ class Emulator:
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
         ripple_excess, ripple_frequency, veiling = np.zeros(len(x)), np.full(len(x), np.nan), np.empty(len(x))
+        broadening = np.empty(len(x))
         veil = np.zeros(len(x))
         dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
@@ -679,6 +696,7 @@ class Emulator:
                 plain, chi2[at] = chi2[at], reduced(residual[rows], weight[rows], dof[at])
                 ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
             veiling[part], light_sigma = self.veiling(residual, weight, model, chi2[part], jac)
+            broadening[part] = self.broadening(residual, weight, model, chi2[part], jac)
             with np.errstate(invalid="ignore"):
                 drop = veiling[part] * np.maximum(np.nan_to_num(chi2[part], nan=1.0), 1.0)  # in chi^2
                 fits_light = ((veiling[part] > self.veiling_threshold) & (light_sigma < VEIL_SIGMA_MAX)
@@ -704,6 +722,7 @@ class Emulator:
                    ripple=np.where(explained[:, 0], ripple, np.nan), ripple_excess=ripple_excess,
                    dib=np.where(explained, dib, np.nan), dib_depths=dib_depths,
                    ripple_frequency=ripple_frequency, veiling=np.where(explained[:, 0], veiling, np.nan),
+                   broadening=np.where(explained[:, 0], broadening, np.nan),
                    veil=veil, veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan), sigma_factor=factor,
                    log_snr=log10_snr(ivar) if log_snr is None else np.asarray(log_snr, np.float64))
@@ -722,7 +741,8 @@ class Fit:
     normalised flux; 0 elsewhere; `Model.predict` removes it from the spectrum, as the bands, and
     keeps the b it removed here, and the variance not knowing it adds to each label [B, len(labels)]:
     the fit's label variances with the light free less those of the spectrum it was removed from; 0
-    here), the statistics of the diffuse bands of the fit
+    here), the broadening statistic of the fit without the light (`Emulator.broadening`; NaN with the
+    chi^2), the statistics of the diffuse bands of the fit
     without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of those fitted
     (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0 elsewhere;
     `Model.predict` removes the bands from the spectrum and fits it again, and keeps the terms it
@@ -742,6 +762,7 @@ class Fit:
     ripple_excess: np.ndarray
     ripple_frequency: np.ndarray
     veiling: np.ndarray
+    broadening: np.ndarray
     veil: np.ndarray
     veil_var: np.ndarray
     dib: np.ndarray
@@ -769,7 +790,7 @@ class Fit:
             return (self.dib > np.asarray(emulator.dib_threshold)) & (emulator.continuum_degree >= 0)
 
     def mismatch(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
-        """MODEL_MISMATCH: the chi^2, the ripple statistic or the veiling statistic above the emulator's
+        """MODEL_MISMATCH: the chi^2, the ripple, veiling or broadening statistic above the emulator's
         threshold (the chi^2's at each row's SNR and fitted labels, and for the rows whose noise is
         estimated, `noise_estimated` [B] (None: none), the emulator's threshold for those)."""
         limit = emulator.chi2_threshold.at(self.log_snr, self.labels, emulator.labels)
@@ -778,7 +799,27 @@ class Fit:
             limit = np.where(noise_estimated, estimated.at(self.log_snr, self.labels, emulator.labels), limit)
         with np.errstate(invalid="ignore"):
             return ((self.chi2 > limit) | (self.ripple > emulator.ripple_threshold)
-                    | (self.veiling > emulator.veiling_threshold))
+                    | (self.veiling > emulator.veiling_threshold)
+                    | (self.broadening > emulator.broadening_threshold))
+
+
+def _drop_beside(column: np.ndarray, jacobian: np.ndarray | None, weight: np.ndarray,
+                 residual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """((B,) drop, (B,) coefficient, (B,) its variance): the drop in the weighted chi^2 of `residual`
+    [B, D] (weights `weight`) from fitting it `column` [B, D] beside the `jacobian`'s columns ([k, B, D];
+    None: none), less the drop from those alone; the column's coefficient and its variance from the
+    fit with both (in the column's units; ridged by 1e-9 of the trace, as the continuum's)."""
+    columns = column[None] if jacobian is None else np.concatenate([jacobian, column[None]])
+    k = len(columns)
+    gram, rhs = np.empty((len(residual), k, k)), np.empty((len(residual), k))
+    normal_equations(np.ascontiguousarray(columns, np.float32), np.ones((1, residual.shape[1]), np.float32),
+                     weight, residual, gram, rhs)
+    ridge = np.eye(k) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
+    inverse = np.linalg.inv(gram + ridge)
+    coef = (inverse @ rhs[..., None])[..., 0]
+    steps = np.linalg.solve(gram[:, :-1, :-1] + ridge[:, :-1, :-1], rhs[:, :-1, None])[..., 0]
+    drop = (coef * rhs).sum(axis=1) - (steps * rhs[:, :-1]).sum(axis=1)
+    return drop, coef[:, -1], inverse[:, -1, -1]
 
 
 def save_emulator(path: str | Path, layers: list[tuple], sigma: np.ndarray, entry: dict) -> dict:
@@ -836,6 +877,7 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     wavelength=np.asarray(wavelength, np.float64),
                     ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
                     veiling_threshold=float(entry.get("veiling_threshold", math.inf)),
+                    broadening_threshold=float(entry.get("broadening_threshold", math.inf)),
                     dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where),
                     chi2_threshold_estimated_noise=_estimated_noise_threshold(entry, where),
                     **_sigma_scaling(entry.get("sigma_scaling"), entry["labels"], where))

@@ -559,7 +559,8 @@ class Model:
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
-                  ripple_frequency=np.full(n, np.nan), veiling=np.full(n, np.nan), veil=np.zeros(n),
+                  ripple_frequency=np.full(n, np.nan), veiling=np.full(n, np.nan),
+                  broadening=np.full(n, np.nan), veil=np.zeros(n),
                   veil_var=np.zeros((n, len(self.emulator.labels))),
                   dib=np.full((n, len(DIBS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),

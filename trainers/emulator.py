@@ -84,6 +84,8 @@ class EmulatorSettings:
     ripple_quantile: float = 0.995  # of the ripple statistic (a ripple stands far above it: ~20 vs 400+)
     dib_quantile: float = 0.995  # of each diffuse band's statistic: the fit fits the band above it
     veiling_quantile: float = 0.995  # of the veiling statistic (5% of light without lines: median ~15 vs ~2)
+    broadening_quantile: float = 0.995  # of the broadening statistic (macroturbulence of 40 km/s on stars
+    # below 60 km/s at SNR 50-300: median ~47 vs 0)
     refine_steps: int = 1  # Gauss-Newton steps from the predicted labels (engine.emulator); on ob-default
     # v1 one step gives the chi^2 of three (p99 2.1 at SNR 200-500, 3.2 without) at 3x their speed
     seed: int = 0
@@ -269,9 +271,10 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
     then the diffuse bands' thresholds and the MODEL_MISMATCH thresholds, quantiles
-    (`settings.dib_quantile`, `ripple_quantile`, `quantile`, `veiling_quantile`) of each band's
-    statistic, of the ripple statistic with the bands removed where they pass, and of the chi^2 and
-    the veiling statistic as the engine then reports them; the chi^2's also on the same survey without
+    (`settings.dib_quantile`, `ripple_quantile`, `quantile`, `veiling_quantile`,
+    `broadening_quantile`) of each band's statistic, of the ripple statistic with the bands removed
+    where they pass, and of the chi^2 and the veiling and broadening statistics as the engine then
+    reports them; the chi^2's also on the same survey without
     flux_err (`Emulator.chi2_threshold_estimated_noise`).
     The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
     on them, metrics included, and `sigma_scaling`, the sigma's factors per row; the scaled sigma)."""
@@ -306,7 +309,9 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     fitted = fits(emulator)
     threshold = chi2_threshold(fitted["val"], emulator.labels, settings.quantile)
     veiling_threshold = float(np.nanquantile(fitted["val"].veiling, settings.veiling_quantile))
-    calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold)
+    broadening_threshold = float(np.nanquantile(fitted["val"].broadening, settings.broadening_quantile))
+    calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold,
+                         broadening_threshold=broadening_threshold)
     # the same surveys without flux_err: their noise is DER_SNR's, an estimate whose error moves the chi^2
     unstated = {split: engine(calibrated).goodness_of_fit(survey.drop_columns([*source.targets, FLUX_ERR]),
                                                           backend="cpu") for split, survey in surveys.items()}
@@ -327,8 +332,10 @@ def calibrate(source: GridSource, model: Model, entry: dict,
             "chi2_threshold_estimated_noise": estimated.to_manifest(),
             "ripple_threshold": ripple_threshold, "sigma_scaling": scaling,
             "dib_threshold": dib_threshold, "veiling_threshold": veiling_threshold,
+            "broadening_threshold": broadening_threshold,
             "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
             "dib_quantile": settings.dib_quantile, "veiling_quantile": settings.veiling_quantile,
+            "broadening_quantile": settings.broadening_quantile,
             "sigma_emu_median": float(np.median(emulator.sigma)), "metrics": metrics}, emulator.sigma
 
 
@@ -484,6 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  chi2 threshold {' / without flux_err '.join(f'{v.min():.3f}-{v.max():.3f}' for v in limits)}"
           ", ripple threshold "
           f"{entry['ripple_threshold']:.1f}, veiling threshold {entry['veiling_threshold']:.1f}, "
+          f"broadening threshold {entry['broadening_threshold']:.1f}, "
           f"diffuse band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
