@@ -49,9 +49,9 @@ Broadening beyond rotation (macroturbulence, which no grid model has; an instrum
 stated) the labels read as v sin i, and the chi^2 hardly rises (1.00-1.01 at 25-60 km/s of
 macroturbulence). So the residual is searched for it as for light without lines: the drop in chi^2
 from fitting the fitted spectra's curvature (how a wider Gaussian response changes them) beside the
-labels' linearised steps (v sin i's among them: what rotation's profile can take), beyond
-what those steps alone remove, per unit of the reduced chi^2 (`broadening`); above the emulator's
-`broadening_threshold` the row is flagged MODEL_MISMATCH (its v sin i an upper bound).
+labels' linearised steps (where the fit refines them; v sin i's among them: what rotation's profile
+can take), beyond what those steps alone remove, per unit of the reduced chi^2 (`broadening`); above
+the emulator's `broadening_threshold` the row is flagged MODEL_MISMATCH (its v sin i an upper bound).
 """
 
 from __future__ import annotations

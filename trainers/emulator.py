@@ -11,7 +11,8 @@ row that follows v sin i: sharp lines are harder to emulate), and scaled so that
 chi^2 on a clean validation survey is 1 at the highest SNR; the threshold above
 which the fit fits the diffuse band at 4428 A and the MODEL_MISMATCH thresholds are quantiles of the
 band's statistic, the ripple statistic, the chi^2 (per cell of SNR and v sin i; apart for the survey
-without flux_err, whose noise the engine then estimates) and the veiling statistic on that survey.
+without flux_err, whose noise the engine then estimates) and the veiling and broadening statistics on
+that survey.
 With the emulator in place, a model that sees its SNR has its SNR-conditional calibration fitted
 again, for an estimate that blends the network's mean with the emulator fit's labels
 (`calibrate_estimates`).

@@ -33,7 +33,7 @@ from ..catalogs.synth import synth
 from ..engine.bundle import load_bundle
 from ..engine.explain_report import model_report
 from ..engine.predictor import load_model
-from .evaluate import run_eval
+from .evaluate import BIAS_MIN_SNR, run_eval
 
 SETS = {  # name -> keyword arguments of catalogs.synth.synth (the catalog synthesised)
     "random": {"n": 5000, "mode": "random", "seed": 101, "snr": (20.0, 300.0)},
@@ -148,7 +148,7 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
     manifest's `metrics` give it under the calibration fitted without them (`cross_fitted`); its
     coverage by predicted v sin i (where the reports have it); OOD AUROC against it."""
     lines = ["| set | target | RMSE | bias | median sigma | 68% cover | 95% cover | worst bin bias/sigma "
-             "(+- its standard error) |",
+             f"(SNR >= {BIAS_MIN_SNR:.0f}; +- its standard error) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in sets:
         rep = reports[name]
