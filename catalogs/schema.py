@@ -68,7 +68,7 @@ class Flag(enum.IntFlag):
     GAP = 64  # a gap longer than the preprocessing's max_gap pixels was filled with the continuum
     LINE_LOST = 128  # a diagnostic line (`starcast.catalogs.lines`) falls in a GAP or off the coverage
     LOW_RESOLUTION = 256  # resolving power below the model's; numbers nulled (see `error`)
-    MODEL_MISMATCH = 512  # reduced chi^2 against the model's emulator above its calibrated threshold
+    MODEL_MISMATCH = 512  # the emulator fit does not explain the spectrum (`emulator.Fit.mismatch`)
     RV_ESTIMATED = 1024  # the input gave no rv; `rv` was estimated from the spectrum and removed
     RV_MISMATCH = 2048  # the given rv differs from the fitted one; the numbers use the fitted `rv`
     UPPER_LIMIT = 4096  # below what the resolution can measure (v sin i): the value is an upper limit
