@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
@@ -78,7 +78,8 @@ EMULATOR_FILE = "emulator.safetensors"
 # optional: ripple_threshold, dib_threshold, veiling_threshold, broadening_threshold, sigma_scaling
 # ({"label", "knots", "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`),
 # chi2_threshold_estimated_noise;
-# chi2_threshold and it: a number or a table ({"log10_snr", "label", "knots", "values"}: `Chi2Threshold`)
+# chi2_threshold, it and broadening_threshold: a number or a table ({"log10_snr", "label", "knots",
+# "values"}: `Threshold`)
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
               "continuum_degree", "refine_steps", "chi2_threshold")
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
@@ -146,12 +147,13 @@ ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.ma
 
 
 @dataclass(frozen=True)
-class Chi2Threshold:
-    """The reduced chi^2 above which a row's fit flags MODEL_MISMATCH, as a function of its log10 SNR
+class Threshold:
+    """The value of a fit's statistic (its reduced chi^2, its broadening statistic) above which the row
+    is flagged MODEL_MISMATCH, as a function of its log10 SNR
     (the networks' feature, `kernels.features.log10_snr`) and its fitted `label`: bilinear between the
     knots, held beyond them. Where the emulator's error, not the noise, dominates (sharp lines at high
-    SNR) clean spectra spread their chi^2 far wider than elsewhere, so one number for all rows either
-    flags most of those or lets mismatches through everywhere else."""
+    SNR) clean spectra spread their statistics far wider than elsewhere, so one number for all rows
+    either flags most of those or lets mismatches through everywhere else."""
 
     log_snr: tuple[float, ...]  # increasing
     label: str | None  # None: `knots` is one point and the threshold follows the SNR alone
@@ -159,7 +161,7 @@ class Chi2Threshold:
     values: np.ndarray  # [len(log_snr), len(knots)]
 
     @classmethod
-    def constant(cls, value: float) -> Chi2Threshold:
+    def constant(cls, value: float) -> Threshold:
         """One threshold for every row."""
         return cls((0.0,), None, (0.0,), np.full((1, 1), float(value)))
 
@@ -178,7 +180,7 @@ class Chi2Threshold:
 
     @classmethod
     def from_manifest(cls, value, labels: list[str], where: str = "emulator",
-                      key: str = "chi2_threshold") -> Chi2Threshold:
+                      key: str = "chi2_threshold") -> Threshold:
         """The threshold of a manifest's `key` (a number, or the table of `to_manifest`) for an emulator of
         `labels`; `ModelError` naming `where` and `key` when it is neither."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -227,16 +229,16 @@ class Emulator:
     sigma: np.ndarray
     continuum_degree: int  # of the per-row continuum correction; -1: none
     refine_steps: int  # Gauss-Newton steps from the predicted labels before the chi^2
-    chi2_threshold: Chi2Threshold
+    chi2_threshold: Threshold
     wavelength: np.ndarray  # (D,) float64, Angstrom: the model grid
     ripple_threshold: float = math.inf
     dib_threshold: tuple[float, ...] = (math.inf,) * len(DIBS)  # per band of DIBS
     veiling_threshold: float = math.inf
-    broadening_threshold: float = math.inf
+    broadening_threshold: Threshold = field(default_factory=lambda: Threshold.constant(math.inf))
     sigma_label: str | None = None  # the label whose value scales `sigma` per row (None: no scaling)
     sigma_knots: tuple[float, ...] = ()  # values of `sigma_label`, increasing
     sigma_factors: tuple[float, ...] = ()  # sigma's factor at each knot (interpolated, held beyond)
-    chi2_threshold_estimated_noise: Chi2Threshold | None = None  # None: `chi2_threshold` for every row
+    chi2_threshold_estimated_noise: Threshold | None = None  # None: `chi2_threshold` for every row
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -800,7 +802,8 @@ class Fit:
         with np.errstate(invalid="ignore"):
             return ((self.chi2 > limit) | (self.ripple > emulator.ripple_threshold)
                     | (self.veiling > emulator.veiling_threshold)
-                    | (self.broadening > emulator.broadening_threshold))
+                    | (self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
+                                                                         emulator.labels)))
 
 
 def _drop_beside(column: np.ndarray, jacobian: np.ndarray | None, weight: np.ndarray,
@@ -872,12 +875,14 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     label_mean=np.asarray(entry["label_mean"], np.float64),
                     label_std=np.asarray(entry["label_std"], np.float64), sigma=tensors["sigma"],
                     continuum_degree=int(entry["continuum_degree"]), refine_steps=int(entry["refine_steps"]),
-                    chi2_threshold=Chi2Threshold.from_manifest(entry["chi2_threshold"], entry["labels"],
+                    chi2_threshold=Threshold.from_manifest(entry["chi2_threshold"], entry["labels"],
                                                                where),
                     wavelength=np.asarray(wavelength, np.float64),
                     ripple_threshold=float(entry.get("ripple_threshold", math.inf)),
                     veiling_threshold=float(entry.get("veiling_threshold", math.inf)),
-                    broadening_threshold=float(entry.get("broadening_threshold", math.inf)),
+                    broadening_threshold=Threshold.from_manifest(entry.get("broadening_threshold", math.inf),
+                                                                 entry["labels"], where,
+                                                                 key="broadening_threshold"),
                     dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where),
                     chi2_threshold_estimated_noise=_estimated_noise_threshold(entry, where),
                     **_sigma_scaling(entry.get("sigma_scaling"), entry["labels"], where))
@@ -902,10 +907,10 @@ def _sigma_scaling(value, labels: list[str], where: str) -> dict:
             "sigma_factors": tuple(factors.tolist())}
 
 
-def _estimated_noise_threshold(entry: dict, where: str) -> Chi2Threshold | None:
+def _estimated_noise_threshold(entry: dict, where: str) -> Threshold | None:
     """The manifest's optional `chi2_threshold_estimated_noise` (absent or null: None)."""
     key = "chi2_threshold_estimated_noise"
-    return None if entry.get(key) is None else Chi2Threshold.from_manifest(entry[key], entry["labels"], where,
+    return None if entry.get(key) is None else Threshold.from_manifest(entry[key], entry["labels"], where,
                                                                            key)
 
 

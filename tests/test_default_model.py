@@ -17,7 +17,7 @@ from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import synth_from_grid
 from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid, spectrum_array
-from starcast.engine.emulator import DIB_TERMS
+from starcast.engine.emulator import DIB_TERMS, Threshold
 from starcast.engine.predictor import Model
 from starcast.kernels.resample import rest_frame_factor
 from starcast.trainers.metrics import coverage
@@ -26,6 +26,7 @@ import starcast
 from starcast.demo import SAMPLE
 
 TARGETS = ("teff", "logg", "vsini")
+NEVER = Threshold.constant(math.inf)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,7 @@ def _veiled(table, fraction: float):
 def test_light_without_lines_is_flagged_and_fitted_out(survey):
     """5% of the continuum as light without lines at SNR >= 100, which the labels absorb so that the
     chi^2 alone flags about half of those rows: MODEL_MISMATCH on >= 85% of them (the fit's veiling
-    statistic; measured: 96%, 54% with the chi^2 alone, 77% with the broadening statistic beside it),
+    statistic; measured: 96%, 54% with the chi^2 alone, 76% with the broadening statistic beside it),
     on <= 3% of the same rows without the light (measured: 1.5%). The light is fitted and removed, so
     log g and v sin i stay within 2x and 1.5x their clean RMSE (measured 1.65x and 1.26x, 10.6x and
     7.2x without the statistic; log g's excess is mostly the 4% of rows whose light the labels mimic so
@@ -176,7 +177,7 @@ def test_light_without_lines_is_flagged_and_fitted_out(survey):
     rows = np.flatnonzero(table.column("snr").to_numpy() >= 100)
     model = starcast.load_model()
     blind = Model(replace(model.bundle, emulator=replace(model.emulator, veiling_threshold=math.inf,
-                                                         broadening_threshold=math.inf)))
+                                                         broadening_threshold=NEVER)))
     clean = out.take(rows)
     veiled = _veiled(table.take(rows), 0.05)
     seen, unseen = (m.predict(veiled, backend="cpu") for m in (model, blind))
@@ -196,8 +197,8 @@ def test_macroturbulence_is_flagged_where_it_outgrows_rotation(tmp_path):
     """Radial-tangential macroturbulence of 40 km/s (no grid model has any; B giants and supergiants
     show such) on slow rotators (v sin i 0-60 km/s) at SNR 100-500, which the networks and the fit
     read as rotation (v sin i 17 km/s high) and the chi^2 flags on half of them: MODEL_MISMATCH on >= 85%
-    (the fit's broadening statistic; measured: 99%, 45% without it), on <= 5% of the same stars without
-    the macroturbulence (measured: 1.7%)."""
+    (the fit's broadening statistic; measured: 100%, 45% without it), on <= 5% of the same stars
+    without the macroturbulence (measured: 0.8%)."""
     grid = read_grid(SAMPLE)
     tables = {}
     for name, zeta in (("clean", 0.0), ("macroturbulent", 40.0)):
@@ -205,7 +206,7 @@ def test_macroturbulence_is_flagged_where_it_outgrows_rotation(tmp_path):
                         vsini=(0.0, 60.0), obs=gs.Observation(macroturbulence=zeta))
         tables[name] = pq.read_table(tmp_path / name)
     model = starcast.load_model()
-    blind = Model(replace(model.bundle, emulator=replace(model.emulator, broadening_threshold=math.inf)))
+    blind = Model(replace(model.bundle, emulator=replace(model.emulator, broadening_threshold=NEVER)))
     runs = {"clean": model.predict(tables["clean"], backend="cpu"),
             "macroturbulent": model.predict(tables["macroturbulent"], backend="cpu"),
             "blind": blind.predict(tables["macroturbulent"], backend="cpu")}

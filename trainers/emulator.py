@@ -35,7 +35,7 @@ from ..catalogs import gridsynth
 from ..catalogs.schema import FLUX_ERR, SNR, Flag, spectrum_array
 from ..engine.bundle import load_bundle, save_bundle
 from ..engine.calibration import handled_defect
-from ..engine.emulator import DIBS, Chi2Threshold, Emulator, Fit, save_emulator
+from ..engine.emulator import DIBS, Emulator, Fit, Threshold, save_emulator
 from ..engine.predictor import Model
 from ..errors import StarcastError
 from ..kernels.preprocess import preprocess
@@ -205,16 +205,17 @@ def chi2_by_snr(chi2: np.ndarray, snr: np.ndarray, flagged: np.ndarray) -> list[
     return out
 
 
-def chi2_threshold(fit: Fit, labels: list[str], quantile: float) -> Chi2Threshold:
-    """The `Chi2Threshold` of a clean survey's fits: the `quantile` of the chi^2 in each cell of
+def threshold_table(statistic: np.ndarray, fit: Fit, labels: list[str], quantile: float) -> Threshold:
+    """The `Threshold` of a statistic of a clean survey's fits (`statistic` [B], e.g. `fit.chi2`; NaN
+    where there is none): its `quantile` in each cell of
     equal-count bins of log10 SNR (THRESHOLD_SNR_BINS at most, fewer where a cell would hold less than
     THRESHOLD_CELL_ROWS rows; one at least, whatever it holds) and the bins of the fitted SIGMA_LABEL
     between THRESHOLD_EDGES that hold rows; knots at the bins' medians. Without SIGMA_LABEL among
     `labels`: the quantile per SNR bin."""
-    known = np.isfinite(fit.chi2)
-    chi2, log_snr = fit.chi2[known], fit.log_snr[known].astype(np.float64)
+    known = np.isfinite(statistic)
+    found, log_snr = statistic[known], fit.log_snr[known].astype(np.float64)
     label = SIGMA_LABEL if SIGMA_LABEL in labels else None
-    value = fit.labels[known, labels.index(label)] if label else np.zeros(len(chi2))
+    value = fit.labels[known, labels.index(label)] if label else np.zeros(len(found))
     edges = np.asarray(THRESHOLD_EDGES if label else (-math.inf, math.inf))
     by_label = np.clip(np.searchsorted(edges, value, side="right") - 1, 0, len(edges) - 2)
     held = np.unique(by_label)  # the bins with rows: a model trained on fewer v sin i has fewer
@@ -225,9 +226,9 @@ def chi2_threshold(fit: Fit, labels: list[str], quantile: float) -> Chi2Threshol
         if cells.min() >= THRESHOLD_CELL_ROWS:
             break
     label_knots = tuple(float(np.median(value[by_label == b])) for b in range(len(held)))
-    values = np.array([[np.quantile(chi2[(by_snr == i) & (by_label == j)], quantile)
+    values = np.array([[np.quantile(found[(by_snr == i) & (by_label == j)], quantile)
                         for j in range(len(held))] for i in range(bins)])
-    return Chi2Threshold(tuple(knots.tolist()), label, label_knots, values)
+    return Threshold(tuple(knots.tolist()), label, label_knots, values)
 
 
 def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSettings | None = None, *,
@@ -247,7 +248,7 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     base = Emulator(labels=list(source.targets), layers=layers, activation=settings.activation,
                     label_mean=label_mean, label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
                     continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
-                    chi2_threshold=Chi2Threshold.constant(math.inf), wavelength=source.grid_values)
+                    chi2_threshold=Threshold.constant(math.inf), wavelength=source.grid_values)
     fields, metrics = emulator_error(source, base, settings)
     bundle = load_bundle(bundle_dir)
     entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
@@ -275,7 +276,8 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     (`settings.dib_quantile`, `ripple_quantile`, `quantile`, `veiling_quantile`,
     `broadening_quantile`) of each band's statistic, of the ripple statistic with the bands removed
     where they pass, and of the chi^2 and the veiling and broadening statistics as the engine then
-    reports them; the chi^2's also on the same survey without
+    reports them (the chi^2's and the broadening statistic's per cell of SNR and v sin i,
+    `threshold_table`); the chi^2's also on the same survey without
     flux_err (`Emulator.chi2_threshold_estimated_noise`).
     The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
     on them, metrics included, and `sigma_scaling`, the sigma's factors per row; the scaled sigma)."""
@@ -308,15 +310,16 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     ripple_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].ripple, settings.ripple_quantile))
     emulator = replace(emulator, ripple_threshold=ripple_threshold)
     fitted = fits(emulator)
-    threshold = chi2_threshold(fitted["val"], emulator.labels, settings.quantile)
+    threshold = threshold_table(fitted["val"].chi2, fitted["val"], emulator.labels, settings.quantile)
     veiling_threshold = float(np.nanquantile(fitted["val"].veiling, settings.veiling_quantile))
-    broadening_threshold = float(np.nanquantile(fitted["val"].broadening, settings.broadening_quantile))
+    broadening_threshold = threshold_table(fitted["val"].broadening, fitted["val"], emulator.labels,
+                                           settings.broadening_quantile)
     calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold,
                          broadening_threshold=broadening_threshold)
     # the same surveys without flux_err: their noise is DER_SNR's, an estimate whose error moves the chi^2
     unstated = {split: engine(calibrated).goodness_of_fit(survey.drop_columns([*source.targets, FLUX_ERR]),
                                                           backend="cpu") for split, survey in surveys.items()}
-    estimated = chi2_threshold(unstated["val"], emulator.labels, settings.quantile)
+    estimated = threshold_table(unstated["val"].chi2, unstated["val"], emulator.labels, settings.quantile)
     calibrated = replace(calibrated, chi2_threshold_estimated_noise=estimated)
     metrics = {}
     for split, f in fitted.items():
@@ -333,7 +336,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
             "chi2_threshold_estimated_noise": estimated.to_manifest(),
             "ripple_threshold": ripple_threshold, "sigma_scaling": scaling,
             "dib_threshold": dib_threshold, "veiling_threshold": veiling_threshold,
-            "broadening_threshold": broadening_threshold,
+            "broadening_threshold": broadening_threshold.to_manifest(),
             "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
             "dib_quantile": settings.dib_quantile, "veiling_quantile": settings.veiling_quantile,
             "broadening_quantile": settings.broadening_quantile,
@@ -487,12 +490,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
         print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
-    limits = [Chi2Threshold.from_manifest(entry[key], entry["labels"]).values
+    limits = [Threshold.from_manifest(entry[key], entry["labels"]).values
               for key in ("chi2_threshold", "chi2_threshold_estimated_noise")]
+    broadening = Threshold.from_manifest(entry["broadening_threshold"], entry["labels"]).values
     print(f"  chi2 threshold {' / without flux_err '.join(f'{v.min():.3f}-{v.max():.3f}' for v in limits)}"
           ", ripple threshold "
           f"{entry['ripple_threshold']:.1f}, veiling threshold {entry['veiling_threshold']:.1f}, "
-          f"broadening threshold {entry['broadening_threshold']:.1f}, "
+          f"broadening threshold {broadening.min():.1f}-{broadening.max():.1f}, "
           f"diffuse band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"

@@ -11,7 +11,7 @@ import pytest
 from starcast.catalogs.schema import CHI2, CHI2_PIXELS, Flag, results_schema
 from starcast.engine.bundle import load_bundle, save_bundle
 from starcast.engine.calibration import Calibration
-from starcast.engine.emulator import EMULATOR_FILE, Chi2Threshold, save_emulator
+from starcast.engine.emulator import EMULATOR_FILE, Threshold, save_emulator
 from starcast.engine.predictor import PREPARED_IVAR, load_model
 from starcast.engine.run import run
 
@@ -131,15 +131,15 @@ def test_a_chi2_threshold_table_is_bilinear_in_log_snr_and_the_label_and_held_be
     from scipy.interpolate import RegularGridInterpolator
 
     labels = ["teff", "logg", "vsini"]
-    table = Chi2Threshold.from_manifest(TABLE, labels)
+    table = Threshold.from_manifest(TABLE, labels)
     rng = np.random.default_rng(0)
     log_snr, vsini = rng.uniform(0.5, 3.5, 500), rng.uniform(-50.0, 600.0, 500)
     rows = np.stack([np.full(500, 2e4), np.full(500, 3.5), vsini], axis=1)
     reference = RegularGridInterpolator((TABLE["log10_snr"], TABLE["knots"]), np.asarray(TABLE["values"]))
     expected = reference(np.stack([np.clip(log_snr, 1.5, 2.5), np.clip(vsini, 0.0, 500.0)], axis=1))
     np.testing.assert_allclose(table.at(log_snr, rows, labels), expected, rtol=1e-12)
-    assert Chi2Threshold.from_manifest(TABLE, labels).to_manifest() == TABLE
-    assert Chi2Threshold.from_manifest(1.7, labels).at(log_snr, rows, labels).tolist() == [1.7] * 500
+    assert Threshold.from_manifest(TABLE, labels).to_manifest() == TABLE
+    assert Threshold.from_manifest(1.7, labels).at(log_snr, rows, labels).tolist() == [1.7] * 500
 
 
 def test_model_mismatch_follows_the_threshold_table_at_each_rows_snr_and_fitted_label(tmp_path):

@@ -18,7 +18,7 @@ from starcast.catalogs.schema import (
     spectrum_array,
 )
 from starcast.engine.calibration import EXCESS_PARTS
-from starcast.engine.emulator import DIBS
+from starcast.engine.emulator import DIBS, Threshold
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
     SIGMA_EDGES,
@@ -135,14 +135,16 @@ def test_a_continuum_ripple_raises_the_ripple_statistic_and_is_fitted_at_its_fre
 
 
 def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, bundle):
-    """Through the engine (labels predicted by a tiny ensemble, then refined): about 1 - quantile of
-    clean rows flagged, and a median chi^2 near 1 in each SNR band (the tiny emulator's sigma_emu,
-    an rms over all v sin i, over-explains the high-SNR rows a little: 0.8 measured at SNR 200-500)."""
+    """Through the engine (labels predicted by a tiny ensemble, then refined): few clean rows flagged
+    (each statistic about 1 - its quantile: the chi^2 1%, the ripple, veiling and broadening 0.5% each;
+    at most 2.5%, +-0.8% on 400 rows; measured 3.25%), and a median chi^2 near 1 in each SNR band (the
+    tiny emulator's sigma_emu, an rms over all v sin i, over-explains the high-SNR rows a little: 0.8
+    measured at SNR 200-500)."""
     model = load_model(bundle)
     table = held_survey(source, "val", 400, clean(source), np.random.default_rng(5))
     out = model.predict(table.drop_columns(LABELS), backend="cpu")
     chi2, flags = np.asarray(out.column(CHI2)), np.asarray(out.column("flags"))
-    assert np.mean((flags & Flag.MODEL_MISMATCH) != 0) <= 0.03
+    assert np.mean((flags & Flag.MODEL_MISMATCH) != 0) <= 0.04
     snr = np.asarray(table.column("snr"))
     for lo, hi in ((10, 30), (30, 100), (100, 500)):
         inside = (snr >= lo) & (snr < hi)
@@ -174,7 +176,10 @@ def test_manifest_records_the_emulator_and_its_calibration(bundle):
               for name in ("", "ripple_", "veiling_", "broadening_")]
     assert max(shares) - 0.005 <= entry["metrics"]["val_nodes"]["flagged"] <= sum(shares) + 0.01
     assert entry["broadening_quantile"] == SETTINGS.broadening_quantile
-    assert 0.0 < entry["broadening_threshold"] < np.inf
+    broadening = Threshold.from_manifest(entry["broadening_threshold"], entry["labels"]).values
+    # a quantile of a one-sided statistic: 0 in a cell where no clean row broadens (this tiny emulator's
+    # sharp lines, wider than the data's, are sharpened on every row)
+    assert ((broadening >= 0.0) & (broadening < np.inf)).all() and broadening.max() > 0.0, broadening
     assert {b["snr_lo"] for b in entry["metrics"]["test_nodes"]["chi2_by_snr"]} >= {10.0, 200.0}
 
 
@@ -264,7 +269,7 @@ def test_the_chi2_threshold_is_a_quantile_per_cell_of_snr_and_v_sin_i():
     differently the cells spread; with too few rows per cell, fewer bins of SNR."""
     from types import SimpleNamespace
 
-    from starcast.trainers.emulator import THRESHOLD_EDGES, chi2_threshold
+    from starcast.trainers.emulator import THRESHOLD_EDGES, threshold_table
 
     rng = np.random.default_rng(3)
     n = 40000
@@ -273,15 +278,15 @@ def test_the_chi2_threshold_is_a_quantile_per_cell_of_snr_and_v_sin_i():
     chi2 = 1.0 + spread * np.abs(rng.standard_normal(n))
     fit = SimpleNamespace(chi2=chi2, log_snr=log_snr.astype(np.float32),
                           labels=np.stack([np.full(n, 2e4), np.full(n, 3.5), vsini], axis=1))
-    table = chi2_threshold(fit, LABELS, 0.99)
+    table = threshold_table(chi2, fit, LABELS, 0.99)
     assert table.label == "vsini" and table.values.shape == (4, len(THRESHOLD_EDGES) - 1)
     above = chi2 > table.at(log_snr, fit.labels, LABELS)
     assert above.mean() == pytest.approx(0.01, abs=0.003)
     sharp_high = (vsini < 15.0) & (log_snr > 2.3)
     assert above[sharp_high].mean() < 0.04 and table.values[-1, 0] > 1.5 > table.values[0, 0]
     few = SimpleNamespace(chi2=chi2[:2000], log_snr=fit.log_snr[:2000], labels=fit.labels[:2000])
-    assert chi2_threshold(few, LABELS, 0.99).values.shape == (1, len(THRESHOLD_EDGES) - 1)
+    assert threshold_table(few.chi2, few, LABELS, 0.99).values.shape == (1, len(THRESHOLD_EDGES) - 1)
     slow = vsini < 100.0  # a model trained on fewer v sin i: the bins beyond hold nothing, and go
-    narrow = chi2_threshold(SimpleNamespace(chi2=chi2[slow], log_snr=fit.log_snr[slow],
-                                            labels=fit.labels[slow]), LABELS, 0.99)
+    narrow = threshold_table(chi2[slow], SimpleNamespace(log_snr=fit.log_snr[slow], labels=fit.labels[slow]),
+                             LABELS, 0.99)
     assert len(narrow.knots) == 3 and narrow.knots[-1] < 100.0 and np.isfinite(narrow.values).all()
