@@ -528,10 +528,9 @@ class Emulator:
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)
         light = 1.0 - model * (coef @ self._continuum_rows[:, 0])  # the constant, orthogonal to the continuum
         drop, amount, variance = _drop_beside(light, jacobian, weight, residual)
-        inflation = np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
         with np.errstate(invalid="ignore"):
-            sigma = np.sqrt(variance * inflation)
-        return np.nan_to_num(np.where(amount > 0, drop, 0.0), nan=0.0, posinf=0.0) / inflation, sigma
+            sigma = np.sqrt(variance * np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))
+        return _one_sided(drop, amount, chi2), sigma
 
     @staticmethod
     def broadening(residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
@@ -545,8 +544,7 @@ class Emulator:
         curvature = np.zeros_like(model)
         curvature[:, 1:-1] = model[:, :-2] - 2.0 * model[:, 1:-1] + model[:, 2:]
         drop, broader, _ = _drop_beside(curvature, jacobian, weight, residual)
-        inflation = np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
-        return np.nan_to_num(np.where(broader > 0, drop, 0.0), nan=0.0, posinf=0.0) / inflation
+        return _one_sided(drop, broader, chi2)
 
     @cached_property
     def _dib_windows(self) -> list[slice]:
@@ -823,6 +821,14 @@ def _drop_beside(column: np.ndarray, jacobian: np.ndarray | None, weight: np.nda
     steps = np.linalg.solve(gram[:, :-1, :-1] + ridge[:, :-1, :-1], rhs[:, :-1, None])[..., 0]
     drop = (coef * rhs).sum(axis=1) - (steps * rhs[:, :-1]).sum(axis=1)
     return drop, coef[:, -1], inverse[:, -1, -1]
+
+
+def _one_sided(drop: np.ndarray, coefficient: np.ndarray, chi2: np.ndarray) -> np.ndarray:
+    """(B,) float64: a statistic from `_drop_beside`'s `drop` and `coefficient`: the drop where the
+    coefficient is positive (0 elsewhere and where it is not finite), divided by the reduced chi^2
+    `chi2` where that exceeds 1."""
+    statistic = np.nan_to_num(np.where(coefficient > 0, drop, 0.0), nan=0.0, posinf=0.0)
+    return statistic / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)
 
 
 def save_emulator(path: str | Path, layers: list[tuple], sigma: np.ndarray, entry: dict) -> dict:
