@@ -39,7 +39,7 @@ every line shallower by one factor, which the labels absorb so well that the chi
 (5% of the continuum: median 1.05, log g 5x its clean error; `bench/perturbations.py`). So the final
 residual is searched for it too: the drop in chi^2 from fitting a constant made orthogonal to the
 continuum's terms (what is left of it is the fitted spectrum's lines) beside the labels' linearised
-steps, beyond what those steps alone remove, per unit of the reduced chi^2 (`veiling`). Above the
+steps, beyond what those steps alone remove, per unit of the reduced chi^2 (`line_shape`). Above the
 emulator's `veiling_threshold` the row is flagged MODEL_MISMATCH, and where the light is measured to
 within VEIL_SIGMA_MAX and accounts for VEIL_EXCESS_SHARE of the fit's excess chi^2 it is fitted (a
 constant beside the continuum, VEIL_STEPS refits; `Fit.veil`); the engine then removes it from the
@@ -50,7 +50,7 @@ stated) the labels read as v sin i, and the chi^2 hardly rises (1.00-1.01 at 25-
 macroturbulence). So the residual is searched for it as for light without lines: the drop in chi^2
 from fitting the fitted spectra's curvature (how a wider Gaussian response changes them) beside the
 labels' linearised steps (where the fit refines them; v sin i's among them: what rotation's profile
-can take), beyond what those steps alone remove, per unit of the reduced chi^2 (`broadening`); above
+can take), beyond what those steps alone remove, per unit of the reduced chi^2 (`line_shape`); above
 the emulator's `broadening_threshold` the row is flagged MODEL_MISMATCH (its v sin i an upper bound).
 """
 
@@ -509,42 +509,36 @@ class Emulator:
             out[:, j] = np.where(coef[:, 0] > 0, both - alone, 0.0)
         return out / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)[:, None]
 
-    def veiling(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
-                jacobian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """((B,) statistic, (B,) sigma) float64: the drop in the weighted chi^2 of `residual` [B, D] from
-        fitting it light without lines (a constant added to the normalised spectrum: scattered light, a
-        featureless companion's continuum) beside the continuum's polynomials times the fitted `model`
-        [B, D], against which the constant is first made orthogonal (what is left of it is the fitted
-        spectrum's lines, each shallower by one factor), and beside the fit's `jacobian` ([k, B, D],
-        `refine`'s; its labels read light without lines as shallower lines, so their steps are fitted
-        with it, linearised), less the drop from those steps alone, divided by the reduced chi^2 `chi2`
-        where that exceeds 1 (as the ripple's), 0 where the fitted light is negative (lines deeper than
-        the model's); and the sigma of that light from the same fit (normalised flux; widened by the
-        reduced chi^2 as the labels' are)."""
+    def line_shape(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
+                   jacobian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """((B,) veiling statistic, (B,) light's sigma, (B,) broadening statistic) float64: whether the
+        fitted `model`'s [B, D] lines are shallower or wider than those of the spectrum whose `residual`
+        [B, D] (weights `weight`) it leaves, each beside the fit's `jacobian` ([k, B, D], `refine`'s;
+        its labels read light without lines as shallower lines and broadening as v sin i, so their
+        steps are fitted with it, linearised), less the drop from those steps alone, divided by the
+        reduced chi^2 `chi2` where that exceeds 1 (as the ripple's), one-sided (`_one_sided`).
+        Veiling: the drop in the weighted chi^2 from fitting light without lines (a constant added to
+        the normalised spectrum: scattered light, a featureless companion's continuum) beside the
+        continuum's polynomials times `model`, against which the constant is first made orthogonal
+        (what is left of it is the fitted spectrum's lines, each shallower by one factor); 0 where the
+        fitted light is negative (lines deeper than the model's); its sigma from the same fit
+        (normalised flux; widened by the reduced chi^2 as the labels' are). Broadening: the drop from
+        fitting `model`'s curvature (its second difference over the grid's pixels; a wider Gaussian
+        response changes a spectrum f by its variance times f'' / 2; 0 where the fit would sharpen the
+        lines). One pass over the pixels for both (`_drops_beside`)."""
         p = len(self._continuum_rows)
         gram, rhs = np.empty((len(model), p, p)), np.empty((len(model), p))
         normal_equations(self._continuum_rows, model, weight, np.ones_like(model), gram, rhs)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         coef = np.linalg.solve(gram, rhs[..., None])[..., 0].astype(np.float32)
         light = 1.0 - model * (coef @ self._continuum_rows[:, 0])  # the constant, orthogonal to the continuum
-        drop, amount, variance = _drop_beside(light, jacobian, weight, residual)
-        with np.errstate(invalid="ignore"):
-            sigma = np.sqrt(variance * np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))
-        return _one_sided(drop, amount, chi2), sigma
-
-    @staticmethod
-    def broadening(residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
-                   jacobian: np.ndarray | None = None) -> np.ndarray:
-        """(B,) float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting it the fitted
-        `model`'s [B, D] curvature (its second difference over the grid's pixels; a wider Gaussian
-        response changes a spectrum f by its variance times f'' / 2) beside the fit's `jacobian`
-        ([k, B, D], `refine`'s: v sin i broadens too, by rotation's profile), less the drop from those
-        steps alone, divided by the reduced chi^2 `chi2` where that exceeds 1; 0 where the fit would
-        sharpen the lines."""
         curvature = np.zeros_like(model)
         curvature[:, 1:-1] = model[:, :-2] - 2.0 * model[:, 1:-1] + model[:, 2:]
-        drop, broader, _ = _drop_beside(curvature, jacobian, weight, residual)
-        return _one_sided(drop, broader, chi2)
+        (drop, amount, variance), (wider, broader, _) = _drops_beside([light, curvature], jacobian, weight,
+                                                                      residual)
+        with np.errstate(invalid="ignore"):
+            sigma = np.sqrt(variance * np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))
+        return _one_sided(drop, amount, chi2), sigma, _one_sided(wider, broader, chi2)
 
     @cached_property
     def _dib_windows(self) -> list[slice]:
@@ -695,8 +689,8 @@ class Emulator:
                 dof[at] -= RIPPLE_TERMS + 1
                 plain, chi2[at] = chi2[at], reduced(residual[rows], weight[rows], dof[at])
                 ripple_excess[at] = np.maximum(chi2_excess(plain) - chi2_excess(chi2[at]), 0.0)
-            veiling[part], light_sigma = self.veiling(residual, weight, model, chi2[part], jac)
-            broadening[part] = self.broadening(residual, weight, model, chi2[part], jac)
+            shape = self.line_shape(residual, weight, model, chi2[part], jac)
+            veiling[part], light_sigma, broadening[part] = shape
             with np.errstate(invalid="ignore"):
                 drop = veiling[part] * np.maximum(np.nan_to_num(chi2[part], nan=1.0), 1.0)  # in chi^2
                 fits_light = ((veiling[part] > self.veiling_threshold) & (light_sigma < VEIL_SIGMA_MAX)
@@ -736,12 +730,12 @@ class Fit:
     statistic of the fit without a ripple (`Emulator.ripple`; with the bands where any was fitted; NaN
     with the chi^2), the excess reduced chi^2 that fitting the ripple removed and the ripple's
     frequency (1/A; 0 and NaN where none was fitted), the veiling statistic of the fit without light
-    without lines (`Emulator.veiling`; NaN with the chi^2) and the light fitted where it passes
+    without lines (`Emulator.line_shape`; NaN with the chi^2) and the light fitted where it passes
     `veiling_threshold` (b: the spectrum is its continuum times the emulated one plus b, in units of the
     normalised flux; 0 elsewhere; `Model.predict` removes it from the spectrum, as the bands, and
     keeps the b it removed here, and the variance not knowing it adds to each label [B, len(labels)]:
     the fit's label variances with the light free less those of the spectrum it was removed from; 0
-    here), the broadening statistic of the fit without the light (`Emulator.broadening`; NaN with the
+    here), the broadening statistic of the fit without the light (`Emulator.line_shape`; NaN with the
     chi^2), the statistics of the diffuse bands of the fit
     without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of those fitted
     (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0 elsewhere;
@@ -804,27 +798,36 @@ class Fit:
                                                                          emulator.labels)))
 
 
-def _drop_beside(column: np.ndarray, jacobian: np.ndarray | None, weight: np.ndarray,
-                 residual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """((B,) drop, (B,) coefficient, (B,) its variance): the drop in the weighted chi^2 of `residual`
-    [B, D] (weights `weight`) from fitting it `column` [B, D] beside the `jacobian`'s columns ([k, B, D];
-    None: none), less the drop from those alone; the column's coefficient and its variance from the
-    fit with both (in the column's units; ridged by 1e-9 of the trace, as the continuum's)."""
-    columns = column[None] if jacobian is None else np.concatenate([jacobian, column[None]])
-    k = len(columns)
-    gram, rhs = np.empty((len(residual), k, k)), np.empty((len(residual), k))
-    normal_equations(np.ascontiguousarray(columns, np.float32), np.ones((1, residual.shape[1]), np.float32),
-                     weight, residual, gram, rhs)
-    ridge = np.eye(k) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
-    inverse = np.linalg.inv(gram + ridge)
-    coef = (inverse @ rhs[..., None])[..., 0]
-    steps = np.linalg.solve(gram[:, :-1, :-1] + ridge[:, :-1, :-1], rhs[:, :-1, None])[..., 0]
-    drop = (coef * rhs).sum(axis=1) - (steps * rhs[:, :-1]).sum(axis=1)
-    return drop, coef[:, -1], inverse[:, -1, -1]
+def _drops_beside(columns: list[np.ndarray], jacobian: np.ndarray | None, weight: np.ndarray,
+                  residual: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per column of `columns` ([B, D] each): ((B,) drop, (B,) coefficient, (B,) its variance), the drop
+    in the weighted chi^2 of `residual` [B, D] (weights `weight`) from fitting it that column beside the
+    `jacobian`'s columns ([k, B, D]; None: none), less the drop from those alone; the column's
+    coefficient and its variance from the fit with both (in the column's units; each fit ridged by 1e-9
+    of its trace, as the continuum's). The sums over pixels of all columns in one pass."""
+    k = 0 if jacobian is None else len(jacobian)
+    stacked = np.empty((k + len(columns), *residual.shape), np.float32)
+    if k:
+        stacked[:k] = jacobian
+    stacked[k:] = columns
+    n = len(stacked)
+    everything, sums = np.empty((len(residual), n, n)), np.empty((len(residual), n))
+    normal_equations(stacked, np.ones((1, residual.shape[1]), np.float32), weight, residual, everything, sums)
+    out = []
+    for extra in range(k, len(stacked)):
+        at = [*range(k), extra]
+        gram, rhs = everything[:, at][:, :, at], sums[:, at]
+        ridge = np.eye(k + 1) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
+        inverse = np.linalg.inv(gram + ridge)
+        coef = (inverse @ rhs[..., None])[..., 0]
+        steps = np.linalg.solve(gram[:, :-1, :-1] + ridge[:, :-1, :-1], rhs[:, :-1, None])[..., 0]
+        drop = (coef * rhs).sum(axis=1) - (steps * rhs[:, :-1]).sum(axis=1)
+        out.append((drop, coef[:, -1], inverse[:, -1, -1]))
+    return out
 
 
 def _one_sided(drop: np.ndarray, coefficient: np.ndarray, chi2: np.ndarray) -> np.ndarray:
-    """(B,) float64: a statistic from `_drop_beside`'s `drop` and `coefficient`: the drop where the
+    """(B,) float64: a statistic from `_drops_beside`'s `drop` and `coefficient`: the drop where the
     coefficient is positive (0 elsewhere and where it is not finite), divided by the reduced chi^2
     `chi2` where that exceeds 1."""
     statistic = np.nan_to_num(np.where(coefficient > 0, drop, 0.0), nan=0.0, posinf=0.0)

@@ -59,7 +59,7 @@ def test_veiling_statistic_is_the_float64_least_squares_drop(emulator):
         steps = np.linalg.solve(gram[:k, :k], rhs[:k])
         expected[r] = both @ rhs - steps @ rhs[:k] if both[-1] > 0 else 0.0
         sigma[r] = np.sqrt(np.linalg.inv(gram)[-1, -1])
-    statistic, light_sigma = emulator.veiling(residual, weight, model, np.ones(rows), jacobian)
+    statistic, light_sigma, _ = emulator.line_shape(residual, weight, model, np.ones(rows), jacobian)
     assert (expected > 0).sum() >= rows // 4 and (expected == 0).sum() >= rows // 4
     np.testing.assert_allclose(statistic, expected, atol=1e-3 * max(1.0, expected.max()))
     np.testing.assert_allclose(light_sigma, sigma, rtol=1e-4)
