@@ -58,8 +58,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,6 +69,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
+from threadpoolctl import ThreadpoolController
 
 from ..errors import ModelError
 from ..kernels.features import log10_snr
@@ -635,7 +638,10 @@ class Emulator:
         them); its reduced chi^2 is the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0,
         off ISM_LINES) of (x - e)^2 / (1 / ivar + (f sigma)^2), f the row's `sigma_factor` at `labels`,
         divided by n minus the fitted parameters (NaN where that is not positive). `log_snr` [B]: the rows'
-        `kernels.features.log10_snr`, where the caller has it (None: computed from ivar)."""
+        `kernels.features.log10_snr`, where the caller has it (None: computed from ivar).
+        Rows are fitted in chunks (of up to CHUNK), side by side on as many threads as NumPy's BLAS may
+        use, each chunk's products then on one BLAS thread: most of a fit's time goes to serial NumPy
+        and Numba passes over the pixels, which the BLAS threads would otherwise wait out."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
@@ -652,8 +658,9 @@ class Emulator:
                 return np.where(dof > 0, (residual**2 * weight).sum(axis=1, dtype=np.float64) / dof, np.nan)
 
         factor = self.sigma_factor(labels)
-        for s in range(0, len(x), CHUNK):
-            part = slice(s, s + CHUNK)
+
+        def fit_chunk(s: int) -> None:  # rows s .. s + size, in place
+            part = slice(s, s + size)
             xs = x[part].astype(np.float32)
             weight = self.pixel_weight(ivar[part], factor[part])
             n[part] = (weight > 0).sum(axis=1)
@@ -709,6 +716,20 @@ class Emulator:
                 dof[at] -= 1
                 chi2[at] = reduced(residual[rows], weight[rows], dof[at])
             fitted[part] = best
+
+        threads = _blas_threads()
+        size = min(CHUNK, -(-len(x) // threads))  # every thread gets rows
+        starts = range(0, len(x), max(size, 1))
+        # one fit at a time limits BLAS (a limit is process-wide; each restores what it found)
+        if threads > 1 and len(starts) > 1 and _BLAS_LIMIT.acquire(blocking=False):
+            try:
+                with _blas().limit(limits=1), ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                    list(pool.map(fit_chunk, starts))
+            finally:
+                _BLAS_LIMIT.release()
+        else:
+            for s in starts:
+                fit_chunk(s)
         # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
         errors *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))[:, None]
         explained = np.isfinite(chi2)[:, None]
@@ -796,6 +817,20 @@ class Fit:
                     | (self.veiling > emulator.veiling_threshold)
                     | (self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
                                                                          emulator.labels)))
+
+
+_BLAS_LIMIT = threading.Lock()
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    """NumPy's BLAS, whose threads `Emulator.chi2` reads and limits."""
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _blas_threads() -> int:
+    """The threads NumPy's BLAS may use now (the caller's budget: `pipeline.thread_budget`)."""
+    return max((c.num_threads for c in _blas().lib_controllers), default=1)
 
 
 def _drops_beside(columns: list[np.ndarray], jacobian: np.ndarray | None, weight: np.ndarray,

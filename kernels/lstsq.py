@@ -12,15 +12,16 @@ import numpy as np
 from numba import njit
 
 
-@njit(fastmath={"reassoc", "contract"}, cache=True)
+@njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 def normal_equations(columns, scale, weight, target, gram, rhs):
     """gram[b] = A^T W A and rhs[b] = A^T W y of the weighted least-squares fit of each row b of
     target [B, D] (y) by the k columns A[:, i] = scale[b] * columns[i, b] (elementwise over the D
     pixels), W = diag(weight[b]): gram [B, k, k] and rhs [B, k] float64, filled in place. columns
     [k, B, D] or [k, 1, D] (one set for every row), scale [B, D] or [1, D]: an array of one row
     serves every row. Products and sums in float64, the sums' order left to the compiler (so that
-    they vectorise). Serial, as `resample.doppler_shift`: between the emulator's BLAS products threads
-    of its own wait for BLAS's (over rows in parallel, `infer` took twice as long on 2 cores)."""
+    they vectorise). Serial and without the GIL, as `resample.doppler_shift`: `Emulator.chi2` fits chunks
+    of rows on threads of its own (over rows in parallel here, between the emulator's BLAS products,
+    `infer` took twice as long on 2 cores: these threads waited for BLAS's)."""
     k, _, d = columns.shape
     u, v = np.empty(d), np.empty(d)  # one row's weight * scale^2 and weight * scale * target
     for b in range(target.shape[0]):

@@ -34,7 +34,7 @@ def rest_frame_factor(rv_kms: float) -> float:
     return math.sqrt((1.0 - beta) / (1.0 + beta))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def doppler_shift(spectra, wavelength, rv_kms, out):
     """out[r] = spectra[r] (sampled on the increasing `wavelength`) seen from a source receding at
     rv_kms[r]: spectra[r] at wavelength * rest_frame_factor(rv_kms[r]) by cubic convolution (Keys 1981,
@@ -42,8 +42,9 @@ def doppler_shift(spectra, wavelength, rv_kms, out):
     coordinate, the end pixels repeated beyond the grid and their values held outside it. Linear
     interpolation would smooth a line by a kernel of variance t (1 - t) pixels^2 at a fractional shift
     t, as much as a few km/s of v sin i on a model grid near critical sampling; this one hardly does.
-    Serial: the emulator calls it between NumPy's BLAS products, whose threads spin on the cores for
-    a while after each, so that threads of its own would wait for them (a 13-row shift took 3 ms)."""
+    Serial and without the GIL: the emulator calls it between NumPy's BLAS products, whose threads
+    spin on the cores for a while after each, so that threads of its own would wait for them (a
+    13-row shift took 3 ms), and fits chunks of rows on threads of its own (`Emulator.chi2`)."""
     n_rows, d = spectra.shape
     for r in range(n_rows):
         factor = rest_frame_factor(rv_kms[r])
