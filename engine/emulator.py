@@ -60,6 +60,7 @@ import hashlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import cache, cached_property
 from pathlib import Path
@@ -86,7 +87,7 @@ EMULATOR_FILE = "emulator.safetensors"
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
               "continuum_degree", "refine_steps", "chi2_threshold")
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
-CHUNK = 1024  # rows at a time (the Jacobian holds len(labels) spectra per row)
+CHUNK = 1024  # rows per chunk of a fit (a chunk's Jacobian holds len(labels) + 1 spectra per row)
 V_UNIT = 10.0  # km/s: the velocity's unit in the fit, so that STEP and the step limits suit it too
 V_STEP_MAX = 3.0  # V_UNIT per Gauss-Newton step at most (labels: 1 std), ~one 0.4 A pixel at 4400 A
 V_FIT_MAX = 100.0  # km/s: the residual velocity is kept within +-this (the fit's capture range)
@@ -639,9 +640,10 @@ class Emulator:
         off ISM_LINES) of (x - e)^2 / (1 / ivar + (f sigma)^2), f the row's `sigma_factor` at `labels`,
         divided by n minus the fitted parameters (NaN where that is not positive). `log_snr` [B]: the rows'
         `kernels.features.log10_snr`, where the caller has it (None: computed from ivar).
-        Rows are fitted in chunks (of up to CHUNK), side by side on as many threads as NumPy's BLAS may
-        use, each chunk's products then on one BLAS thread: most of a fit's time goes to serial NumPy
-        and Numba passes over the pixels, which the BLAS threads would otherwise wait out."""
+        Rows are fitted in chunks (of up to CHUNK), side by side on as many threads as BLAS may use, each
+        chunk's products then on one BLAS thread, where this thread may limit BLAS
+        (`_one_blas_thread_each`; else one after the other): most of a fit's time goes to serial NumPy
+        and Numba passes over the pixels, which BLAS's threads would otherwise wait out."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
@@ -720,16 +722,13 @@ class Emulator:
         threads = _blas_threads()
         size = min(CHUNK, -(-len(x) // threads))  # every thread gets rows
         starts = range(0, len(x), max(size, 1))
-        # one fit at a time limits BLAS (a limit is process-wide; each restores what it found)
-        if threads > 1 and len(starts) > 1 and _BLAS_LIMIT.acquire(blocking=False):
-            try:
-                with _blas().limit(limits=1), ThreadPoolExecutor(min(threads, len(starts))) as pool:
+        with _one_blas_thread_each(min(threads, len(starts))) as workers:
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
                     list(pool.map(fit_chunk, starts))
-            finally:
-                _BLAS_LIMIT.release()
-        else:
-            for s in starts:
-                fit_chunk(s)
+            else:
+                for s in starts:
+                    fit_chunk(s)
         # the curvature's sigmas assume the model explains the spectrum; where it does not, widen them
         errors *= np.sqrt(np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0))[:, None]
         explained = np.isfinite(chi2)[:, None]
@@ -819,18 +818,36 @@ class Fit:
                                                                          emulator.labels)))
 
 
-_BLAS_LIMIT = threading.Lock()
+_BLAS_LIMIT = threading.Lock()  # held by the one fit that limits BLAS (a limit is process-wide)
 
 
 @cache
 def _blas() -> ThreadpoolController:
-    """NumPy's BLAS, whose threads `Emulator.chi2` reads and limits."""
+    """The BLAS libraries loaded when first asked (NumPy's, SciPy's), whose threads `Emulator.chi2`
+    reads and limits."""
     return ThreadpoolController().select(user_api="blas")
 
 
 def _blas_threads() -> int:
-    """The threads NumPy's BLAS may use now (the caller's budget: `pipeline.thread_budget`)."""
+    """The threads BLAS may use now (the caller's budget: `pipeline.thread_budget`)."""
     return max((c.num_threads for c in _blas().lib_controllers), default=1)
+
+
+@contextmanager
+def _one_blas_thread_each(threads: int):
+    """Yields the threads a fit may run its chunks on: `threads`, with BLAS on one thread while the
+    context lasts, where this thread may set BLAS's limit and no other fit has set it; else 1, BLAS
+    as it was. (With BLAS's own thread pool threadpoolctl lets one thread, the first to set a limit,
+    set it: in `starcast run` the main thread, not the inference's. Chunk threads that each ran
+    BLAS on several threads would be slower than one after the other.)"""
+    if threads < 2 or not _BLAS_LIMIT.acquire(blocking=False):
+        yield 1
+        return
+    try:
+        with _blas().limit(limits=1):
+            yield threads if _blas_threads() == 1 else 1
+    finally:
+        _BLAS_LIMIT.release()
 
 
 def _drops_beside(columns: list[np.ndarray], jacobian: np.ndarray | None, weight: np.ndarray,

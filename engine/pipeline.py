@@ -76,20 +76,21 @@ class LocalPipeline:
                    disable=not self.progress or not sys.stderr.isatty())
         outputs: dict[int, OutputFile] = {}
         torch_threads = torch.get_num_threads()
-        try:
-            with threadpool_limits(infer_threads, user_api="blas"):  # numpy's BLAS: one pool per process
+        # numpy's BLAS: one pool per process; limited until the stages have stopped
+        with threadpool_limits(infer_threads, user_api="blas"):
+            try:
                 for t in threads:
                     t.start()
                 self._write(reports, results_q, outputs, bar)
-        finally:
-            self._stop.set()
-            for output in outputs.values():
-                output.abort()
-            pool.shutdown(wait=False, cancel_futures=True)
-            for t in threads:
-                t.join(timeout=5)
-            bar.close()
-            torch.set_num_threads(torch_threads)
+            finally:
+                self._stop.set()
+                for output in outputs.values():
+                    output.abort()
+                pool.shutdown(wait=False, cancel_futures=True)
+                for t in threads:
+                    t.join(timeout=5)
+                bar.close()
+                torch.set_num_threads(torch_threads)
 
     # Each stage below runs in its own thread; messages are (kind, file index, payload) tuples,
     # kind in start | rows | end | fail | crash, kept in input order from reader to writer.
