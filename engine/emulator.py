@@ -340,20 +340,27 @@ class Emulator:
         """(sin, cos) float32 [F, D]: the sinusoids of the periodogram's frequencies."""
         return self._waves(self._ripple_frequencies)
 
-    def _ripple_drops(self, residual: np.ndarray, weight: np.ndarray, sin: np.ndarray,
-                      cos: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _ripple_drops(residual: np.ndarray, weight: np.ndarray, sin: np.ndarray, cos: np.ndarray,
+                      shift: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """[B, F] float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting a sinusoid
-        (amplitude and phase) at each of F frequencies, given by their `sin` and `cos` (`_waves`),
-        [F, D] for every row or [B, F, D] per row."""
-        sin2, cos2 = 2.0 * sin * cos, cos * cos - sin * sin
-        wr = weight * residual
-        if sin.ndim == 2:
-            sums = [(w @ basis.T).astype(np.float64) for w, basis in ((wr, sin), (wr, cos), (weight, sin2),
-                                                                     (weight, cos2))]
-        else:
-            sums = [np.einsum("bd,bfd->bf", w, basis, dtype=np.float64)
-                    for w, basis in ((wr, sin), (wr, cos), (weight, sin2), (weight, cos2))]
-        a, b, s2, c2 = sums
+        (amplitude and phase) at each of F frequencies, given by their `sin` and `cos` [F, D]
+        (`_waves`), each frequency moved on each row by the one whose (sin, cos) [B, D] is `shift`, if
+        given: the sums over pixels of the moved waves are then those of the angle-addition formula,
+        matrix products of each row's own wave with the F shared ones."""
+        def sums(w, sin, cos, by) -> tuple[np.ndarray, np.ndarray]:
+            """(sum of w sin, sum of w cos) [B, F] of the waves, each moved by `by` (sin, cos) [B, D]."""
+            if by is None:
+                return (w @ sin.T).astype(np.float64), (w @ cos.T).astype(np.float64)
+            ws, wc = w * by[0], w * by[1]  # sin(x + y) = sin x cos y + cos x sin y, and cos
+            return ((ws @ cos.T + wc @ sin.T).astype(np.float64),
+                    (wc @ cos.T - ws @ sin.T).astype(np.float64))
+
+        def doubled(sin, cos):  # the waves of twice the angle
+            return 2.0 * sin * cos, cos * cos - sin * sin
+
+        a, b = sums(weight * residual, sin, cos, shift)
+        s2, c2 = sums(weight, *doubled(sin, cos), None if shift is None else doubled(*shift))
         total = weight.sum(axis=1, dtype=np.float64)[:, None]
         g11, g12, g22 = (total - c2) / 2, s2 / 2, (total + c2) / 2  # sums of w sin^2, w sin cos, w cos^2
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -376,9 +383,8 @@ class Emulator:
         the most chi^2 from `residual` [B, D], on a grid RIPPLE_REFINE times finer."""
         step = self._ripple_frequencies[1] - self._ripple_frequencies[0]
         offsets = step * np.arange(-(RIPPLE_REFINE // 2), RIPPLE_REFINE // 2 + 1) / RIPPLE_REFINE
-        candidates = freq[:, None] + offsets[None, :]
-        best = self._ripple_drops(residual, weight, *self._waves(candidates)).argmax(axis=1)
-        return candidates[np.arange(len(freq)), best]
+        drops = self._ripple_drops(residual, weight, *self._waves(offsets), shift=self._waves(freq))
+        return freq + offsets[drops.argmax(axis=1)]
 
     @cached_property
     def dib_basis(self) -> np.ndarray:
