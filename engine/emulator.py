@@ -329,11 +329,11 @@ class Emulator:
         span = self.wavelength[-1] - self.wavelength[0]
         return np.arange(1.0 / RIPPLE_PERIODS[1], 1.0 / RIPPLE_PERIODS[0], 1.0 / (RIPPLE_OVERSAMPLING * span))
 
-    def _waves(self, freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(sin, cos) float32 [..., D]: the sinusoids of the frequencies `freq` [...], 1/A, on the grid
-        (phase 0 at its first pixel)."""
+    def _waves(self, freq: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(sin, cos) [..., D] of `dtype`: the sinusoids of the frequencies `freq` [...], 1/A, on the grid
+        (phase 0 at its first pixel, so that a wave of f + g is one of f turned by one of g)."""
         phase = 2.0 * np.pi * (self.wavelength - self.wavelength[0]) * np.asarray(freq)[..., None]
-        return np.sin(phase).astype(np.float32), np.cos(phase).astype(np.float32)
+        return np.sin(phase).astype(dtype), np.cos(phase).astype(dtype)
 
     @cached_property
     def _ripple_waves(self) -> tuple[np.ndarray, np.ndarray]:
@@ -342,25 +342,26 @@ class Emulator:
 
     @staticmethod
     def _ripple_drops(residual: np.ndarray, weight: np.ndarray, sin: np.ndarray, cos: np.ndarray,
-                      shift: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                      row_wave: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """[B, F] float64: the drop in the weighted chi^2 of `residual` [B, D] from fitting a sinusoid
         (amplitude and phase) at each of F frequencies, given by their `sin` and `cos` [F, D]
-        (`_waves`), each frequency moved on each row by the one whose (sin, cos) [B, D] is `shift`, if
-        given: the sums over pixels of the moved waves are then those of the angle-addition formula,
-        matrix products of each row's own wave with the F shared ones."""
-        def sums(w, sin, cos, by) -> tuple[np.ndarray, np.ndarray]:
-            """(sum of w sin, sum of w cos) [B, F] of the waves, each moved by `by` (sin, cos) [B, D]."""
-            if by is None:
+        (`_waves`); with `row_wave`, the (sin, cos) [B, D] of one frequency per row (`_waves`), row b's
+        F frequencies are those plus its own, whose waves' sums over the pixels follow from the
+        angle-addition formula as matrix products of each row's wave with the F shared ones. The sums
+        in the waves' precision."""
+        def sums(w, sin, cos, turn) -> tuple[np.ndarray, np.ndarray]:
+            """(sum of w sin, sum of w cos) [B, F] of the waves, each turned by the row's `turn`."""
+            if turn is None:
                 return (w @ sin.T).astype(np.float64), (w @ cos.T).astype(np.float64)
-            ws, wc = w * by[0], w * by[1]  # sin(x + y) = sin x cos y + cos x sin y, and cos
+            ws, wc = w * turn[0], w * turn[1]  # sin(x + y) = sin x cos y + cos x sin y, and cos
             return ((ws @ cos.T + wc @ sin.T).astype(np.float64),
                     (wc @ cos.T - ws @ sin.T).astype(np.float64))
 
         def doubled(sin, cos):  # the waves of twice the angle
             return 2.0 * sin * cos, cos * cos - sin * sin
 
-        a, b = sums(weight * residual, sin, cos, shift)
-        s2, c2 = sums(weight, *doubled(sin, cos), None if shift is None else doubled(*shift))
+        a, b = sums(weight * residual, sin, cos, row_wave)
+        s2, c2 = sums(weight, *doubled(sin, cos), None if row_wave is None else doubled(*row_wave))
         total = weight.sum(axis=1, dtype=np.float64)[:, None]
         g11, g12, g22 = (total - c2) / 2, s2 / 2, (total + c2) / 2  # sums of w sin^2, w sin cos, w cos^2
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -383,7 +384,10 @@ class Emulator:
         the most chi^2 from `residual` [B, D], on a grid RIPPLE_REFINE times finer."""
         step = self._ripple_frequencies[1] - self._ripple_frequencies[0]
         offsets = step * np.arange(-(RIPPLE_REFINE // 2), RIPPLE_REFINE // 2 + 1) / RIPPLE_REFINE
-        drops = self._ripple_drops(residual, weight, *self._waves(offsets), shift=self._waves(freq))
+        # in float64: the 9 frequencies' drops differ little, and with few weighted pixels float32 sums
+        # pick another frequency on up to a quarter of the rows
+        drops = self._ripple_drops(residual, weight, *self._waves(offsets, np.float64),
+                                   row_wave=self._waves(freq, np.float64))
         return freq + offsets[drops.argmax(axis=1)]
 
     @cached_property
@@ -521,21 +525,21 @@ class Emulator:
 
     def line_shape(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
                    jacobian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """((B,) veiling statistic, (B,) light's sigma, (B,) broadening statistic) float64: whether the
-        fitted `model`'s [B, D] lines are shallower or wider than those of the spectrum whose `residual`
-        [B, D] (weights `weight`) it leaves, each beside the fit's `jacobian` ([k, B, D], `refine`'s;
-        its labels read light without lines as shallower lines and broadening as v sin i, so their
-        steps are fitted with it, linearised), less the drop from those steps alone, divided by the
-        reduced chi^2 `chi2` where that exceeds 1 (as the ripple's), one-sided (`_one_sided`).
-        Veiling: the drop in the weighted chi^2 from fitting light without lines (a constant added to
-        the normalised spectrum: scattered light, a featureless companion's continuum) beside the
-        continuum's polynomials times `model`, against which the constant is first made orthogonal
-        (what is left of it is the fitted spectrum's lines, each shallower by one factor); 0 where the
-        fitted light is negative (lines deeper than the model's); its sigma from the same fit
-        (normalised flux; widened by the reduced chi^2 as the labels' are). Broadening: the drop from
-        fitting `model`'s curvature (its second difference over the grid's pixels; a wider Gaussian
-        response changes a spectrum f by its variance times f'' / 2; 0 where the fit would sharpen the
-        lines). One pass over the pixels for both (`_drops_beside`)."""
+        """((B,) veiling statistic, (B,) light's sigma, (B,) broadening statistic) float64, which say
+        whether the fitted `model`'s [B, D] lines are shallower or wider than the spectrum's: each the
+        drop in the weighted chi^2 of the fit's `residual` [B, D] (weights `weight`) from fitting it one
+        column beside the fit's `jacobian` ([k, B, D], `refine`'s; its labels read light without lines
+        as shallower lines and broadening as v sin i, so their steps are fitted with the column,
+        linearised), less the drop from those steps alone, divided by the reduced chi^2 `chi2` where
+        that exceeds 1 (as the ripple's), one-sided (`_one_sided`); both columns in one pass over the
+        pixels (`_drops_beside`). Veiling: the column is light without lines (a constant added to the
+        normalised spectrum: scattered light, a featureless companion's continuum) made orthogonal to
+        the continuum's polynomials times `model` (what is left of it is the fitted spectrum's lines,
+        each shallower by one factor); 0 where the fitted light is negative (lines deeper than the
+        model's); the light's sigma from the same fit (normalised flux; widened by the reduced chi^2 as
+        the labels' are). Broadening: the column is `model`'s curvature (its second difference over the
+        grid's pixels; a wider Gaussian response changes a spectrum f by its variance times f'' / 2); 0
+        where the fit would sharpen the lines."""
         p = len(self._continuum_rows)
         gram, rhs = np.empty((len(model), p, p)), np.empty((len(model), p))
         normal_equations(self._continuum_rows, model, weight, np.ones_like(model), gram, rhs)
@@ -649,7 +653,8 @@ class Emulator:
         Rows are fitted in chunks (of up to CHUNK), side by side on as many threads as BLAS may use, each
         chunk's products then on one BLAS thread, where this thread may limit BLAS
         (`_one_blas_thread_each`; else one after the other): most of a fit's time goes to serial NumPy
-        and Numba passes over the pixels, which BLAS's threads would otherwise wait out."""
+        and Numba passes over the pixels, which BLAS's threads would otherwise wait out (each thread
+        holds its chunk's Jacobian, len(labels) + 1 float32 spectra per row)."""
         lo = np.full(len(self.labels), -np.inf) if lo is None else np.asarray(lo, np.float64)
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))

@@ -53,3 +53,30 @@ def test_the_fitted_ripples_frequency_is_the_best_near_the_periodograms_peak():
     assert abs(fine - 1 / periods[np.argmax(drops)]) <= step
     assert lstsq_drop(residual, weight, wl, 1 / fine) >= 0.99 * max(drops) > 1.01 * lstsq_drop(
         residual, weight, wl, 1 / coarse[0])
+
+
+def test_each_row_gets_the_best_of_its_own_candidates():
+    """Rows of different ripples and masks, refined together: each row's frequency is the candidate
+    (its periodogram frequency plus the finer grid's offsets) whose sinusoid a float64 least-squares
+    fit of that row finds best (or one within 1e-6 of its drop)."""
+    emulator = starcast.load_model().emulator
+    wl = emulator.wavelength
+    rng = np.random.default_rng(8)
+    periods = np.array([18.0, 33.3, 47.3, 61.0, 95.0, 140.0])
+    weight = np.full((len(periods), len(wl)), 1 / 0.01**2)
+    weight[rng.random(weight.shape) < 0.1] = 0.0
+    for row, start in enumerate(rng.integers(0, len(wl) - 300, len(periods))):
+        weight[row, start:start + 300] = 0.0  # a gap of 60 A
+    residual = rng.normal(0.0, 0.01, weight.shape) + 0.003 * np.sin(
+        2 * np.pi * wl[None] / periods[:, None] + rng.uniform(0, 2 * np.pi, (len(periods), 1)))
+    r32, w32 = residual.astype(np.float32), weight.astype(np.float32)
+    _, coarse = emulator.ripple(r32, w32, np.ones(len(periods)))
+    fine = emulator.ripple_frequency(r32, w32, coarse)
+    step = np.diff(emulator._ripple_frequencies)[0]
+    offsets = step * np.arange(-(RIPPLE_REFINE // 2), RIPPLE_REFINE // 2 + 1) / RIPPLE_REFINE
+    for row in range(len(periods)):
+        candidates = coarse[row] + offsets
+        drops = np.array([lstsq_drop(residual[row], weight[row], wl, 1 / f) for f in candidates])
+        assert np.isclose(fine[row], candidates).any()
+        assert lstsq_drop(residual[row], weight[row], wl, 1 / fine[row]) >= drops.max() * (1 - 1e-6), row
+        assert abs(1 / fine[row] - periods[row]) < 0.05 * periods[row]
