@@ -19,11 +19,14 @@ def normal_equations(columns, scale, weight, target, gram, rhs):
     pixels), W = diag(weight[b]): gram [B, k, k] and rhs [B, k] float64, filled in place. columns
     [k, B, D] or [k, 1, D] (one set for every row), scale [B, D] or [1, D]: an array of one row
     serves every row. Products and sums in float64, the sums' order left to the compiler (so that
-    they vectorise). Serial and without the GIL, as `resample.doppler_shift`: `Emulator.chi2` fits chunks
-    of rows on threads of its own (over rows in parallel here, between the emulator's BLAS products,
-    `infer` took twice as long on 2 cores: these threads waited for BLAS's)."""
+    they vectorise); a row's all-zero columns are skipped (their sums are 0: the emulator's fit gives
+    each refitted row the columns of every diffuse band that any row of its batch has). Serial and
+    without the GIL, as `resample.doppler_shift`: `Emulator.chi2` fits chunks of rows on threads of
+    its own (over rows in parallel here, between the emulator's BLAS products, `infer` took twice as
+    long on 2 cores: these threads waited for BLAS's)."""
     k, _, d = columns.shape
     u, v = np.empty(d), np.empty(d)  # one row's weight * scale^2 and weight * scale * target
+    used = np.empty(k, np.bool_)  # the row's columns that are not all zero
     for b in range(target.shape[0]):
         c = b if columns.shape[1] > 1 else 0
         s = b if scale.shape[0] > 1 else 0
@@ -32,13 +35,21 @@ def normal_equations(columns, scale, weight, target, gram, rhs):
             u[p] = ws * scale[s, p]
             v[p] = ws * target[b, p]
         for i in range(k):
+            used[i] = False
+            for p in range(d):
+                if columns[i, c, p] != 0.0:
+                    used[i] = True
+                    break
+        for i in range(k):
             for j in range(i, k):
                 total = 0.0
-                for p in range(d):
-                    total += u[p] * columns[i, c, p] * columns[j, c, p]
+                if used[i] and used[j]:
+                    for p in range(d):
+                        total += u[p] * columns[i, c, p] * columns[j, c, p]
                 gram[b, i, j] = total
                 gram[b, j, i] = total
             total = 0.0
-            for p in range(d):
-                total += v[p] * columns[i, c, p]
+            if used[i]:
+                for p in range(d):
+                    total += v[p] * columns[i, c, p]
             rhs[b, i] = total

@@ -1,5 +1,6 @@
 """The normal equations kernel against NumPy's float64 sums (and a weighted least-squares solution
-from `numpy.linalg.lstsq`), with columns and scales per row or one set for every row."""
+from `numpy.linalg.lstsq`), with columns and scales per row or one set for every row, some columns
+zero (all of a row's, or up to a pixel)."""
 
 import numpy as np
 from hypothesis import given, settings
@@ -13,6 +14,9 @@ from starcast.kernels.lstsq import normal_equations
 def test_normal_equations_match_float64_sums(rows, k, d, shared_columns, shared_scale, seed):
     rng = np.random.default_rng(seed)
     columns = rng.normal(size=(k, 1 if shared_columns else rows, d)).astype(np.float32)
+    columns[rng.uniform(size=columns.shape[:2]) < 0.3] = 0.0  # all-zero columns, which it skips
+    prefix = rng.integers(0, d + 1, columns.shape[:2])  # and columns zero up to a pixel, which it must not
+    columns[np.arange(d) < prefix[..., None]] = 0.0
     scale = rng.uniform(0.2, 1.5, (1 if shared_scale else rows, d)).astype(np.float32)
     weight = (rng.uniform(0.0, 1e4, (rows, d)) * (rng.uniform(size=(rows, d)) > 0.1)).astype(np.float32)
     target = rng.normal(size=(rows, d)).astype(np.float32)
