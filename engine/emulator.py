@@ -443,20 +443,22 @@ class Emulator:
         e = self.blur(self.spectra(labels), blur)
         return self._times_continuum(x, weight, e if rv is None else self.shift(e, rv), extra, veil)
 
-    def _times_continuum(self, x: np.ndarray, weight: np.ndarray, e: np.ndarray,
-                         extra: np.ndarray | None, veil: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """`fit_continuum` of the emulated spectra e [B, D] as they are."""
+    def _times_continuum(self, x: np.ndarray, weight: np.ndarray, e: np.ndarray, extra: np.ndarray | None,
+                         veil: bool = False, columns: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """`fit_continuum` of the emulated spectra e [B, D] as they are; `columns`: the rows'
+        `_continuum_columns`, where the caller fits the same rows again and again (None: made here)."""
         polynomials = self._continuum_rows  # [p0, 1, D]
         q = 0 if extra is None else extra.shape[2]
         p = len(polynomials) + q + veil
         if p == 0:
             return e, np.empty((len(e), 0), np.float32)
-        columns = polynomials
-        if q or veil:  # per row; the light's column 1 / e, which `normal_equations` multiplies by e
-            columns = [np.broadcast_to(polynomials, (len(polynomials), *e.shape))]
-            columns += [extra.transpose(2, 0, 1)] if q else []
-            columns += [1.0 / np.maximum(e, LIGHT_FLOOR)[None]] if veil else []
-            columns = np.concatenate(columns)
+        if q or veil:
+            columns = self._continuum_columns(extra, veil, len(e)) if columns is None else columns
+            if veil:  # the light's column 1 / e, which `normal_equations` multiplies by e
+                columns[-1] = 1.0 / np.maximum(e, LIGHT_FLOOR)
+        else:
+            columns = polynomials
         gram, rhs = np.empty((len(e), p, p)), np.empty((len(e), p))
         normal_equations(columns, e, weight, x, gram, rhs)  # of the columns e * T_k (and e * extra)
         gram += np.eye(p) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
@@ -465,6 +467,18 @@ class Emulator:
         if q:
             continuum += np.einsum("bdq,bq->bd", extra, coef[:, len(polynomials):len(polynomials) + q])
         return e * continuum + (coef[:, -1:] if veil else 0.0), coef
+
+    def _continuum_columns(self, extra: np.ndarray | None, veil: bool, rows: int) -> np.ndarray:
+        """[p + q + veil, rows, D] float32: the continuum's columns for `normal_equations` of `rows` rows
+        with terms `extra` [rows, D, q] of their own: the polynomials, those terms and, with `veil`, a
+        slot for the light's column, which `_times_continuum` fills for each emulated spectrum."""
+        polynomials = self._continuum_rows
+        q = 0 if extra is None else extra.shape[2]
+        columns = np.empty((len(polynomials) + q + veil, rows, polynomials.shape[2]), np.float32)
+        columns[:len(polynomials)] = polynomials
+        if q:
+            columns[len(polynomials):len(polynomials) + q] = extra.transpose(2, 0, 1)
+        return columns
 
     @cached_property
     def _continuum_rows(self) -> np.ndarray:
@@ -593,8 +607,11 @@ class Emulator:
         def emulated(z):  # unshifted
             return self.blur(self.spectra(z[:, :k] * scale[:k] + offset[:k]), blur)
 
+        # the continuum's columns, made once for every point the steps try (None: the polynomials')
+        columns = self._continuum_columns(extra, veil, len(x)) if extra is not None or veil else None
+
         def fitted(e, z):  # e shifted to z's rv, times its continuum
-            return self._times_continuum(x, weight, self.shift(e, z[:, k] * V_UNIT), extra, veil)[0]
+            return self._times_continuum(x, weight, self.shift(e, z[:, k] * V_UNIT), extra, veil, columns)[0]
 
         no_scale = np.ones((1, x.shape[1]), np.float32)
 
