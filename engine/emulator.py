@@ -889,13 +889,14 @@ def _drops_beside(columns: list[np.ndarray], jacobian: np.ndarray | None, weight
     stacked = np.empty((k + len(columns), *residual.shape), np.float32)
     if k:
         stacked[:k] = jacobian
-    stacked[k:] = columns
+    for i, column in enumerate(columns, start=k):  # in place: the list as an array would be a copy
+        stacked[i] = column
     n = len(stacked)
     everything, sums = np.empty((len(residual), n, n)), np.empty((len(residual), n))
     normal_equations(stacked, np.ones((1, residual.shape[1]), np.float32), weight, residual, everything, sums)
     out = []
-    for extra in range(k, len(stacked)):
-        at = [*range(k), extra]
+    for i in range(k, n):
+        at = [*range(k), i]
         gram, rhs = everything[:, at][:, :, at], sums[:, at]
         ridge = np.eye(k + 1) * (1e-9 * np.trace(gram, axis1=1, axis2=2) + 1e-300)[:, None, None]
         inverse = np.linalg.inv(gram + ridge)
