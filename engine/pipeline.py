@@ -76,21 +76,19 @@ class LocalPipeline:
                    disable=not self.progress or not sys.stderr.isatty())
         outputs: dict[int, OutputFile] = {}
         torch_threads = torch.get_num_threads()
-        # numpy's BLAS: one pool per process; limited until the stages have stopped
-        with threadpool_limits(infer_threads, user_api="blas"):
-            try:
-                for t in threads:
-                    t.start()
-                self._write(reports, results_q, outputs, bar)
-            finally:
-                self._stop.set()
-                for output in outputs.values():
-                    output.abort()
-                pool.shutdown(wait=False, cancel_futures=True)
-                for t in threads:
-                    t.join(timeout=5)
-                bar.close()
-                torch.set_num_threads(torch_threads)
+        try:
+            for t in threads:
+                t.start()
+            self._write(reports, results_q, outputs, bar)
+        finally:
+            self._stop.set()
+            for output in outputs.values():
+                output.abort()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for t in threads:
+                t.join(timeout=5)
+            bar.close()
+            torch.set_num_threads(torch_threads)
 
     # Each stage below runs in its own thread; messages are (kind, file index, payload) tuples,
     # kind in start | rows | end | fail | crash, kept in input order from reader to writer.
@@ -133,16 +131,20 @@ class LocalPipeline:
 
     def _infer(self, in_q: queue.Queue, threads: int | None, out_q: queue.Queue) -> None:
         limit_threads(None, threads)
-        while True:
-            msg = self._get(in_q).result()
-            if msg is not None and msg[0] == "rows":
-                t0 = time.perf_counter()
-                table = self.predictor.infer(msg[2])
-                self._add("infer", time.perf_counter() - t0)
-                msg = ("rows", msg[1], table)
-            self._put(out_q, msg)
-            if msg is None:
-                return
+        # NumPy's BLAS has one pool per process, limited here, not in the main thread: threadpoolctl
+        # lets only the thread that set a limit change it, and the emulator fit, run from this thread,
+        # lowers it to one BLAS thread per chunk to fit its chunks side by side (`Emulator.chi2`)
+        with threadpool_limits(threads, user_api="blas"):
+            while True:
+                msg = self._get(in_q).result()
+                if msg is not None and msg[0] == "rows":
+                    t0 = time.perf_counter()
+                    table = self.predictor.infer(msg[2])
+                    self._add("infer", time.perf_counter() - t0)
+                    msg = ("rows", msg[1], table)
+                self._put(out_q, msg)
+                if msg is None:
+                    return
 
     def _write(self, reports, in_q: queue.Queue, outputs: dict, bar: tqdm) -> None:
         failed = set()

@@ -6,8 +6,12 @@ import threading
 from dataclasses import fields
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from starcast.catalogs.io import write_catalog
 from starcast.engine import emulator as module
+from starcast.engine import pipeline
+from starcast.engine.run import run
 from threadpoolctl import threadpool_limits
 
 import starcast
@@ -98,3 +102,20 @@ def test_a_fit_off_the_thread_that_limits_blas_never_oversubscribes(fit_input, s
         assert module._blas_threads() == 2
     assert len({thread for thread, _ in seen}) == 1 or {blas for _, blas in seen} == {1}, seen
     _same(out["fit"], serial, exact=False)
+
+
+def test_starcast_run_fits_its_chunks_side_by_side_on_the_inference_cores(fit_input, seen, monkeypatch,
+                                                                          tmp_path):
+    """On the CPU the local pipeline gives inference its share of the cores: its thread limits BLAS to
+    them, so that its fit may lower the limit and run its chunks on them, one BLAS thread each."""
+    emulator, x, ivar, _ = fit_input
+    if module._blas_threads() < 2:
+        pytest.skip("one core: no threads to fit on")
+    monkeypatch.setattr(pipeline, "thread_budget", lambda backend, workers=1: (1, 2))
+    flux = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+    noise = pa.FixedSizeListArray.from_arrays(pa.array((1.0 / np.sqrt(ivar)).ravel()), x.shape[1])
+    write_catalog(pa.table({"id": np.arange(len(x)), "flux": flux, "flux_err": noise}),
+                  tmp_path / "cat.parquet", grid=starcast.load_model().grid)
+    manifest = run(tmp_path / "cat.parquet", tmp_path / "out", backend="cpu", progress=False)
+    assert manifest["totals"]["rows_out"] == len(x)
+    assert len({thread for thread, _ in seen}) == 2 and {blas for _, blas in seen} == {1}, seen
