@@ -866,8 +866,8 @@ def _one_blas_thread_each(threads: int):
     """Yields the threads a fit may run its chunks on: `threads`, with BLAS on one thread while the
     context lasts, where this thread may set BLAS's limit and no other fit has set it; else 1, BLAS
     as it was. (With BLAS's own thread pool threadpoolctl lets one thread, the first to set a limit,
-    set it: in `starcast run` the main thread, not the inference's. Chunk threads that each ran
-    BLAS on several threads would be slower than one after the other.)"""
+    set it: `starcast run` sets it in its inference thread for this reason. Chunk threads that each
+    ran BLAS on several threads would be slower than one after the other.)"""
     if threads < 2 or not _BLAS_LIMIT.acquire(blocking=False):
         yield 1
         return

@@ -87,8 +87,9 @@ def test_chunks_on_threads_fit_as_one_after_the_other(fit_input, seen, monkeypat
 
 
 def test_a_fit_off_the_thread_that_limits_blas_never_oversubscribes(fit_input, seen, monkeypatch):
-    """As in `starcast run`: the main thread limits BLAS, the fit runs in another. Where that thread may
-    not set the limit (threadpoolctl's rule for BLAS's own thread pool), its chunks run in turn."""
+    """A caller's thread limits BLAS, the fit runs in another (as `starcast run` did before its
+    inference thread set the limit). Where that thread may not set the limit (threadpoolctl's rule for
+    BLAS's own thread pool), its chunks run in turn."""
     emulator, x, ivar, start = fit_input
     serial = _serial_in_chunks_of_two_threads(fit_input, monkeypatch)
     seen.clear()
