@@ -63,7 +63,9 @@ def eval_(results: str, truth: str, out: str, split: str | None, ood: str | None
                       min_match=min_match)
     rows = report["rows"]
     click.echo(f"ids: {rows['ids_matched']} matched, {rows['results_unmatched']} results without truth, "
-               f"{rows['truth_unmatched']} truths without results")
+               f"{rows['truth_unmatched']} truths without results"
+               + (f" ({rows['results_repeated_ids']} result rows repeat an earlier row's id: paired with the "
+                  "truth's rows of that id in order)" if rows["results_repeated_ids"] else ""))
     for name, m in report["targets"].items():
         click.echo(f"{name}: rmse {m['rmse']:.4g}  bias {m['bias']:+.3g}  nll {m['nll']:.3f}  "
                    f"coverage 68/95 {m['coverage_68']:.3f}/{m['coverage_95']:.3f}")

@@ -1,7 +1,9 @@
 """`starcast eval`: a results catalog against the true labels, as a JSON report and PNG plots.
 
-Rows are matched by `id` (fewer than `min_match` of the smaller side matched is an error: the wrong
-truth catalog); rows without a finite prediction are counted, not scored. Truths outside
+Rows are matched by `id`, the k-th row of an id in the results with the k-th of that id in the truth
+(a duplicated id is predicted once per row, in the input's order), so that each row is scored once
+(fewer than `min_match` of the smaller side matched is an error: the wrong truth catalog); rows
+without a finite prediction are counted, not scored. Truths outside
 the model's training range (or a second, out-of-distribution results catalog) are scored only by
 how well the epistemic sigma singles them out (AUROC); accuracy and calibration use in-range rows.
 """
@@ -24,6 +26,7 @@ from ..errors import CatalogError
 from .metrics import VSINI_EDGES, auroc, binned_bias, coverage_in_bins, summary
 from .plots import EvalArrays, write_plots
 
+OCCURRENCE = "__occurrence"  # the column that numbers the rows of each id, 0 first: a join key beside id
 MIN_MATCH = 0.9  # default: at least this fraction of the smaller of results and truth must match by id
 BIAS_MIN_SNR = 30.0
 RMSE_MIN_SNR = 100.0  # the RMSE goals hold at SNR >= this (v sin i: true above the resolution)
@@ -60,13 +63,41 @@ def result_targets(results: pa.Table) -> list[str]:
     return [c for c in names if f"{c}_err" in names and f"{c}_err_epistemic" in names]
 
 
+def with_occurrence(table: pa.Table) -> pa.Table:
+    """`table` with an OCCURRENCE column: 0 on the first row of each id, 1 on its second, ..."""
+    codes = _array(pc.dictionary_encode(_array(table.column(ID))).indices)
+    codes = pc.fill_null(codes, -1).to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    first = np.r_[True, np.diff(codes[order]) != 0]  # the first of each id in sorted order
+    start = np.maximum.accumulate(np.where(first, np.arange(len(codes)), 0))
+    occurrence = np.empty(len(codes), np.int64)
+    occurrence[order] = np.arange(len(codes)) - start
+    return table.append_column(OCCURRENCE, pa.array(occurrence))
+
+
+def ids_like(results: pa.Table, truth: pa.Table) -> pa.Table:
+    """`truth` with its ids cast to the results' id type (e.g. int32 to int64); `CatalogError` when
+    they cannot be (strings against integers)."""
+    ours, theirs = results.schema.field(ID).type, truth.schema.field(ID).type
+    if ours == theirs:
+        return truth
+    try:
+        return truth.set_column(truth.schema.get_field_index(ID), ID, truth.column(ID).cast(ours))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise CatalogError(f"ids are {ours} in the results but {theirs} in the truth catalog") from None
+
+
+def _paired(results: pa.Table, truth: pa.Table) -> pa.Table:
+    """The inner join of `with_occurrence` tables on id and occurrence (truth columns suffixed)."""
+    return results.join(truth, keys=[ID, OCCURRENCE], join_type="inner", right_suffix="_true")
+
+
 def _arrays(results: pa.Table, truth: pa.Table | None) -> dict[str, np.ndarray]:
-    """Numeric columns as float arrays, after an inner join with `truth` on id when given."""
-    table = results if truth is None else results.join(truth, keys=ID, join_type="inner",
-                                                       right_suffix="_true")
+    """Numeric columns as float arrays, after the `_paired` join with `truth` when given."""
+    table = results if truth is None else _paired(results, truth)
     out = {}
     for col in table.column_names:
-        if col == ID or pa.types.is_string(table.column(col).type):
+        if col in (ID, OCCURRENCE) or pa.types.is_string(table.column(col).type):
             continue
         out[col] = table.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
     return out
@@ -81,16 +112,14 @@ def _finite(cols: dict, names: list[str], truth: bool) -> np.ndarray:
 
 
 def match_ids(results: pa.Table, truth: pa.Table, min_match: float = MIN_MATCH) -> dict:
-    """Counts of result and truth ids, matched and not; `CatalogError` when fewer than `min_match` of
-    the smaller of the two sets match (results scored against the wrong truth catalog)."""
-    try:
-        in_truth = pc.is_in(results.column(ID), value_set=_array(truth.column(ID)))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        raise CatalogError(f"ids are {results.schema.field(ID).type} in the results but "
-                           f"{truth.schema.field(ID).type} in the truth catalog") from None
-    matched = int(pc.sum(in_truth).as_py() or 0)
+    """Counts of result and truth rows, paired by id and occurrence (`with_occurrence` tables) and not,
+    and of result rows whose id an earlier row has; `CatalogError` when fewer than `min_match` of the
+    smaller of the two match (results scored against the wrong truth catalog)."""
+    matched = _paired(results.select([ID, OCCURRENCE]), truth.select([ID, OCCURRENCE])).num_rows
+    repeated = int(pc.sum(pc.greater(results.column(OCCURRENCE), 0)).as_py() or 0)
     counts = {"results": results.num_rows, "truth": truth.num_rows, "ids_matched": matched,
-              "results_unmatched": results.num_rows - matched, "truth_unmatched": truth.num_rows - matched}
+              "results_unmatched": results.num_rows - matched, "truth_unmatched": truth.num_rows - matched,
+              "results_repeated_ids": repeated}
     smaller = min(results.num_rows, truth.num_rows)
     if matched < min_match * smaller or smaller == 0:
         raise CatalogError(f"only {matched} of {results.num_rows} result ids are in the truth catalog "
@@ -114,9 +143,11 @@ def evaluate(results: pa.Table, truth: pa.Table, *, ranges: dict[str, tuple[floa
     names = [n for n in result_targets(results) if n in truth.column_names]
     if not names:
         raise CatalogError("no target is both predicted in the results and present in the truth catalog")
+    results, truth = with_occurrence(results), with_occurrence(ids_like(results, truth))
     ids = match_ids(results, truth, min_match)
-    keep = [ID, *names, *(c for c in (SNR,) if c in truth.column_names)]
-    truth = truth.select(keep).rename_columns([c if c in (ID, SNR) else f"{c}_true" for c in keep])
+    keep = [ID, OCCURRENCE, *names, *(c for c in (SNR,) if c in truth.column_names)]
+    truth = truth.select(keep).rename_columns([c if c in (ID, OCCURRENCE, SNR) else f"{c}_true"
+                                               for c in keep])
     results = results.drop_columns([c for c in (SNR,) if c in results.column_names])
     cols = _arrays(results, truth)
     ok = _finite(cols, names, truth=True)

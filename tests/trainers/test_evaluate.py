@@ -86,3 +86,22 @@ def test_eval_cli_split_selects_truth_rows(tmp_path):
                                      "--split", "test"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r" / "report.json").read_text())["rows"]["scored"] == 100
+
+
+def test_a_duplicated_id_pairs_its_rows_in_order_and_each_is_scored_once():
+    """Ids repeated in the input are predicted once per row (in the input's order): the k-th result row
+    of an id is scored against the k-th truth row of that id, not against all of them."""
+    from starcast.trainers.evaluate import evaluate
+
+    truth, results, y, mean, *_ = _tables(n=300, n_out=0)
+    ids = np.arange(300) // 3  # every id three times, truth and results in the same order
+    truth = pa.table({"id": pa.array(ids, pa.int32()), **{t: y[:, k] for k, t in enumerate(NAMES)}})
+    results = results.set_column(0, "id", pa.array(ids, pa.int64()))  # another integer width: cast
+    report = evaluate(results, truth)[0]
+    assert report["rows"]["matched"] == report["rows"]["ids_matched"] == 300
+    assert report["rows"]["results_repeated_ids"] == 200 and report["rows"]["truth_unmatched"] == 0
+    for k, t in enumerate(NAMES):
+        assert report["targets"][t]["rmse"] == pytest.approx(np.sqrt(np.mean((mean[:, k] - y[:, k]) ** 2)))
+    extra = results.slice(0, 1)  # a fourth row of id 0 in the results only: unmatched, not re-paired
+    report = evaluate(pa.concat_tables([results, extra]), truth)[0]
+    assert report["rows"]["matched"] == 300 and report["rows"]["results_unmatched"] == 1
