@@ -392,6 +392,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
         if remade:  # the training spectra's pixels at their centres, as they would have seen the star
             if not resample_remade(wl, flux, var, bad, smooth[r], math.sqrt(widen), observed, grid,
                                    grid_edges, flux_conserving, y, yvar, state):
+                coverage[r] = 0.0  # none of the training pixels, so none of the grid, is covered
                 status[r] = _NO_OVERLAP
                 continue
         else:

@@ -113,6 +113,17 @@ def test_wavelengths_in_nanometres_get_a_hint():
     assert "nanometres" in out.errors[0] and "multiply by 10" in out.errors[0]
 
 
+@pytest.mark.parametrize("wl", [np.linspace(400.0, 480.0, 4001), np.linspace(6000.0, 6800.0, 8001)],
+                         ids=["nanometres", "red"])
+def test_pixels_finer_than_the_training_spectras_off_the_grid_are_short_coverage_too(wl):
+    """Pixels finer than the training spectra's are remade on theirs first; a spectrum none of them
+    covers is short of the grid as any other (flag and message), with the nanometres' hint."""
+    out = preprocess(per_row([np.ones_like(wl)], [wl]), MODEL, observed=OBSERVED)
+    assert out.flags[0] & Flag.COVERAGE and out.flags[0] & Flag.PREPROCESS_FAILED and out.coverage[0] == 0
+    assert "0% of the model's 4010.0-4790.0 A" in out.errors[0]
+    assert ("nanometres" in out.errors[0]) == (wl[0] < 1000)
+
+
 def test_a_30_angstrom_gap_over_he_i_4471_is_flagged_gap_and_line_lost_but_keeps_its_numbers():
     flux = line_spectrum(SOURCE_AIR)
     over_line, elsewhere = flux.copy(), flux.copy()
