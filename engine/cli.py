@@ -83,8 +83,11 @@ def explain(input, out, model, ids, n, plots, method, steps) -> None:
     from .explain_report import explain_catalog, select_rows
     from .predictor import load_model
 
-    summary = explain_catalog(load_model(model), select_rows(input, ids, n), Path(out), method=method,
-                              steps=steps, plots=plots)
+    rows, passed_over = select_rows(input, ids, n)
+    if passed_over:
+        click.echo(f"passed over {len(passed_over)} rows with a null id (an explanation is keyed by its id): "
+                   + ", ".join(passed_over[:5]) + (", ..." if len(passed_over) > 5 else ""), err=True)
+    summary = explain_catalog(load_model(model), rows, Path(out), method=method, steps=steps, plots=plots)
     shares = ", ".join(f"{t} {100 * e['line_mass_mean']:.0f}%" for t, e in summary["targets"].items())
     click.echo(f"{summary['rows']} rows explained ({summary['rows_failed']} failed); |attribution| on listed "
                f"lines: {shares} -> {out}/attributions.parquet, {out}/plots/, {out}/survey/", err=True)

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ..catalogs.io import iter_batches
+from ..catalogs.io import iter_file, list_inputs
 from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, DiagnosticLine, line_windows, nearest_line
 from ..catalogs.medium import convert
 from ..catalogs.schema import ID, META_WAVELENGTH, WavelengthGrid
@@ -44,10 +44,11 @@ def line_mass(attributions: np.ndarray, wavelength: np.ndarray, target: str, *,
     return np.divide(mass[:, inside].sum(axis=1), total, out=np.full(len(mass), np.nan), where=total > 0)
 
 
-def write_attributions(exp: Explanation, path: Path, grid: WavelengthGrid) -> Path:
-    """Parquet: `id`, per target `t` (list<float32>, one value per model pixel, the target's unit),
-    `t_pred` (f(x)), `t_baseline` (f(continuum)); the model grid in the metadata (`starcast.wavelength`)."""
-    cols = {ID: pa.array(exp.ids)}
+def write_attributions(exp: Explanation, path: Path, grid: WavelengthGrid, id_type: pa.DataType) -> Path:
+    """Parquet: `id` (of the input's `id_type`), per target `t` (list<float32>, one value per model
+    pixel, the target's unit), `t_pred` (f(x)), `t_baseline` (f(continuum)); the model grid in the
+    metadata (`starcast.wavelength`)."""
+    cols = {ID: pa.array(exp.ids, id_type)}
     for k, t in enumerate(exp.targets):
         cols[t] = pa.array(list(exp.attributions[:, k]), pa.list_(pa.float32()))
         cols[f"{t}_pred"] = pa.array(exp.prediction[:, k], pa.float64())
@@ -276,12 +277,24 @@ def _plot_survey(cols: dict, exp: Explanation, regions: dict, path: Path) -> Non
     plt.close(fig)
 
 
+def plot_names(ids: list) -> list[str]:
+    """A file name per row for its plot: `<id>.png`, `<id>_<k>.png` for the k-th repeat of an id
+    (k from 1), characters other than letters, digits, `.`, `-` and `_` as `_`."""
+    seen: dict = {}
+    names = []
+    for i in ids:
+        k = seen[i] = seen.get(i, -1) + 1
+        safe = "".join(c if c.isalnum() or c in ".-_" else "_" for c in str(i))
+        names.append(f"{safe}.png" if k == 0 else f"{safe}_{k}.png")
+    return names
+
+
 def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", steps: int | None = None,
                     plots: int = 10, seed: int = 0, attributions: bool = True) -> dict:
-    """Explain every row of `table` with `model` (all targets) and write `out/attributions.parquet`
-    (unless not `attributions`), `out/plots/<id>.png` for the first `plots` rows that could be
-    predicted, and the survey view in `out/survey/`. Returns the survey summary with the rows' count
-    and completeness errors added."""
+    """Explain every row of `table` (ids not null) with `model` (all targets) and write
+    `out/attributions.parquet` (unless not `attributions`), `out/plots/` (`plot_names`) for the first
+    `plots` rows that could be predicted, and the survey view in `out/survey/`. Returns the survey
+    summary with the rows' count and completeness errors added."""
     parts = []
     with tqdm(total=table.num_rows, unit="spectra", dynamic_ncols=True, desc="starcast explain",
               disable=not sys.stderr.isatty()) as bar:
@@ -292,10 +305,11 @@ def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", st
     exp = Explanation.concat(parts)
     out = Path(out)
     if attributions:
-        write_attributions(exp, out / "attributions.parquet", model.grid)
+        write_attributions(exp, out / "attributions.parquet", model.grid, table.schema.field(ID).type)
     ok = np.flatnonzero(np.isfinite(exp.prediction).all(axis=1))
+    names = plot_names(exp.ids)
     for row in ok[:plots]:
-        plot_spectrum(exp, int(row), out / "plots" / f"{exp.ids[row]}.png")
+        plot_spectrum(exp, int(row), out / "plots" / names[row])
     summary = survey_view(exp, out / "survey") if len(ok) else {"spectra": 0, "targets": {}}
     err = exp.completeness_error()[ok]
     summary.update(rows=len(exp.ids), rows_failed=int(len(exp.ids) - len(ok)),
@@ -315,18 +329,30 @@ def model_report(bundle: str | Path, table: pa.Table, *, plots: int = 3) -> dict
                            attributions=False)
 
 
-def select_rows(catalog: str | Path, ids: str | None, n: int) -> pa.Table:
+def select_rows(catalog: str | Path, ids: str | None, n: int) -> tuple[pa.Table, list[str]]:
     """The rows of a catalog to explain: those whose id is in the comma-separated `ids` (read in the id
-    column's type), else the first `n`. Raises CatalogError naming the ids that are not there."""
+    column's type), else the first `n` whose id is not null (an explanation is keyed by its id); and
+    the rows passed over for a null id, as "FILE row N" (N from 0 in its file). Raises CatalogError
+    naming the ids that are not there."""
     wanted = None if ids is None else [s.strip() for s in ids.split(",") if s.strip()]
-    parts, rows = [], 0
-    for batch in iter_batches(catalog):
-        if wanted is not None:
+    parts, rows, passed_over = [], 0, []
+    for file in list_inputs(catalog):
+        start = 0
+        for batch in iter_file(file):
             col = batch.column(ID)
-            keys = pa.array(wanted).cast(col.type) if pa.types.is_integer(col.type) else pa.array(wanted)
-            batch = batch.filter(pc.is_in(col, value_set=keys))
-        parts.append(batch)
-        rows += batch.num_rows
+            if wanted is not None:
+                keys = pa.array(wanted).cast(col.type) if pa.types.is_integer(col.type) else pa.array(wanted)
+                chosen = pc.fill_null(pc.is_in(col, value_set=keys), False)
+            else:
+                valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+                chosen = valid & (np.cumsum(valid) <= n - rows)  # no more than the rows still wanted
+                end = np.flatnonzero(chosen)[-1] if rows + chosen.sum() >= n else len(valid)
+                passed_over += [f"{file} row {start + r}" for r in np.flatnonzero(~valid[:end])]
+            parts.append(batch.filter(chosen))
+            rows += parts[-1].num_rows
+            start += batch.num_rows
+            if wanted is None and rows >= n:
+                break
         if wanted is None and rows >= n:
             break
     table = pa.Table.from_batches(parts)
@@ -335,4 +361,4 @@ def select_rows(catalog: str | Path, ids: str | None, n: int) -> pa.Table:
         missing = sorted(set(wanted) - {str(v) for v in table.column(ID).to_pylist()})
         if missing:
             raise CatalogError(f"{catalog}: no rows with id {', '.join(missing[:10])}", column=ID)
-    return table.replace_schema_metadata(parts[0].schema.metadata if parts else None)
+    return table.replace_schema_metadata(parts[0].schema.metadata if parts else None), passed_over

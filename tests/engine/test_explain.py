@@ -300,6 +300,26 @@ def test_explain_command_writes_attributions_plots_and_survey(tmp_path: Path, ti
     assert (out / "survey" / "survey.png").is_file() and (out / "survey" / "survey.parquet").is_file()
 
 
+def test_explain_command_keeps_the_id_type_passes_over_null_ids_and_names_each_plot(tmp_path: Path,
+                                                                                   tiny_bundle: Path):
+    """uint64 ids above 2^63 come out as they went in; a row with a null id (which cannot key an
+    explanation) is passed over, named by file and row, and the next row taken instead; a repeated
+    id gets a plot of its own."""
+    big = 2**64 - 1
+    ids = pa.array([big, None, big, 7, 8], pa.uint64())
+    cat = tmp_path / "cat.parquet"  # written as it is: the catalog writer refuses null ids
+    pq.write_table(catalog_table(5).set_column(0, "id", ids).replace_schema_metadata(
+        {"starcast.wavelength": GRID.to_json()}), cat)
+    out = tmp_path / "ex"
+    result = CliRunner().invoke(explain_command, [str(cat), "--out", str(out), "--model", str(tiny_bundle),
+                                                  "--n", "3", "--plots", "3", "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    assert f"passed over 1 rows with a null id (an explanation is keyed by its id): {cat} row 1" in result.output
+    table = pq.read_table(out / "attributions.parquet")
+    assert table.schema.field("id").type == pa.uint64() and table.column("id").to_pylist() == [big, big, 7]
+    assert sorted(p.name for p in (out / "plots").glob("*.png")) == [f"{big}.png", f"{big}_1.png", "7.png"]
+
+
 def test_explain_command_names_missing_ids(tmp_path: Path, tiny_bundle: Path):
     cat = write_catalog(catalog_table(4), tmp_path / "cat.parquet", grid=GRID)
     result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
