@@ -57,23 +57,27 @@ def to_medium(values: np.ndarray, source: str | None, target: str | None) -> np.
     return np.require(convert(values, source, target), np.float64, ["C", "W"])
 
 
-def input_resolving_power(batch, n_rows: int) -> np.ndarray:
-    """Per row the resolving power the catalog states (`resolving_power` column, else the file's
-    `starcast.resolving_power` metadata), NaN where it states none."""
+def input_resolving_power(batch, n_rows: int) -> tuple[np.ndarray, dict[int, str]]:
+    """(R, bad): per row the resolving power the catalog states (`resolving_power` column, else the
+    file's `starcast.resolving_power` metadata), NaN where it states none (null or NaN) or one that
+    is not a positive number; the latter rows' errors in `bad` (row -> reason)."""
     if RESOLVING_POWER in batch.schema.names:
         col = batch.column(RESOLVING_POWER)
         values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-        return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+        valid = np.isfinite(values) & (values > 0)
+        bad = {int(r): f"{RESOLVING_POWER} is {values[r]:g}: a positive number, or null where not known"
+               for r in np.flatnonzero(~valid & ~np.isnan(values))}
+        return np.where(valid, values, np.nan), bad
     raw = (batch.schema.metadata or {}).get(META_RESOLVING_POWER.encode())
     if raw is None:
-        return np.full(n_rows, np.nan)
+        return np.full(n_rows, np.nan), {}
     try:
         value = float(json.loads(raw))
     except (TypeError, ValueError) as exc:
         raise CatalogError(f"{META_RESOLVING_POWER} metadata must be a number, got {raw!r}") from exc
     if not (math.isfinite(value) and value > 0):
         raise CatalogError(f"{META_RESOLVING_POWER} metadata must be positive, got {value}")
-    return np.full(n_rows, value)
+    return np.full(n_rows, value), {}
 
 
 def integrated_pixels(batch) -> bool:

@@ -586,7 +586,9 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     rv = np.zeros(n_rows) if rv_col is None else np.require(
         pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
 
-    r_input = input_resolving_power(batch, n_rows)
+    r_input, bad_resolving_power = input_resolving_power(batch, n_rows)
+    for r, reason in bad_resolving_power.items():
+        failures.setdefault(r, reason)
     smooth, low_resolution = resolution_match(r_input, resolving_power)
     for r in np.flatnonzero(low_resolution):
         failures.setdefault(int(r), f"resolving power R = {r_input[r]:.0f} is below the model's "

@@ -177,6 +177,15 @@ def test_lower_resolution_is_flagged_and_nulled_with_both_r_values():
     assert preprocess(file_level, MODEL).flags[0] == 0  # the model states no R: no check
 
 
+def test_a_resolving_power_that_is_not_a_positive_number_fails_its_row_and_says_so():
+    flux = line_spectrum(SOURCE_AIR)
+    values = [-1.0, 0.0, np.inf, np.nan, 20000.0]  # NaN, as pandas writes a missing value: not known
+    out = preprocess(per_row([flux] * 5, [SOURCE_AIR] * 5, resolving_power=pa.array(values)), MODEL)
+    assert [bool(f & Flag.PREPROCESS_FAILED) for f in out.flags] == [True, True, True, False, False]
+    assert out.errors[0] == "resolving_power is -1: a positive number, or null where not known"
+    assert "is 0:" in out.errors[1] and "is inf:" in out.errors[2] and out.errors[3] is None
+
+
 def test_finer_pixels_are_smoothed_up_to_the_pixel_response_of_the_training_spectra():
     """The same R = 20 000 spectrum on 0.05 A pixels has sharper lines on the 0.4 A model grid than on
     the 0.2 A pixels a model was trained on, whose centres are the grid's bin edges: with that pixel
