@@ -98,10 +98,13 @@ def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:
     flux = np.asarray(hdu.data, dtype=np.float64)
     wl = _wcs_wavelength(hdu.header, len(flux), path, index)
     ivar = None
-    for other in hdul:
+    for number, other in enumerate(hdul):
         name = str(other.header.get("EXTNAME", "")).upper()
-        if other is hdu or other.data is None or getattr(other.data, "shape", None) != flux.shape:
+        if other is hdu or other.data is None or name not in (*ERROR_EXTENSIONS, "IVAR"):
             continue
+        if getattr(other.data, "shape", None) != flux.shape:
+            raise _fail(path, number, f"{name} has shape {getattr(other.data, 'shape', None)}, the flux "
+                                      f"(HDU {index}) {flux.shape}: an error array must match the flux")
         if name in ERROR_EXTENSIONS:
             ivar = _ivar_from_error(np.asarray(other.data, dtype=np.float64))
         elif name == "IVAR":

@@ -59,6 +59,14 @@ def test_an_error_extension_gives_ivar(tmp_path):
     np.testing.assert_allclose(fits_to_table([path]).column("ivar")[0].as_py(), np.full(N, 4.0))
 
 
+def test_an_error_extension_of_another_length_is_an_error_naming_the_hdu(tmp_path):
+    """Not dropped in silence (the noise would then be estimated from the flux)."""
+    err = fits.ImageHDU(np.full(N - 3, 0.5), name="ERR")
+    path = image(tmp_path / "e.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0}, extra=[err])
+    with pytest.raises(CatalogError, match=r"HDU 1: ERR has shape \(47,\), the flux \(HDU 0\) \(50,\)"):
+        fits_to_table([path])
+
+
 def test_binary_tables_one_spectrum_per_row_or_per_table(tmp_path):
     wl = np.linspace(4000.0, 4100.0, N)
     rows = fits.BinTableHDU.from_columns([
