@@ -59,15 +59,22 @@ def open_input(path: str | os.PathLike) -> InputFile:
     if ID not in schema.names:
         raise CatalogError(f"no {ID!r} column (columns: {', '.join(schema.names)})", file=str(path))
     meta = pf.metadata
+    id_type = schema.field(ID).type
     return InputFile(path=path, num_rows=meta.num_rows,
                      row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
-                     id_type=schema.field(ID).type, grid=table_grid(schema, str(path)))
+                     id_type=id_type.value_type if pa.types.is_dictionary(id_type) else id_type,
+                     grid=table_grid(schema, str(path)))
 
 
 def read_input(inp: InputFile, batch_rows: int,
                row_groups: list[int] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream `inp` (or only its `row_groups`) in batches of at most `batch_rows` rows."""
-    return iter_file(inp.path, batch_rows, row_groups=row_groups)
+    """Stream `inp` (or only its `row_groups`) in batches of at most `batch_rows` rows, a
+    dictionary-encoded id column (as pandas writes a categorical) decoded to its values."""
+    for batch in iter_file(inp.path, batch_rows, row_groups=row_groups):
+        ids = batch.column(ID)
+        if pa.types.is_dictionary(ids.type):
+            batch = batch.set_column(batch.schema.get_field_index(ID), ID, ids.dictionary_decode())
+        yield batch
 
 
 def footer_rows(path: str | os.PathLike) -> int:

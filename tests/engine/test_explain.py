@@ -314,7 +314,8 @@ def test_explain_command_keeps_the_id_type_passes_over_null_ids_and_names_each_p
     result = CliRunner().invoke(explain_command, [str(cat), "--out", str(out), "--model", str(tiny_bundle),
                                                   "--n", "3", "--plots", "3", "--steps", "4"])
     assert result.exit_code == 0, result.output
-    assert f"passed over 1 rows with a null id (an explanation is keyed by its id): {cat} row 1" in result.output
+    assert f"passed over 1 rows with a null id (an explanation is keyed by its id): {cat} row 1" \
+        in result.output
     table = pq.read_table(out / "attributions.parquet")
     assert table.schema.field("id").type == pa.uint64() and table.column("id").to_pylist() == [big, big, 7]
     assert sorted(p.name for p in (out / "plots").glob("*.png")) == [f"{big}.png", f"{big}_1.png", "7.png"]

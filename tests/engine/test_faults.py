@@ -111,6 +111,20 @@ def test_bad_input_costs_only_the_bad_rows_and_the_corrupt_file(tmp_path: Path, 
     assert again["totals"]["rows_duplicate"] == 2  # counts of skipped files come from their markers
 
 
+def test_dictionary_encoded_ids_are_read_as_their_values(tmp_path: Path, tiny_bundle: Path) -> None:
+    """As pandas writes a categorical id column: predicted, ids (strings) kept in order, a repeat
+    flagged as any other."""
+    path = shard(tmp_path / "cat" / "s.parquet", list(range(5)))
+    table = pq.read_table(path)
+    ids = pa.array(["s0", "s1", "s0", "s3", "s4"]).dictionary_encode()
+    pq.write_table(table.set_column(0, "id", ids), path)
+    manifest = run(path, tmp_path / "out", model=tiny_bundle, progress=False)
+    out = pq.read_table(tmp_path / "out" / "results" / "s.parquet")
+    assert manifest["totals"]["rows_out"] == 5 and out["error"].null_count == 5
+    assert out["id"].type == pa.string() and out["id"].to_pylist() == ["s0", "s1", "s0", "s3", "s4"]
+    assert [bool(f & Flag.DUPLICATE_ID) for f in out["flags"].to_pylist()] == [0, 0, 1, 0, 0]
+
+
 def test_a_second_run_on_a_locked_out_is_refused_naming_the_holder(tmp_path: Path, tiny_bundle: Path) -> None:
     cat = shard(tmp_path / "cat.parquet", list(range(10)))
     out = tmp_path / "out"
