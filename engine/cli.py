@@ -44,9 +44,12 @@ def run(input, out, model, samples, seed, backend, batch_size, ray_address, resu
         spec = JobSpec(input=input, out=out).replace(**given)
     manifest = run_job(spec)
     t = manifest["totals"]
+    written = f"{spec.out}/results/; " if t["files_failed"] < t["files"] else ""
     click.echo(f"{t['rows_out']} rows from {t['files'] - t['files_failed']} of {t['files']} files "
                f"({t['rows_flagged']} flagged, {t['rows_failed']} failed, {t['files_failed']} files failed) "
-               f"-> {spec.out}/results/; manifest {spec.out}/run-manifest.json", err=True)
+               f"-> {written}manifest {spec.out}/run-manifest.json", err=True)
+    if manifest["error"]:
+        click.echo(f"error: {manifest['error']}", err=True)
     sys.exit(exit_code(manifest))
 
 

@@ -82,6 +82,8 @@ def run_job(spec: JobSpec) -> dict:
                 checkpoint()
             raise
         manifest.state = "finished"
+        if reports and all(r.status == "failed" for r in reports):
+            manifest.error = "no input file could be read: see each file's error"
         return checkpoint()
 
 

@@ -176,6 +176,18 @@ def test_a_bundle_with_a_wrong_hash_is_refused_before_anything_is_written(tmp_pa
     assert exit_info.value.code == EXIT_ERROR
 
 
+def test_a_run_whose_every_file_fails_says_so_in_its_manifest_and_points_at_it(tmp_path: Path,
+                                                                               tiny_bundle: Path) -> None:
+    cat = catalog(tmp_path / "cat" / "a.parquet", range(3))
+    pq.write_table(pq.read_table(cat).drop_columns(["id"]), cat)  # no id column: the file fails
+    result = CliRunner().invoke(run_command, [str(cat), "--out", str(tmp_path / "out"), "--model",
+                                              str(tiny_bundle)])
+    assert result.exit_code == EXIT_ERROR, result.output
+    manifest = json.loads((tmp_path / "out" / "run-manifest.json").read_text())
+    assert manifest["state"] == "finished" and "no input file could be read" in manifest["error"]
+    assert "results/" not in result.output and "error: no input file could be read" in result.output
+
+
 def test_an_empty_input_file_gets_an_empty_results_file(tmp_path: Path, tiny_bundle: Path) -> None:
     cat = catalog(tmp_path / "empty.parquet", [])
     manifest = run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
