@@ -7,6 +7,7 @@ printed by the main CLI.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -89,10 +90,10 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
         from .gridsynth import synth_from_grid
 
         paths = synth_from_grid(read_grid(grid), n, out, at_nodes=mode == "seed", seed=seed,
-                                snr=_parse_range(snr), shard_rows=shard_rows, progress=True)
+                                snr=_parse_range(snr), shard_rows=shard_rows, progress=sys.stderr.isatty())
     else:
         paths = run_synth(n, out, mode=mode, seed=seed, shard_rows=shard_rows, snr=_parse_range(snr),
-                          progress=True)
+                          progress=sys.stderr.isatty())
     click.echo(_summary(out, paths, time.perf_counter() - start))
 
 

@@ -9,6 +9,7 @@ plots). Everything it writes stays under `--out`.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -45,7 +46,8 @@ def demo(out: Path, n: int, seed: int, model: str) -> None:
                                                                    strict=True))
     click.echo(f"1/3 observing {n} stars of {len(sample.flux)} TLUSTY models ({nodes}) with v sin i 0-450 "
                f"km/s, R = 20000 and SNR 20-300 into {catalog}")
-    synth_from_grid(sample, n, catalog, at_nodes=True, seed=seed, snr=(20.0, 300.0), progress=True)
+    synth_from_grid(sample, n, catalog, at_nodes=True, seed=seed, snr=(20.0, 300.0),
+                    progress=sys.stderr.isatty())
 
     click.echo(f"2/3 predicting with {model} into {predictions}")
     manifest = run(catalog, predictions, model=model, seed=seed)
