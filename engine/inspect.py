@@ -95,6 +95,9 @@ def format_summary(summary: dict) -> str:
     lines += [f"{name:<20} {n:>5}" for name, n in summary["flags"].items()]
     if summary["top_errors"]:
         lines += ["", "most common errors"] + [f"{e['rows']:>7}  {e['error']}" for e in summary["top_errors"]]
+        rest = summary["rows_failed"] - sum(e["rows"] for e in summary["top_errors"])
+        if rest:
+            lines.append(f"{rest:>7}  rows with other errors (`error` column)")
     head = f"{'target':<8}" + "".join(f" {h:>10}" for h in ("min", "median", "max"))
     head += "".join(f" {name + '.' + q:>10}" for name in ("err", "alea", "epis")
                     for q in ("q50", "q90", "q99"))

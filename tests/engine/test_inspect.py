@@ -97,3 +97,13 @@ def test_a_model_without_an_emulator_has_no_chi2_summary(tmp_path: Path) -> None
     known_results(tmp_path / "r.parquet")
     s = summarize(tmp_path / "r.parquet")
     assert s["chi2"] is None and "chi2" not in format_summary(s)
+
+
+def test_the_text_summary_counts_the_rows_of_errors_beyond_the_five_listed() -> None:
+    summary = {"files": ["r.parquet"], "files_without_marker": [], "rows": 10, "rows_predicted": 2,
+               "rows_failed": 8, "rows_flagged": 8, "flags": {}, "targets": {}, "chi2": None,
+               "top_errors": [{"error": f"reason {k}", "rows": 1 + (k == 0)} for k in range(5)]}
+    text = format_summary(summary)
+    assert "      2  reason 0" in text and "      2  rows with other errors (`error` column)" in text
+    summary["top_errors"] = [{"error": "reason", "rows": 8}]
+    assert "other errors" not in format_summary(summary)
