@@ -51,7 +51,8 @@ def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> N
                    "match by id.")
 def eval_(results: str, truth: str, out: str, split: str | None, ood: str | None, model: str | None,
           vsini_min: float | None, min_match: float) -> None:
-    """Metrics and plots of RESULTS (a results catalog) against true labels."""
+    """Metrics and plots of RESULTS (a results file, a folder of them or a run's --out folder) against
+    true labels."""
     from .evaluate import run_eval
 
     ranges = None

@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 from ..catalogs.io import list_inputs
 from ..catalogs.physics import C_KMS
 from ..catalogs.schema import FLAGS, ID, META_GENERATOR, SNR, SPLIT, Flag
+from ..engine.inspect import results_files
 from ..errors import CatalogError
 from .metrics import VSINI_EDGES, auroc, binned_bias, coverage_in_bins, summary
 from .plots import EvalArrays, write_plots
@@ -34,9 +35,9 @@ GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.
          "coverage_95": (0.93, 0.97), "bias_over_median_sigma": 0.25}
 
 
-def read_columns(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Selected columns of a Parquet file, directory of shards or glob (never the flux)."""
-    files = [str(f) for f in list_inputs(path)]  # only *.parquet: a results folder also holds markers
+def read_columns(path: str | Path | list[Path], columns: list[str] | None = None) -> pa.Table:
+    """Selected columns of a Parquet file, directory of shards, glob or list of files (never the flux)."""
+    files = [str(f) for f in (path if isinstance(path, list) else list_inputs(path))]
     try:
         ds = pads.dataset(files, format="parquet")
         present = [c for c in (columns or ds.schema.names) if c in ds.schema.names]
@@ -249,7 +250,7 @@ def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, 
              ranges: dict[str, tuple[float, float]] | None = None,
              vsini_min: float | None = None, min_match: float = MIN_MATCH) -> dict:
     """Read the files, evaluate, write `report.json` and the PNGs into `out`; returns the report."""
-    results = read_columns(results_path)
+    results = read_columns(results_files(results_path))
     truth = read_columns(truth_path, [ID, SNR, SPLIT, *result_targets(results)])
     if split is not None:
         if SPLIT not in truth.column_names:
@@ -257,7 +258,7 @@ def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, 
                                file=str(truth_path))
         truth = truth.filter(pa.compute.equal(truth.column(SPLIT), split))
     truth = truth.drop_columns([c for c in (SPLIT,) if c in truth.column_names])
-    ood = read_columns(ood_path) if ood_path is not None else None
+    ood = read_columns(results_files(ood_path)) if ood_path is not None else None
     if vsini_min is None:
         vsini_min = instrumental_resolution_kms(truth_path)
     try:

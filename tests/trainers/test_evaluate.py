@@ -105,3 +105,17 @@ def test_a_duplicated_id_pairs_its_rows_in_order_and_each_is_scored_once():
     extra = results.slice(0, 1)  # a fourth row of id 0 in the results only: unmatched, not re-paired
     report = evaluate(pa.concat_tables([results, extra]), truth)[0]
     assert report["rows"]["matched"] == 300 and report["rows"]["results_unmatched"] == 1
+
+
+def test_eval_reads_the_results_of_a_runs_output_folder(tmp_path):
+    from starcast.trainers.evaluate import run_eval
+
+    truth, results, *_ = _tables(n=300, n_out=0)
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    (tmp_path / "run" / "results").mkdir(parents=True)
+    pq.write_table(results, tmp_path / "run" / "results" / "cat.parquet")
+    from_folder = run_eval(tmp_path / "run", tmp_path / "truth.parquet", tmp_path / "a")
+    from_file = run_eval(tmp_path / "run" / "results" / "cat.parquet", tmp_path / "truth.parquet",
+                         tmp_path / "b")
+    assert from_folder["rows"] == from_file["rows"] and from_folder["rows"]["matched"] == 300
+    assert from_folder["targets"]["teff"]["rmse"] == from_file["targets"]["teff"]["rmse"]
