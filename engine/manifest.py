@@ -92,7 +92,8 @@ def check_marker(marker: dict, identity: RunIdentity, input_file: Path) -> None:
     theirs = {k: marker.get(k) for k in mine}
     if theirs != mine:
         raise StarcastError(f"cannot resume: the results of {input_file} were made with {theirs}, this run "
-                            f"uses {mine}; write to a new --out directory or run without --resume")
+                            f"uses {mine}; write to a new --out directory, or resume with the settings those "
+                            "results were made with")
 
 
 @dataclass

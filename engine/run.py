@@ -22,7 +22,15 @@ from ..catalogs.io import list_inputs
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, OutputError, StarcastError
 from .inputs import fingerprint
 from .jobs import JobSpec
-from .manifest import FileReport, RunIdentity, RunManifest, read_marker, remove_stale_partials, results_path
+from .manifest import (
+    FileReport,
+    RunIdentity,
+    RunManifest,
+    marker_path,
+    read_marker,
+    remove_stale_partials,
+    results_path,
+)
 from .outdir import prepare_out
 from .pipeline import LocalPipeline
 from .predictor import load_model, resolve_backend
@@ -103,6 +111,9 @@ def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport],
         note = None
         if marker is not None:
             note = "the input changed since its results were written: predicted again"
+        elif resume and marker_path(out, f).exists():
+            note = "its marker is there but not its results (or the marker is unreadable): predicted again"
+        if note is not None:
             print(f"starcast: {f}: {note}", file=sys.stderr)
         reports.append(FileReport(str(f), note=note))
         todo.append(f)

@@ -220,6 +220,19 @@ def test_resume_redoes_an_input_replaced_under_the_same_name(tmp_path: Path, tin
     assert pq.read_table(tmp_path / "out/results/s1.parquet")["id"].to_pylist() == list(range(1000, 1050))
 
 
+def test_resume_redoes_an_input_whose_results_are_gone_and_says_why(tmp_path: Path,
+                                                                     tiny_bundle: Path) -> None:
+    cat = tmp_path / "cat"
+    shard(cat / "s0.parquet", list(range(20)))
+    shard(cat / "s1.parquet", list(range(20, 40)))
+    run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
+    (tmp_path / "out/results/s1.parquet").unlink()
+    manifest = run(cat, tmp_path / "out", model=tiny_bundle, progress=False, resume=True)
+    assert [f["status"] for f in manifest["files"]] == ["skipped", "done"]
+    assert manifest["files"][0]["note"] is None and "not its results" in manifest["files"][1]["note"]
+    assert pq.read_table(tmp_path / "out/results/s1.parquet").num_rows == 20
+
+
 def test_an_unreachable_ray_address_fails_fast(tmp_path: Path, tiny_bundle: Path) -> None:
     pytest.importorskip("ray")
     cat = shard(tmp_path / "cat.parquet", list(range(10)))
