@@ -82,6 +82,10 @@ def list_inputs(spec: str | Path) -> list[Path]:
     return files
 
 
+IMPORTERS = ((".csv", "a wide CSV", "`starcast import-csv`"),  # file suffixes, what they hold, the importer
+             ((".fits", ".fit", ".fts", ".fits.gz"), "FITS spectra", "`starcast import-fits`"))
+
+
 def open_parquet(path: str | Path) -> pq.ParquetFile:
     """One Parquet file, opened with page checksum verification; `CatalogError` if it cannot be."""
     path = Path(path)
@@ -92,7 +96,9 @@ def open_parquet(path: str | Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CatalogError(f"not a readable Parquet file ({exc})", file=str(path)) from exc
+        hint = next((f"; {tool} turns {kind} into a catalog" for suffixes, kind, tool in IMPORTERS
+                     if path.name.lower().endswith(suffixes)), "")
+        raise CatalogError(f"not a readable Parquet file ({exc}){hint}", file=str(path)) from exc
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

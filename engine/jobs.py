@@ -86,7 +86,10 @@ def load_job(path: str | os.PathLike, **overrides) -> JobSpec:
         if f.name in table and not _has_type(table[f.name], _TYPES[f.name]):
             raise StarcastError(f"job spec {path}: [run] {f.name} = {table[f.name]!r} should be "
                                 f"{_TYPES[f.name].__name__}")
-    return JobSpec(**values)
+    try:
+        return JobSpec(**values)
+    except StarcastError as exc:
+        raise StarcastError(f"job spec {path}: {exc}") from None
 
 
 _TYPES = {"input": str, "out": str, "model": str, "samples": int, "seed": int, "backend": str,

@@ -561,8 +561,9 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
                 raise CatalogError(f"malformed {META_WAVELENGTH!r} metadata: {exc}",
                                    column=WAVELENGTH) from exc
         if source_grid is None:
-            raise CatalogError("no wavelength column and no file-level wavelength grid (pass source_grid "
-                               f"or set the {META_WAVELENGTH!r} metadata)", column=WAVELENGTH)
+            raise CatalogError("no wavelength column and no file-level wavelength grid (give a wavelength "
+                               f"column or the {META_WAVELENGTH!r} metadata, as `starcast import-csv` and "
+                               "`import-fits` write them; from Python, `source_grid`)", column=WAVELENGTH)
         source_medium = source_grid.medium if isinstance(source_grid, WavelengthGrid) else None
         shared = to_medium(_grid_values(source_grid, "source_grid"), source_medium, medium)
         for r in np.flatnonzero(flux_valid & (n_pixels != len(shared)) & (n_pixels > 0)):

@@ -126,6 +126,16 @@ def test_corrupt_and_empty_files_raise_catalog_errors_naming_the_file(tmp_path):
             assert str(bad) in str(exc.value)
 
 
+def test_a_csv_or_fits_file_given_as_a_catalog_points_at_its_importer(tmp_path):
+    for name, tool in (("spectra.csv", "import-csv"), ("star.FITS", "import-fits"),
+                       ("star.fits.gz", "import-fits"), ("other.dat", None)):
+        path = tmp_path / name
+        path.write_text("id,4000.0\n1,0.9\n")
+        with pytest.raises(CatalogError, match="not a readable Parquet file") as exc:
+            read_catalog(path)
+        assert (f"`starcast {tool}`" in str(exc.value)) if tool else "starcast import" not in str(exc.value)
+
+
 def test_list_inputs_takes_a_file_a_directory_or_a_glob(tmp_path):
     paths = [write_catalog(table(ids=np.arange(5) + 5 * i), tmp_path / f"part-{i:05d}.parquet")
              for i in (2, 0, 1)]

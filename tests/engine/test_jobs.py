@@ -50,6 +50,13 @@ def test_unknown_table_and_wrong_type_are_errors(tmp_path: Path) -> None:
         load_job(path)
 
 
+def test_a_value_out_of_range_is_an_error_naming_the_spec(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text('[run]\ninput = "cat"\nout = "out"\nsamples = 0\n')
+    with pytest.raises(StarcastError, match=f"job spec {path}: samples must be at least 1, got 0"):
+        load_job(path)
+
+
 def test_command_line_options_override_the_spec_and_paths_are_relative_to_it(tmp_path: Path) -> None:
     path = tmp_path / "job.toml"
     path.write_text('[run]\ninput = "cat"\nout = "out"\nseed = 3\nsamples = 8\nmodel = "models/m"\n')
