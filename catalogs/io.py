@@ -67,7 +67,8 @@ def new_output_dir(out: str | Path) -> Path:
 
 
 def list_inputs(spec: str | Path) -> list[Path]:
-    """The Parquet files of a catalog: a file, a directory of `*.parquet` shards, or a glob; sorted."""
+    """The Parquet files of a catalog: a file, a directory of `*.parquet` shards, or a glob (`**`
+    reaching into subdirectories, as in a shell with globstar); sorted."""
     p = Path(spec)
     if p.is_file():
         return [p]
@@ -76,7 +77,7 @@ def list_inputs(spec: str | Path) -> list[Path]:
         if not files:
             raise CatalogError("directory holds no *.parquet files", file=str(p))
         return files
-    files = sorted(Path(f) for f in glob.glob(str(spec)) if Path(f).is_file())
+    files = sorted(Path(f) for f in glob.glob(str(spec), recursive=True) if Path(f).is_file())
     if not files:
         raise CatalogError("no such file, directory or matching glob", file=str(spec))
     return files

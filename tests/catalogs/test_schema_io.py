@@ -142,6 +142,8 @@ def test_list_inputs_takes_a_file_a_directory_or_a_glob(tmp_path):
     assert list_inputs(tmp_path) == sorted(paths)
     assert list_inputs(paths[0]) == [paths[0]]
     assert list_inputs(str(tmp_path / "part-0000[01].parquet")) == sorted(paths)[:2]
+    deeper = write_catalog(table(ids=np.arange(5) + 100), tmp_path / "sub" / "more" / "part-9.parquet")
+    assert list_inputs(str(tmp_path / "**" / "*.parquet")) == sorted([*paths, deeper])
     with pytest.raises(CatalogError, match="no such file"):
         list_inputs(tmp_path / "nothing-*.parquet")
     (tmp_path / "empty_dir").mkdir()
