@@ -157,7 +157,7 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
             note = ""
             if t == "vsini" and "vsini_above_resolution" in rep:
                 rmse = rep["vsini_above_resolution"]["rmse"]
-                note = f" (true > {rep['vsini_above_resolution']['vsini_min']:.0f})"
+                note = f" (RMSE: true > {rep['vsini_above_resolution']['vsini_min']:.0f})"
             g = rep["goals"][t]
             lines.append(f"| {name} | {t}{note} | {rmse:.4g} | {m['bias']:+.3g} | {m['median_sigma']:.3g} | "
                          f"{100 * m['coverage_68']:.1f}% | {100 * m['coverage_95']:.1f}% | "
