@@ -51,7 +51,7 @@ from .rv import RESAMPLED_RV_KMS, VelocitySearch, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 FIT_FIELDS = tuple(f.name for f in fields(Fit))
-PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error, labels
+PREPARED_X, PREPARED_KEY = "x", "key"  # columns of a prepared batch besides id, flags, error
 # and, for a model with an emulator, the inverse variance of x on the grid, the rv preprocessing removed
 # (given or estimated; km/s), the sigma of an estimated one (null where given), the km/s the check added
 # to a given rv, the variance (A^2) by which the row's pixel response is broader than the training
@@ -178,8 +178,8 @@ class Model:
                 source_grid: WavelengthGrid | None = None) -> pa.RecordBatch:
         """The CPU half: RNG keys from ids and preprocessing onto the model grid. Returns one row per
         input row with `id`, `x` (fixed_size_list<float32>[D]), `key` (int64), `flags` (int32),
-        `error` (null for rows that go through the network), the target label columns present and,
-        for a model with an emulator, `ivar` (fixed_size_list<float32>[grid pixels], 0 = not used),
+        `error` (null for rows that go through the network) and, for a model with an emulator, `ivar`
+        (fixed_size_list<float32>[grid pixels], 0 = not used),
         `rv` and `rv_err` (float64, km/s): a row without an rv (no column, or null) gets one estimated
         from its spectrum (`engine.rv`), removed by preprocessing, and the flag RV_ESTIMATED.
         `source_grid`: the file's shared grid when there is no `wavelength` column (else it is read
@@ -211,10 +211,7 @@ class Model:
         if self.emulator is not None:
             columns.update(self.fit_columns(np.where(failed[:, None], 0.0, pre.ivar), rv, rv_err,
                                             correction, pre.response_excess, pre.noise_estimated))
-        for t in self.targets:
-            if t.name in table.column_names:
-                columns[t.name] = _array(table.column(t.name)).cast(pa.float64())
-        return pa.RecordBatch.from_pydict(columns)
+        return pa.RecordBatch.from_pydict(columns)  # label columns an input carries play no part
 
     def infer(self, prepared: pa.RecordBatch | pa.Table, *, samples: int | None = None, seed: int = 0,
               backend: str = "auto") -> pa.Table:

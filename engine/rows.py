@@ -41,8 +41,7 @@ class Predictor:
         """`model.prepare(batch)`, one prepared row per input row whatever happens: a row with a null
         id gets an error row (it cannot be keyed or joined) and the others go on; if the batch raises,
         each row is retried alone and a row that still fails gets PREPROCESS_FAILED and its error.
-        Every target label column is present (null where the input has none), so batches of any file
-        share a schema. `first_row`: the file row number of the batch's first row, for messages. A
+        `first_row`: the file row number of the batch's first row, for messages. A
         `StarcastError` (e.g. no grid for the file) concerns the whole file and is raised."""
         null = batch.column(ID).is_null().to_numpy(zero_copy_only=False)
         if null.any():
@@ -56,7 +55,7 @@ class Predictor:
                 [pa.Table.from_batches([p]) for p in pieces], promote_options="permissive")
             return as_batch(table.take(pa.array(order)))
         try:
-            return self._with_labels(as_batch(self.model.prepare(batch, source_grid=grid)))
+            return as_batch(self.model.prepare(batch, source_grid=grid))
         except StarcastError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure becomes a flagged row, never a lost one
@@ -100,17 +99,6 @@ class Predictor:
         if model.emulator is not None:
             cols.update(model.fit_columns(np.zeros((n, model.grid.n), np.float32), np.full(n, np.nan),
                                           np.full(n, np.nan), np.zeros(n), np.zeros(n), np.zeros(n, bool)))
-        cols.update({k: batch.column(k).cast(pa.float64()) for k in model.bundle.target_names
-                     if k in batch.schema.names})
-        return self._with_labels(pa.RecordBatch.from_pydict(cols))
-
-    def _with_labels(self, prepared: pa.RecordBatch) -> pa.RecordBatch:
-        """`prepared` with every target label column, in target order (null where the input had none)."""
-        labels = self.model.bundle.target_names
-        cols = {k: prepared.column(k) for k in prepared.schema.names if k not in labels}
-        for name in labels:
-            cols[name] = (prepared.column(name).cast(pa.float64()) if name in prepared.schema.names
-                          else pa.nulls(prepared.num_rows, pa.float64()))
         return pa.RecordBatch.from_pydict(cols)
 
 

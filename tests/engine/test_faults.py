@@ -125,6 +125,21 @@ def test_dictionary_encoded_ids_are_read_as_their_values(tmp_path: Path, tiny_bu
     assert [bool(f & Flag.DUPLICATE_ID) for f in out["flags"].to_pylist()] == [0, 0, 1, 0, 0]
 
 
+def test_label_columns_of_any_type_play_no_part(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A text or list column named like a target (an input's own notes) changes nothing: the file is
+    predicted as it is without it."""
+    path = shard(tmp_path / "cat" / "s.parquet", list(range(5)))
+    plain = run(path, tmp_path / "plain", model=tiny_bundle, progress=False)
+    table = pq.read_table(path)
+    table = table.append_column("teff", pa.array(list("abcde"))).append_column(
+        "logg", pa.array([[1.0]] * 5, pa.list_(pa.float64())))
+    pq.write_table(table, path)
+    labelled = run(path, tmp_path / "labelled", model=tiny_bundle, progress=False)
+    assert labelled["totals"] == plain["totals"] and labelled["totals"]["rows_failed"] == 0
+    assert pq.read_table(tmp_path / "labelled/results/s.parquet").equals(
+        pq.read_table(tmp_path / "plain/results/s.parquet"))
+
+
 def test_a_second_run_on_a_locked_out_is_refused_naming_the_holder(tmp_path: Path, tiny_bundle: Path) -> None:
     cat = shard(tmp_path / "cat.parquet", list(range(10)))
     out = tmp_path / "out"
