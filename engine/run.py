@@ -84,8 +84,10 @@ def run_job(spec: JobSpec) -> dict:
         try:
             manifest.stage_seconds = _run_files(spec, model, identity, out, todo,
                                                 [r for r in reports if r.status == "pending"], checkpoint)
-        except StarcastError as exc:
-            manifest.state, manifest.error = "stopped", str(exc)
+        except Exception as exc:  # a StarcastError says why; anything else is a bug, named as one
+            manifest.state = "stopped"
+            manifest.error = str(exc) if isinstance(exc, StarcastError) else \
+                f"internal error: {type(exc).__name__}: {exc}"
             with contextlib.suppress(OutputError):
                 checkpoint()
             raise

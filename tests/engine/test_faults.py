@@ -222,6 +222,20 @@ def test_output_errors_are_output_errors(tmp_path: Path, tiny_bundle: Path, monk
     assert not list((tmp_path / "out").rglob(".*partial"))
 
 
+def test_an_unexpected_error_stops_the_run_with_its_manifest_saying_so(tmp_path: Path, tiny_bundle: Path,
+                                                                         monkeypatch) -> None:
+    cat = shard(tmp_path / "cat.parquet", list(range(10)))
+
+    def broken(self, files, reports):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("starcast.engine.run.LocalPipeline.run", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
+    manifest = json.loads((tmp_path / "out/run-manifest.json").read_text())
+    assert manifest["state"] == "stopped" and manifest["error"] == "internal error: RuntimeError: boom"
+
+
 def test_resume_redoes_an_input_replaced_under_the_same_name(tmp_path: Path, tiny_bundle: Path,
                                                             capfd) -> None:
     cat = tmp_path / "cat"
