@@ -42,6 +42,7 @@ from ..catalogs.schema import (
 from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
 from ..kernels.features import network_inputs
+from ..kernels.input_checks import column_medium
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
@@ -156,14 +157,16 @@ class Model:
                 backend: str = "auto", source_grid: WavelengthGrid | None = None,
                 medium: str | None = None) -> pa.Table:
         """Predict every row of a catalog table or batch (or a dict of columns: `id`, 2-D `flux`, a
-        shared 1-D or per-row 2-D `wavelength` in Angstrom, in `medium`, "air" or "vacuum", default
-        the model's). Returns one results row per input row, in order: `id`; per target
-        `t`, `t_err` (total sigma), `t_err_aleatoric`, `t_err_epistemic` (float64, physical units,
-        null where the row could not be predicted); with an emulator `chi2` (float64, reduced chi^2
-        of the fit), `chi2_pixels` (int32), `rv` and `rv_err` (float64, km/s: the radial velocity that
-        fits, estimated where the input gave none); `flags` (int32, `Flag` bits); `error`.
+        shared 1-D or per-row 2-D `wavelength` in Angstrom). `medium` ("air" or "vacuum"): that of
+        wavelengths whose medium the input does not state (a dict; a table without `starcast.medium`
+        metadata), default the model's; a table that states another is an error. Returns one results
+        row per input row, in order: `id`; per target `t`, `t_err` (total sigma), `t_err_aleatoric`,
+        `t_err_epistemic` (float64, physical units, null where the row could not be predicted); with
+        an emulator `chi2` (float64, reduced chi^2 of the fit), `chi2_pixels` (int32), `rv` and
+        `rv_err` (float64, km/s: the radial velocity that fits, estimated where the input gave none);
+        `flags` (int32, `Flag` bits); `error`.
         Exactly `infer(prepare(...))`, the two halves the pipelines run on different workers."""
-        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
+        table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
         return self.infer(self.prepare(table, source_grid=source_grid), samples=samples, seed=seed,
                           backend=backend)
 
@@ -184,7 +187,7 @@ class Model:
         from its spectrum (`engine.rv`), removed by preprocessing, and the flag RV_ESTIMATED.
         `source_grid`: the file's shared grid when there is no `wavelength` column (else it is read
         from the schema metadata, `starcast.wavelength`)."""
-        table, source_grid = _as_table(batch, source_grid, self.grid.medium)
+        table, source_grid = _as_table(batch, source_grid, None, self.grid.medium)
         if ID not in table.column_names:
             raise CatalogError("the catalog has no 'id' column", column=ID)
         try:
@@ -227,14 +230,14 @@ class Model:
         rv, ripple statistic; NaN where a row is not predicted), e.g. to calibrate its thresholds."""
         if self.emulator is None:
             raise StarcastError(f"model {self.name!r} has no emulator, so no goodness of fit")
-        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
+        table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
         return self._infer(prepared, self._samples(None), 0, resolve_backend(backend))[2]
 
     def estimates(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                   backend: str = "auto") -> Estimates:
         """The `Estimates` of every row, as `predict` computes them."""
-        table, source_grid = _as_table(table_or_batch, None, self.grid.medium)
+        table, source_grid = _as_table(table_or_batch, None, None, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
         ok, stats, fit, x, *_ = self._infer(prepared, self._samples(samples), seed, resolve_backend(backend))
         if fit is None:
@@ -361,7 +364,7 @@ class Model:
         These are the networks' draws: where the calibration blends in the emulator's fit, `predict`'s
         estimate is that blend, not the mean of the draws, and on a row with a gap it is the fit alone.
         `backend`: that of the `predict` to describe (its emulator fit decides the input's residual rv)."""
-        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
+        table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
         ok, x, keys, fit, _ = self._inputs_as_predicted(prepared, samples, seed, backend)
@@ -403,7 +406,7 @@ class Model:
         if unknown or not wanted:
             raise StarcastError(f"model {self.name!r} has no target(s) {unknown or wanted}; it predicts "
                                 f"{', '.join(names)}")
-        table, source_grid = _as_table(table_or_batch, source_grid, medium or self.grid.medium)
+        table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
         prepared = self.prepare(table, source_grid=source_grid)
         return explain.explain_prepared(self, prepared, [names.index(t) for t in wanted], method=method,
                                         steps=steps or explain.DEFAULT_STEPS, samples=self._samples(samples),
@@ -680,20 +683,33 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _as_table(data, source_grid: WavelengthGrid | None,
-              medium: str) -> tuple[pa.Table, WavelengthGrid | None]:
-    """Accept a pa.Table, pa.RecordBatch, polars DataFrame or dict of columns (whose wavelengths are in
-    `medium`). (A shared grid in the schema metadata, `starcast.wavelength`, is read by `preprocess`
-    when `source_grid` is None.)"""
+def _as_table(data, source_grid: WavelengthGrid | None, medium: str | None,
+              default_medium: str) -> tuple[pa.Table, WavelengthGrid | None]:
+    """Accept a pa.Table, pa.RecordBatch, polars DataFrame or dict of columns. A dict's wavelengths are
+    in `medium` (None: `default_medium`); a table's in the medium its metadata states, else in
+    `medium` where one is given (a table that states another is an error). (A shared grid in the
+    schema metadata, `starcast.wavelength`, is read by `preprocess` when `source_grid` is None.)"""
+    if medium is not None:
+        try:
+            check_medium(medium)
+        except ValueError as exc:
+            raise StarcastError(str(exc)) from None
+    if isinstance(data, dict):
+        return _table_from_arrays(data, source_grid, medium or default_medium)
     if isinstance(data, pa.RecordBatch):
         data = pa.Table.from_batches([data])
     elif hasattr(data, "to_arrow") and not isinstance(data, pa.Table):
         data = data.to_arrow()
-    elif isinstance(data, dict):
-        data, source_grid = _table_from_arrays(data, source_grid, medium)
     if not isinstance(data, pa.Table):
         raise StarcastError(f"cannot predict from a {type(data).__name__}; pass a pyarrow Table or "
                             "RecordBatch, a polars DataFrame, or a dict of columns")
+    if medium is not None:
+        stated = column_medium(data.schema)
+        if stated is None:
+            data = data.replace_schema_metadata({**(data.schema.metadata or {}), META_MEDIUM: medium})
+        elif stated != medium:
+            raise StarcastError(f"the table states its wavelengths are in {stated} ({META_MEDIUM} or "
+                                f"{META_WAVELENGTH} metadata), medium= says {medium}")
     return data, source_grid
 
 
@@ -704,10 +720,6 @@ def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 def _table_from_arrays(columns: dict, source_grid, medium: str):
     """A dict with 2-D `flux` (and `flux_err`, `mask`) and a 1-D shared or 2-D per-row `wavelength`
     (Angstrom, in `medium`)."""
-    try:
-        check_medium(medium)
-    except ValueError as exc:
-        raise StarcastError(str(exc)) from None
     columns = dict(columns)
     wavelength = columns.pop("wavelength", None)
     if wavelength is not None and np.ndim(wavelength) == 1:

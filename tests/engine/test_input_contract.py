@@ -7,10 +7,13 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from starcast.catalogs.medium import air_to_vacuum
-from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid
+from starcast.catalogs.schema import META_MEDIUM, META_WAVELENGTH, Flag, WavelengthGrid
 from starcast.engine.bundle import MANIFEST_FILE, seal
 from starcast.engine.predictor import load_model
+
+from starcast.errors import StarcastError
 
 AIR_GRID = WavelengthGrid.linear(4000.0, 0.5, 400, medium="air")  # 4000-4199.5 A, air
 WAVELENGTH = np.linspace(3980.0, 4220.0, 2401)  # air
@@ -49,6 +52,19 @@ def test_a_dict_is_in_the_models_medium_by_default_and_a_stated_medium_is_conver
     stated = numbers(model.predict(vacuum, medium="vacuum"))
     unstated = numbers(model.predict(vacuum))  # read as air: 1.1 A off
     assert np.abs(stated - numbers(as_air)).max() < 0.1 * np.abs(unstated - numbers(as_air)).max()
+
+
+def test_a_tables_unstated_medium_is_the_one_given_and_a_stated_one_must_agree(bundle_factory, tmp_path):
+    model = air_model(bundle_factory, tmp_path)
+    flux = spectra(2)
+    vacuum = air_to_vacuum(WAVELENGTH)
+    table = pa.table({"id": [0, 1], "flux": pa.array(list(flux), pa.list_(pa.float32())),
+                      "wavelength": pa.array([vacuum] * 2, pa.list_(pa.float64()))})
+    stated = numbers(model.predict(table.replace_schema_metadata({META_MEDIUM: "vacuum"})))
+    np.testing.assert_array_equal(numbers(model.predict(table, medium="vacuum")), stated)
+    assert np.abs(numbers(model.predict(table)) - stated).max() > 0  # unstated, read as the model's air
+    with pytest.raises(StarcastError, match="states its wavelengths are in vacuum"):
+        model.predict(table.replace_schema_metadata({META_MEDIUM: "vacuum"}), medium="air")
 
 
 def test_a_model_that_states_its_resolving_power_refuses_lower_resolution(bundle_factory, tmp_path):
