@@ -24,7 +24,11 @@ from ..catalogs.schema import (
     CHI2_PIXELS,
     ERROR,
     FLAGS,
+    FLUX,
+    FLUX_ERR,
     ID,
+    IVAR,
+    MASK,
     META_BACKEND,
     META_MEDIUM,
     META_MODEL,
@@ -35,6 +39,7 @@ from ..catalogs.schema import (
     META_WAVELENGTH,
     RV,
     RV_ERR,
+    WAVELENGTH,
     Flag,
     WavelengthGrid,
     results_schema,
@@ -718,22 +723,46 @@ def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _table_from_arrays(columns: dict, source_grid, medium: str):
-    """A dict with 2-D `flux` (and `flux_err`, `mask`) and a 1-D shared or 2-D per-row `wavelength`
-    (Angstrom, in `medium`)."""
+    """A dict with `id`, 2-D `flux` (and `flux_err`, `ivar`, `mask`: rows x pixels) and a 1-D shared or
+    2-D per-row `wavelength` (Angstrom, in `medium`); other entries one value per row. A
+    `StarcastError` names the entry that is not so."""
     columns = dict(columns)
-    wavelength = columns.pop("wavelength", None)
+    if ID not in columns or FLUX not in columns:
+        raise StarcastError(f"a dict to predict needs '{ID}' and '{FLUX}' entries; it has "
+                            f"{sorted(columns)}")
+    try:
+        ids = pa.array(list(columns.pop(ID)))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+        raise StarcastError(f"'{ID}' must be all integers or all strings ({exc})") from None
+    wavelength = columns.pop(WAVELENGTH, None)
     if wavelength is not None and np.ndim(wavelength) == 1:
+        wavelength = np.asarray(wavelength, np.float64)
+        if not (np.isfinite(wavelength).all() and np.all(np.diff(wavelength) > 0)):
+            raise StarcastError(f"'{WAVELENGTH}' (1-D: one grid for every row) must be finite and "
+                                "strictly increasing")
         source_grid = WavelengthGrid.explicit(wavelength, medium)
     elif wavelength is not None:
-        columns["wavelength"] = wavelength
-    out = {}
+        columns[WAVELENGTH] = wavelength
+    out = {ID: ids}
     for name, values in columns.items():
-        arr = np.asarray(values)
-        if arr.ndim == 2:
-            flat = pa.array(arr.reshape(-1))
-            out[name] = pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])
+        try:
+            arr = np.asarray(values)
+        except ValueError:
+            raise StarcastError(f"'{name}' has rows of different lengths: give it as a 2-D array "
+                                "(rows x pixels; NaN where a row has no pixel)") from None
+        per_pixel = name in (FLUX, FLUX_ERR, IVAR, MASK, WAVELENGTH)
+        if arr.ndim != (2 if per_pixel else 1) or len(arr) != len(ids):
+            shape = f"{len(ids)} x pixels" if per_pixel else f"{len(ids)} values, one per row"
+            raise StarcastError(f"'{name}' must be {shape} (as '{ID}' has {len(ids)} rows); it is "
+                                f"{arr.shape}" + (f": one spectrum is {name}[None, :]" if arr.ndim == 1 and
+                                                 per_pixel else ""))
+        if per_pixel:
+            out[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
         else:
             out[name] = pa.array(arr)
+    if isinstance(source_grid, WavelengthGrid) and out[FLUX].type.list_size != source_grid.n:
+        raise StarcastError(f"'{FLUX}' has {out[FLUX].type.list_size} pixels per row, '{WAVELENGTH}' "
+                            f"{source_grid.n}")
     if source_grid is not None:
         return pa.table(out).replace_schema_metadata({META_WAVELENGTH: source_grid.to_json()}), source_grid
     return pa.table(out).replace_schema_metadata({META_MEDIUM: medium}), source_grid

@@ -307,7 +307,7 @@ def test_run_writes_the_chi2_columns(tmp_path):
 def _table(data: dict):
     from starcast.engine.predictor import _as_table
 
-    return _as_table(data, None, TINY_GRID.medium)[0]
+    return _as_table(data, None, None, TINY_GRID.medium)[0]
 
 
 def test_a_label_scale_multiplies_each_sigma_by_its_factor_at_the_networks_mean(tmp_path):

@@ -353,3 +353,22 @@ def test_vsini_is_never_negative_and_slow_rotators_are_upper_limits(bundle_facto
     upper = (out.column("flags").to_numpy() & Flag.UPPER_LIMIT) > 0
     np.testing.assert_array_equal(upper, v_raw < 15.0)
     assert upper.any()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.update(flux=d["flux"][0]), r"'flux' must be 2 x pixels .*one spectrum is flux\[None, :\]"),
+    (lambda d: d.update(id=[1, 2, 3]), r"'flux' must be 3 x pixels \(as 'id' has 3 rows\); it is \(2, "),
+    (lambda d: d.update(flux=d["flux"][None]), r"'flux' must be 2 x pixels"),
+    (lambda d: d.update(flux=[d["flux"][0], d["flux"][1][:-5]]), "'flux' has rows of different lengths"),
+    (lambda d: d.update(id=[1, "a"]), "'id' must be all integers or all strings"),
+    (lambda d: d.update(wavelength=d["wavelength"][::-1]), "'wavelength' .* strictly increasing"),
+    (lambda d: d.update(wavelength=d["wavelength"][:-1]), r"'flux' has \d+ pixels per row, 'wavelength' \d+"),
+    (lambda d: d.update(snr=[1.0]), "'snr' must be 2 values, one per row"),
+    (lambda d: d.pop("id"), "needs 'id' and 'flux' entries"),
+], ids=["1-D flux", "ids vs rows", "3-D flux", "ragged", "mixed ids", "decreasing", "grid length", "column",
+        "no id"])
+def test_a_dict_that_is_not_rows_of_spectra_is_an_error_naming_its_entry(model, change, match):
+    data = {"id": [1, 2], "flux": spectra(2), "wavelength": WAVELENGTH}
+    change(data)
+    with pytest.raises(StarcastError, match=match):
+        model.predict(data)
