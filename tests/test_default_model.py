@@ -92,6 +92,22 @@ def test_cpu_path_matches_the_float64_reference_on_the_shipped_model(survey):
         assert np.max(np.abs(cpu.column(f"{t}_err").to_numpy() / s - 1.0)) < 0.01
 
 
+def test_a_spectrum_reads_alike_in_any_batch(survey):
+    """The same rows predicted alone, in batches of 7 and all at once: the flags agree and the numbers
+    within 1% of sigma (the fit's float32 sums run in an order that depends on the batch's size; the
+    draws, keyed by id, do not)."""
+    table, out = survey
+    model, whole = starcast.load_model(), out.slice(0, 21)
+    for size in (1, 7):
+        parts = pa.concat_tables([model.predict(table.slice(i, size), backend="cpu")
+                                  for i in range(0, 21, size)])
+        assert parts.column("flags").equals(whole.column("flags"))
+        for t in TARGETS:
+            s = whole.column(f"{t}_err").to_numpy()
+            assert np.max(np.abs(parts.column(t).to_numpy() - whole.column(t).to_numpy()) / s) < 0.01
+            assert np.max(np.abs(parts.column(f"{t}_err").to_numpy() / s - 1.0)) < 0.01
+
+
 def test_slow_rotators_are_upper_limits_and_never_negative(survey):
     table, out = survey
     v = out.column("vsini").to_numpy()
