@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numba
@@ -361,6 +361,11 @@ def synth(n: int | None, out: str | Path, *, mode: str = "random", seed: int = 0
 
     if int(shard_rows) < 1:
         raise StarcastError(f"shard_rows must be at least 1, got {shard_rows}")
+    unknown = sorted(set(config) - {f.name for f in fields(SynthConfig)})
+    if unknown:
+        raise StarcastError(f"synth got unknown settings {unknown}: SynthConfig's fields are "
+                            f"{sorted(f.name for f in fields(SynthConfig))} (a grid's survey: "
+                            "`catalogs.gridsynth.synth_from_grid`)")
     cfg = replace(SynthConfig(), n=n, mode=mode, seed=seed, snr=tuple(snr), **config)
     labels = draw_labels(cfg)
     total = labels["ids"].shape[0]

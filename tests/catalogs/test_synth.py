@@ -218,3 +218,9 @@ def test_a_shard_size_below_one_is_refused_not_written_as_empty_shards(tmp_path)
         with pytest.raises(StarcastError, match="shard_rows"):
             synth(3, tmp_path / f"s{rows}", shard_rows=rows, **SMALL)
         assert not list(tmp_path.glob(f"s{rows}/*.parquet"))
+
+
+def test_an_unknown_setting_is_an_error_naming_it(tmp_path):
+    with pytest.raises(StarcastError, match=r"unknown settings \['grid'\]: SynthConfig's fields are"):
+        synth(3, tmp_path / "s", grid="grid.npz", **SMALL)
+    assert not (tmp_path / "s").exists()
