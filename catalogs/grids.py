@@ -22,8 +22,9 @@ from ..errors import CatalogError
 PARAMS = ("teff", "logg")  # K, dex (cgs): the axes a grid spans
 # BSTAR2006/OSTAR2002 model names (Lanz & Hubeny 2003, 2007): BG20000g350v2 = Teff 20 000 K,
 # log g 3.50, vturb 2 km/s.
-TLUSTY_NAME = r"(?P<teff>\d{5})g(?P<logg>\d{3})"
+TLUSTY_NAME = r"(?<!\d)(?P<teff>\d{5})g(?P<logg>\d{3})(?!\d)"
 TEXT_SUFFIXES = (".txt", ".dat", ".7", ".17", ".spec", ".norm", ".asc")
+NORMALISED = (0.5, 1.5)  # a continuum-normalised model's median flux lies well inside this
 
 
 @dataclass(frozen=True)
@@ -77,23 +78,54 @@ def read_grid(path: str | Path, *, medium: str | None = None, name_pattern: str 
     `quality_only` drops models an npz marks `quality_ok = False`. `name_pattern`: a regex with named
     groups `teff` and `logg` (log g as 3 digits, x100) for text spectra without a params.csv."""
     path = Path(path)
-    if path.is_dir():
-        grid = _read_text_dir(path, name_pattern, medium or "air")
-    elif not path.is_file():
-        raise CatalogError("no such file or directory", file=str(path))
-    elif path.suffix == ".npz":
-        grid = _read_npz(path, medium, quality_only)
-    elif path.suffix == ".csv":
-        grid = _read_csv(path, medium or "air")
-    elif path.suffix == ".parquet":
-        grid = _read_parquet(path, medium)
-    else:
-        raise CatalogError("unknown model-grid format (expected .npz, .csv, .parquet or a directory of "
-                           "two-column text spectra)", file=str(path))
-    if not np.isfinite(grid.flux).all():
-        row = int(np.flatnonzero(~np.isfinite(grid.flux).all(axis=1))[0])
-        raise CatalogError(f"model {grid.names[row]} has non-finite flux", file=str(path), row=row)
+    try:
+        grid = _read(path, medium, name_pattern, quality_only)
+    except CatalogError as exc:
+        if exc.file is None:
+            raise CatalogError(exc.reason, file=str(path), row=exc.row, column=exc.column) from None
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, OSError) as exc:  # what the readers do not foresee
+        raise CatalogError(f"not a readable model grid ({type(exc).__name__}: {exc})",
+                           file=str(path)) from None
+    _check_models(grid, path)
     return grid
+
+
+def _read(path: Path, medium: str | None, name_pattern: str, quality_only: bool) -> ModelGrid:
+    if path.is_dir():
+        return _read_text_dir(path, name_pattern, medium or "air")
+    if not path.is_file():
+        raise CatalogError("no such file or directory", file=str(path))
+    if path.suffix == ".npz":
+        return _read_npz(path, medium, quality_only)
+    if path.suffix == ".csv":
+        return _read_csv(path, medium or "air")
+    if path.suffix == ".parquet":
+        return _read_parquet(path, medium)
+    raise CatalogError("unknown model-grid format (expected .npz, .csv, .parquet or a directory of "
+                       "two-column text spectra)", file=str(path))
+
+
+def _check_models(grid: ModelGrid, path: Path) -> None:
+    """Each model's flux finite and continuum-normalised (median within NORMALISED), its parameters
+    finite, and no two models at one node; else a `CatalogError` naming the model."""
+    def fail(row: int, reason: str):
+        raise CatalogError(f"model {grid.names[row]} {reason}", file=str(path), row=row)
+
+    for row in np.flatnonzero(~np.isfinite(grid.flux).all(axis=1))[:1]:
+        fail(int(row), "has non-finite flux")
+    median = np.median(grid.flux, axis=1)
+    for row in np.flatnonzero((median < NORMALISED[0]) | (median > NORMALISED[1]))[:1]:
+        fail(int(row), f"has a median flux of {median[row]:.3g}: a grid's flux is normalised to the "
+                       "continuum (e.g. SYNSPEC's fort.7 over its fort.17)")
+    nodes = grid.nodes()
+    for row in np.flatnonzero(~np.isfinite(nodes).all(axis=1))[:1]:
+        fail(int(row), f"has non-finite parameters {dict(zip(PARAMS, nodes[row].tolist(), strict=True))}")
+    _, first, counts = np.unique(nodes, axis=0, return_index=True, return_counts=True)
+    for row in first[counts > 1][:1]:
+        same = np.flatnonzero((nodes == nodes[row]).all(axis=1))
+        fail(int(row), f"shares its node {dict(zip(PARAMS, nodes[row].tolist(), strict=True))} with "
+                       f"{', '.join(str(grid.names[r]) for r in same[1:])}: one model per node")
 
 
 def _read_npz(path: Path, medium: str | None, quality_only: bool) -> ModelGrid:
@@ -178,6 +210,11 @@ def _read_text_dir(path: Path, pattern: str, medium: str) -> ModelGrid:
             data = np.loadtxt(f, usecols=(0, 1), ndmin=2)
         except ValueError as exc:
             raise CatalogError(f"not a two-column text spectrum ({exc})", file=str(f)) from exc
+        if len(data) < 2 or not np.all(np.diff(data[:, 0]) > 0):
+            raise CatalogError("needs two or more rows of strictly increasing wavelength", file=str(f))
+        if spectra and (data[0, 0] > spectra[0][0, 0] or data[-1, 0] < spectra[0][-1, 0]):
+            raise CatalogError(f"covers {data[0, 0]:g}-{data[-1, 0]:g} A, the grid's first spectrum "
+                               f"({files[0].name}) {spectra[0][0, 0]:g}-{spectra[0][-1, 0]:g} A", file=str(f))
         spectra.append(data)
         for p in PARAMS:
             params[p].append(values[p])

@@ -23,15 +23,17 @@ import functools
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numba
 import numpy as np
 import pyarrow as pa
 
+from ..errors import CatalogError
 from . import physics
 from .grids import ModelGrid
+from .medium import convert
 from .schema import (
     FLUX,
     FLUX_ERR,
@@ -175,8 +177,16 @@ class BroadenedLibrary:
               cache: str | Path | None = None, progress: bool = False) -> BroadenedLibrary:
         """Broaden every model of `grid` (its flux clipped at 1 first when `clip_emission`: the LTE
         source function gives some metal lines spurious emission, see the grid's README), its metal
-        lines scaled to each of `metals` (dex; default: only 0). With `cache` (a folder), the library
-        is stored there under its key and reused."""
+        lines scaled to each of `metals` (dex; default: only 0), its wavelengths in the observation's
+        medium; the grid must cover the observed range. With `cache` (a folder), the library is stored
+        there under its key and reused."""
+        grid = replace(grid, wavelength=convert(grid.wavelength, grid.medium, obs.medium), medium=obs.medium)
+        lo, hi = obs.start, obs.start + obs.step * (obs.npix - 1)
+        if grid.wavelength[0] > lo or grid.wavelength[-1] < hi:
+            raise CatalogError(f"the grid covers {grid.wavelength[0]:.1f}-{grid.wavelength[-1]:.1f} A "
+                               f"({obs.medium}); observing it needs {lo:.1f}-{hi:.1f} A"
+                               + (" (its wavelengths look like nanometres: multiply by 10)"
+                                  if grid.wavelength[-1] < 1000.0 else ""))
         vsini = vsini_ladder() if vsini is None else np.asarray(vsini, np.float64)
         metals = np.zeros(1) if metals is None else np.asarray(metals, np.float64)
         key = _library_key(grid, obs, vsini, metals, clip_emission)

@@ -70,6 +70,47 @@ def test_text_spectra_without_parameters_name_the_file(tmp_path):
         read_grid(tmp_path)
 
 
+def _text_grid(folder, small) -> list:
+    """`small` written as TLUSTY-named text spectra into `folder`; their paths."""
+    folder.mkdir()
+    paths = []
+    for i in range(len(small.flux)):
+        teff, logg = int(small.params["teff"][i]), round(small.params["logg"][i] * 100)
+        paths.append(folder / f"BG{teff}g{logg:03d}.txt")
+        np.savetxt(paths[-1], np.stack([small.wavelength, small.flux[i]], axis=1))
+    return paths
+
+
+def _rewrite(path, wavelength, flux):
+    np.savetxt(path, np.stack([wavelength, flux], axis=1))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda p, g: p[0].with_name(p[0].stem + "v10.txt").write_bytes(p[0].read_bytes()),
+     "shares its node .* one model per node"),
+    (lambda p, g: _rewrite(p[2], g.wavelength, 1e8 * g.flux[2]),
+     "median flux of .* normalised to the continuum"),
+    (lambda p, g: _rewrite(p[1], g.wavelength[::-1], g.flux[1]),
+     "BG.*: needs two or more rows of strictly increasing"),
+    (lambda p, g: _rewrite(p[3], g.wavelength[:-20], g.flux[3][:-20]),
+     "BG.*: covers .* the grid's first spectrum"),
+    (lambda p, g: p[1].rename(p[1].with_name("TL120000g700.txt")),
+     "TL120000g700.txt: cannot read teff/logg"),
+], ids=["duplicate node", "not normalised", "decreasing", "shorter", "unanchored name"])
+def test_a_text_grid_not_one_model_per_node_on_one_range_names_the_file(small, tmp_path, change, match):
+    paths = _text_grid(tmp_path / "g", small)
+    change(paths, small)
+    with pytest.raises(CatalogError, match=match):
+        read_grid(tmp_path / "g")
+
+
+def test_a_grid_file_that_is_not_a_grid_is_a_one_line_error_naming_it(tmp_path):
+    path = tmp_path / "g.npz"
+    np.savez(path, wavelength_air=np.arange(3.0), flux=np.ones(3), teff=np.ones(1), logg=np.ones(1))
+    with pytest.raises(CatalogError, match=f"file {path}: "):
+        read_grid(path)
+
+
 def test_every_diagnostic_line_is_an_absorption_minimum_of_the_tlusty_spectra(tlusty_grid):
     """Each listed line centre lies within 0.1 A (a blend: 0.3 A) of the deepest point, within
     +-0.5 A, of the model where that line is deepest, at least 10% below the continuum: the list names

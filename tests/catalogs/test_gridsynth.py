@@ -10,6 +10,9 @@ from PyAstronomy import pyasl
 from starcast.catalogs import gridsynth as gs
 from starcast.catalogs import physics
 from starcast.catalogs.grids import ModelGrid
+from starcast.catalogs.medium import air_to_vacuum
+
+from starcast.errors import CatalogError
 
 OBS = gs.Observation(start=4440.0, step=0.2, npix=301)  # 4440-4500 A: He I 4471, Mg II 4481
 
@@ -25,6 +28,21 @@ def block(tlusty_grid):
 @pytest.fixture(scope="module")
 def library(block):
     return gs.BroadenedLibrary.build(block, OBS, gs.vsini_ladder(120.0))
+
+
+def test_a_vacuum_grid_is_observed_in_the_observations_medium_and_a_short_one_is_refused(block):
+    """A grid whose wavelengths are in vacuum gives the library its air twin gives (to the
+    interpolation of the conversion), not lines 1.2 A red; one that does not reach the observed
+    range is an error, not continuum."""
+    vsini = np.array([0.0, 50.0])
+    air = gs.BroadenedLibrary.build(block, OBS, vsini)
+    in_vacuum = replace(block, wavelength=air_to_vacuum(block.wavelength), medium="vacuum")
+    vacuum = gs.BroadenedLibrary.build(in_vacuum, OBS, vsini)
+    assert np.abs(vacuum.flux - air.flux).max() < 2e-3 and vacuum.key != air.key
+    with pytest.raises(CatalogError, match=r"covers 4400.0-4470.0 A \(air\); observing it needs 4440.0-"):
+        gs.BroadenedLibrary.build(block.crop(4400.0, 4470.0), OBS, vsini)
+    with pytest.raises(CatalogError, match="look like nanometres"):
+        gs.BroadenedLibrary.build(replace(block, wavelength=block.wavelength / 10), OBS, vsini)
 
 
 def test_broadening_matches_pyastronomy(block):
