@@ -234,7 +234,7 @@ class BroadenedLibrary:
     def _cardinal(self):
         from scipy.interpolate import RBFInterpolator
 
-        return RBFInterpolator(self.nodes / NODE_SCALE, np.eye(len(self.nodes)), kernel="cubic", degree=1)
+        return RBFInterpolator(self._scaled_nodes(), np.eye(len(self.nodes)), kernel="cubic", degree=1)
 
     def spectra(self, teff, logg, vsini, metals=None) -> np.ndarray:
         """(B, P) float32 noise-free normalised spectra at the given labels (K, dex, km/s; metals in
@@ -256,7 +256,16 @@ class BroadenedLibrary:
         """True where (teff, logg) lies in the convex hull of the nodes (interpolation, not extrapolation)."""
         from scipy.spatial import Delaunay
 
-        return Delaunay(self.nodes / NODE_SCALE).find_simplex(np.stack([teff, logg], 1) / NODE_SCALE) >= 0
+        return Delaunay(self._scaled_nodes()).find_simplex(np.stack([teff, logg], 1) / NODE_SCALE) >= 0
+
+    def _scaled_nodes(self) -> np.ndarray:
+        """The nodes in the interpolation's units; `CatalogError` unless 3 or more span both Teff and
+        log g (a line of nodes has nothing to interpolate across)."""
+        teff, logg = (sorted(set(axis.tolist())) for axis in self.nodes.T)
+        if len(self.nodes) < 3 or min(len(teff), len(logg)) < 2:
+            raise CatalogError("stars are drawn between 3 or more models spanning both Teff and log g; this "
+                               f"grid has {len(self.nodes)}, at Teff {teff} and log g {logg}")
+        return self.nodes / NODE_SCALE
 
 
 def interior_nodes(nodes: np.ndarray) -> np.ndarray:
@@ -377,7 +386,9 @@ def draw_labels(lib: BroadenedLibrary, n: int, pert: Perturbations, rng: np.rand
         ok = lib.inside(t, g)
         teff, logg = np.concatenate([teff, t[ok]]), np.concatenate([logg, g[ok]])
     if len(teff) < n:
-        raise ValueError("the label box does not overlap the grid's nodes")
+        span = [(float(a.min()), float(a.max())) for a in lib.nodes.T]
+        raise CatalogError(f"the label box (Teff {pert.teff}, log g {pert.logg}) does not overlap the grid's "
+                           f"nodes (Teff {span[0]}, log g {span[1]})")
     return labels_at(np.stack([teff[:n], logg[:n]], axis=1), pert, rng)
 
 

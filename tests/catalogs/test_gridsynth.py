@@ -194,6 +194,17 @@ def test_survey_noise_masks_and_labels(library):
     assert table.num_rows == 400 and table.schema.metadata[b"starcast.pixels"] == b"integrated"
 
 
+def test_stars_are_drawn_only_between_models_that_span_both_axes_and_in_their_box(block, library):
+    rng = np.random.default_rng(2)
+    line = gs.BroadenedLibrary.build(block.select(block.params["logg"] == 4.0), OBS, np.array([0.0]))
+    for draw in (lambda: gs.draw_labels(line, 5, gs.Perturbations(), rng),
+                 lambda: line.spectra(np.array([22000.0]), np.array([4.0]), np.array([0.0]))):
+        with pytest.raises(CatalogError, match=r"3 or more models spanning both .* and log g \[4.0\]"):
+            draw()
+    with pytest.raises(CatalogError, match=r"label box \(Teff \(31000.0, 32000.0\).* does not overlap"):
+        gs.draw_labels(library, 5, gs.Perturbations(teff=(31000.0, 32000.0)), rng)
+
+
 def test_labels_carry_metals_where_the_perturbations_span_some(library):
     rng = np.random.default_rng(2)
     assert "metals" not in gs.draw_labels(library, 10, gs.Perturbations(), rng)
