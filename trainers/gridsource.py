@@ -45,11 +45,26 @@ class GridData:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> GridData:
+        """The `[data.grid]` table of `cfg`; `ConfigError` naming the config and the key that is wrong."""
+        where, raw = f"config {cfg.source}: " if cfg.source else "", cfg.data.grid
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}[data.grid] must be a table (path = ..., val_nodes = ...), "
+                              f"got {raw!r}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg.data.grid) - known)
-        if unknown or "path" not in cfg.data.grid:
-            raise ConfigError(f"[data.grid] needs `path`; unknown keys {unknown} (known: {sorted(known)})")
-        return cls(**cfg.data.grid)
+        unknown = sorted(set(raw) - known)
+        if unknown or "path" not in raw:
+            raise ConfigError(f"{where}[data.grid] needs `path`; unknown keys {unknown} "
+                              f"(known: {sorted(known)})")
+        for key, kind in (("observation", gridsynth.Observation), ("perturbations", gridsynth.Perturbations)):
+            names = {f.name for f in fields(kind)}
+            unknown = sorted(set(raw.get(key, {})) - names)
+            if unknown:
+                raise ConfigError(f"{where}[data.grid.{key}]: unknown keys {unknown} "
+                                  f"(known: {sorted(names)})")
+        for key in ("val_nodes", "test_nodes"):
+            if not all(isinstance(node, list | tuple) and len(node) == 2 for node in raw.get(key, [])):
+                raise ConfigError(f"{where}[data.grid] {key} must be [[teff, logg], ...], got {raw[key]!r}")
+        return cls(**raw)
 
     def resolve(self, path: str, source: str) -> Path:
         p = Path(path).expanduser()

@@ -2,10 +2,13 @@
 epoch, nodes left out for validation and test, the SNR feature and the SNR-conditional calibration,
 and the engine predicting the validation survey with the calibration the trainer fitted."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from starcast.engine.predictor import load_model
-from starcast.trainers.gridsource import GridSource
+from starcast.trainers.config import ConfigError
+from starcast.trainers.gridsource import GridData, GridSource
 from starcast.trainers.metrics import coverage
 from starcast.trainers.pipeline import train_from_config
 
@@ -74,3 +77,16 @@ def test_a_metals_span_draws_metal_lines_and_trains_a_fourth_target(tlusty_grid,
     assert (metals.min, metals.max, metals.unit) == (-0.1, 0.1, "dex")
     out = model.predict(source.split_table("test"), backend="cpu")
     assert np.isfinite(out.column("metals").to_numpy()).all()
+
+
+@pytest.mark.parametrize("grid, match", [
+    ("grid.npz", r"\[data.grid\] must be a table"),
+    ({"path": "g.npz", "observation": {"R": 20000}}, r"\[data.grid.observation\]: unknown keys \['R'\]"),
+    ({"path": "g.npz", "perturbations": {"vsin": [0, 1]}}, r"perturbations\]: unknown keys \['vsin'\]"),
+    ({"path": "g.npz", "val_nodes": [[20000]]}, r"val_nodes must be \[\[teff, logg\], ...\]"),
+    ({"pth": "g.npz"}, r"needs `path`; unknown keys \['pth'\]"),
+], ids=["string", "observation", "perturbations", "nodes", "path"])
+def test_a_grid_table_that_is_wrong_is_an_error_naming_the_config_and_key(config, grid, match):
+    wrong = replace(config, data=replace(config.data, grid=grid), source="cfg.toml")
+    with pytest.raises(ConfigError, match="config cfg.toml: .*" + match):
+        GridData.from_config(wrong)
