@@ -227,11 +227,23 @@ def _read_text_dir(path: Path, pattern: str, medium: str) -> ModelGrid:
 def _params_csv(path: Path) -> dict[str, dict[str, float]] | None:
     if not path.is_file():
         return None
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not {"file", *PARAMS} <= set(reader.fieldnames or ()):
-            raise CatalogError(f"params.csv needs the columns file, {', '.join(PARAMS)}", file=str(path))
-        return {row["file"]: {p: float(row[p]) for p in PARAMS} for row in reader}
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
+        rows = list(csv.reader(fh))
+    header = [name.strip() for name in rows[0]] if rows else []
+    if not {"file", *PARAMS} <= set(header):
+        raise CatalogError(f"params.csv needs the columns file, {', '.join(PARAMS)}; it has {header}",
+                           file=str(path))
+    table = {}
+    for r, row in enumerate(rows[1:], start=1):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        values = dict(zip(header, (cell.strip() for cell in row), strict=False))
+        numbers = {p: _as_float(values.get(p, "")) for p in PARAMS}
+        if None in numbers.values() or values.get("file", "") in ("", *table):
+            raise CatalogError(f"needs a file name not listed before and numbers for {', '.join(PARAMS)}; "
+                               f"it has {row}", file=str(path), row=r)
+        table[values["file"]] = numbers
+    return table
 
 
 def _as_float(text: str) -> float | None:

@@ -125,3 +125,16 @@ def test_every_diagnostic_line_is_an_absorption_minimum_of_the_tlusty_spectra(tl
         deepest = wl[near][np.argmin(flux[model])]
         assert 1.0 - flux[model].min() > 0.1, line
         assert abs(deepest - line.wavelength) < (0.3 if "blend" in line.source else 0.1), (line, deepest)
+
+
+def test_a_params_csv_as_spreadsheets_write_it_is_read_and_its_errors_name_the_row(small, tmp_path):
+    paths = _text_grid(tmp_path / "g", small)
+    rows = [f" {p.name} , {small.params['teff'][i]}, {small.params['logg'][i]}" for i, p in enumerate(paths)]
+    (tmp_path / "g" / "params.csv").write_text("\ufefffile, teff, logg\n" + "\n".join(rows) + "\n\n",
+                                               encoding="utf-8")
+    by_node = lambda g: g.select(np.lexsort((g.params["logg"], g.params["teff"])))  # noqa: E731
+    same(by_node(read_grid(tmp_path / "g")), by_node(small))
+    for bad in (rows[0] + "\n" + rows[0], f"{paths[0].name}, x, 3.5"):
+        (tmp_path / "g" / "params.csv").write_text("file,teff,logg\n" + bad + "\n")
+        with pytest.raises(CatalogError, match=r"params.csv, row \d: needs a file name not listed before"):
+            read_grid(tmp_path / "g")
