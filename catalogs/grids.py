@@ -148,7 +148,7 @@ def _read_npz(path: Path, medium: str | None, quality_only: bool) -> ModelGrid:
 
 def _read_csv(path: Path, medium: str) -> ModelGrid:
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
+        rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]  # blank lines dropped
     if len(rows) < 2:
         raise CatalogError("a grid CSV needs a header row and at least one model row", file=str(path))
     header = [h.strip() for h in rows[0]]

@@ -40,6 +40,7 @@ def test_wide_csv(small, tmp_path):
         for i in range(len(small.flux)):
             w.writerow([small.names[i], small.params["teff"][i], small.params["logg"][i],
                         *[repr(float(v)) for v in small.flux[i]]])
+        fh.write("\n\n")  # blank lines at the end, as editors leave them
     same(read_grid(path), small)
 
 
