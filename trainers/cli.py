@@ -13,7 +13,8 @@ import click
 @click.command("train")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", "output", default=None, help="Bundle directory (default: the config's `output`).")
-@click.option("--epochs", type=int, default=None, help="Override training.epochs (e.g. a quick try).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Override training.epochs (e.g. a quick try).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> None:
     """Train, recalibrate and export a model bundle described by CONFIG (TOML)."""

@@ -114,6 +114,12 @@ def _section(cls, raw: dict, name: str):
     values = {}
     for key, value in raw.items():
         default = getattr(cls(), key)
+        kind = (list, tuple) if isinstance(default, tuple) else (int, float) if type(default) is float \
+            else type(default)
+        if not isinstance(value, kind) or (isinstance(value, bool) and type(default) is not bool):
+            expected = {tuple: "a list", dict: "a table", bool: "true or false", int: "an integer",
+                        float: "a number", str: "a string"}[type(default)]
+            raise ConfigError(f"{name}.{key} must be {expected}, got {value!r}")
         values[key] = tuple(value) if isinstance(default, tuple) else value
     return cls(**values)
 
@@ -125,12 +131,18 @@ def _grid(raw: dict) -> WavelengthGrid:
         raise ConfigError(f"[grid]: not a wavelength grid ({exc!r}); expected kind, start, step, n") from exc
 
 
+TOP_LEVEL = ("name", "output", "data", "grid", "preprocess", "architecture", "training", "calibration")
+
+
 def parse_config(raw: dict, source: str = "") -> TrainConfig:
     """Build and validate a `TrainConfig` from the parsed TOML dict."""
     where = f"config {source}: " if source else ""
     for key in ("name", "output", "grid"):
         if key not in raw:
             raise ConfigError(f"{where}missing top-level key {key!r}")
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"{where}unknown top-level keys or sections {unknown} (known: {list(TOP_LEVEL)})")
     try:
         cfg = TrainConfig(
             name=str(raw["name"]), output=str(raw["output"]),

@@ -62,8 +62,20 @@ class GridData:
                 raise ConfigError(f"{where}[data.grid.{key}]: unknown keys {unknown} "
                                   f"(known: {sorted(names)})")
         for key in ("val_nodes", "test_nodes"):
-            if not all(isinstance(node, list | tuple) and len(node) == 2 for node in raw.get(key, [])):
-                raise ConfigError(f"{where}[data.grid] {key} must be [[teff, logg], ...], got {raw[key]!r}")
+            nodes = raw.get(key, [])
+            if not nodes or not all(isinstance(node, list | tuple) and len(node) == 2 for node in nodes):
+                raise ConfigError(f"{where}[data.grid] {key} must be [[teff, logg], ...], one node or more "
+                                  f"left out of training, got {nodes!r}")
+            repeated = [n for i, n in enumerate(nodes) if n in nodes[:i] or (key == "test_nodes" and n in
+                                                                              raw.get("val_nodes", []))]
+            if repeated:
+                raise ConfigError(f"{where}[data.grid] {key}: {repeated} listed twice or in val_nodes too "
+                                  "(the test nodes must be unseen by the calibration)")
+        metals = raw.get("perturbations", {}).get("metals", (0.0, 0.0))
+        made = ("teff", "logg", "vsini", *(("metals",) if metals[1] > metals[0] else ()))
+        if not set(cfg.data.targets) <= set(made):
+            raise ConfigError(f"{where}data.targets {list(cfg.data.targets)}: a grid's stars carry "
+                              f"{list(made)} (metals with a [data.grid.perturbations] metals span)")
         return cls(**raw)
 
     def resolve(self, path: str, source: str) -> Path:
@@ -94,6 +106,7 @@ class GridSource:
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True):
         self.data = GridData.from_config(cfg)
+        self.where = f"config {cfg.source}: " if cfg.source else ""
         self.grid_values = cfg.grid.values()
         self.settings = PreprocessSettings.from_dict(cfg.preprocess)
         self.features = list(cfg.architecture.features)
@@ -102,8 +115,9 @@ class GridSource:
         self.pert = gridsynth.Perturbations(**self.data.perturbations)
         grid = read_grid(self.data.resolve(self.data.path, cfg.source))
         if grid.medium != cfg.grid.medium or self.obs.medium != cfg.grid.medium:
-            raise ConfigError(f"the model grid is in {cfg.grid.medium}, the spectra grid in {grid.medium} "
-                              f"and [data.grid.observation] in {self.obs.medium}: they must agree")
+            raise ConfigError(f"{self.where}the model's [grid] is in {cfg.grid.medium}, [data.grid]'s "
+                              f"spectra in {grid.medium} and [data.grid.observation] in {self.obs.medium}: "
+                              "they must agree")
         cache = self.data.resolve(self.data.cache, cfg.source) if self.data.cache else None
         self.full = gridsynth.BroadenedLibrary.build(grid, self.obs,
                                                      metals=gridsynth.metals_ladder(self.pert.metals),
@@ -120,7 +134,8 @@ class GridSource:
             known = self.full.nodes
             hit = np.flatnonzero((known[:, 0] == teff) & (np.abs(known[:, 1] - logg) < 1e-6))
             if len(hit) != 1:
-                raise ConfigError(f"[data.grid] node ({teff}, {logg}) is not in the grid")
+                raise ConfigError(f"{self.where}[data.grid] node ({teff}, {logg}) of val_nodes or test_nodes "
+                                  "is not in the grid")
             out.append(int(hit[0]))
         return np.array(out, dtype=np.int64)
 

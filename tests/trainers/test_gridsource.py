@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from starcast.engine.predictor import load_model
-from starcast.trainers.config import ConfigError
+from starcast.trainers.config import ConfigError, parse_config
 from starcast.trainers.gridsource import GridData, GridSource
 from starcast.trainers.metrics import coverage
 from starcast.trainers.pipeline import train_from_config
@@ -79,14 +79,35 @@ def test_a_metals_span_draws_metal_lines_and_trains_a_fourth_target(tlusty_grid,
     assert np.isfinite(out.column("metals").to_numpy()).all()
 
 
-@pytest.mark.parametrize("grid, match", [
-    ("grid.npz", r"\[data.grid\] must be a table"),
-    ({"path": "g.npz", "observation": {"R": 20000}}, r"\[data.grid.observation\]: unknown keys \['R'\]"),
-    ({"path": "g.npz", "perturbations": {"vsin": [0, 1]}}, r"perturbations\]: unknown keys \['vsin'\]"),
-    ({"path": "g.npz", "val_nodes": [[20000]]}, r"val_nodes must be \[\[teff, logg\], ...\]"),
-    ({"pth": "g.npz"}, r"needs `path`; unknown keys \['pth'\]"),
-], ids=["string", "observation", "perturbations", "nodes", "path"])
-def test_a_grid_table_that_is_wrong_is_an_error_naming_the_config_and_key(config, grid, match):
-    wrong = replace(config, data=replace(config.data, grid=grid), source="cfg.toml")
+NODES = {"val_nodes": [[20000, 4.0]], "test_nodes": [[22000, 4.0]]}
+
+
+@pytest.mark.parametrize("grid, targets, match", [
+    ("grid.npz", None, r"\[data.grid\] must be a table"),
+    ({"path": "g.npz", "observation": {"R": 20000}}, None, r"observation\]: unknown keys \['R'\]"),
+    ({"path": "g.npz", "perturbations": {"vsin": [0, 1]}}, None, r"perturbations\]: unknown keys \['vsin'\]"),
+    ({"path": "g.npz", "val_nodes": [[20000]]}, None, r"val_nodes must be \[\[teff, logg\], ...\]"),
+    ({"path": "g.npz", "val_nodes": []}, None, r"val_nodes must be .* one node or more"),
+    ({"path": "g.npz", **NODES, "test_nodes": [[20000, 4.0]]}, None, r"test_nodes: \[\[20000, 4.0\]\]"),
+    ({"path": "g.npz", **NODES}, ("teff", "feh"), r"data.targets \['teff', 'feh'\]: a grid's stars carry"),
+    ({"path": "g.npz", **NODES}, ("teff", "metals"), r"carry \['teff', 'logg', 'vsini'\] \(metals with"),
+    ({"pth": "g.npz"}, None, r"needs `path`; unknown keys \['pth'\]"),
+], ids=["string", "observation", "perturbations", "node", "no nodes", "test in val", "unknown target",
+        "metals unspanned", "path"])
+def test_a_grid_table_that_is_wrong_is_an_error_naming_the_config_and_key(config, grid, targets, match):
+    data = replace(config.data, grid=grid, targets=targets or config.data.targets)
     with pytest.raises(ConfigError, match="config cfg.toml: .*" + match):
-        GridData.from_config(wrong)
+        GridData.from_config(replace(config, data=data, source="cfg.toml"))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda raw: raw.update(trainig={"epochs": 3}), r"unknown top-level keys or sections \['trainig'\]"),
+    (lambda raw: raw["training"].update(epochs="3"), r"training.epochs must be an integer, got '3'"),
+    (lambda raw: raw["architecture"].update(hidden="32"), r"architecture.hidden must be a list"),
+    (lambda raw: raw["training"].update(lr=True), r"training.lr must be a number, got True"),
+], ids=["section typo", "string epochs", "string hidden", "bool lr"])
+def test_a_config_typo_or_wrong_type_is_an_error_naming_it(config, change, match):
+    raw = config.to_dict()
+    change(raw)
+    with pytest.raises(ConfigError, match="config cfg.toml: " + match):
+        parse_config(raw, source="cfg.toml")
