@@ -202,10 +202,12 @@ class GridSource:
                                                        self.settings.method == "flux")}
 
     def dataset(self, first_epoch: tuple[np.ndarray, np.ndarray]) -> Dataset:
-        """The first epoch's training rows with the validation and test surveys, as one `Dataset`."""
+        """The first epoch's training rows with the validation and test surveys, as one `Dataset`
+        (`dropped`: the drawn rows whose preprocessing failed)."""
         parts = [(*first_epoch, np.full(len(first_epoch[0]), np.nan), np.arange(len(first_epoch[0])))]
         parts += [self.split("val"), self.split("test")]
         names = ["train", "val", "test"]
         x, y, snr, ids = (np.concatenate([p[i] for p in parts]) for i in range(4))
         split = np.concatenate([np.full(len(p[0]), n) for p, n in zip(parts, names, strict=True)])
-        return Dataset(x=x, y=y, snr=snr, ids=ids, split=split, dropped=0)
+        drawn = self.data.per_epoch + self.data.val_rows + self.data.test_rows
+        return Dataset(x=x, y=y, snr=snr, ids=ids, split=split, dropped=drawn - len(x))

@@ -47,6 +47,8 @@ def test_manifest_states_the_input_and_the_calibration(trained):
     vsini = [t for t in bundle.targets if t.name == "vsini"][0]
     assert vsini.physical_min == 0.0 and 14.9 < vsini.upper_limit_below < 15.1
     assert '"val_nodes"' in manifest  # the left-out nodes are part of the provenance
+    provenance = bundle.manifest["provenance"]  # every drawn row counted: kept or dropped
+    assert sum(provenance["rows"].values()) + provenance["rows_dropped_by_preprocessing"] == 1500 + 900 + 300
 
 
 def test_engine_reproduces_the_calibrated_validation_coverage(config, trained):
