@@ -68,8 +68,11 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
               help="Observe stars of a grid of model spectra (e.g. TLUSTY: an npz, CSV, Parquet or a "
                    "folder of text spectra) instead of the simplified generator; --mode seed then puts "
                    "them at the grid's nodes, random between them.")
+@click.option("--wavelengths", default=None,
+              help="With --grid: the observed range A:B (Angstrom, air; 0.2 A pixels) [default: 4000:4800], "
+                   "inside the grid's range.")
 def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str,
-          grid: Path | None) -> None:
+          grid: Path | None, wavelengths: str | None) -> None:
     """Synthesise a survey of OB-star spectra (4000-4800 A, R = 20000) as Parquet shards.
 
     \b
@@ -84,12 +87,18 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
         raise click.UsageError("--n is required in random mode and with --grid")
     if n is not None and n < 1:
         raise click.BadParameter("--n must be at least 1")
+    if wavelengths is not None and grid is None:
+        raise click.UsageError("--wavelengths goes with --grid (the simplified generator's range is fixed)")
     start = time.perf_counter()
     if grid is not None:
         from .grids import read_grid
-        from .gridsynth import synth_from_grid
+        from .gridsynth import Observation, synth_from_grid
 
-        paths = synth_from_grid(read_grid(grid), n, out, at_nodes=mode == "seed", seed=seed,
+        obs = Observation()
+        if wavelengths is not None:
+            lo, hi = _parse_range(wavelengths)
+            obs = Observation(start=lo, npix=int(round((hi - lo) / obs.step)) + 1)
+        paths = synth_from_grid(read_grid(grid), n, out, at_nodes=mode == "seed", seed=seed, obs=obs,
                                 snr=_parse_range(snr), shard_rows=shard_rows, progress=sys.stderr.isatty())
     else:
         paths = run_synth(n, out, mode=mode, seed=seed, shard_rows=shard_rows, snr=_parse_range(snr),

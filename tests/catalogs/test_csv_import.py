@@ -92,6 +92,21 @@ def test_synth_command_rejects_a_bad_snr_range(tmp_path):
     assert result.exit_code != 0 and "A:B" in result.output
 
 
+def test_synth_command_observes_a_grid_over_the_range_given(tmp_path):
+    from starcast.demo import SAMPLE
+
+    args = ["--n", "4", "--grid", str(SAMPLE), "--mode", "seed", "--wavelengths", "4400:4500"]
+    result = CliRunner().invoke(synth_command, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    grid = read_grid(tmp_path / "a" / "part-00000.parquet")
+    assert (grid.start, grid.step, grid.n, grid.medium) == (4400.0, 0.2, 501, "air")
+    result = CliRunner().invoke(synth_command, [*args[:-1], "3900:4500", "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "observing it needs 3900.0-4500.0 A" in str(result.exception)
+    result = CliRunner().invoke(synth_command, ["--n", "2", "--wavelengths", "4400:4500", "--out",
+                                                str(tmp_path / "c")])
+    assert result.exit_code != 0 and "--wavelengths goes with --grid" in result.output
+
+
 def test_an_output_directory_holding_shards_is_refused(tmp_path):
     csv = write_csv(tmp_path / "c.csv", ["4000.0", "4000.2"], [[1, 2], [3, 4]])
     import_csv(csv, tmp_path / "o")
