@@ -583,9 +583,9 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     uncertainty = uncertainty or (np.zeros(0), np.full(n_rows, -1, np.int64))
     mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
     mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
-    rv_col = _as_array(batch, RV)
+    rv_col = _as_array(batch, RV)  # cast first: a column of nulls only may be typed null
     rv = np.zeros(n_rows) if rv_col is None else np.require(
-        pc.fill_null(rv_col, 0.0).to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
+        pc.fill_null(rv_col.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
 
     r_input, bad_resolving_power = input_resolving_power(batch, n_rows)
     for r, reason in bad_resolving_power.items():

@@ -125,6 +125,18 @@ def test_dictionary_encoded_ids_are_read_as_their_values(tmp_path: Path, tiny_bu
     assert [bool(f & Flag.DUPLICATE_ID) for f in out["flags"].to_pylist()] == [0, 0, 1, 0, 0]
 
 
+def test_an_rv_column_of_nulls_only_reads_as_rv_not_given(tmp_path: Path, tiny_bundle: Path) -> None:
+    """pandas and polars write a column of None as type null: its rows are predicted as rows without
+    an rv, not failed."""
+    path = shard(tmp_path / "cat" / "s.parquet", list(range(5)))
+    plain = run(path, tmp_path / "plain", model=tiny_bundle, progress=False)
+    pq.write_table(pq.read_table(path).append_column("rv", pa.nulls(5)), path)
+    nulls = run(path, tmp_path / "nulls", model=tiny_bundle, progress=False)
+    assert nulls["totals"] == plain["totals"] and nulls["totals"]["rows_failed"] == 0
+    assert pq.read_table(tmp_path / "nulls/results/s.parquet").equals(
+        pq.read_table(tmp_path / "plain/results/s.parquet"))
+
+
 def test_label_columns_of_any_type_play_no_part(tmp_path: Path, tiny_bundle: Path) -> None:
     """A text or list column named like a target (an input's own notes) changes nothing: the file is
     predicted as it is without it."""
