@@ -138,9 +138,8 @@ class ResultsWriter:
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self._seen: set = set()
+        clear_results(out, input_file)
         with _writing(self.final):
-            marker_path(out, input_file).unlink(missing_ok=True)  # marker first: never a stale pair
-            self.final.unlink(missing_ok=True)
             self.final.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, table: pa.Table, report: FileReport) -> None:
@@ -277,6 +276,13 @@ def fail_file(report: FileReport, reason: str) -> None:
     report.rows_in = footer_rows(report.input)
     report.reset()
     tqdm.write(f"starcast: skipping {report.input}: {reason}", file=sys.stderr)
+
+
+def clear_results(out: Path, input_file: Path) -> None:
+    """Remove the input's earlier results and their marker (the marker first: never a stale pair)."""
+    with _writing(results_path(out, input_file)):
+        marker_path(out, input_file).unlink(missing_ok=True)
+        results_path(out, input_file).unlink(missing_ok=True)
 
 
 def remove_stale_partials(out: Path) -> None:

@@ -26,6 +26,7 @@ from .manifest import (
     FileReport,
     RunIdentity,
     RunManifest,
+    clear_results,
     marker_path,
     read_marker,
     remove_stale_partials,
@@ -61,14 +62,17 @@ def run_job(spec: JobSpec) -> dict:
     """`run` for a loaded job spec. Raises `StarcastError` (after writing the run manifest, where the
     disk allows) when the run cannot go on: a full disk, a failed Ray cluster."""
     start = time.perf_counter()
-    files = list_inputs(spec.input)
+    out = Path(spec.out)
+    # a glob that reaches into --out would take the run's own results for inputs
+    files = [f for f in list_inputs(spec.input) if out.resolve() not in f.resolve().parents]
+    if not files:
+        raise StarcastError(f"{spec.input}: no input file outside --out {out}")
     _check_unique_stems(files)
     model = load_model(spec.model or DEFAULT_MODEL)
     bundle = model.bundle
     identity = RunIdentity(model=bundle.name, model_sha256=bundle.sha256, seed=spec.seed,
                            samples=spec.samples or int(bundle.architecture["samples"]),
                            version=__version__, backend=resolve_backend(spec.backend))
-    out = Path(spec.out)
     with prepare_out(out, identity, resume=spec.resume):
         remove_stale_partials(out)
         reports, todo = _plan(files, out, spec.resume)
@@ -99,7 +103,8 @@ def run_job(spec: JobSpec) -> dict:
 
 def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport], list[Path]]:
     """One report per input file (status "skipped" for those `--resume` may skip: a marker whose
-    input fingerprint matches the file as it is now), and the files to run."""
+    input fingerprint matches the file as it is now), and the files to run (with `resume`, their
+    earlier results and markers removed first, so that one that fails now leaves none)."""
     reports, todo = [], []
     for f in files:
         marker = read_marker(out, f) if resume else None
@@ -117,6 +122,8 @@ def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport],
             note = "its marker is there but not its results (or the marker is unreadable): predicted again"
         if note is not None:
             print(f"starcast: {f}: {note}", file=sys.stderr)
+        if resume:
+            clear_results(out, f)  # done again or failed now: its earlier results no longer stand
         reports.append(FileReport(str(f), note=note))
         todo.append(f)
     return reports, todo

@@ -274,6 +274,29 @@ def test_resume_redoes_an_input_whose_results_are_gone_and_says_why(tmp_path: Pa
     assert pq.read_table(tmp_path / "out/results/s1.parquet").num_rows == 20
 
 
+def test_resume_leaves_no_results_of_an_input_that_changed_and_now_fails(tmp_path: Path,
+                                                                         tiny_bundle: Path) -> None:
+    cat = tmp_path / "cat"
+    shard(cat / "s0.parquet", list(range(20)))
+    shard(cat / "s1.parquet", list(range(20, 40)))
+    run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
+    (cat / "s1.parquet").write_text("hello\n")
+    manifest = run(cat, tmp_path / "out", model=tiny_bundle, progress=False, resume=True)
+    assert [f["status"] for f in manifest["files"]] == ["skipped", "failed"]
+    assert not (tmp_path / "out/results/s1.parquet").exists()
+    assert not (tmp_path / "out/markers/s1.done").exists()
+
+
+def test_a_glob_reaching_into_out_does_not_take_its_results_for_inputs(tmp_path: Path,
+                                                                       tiny_bundle: Path) -> None:
+    shard(tmp_path / "g" / "s0.parquet", list(range(20)))
+    pattern, out = str(tmp_path / "g" / "**" / "*.parquet"), tmp_path / "g" / "out"
+    first = run(pattern, out, model=tiny_bundle, progress=False)
+    again = run(pattern, out, model=tiny_bundle, progress=False, resume=True)
+    assert [f["status"] for f in first["files"]] == ["done"]
+    assert [f["status"] for f in again["files"]] == ["skipped"]
+
+
 def test_an_unreachable_ray_address_fails_fast(tmp_path: Path, tiny_bundle: Path) -> None:
     pytest.importorskip("ray")
     cat = shard(tmp_path / "cat.parquet", list(range(10)))
