@@ -78,7 +78,7 @@ class Worker:
                     yield _tagged(predictor.prepare(batch, inp.grid, first_row), path, None)
                     first_row += batch.num_rows
             except StarcastError as exc:
-                reason = exc.reason if isinstance(exc, CatalogError) else str(exc)
+                reason = exc.detail if isinstance(exc, CatalogError) else str(exc)
                 one_row = pa.RecordBatch.from_arrays([pa.nulls(1, id_type)], [ID])
                 yield _tagged(predictor.failed_prepared(one_row, [reason]), path, reason)
 
@@ -118,7 +118,7 @@ def run_ray(files: list[Path], reports: list[FileReport], out: Path, model_ref, 
         try:
             inp = open_input(f)
         except CatalogError as exc:
-            fail_file(report, exc.reason)
+            fail_file(report, exc.detail)
             continue
         output = OutputFile(out, inp, predictor.identity, report,
                             predictor.failed(pa.array([], inp.id_type), None), on_file)
@@ -260,7 +260,7 @@ def _reason(exc: BaseException) -> str:
     """One line naming the original error (a Ray task error wraps it in a remote traceback)."""
     exc = getattr(exc, "cause", None) or exc
     if isinstance(exc, CatalogError):
-        return exc.reason
+        return exc.detail
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 

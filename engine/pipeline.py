@@ -205,7 +205,7 @@ def _done(msg) -> Future:
 
 
 def _reason(exc: Exception) -> str:
-    return exc.reason if isinstance(exc, CatalogError) else f"{type(exc).__name__}: {exc}"
+    return exc.detail if isinstance(exc, CatalogError) else f"{type(exc).__name__}: {exc}"
 
 
 def thread_budget(backend: str, workers: int = 1) -> tuple[int | None, int | None]:

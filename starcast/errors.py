@@ -19,14 +19,19 @@ class CatalogError(StarcastError):
     def __init__(self, reason: str, *, file: str | None = None, row: int | None = None,
                  column: str | None = None):
         self.reason, self.file, self.row, self.column = reason, file, row, column
-        where = ", ".join(
-            part for part in (
-                f"file {file}" if file is not None else None,
-                f"row {row}" if row is not None else None,
-                f"column {column!r}" if column is not None else None,
-            ) if part
-        )
-        super().__init__(f"{where}: {reason}" if where else reason)
+        super().__init__(self._where(file=True))
+
+    @property
+    def detail(self) -> str:
+        """The message without the file, for a report that names the file itself."""
+        return self._where(file=False)
+
+    def _where(self, *, file: bool) -> str:
+        where = ", ".join(part for part in (
+            f"file {self.file}" if file and self.file is not None else None,
+            f"row {self.row}" if self.row is not None else None,
+            f"column {self.column!r}" if self.column is not None else None) if part)
+        return f"{where}: {self.reason}" if where else self.reason
 
 
 class ModelError(StarcastError):

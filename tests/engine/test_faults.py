@@ -137,6 +137,16 @@ def test_an_rv_column_of_nulls_only_reads_as_rv_not_given(tmp_path: Path, tiny_b
         pq.read_table(tmp_path / "plain/results/s.parquet"))
 
 
+def test_a_file_whose_column_has_the_wrong_type_fails_naming_the_column(tmp_path: Path,
+                                                                         tiny_bundle: Path) -> None:
+    path = shard(tmp_path / "cat" / "s.parquet", list(range(3)))
+    table = pq.read_table(path)
+    pq.write_table(table.append_column("mask", pa.array([[0] * 220] * 3, pa.list_(pa.uint8()))), path)
+    manifest = run(path, tmp_path / "out", model=tiny_bundle, progress=False)
+    assert manifest["files"][0]["status"] == "failed"
+    assert manifest["files"][0]["error"].startswith("column 'mask': expected a list of booleans")
+
+
 def test_label_columns_of_any_type_play_no_part(tmp_path: Path, tiny_bundle: Path) -> None:
     """A text or list column named like a target (an input's own notes) changes nothing: the file is
     predicted as it is without it."""
