@@ -271,12 +271,18 @@ def test_resume_redoes_an_input_replaced_under_the_same_name(tmp_path: Path, tin
     assert pq.read_table(tmp_path / "out/results/s1.parquet")["id"].to_pylist() == list(range(1000, 1050))
 
 
-def test_resume_redoes_an_input_whose_results_are_gone_and_says_why(tmp_path: Path,
-                                                                     tiny_bundle: Path) -> None:
+def two_shards_run(tmp_path: Path, tiny_bundle: Path) -> Path:
+    """A catalog of two 20-row shards, s0 and s1, run into tmp_path / "out"; the catalog's folder."""
     cat = tmp_path / "cat"
     shard(cat / "s0.parquet", list(range(20)))
     shard(cat / "s1.parquet", list(range(20, 40)))
     run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
+    return cat
+
+
+def test_resume_redoes_an_input_whose_results_are_gone_and_says_why(tmp_path: Path,
+                                                                     tiny_bundle: Path) -> None:
+    cat = two_shards_run(tmp_path, tiny_bundle)
     (tmp_path / "out/results/s1.parquet").unlink()
     manifest = run(cat, tmp_path / "out", model=tiny_bundle, progress=False, resume=True)
     assert [f["status"] for f in manifest["files"]] == ["skipped", "done"]
@@ -286,10 +292,7 @@ def test_resume_redoes_an_input_whose_results_are_gone_and_says_why(tmp_path: Pa
 
 def test_resume_leaves_no_results_of_an_input_that_changed_and_now_fails(tmp_path: Path,
                                                                          tiny_bundle: Path) -> None:
-    cat = tmp_path / "cat"
-    shard(cat / "s0.parquet", list(range(20)))
-    shard(cat / "s1.parquet", list(range(20, 40)))
-    run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
+    cat = two_shards_run(tmp_path, tiny_bundle)
     (cat / "s1.parquet").write_text("hello\n")
     manifest = run(cat, tmp_path / "out", model=tiny_bundle, progress=False, resume=True)
     assert [f["status"] for f in manifest["files"]] == ["skipped", "failed"]
