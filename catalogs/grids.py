@@ -109,23 +109,24 @@ def _read(path: Path, medium: str | None, name_pattern: str, quality_only: bool)
 def _check_models(grid: ModelGrid, path: Path) -> None:
     """Each model's flux finite and continuum-normalised (median within NORMALISED), its parameters
     finite, and no two models at one node; else a `CatalogError` naming the model."""
-    def fail(row: int, reason: str):
-        raise CatalogError(f"model {grid.names[row]} {reason}", file=str(path), row=row)
-
-    for row in np.flatnonzero(~np.isfinite(grid.flux).all(axis=1))[:1]:
-        fail(int(row), "has non-finite flux")
-    median = np.median(grid.flux, axis=1)
-    for row in np.flatnonzero((median < NORMALISED[0]) | (median > NORMALISED[1]))[:1]:
-        fail(int(row), f"has a median flux of {median[row]:.3g}: a grid's flux is normalised to the "
-                       "continuum (e.g. SYNSPEC's fort.7 over its fort.17)")
-    nodes = grid.nodes()
-    for row in np.flatnonzero(~np.isfinite(nodes).all(axis=1))[:1]:
-        fail(int(row), f"has non-finite parameters {dict(zip(PARAMS, nodes[row].tolist(), strict=True))}")
+    nodes, median = grid.nodes(), np.median(grid.flux, axis=1)
     _, first, counts = np.unique(nodes, axis=0, return_index=True, return_counts=True)
-    for row in first[counts > 1][:1]:
-        same = np.flatnonzero((nodes == nodes[row]).all(axis=1))
-        fail(int(row), f"shares its node {dict(zip(PARAMS, nodes[row].tolist(), strict=True))} with "
-                       f"{', '.join(str(grid.names[r]) for r in same[1:])}: one model per node")
+    checks = (
+        (~np.isfinite(grid.flux).all(axis=1), lambda r: "has non-finite flux"),
+        ((median < NORMALISED[0]) | (median > NORMALISED[1]),
+         lambda r: f"has a median flux of {median[r]:.3g}: a grid's flux is normalised to the continuum "
+                   "(e.g. SYNSPEC's fort.7 over its fort.17)"),
+        (~np.isfinite(nodes).all(axis=1),
+         lambda r: f"has non-finite parameters {dict(zip(PARAMS, nodes[r].tolist(), strict=True))}"),
+        (np.isin(np.arange(len(nodes)), first[counts > 1]),
+         lambda r: f"shares its node {dict(zip(PARAMS, nodes[r].tolist(), strict=True))} with "
+                   f"{', '.join(str(n) for n in grid.names[(nodes == nodes[r]).all(axis=1)][1:])}: "
+                   "one model per node"),
+    )
+    for bad, reason in checks:
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CatalogError(f"model {grid.names[row]} {reason(row)}", file=str(path), row=row)
 
 
 def _read_npz(path: Path, medium: str | None, quality_only: bool) -> ModelGrid:
@@ -146,12 +147,19 @@ def _read_npz(path: Path, medium: str | None, quality_only: bool) -> ModelGrid:
     return grid
 
 
-def _read_csv(path: Path, medium: str) -> ModelGrid:
+def _csv_rows(path: Path) -> list[list[str]]:
+    """A CSV's rows as spreadsheets write them: a byte-order mark and blank lines dropped, the header's
+    names stripped."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]  # blank lines dropped
+        rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+    return [[name.strip() for name in rows[0]], *rows[1:]] if rows else []
+
+
+def _read_csv(path: Path, medium: str) -> ModelGrid:
+    rows = _csv_rows(path)
     if len(rows) < 2:
         raise CatalogError("a grid CSV needs a header row and at least one model row", file=str(path))
-    header = [h.strip() for h in rows[0]]
+    header = rows[0]
     pixels = [(i, _as_float(h)) for i, h in enumerate(header) if _as_float(h) is not None]
     cols = {h: i for i, h in enumerate(header)}
     missing = [p for p in PARAMS if p not in cols]
@@ -227,16 +235,13 @@ def _read_text_dir(path: Path, pattern: str, medium: str) -> ModelGrid:
 def _params_csv(path: Path) -> dict[str, dict[str, float]] | None:
     if not path.is_file():
         return None
-    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
-        rows = list(csv.reader(fh))
-    header = [name.strip() for name in rows[0]] if rows else []
+    rows = _csv_rows(path)
+    header = rows[0] if rows else []
     if not {"file", *PARAMS} <= set(header):
         raise CatalogError(f"params.csv needs the columns file, {', '.join(PARAMS)}; it has {header}",
                            file=str(path))
     table = {}
     for r, row in enumerate(rows[1:], start=1):
-        if not any(cell.strip() for cell in row):
-            continue  # a blank line
         values = dict(zip(header, (cell.strip() for cell in row), strict=False))
         numbers = {p: _as_float(values.get(p, "")) for p in PARAMS}
         if None in numbers.values() or values.get("file", "") in ("", *table):
