@@ -36,6 +36,7 @@ from .emulator import Emulator, load_emulator
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+REPORT_DIR = "report"  # the model's evaluation report and training log, beside the weights
 TARGET_KEYS = ("name", "unit", "mean", "std", "min", "max", "calibration")
 OPTIONAL_TARGET_KEYS = ("physical_min", "upper_limit_below")
 ARCHITECTURE_KEYS = ("input_dim", "hidden", "activation", "dropout", "members", "samples", "var_eps")

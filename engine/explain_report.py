@@ -22,6 +22,7 @@ from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, DiagnosticLine, 
 from ..catalogs.medium import convert
 from ..catalogs.schema import ID, META_WAVELENGTH, WavelengthGrid
 from ..errors import CatalogError
+from .bundle import REPORT_DIR
 from .explain import Explanation
 
 LINE_MASS_GOAL = 0.6  # issue 14: >= 60% of the |attribution| of Teff and log g on the listed lines
@@ -325,7 +326,7 @@ def model_report(bundle: str | Path, table: pa.Table, *, plots: int = 3) -> dict
     `BUNDLE/report/explain/` without the attributions themselves (~23 MB per 1000 spectra)."""
     from .predictor import load_model
 
-    return explain_catalog(load_model(bundle), table, Path(bundle) / "report" / "explain", plots=plots,
+    return explain_catalog(load_model(bundle), table, Path(bundle) / REPORT_DIR / "explain", plots=plots,
                            attributions=False)
 
 

@@ -15,8 +15,10 @@ import click
 @click.option("--out", "output", default=None, help="Bundle directory (default: the config's `output`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Override training.epochs (e.g. a quick try).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the model bundle already in the output folder (refused otherwise).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> None:
+def train(config: str, output: str | None, epochs: int | None, overwrite: bool, quiet: bool) -> None:
     """Train, recalibrate and export a model bundle described by CONFIG (TOML)."""
     from dataclasses import replace
 
@@ -26,7 +28,7 @@ def train(config: str, output: str | None, epochs: int | None, quiet: bool) -> N
     cfg = load_config(config)
     if epochs is not None:
         cfg = replace(cfg, training=replace(cfg.training, epochs=epochs))
-    path = train_from_config(cfg, output=output, progress=not quiet).path
+    path = train_from_config(cfg, output=output, progress=not quiet, overwrite=overwrite).path
     manifest = json.loads((path / "manifest.json").read_text())
     click.echo(f"wrote {path} ({manifest['provenance']['epochs_run']} epochs, "
                f"{manifest['provenance']['train_seconds']:.0f} s)")

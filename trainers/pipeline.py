@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import csv
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..engine.bundle import INPUT_CENTRE, save_bundle
+from ..engine.bundle import INPUT_CENTRE, MANIFEST_FILE, REPORT_DIR, WEIGHTS_FILE, save_bundle
 from ..engine.calibration import Calibration
+from ..engine.emulator import EMULATOR_FILE
+from ..errors import OutputError
 from ..kernels.reference import ensemble_stats_cpu
 from ..kernels.rng import MASK_BITS, effective_p, id_keys
 from .calibrate import calibration_factors, epistemic_thresholds, fit_snr_calibration
@@ -79,9 +82,13 @@ class Trained:
 
 
 def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, progress: bool = True,
-                      dataset: Dataset | None = None) -> Trained:
+                      dataset: Dataset | None = None, overwrite: bool = False) -> Trained:
     """Train, recalibrate and export the bundle described by `cfg` (to `output`, default the
-    config's), optionally on an already loaded `dataset`."""
+    config's), optionally on an already loaded `dataset`. A folder that is not empty is refused
+    before any work unless `overwrite`, and then only if it holds nothing but a bundle's files, which
+    are removed just before the new bundle is written."""
+    out = Path(output or cfg.output)
+    check_output(out, overwrite)
     source = GridSource(cfg, progress=progress) if cfg.data.grid else None
     if dataset is not None:
         data = dataset
@@ -153,9 +160,38 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
         },
         "metrics": metrics,
     }
-    path = save_bundle(Path(output or cfg.output), layers, manifest)
-    write_log(result.history, path / "report" / "training_log.csv")
+    for entry in BUNDLE_ENTRIES:
+        _remove(out / entry)
+    path = save_bundle(out, layers, manifest)
+    write_log(result.history, path / REPORT_DIR / "training_log.csv")
     return Trained(path, result, data)
+
+
+BUNDLE_ENTRIES = (MANIFEST_FILE, WEIGHTS_FILE, EMULATOR_FILE, REPORT_DIR)  # what training writes
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse a bundle folder whose files training would replace or mix with, unless `overwrite`
+    and every file there is a bundle's: a model must not be lost to a command run twice."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: not a folder; give --out a folder for the model bundle")
+    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not present:
+        return
+    others = [name for name in present if name not in BUNDLE_ENTRIES]
+    if others:
+        raise OutputError(f"{path}: holds files that are not a model bundle's ({', '.join(others[:5])}); "
+                          "give --out an empty or new folder")
+    if not overwrite:
+        raise OutputError(f"{path}: holds a model bundle ({', '.join(present)}); pass --overwrite to "
+                          "replace it, or give --out a new folder")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def _preprocess_dict(cfg: TrainConfig) -> dict:

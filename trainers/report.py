@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..catalogs.io import iter_batches, list_inputs, read_grid, write_catalog
 from ..catalogs.schema import SPLIT
 from ..catalogs.synth import synth
-from ..engine.bundle import load_bundle
+from ..engine.bundle import REPORT_DIR, load_bundle
 from ..engine.explain_report import model_report
 from ..engine.predictor import load_model
 from .evaluate import BIAS_MIN_SNR, run_eval
@@ -106,6 +106,7 @@ def _grid_sets(manifest: dict, source: str) -> dict[str, Callable[[Path], None]]
 
 def make_report(bundle: str | Path, work: str | Path) -> dict:
     bundle, work = Path(bundle), Path(work)
+    report = bundle / REPORT_DIR
     manifest = load_bundle(bundle).manifest
     ranges = {t["name"]: (t["min"], t["max"]) for t in manifest["targets"]}
     data = manifest["provenance"]["config"]["data"]
@@ -115,7 +116,7 @@ def make_report(bundle: str | Path, work: str | Path) -> dict:
         reference, main = "test", ("test", "between")
         for name in main:
             cat, res = _predict(bundle, name, sets[name], work)
-            reports[name] = run_eval(res, cat, bundle / "report" / name, ranges=ranges)
+            reports[name] = run_eval(res, cat, report / name, ranges=ranges)
     else:
         synth_cfg = dict(data["synth"])
         seed_set = {"n": synth_cfg.pop("n", None), **synth_cfg}
@@ -123,21 +124,21 @@ def make_report(bundle: str | Path, work: str | Path) -> dict:
         sets = {"seed": _synth_catalog(seed_set), **{k: _synth_catalog(v) for k, v in SETS.items()}}
         reference, main = "random", ("test", "random")
         cat, res = _predict(bundle, "seed", sets["seed"], work, split="test")
-        reports["test"] = run_eval(res, cat, bundle / "report" / "test", split="test", ranges=ranges)
+        reports["test"] = run_eval(res, cat, report / "test", split="test", ranges=ranges)
         cat, res = _predict(bundle, "random", sets["random"], work)
-        reports["random"] = run_eval(res, cat, bundle / "report" / "random", ranges=ranges)
+        reports["random"] = run_eval(res, cat, report / "random", ranges=ranges)
     cat_r, res_r = work / "catalogs" / reference, work / "results" / reference
     for name in ("ood_hot", "ood_snr5"):
         _, res_o = _predict(bundle, name, sets[name], work)
         reports[name] = run_eval(res_r, cat_r, work / "eval" / name, ranges=ranges, ood_path=res_o)
         reports[reference].setdefault("ood_sets", {})[name] = reports[name]["ood"]
-        shutil.copy(work / "eval" / name / "ood_epistemic.png", bundle / "report" / reference / f"{name}.png")
+        shutil.copy(work / "eval" / name / "ood_epistemic.png", report / reference / f"{name}.png")
     model_report(bundle, pq.read_table(work / "catalogs" / reference).slice(0, EXPLAIN_ROWS))
-    report_json = bundle / "report" / reference / "report.json"
+    report_json = report / reference / "report.json"
     report_json.write_text(json.dumps(reports[reference], indent=1) + "\n")
     cross_fitted = (manifest.get("metrics") or {}).get(f"{reference}_cross_fitted")
     summary = summary_markdown(reports, main, reference, cross_fitted)
-    (bundle / "report" / "summary.md").write_text(summary + "\n")
+    (report / "summary.md").write_text(summary + "\n")
     return reports
 
 
@@ -211,7 +212,7 @@ def _coverage_rows(by_bin: list[list[dict]], name: str = "snr") -> list[str]:
 def main(bundle: str, work: str) -> None:
     """Write BUNDLE/report/ (eval JSON, plots, summary.md) from freshly synthesised catalogs."""
     make_report(bundle, work)
-    click.echo((Path(bundle) / "report" / "summary.md").read_text())
+    click.echo((Path(bundle) / REPORT_DIR / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ from click.testing import CliRunner
 pytest.importorskip("starcast.engine.predictor", reason="needs the engine's predictor (issue 4)")
 
 from starcast.engine.bundle import load_bundle
+from starcast.engine.emulator import EMULATOR_FILE
 from starcast.engine.predictor import load_model
 from starcast.kernels import rng
 from starcast.trainers.cli import train
 from starcast.trainers.config import parse_config
 from starcast.trainers.data import preprocess_table, source_table
 from starcast.trainers.pipeline import train_from_config
+
+from starcast.errors import OutputError
 
 RAW = {
     "name": "tiny", "output": "unused",
@@ -99,7 +102,23 @@ def test_train_command_writes_a_loadable_bundle(tmp_path):
     (tmp_path / "c.toml").write_text("\n".join(lines) + "\n")
     res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet"])
     assert res.exit_code == 0, res.output
-    assert load_bundle(out).manifest["name"] == "cli"
+    first = load_bundle(out).manifest
+    assert first["name"] == "cli"
+
+    # run twice, the model is kept: refused before any training, the bundle untouched
+    res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet"])
+    assert isinstance(res.exception, OutputError) and "--overwrite" in str(res.exception)
+    assert load_bundle(out).manifest["bundle_sha256"] == first["bundle_sha256"]
+    # --overwrite replaces every file of the old bundle: none of them is left beside the new one
+    (out / EMULATOR_FILE).write_bytes(b"an earlier model's emulator")
+    res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (out / EMULATOR_FILE).exists() and load_bundle(out).manifest["name"] == "cli"
+    # a folder holding other files is not a bundle to replace, --overwrite or not
+    (out / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet", "--overwrite"])
+    assert isinstance(res.exception, OutputError) and "notes.txt" in str(res.exception)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_manifest_records_the_dropout_rate_the_masks_apply(trained):
