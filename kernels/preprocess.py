@@ -295,7 +295,7 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             fit_params, sigma_floor, max_gap, min_good, line_pixels, status, x, ivar, nonfinite, coverage,
             bad_fraction, n_good, gap, line_lost, excess):
     """One spectrum per prange iteration; start index -1 = column absent for that row; err_kind
-    0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
+    per row 0 none, 1 flux_err, 2 ivar; `smooth`: per row the sigma / lambda of a Gaussian to degrade the
     resolution with (0: none); `response`: the variance (A^2) of the pixel response to smooth a
     narrower one up to (`response_variance`, of pixels `integrated` or sampled; 0: none), `excess`
     what a broader one has beyond it; `observed`: the centres of the training spectra's own pixels
@@ -330,13 +330,13 @@ def _kernel(flux_vals, flux_off, wl_vals, wl_start, err_vals, err_start, err_kin
             var[p] = 0.0
             if err_start[r] >= 0:
                 e = err_vals[err_start[r] + p]
-                if err_kind == 1 and e > 0.0 and e < np.inf:
+                if err_kind[r] == 1 and e > 0.0 and e < np.inf:
                     var[p] = e * e
-                elif err_kind == 2 and e > 0.0 and e < np.inf:
+                elif err_kind[r] == 2 and e > 0.0 and e < np.inf:
                     var[p] = 1.0 / e
                 else:
                     bad[p] = True
-                    nonfinite[r] |= not (err_kind == 2 and e == 0.0)  # ivar = 0 is a mask, not an error
+                    nonfinite[r] |= not (err_kind[r] == 2 and e == 0.0)  # ivar = 0 is a mask, not an error
             if mask_start[r] >= 0 and mask_vals[mask_start[r] + p]:
                 bad[p] = True
         if not monotonic:
@@ -514,6 +514,23 @@ def _optional_column(batch, name, n_pixels, flux_valid, failures, to_numpy):
     return to_numpy(values, name), np.where(valid, offsets[:-1], -1)
 
 
+def _uncertainty(batch, n_pixels, flux_valid, failures) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """(flat values, per-row start) and per-row kind (0 none, 1 flux_err, 2 ivar) of each row's noise:
+    its flux_err, or else its ivar (a catalog merged from several may give each where the other is
+    null)."""
+    values, start, kind = [], np.full(len(n_pixels), -1, np.int64), np.zeros(len(n_pixels), np.int8)
+    offset = 0
+    for code, name in ((1, FLUX_ERR), (2, IVAR)):
+        column = _optional_column(batch, name, n_pixels, flux_valid, failures, _float_values)
+        if column is None:
+            continue
+        take = (column[1] >= 0) & (start < 0)
+        start[take], kind[take] = column[1][take] + offset, code
+        values.append(column[0])
+        offset += len(column[0])
+    return (np.concatenate(values) if values else np.zeros(0), start), kind
+
+
 def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSettings | None = None, *,
                source_grid=None, resolving_power: float | None = None,
                response: float = 0.0, observed=None) -> Preprocessed:
@@ -574,13 +591,7 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
             failures.setdefault(int(r), "wavelength is null")
         wavelength = (to_medium(wavelength[0], column_medium(batch.schema), medium), wavelength[1])
 
-    err_kind, uncertainty = 0, None  # flux_err wins over ivar when a catalog has both
-    for kind, name in ((1, FLUX_ERR), (2, IVAR)):
-        uncertainty = _optional_column(batch, name, n_pixels, flux_valid, failures, _float_values)
-        if uncertainty is not None:
-            err_kind = kind
-            break
-    uncertainty = uncertainty or (np.zeros(0), np.full(n_rows, -1, np.int64))
+    uncertainty, err_kind = _uncertainty(batch, n_pixels, flux_valid, failures)
     mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
     mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
     rv_col = _as_array(batch, RV)  # cast first: a column of nulls only may be typed null

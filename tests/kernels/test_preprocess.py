@@ -124,6 +124,15 @@ def test_ivar_column_gives_the_same_result_as_flux_err():
                    PreprocessSettings(), source_grid=SOURCE)
     np.testing.assert_allclose(a.x, b.x, rtol=1e-6)
     np.testing.assert_allclose(a.ivar, b.ivar, rtol=1e-4)
+    # catalogs merged from several: each row its own flux_err, or else its ivar (row 2 has both, one
+    # of them 4x off: flux_err wins); a null flux_err does not throw the row's ivar away
+    merged = pa.table({"flux": list_column(flux),
+                       "flux_err": pa.array([err[0].tolist(), None, err[2].tolist()], pa.list_(pa.float32())),
+                       "ivar": pa.array([None, (err[1] ** -2).tolist(), (0.25 * err[2] ** -2).tolist()],
+                                        pa.list_(pa.float32()))})
+    c = preprocess(merged, GRID, PreprocessSettings(), source_grid=SOURCE)
+    np.testing.assert_allclose(c.ivar, a.ivar, rtol=1e-4)
+    assert not c.noise_estimated.any()
 
 
 @pytest.mark.parametrize("errors", [True, False])
