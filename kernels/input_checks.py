@@ -118,7 +118,8 @@ def coverage_error(lo: float, hi: float, grid: np.ndarray, medium: str | None, c
     """Why a row whose input covers `lo`-`hi` A (rest frame, model medium) is not predicted."""
     needs = f"{grid[0]:.1f}-{grid[-1]:.1f} A" + (f" ({medium})" if medium else "")
     text = (f"wavelength coverage too short: the spectrum covers {lo:.1f}-{hi:.1f} A (rest frame), "
-            f"{100 * coverage:.0f}% of the model's {needs}, which needs at least {100 * min_coverage:.0f}%")
+            f"{math.floor(1000 * coverage) / 10:.1f}% of the model's {needs}, which needs at least "
+            f"{100 * min_coverage:g}%")  # rounded down: 94.96% is not 95%
     if hi < grid[0] and 10 * hi > grid[0] and 10 * lo < grid[-1]:
         text += "; the wavelengths look like nanometres: starcast expects Angstrom (multiply by 10)"
     return text

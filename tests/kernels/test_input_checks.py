@@ -18,6 +18,7 @@ from starcast.catalogs.schema import (
     Flag,
     WavelengthGrid,
 )
+from starcast.kernels.input_checks import coverage_error
 from starcast.kernels.preprocess import PreprocessSettings, preprocess
 from starcast.kernels.resample import bin_edges, response_variance, rest_frame_factor
 
@@ -101,10 +102,15 @@ def test_short_coverage_nulls_the_row_and_states_both_ranges():
     wl = np.linspace(4460.0, 4500.0, 401)
     out = preprocess(per_row([line_spectrum(wl)], [wl]), MODEL)
     assert out.flags[0] & Flag.COVERAGE and out.flags[0] & Flag.PREPROCESS_FAILED
-    assert "covers 4460.0-4500.0 A (rest frame), 5% of the model's 4010.0-4790.0 A (air)" in out.errors[0]
+    assert "covers 4460.0-4500.0 A (rest frame), 5.0% of the model's 4010.0-4790.0 A (air)" in out.errors[0]
     assert "singular" not in out.errors[0] and "nanometres" not in out.errors[0]
     half = np.linspace(4000.0, 4400.0, 4001)  # the issue's 4000-4400 A catalog, once Teff -1 600 K
     assert "covers 4000.0-4400.0 A" in preprocess(per_row([line_spectrum(half)], [half]), MODEL).errors[0]
+
+
+def test_coverage_just_short_is_not_rounded_up_to_what_is_needed():
+    text = coverage_error(4052.0, 4790.0, np.linspace(4010.0, 4790.0, 1951), "air", 0.9496, 0.95)
+    assert "94.9% of the model's 4010.0-4790.0 A (air), which needs at least 95%" in text
 
 
 def test_wavelengths_in_nanometres_get_a_hint():
@@ -120,7 +126,7 @@ def test_pixels_finer_than_the_training_spectras_off_the_grid_are_short_coverage
     covers is short of the grid as any other (flag and message), with the nanometres' hint."""
     out = preprocess(per_row([np.ones_like(wl)], [wl]), MODEL, observed=OBSERVED)
     assert out.flags[0] & Flag.COVERAGE and out.flags[0] & Flag.PREPROCESS_FAILED and out.coverage[0] == 0
-    assert "0% of the model's 4010.0-4790.0 A" in out.errors[0]
+    assert "0.0% of the model's 4010.0-4790.0 A" in out.errors[0]
     assert ("nanometres" in out.errors[0]) == (wl[0] < 1000)
 
 

@@ -188,7 +188,7 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
                                   F.COVERAGE | failed]
     assert [i for i, e in enumerate(out.errors) if e is not None] == [2, 5, 6, 7, 8, 9]
     assert "good pixels" in out.errors[2] and "increasing" in out.errors[6]
-    assert "covers 4290.0-5110.0 A (rest frame), 64% of the model's 4000.0-4800.0 A" in out.errors[5]
+    assert "covers 4290.0-5110.0 A (rest frame), 63.7% of the model's 4000.0-4800.0 A" in out.errors[5]
     assert "null" in out.errors[7] and "flux_err has" in out.errors[8] and "covers 5990.0" in out.errors[9]
     assert out.coverage[5] == pytest.approx((4800.0 - 4290.0) / 800.0, abs=0.002)
     assert np.all(out.x[[2, 5, 6, 7, 8, 9]] == 1.0) and np.all(np.isfinite(out.x))
