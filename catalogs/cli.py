@@ -52,7 +52,8 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
 
 @click.command("synth")
 @click.option("--n", "n", type=int, default=None,
-              help="Number of spectra (required in random mode; seed mode defaults to the whole grid).")
+              help="Number of spectra (required in random mode and with --grid; seed mode of the simplified "
+                   "generator defaults to its whole grid).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory for the Parquet shards part-00000.parquet, ...")
 @click.option("--mode", type=click.Choice(["random", "seed"]), default="random", show_default=True,
@@ -80,6 +81,9 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
       starcast synth --n 1000 --out survey/
       starcast synth --mode seed --out seed-grid/     # the 24 450-spectrum training grid
       starcast synth --n 1000 --grid grid.npz --out tlusty/   # model-atmosphere physics
+      starcast synth --mode seed --n 200 --grid starcast/data/tlusty-sample.npz --out sample/
+                                          # the shipped sample: its 5 nodes are too far apart to
+                                          # interpolate between
     """
     from .synth import synth as run_synth
 

@@ -18,8 +18,8 @@ from .errors import EXIT_ERROR, StarcastError
 
 # command name -> (module, attribute, one-line help shown by `starcast --help`)
 _COMMANDS = {
-    "demo": ("starcast.demo", "demo", "Synthesise a small survey, predict it, summarise and score it."),
-    "synth": ("starcast.catalogs.cli", "synth", "Synthesise a survey of OB-star spectra."),
+    "demo": ("starcast.demo", "demo", "Observe TLUSTY model stars, predict them, summarise and score them."),
+    "synth": ("starcast.catalogs.cli", "synth", "Synthesise a survey (simplified generator, or --grid)."),
     "import-csv": ("starcast.catalogs.cli", "import_csv", "Import a wide CSV of spectra as a catalog."),
     "import-fits": ("starcast.catalogs.cli", "import_fits", "Import FITS spectra as a catalog."),
     "run": ("starcast.engine.cli", "run", "Predict stellar parameters for a catalog."),
