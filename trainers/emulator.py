@@ -37,7 +37,7 @@ from ..engine.bundle import load_bundle, save_bundle
 from ..engine.calibration import handled_defect
 from ..engine.emulator import DIBS, Emulator, Fit, Threshold, save_emulator
 from ..engine.predictor import Model
-from ..errors import StarcastError
+from ..errors import EXIT_ERROR, StarcastError
 from ..kernels.preprocess import preprocess
 from .calibrate import epistemic_thresholds, equal_count_bins, fit_snr_calibration
 from .config import TrainConfig, load_config
@@ -484,12 +484,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     settings = EmulatorSettings(rows=args.rows, epochs=args.epochs)
-    if args.calibrate_only:
-        entry = recalibrate(load_config(args.config), args.bundle, settings, progress=not args.quiet)
-        print(f"calibrated the emulator of {args.bundle} again")
-    else:
-        entry = train_emulator(load_config(args.config), args.bundle, settings, progress=not args.quiet)
-        print(f"added {entry['file']} to {args.bundle} in {entry['training']['seconds']:.0f} s")
+    bundle = Path(args.bundle)  # a folder, even when named without a path separator
+    try:
+        if args.calibrate_only:
+            entry = recalibrate(load_config(args.config), bundle, settings, progress=not args.quiet)
+            print(f"calibrated the emulator of {bundle} again")
+        else:
+            entry = train_emulator(load_config(args.config), bundle, settings, progress=not args.quiet)
+            print(f"added {entry['file']} to {bundle} in {entry['training']['seconds']:.0f} s")
+    except StarcastError as exc:
+        parser.exit(EXIT_ERROR, f"error: {exc}\n")
     limits = [Threshold.from_manifest(entry[key], entry["labels"]).values
               for key in ("chi2_threshold", "chi2_threshold_estimated_noise")]
     broadening = Threshold.from_manifest(entry["broadening_threshold"], entry["labels"]).values

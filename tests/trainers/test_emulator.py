@@ -3,6 +3,7 @@ it reproduces noise-free spectra at nodes it never saw, the engine's chi^2 is ab
 spectra there, and a 1% continuum ripple or a 0.3 Angstrom wavelength offset is flagged."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,7 @@ from starcast.trainers.emulator import (
     EmulatorSettings,
     clean,
     held_survey,
+    main,
     noise_free,
     prepared,
     train_emulator,
@@ -290,3 +292,16 @@ def test_the_chi2_threshold_is_a_quantile_per_cell_of_snr_and_v_sin_i():
     narrow = threshold_table(chi2[slow], SimpleNamespace(log_snr=fit.log_snr[slow], labels=fit.labels[slow]),
                              LABELS, 0.99)
     assert len(narrow.knots) == 3 and narrow.knots[-1] < 100.0 and np.isfinite(narrow.values).all()
+
+
+def test_the_command_takes_a_bundle_folder_by_its_bare_name_and_errs_in_one_line(tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`python -m starcast.trainers.emulator CONFIG BUNDLE`: BUNDLE is a folder even without a path
+    separator (not looked up among the shipped models), and a bad one is one line and exit 2."""
+    config = Path(__file__).parents[2] / "trainers" / "configs" / "ob-default.toml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(config), "mine", "--calibrate-only", "--quiet"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: model bundle mine: manifest.json is missing")
