@@ -70,6 +70,10 @@ def eval_(results: str, truth: str, out: str, split: str | None, ood: str | None
                f"{rows['truth_unmatched']} truths without results"
                + (f" ({rows['results_repeated_ids']} result rows repeat an earlier row's id: paired with the "
                   "truth's rows of that id in order)" if rows["results_repeated_ids"] else ""))
+    elsewhere = report["inputs"]["predicted_from_elsewhere"]
+    if elsewhere:
+        click.echo(f"note: these results were predicted from {', '.join(elsewhere[:3])}, not from the truth "
+                   f"catalog's files: the ids match, but are these the labels of those spectra?", err=True)
     for name, m in report["targets"].items():
         click.echo(f"{name}: rmse {m['rmse']:.4g}  bias {m['bias']:+.3g}  nll {m['nll']:.3f}  "
                    f"coverage 68/95 {m['coverage_68']:.3f}/{m['coverage_95']:.3f}")

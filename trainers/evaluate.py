@@ -18,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from ..catalogs.io import list_inputs
 from ..catalogs.physics import C_KMS
-from ..catalogs.schema import FLAGS, ID, META_GENERATOR, SNR, SPLIT, Flag
+from ..catalogs.schema import FLAGS, ID, META_GENERATOR, META_INPUT, SNR, SPLIT, Flag
 from ..engine.inspect import results_files
 from ..errors import CatalogError
 from .metrics import VSINI_EDGES, auroc, binned_bias, coverage_in_bins, summary
@@ -44,6 +45,16 @@ def read_columns(path: str | Path | list[Path], columns: list[str] | None = None
         return ds.to_table(columns=present)
     except (OSError, pa.ArrowInvalid) as exc:
         raise CatalogError(f"cannot read Parquet ({exc})", file=str(path)) from exc
+
+
+def predicted_from_elsewhere(results: list[Path], truth_path: str | Path) -> list[str]:
+    """The inputs the results record (`starcast.input`) that exist here and are not files of the
+    truth catalog: results scored against another catalog's labels, which matching ids alone do not
+    reveal (every synthetic survey numbers its rows 0 ... N-1)."""
+    truth_files = {Path(f).resolve() for f in list_inputs(truth_path)}
+    inputs = {(pq.read_schema(f).metadata or {}).get(META_INPUT.encode()) for f in results}
+    return sorted(str(p) for p in (Path(i.decode()) for i in inputs if i is not None)
+                  if p.is_file() and p.resolve() not in truth_files)
 
 
 def instrumental_resolution_kms(path: str | Path) -> float | None:
@@ -250,7 +261,8 @@ def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, 
              ranges: dict[str, tuple[float, float]] | None = None,
              vsini_min: float | None = None, min_match: float = MIN_MATCH) -> dict:
     """Read the files, evaluate, write `report.json` and the PNGs into `out`; returns the report."""
-    results = read_columns(results_files(results_path))
+    files = results_files(results_path)
+    results = read_columns(files)
     truth = read_columns(truth_path, [ID, SNR, SPLIT, *result_targets(results)])
     if split is not None:
         if SPLIT not in truth.column_names:
@@ -267,7 +279,8 @@ def run_eval(results_path: str | Path, truth_path: str | Path, out: str | Path, 
     except CatalogError as exc:
         raise CatalogError(exc.reason, file=f"{results_path} against {truth_path}") from None
     report["inputs"] = {"results": str(results_path), "truth": str(truth_path), "split": split,
-                        "ood": None if ood_path is None else str(ood_path)}
+                        "ood": None if ood_path is None else str(ood_path),
+                        "predicted_from_elsewhere": predicted_from_elsewhere(files, truth_path)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = [p.name for p in write_plots(arrays, out)]

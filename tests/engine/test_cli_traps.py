@@ -62,6 +62,19 @@ def test_eval_against_the_wrong_truth_catalog_fails_with_the_counts(tmp_path, ca
     assert code == 2
 
 
+def test_eval_notes_results_predicted_from_another_catalog_than_the_truth(tmp_path, capsys):
+    """Two synthetic surveys share their ids (0 ... N-1): the results record the file they were
+    predicted from, and eval says when the truth is another."""
+    first, second = (truth(tmp_path / f"{name}.parquet", range(50)) for name in ("first", "second"))
+    res = results(tmp_path / "results.parquet", range(50))
+    table = pq.read_table(res)
+    pq.write_table(table.replace_schema_metadata({"starcast.input": str(first)}), res)
+    code, output = run_cli(["eval", str(res), "--truth", str(second), "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and f"predicted from {first}, not from the truth catalog's files" in output
+    code, output = run_cli(["eval", str(res), "--truth", str(first), "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "note:" not in output
+
+
 def test_a_run_whose_only_input_is_unreadable_exits_2(tmp_path, capsys, tiny_bundle):
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"PAR1" + b"\x00garbage" * 100)
