@@ -366,7 +366,9 @@ class Model:
                         backend: str = "auto") -> PredictiveSamples:
         """All M x S (mu, sigma) pairs per row, from the float64 reference on the same dropout masks
         as `predict`: the full predictive distribution of a few spectra (memory grows as B x M x S).
-        These are the networks' draws: where the calibration blends in the emulator's fit, `predict`'s
+        These are the networks' draws, calibrated as `predict`'s parts are: their mean variance is its
+        aleatoric variance, their spread about their mean (scaled) its epistemic one, so that their
+        mixture has its total sigma. Where the calibration blends in the emulator's fit, `predict`'s
         estimate is that blend, not the mean of the draws, and on a row with a gap it is the fit alone.
         `backend`: that of the `predict` to describe (its emulator fit decides the input's residual rv)."""
         table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
@@ -380,11 +382,16 @@ class Model:
             m, v = reference.ensemble_samples(*self._inputs("reference", x[rows], keys[rows]),
                                               **self._kernel_args(samples, seed))
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
-            if self.calibration is not None:  # as predict's aleatoric part; the floor is not per draw
-                scale2, _ = self.calibration.apply(self._calibration_log_snr(x, fit)[rows],
-                                                   np.ones((len(rows), mu.shape[3])),
-                                                   np.zeros((len(rows), mu.shape[3])),
-                                                   mean=mu[rows].mean(axis=(1, 2)))
+            if self.calibration is not None:
+                centre = mu[rows].mean(axis=(1, 2), keepdims=True)
+                spread = mu[rows] - centre
+                scale2, epistemic = self.calibration.apply(self._calibration_log_snr(x, fit)[rows],
+                                                           np.ones((len(rows), mu.shape[3])),
+                                                           spread.var(axis=(1, 2)), mean=centre[:, 0, 0])
+                # the spread about the mean scaled to predict's epistemic sigma (its floor included)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    stretch = np.sqrt(epistemic / spread.var(axis=(1, 2)))
+                mu[rows] = centre + spread * np.nan_to_num(stretch, nan=1.0, posinf=1.0)[:, None, None, :]
                 if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
                     scale2 *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
                     defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])

@@ -260,8 +260,11 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
         np.testing.assert_array_equal(*var_e)
     draws = load_model(paths["blend"]).predict_samples(data, backend="cpu")
     mean_var = (draws.sigma**2).mean(axis=(1, 2))
-    aleatoric = np.stack([blended.column(f"{t}_err_aleatoric").to_numpy() for t in targets], axis=1)
+    aleatoric, epistemic = (np.stack([blended.column(f"{t}_err_{part}").to_numpy() for t in targets], axis=1)
+                            for part in ("aleatoric", "epistemic"))
     np.testing.assert_allclose(mean_var, aleatoric**2, rtol=1e-4)
+    # their spread is the epistemic part (scaled, with the floor): the mixture has predict's total sigma
+    np.testing.assert_allclose(draws.mu.std(axis=(1, 2)), epistemic, rtol=1e-6)
 
 
 def test_a_manifest_with_one_chi2_gain_reads_as_that_gain_on_every_part_of_the_excess():
