@@ -66,7 +66,10 @@ def summarize(spec: str | os.PathLike) -> dict:
     if CHI2 in names:
         exprs += [pl.col(CHI2).quantile(q, interpolation="linear").alias(f"chi2:q{q}") for q in QUANTILES[:2]]
     row = lf.select(exprs).collect().row(0, named=True)
-    errors = (lf.filter(pl.col(ERROR).is_not_null()).group_by(ERROR).len()
+    # errors alike but for their numbers (a row number, a count of pixels) are one reason
+    kind = pl.col(ERROR).str.replace_all(r"\d+(\.\d+)?", "#").alias("kind")
+    errors = (lf.filter(pl.col(ERROR).is_not_null()).group_by(kind)
+              .agg(pl.len(), pl.col(ERROR).min(), pl.col(ERROR).n_unique().alias("texts"))
               .sort(["len", ERROR], descending=[True, False]).head(5).collect())
     return {
         "files": [str(f) for f in files],
@@ -75,7 +78,8 @@ def summarize(spec: str | os.PathLike) -> dict:
         "rows": row["rows"], "rows_predicted": row["predicted"], "rows_failed": row["failed"],
         "rows_flagged": row["flagged"],
         "flags": {bit.name: row[f"flag:{bit.name}"] for bit in Flag},
-        "top_errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
+        "top_errors": [{"error": e, "rows": n, "alike": texts - 1}
+                       for e, n, texts in errors.select(ERROR, "len", "texts").iter_rows()],
         "targets": {t: {"min": row[f"{t}:min"], "median": row[f"{t}:median"], "max": row[f"{t}:max"],
                         **{f"{t}{s}": {f"q{int(q * 100)}": row[f"{t}{s}:q{q}"] for q in QUANTILES}
                            for s in SIGMAS}}
@@ -94,7 +98,10 @@ def format_summary(summary: dict) -> str:
     lines += ["", "flag                 rows"]
     lines += [f"{name:<20} {n:>5}" for name, n in summary["flags"].items()]
     if summary["top_errors"]:
-        lines += ["", "most common errors"] + [f"{e['rows']:>7}  {e['error']}" for e in summary["top_errors"]]
+        lines += ["", "most common errors"]
+        for e in summary["top_errors"]:
+            alike = f"  (and {e['alike']} alike but for numbers)" if e["alike"] else ""
+            lines.append(f"{e['rows']:>7}  {e['error']}{alike}")
         rest = summary["rows_failed"] - sum(e["rows"] for e in summary["top_errors"])
         if rest:
             lines.append(f"{rest:>7}  rows with other errors (`error` column)")

@@ -49,7 +49,7 @@ def test_summary_of_a_known_results_file(tmp_path: Path) -> None:
     assert s["rows_flagged"] == 11 + 2  # rows 0, 10, ..., 100 and the two failed rows
     assert s["flags"] == {**dict.fromkeys(Flag.__members__, 0),  # every bit counted, the unused ones 0
                           "NON_FINITE": 1, "OUT_OF_RANGE": 11, "PREPROCESS_FAILED": 2}
-    assert s["top_errors"] == [{"error": "bad row", "rows": 2}]
+    assert s["top_errors"] == [{"error": "bad row", "rows": 2, "alike": 0}]
     teff = s["targets"]["teff"]
     assert (teff["min"], teff["max"]) == (10000.0, 20000.0)
     assert teff["median"] == pytest.approx(np.median(values["teff"]))
@@ -99,11 +99,24 @@ def test_a_model_without_an_emulator_has_no_chi2_summary(tmp_path: Path) -> None
     assert s["chi2"] is None and "chi2" not in format_summary(s)
 
 
+def test_errors_alike_but_for_their_numbers_are_counted_as_one(tmp_path: Path) -> None:
+    """A row number or a count in the message does not split a reason into rows of one each."""
+    known_results(tmp_path / "r.parquet")
+    table = pq.read_table(tmp_path / "r.parquet")
+    errors = [None] * N
+    errors[3], errors[7] = "id is null (input row 3)", "id is null (input row 17)"
+    pq.write_table(table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors)),
+                   tmp_path / "r.parquet")
+    s = summarize(tmp_path / "r.parquet")
+    assert s["top_errors"] == [{"error": "id is null (input row 17)", "rows": 2, "alike": 1}]
+    assert "      2  id is null (input row 17)  (and 1 alike but for numbers)" in format_summary(s)
+
+
 def test_the_text_summary_counts_the_rows_of_errors_beyond_the_five_listed() -> None:
     summary = {"files": ["r.parquet"], "files_without_marker": [], "rows": 10, "rows_predicted": 2,
                "rows_failed": 8, "rows_flagged": 8, "flags": {}, "targets": {}, "chi2": None,
-               "top_errors": [{"error": f"reason {k}", "rows": 1 + (k == 0)} for k in range(5)]}
+               "top_errors": [{"error": f"reason {k}", "rows": 1 + (k == 0), "alike": 0} for k in range(5)]}
     text = format_summary(summary)
     assert "      2  reason 0" in text and "      2  rows with other errors (`error` column)" in text
-    summary["top_errors"] = [{"error": "reason", "rows": 8}]
+    summary["top_errors"] = [{"error": "reason", "rows": 8, "alike": 0}]
     assert "other errors" not in format_summary(summary)
