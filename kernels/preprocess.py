@@ -61,7 +61,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "fece979a38b91651"
+DEPENDENCY_FINGERPRINT = "a858b8bd20acf0fd"
 
 
 @dataclass(frozen=True)
@@ -528,7 +528,8 @@ def _uncertainty(batch, n_pixels, flux_valid, failures) -> tuple[tuple[np.ndarra
         start[take], kind[take] = column[1][take] + offset, code
         values.append(column[0])
         offset += len(column[0])
-    return (np.concatenate(values) if values else np.zeros(0), start), kind
+    flat = values[0] if len(values) == 1 else np.concatenate(values) if values else np.zeros(0)
+    return (flat, start), kind
 
 
 def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSettings | None = None, *,

@@ -19,8 +19,11 @@ from ..catalogs.physics import C_KMS
 # Per-pixel state of a resampled spectrum (uint8).
 GOOD, BAD, UNCOVERED = 0, 1, 2
 
-# Fraction of a target bin's width that good input pixels must cover for the bin to count as good.
-MIN_GOOD_OVERLAP = 0.5
+# Fraction of a target bin's width that good input pixels must cover for the bin to count as good:
+# all of it but slivers. The mean over part of a bin is not the bin's mean that a model predicts; in a
+# sharp line's wing the two differ by many times the noise (half-covered bins counted as good moved
+# the labels of slow rotators at SNR 100-400 by up to 5 sigma with 1% of their pixels masked).
+MIN_GOOD_OVERLAP = 0.99
 
 
 @njit(cache=True)
@@ -550,6 +553,6 @@ def resample(wavelength, flux, new_wavelength, method: str = "flux", *, flux_err
         if err.shape != flux.shape:
             raise ValueError(f"flux_err has shape {err.shape} but flux has shape {flux.shape}")
         var = err * err
-        bad |= ~np.isfinite(var)
+        bad |= ~(np.isfinite(var) & (err > 0))  # as the pipeline reads flux_err: a bad pixel
     new_flux, new_var = _resample_one(wavelength, flux, var, bad, new_wavelength, method == "flux")
     return new_flux if flux_err is None else (new_flux, np.sqrt(new_var))

@@ -80,16 +80,20 @@ def test_the_blend_with_the_emulator_fit_beats_the_network_alone(survey):
         assert rmse[0] < 0.97 * rmse[1], (t, rmse)
 
 
-def test_cpu_path_matches_the_float64_reference_on_the_shipped_model(survey):
-    """DESIGN.md's tolerance on real spectra: means within 1% of sigma, sigmas within 1%."""
+def test_cpu_and_triton_paths_match_the_float64_reference_on_the_shipped_model(survey):
+    """DESIGN.md's tolerance on real spectra, end to end (the networks, then the emulator's fit and the
+    blend): means within 1% of sigma, sigmas within 1%; the Triton kernel's 16-bit inputs under
+    TRITON_INTERPRET=1 (tests/conftest.py). Measured at most 0.64% (cpu) and 0.54% (triton). The fit
+    adds rounding of its own (float32, finite-difference Jacobians), most on the label the spectrum
+    constrains least: metals within 1.5% (measured 1.04% cpu on a batch of these 64, 0.99% triton)."""
     table, out = survey
     model = starcast.load_model()
     ref = model.predict(table.slice(0, 64), backend="reference")
-    cpu = out.slice(0, 64)
-    for t in TARGETS:
-        s = ref.column(f"{t}_err").to_numpy()
-        assert np.max(np.abs(cpu.column(t).to_numpy() - ref.column(t).to_numpy()) / s) < 0.01
-        assert np.max(np.abs(cpu.column(f"{t}_err").to_numpy() / s - 1.0)) < 0.01
+    for path in (out.slice(0, 64), model.predict(table.slice(0, 64), backend="triton")):
+        for t, budget in (*((t, 0.01) for t in TARGETS), ("metals", 0.015)):
+            s = ref.column(f"{t}_err").to_numpy()
+            assert np.max(np.abs(path.column(t).to_numpy() - ref.column(t).to_numpy()) / s) < budget, t
+            assert np.max(np.abs(path.column(f"{t}_err").to_numpy() / s - 1.0)) < 0.01, t
 
 
 def test_a_spectrum_reads_alike_in_any_batch(survey):
@@ -124,13 +128,36 @@ def test_sharp_lines_at_high_snr_read_at_their_noise(tmp_path):
     """Stars at 0-15 km/s at SNR 300-600 (at rest, rv stated): the emulator's error, larger for sharp
     lines than for broad ones, is counted at the row's v sin i, so their chi^2 is about 1 (on 600 such
     stars median 0.99; with one sigma for every row 1.09), and MODEL_MISMATCH is judged against the
-    threshold of clean spectra of their SNR and v sin i (on those 600, 1.2% flagged; 10% against one
+    threshold of clean spectra of their SNR and v sin i (on those 600, 1.5% flagged; 10% against one
     threshold for all rows, 1.19)."""
     synth_from_grid(read_grid(SAMPLE), 80, tmp_path / "c", at_nodes=True, seed=3, snr=(300.0, 600.0),
                     vsini=(0.0, 15.0))
     out = starcast.load_model().predict(pq.read_table(tmp_path / "c"), backend="cpu")
     assert np.median(out.column("chi2").to_numpy()) < 1.04
     assert np.mean((out.column("flags").to_numpy() & Flag.MODEL_MISMATCH) != 0) <= 0.05
+
+
+def test_scattered_bad_pixels_cost_sharp_lined_stars_only_the_data_they_hold(tmp_path):
+    """Slow rotators at SNR 200-500 with 1% and 2.5% of their pixels masked at random, single pixels
+    (below MASKED's share): their numbers move from the unmasked ones' within about what losing that
+    data allows (measured: at most 0.3 / 1.5 sigma, the median of each row's largest shift 0.09 / 0.29).
+    While a model bin half covered by good pixels took their mean as its own (and the fit took one
+    Gauss-Newton step), they moved by up to 1.0 / 7.2 sigma (medians 0.24 / 0.79)."""
+    synth_from_grid(read_grid(SAMPLE), 20, tmp_path / "c", at_nodes=True, seed=5, snr=(200.0, 500.0),
+                    vsini=(0.0, 40.0))
+    table = pq.read_table(tmp_path / "c").drop_columns(["mask"])
+    n, npix = table.num_rows, len(table.column("flux")[0])
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((n, npix), bool)] + [rng.random((n, npix)) < share for share in (0.01, 0.025)]
+    spoilt = pa.concat_tables([table.append_column("mask", pa.FixedSizeListArray.from_arrays(m.ravel(), npix))
+                               for m in masks])
+    out = starcast.load_model().predict(spoilt, backend="cpu")
+    clean = out.slice(0, n)
+    for k in (1, 2):
+        moved = out.slice(k * n, n)
+        shift = np.stack([np.abs(moved.column(t).to_numpy() - clean.column(t).to_numpy())
+                          / clean.column(f"{t}_err").to_numpy() for t in (*TARGETS, "metals")])
+        assert shift.max() < 2.0 and np.median(shift.max(axis=0)) < 0.6, (k, shift.max(axis=0))
 
 
 def test_a_catalog_without_flux_err_is_flagged_about_as_often_as_with_it(survey):

@@ -87,8 +87,9 @@ class EmulatorSettings:
     veiling_quantile: float = 0.995  # of the veiling statistic (5% of light without lines: median ~15 vs ~2)
     broadening_quantile: float = 0.995  # of the broadening statistic (macroturbulence of 40 km/s on stars
     # below 60 km/s at SNR 50-300: median ~47 vs 0)
-    refine_steps: int = 1  # Gauss-Newton steps from the predicted labels (engine.emulator); on ob-default
-    # v1 one step gives the chi^2 of three (p99 2.1 at SNR 200-500, 3.2 without) at 3x their speed
+    refine_steps: int = 2  # Gauss-Newton steps from the predicted labels (engine.emulator). One leaves
+    # labels off where the networks read a spectrum poorly (slow rotators with 5% of their pixels masked
+    # at SNR 100-400: up to 6.6 sigma; two: 1.3, three no better) and Teff at SNR 200-500 at 50 K (47)
     seed: int = 0
     threads: int = 2
 
@@ -448,8 +449,9 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
                 progress: bool = True) -> dict:
     """Calibrate the emulator already in the bundle at `bundle_dir` again (its sigma and the sigma's
     factors measured again, on the draws of its training, and scaled; the thresholds; after a change
-    to how the engine fits it or prepares its input), without training it; rewrites its file and
-    re-seals the manifest, its `input` entries restated from the config."""
+    to how the engine fits it or prepares its input), without training it, with the Gauss-Newton
+    steps of `settings`; rewrites its file and re-seals the manifest, its `input` entries restated
+    from the config."""
     bundle = load_bundle(bundle_dir)
     if bundle.emulator is None:
         raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
@@ -458,7 +460,9 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
     kept = ("seed", "val_rows", "snr", "threshold_rows")
     settings = replace(settings or EmulatorSettings(), **{k: trained[k] for k in kept if k in trained})
     source = GridSource(cfg, progress=progress)
-    manifest = {**bundle.manifest, "input": {**bundle.manifest["input"], **source.input_requirements()}}
+    entry["refine_steps"] = settings.refine_steps
+    manifest = {**bundle.manifest, "emulator": entry,
+                "input": {**bundle.manifest["input"], **source.input_requirements()}}
     save_bundle(bundle_dir, bundle.layers, manifest)
     bundle = load_bundle(bundle_dir)
     fields, metrics = emulator_error(source, bundle.emulator, settings)

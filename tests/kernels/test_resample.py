@@ -114,14 +114,23 @@ def test_non_finite_input_pixels_do_not_leak_into_neighbours():
     assert np.isnan(out[50]) and np.isnan(out[49]) and np.all(out[:49] == 1.0) and np.all(out[51:-1] == 1.0)
 
 
-def test_flux_rebinning_averages_the_good_pixels_of_a_mostly_good_bin_and_drops_the_others():
+def test_flux_rebinning_keeps_only_bins_that_good_pixels_cover_whole():
+    """The mean over part of a bin is not the bin's mean: a bin any bad pixel takes part of is dropped,
+    however much of it the good ones cover."""
     src = np.arange(4000.0, 4012.0)  # 1 A pixels; target bins of 3 A hold 3 whole input pixels each
     flux, err = np.arange(1.0, 13.0), np.full(12, 0.3)
-    flux[[4, 9, 10]] = np.nan  # bin 1 keeps 2 of 3 pixels, bin 3 only 1 of 3 (< MIN_GOOD_OVERLAP)
+    flux[[4, 9, 10]] = np.nan  # bin 1 keeps 2 of 3 pixels, bin 3 only 1 of 3
     out, out_err = resample(src, flux, src[1::3], "flux", flux_err=err)
-    np.testing.assert_allclose(out[:3], [2.0, (4.0 + 6.0) / 2, 8.0], rtol=1e-12)
-    np.testing.assert_allclose(out_err[:3], 0.3 / np.sqrt([3, 2, 3]), rtol=1e-12)  # sigma of the mean
-    assert np.isnan(out[3]) and np.isnan(out_err[3])
+    np.testing.assert_allclose(out[[0, 2]], [2.0, 8.0], rtol=1e-12)
+    np.testing.assert_allclose(out_err[[0, 2]], 0.3 / np.sqrt(3), rtol=1e-12)  # sigma of the mean
+    assert np.isnan(out[[1, 3]]).all() and np.isnan(out_err[[1, 3]]).all()
+    # an error that is not positive marks a bad pixel, as in the pipeline
+    err[0], err[1] = 0.0, -0.3
+    out, _ = resample(src, np.arange(1.0, 13.0), src[1::3], "flux", flux_err=err)
+    assert np.isnan(out[0]) and np.isfinite(out[2])
+    # a bad pixel's sliver of a bin (here 0.5%, as rv shifts leave them) does not drop it
+    shifted, _ = resample(src - 0.015, flux, src[1::3], "flux", flux_err=err)
+    assert np.isfinite(shifted[2]) and np.isnan(shifted[1])
 
 
 def test_resample_rejects_unsorted_grids_and_unknown_methods():

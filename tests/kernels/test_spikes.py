@@ -67,11 +67,11 @@ def test_cosmic_ray_hits_are_masked_and_the_spectrum_recovered(model, errors):
     clean, on, off = prepared(model, table), prepared(model, hit), prepared(model, hit, OFF)
     assert np.abs(off.x - clean.x).max(axis=1).min() > 0.2  # unmasked, every row is spoiled
     # masked: the pixels kept are the clean ones to within the noise (a model pixel that shares an input
-    # pixel with a hit keeps only its good part), and the filled ones (interpolated between their
-    # neighbours, ivar 0) within what a line edge can bend between them
+    # pixel with a hit is dropped), and the filled ones (interpolated between their neighbours, ivar 0)
+    # within what a line edge can bend between them (measured 0.11 over the widest hit's model pixels)
     kept = on.ivar > 0
     assert (np.abs(on.x - clean.x) * np.sqrt(clean.ivar))[kept].max() < 8
-    assert np.abs(on.x - clean.x)[~kept].max() < 0.1
+    assert np.abs(on.x - clean.x)[~kept].max() < 0.15
     assert (on.flags == clean.flags).all()
     assert np.all(on.bad_fraction - clean.bad_fraction < 0.01)  # 5 hits: at most ~10 of 1951 pixels
 
