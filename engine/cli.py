@@ -86,12 +86,25 @@ def explain(input, out, model, ids, n, plots, method, steps) -> None:
     from .explain_report import explain_catalog, select_rows
     from .predictor import load_model
 
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise click.UsageError(f"--out {out} is not empty: explain writes a new folder (a run before would "
+                               "leave its plots beside these)")
     rows, passed_over = select_rows(input, ids, n)
     if passed_over:
         click.echo(f"passed over {len(passed_over)} rows with a null id (an explanation is keyed by its id): "
                    + ", ".join(passed_over[:5]) + (", ..." if len(passed_over) > 5 else ""), err=True)
     summary = explain_catalog(load_model(model), rows, Path(out), method=method, steps=steps, plots=plots)
+    for row in summary["failed"]:
+        click.echo(f"id {row['id']}: {row['error']}", err=True)
+    more = summary["rows_failed"] - len(summary["failed"])
+    if more:
+        click.echo(f"... and {more} more rows without attributions (`error` in attributions.parquet)",
+                   err=True)
     shares = ", ".join(f"{t} {100 * e['line_mass_mean']:.0f}%" for t, e in summary["targets"].items())
-    click.echo(f"{summary['rows']} rows explained ({summary['rows_failed']} failed); |attribution| on listed "
-               f"lines: {shares} -> {out}/attributions.parquet, {out}/plots/, {out}/survey/", err=True)
+    written = [f"{out}/attributions.parquet", f"{out}/survey/"]
+    if summary["plots"]:
+        written.insert(1, f"{out}/plots/")
+    click.echo(f"{summary['rows']} rows explained ({summary['rows_failed']} failed)"
+               + (f"; |attribution| on listed lines: {shares}" if shares else "")
+               + f" -> {', '.join(written)}", err=True)
     sys.exit(3 if summary["rows_failed"] else 0)

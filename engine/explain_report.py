@@ -8,6 +8,7 @@ region, with a table of the top lines). Computing attributions is not done here.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from ..catalogs.io import iter_file, list_inputs
 from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, DiagnosticLine, line_windows, nearest_line
 from ..catalogs.medium import convert
-from ..catalogs.schema import ID, META_WAVELENGTH, WavelengthGrid
+from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, WavelengthGrid
 from ..errors import CatalogError
 from .bundle import REPORT_DIR
 from .explain import Explanation
@@ -30,6 +31,7 @@ BALMER_TARGETS = ("logg",)  # targets whose line windows include the Balmer wing
 TEFF_REGIONS = ((15000.0, 20000.0), (20000.0, 25000.0), (25000.0, 30000.0))  # K, by predicted Teff
 TOP_PEAKS = 10
 EXPLAIN_BATCH = 16  # rows per `Model.explain` call: one step of the progress bar (~13 s on two cores)
+FAILED_LISTED = 5  # rows without attributions named, with their errors, in the summary
 FLANK_REACH = 3  # a line's flanks reach this many LINE_HALF_WIDTHs from its centre (the local level)
 
 
@@ -47,13 +49,15 @@ def line_mass(attributions: np.ndarray, wavelength: np.ndarray, target: str, *,
 
 def write_attributions(exp: Explanation, path: Path, grid: WavelengthGrid, id_type: pa.DataType) -> Path:
     """Parquet: `id` (of the input's `id_type`), per target `t` (list<float32>, one value per model
-    pixel, the target's unit), `t_pred` (f(x)), `t_baseline` (f(continuum)); the model grid in the
-    metadata (`starcast.wavelength`)."""
+    pixel, the target's unit), `t_pred` (f(x)), `t_baseline` (f(continuum)), and as in results `flags`
+    and `error` (why a row has no attributions); the model grid in the metadata (`starcast.wavelength`)."""
     cols = {ID: pa.array(exp.ids, id_type)}
     for k, t in enumerate(exp.targets):
         cols[t] = pa.array(list(exp.attributions[:, k]), pa.list_(pa.float32()))
         cols[f"{t}_pred"] = pa.array(exp.prediction[:, k], pa.float64())
         cols[f"{t}_baseline"] = pa.array(exp.baseline[:, k], pa.float64())
+    cols[FLAGS] = pa.array(exp.flags, pa.int32())
+    cols[ERROR] = pa.array(exp.errors, pa.string())
     meta = {META_WAVELENGTH: grid.to_json(), "starcast.explain_method": exp.method,
             "starcast.explain_steps": str(exp.steps)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +317,10 @@ def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", st
         plot_spectrum(exp, int(row), out / "plots" / names[row])
     summary = survey_view(exp, out / "survey") if len(ok) else {"spectra": 0, "targets": {}}
     err = exp.completeness_error()[ok]
-    summary.update(rows=len(exp.ids), rows_failed=int(len(exp.ids) - len(ok)),
+    failed = [(i, e) for i, e, good in zip(exp.ids, exp.errors, np.isfinite(exp.prediction).all(axis=1),
+                                           strict=True) if not good]
+    summary.update(rows=len(exp.ids), rows_failed=len(failed), plots=int(min(len(ok), plots)),
+                   failed=[{"id": str(i), "error": e} for i, e in failed[:FAILED_LISTED]],
                    completeness_error_median=float(np.median(err)) if len(ok) else None,
                    completeness_error_max=float(np.max(err)) if len(ok) else None)
     (out / "survey" / "survey.json").parent.mkdir(parents=True, exist_ok=True)
@@ -323,11 +330,13 @@ def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", st
 
 def model_report(bundle: str | Path, table: pa.Table, *, plots: int = 3) -> dict:
     """The survey view of a bundle on a catalog table (and `plots` per-spectrum plots), written into
-    `BUNDLE/report/explain/` without the attributions themselves (~23 MB per 1000 spectra)."""
+    `BUNDLE/report/explain/` (the one before removed) without the attributions themselves (~23 MB per
+    1000 spectra)."""
     from .predictor import load_model
 
-    return explain_catalog(load_model(bundle), table, Path(bundle) / REPORT_DIR / "explain", plots=plots,
-                           attributions=False)
+    out = Path(bundle) / REPORT_DIR / "explain"
+    shutil.rmtree(out, ignore_errors=True)
+    return explain_catalog(load_model(bundle), table, out, plots=plots, attributions=False)
 
 
 def select_rows(catalog: str | Path, ids: str | None, n: int) -> tuple[pa.Table, list[str]]:

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from starcast.catalogs.io import write_catalog
 from starcast.catalogs.lines import DIAGNOSTIC_LINES
-from starcast.catalogs.schema import WavelengthGrid
+from starcast.catalogs.schema import Flag, WavelengthGrid
 from starcast.engine.cli import explain as explain_command
 from starcast.engine.explain import (
     continuum_baseline,
@@ -349,9 +349,19 @@ def test_a_row_that_cannot_be_predicted_gets_nan_attributions_and_exit_code_3(tm
     result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
                                                   str(tiny_bundle), "--plots", "5", "--steps", "4"])
     assert result.exit_code == 3, result.output
-    teff = pq.read_table(tmp_path / "ex" / "attributions.parquet").column("teff").to_pylist()
+    written = pq.read_table(tmp_path / "ex" / "attributions.parquet")
+    teff = written.column("teff").to_pylist()
     assert np.isnan(teff[0]).all() and np.isfinite(teff[1]).all()
     assert len(list((tmp_path / "ex" / "plots").glob("*.png"))) == 2
+    # why, in the file and on the terminal, as `run` says it
+    error = written.column("error").to_pylist()
+    assert error[0] and "good pixels" in error[0] and error[1:] == [None, None]
+    assert written.column("flags")[0].as_py() & Flag.PREPROCESS_FAILED
+    assert f"id {table.column('id')[0].as_py()}: {error[0]}" in result.output
+    # a second explanation into the same folder would mix its plots with these: refused
+    again = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
+                                                 str(tiny_bundle), "--plots", "1", "--steps", "4"])
+    assert again.exit_code == 2 and "is not empty" in again.output
 
 
 def test_a_batch_without_a_row_that_can_be_predicted_gets_nan_attributions(dropout_model):
