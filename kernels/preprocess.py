@@ -61,7 +61,7 @@ __all__ = ["PreprocessSettings", "Preprocessed", "preprocess", "resample"]
 # Numba caches `_kernel` (with the resample/continuum code compiled into it) keyed on this file's
 # content only, so a stale cache would survive an edit of those files. Their sha256 (first 16 hex
 # digits, resample.py then continuum.py) is therefore written here; a test fails until it is updated.
-DEPENDENCY_FINGERPRINT = "a858b8bd20acf0fd"
+DEPENDENCY_FINGERPRINT = "bfd6b3cc6c134b28"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ GOOD, BAD, UNCOVERED = 0, 1, 2
 # Fraction of a target bin's width that good input pixels must cover for the bin to count as good:
 # all of it but slivers. The mean over part of a bin is not the bin's mean that a model predicts; in a
 # sharp line's wing the two differ by many times the noise (half-covered bins counted as good moved
-# the labels of slow rotators at SNR 100-400 by up to 5 sigma with 1% of their pixels masked).
+# the labels of slow rotators at SNR 200-500 by up to 7 sigma with 2.5% of their pixels masked).
 MIN_GOOD_OVERLAP = 0.99
 
 
