@@ -30,7 +30,7 @@ LINE_MASS_GOAL = 0.6  # issue 14: >= 60% of the |attribution| of Teff and log g 
 BALMER_TARGETS = ("logg",)  # targets whose line windows include the Balmer wings
 TEFF_REGIONS = ((15000.0, 20000.0), (20000.0, 25000.0), (25000.0, 30000.0))  # K, by predicted Teff
 TOP_PEAKS = 10
-EXPLAIN_BATCH = 16  # rows per `Model.explain` call: one step of the progress bar (~13 s on two cores)
+EXPLAIN_BATCH = 16  # rows per `Model.explain` call: one step of the progress bar (~15 s on two cores)
 FAILED_LISTED = 5  # rows without attributions named, with their errors, in the summary
 FLANK_REACH = 3  # a line's flanks reach this many LINE_HALF_WIDTHs from its centre (the local level)
 
