@@ -311,14 +311,14 @@ def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", st
     out = Path(out)
     if attributions:
         write_attributions(exp, out / "attributions.parquet", model.grid, table.schema.field(ID).type)
-    ok = np.flatnonzero(np.isfinite(exp.prediction).all(axis=1))
+    good = np.isfinite(exp.prediction).all(axis=1)
+    ok = np.flatnonzero(good)
     names = plot_names(exp.ids)
     for row in ok[:plots]:
         plot_spectrum(exp, int(row), out / "plots" / names[row])
     summary = survey_view(exp, out / "survey") if len(ok) else {"spectra": 0, "targets": {}}
     err = exp.completeness_error()[ok]
-    failed = [(i, e) for i, e, good in zip(exp.ids, exp.errors, np.isfinite(exp.prediction).all(axis=1),
-                                           strict=True) if not good]
+    failed = [(i, e) for i, e, g in zip(exp.ids, exp.errors, good, strict=True) if not g]
     summary.update(rows=len(exp.ids), rows_failed=len(failed), plots=int(min(len(ok), plots)),
                    failed=[{"id": str(i), "error": e} for i, e in failed[:FAILED_LISTED]],
                    completeness_error_median=float(np.median(err)) if len(ok) else None,

@@ -385,12 +385,13 @@ class Model:
             if self.calibration is not None:
                 centre = mu[rows].mean(axis=(1, 2), keepdims=True)
                 spread = mu[rows] - centre
+                var_mu = spread.var(axis=(1, 2))
                 scale2, epistemic = self.calibration.apply(self._calibration_log_snr(x, fit)[rows],
-                                                           np.ones((len(rows), mu.shape[3])),
-                                                           spread.var(axis=(1, 2)), mean=centre[:, 0, 0])
+                                                           np.ones((len(rows), mu.shape[3])), var_mu,
+                                                           mean=centre[:, 0, 0])
                 # the spread about the mean scaled to predict's epistemic sigma (its floor included)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    stretch = np.sqrt(epistemic / spread.var(axis=(1, 2)))
+                    stretch = np.sqrt(epistemic / var_mu)
                 mu[rows] = centre + spread * np.nan_to_num(stretch, nan=1.0, posinf=1.0)[:, None, None, :]
                 if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
                     scale2 *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
