@@ -114,7 +114,9 @@ class FitFunction:
     diffuse band, the same steps again with it in the continuum, and then on rows where it found a
     continuum ripple, again with that too) as a differentiable torch function of the spectra, in the
     numpy fit's precisions: float32 spectra, float64 labels and normal equations. Which rows have the
-    band or a ripple, and its frequency, are held at the numpy fit's (as the blend's shares are).
+    band or a ripple, and its frequency, are held at the numpy fit's (as the blend's shares are), and so
+    may be the Gauss-Newton step's share in each step after the first (`full_step_share`; it changes
+    steeply on some paths of spectra, whose integrals it would then take many points to resolve).
     `tests/engine/test_explain.py` holds it to `predict`."""
 
     emulator: emu.Emulator
@@ -189,27 +191,33 @@ class FitFunction:
             return e * (coef @ basis.T)
         return e * torch.einsum("ndi,jni->jnd", basis, coef)
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                 ripple: np.ndarray, dib: np.ndarray, blur: np.ndarray) -> torch.Tensor:
-        """The fitted labels [N, k] (float64) of float32 spectra x [N, D] with float32 pixel weights
-        `weight` [N, D] seen through `blur` [N] (`Emulator.blur`), from float64 `labels` [N, k]
-        (physical units), then with the diffuse bands
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ripple: np.ndarray,
+                 dib: np.ndarray, blur: np.ndarray, full_step: np.ndarray | None = None
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+        """(the fitted labels [N, k] (float64), the Gauss-Newton steps' shares [N, 3, refine_steps - 1])
+        of float32 spectra x [N, D] with float32 pixel weights `weight` [N, D] seen through `blur` [N]
+        (`Emulator.blur`), from float64 `labels` [N, k] (physical units), then with the diffuse bands
         where `dib` [N, len(DIBS)] holds, then with the ripple of frequency `ripple` [N] (1/A) on the
         rows where it is finite (and those bands). Each step evaluates the model and its
-        k + 1 finite-difference neighbours together."""
+        k + 1 finite-difference neighbours together. `full_step`: the shares to hold, as returned
+        (None: `full_step_share` of each step's size)."""
         k = len(self.emulator.labels)
         scale, offset = self._units()
         z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
-        z = self._steps(x, weight, z, blur, None)
-        banded = np.flatnonzero(dib.any(axis=1))
-        for rows, extra in ((banded, lambda r: self.emulator.defect_columns(dib=dib[r])),
-                            (np.flatnonzero(np.isfinite(ripple)),
-                             lambda r: self.emulator.defect_columns(ripple[r], dib[r]))):
+        shares = np.zeros((len(x), 3, max(self.emulator.refine_steps - 1, 0)))
+        held = None if full_step is None else np.asarray(full_step)
+        z, shares[:, 0] = self._steps(x, weight, z, blur, None, None if held is None else held[:, 0])
+        banded, rippled = np.flatnonzero(dib.any(axis=1)), np.flatnonzero(np.isfinite(ripple))
+        for part, (rows, extra) in enumerate(
+                ((banded, lambda r: self.emulator.defect_columns(dib=dib[r])),
+                 (rippled, lambda r: self.emulator.defect_columns(ripple[r], dib[r]))), start=1):
             if len(rows):
                 at = torch.as_tensor(rows)
-                z = z.index_put((at,), self._steps(x[at], weight[at], z[at], blur[rows],
-                                                   torch.as_tensor(extra(rows))))
-        return (z * scale + offset)[:, :k]
+                refit, shares[rows, part] = self._steps(x[at], weight[at], z[at], blur[rows],
+                                                        torch.as_tensor(extra(rows)),
+                                                        None if held is None else held[rows, part])
+                z = z.index_put((at,), refit)
+        return (z * scale + offset)[:, :k], shares
 
     def _units(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, offset) [k + 1] of the standardised labels and velocity: physical = z scale + offset."""
@@ -218,8 +226,11 @@ class FitFunction:
                 torch.as_tensor(np.append(e.label_mean, 0.0)))
 
     def _steps(self, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, blur: np.ndarray,
-               extra: torch.Tensor | None) -> torch.Tensor:
-        """`refine_steps` Gauss-Newton steps from the standardised labels and velocity z [N, k + 1]."""
+               extra: torch.Tensor | None, full_step: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
+        """`Emulator.refine`'s steps from the standardised labels and velocity z [N, k + 1]: a Gauss-Newton
+        step, then each a chord step with the last Jacobian, blended with a Gauss-Newton step by the
+        latter's share, `full_step` [N, refine_steps - 1] (None: `full_step_share` of the chord step's
+        size); returns z and the shares."""
         e = self.emulator
         k = len(e.labels)
         scale, offset = self._units()
@@ -229,16 +240,75 @@ class FitFunction:
         eye = torch.eye(k + 1, dtype=scale.dtype)
         # the labels and their k + 1 finite-difference neighbours, [k + 2, 1, k + 1]
         probes = torch.cat([torch.zeros((1, k + 1), dtype=scale.dtype), emu.STEP * eye])[:, None]
-        for _ in range(e.refine_steps):
-            phys = (z[None] + probes) * scale + offset
-            model = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)  # [k + 2, N, D]
-            base, jac = model[0], ((model[1:] - model[0]) / emu.STEP).transpose(0, 1)  # [N, k + 1, D]
+
+        def step(x, weight, jac, base):  # (z's damped step [N, k + 1], its size squared, sigmas^2 [N])
             gram = torch.einsum("nid,njd->nij", jac * weight[:, None], jac).double()
             grad = torch.einsum("nid,nd->ni", jac, weight * (x - base)).double()
             trace = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1)
             damped = gram + eye * (1e-3 * trace / (k + 1) + 1e-12)[:, None, None]
             delta = torch.linalg.solve(damped, grad[..., None])[..., 0]
-            z = torch.clamp(z + torch.clamp(delta, -step_max, step_max), zlo, zhi)
+            return torch.clamp(delta, -step_max, step_max), torch.einsum("ni,nij,nj->n", delta, gram, delta)
+
+        def gauss_newton(x, weight, z, blur, extra):  # (z after the step, its Jacobian [N, k + 1, D])
+            phys = (z[None] + probes) * scale + offset
+            model = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)  # [k + 2, N, D]
+            base, jac = model[0], ((model[1:] - model[0]) / emu.STEP).transpose(0, 1)
+            return torch.clamp(z + step(x, weight, jac, base)[0], zlo, zhi), jac
+
+        shares = np.zeros((len(x), max(e.refine_steps - 1, 0)))
+        if not e.refine_steps:
+            return z, shares
+        z, jac = gauss_newton(x, weight, z, blur, extra)
+        for n in range(e.refine_steps - 1):
+            phys = z[None] * scale + offset
+            base = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)[0]
+            delta, size2 = step(x, weight, jac, base)
+            chord = torch.clamp(z + delta, zlo, zhi)
+            if full_step is None:
+                shares[:, n] = np.nan_to_num(emu.full_step_share(np.sqrt(size2.detach().numpy())), nan=1.0)
+            else:
+                shares[:, n] = full_step[:, n]
+            rows = np.flatnonzero(shares[:, n] > 0.0)
+            if len(rows):
+                at = torch.as_tensor(rows)
+                full, jac_full = gauss_newton(x[at], weight[at], z[at], blur[rows],
+                                              None if extra is None else extra[at])
+                share = torch.as_tensor(shares[rows, n])[:, None]
+                chord = chord.index_put((at,), chord[at] + share * (full - chord[at]))
+                jac = jac.index_put((at,), jac_full)
+            z = chord
+        return z, shares
+        z, jac = gauss_newton(x, weight, z, blur, extra)
+        for _ in range(1, e.refine_steps):
+            phys = z[None] * scale + offset
+            base = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)[0]
+            delta, size2 = step(x, weight, jac, base)
+            chord = torch.clamp(z + delta, zlo, zhi)
+            # the rows that take some of a Gauss-Newton step (the root taken of theirs alone: its gradient
+            # is infinite at 0)
+            rows = np.flatnonzero(~(size2.detach() <= emu.CHORD_STEP_MAX ** 2).numpy())
+            if len(rows):
+                at = torch.as_tensor(rows)
+                full, jac_full = gauss_newton(x[at], weight[at], z[at], blur[rows],
+                                              None if extra is None else extra[at])
+                share = torch.nan_to_num(emu.full_step_share(size2[at].sqrt()), nan=1.0)[:, None]
+                chord = chord.index_put((at,), chord[at] + share * (full - chord[at]))
+                jac = jac.index_put((at,), jac_full)
+            z = chord
+        return z
+        z, jac = gauss_newton(x, weight, z, blur, extra)
+        for _ in range(1, e.refine_steps):
+            phys = z[None] * scale + offset
+            base = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)[0]
+            delta, size = step(x, weight, jac, base)
+            chord = torch.clamp(z + delta, zlo, zhi)
+            rows = np.flatnonzero(~(size < emu.CHORD_STEP_MAX).numpy())
+            if len(rows):
+                at = torch.as_tensor(rows)
+                again, jac_again = gauss_newton(x[at], weight[at], z[at], blur[rows],
+                                                None if extra is None else extra[at])
+                chord, jac = chord.index_put((at,), again), jac.index_put((at,), jac_again)
+            z = chord
         return z
 
 
@@ -256,6 +326,7 @@ class EstimateFunction:
     blur: np.ndarray  # [B] A^2: the response through which the fit sees each row (`Emulator.blur`)
     share: torch.Tensor  # [B, K] float64
     fitted_rows: torch.Tensor  # [B] bool: rows the emulator fits
+    full_step: np.ndarray  # [B, 3, refine_steps - 1]: the fit's Gauss-Newton shares (`FitFunction`)
     fit_columns: list[int]  # the target index of each of the emulator's labels
     columns: list[int]  # the selected targets
     # path points per forward pass: the fit's [k + 2, N, D] spectra are memory-bound; measured on
@@ -274,8 +345,8 @@ class EstimateFunction:
             d, cols = self.weight.shape[1], self.fit_columns
             start = net[rows][:, cols]
             fit_rows = row[rows].numpy()
-            fitted = self.fit(x[rows, :d].float(), self.weight[row[rows]], start, self.ripple[fit_rows],
-                              self.dib[fit_rows], self.blur[fit_rows])
+            fitted, _ = self.fit(x[rows, :d].float(), self.weight[row[rows]], start, self.ripple[fit_rows],
+                                 self.dib[fit_rows], self.blur[fit_rows], self.full_step[fit_rows])
             w = self.share[row[rows]][:, cols]
             out[rows[:, None], torch.as_tensor(cols)[None]] = w * start + (1.0 - w) * fitted
         return out[:, self.columns].to(x.dtype)
@@ -309,13 +380,22 @@ def estimate_function(model, network: MeanFunction, targets: list[int], x: np.nd
     through which the fit sees each (`Emulator.blur`); the blend's shares at the rows' own SNR,
     excess and gap."""
     emulator, names = model.emulator, [t.name for t in model.targets]
-    weight = emulator.pixel_weight(ivar, fit.sigma_factor)
+    weight = torch.as_tensor(emulator.pixel_weight(ivar, fit.sigma_factor))
     share = model.calibration.network_share(model._calibration_log_snr(x, fit), fit.excess, gapped)
-    return EstimateFunction(network, FitFunction(emulator, *model._label_range(emulator.labels)),
-                            torch.as_tensor(weight), fit.ripple_frequency, fit.dib_fitted(emulator),
-                            np.asarray(blur, np.float64), torch.as_tensor(share),
-                            torch.as_tensor(np.isfinite(fit.chi2)),
-                            [names.index(n) for n in emulator.labels], list(targets))
+    fit_function = FitFunction(emulator, *model._label_range(emulator.labels))
+    ripple, dib, blur = fit.ripple_frequency, fit.dib_fitted(emulator), np.asarray(blur, np.float64)
+    columns = [names.index(n) for n in emulator.labels]
+    rows = np.flatnonzero(np.isfinite(fit.chi2))
+    full_step = np.zeros((len(x), 3, max(emulator.refine_steps - 1, 0)))
+    if len(rows):  # the Gauss-Newton steps' shares at the rows' own spectra, held on their paths
+        at = torch.as_tensor(rows)
+        with torch.no_grad():
+            spectra = torch.as_tensor(x[rows], dtype=network.dtype)
+            start = network(spectra, at).double()[:, columns]
+            _, full_step[rows] = fit_function(spectra[:, :weight.shape[1]].float(), weight[at], start,
+                                              ripple[rows], dib[rows], blur[rows])
+    return EstimateFunction(network, fit_function, weight, ripple, dib, blur, torch.as_tensor(share),
+                            torch.as_tensor(np.isfinite(fit.chi2)), full_step, columns, list(targets))
 
 
 def continuum_baseline(x: np.ndarray, pixels: int) -> np.ndarray:

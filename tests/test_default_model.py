@@ -17,6 +17,7 @@ from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import synth_from_grid
 from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid, spectrum_array
+from starcast.engine import emulator as emu
 from starcast.engine.emulator import DIB_TERMS, Threshold
 from starcast.engine.predictor import Model
 from starcast.kernels.resample import rest_frame_factor
@@ -135,6 +136,28 @@ def test_sharp_lines_at_high_snr_read_at_their_noise(tmp_path):
     out = starcast.load_model().predict(pq.read_table(tmp_path / "c"), backend="cpu")
     assert np.median(out.column("chi2").to_numpy()) < 1.04
     assert np.mean((out.column("flags").to_numpy() & Flag.MODEL_MISMATCH) != 0) <= 0.05
+
+
+def test_a_small_second_step_reuses_the_first_steps_jacobian(survey, monkeypatch):
+    """After its first Gauss-Newton step the fit takes a second with the first's Jacobian (a chord step,
+    one emulated spectrum per row instead of len(labels) + 2) where that moves a row little, and a new
+    Gauss-Newton step only where it does not: the labels stay within a median 0.05 sigma of two full
+    steps' (measured on these 300 rows: median 0.02, max 0.6), for two thirds of the emulated spectra."""
+    table, _ = survey
+    part = table.slice(0, 300)
+    model = starcast.load_model()
+    emulated, spectra = [], emu.Emulator.spectra
+    monkeypatch.setattr(emu.Emulator, "spectra", lambda self, labels: emulated.append(len(labels))
+                        or spectra(self, labels))
+    chord = model.predict(part, backend="cpu")
+    with_chord = sum(emulated)
+    emulated.clear()
+    monkeypatch.setattr(emu, "CHORD_STEP_MAX", 1e-12)  # every step a Gauss-Newton step
+    full = model.predict(part, backend="cpu")
+    shift = np.stack([np.abs(chord.column(t).to_numpy() - full.column(t).to_numpy())
+                      / full.column(f"{t}_err").to_numpy() for t in (*TARGETS, "metals")]).max(axis=0)
+    assert np.median(shift) < 0.05 and shift.max() < 1.5, (np.median(shift), shift.max())
+    assert with_chord < 0.75 * sum(emulated), (with_chord, sum(emulated))
 
 
 def test_scattered_bad_pixels_cost_sharp_lined_stars_only_the_data_they_hold(tmp_path):

@@ -87,9 +87,10 @@ class EmulatorSettings:
     veiling_quantile: float = 0.995  # of the veiling statistic (5% of light without lines: median ~15 vs ~2)
     broadening_quantile: float = 0.995  # of the broadening statistic (macroturbulence of 40 km/s on stars
     # below 60 km/s at SNR 50-300: median ~47 vs 0)
-    refine_steps: int = 2  # Gauss-Newton steps from the predicted labels (engine.emulator). One leaves
+    refine_steps: int = 2  # steps of the fit from the predicted labels (`Emulator.refine`). One leaves
     # labels off where the networks read a spectrum poorly (slow rotators with 5% of their pixels masked
-    # at SNR 100-400: up to 6.6 sigma; two: 1.3, three no better) and Teff at SNR 200-500 at 50 K (47)
+    # at SNR 100-400: up to 6.6 sigma; two Gauss-Newton steps: 1.3, three no better) and Teff at SNR
+    # 200-500 at 50 K (47)
     seed: int = 0
     threads: int = 2
 
