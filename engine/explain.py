@@ -278,38 +278,6 @@ class FitFunction:
                 jac = jac.index_put((at,), jac_full)
             z = chord
         return z, shares
-        z, jac = gauss_newton(x, weight, z, blur, extra)
-        for _ in range(1, e.refine_steps):
-            phys = z[None] * scale + offset
-            base = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)[0]
-            delta, size2 = step(x, weight, jac, base)
-            chord = torch.clamp(z + delta, zlo, zhi)
-            # the rows that take some of a Gauss-Newton step (the root taken of theirs alone: its gradient
-            # is infinite at 0)
-            rows = np.flatnonzero(~(size2.detach() <= emu.CHORD_STEP_MAX ** 2).numpy())
-            if len(rows):
-                at = torch.as_tensor(rows)
-                full, jac_full = gauss_newton(x[at], weight[at], z[at], blur[rows],
-                                              None if extra is None else extra[at])
-                share = torch.nan_to_num(emu.full_step_share(size2[at].sqrt()), nan=1.0)[:, None]
-                chord = chord.index_put((at,), chord[at] + share * (full - chord[at]))
-                jac = jac.index_put((at,), jac_full)
-            z = chord
-        return z
-        z, jac = gauss_newton(x, weight, z, blur, extra)
-        for _ in range(1, e.refine_steps):
-            phys = z[None] * scale + offset
-            base = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)[0]
-            delta, size = step(x, weight, jac, base)
-            chord = torch.clamp(z + delta, zlo, zhi)
-            rows = np.flatnonzero(~(size < emu.CHORD_STEP_MAX).numpy())
-            if len(rows):
-                at = torch.as_tensor(rows)
-                again, jac_again = gauss_newton(x[at], weight[at], z[at], blur[rows],
-                                                None if extra is None else extra[at])
-                chord, jac = chord.index_put((at,), again), jac.index_put((at,), jac_again)
-            z = chord
-        return z
 
 
 @dataclass(frozen=True)
