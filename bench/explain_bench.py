@@ -189,9 +189,9 @@ def markdown(r: dict, args, survey_md: str) -> str:
     if len(r["runs"]) > 1:
         lines.append(f"\nCaptum vs starcast's IG: max |difference| of attributions "
                      f"{r['runs'][1]['max_abs_diff_vs_ig']:.2e} (target units per pixel); relative to each "
-                     "row's largest |attribution|, median {:.1e}, largest {:.1e} (the same rule: float32 "
-                     "rounding in batches of other sizes; the largest, a row whose completeness test fell "
-                     "on the other side of 1%, refined once more by one of them)."
+                     "row's largest |attribution|, median {:.1e}, largest {:.1e} (the same rule and path "
+                     "points: float32 rounding in batches of other sizes and, where a row's completeness "
+                     "test falls near 1%, one refinement more in one of them)."
                      .format(*r['runs'][1]['relative_diff_vs_ig_median_max']))
     lines += ["", f"Deletion check (200 spectra): mean |change| of the prediction when the "
               f"{100 * DELETE_FRACTION:.0f}% of pixels with the largest |attribution| are set to the "
