@@ -91,10 +91,11 @@ CHUNK = 1024  # rows per chunk of a fit (a chunk's Jacobian holds len(labels) + 
 V_UNIT = 10.0  # km/s: the velocity's unit in the fit, so that STEP and the step limits suit it too
 V_STEP_MAX = 3.0  # V_UNIT per Gauss-Newton step at most (labels: 1 std), ~one 0.4 A pixel at 4400 A
 V_FIT_MAX = 100.0  # km/s: the residual velocity is kept within +-this (the fit's capture range)
-# sigmas: a step after the first that moves a row by less is taken with the last step's Jacobian (a chord
-# step, one emulated spectrum instead of len(labels) + 2), and ends its fit; one of more than twice this
-# with a new Jacobian; in between their blend (`full_step_share`), so that the labels stay continuous in
-# the spectrum. The chord step leaves a median 0.03 sigma of the labels where the full step would have
+# sigmas: each step after the first is a step with the last Jacobian (a chord step, one emulated spectrum
+# instead of len(labels) + 2); where it moves a row by more than this, a new Gauss-Newton step is blended
+# in, all of it from twice this (`full_step_share`), so that the labels of a two-step fit (the shipped
+# models') are continuous in the spectrum (a third step's chord would take a row's new Jacobian at any
+# share above 0). The chord step leaves a median 0.03 sigma of the labels where the full step would have
 # moved them (TLUSTY spectra between the nodes, SNR 10-500), and the fit 1.4x as fast.
 CHORD_STEP_MAX = 0.3
 # km/s, added in quadrature to the fitted velocity's sigma: the emulator's own error in line positions
@@ -219,13 +220,13 @@ class Threshold:
                 "values": self.values.tolist()}
 
 
-def full_step_share(size):
-    """The share of the Gauss-Newton step (the rest the chord step's) in a step after the first that
-    moves a row by `size` sigmas (`CHORD_STEP_MAX`): 0 up to it, rising to 1 at twice it as a smoothstep,
-    whose slope is continuous too (explanations integrate the labels' gradient along a path of spectra).
-    NumPy arrays or torch tensors."""
-    t = (size / CHORD_STEP_MAX - 1.0).clip(0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+def full_step_share(size: np.ndarray) -> np.ndarray:
+    """The share of the Gauss-Newton step (the rest the chord step's) in a step after the first whose
+    chord step moves a row by `size` sigmas (`CHORD_STEP_MAX`): 0 up to it, rising to 1 at twice it as
+    a smoothstep, whose slope is continuous too (explanations integrate the labels' gradient along a
+    path of spectra); 1 where the size is not a number."""
+    t = np.clip(size / CHORD_STEP_MAX - 1.0, 0.0, 1.0)
+    return np.nan_to_num(t * t * (3.0 - 2.0 * t), nan=1.0)
 
 
 @dataclass(frozen=True)
@@ -606,9 +607,9 @@ class Emulator:
         have it marginalised; finite-difference Jacobian) from `labels` and the residual velocity `rv`
         (km/s): the labels kept within [lo, hi] and within 1 std per step, rv within +-V_FIT_MAX. The first
         step is a Gauss-Newton step; each after it a chord step (the last Jacobian, the residual anew),
-        which ends a row's fit where it moves the row by less than CHORD_STEP_MAX sigmas, else blended
-        with a Gauss-Newton step (`full_step_share`). errors [B, labels + 1]: the sigmas of the labels
-        (physical units) and of rv (km/s) from the last Jacobian's curvature, each with the others
+        blended with a new Gauss-Newton step where it moves the row by more than CHORD_STEP_MAX sigmas
+        (`full_step_share`; the Jacobian then the new step's). errors [B, labels + 1]: the sigmas of the
+        labels (physical units) and of rv (km/s) from the last Jacobian's curvature, each with the others
         marginalised (NaN without steps); jacobian [labels + 1, B, D] float32: the last one, of `fitted`
         with respect to the standardised labels and rv / V_UNIT (None without steps)."""
         k = len(self.labels)
@@ -648,21 +649,15 @@ class Emulator:
 
         jac = np.empty((k + 1, *x.shape), np.float32)
         gram = np.empty((len(x), k + 1, k + 1))
-        rows = slice(None)  # the rows still taking full steps
         for n in range(self.refine_steps):
-            d = data(rows)
-            e = emulated(z[rows], d)
-            base = fitted(e, z[rows], d)
-            if n:  # a chord step first (the last Jacobian, from here): rows it moves little take it and stop
-                delta, size = step(jac[:, rows], d, base, np.empty((len(base), k + 1, k + 1)))
-                chord = np.clip(z[rows] + delta, zlo, zhi)
-                share = np.nan_to_num(full_step_share(size), nan=1.0)
-                at, done = np.arange(len(x))[rows], share == 0.0
-                z[at[done]] = chord[done]
-                rows, e, base, chord, share = at[~done], e[~done], base[~done], chord[~done], share[~done]
-                if not len(rows):
-                    break
-                d = data(rows)
+            rows, d = slice(None), data(slice(None))
+            e = emulated(z, d)
+            base = fitted(e, z, d)
+            if n:  # a chord step (the last Jacobian, from here), and a Gauss-Newton step where it moves far
+                delta, size = step(jac, d, base, np.empty((len(x), k + 1, k + 1)))
+                chord, share = np.clip(z + delta, zlo, zhi), full_step_share(size)
+                rows = np.flatnonzero(share > 0.0)
+                d, e, base = data(rows), e[rows], base[rows]
             zr = z[rows]
             jr = jac[:, rows]  # a view of jac on the first step, else a copy, written back below
             for j in range(k + 1):
@@ -672,7 +667,7 @@ class Emulator:
             delta, _ = step(jr, d, base, gr)
             z[rows], gram[rows] = np.clip(zr + delta, zlo, zhi), gr
             if n:
-                z[rows] = chord + share[:, None] * (z[rows] - chord)
+                z = chord + share[:, None] * (z - chord)
                 jac[:, rows] = jr
         if self.refine_steps:  # from the last step's curvature, undamped
             with np.errstate(invalid="ignore", divide="ignore"):

@@ -241,13 +241,14 @@ class FitFunction:
         # the labels and their k + 1 finite-difference neighbours, [k + 2, 1, k + 1]
         probes = torch.cat([torch.zeros((1, k + 1), dtype=scale.dtype), emu.STEP * eye])[:, None]
 
-        def step(x, weight, jac, base):  # (z's damped step [N, k + 1], its size squared, sigmas^2 [N])
+        def step(x, weight, jac, base):  # (z's damped step [N, k + 1], its size in sigmas [N], detached)
             gram = torch.einsum("nid,njd->nij", jac * weight[:, None], jac).double()
             grad = torch.einsum("nid,nd->ni", jac, weight * (x - base)).double()
             trace = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1)
             damped = gram + eye * (1e-3 * trace / (k + 1) + 1e-12)[:, None, None]
             delta = torch.linalg.solve(damped, grad[..., None])[..., 0]
-            return torch.clamp(delta, -step_max, step_max), torch.einsum("ni,nij,nj->n", delta, gram, delta)
+            size = torch.einsum("ni,nij,nj->n", delta, gram, delta).detach().sqrt()
+            return torch.clamp(delta, -step_max, step_max), size
 
         def gauss_newton(x, weight, z, blur, extra):  # (z after the step, its Jacobian [N, k + 1, D])
             phys = (z[None] + probes) * scale + offset
@@ -262,12 +263,9 @@ class FitFunction:
         for n in range(e.refine_steps - 1):
             phys = z[None] * scale + offset
             base = self.fitted(x, weight, phys[..., :k], phys[..., k], blur, extra)[0]
-            delta, size2 = step(x, weight, jac, base)
+            delta, size = step(x, weight, jac, base)
             chord = torch.clamp(z + delta, zlo, zhi)
-            if full_step is None:
-                shares[:, n] = np.nan_to_num(emu.full_step_share(np.sqrt(size2.detach().numpy())), nan=1.0)
-            else:
-                shares[:, n] = full_step[:, n]
+            shares[:, n] = emu.full_step_share(size.numpy()) if full_step is None else full_step[:, n]
             rows = np.flatnonzero(shares[:, n] > 0.0)
             if len(rows):
                 at = torch.as_tensor(rows)
