@@ -204,7 +204,7 @@ class FitFunction:
         k = len(self.emulator.labels)
         scale, offset = self._units()
         z = torch.cat([(labels - offset[:k]) / scale[:k], torch.zeros((len(x), 1), dtype=scale.dtype)], dim=1)
-        shares = np.zeros((len(x), 3, max(self.emulator.refine_steps - 1, 0)))
+        shares = self.no_shares(len(x))
         held = None if full_step is None else np.asarray(full_step)
         z, shares[:, 0] = self._steps(x, weight, z, blur, None, None if held is None else held[:, 0])
         banded, rippled = np.flatnonzero(dib.any(axis=1)), np.flatnonzero(np.isfinite(ripple))
@@ -218,6 +218,11 @@ class FitFunction:
                                                         None if held is None else held[rows, part])
                 z = z.index_put((at,), refit)
         return (z * scale + offset)[:, :k], shares
+
+    def no_shares(self, rows: int) -> np.ndarray:
+        """Zero Gauss-Newton shares for `rows` rows, [rows, 3, refine_steps - 1]: the fit's three parts
+        (plain, with the bands, with the ripple) and its steps after the first."""
+        return np.zeros((rows, 3, max(self.emulator.refine_steps - 1, 0)))
 
     def _units(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, offset) [k + 1] of the standardised labels and velocity: physical = z scale + offset."""
@@ -256,7 +261,7 @@ class FitFunction:
             base, jac = model[0], ((model[1:] - model[0]) / emu.STEP).transpose(0, 1)
             return torch.clamp(z + step(x, weight, jac, base)[0], zlo, zhi), jac
 
-        shares = np.zeros((len(x), max(e.refine_steps - 1, 0)))
+        shares = self.no_shares(len(x))[:, 0]
         if not e.refine_steps:
             return z, shares
         z, jac = gauss_newton(x, weight, z, blur, extra)
@@ -352,7 +357,7 @@ def estimate_function(model, network: MeanFunction, targets: list[int], x: np.nd
     ripple, dib, blur = fit.ripple_frequency, fit.dib_fitted(emulator), np.asarray(blur, np.float64)
     columns = [names.index(n) for n in emulator.labels]
     rows = np.flatnonzero(np.isfinite(fit.chi2))
-    full_step = np.zeros((len(x), 3, max(emulator.refine_steps - 1, 0)))
+    full_step = fit_function.no_shares(len(x))
     if len(rows):  # the Gauss-Newton steps' shares at the rows' own spectra, held on their paths
         at = torch.as_tensor(rows)
         with torch.no_grad():
