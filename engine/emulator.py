@@ -220,6 +220,17 @@ class Threshold:
                 "values": self.values.tolist()}
 
 
+class _FitRows(NamedTuple):
+    """The data of some rows of `Emulator.refine`: spectra, pixel weights, continuum terms (or None),
+    continuum columns (`_continuum_columns`, or None) and response excess (or None)."""
+
+    x: np.ndarray
+    weight: np.ndarray
+    extra: np.ndarray | None
+    columns: np.ndarray | None
+    blur: np.ndarray | None
+
+
 def full_step_share(size: np.ndarray) -> np.ndarray:
     """The share of the Gauss-Newton step (the rest the chord step's) in a step after the first whose
     chord step moves a row by `size` sigmas (`CHORD_STEP_MAX`): 0 up to it, rising to 1 at twice it as
@@ -625,21 +636,23 @@ class Emulator:
         # the continuum's columns, made once for every point the steps try (None: the polynomials')
         columns = self._continuum_columns(extra, veil, len(x)) if extra is not None or veil else None
 
-        def data(rows):  # (x, weight, extra, columns, blur) of `rows` (a slice or indices)
-            return (x[rows], weight[rows], None if extra is None else extra[rows],
-                    None if columns is None else columns[:, rows], None if blur is None else blur[rows])
+        def data(rows) -> _FitRows:  # of `rows` (a slice or indices)
+            return _FitRows(x[rows], weight[rows], None if extra is None else extra[rows],
+                            None if columns is None else columns[:, rows],
+                            None if blur is None else blur[rows])
 
         def emulated(z, d):  # unshifted
-            return self.blur(self.spectra(z[:, :k] * scale[:k] + offset[:k]), d[4])
+            return self.blur(self.spectra(z[:, :k] * scale[:k] + offset[:k]), d.blur)
 
         def fitted(e, z, d):  # e shifted to z's rv, times its continuum
-            return self._times_continuum(d[0], d[1], self.shift(e, z[:, k] * V_UNIT), d[2], veil, d[3])[0]
+            return self._times_continuum(d.x, d.weight, self.shift(e, z[:, k] * V_UNIT), d.extra, veil,
+                                         d.columns)[0]
 
         no_scale = np.ones((1, x.shape[1]), np.float32)
 
         def step(jac, d, base, gram):  # (damped Gauss-Newton step, its size in sigmas); fills gram
             grad = np.empty((len(base), k + 1))
-            normal_equations(jac, no_scale, d[1], d[0] - base, gram, grad)
+            normal_equations(jac, no_scale, d.weight, d.x - base, gram, grad)
             damped = gram + np.eye(k + 1) * (1e-3 * np.trace(gram, axis1=1, axis2=2) / (k + 1)
                                              + 1e-12)[:, None, None]
             delta = np.linalg.solve(damped, grad[..., None])[..., 0]
@@ -649,8 +662,9 @@ class Emulator:
 
         jac = np.empty((k + 1, *x.shape), np.float32)
         gram = np.empty((len(x), k + 1, k + 1))
+        every_row = data(slice(None))
         for n in range(self.refine_steps):
-            rows, d = slice(None), data(slice(None))
+            rows, d = slice(None), every_row
             e = emulated(z, d)
             base = fitted(e, z, d)
             if n:  # a chord step (the last Jacobian, from here), and a Gauss-Newton step where it moves far
