@@ -22,9 +22,10 @@ What stays where: weights stream from L2/HBM once per (tile, member, sample chun
 arithmetic intensity on weights is R flops/byte (fp16); accumulators, masks, RNG state and the
 running statistics live in registers. Triton exposes no addressable shared memory, and an [R, 512]
 activation does not fit registers (kept there as register tiles, the activations of width 512 spill
-kilobytes per thread: README, "Inference"), so each program keeps h1 and two ping-pong activations of its
-tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements). This is a deviation from "activations
-never touch device memory": the grid is persistent, one program per SM, so on `survey` (fp16,
+kilobytes per thread: docs/record.md, "Inference kernels"), so each program keeps h1 and two ping-pong
+activations of its tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements). This is a
+deviation from "activations never touch device memory": the grid is persistent, one program per SM,
+so on `survey` (fp16,
 128 slabs on an H100) the slabs in use total 36-42 MB (computed from the shapes, not measured),
 of the order of the H100's 50 MB L2 — mostly L2 traffic, part may spill to HBM. `tl.debug_barrier()`
 orders a layer's writes before the next reads.

@@ -12,8 +12,8 @@ import triton
 _CENTRE_RIDGE = 0.01  # fitted_centre's pull to the prior, relative to W1's mean squared row norm
 # name -> (storage dtype of weights and activations, tl.dot input_precision). No bf16: on the shipped
 # model its 7-bit mantissa moves means by up to 6-7% of sigma (bench/results/precision_cpu.md; 3.4%
-# from rounding the weights alone, README "Inference"), beyond DESIGN.md's 1%, and tensor cores run
-# it no faster than fp16.
+# from rounding the weights alone, docs/record.md "Inference kernels"), beyond DESIGN.md's 1%, and
+# tensor cores run it no faster than fp16.
 PRECISIONS = {
     "fp16": (torch.float16, "tf32"),
     "tf32": (torch.float32, "tf32"),

@@ -73,7 +73,7 @@ class EmulatorSettings:
 
     rows: int = 120000  # training spectra
     val_rows: int = 2000  # noise-free spectra at the validation nodes (sigma_emu)
-    epochs: int = 720  # fewer underfit: as far off on the training spectra as on fresh draws (README)
+    epochs: int = 720  # fewer underfit: as far off on training spectra as on fresh draws (docs/record.md)
     batch_size: int = 256
     lr: float = 3e-3
     hidden: tuple[int, ...] = (256, 256)

@@ -1,5 +1,5 @@
 """The emulator in a bundle and the engine's goodness of fit: the file's sha256 is checked, the chi^2
-columns exist only with an emulator, the reduced chi^2 is the formula of the README on the prepared
+columns exist only with an emulator, the reduced chi^2 is the formula of docs/results.md on the prepared
 rows, MODEL_MISMATCH follows the threshold, and results written by `run` carry the columns."""
 
 import json
