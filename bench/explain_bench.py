@@ -61,7 +61,7 @@ def deletion(model, table: pa.Table, exp) -> dict:
     from starcast.engine.explain import continuum_baseline, explained_function
 
     targets = [[t.name for t in model.targets].index(t) for t in exp.targets]
-    ok, x, f = explained_function(model, model.prepare(table), targets)
+    ok, x, f, _ = explained_function(model, model.prepare(table), targets)
     x, d = x[ok], model.grid.n
     n, base, rows = int(DELETE_FRACTION * d), continuum_baseline(x, d), torch.arange(len(x))
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..catalogs.physics import C_KMS
-from ..catalogs.schema import ERROR, FLAGS, ID
+from ..catalogs.schema import ERROR, ID
 from ..errors import StarcastError
 from ..kernels import rng
 from ..kernels.reference import ACTIVATIONS
@@ -418,17 +418,18 @@ def integrated_gradients(f: MeanFunction, x: np.ndarray, baseline: np.ndarray, *
 
 
 def explained_function(model, prepared, targets: list[int], *, samples: int | None = None, seed: int = 0,
-                       backend: str = "auto") -> tuple[np.ndarray, np.ndarray, MeanFunction | None]:
-    """(ok [B], x [B, D + E], f): which rows of a batch prepared by `model` can be predicted, the rows as
-    the model predicts them, and the deployed estimate of the target indices `targets` on the ok rows
-    (f(x[ok], i) for the i-th of them; None when there are none) with `samples` dropout samples (None:
-    the model's S): the network's mean, or an `EstimateFunction` where the model's calibration blends
-    it with the emulator fit."""
+                       backend: str = "auto"
+                       ) -> tuple[np.ndarray, np.ndarray, MeanFunction | None, np.ndarray]:
+    """(ok [B], x [B, D + E], f, flags [B]): which rows of a batch prepared by `model` can be predicted,
+    the rows as the model predicts them, the deployed estimate of the target indices `targets` on the
+    ok rows (f(x[ok], i) for the i-th of them; None when there are none) with `samples` dropout samples
+    (None: the model's S): the network's mean, or an `EstimateFunction` where the model's calibration
+    blends it with the emulator fit; and the flags `predict` gives the rows."""
     samples = model._samples(samples)
-    ok, x, keys, fit, ivar = model._inputs_as_predicted(prepared, samples, seed, backend)
+    ok, x, keys, fit, ivar, flags = model._inputs_as_predicted(prepared, samples, seed, backend)
     arch, rows = model.bundle.architecture, np.flatnonzero(ok)
     if not len(rows):
-        return ok, x, None
+        return ok, x, None, flags
     cal = model.calibration
     blended = fit is not None and cal is not None and cal.network_weight is not None
     means, stds = [t.mean for t in model.targets], [t.std for t in model.targets]
@@ -438,7 +439,7 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
     if blended:
         f = estimate_function(model, f, targets, x[rows], ivar[rows], fit.rows(rows),
                               model._gapped(prepared)[rows], model.response_excess(prepared)[rows])
-    return ok, x, f
+    return ok, x, f, flags
 
 
 def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig", steps: int = DEFAULT_STEPS,
@@ -447,7 +448,8 @@ def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig",
     `targets`; rows with an error get NaN attributions. `Model.explain` is the public entry point.
     Everything stays in memory (~40 KB per spectrum and target at D = 1951, while it runs): explain
     samples of a catalog, not all of it."""
-    ok, x, f = explained_function(model, prepared, targets, samples=samples, seed=seed, backend=backend)
+    ok, x, f, flags = explained_function(model, prepared, targets, samples=samples, seed=seed,
+                                         backend=backend)
     d, rows = model.grid.n, np.flatnonzero(ok)
     attr = np.full((len(ok), len(targets), d), np.nan, dtype=np.float32)
     fx, fb = np.full((len(ok), len(targets)), np.nan), np.full((len(ok), len(targets)), np.nan)
@@ -460,7 +462,7 @@ def explain_prepared(model, prepared, targets: list[int], *, method: str = "ig",
                        units=[t.unit for t in chosen], wavelength=model.grid.values(),
                        medium=model.grid.medium, flux=x[:, :d],
                        attributions=attr, prediction=fx, baseline=fb,
-                       flags=prepared.column(FLAGS).to_numpy(zero_copy_only=False),
+                       flags=flags,
                        errors=prepared.column(ERROR).to_pylist(), method=method, steps=steps)
 
 

@@ -294,23 +294,25 @@ def plot_names(ids: list) -> list[str]:
     return names
 
 
-def explain_catalog(model, table: pa.Table, out: Path, *, method: str = "ig", steps: int | None = None,
+def explain_catalog(model, tables: list[pa.Table], out: Path, *, method: str = "ig", steps: int | None = None,
                     plots: int = 10, seed: int = 0, attributions: bool = True) -> dict:
-    """Explain every row of `table` (ids not null) with `model` (all targets) and write
-    `out/attributions.parquet` (unless not `attributions`), `out/plots/` (`plot_names`) for the first
-    `plots` rows that could be predicted, and the survey view in `out/survey/`. Returns the survey
-    summary with the rows' count and completeness errors added."""
+    """Explain every row of `tables` (ids not null; one table per input file, each read with its own
+    file metadata: wavelength grid, medium, resolving power, pixels) with `model` (all targets) and
+    write `out/attributions.parquet` (unless not `attributions`), `out/plots/` (`plot_names`) for the
+    first `plots` rows that could be predicted, and the survey view in `out/survey/`. Returns the
+    survey summary with the rows' count and completeness errors added."""
     parts = []
-    with tqdm(total=table.num_rows, unit="spectra", dynamic_ncols=True, desc="starcast explain",
-              disable=not sys.stderr.isatty()) as bar:
-        for start in range(0, table.num_rows, EXPLAIN_BATCH):
-            batch = table.slice(start, EXPLAIN_BATCH)
-            parts.append(model.explain(batch, method=method, steps=steps, seed=seed))
-            bar.update(len(parts[-1].ids))
+    with tqdm(total=sum(t.num_rows for t in tables), unit="spectra", dynamic_ncols=True,
+              desc="starcast explain", disable=not sys.stderr.isatty()) as bar:
+        for table in tables:
+            for start in range(0, table.num_rows, EXPLAIN_BATCH):
+                batch = table.slice(start, EXPLAIN_BATCH)
+                parts.append(model.explain(batch, method=method, steps=steps, seed=seed))
+                bar.update(len(parts[-1].ids))
     exp = Explanation.concat(parts)
     out = Path(out)
     if attributions:
-        write_attributions(exp, out / "attributions.parquet", model.grid, table.schema.field(ID).type)
+        write_attributions(exp, out / "attributions.parquet", model.grid, tables[0].schema.field(ID).type)
     good = np.isfinite(exp.prediction).all(axis=1)
     ok = np.flatnonzero(good)
     names = plot_names(exp.ids)
@@ -336,23 +338,36 @@ def model_report(bundle: str | Path, table: pa.Table, *, plots: int = 3) -> dict
 
     out = Path(bundle) / REPORT_DIR / "explain"
     shutil.rmtree(out, ignore_errors=True)
-    return explain_catalog(load_model(bundle), table, out, plots=plots, attributions=False)
+    return explain_catalog(load_model(bundle), [table], out, plots=plots, attributions=False)
 
 
-def select_rows(catalog: str | Path, ids: str | None, n: int) -> tuple[pa.Table, list[str]]:
-    """The rows of a catalog to explain: those whose id is in the comma-separated `ids` (read in the id
-    column's type), else the first `n` whose id is not null (an explanation is keyed by its id); and
-    the rows passed over for a null id, as "FILE row N" (N from 0 in its file). Raises CatalogError
-    naming the ids that are not there."""
+def _id_keys(wanted: list[str], id_type: pa.DataType) -> dict[str, object]:
+    """The ids of `wanted` (as typed on the command line) that an id column of `id_type` can hold, each
+    read in that type: for integer ids the whole numbers within its range (another id matches no row)."""
+    if not pa.types.is_integer(id_type):
+        return {s: s for s in wanted}
+    limits = np.iinfo(id_type.to_pandas_dtype())
+    return {s: int(s) for s in wanted if s.lstrip("+-").isdigit() and limits.min <= int(s) <= limits.max}
+
+
+def select_rows(catalog: str | Path, ids: str | None, n: int) -> tuple[list[pa.Table], list[str]]:
+    """The rows of a catalog to explain, one table per input file that has any (with that file's
+    metadata, which its rows are read with): those whose id is in the comma-separated `ids`, else the
+    first `n` whose id is not null (an explanation is keyed by its id); and the rows passed over for a
+    null id, as "FILE row N" (N from 0 in its file). Raises CatalogError naming the ids that are not
+    there, or the files whose ids are of another type than the first's (the attributions' one id
+    column)."""
     wanted = None if ids is None else [s.strip() for s in ids.split(",") if s.strip()]
-    parts, rows, passed_over = [], 0, []
+    tables, rows, passed_over, found = [], 0, [], set()
     for file in list_inputs(catalog):
-        start = 0
+        parts, start = [], 0
         for batch in iter_file(file):
             col = batch.column(ID)
             if wanted is not None:
-                keys = pa.array(wanted).cast(col.type) if pa.types.is_integer(col.type) else pa.array(wanted)
-                chosen = pc.fill_null(pc.is_in(col, value_set=keys), False)
+                keys = _id_keys(wanted, col.type)
+                chosen = pc.fill_null(pc.is_in(col, value_set=pa.array(list(keys.values()), col.type)), False)
+                present = set(batch.filter(chosen).column(ID).to_pylist())
+                found |= {s for s, key in keys.items() if key in present}
             else:
                 valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
                 chosen = valid & (np.cumsum(valid) <= n - rows)  # no more than the rows still wanted
@@ -363,12 +378,17 @@ def select_rows(catalog: str | Path, ids: str | None, n: int) -> tuple[pa.Table,
             start += batch.num_rows
             if wanted is None and rows >= n:
                 break
+        if sum(part.num_rows for part in parts):
+            table = pa.Table.from_batches(parts).replace_schema_metadata(parts[0].schema.metadata)
+            if tables and table.schema.field(ID).type != tables[0].schema.field(ID).type:
+                raise CatalogError(f"{file}: its ids are {table.schema.field(ID).type}, those of the rows "
+                                   f"before {tables[0].schema.field(ID).type}: explain them apart", column=ID)
+            tables.append(table)
         if wanted is None and rows >= n:
             break
-    table = pa.Table.from_batches(parts)
-    table = table if wanted is not None else table.slice(0, n)
-    if wanted is not None:
-        missing = sorted(set(wanted) - {str(v) for v in table.column(ID).to_pylist()})
-        if missing:
-            raise CatalogError(f"{catalog}: no rows with id {', '.join(missing[:10])}", column=ID)
-    return table.replace_schema_metadata(parts[0].schema.metadata if parts else None), passed_over
+    missing = [] if wanted is None else [s for s in wanted if s not in found]
+    if missing:
+        raise CatalogError(f"{catalog}: no rows with id {', '.join(missing[:10])}", column=ID)
+    if not tables:
+        raise CatalogError(f"{catalog}: no rows with an id to explain", column=ID)
+    return tables, passed_over

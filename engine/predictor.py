@@ -351,15 +351,15 @@ class Model:
         return np.where(significant(fit.rv, fit.rv_err), np.maximum(fit.chi2, 1.0), fit.chi2)
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
-        """(ok, x, keys, fit, ivar) of a prepared batch, x as `predict` with `backend` last fed it to
-        the network: with an emulator, after removing the residual rv its fit resolves (`_infer`),
-        whose `Fit` and inverse variances come with it (else None). `explain` and `predict_samples`
-        start from these, so that they describe the numbers `predict` reports."""
-        ok, x, keys = self._unpack(prepared)
-        fit = ivar = None
-        if self.emulator is not None:
-            _, _, fit, x, ivar, _ = self._infer(prepared, samples, seed, resolve_backend(backend))
-        return ok, x, keys, fit, ivar
+        """(ok, x, keys, fit, ivar, flags) of a prepared batch, x as `predict` with `backend` last fed it
+        to the network: with an emulator, after removing the residual rv its fit resolves (`_infer`),
+        whose `Fit` and inverse variances come with it (else None); `flags` [B] int32, those `predict`
+        reports. `explain` and `predict_samples` start from these, so that they describe the numbers
+        (and flags) `predict` reports."""
+        backend = resolve_backend(backend)
+        ok, stats, fit, x, ivar, network = self._infer(prepared, samples, seed, backend)
+        results = self._results(prepared, ok, *stats, network, samples, seed, backend, fit)
+        return ok, x, self._unpack(prepared)[2], fit, ivar, results.column(FLAGS).to_numpy()
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None, medium: str | None = None,
@@ -374,7 +374,7 @@ class Model:
         table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, x, keys, fit, _ = self._inputs_as_predicted(prepared, samples, seed, backend)
+        ok, x, keys, fit, _, _ = self._inputs_as_predicted(prepared, samples, seed, backend)
         shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)

@@ -30,6 +30,8 @@ from starcast.engine.explain import (
 from starcast.engine.explain_report import LINE_MASS_GOAL, _line_shares, line_mass, model_report
 from starcast.engine.predictor import load_model
 
+from starcast.errors import CatalogError
+
 GRID = WavelengthGrid.linear(3990.0, 1.0, 220)  # covers the tiny bundle's 4000-4199 A
 
 
@@ -109,8 +111,8 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     assert np.all(exp.completeness_error() < 0.01), exp.completeness_error()
     # the fit's pixels weighed as the engine weighed them: each row's emulator sigma at its own factor
     prepared = model.prepare(table)
-    ok, x, f = explained_function(model, prepared, list(range(len(model.targets))))
-    _, _, _, fit, ivar = model._inputs_as_predicted(prepared, model._samples(None), 0, "auto")
+    ok, x, f, _ = explained_function(model, prepared, list(range(len(model.targets))))
+    _, _, _, fit, ivar, _ = model._inputs_as_predicted(prepared, model._samples(None), 0, "auto")
     assert np.ptp(fit.sigma_factor[ok]) > 0.1
     weight = model.emulator.pixel_weight(ivar[ok], fit.sigma_factor[ok])
     np.testing.assert_array_equal(f.weight.numpy(), weight)
@@ -188,7 +190,7 @@ def test_refining_the_path_by_its_midpoints_equals_the_rule_over_the_doubled_int
     intervals (tol 0), the attributions are those of the trapezoid rule over 16 intervals at once."""
     table = catalog_table(3, seed=5).replace_schema_metadata({"starcast.wavelength": GRID.to_json()})
     prepared = dropout_model.prepare(table)
-    ok, x, f = explained_function(dropout_model, prepared, [0, 1, 2])
+    ok, x, f, _ = explained_function(dropout_model, prepared, [0, 1, 2])
     base = continuum_baseline(x[ok], dropout_model.grid.n)
     refined, _, _ = integrated_gradients(f, x[ok], base, steps=4, tol=0.0, max_steps=16)
     direct, _, _ = integrated_gradients(f, x[ok], base, steps=16, max_steps=16)
@@ -326,6 +328,58 @@ def test_explain_command_names_missing_ids(tmp_path: Path, tiny_bundle: Path):
     result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
                                                   str(tiny_bundle), "--ids", "101,999"])
     assert result.exit_code != 0 and "999" in str(result.exception)
+
+
+def test_explain_command_reads_each_files_rows_with_that_files_metadata(tmp_path: Path, tiny_bundle: Path):
+    """A catalog of two files whose file-level wavelength grids and column types differ: each file's rows
+    are explained as `predict` reads that file (not with the first file's grid), whatever the order."""
+    table = catalog_table(4)
+    write_catalog(table, tmp_path / "cat" / "a.parquet", grid=GRID)
+    shifted = WavelengthGrid.linear(3992.0, 1.0, 220)  # the same fluxes read 2 A to the red
+    b = table.set_column(0, "id", pa.array(np.arange(4, dtype=np.int64) + 500))
+    b = b.set_column(1, "flux", b.column("flux").cast(pa.list_(pa.float32())))  # list, not fixed-size
+    pq.write_table(b.replace_schema_metadata({"starcast.wavelength": shifted.to_json()}),
+                   tmp_path / "cat" / "b.parquet")
+    out = tmp_path / "ex"
+    result = CliRunner().invoke(explain_command, [str(tmp_path / "cat"), "--out", str(out), "--model",
+                                                  str(tiny_bundle), "--ids", "101,502", "--plots", "0",
+                                                  "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    written = pq.read_table(out / "attributions.parquet")
+    assert written.column("id").to_pylist() == [101, 502]
+    model = load_model(tiny_bundle)
+    alone = {101: model.predict(table.slice(1, 1), source_grid=GRID),
+             502: model.predict(b.slice(2, 1), source_grid=shifted)}
+    for row, i in enumerate((101, 502)):
+        for t in ("teff", "logg"):
+            assert written.column(f"{t}_pred")[row].as_py() == pytest.approx(alone[i].column(t)[0].as_py(),
+                                                                            rel=1e-5), (i, t)
+
+
+def test_explain_command_reads_ids_in_the_id_columns_type(tmp_path: Path, tiny_bundle: Path):
+    """An id that an integer id column cannot hold is one it does not have: named, exit 2 (not a
+    traceback); one written with a sign or leading zeros is the number it reads as."""
+    cat = write_catalog(catalog_table(4), tmp_path / "cat.parquet", grid=GRID)
+    result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
+                                                  str(tiny_bundle), "--ids", "abc,1.5,101"])
+    assert isinstance(result.exception, CatalogError) and "no rows with id abc, 1.5" in str(result.exception)
+    result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex2"), "--model",
+                                                  str(tiny_bundle), "--ids", "+101,0102", "--plots", "0",
+                                                  "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "ex2" / "attributions.parquet").column("id").to_pylist() == [101, 102]
+
+
+def test_explanations_carry_the_flags_predict_gives(dropout_model, bundle_factory, tmp_path: Path):
+    """The flags of an explanation are `predict`'s, those set from the prediction (here HIGH_EPISTEMIC
+    on half the rows) included, not only the preprocessing's."""
+    table = catalog_table(12, seed=2).replace_schema_metadata({"starcast.wavelength": GRID.to_json()})
+    sigma = dropout_model.predict(table).column("teff_err_epistemic").to_numpy()
+    model = load_model(bundle_factory(tmp_path / "ood", dropout=0.1, samples=4, features=("log10_snr",),
+                                      ood={"epistemic_sigma_threshold": {"teff": float(np.median(sigma))}}))
+    flags = model.predict(table).column("flags").to_numpy()
+    assert ((flags & Flag.HIGH_EPISTEMIC) > 0).sum() == 6
+    np.testing.assert_array_equal(model.explain(table, steps=4).flags, flags)
 
 
 def test_model_report_writes_the_survey_view_into_the_bundle_without_attributions(tiny_bundle: Path):
