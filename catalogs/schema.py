@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import CatalogError
+from .medium import check_medium
 
 # Input columns. Wavelengths are in Angstrom; `rv` in km/s (positive = receding).
 ID, FLUX, WAVELENGTH, FLUX_ERR, IVAR, MASK, RV, SNR, SPLIT = (
@@ -142,6 +143,7 @@ class WavelengthGrid:
             raise ValueError(f"not a wavelength grid ({type(exc).__name__}: {exc})") from exc
         if grid.kind != "explicit" and not (grid.n >= 1 and grid.start > 0 and grid.step > 0):
             raise ValueError(f"a {grid.kind} grid needs n >= 1, start > 0 and step > 0, got {grid}")
+        check_medium(grid.medium, "the grid's medium")
         return grid
 
 

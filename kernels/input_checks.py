@@ -57,13 +57,21 @@ def to_medium(values: np.ndarray, source: str | None, target: str | None) -> np.
     return np.require(convert(values, source, target), np.float64, ["C", "W"])
 
 
+def number_column(col, name: str, unit: str):
+    """A scalar column of numbers as float64 (nulls kept; a column of nulls only may be typed null); a
+    column of another type (text, lists) is the file's error, named, not each row's."""
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_null(col.type)):
+        raise CatalogError(f"expected numbers ({unit}), got {col.type}", column=name)
+    return pc.cast(col, pa.float64())
+
+
 def input_resolving_power(batch, n_rows: int) -> tuple[np.ndarray, dict[int, str]]:
     """(R, bad): per row the resolving power the catalog states (`resolving_power` column, else the
     file's `starcast.resolving_power` metadata), NaN where it states none (null or NaN) or one that
     is not a positive number; the latter rows' errors in `bad` (row -> reason)."""
     if RESOLVING_POWER in batch.schema.names:
-        col = batch.column(RESOLVING_POWER)
-        values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        values = number_column(batch.column(RESOLVING_POWER), RESOLVING_POWER, "lambda / FWHM").to_numpy(
+            zero_copy_only=False)
         valid = np.isfinite(values) & (values > 0)
         bad = {int(r): f"{RESOLVING_POWER} is {values[r]:g}: a positive number, or null where not known"
                for r in np.flatnonzero(~valid & ~np.isnan(values))}

@@ -38,6 +38,7 @@ from .input_checks import (
     input_resolving_power,
     integrated_pixels,
     line_pixels,
+    number_column,
     resolution_match,
     to_medium,
 )
@@ -595,9 +596,10 @@ def preprocess(batch: pa.RecordBatch | pa.Table, grid, settings: PreprocessSetti
     uncertainty, err_kind = _uncertainty(batch, n_pixels, flux_valid, failures)
     mask = _optional_column(batch, MASK, n_pixels, flux_valid, failures, _bool_values)
     mask = mask or (np.zeros(0, bool), np.full(n_rows, -1, np.int64))
-    rv_col = _as_array(batch, RV)  # cast first: a column of nulls only may be typed null
+    rv_col = _as_array(batch, RV)  # null = 0
     rv = np.zeros(n_rows) if rv_col is None else np.require(
-        pc.fill_null(rv_col.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False), np.float64, ["C", "W"])
+        pc.fill_null(number_column(rv_col, RV, "km/s"), 0.0).to_numpy(zero_copy_only=False), np.float64,
+        ["C", "W"])
 
     r_input, bad_resolving_power = input_resolving_power(batch, n_rows)
     for r, reason in bad_resolving_power.items():

@@ -137,14 +137,32 @@ def test_an_rv_column_of_nulls_only_reads_as_rv_not_given(tmp_path: Path, tiny_b
         pq.read_table(tmp_path / "plain/results/s.parquet"))
 
 
-def test_a_file_whose_column_has_the_wrong_type_fails_naming_the_column(tmp_path: Path,
-                                                                         tiny_bundle: Path) -> None:
+@pytest.mark.parametrize(("name", "column", "error"), [
+    ("mask", pa.array([[0] * 220] * 3, pa.list_(pa.uint8())), "column 'mask': expected a list of booleans"),
+    ("rv", pa.array(["0", "12 km/s", "5"]), "column 'rv': expected numbers (km/s), got string"),
+    ("resolving_power", pa.array(["20000"] * 3), "column 'resolving_power': expected numbers")])
+def test_a_file_whose_column_has_the_wrong_type_fails_naming_the_column(tmp_path: Path, tiny_bundle: Path,
+                                                                         name, column, error) -> None:
+    """A column of the wrong type fails its file with one error naming it, not each row with a parse
+    error of its own (text in the rv column did, without naming it)."""
     path = shard(tmp_path / "cat" / "s.parquet", list(range(3)))
-    table = pq.read_table(path)
-    pq.write_table(table.append_column("mask", pa.array([[0] * 220] * 3, pa.list_(pa.uint8()))), path)
+    pq.write_table(pq.read_table(path).append_column(name, column), path)
     manifest = run(path, tmp_path / "out", model=tiny_bundle, progress=False)
     assert manifest["files"][0]["status"] == "failed"
-    assert manifest["files"][0]["error"].startswith("column 'mask': expected a list of booleans")
+    assert manifest["files"][0]["error"].startswith(error)
+
+
+def test_a_file_grid_in_an_unknown_medium_fails_the_file(tmp_path: Path, tiny_bundle: Path) -> None:
+    """The file grid's medium is the file's: one it does not know fails the file, as other bad grid
+    metadata does (it failed every row, each with the same error)."""
+    path = shard(tmp_path / "cat" / "s.parquet", list(range(3)))
+    table = pq.read_table(path)
+    grid = json.loads(table.schema.metadata[META_WAVELENGTH.encode()])
+    grid["medium"] = "AIR"
+    pq.write_table(table.replace_schema_metadata({META_WAVELENGTH: json.dumps(grid)}), path)
+    manifest = run(path, tmp_path / "out", model=tiny_bundle, progress=False)
+    assert manifest["files"][0]["status"] == "failed"
+    assert "medium must be 'air' or 'vacuum', got 'AIR'" in manifest["files"][0]["error"]
 
 
 def test_label_columns_of_any_type_play_no_part(tmp_path: Path, tiny_bundle: Path) -> None:
