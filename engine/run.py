@@ -23,6 +23,7 @@ from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, OutputError, StarcastErr
 from .inputs import fingerprint
 from .jobs import JobSpec
 from .manifest import (
+    RESULTS_DIR,
     FileReport,
     RunIdentity,
     RunManifest,
@@ -75,6 +76,8 @@ def run_job(spec: JobSpec) -> dict:
                            version=__version__, backend=resolve_backend(spec.backend))
     with prepare_out(out, identity, resume=spec.resume):
         remove_stale_partials(out)
+        if spec.resume:
+            _check_resumed_inputs(files, out, spec.input)
         reports, todo = _plan(files, out, spec.resume)
         manifest = RunManifest(identity=identity, input=spec.input, out=str(out), files=reports,
                                pipeline="ray" if spec.ray is not None else "local",
@@ -99,6 +102,17 @@ def run_job(spec: JobSpec) -> dict:
         if reports and all(r.status == "failed" for r in reports):
             manifest.error = "no input file could be read: see each file's error"
         return checkpoint()
+
+
+def _check_resumed_inputs(files: list[Path], out: Path, given: str) -> None:
+    """Refuse to resume a run in `out` whose results include an input that `files` (of `given`) lacks:
+    its rows would stay in `results/` beside this run's, which the run manifest would not count."""
+    stems = {f.stem for f in files}
+    others = sorted(p.name for p in (out / RESULTS_DIR).glob("*.parquet") if p.stem not in stems)
+    if others:
+        raise StarcastError(f"--resume: {out} holds results of inputs that {given} does not list "
+                            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): resume with the "
+                            "input the run was started on, or choose a new --out")
 
 
 def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport], list[Path]]:

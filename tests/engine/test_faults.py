@@ -289,6 +289,19 @@ def test_resume_redoes_an_input_replaced_under_the_same_name(tmp_path: Path, tin
     assert pq.read_table(tmp_path / "out/results/s1.parquet")["id"].to_pylist() == list(range(1000, 1050))
 
 
+def test_resume_refuses_an_input_that_lacks_files_the_run_has_results_of(tmp_path: Path,
+                                                                         tiny_bundle: Path) -> None:
+    """Resumed on part of its input, a run would leave the other files' results in `results/` beside
+    its own, uncounted by its manifest: refused, naming them, and nothing changed."""
+    cat = two_shards_run(tmp_path, tiny_bundle)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out/results").iterdir()}
+    with pytest.raises(StarcastError, match=r"holds results of inputs that .*s0.parquet does not list \(s1"):
+        run(cat / "s0.parquet", tmp_path / "out", model=tiny_bundle, progress=False, resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out/results").iterdir()} == before
+    manifest = run(cat, tmp_path / "out", model=tiny_bundle, progress=False, resume=True)
+    assert [f["status"] for f in manifest["files"]] == ["skipped", "skipped"]
+
+
 def two_shards_run(tmp_path: Path, tiny_bundle: Path) -> Path:
     """A catalog of two 20-row shards, s0 and s1, run into tmp_path / "out"; the catalog's folder."""
     cat = tmp_path / "cat"
