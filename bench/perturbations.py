@@ -46,6 +46,7 @@ from starcast.catalogs.schema import (
     FLUX,
     FLUX_ERR,
     INFORMATIONAL,
+    META_RESOLVING_POWER,
     META_WAVELENGTH,
     RESOLVING_POWER,
     RV,
@@ -148,8 +149,9 @@ def resolution(factor, stated: bool = True):
     """The same stars observed at R_SOURCE / `factor`, the resolving power stated in its column or not."""
     def perturb(table, source, n, seed, **_):
         lower = source(n, seed, R_SOURCE / factor)
-        if not stated:
-            return lower
+        if not stated:  # the generator states it in the file's metadata
+            return lower.replace_schema_metadata({k: v for k, v in lower.schema.metadata.items()
+                                                  if k != META_RESOLVING_POWER.encode()})
         return lower.append_column(RESOLVING_POWER, pa.array(np.full(n, R_SOURCE / factor)))
     return perturb
 

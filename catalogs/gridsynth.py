@@ -41,6 +41,7 @@ from .schema import (
     MASK,
     META_GENERATOR,
     META_PIXELS,
+    META_RESOLVING_POWER,
     META_WAVELENGTH,
     PIXEL_KINDS,
     RV,
@@ -353,8 +354,8 @@ class Survey:
     ids: np.ndarray  # (B,) int64
 
     def table(self, obs: Observation, provenance: dict | None = None) -> pa.Table:
-        """The survey as a catalog table (DESIGN.md schema; grid in the schema metadata, and that its
-        flux values are pixel means, `physics.pixel_average`)."""
+        """The survey as a catalog table (DESIGN.md schema; in the schema metadata its grid, its
+        resolving power and that its flux values are pixel means, `physics.pixel_average`)."""
         d = self.flux.shape[1]
         cols = {ID: pa.array(self.ids, pa.int64()), FLUX: spectrum_array(self.flux, d),
                 FLUX_ERR: spectrum_array(self.flux_err, d),
@@ -363,7 +364,7 @@ class Survey:
         cols.update({k: pa.array(v, pa.float64()) for k, v in self.labels.items()})
         prov = {"generator": "starcast.catalogs.gridsynth", "observation": asdict(obs), **(provenance or {})}
         meta = {META_WAVELENGTH: obs.grid().to_json(), META_GENERATOR: json.dumps(prov, sort_keys=True),
-                META_PIXELS: PIXEL_KINDS[0]}
+                META_PIXELS: PIXEL_KINDS[0], META_RESOLVING_POWER: json.dumps(obs.resolving_power)}
         return pa.table(cols).replace_schema_metadata(meta)
 
 

@@ -25,6 +25,7 @@ from .schema import (
     FLUX_ERR,
     ID,
     META_GENERATOR,
+    META_RESOLVING_POWER,
     META_WAVELENGTH,
     RV,
     SNR,
@@ -316,12 +317,14 @@ def synth_arrays(config: SynthConfig) -> SynthArrays:
 
 
 def generator_metadata(config: SynthConfig) -> dict[str, str]:
-    """Parquet key-value metadata: the wavelength grid and the provenance of the generator."""
+    """Parquet key-value metadata: the wavelength grid, the resolving power and the provenance of the
+    generator."""
     from .. import __version__
 
     prov = {"generator": "starcast.catalogs.synth", "version": __version__, "seed": config.seed,
             "config": asdict(config)}
-    return {META_WAVELENGTH: config.grid().to_json(), META_GENERATOR: json.dumps(prov, sort_keys=True)}
+    return {META_WAVELENGTH: config.grid().to_json(), META_GENERATOR: json.dumps(prov, sort_keys=True),
+            META_RESOLVING_POWER: json.dumps(config.resolving_power)}
 
 
 def arrays_to_table(arrays: SynthArrays, config: SynthConfig) -> pa.Table:

@@ -192,6 +192,9 @@ def test_survey_noise_masks_and_labels(library):
     assert np.all((survey.snr >= 10) & (survey.snr <= 500))
     table = survey.table(OBS)
     assert table.num_rows == 400 and table.schema.metadata[b"starcast.pixels"] == b"integrated"
+    # the catalog states the resolving power it was observed at, which the engine smooths to its own
+    assert float(survey.table(replace(OBS, resolving_power=40000.0)).schema.metadata[
+        b"starcast.resolving_power"]) == 40000.0
 
 
 def test_stars_are_drawn_only_between_models_that_span_both_axes_and_in_their_box(block, library):

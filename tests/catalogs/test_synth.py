@@ -76,6 +76,7 @@ def test_shards_hold_the_catalog_schema_and_provenance(tmp_path):
     assert prov["seed"] == 1 and prov["config"]["mode"] == "seed" and prov["version"]
     grid = WavelengthGrid.from_json(meta["starcast.wavelength"])
     assert np.allclose(grid.values(), 4300.0 + 0.2 * np.arange(400))
+    assert float(meta["starcast.resolving_power"]) == 20000.0  # the resolving power it was observed at
     assert pq.ParquetFile(paths[0]).metadata.num_rows == 4
 
 
