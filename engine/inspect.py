@@ -24,6 +24,9 @@ SIGMAS = ("_err", "_err_aleatoric", "_err_epistemic")
 # A median chi2 above this says most spectra are not explained to their stated noise: clean spectra
 # give 1.00 in every SNR bin, noise understated by 10% gives 1.2.
 UNEXPLAINED_CHI2 = 1.2
+# A median chi2 below this says the stated noise is larger than the spectra's: flux_err overstated 1.2x
+# gives 0.69; resampling that smooths the noise lowers it less (spectra off the model grid: 0.83).
+OVERSTATED_CHI2 = 0.7
 
 
 def results_files(spec: str | os.PathLike) -> list[Path]:
@@ -124,6 +127,12 @@ def format_summary(summary: dict) -> str:
                     "or leave it out and the noise is estimated from the flux (DER_SNR). Spectra convolved "
                     "down from a higher resolution carry noise shared between neighbouring pixels, which "
                     "per-pixel flux_err leaves out: leave it out.")
+            lines += textwrap.wrap(hint, width=100, subsequent_indent="  ", break_on_hyphens=False)
+        elif chi2["q50"] < OVERSTATED_CHI2:
+            hint = ("hint: most spectra scatter less about the model than their stated noise: flux_err "
+                    f"likely overstates it, by ~{chi2['q50'] ** -0.5:.2f}x; the numbers are read as if the "
+                    "spectra were that much noisier. Scale flux_err down by that, or leave it out and the "
+                    "noise is estimated from the flux (DER_SNR).")
             lines += textwrap.wrap(hint, width=100, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)
 

@@ -78,11 +78,12 @@ def test_inspect_without_results_is_a_clear_error(tmp_path: Path) -> None:
         summarize(tmp_path)
 
 
-@pytest.mark.parametrize("level", [1.0, 1.44])
+@pytest.mark.parametrize("level", [0.25, 1.0, 1.44])
 def test_chi2_is_summarised_with_a_hint_where_most_spectra_are_unexplained(tmp_path: Path, level) -> None:
     """The median and 90% quantile of chi2 against numpy's (failed rows left out); the hint to check
     flux_err, with the factor it likely understates the noise by, only where the median exceeds 1.2
-    (clean spectra: 1.00; flux_err understated 1.2x: 1.43 in the perturbation bench)."""
+    (clean spectra: 1.00; flux_err understated 1.2x: 1.43 in the perturbation bench), or overstates
+    it by, only where the median is below 0.7 (overstated 1.2x: 0.69)."""
     chi2 = level + np.random.default_rng(1).normal(0.0, 0.05, N)
     known_results(tmp_path / "r.parquet", chi2)
     s = summarize(tmp_path / "r.parquet")
@@ -91,6 +92,8 @@ def test_chi2_is_summarised_with_a_hint_where_most_spectra_are_unexplained(tmp_p
     text = format_summary(s)
     assert f"chi2 (goodness of fit): median {np.median(kept):.3g}" in text
     assert ("understates the noise, by ~1.20x" in " ".join(text.split())) == (level > 1.2), text
+    overstated = f"likely overstates it, by ~{np.median(kept) ** -0.5:.2f}x"
+    assert (overstated in " ".join(text.split())) == (level < 0.7), text
 
 
 def test_a_model_without_an_emulator_has_no_chi2_summary(tmp_path: Path) -> None:
