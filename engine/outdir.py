@@ -52,8 +52,8 @@ def _check_contents(out: Path, identity: RunIdentity, resume: bool) -> None:
                   and not (p.name in (RESULTS_DIR, MARKERS_DIR) and p.is_dir() and not any(p.iterdir())))
     if held and not resume:
         raise StarcastError(f"--out {out} is not empty (it holds {', '.join(held[:3])}"
-                            f"{', ...' if len(held) > 3 else ''}); pass --resume to continue the run "
-                            f"that wrote it, or choose a new --out")
+                            f"{', ...' if len(held) > 3 else ''}); pass --resume (from Python, "
+                            "resume=True) to continue the run that wrote it, or choose a new --out")
     for path in sorted((out / MARKERS_DIR).glob("*.done")):
         try:
             marker = json.loads(path.read_text())
