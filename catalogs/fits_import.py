@@ -52,6 +52,13 @@ class FitsSpectrum:
     medium: str | None
 
 
+def _file_id(path: Path) -> str:
+    """A spectrum's id from its file's name: the name without its suffix, and without that of the
+    compression astropy reads through (x.fits.gz -> x)."""
+    stem = Path(path.stem) if path.suffix.lower() in (".gz", ".bz2", ".zip") else path
+    return stem.stem
+
+
 def _fail(path: Path, index: int | None, reason: str) -> CatalogError:
     where = f"HDU {index}: " if index is not None else ""
     return CatalogError(where + reason, file=str(path))
@@ -110,7 +117,7 @@ def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:
         elif name == "IVAR":
             ivar = np.asarray(other.data, dtype=np.float64)
     medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
-    return [FitsSpectrum(path.stem, wl, flux, ivar, None, medium)]
+    return [FitsSpectrum(_file_id(path), wl, flux, ivar, None, medium)]
 
 
 def _ivar_from_error(err: np.ndarray) -> np.ndarray:
@@ -145,9 +152,9 @@ def _table(hdul, index: int, path: Path) -> list[FitsSpectrum]:
     if log_name is not None and wl_name is None and medium is None:
         medium = VACUUM  # SDSS's loglam is vacuum
     if flux.ndim == 1:  # scalar columns: the table is one spectrum
-        return [FitsSpectrum(path.stem, wl, flux, ivar, mask, medium)]
+        return [FitsSpectrum(_file_id(path), wl, flux, ivar, mask, medium)]
     wl = np.broadcast_to(wl, flux.shape)
-    return [FitsSpectrum(f"{path.stem}:{i}", wl[i], flux[i], None if ivar is None else ivar[i],
+    return [FitsSpectrum(f"{_file_id(path)}:{i}", wl[i], flux[i], None if ivar is None else ivar[i],
                          None if mask is None else mask[i], medium) for i in range(len(flux))]
 
 

@@ -36,6 +36,12 @@ def test_linear_and_fits_log_wcs_match_astropy_wcs(tmp_path):
         np.testing.assert_allclose(wavelengths(fits_to_table([path], medium="air")), expected, rtol=1e-12)
 
 
+def test_a_spectrums_id_is_its_file_name_without_the_fits_and_compression_suffixes(tmp_path):
+    header = {"CRVAL1": 4000.0, "CDELT1": 0.2, "CRPIX1": 1.0, "CTYPE1": "WAVE", "CUNIT1": "Angstrom"}
+    paths = [image(tmp_path / name, header) for name in ("hd36591.fits", "hd886.fits.gz", "tau_sco.fit")]
+    assert fits_to_table(paths, medium="air").column("id").to_pylist() == ["hd36591", "hd886", "tau_sco"]
+
+
 def test_iraf_log10_wcs_with_dc_flag(tmp_path):
     path = image(tmp_path / "iraf.fits", {"CRVAL1": 3.6, "CD1_1": 1e-5, "CRPIX1": 1.0, "DC-FLAG": 1})
     np.testing.assert_allclose(wavelengths(fits_to_table([path])), 10 ** (3.6 + 1e-5 * np.arange(N)),
