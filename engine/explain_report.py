@@ -8,6 +8,7 @@ region, with a table of the top lines). Computing attributions is not done here.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,19 +19,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ..catalogs.io import iter_file, list_inputs
+from ..catalogs.io import list_inputs
 from ..catalogs.lines import DIAGNOSTIC_LINES, LINE_HALF_WIDTH, DiagnosticLine, line_windows, nearest_line
 from ..catalogs.medium import convert
 from ..catalogs.schema import ERROR, FLAGS, ID, META_WAVELENGTH, WavelengthGrid
 from ..errors import CatalogError
 from .bundle import REPORT_DIR
 from .explain import Explanation
+from .inputs import open_input, read_input
 
 LINE_MASS_GOAL = 0.6  # issue 14: >= 60% of the |attribution| of Teff and log g on the listed lines
 BALMER_TARGETS = ("logg",)  # targets whose line windows include the Balmer wings
 TEFF_REGIONS = ((15000.0, 20000.0), (20000.0, 25000.0), (25000.0, 30000.0))  # K, by predicted Teff
 TOP_PEAKS = 10
 EXPLAIN_BATCH = 16  # rows per `Model.explain` call: one step of the progress bar (~15 s on two cores)
+SELECT_BATCH_ROWS = 4096  # rows read at a time while choosing those to explain
 FAILED_LISTED = 5  # rows without attributions named, with their errors, in the summary
 FLANK_REACH = 3  # a line's flanks reach this many LINE_HALF_WIDTHs from its centre (the local level)
 
@@ -341,30 +344,38 @@ def model_report(bundle: str | Path, table: pa.Table, *, plots: int = 3) -> dict
     return explain_catalog(load_model(bundle), [table], out, plots=plots, attributions=False)
 
 
-def _id_keys(wanted: list[str], id_type: pa.DataType) -> dict[str, object]:
+def _id_keys(wanted: list[str], id_type: pa.DataType, file: Path) -> dict[str, object]:
     """The ids of `wanted` (as typed on the command line) that an id column of `id_type` can hold, each
-    read in that type: for integer ids the whole numbers within its range (another id matches no row)."""
-    if not pa.types.is_integer(id_type):
+    read in that type: for integer ids the whole numbers within its range, for string ids the text
+    (another id matches no row; a column of null ids, none). Ids of any other type are `file`'s error,
+    as in a run."""
+    if pa.types.is_string(id_type) or pa.types.is_large_string(id_type):
         return {s: s for s in wanted}
+    if pa.types.is_null(id_type):
+        return {}
+    if not pa.types.is_integer(id_type):
+        raise CatalogError(f"expected integer or string ids, got {id_type}", file=file, column=ID)
     limits = np.iinfo(id_type.to_pandas_dtype())
-    return {s: int(s) for s in wanted if s.lstrip("+-").isdigit() and limits.min <= int(s) <= limits.max}
+    numbers = {s: int(s) for s in wanted if re.fullmatch(r"[+-]?[0-9]+", s)}
+    return {s: k for s, k in numbers.items() if limits.min <= k <= limits.max}
 
 
 def select_rows(catalog: str | Path, ids: str | None, n: int) -> tuple[list[pa.Table], list[str]]:
     """The rows of a catalog to explain, one table per input file that has any (with that file's
-    metadata, which its rows are read with): those whose id is in the comma-separated `ids`, else the
-    first `n` whose id is not null (an explanation is keyed by its id); and the rows passed over for a
-    null id, as "FILE row N" (N from 0 in its file). Raises CatalogError naming the ids that are not
-    there, or the files whose ids are of another type than the first's (the attributions' one id
-    column)."""
+    metadata, which its rows are read with), each file opened and read as a run opens and reads it
+    (`engine.inputs`: its grid metadata checked, dictionary-encoded ids decoded): those whose id is in
+    the comma-separated `ids`, else the first `n` whose id is not null (an explanation is keyed by its
+    id); and the rows passed over for a null id, as "FILE row N" (N from 0 in its file). Raises
+    CatalogError naming the ids that are not there, the files whose ids are of another type than the
+    first's (the attributions' one id column), or, where no row has an id, the catalog."""
     wanted = None if ids is None else [s.strip() for s in ids.split(",") if s.strip()]
     tables, rows, passed_over, found = [], 0, [], set()
     for file in list_inputs(catalog):
         parts, start = [], 0
-        for batch in iter_file(file):
+        for batch in read_input(open_input(file), SELECT_BATCH_ROWS):
             col = batch.column(ID)
             if wanted is not None:
-                keys = _id_keys(wanted, col.type)
+                keys = _id_keys(wanted, col.type, file)
                 chosen = pc.fill_null(pc.is_in(col, value_set=pa.array(list(keys.values()), col.type)), False)
                 present = set(batch.filter(chosen).column(ID).to_pylist())
                 found |= {s for s, key in keys.items() if key in present}

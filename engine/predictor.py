@@ -47,7 +47,7 @@ from ..catalogs.schema import (
 from ..errors import CatalogError, ModelError, StarcastError
 from ..kernels import reference
 from ..kernels.features import network_inputs
-from ..kernels.input_checks import column_medium
+from ..kernels.input_checks import column_medium, number_column
 from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
@@ -374,7 +374,7 @@ class Model:
         table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, x, keys, fit, _, _ = self._inputs_as_predicted(prepared, samples, seed, backend)
+        ok, x, keys, fit, _, flags = self._inputs_as_predicted(prepared, samples, seed, backend)
         shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)
@@ -401,7 +401,7 @@ class Model:
                         :, None, None, :]
                 var[rows] *= scale2[:, None, None, :]
         return PredictiveSamples(ids=prepared.column(ID).to_pylist(), targets=[t.name for t in self.targets],
-                                 mu=mu, sigma=np.sqrt(var), flags=prepared.column(FLAGS).to_numpy(),
+                                 mu=mu, sigma=np.sqrt(var), flags=flags,
                                  errors=prepared.column(ERROR).to_pylist())
 
     def explain(self, table_or_batch, *, target: str | list[str] | None = None, method: str = "ig",
@@ -506,7 +506,7 @@ class Model:
         n = table.num_rows
         column = table.column(RV) if RV in table.column_names else pa.nulls(n, pa.float64())
         given = _array(column).is_valid().to_numpy(zero_copy_only=False)
-        rv = np.asarray(pc.fill_null(_array(column).cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False),
+        rv = np.asarray(pc.fill_null(number_column(column, RV, "km/s"), 0.0).to_numpy(zero_copy_only=False),
                         np.float64).copy()
         usable = np.array([e is None for e in pre.errors], dtype=bool)
         found, found_err = np.full(n, np.nan), np.full(n, np.nan)

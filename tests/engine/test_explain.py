@@ -332,7 +332,7 @@ def test_explain_command_names_missing_ids(tmp_path: Path, tiny_bundle: Path):
 
 def test_explain_command_reads_each_files_rows_with_that_files_metadata(tmp_path: Path, tiny_bundle: Path):
     """A catalog of two files whose file-level wavelength grids and column types differ: each file's rows
-    are explained as `predict` reads that file (not with the first file's grid), whatever the order."""
+    are explained as `predict` reads that file (not with the first file's grid)."""
     table = catalog_table(4)
     write_catalog(table, tmp_path / "cat" / "a.parquet", grid=GRID)
     shifted = WavelengthGrid.linear(3992.0, 1.0, 220)  # the same fluxes read 2 A to the red
@@ -357,22 +357,34 @@ def test_explain_command_reads_each_files_rows_with_that_files_metadata(tmp_path
 
 
 def test_explain_command_reads_ids_in_the_id_columns_type(tmp_path: Path, tiny_bundle: Path):
-    """An id that an integer id column cannot hold is one it does not have: named, exit 2 (not a
-    traceback); one written with a sign or leading zeros is the number it reads as."""
+    """An id that an integer id column cannot hold is one it does not have: named (a CatalogError, which
+    the command line gives as one line, exit 2; not a traceback); one written with a sign or leading
+    zeros is the number it reads as; dictionary-encoded string ids (a pandas categorical) are read as
+    their values, as `run` reads them."""
     cat = write_catalog(catalog_table(4), tmp_path / "cat.parquet", grid=GRID)
     result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex"), "--model",
-                                                  str(tiny_bundle), "--ids", "abc,1.5,101"])
-    assert isinstance(result.exception, CatalogError) and "no rows with id abc, 1.5" in str(result.exception)
+                                                  str(tiny_bundle), "--ids", "abc,1.5,+-5,101"])
+    assert isinstance(result.exception, CatalogError)
+    assert "no rows with id abc, 1.5, +-5" in str(result.exception)
     result = CliRunner().invoke(explain_command, [str(cat), "--out", str(tmp_path / "ex2"), "--model",
                                                   str(tiny_bundle), "--ids", "+101,0102", "--plots", "0",
                                                   "--steps", "4"])
     assert result.exit_code == 0, result.output
     assert pq.read_table(tmp_path / "ex2" / "attributions.parquet").column("id").to_pylist() == [101, 102]
+    names = pa.array([f"s {i}" for i in range(4)]).dictionary_encode()
+    pq.write_table(catalog_table(4).set_column(0, "id", names).replace_schema_metadata(
+        {"starcast.wavelength": GRID.to_json()}), tmp_path / "named.parquet")
+    named = str(tmp_path / "named.parquet")
+    result = CliRunner().invoke(explain_command, [named, "--out", str(tmp_path / "ex3"), "--model",
+                                                  str(tiny_bundle), "--ids", "s 2", "--plots", "0",
+                                                  "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "ex3" / "attributions.parquet").column("id").to_pylist() == ["s 2"]
 
 
 def test_explanations_carry_the_flags_predict_gives(dropout_model, bundle_factory, tmp_path: Path):
-    """The flags of an explanation are `predict`'s, those set from the prediction (here HIGH_EPISTEMIC
-    on half the rows) included, not only the preprocessing's."""
+    """The flags of an explanation, and of `predict_samples`, are `predict`'s, those set from the
+    prediction (here HIGH_EPISTEMIC on half the rows) included, not only the preprocessing's."""
     table = catalog_table(12, seed=2).replace_schema_metadata({"starcast.wavelength": GRID.to_json()})
     sigma = dropout_model.predict(table).column("teff_err_epistemic").to_numpy()
     model = load_model(bundle_factory(tmp_path / "ood", dropout=0.1, samples=4, features=("log10_snr",),
@@ -380,6 +392,7 @@ def test_explanations_carry_the_flags_predict_gives(dropout_model, bundle_factor
     flags = model.predict(table).column("flags").to_numpy()
     assert ((flags & Flag.HIGH_EPISTEMIC) > 0).sum() == 6
     np.testing.assert_array_equal(model.explain(table, steps=4).flags, flags)
+    np.testing.assert_array_equal(model.predict_samples(table).flags, flags)
 
 
 def test_model_report_writes_the_survey_view_into_the_bundle_without_attributions(tiny_bundle: Path):
