@@ -22,11 +22,10 @@ from ..catalogs.schema import (
     META_MEDIUM,
     META_PIXELS,
     META_RESOLVING_POWER,
-    META_WAVELENGTH,
     PIXEL_KINDS,
     RESOLVING_POWER,
-    WavelengthGrid,
     check_pixels,
+    table_grid,
 )
 from ..errors import CatalogError
 
@@ -37,13 +36,10 @@ _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
 def column_medium(schema: pa.Schema) -> str | None:
     """The medium a file states for its per-row `wavelength` column: `starcast.medium`, else that of
     a file grid (`starcast.wavelength`), else None."""
-    metadata = schema.metadata or {}
-    raw = metadata.get(META_MEDIUM.encode())
+    raw = (schema.metadata or {}).get(META_MEDIUM.encode())
     if raw is None:
-        try:
-            return WavelengthGrid.from_json(metadata[META_WAVELENGTH.encode()]).medium
-        except (KeyError, ValueError):
-            return None
+        grid = table_grid(schema)  # malformed: the file's error, as when its rows use the grid
+        return None if grid is None else grid.medium
     try:
         return check_medium(raw.decode().strip().strip('"'), f"{META_MEDIUM} metadata")
     except ValueError as exc:
@@ -58,9 +54,15 @@ def to_medium(values: np.ndarray, source: str | None, target: str | None) -> np.
 
 
 def number_column(col, name: str, unit: str):
-    """A scalar column of numbers as float64 (nulls kept; a column of nulls only may be typed null); a
-    column of another type (text, lists) is the file's error, named, not each row's."""
-    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_null(col.type)):
+    """A scalar column of numbers (integer, floating, decimal, or dictionary-encoded ones, as pandas
+    writes a categorical) as float64, nulls kept (a column of nulls only may be typed null); a column of
+    another type (text, lists) is the file's error, named, not each row's."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if not any(is_type(col.type) for is_type in (pa.types.is_floating, pa.types.is_integer,
+                                                 pa.types.is_decimal, pa.types.is_null)):
         raise CatalogError(f"expected numbers ({unit}), got {col.type}", column=name)
     return pc.cast(col, pa.float64())
 

@@ -91,11 +91,32 @@ def test_import_csv_medium_vacuum_is_honoured(tmp_path):
     assert np.abs(honoured - reference).max() < 0.01 < np.abs(ignored - reference).max()
 
 
-def test_a_medium_that_is_neither_air_nor_vacuum_is_an_error():
+AIR_IN_CAPITALS = WavelengthGrid.linear(4000.0, 0.1, 8001, "AIR").to_json()
+
+
+@pytest.mark.parametrize("metadata", [{META_MEDIUM: "water"}, {META_WAVELENGTH: AIR_IN_CAPITALS}])
+def test_a_medium_that_is_neither_air_nor_vacuum_is_an_error(metadata):
+    """Stated as `starcast.medium` or as the file grid's, beside per-row wavelengths (the grid's was
+    read as no medium stated, and the rows as in the model's)."""
     from starcast.errors import CatalogError
 
     with pytest.raises(CatalogError, match="'air' or 'vacuum'"):
-        preprocess(per_row([line_spectrum(SOURCE_AIR)], [SOURCE_AIR], {META_MEDIUM: "water"}), MODEL)
+        preprocess(per_row([line_spectrum(SOURCE_AIR)], [SOURCE_AIR], metadata), MODEL)
+
+
+def test_rv_and_resolving_power_as_decimals_or_dictionary_encoded_read_as_numbers():
+    """Database exports write decimals, pandas categoricals dictionary-encoded values: the same numbers."""
+    import decimal
+
+    flux = line_spectrum(SOURCE_AIR)
+    plain = preprocess(per_row([flux] * 2, [SOURCE_AIR] * 2, rv=pa.array([12.5, -3.25]),
+                               resolving_power=pa.array([40000.0, 40000.0])), MODEL, resolving_power=20000.0)
+    rv = pa.array([decimal.Decimal("12.50"), decimal.Decimal("-3.25")], pa.decimal128(6, 2))
+    other = preprocess(per_row([flux] * 2, [SOURCE_AIR] * 2, rv=rv,
+                               resolving_power=pa.array([40000, 40000]).dictionary_encode()), MODEL,
+                       resolving_power=20000.0)
+    np.testing.assert_array_equal(other.x, plain.x)
+    assert not (plain.flags & Flag.PREPROCESS_FAILED).any()
 
 
 def test_short_coverage_nulls_the_row_and_states_both_ranges():
