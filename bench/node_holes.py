@@ -85,7 +85,8 @@ def main() -> None:
     lines = ["# Bias at the nodes the model was trained on and at those it was not (ob-default)", "",
              f"{result['machine']['cpu']}. Command: `python bench/node_holes.py --per-node {args.per_node} "
              f"--snr {args.snr:g} --seed {args.seed}` ({result['seconds']:.0f} s), bundle {result['model']}. "
-             f"{args.per_node} stars per node, v sin i 5-80 km/s, metals -0.3 to +0.3, SNR {args.snr:g}, "
+             f"{args.per_node} stars per node, v sin i 5-80 km/s, metals {pert.metals[0]:+g} to "
+             f"{pert.metals[1]:+g}, SNR {args.snr:g}, "
              "no ripple, gap or rv error; training nodes drawn within the left-out ones' Teff and log g "
              "range.", "",
              "| nodes | target | mean bias / sigma (+- its standard error over the nodes) | nodes negative "

@@ -3,7 +3,8 @@
 Counts (rows, rows with numbers, failed, flagged), rows per flag bit, the most common errors, per
 target the distribution of the estimate (min, median, max) and quantiles (median, 90%, 99%) of its
 total, aleatoric and epistemic sigma, and, for a model with an emulator, the median and 90% quantile
-of `chi2`, with a hint where most spectra are not explained to their stated noise. Units are those of
+of `chi2`, with a hint where most spectra are not explained to their stated noise, or scatter less
+than it says. Units are those of
 the model's targets (K, dex, km/s).
 """
 
@@ -132,7 +133,8 @@ def format_summary(summary: dict) -> str:
             hint = ("hint: most spectra scatter less about the model than their stated noise: flux_err "
                     f"likely overstates it, by ~{chi2['q50'] ** -0.5:.2f}x; the numbers are read as if the "
                     "spectra were that much noisier. Scale flux_err down by that, or leave it out and the "
-                    "noise is estimated from the flux (DER_SNR).")
+                    "noise is estimated from the flux (DER_SNR). Spectra given without flux_err read low "
+                    "too where that estimate takes sharp lines' fine structure for noise (high SNR).")
             lines += textwrap.wrap(hint, width=100, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)
 

@@ -112,7 +112,7 @@ def _check_resumed_inputs(files: list[Path], out: Path, given: str) -> None:
     if others:
         raise StarcastError(f"--resume: {out} holds results of inputs that {given} does not list "
                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): resume with the "
-                            "input the run was started on, or choose a new --out")
+                            "input the run was started on, remove those results, or choose a new --out")
 
 
 def _plan(files: list[Path], out: Path, resume: bool) -> tuple[list[FileReport], list[Path]]:

@@ -25,10 +25,9 @@ activation does not fit registers (kept there as register tiles, the activations
 kilobytes per thread: docs/record.md, "Inference kernels"), so each program keeps h1 and two ping-pong
 activations of its tile in a private scratch slab (BLOCK_B*HP + 2*R*HP elements). This is a
 deviation from "activations never touch device memory": the grid is persistent, one program per SM,
-so on `survey` (fp16,
-128 slabs on an H100) the slabs in use total 36-42 MB (computed from the shapes, not measured),
-of the order of the H100's 50 MB L2 — mostly L2 traffic, part may spill to HBM. `tl.debug_barrier()`
-orders a layer's writes before the next reads.
+so on `survey` (fp16, 128 slabs on an H100) the slabs in use total 36-42 MB (computed from the shapes,
+not measured), of the order of the H100's 50 MB L2 — mostly L2 traffic, part may spill to HBM.
+`tl.debug_barrier()` orders a layer's writes before the next reads.
 
 Not measured: there was no GPU where this was written. Correctness is tested under TRITON_INTERPRET=1
 at small shapes; speed is untested (`bash bench/gpu_check.sh` runs the tests and benches). Autotuning
