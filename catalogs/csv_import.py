@@ -1,10 +1,10 @@
 """Importer for the wide CSV layout spectroscopists pass around: one row per spectrum.
 
 Every column whose header is a number is a pixel at that wavelength (Angstrom), e.g. `4460.1,
-4460.2, ...`; the other headers must be known catalog columns (`id`, `rv`, `snr`, `split`,
-`resolving_power` and the labels `teff`, `logg`, `vsini`) or the unnamed index column pandas writes
-(header empty or `Unnamed: 0`), taken as `id` when there is no `id` column. Empty cells become NaN
-flux. Anything else is a `CatalogError` naming the file and the column (or row), never a parser
+4460.2, ...`; the other headers must be known catalog columns, in any case (`id`, `rv`, `snr`,
+`split`, `resolving_power` and the labels `teff`, `logg`, `vsini`), or the unnamed index column
+pandas writes (header empty or `Unnamed: 0`), taken as `id` when there is no `id` column. Empty cells
+become NaN flux. Anything else is a `CatalogError` naming the file and the column (or row), never a parser
 traceback.
 """
 
@@ -52,7 +52,8 @@ def _header(path: Path) -> list[str]:
             raise CatalogError(f"not a readable CSV file ({exc})", file=str(path)) from exc
     if not header:
         raise CatalogError("empty file: no header row", file=str(path))
-    return [h.strip() for h in header]
+    # names stripped of spaces, known columns in any case ("ID", "RV", as FITS columns are read)
+    return [h.strip().lower() if h.strip().lower() in KNOWN_COLUMNS else h.strip() for h in header]
 
 
 def _classify(path: Path, header: list[str]) -> dict[str, float]:

@@ -133,6 +133,17 @@ def test_headers_with_spaces_after_the_commas_are_read(tmp_path):
     assert table.column("flux").to_pylist() == [[1.0, 0.5]]
 
 
+def test_known_column_headers_are_read_in_any_case(tmp_path):
+    csv = tmp_path / "s.csv"
+    csv.write_text("ID,RV,Teff,4000.0,4000.2\n7,12.5,20000,1.0,0.5\n")
+    table = csv_to_table(csv)
+    assert table.column("id").to_pylist() == [7] and table.column("rv").to_pylist() == [12.5]
+    assert table.column("teff").to_pylist() == [20000.0]
+    csv.write_text("id,ID,4000.0\n7,8,1.0\n")  # the same column twice is still refused
+    with pytest.raises(CatalogError, match="duplicate column header"):
+        csv_to_table(csv)
+
+
 def test_commands_refuse_a_shard_size_below_one(tmp_path):
     csv = write_csv(tmp_path / "c.csv", ["4000.0", "4000.2"], [[1, 2]])
     for command, args in ((import_csv_command, [str(csv)]), (synth_command, ["--n", "2"])):
