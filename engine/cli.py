@@ -8,6 +8,7 @@ The exit status is 0 on success, 3 when the run finished with failed rows or fil
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -100,7 +101,8 @@ def explain(input, out, model, ids, n, plots, method, steps) -> None:
     if more:
         click.echo(f"... and {more} more rows without attributions (`error` in attributions.parquet)",
                    err=True)
-    shares = ", ".join(f"{t} {100 * e['line_mass_mean']:.0f}%" for t, e in summary["targets"].items())
+    shares = ", ".join(f"{t} {100 * e['line_mass_mean']:.0f}%" for t, e in summary["targets"].items()
+                       if math.isfinite(e["line_mass_mean"]))  # none where no row has any attribution
     written = [f"{out}/attributions.parquet", f"{out}/survey/"]
     if summary["plots"]:
         written.insert(1, f"{out}/plots/")
