@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from ..errors import CatalogError
 
@@ -107,8 +108,10 @@ def _read(path: Path, medium: str | None, name_pattern: str, quality_only: bool)
 
 
 def _check_models(grid: ModelGrid, path: Path) -> None:
-    """Each model's flux finite and continuum-normalised (median within NORMALISED), its parameters
-    finite, and no two models at one node; else a `CatalogError` naming the model."""
+    """At least one model; each model's flux finite and continuum-normalised (median within NORMALISED),
+    its parameters finite, and no two models at one node; else a `CatalogError` naming the model."""
+    if not len(grid.flux):
+        raise CatalogError("the grid holds no models (of good quality, where it marks them)", file=str(path))
     nodes, median = grid.nodes(), np.median(grid.flux, axis=1)
     _, first, counts = np.unique(nodes, axis=0, return_index=True, return_counts=True)
     checks = (
@@ -189,8 +192,12 @@ def _read_parquet(path: Path, medium: str | None) -> ModelGrid:
     if grid is None or missing:
         raise CatalogError("a Parquet grid needs a file-level wavelength grid and the columns "
                            f"{list(PARAMS)}", file=str(path))
-    flux = np.asarray(table.column(FLUX).combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                      np.float32).reshape(table.num_rows, -1)
+    column = table.column(FLUX).combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)  # NaN where null
+    for r in np.flatnonzero(~(lengths == grid.n)):  # a row off would shift every row after it
+        raise CatalogError(f"flux has {'no' if np.isnan(lengths[r]) else int(lengths[r])} values, the file's "
+                           f"wavelength grid {grid.n}", file=str(path), row=int(r), column=FLUX)
+    flux = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(table.num_rows, -1)
     names = (np.asarray(table.column("model").to_pylist(), str) if "model" in table.column_names
              else np.array([f"row{r}" for r in range(table.num_rows)]))
     return ModelGrid(grid.values(), flux, {p: table.column(p).to_numpy().astype(np.float64) for p in PARAMS},
@@ -198,10 +205,14 @@ def _read_parquet(path: Path, medium: str | None) -> ModelGrid:
 
 
 def _read_text_dir(path: Path, pattern: str, medium: str) -> ModelGrid:
-    files = sorted(f for f in path.iterdir() if f.suffix in TEXT_SUFFIXES)
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise CatalogError(f"no text spectra ({', '.join(TEXT_SUFFIXES)}) in the directory", file=str(path))
     table = _params_csv(path / "params.csv")
+    unread = sorted(set(table or ()) - {f.name for f in files})
+    if unread:
+        raise CatalogError(f"params.csv lists {', '.join(unread[:5])}, which the directory does not hold as "
+                           f"a text spectrum ({', '.join(TEXT_SUFFIXES)})", file=str(path))
     spectra, params = [], {p: [] for p in PARAMS}
     for f in files:
         if table is not None:

@@ -4,6 +4,7 @@ import csv
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from starcast.catalogs.grids import ModelGrid, read_grid
 from starcast.catalogs.io import write_catalog
@@ -56,9 +57,36 @@ def test_parquet(small, tmp_path):
     assert grid.medium == "air"
 
 
+@pytest.mark.parametrize("row, flux, match", [
+    (1, lambda f: f[:-3], "row 1, column 'flux': flux has 198 values, the file's wavelength grid 201"),
+    (2, lambda f: None, "row 2, column 'flux': flux has no values")])
+def test_a_parquet_grid_row_off_its_wavelength_grid_is_an_error_naming_it(small, tmp_path, row, flux, match):
+    """Flattened and cut into rows, a row of another length shifted every row after it (one 3 pixels
+    short beside one 3 long read as a grid, unchanged in shape). Written as it is (the catalog writer
+    refuses such rows)."""
+    rows = [list(map(float, f)) for f in small.flux]
+    rows[row] = flux(rows[row])
+    grid = WavelengthGrid.explicit(small.wavelength, "air")
+    table = pa.table({"id": pa.array(np.arange(len(rows))), "flux": pa.array(rows, pa.list_(pa.float32())),
+                      "teff": small.params["teff"], "logg": small.params["logg"]},
+                     metadata={"starcast.wavelength": grid.to_json()})
+    pq.write_table(table, tmp_path / "g.parquet")
+    with pytest.raises(CatalogError, match=match):
+        read_grid(tmp_path / "g.parquet")
+
+
+def test_a_grid_without_models_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "none.npz"
+    np.savez(path, wavelength_air=np.arange(4000.0, 4010.0), flux=np.ones((1, 10)), teff=[20000.0],
+             logg=[4.0], quality_ok=[False])
+    with pytest.raises(CatalogError, match="none.npz: the grid holds no models"):
+        read_grid(path)
+
+
 def test_text_spectra_named_like_tlusty(small, tmp_path):
-    for i in range(len(small.flux)):
-        name = f"BG{int(small.params['teff'][i])}g{int(round(small.params['logg'][i] * 100)):03d}v2.7"
+    for i in range(len(small.flux)):  # suffixes in any case, as some systems write them
+        suffix = (".7", ".TXT", ".Dat", ".spec")[i % 4]
+        name = f"BG{int(small.params['teff'][i])}g{int(round(small.params['logg'][i] * 100)):03d}v2{suffix}"
         np.savetxt(tmp_path / name, np.stack([small.wavelength, small.flux[i]], axis=1))
     grid = read_grid(tmp_path)
     by_node = lambda g: g.select(np.lexsort((g.params["logg"], g.params["teff"])))  # noqa: E731
@@ -139,3 +167,7 @@ def test_a_params_csv_as_spreadsheets_write_it_is_read_and_its_errors_name_the_r
         (tmp_path / "g" / "params.csv").write_text("file,teff,logg\n" + bad + "\n")
         with pytest.raises(CatalogError, match=r"params.csv, row \d: needs a file name not listed before"):
             read_grid(tmp_path / "g")
+    # a row naming a file the directory does not hold (a model it would silently lack)
+    (tmp_path / "g" / "params.csv").write_text("file,teff,logg\n" + "\n".join(rows) + "\nBG99.txt,20000,4\n")
+    with pytest.raises(CatalogError, match="params.csv lists BG99.txt, which the directory does not hold"):
+        read_grid(tmp_path / "g")
