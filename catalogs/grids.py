@@ -164,7 +164,7 @@ def _read_csv(path: Path, medium: str) -> ModelGrid:
         raise CatalogError("a grid CSV needs a header row and at least one model row", file=str(path))
     header = rows[0]
     pixels = [(i, _as_float(h)) for i, h in enumerate(header) if _as_float(h) is not None]
-    cols = {h: i for i, h in enumerate(header)}
+    cols = {h.strip().lower(): i for i, h in enumerate(header)}  # Teff, LOGG, Model as teff, logg, model
     missing = [p for p in PARAMS if p not in cols]
     if missing or not pixels:
         raise CatalogError(f"a grid CSV needs the columns {list(PARAMS)} and wavelength headers "

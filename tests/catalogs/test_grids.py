@@ -37,7 +37,7 @@ def test_wide_csv(small, tmp_path):
     path = tmp_path / "grid.csv"
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["model", "teff", "logg", *[f"{x:.2f}" for x in small.wavelength]])
+        w.writerow(["Model", "Teff", "logg", *[f"{x:.2f}" for x in small.wavelength]])  # names in any case
         for i in range(len(small.flux)):
             w.writerow([small.names[i], small.params["teff"][i], small.params["logg"][i],
                         *[repr(float(v)) for v in small.flux[i]]])
