@@ -194,9 +194,11 @@ def _read_parquet(path: Path, medium: str | None) -> ModelGrid:
                            f"{list(PARAMS)}", file=str(path))
     column = table.column(FLUX).combine_chunks()
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)  # NaN where null
-    for r in np.flatnonzero(~(lengths == grid.n)):  # a row off would shift every row after it
+    off = np.flatnonzero(~(lengths == grid.n))  # a row off would shift every row after it
+    if len(off):
+        r = int(off[0])
         raise CatalogError(f"flux has {'no' if np.isnan(lengths[r]) else int(lengths[r])} values, the file's "
-                           f"wavelength grid {grid.n}", file=str(path), row=int(r), column=FLUX)
+                           f"wavelength grid {grid.n}", file=str(path), row=r, column=FLUX)
     flux = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(table.num_rows, -1)
     names = (np.asarray(table.column("model").to_pylist(), str) if "model" in table.column_names
              else np.array([f"row{r}" for r in range(table.num_rows)]))
