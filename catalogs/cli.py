@@ -72,8 +72,11 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
 @click.option("--wavelengths", default=None,
               help="With --grid: the observed range A:B (Angstrom, air; 0.2 A pixels) [default: 4000:4800], "
                    "inside the grid's range.")
+@click.option("--grid-medium", type=click.Choice(["air", "vacuum"]), default=None,
+              help="With --grid: the medium of the grid's wavelengths where its file states none (a CSV, "
+                   "text spectra) [default: air]; a file that states another is an error.")
 def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str,
-          grid: Path | None, wavelengths: str | None) -> None:
+          grid: Path | None, wavelengths: str | None, grid_medium: str | None) -> None:
     """Synthesise a survey of OB-star spectra (4000-4800 A, R = 20000) as Parquet shards.
 
     \b
@@ -93,6 +96,8 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
         raise click.BadParameter("--n must be at least 1")
     if wavelengths is not None and grid is None:
         raise click.UsageError("--wavelengths goes with --grid (the simplified generator's range is fixed)")
+    if grid_medium is not None and grid is None:
+        raise click.UsageError("--grid-medium goes with --grid")
     start = time.perf_counter()
     if grid is not None:
         from .grids import read_grid
@@ -102,8 +107,9 @@ def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: 
         if wavelengths is not None:
             lo, hi = _parse_range(wavelengths)
             obs = Observation(start=lo, npix=int(round((hi - lo) / obs.step)) + 1)
-        paths = synth_from_grid(read_grid(grid), n, out, at_nodes=mode == "seed", seed=seed, obs=obs,
-                                snr=_parse_range(snr), shard_rows=shard_rows, progress=sys.stderr.isatty())
+        paths = synth_from_grid(read_grid(grid, medium=grid_medium), n, out, at_nodes=mode == "seed",
+                                seed=seed, obs=obs, snr=_parse_range(snr), shard_rows=shard_rows,
+                                progress=sys.stderr.isatty())
     else:
         paths = run_synth(n, out, mode=mode, seed=seed, shard_rows=shard_rows, snr=_parse_range(snr),
                           progress=sys.stderr.isatty())

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..errors import CatalogError
+from .medium import MEDIA
 
 PARAMS = ("teff", "logg")  # K, dex (cgs): the axes a grid spans
 # BSTAR2006/OSTAR2002 model names (Lanz & Hubeny 2003, 2007): BG20000g350v2 = Teff 20 000 K,
@@ -46,7 +47,7 @@ class ModelGrid:
         for name in PARAMS:
             if name not in self.params or self.params[name].shape != (n,):
                 raise CatalogError(f"a model grid needs the parameter {name!r} for each of its {n} models")
-        if self.medium not in ("air", "vacuum"):
+        if self.medium not in MEDIA:
             raise CatalogError(f"medium must be 'air' or 'vacuum', got {self.medium!r}")
 
     def nodes(self) -> np.ndarray:
@@ -74,10 +75,12 @@ def write_npz(grid: ModelGrid, path: str | Path) -> Path:
 
 def read_grid(path: str | Path, *, medium: str | None = None, name_pattern: str = TLUSTY_NAME,
               quality_only: bool = True) -> ModelGrid:
-    """Read a model grid (see the module docstring for the formats). `medium` overrides what the
-    file says (npz: `wavelength_air` / `wavelength_vacuum`; otherwise air unless given).
-    `quality_only` drops models an npz marks `quality_ok = False`. `name_pattern`: a regex with named
-    groups `teff` and `logg` (log g as 3 digits, x100) for text spectra without a params.csv."""
+    """Read a model grid (see the module docstring for the formats). `medium`: the medium of a grid
+    whose file states none (a CSV, a directory of text spectra, an npz's plain `wavelength`; air where
+    not given); a file that states another (an npz's `wavelength_air` / `wavelength_vacuum`, a Parquet
+    file's grid) is an error. `quality_only` drops models an npz marks `quality_ok = False`.
+    `name_pattern`: a regex with named groups `teff` and `logg` (log g as 3 digits, x100) for text
+    spectra without a params.csv."""
     path = Path(path)
     try:
         grid = _read(path, medium, name_pattern, quality_only)
@@ -92,15 +95,26 @@ def read_grid(path: str | Path, *, medium: str | None = None, name_pattern: str 
     return grid
 
 
+def _medium(stated: str | None, given: str | None, path: Path) -> str:
+    """A grid's medium: what its file states, else `given`, else air; a file that states another than
+    `given` is an error (its wavelengths would be taken 1.2 A off at 4500 A)."""
+    if given not in (None, *MEDIA):
+        raise CatalogError(f"a grid's medium is 'air' or 'vacuum', not {given!r}", file=str(path))
+    if stated is not None and given is not None and stated != given:
+        raise CatalogError(f"the grid's file states its wavelengths are in {stated}, not in {given} as given",
+                           file=str(path))
+    return stated or given or "air"
+
+
 def _read(path: Path, medium: str | None, name_pattern: str, quality_only: bool) -> ModelGrid:
     if path.is_dir():
-        return _read_text_dir(path, name_pattern, medium or "air")
+        return _read_text_dir(path, name_pattern, _medium(None, medium, path))
     if not path.is_file():
         raise CatalogError("no such file or directory", file=str(path))
     if path.suffix == ".npz":
         return _read_npz(path, medium, quality_only)
     if path.suffix == ".csv":
-        return _read_csv(path, medium or "air")
+        return _read_csv(path, _medium(None, medium, path))
     if path.suffix == ".parquet":
         return _read_parquet(path, medium)
     raise CatalogError("unknown model-grid format (expected .npz, .csv, .parquet or a directory of "
@@ -139,12 +153,12 @@ def _read_npz(path: Path, medium: str | None, quality_only: bool) -> ModelGrid:
         missing = [k for k in ("flux", *PARAMS) if k not in keys] + ([] if wl_key else ["wavelength"])
         if missing:
             raise CatalogError(f"the npz lacks the arrays {missing}", file=str(path))
-        file_medium = {"wavelength_air": "air", "wavelength_vacuum": "vacuum"}.get(wl_key, "air")
+        stated = {"wavelength_air": "air", "wavelength_vacuum": "vacuum"}.get(wl_key)
         n = data["flux"].shape[0]
         names = data["model"].astype(str) if "model" in keys else np.array([f"model{i}" for i in range(n)])
         grid = ModelGrid(np.asarray(data[wl_key], np.float64), np.asarray(data["flux"], np.float32),
                          {k: np.asarray(data[k], np.float64) for k in PARAMS}, names,
-                         medium or file_medium)
+                         _medium(stated, medium, path))
         if quality_only and "quality_ok" in keys:
             grid = grid.select(np.asarray(data["quality_ok"], bool))
     return grid
@@ -203,7 +217,7 @@ def _read_parquet(path: Path, medium: str | None) -> ModelGrid:
     names = (np.asarray(table.column("model").to_pylist(), str) if "model" in table.column_names
              else np.array([f"row{r}" for r in range(table.num_rows)]))
     return ModelGrid(grid.values(), flux, {p: table.column(p).to_numpy().astype(np.float64) for p in PARAMS},
-                     names, medium or grid.medium)
+                     names, _medium(grid.medium, medium, path))
 
 
 def _read_text_dir(path: Path, pattern: str, medium: str) -> ModelGrid:

@@ -14,6 +14,7 @@ from scipy.stats import norm
 
 from ..catalogs import gridsynth
 from ..catalogs.grids import read_grid
+from ..catalogs.medium import MEDIA
 from ..catalogs.physics import C_KMS
 from ..catalogs.schema import ID, SNR, Flag
 from ..kernels.features import network_inputs
@@ -31,6 +32,7 @@ class GridData:
     (calibration) and test, rows per epoch and per fixed split, how the survey observes and perturbs."""
 
     path: str
+    medium: str = ""  # of a grid whose file states none (CSV, text spectra): "air" or "vacuum"; "" = air
     val_nodes: list = field(default_factory=list)  # [[teff, logg], ...]
     test_nodes: list = field(default_factory=list)
     per_epoch: int = 40000
@@ -71,6 +73,9 @@ class GridData:
             if repeated:
                 raise ConfigError(f"{where}[data.grid] {key}: {repeated} listed twice or in val_nodes too "
                                   "(the test nodes must be unseen by the calibration)")
+        if raw.get("medium", "") not in ("", *MEDIA):
+            raise ConfigError(f"{where}[data.grid] medium must be 'air' or 'vacuum' (the grid file's where "
+                              f"it states one), got {raw['medium']!r}")
         metals = raw.get("perturbations", {}).get("metals", (0.0, 0.0))
         made = ("teff", "logg", "vsini", *(("metals",) if metals[1] > metals[0] else ()))
         if not set(cfg.data.targets) <= set(made):
@@ -113,11 +118,11 @@ class GridSource:
         self.targets = list(cfg.data.targets)
         self.obs = gridsynth.Observation(**self.data.observation)
         self.pert = gridsynth.Perturbations(**self.data.perturbations)
-        grid = read_grid(self.data.resolve(self.data.path, cfg.source))
+        grid = read_grid(self.data.resolve(self.data.path, cfg.source), medium=self.data.medium or None)
         if grid.medium != cfg.grid.medium or self.obs.medium != cfg.grid.medium:
             raise ConfigError(f"{self.where}the model's [grid] is in {cfg.grid.medium}, [data.grid]'s "
                               f"spectra in {grid.medium} and [data.grid.observation] in {self.obs.medium}: "
-                              "they must agree")
+                              "they must agree ([data.grid] medium gives a CSV or text grid's)")
         cache = self.data.resolve(self.data.cache, cfg.source) if self.data.cache else None
         self.full = gridsynth.BroadenedLibrary.build(grid, self.obs,
                                                      metals=gridsynth.metals_ladder(self.pert.metals),

@@ -107,6 +107,37 @@ def test_synth_command_observes_a_grid_over_the_range_given(tmp_path):
     assert result.exit_code != 0 and "--wavelengths goes with --grid" in result.output
 
 
+def test_synth_command_observes_a_grid_in_the_medium_given(tmp_path):
+    """A CSV grid states no medium: with --grid-medium vacuum its stars are those of the same models in
+    an npz that states vacuum, read as air (the default) they are 1.2 A off; beside a file that states
+    another medium it is an error."""
+    from starcast.catalogs import grids
+    from starcast.catalogs.medium import convert
+
+    from starcast.demo import SAMPLE
+    from tests.catalogs.test_grids import write_csv_grid
+
+    air = grids.read_grid(SAMPLE).crop(4380.0, 4520.0)
+    vacuum = grids.ModelGrid(convert(air.wavelength, "air", "vacuum"), air.flux, air.params, air.names,
+                             "vacuum")
+    csv_grid, npz = write_csv_grid(vacuum, tmp_path / "g.csv"), grids.write_npz(vacuum, tmp_path / "g.npz")
+
+    def observed(grid, name, *medium):
+        args = ["--n", "5", "--mode", "seed", "--wavelengths", "4400:4500", "--grid", str(grid), *medium]
+        result = CliRunner().invoke(synth_command, [*args, "--out", str(tmp_path / name)])
+        if result.exit_code:
+            return result
+        return np.stack(read_catalog(tmp_path / name).column("flux").to_numpy(zero_copy_only=False))
+
+    stated = observed(npz, "npz")
+    np.testing.assert_allclose(observed(csv_grid, "vacuum", "--grid-medium", "vacuum"), stated, atol=1e-6)
+    assert np.abs(observed(csv_grid, "air") - stated).max() > 0.05
+    refused = observed(npz, "refused", "--grid-medium", "air")
+    assert refused.exit_code and "states its wavelengths are in vacuum, not in air" in str(refused.exception)
+    result = CliRunner().invoke(synth_command, ["--n", "2", "--grid-medium", "air", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--grid-medium goes with --grid" in result.output
+
+
 def test_an_output_directory_holding_shards_is_refused(tmp_path):
     csv = write_csv(tmp_path / "c.csv", ["4000.0", "4000.2"], [[1, 2], [3, 4]])
     import_csv(csv, tmp_path / "o")

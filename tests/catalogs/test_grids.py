@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from starcast.catalogs.grids import ModelGrid, read_grid
+from starcast.catalogs.grids import ModelGrid, read_grid, write_npz
 from starcast.catalogs.io import write_catalog
 from starcast.catalogs.schema import WavelengthGrid, spectrum_array
 
@@ -33,16 +33,37 @@ def test_npz_keeps_quality_models_only(tlusty_grid):
     assert tlusty_grid.medium == "air" and tlusty_grid.wavelength[0] == 3990.0
 
 
-def test_wide_csv(small, tmp_path):
-    path = tmp_path / "grid.csv"
+def write_csv_grid(grid: ModelGrid, path):
+    """`grid` as a wide CSV (header names in any case, blank lines at the end as editors leave them)."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["Model", "Teff", "logg", *[f"{x:.2f}" for x in small.wavelength]])  # names in any case
-        for i in range(len(small.flux)):
-            w.writerow([small.names[i], small.params["teff"][i], small.params["logg"][i],
-                        *[repr(float(v)) for v in small.flux[i]]])
-        fh.write("\n\n")  # blank lines at the end, as editors leave them
-    same(read_grid(path), small)
+        w.writerow(["Model", "Teff", "logg", *[repr(float(x)) for x in grid.wavelength]])
+        for i in range(len(grid.flux)):
+            w.writerow([grid.names[i], grid.params["teff"][i], grid.params["logg"][i],
+                        *[repr(float(v)) for v in grid.flux[i]]])
+        fh.write("\n\n")
+    return path
+
+
+def test_wide_csv(small, tmp_path):
+    same(read_grid(write_csv_grid(small, tmp_path / "grid.csv")), small)
+
+
+def test_a_grid_that_states_no_medium_is_in_the_one_given_and_one_that_states_another_is_an_error(
+        small, tmp_path):
+    """A CSV or text spectra state no medium (air unless given); an npz or Parquet grid does, and a
+    medium given beside it that differs would put its wavelengths 1.2 A off."""
+    csv_path = write_csv_grid(small, tmp_path / "grid.csv")
+    _text_grid(tmp_path / "text", small)
+    for path in (csv_path, tmp_path / "text"):
+        assert read_grid(path).medium == "air" and read_grid(path, medium="vacuum").medium == "vacuum"
+    npz = write_npz(small, tmp_path / "grid.npz")
+    assert read_grid(npz, medium="air").medium == "air"
+    with pytest.raises(CatalogError, match="grid.npz: the grid's file states its wavelengths are in air, "
+                                           "not in vacuum as given"):
+        read_grid(npz, medium="vacuum")
+    with pytest.raises(CatalogError, match="grid.csv: a grid's medium is 'air' or 'vacuum', not 'AIR'"):
+        read_grid(csv_path, medium="AIR")
 
 
 def test_parquet(small, tmp_path):

@@ -94,12 +94,29 @@ NODES = {"val_nodes": [[20000, 4.0]], "test_nodes": [[22000, 4.0]]}
     ({"path": "g.npz", **NODES}, ("teff", "feh"), r"data.targets \['teff', 'feh'\]: a grid's stars carry"),
     ({"path": "g.npz", **NODES}, ("teff", "metals"), r"carry \['teff', 'logg', 'vsini'\] \(metals with"),
     ({"pth": "g.npz"}, None, r"needs `path`; unknown keys \['pth'\]"),
+    ({"path": "g.npz", **NODES, "medium": "AIR"}, None, r"\[data.grid\] medium must be 'air' or 'vacuum'"),
 ], ids=["string", "observation", "perturbations", "node", "no nodes", "test in val", "unknown target",
-        "metals unspanned", "path"])
+        "metals unspanned", "path", "medium"])
 def test_a_grid_table_that_is_wrong_is_an_error_naming_the_config_and_key(config, grid, targets, match):
     data = replace(config.data, grid=grid, targets=targets or config.data.targets)
     with pytest.raises(ConfigError, match="config cfg.toml: .*" + match):
         GridData.from_config(replace(config, data=data, source="cfg.toml"))
+
+
+def test_a_grid_that_states_no_medium_is_read_in_the_configs(config, tmp_path):
+    """[data.grid] medium gives a CSV grid's medium, which must then agree with the model's grid."""
+    from starcast.catalogs.grids import read_grid
+
+    from tests.catalogs.test_grids import write_csv_grid
+
+    block = read_grid(config.data.grid["path"])
+    path = write_csv_grid(block, tmp_path / "block.csv")
+    for medium, match in (("vacuum", r"\[data.grid\]'s spectra in vacuum .* \(\[data.grid\] medium gives"),
+                          ("", r"in air and \[data.grid.observation\] in vacuum")):
+        grid = {**config.data.grid, "path": str(path), "medium": medium,
+                "observation": {**config.data.grid["observation"], "medium": "air" if medium else "vacuum"}}
+        with pytest.raises(ConfigError, match=match):
+            GridSource(replace(config, data=replace(config.data, grid=grid)), progress=False)
 
 
 @pytest.mark.parametrize("change, match", [
