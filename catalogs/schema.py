@@ -22,7 +22,7 @@ from .medium import check_medium
 ID, FLUX, WAVELENGTH, FLUX_ERR, IVAR, MASK, RV, SNR, SPLIT = (
     "id", "flux", "wavelength", "flux_err", "ivar", "mask", "rv", "snr", "split")
 RESOLVING_POWER = "resolving_power"  # lambda / FWHM of the instrumental profile, per row
-LABELS = ("teff", "logg", "vsini")  # K, dex (cgs), km/s
+LABELS = ("teff", "logg", "vsini", "metals")  # K, dex (cgs), km/s, dex (metal-line strength, gridsynth)
 
 # File metadata keys (Parquet key-value metadata, UTF-8 JSON values).
 META_WAVELENGTH = "starcast.wavelength"

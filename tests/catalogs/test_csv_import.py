@@ -166,10 +166,10 @@ def test_headers_with_spaces_after_the_commas_are_read(tmp_path):
 
 def test_known_column_headers_are_read_in_any_case(tmp_path):
     csv = tmp_path / "s.csv"
-    csv.write_text("ID,RV,Teff,4000.0,4000.2\n7,12.5,20000,1.0,0.5\n")
+    csv.write_text("ID,RV,Teff,Metals,4000.0,4000.2\n7,12.5,20000,-0.2,1.0,0.5\n")
     table = csv_to_table(csv)
     assert table.column("id").to_pylist() == [7] and table.column("rv").to_pylist() == [12.5]
-    assert table.column("teff").to_pylist() == [20000.0]
+    assert table.column("teff").to_pylist() == [20000.0] and table.column("metals").to_pylist() == [-0.2]
     csv.write_text("id,ID,4000.0\n7,8,1.0\n")  # the same column twice is still refused
     with pytest.raises(CatalogError, match="duplicate column header"):
         csv_to_table(csv)
