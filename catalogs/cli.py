@@ -57,8 +57,9 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory for the Parquet shards part-00000.parquet, ...")
 @click.option("--mode", type=click.Choice(["random", "seed"]), default="random", show_default=True,
-              help="random: uniform draws of Teff, log g, v sin i; seed: the reference grid with a "
-                   "train/val/test split column.")
+              help="random: uniform draws of Teff, log g, v sin i; seed: the simplified generator's "
+                   "reference grid with a train/val/test split column, or with --grid stars at the "
+                   "grid's nodes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Spectra per shard file.")
@@ -168,7 +169,8 @@ def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power
                 pixels: str | None, hdu: int | None, shard_rows: int) -> None:
     """Import FITS spectra (1-D images with a wavelength WCS, or binary tables) as a catalog.
 
-    Each file gives one spectrum (a table with array cells: one per row); its id is the file name.
+    Each file gives one spectrum (a table with array cells: one per row); its id is the file name
+    without its suffixes (NAME:ROW for a table's rows).
     Example: starcast import-fits spectra/*.fits --out catalog/
     """
     from .fits_import import import_fits as run_import

@@ -1,4 +1,5 @@
-"""The `starcast run` and `starcast inspect` commands (loaded lazily by `starcast/cli.py`).
+"""The `starcast run`, `starcast inspect` and `starcast explain` commands (loaded lazily by
+`starcast/cli.py`).
 
 Options left out fall back to the job spec given with `--config`, then to `starcast.run`'s defaults.
 The exit status is 0 on success, 3 when the run finished with failed rows or files, 2 on errors
@@ -58,7 +59,7 @@ def run(input, out, model, samples, seed, backend, batch_size, ray_address, resu
 @click.argument("results")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(results, as_json) -> None:
-    """Summarise a results catalog (a results file or a directory of them)."""
+    """Summarise a results catalog (a results file, a directory of them or a run's --out)."""
     from .inspect import format_summary, summarize
 
     summary = summarize(results)

@@ -49,8 +49,9 @@ def run(input: str | os.PathLike, out: str | os.PathLike, *, model: str | os.Pat
 
     `model`: a shipped model name or a bundle directory (default `ob-default`); `samples`: MC-dropout
     samples S per member (default: the model's); `seed`: the dropout RNG seed; `backend`: auto,
-    triton, cpu or reference; `batch_size`: spectra per batch; `ray`: a Ray address or "auto" to run
-    on a Ray cluster (None: the local pipeline); `resume`: skip inputs whose results are complete.
+    triton, cpu or reference; `batch_size`: spectra per batch; `ray`: a Ray address, "auto" (the
+    running cluster) or "local" (start one here) to run on Ray (None: the local pipeline); `resume`:
+    skip inputs whose results are complete.
     Returns the run manifest (a dict); `exit_code(manifest)` gives the CLI's exit status.
     """
     spec = JobSpec(input=os.fspath(input), out=os.fspath(out),

@@ -128,7 +128,8 @@ def _grid(raw: dict) -> WavelengthGrid:
     try:
         return WavelengthGrid.from_dict(raw)
     except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"[grid]: not a wavelength grid ({exc!r}); expected kind, start, step, n") from exc
+        raise ConfigError(f"[grid]: not a wavelength grid ({exc!r}); expected kind, start, step, n (or "
+                          "values) and medium") from exc
 
 
 TOP_LEVEL = ("name", "output", "data", "grid", "preprocess", "architecture", "training", "calibration")

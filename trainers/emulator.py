@@ -8,9 +8,9 @@ the emulator learns what the engine's continuum normalisation leaves of the low-
 predicts the leading principal components of those spectra (folded into its last layer at export).
 Its per-pixel error is measured at the validation nodes, left out of its training (with a factor per
 row that follows v sin i: sharp lines are harder to emulate), and scaled so that the engine's median
-chi^2 on a clean validation survey is 1 at the highest SNR; the threshold above
-which the fit fits the diffuse band at 4428 A and the MODEL_MISMATCH thresholds are quantiles of the
-band's statistic, the ripple statistic, the chi^2 (per cell of SNR and v sin i; apart for the survey
+chi^2 on a clean validation survey is 1 at the highest SNR; the thresholds above which the fit fits
+each diffuse band (`engine.emulator.DIBS`) and the MODEL_MISMATCH thresholds are quantiles of the
+bands' statistics, the ripple statistic, the chi^2 (per cell of SNR and v sin i; apart for the survey
 without flux_err, whose noise the engine then estimates) and the veiling and broadening statistics on
 that survey.
 With the emulator in place, a model that sees its SNR has its SNR-conditional calibration fitted
@@ -54,14 +54,14 @@ SPLIT_SEEDS = {"train": 11, "val": 12, "test": 13, "val_clean": 14, "test_clean"
 # of clean ones (`calibrate_estimates`).
 UNDERSTATED_NOISE = (1.0, 1.5)
 # The emulator's error per row follows this label, measured in these bins (`emulator_error`): sharp
-# lines are harder to emulate (ob-default's factor of sigma: 1.83 at 5 km/s, 0.78 at 380 km/s).
+# lines are harder to emulate (ob-default's factor of sigma: 1.73 at 5 km/s, 0.85 at 380 km/s).
 SIGMA_LABEL = "vsini"
 SIGMA_EDGES = (0.0, 10.0, 20.0, 30.0, 45.0, 70.0, 100.0, 150.0, 220.0, 320.0, 450.0)
 # The chi^2 threshold is a quantile per cell of up to THRESHOLD_SNR_BINS equal-count bins of log10 SNR
 # and these bins of SIGMA_LABEL (`chi2_threshold`): on ob-default's clean validation survey the 99th
-# percentile is 1.07-1.08 at SNR 10-30 for every v sin i, but 2.0 for sharp lines (0-15 km/s) at SNR
-# 200-600 (4.5 while their given rvs, 2 km/s rms off, were left to the fit), where the emulator's error
-# dominates the noise. As many SNR bins as leave every cell THRESHOLD_CELL_ROWS rows.
+# percentile is 1.07-1.11 at every v sin i up to SNR ~70, but 1.50 for sharp lines (8 km/s) at SNR
+# ~500, where the emulator's error dominates the noise. As many SNR bins as leave every cell
+# THRESHOLD_CELL_ROWS rows.
 THRESHOLD_EDGES = (0.0, 15.0, 60.0, 200.0, math.inf)
 THRESHOLD_SNR_BINS = 4
 THRESHOLD_CELL_ROWS = 100

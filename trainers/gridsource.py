@@ -29,7 +29,7 @@ SPLIT_SEEDS = {"val": 1_000_001, "test": 1_000_002, "between": 1_000_003}  # wit
 @dataclass(frozen=True)
 class GridData:
     """`[data.grid]`: the grid file (relative to the config file), the nodes left out for validation
-    (calibration) and test, rows per epoch and per fixed split, how the survey observes and perturbs."""
+    and test, rows per epoch and per fixed split, how the survey observes and perturbs."""
 
     path: str
     medium: str = ""  # of a grid whose file states none (CSV, text spectra): "air" or "vacuum"; "" = air
@@ -72,10 +72,11 @@ class GridData:
                                                                               raw.get("val_nodes", []))]
             if repeated:
                 raise ConfigError(f"{where}[data.grid] {key}: {repeated} listed twice or in val_nodes too "
-                                  "(the test nodes must be unseen by the calibration)")
+                                  "(validation picks each member's best epoch, and the cross-fitted "
+                                  "figures fit a calibration on one set and score it on the other)")
         if raw.get("medium", "") not in ("", *MEDIA):
-            raise ConfigError(f"{where}[data.grid] medium must be 'air' or 'vacuum' (the grid file's where "
-                              f"it states one), got {raw['medium']!r}")
+            raise ConfigError(f"{where}[data.grid] medium must be 'air' or 'vacuum' (or absent: air), got "
+                              f"{raw['medium']!r}")
         metals = raw.get("perturbations", {}).get("metals", (0.0, 0.0))
         made = ("teff", "logg", "vsini", *(("metals",) if metals[1] > metals[0] else ()))
         if not set(cfg.data.targets) <= set(made):
