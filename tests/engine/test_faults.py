@@ -111,6 +111,42 @@ def test_bad_input_costs_only_the_bad_rows_and_the_corrupt_file(tmp_path: Path, 
     assert again["totals"]["rows_duplicate"] == 2  # counts of skipped files come from their markers
 
 
+def test_a_batch_that_raises_where_no_check_foresaw_it_costs_only_its_failing_rows(tmp_path: Path,
+                                                                                    tiny_bundle: Path,
+                                                                                    monkeypatch) -> None:
+    """Nothing is lost when the model itself raises: a batch whose preparation raises is prepared again
+    row by row and only the row that still raises fails; a batch whose inference raises keeps every
+    row, flagged, with the error. The other rows' results are those of a run without the fault."""
+    from starcast.engine.predictor import Model
+
+    cat = shard(tmp_path / "cat.parquet", list(range(10)))
+    run(cat, tmp_path / "clean", model=tiny_bundle, batch_size=5, progress=False)
+    clean = pq.read_table(tmp_path / "clean/results/cat.parquet").to_pylist()
+    prepare, infer = Model.prepare, Model.infer
+
+    def raising(method, row, message):
+        def wrapped(self, batch, **kwargs):
+            if row in batch.column("id").to_pylist():
+                raise RuntimeError(message)
+            return method(self, batch, **kwargs)
+        return wrapped
+
+    for name, method, row, failed, error in (
+            ("prepare", prepare, 3, [3], "preprocessing failed: RuntimeError: boom 3"),
+            ("infer", infer, 7, [5, 6, 7, 8, 9], "inference failed: RuntimeError: boom 7")):
+        monkeypatch.setattr(Model, name, raising(method, row, f"boom {row}"))
+        manifest = run(cat, tmp_path / name, model=tiny_bundle, batch_size=5, progress=False)
+        monkeypatch.setattr(Model, name, method)
+        rows = pq.read_table(tmp_path / name / "results/cat.parquet").to_pylist()
+        assert [r["id"] for r in rows] == list(range(10))
+        for i, (r, c) in enumerate(zip(rows, clean, strict=True)):
+            if i in failed:
+                assert r["error"] == error and r["flags"] & Flag.PREPROCESS_FAILED and r["teff"] is None
+            else:
+                assert r == c
+        assert manifest["totals"]["rows_failed"] == len(failed) and exit_code(manifest) == EXIT_PARTIAL
+
+
 def test_dictionary_encoded_ids_are_read_as_their_values(tmp_path: Path, tiny_bundle: Path) -> None:
     """As pandas writes a categorical id column: predicted, ids (strings) kept in order, a repeat
     flagged as any other."""
@@ -344,10 +380,8 @@ def test_a_glob_reaching_into_out_does_not_take_its_results_for_inputs(tmp_path:
 def test_an_unreachable_ray_address_fails_fast(tmp_path: Path, tiny_bundle: Path) -> None:
     pytest.importorskip("ray")
     cat = shard(tmp_path / "cat.parquet", list(range(10)))
-    t0 = time.monotonic()
     with pytest.raises(StarcastError, match="cannot connect to a Ray cluster at '127.0.0.1:1'"):
         run(cat, tmp_path / "out", model=tiny_bundle, ray="127.0.0.1:1", progress=False)
-    assert time.monotonic() - t0 < 30
     assert json.loads((tmp_path / "out/run-manifest.json").read_text())["state"] == "stopped"
     run(cat, tmp_path / "out", model=tiny_bundle, progress=False)  # no results yet: no --resume needed
 
@@ -366,10 +400,8 @@ def test_the_wait_for_ray_results_is_bounded_and_closes_its_source() -> None:
             closed.set()
 
     assert list(bounded(source(5), 5.0)) == list(range(5))
-    t0 = time.monotonic()
     with pytest.raises(StarcastError, match="no results from the Ray cluster for 0 s"):
-        list(bounded(source(2, block=True), 0.3))
-    assert time.monotonic() - t0 < 5
+        list(bounded(source(2, block=True), 0.3))  # unbounded, the source would end after 60 s unraised
     closed.clear()
     for item in bounded(source(100), 5.0):
         if item == 3:

@@ -21,7 +21,9 @@ N = 101
 
 def known_results(path: Path, chi2: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Rows 0..100: teff = 10000 + 100 i, sigmas growing with i; rows 3 and 7 failed; every
-    10th row OUT_OF_RANGE; row 3 also NON_FINITE; with `chi2` [N], a model with an emulator's columns."""
+    10th row OUT_OF_RANGE; row 3 also NON_FINITE; rows 1, 2 and 20 UPPER_LIMIT and rows 1 and 5
+    RV_ESTIMATED (bits that describe a number rather than doubt it); with `chi2` [N], a model with an
+    emulator's columns."""
     i = np.arange(N, dtype=np.float64)
     failed = np.isin(i, [3, 7])
     cols = {"id": pa.array(i.astype(np.int64))}
@@ -32,6 +34,8 @@ def known_results(path: Path, chi2: np.ndarray | None = None) -> dict[str, np.nd
     flags = np.where(i % 10 == 0, int(Flag.OUT_OF_RANGE), 0)
     flags |= np.where(failed, int(Flag.PREPROCESS_FAILED), 0)
     flags[3] |= Flag.NON_FINITE
+    flags[[1, 2, 20]] |= Flag.UPPER_LIMIT
+    flags[[1, 5]] |= Flag.RV_ESTIMATED
     if chi2 is not None:
         cols |= {"chi2": pa.array(chi2, mask=failed), "chi2_pixels": pa.array(np.full(N, 1951, np.int32)),
                  "rv": pa.array(np.zeros(N), mask=failed), "rv_err": pa.array(np.ones(N), mask=failed)}
@@ -46,9 +50,10 @@ def test_summary_of_a_known_results_file(tmp_path: Path) -> None:
     values = known_results(tmp_path / "r.parquet")
     s = summarize(tmp_path / "r.parquet")
     assert (s["rows"], s["rows_predicted"], s["rows_failed"]) == (N, N - 2, 2)
-    assert s["rows_flagged"] == 11 + 2  # rows 0, 10, ..., 100 and the two failed rows
+    assert s["rows_flagged"] == 11 + 2  # rows 0, 10, ..., 100 and the two failed rows (not 1, 2 or 5)
     assert s["flags"] == {**dict.fromkeys(Flag.__members__, 0),  # every bit counted, the unused ones 0
-                          "NON_FINITE": 1, "OUT_OF_RANGE": 11, "PREPROCESS_FAILED": 2}
+                          "NON_FINITE": 1, "OUT_OF_RANGE": 11, "PREPROCESS_FAILED": 2, "UPPER_LIMIT": 3,
+                          "RV_ESTIMATED": 2}
     assert s["top_errors"] == [{"error": "bad row", "rows": 2, "alike": 0}]
     teff = s["targets"]["teff"]
     assert (teff["min"], teff["max"]) == (10000.0, 20000.0)
