@@ -205,3 +205,30 @@ def test_cli_runs_a_job_spec_and_options_override_it(tmp_path: Path, tiny_bundle
     assert result.exit_code == EXIT_OK, result.output
     manifest = json.loads((tmp_path / "out/run-manifest.json").read_text())
     assert (manifest["seed"], manifest["batch_size"], manifest["totals"]["rows_out"]) == (4, 8, 20)
+
+
+def test_the_cli_options_reach_the_run_and_a_run_with_other_samples_is_not_resumed(tmp_path: Path,
+                                                                                  tiny_bundle: Path) -> None:
+    """--samples, --seed and --backend are the run's (its numbers those of `predict` with them), and
+    --resume continues only a run with the same ones."""
+    from starcast.engine.predictor import load_model
+
+    cat = catalog(tmp_path / "cat.parquet", range(20))
+    args = [str(cat), "--out", str(tmp_path / "out"), "--model", str(tiny_bundle), "--no-progress",
+            "--samples", "2", "--seed", "3", "--backend", "reference"]
+    result = CliRunner().invoke(run_command, args)
+    assert result.exit_code == EXIT_OK, result.output
+    results = pq.read_table(tmp_path / "out/results/cat.parquet")
+    meta = results.schema.metadata
+    assert (meta[b"starcast.samples"], meta[b"starcast.seed"], meta[b"starcast.backend"]) == (b"2", b"3",
+                                                                                             b"reference")
+    expected = load_model(tiny_bundle).predict(pq.read_table(cat), samples=2, seed=3, backend="reference")
+    other = load_model(tiny_bundle).predict(pq.read_table(cat), samples=4, seed=3, backend="reference")
+    np.testing.assert_array_equal(results["teff"].to_numpy(), expected["teff"].to_numpy())
+    assert not np.array_equal(results["teff"].to_numpy(), other["teff"].to_numpy())
+    assert CliRunner().invoke(run_command, [*args, "--resume"]).exit_code == EXIT_OK
+    assert json.loads((tmp_path / "out/run-manifest.json").read_text())["totals"]["files_skipped"] == 1
+    args[args.index("--samples") + 1] = "3"
+    refused = CliRunner().invoke(run_command, [*args, "--resume"])
+    assert refused.exit_code != EXIT_OK and "cannot resume" in str(refused.exception)
+    assert "'samples': 2" in str(refused.exception) and "'samples': 3" in str(refused.exception)

@@ -73,8 +73,12 @@ def test_an_rv_the_catalog_lacks_is_estimated_and_the_numbers_are_as_at_rest(mod
     assert not ((known.column("flags").to_numpy() & Flag.RV_ESTIMATED) != 0).any()
     residual = estimated.column(RV).to_numpy() - truth
     assert np.sqrt(np.mean(residual**2)) < 3.0, residual
-    pull = residual / estimated.column(RV_ERR).to_numpy()
+    rv_err = estimated.column(RV_ERR).to_numpy()
+    pull = residual / rv_err
     assert 0.5 < np.mean(np.abs(pull) <= 1.0) < 0.95  # rv_err is a sigma, on the safe side
+    # with the 1 km/s systematic of docs/results.md in quadrature, which dominates for sharp lines
+    sharp = at_rest.column("vsini").to_numpy() < 40.0
+    assert rv_err.min() >= 1.0 and np.median(rv_err[sharp]) < 1.2, (rv_err.min(), np.median(rv_err[sharp]))
     for t in TARGETS:
         assert rmse(estimated, at_rest, t) < 1.2 * rmse(known, at_rest, t), t
 

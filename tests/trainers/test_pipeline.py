@@ -5,9 +5,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-pytest.importorskip("starcast.engine.predictor", reason="needs the engine's predictor (issue 4)")
-
 from starcast.engine.bundle import load_bundle
 from starcast.engine.emulator import EMULATOR_FILE
 from starcast.engine.predictor import load_model
