@@ -3,6 +3,7 @@ file, checked against numpy."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,9 @@ def test_inspect_command_reads_a_run_folder_and_prints_the_tables(tmp_path: Path
     assert "OUT_OF_RANGE" in result.output and "without a completion marker" not in result.output
     teff_line = next(line for line in result.output.splitlines() if line.startswith("teff"))
     assert teff_line.split()[1:4] == ["10000", "15100", "20000"]
+    as_json = CliRunner().invoke(inspect_command, [str(tmp_path / "out"), "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.output) == json.loads(json.dumps(
+        summarize(tmp_path / "out")))
 
 
 def test_inspect_without_results_is_a_clear_error(tmp_path: Path) -> None:

@@ -85,6 +85,57 @@ def test_a_polynomial_continuum_without_lines_is_fitted_to_the_noise_limit():
     assert np.max(np.abs(out / cont - 1)) < 0.002  # noise limit ~ 0.01 * sqrt(4 / 4000) = 3e-4
 
 
+def clipped_lstsq_continuum(y, sigma, good, basis, params, correlation=1.0):
+    """The documented rule of `fit_continuum` written plainly: each round a NumPy least-squares fit
+    to the kept pixels, then every good pixel kept or not by its own residual, its window's mean
+    residual and its height above that mean, until the kept set or the fit stops changing."""
+    clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
+    k, d = basis.shape
+    half, idx = window // 2, np.arange(basis.shape[1])
+    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, d)
+    in_window = [slice(a, b) for a, b in zip(lo, hi, strict=True)]
+    count = np.array([good[w].sum() for w in in_window], float)
+    var = np.where(good, sigma**2, 0.0)
+    window_below = -clip_window_low * np.sqrt(np.minimum(correlation, count) * np.array(
+        [var[w].sum() for w in in_window])) / count
+    tolerance = 1e-2 * np.sqrt(var.sum() / good.sum())
+    keep, previous = good.copy(), np.full(k, np.inf)
+    min_keep = max(k + 1, int(min_keep_fraction * good.sum()))
+    for _ in range(max_iter):
+        coef = np.linalg.lstsq(basis[:, keep].T, y[keep], rcond=None)[0]
+        fit = coef @ basis
+        if np.abs(coef - previous).sum() < tolerance:
+            return fit
+        previous = coef
+        residual = np.where(good, y - fit, 0.0)
+        mean_r = np.array([residual[w].sum() for w in in_window]) / count
+        new_keep = good & (residual > -clip_low * sigma) & (mean_r > window_below) & (
+            residual - mean_r < clip_high * sigma)
+        if (new_keep == keep).all() or new_keep.sum() < min_keep:
+            return fit
+        keep = new_keep
+    return np.linalg.lstsq(basis[:, keep].T, y[keep], rcond=None)[0] @ basis
+
+
+@pytest.mark.parametrize("correlation", [1.0, 3.0])
+def test_continuum_fit_is_the_clipped_least_squares_fit_numpy_gives(correlation):
+    """Against a plain NumPy transcription of the rule (least squares by `numpy.linalg.lstsq`, not the
+    kernel's normal equations updated pixel by pixel): the same continuum on toy spectra with lines,
+    bad pixels and a spike, for the default settings and ones that clip harder."""
+    wl, flux, err, _ = toy_spectra(6, 22000, 3.5, 100, snr=80, seed=11)
+    rng = np.random.default_rng(12)
+    basis, gram = continuum_basis(GRID, 4)
+    for params in ((2.0, 2.0, 3.0, 25, 20, 0.1), (1.0, 1.0, 2.0, 9, 50, 0.3)):
+        for f, e in zip(flux, err, strict=True):
+            y, sigma = resample(wl, f, GRID), resample(wl, e, GRID)
+            good = rng.uniform(size=GRID.size) > 0.05
+            y[rng.integers(0, GRID.size)] += 0.5  # a cosmic ray
+            out = np.empty(GRID.size)
+            assert fit_continuum(y, sigma, good, basis, gram, params, out, correlation)
+            expected = clipped_lstsq_continuum(y, sigma, good, basis, params, correlation)
+            np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9)
+
+
 def test_continuum_fit_reports_failure_when_singular():
     good = np.zeros(4000, bool)
     good[:2] = True

@@ -197,6 +197,25 @@ def test_bad_data_gets_the_right_flags_and_messages_and_the_batch_goes_on():
         np.testing.assert_array_equal(out.x[i], alone.x[0])
 
 
+def test_rows_no_continuum_can_be_fitted_to_or_put_at_rest_fail_with_their_reason():
+    """The reasons results.md lists for a row without numbers, each on its row alone: flux zero on
+    every pixel, a continuum that dips below zero (a step down to 1e-6), one pixel, an rv faster than
+    light or not finite; a good row beside them is as it is alone."""
+    n = len(SOURCE)
+    flux = [*spectra(1, seed=8), np.zeros(n), np.r_[np.ones(n // 2), np.full(n - n // 2, 1e-6)], [1.0],
+            *spectra(2, seed=9)]
+    wl = [SOURCE, SOURCE, SOURCE, [4400.0], SOURCE, SOURCE]
+    table = pa.table({"flux": list_column(flux, "list"), "wavelength": list_column(wl, "list", pa.float64()),
+                      "flux_err": list_column([np.full(len(w), 0.01) for w in wl], "list"),
+                      "rv": [0.0, 0.0, 0.0, 0.0, 4.0e5, np.inf]})
+    out = preprocess(table, GRID, PreprocessSettings())
+    assert out.errors == [None, "the flux is zero on every good pixel",
+                          "the fitted continuum is not positive everywhere", "fewer than 2 pixels",
+                          *["rv is not finite or not slower than light"] * 2]
+    assert ((out.flags & Flag.PREPROCESS_FAILED) != 0).tolist() == [False] + [True] * 5
+    np.testing.assert_array_equal(out.x[0], preprocess(table.slice(0, 1), GRID, PreprocessSettings()).x[0])
+
+
 @pytest.mark.parametrize("method", ["flux", "linear"])
 def test_a_few_input_pixels_stretched_over_the_grid_are_too_few_good_pixels(method):
     # 2, 5 or 49 pixels across the model grid rebin/interpolate to hundreds of "good" grid pixels.

@@ -88,6 +88,25 @@ def test_eval_cli_split_selects_truth_rows(tmp_path):
     assert json.loads((tmp_path / "r" / "report.json").read_text())["rows"]["scored"] == 100
 
 
+def test_eval_cli_scores_an_ood_set_and_takes_the_resolution_given(tmp_path):
+    """--ood: the AUROC of each epistemic sigma against those of another results file; --vsini-min:
+    the v sin i above which its RMSE at high SNR is given."""
+    truth, results, *_, epi = _tables()
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    pq.write_table(results.slice(200), tmp_path / "results.parquet")
+    pq.write_table(results.slice(0, 200), tmp_path / "ood.parquet")
+    res = CliRunner().invoke(eval_, [str(tmp_path / "results.parquet"), "--truth",
+                                     str(tmp_path / "truth.parquet"), "--out", str(tmp_path / "r"),
+                                     "--ood", str(tmp_path / "ood.parquet"), "--vsini-min", "30",
+                                     "--min-match", "0.5"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert (report["ood"]["rows_in"], report["ood"]["rows_out"]) == (1800, 200)
+    for k, t in enumerate(NAMES):
+        assert report["ood"]["auroc_epistemic_sigma"][t] == pytest.approx(auroc(epi[200:, k], epi[:200, k]))
+    assert report["rmse_at_high_snr"]["vsini_min"] == 30.0
+
+
 def test_a_duplicated_id_pairs_its_rows_in_order_and_each_is_scored_once():
     """Ids repeated in the input are predicted once per row (in the input's order): the k-th result row
     of an id is scored against the k-th truth row of that id, not against all of them."""
