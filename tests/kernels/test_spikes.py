@@ -7,7 +7,6 @@ import pytest
 from starcast.catalogs.grids import read_grid
 from starcast.catalogs.gridsynth import survey_table
 from starcast.catalogs.schema import FLUX, FLUX_ERR, spectrum_array
-from starcast.engine.bundle import available_models
 from starcast.engine.predictor import load_model
 from starcast.kernels.preprocess import PreprocessSettings, preprocess
 
@@ -19,8 +18,6 @@ OFF = PreprocessSettings(spike_sigma=0.0)
 
 @pytest.fixture(scope="module")
 def model():
-    if "ob-default" not in available_models():
-        pytest.skip("the shipped model is not installed")
     return load_model("ob-default")
 
 
