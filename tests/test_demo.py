@@ -1,8 +1,11 @@
 """The README's main command, end to end on a tiny model: synthesise, predict, summarise, score."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
 from starcast.cli import cli
@@ -17,7 +20,14 @@ def test_demo_predicts_every_synthesised_spectrum_and_writes_plots(tmp_path: Pat
     results = pq.read_table(out / "predictions" / "results")  # a plain Parquet dataset
     truth = pq.read_table(out / "catalog", columns=["id"])
     assert sorted(results.column("id").to_pylist()) == sorted(truth.column("id").to_pylist())
-    assert (out / "eval" / "report.json").is_file()
+    report = json.loads((out / "eval" / "report.json").read_text())
+    truth = pq.read_table(out / "catalog", columns=["id", "teff"]).to_pydict()
+    true_teff = dict(zip(truth["id"], truth["teff"], strict=True))
+    scored = [(t, true_teff[i]) for i, t in zip(results["id"].to_pylist(), results["teff"].to_pylist(),
+                                                strict=True) if t is not None]
+    error = np.array([t - true for t, true in scored])
+    assert report["rows"]["scored"] == len(scored) > 0
+    assert report["targets"]["teff"]["rmse"] == pytest.approx(np.sqrt(np.mean(error**2)))
     assert list((out / "eval").glob("*.png"))
     assert "metrics and plots" in result.output
 
