@@ -1,5 +1,5 @@
 """The traps a new user meets, each answered by one line and exit 2: inspect on an input catalog, eval
-against the wrong truth catalog, a run whose only input is unreadable."""
+against the wrong truth catalog, a run whose only input is unreadable; --debug for the traceback."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+import starcast
 from starcast.cli import main
+from starcast.errors import StarcastError
 
 TARGETS = ("teff", "logg", "vsini")
 
@@ -81,3 +84,15 @@ def test_a_run_whose_only_input_is_unreadable_exits_2(tmp_path, capsys, tiny_bun
     code, output = run_cli(["run", str(corrupt), "--out", str(tmp_path / "out"), "--model", str(tiny_bundle),
                             "--no-progress"], capsys)
     assert code == 2 and "corrupt.parquet" in output
+
+
+def test_debug_shows_the_traceback_the_one_line_error_stands_for_and_version_names_the_release(tmp_path,
+                                                                                                capsys):
+    argv = ["inspect", str(truth(tmp_path / "input.parquet", range(3)))]
+    code, output = run_cli(argv, capsys)
+    assert code == 2 and output.startswith("error: ") and "Traceback" not in output
+    with pytest.raises(StarcastError) as raised:
+        main(["--debug", *argv])
+    assert str(raised.value) in output
+    code, output = run_cli(["--version"], capsys)
+    assert code == 0 and output.strip() == f"starcast, version {starcast.__version__}"
