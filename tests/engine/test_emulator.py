@@ -84,6 +84,27 @@ def test_reduced_chi2_is_the_stated_formula_on_the_prepared_rows(tmp_path):
     assert 0.9 < np.median(expected) < 1.1
 
 
+def test_reduced_chi2_counts_the_continuum_labels_and_rv_the_fit_fitted(tmp_path):
+    """With a continuum and refined labels, the sum over the fit's pixels of the weighted squared
+    residual of its final spectrum (`Emulator.fitted` at the fitted labels and rv) is divided by their
+    number less the continuum's degree + 1 and the labels and rv (one each)."""
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu"), sigma=0.003, refine_steps=1,
+                                    continuum_degree=2))
+    prepared = model.prepare(_table(catalog(40, 100.0)))
+    x = np.stack(prepared.column("x").to_numpy(zero_copy_only=False))[:, :TINY_GRID.n].astype(np.float32)
+    ivar = np.stack(prepared.column(PREPARED_IVAR).to_numpy(zero_copy_only=False)).astype(float)
+    emu = model.emulator
+    start = np.tile([20000.0, 3.5, 100.0], (len(x), 1))
+    fit = emu.chi2(x, ivar, start)
+    weight = emu.pixel_weight(ivar, emu.sigma_factor(start))
+    residual = x - emu.fitted(x, weight, fit.labels, fit.rv)
+    n = (weight > 0).sum(axis=1)
+    expected = (residual.astype(float) ** 2 * weight).sum(axis=1) / (n - 3 - 4)
+    assert np.isfinite(fit.labels).all() and np.abs(fit.rv).max() > 0  # the labels and rv were fitted
+    np.testing.assert_allclose(fit.chi2, expected, rtol=1e-5)
+    np.testing.assert_array_equal(fit.pixels, n)
+
+
 def test_the_emulators_sigma_is_scaled_per_row_by_its_factor_at_the_rows_label(tmp_path, monkeypatch):
     """With `sigma_scaling`, each row's sigma_emu is sigma times the factor interpolated (held beyond
     the knots) at the row's starting v sin i, in the chi^2 and in the fit's weights (over chunks of
