@@ -131,3 +131,18 @@ def test_import_fits_command_writes_a_catalog_with_medium_resolving_power_and_pi
     assert meta[META_MEDIUM.encode()] == b"air" and meta[META_RESOLVING_POWER.encode()] == b"20000.0"
     assert meta[META_PIXELS.encode()] == b"integrated"
     assert table.column("id").to_pylist() == ["s"]
+
+
+def test_import_fits_command_reads_the_hdu_asked_for(tmp_path):
+    """A file with a spectrum in its primary image and another in a table extension: the first by
+    default, the table's with --hdu 1."""
+    table_hdu = fits.BinTableHDU.from_columns([fits.Column("wave", "D", array=np.linspace(5000.0, 5049.0, N)),
+                                               fits.Column("flux", "E", array=np.full(N, 3.0))])
+    path = image(tmp_path / "s.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0}, extra=[table_hdu])
+    for args, first, flux in (([], 4000.0, 1.0), (["--hdu", "1"], 5000.0, 3.0)):
+        out = tmp_path / f"o{len(args)}"
+        result = CliRunner().invoke(import_fits_command, [str(path), "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        table = read_catalog(out)
+        assert wavelengths(table)[0] == pytest.approx(first)
+        assert table.column("flux")[0].as_py()[0] == flux
