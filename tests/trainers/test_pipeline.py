@@ -116,6 +116,12 @@ def test_train_command_writes_a_loadable_bundle(tmp_path):
     res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet", "--overwrite"])
     assert isinstance(res.exception, OutputError) and "notes.txt" in str(res.exception)
     assert (out / "notes.txt").read_text() == "mine"
+    # --out and --epochs override the config's output and training.epochs
+    res = CliRunner().invoke(train, [str(tmp_path / "c.toml"), "--quiet", "--out", str(tmp_path / "other"),
+                                     "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert load_bundle(tmp_path / "other").manifest["provenance"]["epochs_run"] == 1
+    assert first["provenance"]["epochs_run"] == 2 and (out / "notes.txt").read_text() == "mine"
 
 
 def test_manifest_records_the_dropout_rate_the_masks_apply(trained):
