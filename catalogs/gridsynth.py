@@ -269,14 +269,20 @@ class BroadenedLibrary:
         return self.nodes / NODE_SCALE
 
 
-def interior_nodes(nodes: np.ndarray) -> np.ndarray:
-    """Indices of the (teff, logg) nodes whose four axis neighbours at GRID_STEP are nodes too: left
-    out, each is a star between nodes, like the models the grid's README withholds."""
+def holes(nodes: np.ndarray, shape: tuple = ((0, 0),)) -> list[tuple[int, list[int]]]:
+    """(node, the nodes of its hole) for every (teff, logg) node where the hole `shape` (steps of
+    GRID_STEP from the node) lies in the grid with every axis neighbour of the hole a node too: left
+    out, the hole's stars are between nodes, like the models the grid's README withholds (the default
+    shape: the node alone)."""
     steps = np.round(nodes / GRID_STEP).astype(np.int64)
-    known = set(map(tuple, steps))
-    return np.array([n for n, (t, g) in enumerate(steps)
-                     if all((t + dt, g + dg) in known for dt, dg in ((-1, 0), (1, 0), (0, -1), (0, 1)))],
-                    dtype=np.int64)
+    index = {tuple(s): i for i, s in enumerate(steps)}
+    found = []
+    for n, (t, g) in enumerate(steps):
+        hole = {(t + dt, g + dg) for dt, dg in shape}
+        ring = {(a + da, b + db) for a, b in hole for da, db in ((-1, 0), (1, 0), (0, -1), (0, 1))} - hole
+        if hole <= index.keys() and ring <= index.keys():
+            found.append((n, [index[h] for h in hole]))
+    return found
 
 
 def _rungs(ladder: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
