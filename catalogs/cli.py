@@ -75,7 +75,8 @@ def _summary(out: Path, paths: list[Path], seconds: float) -> str:
                    "inside the grid's range.")
 @click.option("--grid-medium", type=click.Choice(["air", "vacuum"]), default=None,
               help="With --grid: the medium of the grid's wavelengths where its file states none (a CSV, "
-                   "text spectra) [default: air]; a file that states another is an error.")
+                   "text spectra, an npz's plain `wavelength`) [default: air]; a file that states another "
+                   "is an error.")
 def synth(n: int | None, out: Path, mode: str, seed: int, shard_rows: int, snr: str,
           grid: Path | None, wavelengths: str | None, grid_medium: str | None) -> None:
     """Synthesise a survey of OB-star spectra (4000-4800 A, R = 20000) as Parquet shards.

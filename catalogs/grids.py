@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..errors import CatalogError
-from .medium import MEDIA
+from .medium import MEDIA, check_medium
 
 PARAMS = ("teff", "logg")  # K, dex (cgs): the axes a grid spans
 # BSTAR2006/OSTAR2002 model names (Lanz & Hubeny 2003, 2007): BG20000g350v2 = Teff 20 000 K,
@@ -98,8 +98,11 @@ def read_grid(path: str | Path, *, medium: str | None = None, name_pattern: str 
 def _medium(stated: str | None, given: str | None, path: Path) -> str:
     """A grid's medium: what its file states, else `given`, else air; a file that states another than
     `given` is an error (its wavelengths would be taken 1.2 A off at 4500 A)."""
-    if given not in (None, *MEDIA):
-        raise CatalogError(f"a grid's medium is 'air' or 'vacuum', not {given!r}", file=str(path))
+    if given is not None:
+        try:
+            check_medium(given, "a grid's medium")
+        except ValueError as exc:
+            raise CatalogError(str(exc), file=str(path)) from None
     if stated is not None and given is not None and stated != given:
         raise CatalogError(f"the grid's file states its wavelengths are in {stated}, not in {given} as given",
                            file=str(path))

@@ -132,10 +132,10 @@ def format_summary(summary: dict) -> str:
         elif chi2["q50"] < OVERSTATED_CHI2:
             hint = ("hint: most spectra scatter less about the model than their stated noise: flux_err "
                     f"likely overstates it, by ~{chi2['q50'] ** -0.5:.2f}x; the networks read the spectra as "
-                    "that much noisier (the sigmas are narrowed by chi2 to make up for it). Scale flux_err "
-                    "down by that, or leave it out and the "
-                    "noise is estimated from the flux (DER_SNR). Spectra given without flux_err read low "
-                    "too where that estimate takes sharp lines' fine structure for noise (high SNR).")
+                    "that much noisier (the aleatoric sigmas are narrowed by chi2 to make up for it). Scale "
+                    "flux_err down by that, or leave it out and the noise is estimated from the flux "
+                    "(DER_SNR). Spectra given without flux_err read low too where that estimate takes sharp "
+                    "lines' fine structure for noise (high SNR).")
             lines += textwrap.wrap(hint, width=100, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)
 

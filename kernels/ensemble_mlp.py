@@ -29,9 +29,10 @@ so on `survey` (fp16, 128 slabs on an H100) the slabs in use total 36-42 MB (com
 not measured), of the order of the H100's 50 MB L2 — mostly L2 traffic, part may spill to HBM.
 `tl.debug_barrier()` orders a layer's writes before the next reads.
 
-Correctness is tested under TRITON_INTERPRET=1 at small shapes; speed was measured once, on an H200
-and the `seed` shapes only (`bash bench/gpu_check.sh` runs the tests and benches; bench/results/
-nvidia_h200): `survey` shapes and other GPUs are unmeasured. Autotuning
+Correctness: tests under TRITON_INTERPRET=1 at small shapes, and the tests and the precision bench on
+an H200 at the shipped model's shapes; speed: measured on an H200 at the `seed` shapes only
+(`bash bench/gpu_check.sh` runs the tests and benches; bench/results/nvidia_h200); `survey` shapes
+and other GPUs unmeasured. Autotuning
 ignores the batch size, so within one process a spectrum's result does not depend on its batch; a
 different autotune pick (another run or device) can change results by rounding only.
 

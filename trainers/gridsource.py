@@ -32,7 +32,7 @@ class GridData:
     and test, rows per epoch and per fixed split, how the survey observes and perturbs."""
 
     path: str
-    medium: str = ""  # of a grid whose file states none (CSV, text spectra): "air" or "vacuum"; "" = air
+    medium: str = ""  # "air" or "vacuum": of a grid whose file states none (`read_grid`); "": air
     val_nodes: list = field(default_factory=list)  # [[teff, logg], ...]
     test_nodes: list = field(default_factory=list)
     per_epoch: int = 40000
@@ -75,8 +75,8 @@ class GridData:
                                   "(validation picks each member's best epoch, and the cross-fitted "
                                   "figures fit a calibration on one set and score it on the other)")
         if raw.get("medium", "") not in ("", *MEDIA):
-            raise ConfigError(f"{where}[data.grid] medium must be 'air' or 'vacuum' (or absent: air), got "
-                              f"{raw['medium']!r}")
+            raise ConfigError(f"{where}[data.grid] medium must be 'air' or 'vacuum' (or absent: the file's, "
+                              f"else air), got {raw['medium']!r}")
         metals = raw.get("perturbations", {}).get("metals", (0.0, 0.0))
         made = ("teff", "logg", "vsini", *(("metals",) if metals[1] > metals[0] else ()))
         if not set(cfg.data.targets) <= set(made):
@@ -123,7 +123,8 @@ class GridSource:
         if grid.medium != cfg.grid.medium or self.obs.medium != cfg.grid.medium:
             raise ConfigError(f"{self.where}the model's [grid] is in {cfg.grid.medium}, [data.grid]'s "
                               f"spectra in {grid.medium} and [data.grid.observation] in {self.obs.medium}: "
-                              "they must agree ([data.grid] medium gives a CSV or text grid's)")
+                              "they must agree ([data.grid] medium gives it for a grid whose file states "
+                              "none)")
         cache = self.data.resolve(self.data.cache, cfg.source) if self.data.cache else None
         self.full = gridsynth.BroadenedLibrary.build(grid, self.obs,
                                                      metals=gridsynth.metals_ladder(self.pert.metals),

@@ -57,12 +57,20 @@ def test_a_grid_that_states_no_medium_is_in_the_one_given_and_one_that_states_an
     _text_grid(tmp_path / "text", small)
     for path in (csv_path, tmp_path / "text"):
         assert read_grid(path).medium == "air" and read_grid(path, medium="vacuum").medium == "vacuum"
+    plain = tmp_path / "plain.npz"  # a bare `wavelength` array states no medium
+    np.savez(plain, wavelength=small.wavelength, flux=small.flux, **small.params)
+    assert read_grid(plain).medium == "air" and read_grid(plain, medium="vacuum").medium == "vacuum"
     npz = write_npz(small, tmp_path / "grid.npz")
-    assert read_grid(npz, medium="air").medium == "air"
-    with pytest.raises(CatalogError, match="grid.npz: the grid's file states its wavelengths are in air, "
-                                           "not in vacuum as given"):
-        read_grid(npz, medium="vacuum")
-    with pytest.raises(CatalogError, match="grid.csv: a grid's medium is 'air' or 'vacuum', not 'AIR'"):
+    table = pa.table({"id": pa.array(np.arange(len(small.flux))),
+                      "flux": spectrum_array(small.flux, len(small.wavelength)), **small.params})
+    parquet = write_catalog(table, tmp_path / "grid.parquet",
+                            grid=WavelengthGrid.explicit(small.wavelength, "vacuum"))
+    assert read_grid(npz, medium="air").medium == "air" and read_grid(parquet).medium == "vacuum"
+    for path, stated, given in ((npz, "air", "vacuum"), (parquet, "vacuum", "air")):
+        with pytest.raises(CatalogError, match=f"{path.name}: the grid's file states its wavelengths are in "
+                                               f"{stated}, not in {given} as given"):
+            read_grid(path, medium=given)
+    with pytest.raises(CatalogError, match="grid.csv: a grid's medium must be 'air' or 'vacuum', got 'AIR'"):
         read_grid(csv_path, medium="AIR")
 
 

@@ -131,6 +131,21 @@ def _left_out_rms(library: gs.BroadenedLibrary, rung: int = 20) -> float:
     return float(np.sqrt(np.mean(np.square(err))))
 
 
+def test_holes_lie_in_the_grid_with_every_node_around_them():
+    """On a 5 x 4 lattice (15-19 kK, log g 3.0-3.75) without its 19 kK / 3.75 corner: a hole of one
+    node is one of the 3 x 2 interior nodes; one of two in Teff is anchored at 16 or 17 kK, log g 3.25
+    or 3.5, and holds its node and the next hotter one."""
+    t, g = np.meshgrid(15000.0 + 1000.0 * np.arange(5), 3.0 + 0.25 * np.arange(4), indexing="ij")
+    nodes = np.stack([t.ravel(), g.ravel()], axis=1)
+    nodes = nodes[~((nodes[:, 0] == 19000.0) & (nodes[:, 1] == 3.75))]
+    at = {tuple(node): i for i, node in enumerate(nodes.tolist())}
+    interior = {(tt, gg) for tt in (16000.0, 17000.0, 18000.0) for gg in (3.25, 3.5)}
+    assert {tuple(nodes[n]): hole for n, hole in gs.holes(nodes)} == {node: [at[node]] for node in interior}
+    pairs = {tuple(nodes[n]): sorted(hole) for n, hole in gs.holes(nodes, ((0, 0), (1, 0)))}
+    assert pairs == {(tt, gg): sorted([at[(tt, gg)], at[(tt + 1000.0, gg)]])
+                     for tt in (16000.0, 17000.0) for gg in (3.25, 3.5)}
+
+
 def test_weights_kept_per_star_lose_little_against_keeping_all(whole_grid, monkeypatch):
     """Leaving each interior node of the whole grid out, the truncated RBF recovers its spectrum
     within 1.15x the error of the untruncated one (measured 1.04x; keeping 20 weights: 1.7x)."""

@@ -377,7 +377,7 @@ def test_a_glob_reaching_into_out_does_not_take_its_results_for_inputs(tmp_path:
     assert [f["status"] for f in again["files"]] == ["skipped"]
 
 
-def test_an_unreachable_ray_address_fails_fast(tmp_path: Path, tiny_bundle: Path) -> None:
+def test_an_unreachable_ray_address_is_refused_naming_it(tmp_path: Path, tiny_bundle: Path) -> None:
     pytest.importorskip("ray")
     cat = shard(tmp_path / "cat.parquet", list(range(10)))
     with pytest.raises(StarcastError, match="cannot connect to a Ray cluster at '127.0.0.1:1'"):

@@ -4,7 +4,7 @@ Gaussian lines on a random cubic continuum, across Teff, log g, v sin i and SNR.
 import numpy as np
 import pyarrow as pa
 import pytest
-from starcast.kernels.continuum import continuum_basis, fit_continuum, noise_sigma
+from starcast.kernels.continuum import CONVERGED, continuum_basis, fit_continuum, noise_sigma
 from starcast.kernels.preprocess import PreprocessSettings, preprocess, resample
 
 C_KMS = 299792.458
@@ -91,14 +91,14 @@ def clipped_lstsq_continuum(y, sigma, good, basis, params, correlation=1.0):
     residual and its height above that mean, until the kept set or the fit stops changing."""
     clip_low, clip_window_low, clip_high, window, max_iter, min_keep_fraction = params
     k, d = basis.shape
-    half, idx = window // 2, np.arange(basis.shape[1])
+    half, idx = window // 2, np.arange(d)
     lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, d)
     in_window = [slice(a, b) for a, b in zip(lo, hi, strict=True)]
     count = np.array([good[w].sum() for w in in_window], float)
     var = np.where(good, sigma**2, 0.0)
     window_below = -clip_window_low * np.sqrt(np.minimum(correlation, count) * np.array(
         [var[w].sum() for w in in_window])) / count
-    tolerance = 1e-2 * np.sqrt(var.sum() / good.sum())
+    tolerance = CONVERGED * np.sqrt(var.sum() / good.sum())
     keep, previous = good.copy(), np.full(k, np.inf)
     min_keep = max(k + 1, int(min_keep_fraction * good.sum()))
     for _ in range(max_iter):

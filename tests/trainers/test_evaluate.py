@@ -91,7 +91,7 @@ def test_eval_cli_split_selects_truth_rows(tmp_path):
 def test_eval_cli_scores_an_ood_set_and_takes_the_resolution_given(tmp_path):
     """--ood: the AUROC of each epistemic sigma against those of another results file; --vsini-min:
     the v sin i above which its RMSE at high SNR is given."""
-    truth, results, *_, epi = _tables()
+    truth, results, y, mean, _, epi = _tables()
     pq.write_table(truth, tmp_path / "truth.parquet")
     pq.write_table(results.slice(200), tmp_path / "results.parquet")
     pq.write_table(results.slice(0, 200), tmp_path / "ood.parquet")
@@ -104,7 +104,10 @@ def test_eval_cli_scores_an_ood_set_and_takes_the_resolution_given(tmp_path):
     assert (report["ood"]["rows_in"], report["ood"]["rows_out"]) == (1800, 200)
     for k, t in enumerate(NAMES):
         assert report["ood"]["auroc_epistemic_sigma"][t] == pytest.approx(auroc(epi[200:, k], epi[:200, k]))
-    assert report["rmse_at_high_snr"]["vsini_min"] == 30.0
+    snr = truth.column("snr").to_numpy()[::-1]  # in id order
+    rows = (snr >= 100) & (y[:, 2] > 30.0) & (np.arange(len(y)) >= 200)
+    assert report["rmse_at_high_snr"]["vsini_min"] == 30.0 and report["rmse_at_high_snr"]["rmse"][
+        "vsini"] == pytest.approx(np.sqrt(np.mean((mean[rows, 2] - y[rows, 2]) ** 2)))
 
 
 def test_a_duplicated_id_pairs_its_rows_in_order_and_each_is_scored_once():
