@@ -375,10 +375,11 @@ class Survey:
 
 
 def labels_at(nodes: np.ndarray, pert: Perturbations, rng: np.random.Generator) -> dict:
-    """Stars at `nodes` (B, 2: Teff, log g) with v sin i, and metals where `pert` spans some, uniform."""
+    """Stars at `nodes` (B, 2: Teff, log g) with v sin i uniform, and metals uniform where `pert` spans
+    some, else its one value (0 by default: the grid's own composition)."""
     labels = {"teff": nodes[:, 0], "logg": nodes[:, 1], "vsini": rng.uniform(*pert.vsini, len(nodes))}
-    if pert.metals[1] > pert.metals[0]:
-        labels["metals"] = rng.uniform(*pert.metals, len(nodes))
+    spans = pert.metals[1] > pert.metals[0]
+    labels["metals"] = rng.uniform(*pert.metals, len(nodes)) if spans else np.full(len(nodes), pert.metals[0])
     return labels
 
 

@@ -223,9 +223,11 @@ def test_stars_are_drawn_only_between_models_that_span_both_axes_and_in_their_bo
         gs.draw_labels(library, 5, gs.Perturbations(teff=(31000.0, 32000.0)), rng)
 
 
-def test_labels_carry_metals_where_the_perturbations_span_some(library):
+def test_labels_carry_metals_drawn_where_the_perturbations_span_some_else_their_one_value(library):
     rng = np.random.default_rng(2)
-    assert "metals" not in gs.draw_labels(library, 10, gs.Perturbations(), rng)
+    np.testing.assert_array_equal(gs.draw_labels(library, 10, gs.Perturbations(), rng)["metals"], 0.0)
+    fixed = gs.draw_labels(library, 10, gs.Perturbations(metals=(0.2, 0.2)), rng)["metals"]
+    np.testing.assert_array_equal(fixed, 0.2)
     labels = gs.draw_labels(library, 200, gs.Perturbations(metals=(-0.3, 0.3)), rng)
     assert labels["metals"].min() >= -0.3 and labels["metals"].max() <= 0.3 and labels["metals"].std() > 0.1
     assert list(gs.metals_ladder((-0.3, 0.3))) == [-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3]
