@@ -49,8 +49,7 @@ def survey(lib: gs.BroadenedLibrary, n: int, defect: dict, seed: int):
     pert = gs.Perturbations(snr=(ISSUE_SNR_EDGES[0], ISSUE_SNR_EDGES[-1]), vsini=(15.0, 450.0),
                             rv_error_kms=0.0, **{**clean, **defect})
     rng = np.random.default_rng(seed)
-    labels = gs.labels_at(lib.nodes[rng.integers(0, len(lib.nodes), n)], pert, rng)
-    labels["metals"] = np.zeros(n)
+    labels = gs.labels_at(lib.nodes[rng.integers(0, len(lib.nodes), n)], pert, rng)  # metals 0
     table = gs.draw_survey(lib, labels, pert, rng).table(lib.obs)
     return labels, table.drop_columns(list(labels))
 
