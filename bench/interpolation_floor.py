@@ -64,9 +64,16 @@ def interpolation(neighbours: int | None, logg_unit: float):
 def offsets(full, rungs: list[int], shape: tuple = ((0, 0),)) -> tuple[np.ndarray, np.ndarray]:
     """(truth, fitted - truth), (nodes x rungs, 3): each node where the hole `shape` fits
     (`gridsynth.holes`) fitted from the nodes outside the hole."""
+    return fitted_offsets(full, rungs, gridsynth.holes(full.nodes, shape))
+
+
+def fitted_offsets(full, rungs: list[int],
+                   cases: list[tuple[int, list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, fitted - truth), (cases x rungs, 3): for each (node, hole) of `cases`, the node's
+    spectrum at the v sin i `rungs` fitted noise-free from the nodes of `full` outside the hole."""
     flux = np.asarray(full.flux)[:, 0]
     truth, fitted = [], []
-    for n, hole in gridsynth.holes(full.nodes, shape):
+    for n, hole in cases:
         others = full.subset(np.setdiff1d(np.arange(len(full.nodes)), hole))
         theta = np.array([[*full.nodes[n], full.vsini[r]] for r in rungs])
         spectra = flux[n, rungs].astype(np.float64)

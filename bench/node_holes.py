@@ -10,6 +10,10 @@ the two: stars at each left-out node (validation and test) and at as many traini
 the same range, slow rotators (v sin i 5-80 km/s) at one SNR (300), no ripple, gap or rv error, so
 that little but the estimator's systematic remains; per node the mean error in units of the median
 reported sigma, and over the nodes its mean and the share of nodes where it is negative.
+Beside the left-out nodes' bias, what the generator's interpolation itself gets wrong there: each
+left-out node's spectrum (v sin i INTERPOLATION_VSINI, no noise) fitted from the training nodes as
+`interpolation_floor.py` fits it, the correlation over the nodes of that offset with the bias, and
+the bias per unit of offset (least squares through 0).
 
 Run: `python bench/node_holes.py [--per-node 200] [--snr 300]`. Writes bench/results/node_holes.json
 and .md.
@@ -24,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from interpolation_floor import TARGETS, fitted_offsets
 from preprocess_bench import machine
 from starcast.catalogs import gridsynth
 from starcast.engine.predictor import load_model
@@ -32,6 +37,7 @@ from starcast.trainers.gridsource import GridSource
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = Path(__file__).resolve().parent.parent / "trainers" / "configs" / "ob-default.toml"
+INTERPOLATION_VSINI = (20.0, 60.0)  # km/s: the interpolation's offsets within the stars' range, averaged
 
 
 def node_bias(model, source: GridSource, nodes: np.ndarray, pert, per_node: int,
@@ -48,6 +54,15 @@ def node_bias(model, source: GridSource, nodes: np.ndarray, pert, per_node: int,
         sigma = np.stack([results.column(f"{n}_err").to_numpy() for n in names], axis=1)
         out.append(np.stack([np.mean(estimate - truth, axis=0), np.median(sigma, axis=0)], axis=1))
     return np.array(out)
+
+
+def interpolation_offsets(source: GridSource, held: np.ndarray) -> np.ndarray:
+    """[len(held), len(TARGETS)]: per left-out node, the mean offset over INTERPOLATION_VSINI of its
+    spectrum fitted noise-free from the training nodes (all of `held` left out)."""
+    lib = source.full.at_metals(0.0)
+    rungs = sorted({int(np.argmin(np.abs(lib.vsini - v))) for v in INTERPOLATION_VSINI})
+    _, offset = fitted_offsets(lib, rungs, [(n, list(held)) for n in held])
+    return offset.reshape(len(held), len(rungs), len(TARGETS)).mean(axis=1)
 
 
 def main() -> None:
@@ -79,6 +94,13 @@ def main() -> None:
                        "negative_share": float(np.mean(z[:, k] < 0)), "mean_bias": float(per[:, k, 0].mean()),
                        "median_sigma": float(np.median(per[:, k, 1]))} for k, n in enumerate(names)}
         result["groups"][group] = {"nodes": nodes[idx].tolist(), "targets": targets}
+        if group == "left out of training":
+            for k, off in enumerate(interpolation_offsets(source, held).T):
+                bias = per[:, k, 0]
+                targets[TARGETS[k]].update(interpolation_offset=off.tolist(),
+                                           interpolation_over_sigma=(off / per[:, k, 1]).tolist(),
+                                           correlation_with_bias=float(np.corrcoef(off, bias)[0, 1]),
+                                           bias_per_offset=float(off @ bias / (off @ off)))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     (out / "node_holes.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -98,6 +120,20 @@ def main() -> None:
                          f"+- {t['mean_standard_error']:.2f} | {t['negative_share']:.0%} | "
                          f"{t['mean_bias']:+.3g} | {t['median_sigma']:.3g} | "
                          + " ".join(f"{v:+.2f}" for v in t["bias_over_sigma"]) + " |")
+    left = result["groups"]["left out of training"]
+    lines += ["", "The generator's interpolation at the left-out nodes: each node's spectrum (v sin i "
+              + ", ".join(f"{v:g}" for v in INTERPOLATION_VSINI) + " km/s, no noise) fitted from the "
+              "training nodes, its offset in units of the node's median sigma above, the correlation over "
+              "the nodes of that offset with the estimate's bias, and the bias per unit of offset (least "
+              "squares through 0). Left-out nodes in order (Teff, log g): "
+              + ", ".join(f"{t:.0f} / {g:g}" for t, g in left["nodes"]) + ".", "",
+              "| target | offset / sigma per node | mean offset | correlation with the bias "
+              "| bias per offset |", "| --- | --- | --- | --- | --- |"]
+    for n in TARGETS:
+        t = left["targets"][n]
+        lines.append(f"| {n} | " + " ".join(f"{v:+.2f}" for v in t["interpolation_over_sigma"])
+                     + f" | {np.mean(t['interpolation_offset']):+.3g} | {t['correlation_with_bias']:+.2f} | "
+                     f"{t['bias_per_offset']:.2f} |")
     (out / "node_holes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
