@@ -2,11 +2,13 @@
 
 An image HDU with one axis is a spectrum whose wavelengths come from its WCS (CRVAL1, CDELT1 or
 CD1_1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units from CUNIT1, Angstrom when
-absent); an image extension named ERR/ERROR/SIGMA/NOISE or IVAR of the same length gives its errors.
-A binary table holds a wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A) and
-flux, optionally flux_err/error/err/sigma, ivar and mask (names case-insensitive): one spectrum per
-row when the cells are arrays, else the whole table is one spectrum. Each file gives its first
-spectrum HDU (or `hdu`). Output rows have their own `wavelength`, in one medium (`starcast.medium`).
+absent); an image extension named ERR/ERROR/SIGMA/NOISE (1 sigma) or IVAR of the same length gives its
+errors. A binary table holds a wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A)
+and flux, optionally flux_err/error/err/sigma, ivar and mask (names case-insensitive): one spectrum per
+row when the cells are arrays, else the whole table is one spectrum. Errors are kept as the file gives
+them, as `flux_err` or `ivar` (1/err^2 in float32 would overflow at small flux scales, e.g. cgs per Hz).
+Each file gives its first spectrum HDU (or `hdu`). Output rows have their own `wavelength`, in one
+medium (`starcast.medium`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .io import new_output_dir, write_catalog
 from .medium import AIR, VACUUM, check_medium, convert
 from .schema import (
     FLUX,
+    FLUX_ERR,
     ID,
     IVAR,
     MASK,
@@ -47,6 +50,7 @@ class FitsSpectrum:
     id: str
     wavelength: np.ndarray
     flux: np.ndarray
+    flux_err: np.ndarray | None
     ivar: np.ndarray | None
     mask: np.ndarray | None
     medium: str | None
@@ -104,7 +108,7 @@ def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:
     hdu = hdul[index]
     flux = np.asarray(hdu.data, dtype=np.float64)
     wl = _wcs_wavelength(hdu.header, len(flux), path, index)
-    ivar = None
+    flux_err = ivar = None
     for number, other in enumerate(hdul):
         name = str(other.header.get("EXTNAME", "")).upper()
         if other is hdu or other.data is None or name not in (*ERROR_EXTENSIONS, "IVAR"):
@@ -113,16 +117,21 @@ def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:
             raise _fail(path, number, f"{name} has shape {getattr(other.data, 'shape', None)}, the flux "
                                       f"(HDU {index}) {flux.shape}: an error array must match the flux")
         if name in ERROR_EXTENSIONS:
-            ivar = _ivar_from_error(np.asarray(other.data, dtype=np.float64))
+            flux_err = np.asarray(other.data, dtype=np.float64)
         elif name == "IVAR":
-            ivar = np.asarray(other.data, dtype=np.float64)
+            ivar = _checked_ivar(np.asarray(other.data, dtype=np.float64), path, number, name)
     medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
-    return [FitsSpectrum(_file_id(path), wl, flux, ivar, None, medium)]
+    return [FitsSpectrum(_file_id(path), wl, flux, flux_err, ivar, None, medium)]
 
 
-def _ivar_from_error(err: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((err > 0) & np.isfinite(err), 1.0 / err**2, np.nan)  # NaN: a bad error, flagged
+def _checked_ivar(ivar: np.ndarray, path: Path, index: int, name: str) -> np.ndarray:
+    """`ivar`, refused where a finite value is beyond float32 (the catalog's `ivar`: it would become
+    inf, a bad pixel)."""
+    big = np.isfinite(ivar) & (np.abs(ivar) > np.finfo(np.float32).max)
+    if big.any():
+        raise _fail(path, index, f"{name} holds {ivar[big][0]:.3g}, beyond float32 (the catalog's ivar); "
+                                 "scale the flux, or give 1-sigma errors instead")
+    return ivar
 
 
 def _column(columns: dict, names: tuple[str, ...]):
@@ -145,17 +154,19 @@ def _table(hdul, index: int, path: Path) -> list[FitsSpectrum]:
         wl = 10.0 ** np.asarray(data[log_name], np.float64)
     flux = np.asarray(data[columns["flux"]], np.float64)
     err_name, ivar_name = _column(columns, ERROR_NAMES), columns.get("ivar")
-    ivar = (_ivar_from_error(np.asarray(data[err_name], np.float64)) if err_name is not None
-            else np.asarray(data[ivar_name], np.float64) if ivar_name is not None else None)
+    flux_err = np.asarray(data[err_name], np.float64) if err_name is not None else None
+    ivar = (_checked_ivar(np.asarray(data[ivar_name], np.float64), path, index, ivar_name)
+            if ivar_name is not None and err_name is None else None)
     mask = np.asarray(data[columns["mask"]]) != 0 if "mask" in columns else None
     medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
     if log_name is not None and wl_name is None and medium is None:
         medium = VACUUM  # SDSS's loglam is vacuum
     if flux.ndim == 1:  # scalar columns: the table is one spectrum
-        return [FitsSpectrum(_file_id(path), wl, flux, ivar, mask, medium)]
+        return [FitsSpectrum(_file_id(path), wl, flux, flux_err, ivar, mask, medium)]
     wl = np.broadcast_to(wl, flux.shape)
-    return [FitsSpectrum(f"{_file_id(path)}:{i}", wl[i], flux[i], None if ivar is None else ivar[i],
-                         None if mask is None else mask[i], medium) for i in range(len(flux))]
+    return [FitsSpectrum(f"{_file_id(path)}:{i}", wl[i], flux[i], *(None if a is None else a[i]
+                                                                   for a in (flux_err, ivar, mask)), medium)
+            for i in range(len(flux))]
 
 
 def _is_spectrum(hdu) -> bool:
@@ -198,15 +209,15 @@ def _increasing(s: FitsSpectrum) -> FitsSpectrum:
     """Archives also store spectra red to blue: reverse those, so wavelengths increase."""
     if len(s.wavelength) > 1 and s.wavelength[0] > s.wavelength[-1]:
         flip = slice(None, None, -1)
-        return FitsSpectrum(s.id, s.wavelength[flip], s.flux[flip], None if s.ivar is None else s.ivar[flip],
-                            None if s.mask is None else s.mask[flip], s.medium)
+        return FitsSpectrum(s.id, s.wavelength[flip], s.flux[flip],
+                            *(None if a is None else a[flip] for a in (s.flux_err, s.ivar, s.mask)), s.medium)
     return s
 
 
 def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None = None,
                   hdu: int | None = None, pixels: str | None = None) -> pa.Table:
-    """Read FITS files into one catalog table with per-row `wavelength` (Angstrom), `flux`, `ivar`
-    and `mask` (null rows where a file has none). `medium` is assumed where a header states none;
+    """Read FITS files into one catalog table with per-row `wavelength` (Angstrom), `flux`, `flux_err`,
+    `ivar` and `mask` (null rows where a file has none). `medium` is assumed where a header states none;
     when the files state different media every row is converted to vacuum. `pixels`, if given, is
     what every flux value is (`starcast.pixels`)."""
     try:
@@ -229,9 +240,11 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
                FLUX: pa.array([s.flux.astype(np.float32) for s in spectra], spectrum_type()),
                WAVELENGTH: pa.array([convert(s.wavelength, s.medium or medium, target) for s in spectra],
                                     spectrum_type(None, pa.float64()))}
-    if any(s.ivar is not None for s in spectra):
-        columns[IVAR] = pa.array([None if s.ivar is None else s.ivar.astype(np.float32) for s in spectra],
-                                 spectrum_type())
+    for name in (FLUX_ERR, IVAR):
+        rows = [getattr(s, name) for s in spectra]
+        if any(r is not None for r in rows):
+            columns[name] = pa.array([None if r is None else r.astype(np.float32) for r in rows],
+                                     spectrum_type())
     if any(s.mask is not None for s in spectra):
         columns[MASK] = pa.array([None if s.mask is None else s.mask for s in spectra],
                                  spectrum_type(None, pa.bool_()))

@@ -59,10 +59,32 @@ def test_the_header_medium_wins_and_mixed_media_are_converted_to_vacuum(tmp_path
     np.testing.assert_allclose(wavelengths(both, 1), 4000.0 + np.arange(N), rtol=1e-12)
 
 
-def test_an_error_extension_gives_ivar(tmp_path):
-    err = fits.ImageHDU(np.full(N, 0.5), name="ERR")
-    path = image(tmp_path / "e.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0}, extra=[err])
-    np.testing.assert_allclose(fits_to_table([path]).column("ivar")[0].as_py(), np.full(N, 4.0))
+def test_an_error_extension_gives_flux_err_and_an_ivar_extension_ivar(tmp_path):
+    wcs = {"CRVAL1": 4000.0, "CDELT1": 1.0}
+    err = image(tmp_path / "e.fits", wcs, extra=[fits.ImageHDU(np.full(N, 0.5), name="ERR")])
+    ivar = image(tmp_path / "i.fits", wcs, extra=[fits.ImageHDU(np.full(N, 4.0), name="IVAR")])
+    table = fits_to_table([err, ivar])
+    assert table.column("flux_err").to_pylist() == [[0.5] * N, None]
+    assert table.column("ivar").to_pylist() == [None, [4.0] * N]
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e15])
+def test_errors_survive_any_flux_scale(tmp_path, scale):
+    """Fluxes in erg/s/cm^2/Hz have errors near 1e-28: as 1/err^2 in float32 they would be inf (bad)."""
+    flux, err = np.linspace(1.0, 2.0, N) * scale, np.full(N, 0.01 * scale)
+    path = image(tmp_path / "e.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0}, flux=flux,
+                 extra=[fits.ImageHDU(err, name="ERR")])
+    table = fits_to_table([path])
+    np.testing.assert_allclose(table.column("flux_err")[0].as_py(), err, rtol=1e-6)
+    np.testing.assert_allclose(table.column("flux")[0].as_py(), flux, rtol=1e-6)
+
+
+def test_an_ivar_beyond_float32_is_an_error_naming_the_hdu(tmp_path):
+    """Not stored as inf, which would make every pixel bad."""
+    path = image(tmp_path / "i.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0},
+                 extra=[fits.ImageHDU(np.full(N, 1e40), name="IVAR")])
+    with pytest.raises(CatalogError, match=r"HDU 1: IVAR holds 1e\+40, beyond float32"):
+        fits_to_table([path])
 
 
 def test_an_error_extension_of_another_length_is_an_error_naming_the_hdu(tmp_path):
@@ -87,7 +109,8 @@ def test_binary_tables_one_spectrum_per_row_or_per_table(tmp_path):
     table = fits_to_table([tmp_path / "rows.fits", tmp_path / "spec.fits"], medium="vacuum")
     assert table.column("id").to_pylist() == ["rows:0", "rows:1", "spec"]
     np.testing.assert_allclose(wavelengths(table, 1), wl + 1)
-    np.testing.assert_allclose(table.column("ivar")[0].as_py(), np.full(N, 100.0), rtol=1e-5)
+    np.testing.assert_allclose(table.column("flux_err")[0].as_py(), np.full(N, 0.1), rtol=1e-7)
+    assert table.column("ivar").to_pylist() == [None, None, [9.0] * N]
     np.testing.assert_allclose(wavelengths(table, 2), wl, rtol=1e-6)
 
 
