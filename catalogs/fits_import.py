@@ -3,10 +3,11 @@
 An image HDU with one axis is a spectrum whose wavelengths come from its WCS (CRVAL1, CDELT1 or
 CD1_1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units from CUNIT1, Angstrom when
 absent); an image extension named ERR/ERROR/SIGMA/NOISE (1 sigma) or IVAR of the same length gives its
-errors. A binary table holds a wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A)
-and flux, optionally flux_err/error/err/sigma, ivar and mask (names case-insensitive): one spectrum per
-row when the cells are arrays, else the whole table is one spectrum. Errors are kept as the file gives
-them, as `flux_err` or `ivar` (1/err^2 in float32 would overflow at small flux scales, e.g. cgs per Hz).
+errors (in a file of several spectra, the one of its EXTVER or right after it). A binary table holds a
+wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A) and flux, optionally
+flux_err/error/err/sigma, ivar and mask (names case-insensitive): one spectrum per row when the cells
+are arrays, else the whole table is one spectrum. Errors are kept as the file gives them, as `flux_err`
+or `ivar` (1/err^2 in float32 would overflow at small flux scales, e.g. cgs per Hz).
 Each file gives its first spectrum HDU (or `hdu`). Output rows have their own `wavelength`, in one
 medium (`starcast.medium`).
 """
@@ -104,22 +105,49 @@ def _wcs_wavelength(header, n: int, path: Path, index: int) -> np.ndarray:
     return (crval + x) * _angstrom_per_unit(header.get("CUNIT1"), path, index)
 
 
+def _extname(hdu) -> str:
+    return str(hdu.header.get("EXTNAME", "")).upper()
+
+
+def _extver(hdu) -> int:
+    return hdu.header.get("EXTVER", 1)  # 1 when absent (FITS standard 4.0, sec. 4.4.2.6)
+
+
+def _error_hdu(hdul, index: int, path: Path) -> int | None:
+    """The number of the error extension of the spectrum in HDU `index`, or None: the one error extension
+    of its EXTVER when no other spectrum (an image of its EXTNAME) shares that EXTVER, else the one right
+    after it when each such spectrum is followed by one; any other layout is an error, not a guess."""
+    hdu = hdul[index]
+    errors = [i for i, h in enumerate(hdul) if i != index and _extname(h) in (*ERROR_EXTENSIONS, "IVAR")
+              and h.data is not None and _extver(h) == _extver(hdu)]
+    siblings = [i for i, h in enumerate(hdul) if h.is_image and h.header.get("NAXIS") == 1
+                and _extname(h) == _extname(hdu) and _extver(h) == _extver(hdu)]
+    if not errors:
+        return None
+    if len(errors) == 1 and siblings == [index]:
+        return errors[0]
+    if all(i + 1 in errors for i in siblings):
+        return index + 1
+    raise _fail(path, index, f"cannot tell which of the error extensions (HDU {', '.join(map(str, errors))}) "
+                             "belong to this spectrum: give each spectrum and its errors one EXTVER, or put "
+                             "the errors right after their spectrum")
+
+
 def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:
     hdu = hdul[index]
     flux = np.asarray(hdu.data, dtype=np.float64)
     wl = _wcs_wavelength(hdu.header, len(flux), path, index)
     flux_err = ivar = None
-    for number, other in enumerate(hdul):
-        name = str(other.header.get("EXTNAME", "")).upper()
-        if other is hdu or other.data is None or name not in (*ERROR_EXTENSIONS, "IVAR"):
-            continue
+    number = _error_hdu(hdul, index, path)
+    if number is not None:
+        other, name = hdul[number], _extname(hdul[number])
         if getattr(other.data, "shape", None) != flux.shape:
             raise _fail(path, number, f"{name} has shape {getattr(other.data, 'shape', None)}, the flux "
                                       f"(HDU {index}) {flux.shape}: an error array must match the flux")
-        if name in ERROR_EXTENSIONS:
-            flux_err = np.asarray(other.data, dtype=np.float64)
-        elif name == "IVAR":
+        if name == "IVAR":
             ivar = _checked_ivar(np.asarray(other.data, dtype=np.float64), path, number, name)
+        else:
+            flux_err = np.asarray(other.data, dtype=np.float64)
     medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
     return [FitsSpectrum(_file_id(path), wl, flux, flux_err, ivar, None, medium)]
 
@@ -176,7 +204,7 @@ def _is_spectrum(hdu) -> bool:
         names = {n.lower() for n in hdu.columns.names}
         return "flux" in names and bool(names & {*WAVELENGTH_NAMES, *LOG10_WAVELENGTH_NAMES})
     return hdu.is_image and hdu.header.get("NAXIS") == 1 and hdu.data is not None and \
-        str(hdu.header.get("EXTNAME", "")).upper() not in (*ERROR_EXTENSIONS, "IVAR")
+        _extname(hdu) not in (*ERROR_EXTENSIONS, "IVAR")
 
 
 def read_fits(file: str | Path, *, hdu: int | None = None) -> list[FitsSpectrum]:

@@ -79,6 +79,37 @@ def test_errors_survive_any_flux_scale(tmp_path, scale):
     np.testing.assert_allclose(table.column("flux")[0].as_py(), flux, rtol=1e-6)
 
 
+def sci(value, **header):
+    hdu = fits.ImageHDU(np.full(N, value), name="SCI")
+    hdu.header.update({"CRVAL1": 4000.0, "CDELT1": 1.0, **header})
+    return hdu
+
+
+def err(value, **header):
+    hdu = fits.ImageHDU(np.full(N, value), name="ERR")
+    hdu.header.update(header)
+    return hdu
+
+
+def test_each_spectrum_of_a_file_gets_the_errors_of_its_extver_or_right_after_it(tmp_path):
+    """Two SCI/ERR pairs: by EXTVER, or without EXTVERs by position; never the other spectrum's errors."""
+    numbered = tmp_path / "numbered.fits"
+    fits.HDUList([fits.PrimaryHDU(), sci(1.0, EXTVER=1), err(0.1, EXTVER=1), sci(2.0, EXTVER=2),
+                  err(0.2, EXTVER=2)]).writeto(numbered)
+    interleaved = tmp_path / "interleaved.fits"
+    fits.HDUList([fits.PrimaryHDU(), sci(1.0), err(0.1), sci(2.0), err(0.2)]).writeto(interleaved)
+    for path in (numbered, interleaved):
+        for hdu, value in ((None, 0.1), (3, 0.2)):
+            np.testing.assert_allclose(fits_to_table([path], hdu=hdu).column("flux_err")[0].as_py(), value)
+
+
+def test_errors_that_cannot_be_paired_with_their_spectrum_are_an_error(tmp_path):
+    path = tmp_path / "grouped.fits"
+    fits.HDUList([fits.PrimaryHDU(), sci(1.0), sci(2.0), err(0.1), err(0.2)]).writeto(path)
+    with pytest.raises(CatalogError, match=r"HDU 1: cannot tell which of the error extensions \(HDU 3, 4\)"):
+        fits_to_table([path])
+
+
 def test_an_ivar_beyond_float32_is_an_error_naming_the_hdu(tmp_path):
     """Not stored as inf, which would make every pixel bad."""
     path = image(tmp_path / "i.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0},
