@@ -1,7 +1,7 @@
 """Importer for archive spectra in FITS: 1-D images with a wavelength WCS, and binary tables.
 
-An image HDU with one axis is a spectrum whose wavelengths come from its WCS (CRVAL1, CDELT1 or
-CD1_1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units from CUNIT1, Angstrom when
+An image HDU with one axis is a spectrum whose wavelengths come from its WCS (CRVAL1, CD1_1 or else
+CDELT1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units from CUNIT1, Angstrom when
 absent); an image extension named ERR/ERROR/SIGMA/NOISE (1 sigma) or IVAR of the same length gives its
 errors (in a file of several spectra, the one of its EXTVER or right after it). A binary table holds a
 wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A) and flux, optionally
@@ -93,7 +93,8 @@ def _header_medium(header) -> str | None:
 
 
 def _wcs_wavelength(header, n: int, path: Path, index: int) -> np.ndarray:
-    step = header.get("CDELT1", header.get("CD1_1"))
+    # CD1_1 wins: beside a CD matrix CDELTi is ignored (FITS WCS Paper I, Greisen & Calabretta 2002)
+    step = header.get("CD1_1", header.get("CDELT1"))
     if header.get("CRVAL1") is None or step is None:
         raise _fail(path, index, "1-D image without a wavelength WCS (need CRVAL1 and CDELT1 or CD1_1)")
     x = float(step) * (np.arange(1, n + 1) - float(header.get("CRPIX1", 1.0)))

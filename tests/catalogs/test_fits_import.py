@@ -48,6 +48,12 @@ def test_iraf_log10_wcs_with_dc_flag(tmp_path):
                                rtol=1e-12)
 
 
+def test_cd1_1_wins_over_cdelt1(tmp_path):
+    """IRAF and others write both; the FITS WCS standard ignores CDELTi beside a CD matrix."""
+    path = image(tmp_path / "cd.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0, "CD1_1": 0.2, "CRPIX1": 1.0})
+    np.testing.assert_allclose(wavelengths(fits_to_table([path])), 4000.0 + 0.2 * np.arange(N), rtol=1e-12)
+
+
 def test_the_header_medium_wins_and_mixed_media_are_converted_to_vacuum(tmp_path):
     wcs = {"CRVAL1": 4000.0, "CDELT1": 1.0}
     air = image(tmp_path / "a.fits", {**wcs, "AIRORVAC": "air"})
