@@ -42,6 +42,14 @@ WAVELENGTH_NAMES = ("wavelength", "wave", "lambda")
 LOG10_WAVELENGTH_NAMES = ("loglam",)  # SDSS: log10 of the vacuum wavelength in Angstrom
 ERROR_NAMES = ("flux_err", "error", "err", "sigma", "flux_error")
 ERROR_EXTENSIONS = ("ERR", "ERROR", "SIGMA", "NOISE")
+# Wavelength units as archive headers spell them (lower-cased), many of which astropy does not read
+# (it reads 'A' as the ampere); others go to astropy.
+ANGSTROM_PER_UNIT = {
+    **dict.fromkeys(("a", "aa", "angstrom", "angstroms", "angstroem"), 1.0),
+    **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), 10.0),
+    **dict.fromkeys(("um", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"),
+                    1e4),
+}
 
 
 @dataclass
@@ -74,10 +82,14 @@ def _angstrom_per_unit(unit: str | None, path: Path, index: int) -> float:
 
     if unit is None or not str(unit).strip():
         return 1.0
+    text = str(unit).strip()
+    if text.lower() in ANGSTROM_PER_UNIT:
+        return ANGSTROM_PER_UNIT[text.lower()]
     try:
-        return float(u.Unit(str(unit).strip()).to(u.AA))
-    except (ValueError, u.UnitConversionError) as exc:
-        raise _fail(path, index, f"wavelength unit {unit!r} is not a length ({exc})") from None
+        return float(u.Unit(text).to(u.AA))
+    except (ValueError, u.UnitConversionError):
+        raise _fail(path, index, f"wavelength unit {unit!r} is not a length unit starcast knows (Angstrom, "
+                                 "nm, um, or one astropy reads, e.g. m)") from None
 
 
 def _header_medium(header) -> str | None:

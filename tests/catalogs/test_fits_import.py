@@ -54,6 +54,23 @@ def test_cd1_1_wins_over_cdelt1(tmp_path):
     np.testing.assert_allclose(wavelengths(fits_to_table([path])), 4000.0 + 0.2 * np.arange(N), rtol=1e-12)
 
 
+@pytest.mark.parametrize("unit, scale", [("Angstroms", 1.0), ("ANGSTROM", 1.0), ("angstrom", 1.0), ("A", 1.0),
+                                         ("AA", 1.0), ("Angstrom", 1.0), ("NM", 10.0), ("Microns", 1e4),
+                                         ("0.1 nm", 1.0), ("m", 1e10)])
+def test_the_common_spellings_of_wavelength_units(tmp_path, unit, scale):
+    path = image(tmp_path / "u.fits", {"CRVAL1": 0.4, "CDELT1": 0.001, "CUNIT1": unit})
+    np.testing.assert_allclose(wavelengths(fits_to_table([path])), (0.4 + 0.001 * np.arange(N)) * scale,
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("unit", ["furlong", "s"])
+def test_a_wavelength_unit_that_is_no_known_length_is_an_error_naming_it(tmp_path, unit):
+    path = image(tmp_path / "u.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0, "CUNIT1": unit})
+    with pytest.raises(CatalogError, match=f"HDU 0: wavelength unit '{unit}' is not a length unit") as info:
+        fits_to_table([path])
+    assert "def_unit" not in str(info.value)
+
+
 def test_the_header_medium_wins_and_mixed_media_are_converted_to_vacuum(tmp_path):
     wcs = {"CRVAL1": 4000.0, "CDELT1": 1.0}
     air = image(tmp_path / "a.fits", {**wcs, "AIRORVAC": "air"})
