@@ -160,7 +160,8 @@ def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None
               help="Medium of the wavelengths where a header does not state it (AIRORVAC, VACUUM, "
                    "CTYPE1 AWAV).")
 @click.option("--resolving-power", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Resolving power lambda / FWHM of every spectrum.")
+              help="Resolving power lambda / FWHM of every spectrum  [default: SPEC_RES of each header "
+                   "that states it].")
 @PIXELS_OPTION
 @click.option("--hdu", type=click.IntRange(min=0), default=None,
               help="Read this HDU (0 = primary) instead of the first that holds a spectrum.")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from .schema import (
     MASK,
     META_MEDIUM,
     META_RESOLVING_POWER,
+    RESOLVING_POWER,
     WAVELENGTH,
     pixels_metadata,
     spectrum_type,
@@ -54,7 +55,8 @@ ANGSTROM_PER_UNIT = {
 
 @dataclass
 class FitsSpectrum:
-    """One spectrum read from a FITS HDU: wavelengths in Angstrom in `medium` (None: not stated)."""
+    """One spectrum read from a FITS HDU: wavelengths in Angstrom in `medium` (None: not stated), at
+    `resolving_power` (lambda / FWHM; None: not stated)."""
 
     id: str
     wavelength: np.ndarray
@@ -63,6 +65,7 @@ class FitsSpectrum:
     ivar: np.ndarray | None
     mask: np.ndarray | None
     medium: str | None
+    resolving_power: float | None = None
 
 
 def _file_id(path: Path) -> str:
@@ -220,8 +223,10 @@ def _is_spectrum(hdu) -> bool:
         _extname(hdu) not in (*ERROR_EXTENSIONS, "IVAR")
 
 
-def read_fits(file: str | Path, *, hdu: int | None = None) -> list[FitsSpectrum]:
-    """The spectra of one FITS file: its first spectrum HDU, or HDU number `hdu` (0 = primary)."""
+def read_fits(file: str | Path, *, hdu: int | None = None,
+              resolving_power: float | None = None) -> list[FitsSpectrum]:
+    """The spectra of one FITS file: its first spectrum HDU, or HDU number `hdu` (0 = primary), at
+    `resolving_power`, else at the one their header states (SPEC_RES)."""
     from astropy.io import fits
 
     path = Path(file)
@@ -241,17 +246,34 @@ def read_fits(file: str | Path, *, hdu: int | None = None) -> list[FitsSpectrum]
                 spectra = _image(hdul, index, path)
             else:
                 raise _fail(path, index, "not a 1-D image or a binary table")
+            if resolving_power is None:
+                resolving_power = _header_resolving_power(hdul, index, path)
     except (OSError, ValueError, TypeError) as exc:
         raise CatalogError(f"not a readable FITS file ({type(exc).__name__}: {exc})", file=str(path)) from exc
-    return [_increasing(s) for s in spectra]
+    return [_increasing(replace(s, resolving_power=resolving_power)) for s in spectra]
+
+
+def _header_resolving_power(hdul, index: int, path: Path) -> float | None:
+    """SPEC_RES (ESO Phase 3: the resolving power, lambda / FWHM) of HDU `index`, else of the primary."""
+    for number in dict.fromkeys((index, 0)):
+        value = hdul[number].header.get("SPEC_RES")
+        if value is None:
+            continue
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)  # T/F is a bool
+        if not (is_number and math.isfinite(value) and value > 0):
+            raise _fail(path, number, f"SPEC_RES is {value!r}, not a resolving power (a positive number); "
+                                      "state one with --resolving-power")
+        return float(value)
+    return None
 
 
 def _increasing(s: FitsSpectrum) -> FitsSpectrum:
     """Archives also store spectra red to blue: reverse those, so wavelengths increase."""
     if len(s.wavelength) > 1 and s.wavelength[0] > s.wavelength[-1]:
         flip = slice(None, None, -1)
-        return FitsSpectrum(s.id, s.wavelength[flip], s.flux[flip],
-                            *(None if a is None else a[flip] for a in (s.flux_err, s.ivar, s.mask)), s.medium)
+        return replace(s, wavelength=s.wavelength[flip], flux=s.flux[flip],
+                       **{k: None if a is None else a[flip] for k, a in
+                          (("flux_err", s.flux_err), ("ivar", s.ivar), ("mask", s.mask))})
     return s
 
 
@@ -259,15 +281,19 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
                   hdu: int | None = None, pixels: str | None = None) -> pa.Table:
     """Read FITS files into one catalog table with per-row `wavelength` (Angstrom), `flux`, `flux_err`,
     `ivar` and `mask` (null rows where a file has none). `medium` is assumed where a header states none;
-    when the files state different media every row is converted to vacuum. `pixels`, if given, is
-    what every flux value is (`starcast.pixels`)."""
+    when the files state different media every row is converted to vacuum. `resolving_power`, if given,
+    is every spectrum's (`starcast.resolving_power`), else a `resolving_power` column holds what the
+    headers state (SPEC_RES; null where none), if any does. `pixels`, if given, is what every flux value
+    is (`starcast.pixels`)."""
     try:
         check_medium(medium)
     except ValueError as exc:
         raise CatalogError(str(exc)) from None
+    if resolving_power is not None and not (math.isfinite(resolving_power) and resolving_power > 0):
+        raise CatalogError(f"resolving power must be positive, got {resolving_power}")
     spectra, source = [], {}
     for f in files:
-        for s in read_fits(f, hdu=hdu):
+        for s in read_fits(f, hdu=hdu, resolving_power=resolving_power):
             if s.id in source:
                 raise CatalogError(f"id {s.id!r} (the file name) is also that of {source[s.id]}; rename one",
                                    file=str(f))
@@ -291,9 +317,9 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
                                  spectrum_type(None, pa.bool_()))
     meta = {META_MEDIUM: target, "starcast.source": json.dumps({"fits": [str(f) for f in files]})}
     if resolving_power is not None:
-        if not (math.isfinite(resolving_power) and resolving_power > 0):
-            raise CatalogError(f"resolving power must be positive, got {resolving_power}")
         meta[META_RESOLVING_POWER] = json.dumps(float(resolving_power))
+    elif any(s.resolving_power is not None for s in spectra):
+        columns[RESOLVING_POWER] = pa.array([s.resolving_power for s in spectra], pa.float64())
     meta.update(pixels_metadata(pixels))
     return pa.table(columns).replace_schema_metadata(meta)
 

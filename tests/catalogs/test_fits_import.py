@@ -210,6 +210,30 @@ def test_import_fits_command_writes_a_catalog_with_medium_resolving_power_and_pi
     assert table.column("id").to_pylist() == ["s"]
 
 
+def test_spec_res_gives_a_resolving_power_column_unless_one_is_given(tmp_path):
+    """ESO Phase 3 states the resolving power as SPEC_RES (in the primary header of its tables)."""
+    wcs = {"CRVAL1": 4000.0, "CDELT1": 1.0}
+    stated, plain = image(tmp_path / "a.fits", {**wcs, "SPEC_RES": 48000.0}), image(tmp_path / "b.fits", wcs)
+    table_hdu = fits.BinTableHDU.from_columns([fits.Column("WAVE", "50D", array=[4000.0 + np.arange(N)]),
+                                               fits.Column("FLUX", "50E", array=[np.ones(N)])])
+    primary = fits.PrimaryHDU()
+    primary.header["SPEC_RES"] = 20000
+    fits.HDUList([primary, table_hdu]).writeto(tmp_path / "adp.fits")
+    table = fits_to_table([stated, plain, tmp_path / "adp.fits"])
+    assert table.column("resolving_power").to_pylist() == [48000.0, None, 20000.0]
+    assert META_RESOLVING_POWER.encode() not in table.schema.metadata
+    given = fits_to_table([stated, plain], resolving_power=30000.0)
+    assert "resolving_power" not in given.column_names
+    assert given.schema.metadata[META_RESOLVING_POWER.encode()] == b"30000.0"
+
+
+def test_a_spec_res_that_is_not_a_resolving_power_is_an_error_unless_one_is_given(tmp_path):
+    path = image(tmp_path / "a.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0, "SPEC_RES": -1.0})
+    with pytest.raises(CatalogError, match="HDU 0: SPEC_RES is -1.0, not a resolving power"):
+        fits_to_table([path])
+    assert fits_to_table([path], resolving_power=30000.0).num_rows == 1
+
+
 def test_import_fits_command_reads_the_hdu_asked_for(tmp_path):
     """A file with a spectrum in its primary image and another in a table extension: the first by
     default, the table's with --hdu 1."""
