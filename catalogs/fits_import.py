@@ -5,7 +5,7 @@ CDELT1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units from 
 absent); an image extension named ERR/ERROR/SIGMA/NOISE (1 sigma) or IVAR of the same length gives its
 errors (in a file of several spectra, the one of its EXTVER or right after it). A binary table holds a
 wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A) and flux, optionally
-flux_err/error/err/sigma, ivar and mask (names case-insensitive): one spectrum per row when the cells
+flux_err/error/err/sigma, ivar and mask or QUAL (names case-insensitive): one spectrum per row when the cells
 are arrays, else the whole table is one spectrum. Errors are kept as the file gives them, as `flux_err`
 or `ivar` (1/err^2 in float32 would overflow at small flux scales, e.g. cgs per Hz).
 Each file gives its first spectrum HDU (or `hdu`). Output rows have their own `wavelength`, in one
@@ -42,6 +42,7 @@ from .schema import (
 WAVELENGTH_NAMES = ("wavelength", "wave", "lambda")
 LOG10_WAVELENGTH_NAMES = ("loglam",)  # SDSS: log10 of the vacuum wavelength in Angstrom
 ERROR_NAMES = ("flux_err", "error", "err", "sigma", "flux_error")
+MASK_NAMES = ("mask", "qual")  # non-zero = bad; QUAL: ESO Phase 3 spectra
 ERROR_EXTENSIONS = ("ERR", "ERROR", "SIGMA", "NOISE")
 # Wavelength units as archive headers spell them (lower-cased), many of which astropy does not read
 # (it reads 'A' as the ampere); others go to astropy.
@@ -201,7 +202,8 @@ def _table(hdul, index: int, path: Path) -> list[FitsSpectrum]:
     flux_err = np.asarray(data[err_name], np.float64) if err_name is not None else None
     ivar = (_checked_ivar(np.asarray(data[ivar_name], np.float64), path, index, ivar_name)
             if ivar_name is not None and err_name is None else None)
-    mask = np.asarray(data[columns["mask"]]) != 0 if "mask" in columns else None
+    masks = [np.asarray(data[columns[name]]) != 0 for name in MASK_NAMES if name in columns]
+    mask = np.logical_or.reduce(masks) if masks else None
     medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
     if log_name is not None and wl_name is None and medium is None:
         medium = VACUUM  # SDSS's loglam is vacuum

@@ -168,6 +168,21 @@ def test_binary_tables_one_spectrum_per_row_or_per_table(tmp_path):
     np.testing.assert_allclose(wavelengths(table, 2), wl, rtol=1e-6)
 
 
+def test_an_eso_phase3_qual_column_is_the_mask(tmp_path):
+    """ESO Phase 3 tables: WAVE, FLUX, ERR and QUAL (0 = good); a mask column, if also there, adds to it."""
+    qual, mask = np.zeros(N, int), np.zeros(N, int)
+    qual[3], mask[7] = 16, 1
+    for name, columns in (("qual", ["QUAL"]), ("both", ["QUAL", "MASK"])):
+        fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([
+            fits.Column("WAVE", "50D", unit="nm", array=[400.0 + 0.1 * np.arange(N)]),
+            fits.Column("FLUX", "50E", array=[np.ones(N)]),
+            fits.Column("ERR", "50E", array=[np.full(N, 0.1)]),
+            *(fits.Column(c, "50J", array=[qual if c == "QUAL" else mask]) for c in columns)])
+        ]).writeto(tmp_path / f"{name}.fits")
+    table = fits_to_table([tmp_path / "qual.fits", tmp_path / "both.fits"])
+    assert [np.flatnonzero(row).tolist() for row in table.column("mask").to_pylist()] == [[3], [3, 7]]
+
+
 def test_red_to_blue_spectra_are_reversed(tmp_path):
     path = image(tmp_path / "r.fits", {"CRVAL1": 4100.0, "CDELT1": -1.0}, flux=np.arange(N, dtype=float))
     table = fits_to_table([path])
