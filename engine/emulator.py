@@ -52,6 +52,17 @@ from fitting the fitted spectra's curvature (how a wider Gaussian response chang
 labels' linearised steps (where the fit refines them; v sin i's among them: what rotation's profile
 can take), beyond what those steps alone remove, per unit of the reduced chi^2 (`line_shape`); above
 the emulator's `broadening_threshold` the row is flagged MODEL_MISMATCH (its v sin i an upper bound).
+A flux_err that understates the noise (by 1.2x: a median chi^2 of 1.44) raises the chi^2 of every
+row as a star unlike the model's does, though the numbers are as good as clean ones'. The two differ
+in where and how the excess lies: the understated noise raises it alike in the lines and in the
+continuum and from pixel to pixel, a misfit most where the model has lines (an emission, a companion's
+lines) or where it has none (lines it lacks, a band it does not fit), or smoothly (a continuum). So
+the chi^2 that MODEL_MISMATCH tests is the reduced chi^2 over what the residual's scatter from pixel
+to pixel in the continuum says of the noise, where above 1 (`Fit.noise_chi2`, `Fit.chi2_beyond_noise`;
+the continuum: where the emulated spectrum is within CONTINUUM_DEPTH of 1; a smooth misfit, such as a
+continuum beyond the fit's polynomial, hardly moves that scatter), and where the excess lies is a
+statistic of its own, the contrast |ln(chi^2 per line pixel / chi^2 per continuum pixel)| (line
+pixels: LINE_DEPTH or deeper; `Fit.contrast`), flagged above the emulator's `contrast_threshold`.
 """
 
 from __future__ import annotations
@@ -81,9 +92,9 @@ from .calibration import chi2_excess
 EMULATOR_FILE = "emulator.safetensors"
 # optional: ripple_threshold, dib_threshold, veiling_threshold, broadening_threshold, sigma_scaling
 # ({"label", "knots", "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`),
-# chi2_threshold_estimated_noise;
-# chi2_threshold, it and broadening_threshold: a number or a table ({"log10_snr", "label", "knots",
-# "values"}: `Threshold`)
+# chi2_threshold_estimated_noise, contrast_threshold;
+# chi2_threshold, it, broadening_threshold and contrast_threshold: a number or a table ({"log10_snr",
+# "label", "knots", "values"}: `Threshold`)
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
               "continuum_degree", "refine_steps", "chi2_threshold")
 STEP = 1e-2  # finite-difference step of the Jacobian, in standardised label units
@@ -125,6 +136,11 @@ VEIL_SIGMA_MAX = 0.02
 # such stars, their log g 3x less accurate; with this share 5%, log g of all of them 1.09x as without the
 # light's fit, while light of 5-15% of the continuum is corrected nearly as without it)
 VEIL_EXCESS_SHARE = 0.2
+# pixels whose emulated flux is within CONTINUUM_DEPTH of the continuum (1) are the continuum's, those
+# LINE_DEPTH or more below it the lines' (`Emulator.excess_contrast`); either needs CONTRAST_PIXELS of
+# a row, or its contrast is NaN (B stars at 4000-4800 A: a median 1 300 and 290 of 1 951 pixels)
+CONTINUUM_DEPTH, LINE_DEPTH, CONTRAST_PIXELS = 0.01, 0.03, 20
+NOISE_LAG = 2
 
 
 class Band(NamedTuple):
@@ -245,12 +261,12 @@ class Emulator:
     """Labels (physical units, in the order of `labels`) -> normalised spectrum [D] on the model grid
     `wavelength`; `sigma` [D] is its per-pixel error, added in quadrature to the noise (times, per row,
     `sigma_factor` of the row's `sigma_label`: sharp lines are harder to emulate than broad ones); a
-    reduced chi^2 above `chi2_threshold` (at the row's SNR and fitted labels; for a row whose noise is
-    estimated from its flux, DER_SNR, `chi2_threshold_estimated_noise`, as wide as that estimate errs,
-    where there is one), a ripple statistic above
-    `ripple_threshold`, a veiling statistic above `veiling_threshold` or a broadening statistic above
-    `broadening_threshold` flags MODEL_MISMATCH; a band of DIBS is fitted where its statistic passes
-    its `dib_threshold`."""
+    reduced chi^2 beyond the noise (`Fit.chi2_beyond_noise`) above `chi2_threshold` (at the row's SNR
+    and fitted labels; for a row whose noise is estimated from its flux, DER_SNR,
+    `chi2_threshold_estimated_noise`, as wide as that estimate errs, where there is one), a ripple
+    statistic above `ripple_threshold`, a veiling statistic above `veiling_threshold`, a broadening
+    statistic above `broadening_threshold` or a contrast above `contrast_threshold` flags
+    MODEL_MISMATCH; a band of DIBS is fitted where its statistic passes its `dib_threshold`."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -270,6 +286,7 @@ class Emulator:
     sigma_knots: tuple[float, ...] = ()  # values of `sigma_label`, increasing
     sigma_factors: tuple[float, ...] = ()  # sigma's factor at each knot (interpolated, held beyond)
     chi2_threshold_estimated_noise: Threshold | None = None  # None: `chi2_threshold` for every row
+    contrast_threshold: Threshold = field(default_factory=lambda: Threshold.constant(math.inf))
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -708,6 +725,34 @@ class Emulator:
         residual[rows] = x[rows] - model[rows]
         return coef
 
+    @staticmethod
+    def excess_contrast(residual: np.ndarray, weight: np.ndarray, ivar: np.ndarray,
+                        emulated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(noise chi^2, contrast) [B] of a fit's `residual`, pixel `weight` and the spectra's `ivar`
+        [B, D], its lines and continuum told apart by the `emulated` spectra at the fitted labels [B, D]
+        (normalised, without the fit's continuum). Continuum pixels: weight > 0 and within
+        CONTINUUM_DEPTH of 1; line pixels: LINE_DEPTH or more below it. The noise chi^2: the
+        mean of (r_i - r_j)^2 / (1 / ivar_i + 1 / ivar_j) over continuum pixels j = i + NOISE_LAG, what
+        the residual's scatter from pixel to pixel says of the stated noise, blind to a smooth misfit
+        (a continuum the fit's polynomial does not hold, the emulator's own error); the contrast: |ln|
+        of the mean chi^2 per line pixel over that per continuum pixel. NaN with fewer than
+        CONTRAST_PIXELS of either."""
+        r = residual.astype(np.float64)
+        depth = 1.0 - emulated
+        used = weight > 0
+        continuum, lines = used & (np.abs(depth) < CONTINUUM_DEPTH), used & (depth >= LINE_DEPTH)
+        pairs = continuum[:, NOISE_LAG:] & continuum[:, :-NOISE_LAG]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            variance = np.where(used, 1.0 / np.where(used, ivar, 1.0), 0.0)
+            steps = np.where(pairs, (r[:, NOISE_LAG:] - r[:, :-NOISE_LAG]) ** 2
+                             / (variance[:, NOISE_LAG:] + variance[:, :-NOISE_LAG] + ~pairs), 0.0)
+
+            def mean(values, part):
+                n = part.sum(axis=1)
+                return np.where(n >= CONTRAST_PIXELS, (values * part).sum(axis=1) / n, np.nan)
+            chi = r**2 * weight
+            return mean(steps, pairs), np.abs(np.log(mean(chi, lines) / mean(chi, continuum)))
+
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
              hi: np.ndarray | None = None, blur: np.ndarray | None = None,
              log_snr: np.ndarray | None = None) -> Fit:
@@ -731,7 +776,7 @@ class Emulator:
         hi = np.full(len(self.labels), np.inf) if hi is None else np.asarray(hi, np.float64)
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
         ripple_excess, ripple_frequency, veiling = np.zeros(len(x)), np.full(len(x), np.nan), np.empty(len(x))
-        broadening = np.empty(len(x))
+        broadening, noise_chi2, contrast = np.empty(len(x)), np.empty(len(x)), np.empty(len(x))
         veil = np.zeros(len(x))
         dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
@@ -800,6 +845,8 @@ class Emulator:
                     dib_depths[at[banded]] = self.band_depths(coef[banded, :-1])
                 dof[at] -= 1
                 chi2[at] = reduced(residual[rows], weight[rows], dof[at])
+            noise_chi2[part], contrast[part] = self.excess_contrast(residual, weight, ivar[part],
+                                                                    self.spectra(best))
             fitted[part] = best
 
         threads = _blas_threads()
@@ -820,7 +867,9 @@ class Emulator:
                    dib=np.where(explained, dib, np.nan), dib_depths=dib_depths,
                    ripple_frequency=ripple_frequency, veiling=np.where(explained[:, 0], veiling, np.nan),
                    broadening=np.where(explained[:, 0], broadening, np.nan),
-                   veil=veil, veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
+                   noise_chi2=np.where(explained[:, 0], noise_chi2, np.nan),
+                   contrast=np.where(explained[:, 0], contrast, np.nan), veil=veil,
+                   veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan), sigma_factor=factor,
                    log_snr=log10_snr(ivar) if log_snr is None else np.asarray(log_snr, np.float64))
 
@@ -839,11 +888,12 @@ class Fit:
     keeps the b it removed here, and the variance not knowing it adds to each label [B, len(labels)]:
     the fit's label variances with the light free less those of the spectrum it was removed from; 0
     here), the broadening statistic of the fit without the light (`Emulator.line_shape`; NaN with the
-    chi^2), the statistics of the diffuse bands of the fit
-    without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of those fitted
-    (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0 elsewhere;
-    `Model.predict` removes the bands from the spectrum and fits it again, and keeps the terms it
-    removed here), the fitted labels
+    chi^2), the noise's chi^2 from the continuum's scatter and the contrast of the lines' chi^2 against
+    the continuum's (`Emulator.excess_contrast`; NaN with the chi^2), the statistics of the diffuse
+    bands of the fit without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of
+    those fitted (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0
+    elsewhere; `Model.predict` removes the bands from the spectrum and fits it again, and keeps the
+    terms it removed here), the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
     or chi^2), the factor of the emulator's sigma in each row's pixel weights
@@ -860,6 +910,8 @@ class Fit:
     ripple_frequency: np.ndarray
     veiling: np.ndarray
     broadening: np.ndarray
+    noise_chi2: np.ndarray
+    contrast: np.ndarray
     veil: np.ndarray
     veil_var: np.ndarray
     dib: np.ndarray
@@ -886,19 +938,29 @@ class Fit:
         with np.errstate(invalid="ignore"):
             return (self.dib > np.asarray(emulator.dib_threshold)) & (emulator.continuum_degree >= 0)
 
+    @property
+    def chi2_beyond_noise(self) -> np.ndarray:
+        """[B] the reduced chi^2 over the noise's (`noise_chi2`) where that is above 1 (by as much as
+        the spectrum's own scatter says flux_err understates its noise), as is where it is NaN: what
+        MODEL_MISMATCH tests."""
+        return self.chi2 / np.maximum(np.nan_to_num(self.noise_chi2, nan=1.0), 1.0)
+
     def mismatch(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
-        """MODEL_MISMATCH: the chi^2, the ripple, veiling or broadening statistic above the emulator's
-        threshold (the chi^2's at each row's SNR and fitted labels, and for the rows whose noise is
-        estimated, `noise_estimated` [B] (None: none), the emulator's threshold for those)."""
+        """MODEL_MISMATCH: the chi^2 beyond the noise (`chi2_beyond_noise`), the ripple, veiling,
+        broadening statistic or the contrast above the emulator's threshold (the chi^2's at each row's
+        SNR and fitted labels, and for the rows whose noise is estimated, `noise_estimated` [B] (None:
+        none), the emulator's threshold for those)."""
         limit = emulator.chi2_threshold.at(self.log_snr, self.labels, emulator.labels)
         estimated = emulator.chi2_threshold_estimated_noise
         if estimated is not None and noise_estimated is not None and noise_estimated.any():
             limit = np.where(noise_estimated, estimated.at(self.log_snr, self.labels, emulator.labels), limit)
         with np.errstate(invalid="ignore"):
-            return ((self.chi2 > limit) | (self.ripple > emulator.ripple_threshold)
+            return ((self.chi2_beyond_noise > limit) | (self.ripple > emulator.ripple_threshold)
                     | (self.veiling > emulator.veiling_threshold)
                     | (self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
-                                                                         emulator.labels)))
+                                                                         emulator.labels))
+                    | (self.contrast > emulator.contrast_threshold.at(self.log_snr, self.labels,
+                                                                     emulator.labels)))
 
 
 _BLAS_LIMIT = threading.Lock()  # held by the one fit that limits BLAS (a limit is process-wide)
@@ -1030,6 +1092,8 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                                                                  key="broadening_threshold"),
                     dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where),
                     chi2_threshold_estimated_noise=_estimated_noise_threshold(entry, where),
+                    contrast_threshold=Threshold.from_manifest(entry.get("contrast_threshold", math.inf),
+                                                               entry["labels"], where, "contrast_threshold"),
                     **_sigma_scaling(entry.get("sigma_scaling"), entry["labels"], where))
 
 

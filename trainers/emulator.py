@@ -87,6 +87,9 @@ class EmulatorSettings:
     veiling_quantile: float = 0.995  # of the veiling statistic (5% of light without lines: median ~15 vs ~2)
     broadening_quantile: float = 0.995  # of the broadening statistic (macroturbulence of 40 km/s on stars
     # below 60 km/s at SNR 50-300: median ~47 vs 0)
+    contrast_quantile: float = 0.998  # of the contrast of the lines' chi^2 against the continuum's (clean
+    # stars: 0.32 at 0.995; emission in H-gamma and H-delta: median 2.8, a companion's lines 1.2); with
+    # 0.995 it flagged 0.5-1% more clean rows than before it was tested
     refine_steps: int = 2  # steps of the fit from the predicted labels (`Emulator.refine`). One leaves
     # labels off where the networks read a spectrum poorly (slow rotators with 5% of their pixels masked
     # at SNR 100-400: up to 6.6 sigma; two Gauss-Newton steps: 1.3, three no better) and Teff at SNR
@@ -276,11 +279,11 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
     then the diffuse bands' thresholds and the MODEL_MISMATCH thresholds, quantiles
     (`settings.dib_quantile`, `ripple_quantile`, `quantile`, `veiling_quantile`,
-    `broadening_quantile`) of each band's statistic, of the ripple statistic with the bands removed
-    where they pass, and of the chi^2 and the veiling and broadening statistics as the engine then
-    reports them (the chi^2's and the broadening statistic's per cell of SNR and v sin i,
-    `threshold_table`); the chi^2's also on the same survey without
-    flux_err (`Emulator.chi2_threshold_estimated_noise`).
+    `broadening_quantile`, `contrast_quantile`) of each band's statistic, of the ripple statistic with
+    the bands removed where they pass, and of the chi^2 beyond the noise (`Fit.chi2_beyond_noise`),
+    the veiling and broadening statistics and the contrast as the engine then reports them (all but
+    the veiling statistic's per cell of SNR and v sin i, `threshold_table`); the chi^2's also on the
+    same survey without flux_err (`Emulator.chi2_threshold_estimated_noise`).
     The same from a trained or an already calibrated emulator. Returns (the entry's keys that depend
     on them, metrics included, and `sigma_scaling`, the sigma's factors per row; the scaled sigma)."""
     rows = {"val": settings.threshold_rows, "test": source.data.test_rows}
@@ -312,16 +315,18 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     ripple_threshold = float(np.nanquantile(fits(emulator, ("val",))["val"].ripple, settings.ripple_quantile))
     emulator = replace(emulator, ripple_threshold=ripple_threshold)
     fitted = fits(emulator)
-    threshold = threshold_table(fitted["val"].chi2, fitted["val"], emulator.labels, settings.quantile)
-    veiling_threshold = float(np.nanquantile(fitted["val"].veiling, settings.veiling_quantile))
-    broadening_threshold = threshold_table(fitted["val"].broadening, fitted["val"], emulator.labels,
-                                           settings.broadening_quantile)
+    val = fitted["val"]
+    threshold = threshold_table(val.chi2_beyond_noise, val, emulator.labels, settings.quantile)
+    veiling_threshold = float(np.nanquantile(val.veiling, settings.veiling_quantile))
+    broadening_threshold = threshold_table(val.broadening, val, emulator.labels, settings.broadening_quantile)
+    contrast_threshold = threshold_table(val.contrast, val, emulator.labels, settings.contrast_quantile)
     calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold,
-                         broadening_threshold=broadening_threshold)
+                         broadening_threshold=broadening_threshold, contrast_threshold=contrast_threshold)
     # the same surveys without flux_err: their noise is DER_SNR's, an estimate whose error moves the chi^2
     unstated = {split: engine(calibrated).goodness_of_fit(survey.drop_columns([*source.targets, FLUX_ERR]),
                                                           backend="cpu") for split, survey in surveys.items()}
-    estimated = threshold_table(unstated["val"].chi2, unstated["val"], emulator.labels, settings.quantile)
+    estimated = threshold_table(unstated["val"].chi2_beyond_noise, unstated["val"], emulator.labels,
+                                settings.quantile)
     calibrated = replace(calibrated, chi2_threshold_estimated_noise=estimated)
     metrics = {}
     for split, f in fitted.items():
@@ -330,7 +335,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
                         "flagged": float(np.mean(f.mismatch(calibrated))),
                         "flagged_estimated_noise": float(np.mean(unstated[split].mismatch(
                             calibrated, np.ones(len(unstated[split].chi2), bool)))),
-                        "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], f.chi2 > threshold.at(
+                        "chi2_by_snr": chi2_by_snr(f.chi2, snr[split], f.chi2_beyond_noise > threshold.at(
                             f.log_snr, f.labels, emulator.labels))}
     scaling = {"label": emulator.sigma_label, "knots": list(emulator.sigma_knots),
                "factors": list(emulator.sigma_factors)} if emulator.sigma_label else None
@@ -339,9 +344,11 @@ def calibrate(source: GridSource, model: Model, entry: dict,
             "ripple_threshold": ripple_threshold, "sigma_scaling": scaling,
             "dib_threshold": dib_threshold, "veiling_threshold": veiling_threshold,
             "broadening_threshold": broadening_threshold.to_manifest(),
+            "contrast_threshold": contrast_threshold.to_manifest(),
             "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
             "dib_quantile": settings.dib_quantile, "veiling_quantile": settings.veiling_quantile,
             "broadening_quantile": settings.broadening_quantile,
+            "contrast_quantile": settings.contrast_quantile,
             "sigma_emu_median": float(np.median(emulator.sigma)), "metrics": metrics}, emulator.sigma
 
 
@@ -501,11 +508,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(EXIT_ERROR, f"error: {exc}\n")
     limits = [Threshold.from_manifest(entry[key], entry["labels"]).values
               for key in ("chi2_threshold", "chi2_threshold_estimated_noise")]
-    broadening = Threshold.from_manifest(entry["broadening_threshold"], entry["labels"]).values
+    broadening, contrast = (Threshold.from_manifest(entry[key], entry["labels"]).values
+                            for key in ("broadening_threshold", "contrast_threshold"))
     print(f"  chi2 threshold {' / without flux_err '.join(f'{v.min():.3f}-{v.max():.3f}' for v in limits)}"
           ", ripple threshold "
           f"{entry['ripple_threshold']:.1f}, veiling threshold {entry['veiling_threshold']:.1f}, "
           f"broadening threshold {broadening.min():.1f}-{broadening.max():.1f}, "
+          f"contrast threshold {contrast.min():.2f}-{contrast.max():.2f}, "
           f"diffuse band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
