@@ -39,6 +39,7 @@ from .predictor import load_model, resolve_backend
 from .rows import Predictor
 
 DEFAULT_MODEL = "ob-default"
+INTERRUPTED = "interrupted (Ctrl-C): resume with --resume"  # the manifest's error of a run stopped so
 
 
 def run(input: str | os.PathLike, out: str | os.PathLike, *, model: str | os.PathLike | None = None,
@@ -92,10 +93,12 @@ def run_job(spec: JobSpec) -> dict:
         try:
             manifest.stage_seconds = _run_files(spec, model, identity, out, todo,
                                                 [r for r in reports if r.status == "pending"], checkpoint)
-        except Exception as exc:  # a StarcastError says why; anything else is a bug, named as one
+        except (Exception, KeyboardInterrupt) as exc:  # a StarcastError says why; Ctrl-C, that it came;
+            # anything else is a bug, named as one
             manifest.state = "stopped"
-            manifest.error = str(exc) if isinstance(exc, StarcastError) else \
-                f"internal error: {type(exc).__name__}: {exc}"
+            manifest.error = (str(exc) if isinstance(exc, StarcastError) else INTERRUPTED
+                              if isinstance(exc, KeyboardInterrupt)
+                              else f"internal error: {type(exc).__name__}: {exc}")
             with contextlib.suppress(OutputError):
                 checkpoint()
             raise

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid
 from starcast.engine.outdir import LOCK_NAME, OutputLock
-from starcast.engine.run import exit_code, run
+from starcast.engine.run import INTERRUPTED, exit_code, run
 
 from starcast.cli import main
 from starcast.errors import EXIT_ERROR, EXIT_PARTIAL, OutputError, StarcastError
@@ -310,6 +310,21 @@ def test_an_unexpected_error_stops_the_run_with_its_manifest_saying_so(tmp_path:
         run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
     manifest = json.loads((tmp_path / "out/run-manifest.json").read_text())
     assert manifest["state"] == "stopped" and manifest["error"] == "internal error: RuntimeError: boom"
+
+
+def test_an_interrupted_run_says_so_in_its_manifest(tmp_path: Path, tiny_bundle: Path, monkeypatch) -> None:
+    """Ctrl-C (KeyboardInterrupt) stops the run with `state: stopped` and the error saying so, where
+    the manifest said `running` as for a kill."""
+    cat = shard(tmp_path / "cat.parquet", list(range(10)))
+
+    def interrupted(self, files, reports):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("starcast.engine.run.LocalPipeline.run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cat, tmp_path / "out", model=tiny_bundle, progress=False)
+    manifest = json.loads((tmp_path / "out/run-manifest.json").read_text())
+    assert manifest["state"] == "stopped" and manifest["error"] == INTERRUPTED
 
 
 def test_resume_redoes_an_input_replaced_under_the_same_name(tmp_path: Path, tiny_bundle: Path,
