@@ -145,9 +145,10 @@ def _error_hdu(hdul, index: int, path: Path) -> int | None:
         return errors[0]
     if all(i + 1 in errors for i in siblings):
         return index + 1
-    raise _fail(path, index, f"cannot tell which of the error extensions (HDU {', '.join(map(str, errors))}) "
-                             "belong to this spectrum: give each spectrum and its errors one EXTVER, or put "
-                             "the errors right after their spectrum")
+    hdus, spectra = (", ".join(map(str, numbers)) for numbers in (errors, siblings))
+    raise _fail(path, index, f"cannot tell whose errors HDU {hdus} hold: spectra HDU {spectra} share "
+                             f"their EXTVER {_extver(hdu)}; give each spectrum and its errors one EXTVER, or "
+                             "put the errors right after their spectrum")
 
 
 def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:

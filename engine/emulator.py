@@ -60,9 +60,12 @@ lines) or where it has none (lines it lacks, a band it does not fit), or smoothl
 the chi^2 that MODEL_MISMATCH tests is the reduced chi^2 over what the residual's scatter from pixel
 to pixel in the continuum says of the noise, where above 1 (`Fit.noise_chi2`, `Fit.chi2_beyond_noise`;
 the continuum: where the emulated spectrum is within CONTINUUM_DEPTH of 1; a smooth misfit, such as a
-continuum beyond the fit's polynomial, hardly moves that scatter), and where the excess lies is a
-statistic of its own, the contrast |ln(chi^2 per line pixel / chi^2 per continuum pixel)| (line
-pixels: LINE_DEPTH or deeper; `Fit.contrast`), flagged above the emulator's `contrast_threshold`.
+continuum beyond the fit's polynomial, hardly moves that scatter; a narrow one in the continuum, such
+as a companion's lines, raises it), and where the excess lies is a statistic of its own, the contrast
+ln(chi^2 per line pixel / chi^2 per continuum pixel) (line pixels: LINE_DEPTH or deeper;
+`Fit.contrast`), flagged where its size is above the emulator's `contrast_threshold` (for a row whose
+noise is estimated, one level per row, where it is: photon noise is lower in the lines than that
+level, which reads as a deficit there; `Fit.excess_contrast`).
 """
 
 from __future__ import annotations
@@ -138,8 +141,11 @@ VEIL_SIGMA_MAX = 0.02
 VEIL_EXCESS_SHARE = 0.2
 # pixels whose emulated flux is within CONTINUUM_DEPTH of the continuum (1) are the continuum's, those
 # LINE_DEPTH or more below it the lines' (`Emulator.excess_contrast`); either needs CONTRAST_PIXELS of
-# a row, or its contrast is NaN (B stars at 4000-4800 A: a median 1 300 and 290 of 1 951 pixels)
-CONTINUUM_DEPTH, LINE_DEPTH, CONTRAST_PIXELS = 0.01, 0.03, 20
+# a row, or its contrast is NaN (B stars at 4000-4800 A: a median 1 300 and 290 of 1 951 pixels; with
+# fewer, the contrast's own scatter, ~sqrt(2 / n), nears its threshold)
+CONTINUUM_DEPTH, LINE_DEPTH, CONTRAST_PIXELS = 0.01, 0.03, 100
+# pixels this far apart make the noise chi^2's pairs: resampling onto the grid shares noise between
+# neighbours (one apart, clean TLUSTY spectra read 0.84; two apart, 1.00)
 NOISE_LAG = 2
 
 
@@ -734,9 +740,9 @@ class Emulator:
         CONTINUUM_DEPTH of 1; line pixels: LINE_DEPTH or more below it. The noise chi^2: the
         mean of (r_i - r_j)^2 / (1 / ivar_i + 1 / ivar_j) over continuum pixels j = i + NOISE_LAG, what
         the residual's scatter from pixel to pixel says of the stated noise, blind to a smooth misfit
-        (a continuum the fit's polynomial does not hold, the emulator's own error); the contrast: |ln|
-        of the mean chi^2 per line pixel over that per continuum pixel. NaN with fewer than
-        CONTRAST_PIXELS of either."""
+        (a continuum the fit's polynomial does not hold, the emulator's own error); the contrast: ln of
+        the mean chi^2 per line pixel over that per continuum pixel (> 0 where the lines hold more of
+        it). NaN with fewer than CONTRAST_PIXELS of either."""
         r = residual.astype(np.float64)
         depth = 1.0 - emulated
         used = weight > 0
@@ -745,13 +751,13 @@ class Emulator:
         with np.errstate(invalid="ignore", divide="ignore"):
             variance = np.where(used, 1.0 / np.where(used, ivar, 1.0), 0.0)
             steps = np.where(pairs, (r[:, NOISE_LAG:] - r[:, :-NOISE_LAG]) ** 2
-                             / (variance[:, NOISE_LAG:] + variance[:, :-NOISE_LAG] + ~pairs), 0.0)
+                             / (variance[:, NOISE_LAG:] + variance[:, :-NOISE_LAG]), 0.0)
 
             def mean(values, part):
                 n = part.sum(axis=1)
                 return np.where(n >= CONTRAST_PIXELS, (values * part).sum(axis=1) / n, np.nan)
             chi = r**2 * weight
-            return mean(steps, pairs), np.abs(np.log(mean(chi, lines) / mean(chi, continuum)))
+            return mean(steps, pairs), np.log(mean(chi, lines) / mean(chi, continuum))
 
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
              hi: np.ndarray | None = None, blur: np.ndarray | None = None,
@@ -845,8 +851,10 @@ class Emulator:
                     dib_depths[at[banded]] = self.band_depths(coef[banded, :-1])
                 dof[at] -= 1
                 chi2[at] = reduced(residual[rows], weight[rows], dof[at])
-            noise_chi2[part], contrast[part] = self.excess_contrast(residual, weight, ivar[part],
-                                                                    self.spectra(best))
+            emulated = self.blur(self.spectra(best), seen)  # as fitted, without its continuum
+            if shifted is not None:
+                emulated = self.shift(emulated, shifted)
+            noise_chi2[part], contrast[part] = self.excess_contrast(residual, weight, ivar[part], emulated)
             fitted[part] = best
 
         threads = _blas_threads()
@@ -938,6 +946,14 @@ class Fit:
         with np.errstate(invalid="ignore"):
             return (self.dib > np.asarray(emulator.dib_threshold)) & (emulator.continuum_degree >= 0)
 
+    def excess_contrast(self, noise_estimated: np.ndarray | None = None) -> np.ndarray:
+        """[B] the contrast MODEL_MISMATCH tests: its size, and for the rows whose noise is estimated
+        (`noise_estimated` [B]; None: none) its excess in the lines alone (one noise level per row,
+        DER_SNR's, overstates photon noise in the lines, which then read a deficit)."""
+        if noise_estimated is None:
+            return np.abs(self.contrast)
+        return np.where(noise_estimated, self.contrast, np.abs(self.contrast))
+
     @property
     def chi2_beyond_noise(self) -> np.ndarray:
         """[B] the reduced chi^2 over the noise's (`noise_chi2`) where that is above 1 (by as much as
@@ -959,8 +975,8 @@ class Fit:
                     | (self.veiling > emulator.veiling_threshold)
                     | (self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
                                                                          emulator.labels))
-                    | (self.contrast > emulator.contrast_threshold.at(self.log_snr, self.labels,
-                                                                     emulator.labels)))
+                    | (self.excess_contrast(noise_estimated) > emulator.contrast_threshold.at(
+                        self.log_snr, self.labels, emulator.labels)))
 
 
 _BLAS_LIMIT = threading.Lock()  # held by the one fit that limits BLAS (a limit is process-wide)

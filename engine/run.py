@@ -93,12 +93,14 @@ def run_job(spec: JobSpec) -> dict:
         try:
             manifest.stage_seconds = _run_files(spec, model, identity, out, todo,
                                                 [r for r in reports if r.status == "pending"], checkpoint)
-        except (Exception, KeyboardInterrupt) as exc:  # a StarcastError says why; Ctrl-C, that it came;
-            # anything else is a bug, named as one
+        except (Exception, KeyboardInterrupt) as exc:
             manifest.state = "stopped"
-            manifest.error = (str(exc) if isinstance(exc, StarcastError) else INTERRUPTED
-                              if isinstance(exc, KeyboardInterrupt)
-                              else f"internal error: {type(exc).__name__}: {exc}")
+            if isinstance(exc, StarcastError):  # says why
+                manifest.error = str(exc)
+            elif isinstance(exc, KeyboardInterrupt):
+                manifest.error = INTERRUPTED
+            else:  # a bug, named as one
+                manifest.error = f"internal error: {type(exc).__name__}: {exc}"
             with contextlib.suppress(OutputError):
                 checkpoint()
             raise

@@ -88,8 +88,7 @@ class EmulatorSettings:
     broadening_quantile: float = 0.995  # of the broadening statistic (macroturbulence of 40 km/s on stars
     # below 60 km/s at SNR 50-300: median ~47 vs 0)
     contrast_quantile: float = 0.998  # of the contrast of the lines' chi^2 against the continuum's (clean
-    # stars: 0.32 at 0.995; emission in H-gamma and H-delta: median 2.8, a companion's lines 1.2); with
-    # 0.995 it flagged 0.5-1% more clean rows than before it was tested
+    # stars: 0.32 at 0.995; emission in H-gamma and H-delta: median 2.8, a companion's lines 1.2)
     refine_steps: int = 2  # steps of the fit from the predicted labels (`Emulator.refine`). One leaves
     # labels off where the networks read a spectrum poorly (slow rotators with 5% of their pixels masked
     # at SNR 100-400: up to 6.6 sigma; two Gauss-Newton steps: 1.3, three no better) and Teff at SNR
@@ -319,7 +318,8 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     threshold = threshold_table(val.chi2_beyond_noise, val, emulator.labels, settings.quantile)
     veiling_threshold = float(np.nanquantile(val.veiling, settings.veiling_quantile))
     broadening_threshold = threshold_table(val.broadening, val, emulator.labels, settings.broadening_quantile)
-    contrast_threshold = threshold_table(val.contrast, val, emulator.labels, settings.contrast_quantile)
+    contrast_threshold = threshold_table(val.excess_contrast(), val, emulator.labels,
+                                         settings.contrast_quantile)
     calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold,
                          broadening_threshold=broadening_threshold, contrast_threshold=contrast_threshold)
     # the same surveys without flux_err: their noise is DER_SNR's, an estimate whose error moves the chi^2

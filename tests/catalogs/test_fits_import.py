@@ -129,7 +129,7 @@ def test_each_spectrum_of_a_file_gets_the_errors_of_its_extver_or_right_after_it
 def test_errors_that_cannot_be_paired_with_their_spectrum_are_an_error(tmp_path):
     path = tmp_path / "grouped.fits"
     fits.HDUList([fits.PrimaryHDU(), sci(1.0), sci(2.0), err(0.1), err(0.2)]).writeto(path)
-    with pytest.raises(CatalogError, match=r"HDU 1: cannot tell which of the error extensions \(HDU 3, 4\)"):
+    with pytest.raises(CatalogError, match=r"cannot tell whose errors HDU 3, 4 hold: spectra HDU 1, 2"):
         fits_to_table([path])
 
 

@@ -2,6 +2,7 @@
 columns exist only with an emulator, the reduced chi^2 is the formula of docs/results.md on the prepared
 rows, MODEL_MISMATCH follows the threshold, and results written by `run` carry the columns."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from starcast.catalogs.schema import CHI2, CHI2_PIXELS, Flag, results_schema
+from starcast.engine import emulator as emulator_module
 from starcast.engine.bundle import load_bundle, save_bundle
 from starcast.engine.calibration import Calibration
 from starcast.engine.emulator import EMULATOR_FILE, Emulator, Threshold, save_emulator
@@ -222,7 +224,7 @@ def test_a_wrong_chi2_threshold_is_refused_naming_the_key(tmp_path, table):
 def test_the_noise_chi2_reads_the_scatter_and_the_contrast_where_the_excess_lies():
     """`Emulator.excess_contrast`: white noise k times its stated sigma reads a noise chi^2 of k^2 and a
     contrast near 0 whatever k; a smooth misfit (a slope of +-10 sigma) leaves the noise chi^2 at 1;
-    noise twice as large in the lines alone (or in the continuum alone) reads a contrast of ln 4."""
+    noise twice as large in the lines alone reads a contrast of ln 4, in the continuum alone -ln 4."""
     rng = np.random.default_rng(1)
     rows, d = 100, 4000
     model = np.where(np.arange(d) % 10 < 2, 0.7, 1.0)[None].repeat(rows, axis=0)  # a fifth in lines
@@ -233,20 +235,32 @@ def test_the_noise_chi2_reads_the_scatter_and_the_contrast_where_the_excess_lies
         assert abs(np.median(chi) - k**2) < 0.03 * k**2 and np.median(contrast) < 0.05, (k, chi, contrast)
     chi, _ = Emulator.excess_contrast(noise + 0.1 * np.linspace(-1.0, 1.0, d), ivar, ivar, model)
     assert abs(np.median(chi) - 1.0) < 0.03, np.median(chi)
-    for where in (model < 1, model == 1):
+    for where, sign in ((model < 1, 1.0), (model == 1, -1.0)):
         _, contrast = Emulator.excess_contrast(noise * np.where(where, 2.0, 1.0), ivar, ivar, model)
-        assert abs(np.median(contrast) - np.log(4.0)) < 0.1, contrast
+        assert abs(np.median(contrast) - sign * np.log(4.0)) < 0.1, contrast
 
+
+
+def test_rows_whose_noise_is_estimated_count_only_an_excess_in_the_lines(tmp_path):
+    """One noise level per row (DER_SNR) overstates photon noise in the lines, which read a deficit
+    there: for those rows the contrast counts where it is positive, for the others by its size."""
+    model = load_model(add_emulator(make_bundle(tmp_path / "emu"), continuum_degree=1))
+    fit = dataclasses.replace(model.goodness_of_fit(catalog(4, 100.0)),
+                              contrast=np.array([-1.0, 1.0, -1.0, 1.0]))
+    assert fit.excess_contrast().tolist() == [1.0, 1.0, 1.0, 1.0]
+    estimated = np.array([True, True, False, False])
+    assert fit.excess_contrast(estimated).tolist() == [-1.0, 1.0, 1.0, 1.0]
 
 BROAD = 1.0 - 0.4 * np.exp(-0.5 * ((TINY_GRID.values() - 4100.0) / 8.0) ** 2)  # 37 pixels 3% deep or more
 
 
-def test_noise_the_flux_err_understates_is_no_mismatch_and_a_misfit_in_the_lines_is(tmp_path):
+def test_noise_the_flux_err_understates_is_no_mismatch_and_a_misfit_in_the_lines_is(tmp_path, monkeypatch):
     """flux_err 1.3x too small raises the chi^2 above a threshold of 1.5 on >= 80% of the rows, and the
     noise's chi^2 with it: MODEL_MISMATCH tests the chi^2 beyond the noise, which flags <= 15% of them
     (measured 7%: the engine's continuum, clipped against the stated noise, goes wrong on a few of
     these short spectra); a line half as deep is flagged, by the chi^2 and, with the chi^2's threshold
-    out of reach, by the contrast alone."""
+    out of reach, by the contrast alone (from the 37 line pixels of this short grid)."""
+    monkeypatch.setattr(emulator_module, "CONTRAST_PIXELS", 30)
     data = catalog(200, 100.0, spectrum=BROAD)
     understated = {**data, "flux_err": data["flux_err"] / 1.3}
     wrong = catalog(200, 100.0, spectrum=1.0 - 0.5 * (1.0 - BROAD))
