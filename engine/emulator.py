@@ -140,7 +140,7 @@ VEIL_SIGMA_MAX = 0.02
 # light's fit, while light of 5-15% of the continuum is corrected nearly as without it)
 VEIL_EXCESS_SHARE = 0.2
 # pixels whose emulated flux is within CONTINUUM_DEPTH of the continuum (1) are the continuum's, those
-# LINE_DEPTH or more below it the lines' (`Emulator.excess_contrast`); either needs CONTRAST_PIXELS of
+# LINE_DEPTH or more below it the lines' (`Emulator.noise_and_contrast`); either needs CONTRAST_PIXELS of
 # a row, or its contrast is NaN (B stars at 4000-4800 A: a median 1 300 and 290 of 1 951 pixels; with
 # fewer, the contrast's own scatter, ~sqrt(2 / n), nears its threshold)
 CONTINUUM_DEPTH, LINE_DEPTH, CONTRAST_PIXELS = 0.01, 0.03, 100
@@ -732,8 +732,8 @@ class Emulator:
         return coef
 
     @staticmethod
-    def excess_contrast(residual: np.ndarray, weight: np.ndarray, ivar: np.ndarray,
-                        emulated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def noise_and_contrast(residual: np.ndarray, weight: np.ndarray, ivar: np.ndarray,
+                           emulated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(noise chi^2, contrast) [B] of a fit's `residual`, pixel `weight` and the spectra's `ivar`
         [B, D], its lines and continuum told apart by the `emulated` spectra at the fitted labels [B, D]
         (normalised, without the fit's continuum). Continuum pixels: weight > 0 and within
@@ -854,7 +854,7 @@ class Emulator:
             emulated = self.blur(self.spectra(best), seen)  # as fitted, without its continuum
             if shifted is not None:
                 emulated = self.shift(emulated, shifted)
-            noise_chi2[part], contrast[part] = self.excess_contrast(residual, weight, ivar[part], emulated)
+            noise_chi2[part], contrast[part] = self.noise_and_contrast(residual, weight, ivar[part], emulated)
             fitted[part] = best
 
         threads = _blas_threads()
@@ -897,7 +897,7 @@ class Fit:
     the fit's label variances with the light free less those of the spectrum it was removed from; 0
     here), the broadening statistic of the fit without the light (`Emulator.line_shape`; NaN with the
     chi^2), the noise's chi^2 from the continuum's scatter and the contrast of the lines' chi^2 against
-    the continuum's (`Emulator.excess_contrast`; NaN with the chi^2), the statistics of the diffuse
+    the continuum's (`Emulator.noise_and_contrast`; NaN with the chi^2), the statistics of the diffuse
     bands of the fit without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of
     those fitted (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0
     elsewhere; `Model.predict` removes the bands from the spectrum and fits it again, and keeps the

@@ -222,7 +222,7 @@ def test_a_wrong_chi2_threshold_is_refused_naming_the_key(tmp_path, table):
 
 
 def test_the_noise_chi2_reads_the_scatter_and_the_contrast_where_the_excess_lies():
-    """`Emulator.excess_contrast`: white noise k times its stated sigma reads a noise chi^2 of k^2 and a
+    """`Emulator.noise_and_contrast`: white noise k times its stated sigma reads a noise chi^2 of k^2 and a
     contrast near 0 whatever k; a smooth misfit (a slope of +-10 sigma) leaves the noise chi^2 at 1;
     noise twice as large in the lines alone reads a contrast of ln 4, in the continuum alone -ln 4."""
     rng = np.random.default_rng(1)
@@ -231,12 +231,12 @@ def test_the_noise_chi2_reads_the_scatter_and_the_contrast_where_the_excess_lies
     ivar = np.full((rows, d), 1e4)
     noise = 0.01 * rng.standard_normal((rows, d))
     for k in (1.0, 1.5):
-        chi, contrast = Emulator.excess_contrast(k * noise, ivar, ivar, model)
+        chi, contrast = Emulator.noise_and_contrast(k * noise, ivar, ivar, model)
         assert abs(np.median(chi) - k**2) < 0.03 * k**2 and np.median(contrast) < 0.05, (k, chi, contrast)
-    chi, _ = Emulator.excess_contrast(noise + 0.1 * np.linspace(-1.0, 1.0, d), ivar, ivar, model)
+    chi, _ = Emulator.noise_and_contrast(noise + 0.1 * np.linspace(-1.0, 1.0, d), ivar, ivar, model)
     assert abs(np.median(chi) - 1.0) < 0.03, np.median(chi)
     for where, sign in ((model < 1, 1.0), (model == 1, -1.0)):
-        _, contrast = Emulator.excess_contrast(noise * np.where(where, 2.0, 1.0), ivar, ivar, model)
+        _, contrast = Emulator.noise_and_contrast(noise * np.where(where, 2.0, 1.0), ivar, ivar, model)
         assert abs(np.median(contrast) - sign * np.log(4.0)) < 0.1, contrast
 
 
