@@ -1108,8 +1108,7 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                                                                  key="broadening_threshold"),
                     dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where),
                     chi2_threshold_estimated_noise=_estimated_noise_threshold(entry, where),
-                    contrast_threshold=Threshold.from_manifest(entry.get("contrast_threshold", math.inf),
-                                                               entry["labels"], where, "contrast_threshold"),
+                    contrast_threshold=_contrast_threshold(entry, where),
                     **_sigma_scaling(entry.get("sigma_scaling"), entry["labels"], where))
 
 
@@ -1137,6 +1136,13 @@ def _estimated_noise_threshold(entry: dict, where: str) -> Threshold | None:
     key = "chi2_threshold_estimated_noise"
     return None if entry.get(key) is None else Threshold.from_manifest(entry[key], entry["labels"], where,
                                                                            key)
+
+
+def _contrast_threshold(entry: dict, where: str) -> Threshold:
+    """The manifest's optional `contrast_threshold` (absent or null: never)."""
+    value = entry.get("contrast_threshold")
+    return Threshold.constant(math.inf) if value is None else Threshold.from_manifest(
+        value, entry["labels"], where, "contrast_threshold")
 
 
 def _dib_thresholds(value, where: str) -> tuple[float, ...]:

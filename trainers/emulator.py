@@ -318,10 +318,13 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     threshold = threshold_table(val.chi2_beyond_noise, val, emulator.labels, settings.quantile)
     veiling_threshold = float(np.nanquantile(val.veiling, settings.veiling_quantile))
     broadening_threshold = threshold_table(val.broadening, val, emulator.labels, settings.broadening_quantile)
-    contrast_threshold = threshold_table(val.excess_contrast(), val, emulator.labels,
-                                         settings.contrast_quantile)
+    contrast = val.excess_contrast()  # none on a grid too short for the contrast's pixels: never tested
+    contrast_threshold = (threshold_table(contrast, val, emulator.labels, settings.contrast_quantile)
+                          if np.isfinite(contrast).any() else None)
     calibrated = replace(emulator, chi2_threshold=threshold, veiling_threshold=veiling_threshold,
-                         broadening_threshold=broadening_threshold, contrast_threshold=contrast_threshold)
+                         broadening_threshold=broadening_threshold,
+                         contrast_threshold=Threshold.constant(math.inf) if contrast_threshold is None
+                         else contrast_threshold)
     # the same surveys without flux_err: their noise is DER_SNR's, an estimate whose error moves the chi^2
     unstated = {split: engine(calibrated).goodness_of_fit(survey.drop_columns([*source.targets, FLUX_ERR]),
                                                           backend="cpu") for split, survey in surveys.items()}
@@ -344,7 +347,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
             "ripple_threshold": ripple_threshold, "sigma_scaling": scaling,
             "dib_threshold": dib_threshold, "veiling_threshold": veiling_threshold,
             "broadening_threshold": broadening_threshold.to_manifest(),
-            "contrast_threshold": contrast_threshold.to_manifest(),
+            "contrast_threshold": None if contrast_threshold is None else contrast_threshold.to_manifest(),
             "chi2_quantile": settings.quantile, "ripple_quantile": settings.ripple_quantile,
             "dib_quantile": settings.dib_quantile, "veiling_quantile": settings.veiling_quantile,
             "broadening_quantile": settings.broadening_quantile,
@@ -509,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     limits = [Threshold.from_manifest(entry[key], entry["labels"]).values
               for key in ("chi2_threshold", "chi2_threshold_estimated_noise")]
     broadening, contrast = (Threshold.from_manifest(entry[key], entry["labels"]).values
+                            if entry[key] is not None else np.array([math.inf])
                             for key in ("broadening_threshold", "contrast_threshold"))
     print(f"  chi2 threshold {' / without flux_err '.join(f'{v.min():.3f}-{v.max():.3f}' for v in limits)}"
           ", ripple threshold "
