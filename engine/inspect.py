@@ -122,12 +122,16 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"chi2 (goodness of fit): median {chi2['q50']:.3g}, 90% {chi2['q90']:.3g}"]
         if chi2["q50"] > UNEXPLAINED_CHI2:
             factor = chi2["q50"] ** 0.5
-            hint = ("hint: most spectra are not explained to their stated noise. If their numbers look "
-                    f"sane, flux_err likely understates the noise, by ~{factor:.2f}x (chi2 then stays level "
-                    "with SNR; stars unlike the model's grid raise it as SNR^2): scale flux_err by that, "
-                    "or leave it out and the noise is estimated from the flux (DER_SNR). Spectra convolved "
-                    "down from a higher resolution carry noise shared between neighbouring pixels, which "
-                    "per-pixel flux_err leaves out: leave it out.")
+            mismatch = summary["flags"][Flag.MODEL_MISMATCH.name] / max(summary["rows_predicted"], 1)
+            few = (f" Only {mismatch:.0%} are flagged MODEL_MISMATCH, which reads the chi2 beyond what "
+                   "their own scatter says of the noise: their excess lies alike in every pixel, as noise "
+                   "that flux_err understates gives." if mismatch < 0.5 else "")
+            hint = (f"hint: most spectra are not explained to their stated noise.{few} If their numbers "
+                    f"look sane, flux_err likely understates the noise, by ~{factor:.2f}x (chi2 then stays "
+                    "level with SNR; stars unlike the model's grid raise it as SNR^2): scale flux_err by "
+                    "that, or leave it out and the noise is estimated from the flux (DER_SNR). Spectra "
+                    "convolved down from a higher resolution carry noise shared between neighbouring "
+                    "pixels, which per-pixel flux_err leaves out: leave it out.")
             lines += textwrap.wrap(hint, width=100, subsequent_indent="  ", break_on_hyphens=False)
         elif chi2["q50"] < OVERSTATED_CHI2:
             hint = ("hint: most spectra scatter less about the model than their stated noise: flux_err "

@@ -103,6 +103,20 @@ def test_chi2_is_summarised_with_a_hint_where_most_spectra_are_unexplained(tmp_p
     assert ("understates the noise, by ~1.20x" in " ".join(text.split())) == (level > 1.2), text
     overstated = f"likely overstates it, by ~{np.median(kept) ** -0.5:.2f}x"
     assert (overstated in " ".join(text.split())) == (level < 0.7), text
+    assert ("Only 0% are flagged MODEL_MISMATCH" in " ".join(text.split())) == (level > 1.2), text
+
+
+def test_the_unexplained_chi2_hint_says_when_few_rows_are_a_model_mismatch(tmp_path: Path) -> None:
+    """Understated noise raises chi2 alike in every pixel, which MODEL_MISMATCH does not count: the
+    hint says how few rows carry it where fewer than half do, and nothing of it where most do."""
+    known_results(tmp_path / "r.parquet", np.full(N, 1.44))
+    table = pq.read_table(tmp_path / "r.parquet")
+    flags = table.column("flags").to_numpy() | int(Flag.MODEL_MISMATCH)
+    pq.write_table(table.set_column(table.schema.get_field_index("flags"), "flags",
+                                    pa.array(flags, pa.int32())), tmp_path / "flagged.parquet")
+    for name, said in (("r", True), ("flagged", False)):
+        text = " ".join(format_summary(summarize(tmp_path / f"{name}.parquet")).split())
+        assert ("are flagged MODEL_MISMATCH, which reads the chi2 beyond" in text) == said, text
 
 
 def test_a_model_without_an_emulator_has_no_chi2_summary(tmp_path: Path) -> None:
