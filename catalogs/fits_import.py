@@ -1,15 +1,15 @@
 """Importer for archive spectra in FITS: 1-D images with a wavelength WCS, and binary tables.
 
-An image HDU with one axis is a spectrum whose wavelengths come from its WCS (CRVAL1, CD1_1 or else
-CDELT1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units from CUNIT1, Angstrom when
-absent); an image extension named ERR/ERROR/SIGMA/NOISE (1 sigma) or IVAR of the same length gives its
-errors (in a file of several spectra, the one of its EXTVER or right after it). A binary table holds a
-wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A) and flux, optionally
-flux_err/error/err/sigma, ivar and mask or QUAL (names case-insensitive): one spectrum per row when the cells
-are arrays, else the whole table is one spectrum. Errors are kept as the file gives them, as `flux_err`
-or `ivar` (1/err^2 in float32 would overflow at small flux scales, e.g. cgs per Hz).
-Each file gives its first spectrum HDU (or `hdu`). Output rows have their own `wavelength`, in one
-medium (`starcast.medium`).
+An image HDU with one axis (or a 1 x N one: NAXIS2 = 1) is a spectrum whose wavelengths come from its
+WCS (CRVAL1, CD1_1 or else CDELT1, CRPIX1; linear, IRAF log10 with DC-FLAG = 1, or FITS `-LOG`; units
+from CUNIT1, Angstrom when absent); an image extension named ERR/ERROR/SIGMA/NOISE (1 sigma) or IVAR of
+the same shape gives its errors (in a file of several spectra, the one of its EXTVER or right after
+it). A binary table holds a wavelength column (wavelength, wave, lambda; or SDSS's loglam, log10 A)
+and flux, optionally flux_err/error/err/sigma, ivar and mask or QUAL (names case-insensitive): one
+spectrum per row when the cells are arrays, else the whole table is one spectrum. Errors are kept as
+the file gives them, as `flux_err` or `ivar` (1/err^2 in float32 would overflow at small flux scales,
+e.g. cgs per Hz). Each file gives its first spectrum HDU (or `hdu`). Output rows have their own
+`wavelength`, in one medium (`starcast.medium`).
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def _error_hdu(hdul, index: int, path: Path) -> int | None:
     hdu = hdul[index]
     errors = [i for i, h in enumerate(hdul) if i != index and _extname(h) in (*ERROR_EXTENSIONS, "IVAR")
               and h.data is not None and _extver(h) == _extver(hdu)]
-    siblings = [i for i, h in enumerate(hdul) if h.is_image and h.header.get("NAXIS") == 1
-                and _extname(h) == _extname(hdu) and _extver(h) == _extver(hdu)]
+    siblings = [i for i, h in enumerate(hdul) if _one_axis(h) and _extname(h) == _extname(hdu)
+                and _extver(h) == _extver(hdu)]
     if not errors:
         return None
     if len(errors) == 1 and siblings == [index]:
@@ -151,21 +151,28 @@ def _error_hdu(hdul, index: int, path: Path) -> int | None:
                              "put the errors right after their spectrum")
 
 
+def _one_axis(hdu) -> bool:
+    """An image of one axis, or of two whose second is 1 long (NAXIS2 = 1: a 1 x N image)."""
+    axes = hdu.header.get("NAXIS")
+    return hdu.is_image and (axes == 1 or (axes == 2 and hdu.header.get("NAXIS2") == 1))
+
+
 def _image(hdul, index: int, path: Path) -> list[FitsSpectrum]:
     hdu = hdul[index]
-    flux = np.asarray(hdu.data, dtype=np.float64)
+    flux = np.asarray(hdu.data, dtype=np.float64).reshape(-1)
     wl = _wcs_wavelength(hdu.header, len(flux), path, index)
     flux_err = ivar = None
     number = _error_hdu(hdul, index, path)
     if number is not None:
         other, name = hdul[number], _extname(hdul[number])
-        if getattr(other.data, "shape", None) != flux.shape:
+        if getattr(other.data, "shape", None) != hdu.data.shape:
             raise _fail(path, number, f"{name} has shape {getattr(other.data, 'shape', None)}, the flux "
-                                      f"(HDU {index}) {flux.shape}: an error array must match the flux")
+                                      f"(HDU {index}) {hdu.data.shape}: an error array must match the flux")
+        errors = np.asarray(other.data, dtype=np.float64).reshape(-1)
         if name == "IVAR":
-            ivar = _checked_ivar(np.asarray(other.data, dtype=np.float64), path, number, name)
+            ivar = _checked_ivar(errors, path, number, name)
         else:
-            flux_err = np.asarray(other.data, dtype=np.float64)
+            flux_err = errors
     medium = _header_medium(hdu.header) or _header_medium(hdul[0].header)
     return [FitsSpectrum(_file_id(path), wl, flux, flux_err, ivar, None, medium)]
 
@@ -222,8 +229,7 @@ def _is_spectrum(hdu) -> bool:
     if isinstance(hdu, fits.BinTableHDU):
         names = {n.lower() for n in hdu.columns.names}
         return "flux" in names and bool(names & {*WAVELENGTH_NAMES, *LOG10_WAVELENGTH_NAMES})
-    return hdu.is_image and hdu.header.get("NAXIS") == 1 and hdu.data is not None and \
-        _extname(hdu) not in (*ERROR_EXTENSIONS, "IVAR")
+    return _one_axis(hdu) and hdu.data is not None and _extname(hdu) not in (*ERROR_EXTENSIONS, "IVAR")
 
 
 def read_fits(file: str | Path, *, hdu: int | None = None,
@@ -245,7 +251,7 @@ def read_fits(file: str | Path, *, hdu: int | None = None,
                                         "wavelength and flux columns")
             if isinstance(hdul[index], fits.BinTableHDU):
                 spectra = _table(hdul, index, path)
-            elif hdul[index].is_image and hdul[index].header.get("NAXIS") == 1:
+            elif _one_axis(hdul[index]):
                 spectra = _image(hdul, index, path)
             else:
                 raise _fail(path, index, "not a 1-D image or a binary table")

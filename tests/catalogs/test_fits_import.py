@@ -91,6 +91,17 @@ def test_an_error_extension_gives_flux_err_and_an_ivar_extension_ivar(tmp_path):
     assert table.column("ivar").to_pylist() == [None, [4.0] * N]
 
 
+def test_a_1_x_n_image_and_its_errors_read_as_a_1_d_spectrum(tmp_path):
+    """NAXIS2 = 1 (a 1 x N image, as some pipelines write one spectrum) is the 1-D spectrum."""
+    wcs = {"CRVAL1": 4000.0, "CDELT1": 1.0}
+    flat = image(tmp_path / "flat.fits", wcs, extra=[fits.ImageHDU(np.full(N, 0.5), name="ERR")])
+    tall = image(tmp_path / "tall.fits", wcs, np.linspace(1.0, 2.0, N)[None],
+                 extra=[fits.ImageHDU(np.full((1, N), 0.5), name="ERR")])
+    one, two = (fits_to_table([path]) for path in (flat, tall))
+    for column in ("wavelength", "flux", "flux_err"):
+        assert one.column(column).to_pylist() == two.column(column).to_pylist(), column
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e15])
 def test_errors_survive_any_flux_scale(tmp_path, scale):
     """Fluxes in erg/s/cm^2/Hz have errors near 1e-28: as 1/err^2 in float32 they would be inf (bad)."""
