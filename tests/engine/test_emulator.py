@@ -241,6 +241,44 @@ def test_the_noise_chi2_reads_the_scatter_and_the_contrast_where_the_excess_lies
 
 
 
+
+def _noise_and_contrast_reference(residual, weight, ivar, emulated):
+    """`Emulator.noise_and_contrast` as NumPy array operations over the batch, in float64."""
+    residual, weight, ivar, emulated = (np.asarray(a, np.float64) for a in (residual, weight, ivar, emulated))
+    r, depth, used = residual, 1.0 - emulated, weight > 0
+    continuum = used & (np.abs(depth) < emulator_module.CONTINUUM_DEPTH)
+    lines = used & (depth >= emulator_module.LINE_DEPTH)
+    lag = emulator_module.NOISE_LAG
+    pairs = continuum[:, lag:] & continuum[:, :-lag]
+    variance = 1.0 / np.where(used, ivar, 1.0)
+    steps = np.where(pairs, (r[:, lag:] - r[:, :-lag]) ** 2 / (variance[:, lag:] + variance[:, :-lag]), 0.0)
+
+    def mean(values, part):
+        n = part.sum(axis=1)
+        return np.where(n >= emulator_module.CONTRAST_PIXELS, (values * part).sum(axis=1) / np.maximum(n, 1),
+                        np.nan)
+    chi = r**2 * weight
+    return mean(steps, pairs), np.log(mean(chi, lines) / mean(chi, continuum))
+
+
+def test_the_noise_chi2_and_contrast_kernel_matches_numpy():
+    """The one-pass kernel against the batch's array operations, on rows with masked pixels, lines of
+    any depth and rows with too few pixels of either kind (NaN)."""
+    rng = np.random.default_rng(3)
+    rows, d = 40, 1500
+    emulated = (1.0 - rng.choice([0.0, 0.005, 0.02, 0.1, 0.4], (rows, d), p=[0.5, 0.2, 0.1, 0.1, 0.1]))
+    emulated[-2:, :] = 0.5  # no continuum
+    ivar = rng.uniform(1e3, 1e5, (rows, d))
+    weight = np.where(rng.random((rows, d)) < 0.1, 0.0, ivar / (1.0 + 1e-4 * ivar))
+    residual = (rng.standard_normal((rows, d)) / np.sqrt(ivar)).astype(np.float32)
+    got = Emulator.noise_and_contrast(residual, weight.astype(np.float32), ivar.astype(np.float32),
+                                      emulated.astype(np.float32))
+    want = _noise_and_contrast_reference(residual, weight.astype(np.float32), ivar.astype(np.float32),
+                                         emulated.astype(np.float32))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9)
+    assert np.isnan(got[1][-2:]).all() and np.isfinite(got[1][:-2]).all()
+
 def test_rows_whose_noise_is_estimated_count_only_an_excess_in_the_lines(tmp_path):
     """One noise level per row (DER_SNR) overstates photon noise in the lines, which read a deficit
     there: for those rows the contrast counts where it is positive, for the others by its size."""
