@@ -88,7 +88,8 @@ class EmulatorSettings:
     broadening_quantile: float = 0.995  # of the broadening statistic (macroturbulence of 40 km/s on stars
     # below 60 km/s at SNR 50-300: median ~47 vs 0)
     contrast_quantile: float = 0.998  # of the contrast of the lines' chi^2 against the continuum's (clean
-    # stars: 0.32 at 0.995; emission in H-gamma and H-delta: median 2.8, a companion's lines 1.2)
+    # stars: 0.32 at 0.995; emission in H-gamma and H-delta: median 2.8, a companion's lines 1.2; measured
+    # on a prototype that told lines apart on the fitted spectrum)
     refine_steps: int = 2  # steps of the fit from the predicted labels (`Emulator.refine`). One leaves
     # labels off where the networks read a spectrum poorly (slow rotators with 5% of their pixels masked
     # at SNR 100-400: up to 6.6 sigma; two Gauss-Newton steps: 1.3, three no better) and Teff at SNR
