@@ -43,7 +43,8 @@ WAVELENGTH_NAMES = ("wavelength", "wave", "lambda")
 LOG10_WAVELENGTH_NAMES = ("loglam",)  # SDSS: log10 of the vacuum wavelength in Angstrom
 ERROR_NAMES = ("flux_err", "error", "err", "sigma", "flux_error")
 MASK_NAMES = ("mask", "qual")  # non-zero = bad; QUAL: ESO Phase 3 spectra
-ERROR_EXTENSIONS = ("ERR", "ERROR", "SIGMA", "NOISE")
+ERROR_EXTENSIONS = ("ERR", "ERROR", "SIGMA", "NOISE")  # 1-sigma errors
+NOISE_EXTENSIONS = (*ERROR_EXTENSIONS, "IVAR")  # image extensions that hold a spectrum's noise
 # Wavelength units as archive headers spell them (lower-cased), many of which astropy does not read
 # (it reads 'A' as the ampere); others go to astropy.
 ANGSTROM_PER_UNIT = {
@@ -135,7 +136,7 @@ def _error_hdu(hdul, index: int, path: Path) -> int | None:
     of its EXTVER when no other spectrum (an image of its EXTNAME) shares that EXTVER, else the one right
     after it when each such spectrum is followed by one; any other layout is an error, not a guess."""
     hdu = hdul[index]
-    errors = [i for i, h in enumerate(hdul) if i != index and _extname(h) in (*ERROR_EXTENSIONS, "IVAR")
+    errors = [i for i, h in enumerate(hdul) if i != index and _extname(h) in NOISE_EXTENSIONS
               and h.data is not None and _extver(h) == _extver(hdu)]
     siblings = [i for i, h in enumerate(hdul) if _one_axis(h) and _extname(h) == _extname(hdu)
                 and _extver(h) == _extver(hdu)]
@@ -229,7 +230,7 @@ def _is_spectrum(hdu) -> bool:
     if isinstance(hdu, fits.BinTableHDU):
         names = {n.lower() for n in hdu.columns.names}
         return "flux" in names and bool(names & {*WAVELENGTH_NAMES, *LOG10_WAVELENGTH_NAMES})
-    return _one_axis(hdu) and hdu.data is not None and _extname(hdu) not in (*ERROR_EXTENSIONS, "IVAR")
+    return _one_axis(hdu) and hdu.data is not None and _extname(hdu) not in NOISE_EXTENSIONS
 
 
 def read_fits(file: str | Path, *, hdu: int | None = None,
