@@ -16,7 +16,7 @@ the network's odds w / (1 - w) grow by 1 + g_r e_r + g_o e_o (`network_gain`, pe
 per part of EXCESS_PARTS), e_r the excess reduced chi^2 that fitting a continuum ripple (an echelle
 blaze left over, fringing) removed from the fit, e_o the excess max(chi2 - 1, 0) it left
 (`emulator.Fit.excess`), as inverse-variance weights do when the fit's error variance grows linearly
-in each part (see the inflation below), so w = w0 (1 + G) / (1 + w0 G) (`raised_share`),
+in each part, so w = w0 (1 + G) / (1 + w0 G) (`raised_share`),
 G = g_r e_r + g_o e_o, w0 the weight at the row's SNR. The parts are kept apart because they differ:
 a ripple the fit has fitted no longer misleads it, while the rest (the emulator's own error, noise
 the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
@@ -41,12 +41,16 @@ the fit has fitted), the networks' aleatoric variance grows with the defect whil
 fit's, hardly errs more: it is weighed there by `defect_variance` d per target (0 <= d <= 1) before
 the fit's variance is added, so that such rows are covered as the clean ones are.
 
-A model with an emulator may also inflate the aleatoric part by 1 + c max(chi2 - 1, 0) per target,
-chi2 the reduced chi^2 of the emulator's fit: a spectrum the fit cannot explain to its noise (a
-defect the flux_err does not carry, a ripple too weak for the fit to find) is noisier than its
-flux_err says, and its error grows with it. The excess chi^2 of a residual a of the noise's size is
-~a^2/2, and the label error that residual causes is ~a, so the variance grows linearly in the
-excess; c = 1 is Birge's ratio.
+A model with an emulator may also inflate the aleatoric part by 1 + c sqrt(m) per target
+(`misfit_growth`), m the misfit (`emulator.Fit.misfit`): how far the reduced chi^2 of the emulator's
+fit beyond the noise (over what the residual's scatter from pixel to pixel says of the noise) passes
+its MODEL_MISMATCH threshold. A spectrum the fit cannot explain (a continuum with more shape than the
+fit's, a feature the model lacks) misleads the labels too, the more the larger the misfit, but the
+labels absorb part of it, which the chi^2 then does not show: on continua beyond the fit's cubic the
+variance the errors need grows as the square root of m, not in proportion (docs/record.md, "Sigmas
+where the fit cannot explain the spectrum"). Below the threshold a misfit cannot be told from a clean
+spectrum, whose sigma the scales hold. Noise the flux_err understates raises the whole chi^2, not m:
+it is left to the SNR the calibration reads (above).
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ def handled_defect(excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
 def chi2_excess(chi2: np.ndarray) -> np.ndarray:
     """max(chi2 - 1, 0), 0 where the reduced chi^2 is NaN (a row the emulator does not fit)."""
     return np.where(np.isfinite(chi2), np.maximum(chi2 - 1.0, 0.0), 0.0)
+
+
+def misfit_growth(misfit: np.ndarray) -> np.ndarray:
+    """sqrt(misfit): what `chi2_inflation` multiplies in the aleatoric variance's inflation."""
+    return np.sqrt(misfit)
 
 
 def noise_ratio(chi2: np.ndarray) -> np.ndarray:
@@ -142,14 +151,14 @@ class Calibration:
         return np.stack([np.interp(mean[:, self.label], self.label_knots, row) for row in self.label_scale],
                         axis=1)
 
-    def inflation(self, chi2: np.ndarray) -> np.ndarray:
-        """[B, K] factor on the aleatoric variance given the emulator fit's reduced chi^2 [B]: with a
-        `chi2_inflation` c, 1 + c (chi2 - 1) above 1 and chi2 itself below (`noise_ratio`: flux_err
-        overstating the noise, all of the aleatoric part from it); 1 without, and where chi2 is NaN (a
-        row the emulator does not fit)."""
+    def inflation(self, chi2: np.ndarray, misfit: np.ndarray) -> np.ndarray:
+        """[B, K] factor on the aleatoric variance given the emulator fit's reduced chi^2 [B] and its
+        misfit [B] (`emulator.Fit.misfit`, >= 0): with a `chi2_inflation` c, 1 + c sqrt(misfit), times chi2
+        where chi2 is below 1 (`noise_ratio`: flux_err overstating the noise, all of the aleatoric part
+        from it); 1 without, and where chi2 is NaN (a row the emulator does not fit)."""
         if self.chi2_inflation is None:
             return np.ones((len(chi2), len(self.scale)))
-        return noise_ratio(chi2)[:, None] * (1.0 + chi2_excess(chi2)[:, None] * self.chi2_inflation[None, :])
+        return noise_ratio(chi2)[:, None] * (1.0 + misfit_growth(misfit)[:, None] * self.chi2_inflation)
 
     def network_share(self, log_snr: np.ndarray, excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
         """[B, K] the network's weight w in the blend at each row's log10 SNR and the parts of the fit's

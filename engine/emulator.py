@@ -952,17 +952,30 @@ class Fit:
         MODEL_MISMATCH tests."""
         return self.chi2 / np.maximum(np.nan_to_num(self.noise_chi2, nan=1.0), 1.0)
 
-    def mismatch(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
-        """MODEL_MISMATCH: the chi^2 beyond the noise (`chi2_beyond_noise`), the ripple, veiling,
-        broadening statistic or the contrast above the emulator's threshold (the chi^2's at each row's
-        SNR and fitted labels, and for the rows whose noise is estimated, `noise_estimated` [B] (None:
-        none), the emulator's threshold for those)."""
+    def chi2_limit(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
+        """[B] the threshold MODEL_MISMATCH tests `chi2_beyond_noise` against: the emulator's chi^2
+        threshold at each row's SNR and fitted labels, and for the rows whose noise is estimated
+        (`noise_estimated` [B]; None: none) the emulator's threshold for those."""
         limit = emulator.chi2_threshold.at(self.log_snr, self.labels, emulator.labels)
         estimated = emulator.chi2_threshold_estimated_noise
         if estimated is not None and noise_estimated is not None and noise_estimated.any():
             limit = np.where(noise_estimated, estimated.at(self.log_snr, self.labels, emulator.labels), limit)
+        return limit
+
+    def misfit(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
+        """[B] how far the chi^2 beyond the noise passes its MODEL_MISMATCH threshold (`chi2_limit`); 0
+        below it and where the fit gives none: a misfit clean spectra do not show, which the
+        calibration's `chi2_inflation` widens the sigmas for."""
         with np.errstate(invalid="ignore"):
-            return ((self.chi2_beyond_noise > limit) | (self.ripple > emulator.ripple_threshold)
+            excess = self.chi2_beyond_noise - self.chi2_limit(emulator, noise_estimated)
+        return np.nan_to_num(np.maximum(excess, 0.0))
+
+    def mismatch(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
+        """MODEL_MISMATCH: the chi^2 beyond the noise (`chi2_beyond_noise`) above its threshold
+        (`chi2_limit`), or the ripple, veiling, broadening statistic or the contrast above the
+        emulator's threshold (at each row's SNR and fitted labels where it follows them)."""
+        with np.errstate(invalid="ignore"):
+            return ((self.misfit(emulator, noise_estimated) > 0) | (self.ripple > emulator.ripple_threshold)
                     | (self.veiling > emulator.veiling_threshold)
                     | (self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
                                                                          emulator.labels))

@@ -87,11 +87,12 @@ class Estimates:
     predicted (`ok` [B]); the network's mean (blended) and its aleatoric and epistemic variances [B, K],
     calibrated by the model's own calibration, if any (the trainers take them from a copy without one,
     so that nothing is counted twice); the emulator fit's labels per target and their variances
-    from its curvature [B, K], its reduced chi^2 [B] and the parts of its excess [B, len(EXCESS_PARTS)]
-    (`emulator.Fit.excess`; NaN, NaN, NaN and 0 where the fit gives none, and everywhere without an
-    emulator); the variance that light without lines the fit removed adds to each target [B, K]
-    (`Model._light_var`; in `var_a` where the model has a calibration); the log10 SNR [B] the
-    calibration reads for each row (`Model._calibration_log_snr`); which rows have a gap [B]."""
+    from its curvature [B, K], its reduced chi^2 [B] as the calibration reads it, its misfit [B]
+    (`emulator.Fit.misfit`) and the parts of its excess [B, len(EXCESS_PARTS)] (`emulator.Fit.excess`;
+    NaN, NaN, NaN, 0 and 0 where the fit gives none, and everywhere without an emulator); the variance
+    that light without lines the fit removed adds to each target [B, K] (`Model._light_var`; in `var_a`
+    where the model has a calibration); the log10 SNR [B] the calibration reads for each row
+    (`Model._calibration_log_snr`); which rows have a gap [B]."""
 
     ok: np.ndarray
     mean: np.ndarray
@@ -100,6 +101,7 @@ class Estimates:
     fitted: np.ndarray
     fit_var: np.ndarray
     chi2: np.ndarray
+    misfit: np.ndarray
     excess: np.ndarray
     light_var: np.ndarray
     log_snr: np.ndarray
@@ -248,11 +250,12 @@ class Model:
         if fit is None:
             fitted, fit_var = np.full_like(stats[0], np.nan), np.full_like(stats[0], np.nan)
             chi2, excess = np.full(len(ok), np.nan), np.zeros((len(ok), len(EXCESS_PARTS)))
-            light_var = np.zeros_like(stats[0])
+            misfit, light_var = np.zeros(len(ok)), np.zeros_like(stats[0])
         else:
             fitted, fit_var = self._in_targets(fit.labels), self._in_targets(fit.label_err) ** 2
             chi2, excess, light_var = self._calibration_chi2(fit), fit.excess, self._light_var(fit)
-        return Estimates(ok, *stats, fitted, fit_var, chi2, excess, light_var,
+            misfit = fit.misfit(self.emulator, self._noise_estimated(prepared))
+        return Estimates(ok, *stats, fitted, fit_var, chi2, misfit, excess, light_var,
                          self._calibration_log_snr(x, fit), self._gapped(prepared))
 
     def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
@@ -333,7 +336,8 @@ class Model:
                 mean[rows] = self.calibration.blend(log_snr, mean[rows],
                                                     self._in_targets(fit.labels)[rows], fit.excess[rows],
                                                     self._gapped(prepared)[rows])
-                var_a[rows] *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
+                misfit = fit.misfit(self.emulator, self._noise_estimated(prepared))
+                var_a[rows] *= self.calibration.inflation(self._calibration_chi2(fit)[rows], misfit[rows])
                 var_a[rows] += self._light_var(fit)[rows]
         return ok, (mean, var_a, var_e), fit, x, ivar, network
 
@@ -394,7 +398,8 @@ class Model:
                     stretch = np.sqrt(epistemic / var_mu)
                 mu[rows] = centre + spread * np.nan_to_num(stretch, nan=1.0, posinf=1.0)[:, None, None, :]
                 if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
-                    scale2 *= self.calibration.inflation(self._calibration_chi2(fit)[rows])
+                    misfit = fit.misfit(self.emulator, self._noise_estimated(prepared))
+                    scale2 *= self.calibration.inflation(self._calibration_chi2(fit)[rows], misfit[rows])
                     defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])
                     var[rows] *= self.calibration.defect_factor(defect)[:, None, None, :]
                     var[rows] += self.calibration.fit_variance(self._in_targets(fit.label_err)[rows] ** 2)[
@@ -454,6 +459,11 @@ class Model:
             return log_snr
         excess = np.maximum(np.nan_to_num(self._calibration_chi2(fit), nan=1.0), 1.0)
         return log_snr - 0.5 * np.log10(excess)
+
+    @staticmethod
+    def _noise_estimated(prepared: pa.RecordBatch | pa.Table) -> np.ndarray:
+        """[B] bool: the prepared rows whose noise the engine estimated (no flux_err or ivar: DER_SNR)."""
+        return _array(prepared.column(PREPARED_NOISE_ESTIMATED)).to_numpy(zero_copy_only=False)
 
     @staticmethod
     def _gapped(prepared: pa.RecordBatch | pa.Table) -> np.ndarray:
@@ -646,9 +656,8 @@ class Model:
         flags |= np.where(high, int(Flag.HIGH_EPISTEMIC), 0).astype(np.int32)
         flags |= np.where(upper, int(Flag.UPPER_LIMIT), 0).astype(np.int32)
         if fit is not None:
-            noise_estimated = _array(prepared.column(PREPARED_NOISE_ESTIMATED)).to_numpy(zero_copy_only=False)
-            flags |= np.where(fit.mismatch(self.emulator, noise_estimated), int(Flag.MODEL_MISMATCH),
-                              0).astype(np.int32)
+            flags |= np.where(fit.mismatch(self.emulator, self._noise_estimated(prepared)),
+                              int(Flag.MODEL_MISMATCH), 0).astype(np.int32)
             # the fitted rv against the given one: what the check corrected plus the fit's residual
             correction = _array(prepared.column(PREPARED_RV_CORRECTION)).to_numpy(zero_copy_only=False)
             wrong_rv = ok & ((flags & Flag.RV_ESTIMATED) == 0) & significant(correction + fit.rv, fit.rv_err)

@@ -18,13 +18,15 @@ from ..engine.calibration import (
     Calibration,
     chi2_excess,
     handled_defect,
+    misfit_growth,
     noise_ratio,
     raised_share,
 )
 
 LEVELS = (0.68, 0.95)  # the central intervals the scale is fitted to cover
 # A coverage's miss counts in units of its sampling error, sqrt(q (1 - q) / n): 95% coverage misses
-# weigh 4.6x those at 68%, so heavy tails do not leave the 95% interval short to keep the 68% exact.
+# weigh 4.6x those at 68%, so heavy tails do not leave the 95% interval short to keep the 68% exact, and
+# a stratum of few rows (`fit_snr_calibration`) weighs by its count.
 LEVEL_WEIGHTS = tuple(1.0 / (q * (1.0 - q)) for q in LEVELS)
 DEFECT_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidates of `Calibration.defect_variance`
 
@@ -66,12 +68,15 @@ def epistemic_thresholds(sigma_epistemic: np.ndarray, quantile: float = 0.995) -
     return np.quantile(sigma_epistemic, quantile, axis=0)
 
 
-def equal_count_bins(values: np.ndarray, bins: int = 6) -> tuple[np.ndarray, np.ndarray]:
+def equal_count_bins(values: np.ndarray, bins: int = 6,
+                     among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(knots [bins], bin of each row [N]): `bins` equal-count bins of `values` (e.g. log10 SNR), a knot
-    at each bin's median."""
-    edges = np.quantile(values, np.linspace(0.0, 1.0, bins + 1))
+    at each bin's median; with `among` ([N] bool), the bins and knots of those rows alone."""
+    chosen = values if among is None else values[among]
+    edges = np.quantile(chosen, np.linspace(0.0, 1.0, bins + 1))
     which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
-    knots = np.array([np.median(values[which == b]) for b in range(bins)])
+    chosen_bins = which if among is None else which[among]
+    knots = np.array([np.median(chosen[chosen_bins == b]) for b in range(bins)])
     return np.maximum.accumulate(knots + 1e-9 * np.arange(bins)), which
 
 
@@ -111,41 +116,46 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
                         log_snr: np.ndarray, *, bins: int = 6, fitted: np.ndarray | None = None,
                         gapped: np.ndarray | None = None, chi2: np.ndarray | None = None,
                         excess: np.ndarray | None = None, fit_var: np.ndarray | None = None,
+                        misfit: np.ndarray | None = None, sigmas_only: np.ndarray | None = None,
                         chi2_strata: int = 3, label: int | None = None, label_bins: int = 10,
                         label_rounds: int = 3) -> Calibration:
     """The SNR-conditional calibration (`engine.calibration.Calibration`) fitted on validation rows
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
-    Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of
-    the emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N];
-    None: none), the network's weights in the blended estimate and, with the parts of the fit's excess
-    reduced chi^2 (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first
-    (`fit_network_weight`), and the sigmas are fitted to that estimate. With the variances of the fit's
-    labels from its curvature (`fit_var` [N, K], NaN where there are none: counted 0), they are added
-    to var_a weighed by lambda = median(var_a + var_e) / median(fit_var) per target, so that the
-    networks' total variance and the fit's count alike (`Calibration.fit_variance_weight`); with the
-    excess parts too, var_a is first weighed by d on the rows with a `handled_defect`
-    (`Calibration.defect_variance`), d per target among DEFECT_FACTORS, those rows a stratum of their
-    own in every bin, the one of least loss with the rest fitted for each. Per
-    target, a systematic floor f, one scale s_b per bin and, with the fit's reduced chi^2 (`chi2` [N]),
-    the inflation c of the aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the
-    68% and 95% coverages of
-    |y - mean| <= z_q sqrt(s_b^2 l^2 (h var_a + var_e) + f^2), h = min(chi2, 1) (1 + c max(chi2 - 1, 0))
-    (below 1 Birge's ratio, not fitted: `Calibration.inflation`), summed over
-    the bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a spectrum the
-    fit explains and one it does not are both covered, not only their mixture). f and c over grids of
+    Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of the
+    emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N]; None: none),
+    the network's weights in the blended estimate and, with the parts of the fit's excess reduced chi^2
+    (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first (`fit_network_weight`; not on the rows
+    of `sigmas_only` [N] bool, a survey made to fit the sigmas on, which neither place the SNR bins), and the
+    sigmas are fitted to that estimate. With the variances of the fit's labels from its curvature (`fit_var`
+    [N, K], NaN where there are none: counted 0), they are added to var_a weighed by lambda = median(var_a +
+    var_e) / median(fit_var) per target, so that the networks' total variance and the fit's count alike
+    (`Calibration.fit_variance_weight`); with the excess parts too, var_a is first weighed by d on the rows
+    with a `handled_defect` (`Calibration.defect_variance`), d per target among DEFECT_FACTORS, those rows a
+    stratum of their own in every bin, the one of least loss with the rest fitted for each. Per target, a
+    systematic floor f, one scale s_b per bin and, with the fit's misfit (`misfit` [N], finite and >= 0,
+    `emulator.Fit.misfit`), the inflation c of the aleatoric part minimise the squared misses (weighted,
+    LEVEL_WEIGHTS) of the 68% and 95% coverages of
+    |y - mean| <= z_q sqrt(s_b^2 l^2 (h var_a + var_e) + f^2), h = min(chi2, 1) (1 + c sqrt(misfit))
+    (below 1 Birge's ratio with the fit's reduced chi^2 `chi2` [N], not fitted: `Calibration.inflation`),
+    summed over the bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a
+    spectrum the fit explains to its noise and one it does not are both covered, not only their
+    mixture), the rows with a misfit a stratum of their own (those with a defect too among them), each
+    stratum's misses weighed by its count. f and c over grids of
     candidates from 0, s_b over a fine log grid: the floor is what the data ask for at high SNR, where
     the noise no longer hides what the grid's interpolation does not know. l = 1, or, with `label`
     (a target's index), a factor per target piecewise linear in the network's mean of that target
     (knots at the medians of `label_bins` equal-count bins of it): each bin's scale (`fit_sigma_scale`) of
     the residuals under the rest, normalised to a geometric mean of 1 over the rows, refined
     `label_rounds` times, the rest fitted again after each."""
-    knots, which = equal_count_bins(log_snr, bins)
+    blend = np.ones(len(y), bool) if sigmas_only is None else ~sigmas_only
+    knots, which = equal_count_bins(log_snr, bins, among=blend)
     weight, gain, network = None, None, mean
     if fitted is not None:
         gapped = np.zeros(len(y), bool) if gapped is None else gapped
         parts = np.zeros((len(y), len(EXCESS_PARTS))) if excess is None else excess
-        weight, gain = fit_network_weight(y, network, fitted, log_snr, knots, parts, gapped)
+        weight, gain = fit_network_weight(y[blend], network[blend], fitted[blend], log_snr[blend], knots,
+                                          parts[blend], gapped[blend])
         mean = Calibration(knots, np.ones_like(weight), np.zeros(len(weight)), weight, gain).blend(
             log_snr, network, fitted, parts, gapped)
     fit_weight, fit_part = None, 0.0
@@ -154,28 +164,29 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         fit_weight = np.array([np.median((var_a + var_e)[known[:, k], k]) / np.median(fit_var[known[:, k], k])
                                if known[:, k].any() else 0.0 for k in range(y.shape[1])])
         fit_part = fit_weight * np.nan_to_num(fit_var)
-    if chi2 is None:
-        total, strata, inflations = np.zeros(len(y)), 1, np.zeros(1)
-    else:
-        total, strata = chi2_excess(chi2), chi2_strata
-        inflations = np.concatenate([[0.0], np.geomspace(1e-2, 30.0, 25)])
+    total, strata = (np.zeros(len(y)), 1) if chi2 is None else (chi2_excess(chi2), chi2_strata)
+    inflations = np.zeros(1) if misfit is None else np.concatenate([[0.0], np.geomspace(1e-2, 300.0, 31)])
+    inflated_by = np.zeros(len(y)) if misfit is None else misfit
     if chi2 is not None:  # a spectrum less noisy than its flux_err: Birge's ratio (`Calibration.inflation`)
         ratio = noise_ratio(chi2)[:, None]
         var_a, fit_part = var_a * ratio, fit_part * ratio
     defect = np.zeros(len(y), bool) if fitted is None or excess is None else handled_defect(excess, gapped)
 
     def strata_of(b: int) -> list[np.ndarray]:
-        """The rows of SNR bin b in strata of chi^2 and, apart, those with a defect."""
-        clean, apart = (np.flatnonzero((which == b) & (defect == d)) for d in (False, True))
+        """The rows of SNR bin b in strata of chi^2 and, apart, those with a defect and those with a
+        misfit."""
+        inside = which == b
+        misfits = np.flatnonzero(inside & (inflated_by > 0))
+        clean, apart = (np.flatnonzero(inside & (inflated_by == 0) & (defect == d)) for d in (False, True))
         ordered = clean[np.argsort(total[clean], kind="stable")]
-        return [rows for rows in (*np.array_split(ordered, strata), apart) if len(rows)]
+        return [rows for rows in (*np.array_split(ordered, strata), apart, misfits) if len(rows)]
 
     cells = [strata_of(b) for b in range(bins)]
     resid2 = (y - mean) ** 2
     defect_variance = None
     if defect.any():
-        losses = [_fit_scales(resid2, var_a * np.where(defect[:, None], d, 1.0) + fit_part, var_e, total,
-                              cells, inflations)[3] for d in DEFECT_FACTORS]
+        losses = [_fit_scales(resid2, var_a * np.where(defect[:, None], d, 1.0) + fit_part, var_e,
+                              inflated_by, cells, inflations)[3] for d in DEFECT_FACTORS]
         defect_variance = np.asarray(DEFECT_FACTORS)[np.argmin(losses, axis=0)]
         var_a = var_a * np.where(defect[:, None], defect_variance[None, :], 1.0)
     var_a = var_a + fit_part
@@ -186,26 +197,29 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     for round_ in range(label_rounds + 1 if label is not None else 1):  # the scales fitted last
         l2 = Calibration(knots, np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), label=label,
                          label_knots=label_knots, label_scale=label_scale).label_factor(network) ** 2
-        scale, floor, inflation, _ = _fit_scales(resid2, l2 * var_a, l2 * var_e, total, cells, inflations)
+        scale, floor, inflation, _ = _fit_scales(resid2, l2 * var_a, l2 * var_e, inflated_by, cells,
+                                                 inflations)
         if label is None or round_ == label_rounds:
             break
         cal = Calibration(knots, scale, floor, chi2_inflation=inflation, label=label, label_knots=label_knots,
                           label_scale=label_scale)
-        var_a_cal, var_e_cal = cal.apply(log_snr, var_a * cal.inflation(total + 1.0), var_e, mean=network)
+        var_a_cal, var_e_cal = cal.apply(log_snr, var_a * cal.inflation(np.ones(len(y)), inflated_by), var_e,
+                                         mean=network)
         z = np.sqrt(resid2 / (var_a_cal + var_e_cal))
         for k in range(y.shape[1]):
             factors = np.array([fit_sigma_scale(z[label_which == b, k]) for b in range(label_bins)])
             label_scale[k] *= factors / np.exp(np.mean(np.log(factors[label_which])))
     return Calibration(knots, scale, floor, weight, None if excess is None else gain,
-                       None if chi2 is None else inflation, fit_weight, defect_variance, label=label,
+                       None if misfit is None else inflation, fit_weight, defect_variance, label=label,
                        label_knots=label_knots, label_scale=label_scale)
 
 
-def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess: np.ndarray, cells: list,
+def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, misfit: np.ndarray, cells: list,
                 inflations: np.ndarray) -> tuple[np.ndarray, ...]:
     """(scale [K, bins], floor [K], inflation [K], loss [K]) of `fit_snr_calibration` for squared
-    residuals and variances [N, K], the rows' excess chi^2 [N], `cells` (rows per SNR bin and
-    stratum) and the candidate inflations."""
+    residuals and variances [N, K], the rows' misfit [N], `cells` (rows per SNR bin and stratum) and
+    the candidate inflations."""
+    growth = misfit_growth(misfit)
     half2 = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS]) ** 2
     s2_grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 600)) ** 2
     k_targets, bins = resid2.shape[1], len(cells)
@@ -216,7 +230,7 @@ def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess
         floors = np.concatenate([[0.0], typical * np.geomspace(1e-2, 3.0, 48)])
         best = (np.inf, 0.0, 0.0, None)
         for c in inflations:
-            var = (1.0 + c * excess) * var_a[:, k] + var_e[:, k]
+            var = (1.0 + c * growth) * var_a[:, k] + var_e[:, k]
             for f in floors:
                 total, scales = 0.0, []
                 for strata_of_bin in cells:
@@ -228,7 +242,7 @@ def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, excess
                             with np.errstate(divide="ignore", invalid="ignore"):
                                 need = np.sort((resid2[rows, k] / h2 - f**2) / var[rows])
                             covered = np.searchsorted(need, s2_grid, side="right") / len(rows)
-                            loss += miss_weight * (covered - q) ** 2
+                            loss += miss_weight * len(rows) * (covered - q) ** 2
                     i = int(np.argmin(loss))
                     total += float(loss[i])
                     scales.append(np.sqrt(s2_grid[i]))

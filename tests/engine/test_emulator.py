@@ -208,6 +208,24 @@ def test_rows_whose_noise_is_estimated_take_their_own_chi2_threshold(tmp_path):
     assert ((np.asarray(plain.predict(unstated).column("flags")) & Flag.MODEL_MISMATCH) != 0).all()
 
 
+def test_the_misfit_is_how_far_the_chi2_beyond_the_noise_passes_its_threshold(tmp_path):
+    """`Fit.misfit`: the chi^2 over the noise's chi^2 (where that is above 1) less the MODEL_MISMATCH
+    threshold, for a row whose noise is estimated that table's; 0 below it and where the fit gives no
+    chi^2; MODEL_MISMATCH where it is above 0."""
+    emulator = load_model(add_emulator(make_bundle(tmp_path / "emu"), threshold=1.1,
+                                       estimated_noise_threshold=1.3)).emulator
+    n = 6
+    fit = emulator_module.Fit(**{f.name: np.full(n, np.nan) for f in dataclasses.fields(emulator_module.Fit)}
+                              | {"labels": np.full((n, 3), np.nan), "log_snr": np.full(n, 2.0),
+                                 "chi2": np.array([1.05, 1.2, 1.2, 1.5, 1.2, np.nan]),
+                                 "noise_chi2": np.array([np.nan, np.nan, 1.2, np.nan, 0.9, np.nan])})
+    estimated = np.array([False, False, False, True, False, False])
+    misfit = fit.misfit(emulator, estimated)
+    np.testing.assert_allclose(misfit, [0.0, 0.1, 0.0, 0.2, 0.1, 0.0], atol=1e-12)
+    assert fit.mismatch(emulator, estimated).tolist() == (misfit > 0).tolist()
+    np.testing.assert_allclose(fit.misfit(emulator), [0.0, 0.1, 0.0, 0.4, 0.1, 0.0], atol=1e-12)
+
+
 @pytest.mark.parametrize("table", [{**TABLE, "label": "metals"}, {**TABLE, "knots": [500.0, 0.0]},
                                    {**TABLE, "log10_snr": [2.5]}, {**TABLE, "values": [[1.2, None], [1, 1]]},
                                    {**TABLE, "label": None}, {k: v for k, v in TABLE.items() if k != "label"},
@@ -324,8 +342,9 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     `fit_variance_weight` lambda, each fitted target's aleatoric variance gains lambda times the
     variance of the fit's label (`Fit.label_err` squared) before the scale s, the network's weighed
     first by `defect_variance` d on the rows with a gap or a fitted ripple; with `chi2_inflation` c,
-    it is then multiplied by 1 + c max(chi2 - 1, 0) (the `chi2` column), and below chi2 = 1 by chi2
-    itself (a spectrum less noisy than its flux_err says); the epistemic part is unchanged.
+    it is then multiplied by 1 + c sqrt(m) (m the fit's misfit, `Fit.misfit`: its chi^2 beyond the noise
+    past the MODEL_MISMATCH threshold), and below chi2 = 1 (the `chi2` column) by chi2 itself (a
+    spectrum less noisy than its flux_err says); the epistemic part is unchanged.
     `predict_samples`' draws carry the same: their mean variance is the aleatoric part."""
     features, targets = ("log10_snr",), ["teff", "logg", "vsini"]
     cal = Calibration(np.array([1.0, 2.5]), np.full((3, 2), 1.5), np.zeros(3),
@@ -337,7 +356,7 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
         del plain[key]
     paths = {name: add_emulator(make_bundle(tmp_path / name, features=features, calibration=entry),
                                 labels=["teff", "logg"], refine_steps=1, continuum_degree=0,
-                                ripple_threshold=30.0)
+                                ripple_threshold=30.0, threshold=1.1)
              for name, entry in (("plain", plain), ("blend", cal.to_manifest(targets)))}
     data = catalog(6, 30.0)
     data["flux"][3:] = LINE + np.random.default_rng(1).normal(0.0, 1.0 / 200.0, (3, TINY_GRID.n))
@@ -355,6 +374,10 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     log_snr = np.log10(np.array([30.0] * 3 + [200.0] * 2 + [300.0])) - 0.5 * np.log10(np.maximum(chi2, 1.0))
     excess = np.maximum(chi2 - 1, 0)
     ripple, other = fit.excess.T
+    misfit = np.maximum(fit.chi2_beyond_noise - load_model(paths["plain"]).emulator.chi2_threshold.at(
+        fit.log_snr, fit.labels, ["teff", "logg"]), 0.0)
+    # the ripple leaves a misfit past the threshold (1.1); noise the flux_err understates (row 5) none
+    assert misfit[3] > 0.05 and (misfit[[0, 1, 2, 4, 5]] == 0).all() and chi2[5] > 2.0
     np.testing.assert_allclose(other, excess, rtol=1e-9)  # what the fit, with any ripple, leaves
     assert ripple[3] > max(0.2, excess[3])  # the ripple is fitted (its statistic passed 30): most of it gone
     assert excess[5] > 0.8 and ripple[5] == 0  # noise: not a ripple
@@ -372,7 +395,7 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
         var_a = [r.column(f"{t}_err_aleatoric").to_numpy() ** 2 for r in (network, blended)]
         d = np.where(gapped | (ripple > 0), cal.defect_variance[k], 1.0)  # rows 1, 4: a gap; 3: a ripple
         with_fit = d * var_a[0] + 1.5**2 * cal.fit_variance_weight[k] * fit_var[:, k]  # the fit's, scaled too
-        factor = np.minimum(chi2, 1.0) * (1 + cal.chi2_inflation[k] * excess)
+        factor = np.minimum(chi2, 1.0) * (1 + cal.chi2_inflation[k] * np.sqrt(misfit))
         np.testing.assert_allclose(var_a[1], with_fit * factor, rtol=1e-9)
         var_e = [r.column(f"{t}_err_epistemic").to_numpy() for r in (network, blended)]
         np.testing.assert_array_equal(*var_e)

@@ -103,6 +103,27 @@ def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estima
         assert abs(coverage(y[:, k], blended[:, k], sigma[:, k], 0.68) - 0.68) < 0.02
 
 
+def test_rows_for_the_sigmas_alone_do_not_move_the_blends_weights():
+    """Beside spectra whose best blend gives the network 0.2-0.8 of the weight, a survey made to fit
+    the sigmas on, whose networks err 5x more (as a defect could make them): passed as `sigmas_only`
+    it leaves the weights as the others give them; counted in, it pulls the network's weight down."""
+    rng = np.random.default_rng(8)
+    n, extra = 30000, 15000
+    log_snr = rng.uniform(1.0, 2.6, n + extra)
+    expected = np.interp(log_snr, [1.0, 1.8, 2.6], [0.2, 0.5, 0.8])
+    a = 10.0 ** (1.5 - log_snr) * np.r_[np.ones(n), np.full(extra, 5.0)]  # the network's sigma
+    b = 10.0 ** (1.5 - log_snr) * np.sqrt(expected / (1.0 - expected))  # the fit's
+    y = rng.uniform(0.0, 100.0, (n + extra, 1))
+    mean, fitted = (y + s[:, None] * rng.normal(size=(n + extra, 1)) for s in (a, b))
+    var = (a**2)[:, None]
+    only = np.r_[np.zeros(n, bool), np.ones(extra, bool)]
+    cals = [fit_snr_calibration(y[rows], mean[rows], var[rows], np.zeros_like(var[rows]), log_snr[rows],
+                                bins=3, fitted=fitted[rows], sigmas_only=sigmas_only)
+            for rows, sigmas_only in ((slice(None), only), (slice(None), None), (slice(0, n), None))]
+    np.testing.assert_allclose(cals[0].network_weight, cals[2].network_weight, atol=0.02)
+    assert (cals[1].network_weight[0] < cals[2].network_weight[0] - 0.1).all(), cals[1].network_weight
+
+
 def test_the_networks_odds_grow_with_each_part_of_the_excess_chi2_as_the_fits_error_variance_does():
     """A third of the spectra carry a ripple (excess chi^2 e_r up to 4) that adds 3 e_r b^2 to the
     fit's error variance and nothing to the network's, a third another defect (e_o up to 4) that
@@ -158,32 +179,54 @@ def test_the_fits_variance_covers_the_errors_the_networks_variance_does_not_foll
     assert worst["with"] < 1.0 < worst["without"], worst
 
 
-def test_the_chi2_inflation_recovers_how_the_error_grows_with_the_fits_excess_chi2():
-    """A third of the spectra carry a defect their flux_err does not (excess chi^2 up to 4) that adds
-    c = 1.5 x excess x the noise variance to the error variance. A scale per SNR bin alone cannot
-    cover both kinds: the fit with the fit's chi^2 recovers c and covers each stratum of chi^2 to
-    within 3 points; without it, the clean spectra are over-covered and the others under-covered."""
+def test_the_chi2_inflation_recovers_how_the_error_grows_with_the_fits_misfit():
+    """A twentieth of the spectra carry a misfit (`Fit.misfit` up to 4: their chi^2 beyond the noise past
+    its threshold) that adds c = 1.5 x sqrt(misfit) x the noise variance to the error variance; a quarter
+    have flux errors that understate their noise (chi^2 up to 5, no misfit; their variance already
+    says so, as the SNR the calibration reads does). A scale per SNR bin alone cannot cover the
+    misfits and the rest: the fit with the misfit recovers c and covers each kind to within 3 points;
+    without it, the misfits are under-covered."""
     rng = np.random.default_rng(5)
     n = 30000
     log_snr = rng.uniform(1.0, 2.6, n)
     var_a = (10.0 ** (1.5 - log_snr)) ** 2
-    excess = np.where(rng.random(n) < 1 / 3, rng.uniform(0.0, 4.0, n), 0.0)
-    chi2 = 1.0 + excess + rng.normal(0.0, 0.02, n)
+    kind = rng.choice(3, n, p=[0.7, 0.05, 0.25])  # clean, a misfit, noise understated
+    misfit = np.where(kind == 1, rng.uniform(0.0, 4.0, n), 0.0)
+    chi2 = np.where(kind == 2, rng.uniform(1.0, 5.0, n), 1.0 + misfit) + rng.normal(0.0, 0.02, n)
     y = rng.uniform(0.0, 100.0, (n, 1))
-    mean = y + np.sqrt(var_a * (1.0 + 1.5 * excess))[:, None] * rng.normal(size=(n, 1))
+    mean = y + np.sqrt(var_a * (1.0 + 1.5 * np.sqrt(misfit)))[:, None] * rng.normal(size=(n, 1))
     var = var_a[:, None]
-    for with_chi2 in (True, False):
-        cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=3,
-                                  chi2=chi2 if with_chi2 else None)
-        assert (cal.chi2_inflation is not None) == with_chi2
-        var_a_cal, var_e_cal = cal.apply(log_snr, var * cal.inflation(chi2), np.zeros_like(var))
+    kinds = (kind == 0, (kind == 1) & (misfit > 1), kind == 2)
+    for with_misfit in (True, False):
+        cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=3, chi2=chi2,
+                                  misfit=misfit if with_misfit else None)
+        assert (cal.chi2_inflation is not None) == with_misfit
+        var_a_cal, var_e_cal = cal.apply(log_snr, var * cal.inflation(chi2, misfit), np.zeros_like(var))
         sigma = np.sqrt(var_a_cal + var_e_cal)[:, 0]
-        cover = [coverage(y[rows, 0], mean[rows, 0], sigma[rows], 0.68) for rows in (excess == 0, excess > 1)]
-        if with_chi2:
+        cover = [coverage(y[rows, 0], mean[rows, 0], sigma[rows], 0.68) for rows in kinds]
+        if with_misfit:
             assert cal.chi2_inflation[0] == pytest.approx(1.5, rel=0.25)
             assert all(abs(c - 0.68) < 0.03 for c in cover), cover
         else:
-            assert cover[0] > 0.72 and cover[1] < 0.60, cover
+            assert cover[1] < 0.60, cover
+
+
+def test_a_stratum_of_few_rows_weighs_by_its_count():
+    """Twelve rows with a misfit whose errors no inflation can reach (no aleatoric variance; only the
+    floor would cover them) beside 20 000 clean ones: each stratum's misses weighed by its count, they
+    do not pull the floor up, and the clean rows stay covered to within 2 points (with the strata
+    counted alike, the floor covers the twelve and the clean rows are over-covered)."""
+    rng = np.random.default_rng(6)
+    n, few = 20000, 12
+    log_snr = rng.uniform(1.0, 2.6, n + few)
+    var = np.r_[np.ones(n), np.zeros(few)][:, None]
+    y = np.zeros((n + few, 1))
+    mean = np.r_[rng.normal(size=n), rng.normal(0.0, 5.0, few)][:, None]
+    misfit = np.r_[np.zeros(n), np.ones(few)]
+    cal = fit_snr_calibration(y, mean, var, np.zeros_like(var), log_snr, bins=1, misfit=misfit)
+    var_a, var_e = cal.apply(log_snr, var * cal.inflation(np.ones(n + few), misfit), np.zeros_like(var))
+    sigma = np.sqrt(var_a + var_e)[:n, 0]
+    assert abs(coverage(y[:n, 0], mean[:n, 0], sigma, 0.68) - 0.68) < 0.02
 
 
 def test_the_defect_variance_weighs_down_a_networks_variance_the_defect_inflated():

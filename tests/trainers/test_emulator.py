@@ -22,6 +22,8 @@ from starcast.engine.calibration import EXCESS_PARTS
 from starcast.engine.emulator import DIBS, Threshold
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
+    BEYOND_CUBIC_AMPLITUDE,
+    BEYOND_CUBIC_DEGREES,
     SIGMA_EDGES,
     SPLIT_SEEDS,
     UNDERSTATED_NOISE,
@@ -31,6 +33,7 @@ from starcast.trainers.emulator import (
     main,
     noise_free,
     prepared,
+    shape_continuum,
     train_emulator,
     understate_noise,
 )
@@ -207,12 +210,13 @@ def test_the_emulators_error_per_row_follows_v_sin_i(source, bundle):
 
 def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_between_them(bundle):
     """The blended estimate's calibration (with its chi^2 inflation) is fitted on the validation and
-    test nodes, the stars between the nodes and the validation nodes with their noise understated
-    together; each split is scored under it and the node
+    test nodes, the stars between the nodes, the validation nodes with their noise understated and
+    those with a continuum beyond the cubic together; each split is scored under it and the node
     splits, honestly, under the calibration fitted on the other split alone too, with coverage in each
     of issue 9's SNR bins."""
     manifest = load_model(bundle).bundle.manifest
-    assert manifest["provenance"]["calibration"]["split"] == "val+test+between+val understated"
+    assert manifest["provenance"]["calibration"]["split"] == ("val+test+between+val understated"
+                                                              "+val beyond cubic")
     assert set(manifest["metrics"]["between"]) == set(LABELS)
     assert set(manifest["calibration"]["chi2_inflation"]) == set(LABELS)
     assert {part: set(g) for part, g in manifest["calibration"]["network_gain"].items()} == {
@@ -237,6 +241,27 @@ def test_understated_noise_divides_each_rows_flux_err_by_its_own_factor():
     assert UNDERSTATED_NOISE[0] <= factor.min() and factor.max() <= UNDERSTATED_NOISE[1] * (1 + 1e-5)
     assert np.ptp(factor[:, 0]) > 0.8 * (UNDERSTATED_NOISE[1] - UNDERSTATED_NOISE[0])
     assert out.column(FLUX).equals(table.column(FLUX))
+
+
+def test_shape_continuum_multiplies_each_row_by_one_legendre_term_beyond_the_cubic():
+    """Each row's flux times 1 + a P_n(x), x the wavelength over [-1, 1], n among BEYOND_CUBIC_DEGREES
+    (all of them drawn), |a| <= BEYOND_CUBIC_AMPLITUDE (spread over most of it), flux_err untouched."""
+    rng = np.random.default_rng(3)
+    grid = WavelengthGrid.linear(4000.0, 2.0, 401)
+    flux, err = rng.uniform(0.5, 1.0, (300, grid.n)), rng.uniform(0.01, 0.02, (300, grid.n))
+    table = pa.table({FLUX: spectrum_array(flux, grid.n), FLUX_ERR: spectrum_array(err, grid.n)},
+                     metadata={META_WAVELENGTH: grid.to_json()})
+    out = shape_continuum(table, np.random.default_rng(4))
+    factor = np.stack(out.column(FLUX).to_numpy(zero_copy_only=False)) / flux - 1.0
+    basis = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, grid.n), max(BEYOND_CUBIC_DEGREES))
+    coeffs = np.linalg.lstsq(basis, factor.T, rcond=None)[0].T  # [rows, degree + 1]
+    degree = np.argmax(np.abs(coeffs), axis=1)
+    amplitude = coeffs[np.arange(len(coeffs)), degree]
+    np.testing.assert_allclose(basis[:, degree].T * amplitude[:, None], factor, atol=1e-6)
+    assert set(degree) == set(BEYOND_CUBIC_DEGREES)
+    assert np.abs(amplitude).max() <= BEYOND_CUBIC_AMPLITUDE * (1 + 1e-4)
+    assert np.ptp(amplitude) > 1.6 * BEYOND_CUBIC_AMPLITUDE
+    assert out.column(FLUX_ERR).equals(table.column(FLUX_ERR))
 
 
 def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle, tmp_path):
