@@ -123,19 +123,19 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     at grid nodes left out of training ([N, K] arrays in physical units; log_snr [N]).
 
     Rows are split into `bins` equal-count bins of log10 SNR (`equal_count_bins`). With the labels of the
-    emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N]; None: none),
-    the network's weights in the blended estimate and, with the parts of the fit's excess reduced chi^2
-    (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first (`fit_network_weight`; not on the rows
-    of `sigmas_only` [N] bool, a survey made to fit the sigmas on, which neither place the SNR bins), and the
-    sigmas are fitted to that estimate. With the variances of the fit's labels from its curvature (`fit_var`
-    [N, K], NaN where there are none: counted 0), they are added to var_a weighed by lambda = median(var_a +
-    var_e) / median(fit_var) per target, so that the networks' total variance and the fit's count alike
-    (`Calibration.fit_variance_weight`); with the excess parts too, var_a is first weighed by d on the rows
-    with a `handled_defect` (`Calibration.defect_variance`), d per target among DEFECT_FACTORS, those rows a
-    stratum of their own in every bin, the one of least loss with the rest fitted for each. Per target, a
-    systematic floor f, one scale s_b per bin and, with the fit's misfit (`misfit` [N], finite and >= 0,
-    `emulator.Fit.misfit`), the inflation c of the aleatoric part minimise the squared misses (weighted,
-    LEVEL_WEIGHTS) of the 68% and 95% coverages of
+    emulator's fit (`fitted`, NaN where there are none) and which rows have a gap (`gapped` [N]; None:
+    none), the network's weights in the blended estimate and, with the parts of the fit's excess reduced
+    chi^2 (`excess` [N, len(EXCESS_PARTS)]), their gains with them come first (`fit_network_weight`; not
+    on the rows of `sigmas_only` [N] bool, a survey made to fit the sigmas on, which neither place the
+    SNR bins), and the sigmas are fitted to that estimate. With the variances of the fit's labels from
+    its curvature (`fit_var` [N, K], NaN where there are none: counted 0), they are added to var_a
+    weighed by lambda = median(var_a + var_e) / median(fit_var) per target, so that the networks' total
+    variance and the fit's count alike (`Calibration.fit_variance_weight`); with the excess parts too,
+    var_a is first weighed by d on the rows with a `handled_defect` (`Calibration.defect_variance`), d
+    per target among DEFECT_FACTORS, those rows a stratum of their own in every bin, the one of least
+    loss with the rest fitted for each. Per target, a systematic floor f, one scale s_b per bin and, with
+    the fit's misfit (`misfit` [N], finite and >= 0, `emulator.Fit.misfit`), the inflation c of the
+    aleatoric part minimise the squared misses (weighted, LEVEL_WEIGHTS) of the 68% and 95% coverages of
     |y - mean| <= z_q sqrt(s_b^2 l^2 (h var_a + var_e) + f^2), h = min(chi2, 1) (1 + c sqrt(misfit))
     (below 1 Birge's ratio with the fit's reduced chi^2 `chi2` [N], not fitted: `Calibration.inflation`),
     summed over the bins and, inside each, over `chi2_strata` equal-count strata of chi^2 (so that a
