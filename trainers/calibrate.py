@@ -80,6 +80,13 @@ def equal_count_bins(values: np.ndarray, bins: int = 6,
     return np.maximum.accumulate(knots + 1e-9 * np.arange(bins)), which
 
 
+def knot_weights(values: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """[N, Q]: each row's weight of each knot when a quantity is piecewise linear in `values` between
+    `knots` and constant beyond them (as `np.interp`): the quantity at the rows is this times its Q
+    values at the knots."""
+    return np.stack([np.interp(values, knots, np.eye(len(knots))[q]) for q in range(len(knots))], axis=1)
+
+
 def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_snr: np.ndarray,
                        knots: np.ndarray, excess: np.ndarray,
                        gapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +96,7 @@ def fit_network_weight(y: np.ndarray, mean: np.ndarray, fitted: np.ndarray, log_
     `Calibration.network_share`): the least-squares fit of y on validation rows ([N, K] in physical
     units) without a gap (`gapped` [N]: those take the fit alone), started from the weights fitted
     linearly with no gain. Weight 1 and gain 0 for a target without fitted labels (NaN)."""
-    hats = np.stack([np.interp(log_snr, knots, np.eye(len(knots))[q]) for q in range(len(knots))], axis=1)
+    hats = knot_weights(log_snr, knots)
     excess = np.asarray(excess, np.float64)
     q, parts = len(knots), len(EXCESS_PARTS)
     weight, gain = np.ones((y.shape[1], q)), np.zeros((y.shape[1], parts))
@@ -143,7 +150,9 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     mixture), the rows with a misfit a stratum of their own (those with a defect too among them), each
     stratum's misses weighed by its count. f and c over grids of
     candidates from 0, s_b over a fine log grid: the floor is what the data ask for at high SNR, where
-    the noise no longer hides what the grid's interpolation does not know. l = 1, or, with `label`
+    the noise no longer hides what the grid's interpolation does not know. The bins' scales then become
+    the scales at the knots that the engine interpolates between, refined so that the same loss holds
+    with them applied so (`_knot_scales`). l = 1, or, with `label`
     (a target's index), a factor per target piecewise linear in the network's mean of that target
     (knots at the medians of `label_bins` equal-count bins of it): each bin's scale (`fit_sigma_scale`) of
     the residuals under the rest, normalised to a geometric mean of 1 over the rows, refined
@@ -182,11 +191,12 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         return [rows for rows in (*np.array_split(ordered, strata), apart, misfits) if len(rows)]
 
     cells = [strata_of(b) for b in range(bins)]
+    hats = knot_weights(log_snr, knots)
     resid2 = (y - mean) ** 2
     defect_variance = None
     if defect.any():
         losses = [_fit_scales(resid2, var_a * np.where(defect[:, None], d, 1.0) + fit_part, var_e,
-                              inflated_by, cells, inflations)[3] for d in DEFECT_FACTORS]
+                              inflated_by, cells, inflations, hats)[3] for d in DEFECT_FACTORS]
         defect_variance = np.asarray(DEFECT_FACTORS)[np.argmin(losses, axis=0)]
         var_a = var_a * np.where(defect[:, None], defect_variance[None, :], 1.0)
     var_a = var_a + fit_part
@@ -198,7 +208,7 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
         l2 = Calibration(knots, np.ones((y.shape[1], bins)), np.zeros(y.shape[1]), label=label,
                          label_knots=label_knots, label_scale=label_scale).label_factor(network) ** 2
         scale, floor, inflation, _ = _fit_scales(resid2, l2 * var_a, l2 * var_e, inflated_by, cells,
-                                                 inflations)
+                                                 inflations, hats)
         if label is None or round_ == label_rounds:
             break
         cal = Calibration(knots, scale, floor, chi2_inflation=inflation, label=label, label_knots=label_knots,
@@ -215,10 +225,11 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
 
 
 def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, misfit: np.ndarray, cells: list,
-                inflations: np.ndarray) -> tuple[np.ndarray, ...]:
+                inflations: np.ndarray, hats: np.ndarray) -> tuple[np.ndarray, ...]:
     """(scale [K, bins], floor [K], inflation [K], loss [K]) of `fit_snr_calibration` for squared
-    residuals and variances [N, K], the rows' misfit [N], `cells` (rows per SNR bin and stratum) and
-    the candidate inflations."""
+    residuals and variances [N, K], the rows' misfit [N], `cells` (rows per SNR bin and stratum), the
+    candidate inflations and the rows' knot weights (`knot_weights` [N, bins]): the floor and inflation
+    chosen with one scale per bin, the scales then refined at the knots (`_knot_scales`)."""
     growth = misfit_growth(misfit)
     half2 = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS]) ** 2
     s2_grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 600)) ** 2
@@ -248,5 +259,40 @@ def _fit_scales(resid2: np.ndarray, var_a: np.ndarray, var_e: np.ndarray, misfit
                     scales.append(np.sqrt(s2_grid[i]))
                 if total < best[0] - 1e-6:  # a larger floor or inflation must do strictly better
                     best = (total, f, c, scales)
-        loss_of[k], floor[k], inflation[k], scale[k] = best
+        _, floor[k], inflation[k], scales = best
+        var = (1.0 + inflation[k] * growth) * var_a[:, k] + var_e[:, k]
+        scale[k], loss_of[k] = _knot_scales(resid2[:, k], var, floor[k], cells, hats, np.asarray(scales))
     return scale, floor, inflation, loss_of
+
+
+def _knot_scales(resid2: np.ndarray, var: np.ndarray, floor: float, cells: list, hats: np.ndarray,
+                 scales: np.ndarray, sweeps: int = 3, reach: float = 0.25,
+                 steps: int = 101) -> tuple[np.ndarray, float]:
+    """(scales at the knots [bins], loss) for one target: its squared residuals and variances [N] with
+    `floor`, applied as the engine applies them, sigma^2 = s(row)^2 var + floor^2 with s piecewise
+    linear between the knots (`hats`, `knot_weights`), not constant across each bin as `scales` (one
+    per bin, the start) were fitted: rows between two knots take a mixture of their scales, which
+    leaves a bin's rows on the side of a steeper neighbour covered more than those on the other side.
+    Coordinate descent: each knot's scale in turn over a log grid of +-`reach` around it, `sweeps`
+    times, each move scored by `fit_snr_calibration`'s loss over the cells of the bins it reaches."""
+    half2 = np.array([norm.ppf(0.5 + q / 2) for q in LEVELS]) ** 2
+    bins = len(cells)
+
+    def loss(s_rows: np.ndarray, reached: range) -> np.ndarray:
+        """The loss of the cells of the bins `reached` for scales at the rows [..., N]."""
+        out = 0.0
+        for rows in (rows for b in reached for rows in cells[b]):
+            var_rows = s_rows[..., rows] ** 2 * var[rows] + floor**2
+            for h2, q, miss_weight in zip(half2, LEVELS, LEVEL_WEIGHTS, strict=True):
+                covered = np.mean(resid2[rows] / h2 <= var_rows, axis=-1)
+                out = out + miss_weight * len(rows) * (covered - q) ** 2
+        return out
+
+    s = scales.astype(np.float64)
+    for _ in range(sweeps):
+        for q in range(bins):
+            candidates = s[q] * np.exp(np.linspace(-reach, reach, steps))
+            others = hats @ s - hats[:, q] * s[q]
+            s[q] = candidates[np.argmin(loss(others + hats[:, q] * candidates[:, None],
+                                             range(max(q - 1, 0), min(q + 2, bins))))]
+    return s, float(loss(hats @ s, range(bins)))
