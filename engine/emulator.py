@@ -10,6 +10,13 @@ The fit multiplies the emulated spectrum by a per-row Chebyshev polynomial of th
 continuum degree, fitted by weighted least squares: the engine's own continuum fit differs between a
 noisy and a noise-free copy of one star by such a polynomial (measured on TLUSTY spectra: chi^2 2.3 at
 SNR 100 without it, 0.99 with a cubic), which no label can explain; a ripple or a shift cannot hide in it.
+Where the fit cannot explain a spectrum with that polynomial (its chi^2 beyond the noise above
+`chi2_threshold`, MODEL_MISMATCH's test), the continuum is freed up to `freer_degree` (the Chebyshev
+terms above the preprocessing's degree beside it, with any ripple and bands fitted) and the steps run
+again (`Fit.freed`; the row stays flagged): an instrument's response left in with more shape than the
+cubic bends the labels by several times their noise (1% of a Legendre P_6: log g 4.6x its clean
+RMSE), which the freer fit takes out. Only there: on every row the freer continuum would take part of
+the Balmer wings' log g (docs/record.md).
 The labels are those of the prediction refined by a few (Gauss-Newton) steps on the same chi^2 (within
 the training range): the chi^2 then asks whether the model can explain the spectrum at all, not how
 far the network's estimate is from the best fit, which at high SNR would dominate it. The same steps
@@ -96,7 +103,7 @@ from .calibration import chi2_excess
 EMULATOR_FILE = "emulator.safetensors"
 # optional: ripple_threshold, dib_threshold, veiling_threshold, broadening_threshold, sigma_scaling
 # ({"label", "knots", "factors"}: `Emulator.sigma_label`, `sigma_knots`, `sigma_factors`),
-# chi2_threshold_estimated_noise, contrast_threshold;
+# chi2_threshold_estimated_noise, contrast_threshold, freer_degree;
 # chi2_threshold, it, broadening_threshold and contrast_threshold: a number or a table ({"log10_snr",
 # "label", "knots", "values"}: `Threshold`)
 ENTRY_KEYS = ("file", "sha256", "labels", "hidden", "activation", "label_mean", "label_std",
@@ -294,6 +301,8 @@ class Emulator:
     sigma_factors: tuple[float, ...] = ()  # sigma's factor at each knot (interpolated, held beyond)
     chi2_threshold_estimated_noise: Threshold | None = None  # None: `chi2_threshold` for every row
     contrast_threshold: Threshold = field(default_factory=lambda: Threshold.constant(math.inf))
+    freer_degree: int = -1  # of the continuum where the fit cannot explain a spectrum with
+    # continuum_degree's (`chi2_limit`); not above continuum_degree: never freed
 
     def spectra(self, labels: np.ndarray) -> np.ndarray:
         """(B, D) float32 emulated spectra at `labels` (B, len(self.labels))."""
@@ -373,6 +382,27 @@ class Emulator:
         if self.continuum_degree < 0:
             return np.empty((len(grid), 0))
         return np.polynomial.chebyshev.chebvander(grid, self.continuum_degree)
+
+    @cached_property
+    def _freer_columns(self) -> np.ndarray:
+        """(D, q) float32: the Chebyshev terms T_k over the grid of the degrees above `continuum_degree` up
+        to `freer_degree` (q = 0 where that is not above it, or without a continuum)."""
+        if self.continuum_degree < 0 or self.freer_degree <= self.continuum_degree:
+            return np.empty((len(self.wavelength), 0), np.float32)
+        grid = np.linspace(-1.0, 1.0, len(self.wavelength))
+        terms = np.polynomial.chebyshev.chebvander(grid, self.freer_degree)
+        return np.ascontiguousarray(terms[:, self.continuum_degree + 1:], np.float32)
+
+    def chi2_limit(self, log_snr: np.ndarray, labels: np.ndarray,
+                   noise_estimated: np.ndarray | None = None) -> np.ndarray:
+        """[B] the threshold MODEL_MISMATCH tests `Fit.chi2_beyond_noise` against: `chi2_threshold` at
+        each row's log10 SNR and fitted labels, and for the rows whose noise is estimated
+        (`noise_estimated` [B]; None: none) `chi2_threshold_estimated_noise`, where there is one."""
+        limit = self.chi2_threshold.at(log_snr, labels, self.labels)
+        estimated = self.chi2_threshold_estimated_noise
+        if estimated is not None and noise_estimated is not None and np.any(noise_estimated):
+            limit = np.where(noise_estimated, estimated.at(log_snr, labels, self.labels), limit)
+        return limit
 
     @cached_property
     def _ripple_frequencies(self) -> np.ndarray:
@@ -752,17 +782,19 @@ class Emulator:
 
     def chi2(self, x: np.ndarray, ivar: np.ndarray, labels: np.ndarray, lo: np.ndarray | None = None,
              hi: np.ndarray | None = None, blur: np.ndarray | None = None,
-             log_snr: np.ndarray | None = None) -> Fit:
+             log_snr: np.ndarray | None = None, noise_estimated: np.ndarray | None = None) -> Fit:
         """The `Fit` of prepared spectra x [B, D] with inverse variances ivar: the fitted emulated
         spectra e (see `fitted`; seen through `blur` [B], if given) at `labels` and a residual velocity,
-        refined within [lo, hi] (see
-        `refine`), then again with the diffuse bands whose statistics (`dib`) pass their
-        `dib_threshold`, then again with a ripple (and those bands) where the residual's ripple statistic
-        passes `ripple_threshold`, then again with light without lines (and the ripple and bands) where
-        the veiling statistic passes `veiling_threshold` (all only if the fit has a continuum to hold
-        them); its reduced chi^2 is the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0,
-        off ISM_LINES) of (x - e)^2 / (1 / ivar + (f sigma)^2), f the row's `sigma_factor` at `labels`,
-        divided by n minus the fitted parameters (NaN where that is not positive). `log_snr` [B]: the rows'
+        refined within [lo, hi] (see `refine`), then again with the diffuse bands whose statistics
+        (`dib`) pass their `dib_threshold`, then again with a ripple (and those bands) where the
+        residual's ripple statistic passes `ripple_threshold`, then again with light without lines (and
+        the ripple and bands) where the veiling statistic passes `veiling_threshold`, then again with
+        the continuum freed up to `freer_degree` (and the ripple and bands; not beside the light) where
+        the chi^2 beyond the noise passes `chi2_limit` (`noise_estimated` [B]: the rows whose noise is
+        DER_SNR's; None: none) (all only if the fit has a continuum to hold them); its reduced chi^2 is
+        the sum over the n pixels of weight > 0 (`pixel_weight`: ivar > 0, off ISM_LINES) of
+        (x - e)^2 / (1 / ivar + (f sigma)^2), f the row's `sigma_factor` at `labels`, divided by n
+        minus the fitted parameters (NaN where that is not positive). `log_snr` [B]: the rows'
         `kernels.features.log10_snr`, where the caller has it (None: computed from ivar).
         Rows are fitted in chunks (of up to CHUNK), side by side on as many threads as BLAS may use, each
         chunk's products then on one BLAS thread, where this thread may limit BLAS
@@ -774,7 +806,9 @@ class Emulator:
         chi2, rv, ripple = np.empty(len(x)), np.zeros(len(x)), np.empty(len(x))
         ripple_excess, ripple_frequency, veiling = np.zeros(len(x)), np.full(len(x), np.nan), np.empty(len(x))
         broadening, noise_chi2, contrast = np.empty(len(x)), np.empty(len(x)), np.empty(len(x))
-        veil = np.zeros(len(x))
+        veil, freed = np.zeros(len(x)), np.zeros(len(x), bool)
+        log_snr = log10_snr(ivar) if log_snr is None else np.asarray(log_snr, np.float64)
+        freer = self._freer_columns
         dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n, dof = np.empty(len(x), np.int64), np.empty(len(x), np.int64)  # pixels; minus the parameters
@@ -846,6 +880,30 @@ class Emulator:
             if shifted is not None:
                 emulated = self.shift(emulated, shifted)
             noise_chi2[part], contrast[part] = self.noise_and_contrast(residual, weight, ivar[part], emulated)
+            with np.errstate(invalid="ignore"):
+                unexplained = beyond_noise(chi2[part], noise_chi2[part]) > self.chi2_limit(
+                    log_snr[part], best, None if noise_estimated is None else noise_estimated[part])
+            rows = np.flatnonzero(unexplained & (veil[part] == 0)) if freer.shape[1] else []
+            if len(rows):  # free the continuum, from the labels and rv so far (with the ripple and bands)
+                at = s + rows
+                rippled = np.isfinite(ripple_frequency[at])
+                defects = self.defect_columns(ripple_frequency[at] if rippled.any() else None, band[rows])
+                extra = np.broadcast_to(freer, (len(rows), *freer.shape))
+                if defects is not None:
+                    extra = np.concatenate([extra, defects], axis=2)
+                extra = np.ascontiguousarray(extra)
+                coef = self._refit(state, rows, lo, hi, extra)
+                banded = band[rows].any(axis=1)
+                if banded.any():
+                    dib_depths[at[banded]] = self.band_depths(coef[banded])
+                dof[at] -= freer.shape[1]
+                chi2[at] = reduced(residual[rows], weight[rows], dof[at])
+                emulated = self.blur(self.spectra(best[rows]), None if seen is None else seen[rows])
+                if shifted is not None:
+                    emulated = self.shift(emulated, shifted[rows])
+                noise_chi2[at], contrast[at] = self.noise_and_contrast(residual[rows], weight[rows], ivar[at],
+                                                                       emulated)
+                freed[at] = True
             fitted[part] = best
 
         threads = _blas_threads()
@@ -870,7 +928,7 @@ class Emulator:
                    contrast=np.where(explained[:, 0], contrast, np.nan), veil=veil,
                    veil_var=np.zeros_like(fitted), labels=np.where(explained, fitted, np.nan),
                    label_err=np.where(explained, errors[:, :-1], np.nan), sigma_factor=factor,
-                   log_snr=log10_snr(ivar) if log_snr is None else np.asarray(log_snr, np.float64))
+                   log_snr=log_snr, freed=freed)
 
 
 @dataclass(frozen=True)
@@ -896,9 +954,10 @@ class Fit:
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
     the chi^2) and their sigmas from the fit's curvature, widened like rv_err's (NaN without refining
     or chi^2), the factor of the emulator's sigma in each row's pixel weights
-    (`Emulator.sigma_factor` of the starting labels) and each row's log10 SNR (`log10_snr` of its
-    ivar, as the networks see it). Where a band or a ripple was fitted, the chi^2,
-    rv and labels are those of the fit with them."""
+    (`Emulator.sigma_factor` of the starting labels), each row's log10 SNR (`log10_snr` of its
+    ivar, as the networks see it) and whether the fit freed its continuum up to the emulator's
+    `freer_degree` (it could not explain the spectrum with the polynomial alone). Where a band, a
+    ripple or the freer continuum was fitted, the chi^2, rv and labels are those of the fit with them."""
 
     chi2: np.ndarray
     pixels: np.ndarray
@@ -919,6 +978,7 @@ class Fit:
     label_err: np.ndarray
     sigma_factor: np.ndarray
     log_snr: np.ndarray
+    freed: np.ndarray
 
     def rows(self, rows: np.ndarray) -> Fit:
         """The fit of `rows` (indices or a mask) alone."""
@@ -950,17 +1010,13 @@ class Fit:
         """[B] the reduced chi^2 over the noise's (`noise_chi2`) where that is above 1 (by as much as
         the spectrum's own scatter says flux_err understates its noise), as is where it is NaN: what
         MODEL_MISMATCH tests."""
-        return self.chi2 / np.maximum(np.nan_to_num(self.noise_chi2, nan=1.0), 1.0)
+        return beyond_noise(self.chi2, self.noise_chi2)
 
     def chi2_limit(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
         """[B] the threshold MODEL_MISMATCH tests `chi2_beyond_noise` against: the emulator's chi^2
         threshold at each row's SNR and fitted labels, and for the rows whose noise is estimated
         (`noise_estimated` [B]; None: none) the emulator's threshold for those."""
-        limit = emulator.chi2_threshold.at(self.log_snr, self.labels, emulator.labels)
-        estimated = emulator.chi2_threshold_estimated_noise
-        if estimated is not None and noise_estimated is not None and noise_estimated.any():
-            limit = np.where(noise_estimated, estimated.at(self.log_snr, self.labels, emulator.labels), limit)
-        return limit
+        return emulator.chi2_limit(self.log_snr, self.labels, noise_estimated)
 
     def misfit(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
         """[B] how far the chi^2 beyond the noise passes its MODEL_MISMATCH threshold (`chi2_limit`); 0
@@ -972,15 +1028,23 @@ class Fit:
 
     def mismatch(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2 beyond the noise (`chi2_beyond_noise`) above its threshold
-        (`chi2_limit`), or the ripple, veiling, broadening statistic or the contrast above the
-        emulator's threshold (at each row's SNR and fitted labels where it follows them)."""
+        (`chi2_limit`), the continuum freed (`freed`: so was the chi^2 with the polynomial alone), or
+        the ripple, veiling, broadening statistic or the contrast above the emulator's threshold (at
+        each row's SNR and fitted labels where it follows them)."""
         with np.errstate(invalid="ignore"):
-            return ((self.misfit(emulator, noise_estimated) > 0) | (self.ripple > emulator.ripple_threshold)
+            return ((self.misfit(emulator, noise_estimated) > 0) | self.freed
+                    | (self.ripple > emulator.ripple_threshold)
                     | (self.veiling > emulator.veiling_threshold)
                     | (self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
                                                                          emulator.labels))
                     | (self.excess_contrast(noise_estimated) > emulator.contrast_threshold.at(
                         self.log_snr, self.labels, emulator.labels)))
+
+
+def beyond_noise(chi2: np.ndarray, noise_chi2: np.ndarray) -> np.ndarray:
+    """The reduced chi^2 over the noise's chi^2 where that is above 1, as is where it is NaN
+    (`Fit.chi2_beyond_noise`)."""
+    return chi2 / np.maximum(np.nan_to_num(noise_chi2, nan=1.0), 1.0)
 
 
 @njit(cache=True, nogil=True)
@@ -1140,6 +1204,7 @@ def load_emulator(path: Path, entry: dict, wavelength: np.ndarray) -> Emulator:
                     dib_threshold=_dib_thresholds(entry.get("dib_threshold"), where),
                     chi2_threshold_estimated_noise=_estimated_noise_threshold(entry, where),
                     contrast_threshold=_contrast_threshold(entry, where),
+                    freer_degree=int(entry.get("freer_degree", -1)),
                     **_sigma_scaling(entry.get("sigma_scaling"), entry["labels"], where))
 
 

@@ -309,7 +309,8 @@ class Model:
                     shifted = np.maximum(self.emulator.shift(ivar[moved], -shift[moved]), 0.0)
                     ivar[moved] = np.where(whole, shifted, 0.0)
                 self._network(backend, x, keys, again_rows, (mean, var_a, var_e), samples, seed)
-                again = self._fit(again_rows, x, ivar, self.response_excess(prepared), mean)
+                again = self._fit(again_rows, x, ivar, self.response_excess(prepared), mean,
+                                  self._noise_estimated(prepared))
                 removed = {name: getattr(fit, name).copy() for name in ("dib_depths", "veiling", "veil",
                                                                          "label_err")}
                 for name in FIT_FIELDS:
@@ -569,7 +570,8 @@ class Model:
         d = len(self.emulator.sigma)
         ivar = _array(prepared.column(PREPARED_IVAR)).flatten().to_numpy(zero_copy_only=False)
         ivar = ivar.reshape(-1, d).astype(np.float32)  # a copy: infer may shift rows of it
-        return self._fit(rows, x, ivar, self.response_excess(prepared), mean), ivar
+        return self._fit(rows, x, ivar, self.response_excess(prepared), mean,
+                         self._noise_estimated(prepared)), ivar
 
     @staticmethod
     def response_excess(prepared) -> np.ndarray:
@@ -577,8 +579,10 @@ class Model:
         its spectra (`Emulator.blur`)."""
         return _array(prepared.column(PREPARED_RESPONSE_EXCESS)).to_numpy(zero_copy_only=False)
 
-    def _fit(self, rows: np.ndarray, x: np.ndarray, ivar: np.ndarray, blur: np.ndarray, mean: np.ndarray):
-        """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others), seen through `blur`."""
+    def _fit(self, rows: np.ndarray, x: np.ndarray, ivar: np.ndarray, blur: np.ndarray, mean: np.ndarray,
+             noise_estimated: np.ndarray):
+        """The emulator's `Fit` of `rows` of x (B rows; NaN / 0 in the others), seen through `blur`, the
+        rows of `noise_estimated` [B] with the noise DER_SNR's."""
         n = len(mean)
         fit = Fit(chi2=np.full(n, np.nan), pixels=np.zeros(n, np.int32), rv=np.zeros(n),
                   rv_err=np.full(n, np.nan), ripple=np.full(n, np.nan), ripple_excess=np.zeros(n),
@@ -589,13 +593,14 @@ class Model:
                   dib=np.full((n, len(DIBS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan),
-                  sigma_factor=np.ones(n, np.float32), log_snr=np.full(n, np.nan))
+                  sigma_factor=np.ones(n, np.float32), log_snr=np.full(n, np.nan), freed=np.zeros(n, bool))
         if len(rows):
             names = [t.name for t in self.targets]
             labels = mean[rows][:, [names.index(n) for n in self.emulator.labels]]
             lo, hi = self._label_range(self.emulator.labels)
             part = self.emulator.chi2(x[rows, :self.grid.n], ivar[rows], labels, lo, hi, blur[rows],
-                                      self._log_snr(x[rows]) if "log10_snr" in self.features else None)
+                                      self._log_snr(x[rows]) if "log10_snr" in self.features else None,
+                                      noise_estimated[rows])
             for name in FIT_FIELDS:
                 getattr(fit, name)[rows] = getattr(part, name)
         return fit

@@ -48,17 +48,18 @@ from .pipeline import split_metrics
 SNR_BINS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)  # edges of the SNR bins of the chi^2 report
 SIGMA_SNR = 200.0  # sigma_emu is scaled to a median chi^2 of 1 at and above this SNR (`calibrate`)
 SPLIT_SEEDS = {"train": 11, "val": 12, "test": 13, "val_clean": 14, "test_clean": 15, "understated": 16,
-               "beyond_cubic": 17}
+               "beyond_continuum": 17}
 # The estimates' calibration also sees the validation survey with each row's flux_err divided by a
 # factor uniform in this range, so that the scales, read at the SNR the fit's chi^2 says, cover
 # spectra whose noise is understated (as real flux errors often are; `calibrate_estimates`).
 UNDERSTATED_NOISE = (1.0, 1.5)
-# ... and once more with a continuum of more shape than the fit's cubic (an instrument's response left
-# in): a Legendre term of a degree among these, its amplitude uniform within +- this, so that the
+# ... and once more with a continuum of more shape than the fit's freest (`Emulator.freer_degree`): a
+# Legendre term of one of the next degrees, its amplitude uniform within +- this, so that the
 # inflation with the fit's misfit is fitted on misfits that bend the labels, where clean spectra have
-# none to fit it on (ob-default without: 1% of P_4 to P_6 covered 4-44% in Teff and log g).
-BEYOND_CUBIC_DEGREES = (4, 5, 6)
-BEYOND_CUBIC_AMPLITUDE = 0.01
+# none to fit it on (ob-default without, before the fit freed its continuum: 1% of P_4 to P_6 covered
+# 4-44% in Teff and log g).
+BEYOND_CONTINUUM_TERMS = 3
+BEYOND_CONTINUUM_AMPLITUDE = 0.01
 # The emulator's error per row follows this label, measured in these bins (`emulator_error`): sharp
 # lines are harder to emulate (ob-default's factor of sigma: 1.73 at 5 km/s, 0.85 at 380 km/s).
 SIGMA_LABEL = "vsini"
@@ -96,6 +97,8 @@ class EmulatorSettings:
     contrast_quantile: float = 0.998  # of the contrast of the lines' chi^2 against the continuum's (clean
     # stars: 0.32 at 0.995; emission in H-gamma and H-delta: median 2.8, a companion's lines 1.2; measured
     # on a prototype that told lines apart on the fitted spectrum)
+    freer_degree: int = 6  # of the fit's continuum where the preprocessing's cubic cannot explain a
+    # spectrum (`Emulator.freer_degree`); freed on every row, it would cost log g 2-5% above SNR 50
     refine_steps: int = 2  # steps of the fit from the predicted labels (`Emulator.refine`). One leaves
     # labels off where the networks read a spectrum poorly (slow rotators with 5% of their pixels masked
     # at SNR 100-400: up to 6.6 sigma; two Gauss-Newton steps: 1.3, three no better) and Teff at SNR
@@ -259,12 +262,14 @@ def train_emulator(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorS
     base = Emulator(labels=list(source.targets), layers=layers, activation=settings.activation,
                     label_mean=label_mean, label_std=label_std, sigma=np.zeros(x.shape[1], np.float32),
                     continuum_degree=source.settings.continuum_degree, refine_steps=settings.refine_steps,
-                    chi2_threshold=Threshold.constant(math.inf), wavelength=source.grid_values)
+                    chi2_threshold=Threshold.constant(math.inf), wavelength=source.grid_values,
+                    freer_degree=settings.freer_degree)
     fields, metrics = emulator_error(source, base, settings)
     bundle = load_bundle(bundle_dir)
     entry = {"labels": base.labels, "hidden": list(settings.hidden), "activation": settings.activation,
              "label_mean": label_mean.tolist(), "label_std": label_std.tolist(),
              "continuum_degree": base.continuum_degree, "refine_steps": base.refine_steps,
+             "freer_degree": base.freer_degree,
              "training": {**asdict(settings), "hidden": list(settings.hidden), "seconds": 0.0,
                           "perturbations": asdict(pert), "clean_perturbations": asdict(clean(source))},
              "metrics": metrics}
@@ -298,8 +303,10 @@ def calibrate(source: GridSource, model: Model, entry: dict,
                for split in ("val", "test")}
     snr = {split: survey.column(SNR).to_numpy() for split, survey in surveys.items()}
     high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(source.targets)
-    # whatever the bundle held before
-    emulator = replace(model.emulator, ripple_threshold=math.inf, dib_threshold=(math.inf,) * len(DIBS))
+    # whatever the bundle held before; never freeing the continuum: the chi^2's threshold decides where
+    # the polynomial alone cannot explain a spectrum
+    emulator = replace(model.emulator, ripple_threshold=math.inf, dib_threshold=(math.inf,) * len(DIBS),
+                       freer_degree=-1)
 
     def engine(emulator: Emulator) -> Model:
         return Model(replace(model.bundle, emulator=emulator))
@@ -372,17 +379,16 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
 
     It is fitted on the validation and test surveys and the `between` survey together, and on the
     validation survey again with its noise understated (`understate_noise`) and, once more with a
-    continuum beyond the cubic (`shape_continuum`), its rows that then have a misfit (`Fit.misfit`), for
-    the sigmas alone (the blend's weights, fitted on them too, took a loosely identified gain that cost
-    other spectra; docs/record.md). The first two's
-    nodes are all left out of the training, and how well a calibration transfers to unseen nodes
-    varies from node to node (fitted on either survey alone, the other's 68% coverage is off by up to
-    5 points), so the more nodes, the better. The stars between the nodes err differently (the grid
-    interpolated, not a model missing): fitted at the nodes alone, their 68% coverage of log g falls
-    to 55-59% above SNR 200. Each survey's metrics are given under that calibration (`val`, `test`,
-    `between`), and the node surveys' under the one fitted on the other node survey alone too
-    (`val_cross_fitted`, `test_cross_fitted`, with coverage in issue 9's SNR bins), which says
-    honestly how it holds at nodes the calibration has not seen.
+    continuum beyond the fit's freest (`shape_continuum`), its rows that then have a misfit
+    (`Fit.misfit`), for the sigmas alone (the blend's weights, fitted on them too, took a loosely
+    identified gain that cost other spectra; docs/record.md). The first two's nodes are all left out of
+    the training, and how well a calibration transfers to unseen nodes varies from node to node (fitted on
+    either survey alone, the other's 68% coverage is off by up to 5 points), so the more nodes, the
+    better. The stars between the nodes err differently (the grid interpolated, not a model missing):
+    fitted at the nodes alone, their 68% coverage of log g falls to 55-59% above SNR 200. Each survey's
+    metrics are given under that calibration (`val`, `test`, `between`), and the node surveys' under the
+    one fitted on the other node survey alone too (`val_cross_fitted`, `test_cross_fitted`, with coverage
+    in issue 9's SNR bins), which says honestly how it holds at nodes the calibration has not seen.
     Rewrites the manifest; returns the new `calibration` entry (None, changing nothing, for a model
     that does not see its SNR)."""
     bundle = load_bundle(bundle_dir)
@@ -418,7 +424,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     splits = {split: estimates(source.split_table(split)) for split in ("val", "test", "between")}
     val = source.split_table("val")
     understated = estimates(understate_noise(val, np.random.default_rng(SPLIT_SEEDS["understated"])))
-    shaped = estimates(shape_continuum(val, np.random.default_rng(SPLIT_SEEDS["beyond_cubic"])),
+    freest = max(bundle.emulator.continuum_degree, bundle.emulator.freer_degree)
+    shaped = estimates(shape_continuum(val, np.random.default_rng(SPLIT_SEEDS["beyond_continuum"]), freest),
                        sigmas_only=True)
     shown = shaped["misfit"] > 0  # the others cannot be told from clean spectra: kept, they would widen
     # every sigma alike
@@ -460,16 +467,16 @@ def understate_noise(table: pa.Table, rng: np.random.Generator) -> pa.Table:
                             spectrum_array(err, err.shape[1]))
 
 
-def shape_continuum(table: pa.Table, rng: np.random.Generator) -> pa.Table:
+def shape_continuum(table: pa.Table, rng: np.random.Generator, beyond: int) -> pa.Table:
     """`table` with each row's flux multiplied by 1 + a P_n(x): the Legendre polynomial of a degree n
-    drawn from BEYOND_CUBIC_DEGREES, x the wavelength mapped onto [-1, 1], a uniform within
-    +-BEYOND_CUBIC_AMPLITUDE."""
+    drawn from the BEYOND_CONTINUUM_TERMS degrees above `beyond`, x the wavelength mapped onto [-1, 1],
+    a uniform within +-BEYOND_CONTINUUM_AMPLITUDE."""
     flux = np.stack(table.column(FLUX).to_numpy(zero_copy_only=False))
     wl = table_grid(table.schema).values()
     x = 2.0 * (wl - wl[0]) / (wl[-1] - wl[0]) - 1.0
-    degree = rng.choice(BEYOND_CUBIC_DEGREES, len(flux))
-    amplitude = rng.uniform(-BEYOND_CUBIC_AMPLITUDE, BEYOND_CUBIC_AMPLITUDE, len(flux))
-    shape = np.polynomial.legendre.legvander(x, max(BEYOND_CUBIC_DEGREES))[:, degree].T
+    degree = rng.integers(beyond + 1, beyond + 1 + BEYOND_CONTINUUM_TERMS, len(flux))
+    amplitude = rng.uniform(-BEYOND_CONTINUUM_AMPLITUDE, BEYOND_CONTINUUM_AMPLITUDE, len(flux))
+    shape = np.polynomial.legendre.legvander(x, beyond + BEYOND_CONTINUUM_TERMS)[:, degree].T
     flux *= 1.0 + amplitude[:, None] * shape
     return table.set_column(table.schema.get_field_index(FLUX), FLUX, spectrum_array(flux, flux.shape[1]))
 
@@ -502,7 +509,7 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
     kept = ("seed", "val_rows", "snr", "threshold_rows")
     settings = replace(settings or EmulatorSettings(), **{k: trained[k] for k in kept if k in trained})
     source = GridSource(cfg, progress=progress)
-    entry["refine_steps"] = settings.refine_steps
+    entry["refine_steps"], entry["freer_degree"] = settings.refine_steps, settings.freer_degree
     manifest = {**bundle.manifest, "emulator": entry,
                 "input": {**bundle.manifest["input"], **source.input_requirements()}}
     save_bundle(bundle_dir, bundle.layers, manifest)

@@ -26,11 +26,13 @@ LINE = 1.0 - 0.4 * np.exp(-0.5 * ((TINY_GRID.values() - 4100.0) / 3.0) ** 2)  # 
 
 def add_emulator(path, *, sigma: float = 0.0, threshold: float | dict = 2.0, spectrum=LINE, labels=None,
                  refine_steps: int = 0, continuum_degree: int = -1, ripple_threshold: float | None = None,
-                 sigma_scaling: dict | None = None, estimated_noise_threshold=None, contrast_threshold=None):
+                 sigma_scaling: dict | None = None, estimated_noise_threshold=None, contrast_threshold=None,
+                 freer_degree: int | None = None):
     """Give the bundle at `path` an emulator of `labels` (default: all three targets) that returns
     `spectrum` whatever the labels, or, with `refine_steps`, `spectrum` plus a small term that
     depends on them (so that its fit moves them); `sigma_scaling`, `estimated_noise_threshold`
-    (`chi2_threshold_estimated_noise`), `contrast_threshold`: the manifest entry's, if any."""
+    (`chi2_threshold_estimated_noise`), `contrast_threshold`, `freer_degree`: the manifest entry's, if
+    any."""
     bundle = load_bundle(path)
     labels = labels or ["teff", "logg", "vsini"]
     k = len(labels)
@@ -45,7 +47,8 @@ def add_emulator(path, *, sigma: float = 0.0, threshold: float | dict = 2.0, spe
         **({} if sigma_scaling is None else {"sigma_scaling": sigma_scaling}),
         **({} if estimated_noise_threshold is None
            else {"chi2_threshold_estimated_noise": estimated_noise_threshold}),
-        **({} if contrast_threshold is None else {"contrast_threshold": contrast_threshold})})
+        **({} if contrast_threshold is None else {"contrast_threshold": contrast_threshold}),
+        **({} if freer_degree is None else {"freer_degree": freer_degree})})
     save_bundle(path, bundle.layers, {**bundle.manifest, "emulator": entry})
     return path
 
@@ -106,6 +109,28 @@ def test_reduced_chi2_counts_the_continuum_labels_and_rv_the_fit_fitted(tmp_path
     assert (fit.labels != start).any(axis=1).all() and (fit.rv != 0).all()  # the labels and rv were fitted
     np.testing.assert_allclose(fit.chi2, expected, rtol=1e-5)
     np.testing.assert_array_equal(fit.pixels, n)
+
+
+def test_the_fit_frees_its_continuum_where_the_polynomial_cannot_explain_the_spectrum(tmp_path):
+    """Half the spectra carry 2% of a T_5 over the grid (a response with more shape than the fit's
+    continuum, a line, leaves): with the polynomial alone their chi^2 is far above the threshold of 1.5;
+    with `freer_degree` 5 the fit frees its continuum there (`Fit.freed`, still MODEL_MISMATCH) and
+    explains them (chi^2 < 1.4, with the 4 more terms counted), and leaves the others bit for bit as
+    they were."""
+    data = catalog(20, 200.0)
+    shape = 1.0 + 0.02 * np.polynomial.chebyshev.chebval(np.linspace(-1.0, 1.0, TINY_GRID.n), [0] * 5 + [1])
+    data["flux"][::2] *= shape.astype(np.float32)
+    shaped = np.arange(20) % 2 == 0
+    fits = {degree: load_model(add_emulator(make_bundle(tmp_path / f"emu{degree}"), continuum_degree=1,
+                                            threshold=1.5, freer_degree=degree)).goodness_of_fit(data)
+            for degree in (-1, 5)}
+    plain, freer = fits[-1], fits[5]
+    assert (plain.chi2[shaped] > 2.0).all() and not plain.freed.any()
+    assert freer.freed.tolist() == shaped.tolist()
+    assert (freer.chi2[shaped] < 1.4).all()
+    np.testing.assert_array_equal(freer.chi2[~shaped], plain.chi2[~shaped])
+    emulator = load_model(tmp_path / "emu5").emulator
+    assert freer.mismatch(emulator)[shaped].all()
 
 
 def test_the_emulators_sigma_is_scaled_per_row_by_its_factor_at_the_rows_label(tmp_path, monkeypatch):
@@ -217,6 +242,7 @@ def test_the_misfit_is_how_far_the_chi2_beyond_the_noise_passes_its_threshold(tm
     n = 6
     fit = emulator_module.Fit(**{f.name: np.full(n, np.nan) for f in dataclasses.fields(emulator_module.Fit)}
                               | {"labels": np.full((n, 3), np.nan), "log_snr": np.full(n, 2.0),
+                                 "freed": np.zeros(n, bool),
                                  "chi2": np.array([1.05, 1.2, 1.2, 1.5, 1.2, np.nan]),
                                  "noise_chi2": np.array([np.nan, np.nan, 1.2, np.nan, 0.9, np.nan])})
     estimated = np.array([False, False, False, True, False, False])

@@ -22,8 +22,8 @@ from starcast.engine.calibration import EXCESS_PARTS
 from starcast.engine.emulator import DIBS, Threshold
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
-    BEYOND_CUBIC_AMPLITUDE,
-    BEYOND_CUBIC_DEGREES,
+    BEYOND_CONTINUUM_AMPLITUDE,
+    BEYOND_CONTINUUM_TERMS,
     SIGMA_EDGES,
     SPLIT_SEEDS,
     UNDERSTATED_NOISE,
@@ -243,24 +243,26 @@ def test_understated_noise_divides_each_rows_flux_err_by_its_own_factor():
     assert out.column(FLUX).equals(table.column(FLUX))
 
 
-def test_shape_continuum_multiplies_each_row_by_one_legendre_term_beyond_the_cubic():
-    """Each row's flux times 1 + a P_n(x), x the wavelength over [-1, 1], n among BEYOND_CUBIC_DEGREES
-    (all of them drawn), |a| <= BEYOND_CUBIC_AMPLITUDE (spread over most of it), flux_err untouched."""
+def test_shape_continuum_multiplies_each_row_by_one_legendre_term_beyond_the_degree_given():
+    """Each row's flux times 1 + a P_n(x), x the wavelength over [-1, 1], n among the
+    BEYOND_CONTINUUM_TERMS degrees above the one given (all of them drawn), |a| <=
+    BEYOND_CONTINUUM_AMPLITUDE (spread over most of it), flux_err untouched."""
     rng = np.random.default_rng(3)
     grid = WavelengthGrid.linear(4000.0, 2.0, 401)
     flux, err = rng.uniform(0.5, 1.0, (300, grid.n)), rng.uniform(0.01, 0.02, (300, grid.n))
     table = pa.table({FLUX: spectrum_array(flux, grid.n), FLUX_ERR: spectrum_array(err, grid.n)},
                      metadata={META_WAVELENGTH: grid.to_json()})
-    out = shape_continuum(table, np.random.default_rng(4))
+    out = shape_continuum(table, np.random.default_rng(4), 6)
+    degrees = set(range(7, 7 + BEYOND_CONTINUUM_TERMS))
     factor = np.stack(out.column(FLUX).to_numpy(zero_copy_only=False)) / flux - 1.0
-    basis = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, grid.n), max(BEYOND_CUBIC_DEGREES))
+    basis = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, grid.n), max(degrees))
     coeffs = np.linalg.lstsq(basis, factor.T, rcond=None)[0].T  # [rows, degree + 1]
     degree = np.argmax(np.abs(coeffs), axis=1)
     amplitude = coeffs[np.arange(len(coeffs)), degree]
     np.testing.assert_allclose(basis[:, degree].T * amplitude[:, None], factor, atol=1e-6)
-    assert set(degree) == set(BEYOND_CUBIC_DEGREES)
-    assert np.abs(amplitude).max() <= BEYOND_CUBIC_AMPLITUDE * (1 + 1e-4)
-    assert np.ptp(amplitude) > 1.6 * BEYOND_CUBIC_AMPLITUDE
+    assert set(degree) == degrees
+    assert np.abs(amplitude).max() <= BEYOND_CONTINUUM_AMPLITUDE * (1 + 1e-4)
+    assert np.ptp(amplitude) > 1.6 * BEYOND_CONTINUUM_AMPLITUDE
     assert out.column(FLUX_ERR).equals(table.column(FLUX_ERR))
 
 
