@@ -375,23 +375,23 @@ class Emulator:
         near = np.abs(self.wavelength[:, None] - np.asarray(ISM_LINES)[None, :]) <= ISM_HALF_WIDTH
         return (~near.any(axis=1)).astype(np.float32)
 
+    def _chebyshev(self, degree: int) -> np.ndarray:
+        """(D, degree + 1) float64 Chebyshev polynomials T_0 .. T_degree over the grid (none below 0)."""
+        grid = np.linspace(-1.0, 1.0, len(self.wavelength))
+        return np.polynomial.chebyshev.chebvander(grid, degree) if degree >= 0 else np.empty((len(grid), 0))
+
     @cached_property
     def continuum_basis(self) -> np.ndarray:
         """(D, continuum_degree + 1) float64 Chebyshev polynomials T_k over the grid (none below 0)."""
-        grid = np.linspace(-1.0, 1.0, len(self.wavelength))
-        if self.continuum_degree < 0:
-            return np.empty((len(grid), 0))
-        return np.polynomial.chebyshev.chebvander(grid, self.continuum_degree)
+        return self._chebyshev(self.continuum_degree)
 
     @cached_property
     def _freer_columns(self) -> np.ndarray:
         """(D, q) float32: the Chebyshev terms T_k over the grid of the degrees above `continuum_degree` up
         to `freer_degree` (q = 0 where that is not above it, or without a continuum)."""
-        if self.continuum_degree < 0 or self.freer_degree <= self.continuum_degree:
-            return np.empty((len(self.wavelength), 0), np.float32)
-        grid = np.linspace(-1.0, 1.0, len(self.wavelength))
-        terms = np.polynomial.chebyshev.chebvander(grid, self.freer_degree)
-        return np.ascontiguousarray(terms[:, self.continuum_degree + 1:], np.float32)
+        degree = self.freer_degree if self.continuum_degree >= 0 else -1
+        terms = self._chebyshev(degree)[:, self.continuum_degree + 1:]
+        return np.ascontiguousarray(terms, np.float32)
 
     def chi2_limit(self, log_snr: np.ndarray, labels: np.ndarray,
                    noise_estimated: np.ndarray | None = None) -> np.ndarray:
@@ -880,10 +880,12 @@ class Emulator:
             if shifted is not None:
                 emulated = self.shift(emulated, shifted)
             noise_chi2[part], contrast[part] = self.noise_and_contrast(residual, weight, ivar[part], emulated)
-            with np.errstate(invalid="ignore"):
-                unexplained = beyond_noise(chi2[part], noise_chi2[part]) > self.chi2_limit(
-                    log_snr[part], best, None if noise_estimated is None else noise_estimated[part])
-            rows = np.flatnonzero(unexplained & (veil[part] == 0)) if freer.shape[1] else []
+            rows = []
+            if freer.shape[1]:
+                with np.errstate(invalid="ignore"):
+                    unexplained = beyond_noise(chi2[part], noise_chi2[part]) > self.chi2_limit(
+                        log_snr[part], best, None if noise_estimated is None else noise_estimated[part])
+                rows = np.flatnonzero(unexplained & (veil[part] == 0))
             if len(rows):  # free the continuum, from the labels and rv so far (with the ripple and bands)
                 at = s + rows
                 rippled = np.isfinite(ripple_frequency[at])
