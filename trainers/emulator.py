@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from ..catalogs import gridsynth
 from ..catalogs.schema import FLUX, FLUX_ERR, SNR, Flag, spectrum_array, table_grid
-from ..engine.bundle import load_bundle, save_bundle
-from ..engine.calibration import handled_defect
+from ..engine.bundle import Bundle, load_bundle, save_bundle
+from ..engine.calibration import Calibration, handled_defect
 from ..engine.emulator import DIBS, Emulator, Fit, Threshold, save_emulator
 from ..engine.predictor import Model
 from ..errors import EXIT_ERROR, StarcastError
@@ -60,6 +60,9 @@ UNDERSTATED_NOISE = (1.0, 1.5)
 # 4-44% in Teff and log g).
 BEYOND_CONTINUUM_TERMS = 3
 BEYOND_CONTINUUM_AMPLITUDE = 0.01
+# The surveys of `calibration_surveys` the estimates' calibration is fitted on: not `between`
+# (`calibrate_estimates`).
+CALIBRATION_SURVEYS = ("val", "test", "understated", "beyond")
 # The emulator's error per row follows this label, measured in these bins (`emulator_error`): sharp
 # lines are harder to emulate (ob-default's factor of sigma: 1.73 at 5 km/s, 0.85 at 380 km/s).
 SIGMA_LABEL = "vsini"
@@ -377,18 +380,20 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     (following the config's `scale_label` too, if any), floor and chi^2 inflation for that estimate
     (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC thresholds.
 
-    It is fitted on the validation and test surveys and the `between` survey together, and on the
-    validation survey again with its noise understated (`understate_noise`) and, once more with a
-    continuum beyond the fit's freest (`shape_continuum`), its rows that then have a misfit
-    (`Fit.misfit`), for the sigmas alone (the blend's weights, fitted on them too, took a loosely
-    identified gain that cost other spectra; docs/record.md). The first two's nodes are all left out of
-    the training, and how well a calibration transfers to unseen nodes varies from node to node (fitted on
-    either survey alone, the other's 68% coverage is off by up to 5 points), so the more nodes, the
-    better. The stars between the nodes err differently (the grid interpolated, not a model missing):
-    fitted at the nodes alone, their 68% coverage of log g falls to 55-59% above SNR 200. Each survey's
-    metrics are given under that calibration (`val`, `test`, `between`), and the node surveys' under the
-    one fitted on the other node survey alone too (`val_cross_fitted`, `test_cross_fitted`, with coverage
-    in issue 9's SNR bins), which says honestly how it holds at nodes the calibration has not seen.
+    It is fitted on the validation and test surveys, and on the validation survey again with its noise
+    understated (`understate_noise`) and, once more with a continuum beyond the fit's freest
+    (`shape_continuum`), its rows that then have a misfit (`Fit.misfit`), for the sigmas alone (the
+    blend's weights, fitted on them too, took a loosely identified gain that cost other spectra;
+    docs/record.md). Their nodes are all left out of the training, and how well a calibration transfers
+    to unseen nodes varies from node to node (fitted on either survey alone, the other's 68% coverage is
+    off by up to 5 points), so the more nodes, the better. Not on the `between` survey: its spectra are
+    the grid interpolated, which errs from the physics between the nodes by as much as the fit's errors
+    above SNR 200 (`bench/interpolation_floor.py`), and there they err more than real models at nodes
+    the training left out; with them in the fit, those nodes were over-covered there (docs/record.md).
+    Each survey's metrics are given under that calibration (`val`, `test`, `between`), and the node
+    surveys' under the one fitted on the other node survey alone too (`val_cross_fitted`,
+    `test_cross_fitted`, with coverage in issue 9's SNR bins), which says honestly how it holds at nodes
+    the calibration has not seen.
     Rewrites the manifest; returns the new `calibration` entry (None, changing nothing, for a model
     that does not see its SNR)."""
     bundle = load_bundle(bundle_dir)
@@ -396,48 +401,17 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         return None
     names, cal = [t.name for t in bundle.targets], cfg.calibration
     label = cal.label_index(names)
-    raw = Model(replace(bundle, manifest={k: v for k, v in bundle.manifest.items() if k != "calibration"}))
-
-    def estimates(table: pa.Table, sigmas_only: bool = False) -> dict:
-        """The rows' `Estimates`, labels and SNR; `sigmas_only`: the blend's weights not fitted on them."""
-        found = raw.estimates(table.drop_columns(names), samples=cal.samples, seed=cal.seed, backend="cpu")
-        rows = {**vars(found), "y": np.stack([table.column(n).to_numpy() for n in names], axis=1),
-                "snr": table.column(SNR).to_numpy(), "sigmas_only": np.full(len(found.ok), sigmas_only)}
-        return {key: value[found.ok] for key, value in rows.items() if key != "ok"}
-
-    def fit(*parts: dict):
-        d = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-        return fit_snr_calibration(d["y"], d["mean"], d["var_a"], d["var_e"], d["log_snr"],
-                                   fitted=d["fitted"], gapped=d["gapped"], chi2=d["chi2"],
-                                   misfit=d["misfit"], sigmas_only=d["sigmas_only"], excess=d["excess"],
-                                   fit_var=d["fit_var"], label=label)
-
-    def scored(calibration, d: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(estimate, sigma, epistemic sigma) [N, K] of the rows `d` under `calibration`."""
-        defect = handled_defect(d["excess"], d["gapped"])
-        var_a, var_e = calibration.apply(d["log_snr"], d["var_a"], d["var_e"], mean=d["mean"],
-                                         fit_var=d["fit_var"], defect=defect)
-        var_a = var_a * calibration.inflation(d["chi2"], d["misfit"])
-        estimate = calibration.blend(d["log_snr"], d["mean"], d["fitted"], d["excess"], d["gapped"])
-        return estimate, np.sqrt(var_a + d["light_var"] + var_e), np.sqrt(var_e)
-
-    splits = {split: estimates(source.split_table(split)) for split in ("val", "test", "between")}
-    val = source.split_table("val")
-    understated = estimates(understate_noise(val, np.random.default_rng(SPLIT_SEEDS["understated"])))
-    freest = max(bundle.emulator.continuum_degree, bundle.emulator.freer_degree)
-    shaped = estimates(shape_continuum(val, np.random.default_rng(SPLIT_SEEDS["beyond_continuum"]), freest),
-                       sigmas_only=True)
-    shown = shaped["misfit"] > 0  # the others cannot be told from clean spectra: kept, they would widen
-    # every sigma alike
-    calibration = fit(*splits.values(), understated, {key: value[shown] for key, value in shaped.items()})
+    surveys = calibration_surveys(cfg, source, bundle)
+    calibration = fit_estimates_calibration([surveys[name] for name in CALIBRATION_SURVEYS], label)
     metrics, sigma_epistemic = dict(bundle.manifest.get("metrics") or {}), []
-    for split, d in splits.items():
-        mean, sigma, epistemic = scored(calibration, d)
+    for split in ("val", "test", "between"):
+        d = surveys[split]
+        mean, sigma, epistemic = calibrated_estimates(calibration, d)
         metrics[split] = split_metrics(tuple(names), d["y"], mean, sigma)
         sigma_epistemic.append(epistemic)
     for split, other in (("val", "test"), ("test", "val")):
-        d = splits[split]
-        mean, sigma, _ = scored(fit(splits[other]), d)
+        d = surveys[split]
+        mean, sigma, _ = calibrated_estimates(fit_estimates_calibration([surveys[other]], label), d)
         metrics[f"{split}_cross_fitted"] = {
             name: {**m, "coverage_by_snr": coverage_in_bins(d["snr"], d["y"][:, k], mean[:, k], sigma[:, k],
                                                            ISSUE_SNR_EDGES)}
@@ -447,7 +421,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
            "quantile": cal.ood_quantile}
     provenance = dict(bundle.manifest.get("provenance") or {})
     provenance["calibration"] = {**provenance.get("calibration", {}),
-                                 "split": "val+test+between+val understated+val beyond cubic",
+                                 "split": "+".join(CALIBRATION_SURVEYS),
                                  "estimate": "network and emulator fit blended",
                                  "aleatoric": "with the emulator fit's label variance, inflated by its "
                                               "misfit; the networks' variance "
@@ -457,6 +431,60 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
                 "ood": ood, "provenance": provenance}
     save_bundle(bundle_dir, bundle.layers, manifest)
     return manifest["calibration"]
+
+
+def calibration_surveys(cfg: TrainConfig, source: GridSource, bundle: Bundle) -> dict[str, dict]:
+    """The surveys `calibrate_estimates` fits and scores on, each a dict of its rows' uncalibrated
+    `Estimates` fields (of `bundle` without its calibration), labels `y`, `snr` and `sigmas_only` (the
+    blend's weights not fitted on them), rows the engine could not predict left out: `val`, `test`,
+    `between` (the source's splits), `understated` (`val` with its noise understated) and `beyond`
+    (`val` with a continuum beyond the fit's freest, its rows with a misfit alone, the others being
+    indistinguishable from clean spectra: kept, they would widen every sigma alike; sigmas only)."""
+    names, cal = [t.name for t in bundle.targets], cfg.calibration
+    raw = Model(replace(bundle, manifest={k: v for k, v in bundle.manifest.items() if k != "calibration"}))
+
+    def estimates(table: pa.Table, sigmas_only: bool = False) -> dict:
+        found = raw.estimates(table.drop_columns(names), samples=cal.samples, seed=cal.seed, backend="cpu")
+        rows = {**vars(found), "y": np.stack([table.column(n).to_numpy() for n in names], axis=1),
+                "snr": table.column(SNR).to_numpy(), "sigmas_only": np.full(len(found.ok), sigmas_only)}
+        return survey_rows(rows, found.ok)
+
+    surveys = {split: estimates(source.split_table(split)) for split in ("val", "test", "between")}
+    val = source.split_table("val")
+    understated = understate_noise(val, np.random.default_rng(SPLIT_SEEDS["understated"]))
+    surveys["understated"] = estimates(understated)
+    freest = max(bundle.emulator.continuum_degree, bundle.emulator.freer_degree)
+    beyond = estimates(shape_continuum(val, np.random.default_rng(SPLIT_SEEDS["beyond_continuum"]), freest),
+                       sigmas_only=True)
+    surveys["beyond"] = survey_rows(beyond, beyond["misfit"] > 0)
+    return surveys
+
+
+def survey_rows(survey: dict, rows: np.ndarray) -> dict:
+    """The `rows` ([N] bool or indices) of a survey of `calibration_surveys` (its `ok` dropped)."""
+    return {key: value[rows] for key, value in survey.items() if key != "ok"}
+
+
+def fit_estimates_calibration(surveys: list[dict], label: int | None) -> Calibration:
+    """`fit_snr_calibration` of the blended estimate on the rows of `surveys` (`calibration_surveys`)
+    together; `label`: the calibration's `scale_label` index, if any."""
+    d = {key: np.concatenate([survey[key] for survey in surveys]) for key in surveys[0]}
+    return fit_snr_calibration(d["y"], d["mean"], d["var_a"], d["var_e"], d["log_snr"], fitted=d["fitted"],
+                               gapped=d["gapped"], chi2=d["chi2"], misfit=d["misfit"],
+                               sigmas_only=d["sigmas_only"], excess=d["excess"], fit_var=d["fit_var"],
+                               label=label)
+
+
+def calibrated_estimates(calibration: Calibration, rows: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(estimate, sigma, epistemic sigma) [N, K] of a survey's `rows` (`calibration_surveys`) under
+    `calibration`, as the engine reports them."""
+    defect = handled_defect(rows["excess"], rows["gapped"])
+    var_a, var_e = calibration.apply(rows["log_snr"], rows["var_a"], rows["var_e"], mean=rows["mean"],
+                                     fit_var=rows["fit_var"], defect=defect)
+    var_a = var_a * calibration.inflation(rows["chi2"], rows["misfit"])
+    estimate = calibration.blend(rows["log_snr"], rows["mean"], rows["fitted"], rows["excess"],
+                                 rows["gapped"])
+    return estimate, np.sqrt(var_a + rows["light_var"] + var_e), np.sqrt(var_e)
 
 
 def understate_noise(table: pa.Table, rng: np.random.Generator) -> pa.Table:

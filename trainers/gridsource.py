@@ -160,7 +160,8 @@ class GridSource:
     def split_table(self, name: str):
         """A fixed survey as a catalog table (with labels): at the `name` nodes ("val" or "test"), or
         ("between") `val_rows` stars anywhere between the nodes of the full grid, the left-out ones
-        included (what a survey of real stars looks like), to calibrate on beside the nodes."""
+        included (what a survey of real stars looks like), to score the calibration on beside the
+        nodes."""
         rng = np.random.default_rng([self.data.seed, SPLIT_SEEDS[name]])
         ids = {"val": 10**9, "test": 2 * 10**9, "between": 3 * 10**9}[name]
         if name == "between":

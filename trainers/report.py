@@ -172,8 +172,7 @@ def summary_markdown(reports: dict, sets: tuple[str, ...], reference: str,
     if cross_fitted:
         lines += ["", f"The same with the calibration fitted without the `{reference}` nodes (cross-fitted: "
                   "how it holds at nodes it has not seen; fitted on the validation nodes alone, where the "
-                  "model's calibration is fitted on these, the validation nodes and stars between the nodes "
-                  "together):", "",
+                  "model's calibration is fitted on these and the validation nodes together):", "",
                   "| SNR | rows | " + " | ".join(cross_fitted) + " |",
                   "| --- | --- |" + " --- |" * len(cross_fitted)]
         lines += _coverage_rows([m["coverage_by_snr"] for m in cross_fitted.values()])

@@ -24,11 +24,14 @@ from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
     BEYOND_CONTINUUM_AMPLITUDE,
     BEYOND_CONTINUUM_TERMS,
+    CALIBRATION_SURVEYS,
     SIGMA_EDGES,
     SPLIT_SEEDS,
     UNDERSTATED_NOISE,
     EmulatorSettings,
+    calibration_surveys,
     clean,
+    fit_estimates_calibration,
     held_survey,
     main,
     noise_free,
@@ -208,15 +211,19 @@ def test_the_emulators_error_per_row_follows_v_sin_i(source, bundle):
     assert emulator.sigma_factors[0] > 1.2 * emulator.sigma_factors[-1]
 
 
-def test_the_estimates_calibration_pools_the_held_out_nodes_and_the_stars_between_them(bundle):
+def test_the_estimates_calibration_pools_the_held_out_nodes(config, source, bundle):
     """The blended estimate's calibration (with its chi^2 inflation) is fitted on the validation and
-    test nodes, the stars between the nodes, the validation nodes with their noise understated and
-    those with a continuum beyond the cubic together; each split is scored under it and the node
+    test nodes, the validation nodes with their noise understated and those with a continuum beyond the
+    cubic together, not on the stars between the nodes; each split is scored under it and the node
     splits, honestly, under the calibration fitted on the other split alone too, with coverage in each
     of issue 9's SNR bins."""
-    manifest = load_model(bundle).bundle.manifest
-    assert manifest["provenance"]["calibration"]["split"] == ("val+test+between+val understated"
-                                                              "+val beyond cubic")
+    model = load_model(bundle)
+    manifest = model.bundle.manifest
+    assert manifest["provenance"]["calibration"]["split"] == "val+test+understated+beyond"
+    surveys = calibration_surveys(config, source, model.bundle)
+    at_nodes = fit_estimates_calibration([surveys[name] for name in CALIBRATION_SURVEYS],
+                                         config.calibration.label_index(LABELS))
+    assert at_nodes.to_manifest(LABELS) == manifest["calibration"]
     assert set(manifest["metrics"]["between"]) == set(LABELS)
     assert set(manifest["calibration"]["chi2_inflation"]) == set(LABELS)
     assert {part: set(g) for part, g in manifest["calibration"]["network_gain"].items()} == {
