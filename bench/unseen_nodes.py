@@ -10,7 +10,7 @@ units of the goal's band (68%: +-3 points, 95%: +-2; above 1 is out), and the sp
 coverage from node to node. `--with-between` adds the survey of stars between the nodes to every fit
 (the shipped calibration was fitted with it until bundle 9aea78b22e78).
 
-Run: `python bench/unseen_nodes.py [--with-between]` (~25 min on 2 cores). Writes
+Run: `python bench/unseen_nodes.py [--with-between]` (~40 min on 2 cores). Writes
 bench/results/unseen_nodes[_with_between].json and .md.
 """
 
