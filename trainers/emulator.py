@@ -449,8 +449,9 @@ def calibration_surveys(cfg: TrainConfig, source: GridSource, bundle: Bundle) ->
                 "snr": table.column(SNR).to_numpy(), "sigmas_only": np.full(len(found.ok), sigmas_only)}
         return survey_rows(rows, found.ok)
 
-    surveys = {split: estimates(source.split_table(split)) for split in ("val", "test", "between")}
-    val = source.split_table("val")
+    tables = {split: source.split_table(split) for split in ("val", "test", "between")}
+    surveys = {split: estimates(table) for split, table in tables.items()}
+    val = tables["val"]
     understated = understate_noise(val, np.random.default_rng(SPLIT_SEEDS["understated"]))
     surveys["understated"] = estimates(understated)
     freest = max(bundle.emulator.continuum_degree, bundle.emulator.freer_degree)
