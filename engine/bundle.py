@@ -31,7 +31,7 @@ from ..catalogs.schema import WavelengthGrid
 from ..errors import ModelError
 from ..kernels.reference import ACTIVATIONS
 from .calibration import Calibration
-from .emulator import Emulator, load_emulator
+from .emulator import Emulator, Threshold, load_emulator
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -133,9 +133,10 @@ class Bundle:
         return None if centre is None else np.asarray(centre, dtype=np.float64)
 
     @property
-    def epistemic_thresholds(self) -> dict[str, float]:
-        """Per-target epistemic sigma (physical units) above which a row is flagged HIGH_EPISTEMIC."""
-        return dict((self.manifest.get("ood") or {}).get("epistemic_sigma_threshold") or {})
+    def epistemic_thresholds(self) -> dict[str, Threshold]:
+        """Per target, the epistemic sigma (physical units) above which a row is flagged HIGH_EPISTEMIC:
+        one number, or a table of the row's log10 SNR (`Threshold`, SNR alone)."""
+        return _epistemic_thresholds(self.manifest, f"model bundle {self.path}: {MANIFEST_FILE}")
 
 
 def models_dir() -> Path:
@@ -347,10 +348,11 @@ def _check_manifest(manifest: dict, path: Path) -> None:
              "a finite number > 0", arch["var_eps"])
     _require(arch["activation"] in ACTIVATIONS, where, "architecture.activation",
              f"one of {sorted(ACTIVATIONS)}", arch["activation"])
-    thresholds = (manifest.get("ood") or {}).get("epistemic_sigma_threshold") or {}
-    for name, value in thresholds.items():
-        _require(_real(value) and value > 0, where, f"ood.epistemic_sigma_threshold.{name}",
-                 "a finite number > 0", value)
+    for name, threshold in _epistemic_thresholds(manifest, where).items():
+        values = threshold.values
+        _require(np.isfinite(values).all() and (values > 0).all(), where,
+                 f"ood.epistemic_sigma_threshold.{name}", "a number > 0 or a table of them",
+                 threshold.to_manifest())
     try:
         n = len(WavelengthGrid.from_dict(manifest["grid"]).values())
     except (ValueError, KeyError, TypeError) as exc:
@@ -379,6 +381,14 @@ def _count(value) -> bool:
 def _require(ok: bool, where: str, key: str, expected: str, got) -> None:
     if not ok:
         raise ModelError(f"{where}: {key} must be {expected}, got {got!r}")
+
+
+def _epistemic_thresholds(manifest: dict, where: str) -> dict[str, Threshold]:
+    """The manifest's `ood.epistemic_sigma_threshold`, per target (`ModelError` naming `where` for one
+    that is neither a number nor a table of log10 SNR)."""
+    table = (manifest.get("ood") or {}).get("epistemic_sigma_threshold") or {}
+    return {name: Threshold.from_manifest(value, [], where, key=f"ood.epistemic_sigma_threshold.{name}")
+            for name, value in table.items()}
 
 
 def _check_scales(value, where: str, key: str) -> None:

@@ -190,7 +190,8 @@ ACTIVATIONS = {"silu": lambda a: a / (1.0 + np.exp(-a)), "relu": lambda a: np.ma
 @dataclass(frozen=True)
 class Threshold:
     """The value of a fit's statistic (its reduced chi^2, its broadening statistic) above which the row
-    is flagged MODEL_MISMATCH, as a function of its log10 SNR
+    is flagged MODEL_MISMATCH, or of a target's epistemic sigma above which it is flagged HIGH_EPISTEMIC,
+    as a function of its log10 SNR
     (the networks' feature, `kernels.features.log10_snr`) and its fitted `label`: bilinear between the
     knots, held beyond them. Where the emulator's error, not the noise, dominates (sharp lines at high
     SNR) clean spectra spread their statistics far wider than elsewhere, so one number for all rows

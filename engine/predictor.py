@@ -92,7 +92,8 @@ class Estimates:
     NaN, NaN, NaN, 0 and 0 where the fit gives none, and everywhere without an emulator); the variance
     that light without lines the fit removed adds to each target [B, K] (`Model._light_var`; in `var_a`
     where the model has a calibration); the log10 SNR [B] the calibration reads for each row
-    (`Model._calibration_log_snr`); which rows have a gap [B]."""
+    (`Model._calibration_log_snr`) and the one the HIGH_EPISTEMIC thresholds read
+    (`Model._flag_log_snr`); which rows have a gap [B]."""
 
     ok: np.ndarray
     mean: np.ndarray
@@ -105,6 +106,7 @@ class Estimates:
     excess: np.ndarray
     light_var: np.ndarray
     log_snr: np.ndarray
+    flag_log_snr: np.ndarray
     gapped: np.ndarray
 
 
@@ -228,8 +230,9 @@ class Model:
         """The accelerator half: the ensemble kernel on the prepared rows without an error, then the
         statistics, flags and metadata of the results table (one row per prepared row, in order)."""
         samples, backend = self._samples(samples), resolve_backend(backend)
-        ok, stats, fit, _, _, network = self._infer(prepared, samples, seed, backend)
-        return self._results(prepared, ok, *stats, network, samples, seed, backend, fit)
+        ok, stats, fit, x, _, network = self._infer(prepared, samples, seed, backend)
+        return self._results(prepared, ok, *stats, network, samples, seed, backend, fit,
+                             self._flag_log_snr(x))
 
     def goodness_of_fit(self, table_or_batch, *, backend: str = "auto",
                         source_grid: WavelengthGrid | None = None, medium: str | None = None) -> Fit:
@@ -256,7 +259,7 @@ class Model:
             chi2, excess, light_var = self._calibration_chi2(fit), fit.excess, self._light_var(fit)
             misfit = fit.misfit(self.emulator, self._noise_estimated(prepared))
         return Estimates(ok, *stats, fitted, fit_var, chi2, misfit, excess, light_var,
-                         self._calibration_log_snr(x, fit), self._gapped(prepared))
+                         self._calibration_log_snr(x, fit), self._flag_log_snr(x), self._gapped(prepared))
 
     def _in_targets(self, per_label: np.ndarray) -> np.ndarray:
         """[B, K]: an array of the emulator's labels [B, len(labels)] (its fit's labels or their sigmas)
@@ -363,7 +366,8 @@ class Model:
         (and flags) `predict` reports."""
         backend = resolve_backend(backend)
         ok, stats, fit, x, ivar, network = self._infer(prepared, samples, seed, backend)
-        results = self._results(prepared, ok, *stats, network, samples, seed, backend, fit)
+        results = self._results(prepared, ok, *stats, network, samples, seed, backend, fit,
+                                self._flag_log_snr(x))
         return ok, x, self._unpack(prepared)[2], fit, ivar, results.column(FLAGS).to_numpy()
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
@@ -635,7 +639,16 @@ class Model:
             return ensemble_stats_triton
         return {"cpu": reference.ensemble_stats_cpu, "reference": reference.ensemble_stats_reference}[backend]
 
-    def _results(self, prepared, ok, mean, var_a, var_e, network, samples, seed, backend, fit) -> pa.Table:
+    def _flag_log_snr(self, x: np.ndarray) -> np.ndarray:
+        """The log10 SNR the HIGH_EPISTEMIC thresholds read for rows x [B, D + E]: the networks'
+        feature, the noise the spectrum states (0 for a model that does not see its SNR, whose
+        thresholds are one number each). Not the calibration's: a spectrum the model cannot explain
+        reads a lower SNR there, where the networks disagree more on clean spectra too, so the stars
+        the flag is for would meet the thresholds of noisier ones."""
+        return self._log_snr(x) if "log10_snr" in self.features else np.zeros(len(x))
+
+    def _results(self, prepared, ok, mean, var_a, var_e, network, samples, seed, backend, fit,
+                 log_snr: np.ndarray) -> pa.Table:
         var_e = np.maximum(var_e, 0.0)  # avg(mu^2) - mean^2 can round to a tiny negative number
         err_a, err_e, err = np.sqrt(var_a), np.sqrt(var_e), np.sqrt(var_a + var_e)
         lo = np.array([t.min for t in self.targets])
@@ -652,7 +665,7 @@ class Model:
             upper = np.zeros(len(ok), dtype=bool)
             for k, t in enumerate(self.targets):
                 if t.name in thresholds:
-                    high |= err_e[:, k] > thresholds[t.name]
+                    high |= err_e[:, k] > thresholds[t.name].at(log_snr, mean, self.bundle.target_names)
                 if t.upper_limit_below is not None:
                     upper |= mean[:, k] < t.upper_limit_below
                 if t.physical_min is not None:

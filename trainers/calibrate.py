@@ -22,8 +22,10 @@ from ..engine.calibration import (
     noise_ratio,
     raised_share,
 )
+from ..engine.emulator import Threshold
 
 LEVELS = (0.68, 0.95)  # the central intervals the scale is fitted to cover
+OOD_SNR_BINS = 6  # of log10 SNR, the HIGH_EPISTEMIC thresholds' (`epistemic_thresholds`)
 # A coverage's miss counts in units of its sampling error, sqrt(q (1 - q) / n): 95% coverage misses
 # weigh 4.6x those at 68%, so heavy tails do not leave the 95% interval short to keep the 68% exact, and
 # a stratum of few rows (`fit_snr_calibration`) weighs by its count.
@@ -62,10 +64,19 @@ def calibration_factors(y: np.ndarray, mean: np.ndarray, sigma: np.ndarray,
     return np.array([fit_sigma_scale(z[:, k], method) for k in range(y.shape[1])])
 
 
-def epistemic_thresholds(sigma_epistemic: np.ndarray, quantile: float = 0.995) -> np.ndarray:
-    """Per-target threshold on the (calibrated, physical-unit) epistemic sigma above which the
-    predictor flags HIGH_EPISTEMIC: the given quantile over the validation rows ([N, K] in)."""
-    return np.quantile(sigma_epistemic, quantile, axis=0)
+def epistemic_thresholds(sigma_epistemic: np.ndarray, quantile: float = 0.995,
+                         log_snr: np.ndarray | None = None) -> list[Threshold]:
+    """Per target, the `Threshold` of the (calibrated, physical-unit) epistemic sigma above which the
+    predictor flags HIGH_EPISTEMIC: the given quantile over held-out rows ([N, K] in); with their
+    `log_snr` ([N]), in each of OOD_SNR_BINS equal-count bins of it (knots at the bins' medians). The
+    networks disagree more on noisier spectra, so one threshold for all flags the noisiest clean rows
+    and passes stars unlike the training data at high SNR."""
+    if log_snr is None:
+        return [Threshold.constant(v) for v in np.quantile(sigma_epistemic, quantile, axis=0)]
+    knots, which = equal_count_bins(log_snr, OOD_SNR_BINS)
+    values = np.stack([np.quantile(sigma_epistemic[which == b], quantile, axis=0)
+                       for b in range(OOD_SNR_BINS)])
+    return [Threshold(tuple(knots.tolist()), None, (0.0,), values[:, [k]]) for k in range(values.shape[1])]
 
 
 def equal_count_bins(values: np.ndarray, bins: int = 6,

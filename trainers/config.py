@@ -71,7 +71,7 @@ class CalibrationConfig:
     method: str = "coverage"  # "coverage" (68%/95% intervals) or "nll" (closed-form NLL optimum)
     samples: int = 32  # S used to calibrate (the deployed default)
     seed: int = 0
-    ood_quantile: float = 0.995  # quantile of validation epistemic sigma used as the OOD threshold
+    ood_quantile: float = 0.995  # of held-out epistemic sigma (per SNR bin if the model sees it): OOD flag
     scale_label: str = ""  # a target whose network mean the SNR calibration's scale also follows ("": none)
 
     def label_index(self, targets) -> int | None:

@@ -378,7 +378,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
     emulator fit's labels and its gains with the fit's excess chi^2, then the weight of the fit's
     variance, the weight of the networks' variance on rows with a defect the fit handles, the scales
     (following the config's `scale_label` too, if any), floor and chi^2 inflation for that estimate
-    (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC thresholds.
+    (`calibrate.fit_snr_calibration`), and the HIGH_EPISTEMIC thresholds (per bin of the SNR the
+    spectra state, over the validation, test and between surveys: `calibrate.epistemic_thresholds`).
 
     It is fitted on the validation and test surveys, and on the validation survey again with its noise
     understated (`understate_noise`) and, once more with a continuum beyond the fit's freest
@@ -409,6 +410,7 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
         mean, sigma, epistemic = calibrated_estimates(calibration, d)
         metrics[split] = split_metrics(tuple(names), d["y"], mean, sigma)
         sigma_epistemic.append(epistemic)
+    log_snr = np.concatenate([surveys[split]["flag_log_snr"] for split in ("val", "test", "between")])
     for split, other in (("val", "test"), ("test", "val")):
         d = surveys[split]
         mean, sigma, _ = calibrated_estimates(fit_estimates_calibration([surveys[other]], label), d)
@@ -416,8 +418,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
             name: {**m, "coverage_by_snr": coverage_in_bins(d["snr"], d["y"][:, k], mean[:, k], sigma[:, k],
                                                            ISSUE_SNR_EDGES)}
             for k, (name, m) in enumerate(split_metrics(tuple(names), d["y"], mean, sigma).items())}
-    thresholds = epistemic_thresholds(np.concatenate(sigma_epistemic), cal.ood_quantile)
-    ood = {"epistemic_sigma_threshold": dict(zip(names, map(float, thresholds), strict=True)),
+    thresholds = epistemic_thresholds(np.concatenate(sigma_epistemic), cal.ood_quantile, log_snr)
+    ood = {"epistemic_sigma_threshold": {n: t.to_manifest() for n, t in zip(names, thresholds, strict=True)},
            "quantile": cal.ood_quantile}
     provenance = dict(bundle.manifest.get("provenance") or {})
     provenance["calibration"] = {**provenance.get("calibration", {}),

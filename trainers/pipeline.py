@@ -113,7 +113,8 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
         factors = calibration = calibration_factors(y_va, mean, np.hypot(ale, epi), cal.method)
     mean_va, ale_va, epi_va = predict_physical(layers, arch, std, x_va, id_va, samples=cal.samples,
                                                seed=cal.seed, calibration=calibration)
-    thresholds = epistemic_thresholds(epi_va, cal.ood_quantile)
+    thresholds = epistemic_thresholds(epi_va, cal.ood_quantile,
+                                      log_snr_of(x_va, arch) if "log10_snr" in arch.features else None)
     metrics = {"val_uncalibrated": split_metrics(names, y_va, mean, np.hypot(ale, epi)),
                "val": split_metrics(names, y_va, mean_va, np.hypot(ale_va, epi_va))}
     if len(y_te):
@@ -141,7 +142,8 @@ def train_from_config(cfg: TrainConfig, *, output: str | Path | None = None, pro
                          # the rate the masks apply: p quantised to the RNG's 16-bit resolution
                          "dropout_effective": effective_p(arch.dropout), "mask_bits": MASK_BITS,
                          "members": arch.members, "samples": arch.samples, "var_eps": arch.var_eps},
-        "ood": {"epistemic_sigma_threshold": {n: float(t) for n, t in zip(names, thresholds, strict=True)},
+        "ood": {"epistemic_sigma_threshold": {n: t.to_manifest()
+                                              for n, t in zip(names, thresholds, strict=True)},
                 "quantile": cal.ood_quantile},
         "provenance": {
             "config": cfg.to_dict(), "config_file": cfg.source, "data_sha256": cfg.data_hash(),

@@ -57,7 +57,7 @@ def test_round_trip_preserves_weights_and_manifest(tmp_path):
     assert b.grid == grid
     assert b.target_names == ["teff", "logg"] and b.targets[0].calibration == 1.5
     assert b.preprocess == {"continuum": "poly"} and b.architecture["samples"] == 8
-    assert b.epistemic_thresholds == {"teff": 3.0}
+    assert {n: t.to_manifest() for n, t in b.epistemic_thresholds.items()} == {"teff": 3.0}
     assert b.manifest["schema_version"] == 1
     assert b.weights_sha256 == bundle_mod.sha256_file(path / WEIGHTS_FILE)
 

@@ -253,6 +253,26 @@ def test_high_epistemic_flag_follows_the_manifest_threshold(bundle_factory, tmp_
     assert 0 < ((flags & Flag.HIGH_EPISTEMIC) > 0).sum() < 6
 
 
+def test_high_epistemic_threshold_follows_the_rows_snr(bundle_factory, tmp_path):
+    """A manifest's table of the threshold over log10 SNR (`Threshold`, the SNR alone) is read at each
+    row's SNR, linear between the knots and held beyond them."""
+    flux = spectra(8, seed=5)
+    noise = np.random.default_rng(2).normal(size=flux.shape).astype(np.float32)
+    flux = flux + np.geomspace(0.003, 0.3, 8)[:, None].astype(np.float32) * noise
+    table = catalog(flux)
+    plain = load_model(bundle_factory(tmp_path / "a", features=("log10_snr",)))
+    sigma = plain.predict(table, backend="cpu").column("logg_err_epistemic").to_numpy()
+    log_snr = plain.prepare(table).column("x").flatten().to_numpy().reshape(8, -1)[:, -1]
+    knots, values = [0.8, 1.6], [float(np.max(sigma)), float(np.min(sigma))]
+    table_threshold = {"log10_snr": knots, "label": None, "knots": [0.0], "values": [[v] for v in values]}
+    model = load_model(bundle_factory(tmp_path / "b", features=("log10_snr",),
+                                      ood={"epistemic_sigma_threshold": {"logg": table_threshold}}))
+    flags = model.predict(table, backend="cpu").column("flags").to_numpy()
+    expected = sigma > np.interp(log_snr, knots, values)
+    np.testing.assert_array_equal((flags & Flag.HIGH_EPISTEMIC) > 0, expected)
+    assert 0 < expected.sum() < 8 and (log_snr < knots[0]).any() and (log_snr > knots[1]).any()
+
+
 def test_call_uses_load_model_defaults_and_accepts_record_batches(tiny_bundle):
     table = catalog(spectra(3, seed=10))
     model = load_model(tiny_bundle, samples=6, seed=3, backend="cpu")

@@ -61,10 +61,24 @@ def test_coverage_scale_leaves_each_level_off_by_as_many_of_its_sampling_errors(
     assert 0.7 < over68 / short95 < 1.4, (over68, short95)
 
 
-def test_epistemic_threshold_is_the_validation_quantile():
-    sig = np.arange(1, 1001, dtype=float)[:, None] * [1.0, 10.0]
-    thr = epistemic_thresholds(sig, 0.995)
-    assert (sig > thr).mean(axis=0) == pytest.approx([0.005, 0.005], abs=1e-3)
+def test_epistemic_thresholds_are_the_held_out_quantile_in_each_snr_bin():
+    """Without the SNR, one threshold per target, the quantile over all rows; with it, the quantile in
+    each SNR bin, interpolated between them: where the epistemic sigma falls as the SNR rises, one
+    threshold flags the noisiest rows many times as often as the quantile says and the others hardly
+    ever, the table about as often at every SNR."""
+    rng = np.random.default_rng(0)
+    log_snr = rng.uniform(1.0, 2.7, 60000)
+    # ob-default's median epistemic sigma falls as SNR^-0.65 (its spread is wider)
+    sig = np.exp(0.5 * rng.normal(size=(60000, 1))) * 10.0 ** (-0.65 * log_snr[:, None]) * [1.0, 10.0]
+
+    def flagged(thresholds):
+        return sig > np.stack([t.at(log_snr, None, []) for t in thresholds], axis=1)
+    one, table = flagged(epistemic_thresholds(sig, 0.995)), flagged(epistemic_thresholds(sig, 0.995, log_snr))
+    assert one.mean(axis=0) == pytest.approx([0.005, 0.005], abs=1e-3)
+    for lo, hi in ((1.0, 1.2), (1.2, 2.5), (2.5, 2.7)):
+        rows = (log_snr >= lo) & (log_snr < hi)
+        assert table[rows].mean(axis=0) == pytest.approx([0.005, 0.005], abs=0.004), lo
+    assert one[log_snr < 1.2].mean() > 0.02 and one[log_snr > 1.5].mean() < 0.001
 
 
 def test_network_weight_is_the_inverse_variance_weight_of_two_independent_estimates():
