@@ -72,6 +72,14 @@ def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins
     return out
 
 
+def worst_bias(bins_by_parameter) -> tuple[float, float]:
+    """(|bias| / median sigma, standard error / median sigma) of the worst of `binned_bias`'s bins of
+    one target in bins of each true parameter (an iterable of its lists; NaN without a bin): what
+    issue 9's bias goal reads."""
+    return max(((abs(b["bias"]) / b["median_sigma"], b["bias_se"] / b["median_sigma"])
+                for bins in bins_by_parameter for b in bins), default=(math.nan, math.nan))
+
+
 ISSUE_SNR_EDGES = (10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 400.0)  # issue 9's SNR bins
 SNR_EDGES = (0.0, *ISSUE_SNR_EDGES, np.inf)  # and beyond them
 VSINI_EDGES = (0.0, 40.0, 80.0, 140.0, 220.0, 320.0, np.inf)  # km/s, of the predicted v sin i

@@ -3,7 +3,7 @@ import pytest
 import scipy.stats
 import uncertainty_toolbox as uct
 from sklearn.metrics import roc_auc_score
-from starcast.trainers.metrics import auroc, binned_bias, coverage, coverage_in_bins, summary
+from starcast.trainers.metrics import auroc, binned_bias, coverage, coverage_in_bins, summary, worst_bias
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,14 @@ def test_binned_bias_standard_error_is_that_of_a_mean():
     (only,) = binned_bias(np.zeros(400), residual, np.ones(400), bins=1)
     assert only["bias_se"] == pytest.approx(scipy.stats.sem(residual), rel=1e-12)
     assert only["bias_se"] == pytest.approx(0.1, rel=0.1)
+
+
+def test_worst_bias_is_the_largest_over_every_parameters_bins_in_units_of_their_sigma():
+    first = [{"bias": 0.2, "bias_se": 0.1, "median_sigma": 1.0},
+             {"bias": -3.0, "bias_se": 1.0, "median_sigma": 10.0}]
+    second = [{"bias": 0.5, "bias_se": 0.4, "median_sigma": 2.0}]
+    assert worst_bias([first, second]) == pytest.approx((0.3, 0.1))  # |-3| / 10 beats 0.5 / 2
+    assert np.isnan(worst_bias([[], []])).all()
 
 
 def test_auroc_agrees_with_sklearn_including_ties():
