@@ -5,8 +5,9 @@ training, SNR 50-300, no ripple or gap; with `--source synthetic`, the simplifie
 survey) and each perturbation of issue 10 (1% continuum ripple of period 50 A, wavelength offset
 +-0.3 A, resolving power R/2 and R/4, a 30 A gap over He I 4471, vacuum wavelengths stated or
 labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; for TLUSTY spectra
-also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars, and
-the radial-tangential macroturbulence of 25 and 60 km/s that real OB stars show and the grid lacks) and
+also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars, the
+radial-tangential macroturbulence of 25 and 60 km/s that real OB stars show and the grid lacks, and a
+rotation profile with limb darkening 0.3 or 0.9 where the model was trained with the customary 0.6) and
 six that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
 bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
 H-delta, a double-lined companion, light without lines veiling the spectrum), three of their noise
@@ -70,16 +71,17 @@ TRUE_RV = "true_rv"  # km/s, a column the rv perturbations add for scoring (the 
 METALS = "metals"  # dex: the metal-line strength of the TLUSTY source's stars (a label, dropped too)
 SLOW = 60.0  # km/s: true v sin i below which a star counts as a slow rotator (its bias is reported)
 
-# (n, seed, resolving power, metals dex[, macroturbulence km/s]) -> catalog with labels
+# (n, seed, resolving power, metals dex[, macroturbulence km/s, limb darkening]) -> catalog with labels
 Source = Callable[..., pa.Table]
 
 
 def synthetic_source(n: int, seed: int, resolving_power: float, metals: float = 0.0,
-                     macroturbulence: float = 0.0) -> pa.Table:
+                     macroturbulence: float = 0.0, epsilon: float | None = None) -> pa.Table:
     """Held-out spectra: the synthetic random survey (4000-4800 A, air, SNR 50-300) at `seed` (its own
-    composition only, no macroturbulence)."""
-    if metals or macroturbulence:
-        raise ValueError("the simplified generator has no metal scaling or macroturbulence")
+    composition and limb darkening only, no macroturbulence)."""
+    if metals or macroturbulence or epsilon is not None:
+        raise ValueError("the simplified generator has no metal scaling, macroturbulence or limb darkening "
+                         "to choose")
     return synth_table(SynthConfig(n=n, seed=seed, resolving_power=resolving_power))
 
 
@@ -88,7 +90,8 @@ def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Sour
     training), v sin i uniform, observed with the config's perturbations but no ripple or gap (those
     are perturbations of their own), SNR in `snr`, the grid's composition unless `metals` (dex) is
     given (`gridsynth.scale_metal_lines`); at another resolving power or metals the test-node models
-    are broadened again (the same labels per seed), as with radial-tangential `macroturbulence` (km/s)."""
+    are broadened again (the same labels per seed), as with radial-tangential `macroturbulence` (km/s)
+    or the limb darkening `epsilon` of the rotation profile (None: the config's)."""
     from dataclasses import replace
 
     from starcast.catalogs import gridsynth
@@ -105,11 +108,12 @@ def tlusty_source(config: str, snr: tuple[float, float] = (50.0, 300.0)) -> Sour
     pert = replace(grid_source.pert, ripple_prob=0.0, gap_prob=0.0, snr=snr, metals=(0.0, 0.0))
 
     def source(n: int, seed: int, resolving_power: float, metals: float = 0.0,
-               macroturbulence: float = 0.0) -> pa.Table:
+               macroturbulence: float = 0.0, epsilon: float | None = None) -> pa.Table:
         rng = np.random.default_rng(seed)
         labels = gridsynth.labels_at(nodes[rng.integers(0, len(nodes), n)], pert, rng)
         labels[METALS] = np.full(n, metals)
-        obs = replace(grid_source.obs, resolving_power=resolving_power, macroturbulence=macroturbulence)
+        obs = replace(grid_source.obs, resolving_power=resolving_power, macroturbulence=macroturbulence,
+                      epsilon=grid_source.obs.epsilon if epsilon is None else epsilon)
         lib = gridsynth.BroadenedLibrary.build(models, obs, metals=np.array([metals]))
         return gridsynth.draw_survey(lib, labels, pert, rng).table(obs)
     return source
@@ -174,6 +178,14 @@ def macroturbulent(zeta: float):
     lack and real OB stars show (`gridsynth.Observation`)."""
     def perturb(table, source, n, seed, **_):
         return source(n, seed, R_SOURCE, macroturbulence=zeta)
+    return perturb
+
+
+def limb_darkened(epsilon: float):
+    """The same stars with the linear limb darkening `epsilon` in their rotation profile, not the
+    customary 0.6 the model was trained with (hot stars darken less towards the limb)."""
+    def perturb(table, source, n, seed, **_):
+        return source(n, seed, R_SOURCE, epsilon=epsilon)
     return perturb
 
 
@@ -333,10 +345,11 @@ PERTURBATIONS = {
     "veiling 5% (light without lines)": veiling(0.05), "veiling 15% (light without lines)": veiling(0.15),
 }
 # for sources whose physics can change (TLUSTY): metals inside ob-default's training span and beyond,
-# macroturbulence of a B dwarf and of a supergiant
+# macroturbulence of a B dwarf and of a supergiant, limb darkening either side of the customary 0.6
 PHYSICS_PERTURBATIONS = {"metals -0.2 dex": metal_poor(0.2), "metals -0.5 dex": metal_poor(0.5),
                          "macroturbulence 25 km/s": macroturbulent(25.0),
-                         "macroturbulence 60 km/s": macroturbulent(60.0)}
+                         "macroturbulence 60 km/s": macroturbulent(60.0),
+                         "limb darkening 0.3": limb_darkened(0.3), "limb darkening 0.9": limb_darkened(0.9)}
 
 
 def score(results: pa.Table, truth: dict[str, np.ndarray], true_rv: np.ndarray) -> dict:
