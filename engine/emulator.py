@@ -1029,6 +1029,14 @@ class Fit:
             excess = self.chi2_beyond_noise - self.chi2_limit(emulator, noise_estimated)
         return np.nan_to_num(np.maximum(excess, 0.0))
 
+    def broadened(self, emulator: Emulator) -> np.ndarray:
+        """[B] bool: the broadening statistic above the emulator's threshold at each row's SNR and fitted
+        labels: the lines are broader than rotation makes them (macroturbulence, an instrument broader
+        than the model's), so the rotation read from their width is an upper bound."""
+        with np.errstate(invalid="ignore"):  # NaN (no statistic) compares False
+            return self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
+                                                                      emulator.labels)
+
     def mismatch(self, emulator: Emulator, noise_estimated: np.ndarray | None = None) -> np.ndarray:
         """MODEL_MISMATCH: the chi^2 beyond the noise (`chi2_beyond_noise`) above its threshold
         (`chi2_limit`), the continuum freed (`freed`: so was the chi^2 with the polynomial alone), or
@@ -1037,9 +1045,7 @@ class Fit:
         with np.errstate(invalid="ignore"):
             return ((self.misfit(emulator, noise_estimated) > 0) | self.freed
                     | (self.ripple > emulator.ripple_threshold)
-                    | (self.veiling > emulator.veiling_threshold)
-                    | (self.broadening > emulator.broadening_threshold.at(self.log_snr, self.labels,
-                                                                         emulator.labels))
+                    | (self.veiling > emulator.veiling_threshold) | self.broadened(emulator)
                     | (self.excess_contrast(noise_estimated) > emulator.contrast_threshold.at(
                         self.log_snr, self.labels, emulator.labels)))
 

@@ -662,12 +662,14 @@ class Model:
             # the networks weigh (a weight of 1e-20 moves no float64 off the bound).
             out_of_range = (((network < lo) & (mean <= lo)) | ((network > hi) & (mean >= hi))).any(axis=1)
             high = np.zeros(len(ok), dtype=bool)
+            # lines broader than rotation makes them bound the rotation read from their width from above
+            broadened = np.zeros(len(ok), dtype=bool) if fit is None else fit.broadened(self.emulator)
             upper = np.zeros(len(ok), dtype=bool)
             for k, t in enumerate(self.targets):
                 if t.name in thresholds:
                     high |= err_e[:, k] > thresholds[t.name].at(log_snr, mean, self.bundle.target_names)
                 if t.upper_limit_below is not None:
-                    upper |= mean[:, k] < t.upper_limit_below
+                    upper |= (mean[:, k] < t.upper_limit_below) | broadened
                 if t.physical_min is not None:
                     mean[:, k] = np.where(mean[:, k] < t.physical_min, t.physical_min, mean[:, k])
         flags |= np.where(out_of_range, int(Flag.OUT_OF_RANGE), 0).astype(np.int32)
