@@ -72,8 +72,7 @@ class Flag(enum.IntFlag):
     MODEL_MISMATCH = 512  # the emulator fit does not explain the spectrum (`emulator.Fit.mismatch`)
     RV_ESTIMATED = 1024  # the input gave no rv; `rv` was estimated from the spectrum and removed
     RV_MISMATCH = 2048  # the given rv differs from the fitted one; the numbers use the fitted `rv`
-    UPPER_LIMIT = 4096  # below what the resolution can measure, or lines broader than rotation makes them
-    # (v sin i): the value is an upper limit
+    UPPER_LIMIT = 4096  # v sin i below the resolution or in lines broader than rotation: an upper limit
     DUPLICATE_ID = 8192  # the id already appeared on an earlier row of the same input file
 
 

@@ -61,7 +61,7 @@ class Target:
     max: float
     calibration: float
     physical_min: float | None = None  # means below it are reported as it (v sin i >= 0)
-    upper_limit_below: float | None = None  # means below it are upper limits (flag UPPER_LIMIT)
+    upper_limit_below: float | None = None  # means below it (or Fit.broadened) are upper limits: UPPER_LIMIT
 
 
 @dataclass(frozen=True)

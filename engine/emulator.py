@@ -58,7 +58,7 @@ macroturbulence). So the residual is searched for it as for light without lines:
 from fitting the fitted spectra's curvature (how a wider Gaussian response changes them) beside the
 labels' linearised steps (where the fit refines them; v sin i's among them: what rotation's profile
 can take), beyond what those steps alone remove, per unit of the reduced chi^2 (`line_shape`); above
-the emulator's `broadening_threshold` the row is flagged MODEL_MISMATCH (its v sin i an upper bound).
+the emulator's `broadening_threshold` the row is flagged MODEL_MISMATCH and its v sin i UPPER_LIMIT.
 A flux_err that understates the noise (by 1.2x: a median chi^2 of 1.44) raises the chi^2 of every
 row as a star unlike the model's does, though the numbers are as good as clean ones'. The two differ
 in where and how the excess lies: the understated noise raises it alike in the lines and in the

@@ -29,7 +29,7 @@ from .plots import EvalArrays, write_plots
 
 OCCURRENCE = "__occurrence"  # the column that numbers the rows of each id, 0 first: a join key beside id
 MIN_MATCH = 0.9  # default: at least this fraction of the smaller of results and truth must match by id
-BIAS_MIN_SNR, BIAS_BINS = 30.0, 5  # the bias goal: in this many bins of each true parameter, at this SNR up
+BIAS_MIN_SNR, BIAS_BINS = 30.0, 5  # the bias goal: at SNR >= this, in this many bins of each true parameter
 RMSE_MIN_SNR = 100.0  # the RMSE goals hold at SNR >= this (v sin i: true above the resolution)
 GOALS = {"rmse": {"teff": 400.0, "logg": 0.10, "vsini": 5.0}, "coverage_68": (0.65, 0.71),
          "coverage_95": (0.93, 0.97), "bias_over_median_sigma": 0.25}

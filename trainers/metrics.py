@@ -10,6 +10,7 @@ Plain numpy on 1-D arrays of one target; `evaluate.py` loops over targets and wr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 from scipy.stats import norm, rankdata
@@ -72,12 +73,13 @@ def binned_bias(param: np.ndarray, residual: np.ndarray, sigma: np.ndarray, bins
     return out
 
 
-def worst_bias(bins_by_parameter) -> tuple[float, float]:
+def worst_bias(bins_by_parameter: Iterable[list[dict]]) -> tuple[float, float]:
     """(|bias| / median sigma, standard error / median sigma) of the worst of `binned_bias`'s bins of
-    one target in bins of each true parameter (an iterable of its lists; NaN without a bin): what
-    issue 9's bias goal reads."""
-    return max(((abs(b["bias"]) / b["median_sigma"], b["bias_se"] / b["median_sigma"])
-                for bins in bins_by_parameter for b in bins), default=(math.nan, math.nan))
+    one target in bins of each true parameter (NaN without a bin whose ratio is finite): what issue 9's
+    bias goal reads."""
+    ratios = [(abs(b["bias"]) / b["median_sigma"], b["bias_se"] / b["median_sigma"])
+              for bins in bins_by_parameter for b in bins if b["median_sigma"] > 0]
+    return max((r for r in ratios if math.isfinite(r[0])), default=(math.nan, math.nan))
 
 
 ISSUE_SNR_EDGES = (10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 400.0)  # issue 9's SNR bins
