@@ -113,10 +113,10 @@ def summary(y: np.ndarray, mean: np.ndarray, sigma: np.ndarray | None) -> dict:
     return out
 
 
-def rmse_ratio(error: np.ndarray, peer_error: np.ndarray, rng: np.random.Generator) -> dict:
+def rmse_ratio(error: np.ndarray, peer_error: np.ndarray) -> dict:
     """RMSE(error) / RMSE(peer_error) of errors on the same rows, with its RATIO_INTERVAL interval over
-    BOOTSTRAP_DRAWS paired bootstrap draws of the rows."""
-    draws = rng.integers(0, len(error), (BOOTSTRAP_DRAWS, len(error)))
+    BOOTSTRAP_DRAWS paired bootstrap draws of the rows (seeded: the same rows draw the same)."""
+    draws = np.random.default_rng(0).integers(0, len(error), (BOOTSTRAP_DRAWS, len(error)))
     ratios = np.sqrt(np.mean(error[draws] ** 2, axis=1) / np.mean(peer_error[draws] ** 2, axis=1))
     tail = (1.0 - RATIO_INTERVAL) / 2
     return {"ratio": float(np.sqrt(np.mean(error**2) / np.mean(peer_error**2))),
@@ -128,7 +128,7 @@ def per_bin(truth, snr, est: dict, crb: np.ndarray, crb_pre: np.ndarray,
     """Per SNR bin and target: each method's accuracy and coverage, the bound's RMS (and with the
     metals free, `crb_free`, for a model that estimates them), and the goals (with starcast's RMSE over
     each peer's, `rmse_ratio`)."""
-    rows, rng = [], np.random.default_rng(0)
+    rows = []
     for lo, hi in SNR_BINS:
         in_bin = (snr >= lo) & (snr < hi)
         for k, name in enumerate(tf.PARAMS):
@@ -147,7 +147,7 @@ def per_bin(truth, snr, est: dict, crb: np.ndarray, crb_pre: np.ndarray,
             for method in PEERS.keys() & est.keys():
                 row[f"starcast_not_worse_than_{method}"] = row["starcast"]["rmse"] <= row[method]["rmse"]
                 row["starcast"][f"rmse_over_{method}"] = rmse_ratio(
-                    est["starcast"][0][sel, k] - truth[sel, k], est[method][0][sel, k] - truth[sel, k], rng)
+                    est["starcast"][0][sel, k] - truth[sel, k], est[method][0][sel, k] - truth[sel, k])
             if crb_free is not None:
                 free = row["starcast"]["rmse"] / row["crb_metals_free_rms"]
                 row["starcast"]["rmse_over_crb_metals_free"] = free
@@ -313,7 +313,12 @@ def markdown(info: dict) -> str:
     m, c, tm, mod = info["machine"], info["config"], info["timing"], info["model"]
     units = {"teff": ("K", 0), "logg": ("dex", 3), "vsini": ("km/s", 1)}
     yes = lambda v: "-" if v is None else ("yes" if v else "**no**")  # noqa: E731
-    ratio = lambda r: f" ({r['ratio']:.3f}; {r['interval'][0]:.3f}-{r['interval'][1]:.3f})"  # noqa: E731
+
+    def versus(worse_not: bool, r: dict) -> str:
+        """A peer goal's cell: met or not, 'within the draw' where the ratio's interval holds 1."""
+        verdict = "yes" if worse_not else ("within the draw" if r["interval"][0] <= 1.0 else "**no**")
+        return f"{verdict} ({r['ratio']:.3f}; {r['interval'][0]:.3f}-{r['interval'][1]:.3f})"
+
     lines = ["# Peers and the limit: starcast, chi^2 template fits, the Cramer-Rao bound", "",
              f"Model `{mod['path']}` ({mod['name']}, {mod['epochs_run']} epochs, "
              f"bundle sha256 {mod['bundle_sha256'][:12]}, weights sha256 {mod['weights_sha256'][:12]}). "
@@ -375,8 +380,7 @@ def markdown(info: dict) -> str:
                 + ([f"{r['crb_metals_free_rms']:.{dec + 1}f}"] if free else [])
                 + [f"{r[k]['rmse_over_crb']:.2f}" for k in {**methods, **ORACLE}]
                 + ([f"{r['starcast']['rmse_over_crb_metals_free']:.2f}"] if free else [])
-                + [yes(r.get(f"starcast_not_worse_than_{k}")) + ratio(r["starcast"][f"rmse_over_{k}"])
-                   for k in peers]
+                + [versus(r[f"starcast_not_worse_than_{k}"], r["starcast"][f"rmse_over_{k}"]) for k in peers]
                 + [yes(r.get("starcast_within_1.3_crb"))] for r in rows]
         lines += [*table(head, body), ""]
     head = ["SNR"] + [f"{METHODS[k]}: median {col}" for k in fits for col in ("chi^2 / pixel", "evaluations")]
