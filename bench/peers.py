@@ -314,9 +314,9 @@ def markdown(info: dict) -> str:
     units = {"teff": ("K", 0), "logg": ("dex", 3), "vsini": ("km/s", 1)}
     yes = lambda v: "-" if v is None else ("yes" if v else "**no**")  # noqa: E731
 
-    def versus(worse_not: bool, r: dict) -> str:
+    def versus(not_worse: bool, r: dict) -> str:
         """A peer goal's cell: met or not, 'within the draw' where the ratio's interval holds 1."""
-        verdict = "yes" if worse_not else ("within the draw" if r["interval"][0] <= 1.0 else "**no**")
+        verdict = "yes" if not_worse else ("within the draw" if r["interval"][0] <= 1.0 else "**no**")
         return f"{verdict} ({r['ratio']:.3f}; {r['interval'][0]:.3f}-{r['interval'][1]:.3f})"
 
     lines = ["# Peers and the limit: starcast, chi^2 template fits, the Cramer-Rao bound", "",
