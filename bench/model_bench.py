@@ -86,7 +86,8 @@ def main() -> None:
         for name, m in models.items():
             arch = m.bundle.architecture
             prep, infer = best[name]["prepare"], best[name]["infer"]
-            rows[name] = {"members": arch["members"], "samples": arch["samples"], "hidden": arch["hidden"],
+            rows[name] = {"bundle": m.bundle.sha256[:12], "members": arch["members"],
+                          "samples": arch["samples"], "hidden": arch["hidden"],
                           "input_dim": arch["input_dim"], "dropout": arch["dropout"],
                           "train_seconds": m.bundle.manifest["provenance"].get("train_seconds"),
                           "prepare_spectra_per_s": args.n / prep, "infer_spectra_per_s": args.n / infer,
@@ -107,11 +108,11 @@ def main() -> None:
              f"{args.repeat})", "",
              f"`{record['command']}`; {record['cores']} cores, load average {record['load_average'][0]:.1f} "
              f"at the end; {args.note}", "",
-             "| model | M x S | hidden | D | trained (s) | prepare /s | infer /s | predict /s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | bundle | M x S | hidden | D | trained (s) | prepare /s | infer /s | predict /s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['members']} x {r['samples']} | {r['hidden']} | {r['input_dim']} | "
-                     f"{r['train_seconds']} | {r['prepare_spectra_per_s']:.0f} | "
+        lines.append(f"| {name} | {r['bundle']} | {r['members']} x {r['samples']} | {r['hidden']} | "
+                     f"{r['input_dim']} | {r['train_seconds']} | {r['prepare_spectra_per_s']:.0f} | "
                      f"{r['infer_spectra_per_s']:.0f} | {r['predict_spectra_per_s']:.0f} |")
     lines += ["", f"current / previous predict rate: {ratio:.2f}x (goal: >= 0.8x)"]
     (RESULTS / "model_bench.md").write_text("\n".join(lines) + "\n")
