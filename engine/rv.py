@@ -87,11 +87,16 @@ class VelocitySearch:
 
     def check(self, x: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rv, rv_err) in km/s of the velocity left in spectra x [B, D] put at rest by a given rv:
-        searched within +-V_CHECK, and over +-V_MAX where that finds its minimum at the window's edge."""
+        searched within +-V_CHECK, and over +-V_MAX where that finds its minimum at the window's edge;
+        NaN where the minimum is at the edge of +-V_MAX too: no velocity found, so the given rv stands
+        (such a minimum is a spectrum the bank cannot explain, e.g. its Balmer wings normalised away,
+        not a star 600 km/s from its catalog rv)."""
         rv, rv_err = self.estimate(x, ivar, V_CHECK)
-        edge = np.flatnonzero(np.abs(rv) > V_CHECK - V_STEP)
+        edge = np.flatnonzero(_at_edge(rv, V_CHECK))
         if len(edge):
             rv[edge], rv_err[edge] = self.estimate(x[edge], ivar[edge])
+            lost = edge[_at_edge(rv[edge], V_MAX)]
+            rv[lost], rv_err[lost] = np.nan, np.nan
         return rv, rv_err
 
     def _estimate(self, x, ivar, velocities, bank, flat, flat_squared):
@@ -116,6 +121,12 @@ class VelocitySearch:
         rv[bad] = np.where(pixels[bad] > 0, velocities[centre[bad]], np.nan)
         rv_err[bad] = np.where(pixels[bad] > 0, V_STEP, np.nan)
         return rv, rv_err
+
+
+def _at_edge(rv: np.ndarray, v_max: float) -> np.ndarray:
+    """Whether a search within +-v_max found its minimum at the window's edge (the parabola's centre is
+    kept one step inside it)."""
+    return np.abs(rv) >= v_max - V_STEP
 
 
 def significant(rv: np.ndarray, rv_err: np.ndarray, kms: float = RESOLVED_KMS) -> np.ndarray:

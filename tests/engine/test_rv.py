@@ -13,6 +13,7 @@ from starcast.catalogs.gridsynth import synth_from_grid
 from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import META_WAVELENGTH, RV, RV_ERR, WAVELENGTH, Flag, WavelengthGrid
 from starcast.engine.predictor import Model
+from starcast.engine.rv import V_MAX, V_STEP
 
 import starcast
 from starcast.demo import SAMPLE
@@ -103,6 +104,23 @@ def test_a_wrong_given_rv_is_corrected_before_the_network_and_flagged(model, at_
     slow = at_rest.column("vsini").to_numpy() < 60.0
     bias = (wrong.column("vsini").to_numpy() - at_rest.column("vsini").to_numpy())[slow].mean()
     assert abs(bias) < 0.5, bias
+
+
+def test_a_minimum_at_the_edge_of_the_search_leaves_the_given_rv(model, at_rest):
+    """Stars 800 km/s from their catalog rv, beyond the search's +-600: the check's minimum lies at
+    the edge of its range, which is no velocity found (a spectrum the template bank cannot explain
+    puts it there too, e.g. a fast rotator whose Balmer wings a spline normalised away), so the given
+    rv stands, where the edge's 600 km/s replaced it on a third of these rows before; 250 km/s off,
+    inside the range, is still found (a row of these may still move within the check's window, where
+    some velocity fits no worse than the given one)."""
+    for offset, found in ((800.0, False), (250.0, True)):
+        table = receding(at_rest.drop_columns(list(TARGETS)), np.full(at_rest.num_rows, offset))
+        correction = model.prepare(table.append_column(RV, pa.array(np.zeros(table.num_rows)))).column(
+            "rv_correction").to_numpy()
+        if found:
+            assert np.abs(correction - offset).max() < 10.0, correction
+        else:
+            assert np.abs(correction).max() < V_MAX - V_STEP and (correction == 0.0).mean() > 0.95, correction
 
 
 def test_a_given_rv_a_km_s_off_is_resampled_where_lines_are_sharp(model, tmp_path):
