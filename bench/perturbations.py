@@ -11,7 +11,9 @@ rotation profile with limb darkening 0.3 or 0.9 where the model was trained with
 six that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
 bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
 H-delta, a double-lined companion, light without lines veiling the spectrum), three of their noise
-(flux_err understated or overstated, flux_err absent) and a resolving power of 15 000 left unstated,
+(flux_err understated or overstated, flux_err absent), a resolving power of 15 000 left unstated and
+spectra normalised before they reach starcast (by a cubic, a polynomial of degree 8 or a spline through
+the upper envelope, as archives and automated normalisers deliver them),
 it reports per target the RMSE over rows with numbers against the clean run, the 68% coverage, the
 bias of v sin i among slow rotators (true < SLOW km/s), and the fraction of rows flagged (bits other
 than the INFORMATIONAL ones) or nulled.
@@ -189,6 +191,37 @@ def limb_darkened(epsilon: float):
     return perturb
 
 
+def normalised(basis: str, size: float, low: float = 1.0, rounds: int = 10):
+    """The spectra normalised before they reach starcast, as automated normalisers do: a smooth
+    continuum fitted to the upper envelope (pixels more than `low` sigma below the fit left out and the
+    rest fitted again, up to `rounds` times), flux and flux_err divided by it. `basis` "spline": a
+    cubic spline with knots every `size` Angstrom; "polynomial": a Legendre series of degree `size`
+    over the range. A B star's Balmer wings reach tens of Angstrom from H-delta and H-gamma, so a
+    continuum that can bend within them follows part of them."""
+    from scipy.interpolate import LSQUnivariateSpline
+
+    def continuum(wl, f, w):
+        if basis == "spline":
+            knots = np.arange(wl[0] + size, wl[-1] - size / 2, size)
+            return LSQUnivariateSpline(wl, f, knots, w=w, k=3)
+        return np.polynomial.Legendre.fit(wl, f, int(size), w=w)
+
+    def perturb(table, **_):
+        wl, flux, err = _grid(table).values(), _flux(table), _flux(table, FLUX_ERR)
+        for f, e in zip(flux, err, strict=True):  # in place, row by row
+            usable = np.isfinite(f) & (e > 0)
+            keep = usable
+            for _ in range(rounds):
+                fitted = continuum(wl[keep], f[keep], 1.0 / e[keep])(wl)
+                kept, keep = keep, usable & (f - fitted > -low * e)
+                if (keep == kept).all():
+                    break
+            f /= fitted
+            e /= fitted
+        return _set_flux(_set_flux(table, flux), err, FLUX_ERR)
+    return perturb
+
+
 def vacuum(stated: bool):
     def perturb(table, **_):
         values = air_to_vacuum(_grid(table).values())
@@ -343,6 +376,10 @@ PERTURBATIONS = {
     "no flux_err (noise from DER_SNR)": no_flux_err,
     "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
     "veiling 5% (light without lines)": veiling(0.05), "veiling 15% (light without lines)": veiling(0.15),
+    "normalised before (cubic)": normalised("polynomial", 3),
+    "normalised before (degree 8)": normalised("polynomial", 8),
+    "normalised before (spline, knots every 200 A)": normalised("spline", 200.0),
+    "normalised before (spline, knots every 100 A)": normalised("spline", 100.0),
 }
 # for sources whose physics can change (TLUSTY): metals inside ob-default's training span and beyond,
 # macroturbulence of a B dwarf and of a supergiant, limb darkening either side of the customary 0.6
