@@ -53,7 +53,7 @@ from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 from .calibration import EXCESS_PARTS, handled_defect
 from .emulator import DIB_TERMS, DIBS, Fit
-from .rv import RESAMPLED_RV_KMS, VelocitySearch, significant
+from .rv import RESAMPLED_RV_KMS, V_MAX, VelocitySearch, at_edge, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 FIT_FIELDS = tuple(f.name for f in fields(Fit))
@@ -517,7 +517,9 @@ class Model:
         its spectrum preprocessed at rest (rv_err its sigma, `estimated`); a given rv is checked by a
         search of its spectrum preprocessed at it, and where that finds it off (beyond RESAMPLED_RV_KMS
         and 4 sigmas) the search's rv replaces it (rv_err its sigma, `correction` the km/s added; else
-        rv_err is NaN, correction 0). Rows of `pre` at a new rv are preprocessed again."""
+        rv_err is NaN, correction 0). An estimate at the edge of the search's range is a star beyond it:
+        its spectrum, put at rest by that estimate, is searched again as a given rv is checked, which
+        reaches twice as far. Rows of `pre` at a new rv are preprocessed again."""
         n = table.num_rows
         column = table.column(RV) if RV in table.column_names else pa.nulls(n, pa.float64())
         given = _array(column).is_valid().to_numpy(zero_copy_only=False)
@@ -537,18 +539,29 @@ class Model:
         moved = estimated | corrected
         rv[moved] += found[moved]
         rv_err = np.where(moved, found_err, np.nan)
-        rows = np.flatnonzero(moved)
-        if len(rows):
-            subset = table.take(pa.array(rows))
-            if RV in subset.column_names:
-                subset = subset.drop_columns([RV])
-            subset = subset.append_column(RV, pa.array(rv[rows], pa.float64()))
-            again = self._preprocess(subset, source_grid)
-            for name in ("x", "ivar", "flags", "coverage", "bad_fraction", "response_excess"):
-                getattr(pre, name)[rows] = getattr(again, name)
-            for i, r in enumerate(rows):
-                pre.errors[r] = again.errors[i]
+        self._preprocess_at(table, pre, np.flatnonzero(moved), rv, source_grid)
+        beyond = np.flatnonzero(estimated & at_edge(found, V_MAX))
+        beyond = beyond[[pre.errors[r] is None for r in beyond]]
+        if len(beyond):
+            more, more_err = self._velocity_search().check(pre.x[beyond], pre.ivar[beyond])
+            beyond, more, more_err = (a[np.isfinite(more)] for a in (beyond, more, more_err))
+            rv[beyond] += more
+            rv_err[beyond] = more_err
+            self._preprocess_at(table, pre, beyond, rv, source_grid)
         return rv, rv_err, estimated, np.where(corrected, found, 0.0)
+
+    def _preprocess_at(self, table: pa.Table, pre, rows: np.ndarray, rv: np.ndarray, source_grid) -> None:
+        """Preprocess `rows` of `table` again at `rv` [B] km/s, into `pre`."""
+        if not len(rows):
+            return
+        subset = table.take(pa.array(rows))
+        if RV in subset.column_names:
+            subset = subset.drop_columns([RV])
+        again = self._preprocess(subset.append_column(RV, pa.array(rv[rows], pa.float64())), source_grid)
+        for name in ("x", "ivar", "flags", "coverage", "bad_fraction", "response_excess"):
+            getattr(pre, name)[rows] = getattr(again, name)
+        for i, r in enumerate(rows):
+            pre.errors[r] = again.errors[i]
 
     def _velocity_search(self) -> VelocitySearch:
         if self._search is None:  # built on first use: only rows without an rv need it

@@ -78,7 +78,8 @@ class VelocitySearch:
                  v_max: float = V_MAX) -> tuple[np.ndarray, np.ndarray]:
         """(rv, rv_err) in km/s of spectra x [B, D] (on the model grid in the frame they were put in,
         continuum-normalised) with inverse variances ivar, searched within +-v_max; NaN for a row without
-        pixels. A minimum at the search's edge gives the edge, with the sigma of its parabola."""
+        pixels. A minimum at the search's edge gives the edge, with the sigma of its parabola (`at_edge`:
+        the star may lie beyond)."""
         rv, rv_err = np.full(len(x), np.nan), np.full(len(x), np.nan)
         window = self._window(v_max)
         for s in range(0, len(x), CHUNK):
@@ -92,10 +93,10 @@ class VelocitySearch:
         (such a minimum is a spectrum the bank cannot explain, e.g. its Balmer wings normalised away,
         not a star 600 km/s from its catalog rv)."""
         rv, rv_err = self.estimate(x, ivar, V_CHECK)
-        edge = np.flatnonzero(_at_edge(rv, V_CHECK))
+        edge = np.flatnonzero(at_edge(rv, V_CHECK))
         if len(edge):
             rv[edge], rv_err[edge] = self.estimate(x[edge], ivar[edge])
-            lost = edge[_at_edge(rv[edge], V_MAX)]
+            lost = edge[at_edge(rv[edge], V_MAX)]
             rv[lost], rv_err[lost] = np.nan, np.nan
         return rv, rv_err
 
@@ -123,7 +124,7 @@ class VelocitySearch:
         return rv, rv_err
 
 
-def _at_edge(rv: np.ndarray, v_max: float) -> np.ndarray:
+def at_edge(rv: np.ndarray, v_max: float) -> np.ndarray:
     """Whether a search within +-v_max found its minimum at the window's edge (the parabola's centre is
     kept one step inside it)."""
     return np.abs(rv) >= v_max - V_STEP

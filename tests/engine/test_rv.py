@@ -123,22 +123,24 @@ def test_a_minimum_at_the_edge_of_the_search_leaves_the_given_rv(model, at_rest)
             assert np.abs(correction).max() < V_MAX - V_STEP and (correction == 0.0).mean() > 0.95, correction
 
 
-def test_a_star_beyond_the_search_without_an_rv_is_found_by_the_fit_and_flagged(model, at_rest):
-    """Stars receding at 800 km/s, beyond the search's +-600, without an rv column: the search stops at
-    its edge, preprocessing removes that, and the emulator's fit finds the 200-odd km/s left; v sin i,
-    read from a spectrum that reached the network that far off, is worse than at rest (2.8x its RMSE
-    when written), and MODEL_MISMATCH says so: on nearly every row, and every row it leaves is within
-    3 sigma of the truth."""
-    table = receding(at_rest.drop_columns(list(TARGETS)), np.full(at_rest.num_rows, 800.0))
+def test_a_star_beyond_the_search_without_an_rv_is_searched_again_from_its_edge(model, at_rest):
+    """Stars receding at 900 km/s, beyond the search's +-600, without an rv column: the search stops at
+    its edge and the spectrum, put at rest by that, is searched again, so the rv is found and the
+    estimates are as good as for the same spectra at rest (where the emulator's fit, within +-100 km/s
+    of what preprocessing removed, left them 100-300 km/s off before: rv 800, Teff 6x its RMSE at
+    rest); at 1200 km/s, beyond the second search too, no row goes unflagged."""
+    known = model.predict(at_rest.drop_columns(list(TARGETS)), backend="cpu")
+    table = receding(at_rest.drop_columns(list(TARGETS)), np.full(at_rest.num_rows, 900.0))
     out = model.predict(table, backend="cpu")
     flags = out.column("flags").to_numpy()
     assert ((flags & Flag.RV_ESTIMATED) != 0).all()
-    assert (np.abs(out.column(RV).to_numpy() - 800.0) < 10.0).mean() >= 0.95
-    trusted = (flags & Flag.MODEL_MISMATCH) == 0
-    assert trusted.mean() <= 0.1, trusted.mean()
+    assert np.sqrt(np.mean((out.column(RV).to_numpy() - 900.0) ** 2)) < 3.0
+    assert np.mean((flags & Flag.MODEL_MISMATCH) != 0) <= 0.05
     for t in TARGETS:
-        z = (out.column(t).to_numpy() - at_rest.column(t).to_numpy()) / out.column(f"{t}_err").to_numpy()
-        assert (np.abs(z[trusted]) < 3.0).all(), (t, z[trusted])
+        assert rmse(out, at_rest, t) < 1.1 * rmse(known, at_rest, t), t
+    table = receding(at_rest.drop_columns(list(TARGETS)), np.full(at_rest.num_rows, 1200.0))
+    flags = model.predict(table, backend="cpu").column("flags").to_numpy()
+    assert ((flags & Flag.MODEL_MISMATCH) != 0).all()
 
 
 def test_a_given_rv_a_km_s_off_is_resampled_where_lines_are_sharp(model, tmp_path):
