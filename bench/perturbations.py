@@ -483,7 +483,8 @@ def markdown(report: dict, command: str) -> str:
                         for t, c in clean["targets"].items())
     summary += f"; v sin i bias where true < {SLOW:.0f} km/s {clean['targets']['vsini']['slow_bias']:+.2f}"
     fit = "chi2_median" in clean  # a model with an emulator
-    lines = [f"# Perturbation matrix ({report['model']})", "", f"Command: `{command}`", "",
+    lines = [f"# Perturbation matrix ({report['model']}, bundle {report['bundle_sha256']})", "",
+             f"Command: `{command}`", "",
              f"Source: {report.get('source', 'synthetic')}. Clean: {clean['rows']} held-out spectra, "
              f"{100 * clean['flagged_or_nulled']:.1f}% flagged or nulled (goal <= 2%); {summary}", "",
              "Flag bits on clean rows: "
@@ -543,7 +544,8 @@ def main() -> None:
     source = tlusty_source(args.config) if tlusty else synthetic_source
     report = run_matrix(model, source=source, n=args.n, seed=args.seed,
                         perturbations={**PERTURBATIONS, **(PHYSICS_PERTURBATIONS if tlusty else {})})
-    report.update(model=model.name, model_sha256=model.bundle.weights_sha256, n=args.n, seed=args.seed,
+    report.update(model=model.name, bundle_sha256=model.bundle.manifest["bundle_sha256"][:12],
+                  model_sha256=model.bundle.weights_sha256, n=args.n, seed=args.seed,
                   source=args.source if args.source == "synthetic" else f"tlusty test nodes of {args.config}",
                   model_resolving_power=model.resolving_power, command=" ".join(["python", *sys.argv]),
                   machine={"cpu": platform.processor(), "cores_visible": len(os.sched_getaffinity(0)),
