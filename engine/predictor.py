@@ -517,9 +517,11 @@ class Model:
         its spectrum preprocessed at rest (rv_err its sigma, `estimated`); a given rv is checked by a
         search of its spectrum preprocessed at it, and where that finds it off (beyond RESAMPLED_RV_KMS
         and 4 sigmas) the search's rv replaces it (rv_err its sigma, `correction` the km/s added; else
-        rv_err is NaN, correction 0). An estimate at the edge of the search's range is a star beyond it:
-        its spectrum, put at rest by that estimate, is searched again as a given rv is checked, which
-        reaches twice as far. Rows of `pre` at a new rv are preprocessed again."""
+        rv_err is NaN, correction 0). An estimate at the edge of the search's range may be a star beyond
+        it: its spectrum, put at rest by that estimate, is searched again as a given rv is checked (which
+        reaches twice as far), and what that finds is added, however small (rv_err its sigma); where it
+        finds nothing, the edge estimate and its sigma stand. Rows of `pre` at a new rv are preprocessed
+        again."""
         n = table.num_rows
         column = table.column(RV) if RV in table.column_names else pa.nulls(n, pa.float64())
         given = _array(column).is_valid().to_numpy(zero_copy_only=False)

@@ -87,11 +87,12 @@ class VelocitySearch:
         return rv, rv_err
 
     def check(self, x: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rv, rv_err) in km/s of the velocity left in spectra x [B, D] put at rest by a given rv:
-        searched within +-V_CHECK, and over +-V_MAX where that finds its minimum at the window's edge;
-        NaN where the minimum is at the edge of +-V_MAX too: no velocity found, so the given rv stands
-        (such a minimum is a spectrum the bank cannot explain, e.g. its Balmer wings normalised away,
-        not a star 600 km/s from its catalog rv)."""
+        """(rv, rv_err) in km/s of the velocity left in spectra x [B, D] put at rest by a given rv (or
+        by an estimate at the edge of +-V_MAX): searched within +-V_CHECK, and over +-V_MAX where that
+        finds its minimum at the window's edge; NaN where the minimum is at the edge of +-V_MAX too: no
+        velocity found, so the rv the spectra were put at rest by stands (for a given rv such a minimum
+        is a spectrum the bank cannot explain, e.g. its Balmer wings normalised away, more often than a
+        star 600 km/s from its catalog rv)."""
         rv, rv_err = self.estimate(x, ivar, V_CHECK)
         edge = np.flatnonzero(at_edge(rv, V_CHECK))
         if len(edge):
