@@ -546,7 +546,8 @@ class Model:
         beyond = beyond[[pre.errors[r] is None for r in beyond]]
         if len(beyond):
             more, more_err = self._velocity_search().check(pre.x[beyond], pre.ivar[beyond])
-            beyond, more, more_err = (a[np.isfinite(more)] for a in (beyond, more, more_err))
+            found_more = np.isfinite(more)
+            beyond, more, more_err = beyond[found_more], more[found_more], more_err[found_more]
             rv[beyond] += more
             rv_err[beyond] = more_err
             self._preprocess_at(table, pre, beyond, rv, source_grid)
