@@ -8,9 +8,10 @@ labelled air, stars at +-300 km/s with and without an rv column, 50% coverage; f
 also metal lines weaker than the grid's composition by 0.2 and 0.5 dex, as in metal-poor stars, the
 radial-tangential macroturbulence of 25 and 60 km/s that real OB stars show and the grid lacks, and a
 rotation profile with limb darkening 0.3 or 0.9 where the model was trained with the customary 0.6) and
-six that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
+seven that real spectra of B stars carry (cosmic-ray hits the reduction missed, the diffuse interstellar
 bands and the interstellar lines of CH+ and CH of a reddened star, a Be star's emission in H-gamma and
-H-delta, a double-lined companion, light without lines veiling the spectrum), three of their noise
+H-delta, an H II region's nebular emission in the cores of H and He I lines, a double-lined companion,
+light without lines veiling the spectrum), three of their noise
 (flux_err understated or overstated, flux_err absent), a resolving power of 15 000 left unstated and
 spectra normalised before they reach starcast (by a cubic, a polynomial of degree 8 or a spline through
 the upper envelope, as archives and automated normalisers deliver them),
@@ -329,6 +330,22 @@ def be_emission(table, **_):
     return _set_flux(table, flux + np.nanmedian(flux, axis=1, keepdims=True) * emission[None, :])
 
 
+def nebular(ew: float, v_max: float = 20.0, fwhm: float = 30.0):
+    """An H II region's emission in the aperture: H-gamma of `ew` Angstrom of equivalent width, H-delta
+    0.55x and He I 4471 0.09x as strong (the Balmer decrement and the He I / H ratio of an H II region
+    about 10 000 K), Gaussians of the gas's `fwhm` km/s within the instrument's profile, at a velocity
+    uniform in +-`v_max` km/s relative to each star, on its continuum."""
+    def perturb(table, **_):
+        wl, flux = _grid(table).values(), _flux(table)
+        velocity = np.random.default_rng(8).uniform(-v_max, v_max, (len(flux), 1))
+        width = np.hypot(fwhm, C_KMS / R_SOURCE) / C_KMS  # FWHM over the wavelength
+        at = 1.0 + velocity / C_KMS
+        emission = sum(ew * share / (1.0645 * line * width) * _gaussian(wl[None, :], line * at, line * width)
+                       for line, share in ((4340.47, 1.0), (4101.74, 0.55), (4471.48, 0.09)))
+        return _set_flux(table, flux + np.nanmedian(flux, axis=1, keepdims=True) * emission)
+    return perturb
+
+
 def veiling(fraction: float):
     """Light without lines added to the star's: `fraction` of its continuum, flat (scattered light the
     reduction left, or a featureless companion's continuum), so every line is shallower by 1 / (1 +
@@ -374,7 +391,10 @@ PERTURBATIONS = {
     "interstellar CH+ and CH lines (40 mA each, cloud at +-100 km/s)": interstellar_lines(0.040),
     "flux_err understated 1.2x": stated_noise(1.0 / 1.2), "flux_err overstated 1.2x": stated_noise(1.2),
     "no flux_err (noise from DER_SNR)": no_flux_err,
-    "Be emission in H-gamma, H-delta": be_emission, "companion 0.3x at +150 km/s": companion,
+    "Be emission in H-gamma, H-delta": be_emission,
+    "nebular emission (H-gamma 0.05 A, H-delta, He I 4471; +-20 km/s)": nebular(0.05),
+    "nebular emission (H-gamma 0.3 A, H-delta, He I 4471; +-20 km/s)": nebular(0.3),
+    "companion 0.3x at +150 km/s": companion,
     "veiling 5% (light without lines)": veiling(0.05), "veiling 15% (light without lines)": veiling(0.15),
     "normalised before (cubic)": normalised("polynomial", 3),
     "normalised before (degree 8)": normalised("polynomial", 8),

@@ -29,10 +29,12 @@ residual is first searched for each: the drop in chi^2 from fitting the band's D
 profile's depth and first-order shift and widening, so that neither its place in the star's frame
 nor its width need be known exactly) to it beyond what the residual's best ripple removes (a
 ripple's troughs look like bands), per unit of the reduced chi^2, if the band is in absorption
-(`dib`). Where that passes the band's `dib_threshold` (a quantile of clean spectra), the continuum
-holds the band's terms and the Gauss-Newton steps run again (the engine then divides the bands out
-of the spectrum and predicts it again: the networks never saw one). A fitted band is no mismatch: it
-flags nothing. The pixels of the narrow interstellar lines (ISM_LINES) weigh nothing in the fit.
+(`dib`). Stars in H II regions carry nebular emission lines in the cores of their own H and He I lines
+(NEBULAR_LINES), searched for alike if in emission (BANDS: both kinds). Where that passes the band's
+`dib_threshold` (a quantile of clean spectra), the continuum holds the band's terms and the Gauss-Newton steps
+run again (the engine then divides the bands out of the spectrum and predicts it again: the networks never saw
+one). A fitted band is no mismatch: it flags nothing. The pixels of the narrow interstellar lines (ISM_LINES)
+weigh nothing in the fit.
 A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
 SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
 period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
@@ -158,14 +160,16 @@ NOISE_LAG = 2
 
 
 class Band(NamedTuple):
-    """A diffuse interstellar band: its centre and FWHM (Angstrom, air; starting values that the fit's
-    derivative terms move), its profile ("lorentzian" or "gaussian") and its window, the Angstrom
-    each side of the centre where the search for it looks."""
+    """A feature no stellar model holds that the fit looks for in the residual: its centre and FWHM
+    (Angstrom, air; starting values that the fit's derivative terms move), its profile ("lorentzian"
+    or "gaussian"), its window, the Angstrom each side of the centre where the search for it looks,
+    and whether it is in emission (a nebular line) rather than absorption (a diffuse band)."""
 
     centre: float
     fwhm: float
     profile: str
     window: float
+    emission: bool = False
 
 
 # The diffuse interstellar bands of reddened stars at 4000-4800 A: the broad one near 4428 A, a
@@ -175,6 +179,15 @@ class Band(NamedTuple):
 # windows reach a ripple's shortest period, so that the sinusoid beside them is no band.
 DIBS = (Band(4428.6, 18.0, "lorentzian", 150.0), Band(4501.8, 3.0, "gaussian", RIPPLE_PERIODS[0]),
         Band(4726.8, 3.5, "gaussian", RIPPLE_PERIODS[0]), Band(4762.6, 2.5, "gaussian", RIPPLE_PERIODS[0]))
+# The nebular emission lines of an H II region in the aperture (young stars in clusters, fibre surveys),
+# in the cores of the star's own lines and at about its velocity: H delta, H gamma and He I 4471, the
+# strongest at 4000-4800 A (He I 4471 ~0.1 of H gamma). Their FWHM is the gas's ~30 km/s within the
+# instrument and the model grid's pixels (~0.55 A at R 20 000 on 0.4 A pixels); left in, 0.05 A of
+# equivalent width in H gamma moves the v sin i of a fast rotator by several times its noise without
+# raising MODEL_MISMATCH (`bench/perturbations.py`).
+NEBULAR_LINES = tuple(Band(centre, 0.65, "gaussian", RIPPLE_PERIODS[0], emission=True)
+                      for centre in (4101.74, 4340.47, 4471.48))
+BANDS = DIBS + NEBULAR_LINES  # the bands the fit looks for, in the order of `dib_threshold`
 DIB_TERMS = 3  # each band's parameters in the continuum: its depth and its first-order shift and widening
 # Angstrom (air): the narrow interstellar lines of reddened stars at 4000-4800 A, CH+ and CH, tens of mA
 # deep in equivalent width and unresolved at R ~20 000, so that no smooth term fits them wherever the
@@ -281,7 +294,7 @@ class Emulator:
     `chi2_threshold_estimated_noise`, as wide as that estimate errs, where there is one), a ripple
     statistic above `ripple_threshold`, a veiling statistic above `veiling_threshold`, a broadening
     statistic above `broadening_threshold` or a contrast above `contrast_threshold` flags
-    MODEL_MISMATCH; a band of DIBS is fitted where its statistic passes its `dib_threshold`."""
+    MODEL_MISMATCH; a band of BANDS is fitted where its statistic passes its `dib_threshold`."""
 
     labels: list[str]
     layers: list[tuple[np.ndarray, np.ndarray]]  # float32 (W [in, out], b [out]); the last is linear
@@ -294,7 +307,7 @@ class Emulator:
     chi2_threshold: Threshold
     wavelength: np.ndarray  # (D,) float64, Angstrom: the model grid
     ripple_threshold: float = math.inf
-    dib_threshold: tuple[float, ...] = (math.inf,) * len(DIBS)  # per band of DIBS
+    dib_threshold: tuple[float, ...] = (math.inf,) * len(BANDS)  # per band of BANDS
     veiling_threshold: float = math.inf
     broadening_threshold: Threshold = field(default_factory=lambda: Threshold.constant(math.inf))
     sigma_label: str | None = None  # the label whose value scales `sigma` per row (None: no scaling)
@@ -474,11 +487,11 @@ class Emulator:
 
     @cached_property
     def dib_basis(self) -> np.ndarray:
-        """(D, DIB_TERMS * len(DIBS)) float32: the terms of each band of DIBS in the continuum, minus its
-        profile of unit depth (so that an absorption's coefficient is its depth, > 0) and the profile's
-        derivatives with respect to the centre and the half width, each times the half width."""
+        """(D, DIB_TERMS * len(BANDS)) float32: the terms of each band of BANDS in the continuum, minus its
+        profile of unit depth (so that an absorption's coefficient is its depth, > 0; an emission's < 0) and
+        the profile's derivatives with respect to the centre and the half width, each times the half width."""
         terms = []
-        for band in DIBS:
+        for band in BANDS:
             u = (self.wavelength - band.centre) / (0.5 * band.fwhm)
             # slope = -(d profile / du) / 2u: the derivatives times the half width are 2u and 2u^2 times it
             if band.profile == "lorentzian":
@@ -494,7 +507,7 @@ class Emulator:
                        dib: np.ndarray | None = None) -> np.ndarray | None:
         """[B, D, q] float32: the continuum's terms beyond the polynomial for B rows, a sin + b cos of a
         ripple at the frequencies `ripple` [B], 1/A, if given (NaN: none on that row, zero columns), and
-        the DIB_TERMS of each band of DIBS where `dib` [B, len(DIBS)] bool holds (zero columns
+        the DIB_TERMS of each band of BANDS where `dib` [B, len(BANDS)] bool holds (zero columns
         elsewhere, whose coefficients the fit leaves at 0), if any does; None without either."""
         parts = []
         if ripple is not None:
@@ -568,29 +581,30 @@ class Emulator:
         return np.ascontiguousarray(self.continuum_basis.T[:, None, :], np.float32)
 
     def band_depths(self, coef: np.ndarray) -> np.ndarray:
-        """(B, DIB_TERMS * len(DIBS)) float64: the bands' coefficients, the last of a continuum's `coef`
+        """(B, DIB_TERMS * len(BANDS)) float64: the bands' coefficients, the last of a continuum's `coef`
         [B, p] (`fit_continuum` without a veil), each relative to its polynomial at the band's centre."""
-        at = [np.argmin(np.abs(self.wavelength - band.centre)) for band in DIBS]
+        at = [np.argmin(np.abs(self.wavelength - band.centre)) for band in BANDS]
         polynomial = coef[:, :self.continuum_basis.shape[1]].astype(np.float64) @ self.continuum_basis[at].T
         return coef[:, -self.dib_basis.shape[1]:] / np.repeat(polynomial, DIB_TERMS, axis=1)
 
     def band(self, depths: np.ndarray) -> np.ndarray:
         """(B, D) float32: the bands' transmission on the grid, 1 + their terms times `depths`
-        [B, DIB_TERMS * len(DIBS)] (`band_depths`; zeros: none)."""
+        [B, DIB_TERMS * len(BANDS)] (`band_depths`; zeros: none)."""
         return (1.0 + np.asarray(depths, np.float32) @ self.dib_basis.T).astype(np.float32)
 
     def dib(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
             freq: np.ndarray) -> np.ndarray:
-        """(B, len(DIBS)) float64: for each band of DIBS, the drop in the weighted chi^2 of `residual`
-        [B, D] from fitting its terms (`dib_basis`, times the fitted `model` [B, D] as the continuum
-        is) to it beside a sinusoid at the periodogram's frequency nearest `freq` [B], 1/A (the
-        residual's ripple, `ripple`), less the drop from that sinusoid alone (so that a ripple, whose
-        troughs look like bands, is not taken for one), both over the band's window, divided by the
-        reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted band is not an
-        absorption. The sums in float32 (a statistic to compare with a threshold; the terms, unlike
-        the polynomial's, are far from collinear)."""
+        """(B, len(BANDS)) float64: for each band of BANDS, the drop in the weighted chi^2 of `residual` [B,
+        D] from fitting its terms (`dib_basis`, times the fitted `model` [B, D] as the continuum is) to it
+        beside a sinusoid at the periodogram's frequency nearest `freq` [B], 1/A (the residual's ripple,
+        `ripple`; so that a ripple, whose troughs look like bands, is not taken for one) and, for a nebular
+        line, a constant and the model (light without lines and a line shallower as a whole, so that neither
+        is taken for emission in its core), less the drop from those alone, both over the band's window,
+        divided by the reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted band
+        is not in absorption (in emission, for a band of NEBULAR_LINES). The sums in float32 (a statistic to
+        compare with a threshold; the terms, unlike the polynomial's, are far from collinear)."""
         nearest = np.abs(self._ripple_frequencies[None, :] - np.asarray(freq)[:, None]).argmin(axis=1)
-        k, out = DIB_TERMS, np.empty((len(residual), len(DIBS)))
+        k, out = DIB_TERMS, np.empty((len(residual), len(BANDS)))
 
         def drop(gram, rhs):
             trace = np.trace(gram, axis1=1, axis2=2)
@@ -602,21 +616,25 @@ class Emulator:
             sin, cos = (waves[nearest, window] for waves in self._ripple_waves)  # [B, W]
             m = model[:, window]
             v, u = weight[:, window] * m * m, weight[:, window] * m * residual[:, window]
-            vs, vc = v * sin, v * cos
+            # the terms beside the band's, as its are, before the model multiplies them: a constant and
+            # the model itself are 1 / m and 1 (a line shallower as a whole is no emission)
+            beside = [sin, cos] + ([1.0 / m, np.ones_like(m)] if BANDS[j].emission else [])
             terms = self.dib_basis[window, k * j:k * (j + 1)]
             products = (terms[:, :, None] * terms[:, None, :]).reshape(len(terms), k * k)
-            gram = np.empty((len(v), k + 2, k + 2))
+            gram = np.empty((len(v), k + len(beside), k + len(beside)))
             gram[:, :k, :k] = (v @ products).reshape(-1, k, k)
-            gram[:, :k, k], gram[:, :k, k + 1] = vs @ terms, vc @ terms
-            gram[:, k, k], gram[:, k, k + 1] = (vs * sin).sum(axis=1), (vs * cos).sum(axis=1)
-            gram[:, k + 1, k + 1] = (vc * cos).sum(axis=1)
+            for a, first in enumerate(beside):
+                weighted = v * first
+                gram[:, :k, k + a] = weighted @ terms
+                for b in range(a, len(beside)):
+                    gram[:, k + a, k + b] = gram[:, k + b, k + a] = (weighted * beside[b]).sum(axis=1)
             gram[:, k:, :k] = gram[:, :k, k:].transpose(0, 2, 1)
-            gram[:, k + 1, k] = gram[:, k, k + 1]
-            rhs = np.concatenate([u @ terms, (u * sin).sum(axis=1, keepdims=True),
-                                  (u * cos).sum(axis=1, keepdims=True)], axis=1).astype(np.float64)
+            rhs = np.concatenate([u @ terms, np.stack([(u * b).sum(axis=1) for b in beside], axis=1)],
+                                 axis=1).astype(np.float64)
             both, coef = drop(gram, rhs)
             alone, _ = drop(gram[:, k:, k:], rhs[:, k:])
-            out[:, j] = np.where(coef[:, 0] > 0, both - alone, 0.0)
+            depth = -coef[:, 0] if BANDS[j].emission else coef[:, 0]
+            out[:, j] = np.where(depth > 0, both - alone, 0.0)
         return out / np.maximum(np.nan_to_num(chi2, nan=1.0), 1.0)[:, None]
 
     def line_shape(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
@@ -654,7 +672,7 @@ class Emulator:
     def _dib_windows(self) -> list[slice]:
         """The pixels within each band's window of its centre."""
         return [slice(*np.searchsorted(self.wavelength, band.centre + np.array([-1.0, 1.0]) * band.window))
-                for band in DIBS]
+                for band in BANDS]
 
     @cached_property
     def continuum_products(self) -> np.ndarray:
@@ -786,7 +804,7 @@ class Emulator:
              log_snr: np.ndarray | None = None, noise_estimated: np.ndarray | None = None) -> Fit:
         """The `Fit` of prepared spectra x [B, D] with inverse variances ivar: the fitted emulated
         spectra e (see `fitted`; seen through `blur` [B], if given) at `labels` and a residual velocity,
-        refined within [lo, hi] (see `refine`), then again with the diffuse bands whose statistics
+        refined within [lo, hi] (see `refine`), then again with the bands (BANDS) whose statistics
         (`dib`) pass their `dib_threshold`, then again with a ripple (and those bands) where the
         residual's ripple statistic passes `ripple_threshold`, then again with light without lines (and
         the ripple and bands) where the veiling statistic passes `veiling_threshold`, then again with
@@ -810,7 +828,7 @@ class Emulator:
         veil, freed = np.zeros(len(x)), np.zeros(len(x), bool)
         log_snr = log10_snr(ivar) if log_snr is None else np.asarray(log_snr, np.float64)
         freer = self._freer_columns
-        dib, dib_depths = np.empty((len(x), len(DIBS))), np.zeros((len(x), DIB_TERMS * len(DIBS)))
+        dib, dib_depths = np.empty((len(x), len(BANDS))), np.zeros((len(x), DIB_TERMS * len(BANDS)))
         fitted, errors = np.empty((len(x), len(self.labels))), np.empty((len(x), len(self.labels) + 1))
         n, dof = np.empty(len(x), np.int64), np.empty(len(x), np.int64)  # pixels; minus the parameters
         parameters = (self.continuum_degree + 1) + ((len(self.labels) + 1) if self.refine_steps else 0)
@@ -950,8 +968,8 @@ class Fit:
     here), the broadening statistic of the fit without the light (`Emulator.line_shape`; NaN with the
     chi^2), the noise's chi^2 from the continuum's scatter and the contrast of the lines' chi^2 against
     the continuum's (`Emulator.noise_and_contrast`; NaN with the chi^2), the statistics of the diffuse
-    bands of the fit without them (`Emulator.dib`, [B, len(DIBS)]; NaN with the chi^2) and the terms of
-    those fitted (`Emulator.band_depths`, [B, DIB_TERMS * len(DIBS)], each band's first its depth; 0
+    bands of the fit without them (`Emulator.dib`, [B, len(BANDS)]; NaN with the chi^2) and the terms of
+    those fitted (`Emulator.band_depths`, [B, DIB_TERMS * len(BANDS)], each band's first its depth; 0
     elsewhere; `Model.predict` removes the bands from the spectrum and fits it again, and keeps the
     terms it removed here), the fitted labels
     [B, len(labels)] (physical units; the starting labels when the emulator does not refine; NaN with
@@ -995,7 +1013,7 @@ class Fit:
         return np.stack([self.ripple_excess, chi2_excess(self.chi2)], axis=1)  # in the order of EXCESS_PARTS
 
     def dib_fitted(self, emulator: Emulator) -> np.ndarray:
-        """[B, len(DIBS)] bool: the bands each row's fit holds (their statistics above the emulator's
+        """[B, len(BANDS)] bool: the bands each row's fit holds (their statistics above the emulator's
         thresholds)."""
         with np.errstate(invalid="ignore"):
             return (self.dib > np.asarray(emulator.dib_threshold)) & (emulator.continuum_degree >= 0)
@@ -1251,11 +1269,11 @@ def _contrast_threshold(entry: dict, where: str) -> Threshold:
 
 
 def _dib_thresholds(value, where: str) -> tuple[float, ...]:
-    """The thresholds of the manifest's `dib_threshold`, one per band of DIBS (absent: no band search)."""
+    """The thresholds of the manifest's `dib_threshold`, one per band of BANDS (absent: no band search)."""
     if value is None:
-        return (math.inf,) * len(DIBS)
-    if not isinstance(value, list) or len(value) != len(DIBS):
-        raise ModelError(f"{where}: dib_threshold must list one threshold per diffuse band "
-                         f"{[band.centre for band in DIBS]}, not {value!r} (recalibrate with "
+        return (math.inf,) * len(BANDS)
+    if not isinstance(value, list) or len(value) != len(BANDS):
+        raise ModelError(f"{where}: dib_threshold must list one threshold per band "
+                         f"{[band.centre for band in BANDS]}, not {value!r} (recalibrate with "
                          "`python -m starcast.trainers.emulator CONFIG BUNDLE --calibrate-only`)")
     return tuple(float(v) for v in value)

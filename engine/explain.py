@@ -110,8 +110,8 @@ class MeanFunction:
 class FitFunction:
     """The labels of an emulator's fit (`engine.emulator.Emulator.refine`: damped Gauss-Newton steps
     with a finite-difference Jacobian in the labels and a residual velocity, from start labels, the
-    emulated spectrum times a weighted least-squares continuum; then, on rows where the fit found the
-    diffuse band, the same steps again with it in the continuum, and then on rows where it found a
+    emulated spectrum times a weighted least-squares continuum; then, on rows where the fit found a
+    band (BANDS), the same steps again with it in the continuum, and then on rows where it found a
     continuum ripple, again with that too) as a differentiable torch function of the spectra, in the
     numpy fit's precisions: float32 spectra, float64 labels and normal equations. Which rows have the
     band or a ripple, and its frequency, are held at the numpy fit's (as the blend's shares are), and so
@@ -196,8 +196,8 @@ class FitFunction:
                  ) -> tuple[torch.Tensor, np.ndarray]:
         """(the fitted labels [N, k] (float64), the Gauss-Newton steps' shares [N, 3, refine_steps - 1])
         of float32 spectra x [N, D] with float32 pixel weights `weight` [N, D] seen through `blur` [N]
-        (`Emulator.blur`), from float64 `labels` [N, k] (physical units), then with the diffuse bands
-        where `dib` [N, len(DIBS)] holds, then with the ripple of frequency `ripple` [N] (1/A) on the
+        (`Emulator.blur`), from float64 `labels` [N, k] (physical units), then with the bands
+        where `dib` [N, len(BANDS)] holds, then with the ripple of frequency `ripple` [N] (1/A) on the
         rows where it is finite (and those bands). Each step evaluates the model and its
         k + 1 finite-difference neighbours together. `full_step`: the shares to hold, as returned
         (None: `full_step_share` of each step's size)."""
@@ -293,7 +293,7 @@ class EstimateFunction:
     fit: FitFunction
     weight: torch.Tensor  # [B, D] float32
     ripple: np.ndarray  # [B] float64: the frequency (1/A) of the ripple the fit fitted; NaN: none
-    dib: np.ndarray  # [B, len(DIBS)] bool: the diffuse bands the fit holds
+    dib: np.ndarray  # [B, len(BANDS)] bool: the bands the fit holds
     blur: np.ndarray  # [B] A^2: the response through which the fit sees each row (`Emulator.blur`)
     share: torch.Tensor  # [B, K] float64
     fitted_rows: torch.Tensor  # [B] bool: rows the emulator fits

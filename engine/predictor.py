@@ -52,7 +52,7 @@ from ..kernels.preprocess import PreprocessSettings, preprocess
 from ..kernels.rng import id_keys
 from .bundle import Bundle, load_bundle
 from .calibration import EXCESS_PARTS, handled_defect
-from .emulator import DIB_TERMS, DIBS, Fit
+from .emulator import BANDS, DIB_TERMS, Fit
 from .rv import RESAMPLED_RV_KMS, V_MAX, VelocitySearch, at_edge, significant
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -283,9 +283,9 @@ class Model:
         fit = ivar = None
         if self.emulator is not None:
             fit, ivar = self._goodness_of_fit(prepared, rows, x, mean)
-            # light without lines, diffuse bands or a residual rv the fit resolves: remove them from the
-            # spectrum (the networks never saw light without lines, a band, nor the shift) and predict
-            # those rows again
+            # light without lines, bands (diffuse, nebular) or a residual rv the fit resolves: remove them
+            # from the spectrum (the networks never saw light without lines, a band, nor the shift) and
+            # predict those rows again
             veiled = rows[(fit.veil[rows] > 0) & (fit.veil[rows] < 1)]
             banded = rows[fit.dib_fitted(self.emulator)[rows].any(axis=1)]
             moved = rows[significant(fit.rv[rows], fit.rv_err[rows])]
@@ -610,7 +610,7 @@ class Model:
                   broadening=np.full(n, np.nan), noise_chi2=np.full(n, np.nan),
                   contrast=np.full(n, np.nan), veil=np.zeros(n),
                   veil_var=np.zeros((n, len(self.emulator.labels))),
-                  dib=np.full((n, len(DIBS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(DIBS))),
+                  dib=np.full((n, len(BANDS)), np.nan), dib_depths=np.zeros((n, DIB_TERMS * len(BANDS))),
                   labels=np.full((n, len(self.emulator.labels)), np.nan),
                   label_err=np.full((n, len(self.emulator.labels)), np.nan),
                   sigma_factor=np.ones(n, np.float32), log_snr=np.full(n, np.nan), freed=np.zeros(n, bool))

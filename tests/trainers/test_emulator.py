@@ -19,7 +19,7 @@ from starcast.catalogs.schema import (
     spectrum_array,
 )
 from starcast.engine.calibration import EXCESS_PARTS
-from starcast.engine.emulator import DIBS, Threshold
+from starcast.engine.emulator import BANDS, DIBS, Threshold
 from starcast.engine.predictor import load_model
 from starcast.trainers.emulator import (
     BEYOND_CONTINUUM_AMPLITUDE,
@@ -43,6 +43,7 @@ from starcast.trainers.emulator import (
 from starcast.trainers.gridsource import GridSource
 from starcast.trainers.pipeline import train_from_config
 
+from starcast.errors import ModelError
 from tests.trainers.conftest import tiny_grid_config
 
 SETTINGS = EmulatorSettings(rows=3000, val_rows=300, epochs=60, batch_size=128, hidden=(64, 64),
@@ -172,9 +173,9 @@ def test_manifest_records_the_emulator_and_its_calibration(bundle):
     model = load_model(bundle)
     entry = model.bundle.manifest["emulator"]
     assert model.emulator.chi2_threshold.values.min() > 1.0 and entry["chi2_quantile"] == SETTINGS.quantile
-    assert len(entry["dib_threshold"]) == len(DIBS) and entry["dib_quantile"] == SETTINGS.dib_quantile
-    # on this grid (4430-4530 A) the bands at 4727 and 4763 A find nothing: their statistics are 0
-    covered = [b.centre - b.window < 4530.0 and b.centre + b.window > 4430.0 for b in DIBS]
+    assert len(entry["dib_threshold"]) == len(BANDS) and entry["dib_quantile"] == SETTINGS.dib_quantile
+    # on this grid (4430-4530 A) the bands beyond it (4727, 4763 A; H delta, H gamma) find nothing: 0
+    covered = [b.centre - b.window < 4530.0 and b.centre + b.window > 4430.0 for b in BANDS]
     thresholds = entry["dib_threshold"]
     assert all((0.0 < t < np.inf) if c else t == 0.0 for t, c in zip(thresholds, covered, strict=True))
     # each statistic flags about 1 - its quantile: the chi^2's threshold is that quantile at its cells'
@@ -286,6 +287,7 @@ def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle
     shutil.copytree(bundle, copy)
     before = load_model(bundle).emulator
     entry = recalibrate(config, copy, SETTINGS, progress=False)
+    assert len(entry["dib_threshold"]) == len(BANDS)
     after = load_model(copy).emulator
     for (w0, b0), (w1, b1) in zip(before.layers, after.layers, strict=True):
         np.testing.assert_array_equal(w0, w1)
@@ -297,6 +299,28 @@ def test_calibrating_again_keeps_the_emulator_and_its_calibration(config, bundle
     assert after.ripple_threshold == pytest.approx(before.ripple_threshold, rel=0.2)
     assert after.dib_threshold == pytest.approx(before.dib_threshold, rel=0.2)
     assert entry["metrics"]["val_nodes"]["chi2_by_snr"][-1]["median_chi2"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_bundle_calibrated_for_other_bands_is_refused_and_calibrated_again(config, bundle, tmp_path):
+    """A bundle whose `dib_threshold` lists the thresholds of fewer bands than the engine looks for (one
+    calibrated before the nebular lines) does not load, the error saying what to run; `--calibrate-only`
+    takes it and sets a threshold for every band."""
+    import json
+    import shutil
+
+    from starcast.engine.bundle import manifest_sha256
+    from starcast.trainers.emulator import recalibrate
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["emulator"]["dib_threshold"] = manifest["emulator"]["dib_threshold"][:len(DIBS)]
+    manifest["bundle_sha256"] = manifest_sha256(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="one threshold per band .*--calibrate-only"):
+        load_model(copy)
+    entry = recalibrate(config, copy, SETTINGS, progress=False)
+    assert len(entry["dib_threshold"]) == len(BANDS) == len(load_model(copy).emulator.dib_threshold)
 
 
 def test_the_chi2_threshold_is_a_quantile_per_cell_of_snr_and_v_sin_i():
