@@ -26,15 +26,16 @@ Reddened stars carry diffuse interstellar bands (DIBS: the broad one near 4428 A
 4502, 4727 and 4763 A), which no stellar model holds and which, left in, move Teff and log g by
 several times their noise or raise the chi^2 to MODEL_MISMATCH (`bench/perturbations.py`). So the
 residual is first searched for each: the drop in chi^2 from fitting the band's DIB_TERMS terms (its
-profile's depth and first-order shift and widening, so that neither its place in the star's frame
-nor its width need be known exactly) to it beyond what the residual's best ripple removes (a
-ripple's troughs look like bands), per unit of the reduced chi^2, if the band is in absorption
-(`dib`). Stars in H II regions carry nebular emission lines in the cores of their own H and He I lines
-(NEBULAR_LINES), searched for alike if in emission (BANDS: both kinds). Where that passes the band's
-`dib_threshold` (a quantile of clean spectra), the continuum holds the band's terms and the Gauss-Newton steps
-run again (the engine then divides the bands out of the spectrum and predicts it again: the networks never saw
-one). A fitted band is no mismatch: it flags nothing. The pixels of the narrow interstellar lines (ISM_LINES)
-weigh nothing in the fit.
+profile's depth and first-order shift and widening, so that neither its place in the star's frame nor
+its width need be known exactly) to it beyond what the residual's best ripple removes (a ripple's
+troughs look like bands), per unit of the reduced chi^2, if the band is in absorption (`dib`). Stars
+in H II regions carry nebular emission lines in the cores of their own H and He I lines
+(NEBULAR_LINES), searched for alike if in emission, beside a constant and the fitted spectrum too (a
+line shallower as a whole, as light without lines makes it, is no emission in its core; BANDS: both
+kinds). Where that passes the band's `dib_threshold` (a quantile of clean spectra), the continuum
+holds the band's terms and the Gauss-Newton steps run again (the engine then divides the bands out of
+the spectrum and predicts it again: the networks never saw one). A fitted band is no mismatch: it
+flags nothing. The pixels of the narrow interstellar lines (ISM_LINES) weigh nothing in the fit.
 A continuum ripple (an echelle blaze left over, fringing) raises the chi^2 only a little at moderate
 SNR, so the residual is also searched for one: the largest drop in chi^2 from fitting a sinusoid of
 period RIPPLE_PERIODS to it (a weighted Lomb-Scargle periodogram), per unit of the reduced chi^2.
@@ -182,9 +183,10 @@ DIBS = (Band(4428.6, 18.0, "lorentzian", 150.0), Band(4501.8, 3.0, "gaussian", R
 # The nebular emission lines of an H II region in the aperture (young stars in clusters, fibre surveys),
 # in the cores of the star's own lines and at about its velocity: H delta, H gamma and He I 4471, the
 # strongest at 4000-4800 A (He I 4471 ~0.1 of H gamma). Their FWHM is the gas's ~30 km/s within the
-# instrument and the model grid's pixels (~0.55 A at R 20 000 on 0.4 A pixels); left in, 0.05 A of
-# equivalent width in H gamma moves the v sin i of a fast rotator by several times its noise without
-# raising MODEL_MISMATCH (`bench/perturbations.py`).
+# instrument and the model grid's pixels (~0.55 A at R 20 000 on 0.4 A pixels); the terms' 0.65 A,
+# with their first-order widening and shift, also take lines some 20 km/s from the star (chosen on
+# such surveys, docs/record.md). Left in, 0.05 A of equivalent width in H gamma moved v sin i by
+# several times its noise and left 13% of the rows, fast rotators, unflagged (`bench/perturbations.py`).
 NEBULAR_LINES = tuple(Band(centre, 0.65, "gaussian", RIPPLE_PERIODS[0], emission=True)
                       for centre in (4101.74, 4340.47, 4471.48))
 BANDS = DIBS + NEBULAR_LINES  # the bands the fit looks for, in the order of `dib_threshold`
@@ -594,15 +596,17 @@ class Emulator:
 
     def dib(self, residual: np.ndarray, weight: np.ndarray, model: np.ndarray, chi2: np.ndarray,
             freq: np.ndarray) -> np.ndarray:
-        """(B, len(BANDS)) float64: for each band of BANDS, the drop in the weighted chi^2 of `residual` [B,
-        D] from fitting its terms (`dib_basis`, times the fitted `model` [B, D] as the continuum is) to it
-        beside a sinusoid at the periodogram's frequency nearest `freq` [B], 1/A (the residual's ripple,
-        `ripple`; so that a ripple, whose troughs look like bands, is not taken for one) and, for a nebular
-        line, a constant and the model (light without lines and a line shallower as a whole, so that neither
-        is taken for emission in its core), less the drop from those alone, both over the band's window,
-        divided by the reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where the fitted band
-        is not in absorption (in emission, for a band of NEBULAR_LINES). The sums in float32 (a statistic to
-        compare with a threshold; the terms, unlike the polynomial's, are far from collinear)."""
+        """(B, len(BANDS)) float64: for each band of BANDS, the drop in the weighted chi^2 of `residual`
+        [B, D] from fitting its terms (`dib_basis`, times the fitted `model` [B, D] as the continuum is)
+        to it beside a sinusoid at the periodogram's frequency nearest `freq` [B], 1/A (the residual's
+        ripple, `ripple`; so that a ripple, whose troughs look like bands, is not taken for one) and, for
+        a nebular line, a constant and the model (light without lines and a line shallower as a whole, so
+        that neither is taken for emission in its core), less the drop from those alone, both over the
+        band's window, divided by the reduced chi^2 `chi2` where that exceeds 1 (as the ripple's); 0 where
+        the fitted band is not in absorption (in emission, for a band of NEBULAR_LINES). The sums in
+        float32 (a statistic to compare with a threshold; the terms, unlike the polynomial's, are far from
+        collinear; a nebular line's beside its constant and model less so, its Gram's condition number
+        1e3-4e4: measured within 1.4e-2 of float64)."""
         nearest = np.abs(self._ripple_frequencies[None, :] - np.asarray(freq)[:, None]).argmin(axis=1)
         k, out = DIB_TERMS, np.empty((len(residual), len(BANDS)))
 
@@ -967,8 +971,8 @@ class Fit:
     the fit's label variances with the light free less those of the spectrum it was removed from; 0
     here), the broadening statistic of the fit without the light (`Emulator.line_shape`; NaN with the
     chi^2), the noise's chi^2 from the continuum's scatter and the contrast of the lines' chi^2 against
-    the continuum's (`Emulator.noise_and_contrast`; NaN with the chi^2), the statistics of the diffuse
-    bands of the fit without them (`Emulator.dib`, [B, len(BANDS)]; NaN with the chi^2) and the terms of
+    the continuum's (`Emulator.noise_and_contrast`; NaN with the chi^2), the statistics of the bands
+    (BANDS) of the fit without them (`Emulator.dib`, [B, len(BANDS)]; NaN with the chi^2) and the terms of
     those fitted (`Emulator.band_depths`, [B, DIB_TERMS * len(BANDS)], each band's first its depth; 0
     elsewhere; `Model.predict` removes the bands from the spectrum and fits it again, and keeps the
     terms it removed here), the fitted labels

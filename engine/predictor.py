@@ -319,7 +319,8 @@ class Model:
                 for name in FIT_FIELDS:
                     getattr(fit, name)[again_rows] = getattr(again, name)[again_rows]
                 fit.rv[again_rows] += shift[again_rows]
-                # (1 + a) (1 + b) ~ 1 + a + b: bands of a few %
+                # (1 + a) (1 + b) ~ 1 + a + b: exact for bands of a few %; a strong nebular line's depths
+                # sum to roughly what was removed (the spectrum itself is divided by each pass's own)
                 fit.dib_depths[banded] += removed["dib_depths"][banded]
                 # the light's statistic before it was removed (MODEL_MISMATCH) and all the light removed
                 fit.veiling[veiled] = removed["veiling"][veiled]

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,7 +35,17 @@ from tqdm.auto import tqdm
 
 from ..catalogs import gridsynth
 from ..catalogs.schema import FLUX, FLUX_ERR, SNR, Flag, spectrum_array, table_grid
-from ..engine.bundle import MANIFEST_FILE, Bundle, load_bundle, resolve, save_bundle, seal
+from ..engine.bundle import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    Bundle,
+    load_bundle,
+    manifest_sha256,
+    resolve,
+    save_bundle,
+    seal,
+    sha256_file,
+)
 from ..engine.calibration import Calibration, handled_defect
 from ..engine.emulator import BANDS, Emulator, Fit, Threshold, save_emulator
 from ..engine.predictor import Model
@@ -295,7 +306,7 @@ def calibrate(source: GridSource, model: Model, entry: dict,
     """Calibrate `model`'s emulator on a clean survey at the validation nodes, through the engine as
     data go (labels predicted, rv fitted): its sigma scaled so that the median chi^2 at SNR >=
     SIGMA_SNR is 1 (where sigma_emu dominates the noise, an rms over all stars over-explains most),
-    then the diffuse bands' thresholds and the MODEL_MISMATCH thresholds, quantiles
+    then the bands' thresholds and the MODEL_MISMATCH thresholds, quantiles
     (`settings.dib_quantile`, `ripple_quantile`, `quantile`, `veiling_quantile`,
     `broadening_quantile`, `contrast_quantile`) of each band's statistic, of the ripple statistic with
     the bands removed where they pass, and of the chi^2 beyond the noise (`Fit.chi2_beyond_noise`),
@@ -536,41 +547,55 @@ def recalibrate(cfg: TrainConfig, bundle_dir: str | Path, settings: EmulatorSett
     to how the engine fits it or prepares its input), without training it, with the Gauss-Newton
     steps of `settings`; rewrites its file and re-seals the manifest, its `input` entries restated
     from the config."""
-    _drop_stale_band_thresholds(bundle_dir)
-    bundle = load_bundle(bundle_dir)
-    if bundle.emulator is None:
-        raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
-    entry = dict(bundle.manifest["emulator"])
-    trained = entry.get("training", {})
-    kept = ("seed", "val_rows", "snr", "threshold_rows")
-    settings = replace(settings or EmulatorSettings(), **{k: trained[k] for k in kept if k in trained})
-    source = GridSource(cfg, progress=progress)
-    entry["refine_steps"], entry["freer_degree"] = settings.refine_steps, settings.freer_degree
-    manifest = {**bundle.manifest, "emulator": entry,
-                "input": {**bundle.manifest["input"], **source.input_requirements()}}
-    save_bundle(bundle_dir, bundle.layers, manifest)
-    bundle = load_bundle(bundle_dir)
-    fields, metrics = emulator_error(source, bundle.emulator, settings)
-    previous = entry.get("metrics", {})
-    entry["metrics"] = {**previous, **{k: {**previous.get(k, {}), **v} for k, v in metrics.items()}}
-    model = Model(replace(bundle, emulator=replace(bundle.emulator, **fields)))
-    calibrated, sigma = calibrate(source, model, entry, settings)
-    entry = save_emulator(bundle_dir, bundle.emulator.layers, sigma, {**entry, **calibrated})
-    save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
-    calibrate_estimates(cfg, source, bundle_dir)
-    return entry
+    with _stale_band_thresholds_dropped(bundle_dir):
+        bundle = load_bundle(bundle_dir)
+        if bundle.emulator is None:
+            raise StarcastError(f"model bundle {bundle_dir} has no emulator to calibrate; train one first")
+        entry = dict(bundle.manifest["emulator"])
+        trained = entry.get("training", {})
+        kept = ("seed", "val_rows", "snr", "threshold_rows")
+        settings = replace(settings or EmulatorSettings(), **{k: trained[k] for k in kept if k in trained})
+        source = GridSource(cfg, progress=progress)
+        entry["refine_steps"], entry["freer_degree"] = settings.refine_steps, settings.freer_degree
+        manifest = {**bundle.manifest, "emulator": entry,
+                    "input": {**bundle.manifest["input"], **source.input_requirements()}}
+        save_bundle(bundle_dir, bundle.layers, manifest)
+        bundle = load_bundle(bundle_dir)
+        fields, metrics = emulator_error(source, bundle.emulator, settings)
+        previous = entry.get("metrics", {})
+        entry["metrics"] = {**previous, **{k: {**previous.get(k, {}), **v} for k, v in metrics.items()}}
+        model = Model(replace(bundle, emulator=replace(bundle.emulator, **fields)))
+        calibrated, sigma = calibrate(source, model, entry, settings)
+        entry = save_emulator(bundle_dir, bundle.emulator.layers, sigma, {**entry, **calibrated})
+        save_bundle(bundle_dir, bundle.layers, {**bundle.manifest, "emulator": entry})
+        calibrate_estimates(cfg, source, bundle_dir)
+        return entry
 
 
-def _drop_stale_band_thresholds(bundle_dir: str | Path) -> None:
-    """Remove the band thresholds of a bundle calibrated for another list of bands than the engine's
-    (`engine.emulator.BANDS`), which it would not load with; `recalibrate` sets them again."""
+@contextmanager
+def _stale_band_thresholds_dropped(bundle_dir: str | Path):
+    """While `recalibrate` sets them again, a bundle whose band thresholds are for another list of bands
+    than the engine's (`engine.emulator.BANDS`), which it would not load with, is sealed without them,
+    after its hashes are checked; should the recalibration stop, its manifest is put back (without
+    them it would load and look for no band)."""
     path = resolve(bundle_dir)
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    text = (path / MANIFEST_FILE).read_text()
+    manifest = json.loads(text)
     entry = manifest.get("emulator") or {}
-    if len(entry.get("dib_threshold") or BANDS) != len(BANDS):
-        del entry["dib_threshold"]
-        (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        seal(path)
+    if len(entry.get("dib_threshold") or BANDS) == len(BANDS):
+        yield
+        return
+    if (manifest_sha256(manifest) != manifest.get("bundle_sha256")
+            or sha256_file(path / WEIGHTS_FILE) != manifest.get("weights_sha256")):
+        raise StarcastError(f"model bundle {path}: its manifest or weights do not match its hashes")
+    del entry["dib_threshold"]
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    seal(path)
+    try:
+        yield
+    except BaseException:
+        (path / MANIFEST_FILE).write_text(text)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
