@@ -41,7 +41,6 @@ from ..engine.bundle import (
     Bundle,
     load_bundle,
     manifest_sha256,
-    resolve,
     save_bundle,
     seal,
     sha256_file,
@@ -578,11 +577,11 @@ def _stale_band_thresholds_dropped(bundle_dir: str | Path):
     than the engine's (`engine.emulator.BANDS`), which it would not load with, is sealed without them,
     after its hashes are checked; should the recalibration stop, its manifest is put back (without
     them it would load and look for no band)."""
-    path = resolve(bundle_dir)
-    text = (path / MANIFEST_FILE).read_text()
+    path = Path(bundle_dir)  # a folder, even when named without a path separator
+    text = (path / MANIFEST_FILE).read_text() if (path / MANIFEST_FILE).is_file() else "{}"
     manifest = json.loads(text)
     entry = manifest.get("emulator") or {}
-    if len(entry.get("dib_threshold") or BANDS) == len(BANDS):
+    if len(entry.get("dib_threshold") or BANDS) == len(BANDS):  # or no manifest: load_bundle says so
         yield
         return
     if (manifest_sha256(manifest) != manifest.get("bundle_sha256")
