@@ -107,7 +107,7 @@ def explain(input, out, model, ids, n, plots, method, steps) -> None:
     written = [f"{out}/attributions.parquet", f"{out}/survey/"]
     if summary["plots"]:
         written.insert(1, f"{out}/plots/")
-    click.echo(f"{summary['rows']} rows explained ({summary['rows_failed']} failed)"
+    click.echo(f"{summary['rows'] - summary['rows_failed']} rows explained, {summary['rows_failed']} failed"
                + (f"; |attribution| on listed lines: {shares}" if shares else "")
                + f" -> {', '.join(written)}", err=True)
     sys.exit(3 if summary["rows_failed"] else 0)
