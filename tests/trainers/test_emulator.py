@@ -130,7 +130,10 @@ def test_a_continuum_ripple_raises_the_ripple_statistic_and_is_fitted_at_its_fre
     statistic 10x higher in the median (measured 117 against 5.9; this tiny emulator leaves structure
     of its own in a tenth of clean residuals, so its threshold is high and few ripples pass it: the
     shipped model's test fits them on every row), and where the ripple is fitted, at its frequency
-    within 15% (measured 10% at the 10th and 90th percentiles) and with a chi^2 it lowered."""
+    within 15% on 90% of the rows and 25% on all (measured 11% and 14% on 25 rows: over this 160 A
+    window a 50 A period makes 3.2 cycles, its frequency resolved to some 30%, and the tiny models,
+    trained again on the machine that runs the test, may move a row further) and with a chi^2 it
+    lowered."""
     emulator = load_model(bundle).emulator
 
     def fit_of(table):
@@ -140,7 +143,8 @@ def test_a_continuum_ripple_raises_the_ripple_statistic_and_is_fitted_at_its_fre
     assert np.nanmedian(fit.ripple) > 10 * np.nanmedian(clean_fit.ripple), (fit.ripple, clean_fit.ripple)
     fitted = np.isfinite(fit.ripple_frequency)
     assert fitted.sum() >= 10 and np.all(fit.ripple_excess[fitted] > 0)
-    assert np.all(np.abs(fit.ripple_frequency[fitted] * 50.0 - 1.0) < 0.15), fit.ripple_frequency[fitted]
+    off = np.abs(fit.ripple_frequency[fitted] * 50.0 - 1.0)
+    assert np.quantile(off, 0.9) < 0.15 and off.max() < 0.25, off
 
 
 def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, bundle):
