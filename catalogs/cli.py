@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import StarcastError
+from ..errors import EXIT_PARTIAL, CatalogError, StarcastError
 from .schema import PIXEL_KINDS
 
 
@@ -167,8 +167,11 @@ def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None
               help="Read this HDU (0 = primary) instead of the first that holds a spectrum.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Spectra per shard file.")
+@click.option("--skip-bad", is_flag=True,
+              help="Import the files that can be read and name each that cannot, with why (exit 3), "
+                   "rather than stop at the first.")
 def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power: float | None,
-                pixels: str | None, hdu: int | None, shard_rows: int) -> None:
+                pixels: str | None, hdu: int | None, shard_rows: int, skip_bad: bool) -> None:
     """Import FITS spectra (1-D images with a wavelength WCS, or binary tables) as a catalog.
 
     Each file gives one spectrum (a table with array cells: one per row); its id is the file name
@@ -177,6 +180,12 @@ def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power
     """
     from .fits_import import import_fits as run_import
 
+    skipped: list[CatalogError] = []
     paths = run_import(files, out, medium=medium, resolving_power=resolving_power, hdu=hdu,
-                       shard_rows=shard_rows, pixels=pixels)
-    click.echo(f"imported {len(files)} FITS file(s) into {len(paths)} shard(s) in {out}")
+                       shard_rows=shard_rows, pixels=pixels, on_bad=skipped.append if skip_bad else None)
+    for error in skipped:
+        click.echo(f"skipped {error}", err=True)
+    click.echo(f"imported {len(files) - len(skipped)} FITS file(s) into {len(paths)} shard(s) in {out}"
+               + (f"; {len(skipped)} skipped" if skipped else ""))
+    if skipped:
+        sys.exit(EXIT_PARTIAL)

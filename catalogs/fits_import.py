@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -288,29 +289,39 @@ def _increasing(s: FitsSpectrum) -> FitsSpectrum:
 
 
 def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None = None,
-                  hdu: int | None = None, pixels: str | None = None) -> pa.Table:
+                  hdu: int | None = None, pixels: str | None = None,
+                  on_bad: Callable[[CatalogError], None] | None = None) -> pa.Table:
     """Read FITS files into one catalog table with per-row `wavelength` (Angstrom), `flux`, `flux_err`,
     `ivar` and `mask` (null rows where a file has none). `medium` is assumed where a header states none;
     when the files state different media every row is converted to vacuum. `resolving_power`, if given,
     is every spectrum's (`starcast.resolving_power`), else a `resolving_power` column holds what the
     headers state (SPEC_RES; null where none), if any does. `pixels`, if given, is what every flux value
-    is (`starcast.pixels`)."""
+    is (`starcast.pixels`). A file that cannot be read, or whose ids an earlier file has, raises its
+    `CatalogError`; with `on_bad`, that takes the error instead and the file is left out."""
     try:
         check_medium(medium)
     except ValueError as exc:
         raise CatalogError(str(exc)) from None
     if resolving_power is not None and not (math.isfinite(resolving_power) and resolving_power > 0):
         raise CatalogError(f"resolving power must be positive, got {resolving_power}")
-    spectra, source = [], {}
+    spectra, source, read = [], {}, []
     for f in files:
-        for s in read_fits(f, hdu=hdu, resolving_power=resolving_power):
-            if s.id in source:
-                raise CatalogError(f"id {s.id!r} (the file name) is also that of {source[s.id]}; rename one",
-                                   file=str(f))
-            source[s.id] = str(f)
-            spectra.append(s)
+        try:
+            found = read_fits(f, hdu=hdu, resolving_power=resolving_power)
+            clash = next((s.id for s in found if s.id in source), None)
+            if clash is not None:
+                raise CatalogError(f"id {clash!r} (the file name) is also that of {source[clash]}; "
+                                   "rename one", file=str(f))
+        except CatalogError as exc:
+            if on_bad is None:
+                raise
+            on_bad(exc)
+            continue
+        source.update((s.id, str(f)) for s in found)
+        spectra += found
+        read.append(str(f))
     if not spectra:
-        raise CatalogError("no FITS files given")
+        raise CatalogError("no FITS file could be read" if files else "no FITS files given")
     media = {s.medium or medium for s in spectra}
     target = media.pop() if len(media) == 1 else VACUUM
     columns = {ID: pa.array([s.id for s in spectra], pa.string()),
@@ -325,7 +336,7 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
     if any(s.mask is not None for s in spectra):
         columns[MASK] = pa.array([None if s.mask is None else s.mask for s in spectra],
                                  spectrum_type(None, pa.bool_()))
-    meta = {META_MEDIUM: target, "starcast.source": json.dumps({"fits": [str(f) for f in files]})}
+    meta = {META_MEDIUM: target, "starcast.source": json.dumps({"fits": read})}
     if resolving_power is not None:
         meta[META_RESOLVING_POWER] = json.dumps(float(resolving_power))
     elif any(s.resolving_power is not None for s in spectra):
@@ -335,9 +346,12 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
 
 
 def import_fits(files, out: str | Path, *, medium: str = VACUUM, resolving_power: float | None = None,
-                hdu: int | None = None, shard_rows: int = 10000, pixels: str | None = None) -> list[Path]:
-    """Import FITS spectra as Parquet shards `out/part-00000.parquet`, ...; returns their paths."""
-    table = fits_to_table(files, medium=medium, resolving_power=resolving_power, hdu=hdu, pixels=pixels)
+                hdu: int | None = None, shard_rows: int = 10000, pixels: str | None = None,
+                on_bad: Callable[[CatalogError], None] | None = None) -> list[Path]:
+    """Import FITS spectra as Parquet shards `out/part-00000.parquet`, ...; returns their paths
+    (`on_bad`: as `fits_to_table`'s)."""
+    table = fits_to_table(files, medium=medium, resolving_power=resolving_power, hdu=hdu, pixels=pixels,
+                          on_bad=on_bad)
     out = new_output_dir(out)
     step = max(int(shard_rows), 1)
     return [write_catalog(table.slice(start, step), out / f"part-{i:05d}.parquet")

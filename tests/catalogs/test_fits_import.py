@@ -1,5 +1,7 @@
 """FITS import: 1-D images with linear / log wavelength WCS, binary tables, media, and the errors."""
 
+import json
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -11,7 +13,7 @@ from starcast.catalogs.io import read_catalog
 from starcast.catalogs.medium import air_to_vacuum
 from starcast.catalogs.schema import META_MEDIUM, META_PIXELS, META_RESOLVING_POWER
 
-from starcast.errors import CatalogError
+from starcast.errors import EXIT_PARTIAL, CatalogError
 
 N = 50
 
@@ -273,3 +275,30 @@ def test_import_fits_command_reads_the_hdu_asked_for(tmp_path):
         table = read_catalog(out)
         assert wavelengths(table)[0] == pytest.approx(first)
         assert table.column("flux")[0].as_py()[0] == flux
+
+
+def test_skip_bad_imports_the_readable_files_and_names_each_other_with_why(tmp_path):
+    """A batch with a file whose wavelength unit is unknown, one that is not FITS and one whose id the
+    first already has: without --skip-bad the import stops at the first bad file, naming it; with it,
+    the readable file is imported (and alone in `starcast.source`), each other is named on stderr with
+    why, and the command exits 3, as a run does when some files fail."""
+    good = image(tmp_path / "good.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0})
+    unit = image(tmp_path / "unit.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0, "CUNIT1": "furlong"})
+    (tmp_path / "junk.fits").write_text("not a FITS file")
+    (tmp_path / "again").mkdir()
+    again = image(tmp_path / "again" / "good.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0})
+    files = [str(good), str(unit), str(tmp_path / "junk.fits"), str(again)]
+    strict = CliRunner().invoke(import_fits_command, [*files, "--out", str(tmp_path / "strict")])
+    assert strict.exit_code != 0 and "unit.fits" in str(strict.exception)
+    assert not list((tmp_path / "strict").glob("*.parquet"))
+    result = CliRunner().invoke(import_fits_command, [*files, "--out", str(tmp_path / "o"), "--skip-bad"])
+    assert result.exit_code == EXIT_PARTIAL, result.output
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 3 and all(name in "".join(skipped) for name in ("unit.fits", "junk.fits",
+                                                                           "again/good.fits"))
+    assert "furlong" in skipped[0] and "not a readable FITS file" in skipped[1] and "rename one" in skipped[2]
+    table = read_catalog(tmp_path / "o")
+    assert table.column("id").to_pylist() == ["good"]
+    assert json.loads(table.schema.metadata[b"starcast.source"]) == {"fits": [str(good)]}
+    nothing = CliRunner().invoke(import_fits_command, [files[1], "--out", str(tmp_path / "n"), "--skip-bad"])
+    assert nothing.exit_code != 0 and "no FITS file could be read" in str(nothing.exception)
