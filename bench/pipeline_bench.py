@@ -89,6 +89,7 @@ def end_to_end(catalog: Path, model: str, out: Path, batch_size: int, ray: str |
     manifest = json.loads((out / "run-manifest.json").read_text())
     rows = manifest["totals"]["rows_out"]
     return {"rows": rows, "rows_failed": manifest["totals"]["rows_failed"], "wall_s": wall,
+            "model_sha256": manifest["model_sha256"],
             "spectra_per_s_wall": rows / wall,
             "spectra_per_s_manifest": manifest["throughput_spectra_per_s"],
             "peak_rss_mib": peak_kib / 1024, "stage_seconds": manifest["stage_seconds"]}
@@ -193,7 +194,7 @@ def markdown(r: dict) -> str:
     m, c, s, b = r["machine"], r["config"], r["stages_alone"], r["bounds"]
     lines = [f"# pipeline_bench (best of {c['repeat']}): {s['rows']:,} TLUSTY spectra "
              f"({Path(c['grid']).name}), "
-             f"model {c['model']}, batch {c['batch_size']}",
+             f"model {c['model']} (bundle {r['local']['model_sha256'][:12]}), batch {c['batch_size']}",
              "", f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; load average at start "
              f"{m['load_average_at_start'][0]:.1f}; starcast {m['starcast']}, torch {m['torch']}, numba "
              f"{m['numba']}, ray {m['ray']}, pyarrow {m['pyarrow']}", "",
