@@ -58,10 +58,9 @@ def new_output_dir(out: str | Path) -> Path:
     """Create `out` for a new catalog; refuse one that already holds Parquet shards (they would mix)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise CatalogError("output path exists and is not a directory", file=str(out))
+        raise CatalogError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.glob("*.parquet")):
-        raise CatalogError("output directory already holds *.parquet files; choose a new or empty one",
-                           file=str(out))
+        raise CatalogError(f"output directory {out} already holds *.parquet files; choose a new or empty one")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

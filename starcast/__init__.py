@@ -5,7 +5,7 @@ The public API is deliberately small: `load_model`, `run`, `synth` and the catal
 only when one of these names is first used, so `import starcast` and `starcast --help` stay fast.
 """
 
-from importlib import import_module
+from importlib import import_module as _import_module
 
 __version__ = "0.1.0"
 
@@ -20,5 +20,10 @@ __all__ = ["__version__", *_PUBLIC]
 
 def __getattr__(name: str):
     if name in _PUBLIC:
-        return getattr(import_module(_PUBLIC[name]), name)
+        return getattr(_import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'starcast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names with the lazy public ones, so that tab completion offers them."""
+    return sorted({*globals(), *_PUBLIC})
