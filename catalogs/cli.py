@@ -168,8 +168,8 @@ def import_csv(file: Path, out: Path, medium: str, resolving_power: float | None
 @click.option("--shard-rows", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Spectra per shard file.")
 @click.option("--skip-bad", is_flag=True,
-              help="Import the files that can be read and name each that cannot, with why (exit 3), "
-                   "rather than stop at the first.")
+              help="Import the files that can be read and name each that cannot (or whose id an earlier "
+                   "file has), with why (exit 3), rather than stop at the first.")
 def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power: float | None,
                 pixels: str | None, hdu: int | None, shard_rows: int, skip_bad: bool) -> None:
     """Import FITS spectra (1-D images with a wavelength WCS, or binary tables) as a catalog.
@@ -178,14 +178,20 @@ def import_fits(files: tuple[Path, ...], out: Path, medium: str, resolving_power
     without its suffixes (NAME:ROW for a table's rows).
     Example: starcast import-fits spectra/*.fits --out catalog/
     """
+    import pyarrow.parquet as pq
+
     from .fits_import import import_fits as run_import
 
     skipped: list[CatalogError] = []
+
+    def skip(error: CatalogError) -> None:  # named as it happens, so that a batch of bad files says why
+        skipped.append(error)
+        click.echo(f"skipping {error}", err=True)
+
     paths = run_import(files, out, medium=medium, resolving_power=resolving_power, hdu=hdu,
-                       shard_rows=shard_rows, pixels=pixels, on_bad=skipped.append if skip_bad else None)
-    for error in skipped:
-        click.echo(f"skipped {error}", err=True)
-    click.echo(f"imported {len(files) - len(skipped)} FITS file(s) into {len(paths)} shard(s) in {out}"
-               + (f"; {len(skipped)} skipped" if skipped else ""))
+                       shard_rows=shard_rows, pixels=pixels, on_bad=skip if skip_bad else None)
+    spectra = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    click.echo(f"imported {spectra} FITS spectra into {len(paths)} shard(s) in {out}"
+               + (f"; {len(skipped)} file(s) skipped" if skipped else ""))
     if skipped:
         sys.exit(EXIT_PARTIAL)

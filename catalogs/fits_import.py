@@ -296,8 +296,9 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
     when the files state different media every row is converted to vacuum. `resolving_power`, if given,
     is every spectrum's (`starcast.resolving_power`), else a `resolving_power` column holds what the
     headers state (SPEC_RES; null where none), if any does. `pixels`, if given, is what every flux value
-    is (`starcast.pixels`). A file that cannot be read, or whose ids an earlier file has, raises its
-    `CatalogError`; with `on_bad`, that takes the error instead and the file is left out."""
+    is (`starcast.pixels`). A file given twice is read once. A file that cannot be read, or whose ids an
+    earlier file has, raises its `CatalogError`; with `on_bad`, that takes the error instead and the
+    file is left out."""
     try:
         check_medium(medium)
     except ValueError as exc:
@@ -305,7 +306,7 @@ def fits_to_table(files, *, medium: str = VACUUM, resolving_power: float | None 
     if resolving_power is not None and not (math.isfinite(resolving_power) and resolving_power > 0):
         raise CatalogError(f"resolving power must be positive, got {resolving_power}")
     spectra, source, read = [], {}, []
-    for f in files:
+    for f in {Path(f).resolve(): f for f in files}.values():  # overlapping globs name a file twice
         try:
             found = read_fits(f, hdu=hdu, resolving_power=resolving_power)
             clash = next((s.id for s in found if s.id in source), None)

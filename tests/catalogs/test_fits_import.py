@@ -293,12 +293,22 @@ def test_skip_bad_imports_the_readable_files_and_names_each_other_with_why(tmp_p
     assert not list((tmp_path / "strict").glob("*.parquet"))
     result = CliRunner().invoke(import_fits_command, [*files, "--out", str(tmp_path / "o"), "--skip-bad"])
     assert result.exit_code == EXIT_PARTIAL, result.output
-    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipping ")]
     assert len(skipped) == 3 and all(name in "".join(skipped) for name in ("unit.fits", "junk.fits",
                                                                            "again/good.fits"))
     assert "furlong" in skipped[0] and "not a readable FITS file" in skipped[1] and "rename one" in skipped[2]
     table = read_catalog(tmp_path / "o")
     assert table.column("id").to_pylist() == ["good"]
     assert json.loads(table.schema.metadata[b"starcast.source"]) == {"fits": [str(good)]}
+    assert "imported 1 FITS spectra" in result.stdout and "3 file(s) skipped" in result.stdout
     nothing = CliRunner().invoke(import_fits_command, [files[1], "--out", str(tmp_path / "n"), "--skip-bad"])
     assert nothing.exit_code != 0 and "no FITS file could be read" in str(nothing.exception)
+    assert "furlong" in nothing.stderr
+
+
+def test_a_file_given_twice_is_read_once(tmp_path):
+    """Overlapping globs name a file twice: it is one spectrum, not a clash of its id with itself."""
+    path = image(tmp_path / "s.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0})
+    (tmp_path / "sub").mkdir()
+    table = fits_to_table([path, tmp_path / "sub" / ".." / "s.fits"])
+    assert table.column("id").to_pylist() == ["s"]

@@ -150,7 +150,7 @@ def test_a_continuum_ripple_raises_the_ripple_statistic_and_is_fitted_at_its_fre
 def test_engine_flags_few_clean_rows_and_refines_labels_towards_the_fit(source, bundle):
     """Through the engine (labels predicted by a tiny ensemble, then refined): few clean rows flagged
     (each statistic about 1 - its quantile: the chi^2 1%, the ripple, veiling and broadening 0.5% each;
-    at most 2.5%, +-0.8% on 400 rows; measured 3.25%, 13 rows: the bound, 5%, leaves room for the tiny
+    expected 2.5%, +-0.8% on 400 rows; measured 3.25%, 13 rows: the bound, 5%, leaves room for the tiny
     models trained again on another machine, whose share is another draw), and a median chi^2 near 1
     in each SNR band (the tiny emulator's sigma_emu, an rms over all v sin i, over-explains the high-SNR
     rows a little: 0.8 measured at SNR 200-500)."""
