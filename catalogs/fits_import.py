@@ -259,7 +259,9 @@ def read_fits(file: str | Path, *, hdu: int | None = None,
                 raise _fail(path, index, "not a 1-D image or a binary table")
             if resolving_power is None:
                 resolving_power = _header_resolving_power(hdul, index, path)
-    except (OSError, ValueError, TypeError) as exc:
+    except CatalogError:
+        raise
+    except Exception as exc:  # whatever astropy raises on a malformed file: named as the file's fault
         raise CatalogError(f"not a readable FITS file ({type(exc).__name__}: {exc})", file=str(path)) from exc
     return [_increasing(replace(s, resolving_power=resolving_power)) for s in spectra]
 

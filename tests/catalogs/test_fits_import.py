@@ -312,3 +312,15 @@ def test_a_file_given_twice_is_read_once(tmp_path):
     (tmp_path / "sub").mkdir()
     table = fits_to_table([path, tmp_path / "sub" / ".." / "s.fits"])
     assert table.column("id").to_pylist() == ["s"]
+
+
+def test_whatever_astropy_raises_on_a_file_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    """Not only OSError, ValueError and TypeError: whatever astropy raises on a malformed file (a
+    KeyError stands for the others here) names the file, so that `--skip-bad` can skip it too."""
+    path = image(tmp_path / "s.fits", {"CRVAL1": 4000.0, "CDELT1": 1.0})
+
+    def broken(*args, **kwargs):
+        raise KeyError("NAXIS1")
+    monkeypatch.setattr(fits, "open", broken)
+    with pytest.raises(CatalogError, match=r"s\.fits: not a readable FITS file \(KeyError"):
+        fits_to_table([path])
