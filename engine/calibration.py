@@ -21,7 +21,9 @@ G = g_r e_r + g_o e_o, w0 the weight at the row's SNR. The parts are kept apart 
 a ripple the fit has fitted no longer misleads it, while the rest (the emulator's own error, noise
 the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
 A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
-the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both).
+the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both). Its
+networks' variances are those of the spectrum with the gap filled by the fit's model (`Model._infer`),
+as if its pixels had been there; what the gap's pixels would have told is in the fit's variance.
 
 The scale may also follow the network's mean of one target (`label_scale`: per target, a factor
 piecewise linear in that mean between knots, constant beyond them): how much a spectrum says about
@@ -36,8 +38,8 @@ sum, one sigma covers both the 68% and the 95% intervals more evenly than with t
 (whose errors have heavier tails), measured with the calibration fitted on two surveys and scored on
 the third.
 
-On a row with a defect that the fit handles and the networks do not (`handled_defect`: a gap, a ripple
-the fit has fitted), the networks' aleatoric variance grows with the defect while the estimate, the
+On a row with a defect that the fit handles and the networks do not (`handled_defect`: a ripple the
+fit has fitted), the networks' aleatoric variance grows with the defect while the estimate, the
 fit's, hardly errs more: it is weighed there by `defect_variance` d per target (0 <= d <= 1) before
 the fit's variance is added, so that such rows are covered as the clean ones are.
 
@@ -71,11 +73,11 @@ def raised_share(w0: np.ndarray, odds_gain: np.ndarray) -> np.ndarray:
 EXCESS_PARTS = ("ripple", "other")  # the parts of the fit's excess reduced chi^2 the blend's gain follows
 
 
-def handled_defect(excess: np.ndarray, gapped: np.ndarray) -> np.ndarray:
-    """[B] bool: rows with a defect the emulator fit handles and the networks do not: a gap (`gapped`
-    [B]), or a continuum ripple the fit has fitted (the ripple's part of `excess`
-    [B, len(EXCESS_PARTS)] above 0)."""
-    return np.asarray(gapped, bool) | (np.asarray(excess)[:, EXCESS_PARTS.index("ripple")] > 0)
+def handled_defect(excess: np.ndarray) -> np.ndarray:
+    """[B] bool: rows with a defect the emulator fit handles and the networks do not: a continuum ripple
+    the fit has fitted (the ripple's part of `excess` [B, len(EXCESS_PARTS)] above 0). A gap is not
+    one: the networks read it filled with the fit's model (`Model._gap_filled`)."""
+    return np.asarray(excess)[:, EXCESS_PARTS.index("ripple")] > 0
 
 
 def chi2_excess(chi2: np.ndarray) -> np.ndarray:

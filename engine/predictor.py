@@ -290,6 +290,7 @@ class Model:
             banded = rows[fit.dib_fitted(self.emulator)[rows].any(axis=1)]
             moved = rows[significant(fit.rv[rows], fit.rv_err[rows])]
             again_rows = np.union1d(np.union1d(veiled, banded), moved)
+            shift = np.zeros(len(fit.rv))
             if len(again_rows):
                 x, d = x.copy(), self.grid.n  # x may be a read-only view of the batch
                 if len(veiled):  # x = continuum e + b: the star's light is x - b, its continuum ~1 - b
@@ -302,7 +303,6 @@ class Model:
                     band = self.emulator.band(fit.dib_depths[banded])
                     x[banded, :d] /= band
                     ivar[banded] *= band**2
-                shift = np.zeros(len(fit.rv))
                 shift[moved] = fit.rv[moved]
                 if len(moved):
                     x[moved, :d] = self.emulator.shift(x[moved, :d], -shift[moved])
@@ -327,12 +327,20 @@ class Model:
                 fit.veil[veiled] = 1.0 - (1.0 - removed["veil"][veiled]) * (1.0 - fit.veil[veiled])
                 before, after = removed["label_err"][veiled], fit.label_err[veiled]
                 fit.veil_var[veiled] = np.maximum(before**2 - after**2, 0.0)
+            # a gap: the networks read its pixels as the continuum it was filled with, which widens their
+            # variance as much as it misleads them, while the estimate there is the fit's (which leaves
+            # the gap out, and whose variance, added in the calibration, knows what it lost); predict
+            # those rows again with the gap filled by the fit's model, as if its pixels had been there
+            gapped = rows[self._gapped(prepared)[rows] & np.isfinite(fit.chi2[rows])]
+            if len(gapped):
+                x = self._gap_filled(x, ivar, fit, gapped, fit.rv - shift, self.response_excess(prepared))
+                self._network(backend, x, keys, gapped, (mean, var_a, var_e), samples, seed)
         network = mean.copy()
         if self.calibration is not None and len(rows):
             fit_var = defect = None
             if fit is not None:
                 fit_var = self._in_targets(fit.label_err)[rows] ** 2
-                defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])
+                defect = handled_defect(fit.excess[rows])
             log_snr = self._calibration_log_snr(x, fit)[rows]
             var_a[rows], var_e[rows] = self.calibration.apply(log_snr, var_a[rows],
                                                               np.maximum(var_e[rows], 0.0), mean=mean[rows],
@@ -345,6 +353,20 @@ class Model:
                 var_a[rows] *= self.calibration.inflation(self._calibration_chi2(fit)[rows], misfit[rows])
                 var_a[rows] += self._light_var(fit)[rows]
         return ok, (mean, var_a, var_e), fit, x, ivar, network
+
+    def _gap_filled(self, x: np.ndarray, ivar: np.ndarray, fit: Fit, rows: np.ndarray, rv: np.ndarray,
+                    blur: np.ndarray) -> np.ndarray:
+        """A copy of x [B, D + E] whose pixels on `rows` that the fit left out (ivar 0: the gap, masked
+        pixels) hold the fit's model there: the emulated spectrum at its labels, shifted by `rv` [B] km/s
+        (the rv left in x) and seen through `blur` [B], times the continuum (with its ripple) that fits
+        the other pixels."""
+        d, emulator = self.grid.n, self.emulator
+        weight = emulator.pixel_weight(ivar[rows], fit.sigma_factor[rows])
+        model = emulator.fitted(x[rows, :d], weight, fit.labels[rows], rv[rows],
+                                emulator.defect_columns(ripple=fit.ripple_frequency[rows]), blur=blur[rows])
+        x = x.copy()
+        x[rows, :d] = np.where(ivar[rows] > 0, x[rows, :d], model)
+        return x
 
     def _light_var(self, fit: Fit) -> np.ndarray:
         """[B, K]: the variance that not knowing the light without lines the fit removed adds to each
@@ -406,7 +428,7 @@ class Model:
                 if fit is not None:  # each draw carries the fit's variance, so their mean is predict's
                     misfit = fit.misfit(self.emulator, self._noise_estimated(prepared))
                     scale2 *= self.calibration.inflation(self._calibration_chi2(fit)[rows], misfit[rows])
-                    defect = handled_defect(fit.excess[rows], self._gapped(prepared)[rows])
+                    defect = handled_defect(fit.excess[rows])
                     var[rows] *= self.calibration.defect_factor(defect)[:, None, None, :]
                     var[rows] += self.calibration.fit_variance(self._in_targets(fit.label_err)[rows] ** 2)[
                         :, None, None, :]

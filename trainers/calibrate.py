@@ -190,7 +190,7 @@ def fit_snr_calibration(y: np.ndarray, mean: np.ndarray, var_a: np.ndarray, var_
     if chi2 is not None:  # a spectrum less noisy than its flux_err: Birge's ratio (`Calibration.inflation`)
         ratio = noise_ratio(chi2)[:, None]
         var_a, fit_part = var_a * ratio, fit_part * ratio
-    defect = np.zeros(len(y), bool) if fitted is None or excess is None else handled_defect(excess, gapped)
+    defect = np.zeros(len(y), bool) if fitted is None or excess is None else handled_defect(excess)
 
     def strata_of(b: int) -> list[np.ndarray]:
         """The rows of SNR bin b in strata of chi^2 and, apart, those with a defect and those with a

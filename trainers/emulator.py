@@ -495,7 +495,7 @@ def fit_estimates_calibration(surveys: list[dict], label: int | None) -> Calibra
 def calibrated_estimates(calibration: Calibration, rows: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(estimate, sigma, epistemic sigma) [N, K] of a survey's `rows` (`calibration_surveys`) under
     `calibration`, as the engine reports them."""
-    defect = handled_defect(rows["excess"], rows["gapped"])
+    defect = handled_defect(rows["excess"])
     var_a, var_e = calibration.apply(rows["log_snr"], rows["var_a"], rows["var_e"], mean=rows["mean"],
                                      fit_var=rows["fit_var"], defect=defect)
     var_a = var_a * calibration.inflation(rows["chi2"], rows["misfit"])

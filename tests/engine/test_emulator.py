@@ -367,7 +367,8 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     alone; a target it does not fit (here v sin i) keeps the network's mean. With
     `fit_variance_weight` lambda, each fitted target's aleatoric variance gains lambda times the
     variance of the fit's label (`Fit.label_err` squared) before the scale s, the network's weighed
-    first by `defect_variance` d on the rows with a gap or a fitted ripple; with `chi2_inflation` c,
+    first by `defect_variance` d on the rows with a fitted ripple (on a row with a gap the networks
+    read the gap filled by the fit's model, in both models, `Model._gap_filled`); with `chi2_inflation` c,
     it is then multiplied by 1 + c sqrt(m) (m the fit's misfit, `Fit.misfit`: its chi^2 beyond the noise
     past the MODEL_MISMATCH threshold), and below chi2 = 1 (the `chi2` column) by chi2 itself (a
     spectrum less noisy than its flux_err says); the epistemic part is unchanged.
@@ -419,7 +420,7 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     assert np.all(fit_var[:, :2] > 0)
     for k, t in enumerate(targets):
         var_a = [r.column(f"{t}_err_aleatoric").to_numpy() ** 2 for r in (network, blended)]
-        d = np.where(gapped | (ripple > 0), cal.defect_variance[k], 1.0)  # rows 1, 4: a gap; 3: a ripple
+        d = np.where(ripple > 0, cal.defect_variance[k], 1.0)  # row 3: a ripple
         with_fit = d * var_a[0] + 1.5**2 * cal.fit_variance_weight[k] * fit_var[:, k]  # the fit's, scaled too
         factor = np.minimum(chi2, 1.0) * (1 + cal.chi2_inflation[k] * np.sqrt(misfit))
         np.testing.assert_allclose(var_a[1], with_fit * factor, rtol=1e-9)

@@ -270,28 +270,27 @@ def test_a_stratum_of_few_rows_weighs_by_its_count():
 
 
 def test_the_defect_variance_weighs_down_a_networks_variance_the_defect_inflated():
-    """On a quarter of the spectra a defect the fit handles (here a gap; the estimate is the fit's)
-    makes the networks' variance 4x what the error follows (a fitted ripple does the same). The fit
-    recovers d = 0.25 on those rows and covers both kinds to within 3 points at 68%; with d = 1 (no
-    gaps given), the clean rows are under-covered and the gapped ones over-covered."""
+    """On a quarter of the spectra a defect the fit handles (a continuum ripple it has fitted; the
+    estimate is the fit's) makes the networks' variance 4x what the error follows. The fit recovers
+    d = 0.25 on those rows and covers both kinds to within 3 points at 68%; with d = 1 (no ripples
+    given), the clean rows are under-covered and the rippled ones over-covered."""
     rng = np.random.default_rng(13)
     n = 30000
     log_snr = rng.uniform(1.0, 2.6, n)
     var = (10.0 ** (1.5 - log_snr))[:, None] ** 2
-    gapped = rng.random(n) < 0.25
+    rippled = rng.random(n) < 0.25
     y = rng.uniform(0.0, 100.0, (n, 1))
     fitted = y + np.sqrt(var) * rng.normal(size=(n, 1))
-    var_networks = np.where(gapped[:, None], 4.0 * var, var)
-    no_excess = np.zeros((n, len(EXCESS_PARTS)))
-    for with_gaps in (True, False):
-        rows = gapped if with_gaps else np.zeros(n, bool)
+    var_networks = np.where(rippled[:, None], 4.0 * var, var)
+    for with_ripples in (True, False):
+        excess = np.zeros((n, len(EXCESS_PARTS)))
+        excess[:, EXCESS_PARTS.index("ripple")] = np.where(rippled & with_ripples, 0.5, 0.0)
         cal = fit_snr_calibration(y, fitted, var_networks, np.zeros_like(var), log_snr, bins=3, fitted=fitted,
-                                  gapped=rows, excess=no_excess)
-        var_a, var_e = cal.apply(log_snr, var_networks, np.zeros_like(var),
-                                 defect=handled_defect(no_excess, rows))
+                                  excess=excess)
+        var_a, var_e = cal.apply(log_snr, var_networks, np.zeros_like(var), defect=handled_defect(excess))
         sigma = np.sqrt(var_a + var_e)[:, 0]
-        cover = [coverage(y[r, 0], fitted[r, 0], sigma[r], 0.68) for r in (~gapped, gapped)]
-        if with_gaps:
+        cover = [coverage(y[r, 0], fitted[r, 0], sigma[r], 0.68) for r in (~rippled, rippled)]
+        if with_ripples:
             assert cal.defect_variance[0] == 0.25
             assert all(abs(c - 0.68) < 0.03 for c in cover), cover
         else:
