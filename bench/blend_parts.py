@@ -9,8 +9,9 @@ spectra: stars at the shipped TLUSTY sample's nodes (the model's test nodes, lef
 v sin i 15-450 km/s, SNR 10-400, continuum distortions but no rv error, so that what remains is the
 estimator; clean, or with a masked run of 5-30 A in every spectrum (the training surveys draw one on
 10% of spectra), or with a continuum ripple of up to 1% in every spectrum (on 30% in training). The
-networks see a gap as the continuum it was filled with, the fit leaves its pixels out; the networks
-learned to see through a ripple, the fit's model has none. RMSE per part, and the 68% coverage of
+fit leaves a gap's pixels out, and the engine reports the networks' reading of the spectrum with the
+gap filled by the fit's model (so on a gap the networks alone echo the fit); the networks learned to
+see through a ripple, the fit's model has none. RMSE per part, and the 68% coverage of
 each part with the shipped sigmas.
 
 Run: `python bench/blend_parts.py [--n 2400]`. Writes bench/results/blend_parts.json and .md.

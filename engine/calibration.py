@@ -20,10 +20,10 @@ in each part, so w = w0 (1 + G) / (1 + w0 G) (`raised_share`),
 G = g_r e_r + g_o e_o, w0 the weight at the row's SNR. The parts are kept apart because they differ:
 a ripple the fit has fitted no longer misleads it, while the rest (the emulator's own error, noise
 the flux_err understates, a defect such as a wrong wavelength medium) may mislead both.
-A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the networks read the gap's pixels as
-the continuum it was filled with, the fit leaves them out (`bench/blend_parts.py` measures both). Its
-networks' variances are those of the spectrum with the gap filled by the fit's model (`Model._infer`),
-as if its pixels had been there; what the gap's pixels would have told is in the fit's variance.
+A spectrum with a gap (`Flag.GAP`) takes the fit alone (w = 0): the fit leaves the gap's pixels out,
+while the networks read them as the continuum they were filled with. Its networks' variances are
+those of the spectrum with the gap filled by the fit's model (`Model._infer`), as if its pixels had
+been there; what the gap's pixels would have told is in the fit's variance.
 
 The scale may also follow the network's mean of one target (`label_scale`: per target, a factor
 piecewise linear in that mean between knots, constant beyond them): how much a spectrum says about

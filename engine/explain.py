@@ -426,7 +426,7 @@ def explained_function(model, prepared, targets: list[int], *, samples: int | No
     (None: the model's S): the network's mean, or an `EstimateFunction` where the model's calibration
     blends it with the emulator fit; and the flags `predict` gives the rows."""
     samples = model._samples(samples)
-    ok, x, keys, fit, ivar, flags = model._inputs_as_predicted(prepared, samples, seed, backend)
+    ok, x, keys, fit, ivar, flags, _ = model._inputs_as_predicted(prepared, samples, seed, backend)
     arch, rows = model.bundle.architecture, np.flatnonzero(ok)
     if not len(rows):
         return ok, x, None, flags

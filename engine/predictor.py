@@ -230,7 +230,7 @@ class Model:
         """The accelerator half: the ensemble kernel on the prepared rows without an error, then the
         statistics, flags and metadata of the results table (one row per prepared row, in order)."""
         samples, backend = self._samples(samples), resolve_backend(backend)
-        ok, stats, fit, x, _, network = self._infer(prepared, samples, seed, backend)
+        ok, stats, fit, x, _, network, _ = self._infer(prepared, samples, seed, backend)
         return self._results(prepared, ok, *stats, network, samples, seed, backend, fit,
                              self._flag_log_snr(x))
 
@@ -274,13 +274,14 @@ class Model:
         labels where the calibration holds network weights, var_a with what the light without lines the
         fit removed adds (`_light_var`); the emulator's Fit or None; x: the
         network's inputs the estimates came from; the inverse variances [B, D] the fit weighed x with,
-        or None; the networks' mean [B, K] before the blend)."""
+        or None; the networks' mean [B, K] before the blend; x with the gaps of GAP rows filled by the
+        fit's model, as the networks read them for the sigmas, `_gap_filled`: x itself without any)."""
         ok, x, keys = self._unpack(prepared)
         mean = np.full((len(ok), len(self.targets)), np.nan)
         var_a, var_e = mean.copy(), mean.copy()
         rows = np.flatnonzero(ok)
         self._network(backend, x, keys, rows, (mean, var_a, var_e), samples, seed)
-        fit = ivar = None
+        fit = ivar = filled = None
         if self.emulator is not None:
             fit, ivar = self._goodness_of_fit(prepared, rows, x, mean)
             # light without lines, bands (diffuse, nebular) or a residual rv the fit resolves: remove them
@@ -333,8 +334,10 @@ class Model:
             # those rows again with the gap filled by the fit's model, as if its pixels had been there
             gapped = rows[self._gapped(prepared)[rows] & np.isfinite(fit.chi2[rows])]
             if len(gapped):
-                x = self._gap_filled(x, ivar, fit, gapped, fit.rv - shift, self.response_excess(prepared))
-                self._network(backend, x, keys, gapped, (mean, var_a, var_e), samples, seed)
+                filled = self._gap_filled(x, ivar, fit, gapped, fit.rv - shift,
+                                          self.response_excess(prepared))
+                self._network(backend, filled, keys, gapped, (mean, var_a, var_e), samples, seed)
+        filled = x if filled is None else filled
         network = mean.copy()
         if self.calibration is not None and len(rows):
             fit_var = defect = None
@@ -352,14 +355,14 @@ class Model:
                 misfit = fit.misfit(self.emulator, self._noise_estimated(prepared))
                 var_a[rows] *= self.calibration.inflation(self._calibration_chi2(fit)[rows], misfit[rows])
                 var_a[rows] += self._light_var(fit)[rows]
-        return ok, (mean, var_a, var_e), fit, x, ivar, network
+        return ok, (mean, var_a, var_e), fit, x, ivar, network, filled
 
     def _gap_filled(self, x: np.ndarray, ivar: np.ndarray, fit: Fit, rows: np.ndarray, rv: np.ndarray,
                     blur: np.ndarray) -> np.ndarray:
         """A copy of x [B, D + E] whose pixels on `rows` that the fit left out (ivar 0: the gap, masked
-        pixels) hold the fit's model there: the emulated spectrum at its labels, shifted by `rv` [B] km/s
-        (the rv left in x) and seen through `blur` [B], times the continuum (with its ripple) that fits
-        the other pixels."""
+        pixels, ends the spectrum does not cover) hold the fit's model there: the emulated spectrum at
+        its labels, shifted by `rv` [B] km/s (the rv left in x) and seen through `blur` [B], times the
+        continuum (the polynomial and its ripple) that fits the other pixels."""
         d, emulator = self.grid.n, self.emulator
         weight = emulator.pixel_weight(ivar[rows], fit.sigma_factor[rows])
         model = emulator.fitted(x[rows, :d], weight, fit.labels[rows], rv[rows],
@@ -382,16 +385,17 @@ class Model:
         return np.where(significant(fit.rv, fit.rv_err), np.maximum(fit.chi2, 1.0), fit.chi2)
 
     def _inputs_as_predicted(self, prepared, samples: int, seed: int, backend: str):
-        """(ok, x, keys, fit, ivar, flags) of a prepared batch, x as `predict` with `backend` last fed it
-        to the network: with an emulator, after removing the residual rv its fit resolves (`_infer`),
-        whose `Fit` and inverse variances come with it (else None); `flags` [B] int32, those `predict`
-        reports. `explain` and `predict_samples` start from these, so that they describe the numbers
-        (and flags) `predict` reports."""
+        """(ok, x, keys, fit, ivar, flags, filled) of a prepared batch, x as `predict` with `backend`
+        last fed it to the network for its estimate: with an emulator, after removing the residual rv
+        its fit resolves (`_infer`), whose `Fit` and inverse variances come with it (else None);
+        `flags` [B] int32, those `predict` reports; `filled`, x as the networks read it for the sigmas
+        (a GAP row's gap filled by the fit's model). `explain` and `predict_samples` start from these,
+        so that they describe the numbers (and flags) `predict` reports."""
         backend = resolve_backend(backend)
-        ok, stats, fit, x, ivar, network = self._infer(prepared, samples, seed, backend)
+        ok, stats, fit, x, ivar, network, filled = self._infer(prepared, samples, seed, backend)
         results = self._results(prepared, ok, *stats, network, samples, seed, backend, fit,
                                 self._flag_log_snr(x))
-        return ok, x, self._unpack(prepared)[2], fit, ivar, results.column(FLAGS).to_numpy()
+        return ok, x, self._unpack(prepared)[2], fit, ivar, results.column(FLAGS).to_numpy(), filled
 
     def predict_samples(self, table_or_batch, *, samples: int | None = None, seed: int = 0,
                         source_grid: WavelengthGrid | None = None, medium: str | None = None,
@@ -406,12 +410,12 @@ class Model:
         table, source_grid = _as_table(table_or_batch, source_grid, medium, self.grid.medium)
         samples = self._samples(samples)
         prepared = self.prepare(table, source_grid=source_grid)
-        ok, x, keys, fit, _, flags = self._inputs_as_predicted(prepared, samples, seed, backend)
+        ok, x, keys, fit, _, flags, filled = self._inputs_as_predicted(prepared, samples, seed, backend)
         shape = (len(ok), self.bundle.architecture["members"], samples, len(self.targets))
         mu, var = np.full(shape, np.nan), np.full(shape, np.nan)
         rows = np.flatnonzero(ok)
         if len(rows):
-            m, v = reference.ensemble_samples(*self._inputs("reference", x[rows], keys[rows]),
+            m, v = reference.ensemble_samples(*self._inputs("reference", filled[rows], keys[rows]),
                                               **self._kernel_args(samples, seed))
             mu[rows], var[rows] = m.cpu().double().numpy(), v.cpu().double().numpy()
             if self.calibration is not None:

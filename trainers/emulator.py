@@ -441,8 +441,8 @@ def calibrate_estimates(cfg: TrainConfig, source: GridSource, bundle_dir: str | 
                                  "estimate": "network and emulator fit blended",
                                  "aleatoric": "with the emulator fit's label variance, inflated by its "
                                               "misfit; the networks' variance "
-                                              "weighed by defect_variance on rows with a fitted ripple or "
-                                              "a gap"}
+                                              "weighed by defect_variance on rows with a fitted ripple, "
+                                              "read with a gap filled by the fit's model"}
     manifest = {**bundle.manifest, "calibration": calibration.to_manifest(names), "metrics": metrics,
                 "ood": ood, "provenance": provenance}
     save_bundle(bundle_dir, bundle.layers, manifest)

@@ -84,7 +84,9 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     labels their spectra hold least, differ most, ~1%) on TLUSTY spectra it was not trained on, half of
     them with a continuum
     ripple that the fit fits too and half with the diffuse band at 4428 A (a quarter with both) that
-    `predict` divides out, and its attributions are complete."""
+    `predict` divides out, two with a gap over He I 4471 (the fit alone, started from the networks'
+    reading of the gap filled with the continuum, not of the gap filled with the fit's model that
+    their sigmas come from), and its attributions are complete."""
     from starcast.catalogs.grids import read_grid
     from starcast.catalogs.gridsynth import synth_from_grid
     from starcast.catalogs.schema import META_WAVELENGTH, WavelengthGrid, spectrum_array
@@ -100,11 +102,17 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     flux[reddened] *= 1.0 - 0.05 / (1.0 + ((wl - 4428.2) / 10.0) ** 2)
     table = table.set_column(table.schema.get_field_index("flux"), "flux",
                              spectrum_array(flux, flux.shape[1]))
+    gapped = np.isin(np.arange(8), [1, 6])
+    mask = np.stack(table.column("mask").to_numpy(zero_copy_only=False))
+    mask[gapped] |= (wl >= 4466.0) & (wl < 4478.0)
+    table = table.set_column(table.schema.get_field_index("mask"), "mask",
+                             pa.FixedSizeListArray.from_arrays(mask.ravel(), mask.shape[1]))
     model = load_model()
     fit = model.goodness_of_fit(table, backend="cpu")
     assert np.isfinite(fit.ripple_frequency[::2]).all()
     np.testing.assert_array_equal(fit.dib_depths[:, 0] > 0, reddened)
     exp, out = model.explain(table), model.predict(table, backend="cpu")
+    assert np.all((out.column("flags").to_numpy()[gapped] & Flag.GAP) != 0)
     for k, t in enumerate(exp.targets):
         miss = np.abs(exp.prediction[:, k] - out.column(t).to_numpy()) / out.column(f"{t}_err").to_numpy()
         assert np.all(miss < 0.015), (t, miss)
@@ -112,7 +120,7 @@ def test_explained_function_is_the_shipped_models_blend_with_its_emulator_fit(tm
     # the fit's pixels weighed as the engine weighed them: each row's emulator sigma at its own factor
     prepared = model.prepare(table)
     ok, x, f, _ = explained_function(model, prepared, list(range(len(model.targets))))
-    _, _, _, fit, ivar, _ = model._inputs_as_predicted(prepared, model._samples(None), 0, "auto")
+    _, _, _, fit, ivar, *_ = model._inputs_as_predicted(prepared, model._samples(None), 0, "auto")
     assert np.ptp(fit.sigma_factor[ok]) > 0.1
     weight = model.emulator.pixel_weight(ivar[ok], fit.sigma_factor[ok])
     np.testing.assert_array_equal(f.weight.numpy(), weight)

@@ -24,7 +24,7 @@ def start(tmp_path_factory):
     synth_from_grid(read_grid(SAMPLE), 12, out, at_nodes=True, seed=3, snr=(20.0, 300.0))
     model = starcast.load_model()
     prepared = model.prepare(pq.read_table(out))
-    _, x, _, fit, ivar, _ = model._inputs_as_predicted(prepared, model._samples(None), 0, "cpu")
+    _, x, _, fit, ivar, *_ = model._inputs_as_predicted(prepared, model._samples(None), 0, "cpu")
     e = model.emulator
     lo, hi = model._label_range(e.labels)
     rng = np.random.default_rng(1)
