@@ -367,8 +367,8 @@ def test_the_estimate_blends_the_network_and_the_fit_as_the_calibration_says(tmp
     alone; a target it does not fit (here v sin i) keeps the network's mean. With
     `fit_variance_weight` lambda, each fitted target's aleatoric variance gains lambda times the
     variance of the fit's label (`Fit.label_err` squared) before the scale s, the network's weighed
-    first by `defect_variance` d on the rows with a fitted ripple (on a row with a gap the networks
-    read the gap filled by the fit's model, in both models, `Model._gap_filled`); with `chi2_inflation` c,
+    first by `defect_variance` d on the rows with a fitted ripple, not on those with a gap (whose
+    networks' variances both models take from the gap filled by the fit's model); with `chi2_inflation` c,
     it is then multiplied by 1 + c sqrt(m) (m the fit's misfit, `Fit.misfit`: its chi^2 beyond the noise
     past the MODEL_MISMATCH threshold), and below chi2 = 1 (the `chi2` column) by chi2 itself (a
     spectrum less noisy than its flux_err says); the epistemic part is unchanged.
